@@ -1,0 +1,8 @@
+//! diffuse: diffusion models in Rust on candle, numerically matching diffusers.
+
+pub mod error;
+pub mod loading;
+pub mod rng;
+pub mod schedulers;
+
+pub use error::{Error, Result};

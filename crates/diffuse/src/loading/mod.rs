@@ -1,0 +1,3 @@
+//! Reading what users have on disk: config files and safetensors weights.
+
+pub mod config;

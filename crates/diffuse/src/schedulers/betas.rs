@@ -1,0 +1,129 @@
+//! Beta schedules and the quantities derived from them, computed in f32 as diffusers does
+//! with torch (diffusers/schedulers/scheduling_ddpm.py: `betas_for_alpha_bar`,
+//! `rescale_zero_terminal_snr`).
+
+use crate::{Error, Result};
+
+/// `torch.linspace(start, end, steps, dtype=torch.float32)`: torch fills the first half
+/// forward from `start` and the second half backward from `end`.
+pub fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
+    if steps == 0 {
+        return vec![];
+    }
+    if steps == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (steps - 1) as f32;
+    let halfway = steps / 2;
+    (0..steps)
+        .map(|i| if i < halfway { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 })
+        .collect()
+}
+
+/// The betas of a named schedule (`linear`, `scaled_linear`, `squaredcos_cap_v2`), or the
+/// config's `trained_betas` when it has them.
+pub fn make_betas(
+    beta_schedule: &str,
+    beta_start: f64,
+    beta_end: f64,
+    num_train_timesteps: usize,
+    trained_betas: Option<&[f64]>,
+) -> Result<Vec<f32>> {
+    if let Some(trained) = trained_betas {
+        if trained.len() != num_train_timesteps {
+            return Err(Error::invalid(format!(
+                "trained_betas has {} values but num_train_timesteps is {num_train_timesteps}",
+                trained.len()
+            )));
+        }
+        return Ok(trained.iter().map(|&b| b as f32).collect());
+    }
+    if num_train_timesteps == 0 {
+        return Err(Error::invalid("num_train_timesteps must be at least 1"));
+    }
+    Ok(match beta_schedule {
+        "linear" => linspace_f32(beta_start as f32, beta_end as f32, num_train_timesteps),
+        // Specific to latent diffusion: linear in sqrt(beta).
+        "scaled_linear" => linspace_f32(beta_start.sqrt() as f32, beta_end.sqrt() as f32, num_train_timesteps)
+            .into_iter()
+            .map(|b| b * b)
+            .collect(),
+        // Glide cosine schedule, computed in f64 as Python floats, then stored as f32.
+        "squaredcos_cap_v2" => betas_for_alpha_bar(num_train_timesteps, 0.999),
+        other => {
+            return Err(Error::invalid(format!(
+                "beta_schedule `{other}` is not one of linear, scaled_linear, squaredcos_cap_v2"
+            )))
+        }
+    })
+}
+
+/// Improved DDPM's cosine schedule (Nichol & Dhariwal 2021, eq. 17): betas from the ratio of
+/// consecutive alpha_bar values, capped at `max_beta`.
+pub fn betas_for_alpha_bar(num_diffusion_timesteps: usize, max_beta: f64) -> Vec<f32> {
+    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+    let n = num_diffusion_timesteps as f64;
+    (0..num_diffusion_timesteps)
+        .map(|i| {
+            let t1 = i as f64 / n;
+            let t2 = (i + 1) as f64 / n;
+            (1.0 - alpha_bar(t2) / alpha_bar(t1)).min(max_beta) as f32
+        })
+        .collect()
+}
+
+/// Rescales betas to zero terminal SNR (Lin et al. 2023, "Common Diffusion Noise Schedules
+/// and Sample Steps are Flawed", algorithm 1).
+pub fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
+    let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
+    let alphas_cumprod = cumprod(&alphas);
+    let mut alphas_bar_sqrt: Vec<f32> = alphas_cumprod.iter().map(|a| a.sqrt()).collect();
+    let first = alphas_bar_sqrt[0];
+    let last = *alphas_bar_sqrt.last().unwrap();
+    let scale = first / (first - last);
+    for a in alphas_bar_sqrt.iter_mut() {
+        *a -= last;
+        *a *= scale;
+    }
+    let alphas_bar: Vec<f32> = alphas_bar_sqrt.iter().map(|a| a * a).collect();
+    let mut rescaled = Vec::with_capacity(betas.len());
+    rescaled.push(1.0 - alphas_bar[0]);
+    for i in 1..alphas_bar.len() {
+        rescaled.push(1.0 - alphas_bar[i] / alphas_bar[i - 1]);
+    }
+    rescaled
+}
+
+/// Running product in f32, as `torch.cumprod`.
+pub fn cumprod(values: &[f32]) -> Vec<f32> {
+    let mut acc = 1.0f32;
+    values
+        .iter()
+        .map(|v| {
+            acc *= v;
+            acc
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_schedule_is_not_degenerate() {
+        // Integer division in t/n makes every beta 0 or max_beta; the real schedule rises.
+        let betas = betas_for_alpha_bar(1000, 0.999);
+        assert!(betas[0] > 0.0 && betas[0] < 1e-4, "{}", betas[0]);
+        assert!(betas[500] > betas[0] && betas[500] < 0.01, "{}", betas[500]);
+        assert_eq!(betas[999], 0.999);
+    }
+
+    #[test]
+    fn zero_snr_ends_at_zero() {
+        let betas = make_betas("scaled_linear", 0.00085, 0.012, 1000, None).unwrap();
+        let rescaled = rescale_zero_terminal_snr(&betas);
+        let alphas: Vec<f32> = rescaled.iter().map(|b| 1.0 - b).collect();
+        assert_eq!(*cumprod(&alphas).last().unwrap(), 0.0);
+    }
+}

@@ -1,0 +1,145 @@
+//! The noise process: beta schedules, forward noising and the reverse samplers, each a
+//! port of one diffusers scheduler file, configured from `scheduler_config.json`.
+
+pub mod betas;
+pub mod spacing;
+
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde_json::{Map, Value};
+
+use crate::rng::TorchGenerator;
+use crate::{Error, Result};
+
+/// The diffusers scheduler classes we implement, by `_class_name`.
+pub const SUPPORTED_CLASSES: &[&str] = &[];
+
+/// Builds a scheduler of diffusers class `class_name` from a config object (a
+/// `scheduler_config.json`, possibly another scheduler's: keys it states are kept, the
+/// rest take this scheduler's defaults, as diffusers' `from_config` does).
+pub fn from_config(class_name: &str, config: &Map<String, Value>, origin: &Path) -> Result<Box<dyn Scheduler>> {
+    Ok(match class_name {
+        other => {
+            return Err(Error::config(
+                origin,
+                format!("scheduler class `{other}` is not supported (supported: {})", SUPPORTED_CLASSES.join(", ")),
+            ))
+        }
+    })
+}
+
+/// The contract every sampler shares, as diffusers' `SchedulerMixin` defines it.
+///
+/// Timesteps are `f64` because some schedulers (Euler, LMS, Heun) hand the model fractional
+/// float32 timesteps; integer schedulers (DDPM, DDIM, PNDM) hold whole numbers.
+pub trait Scheduler: Send {
+    /// Chooses the inference timesteps (and sigmas) for `num_inference_steps` steps, and
+    /// resets any multistep state.
+    fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()>;
+
+    /// The timesteps the pipeline visits, in order (after `set_timesteps`).
+    fn timesteps(&self) -> &[f64];
+
+    /// The standard deviation of the initial noise (1 for DDPM-style, max sigma for Karras-style).
+    fn init_noise_sigma(&self) -> f64;
+
+    /// Scales the denoising model input (identity except for sigma-parameterised schedulers).
+    fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor>;
+
+    /// One reverse step: from the model output at `timestep` and the current sample, the
+    /// previous sample. `eta` is DDIM's stochasticity (ignored by the others); noise, when a
+    /// scheduler needs it, is drawn from `generator` with the shape of `model_output`.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        eta: f64,
+        generator: &mut TorchGenerator,
+    ) -> Result<Tensor>;
+
+    /// Forward noising q(x_t | x_0) at one timestep per batch item (or one for all).
+    fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor>;
+
+    /// How many model evaluations make one step of the method (2 for Heun, 1 otherwise).
+    fn order(&self) -> usize {
+        1
+    }
+
+    /// For image-to-image: the index of the first timestep the pipeline will use.
+    fn set_begin_index(&mut self, _begin_index: usize) {}
+}
+
+/// Per-batch-item coefficients as a `[B, 1, 1, ...]` tensor that broadcasts over `like`.
+pub(crate) fn per_item(values: &[f32], like: &Tensor) -> Result<Tensor> {
+    let mut shape = vec![values.len()];
+    shape.extend(std::iter::repeat(1).take(like.rank().saturating_sub(1)));
+    Ok(Tensor::from_slice(values, shape, like.device())?.to_dtype(like.dtype())?)
+}
+
+/// `sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * noise` for integer-timestep schedulers
+/// (diffusers' `DDPMScheduler.add_noise`).
+pub(crate) fn add_noise_alphas_cumprod(
+    alphas_cumprod: &[f32],
+    original_samples: &Tensor,
+    noise: &Tensor,
+    timesteps: &[f64],
+) -> Result<Tensor> {
+    let t = timesteps_as_indices(timesteps, alphas_cumprod.len())?;
+    let sqrt_alpha: Vec<f32> = t.iter().map(|&t| alphas_cumprod[t].sqrt()).collect();
+    let sqrt_one_minus: Vec<f32> = t.iter().map(|&t| (1.0 - alphas_cumprod[t]).sqrt()).collect();
+    let a = per_item(&sqrt_alpha, original_samples)?;
+    let b = per_item(&sqrt_one_minus, original_samples)?;
+    Ok((original_samples.broadcast_mul(&a)? + noise.broadcast_mul(&b)?)?)
+}
+
+/// `sqrt(alpha_bar_t) * noise - sqrt(1 - alpha_bar_t) * x0`: the v-prediction target
+/// (Salimans & Ho 2022), diffusers' `get_velocity`.
+pub fn get_velocity(alphas_cumprod: &[f32], sample: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
+    let t = timesteps_as_indices(timesteps, alphas_cumprod.len())?;
+    let sqrt_alpha: Vec<f32> = t.iter().map(|&t| alphas_cumprod[t].sqrt()).collect();
+    let sqrt_one_minus: Vec<f32> = t.iter().map(|&t| (1.0 - alphas_cumprod[t]).sqrt()).collect();
+    let a = per_item(&sqrt_alpha, sample)?;
+    let b = per_item(&sqrt_one_minus, sample)?;
+    Ok((noise.broadcast_mul(&a)? - sample.broadcast_mul(&b)?)?)
+}
+
+fn timesteps_as_indices(timesteps: &[f64], num_train_timesteps: usize) -> Result<Vec<usize>> {
+    timesteps
+        .iter()
+        .map(|&t| {
+            if t < 0.0 || t.fract() != 0.0 || t as usize >= num_train_timesteps {
+                Err(crate::Error::invalid(format!(
+                    "timestep {t} is not an integer in 0..{num_train_timesteps}"
+                )))
+            } else {
+                Ok(t as usize)
+            }
+        })
+        .collect()
+}
+
+/// Dynamic thresholding (Saharia et al. 2022, Imagen, section 2.3), diffusers'
+/// `_threshold_sample`: per batch item, s = the `ratio` quantile of |x0| clamped to
+/// [1, max_value]; x0 is clamped to [-s, s] and divided by s.
+pub(crate) fn threshold_sample(sample: &Tensor, ratio: f64, max_value: f64) -> Result<Tensor> {
+    let dims = sample.dims().to_vec();
+    let batch = dims[0];
+    let flat = sample.to_dtype(candle_core::DType::F32)?.reshape((batch, ()))?;
+    let rows = flat.to_vec2::<f32>()?;
+    let mut out = Vec::with_capacity(flat.elem_count());
+    for row in rows {
+        let mut sorted: Vec<f32> = row.iter().map(|v| v.abs()).collect();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        // torch.quantile's default linear interpolation.
+        let pos = ratio * (sorted.len() - 1) as f64;
+        let lower = pos.floor() as usize;
+        let upper = (lower + 1).min(sorted.len() - 1);
+        let frac = (pos - lower as f64) as f32;
+        let q = sorted[lower] + (sorted[upper] - sorted[lower]) * frac;
+        let s = q.clamp(1.0, max_value as f32);
+        out.extend(row.iter().map(|v| v.clamp(-s, s) / s));
+    }
+    Ok(Tensor::from_vec(out, dims, sample.device())?.to_dtype(sample.dtype())?)
+}

@@ -1,0 +1,57 @@
+//! Helpers shared by the parity tests: fixtures and tolerant comparison.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+}
+
+pub fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+pub fn to_vec_f32(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+pub fn to_vec_f64(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+}
+
+/// The largest |a - b| / max(scale, |b|) over all elements, with `scale` the
+/// reference's largest magnitude: a relative error measured against the data's size, so
+/// elements near zero do not blow it up.
+pub fn max_relative_error(actual: &[f32], expected: &[f32]) -> f64 {
+    assert_eq!(actual.len(), expected.len(), "length mismatch");
+    let scale = expected.iter().fold(0f64, |m, &v| m.max((v as f64).abs())).max(1e-12);
+    actual
+        .iter()
+        .zip(expected)
+        .map(|(&a, &e)| {
+            if a.is_nan() || e.is_nan() {
+                if a.is_nan() && e.is_nan() { 0.0 } else { f64::INFINITY }
+            } else {
+                (a as f64 - e as f64).abs() / scale
+            }
+        })
+        .fold(0f64, f64::max)
+}
+
+/// Asserts that two tensors agree to `tolerance` (relative to the reference's scale), with a
+/// message that says what was compared.
+pub fn assert_close(actual: &Tensor, expected: &Tensor, tolerance: f64, what: &str) {
+    assert_eq!(actual.dims(), expected.dims(), "{what}: shape");
+    let err = max_relative_error(&to_vec_f32(actual), &to_vec_f32(expected));
+    assert!(err <= tolerance, "{what}: relative error {err:.3e} > {tolerance:.1e}");
+}
+
+/// PSNR in dB between two 8-bit images given as bytes.
+pub fn psnr_u8(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let mse = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>() / a.len() as f64;
+    if mse == 0.0 { f64::INFINITY } else { 10.0 * (255.0f64 * 255.0 / mse).log10() }
+}
