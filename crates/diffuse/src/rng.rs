@@ -204,8 +204,8 @@ fn normal_fill_16(data: &mut [f32]) {
 // plain vector arithmetic, with the default -ffp-contract=fast) fuses each multiply whose only
 // use is an add or subtract into an FMA; the `mul_add` calls below are those fusions, and every
 // other operation is rounded separately. (Without the fusions about 1% of values are 1-2 ulp
-// off torch's; with them, all of tests/fixtures/rng match.) Constants are double literals stored as
-// float in the C source, hence the `as f32` (digits kept as the source has them).
+// off torch's; with them, all of tests/fixtures/rng match.) Constants are double literals
+// stored as float in the C source, hence the `as f32` (digits kept as the source has them).
 
 const LOG_SQRT_HALF: f32 = std::f64::consts::FRAC_1_SQRT_2 as f32; // 0.707106781186547524
 const LOG_POLY: [f32; 9] = [
