@@ -52,7 +52,8 @@ fn randn_matches_torch_bit_for_bit() {
     let mut values = 0;
     let fixture = for_each_call("randn", |name, i, ours, expected| {
         for (k, (a, e)) in ours.iter().zip(expected).enumerate() {
-            assert_eq!(a.to_bits(), e.to_bits(), "{name}: call {i}, value {k}: {a:e} != torch {e:e} (of {})", ours.len());
+            let n = ours.len();
+            assert_eq!(a.to_bits(), e.to_bits(), "{name}: call {i}, value {k} of {n}: {a:e} != torch {e:e}");
         }
         values += ours.len();
     });
@@ -99,9 +100,8 @@ fn state_round_trip_continues_the_stream() {
     let mut restored = TorchGenerator::from_state(&restored_state).unwrap();
     assert_eq!(restored.seed(), 42);
     for n in [1, 5, 700, 1, 16] {
-        let a = original.randn(n);
-        let b = restored.randn(n);
-        assert_eq!(a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        let bits = |values: Vec<f32>| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(original.randn(n)), bits(restored.randn(n)), "draw of {n}");
     }
 
     let mut clone = original.clone();
