@@ -2,6 +2,7 @@
 
 pub mod error;
 pub mod loading;
+pub mod pipelines;
 pub mod rng;
 pub mod schedulers;
 
