@@ -1,0 +1,323 @@
+//! Text-to-image latent diffusion: diffusers' StableDiffusionPipeline
+//! (diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion.py). The prompt (and the
+//! negative prompt) go through the CLIP tokenizer and text encoder; classifier-free guidance
+//! batches [unconditional, conditional] into one UNet pass; the scheduler loop runs in the
+//! VAE's latent space; the VAE decodes the result.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+use crate::loading::config::{parse_config, read_json_object};
+use crate::loading::weights::{find_weight_files, var_builder};
+use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
+use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
+use crate::models::unet_2d_condition::{UNet2DConditionModel, UNet2DConditionModelConfig};
+use crate::pipelines::{resolve_scheduler, ResolvedScheduler};
+use crate::rng::TorchGenerator;
+use crate::tokenizers::clip::ClipTokenizer;
+use crate::{Error, Result};
+
+pub struct StableDiffusionPipeline {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub unet_config: UNet2DConditionModelConfig,
+    pub vae: AutoencoderKL,
+    pub vae_config: AutoencoderKLConfig,
+    pub scheduler: ResolvedScheduler,
+    pub model_dir: PathBuf,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// One text-to-image request, with diffusers' defaults where it has them.
+#[derive(Clone, Debug)]
+pub struct TextToImageOptions {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub num_inference_steps: usize,
+    pub guidance_scale: f64,
+    pub guidance_rescale: f64,
+    pub num_images_per_prompt: usize,
+    pub height: Option<usize>,
+    pub width: Option<usize>,
+    pub eta: f64,
+    pub clip_skip: Option<usize>,
+}
+
+impl Default for TextToImageOptions {
+    fn default() -> Self {
+        TextToImageOptions {
+            prompt: String::new(),
+            negative_prompt: None,
+            num_inference_steps: 50,
+            guidance_scale: 7.5,
+            guidance_rescale: 0.0,
+            num_images_per_prompt: 1,
+            height: None,
+            width: None,
+            eta: 0.0,
+            clip_skip: None,
+        }
+    }
+}
+
+/// Time spent in each phase of one generation, for the CLI's summary line.
+#[derive(Clone, Debug, Default)]
+pub struct PhaseTimes {
+    pub text_encoding: f64,
+    pub denoising: f64,
+    pub decoding: f64,
+}
+
+/// Whether a folder looks like a Stable Diffusion pipeline rather than a pixel-space one.
+pub fn is_stable_diffusion_folder(model_dir: &Path) -> bool {
+    model_dir.join("text_encoder").is_dir() || model_dir.join("vae").is_dir()
+}
+
+fn load_component_config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T> {
+    let path = dir.join("config.json");
+    parse_config(&read_json_object(&path)?, &path)
+}
+
+/// Model construction reports a missing tensor or a wrong shape as a candle error: name the file.
+fn in_file(files: &[PathBuf]) -> impl Fn(Error) -> Error + '_ {
+    move |e| match e {
+        Error::Candle(e) => Error::weights(&files[0], e.to_string()),
+        other => other,
+    }
+}
+
+impl StableDiffusionPipeline {
+    /// Loads a StableDiffusionPipeline folder (`model_index.json`, `tokenizer/`,
+    /// `text_encoder/`, `unet/`, `vae/`, `scheduler/`); components text-to-image does not
+    /// need (safety_checker, feature_extractor, image_encoder) are never opened.
+    pub fn load(
+        model_dir: &Path,
+        scheduler_name: Option<&str>,
+        scheduler_overrides: &[(String, Value)],
+        variant: Option<&str>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        for component in ["tokenizer", "text_encoder", "unet", "vae", "scheduler"] {
+            if !model_dir.join(component).is_dir() {
+                return Err(Error::invalid(format!(
+                    "{}: not a Stable Diffusion pipeline folder: the `{component}/` component is missing",
+                    model_dir.display()
+                )));
+            }
+        }
+        let tokenizer = ClipTokenizer::from_folder(&model_dir.join("tokenizer"))?;
+
+        let te_dir = model_dir.join("text_encoder");
+        let te_config: ClipTextConfig = load_component_config(&te_dir)?;
+        let te_files = find_weight_files(&te_dir, "model", variant)?;
+        let text_encoder = ClipTextModel::new(var_builder(&te_files, dtype, device)?, &te_config).map_err(in_file(&te_files))?;
+
+        let unet_dir = model_dir.join("unet");
+        let unet_config: UNet2DConditionModelConfig = load_component_config(&unet_dir)?;
+        let unet_files = find_weight_files(&unet_dir, "diffusion_pytorch_model", variant)?;
+        let unet =
+            UNet2DConditionModel::new(var_builder(&unet_files, dtype, device)?, &unet_config).map_err(in_file(&unet_files))?;
+
+        let vae_dir = model_dir.join("vae");
+        let vae_config: AutoencoderKLConfig = load_component_config(&vae_dir)?;
+        let vae_files = find_weight_files(&vae_dir, "diffusion_pytorch_model", variant)?;
+        let vae = AutoencoderKL::new(var_builder(&vae_files, dtype, device)?, &vae_config).map_err(in_file(&vae_files))?;
+
+        if unet_config.cross_attention_dim != te_config.hidden_size {
+            return Err(Error::invalid(format!(
+                "{}: the UNet's cross_attention_dim ({}) does not match the text encoder's hidden_size ({})",
+                model_dir.display(),
+                unet_config.cross_attention_dim,
+                te_config.hidden_size
+            )));
+        }
+        let scheduler = resolve_scheduler(&model_dir.join("scheduler"), scheduler_name, scheduler_overrides)?;
+        Ok(StableDiffusionPipeline {
+            tokenizer,
+            text_encoder,
+            unet,
+            unet_config,
+            vae,
+            vae_config,
+            scheduler,
+            model_dir: model_dir.to_path_buf(),
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// 2^(number of VAE blocks - 1): 8 for every Stable Diffusion VAE.
+    pub fn vae_scale_factor(&self) -> usize {
+        1 << self.vae_config.block_out_channels.len().saturating_sub(1)
+    }
+
+    /// The image size used when none is given: the UNet's sample_size × the VAE scale factor.
+    pub fn default_size(&self) -> (usize, usize) {
+        let (h, w) = self.unet_config.sample_size_hw();
+        (h * self.vae_scale_factor(), w * self.vae_scale_factor())
+    }
+
+    /// Checks a request before any work is done: sizes that are multiples of 8 and not absurd
+    /// for the memory, steps ≥ 1, finite numbers. Returns (height, width).
+    pub fn validate(&self, options: &TextToImageOptions) -> Result<(usize, usize)> {
+        let (default_h, default_w) = self.default_size();
+        let height = options.height.unwrap_or(default_h);
+        let width = options.width.unwrap_or(default_w);
+        if height == 0 || width == 0 || height % 8 != 0 || width % 8 != 0 {
+            return Err(Error::invalid(format!("width and height must be positive multiples of 8, got {width}x{height}")));
+        }
+        // Self-attention scores grow with the square of the latent pixel count: refuse sizes
+        // whose largest score matrix alone could not fit in memory, before allocating anything.
+        let factor = self.vae_scale_factor();
+        let latent_pixels = ((height / factor) * (width / factor)) as f64;
+        let per_pass = options.num_images_per_prompt * if options.guidance_scale > 1.0 { 2 } else { 1 };
+        let score_bytes = latent_pixels * latent_pixels * per_pass as f64 * 4.0;
+        if width > 16384 || height > 16384 || score_bytes > 64.0 * (1u64 << 30) as f64 {
+            return Err(Error::invalid(format!(
+                "{width}x{height} with {per_pass} images per UNet pass is too large for this machine's memory"
+            )));
+        }
+        if options.num_inference_steps == 0 {
+            return Err(Error::invalid("--steps must be at least 1"));
+        }
+        if options.num_images_per_prompt == 0 {
+            return Err(Error::invalid("--num-images must be at least 1"));
+        }
+        for (name, value) in
+            [("guidance scale", options.guidance_scale), ("guidance rescale", options.guidance_rescale), ("eta", options.eta)]
+        {
+            if !value.is_finite() {
+                return Err(Error::invalid(format!("{name} must be a finite number, got {value}")));
+            }
+        }
+        Ok((height, width))
+    }
+
+    /// Encodes one prompt to `[1, 77, hidden]`; also says whether it was truncated.
+    fn encode_text(&self, prompt: &str, clip_skip: Option<usize>) -> Result<(Tensor, bool)> {
+        let encoding = self.tokenizer.encode_padded(prompt)?;
+        let ids = Tensor::from_vec(encoding.ids.clone(), (1, encoding.ids.len()), &self.device)?;
+        Ok((self.text_encoder.encode(&ids, clip_skip)?, encoding.truncated))
+    }
+
+    /// diffusers' `encode_prompt`: the prompt's embeddings (with clip skip) and, with guidance,
+    /// the negative (or empty) prompt's from the last layer, each repeated per image; returned
+    /// stacked as `[negative; positive]` when guidance is on.
+    pub fn encode_prompt(&self, options: &TextToImageOptions, warn: &mut dyn FnMut(String)) -> Result<Tensor> {
+        let (prompt_embeds, truncated) = self.encode_text(&options.prompt, options.clip_skip)?;
+        if truncated {
+            warn(format!(
+                "the prompt was truncated to CLIP's {} tokens, as diffusers does",
+                self.tokenizer.model_max_length()
+            ));
+        }
+        let n = options.num_images_per_prompt;
+        let prompt_embeds = prompt_embeds.repeat((n, 1, 1))?;
+        if options.guidance_scale <= 1.0 {
+            return Ok(prompt_embeds);
+        }
+        let (negative_embeds, truncated) = self.encode_text(options.negative_prompt.as_deref().unwrap_or(""), None)?;
+        if truncated {
+            warn("the negative prompt was truncated to CLIP's token limit".to_string());
+        }
+        let negative_embeds = negative_embeds.repeat((n, 1, 1))?;
+        Ok(Tensor::cat(&[negative_embeds, prompt_embeds], 0)?)
+    }
+
+    /// Runs text-to-image; returns the final latents `[N, 4, H/8, W/8]`.
+    pub fn denoise(
+        &mut self,
+        options: &TextToImageOptions,
+        embeddings: &Tensor,
+        generator: &mut TorchGenerator,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let (height, width) = self.validate(options)?;
+        let do_guidance = options.guidance_scale > 1.0;
+        let scheduler = &mut self.scheduler.scheduler;
+        scheduler.set_timesteps(options.num_inference_steps)?;
+        let batch = options.num_images_per_prompt;
+        let factor = 1 << self.vae_config.block_out_channels.len().saturating_sub(1);
+        let shape = [batch, self.unet_config.in_channels, height / factor, width / factor];
+        let mut latents = (generator.randn_tensor(&shape, &self.device)? * scheduler.init_noise_sigma())?;
+        let embeddings = embeddings.to_dtype(self.dtype)?;
+        let timesteps = scheduler.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let model_input = if do_guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let model_input = scheduler.scale_model_input(&model_input, t)?;
+            let n = model_input.dim(0)?;
+            let t_batch = Tensor::from_vec(vec![t as f32; n], n, &self.device)?;
+            let noise_pred =
+                self.unet.forward(&model_input.to_dtype(self.dtype)?, &t_batch, &embeddings)?.to_dtype(DType::F32)?;
+            let noise_pred = if do_guidance {
+                let uncond = noise_pred.narrow(0, 0, batch)?;
+                let text = noise_pred.narrow(0, batch, batch)?;
+                let guided = (&uncond + ((&text - &uncond)? * options.guidance_scale)?)?;
+                if options.guidance_rescale > 0.0 {
+                    rescale_noise_cfg(&guided, &text, options.guidance_rescale)?
+                } else {
+                    guided
+                }
+            } else {
+                noise_pred
+            };
+            latents = scheduler.step(&noise_pred, t, &latents, options.eta, generator)?;
+            on_step(i + 1, timesteps.len());
+        }
+        Ok(latents)
+    }
+
+    /// The whole text-to-image run: images `[N, 3, H, W]` in about [-1, 1].
+    pub fn generate(
+        &mut self,
+        options: &TextToImageOptions,
+        generator: &mut TorchGenerator,
+        on_step: &mut dyn FnMut(usize, usize),
+        warn: &mut dyn FnMut(String),
+        times: &mut PhaseTimes,
+    ) -> Result<Tensor> {
+        self.validate(options)?;
+        let start = std::time::Instant::now();
+        let embeddings = self.encode_prompt(options, warn)?;
+        times.text_encoding = start.elapsed().as_secs_f64();
+        let start = std::time::Instant::now();
+        let latents = self.denoise(options, &embeddings, generator, on_step)?;
+        times.denoising = start.elapsed().as_secs_f64();
+        let start = std::time::Instant::now();
+        let images = self.decode_latents(&latents)?;
+        times.decoding = start.elapsed().as_secs_f64();
+        Ok(images)
+    }
+
+    /// `vae.decode(latents / scaling_factor + shift_factor)`, as diffusers' pipelines do.
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let mut z = (latents / self.vae_config.scaling_factor)?;
+        if let Some(shift) = self.vae_config.shift_factor {
+            z = (z + shift)?;
+        }
+        Ok(self.vae.decode(&z.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// Guidance rescale (Lin et al. 2023, section 3.4), diffusers' `rescale_noise_cfg`: rescale the
+/// guided prediction to the conditional prediction's standard deviation (per item, unbiased as
+/// torch.std), then mix by `guidance_rescale`.
+pub fn rescale_noise_cfg(noise_cfg: &Tensor, noise_pred_text: &Tensor, guidance_rescale: f64) -> Result<Tensor> {
+    let std = |t: &Tensor| -> Result<Tensor> {
+        let flat = t.flatten_from(1)?;
+        let n = flat.dim(1)? as f64;
+        let mean = flat.mean_keepdim(1)?;
+        let var = (flat.broadcast_sub(&mean)?.sqr()?.sum_keepdim(1)? / (n - 1.0))?;
+        let mut shape = vec![t.dim(0)?];
+        shape.extend(std::iter::repeat(1).take(t.rank() - 1));
+        Ok(var.sqrt()?.reshape(shape)?)
+    };
+    let ratio = (std(noise_pred_text)? / std(noise_cfg)?)?;
+    let rescaled = noise_cfg.broadcast_mul(&ratio)?;
+    Ok(((rescaled * guidance_rescale)? + (noise_cfg * (1.0 - guidance_rescale))?)?)
+}
