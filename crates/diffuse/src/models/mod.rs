@@ -7,6 +7,8 @@
 pub mod attention_processor;
 pub mod embeddings;
 pub mod resnet;
+pub mod unet_2d;
+pub mod unet_2d_blocks;
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
