@@ -47,7 +47,7 @@ pub fn group_norm(input: &Tensor, num_groups: usize, weight: &Tensor, bias: &Ten
         crate::bail!("group_norm: input of shape {dims:?} has no channel dimension");
     }
     let (batch, channels) = (dims[0], dims[1]);
-    if num_groups == 0 || channels % num_groups != 0 {
+    if num_groups == 0 || !channels.is_multiple_of(num_groups) {
         crate::bail!("group_norm: {num_groups} groups do not divide {channels} channels");
     }
     let dtype = input.dtype();

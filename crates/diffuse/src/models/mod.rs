@@ -76,7 +76,7 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn new(vb: VarBuilder, num_groups: usize, num_channels: usize, eps: f64) -> Result<Self> {
-        if num_groups == 0 || num_channels % num_groups != 0 {
+        if num_groups == 0 || !num_channels.is_multiple_of(num_groups) {
             return Err(Error::invalid(format!(
                 "{}: GroupNorm with {num_groups} groups cannot split {num_channels} channels \
                  (the number of groups must divide the number of channels)",
