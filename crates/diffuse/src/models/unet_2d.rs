@@ -19,6 +19,16 @@ pub enum SampleSize {
     HeightWidth([usize; 2]),
 }
 
+impl SampleSize {
+    /// (height, width).
+    pub fn height_width(&self) -> (usize, usize) {
+        match *self {
+            SampleSize::Square(side) => (side, side),
+            SampleSize::HeightWidth([height, width]) => (height, width),
+        }
+    }
+}
+
 /// The arguments of `UNet2DModel.__init__`, as `config.json` stores them, with its defaults.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
