@@ -138,7 +138,8 @@ pub(crate) fn threshold_sample(sample: &Tensor, ratio: f64, max_value: f64) -> R
         let upper = (lower + 1).min(sorted.len() - 1);
         let frac = (pos - lower as f64) as f32;
         let q = sorted[lower] + (sorted[upper] - sorted[lower]) * frac;
-        let s = q.clamp(1.0, max_value as f32);
+        // torch.clamp(min=1, max=max_value): max_value wins when it is below 1 (f32::clamp would panic).
+        let s = q.max(1.0).min(max_value as f32);
         out.extend(row.iter().map(|v| v.clamp(-s, s) / s));
     }
     Ok(Tensor::from_vec(out, dims, sample.device())?.to_dtype(sample.dtype())?)
