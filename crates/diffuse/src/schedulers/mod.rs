@@ -2,6 +2,7 @@
 //! port of one diffusers scheduler file, configured from `scheduler_config.json`.
 
 pub mod betas;
+pub mod ddpm;
 pub mod spacing;
 
 use std::path::Path;
@@ -13,13 +14,16 @@ use crate::rng::TorchGenerator;
 use crate::{Error, Result};
 
 /// The diffusers scheduler classes we implement, by `_class_name`.
-pub const SUPPORTED_CLASSES: &[&str] = &[];
+pub const SUPPORTED_CLASSES: &[&str] = &[
+    "DDPMScheduler",
+];
 
 /// Builds a scheduler of diffusers class `class_name` from a config object (a
 /// `scheduler_config.json`, possibly another scheduler's: keys it states are kept, the
 /// rest take this scheduler's defaults, as diffusers' `from_config` does).
 pub fn from_config(class_name: &str, config: &Map<String, Value>, origin: &Path) -> Result<Box<dyn Scheduler>> {
     Ok(match class_name {
+        "DDPMScheduler" => Box::new(ddpm::DdpmScheduler::from_config(config, origin)?),
         other => {
             return Err(Error::config(
                 origin,
