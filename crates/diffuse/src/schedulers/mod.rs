@@ -2,6 +2,7 @@
 //! port of one diffusers scheduler file, configured from `scheduler_config.json`.
 
 pub mod betas;
+pub mod ddim;
 pub mod ddpm;
 pub mod spacing;
 
@@ -16,6 +17,7 @@ use crate::{Error, Result};
 /// The diffusers scheduler classes we implement, by `_class_name`.
 pub const SUPPORTED_CLASSES: &[&str] = &[
     "DDPMScheduler",
+    "DDIMScheduler",
 ];
 
 /// Builds a scheduler of diffusers class `class_name` from a config object (a
@@ -24,6 +26,7 @@ pub const SUPPORTED_CLASSES: &[&str] = &[
 pub fn from_config(class_name: &str, config: &Map<String, Value>, origin: &Path) -> Result<Box<dyn Scheduler>> {
     Ok(match class_name {
         "DDPMScheduler" => Box::new(ddpm::DdpmScheduler::from_config(config, origin)?),
+        "DDIMScheduler" => Box::new(ddim::DdimScheduler::from_config(config, origin)?),
         other => {
             return Err(Error::config(
                 origin,
