@@ -3,6 +3,7 @@
 
 pub mod betas;
 pub mod ddim;
+pub mod ddim_inverse;
 pub mod ddpm;
 pub mod spacing;
 
@@ -18,6 +19,7 @@ use crate::{Error, Result};
 pub const SUPPORTED_CLASSES: &[&str] = &[
     "DDPMScheduler",
     "DDIMScheduler",
+    "DDIMInverseScheduler",
 ];
 
 /// Builds a scheduler of diffusers class `class_name` from a config object (a
@@ -27,6 +29,7 @@ pub fn from_config(class_name: &str, config: &Map<String, Value>, origin: &Path)
     Ok(match class_name {
         "DDPMScheduler" => Box::new(ddpm::DdpmScheduler::from_config(config, origin)?),
         "DDIMScheduler" => Box::new(ddim::DdimScheduler::from_config(config, origin)?),
+        "DDIMInverseScheduler" => Box::new(ddim_inverse::DdimInverseScheduler::from_config(config, origin)?),
         other => {
             return Err(Error::config(
                 origin,
