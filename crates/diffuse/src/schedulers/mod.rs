@@ -5,6 +5,7 @@ pub mod betas;
 pub mod ddim;
 pub mod ddim_inverse;
 pub mod ddpm;
+pub mod pndm;
 pub mod spacing;
 
 use std::path::Path;
@@ -20,6 +21,7 @@ pub const SUPPORTED_CLASSES: &[&str] = &[
     "DDPMScheduler",
     "DDIMScheduler",
     "DDIMInverseScheduler",
+    "PNDMScheduler",
 ];
 
 /// Builds a scheduler of diffusers class `class_name` from a config object (a
@@ -30,6 +32,7 @@ pub fn from_config(class_name: &str, config: &Map<String, Value>, origin: &Path)
         "DDPMScheduler" => Box::new(ddpm::DdpmScheduler::from_config(config, origin)?),
         "DDIMScheduler" => Box::new(ddim::DdimScheduler::from_config(config, origin)?),
         "DDIMInverseScheduler" => Box::new(ddim_inverse::DdimInverseScheduler::from_config(config, origin)?),
+        "PNDMScheduler" => Box::new(pndm::PndmScheduler::from_config(config, origin)?),
         other => {
             return Err(Error::config(
                 origin,
