@@ -4,6 +4,7 @@ pub mod error;
 pub mod loading;
 pub mod models;
 pub mod ops;
+pub mod pipelines;
 pub mod rng;
 pub mod schedulers;
 

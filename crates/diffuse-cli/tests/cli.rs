@@ -1,0 +1,154 @@
+//! The `diffuse` command as users run it: parity of a written PNG with diffusers, and clear
+//! one-line errors (non-zero exit, no panic, no partial output) for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../diffuse/tests/fixtures")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("diffuse-cli-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn diffuse(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_diffuse")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Runs a command that must fail, and checks the error is one clear line naming `needle`.
+fn assert_fails_with(args: &[&str], needle: &str) {
+    let (ok, _, stderr) = diffuse(args);
+    assert!(!ok, "expected failure for {args:?}");
+    assert!(!stderr.contains("panicked"), "panic for {args:?}: {stderr}");
+    assert!(stderr.contains(needle), "error for {args:?} should mention `{needle}`: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one-line error expected: {stderr}");
+}
+
+fn decode_png(path: &Path) -> (Vec<u8>, Vec<(String, String)>) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    let text = reader.info().uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
+    (buf, text)
+}
+
+#[test]
+fn generate_matches_diffusers_and_writes_parameters() {
+    let dir = scratch("parity");
+    let out = dir.join("img.png");
+    let model = fixtures().join("pixel/classcond");
+    let (ok, stdout, stderr) = diffuse(&[
+        "generate", "--model", model.to_str().unwrap(), "--scheduler", "ddim", "--steps", "8", "--seed", "11",
+        "--class-label", "3", "--quiet", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("img.png"));
+    let (pixels, text) = decode_png(&out);
+    let reference = candle_core::safetensors::load(fixtures().join("pixel/cases/classcond_ddim.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let expected = reference["images"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let mse = pixels.iter().zip(&expected).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / pixels.len() as f64;
+    let psnr = if mse == 0.0 { f64::INFINITY } else { 10.0 * (255f64.powi(2) / mse).log10() };
+    assert!(psnr >= 40.0, "PSNR {psnr}");
+    let parameters = &text.iter().find(|(k, _)| k == "parameters").expect("parameters chunk").1;
+    assert!(parameters.contains("Seed: 11") && parameters.contains("Steps: 8"), "{parameters}");
+}
+
+#[test]
+fn several_images_are_numbered_and_random_seed_is_printed() {
+    let dir = scratch("batch");
+    let out = dir.join("x.png");
+    let model = fixtures().join("pixel/gray");
+    let (ok, _, stderr) = diffuse(&["generate", "--model", model.to_str().unwrap(), "--steps", "3", "--num-images", "2", "--output", out.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("seed"), "{stderr}");
+    assert!(dir.join("x-0.png").is_file() && dir.join("x-1.png").is_file());
+    assert!(!out.exists());
+}
+
+#[test]
+fn schedulers_lists_every_name() {
+    let (ok, stdout, _) = diffuse(&["schedulers"]);
+    assert!(ok);
+    for name in ["ddpm", "ddim", "pndm", "lms", "euler", "euler-ancestral", "heun", "dpm++2m", "dpm++2m-karras", "dpm++2m-sde", "unipc"] {
+        assert!(stdout.lines().any(|l| l.split_whitespace().next() == Some(name)), "{name} missing");
+    }
+}
+
+#[test]
+fn bad_input_gives_clear_errors_and_no_output() {
+    let dir = scratch("bad");
+    let out = dir.join("out.png");
+    let out_s = out.to_str().unwrap();
+    let good = fixtures().join("pixel/uncond");
+    let good_s = good.to_str().unwrap();
+
+    assert_fails_with(&["generate", "--model", good_s, "--scheduler", "nope", "--output", out_s], "valid names: ddpm");
+    assert_fails_with(&["generate", "--model", good_s, "--steps", "0", "--output", out_s], "--steps");
+    assert_fails_with(&["generate", "--model", good_s, "--class-label", "1", "--output", out_s], "unconditional");
+    let cond = fixtures().join("pixel/classcond");
+    assert_fails_with(&["generate", "--model", cond.to_str().unwrap(), "--class-label", "9", "--output", out_s], "out of range");
+    assert_fails_with(
+        &["generate", "--model", good_s, "--scheduler-config", "timestep_spacing=sideways", "--output", out_s],
+        "sideways",
+    );
+    assert_fails_with(
+        &["generate", "--model", good_s, "--scheduler-config", "num_train_timesteps=\"many\"", "--output", out_s],
+        "num_train_timesteps",
+    );
+    assert_fails_with(&["generate", "--model", good_s, "--output", dir.join("missing/out.png").to_str().unwrap()], "does not exist");
+    assert_fails_with(&["generate", "--model", dir.join("nowhere").to_str().unwrap(), "--output", out_s], "nowhere");
+
+    // A folder without its unet weights.
+    let broken = dir.join("no-weights");
+    copy_dir(&good, &broken);
+    std::fs::remove_file(broken.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    assert_fails_with(&["generate", "--model", broken.to_str().unwrap(), "--output", out_s], "diffusion_pytorch_model.safetensors");
+
+    // A truncated weights file.
+    let truncated = dir.join("truncated");
+    copy_dir(&good, &truncated);
+    let weights = truncated.join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    assert_fails_with(&["generate", "--model", truncated.to_str().unwrap(), "--output", out_s], "truncated");
+
+    // A config naming a block type we do not have.
+    let odd = dir.join("odd-block");
+    copy_dir(&good, &odd);
+    let config_path = odd.join("unet/config.json");
+    let config = std::fs::read_to_string(&config_path).unwrap().replace("\"AttnDownBlock2D\"", "\"FancyDownBlock2D\"");
+    std::fs::write(&config_path, config).unwrap();
+    assert_fails_with(&["generate", "--model", odd.to_str().unwrap(), "--output", out_s], "FancyDownBlock2D");
+
+    // A config whose channels disagree with the weights: name the tensor and both shapes.
+    let mismatched = dir.join("mismatch");
+    copy_dir(&good, &mismatched);
+    let config_path = mismatched.join("unet/config.json");
+    let config = std::fs::read_to_string(&config_path).unwrap().replace("\"out_channels\": 3", "\"out_channels\": 4");
+    std::fs::write(&config_path, config).unwrap();
+    assert_fails_with(&["generate", "--model", mismatched.to_str().unwrap(), "--output", out_s], "conv_out");
+
+    assert!(!out.exists(), "no output may be written on failure");
+    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp")).collect();
+    assert!(leftovers.is_empty());
+}

@@ -1,0 +1,136 @@
+//! Pipelines: the denoising loops of diffusers' pipelines, and turning their output into images.
+
+pub mod pixel;
+
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+use serde_json::{Map, Value};
+
+use crate::loading::config::read_json_object;
+use crate::schedulers::{self, Scheduler};
+use crate::{Error, Result};
+
+/// The scheduler names the CLI offers: (name, diffusers class, config overrides, description).
+pub const SCHEDULER_NAMES: &[(&str, &str, &[(&str, &str)], &str)] = &[
+    ("ddpm", "DDPMScheduler", &[], "DDPM ancestral sampling (Ho et al. 2020)"),
+    ("ddim", "DDIMScheduler", &[], "DDIM, deterministic at eta 0 (Song et al. 2020)"),
+    ("pndm", "PNDMScheduler", &[], "Pseudo numerical methods, PRK then PLMS (Liu et al. 2022)"),
+    ("lms", "LMSDiscreteScheduler", &[], "Linear multistep on Karras sigmas (k-diffusion's LMS)"),
+    ("euler", "EulerDiscreteScheduler", &[], "Euler on Karras sigmas (Karras et al. 2022)"),
+    ("euler-ancestral", "EulerAncestralDiscreteScheduler", &[], "Euler with ancestral noise each step"),
+    ("heun", "HeunDiscreteScheduler", &[], "Heun's second-order method (2 model calls per step)"),
+    ("dpm++2m", "DPMSolverMultistepScheduler", &[], "DPM-Solver++ 2M (Lu et al. 2022)"),
+    (
+        "dpm++2m-karras",
+        "DPMSolverMultistepScheduler",
+        &[("use_karras_sigmas", "true")],
+        "DPM-Solver++ 2M with Karras sigmas",
+    ),
+    (
+        "dpm++2m-sde",
+        "DPMSolverMultistepScheduler",
+        &[("algorithm_type", "\"sde-dpmsolver++\"")],
+        "DPM-Solver++ 2M SDE (stochastic)",
+    ),
+    ("unipc", "UniPCMultistepScheduler", &[], "UniPC predictor-corrector (Zhao et al. 2023)"),
+];
+
+/// A scheduler resolved from a model folder, an optional name and `KEY=VALUE` overrides.
+pub struct ResolvedScheduler {
+    pub scheduler: Box<dyn Scheduler>,
+    pub class_name: String,
+    pub config: Map<String, Value>,
+}
+
+/// Builds the scheduler a pipeline runs: the folder's own `scheduler_config.json`, or the
+/// named scheduler configured from it as diffusers' `from_config` does, with overrides applied.
+pub fn resolve_scheduler(
+    scheduler_dir: &Path,
+    name: Option<&str>,
+    overrides: &[(String, Value)],
+) -> Result<ResolvedScheduler> {
+    let config_path = scheduler_dir.join("scheduler_config.json");
+    let mut config = read_json_object(&config_path)?;
+    let class_name = match name {
+        None => config
+            .get("_class_name")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| Error::config(&config_path, "key `_class_name`: missing"))?
+            .to_string(),
+        Some(name) => {
+            let (_, class, named_overrides, _) = SCHEDULER_NAMES.iter().find(|(n, ..)| *n == name).ok_or_else(|| {
+                let names: Vec<&str> = SCHEDULER_NAMES.iter().map(|(n, ..)| *n).collect();
+                Error::invalid(format!("unknown scheduler `{name}`; valid names: {}", names.join(", ")))
+            })?;
+            for (key, value) in named_overrides.iter() {
+                config.insert(key.to_string(), serde_json::from_str(value).expect("built-in override is JSON"));
+            }
+            class.to_string()
+        }
+    };
+    for (key, value) in overrides {
+        config.insert(key.clone(), value.clone());
+    }
+    config.insert("_class_name".into(), Value::String(class_name.clone()));
+    let scheduler = schedulers::from_config(&class_name, &config, &config_path)?;
+    Ok(ResolvedScheduler { scheduler, class_name, config })
+}
+
+/// diffusers' output conversion: `(x / 2 + 0.5).clamp(0, 1)`, then `(x * 255).round()` as
+/// uint8 (numpy rounds half to even). Returns one `[H, W, C]` byte buffer per batch item.
+pub fn to_uint8_images(images: &Tensor) -> Result<Vec<(usize, usize, usize, Vec<u8>)>> {
+    let images = ((images.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+    let (batch, channels, height, width) = images.dims4()?;
+    let data = images.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1::<f32>()?;
+    let per_image = height * width * channels;
+    Ok((0..batch)
+        .map(|b| {
+            let bytes = data[b * per_image..(b + 1) * per_image]
+                .iter()
+                .map(|v| (v * 255.0).round_ties_even() as u8)
+                .collect();
+            (width, height, channels, bytes)
+        })
+        .collect())
+}
+
+/// Writes an 8-bit PNG (gray, RGB or RGBA by channel count) with `tEXt` chunks, first to a
+/// temporary name beside the target and then renamed, so a failure never leaves a partial file.
+pub fn write_png(path: &Path, width: usize, height: usize, channels: usize, pixels: &[u8], text: &[(&str, String)]) -> Result<()> {
+    let color = match channels {
+        1 => png_color::Grayscale,
+        3 => png_color::Rgb,
+        4 => png_color::Rgba,
+        c => return Err(Error::invalid(format!("cannot write a {c}-channel image as PNG"))),
+    };
+    let tmp = temporary_path(path);
+    let result = (|| -> std::io::Result<()> {
+        let file = std::fs::File::create(&tmp)?;
+        let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
+        encoder.set_color(color);
+        encoder.set_depth(png::BitDepth::Eight);
+        for (key, value) in text {
+            encoder.add_text_chunk(key.to_string(), value.clone()).map_err(std::io::Error::other)?;
+        }
+        let mut writer = encoder.write_header().map_err(std::io::Error::other)?;
+        writer.write_image_data(pixels).map_err(std::io::Error::other)?;
+        writer.finish().map_err(std::io::Error::other)?;
+        Ok(())
+    })();
+    match result.and_then(|_| std::fs::rename(&tmp, path)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(Error::io(path, e))
+        }
+    }
+}
+
+use png::ColorType as png_color;
+
+/// `dir/.name.tmp-PID`: beside the target so the rename stays on one file system.
+pub fn temporary_path(path: &Path) -> std::path::PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}

@@ -1,0 +1,131 @@
+//! Pixel-space sampling with a `UNet2DModel`: diffusers' DDPMPipeline and DDIMPipeline
+//! (diffusers/pipelines/ddpm/pipeline_ddpm.py), written as the generic denoising loop so
+//! that every scheduler runs: noise × init_noise_sigma, then per step scale_model_input →
+//! model → step. Unconditional, or class-conditional when the UNet has class embeddings.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::{Map, Value};
+
+use crate::loading::config::{parse_config, read_json_object};
+use crate::loading::weights::{find_weight_files, var_builder};
+use crate::models::unet_2d::{UNet2DModel, UNet2DModelConfig};
+use crate::pipelines::{resolve_scheduler, ResolvedScheduler};
+use crate::rng::TorchGenerator;
+use crate::{Error, Result};
+
+pub struct PixelPipeline {
+    pub unet: UNet2DModel,
+    pub unet_config: UNet2DModelConfig,
+    pub scheduler: ResolvedScheduler,
+    pub model_dir: PathBuf,
+    pub device: Device,
+}
+
+/// What one call generates.
+#[derive(Clone, Debug)]
+pub struct PixelOptions {
+    pub num_inference_steps: usize,
+    pub num_images: usize,
+    pub eta: f64,
+    pub class_label: Option<i64>,
+}
+
+impl PixelPipeline {
+    /// Loads a DDPMPipeline-layout folder: `model_index.json` (optional), `unet/`, `scheduler/`.
+    pub fn load(
+        model_dir: &Path,
+        scheduler_name: Option<&str>,
+        scheduler_overrides: &[(String, Value)],
+        variant: Option<&str>,
+        device: &Device,
+    ) -> Result<Self> {
+        let unet_dir = model_dir.join("unet");
+        let scheduler_dir = model_dir.join("scheduler");
+        for (dir, what) in [(&unet_dir, "unet"), (&scheduler_dir, "scheduler")] {
+            if !dir.is_dir() {
+                return Err(Error::invalid(format!(
+                    "{}: not a diffusers pixel pipeline folder: the `{what}/` component is missing",
+                    model_dir.display()
+                )));
+            }
+        }
+        let config_path = unet_dir.join("config.json");
+        let unet_config: UNet2DModelConfig = parse_config(&read_json_object(&config_path)?, &config_path)?;
+        let files = find_weight_files(&unet_dir, "diffusion_pytorch_model", variant)?;
+        let vb = var_builder(&files, DType::F32, device)?;
+        let unet = UNet2DModel::new(vb, &unet_config).map_err(|e| match e {
+            Error::Candle(e) => Error::weights(&files[0], e.to_string()),
+            other => other,
+        })?;
+        let scheduler = resolve_scheduler(&scheduler_dir, scheduler_name, scheduler_overrides)?;
+        Ok(PixelPipeline { unet, unet_config, scheduler, model_dir: model_dir.to_path_buf(), device: device.clone() })
+    }
+
+    /// Checks options before any work is done, so bad input fails fast.
+    pub fn validate(&self, options: &PixelOptions) -> Result<()> {
+        if options.num_inference_steps == 0 {
+            return Err(Error::invalid("--steps must be at least 1"));
+        }
+        if options.num_images == 0 {
+            return Err(Error::invalid("--num-images must be at least 1"));
+        }
+        if !options.eta.is_finite() || options.eta < 0.0 {
+            return Err(Error::invalid(format!("--eta must be a finite number ≥ 0, got {}", options.eta)));
+        }
+        match (options.class_label, self.unet_config.num_class_embeds) {
+            (Some(label), Some(n)) if label < 0 || label as usize >= n => Err(Error::invalid(format!(
+                "--class-label {label} is out of range: this model has {n} classes (0..{})",
+                n - 1
+            ))),
+            (Some(_), None) if self.unet_config.class_embed_type.is_none() => Err(Error::invalid(
+                "--class-label given, but this model is unconditional (its UNet has no num_class_embeds)",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs the denoising loop and returns the final samples `[K, C, H, W]` in the model's
+    /// range (about [-1, 1]). `on_step(i, n)` is called after each step.
+    pub fn generate(
+        &mut self,
+        options: &PixelOptions,
+        generator: &mut TorchGenerator,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        self.validate(options)?;
+        let scheduler = &mut self.scheduler.scheduler;
+        scheduler.set_timesteps(options.num_inference_steps)?;
+        let size = self.unet_config.sample_size.map(|s| s.height_width()).ok_or_else(|| {
+            Error::config(self.model_dir.join("unet/config.json"), "key `sample_size`: missing, so the image size is unknown")
+        })?;
+        let channels = self.unet_config.in_channels;
+        let shape = [options.num_images, channels, size.0, size.1];
+        let mut sample = (generator.randn_tensor(&shape, &self.device)? * scheduler.init_noise_sigma())?;
+        let class_labels = match options.class_label {
+            Some(label) => Some(Tensor::from_vec(vec![label; options.num_images], options.num_images, &self.device)?),
+            None => None,
+        };
+        let split_variance = !scheduler_uses_learned_variance(&self.scheduler.class_name, &self.scheduler.config);
+        let timesteps = scheduler.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let model_input = scheduler.scale_model_input(&sample, t)?;
+            let t_batch = Tensor::from_vec(vec![t as f32; options.num_images], options.num_images, &self.device)?;
+            let mut model_output = self.unet.forward(&model_input, &t_batch, class_labels.as_ref())?;
+            // A learned-variance model predicts 2C channels; only DDPM's learned variance
+            // types read the second half (as diffusers' IF/DiT pipelines split it off).
+            if split_variance && model_output.dim(1)? == 2 * channels {
+                model_output = model_output.narrow(1, 0, channels)?;
+            }
+            sample = scheduler.step(&model_output, t, &sample, options.eta, generator)?;
+            on_step(i + 1, timesteps.len());
+        }
+        Ok(sample)
+    }
+}
+
+fn scheduler_uses_learned_variance(class_name: &str, config: &Map<String, Value>) -> bool {
+    class_name == "DDPMScheduler"
+        && matches!(config.get("variance_type").and_then(|v| v.as_str()), Some("learned" | "learned_range"))
+}
