@@ -2,6 +2,11 @@
 //! port of one diffusers scheduler file, configured from `scheduler_config.json`.
 
 pub mod betas;
+pub mod euler_ancestral_discrete;
+pub mod euler_discrete;
+pub mod heun_discrete;
+pub mod lms_discrete;
+pub mod sigmas;
 pub mod spacing;
 
 use std::path::Path;
@@ -13,13 +18,24 @@ use crate::rng::TorchGenerator;
 use crate::{Error, Result};
 
 /// The diffusers scheduler classes we implement, by `_class_name`.
-pub const SUPPORTED_CLASSES: &[&str] = &[];
+pub const SUPPORTED_CLASSES: &[&str] = &[
+    "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+];
 
 /// Builds a scheduler of diffusers class `class_name` from a config object (a
 /// `scheduler_config.json`, possibly another scheduler's: keys it states are kept, the
 /// rest take this scheduler's defaults, as diffusers' `from_config` does).
 pub fn from_config(class_name: &str, config: &Map<String, Value>, origin: &Path) -> Result<Box<dyn Scheduler>> {
     Ok(match class_name {
+        "LMSDiscreteScheduler" => Box::new(lms_discrete::LMSDiscreteScheduler::from_config(config, origin)?),
+        "EulerDiscreteScheduler" => Box::new(euler_discrete::EulerDiscreteScheduler::from_config(config, origin)?),
+        "EulerAncestralDiscreteScheduler" => {
+            Box::new(euler_ancestral_discrete::EulerAncestralDiscreteScheduler::from_config(config, origin)?)
+        }
+        "HeunDiscreteScheduler" => Box::new(heun_discrete::HeunDiscreteScheduler::from_config(config, origin)?),
         other => {
             return Err(Error::config(
                 origin,
