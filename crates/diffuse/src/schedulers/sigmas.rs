@@ -435,3 +435,100 @@ mod tests {
         assert!(index_for_timestep(1.0, &schedule).is_err());
     }
 }
+
+/// The dummy model and deterministic samples of diffusers' scheduler tests
+/// (tests/schedulers/test_schedulers.py, `SchedulerCommonTest`), for the full-loop tests.
+#[cfg(test)]
+pub(crate) mod full_loop {
+    use candle_core::{Device, Tensor};
+
+    use super::{div_scalar, mul_scalar};
+    use crate::rng::TorchGenerator;
+    use crate::schedulers::Scheduler;
+
+    const BATCH: usize = 4;
+    const CHANNELS: usize = 3;
+    const SIZE: usize = 8;
+
+    /// `torch.arange(768)` (reversed for the noise) laid out as (C, H, W, B), divided by 768
+    /// in f32 and permuted to (B, C, H, W).
+    fn deterministic(reversed: bool) -> Tensor {
+        let count = BATCH * CHANNELS * SIZE * SIZE;
+        let mut values = vec![0f32; count];
+        for b in 0..BATCH {
+            for c in 0..CHANNELS {
+                for h in 0..SIZE {
+                    for w in 0..SIZE {
+                        let arange_index = ((c * SIZE + h) * SIZE + w) * BATCH + b;
+                        let value = if reversed { count - 1 - arange_index } else { arange_index };
+                        values[((b * CHANNELS + c) * SIZE + h) * SIZE + w] = value as f32 / count as f32;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(values, (BATCH, CHANNELS, SIZE, SIZE), &Device::Cpu).unwrap()
+    }
+
+    pub fn dummy_sample_deter() -> Tensor {
+        deterministic(false)
+    }
+
+    pub fn dummy_noise_deter() -> Tensor {
+        deterministic(true)
+    }
+
+    /// `sample * t / (t + 1)`, with t cast to the sample's float32.
+    pub fn dummy_model(sample: &Tensor, t: f64) -> Tensor {
+        let t = t as f32;
+        div_scalar(&mul_scalar(sample, t).unwrap(), t + 1.0).unwrap()
+    }
+
+    /// diffusers' assertions, |sum - expected| < 1e-2 and |mean - expected| < 1e-3 on its
+    /// `expected` values; then, tighter, agreement to 1e-5 relative with what diffusers 0.42.1
+    /// (torch 2.15, CPU) gives for the same loop (`exact`), since diffusers' own bounds cannot
+    /// tell results near zero apart.
+    pub fn check(what: &str, result: (f64, f64), expected: (f64, f64), exact: (f64, f64)) {
+        check_within(what, result, expected, (1e-2, 1e-3), exact)
+    }
+
+    /// `check` with diffusers' tolerances on the sum and the mean where it loosens them.
+    pub fn check_within(
+        what: &str,
+        (sum, mean): (f64, f64),
+        expected: (f64, f64),
+        tolerances: (f64, f64),
+        exact: (f64, f64),
+    ) {
+        assert!((sum - expected.0).abs() < tolerances.0, "{what}: result_sum {sum} != {}", expected.0);
+        assert!((mean - expected.1).abs() < tolerances.1, "{what}: result_mean {mean} != {}", expected.1);
+        assert!((sum - exact.0).abs() <= 1e-5 * exact.0, "{what}: result_sum {sum} != {} (diffusers 0.42.1)", exact.0);
+        assert!(
+            (mean - exact.1).abs() <= 1e-5 * exact.1,
+            "{what}: result_mean {mean} != {} (diffusers 0.42.1)",
+            exact.1
+        );
+    }
+
+    /// The loop of diffusers' `test_full_loop_*` (the step is given the *scaled* sample, as
+    /// there), optionally `test_full_loop_with_noise`'s start two steps from the end from a
+    /// noised sample; returns sum(|x|) and mean(|x|) of the result.
+    pub fn run(scheduler: &mut dyn Scheduler, num_inference_steps: usize, with_noise: bool) -> (f64, f64) {
+        scheduler.set_timesteps(num_inference_steps).unwrap();
+        let mut generator = TorchGenerator::new(0);
+        let mut sample = mul_scalar(&dummy_sample_deter(), scheduler.init_noise_sigma() as f32).unwrap();
+        let mut timesteps = scheduler.timesteps().to_vec();
+        if with_noise {
+            let t_start = num_inference_steps - 2;
+            timesteps = timesteps[t_start * scheduler.order()..].to_vec();
+            sample = scheduler.add_noise(&sample, &dummy_noise_deter(), &timesteps[..1]).unwrap();
+        }
+        for &t in &timesteps {
+            sample = scheduler.scale_model_input(&sample, t).unwrap();
+            let model_output = dummy_model(&sample, t);
+            sample = scheduler.step(&model_output, t, &sample, 0.0, &mut generator).unwrap();
+        }
+        let values = sample.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let sum: f64 = values.iter().map(|v| v.abs() as f64).sum();
+        (sum, sum / values.len() as f64)
+    }
+}
