@@ -6,6 +6,11 @@ pub mod ddim;
 pub mod ddim_inverse;
 pub mod ddpm;
 pub mod pndm;
+pub mod euler_ancestral_discrete;
+pub mod euler_discrete;
+pub mod heun_discrete;
+pub mod lms_discrete;
+pub mod sigmas;
 pub mod spacing;
 
 use std::path::Path;
@@ -22,6 +27,10 @@ pub const SUPPORTED_CLASSES: &[&str] = &[
     "DDIMScheduler",
     "DDIMInverseScheduler",
     "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
 ];
 
 /// Builds a scheduler of diffusers class `class_name` from a config object (a
@@ -33,6 +42,12 @@ pub fn from_config(class_name: &str, config: &Map<String, Value>, origin: &Path)
         "DDIMScheduler" => Box::new(ddim::DdimScheduler::from_config(config, origin)?),
         "DDIMInverseScheduler" => Box::new(ddim_inverse::DdimInverseScheduler::from_config(config, origin)?),
         "PNDMScheduler" => Box::new(pndm::PndmScheduler::from_config(config, origin)?),
+        "LMSDiscreteScheduler" => Box::new(lms_discrete::LMSDiscreteScheduler::from_config(config, origin)?),
+        "EulerDiscreteScheduler" => Box::new(euler_discrete::EulerDiscreteScheduler::from_config(config, origin)?),
+        "EulerAncestralDiscreteScheduler" => {
+            Box::new(euler_ancestral_discrete::EulerAncestralDiscreteScheduler::from_config(config, origin)?)
+        }
+        "HeunDiscreteScheduler" => Box::new(heun_discrete::HeunDiscreteScheduler::from_config(config, origin)?),
         other => {
             return Err(Error::config(
                 origin,
