@@ -55,10 +55,7 @@ impl PixelPipeline {
         let unet_config: UNet2DModelConfig = parse_config(&read_json_object(&config_path)?, &config_path)?;
         let files = find_weight_files(&unet_dir, "diffusion_pytorch_model", variant)?;
         let vb = var_builder(&files, DType::F32, device)?;
-        let unet = UNet2DModel::new(vb, &unet_config).map_err(|e| match e {
-            Error::Candle(e) => Error::weights(&files[0], e.to_string()),
-            other => other,
-        })?;
+        let unet = UNet2DModel::new(vb, &unet_config).map_err(|e| e.in_weights_file(&files[0]))?;
         let scheduler = resolve_scheduler(&scheduler_dir, scheduler_name, scheduler_overrides)?;
         Ok(PixelPipeline { unet, unet_config, scheduler, model_dir: model_dir.to_path_buf(), device: device.clone() })
     }

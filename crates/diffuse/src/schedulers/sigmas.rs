@@ -120,28 +120,13 @@ impl SigmaSchedule {
 pub fn alphas_cumprod(betas: &[f32], rescale_betas_zero_snr: bool) -> Vec<f32> {
     let betas = if rescale_betas_zero_snr { betas::rescale_zero_terminal_snr(betas) } else { betas.to_vec() };
     let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
-    let mut alphas_cumprod = cumprod(&alphas);
+    let mut alphas_cumprod = betas::cumprod(&alphas);
     if rescale_betas_zero_snr {
         if let Some(last) = alphas_cumprod.last_mut() {
             *last = 2f32.powi(-24);
         }
     }
     alphas_cumprod
-}
-
-/// `torch.cumprod` of a float32 tensor on the CPU: the running product is kept in f64 (torch's
-/// accumulation type for float) and each value rounded to f32. An f32 running product drifts
-/// by a few ulp over 1000 steps, enough to move the last sigma by 4e-7 and Karras timesteps
-/// off their float32 values.
-pub fn cumprod(values: &[f32]) -> Vec<f32> {
-    let mut product = 1.0f64;
-    values
-        .iter()
-        .map(|&v| {
-            product *= v as f64;
-            product as f32
-        })
-        .collect()
 }
 
 /// sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for every training timestep, ascending in t,
@@ -173,22 +158,13 @@ pub fn spaced_timesteps(
         }
         "trailing" => {
             let step_ratio = train as f64 / steps as f64;
-            np_arange(train as f64, 0.0, -step_ratio).into_iter().map(|t| t.round_ties_even() as f32 - 1.0).collect()
+            spacing::np_arange(train as f64, 0.0, -step_ratio).into_iter().map(|t| t.round_ties_even() as f32 - 1.0).collect()
         }
         other => {
             spacing::check_spacing(other)?;
             unreachable!("check_spacing accepts only the spacings above")
         }
     })
-}
-
-/// `np.arange(start, stop, step)` in f64, value for value: numpy stores `start` and
-/// `start + step`, then fills `start + i * delta` with `delta` the difference of those two,
-/// which is not always `step` to the last bit (and can move a value across a rounding tie).
-fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
-    let len = ((stop - start) / step).ceil().max(0.0) as usize;
-    let delta = (start + step) - start;
-    (0..len).map(|i| if i == 1 { start + step } else { start + i as f64 * delta }).collect()
 }
 
 /// `np.interp(x, np.arange(len(fp)), fp)`: piecewise-linear in f64, clamped to the ends.
