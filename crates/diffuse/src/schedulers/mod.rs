@@ -2,6 +2,7 @@
 //! port of one diffusers scheduler file, configured from `scheduler_config.json`.
 
 pub mod betas;
+pub(crate) mod multistep;
 pub mod spacing;
 
 use std::path::Path;
@@ -138,8 +139,9 @@ pub(crate) fn threshold_sample(sample: &Tensor, ratio: f64, max_value: f64) -> R
         let upper = (lower + 1).min(sorted.len() - 1);
         let frac = (pos - lower as f64) as f32;
         let q = sorted[lower] + (sorted[upper] - sorted[lower]) * frac;
-        let s = q.clamp(1.0, max_value as f32);
-        out.extend(row.iter().map(|v| v.clamp(-s, s) / s));
+        // torch.clamp(q, min=1, max=max_value) is min(max(q, 1), max_value), even when max_value < 1.
+        let s = q.max(1.0).min(max_value as f32);
+        out.extend(row.iter().map(|v| v.max(-s).min(s) / s));
     }
     Ok(Tensor::from_vec(out, dims, sample.device())?.to_dtype(sample.dtype())?)
 }
