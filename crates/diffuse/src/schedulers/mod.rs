@@ -2,6 +2,7 @@
 //! port of one diffusers scheduler file, configured from `scheduler_config.json`.
 
 pub mod betas;
+pub mod dpmsolver_multistep;
 pub(crate) mod multistep;
 pub mod spacing;
 
@@ -14,13 +15,14 @@ use crate::rng::TorchGenerator;
 use crate::{Error, Result};
 
 /// The diffusers scheduler classes we implement, by `_class_name`.
-pub const SUPPORTED_CLASSES: &[&str] = &[];
+pub const SUPPORTED_CLASSES: &[&str] = &["DPMSolverMultistepScheduler"];
 
 /// Builds a scheduler of diffusers class `class_name` from a config object (a
 /// `scheduler_config.json`, possibly another scheduler's: keys it states are kept, the
 /// rest take this scheduler's defaults, as diffusers' `from_config` does).
 pub fn from_config(class_name: &str, config: &Map<String, Value>, origin: &Path) -> Result<Box<dyn Scheduler>> {
     Ok(match class_name {
+        "DPMSolverMultistepScheduler" => Box::new(dpmsolver_multistep::DpmSolverMultistepScheduler::from_config(config, origin)?),
         other => {
             return Err(Error::config(
                 origin,
