@@ -5,6 +5,7 @@ pub mod betas;
 pub mod dpmsolver_multistep;
 pub(crate) mod multistep;
 pub mod spacing;
+pub mod unipc_multistep;
 
 use std::path::Path;
 
@@ -15,7 +16,7 @@ use crate::rng::TorchGenerator;
 use crate::{Error, Result};
 
 /// The diffusers scheduler classes we implement, by `_class_name`.
-pub const SUPPORTED_CLASSES: &[&str] = &["DPMSolverMultistepScheduler"];
+pub const SUPPORTED_CLASSES: &[&str] = &["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"];
 
 /// Builds a scheduler of diffusers class `class_name` from a config object (a
 /// `scheduler_config.json`, possibly another scheduler's: keys it states are kept, the
@@ -23,6 +24,7 @@ pub const SUPPORTED_CLASSES: &[&str] = &["DPMSolverMultistepScheduler"];
 pub fn from_config(class_name: &str, config: &Map<String, Value>, origin: &Path) -> Result<Box<dyn Scheduler>> {
     Ok(match class_name {
         "DPMSolverMultistepScheduler" => Box::new(dpmsolver_multistep::DpmSolverMultistepScheduler::from_config(config, origin)?),
+        "UniPCMultistepScheduler" => Box::new(unipc_multistep::UniPcMultistepScheduler::from_config(config, origin)?),
         other => {
             return Err(Error::config(
                 origin,
