@@ -5,13 +5,16 @@ pub mod betas;
 pub mod ddim;
 pub mod ddim_inverse;
 pub mod ddpm;
-pub mod pndm;
+pub mod dpmsolver_multistep;
 pub mod euler_ancestral_discrete;
 pub mod euler_discrete;
 pub mod heun_discrete;
 pub mod lms_discrete;
+pub(crate) mod multistep;
+pub mod pndm;
 pub mod sigmas;
 pub mod spacing;
+pub mod unipc_multistep;
 
 use std::path::Path;
 
@@ -31,6 +34,8 @@ pub const SUPPORTED_CLASSES: &[&str] = &[
     "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler",
     "HeunDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
 ];
 
 /// Builds a scheduler of diffusers class `class_name` from a config object (a
@@ -48,6 +53,8 @@ pub fn from_config(class_name: &str, config: &Map<String, Value>, origin: &Path)
             Box::new(euler_ancestral_discrete::EulerAncestralDiscreteScheduler::from_config(config, origin)?)
         }
         "HeunDiscreteScheduler" => Box::new(heun_discrete::HeunDiscreteScheduler::from_config(config, origin)?),
+        "DPMSolverMultistepScheduler" => Box::new(dpmsolver_multistep::DpmSolverMultistepScheduler::from_config(config, origin)?),
+        "UniPCMultistepScheduler" => Box::new(unipc_multistep::UniPcMultistepScheduler::from_config(config, origin)?),
         other => {
             return Err(Error::config(
                 origin,
@@ -166,9 +173,9 @@ pub(crate) fn threshold_sample(sample: &Tensor, ratio: f64, max_value: f64) -> R
         let upper = (lower + 1).min(sorted.len() - 1);
         let frac = (pos - lower as f64) as f32;
         let q = sorted[lower] + (sorted[upper] - sorted[lower]) * frac;
-        // torch.clamp(min=1, max=max_value): max_value wins when it is below 1 (f32::clamp would panic).
+        // torch.clamp(q, min=1, max=max_value) is min(max(q, 1), max_value), even when max_value < 1.
         let s = q.max(1.0).min(max_value as f32);
-        out.extend(row.iter().map(|v| v.clamp(-s, s) / s));
+        out.extend(row.iter().map(|v| v.max(-s).min(s) / s));
     }
     Ok(Tensor::from_vec(out, dims, sample.device())?.to_dtype(sample.dtype())?)
 }
