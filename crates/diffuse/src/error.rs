@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(transparent)]
+    /// A tensor operation failed; shown without the backtrace candle attaches when
+    /// RUST_BACKTRACE is set, so errors stay one line.
+    #[error("{}", first_line(.0))]
     Candle(#[from] candle_core::Error),
 
     #[error("{}: {source}", path.display())]
@@ -23,6 +25,10 @@ pub enum Error {
     InvalidInput(String),
 }
 
+fn first_line(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().trim_end().to_string()
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
@@ -37,6 +43,14 @@ impl Error {
     }
     pub fn invalid(message: impl Into<String>) -> Self {
         Error::InvalidInput(message.into())
+    }
+    /// A failure while building a model from `path`'s tensors (a missing tensor, a wrong
+    /// shape) is reported as that file's problem.
+    pub fn in_weights_file(self, path: &std::path::Path) -> Self {
+        match self {
+            Error::Candle(e) => Error::weights(path, first_line(&e)),
+            other => other,
+        }
     }
 }
 

@@ -2,6 +2,8 @@
 
 pub mod error;
 pub mod loading;
+pub mod models;
+pub mod ops;
 pub mod pipelines;
 pub mod rng;
 pub mod schedulers;

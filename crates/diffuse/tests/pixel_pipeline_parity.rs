@@ -28,7 +28,8 @@ fn run_case(case: &str) {
         .unwrap_or_default();
     let model_dir = dir.join(meta["model"].as_str().unwrap());
     let mut pipeline =
-        PixelPipeline::load(&model_dir, meta["scheduler"].as_str(), &overrides, None, &Device::Cpu).unwrap();
+        PixelPipeline::load(&model_dir, meta["scheduler"].as_str(), &overrides, meta["variant"].as_str(), &Device::Cpu)
+            .unwrap();
     assert_eq!(pipeline.scheduler.class_name, meta["scheduler_class"].as_str().unwrap(), "{case}: scheduler class");
     let options = PixelOptions {
         num_inference_steps: meta["steps"].as_u64().unwrap() as usize,
@@ -89,6 +90,13 @@ fn v_prediction_trailing_zero_snr() {
 #[test]
 fn grayscale() {
     for case in cases_with_prefix("gray_") {
+        run_case(&case);
+    }
+}
+
+#[test]
+fn fp16_variant_and_sharded_weights() {
+    for case in cases_with_prefix("variant_") {
         run_case(&case);
     }
 }

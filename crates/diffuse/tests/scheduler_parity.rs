@@ -2,7 +2,7 @@
 //!
 //! Each recorded model output is fed back in order (teacher forcing), so multistep state sees
 //! the same history as in diffusers; each step's result must agree to 1e-4 of the sample's
-//! scale (f32 arithmetic in a different order, and at most 2 ulp in torch's vectorised noise).
+//! scale (f32 arithmetic in a different order; the noise itself is bit-exact).
 
 mod common;
 

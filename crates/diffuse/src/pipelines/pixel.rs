@@ -55,10 +55,7 @@ impl PixelPipeline {
         let unet_config: UNet2DModelConfig = parse_config(&read_json_object(&config_path)?, &config_path)?;
         let files = find_weight_files(&unet_dir, "diffusion_pytorch_model", variant)?;
         let vb = var_builder(&files, DType::F32, device)?;
-        let unet = UNet2DModel::new(vb, &unet_config).map_err(|e| match e {
-            Error::Candle(e) => Error::weights(&files[0], e.to_string()),
-            other => other,
-        })?;
+        let unet = UNet2DModel::new(vb, &unet_config).map_err(|e| e.in_weights_file(&files[0]))?;
         let scheduler = resolve_scheduler(&scheduler_dir, scheduler_name, scheduler_overrides)?;
         Ok(PixelPipeline { unet, unet_config, scheduler, model_dir: model_dir.to_path_buf(), device: device.clone() })
     }
@@ -97,7 +94,9 @@ impl PixelPipeline {
         self.validate(options)?;
         let scheduler = &mut self.scheduler.scheduler;
         scheduler.set_timesteps(options.num_inference_steps)?;
-        let size = self.unet_config.sample_size_hw();
+        let size = self.unet_config.sample_size.map(|s| s.height_width()).ok_or_else(|| {
+            Error::config(self.model_dir.join("unet/config.json"), "key `sample_size`: missing, so the image size is unknown")
+        })?;
         let channels = self.unet_config.in_channels;
         let shape = [options.num_images, channels, size.0, size.1];
         let mut sample = (generator.randn_tensor(&shape, &self.device)? * scheduler.init_noise_sigma())?;

@@ -94,14 +94,16 @@ pub fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
     rescaled
 }
 
-/// Running product in f32, as `torch.cumprod`.
+/// Running product as `torch.cumprod` on the CPU computes it for f32: the product is kept in
+/// f64 and each value rounded to f32 (an f32 product drifts: SD's last alphas_cumprod would be
+/// 0.004660091 instead of torch's 0.004660095).
 pub fn cumprod(values: &[f32]) -> Vec<f32> {
-    let mut acc = 1.0f32;
+    let mut product = 1.0f64;
     values
         .iter()
-        .map(|v| {
-            acc *= v;
-            acc
+        .map(|&v| {
+            product *= v as f64;
+            product as f32
         })
         .collect()
 }

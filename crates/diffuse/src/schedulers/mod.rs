@@ -2,7 +2,19 @@
 //! port of one diffusers scheduler file, configured from `scheduler_config.json`.
 
 pub mod betas;
+pub mod ddim;
+pub mod ddim_inverse;
+pub mod ddpm;
+pub mod dpmsolver_multistep;
+pub mod euler_ancestral_discrete;
+pub mod euler_discrete;
+pub mod heun_discrete;
+pub mod lms_discrete;
+pub(crate) mod multistep;
+pub mod pndm;
+pub mod sigmas;
 pub mod spacing;
+pub mod unipc_multistep;
 
 use std::path::Path;
 
@@ -13,13 +25,36 @@ use crate::rng::TorchGenerator;
 use crate::{Error, Result};
 
 /// The diffusers scheduler classes we implement, by `_class_name`.
-pub const SUPPORTED_CLASSES: &[&str] = &[];
+pub const SUPPORTED_CLASSES: &[&str] = &[
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "DDIMInverseScheduler",
+    "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
+];
 
 /// Builds a scheduler of diffusers class `class_name` from a config object (a
 /// `scheduler_config.json`, possibly another scheduler's: keys it states are kept, the
 /// rest take this scheduler's defaults, as diffusers' `from_config` does).
 pub fn from_config(class_name: &str, config: &Map<String, Value>, origin: &Path) -> Result<Box<dyn Scheduler>> {
     Ok(match class_name {
+        "DDPMScheduler" => Box::new(ddpm::DdpmScheduler::from_config(config, origin)?),
+        "DDIMScheduler" => Box::new(ddim::DdimScheduler::from_config(config, origin)?),
+        "DDIMInverseScheduler" => Box::new(ddim_inverse::DdimInverseScheduler::from_config(config, origin)?),
+        "PNDMScheduler" => Box::new(pndm::PndmScheduler::from_config(config, origin)?),
+        "LMSDiscreteScheduler" => Box::new(lms_discrete::LMSDiscreteScheduler::from_config(config, origin)?),
+        "EulerDiscreteScheduler" => Box::new(euler_discrete::EulerDiscreteScheduler::from_config(config, origin)?),
+        "EulerAncestralDiscreteScheduler" => {
+            Box::new(euler_ancestral_discrete::EulerAncestralDiscreteScheduler::from_config(config, origin)?)
+        }
+        "HeunDiscreteScheduler" => Box::new(heun_discrete::HeunDiscreteScheduler::from_config(config, origin)?),
+        "DPMSolverMultistepScheduler" => Box::new(dpmsolver_multistep::DpmSolverMultistepScheduler::from_config(config, origin)?),
+        "UniPCMultistepScheduler" => Box::new(unipc_multistep::UniPcMultistepScheduler::from_config(config, origin)?),
         other => {
             return Err(Error::config(
                 origin,
@@ -138,8 +173,9 @@ pub(crate) fn threshold_sample(sample: &Tensor, ratio: f64, max_value: f64) -> R
         let upper = (lower + 1).min(sorted.len() - 1);
         let frac = (pos - lower as f64) as f32;
         let q = sorted[lower] + (sorted[upper] - sorted[lower]) * frac;
-        let s = q.clamp(1.0, max_value as f32);
-        out.extend(row.iter().map(|v| v.clamp(-s, s) / s));
+        // torch.clamp(q, min=1, max=max_value) is min(max(q, 1), max_value), even when max_value < 1.
+        let s = q.max(1.0).min(max_value as f32);
+        out.extend(row.iter().map(|v| v.max(-s).min(s) / s));
     }
     Ok(Tensor::from_vec(out, dims, sample.device())?.to_dtype(sample.dtype())?)
 }

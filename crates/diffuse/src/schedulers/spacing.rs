@@ -49,7 +49,7 @@ pub fn integer_timesteps(
         }
         "trailing" => {
             let step_ratio = t as f64 / n as f64;
-            np_arange_descending(t as f64, 0.0, step_ratio)
+            np_arange(t as f64, 0.0, -step_ratio)
                 .into_iter()
                 .map(|x| x.round_ties_even() as i64 - 1)
                 .collect()
@@ -61,10 +61,13 @@ pub fn integer_timesteps(
     })
 }
 
-/// `np.arange(start, stop, -step)` for a positive float `step`.
-pub fn np_arange_descending(start: f64, stop: f64, step: f64) -> Vec<f64> {
-    let len = ((start - stop) / step).ceil().max(0.0) as usize;
-    (0..len).map(|i| start + i as f64 * -step).collect()
+/// `np.arange(start, stop, step)` for floats, filled as numpy fills it: the second value is
+/// `start + step` and the others `start + i * delta` with `delta = (start + step) - start`,
+/// which rounds differently from `start + i * step` at ties (trailing spacing with 48 steps).
+pub fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
+    let len = ((stop - start) / step).ceil().max(0.0) as usize;
+    let delta = (start + step) - start;
+    (0..len).map(|i| if i == 1 { start + step } else { start + i as f64 * delta }).collect()
 }
 
 pub fn check_inference_steps(num_train_timesteps: usize, num_inference_steps: usize) -> Result<()> {

@@ -1,0 +1,161 @@
+//! Denoising and autoencoder networks, each a port of a diffusers model file, loaded from a
+//! folder's `config.json` and safetensors weights through a candle-nn `VarBuilder`.
+//!
+//! This module also holds the weight-carrying layers the models share (the `torch.nn`
+//! modules diffusers builds on); their arithmetic goes through [`crate::ops`].
+
+pub mod attention_processor;
+pub mod embeddings;
+pub mod resnet;
+pub mod unet_2d;
+pub mod unet_2d_blocks;
+
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::{ops, Error, Result};
+
+/// `torch.nn.Conv2d` with square kernels, stride and symmetric zero padding.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    /// Loads `weight` (`[out, in, k, k]`) and, if `bias`, `bias` (`[out]`) under `vb`.
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel_size: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let weight = vb.get((out_channels, in_channels, kernel_size, kernel_size), "weight")?;
+        let bias = if bias { Some(vb.get(out_channels, "bias")?) } else { None };
+        Ok(Self { weight, bias, stride, padding })
+    }
+
+    pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        ops::conv2d(input, &self.weight, self.bias.as_ref(), self.stride, self.padding)
+    }
+}
+
+/// `torch.nn.Linear`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `weight` (`[out, in]`) and, if `bias`, `bias` (`[out]`) under `vb`.
+    pub fn new(vb: VarBuilder, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_features, in_features), "weight")?;
+        let bias = if bias { Some(vb.get(out_features, "bias")?) } else { None };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        ops::linear(input, &self.weight, self.bias.as_ref())
+    }
+}
+
+/// `torch.nn.GroupNorm` with affine parameters.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    num_groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(vb: VarBuilder, num_groups: usize, num_channels: usize, eps: f64) -> Result<Self> {
+        if num_groups == 0 || !num_channels.is_multiple_of(num_groups) {
+            return Err(Error::invalid(format!(
+                "{}: GroupNorm with {num_groups} groups cannot split {num_channels} channels \
+                 (the number of groups must divide the number of channels)",
+                vb.prefix()
+            )));
+        }
+        let weight = vb.get(num_channels, "weight")?;
+        let bias = vb.get(num_channels, "bias")?;
+        Ok(Self { weight, bias, num_groups, eps })
+    }
+
+    pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        ops::group_norm(input, self.num_groups, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// `torch.nn.Embedding`: a lookup table indexed by integer ids.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    weight: Tensor,
+}
+
+impl Embedding {
+    pub fn new(vb: VarBuilder, num_embeddings: usize, embedding_dim: usize) -> Result<Self> {
+        Ok(Self { weight: vb.get((num_embeddings, embedding_dim), "weight")? })
+    }
+
+    /// Looks up `ids` (`[N]`, any integer or whole-valued float type) and returns `[N, dim]`.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let num_embeddings = self.weight.dim(0)?;
+        let values = ids.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        let mut indices = Vec::with_capacity(values.len());
+        for value in values {
+            if value.fract() != 0.0 || value < 0.0 || value >= num_embeddings as f64 {
+                return Err(Error::invalid(format!(
+                    "embedding index {value} is not a whole number in 0..{num_embeddings}"
+                )));
+            }
+            indices.push(value as u32);
+        }
+        let indices = Tensor::from_vec(indices, ids.elem_count(), ids.device())?;
+        Ok(self.weight.index_select(&indices, 0)?)
+    }
+}
+
+/// diffusers' `get_activation` (models/activations.py): the activation named by `act_fn`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    Mish,
+    Gelu,
+    Relu,
+}
+
+impl Activation {
+    /// Parses a diffusers activation name (`silu`/`swish`, `mish`, `gelu`, `relu`; any case).
+    pub fn from_name(name: &str) -> Result<Self> {
+        Ok(match name.to_lowercase().as_str() {
+            "silu" | "swish" => Activation::Silu,
+            "mish" => Activation::Mish,
+            "gelu" => Activation::Gelu,
+            "relu" => Activation::Relu,
+            _ => {
+                return Err(Error::invalid(format!(
+                    "activation function `{name}` is not supported (supported: silu, swish, mish, gelu, relu)"
+                )))
+            }
+        })
+    }
+
+    pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::Silu => ops::silu(input)?,
+            // mish(x) = x * tanh(softplus(x)); for large x, exp overflows to inf and the
+            // product correctly tends to x.
+            Activation::Mish => (input * input.exp()?.affine(1.0, 1.0)?.log()?.tanh()?)?,
+            // torch.nn.GELU() is the exact, erf-based GELU.
+            Activation::Gelu => input.gelu_erf()?,
+            Activation::Relu => input.relu()?,
+        })
+    }
+}

@@ -1,0 +1,243 @@
+//! Port of diffusers/schedulers/scheduling_ddim_inverse.py (`DDIMInverseScheduler`): the
+//! deterministic DDIM step run backwards, from an image towards noise (DDIM inversion).
+
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::betas::{cumprod, make_betas, rescale_zero_terminal_snr};
+use super::ddim::epsilon_from_original;
+use super::ddpm::{in_config, predict_original_sample, PredictionType};
+use super::spacing::integer_timesteps;
+use super::{timesteps_as_indices, Scheduler};
+use crate::loading::config::parse_config;
+use crate::rng::TorchGenerator;
+use crate::{Error, Result};
+
+/// `DDIMInverseScheduler`'s `scheduler_config.json`, with diffusers' names and defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct DdimInverseSchedulerConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: String,
+    pub trained_betas: Option<Vec<f64>>,
+    pub clip_sample: bool,
+    pub set_alpha_to_one: bool,
+    /// Deprecated spelling of `set_alpha_to_one`; when present it wins, as in diffusers.
+    pub set_alpha_to_zero: Option<bool>,
+    pub steps_offset: usize,
+    pub prediction_type: PredictionType,
+    pub clip_sample_range: f64,
+    pub timestep_spacing: String,
+    pub rescale_betas_zero_snr: bool,
+}
+
+impl Default for DdimInverseSchedulerConfig {
+    fn default() -> Self {
+        DdimInverseSchedulerConfig {
+            num_train_timesteps: 1000,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            beta_schedule: "linear".into(),
+            trained_betas: None,
+            clip_sample: true,
+            set_alpha_to_one: true,
+            set_alpha_to_zero: None,
+            steps_offset: 0,
+            prediction_type: PredictionType::Epsilon,
+            clip_sample_range: 1.0,
+            timestep_spacing: "leading".into(),
+            rescale_betas_zero_snr: false,
+        }
+    }
+}
+
+pub struct DdimInverseScheduler {
+    config: DdimInverseSchedulerConfig,
+    alphas_cumprod: Vec<f32>,
+    /// alpha_bar "before" timestep 0, used by the first step: 1, or alpha_bar_0.
+    initial_alpha_cumprod: f32,
+    timesteps: Vec<f64>,
+    num_inference_steps: Option<usize>,
+}
+
+impl DdimInverseScheduler {
+    pub fn new(config: DdimInverseSchedulerConfig) -> Result<Self> {
+        match config.timestep_spacing.as_str() {
+            "leading" | "trailing" => {}
+            other => {
+                return Err(Error::invalid(format!(
+                    "timestep_spacing `{other}` is not one of leading, trailing (DDIMInverseScheduler)"
+                )))
+            }
+        }
+        let mut betas = make_betas(
+            &config.beta_schedule,
+            config.beta_start,
+            config.beta_end,
+            config.num_train_timesteps,
+            config.trained_betas.as_deref(),
+        )?;
+        if config.rescale_betas_zero_snr {
+            betas = rescale_zero_terminal_snr(&betas);
+        }
+        let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
+        let alphas_cumprod = cumprod(&alphas);
+        // The first step starts below timestep 0: either from alpha_bar = 1 (so the step just
+        // returns the predicted noise direction) or from alpha_bar_0.
+        let set_alpha_to_one = config.set_alpha_to_zero.unwrap_or(config.set_alpha_to_one);
+        let initial_alpha_cumprod = if set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
+        let timesteps = (0..config.num_train_timesteps).map(|t| t as f64).collect();
+        Ok(DdimInverseScheduler { config, alphas_cumprod, initial_alpha_cumprod, timesteps, num_inference_steps: None })
+    }
+
+    pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
+        let config: DdimInverseSchedulerConfig = parse_config(map, origin)?;
+        Self::new(config).map_err(|e| in_config(e, origin))
+    }
+
+    pub fn config(&self) -> &DdimInverseSchedulerConfig {
+        &self.config
+    }
+
+    /// alpha_bar_t for every training timestep.
+    pub fn alphas_cumprod(&self) -> &[f32] {
+        &self.alphas_cumprod
+    }
+}
+
+impl Scheduler for DdimInverseScheduler {
+    /// The forward schedule's timesteps, ascending.
+    fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
+        let timesteps = integer_timesteps(
+            &self.config.timestep_spacing,
+            self.config.num_train_timesteps,
+            num_inference_steps,
+            self.config.steps_offset,
+        )?;
+        self.timesteps = timesteps.into_iter().rev().map(|t| t as f64).collect();
+        self.num_inference_steps = Some(num_inference_steps);
+        Ok(())
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
+
+    /// From x at one stride below `timestep` to x at `timestep` (deterministic: eta and the
+    /// generator are unused).
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        _eta: f64,
+        _generator: &mut TorchGenerator,
+    ) -> Result<Tensor> {
+        let num_inference_steps = self
+            .num_inference_steps
+            .ok_or_else(|| Error::invalid("DDIMInverseScheduler: call set_timesteps before step"))?;
+        let num_train_timesteps = self.config.num_train_timesteps;
+
+        // 1. The step goes from `timestep` minus one stride (the current noise level) up to
+        //    `timestep` (called "prev" as in the forward scheduler).
+        let prev_timestep = timesteps_as_indices(&[timestep], num_train_timesteps)?[0];
+        let timestep = (prev_timestep as i64 - (num_train_timesteps / num_inference_steps) as i64)
+            .min(num_train_timesteps as i64 - 1);
+
+        // 2. alphas, betas; the current noise level matches the forward process exactly.
+        let alpha_prod_t =
+            if timestep >= 0 { self.alphas_cumprod[timestep as usize] } else { self.initial_alpha_cumprod };
+        let alpha_prod_t_prev = self.alphas_cumprod[prev_timestep];
+        let beta_prod_t = 1.0 - alpha_prod_t;
+
+        // 3. The predicted x_0 and noise (DDIM eq. 12).
+        let pred_original_sample =
+            predict_original_sample(self.config.prediction_type, model_output, sample, alpha_prod_t)?;
+        let pred_epsilon = match self.config.prediction_type {
+            PredictionType::Epsilon => model_output.clone(),
+            PredictionType::Sample => epsilon_from_original(sample, &pred_original_sample, alpha_prod_t)?,
+            PredictionType::VPrediction => {
+                (model_output.affine(alpha_prod_t.sqrt() as f64, 0.0)?
+                    + sample.affine(beta_prod_t.sqrt() as f64, 0.0)?)?
+            }
+        };
+
+        // 4. Clip the predicted x_0 (this scheduler has no thresholding).
+        let pred_original_sample = if self.config.clip_sample {
+            let range = self.config.clip_sample_range;
+            pred_original_sample.clamp(-range, range)?
+        } else {
+            pred_original_sample
+        };
+
+        // 5-6. x at the next noise level (DDIM eq. 12 with sigma = 0).
+        let pred_sample_direction = pred_epsilon.affine((1.0 - alpha_prod_t_prev).sqrt() as f64, 0.0)?;
+        Ok((pred_original_sample.affine(alpha_prod_t_prev.sqrt() as f64, 0.0)? + pred_sample_direction)?)
+    }
+
+    /// diffusers' `DDIMInverseScheduler` has no `add_noise`: inversion produces the noise.
+    fn add_noise(&self, _original_samples: &Tensor, _noise: &Tensor, _timesteps: &[f64]) -> Result<Tensor> {
+        Err(Error::invalid("DDIMInverseScheduler has no add_noise (as in diffusers)"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scheduler(json: serde_json::Value) -> Result<DdimInverseScheduler> {
+        DdimInverseScheduler::from_config(json.as_object().unwrap(), Path::new("scheduler_config.json"))
+    }
+
+    #[test]
+    fn steps_offset_timesteps() {
+        // diffusers tests/schedulers/test_scheduler_ddim_inverse.py::test_steps_offset.
+        let mut s = scheduler(serde_json::json!({"steps_offset": 1})).unwrap();
+        s.set_timesteps(5).unwrap();
+        assert_eq!(s.timesteps(), &[1.0, 201.0, 401.0, 601.0, 801.0]);
+    }
+
+    #[test]
+    fn trailing_timesteps_ascend() {
+        let mut s = scheduler(serde_json::json!({"timestep_spacing": "trailing"})).unwrap();
+        s.set_timesteps(4).unwrap();
+        assert_eq!(s.timesteps(), &[249.0, 499.0, 749.0, 999.0]);
+    }
+
+    #[test]
+    fn deprecated_set_alpha_to_zero_wins() {
+        let s = scheduler(serde_json::json!({"set_alpha_to_one": true, "set_alpha_to_zero": false})).unwrap();
+        assert_eq!(s.initial_alpha_cumprod, s.alphas_cumprod[0]);
+        let s = scheduler(serde_json::json!({"set_alpha_to_one": true})).unwrap();
+        assert_eq!(s.initial_alpha_cumprod, 1.0);
+    }
+
+    #[test]
+    fn linspace_is_rejected() {
+        let err = scheduler(serde_json::json!({"timestep_spacing": "linspace"})).err().unwrap().to_string();
+        assert!(err.contains("linspace"), "{err}");
+    }
+
+    #[test]
+    fn timestep_past_training_range_is_an_error() {
+        // 1000 steps with steps_offset 1 reach timestep 1000, which diffusers would index out of range.
+        let mut s = scheduler(serde_json::json!({"steps_offset": 1})).unwrap();
+        s.set_timesteps(1000).unwrap();
+        let sample = Tensor::zeros((1, 1, 2, 2), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let last = *s.timesteps().last().unwrap();
+        assert!(s.step(&sample, last, &sample, 0.0, &mut TorchGenerator::new(0)).is_err());
+    }
+}

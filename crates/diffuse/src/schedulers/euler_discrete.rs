@@ -1,0 +1,386 @@
+//! Port of diffusers/schedulers/scheduling_euler_discrete.py (`EulerDiscreteScheduler`):
+//! Euler's method on the probability-flow ODE in sigma (Karras et al. 2022, algorithm 2).
+
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::sigmas::{
+    self, at_origin, div_scalar, mul_scalar, sigma_at, to_f32, PredictionType, SigmaSchedule, StepIndex,
+};
+use super::{betas, Scheduler};
+use crate::loading::config::parse_config;
+use crate::rng::TorchGenerator;
+use crate::{Error, Result};
+
+/// `EulerDiscreteScheduler`'s `scheduler_config.json`, with diffusers' names and defaults.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct EulerDiscreteSchedulerConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: String,
+    pub trained_betas: Option<Vec<f64>>,
+    pub prediction_type: String,
+    /// `linear` (interpolate sigma at the spaced timesteps) or `log_linear`.
+    pub interpolation_type: String,
+    pub use_karras_sigmas: Option<bool>,
+    pub use_exponential_sigmas: Option<bool>,
+    pub use_beta_sigmas: Option<bool>,
+    /// Bounds of the Karras/exponential sigmas; by default the ends of the interpolated ones.
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+    pub timestep_spacing: String,
+    /// `discrete`, or `continuous`, which with v-prediction gives the model 0.25 * ln(sigma).
+    pub timestep_type: String,
+    pub steps_offset: usize,
+    pub rescale_betas_zero_snr: bool,
+    /// The sigma after the last step: `zero`, or `sigma_min` (the first training sigma).
+    pub final_sigmas_type: String,
+}
+
+impl Default for EulerDiscreteSchedulerConfig {
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            beta_schedule: "linear".into(),
+            trained_betas: None,
+            prediction_type: "epsilon".into(),
+            interpolation_type: "linear".into(),
+            use_karras_sigmas: Some(false),
+            use_exponential_sigmas: Some(false),
+            use_beta_sigmas: Some(false),
+            sigma_min: None,
+            sigma_max: None,
+            timestep_spacing: "linspace".into(),
+            timestep_type: "discrete".into(),
+            steps_offset: 0,
+            rescale_betas_zero_snr: false,
+            final_sigmas_type: "zero".into(),
+        }
+    }
+}
+
+/// The stochastic "churn" of Karras et al. 2022 (algorithm 2): at sigmas in
+/// [`s_tmin`, `s_tmax`] the sample is first noised up to sigma * (1 + gamma), with
+/// gamma = min(`s_churn` / steps, sqrt(2) - 1) and noise scaled by `s_noise`. The default
+/// (no churn) is the deterministic sampler; no noise is drawn then.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Churn {
+    pub s_churn: f64,
+    pub s_tmin: f64,
+    pub s_tmax: f64,
+    pub s_noise: f64,
+}
+
+impl Default for Churn {
+    fn default() -> Self {
+        Churn { s_churn: 0.0, s_tmin: 0.0, s_tmax: f64::INFINITY, s_noise: 1.0 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Interpolation {
+    Linear,
+    LogLinear,
+}
+
+pub struct EulerDiscreteScheduler {
+    config: EulerDiscreteSchedulerConfig,
+    prediction_type: PredictionType,
+    interpolation: Interpolation,
+    sigma_schedule: SigmaSchedule,
+    final_sigma_is_min: bool,
+    /// `timestep_type = continuous` with v-prediction: timesteps are 0.25 * ln(sigma).
+    continuous_timesteps: bool,
+    alphas_cumprod: Vec<f32>,
+    /// sqrt((1 - alpha_bar) / alpha_bar) per training timestep, ascending in t.
+    training_sigmas: Vec<f32>,
+    /// The inference sigmas, descending, with the final one appended.
+    sigmas: Vec<f32>,
+    timesteps: Vec<f64>,
+    index: StepIndex,
+}
+
+impl EulerDiscreteScheduler {
+    pub fn new(config: EulerDiscreteSchedulerConfig) -> Result<Self> {
+        // diffusers still accepts the old name of `sample` here.
+        let prediction_type = match config.prediction_type.as_str() {
+            "original_sample" => PredictionType::Sample,
+            other => PredictionType::parse(other)?,
+        };
+        let interpolation = match config.interpolation_type.as_str() {
+            "linear" => Interpolation::Linear,
+            "log_linear" => Interpolation::LogLinear,
+            other => {
+                return Err(Error::invalid(format!("interpolation_type `{other}` is not one of linear, log_linear")))
+            }
+        };
+        let sigma_schedule = SigmaSchedule::from_flags(
+            config.use_karras_sigmas.unwrap_or(false),
+            config.use_exponential_sigmas.unwrap_or(false),
+            config.use_beta_sigmas.unwrap_or(false),
+        )?;
+        let final_sigma_is_min = match config.final_sigmas_type.as_str() {
+            "zero" => false,
+            "sigma_min" => true,
+            other => return Err(Error::invalid(format!("final_sigmas_type `{other}` is not one of zero, sigma_min"))),
+        };
+        let continuous_timesteps = match config.timestep_type.as_str() {
+            "discrete" => false,
+            "continuous" => prediction_type == PredictionType::VPrediction,
+            other => return Err(Error::invalid(format!("timestep_type `{other}` is not one of discrete, continuous"))),
+        };
+        super::spacing::check_spacing(&config.timestep_spacing)?;
+        let betas = betas::make_betas(
+            &config.beta_schedule,
+            config.beta_start,
+            config.beta_end,
+            config.num_train_timesteps,
+            config.trained_betas.as_deref(),
+        )?;
+        let alphas_cumprod = sigmas::alphas_cumprod(&betas, config.rescale_betas_zero_snr);
+        let training_sigmas = sigmas::training_sigmas(&alphas_cumprod);
+
+        // Before `set_timesteps`: every training timestep, as diffusers' constructor sets it.
+        let mut sigmas: Vec<f32> = training_sigmas.iter().rev().copied().collect();
+        let timesteps = if continuous_timesteps {
+            sigmas.iter().map(|s| (0.25 * s.ln()) as f64).collect()
+        } else {
+            (0..config.num_train_timesteps).rev().map(|t| t as f64).collect()
+        };
+        sigmas.push(0.0);
+        Ok(Self {
+            config,
+            prediction_type,
+            interpolation,
+            sigma_schedule,
+            final_sigma_is_min,
+            continuous_timesteps,
+            alphas_cumprod,
+            training_sigmas,
+            sigmas,
+            timesteps,
+            index: StepIndex::default(),
+        })
+    }
+
+    pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
+        let config: EulerDiscreteSchedulerConfig = parse_config(map, origin)?;
+        at_origin(Self::new(config), origin)
+    }
+
+    pub fn config(&self) -> &EulerDiscreteSchedulerConfig {
+        &self.config
+    }
+
+    /// The inference sigmas, with the final one (after the last step) appended.
+    pub fn sigmas(&self) -> &[f32] {
+        &self.sigmas
+    }
+
+    pub fn alphas_cumprod(&self) -> &[f32] {
+        &self.alphas_cumprod
+    }
+
+    /// One Euler step, optionally with churn (diffusers' `step` with `s_churn`, `s_tmin`,
+    /// `s_tmax`, `s_noise`); noise is drawn from `generator` only when gamma > 0.
+    pub fn step_with_churn(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        churn: Churn,
+        generator: &mut TorchGenerator,
+    ) -> Result<Tensor> {
+        let i = self.index.current(timestep, &self.timesteps)?;
+        let mut sample = to_f32(sample)?;
+        let sigma = sigma_at(&self.sigmas, i)?;
+        let sigma_next = sigma_at(&self.sigmas, i + 1)?;
+
+        let gamma = if churn.s_tmin as f32 <= sigma && sigma <= churn.s_tmax as f32 {
+            (churn.s_churn / (self.sigmas.len() - 1) as f64).min(2f64.sqrt() - 1.0)
+        } else {
+            0.0
+        };
+        let sigma_hat = sigma * (gamma + 1.0) as f32;
+        if gamma > 0.0 {
+            let noise =
+                generator.randn_tensor(model_output.dims(), model_output.device())?.to_dtype(model_output.dtype())?;
+            let eps = mul_scalar(&noise, churn.s_noise as f32)?;
+            sample = (sample + mul_scalar(&eps, (sigma_hat * sigma_hat - sigma * sigma).sqrt())?)?;
+        }
+
+        // 1. x_0 from the model output (epsilon at the churned-up sigma_hat).
+        let sigma_for_prediction = if self.prediction_type == PredictionType::Epsilon { sigma_hat } else { sigma };
+        let pred_original_sample = self.prediction_type.denoised(model_output, &sample, sigma_for_prediction)?;
+
+        // 2. The ODE derivative dx/dsigma, and one Euler step to the next sigma.
+        let derivative = div_scalar(&(&sample - &pred_original_sample)?, sigma_hat)?;
+        let dt = sigma_next - sigma_hat;
+        let prev_sample = (sample + mul_scalar(&derivative, dt)?)?;
+
+        self.index.advance();
+        Ok(prev_sample.to_dtype(model_output.dtype())?)
+    }
+}
+
+impl Scheduler for EulerDiscreteScheduler {
+    fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
+        let config = &self.config;
+        let timesteps = sigmas::spaced_timesteps(
+            &config.timestep_spacing,
+            config.num_train_timesteps,
+            num_inference_steps,
+            config.steps_offset,
+        )?;
+        let log_sigmas: Vec<f32> = self.training_sigmas.iter().map(|s| s.ln()).collect();
+        let sigmas = match self.interpolation {
+            Interpolation::Linear => sigmas::interp(&timesteps, &self.training_sigmas),
+            // torch.linspace in float32 from the last log sigma to the first, n + 1 values.
+            Interpolation::LogLinear => {
+                let first = self.training_sigmas[0].ln();
+                let last = self.training_sigmas[self.training_sigmas.len() - 1].ln();
+                betas::linspace_f32(last, first, num_inference_steps + 1).into_iter().map(|l| l.exp() as f64).collect()
+            }
+        };
+        let (timesteps, sigmas) = self.sigma_schedule.respace(
+            timesteps,
+            sigmas,
+            &log_sigmas,
+            num_inference_steps,
+            config.sigma_min,
+            config.sigma_max,
+        );
+        let sigma_last = if self.final_sigma_is_min { self.training_sigmas[0] } else { 0.0 };
+        let mut sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
+        sigmas.push(sigma_last);
+
+        self.timesteps = if self.continuous_timesteps {
+            sigmas[..sigmas.len() - 1].iter().map(|s| (0.25 * s.ln()) as f64).collect()
+        } else {
+            timesteps.into_iter().map(f64::from).collect()
+        };
+        self.sigmas = sigmas;
+        self.index.reset();
+        Ok(())
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        sigmas::init_noise_sigma(&self.sigmas, &self.config.timestep_spacing)
+    }
+
+    fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
+        let i = self.index.current(timestep, &self.timesteps)?;
+        sigmas::scale_model_input(sample, sigma_at(&self.sigmas, i)?)
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        _eta: f64,
+        generator: &mut TorchGenerator,
+    ) -> Result<Tensor> {
+        self.step_with_churn(model_output, timestep, sample, Churn::default(), generator)
+    }
+
+    fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
+        let indices = self.index.add_noise_indices(&self.timesteps, timesteps)?;
+        sigmas::add_noise(&self.sigmas, &indices, original_samples, noise)
+    }
+
+    fn set_begin_index(&mut self, begin_index: usize) {
+        self.index.set_begin_index(begin_index);
+    }
+}
+
+/// diffusers' tests/schedulers/test_scheduler_euler.py, full loops (`test_full_loop_device`
+/// is `test_full_loop_no_noise` on the CPU).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedulers::sigmas::full_loop::{self, check};
+
+    fn scheduler(configure: impl FnOnce(&mut EulerDiscreteSchedulerConfig)) -> EulerDiscreteScheduler {
+        let mut config = EulerDiscreteSchedulerConfig {
+            num_train_timesteps: 1100,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            beta_schedule: "linear".into(),
+            ..Default::default()
+        };
+        configure(&mut config);
+        EulerDiscreteScheduler::new(config).unwrap()
+    }
+
+    #[test]
+    fn full_loop_no_noise() {
+        let result = full_loop::run(&mut scheduler(|_| {}), 10, false);
+        check("no noise", result, (10.0807, 0.0131), (10.080682754516602, 0.013125889003276825));
+    }
+
+    #[test]
+    fn full_loop_with_v_prediction() {
+        let result = full_loop::run(&mut scheduler(|c| c.prediction_type = "v_prediction".into()), 10, false);
+        check("v_prediction", result, (0.0002, 2.2676e-06), (2.4181501245834625e-10, 3.148632884367869e-13));
+    }
+
+    #[test]
+    fn full_loop_device_karras_sigmas() {
+        let result = full_loop::run(&mut scheduler(|c| c.use_karras_sigmas = Some(true)), 10, false);
+        check("karras", result, (124.52299499511719, 0.16213932633399963), (124.52259826660156, 0.16213880479335785));
+    }
+
+    #[test]
+    fn full_loop_with_noise() {
+        let result = full_loop::run(&mut scheduler(|_| {}), 10, true);
+        check("with noise", result, (57062.9297, 74.3007), (57062.9296875, 74.30068969726562));
+    }
+
+    #[test]
+    fn churn_draws_noise_only_where_gamma_is_positive() {
+        // diffusers 0.42.1: the no-noise loop with step(..., s_churn=1.0, s_tmin=0.5,
+        // s_tmax=20.0, s_noise=1.003, generator=torch.Generator().manual_seed(0)); 5 of the 10
+        // sigmas are in [0.5, 20]. Then torch.randn(3, generator=g) shows where the stream is.
+        let mut euler = scheduler(|_| {});
+        euler.set_timesteps(10).unwrap();
+        let churn = Churn { s_churn: 1.0, s_tmin: 0.5, s_tmax: 20.0, s_noise: 1.003 };
+        let mut generator = TorchGenerator::new(0);
+        let mut sample = mul_scalar(&full_loop::dummy_sample_deter(), euler.init_noise_sigma() as f32).unwrap();
+        for t in euler.timesteps().to_vec() {
+            sample = euler.scale_model_input(&sample, t).unwrap();
+            let model_output = full_loop::dummy_model(&sample, t);
+            sample = euler.step_with_churn(&model_output, t, &sample, churn, &mut generator).unwrap();
+        }
+        let values = sample.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let sum: f64 = values.iter().map(|v| v.abs() as f64).sum();
+        assert!((sum - 164.2066650390625).abs() <= 1e-5 * 164.2066650390625, "result_sum {sum}");
+        assert_eq!(generator.randn(3), vec![-0.5145536661148071, 0.2027513086795807, 0.8091323375701904]);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let mut map = Map::new();
+        map.insert("final_sigmas_type".into(), "one".into());
+        let error = EulerDiscreteScheduler::from_config(&map, Path::new("scheduler_config.json")).err().unwrap();
+        assert!(error.to_string().contains("scheduler_config.json: final_sigmas_type `one`"), "{error}");
+        map.insert("final_sigmas_type".into(), 3.into());
+        let error = EulerDiscreteScheduler::from_config(&map, Path::new("scheduler_config.json")).err().unwrap();
+        assert!(error.to_string().contains("final_sigmas_type"), "{error}");
+        let mut map = Map::new();
+        map.insert("use_karras_sigmas".into(), true.into());
+        map.insert("use_exponential_sigmas".into(), true.into());
+        assert!(EulerDiscreteScheduler::from_config(&map, Path::new("x")).is_err());
+    }
+}

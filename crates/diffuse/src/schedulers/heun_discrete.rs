@@ -1,0 +1,324 @@
+//! Port of diffusers/schedulers/scheduling_heun_discrete.py (`HeunDiscreteScheduler`): Heun's
+//! second-order method on the probability-flow ODE in sigma (Karras et al. 2022, algorithm 1).
+//! Each step takes two model evaluations, so every timestep but the first is listed twice:
+//! the first visit makes an Euler step and remembers it, the second corrects it with the
+//! average of the two derivatives.
+
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::sigmas::{self, at_origin, div_scalar, mul_scalar, sigma_at, PredictionType, SigmaSchedule, StepIndex};
+use super::{betas, Scheduler};
+use crate::loading::config::parse_config;
+use crate::rng::TorchGenerator;
+use crate::{Error, Result};
+
+/// `HeunDiscreteScheduler`'s `scheduler_config.json`, with diffusers' names and defaults.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct HeunDiscreteSchedulerConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    /// `linear`, `scaled_linear`, `squaredcos_cap_v2` or `exp`.
+    pub beta_schedule: String,
+    pub trained_betas: Option<Vec<f64>>,
+    pub prediction_type: String,
+    pub use_karras_sigmas: Option<bool>,
+    pub use_exponential_sigmas: Option<bool>,
+    pub use_beta_sigmas: Option<bool>,
+    pub clip_sample: bool,
+    pub clip_sample_range: f64,
+    pub timestep_spacing: String,
+    pub steps_offset: usize,
+    /// Not Heun's own keys: diffusers keeps those of another scheduler's config
+    /// (EulerDiscrete's) and its Karras/exponential sigmas use them as bounds when set.
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+}
+
+impl Default for HeunDiscreteSchedulerConfig {
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            beta_schedule: "linear".into(),
+            trained_betas: None,
+            prediction_type: "epsilon".into(),
+            use_karras_sigmas: Some(false),
+            use_exponential_sigmas: Some(false),
+            use_beta_sigmas: Some(false),
+            clip_sample: false,
+            clip_sample_range: 1.0,
+            timestep_spacing: "linspace".into(),
+            steps_offset: 0,
+            sigma_min: None,
+            sigma_max: None,
+        }
+    }
+}
+
+/// What the first (Euler) half of a step leaves for the second.
+struct FirstOrderState {
+    derivative: Tensor,
+    dt: f32,
+    sample: Tensor,
+}
+
+pub struct HeunDiscreteScheduler {
+    config: HeunDiscreteSchedulerConfig,
+    prediction_type: PredictionType,
+    sigma_schedule: SigmaSchedule,
+    alphas_cumprod: Vec<f32>,
+    training_sigmas: Vec<f32>,
+    /// [s_0, s_1, s_1, s_2, s_2, ..., s_{n-1}, s_{n-1}, 0].
+    sigmas: Vec<f32>,
+    /// [t_0, t_1, t_1, ..., t_{n-1}, t_{n-1}].
+    timesteps: Vec<f64>,
+    /// Set between the two halves of a step.
+    first_order: Option<FirstOrderState>,
+    index: StepIndex,
+}
+
+/// `betas_for_alpha_bar(..., alpha_transform_type="exp")`: alpha_bar(t) = exp(-12 t), in f64
+/// as Python floats, stored as f32, each beta capped at 0.999.
+fn exp_betas(num_train_timesteps: usize) -> Vec<f32> {
+    let alpha_bar = |t: f64| (t * -12.0).exp();
+    let n = num_train_timesteps as f64;
+    (0..num_train_timesteps)
+        .map(|i| (1.0 - alpha_bar((i + 1) as f64 / n) / alpha_bar(i as f64 / n)).min(0.999) as f32)
+        .collect()
+}
+
+impl HeunDiscreteScheduler {
+    pub fn new(config: HeunDiscreteSchedulerConfig) -> Result<Self> {
+        let prediction_type = PredictionType::parse(&config.prediction_type)?;
+        let sigma_schedule = SigmaSchedule::from_flags(
+            config.use_karras_sigmas.unwrap_or(false),
+            config.use_exponential_sigmas.unwrap_or(false),
+            config.use_beta_sigmas.unwrap_or(false),
+        )?;
+        super::spacing::check_spacing(&config.timestep_spacing)?;
+        let betas = if config.beta_schedule == "exp" && config.trained_betas.is_none() {
+            if config.num_train_timesteps == 0 {
+                return Err(Error::invalid("num_train_timesteps must be at least 1"));
+            }
+            exp_betas(config.num_train_timesteps)
+        } else {
+            betas::make_betas(
+                &config.beta_schedule,
+                config.beta_start,
+                config.beta_end,
+                config.num_train_timesteps,
+                config.trained_betas.as_deref(),
+            )?
+        };
+        let alphas_cumprod = sigmas::alphas_cumprod(&betas, false);
+        let training_sigmas = sigmas::training_sigmas(&alphas_cumprod);
+        let mut scheduler = Self {
+            config,
+            prediction_type,
+            sigma_schedule,
+            alphas_cumprod,
+            training_sigmas,
+            sigmas: vec![],
+            timesteps: vec![],
+            first_order: None,
+            index: StepIndex::default(),
+        };
+        // As diffusers' constructor: a schedule over every training timestep.
+        scheduler.set_timesteps(scheduler.config.num_train_timesteps)?;
+        Ok(scheduler)
+    }
+
+    pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
+        let config: HeunDiscreteSchedulerConfig = parse_config(map, origin)?;
+        at_origin(Self::new(config), origin)
+    }
+
+    pub fn config(&self) -> &HeunDiscreteSchedulerConfig {
+        &self.config
+    }
+
+    /// The (duplicated) inference sigmas, with the final 0 appended.
+    pub fn sigmas(&self) -> &[f32] {
+        &self.sigmas
+    }
+
+    pub fn alphas_cumprod(&self) -> &[f32] {
+        &self.alphas_cumprod
+    }
+
+    /// True before the first half of a step (the next `step` makes an Euler step).
+    pub fn state_in_first_order(&self) -> bool {
+        self.first_order.is_none()
+    }
+}
+
+impl Scheduler for HeunDiscreteScheduler {
+    fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
+        let config = &self.config;
+        let timesteps = sigmas::spaced_timesteps(
+            &config.timestep_spacing,
+            config.num_train_timesteps,
+            num_inference_steps,
+            config.steps_offset,
+        )?;
+        let log_sigmas: Vec<f32> = self.training_sigmas.iter().map(|s| s.ln()).collect();
+        let sigmas = sigmas::interp(&timesteps, &self.training_sigmas);
+        let (timesteps, sigmas) = self.sigma_schedule.respace(
+            timesteps,
+            sigmas,
+            &log_sigmas,
+            num_inference_steps,
+            config.sigma_min,
+            config.sigma_max,
+        );
+        let sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).chain([0.0]).collect();
+
+        // Every sigma but the first and the final 0 twice; every timestep but the first twice.
+        let last = sigmas.len() - 1;
+        self.sigmas = std::iter::once(sigmas[0])
+            .chain(sigmas[1..last].iter().flat_map(|&s| [s, s]))
+            .chain(std::iter::once(sigmas[last]))
+            .collect();
+        self.timesteps =
+            std::iter::once(timesteps[0]).chain(timesteps[1..].iter().flat_map(|&t| [t, t])).map(f64::from).collect();
+        self.first_order = None;
+        self.index.reset();
+        Ok(())
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        sigmas::init_noise_sigma(&self.sigmas, &self.config.timestep_spacing)
+    }
+
+    fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
+        let i = self.index.current(timestep, &self.timesteps)?;
+        sigmas::scale_model_input(sample, sigma_at(&self.sigmas, i)?)
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        _eta: f64,
+        _generator: &mut TorchGenerator,
+    ) -> Result<Tensor> {
+        let i = self.index.current(timestep, &self.timesteps)?;
+        let first_order = self.first_order.is_none();
+        let (sigma, sigma_next) = if first_order {
+            (sigma_at(&self.sigmas, i)?, sigma_at(&self.sigmas, i + 1)?)
+        } else {
+            (sigma_at(&self.sigmas, i.wrapping_sub(1))?, sigma_at(&self.sigmas, i)?)
+        };
+        // No churn in diffusers' Heun: gamma = 0, so sigma_hat = sigma.
+        let sigma_hat = sigma;
+
+        // 1. x_0 from the model output, evaluated at sigma_hat (first half) or sigma_next.
+        let sigma_input = if first_order { sigma_hat } else { sigma_next };
+        let mut pred_original_sample = self.prediction_type.denoised(model_output, sample, sigma_input)?;
+        if self.config.clip_sample {
+            let range = self.config.clip_sample_range as f32;
+            pred_original_sample = pred_original_sample.clamp(-range, range)?;
+        }
+
+        let prev_sample = match self.first_order.take() {
+            // 2a. Euler step to sigma_next, remembered for the correction.
+            None => {
+                let derivative = div_scalar(&(sample - &pred_original_sample)?, sigma_hat)?;
+                let dt = sigma_next - sigma_hat;
+                let prev_sample = (sample + mul_scalar(&derivative, dt)?)?;
+                self.first_order = Some(FirstOrderState { derivative, dt, sample: sample.clone() });
+                prev_sample
+            }
+            // 2b. Redo the step from the remembered sample with the mean of both derivatives.
+            Some(state) => {
+                let derivative = div_scalar(&(sample - &pred_original_sample)?, sigma_next)?;
+                let derivative = div_scalar(&(state.derivative + derivative)?, 2.0)?;
+                (state.sample + mul_scalar(&derivative, state.dt)?)?
+            }
+        };
+        self.index.advance();
+        Ok(prev_sample)
+    }
+
+    fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
+        let indices = self.index.add_noise_indices(&self.timesteps, timesteps)?;
+        sigmas::add_noise(&self.sigmas, &indices, original_samples, noise)
+    }
+
+    fn order(&self) -> usize {
+        2
+    }
+
+    fn set_begin_index(&mut self, begin_index: usize) {
+        self.index.set_begin_index(begin_index);
+    }
+}
+
+/// diffusers' tests/schedulers/test_scheduler_heun.py, full loops (`test_full_loop_device` is
+/// `test_full_loop_no_noise` on the CPU).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedulers::sigmas::full_loop::{self, check, check_within};
+
+    fn scheduler(configure: impl FnOnce(&mut HeunDiscreteSchedulerConfig)) -> HeunDiscreteScheduler {
+        let mut config = HeunDiscreteSchedulerConfig {
+            num_train_timesteps: 1100,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            beta_schedule: "linear".into(),
+            ..Default::default()
+        };
+        configure(&mut config);
+        HeunDiscreteScheduler::new(config).unwrap()
+    }
+
+    #[test]
+    fn full_loop_no_noise() {
+        let result = full_loop::run(&mut scheduler(|_| {}), 10, false);
+        check("no noise", result, (0.1233, 0.0002), (0.1233307421207428, 0.00016058690380305052));
+    }
+
+    #[test]
+    fn full_loop_with_v_prediction() {
+        let result = full_loop::run(&mut scheduler(|c| c.prediction_type = "v_prediction".into()), 10, false);
+        check("v_prediction", result, (4.6934e-07, 6.1112e-10), (4.923867322759179e-07, 6.411285391472177e-10));
+    }
+
+    #[test]
+    fn full_loop_device_karras_sigmas() {
+        let result = full_loop::run(&mut scheduler(|c| c.use_karras_sigmas = Some(true)), 10, false);
+        let exact = (0.00015259823703672737, 1.9869561640462052e-07);
+        check_within("karras", result, (0.00015, 1.9869554535034695e-07), (1e-2, 1e-2), exact);
+    }
+
+    #[test]
+    fn full_loop_with_noise() {
+        let result = full_loop::run(&mut scheduler(|_| {}), 10, true);
+        check("with noise", result, (75074.8906, 97.7538), (75074.890625, 97.7537612915039));
+    }
+
+    #[test]
+    fn timesteps_and_sigmas_are_duplicated() {
+        let mut heun = scheduler(|_| {});
+        heun.set_timesteps(3).unwrap();
+        let t = heun.timesteps().to_vec();
+        assert_eq!(t.len(), 5);
+        assert_eq!((t[1], t[3]), (t[2], t[4]));
+        let s = heun.sigmas();
+        assert_eq!(s.len(), 6);
+        assert_eq!((s[1], s[3], s[5]), (s[2], s[4], 0.0));
+    }
+}
