@@ -5,16 +5,21 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
 use diffuse::loading::config::parse_override;
 use diffuse::pipelines::pixel::{PixelOptions, PixelPipeline};
+use diffuse::pipelines::stable_diffusion::{is_stable_diffusion_folder, PhaseTimes, StableDiffusionPipeline, TextToImageOptions};
 use diffuse::pipelines::{to_uint8_images, write_png, SCHEDULER_NAMES};
 use diffuse::rng::TorchGenerator;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 #[derive(Parser)]
-#[command(name = "diffuse", version, about = "Diffusion models in Rust: sample DDPM/DDIM and Stable Diffusion checkpoints, matching diffusers")]
+#[command(
+    name = "diffuse",
+    version,
+    about = "Diffusion models in Rust: run DDPM/DDIM and Stable Diffusion checkpoints, matching diffusers image for image"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,17 +27,44 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate images from a diffusers model folder.
-    Generate(GenerateArgs),
+    /// Generate images: text-to-image with a Stable Diffusion folder, or unconditional /
+    /// class-conditional sampling with a pixel-space DDPM folder.
+    Generate(Box<GenerateArgs>),
     /// List the scheduler names that --scheduler accepts.
     Schedulers,
 }
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// A diffusers pipeline folder (model_index.json, unet/, scheduler/).
+    /// A diffusers pipeline folder: Stable Diffusion (tokenizer/, text_encoder/, unet/, vae/,
+    /// scheduler/) or pixel-space DDPM (unet/, scheduler/).
     #[arg(long)]
     model: PathBuf,
+    /// The text prompt (Stable Diffusion models). An empty prompt is valid.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// What the image should not look like (used when guidance is on).
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// Classifier-free guidance scale; 1 or less turns guidance off (one UNet pass per step).
+    #[arg(long, default_value_t = 7.5)]
+    guidance_scale: f64,
+    /// Guidance rescale (Lin et al. 2023), 0 to 1; helps zero-terminal-SNR models.
+    #[arg(long, default_value_t = 0.0)]
+    guidance_rescale: f64,
+    /// Image width in pixels, a multiple of 8 (default: the UNet's sample_size × 8).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Image height in pixels, a multiple of 8 (default: the UNet's sample_size × 8).
+    #[arg(long)]
+    height: Option<usize>,
+    /// Use an earlier CLIP layer as diffusers' clip_skip does (1 = the penultimate layer,
+    /// which AUTOMATIC1111 calls "Clip skip: 2").
+    #[arg(long)]
+    clip_skip: Option<usize>,
+    /// Weight and compute precision: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Sampler to use instead of the folder's own (see `diffuse schedulers`).
     #[arg(long)]
     scheduler: Option<String>,
@@ -49,7 +81,7 @@ struct GenerateArgs {
     /// DDIM's eta: 0 is deterministic, 1 is DDPM-like (other schedulers ignore it).
     #[arg(long, default_value_t = 0.0)]
     eta: f64,
-    /// Class to generate, for class-conditional models.
+    /// Class to generate, for class-conditional pixel-space models.
     #[arg(long)]
     class_label: Option<i64>,
     /// Number of images, drawn as one batch from one generator as diffusers draws them.
@@ -59,7 +91,7 @@ struct GenerateArgs {
     /// Load the `.VARIANT.safetensors` weight files (e.g. fp16).
     #[arg(long)]
     variant: Option<String>,
-    /// No progress bar.
+    /// No progress bar or summary on stderr.
     #[arg(long)]
     quiet: bool,
     /// Output PNG path.
@@ -70,7 +102,7 @@ struct GenerateArgs {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(args) => generate(args),
+        Command::Generate(args) => generate(*args),
         Command::Schedulers => {
             for (name, class, _, description) in SCHEDULER_NAMES {
                 println!("{name:<16} {description} [{class}]");
@@ -121,6 +153,22 @@ fn progress_bar(total: usize, quiet: bool) -> ProgressBar {
     bar
 }
 
+/// The compute dtype, refused up front when this device cannot run it.
+fn parse_dtype(name: &str, device: &Device) -> Result<DType> {
+    let dtype = match name {
+        "f32" | "fp32" | "float32" => DType::F32,
+        "f16" | "fp16" | "float16" => DType::F16,
+        "bf16" | "bfloat16" => DType::BF16,
+        other => bail!("--dtype {other} is not one of f32, f16, bf16"),
+    };
+    let probe = Tensor::ones((2, 2), dtype, device).and_then(|a| a.matmul(&a)).and_then(|a| a.conv2d(&a.reshape((1, 1, 2, 2))?.contiguous()?, 0, 1, 1, 1).map(|_| ()));
+    let probe = Tensor::ones((1, 1, 2, 2), dtype, device).and_then(|x| x.conv2d(&x, 0, 1, 1, 1)).and(probe);
+    if let Err(e) = probe {
+        bail!("--dtype {name} cannot run on this device ({}): use --dtype f32", e.to_string().lines().next().unwrap_or_default());
+    }
+    Ok(dtype)
+}
+
 fn generate(args: GenerateArgs) -> Result<()> {
     let paths = output_paths(&args.output, args.num_images)?;
     if args.steps == 0 {
@@ -132,43 +180,122 @@ fn generate(args: GenerateArgs) -> Result<()> {
         .map(|s| parse_override(s).with_context(|| "--scheduler-config".to_string()))
         .collect::<Result<Vec<_>>>()?;
     let device = Device::Cpu;
-    let mut pipeline = PixelPipeline::load(&args.model, args.scheduler.as_deref(), &overrides, args.variant.as_deref(), &device)?;
-    let options = PixelOptions {
-        num_inference_steps: args.steps,
-        num_images: args.num_images,
-        eta: args.eta,
-        class_label: args.class_label,
-    };
-    pipeline.validate(&options)?;
-    let seed = args.seed.unwrap_or_else(random_seed);
-    if !args.quiet {
-        eprintln!("seed: {seed}");
+    if !args.model.is_dir() {
+        bail!("--model {}: no such folder", args.model.display());
     }
+    let seed = args.seed.unwrap_or_else(random_seed);
     let mut generator = TorchGenerator::new(seed);
-    let bar = progress_bar(args.steps, args.quiet);
     let start = Instant::now();
-    let samples = pipeline.generate(&options, &mut generator, &mut |i, n| {
-        bar.set_length(n as u64);
-        bar.set_position(i as u64);
-    })?;
-    bar.finish_and_clear();
+    let (samples, sampler, summary) = if is_stable_diffusion_folder(&args.model) {
+        let dtype = parse_dtype(&args.dtype, &device)?;
+        if args.class_label.is_some() {
+            bail!("--class-label is for class-conditional pixel-space models; this is a Stable Diffusion folder");
+        }
+        let mut pipeline = StableDiffusionPipeline::load(&args.model, args.scheduler.as_deref(), &overrides, args.variant.as_deref(), &device, dtype)?;
+        let options = TextToImageOptions {
+            prompt: args.prompt.clone().unwrap_or_default(),
+            negative_prompt: args.negative_prompt.clone(),
+            num_inference_steps: args.steps,
+            guidance_scale: args.guidance_scale,
+            guidance_rescale: args.guidance_rescale,
+            num_images_per_prompt: args.num_images,
+            height: args.height,
+            width: args.width,
+            eta: args.eta,
+            clip_skip: args.clip_skip,
+        };
+        pipeline.validate(&options)?;
+        if !args.quiet {
+            eprintln!("seed: {seed}");
+        }
+        let bar = progress_bar(args.steps, args.quiet);
+        let mut times = PhaseTimes::default();
+        let quiet = args.quiet;
+        let images = pipeline.generate(
+            &options,
+            &mut generator,
+            &mut |i, n| {
+                bar.set_length(n as u64);
+                bar.set_position(i as u64);
+            },
+            &mut |warning| {
+                if !quiet {
+                    bar.suspend(|| eprintln!("warning: {warning}"));
+                }
+            },
+            &mut times,
+        )?;
+        bar.finish_and_clear();
+        let summary = format!(
+            "text encoding {:.2}s, denoising {:.2}s ({:.2} it/s), decoding {:.2}s",
+            times.text_encoding,
+            times.denoising,
+            args.steps as f64 / times.denoising.max(1e-9),
+            times.decoding
+        );
+        (images, args.scheduler.clone().unwrap_or_else(|| pipeline.scheduler.class_name.clone()), summary)
+    } else {
+        if args.prompt.is_some() || args.negative_prompt.is_some() {
+            bail!("--prompt needs a Stable Diffusion folder (text_encoder/, vae/); {} is a pixel-space model", args.model.display());
+        }
+        let mut pipeline = PixelPipeline::load(&args.model, args.scheduler.as_deref(), &overrides, args.variant.as_deref(), &device)?;
+        let options = PixelOptions { num_inference_steps: args.steps, num_images: args.num_images, eta: args.eta, class_label: args.class_label };
+        pipeline.validate(&options)?;
+        if !args.quiet {
+            eprintln!("seed: {seed}");
+        }
+        let bar = progress_bar(args.steps, args.quiet);
+        let samples = pipeline.generate(&options, &mut generator, &mut |i, n| {
+            bar.set_length(n as u64);
+            bar.set_position(i as u64);
+        })?;
+        bar.finish_and_clear();
+        (samples, args.scheduler.clone().unwrap_or_else(|| pipeline.scheduler.class_name.clone()), String::new())
+    };
     let images = to_uint8_images(&samples)?;
-    let parameters = format!(
-        "Steps: {}, Sampler: {}, Seed: {seed}, Size: {}x{}, Model: {}{}{}",
-        args.steps,
-        args.scheduler.as_deref().unwrap_or(&pipeline.scheduler.class_name),
-        images[0].0,
-        images[0].1,
-        args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-        if args.eta != 0.0 { format!(", Eta: {}", args.eta) } else { String::new() },
-        args.class_label.map(|l| format!(", Class label: {l}")).unwrap_or_default(),
-    );
+    let parameters = infotext(&args, &sampler, seed, images[0].0, images[0].1);
     for (path, (width, height, channels, pixels)) in paths.iter().zip(&images) {
         write_png(path, *width, *height, *channels, pixels, &[("parameters", parameters.clone())])?;
         println!("{}", path.display());
     }
     if !args.quiet {
-        eprintln!("seed {seed}, {} steps in {:.2}s", args.steps, start.elapsed().as_secs_f64());
+        let total = start.elapsed().as_secs_f64();
+        if summary.is_empty() {
+            eprintln!("seed {seed}, {} steps in {total:.2}s", args.steps);
+        } else {
+            eprintln!("seed {seed}, {total:.2}s: {summary}");
+        }
     }
     Ok(())
+}
+
+/// Generation parameters in the AUTOMATIC1111 web UI's "infotext" form.
+fn infotext(args: &GenerateArgs, sampler: &str, seed: u64, width: usize, height: usize) -> String {
+    let mut text = String::new();
+    if let Some(prompt) = &args.prompt {
+        text.push_str(prompt);
+        text.push('\n');
+        if let Some(negative) = &args.negative_prompt {
+            text.push_str(&format!("Negative prompt: {negative}\n"));
+        }
+    }
+    let model = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    text.push_str(&format!("Steps: {}, Sampler: {sampler}", args.steps));
+    if args.prompt.is_some() {
+        text.push_str(&format!(", CFG scale: {}", args.guidance_scale));
+    }
+    text.push_str(&format!(", Seed: {seed}, Size: {width}x{height}, Model: {model}"));
+    if args.eta != 0.0 {
+        text.push_str(&format!(", Eta: {}", args.eta));
+    }
+    if let Some(label) = args.class_label {
+        text.push_str(&format!(", Class label: {label}"));
+    }
+    if let Some(skip) = args.clip_skip {
+        text.push_str(&format!(", Clip skip: {}", skip + 1));
+    }
+    if args.guidance_rescale != 0.0 {
+        text.push_str(&format!(", Guidance rescale: {}", args.guidance_rescale));
+    }
+    text
 }
