@@ -4,5 +4,6 @@ pub mod error;
 pub mod loading;
 pub mod rng;
 pub mod schedulers;
+pub mod tokenizers;
 
 pub use error::{Error, Result};
