@@ -28,18 +28,24 @@
 //!   prompt becomes id 0 rather than the `!</w>` (256) that SD 1.x gets.
 //! - SD 1.x's config makes `<|endoftext|>` non-normalized (its pad token is a plain string), so a
 //!   typed `<|ENDOFTEXT|>` is text there, while SD 2.x matches it as the token in any case.
-//! - HTML entities (`&amp;`) are not unescaped and nothing is fixed by ftfy.
+//! - HTML entities (`&amp;`) are not unescaped, and nothing is fixed by ftfy.
 //!
 //! # transformers 5.x, not the slow tokenizer of transformers 4.x
 //! We match transformers 5.x, which is what diffusers runs with today, and whose `CLIPTokenizer`
 //! is also transformers 4.x's `CLIPTokenizerFast`. diffusers with transformers 4.x used the slow
-//! `CLIPTokenizer` instead, which differs (measured with transformers 4.57 on our fixture
-//! prompts by `tools/fixtures/clip_tokenizer_v4_diff.py`):
-//! - with ftfy installed it runs ftfy's `fix_text` and unescapes HTML twice before the clean-up;
-//!   without ftfy it runs BERT's `BasicTokenizer` instead, which drops control characters and
-//!   splits CJK characters apart;
-//! - Python's `str.lower()` writes a word-final `σ` as `ς`;
-//! - it matches `<|ENDOFTEXT|>` in any case with SD 1.x's files.
+//! `CLIPTokenizer`, which agrees on everyday prompts (plain English, punctuation, digits,
+//! a1111 weighting syntax, long prompts) but not on all text. On our 84 fixture prompts,
+//! transformers 4.57 gives other ids for 14 with ftfy installed and 11 without
+//! (`tools/fixtures/clip_tokenizer_v4_diff.py` lists them):
+//! - with ftfy it runs `ftfy.fix_text` first, which unescapes HTML entities (`&amp;` → `&`),
+//!   straightens curly quotes and turns full-width letters and ligatures into ASCII (`ﬁ` → `fi`);
+//!   without ftfy it runs BERT's `BasicTokenizer` instead, which puts spaces around each CJK
+//!   ideograph (`日本語のプロンプト` is read as `日 本 語 のプロンプト`);
+//! - both drop control and format characters (`\x00`, U+FEFF, `\x0b`), which 5.x keeps as
+//!   byte-level tokens (or, for `\x0b`, as whitespace), and lower-case with Python's
+//!   `str.lower()`, which writes a word-final `σ` as `ς`;
+//! - they match the regex case-insensitively (`'ſ` is a contraction like `'s`) and match
+//!   `<|ENDOFTEXT|>` in any case with SD 1.x's files.
 //!
 //! # Why the `tokenizers` crate
 //! It is Hugging Face's own implementation, the very code transformers 5.x runs underneath, so
