@@ -165,6 +165,39 @@ fn a_batch_equals_its_prompts_one_by_one() {
     assert_eq!(rows[prompts.len() - 1], batch[prompts.len() - 1].input_ids);
 }
 
+/// sd15 as transformers 5.x saves it (tokenizer.json + tokenizer_config.json only), with the
+/// merges in tokenizers' current form (pairs) and in its older one ("a b" strings).
+#[test]
+fn sd15_saved_by_transformers_5_as_tokenizer_json_gives_the_same_ids() {
+    let expected = expected();
+    let sd15 = tokenizer_fixtures().join("sd15");
+    let skeleton_dir = tokenizer_fixtures().join("sd15_tokenizer_json");
+    let mut tokenizer_json: Value =
+        serde_json::from_str(&std::fs::read_to_string(skeleton_dir.join("tokenizer.json")).unwrap()).unwrap();
+    let vocab: Value = serde_json::from_str(&std::fs::read_to_string(sd15.join("vocab.json")).unwrap()).unwrap();
+    let merges_txt = std::fs::read_to_string(sd15.join("merges.txt")).unwrap();
+    let merge_lines: Vec<&str> = merges_txt.lines().skip(1).collect();
+    tokenizer_json["model"]["vocab"] = vocab;
+
+    let mut failures = Vec::new();
+    for joined in [false, true] {
+        tokenizer_json["model"]["merges"] = if joined {
+            Value::from(merge_lines.clone())
+        } else {
+            Value::from(merge_lines.iter().map(|line| Value::from(line.split(' ').collect::<Vec<_>>())).collect::<Vec<_>>())
+        };
+        let folder = ScratchDir::new(if joined { "tokenizer-json-joined" } else { "tokenizer-json" });
+        write_json(&folder.0.join("tokenizer.json"), &tokenizer_json);
+        std::fs::copy(skeleton_dir.join("tokenizer_config.json"), folder.0.join("tokenizer_config.json")).unwrap();
+        let tokenizer = ClipTokenizer::from_folder(&folder.0).unwrap();
+        for case in expected["prompts"].as_array().unwrap() {
+            let prompt = case["prompt"].as_str().unwrap();
+            check_encoding(&tokenizer.encode(prompt).unwrap(), &case["sd15"], &format!("tokenizer.json {prompt:?}"), &mut failures);
+        }
+    }
+    assert_no_failures(failures);
+}
+
 /// Which file wins, the flags of each special token, added tokens and model_max_length, as
 /// transformers resolves them from the files of a folder.
 #[test]
@@ -230,7 +263,7 @@ fn bad_folders_give_errors_that_name_the_file() {
     assert!(message.contains("merges.txt") && message.contains("line 3"), "{message}");
     std::fs::write(folder.0.join("merges.txt"), "#version: 0.2\ni n\nq \u{1F600}\n").unwrap();
     let message = load_error(&folder.0);
-    assert!(message.contains("merges.txt") && message.contains("not in vocab.json"), "{message}");
+    assert!(message.contains("merges.txt") && message.contains("not in the vocabulary"), "{message}");
 
     let folder = folder_with_sd15_vocab("bad-config");
     std::fs::write(folder.0.join("tokenizer_config.json"), "{\"model_max_length\": \"77\"}").unwrap();
@@ -248,6 +281,14 @@ fn bad_folders_give_errors_that_name_the_file() {
     std::fs::write(folder.0.join("tokenizer_config.json"), "not json").unwrap();
     assert!(load_error(&folder.0).contains("tokenizer_config.json"));
 
+    let folder = ScratchDir::new("bad-tokenizer-json");
+    std::fs::write(folder.0.join("tokenizer.json"), r#"{"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [["a", "b"], ["b", "c"]]}}"#).unwrap();
+    let message = load_error(&folder.0);
+    assert!(message.contains("tokenizer.json") && message.contains("model.merges[1]"), "{message}");
+    std::fs::write(folder.0.join("tokenizer.json"), r#"{"model": {"type": "WordPiece", "vocab": {}, "merges": []}}"#).unwrap();
+    assert!(load_error(&folder.0).contains("model.type"));
+
+    let folder = folder_with_sd15_vocab("bad-special-tokens-map");
     std::fs::write(folder.0.join("tokenizer_config.json"), "{}").unwrap();
     std::fs::write(folder.0.join("special_tokens_map.json"), "{\"pad_token\": [\"!\"]}").unwrap();
     let message = load_error(&folder.0);

@@ -206,6 +206,38 @@ struct TokenizerConfig {
     truncation_side: Option<String>,
 }
 
+/// `tokenizer.json`, the parts we use: the BPE model's tables and the added tokens (its
+/// normalizer and pre-tokenizer are CLIP's, which we build ourselves as transformers does).
+#[derive(Debug, Deserialize)]
+struct TokenizerJson {
+    model: TokenizerJsonModel,
+    #[serde(default)]
+    added_tokens: Vec<TokenizerJsonAddedToken>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenizerJsonModel {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    vocab: HashMap<String, u32>,
+    merges: Vec<MergeSpec>,
+}
+
+/// A merge as tokenizers writes it: `["a", "b"]`, or `"a b"` in older files.
+#[derive(Debug, Deserialize)]
+#[serde(untagged, expecting = "a merge: [\"left\", \"right\"] or \"left right\"")]
+enum MergeSpec {
+    Pair(String, String),
+    Joined(String),
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenizerJsonAddedToken {
+    id: u32,
+    #[serde(flatten)]
+    flags: TokenFlags,
+}
+
 /// One prompt, tokenized for the text encoder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClipEncoding {
@@ -247,8 +279,9 @@ impl std::fmt::Debug for ClipTokenizer {
 }
 
 impl ClipTokenizer {
-    /// Loads a `tokenizer/` folder (vocab.json, merges.txt, and the optional
-    /// tokenizer_config.json, special_tokens_map.json, added_tokens.json).
+    /// Loads a `tokenizer/` folder: vocab.json and merges.txt (or, as transformers 5.x saves it,
+    /// tokenizer.json, which wins when both are there, as in transformers), and the optional
+    /// tokenizer_config.json, special_tokens_map.json, added_tokens.json.
     pub fn from_folder(folder: impl AsRef<Path>) -> Result<Self> {
         let folder = folder.as_ref();
         let config_path = folder.join("tokenizer_config.json");
@@ -275,25 +308,15 @@ impl ClipTokenizer {
             Some(_) => None,
             None => read_optional_json(&map_path)?.map(|map| parse_config(&map, &map_path)).transpose()?,
         };
-        let added_tokens_path = folder.join("added_tokens.json");
-        let legacy_added_tokens = match &config.added_tokens_decoder {
-            Some(_) => None,
-            None => read_optional_json(&added_tokens_path)?,
-        };
+        let (vocab, merges, tokenizer_json_tokens) = read_vocab_and_merges(folder)?;
+        // Tokens by id that transformers reads only when the config has no added_tokens_decoder.
+        let mut legacy_tokens = BTreeMap::new();
+        if config.added_tokens_decoder.is_none() {
+            legacy_tokens.extend(read_added_tokens_json(&folder.join("added_tokens.json"))?);
+            legacy_tokens.extend(tokenizer_json_tokens);
+        }
 
-        let vocab_path = folder.join("vocab.json");
-        let vocab = read_vocab(&vocab_path)?;
-        let merges_path = folder.join("merges.txt");
-        let merges = read_merges(&merges_path, &vocab)?;
-
-        let tokens = resolve_added_tokens(
-            &config,
-            &config_special,
-            &config_path,
-            special_map.as_ref(),
-            legacy_added_tokens.as_ref(),
-            &added_tokens_path,
-        )?;
+        let tokens = resolve_added_tokens(&config, &config_special, &config_path, special_map.as_ref(), legacy_tokens)?;
         let tokenizer = build_pipeline(vocab, merges, &tokens, folder)?;
 
         let id_of = |key: &str| -> Result<u32> {
@@ -402,6 +425,36 @@ fn read_optional_json(path: &Path) -> Result<Option<Map<String, Value>>> {
     }
 }
 
+/// The BPE vocabulary and merges, from tokenizer.json if there is one, else from vocab.json and
+/// merges.txt; plus tokenizer.json's added tokens by id.
+fn read_vocab_and_merges(folder: &Path) -> Result<(Vocab, Merges, BTreeMap<u32, TokenFlags>)> {
+    let json_path = folder.join("tokenizer.json");
+    if json_path.exists() {
+        let file: TokenizerJson = parse_config(&read_json_object(&json_path)?, &json_path)?;
+        if file.model.kind.as_deref().is_some_and(|kind| kind != "BPE") {
+            return Err(Error::config(&json_path, format!("`model.type`: expected \"BPE\", got {:?}", file.model.kind)));
+        }
+        let vocab: Vocab = file.model.vocab.into_iter().collect();
+        let mut merges = Merges::new();
+        for (index, merge) in file.model.merges.into_iter().enumerate() {
+            let (left, right) = match merge {
+                MergeSpec::Pair(left, right) => (left, right),
+                MergeSpec::Joined(line) => split_merge(&line)
+                    .map(|(left, right)| (left.to_string(), right.to_string()))
+                    .ok_or_else(|| Error::config(&json_path, format!("`model.merges[{index}]`: {line:?} is not two symbols")))?,
+            };
+            check_merge(&vocab, &left, &right)
+                .map_err(|what| Error::config(&json_path, format!("`model.merges[{index}]`: {what}")))?;
+            merges.push((left, right));
+        }
+        let added = file.added_tokens.into_iter().map(|token| (token.id, token.flags)).collect();
+        return Ok((vocab, merges, added));
+    }
+    let vocab = read_vocab(&folder.join("vocab.json"))?;
+    let merges = read_merges(&folder.join("merges.txt"), &vocab)?;
+    Ok((vocab, merges, BTreeMap::new()))
+}
+
 /// `vocab.json`: token → id.
 fn read_vocab(path: &Path) -> Result<Vocab> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -411,7 +464,7 @@ fn read_vocab(path: &Path) -> Result<Vocab> {
 }
 
 /// `merges.txt`: a `#version` header, then one merge a line, "left right", highest priority
-/// first. Both symbols and their concatenation must be in the vocabulary.
+/// first.
 fn read_merges(path: &Path, vocab: &Vocab) -> Result<Merges> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut merges = Merges::new();
@@ -421,18 +474,43 @@ fn read_merges(path: &Path, vocab: &Vocab) -> Result<Merges> {
             continue;
         }
         let bad = |what: String| Error::config(path, format!("line {}: {what}", index + 1));
-        let (left, right) = match line.split_once(' ') {
-            Some((left, right)) if !left.is_empty() && !right.is_empty() && !right.contains(' ') => (left, right),
-            _ => return Err(bad(format!("expected two symbols separated by one space, got {line:?}"))),
-        };
-        for symbol in [left.to_string(), right.to_string(), format!("{left}{right}")] {
-            if !vocab.contains_key(&symbol) {
-                return Err(bad(format!("{symbol:?} is not in vocab.json")));
-            }
-        }
+        let (left, right) =
+            split_merge(line).ok_or_else(|| bad(format!("expected two symbols separated by one space, got {line:?}")))?;
+        check_merge(vocab, left, right).map_err(bad)?;
         merges.push((left.to_string(), right.to_string()));
     }
     Ok(merges)
+}
+
+fn split_merge(line: &str) -> Option<(&str, &str)> {
+    line.split_once(' ').filter(|(left, right)| !left.is_empty() && !right.is_empty() && !right.contains(' '))
+}
+
+/// Both symbols of a merge and their concatenation must be in the vocabulary.
+fn check_merge(vocab: &Vocab, left: &str, right: &str) -> std::result::Result<(), String> {
+    for symbol in [left.to_string(), right.to_string(), format!("{left}{right}")] {
+        if !vocab.contains_key(&symbol) {
+            return Err(format!("{symbol:?} is not in the vocabulary"));
+        }
+    }
+    Ok(())
+}
+
+/// The legacy `added_tokens.json`: text → id. Such a token is special (and then not normalized)
+/// only if a named token has its text.
+fn read_added_tokens_json(path: &Path) -> Result<BTreeMap<u32, TokenFlags>> {
+    let Some(map) = read_optional_json(path)? else {
+        return Ok(BTreeMap::new());
+    };
+    let mut tokens = BTreeMap::new();
+    for (content, id) in map {
+        let id = id
+            .as_u64()
+            .and_then(|id| u32::try_from(id).ok())
+            .ok_or_else(|| Error::config(path, format!("{content:?}: {id} is not a token id")))?;
+        tokens.insert(id, TokenFlags::plain(&content));
+    }
+    Ok(tokens)
 }
 
 /// The added tokens in the order transformers registers them, and the text of each named one.
@@ -447,8 +525,8 @@ struct AddedTokens {
 /// and `_post_init` work it out:
 /// - `special_tokens_map.json` overrides `tokenizer_config.json`, unless the config has an
 ///   `added_tokens_decoder`, in which case the map file is not read at all;
-/// - a named token whose text is in `added_tokens_decoder` (or the legacy `added_tokens.json`)
-///   takes that entry's flags;
+/// - a named token whose text is in `added_tokens_decoder` (or else in added_tokens.json or
+///   tokenizer.json's `added_tokens`) takes that entry's flags;
 /// - named tokens are special; given as plain text they are not `normalized`;
 /// - tokens are registered in the order: added_tokens_decoder (by id), named ones (bos, eos,
 ///   unk, sep, pad, cls, mask), additional special tokens; a later registration of the same text
@@ -458,25 +536,16 @@ fn resolve_added_tokens(
     config_special: &SpecialTokens,
     config_path: &Path,
     special_map: Option<&SpecialTokens>,
-    legacy_added_tokens: Option<&Map<String, Value>>,
-    legacy_added_tokens_path: &Path,
+    legacy_tokens: BTreeMap<u32, TokenFlags>,
 ) -> Result<AddedTokens> {
-    // Tokens by id, from added_tokens_decoder or the legacy added_tokens.json.
-    let mut by_id: BTreeMap<u32, TokenFlags> = BTreeMap::new();
+    // Tokens by id: added_tokens_decoder, or else added_tokens.json and tokenizer.json's.
+    let mut by_id = legacy_tokens;
     if let Some(decoder) = &config.added_tokens_decoder {
         for (id, flags) in decoder {
             let id = id.parse::<u32>().map_err(|_| {
                 Error::config(config_path, format!("`added_tokens_decoder`: key {id:?} is not a token id"))
             })?;
             by_id.insert(id, flags.clone());
-        }
-    } else if let Some(added) = legacy_added_tokens {
-        // Special (and then not normalized) only if a named token has its text.
-        for (content, id) in added {
-            let id = id.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| {
-                Error::config(legacy_added_tokens_path, format!("{content:?}: {id} is not a token id"))
-            })?;
-            by_id.insert(id, TokenFlags::plain(content));
         }
     }
     let by_text: HashMap<&str, &TokenFlags> = by_id.values().map(|flags| (flags.content.as_str(), flags)).collect();
