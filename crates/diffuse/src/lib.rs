@@ -7,5 +7,6 @@ pub mod ops;
 pub mod pipelines;
 pub mod rng;
 pub mod schedulers;
+pub mod tokenizers;
 
 pub use error::{Error, Result};
