@@ -321,3 +321,26 @@ fn pickle_checkpoints_are_refused_with_a_way_out() {
         assert!(err.contains("save_file(") && err.contains("from_single_file("), "{err}");
     }
 }
+
+#[test]
+fn safetensors_header_length_like_a_pickle_opcode_is_not_refused() {
+    // A header 0x280 bytes long starts the file with 80 02, as a protocol-2 pickle does.
+    let mut header = br#"{"__metadata__":{"format":"pt"}}"#.to_vec();
+    header.resize(0x280, b' ');
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header);
+    assert_eq!(&bytes[..2], &[0x80, 0x02]);
+    let path = scratch("header_0x280.safetensors");
+    std::fs::write(&path, bytes).unwrap();
+    let err = open_err(&path);
+    assert!(!err.contains("pickle"), "{err}");
+    assert!(err.contains("no tensor matches model.diffusion_model.input_blocks.0.0.weight"), "{err}");
+}
+
+#[test]
+fn bare_pickle_is_refused_whatever_its_name() {
+    let path = scratch("protocol2.safetensors");
+    std::fs::write(&path, b"\x80\x02}q\x00.").unwrap();
+    let err = open_err(&path);
+    assert!(err.contains("pickle") && err.contains("arbitrary"), "{err}");
+}

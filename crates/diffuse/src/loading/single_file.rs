@@ -306,16 +306,16 @@ fn pickle_help(file_name: &str) -> String {
 fn refuse_pickle(path: &Path) -> Result<()> {
     let extension = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
     let by_name = matches!(extension.as_deref(), Some("ckpt" | "pt" | "pth" | "bin" | "pkl"));
-    let mut head = [0u8; 4];
-    let by_content = match std::fs::File::open(path) {
-        Ok(mut file) => {
-            let n = file.read(&mut head).map_err(|e| Error::io(path, e))?;
-            // torch.save writes a zip archive ("PK\x03\x04"); older files are a bare pickle
-            // (protocol 2-5 opcode). A safetensors file starts with its header length.
-            (n == 4 && &head == b"PK\x03\x04") || (n >= 2 && head[0] == 0x80 && (2..=5).contains(&head[1]))
-        }
-        Err(e) => return Err(Error::io(path, e)),
-    };
+    let mut head = [0u8; 9];
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let n = file.read(&mut head).map_err(|e| Error::io(path, e))?;
+    // A safetensors file starts with its header's length (8 bytes) and then the header's `{`.
+    // torch.save writes a zip archive ("PK\x03\x04"); older files are a bare pickle (PROTO
+    // opcode 0x80, protocol 2-5), which a header length like 0x280 also starts with.
+    let safetensors_like = n == 9 && head[8] == b'{';
+    let zip = n >= 4 && &head[..4] == b"PK\x03\x04";
+    let bare_pickle = n >= 2 && head[0] == 0x80 && (2..=5).contains(&head[1]);
+    let by_content = !safetensors_like && (zip || bare_pickle);
     if by_name || by_content {
         return Err(Error::weights(
             path,
