@@ -344,3 +344,15 @@ fn bare_pickle_is_refused_whatever_its_name() {
     let err = open_err(&path);
     assert!(err.contains("pickle") && err.contains("arbitrary"), "{err}");
 }
+
+#[test]
+fn var_builder_shape_mismatch_names_both_tensors() {
+    let file = SingleFile::open(fixtures().join("sd2_inpaint_tiny/model.safetensors")).unwrap();
+    let vb = file.var_builder(Component::TextEncoder, DType::F32, &Device::Cpu);
+    let name = "text_model.encoder.layers.0.self_attn.k_proj.weight";
+    assert_eq!(vb.get((32, 32), name).unwrap().dims(), &[32, 32]);
+    let err = vb.get((96, 32), name).unwrap_err().to_string();
+    assert!(err.contains(name) && err.contains("attn.in_proj_weight"), "{err}");
+    let err = vb.get(4, "text_model.no_such_weight").unwrap_err().to_string();
+    assert!(err.contains("text_model.no_such_weight"), "{err}");
+}
