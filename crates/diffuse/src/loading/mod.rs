@@ -2,3 +2,4 @@
 
 pub mod config;
 pub mod weights;
+pub mod single_file;
