@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use super::{LayerNorm, Linear};
 use crate::ops;
 use crate::{Error, Result};
 
@@ -74,10 +75,10 @@ impl Activation {
 }
 
 struct ClipAttention {
-    q_proj: ops::Linear,
-    k_proj: ops::Linear,
-    v_proj: ops::Linear,
-    out_proj: ops::Linear,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
     num_heads: usize,
     head_dim: usize,
 }
@@ -86,10 +87,10 @@ impl ClipAttention {
     fn new(vb: VarBuilder, config: &ClipTextConfig) -> Result<Self> {
         let d = config.hidden_size;
         Ok(ClipAttention {
-            q_proj: ops::Linear::new(vb.pp("q_proj"), d, d, true)?,
-            k_proj: ops::Linear::new(vb.pp("k_proj"), d, d, true)?,
-            v_proj: ops::Linear::new(vb.pp("v_proj"), d, d, true)?,
-            out_proj: ops::Linear::new(vb.pp("out_proj"), d, d, true)?,
+            q_proj: Linear::new(vb.pp("q_proj"), d, d, true)?,
+            k_proj: Linear::new(vb.pp("k_proj"), d, d, true)?,
+            v_proj: Linear::new(vb.pp("v_proj"), d, d, true)?,
+            out_proj: Linear::new(vb.pp("out_proj"), d, d, true)?,
             num_heads: config.num_attention_heads,
             head_dim: d / config.num_attention_heads,
         })
@@ -104,18 +105,18 @@ impl ClipAttention {
         let k = heads(self.k_proj.forward(x)?)?;
         let v = heads(self.v_proj.forward(x)?)?;
         let scale = (self.head_dim as f64).powf(-0.5);
-        let out = ops::attention(&q, &k, &v, scale, Some(causal_mask))?;
+        let out = ops::masked_attention(&q, &k, &v, scale, causal_mask)?;
         let out = out.transpose(1, 2)?.reshape((batch, tokens, channels))?;
         self.out_proj.forward(&out)
     }
 }
 
 struct ClipEncoderLayer {
-    layer_norm1: ops::LayerNorm,
+    layer_norm1: LayerNorm,
     self_attn: ClipAttention,
-    layer_norm2: ops::LayerNorm,
-    fc1: ops::Linear,
-    fc2: ops::Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
     activation: Activation,
 }
 
@@ -123,11 +124,11 @@ impl ClipEncoderLayer {
     fn new(vb: VarBuilder, config: &ClipTextConfig, activation: Activation) -> Result<Self> {
         let d = config.hidden_size;
         Ok(ClipEncoderLayer {
-            layer_norm1: ops::LayerNorm::new(vb.pp("layer_norm1"), d, config.layer_norm_eps)?,
+            layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), d, config.layer_norm_eps)?,
             self_attn: ClipAttention::new(vb.pp("self_attn"), config)?,
-            layer_norm2: ops::LayerNorm::new(vb.pp("layer_norm2"), d, config.layer_norm_eps)?,
-            fc1: ops::Linear::new(vb.pp("mlp.fc1"), d, config.intermediate_size, true)?,
-            fc2: ops::Linear::new(vb.pp("mlp.fc2"), config.intermediate_size, d, true)?,
+            layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), d, config.layer_norm_eps)?,
+            fc1: Linear::new(vb.pp("mlp.fc1"), d, config.intermediate_size, true)?,
+            fc2: Linear::new(vb.pp("mlp.fc2"), config.intermediate_size, d, true)?,
             activation,
         })
     }
@@ -146,7 +147,7 @@ pub struct ClipTextModel {
     token_embedding: Tensor,
     position_embedding: Tensor,
     layers: Vec<ClipEncoderLayer>,
-    final_layer_norm: ops::LayerNorm,
+    final_layer_norm: LayerNorm,
     pub config: ClipTextConfig,
 }
 
@@ -175,7 +176,7 @@ impl ClipTextModel {
         let layers = (0..config.num_hidden_layers)
             .map(|i| ClipEncoderLayer::new(vb.pp(format!("encoder.layers.{i}")), config, activation))
             .collect::<Result<Vec<_>>>()?;
-        let final_layer_norm = ops::LayerNorm::new(vb.pp("final_layer_norm"), config.hidden_size, config.layer_norm_eps)?;
+        let final_layer_norm = LayerNorm::new(vb.pp("final_layer_norm"), config.hidden_size, config.layer_norm_eps)?;
         Ok(ClipTextModel { token_embedding, position_embedding, layers, final_layer_norm, config: config.clone() })
     }
 
