@@ -84,3 +84,29 @@ pub fn scaled_dot_product_attention(query: &Tensor, key: &Tensor, value: &Tensor
 pub fn silu(input: &Tensor) -> Result<Tensor> {
     Ok(input.silu()?)
 }
+
+/// `torch.nn.functional.layer_norm` over the last dimension with affine `weight` and `bias`;
+/// statistics in f32 (mean, then the mean squared deviation), as PyTorch does.
+pub fn layer_norm(input: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = input.dtype();
+    let x = input.to_dtype(DType::F32)?;
+    let size = x.dim(D::Minus1)? as f64;
+    let mean = (x.sum_keepdim(D::Minus1)? / size)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let variance = (centered.sqr()?.sum_keepdim(D::Minus1)? / size)?;
+    let normalized = centered.broadcast_div(&(variance + eps)?.sqrt()?)?;
+    let output = normalized.broadcast_mul(&weight.to_dtype(DType::F32)?)?.broadcast_add(&bias.to_dtype(DType::F32)?)?;
+    Ok(output.to_dtype(dtype)?)
+}
+
+/// Attention with an additive mask (`[L, S]` or broadcastable to the scores): softmax in f32.
+/// `query` is `[B, heads, L, D]`, `key`/`value` `[B, heads, S, D]`.
+pub fn masked_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, mask: &Tensor) -> Result<Tensor> {
+    let dtype = query.dtype();
+    let query = query.to_dtype(DType::F32)?.contiguous()?;
+    let key = key.to_dtype(DType::F32)?.contiguous()?;
+    let value = value.to_dtype(DType::F32)?.contiguous()?;
+    let scores = (query.matmul(&key.t()?)? * scale)?.broadcast_add(&mask.to_dtype(DType::F32)?)?;
+    let probabilities = candle_nn::ops::softmax_last_dim(&scores)?;
+    Ok(probabilities.matmul(&value)?.to_dtype(dtype)?)
+}

@@ -5,6 +5,7 @@
 //! modules diffusers builds on); their arithmetic goes through [`crate::ops`].
 
 pub mod attention_processor;
+pub mod clip_text;
 pub mod embeddings;
 pub mod resnet;
 pub mod unet_2d;
@@ -90,6 +91,24 @@ impl GroupNorm {
 
     pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
         ops::group_norm(input, self.num_groups, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// `torch.nn.LayerNorm` over the last dimension, with affine parameters.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(vb: VarBuilder, normalized_shape: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: vb.get(normalized_shape, "weight")?, bias: vb.get(normalized_shape, "bias")?, eps })
+    }
+
+    pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        ops::layer_norm(input, &self.weight, &self.bias, self.eps)
     }
 }
 
