@@ -200,9 +200,9 @@ impl StableDiffusionPipeline {
 
     /// Encodes one prompt to `[1, 77, hidden]`; also says whether it was truncated.
     fn encode_text(&self, prompt: &str, clip_skip: Option<usize>) -> Result<(Tensor, bool)> {
-        let encoding = self.tokenizer.encode_padded(prompt)?;
-        let ids = Tensor::from_vec(encoding.ids.clone(), (1, encoding.ids.len()), &self.device)?;
-        Ok((self.text_encoder.encode(&ids, clip_skip)?, encoding.truncated))
+        let encoding = self.tokenizer.encode(prompt)?;
+        let ids = Tensor::from_vec(encoding.input_ids.clone(), (1, encoding.input_ids.len()), &self.device)?;
+        Ok((self.text_encoder.encode(&ids, clip_skip)?, encoding.was_truncated()))
     }
 
     /// diffusers' `encode_prompt`: the prompt's embeddings (with clip skip) and, with guidance,
