@@ -1,5 +1,7 @@
 //! `diffuse`: the command line over the diffuse library.
 
+mod bench;
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -32,6 +34,9 @@ enum Command {
     Generate(Box<GenerateArgs>),
     /// List the scheduler names that --scheduler accepts.
     Schedulers,
+    /// Time the text encoder, one UNet step and one VAE decode (random weights for a named
+    /// standard config, or a real model folder).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -103,6 +108,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(*args),
+        Command::Bench(args) => bench::run(args),
         Command::Schedulers => {
             for (name, class, _, description) in SCHEDULER_NAMES {
                 println!("{name:<16} {description} [{class}]");
@@ -154,7 +160,7 @@ fn progress_bar(total: usize, quiet: bool) -> ProgressBar {
 }
 
 /// The compute dtype, refused up front when this device cannot run it.
-fn parse_dtype(name: &str, device: &Device) -> Result<DType> {
+pub(crate) fn parse_dtype(name: &str, device: &Device) -> Result<DType> {
     let dtype = match name {
         "f32" | "fp32" | "float32" => DType::F32,
         "f16" | "fp16" | "float16" => DType::F16,

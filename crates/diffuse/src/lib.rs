@@ -1,5 +1,6 @@
 //! diffuse: diffusion models in Rust on candle, numerically matching diffusers.
 
+pub mod configs;
 pub mod error;
 pub mod loading;
 pub mod models;

@@ -145,14 +145,15 @@ impl Recognised {
 
 // The configs of the hub repositories diffusers falls back to (stable-diffusion-v1-5,
 // stable-diffusion-2-1), committed with the crate.
-const SD15_UNET: &str = include_str!("../../configs/sd15/unet/config.json");
-const SD15_VAE: &str = include_str!("../../configs/sd15/vae/config.json");
-const SD15_TEXT_ENCODER: &str = include_str!("../../configs/sd15/text_encoder/config.json");
-const SD15_SCHEDULER: &str = include_str!("../../configs/sd15/scheduler/scheduler_config.json");
-const SD21_UNET: &str = include_str!("../../configs/sd21/unet/config.json");
-const SD21_VAE: &str = include_str!("../../configs/sd21/vae/config.json");
-const SD21_TEXT_ENCODER: &str = include_str!("../../configs/sd21/text_encoder/config.json");
-const SD21_SCHEDULER: &str = include_str!("../../configs/sd21/scheduler/scheduler_config.json");
+use crate::configs::{SD15, SD21};
+const SD15_UNET: &str = SD15.unet;
+const SD15_VAE: &str = SD15.vae;
+const SD15_TEXT_ENCODER: &str = SD15.text_encoder;
+const SD15_SCHEDULER: &str = SD15.scheduler;
+const SD21_UNET: &str = SD21.unet;
+const SD21_VAE: &str = SD21.vae;
+const SD21_TEXT_ENCODER: &str = SD21.text_encoder;
+const SD21_SCHEDULER: &str = SD21.scheduler;
 
 fn base_config(text: &str, name: &str) -> Result<Map<String, Value>> {
     match serde_json::from_str(text) {

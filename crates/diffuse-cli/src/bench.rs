@@ -1,0 +1,163 @@
+//! `diffuse bench`: times the text encoder, one UNet step and one VAE decode, for a named
+//! standard config with random weights or for a real model folder. Prints median, min and max
+//! of N runs after one warm-up, and the process's peak resident memory.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use diffuse::loading::config::{parse_config, read_json_object};
+use diffuse::loading::weights::{find_weight_files, var_builder};
+use diffuse::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
+use diffuse::models::clip_text::{ClipTextConfig, ClipTextModel};
+use diffuse::models::unet_2d_condition::{UNet2DConditionModel, UNet2DConditionModelConfig};
+use serde_json::{Map, Value};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// A standard config with random weights: sd15 or sd21.
+    #[arg(long, default_value = "sd15", conflicts_with = "model")]
+    config: String,
+    /// A Stable Diffusion folder to benchmark instead of a standard config.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Image side in pixels (latents are side/8).
+    #[arg(long, default_value_t = 512)]
+    size: usize,
+    /// Batch of the text encoder and UNet (2 = one guided step for one image).
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    /// f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Timed runs per component (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Which components: all, text, unet, vae.
+    #[arg(long, default_value = "all")]
+    component: String,
+}
+
+/// Where a component's config and weights come from.
+enum Source {
+    Family(&'static diffuse::configs::FamilyConfigs),
+    Folder(PathBuf),
+}
+
+impl Source {
+    fn config(&self, component: &str) -> Result<(Map<String, Value>, PathBuf)> {
+        match self {
+            Source::Family(family) => {
+                let text = match component {
+                    "unet" => family.unet,
+                    "vae" => family.vae,
+                    _ => family.text_encoder,
+                };
+                Ok((diffuse::configs::parse(text), PathBuf::from(format!("{}/{component}/config.json", family.name))))
+            }
+            Source::Folder(dir) => {
+                let path = dir.join(component).join("config.json");
+                Ok((read_json_object(&path)?, path))
+            }
+        }
+    }
+
+    /// Random-free stand-in weights (zeros: the timing of every kernel is data-independent)
+    /// or the folder's real weights, memory-mapped.
+    fn weights(&self, component: &str, stem: &str, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        match self {
+            Source::Family(_) => Ok(VarBuilder::zeros(dtype, device)),
+            Source::Folder(dir) => Ok(var_builder(&find_weight_files(&dir.join(component), stem, None)?, dtype, device)?),
+        }
+    }
+}
+
+fn peak_rss_gb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0 / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    f()?;
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        f()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(times)
+}
+
+fn report(what: &str, times: &[f64]) {
+    let median = times[times.len() / 2];
+    println!(
+        "{what}: median {median:.3}s min {:.3}s max {:.3}s (n={}) peak RSS {:.2} GB",
+        times[0],
+        times[times.len() - 1],
+        times.len(),
+        peak_rss_gb()
+    );
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let device = Device::Cpu;
+    let dtype = crate::parse_dtype(&args.dtype, &device)?;
+    if args.size == 0 || args.size % 8 != 0 || args.runs == 0 || args.batch == 0 {
+        bail!("--size must be a positive multiple of 8, and --runs and --batch at least 1");
+    }
+    let source = match &args.model {
+        Some(dir) => Source::Folder(dir.clone()),
+        None => Source::Family(diffuse::configs::family(&args.config)?),
+    };
+    let label = args.model.as_ref().map(|d| d.display().to_string()).unwrap_or_else(|| args.config.clone());
+    let threads = candle_core::utils::get_num_threads();
+    println!("diffuse {} {label} {}x{} {} threads {threads}", env!("CARGO_PKG_VERSION"), args.size, args.size, args.dtype);
+    let wanted = |c: &str| args.component == "all" || args.component == c;
+    if !["all", "text", "unet", "vae"].contains(&args.component.as_str()) {
+        bail!("--component {} is not one of all, text, unet, vae", args.component);
+    }
+    let latent = args.size / 8;
+
+    if wanted("text") {
+        let (map, origin) = source.config("text_encoder")?;
+        let config: ClipTextConfig = parse_config(&map, &origin)?;
+        let model = ClipTextModel::new(source.weights("text_encoder", "model", dtype, &device)?, &config)?;
+        let ids = Tensor::zeros((args.batch, config.max_position_embeddings), DType::U32, &device)?;
+        let times = time(args.runs, || {
+            model.forward(&ids)?;
+            Ok(())
+        })?;
+        report(&format!("text encoder, batch {}", args.batch), &times);
+    }
+    if wanted("unet") {
+        let (map, origin) = source.config("unet")?;
+        let config: UNet2DConditionModelConfig = parse_config(&map, &origin)?;
+        let model = UNet2DConditionModel::new(source.weights("unet", "diffusion_pytorch_model", dtype, &device)?, &config)?;
+        let sample = Tensor::randn(0f32, 1f32, (args.batch, config.in_channels, latent, latent), &device)?.to_dtype(dtype)?;
+        let text = Tensor::randn(0f32, 1f32, (args.batch, 77, config.cross_attention_dim), &device)?.to_dtype(dtype)?;
+        let t = Tensor::full(500f32, args.batch, &device)?;
+        let times = time(args.runs, || {
+            model.forward(&sample, &t, &text)?;
+            Ok(())
+        })?;
+        report(&format!("UNet step, batch {}, latents {latent}x{latent}", args.batch), &times);
+    }
+    if wanted("vae") {
+        let (map, origin) = source.config("vae")?;
+        let config: AutoencoderKLConfig = parse_config(&map, &origin)?;
+        let model = AutoencoderKL::new(source.weights("vae", "diffusion_pytorch_model", dtype, &device)?, &config)?;
+        let z = Tensor::randn(0f32, 1f32, (1, config.latent_channels, latent, latent), &device)?.to_dtype(dtype)?;
+        let times = time(args.runs, || {
+            model.decode(&z)?;
+            Ok(())
+        })?;
+        report(&format!("VAE decode, 1 image {}x{}", args.size, args.size), &times);
+    }
+    Ok(())
+}
