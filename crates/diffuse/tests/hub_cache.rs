@@ -256,8 +256,12 @@ fn offline_miss_says_where_it_looked_and_how_to_fix() {
     // A repo in the cache without that revision names the ref it looked for.
     put_ddpm(&dir.0, "google/ddpm-cat-256", C0);
     put_ref(&dir.0, "google/ddpm-cat-256", "main", C0);
-    let error = message(resolve_model_with("google/ddpm-cat-256", Some("v2"), None, &offline, Some(&fake)).unwrap_err());
-    assert!(error.contains(&format!("there is no {}", dir.0.join("models--google--ddpm-cat-256/refs/v2").display())), "{error}");
+    let error =
+        message(resolve_model_with("google/ddpm-cat-256", Some("v2"), None, &offline, Some(&fake)).unwrap_err());
+    assert!(
+        error.contains(&format!("there is no {}", dir.0.join("models--google--ddpm-cat-256/refs/v2").display())),
+        "{error}"
+    );
     assert!(error.contains("--revision v2"), "{error}");
     // TRANSFORMERS_OFFLINE counts too; the fake Hub is never asked.
     let transformers_offline = env(&[("HF_HUB_CACHE", str_of(&dir.0)), ("TRANSFORMERS_OFFLINE", "yes")]);
@@ -487,7 +491,11 @@ fn files(names: &[&str]) -> Vec<String> {
 
 fn sd_repo(fake: &FakeHub, repo_id: &str, commit: &str) {
     let index = serde_json::to_vec(&sd_index()).unwrap();
-    let shard_index = br#"{"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}"#;
+    let shard_index = serde_json::to_vec(&json!({
+        "metadata": {},
+        "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
+    }))
+    .unwrap();
     let contents: Vec<(&str, &[u8])> = SD_FILES
         .iter()
         .map(|&name| match name {
@@ -583,8 +591,11 @@ fn a_partial_snapshot_is_completed_online() {
     resolve_model_with("org/sd", None, None, &online_env(&dir.0), Some(&fake)).unwrap();
     let fetched: BTreeSet<String> =
         fake.calls().iter().filter_map(|c| c.strip_prefix(&format!("get {C1}/")).map(str::to_string)).collect();
-    let expected: BTreeSet<String> =
-        SD_PLAIN.iter().filter(|f| !["model_index.json", "unet/config.json"].contains(f)).map(|f| f.to_string()).collect();
+    let expected: BTreeSet<String> = SD_PLAIN
+        .iter()
+        .filter(|f| !["model_index.json", "unet/config.json"].contains(f))
+        .map(|f| f.to_string())
+        .collect();
     assert_eq!(fetched, expected);
 }
 
@@ -599,7 +610,10 @@ fn a_missing_shard_makes_a_snapshot_incomplete() {
     std::fs::remove_file(resolved.join("text_encoder/model-00002-of-00002.safetensors")).unwrap();
     let calls = fake.calls().len();
     resolve_model_with("org/sd", None, None, &env, Some(&fake)).unwrap();
-    assert_eq!(fake.calls()[calls..], [format!("list org/sd@main"), format!("get {C1}/text_encoder/model-00002-of-00002.safetensors")]);
+    assert_eq!(
+        fake.calls()[calls..],
+        [format!("list org/sd@main"), format!("get {C1}/text_encoder/model-00002-of-00002.safetensors")]
+    );
 }
 
 #[test]
@@ -608,7 +622,9 @@ fn download_failures_explain_themselves() {
     let mut fake = FakeHub::new(&dir.0);
     fake.fail_listing = true;
     let error = message(resolve_model_with("org/private", None, None, &online_env(&dir.0), Some(&fake)).unwrap_err());
-    for needle in ["org/private (revision `main`)", "downloading it failed", "status code 401", "HF_TOKEN", "HF_HUB_OFFLINE=1"] {
+    for needle in
+        ["org/private (revision `main`)", "downloading it failed", "status code 401", "HF_TOKEN", "HF_HUB_OFFLINE=1"]
+    {
         assert!(error.contains(needle), "missing `{needle}` in: {error}");
     }
     // A repo that is not a diffusers pipeline.
@@ -634,7 +650,10 @@ fn selects_plain_safetensors_and_non_model_folders() {
 #[test]
 fn selects_variants_per_component() {
     let mut names = SD_FILES.to_vec();
-    names.extend(["text_encoder/model.fp16-00001-of-00002.safetensors", "text_encoder/model.fp16-00002-of-00002.safetensors"]);
+    names.extend([
+        "text_encoder/model.fp16-00001-of-00002.safetensors",
+        "text_encoder/model.fp16-00002-of-00002.safetensors",
+    ]);
     names.push("text_encoder/model.safetensors.index.fp16.json");
     let selected = selection(&sd_index(), &names, Some("fp16")).unwrap();
     let expected: Vec<String> = SD_PLAIN
@@ -692,7 +711,8 @@ fn selects_legacy_sharded_variants() {
 fn never_pickles() {
     // A component with only .bin weights is an error naming it, not a .bin download.
     let index = model_index(&[("unet", "diffusers", "UNet2DModel"), ("scheduler", "diffusers", "DDPMScheduler")]);
-    let names = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.bin", "scheduler/scheduler_config.json"];
+    let names =
+        ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.bin", "scheduler/scheduler_config.json"];
     let error = message(selection(&index, &names, None).unwrap_err());
     assert!(error.contains("component `unet` of org/repo has no safetensors weights"), "{error}");
     assert!(error.contains("diffusion_pytorch_model.bin"), "{error}");
@@ -700,10 +720,20 @@ fn never_pickles() {
     // folder too; nested pickles in other folders are skipped.
     let names = ["unet/config.json", "unet/model.ckpt", "scheduler/scheduler_config.json", "scheduler/extra/state.pt"];
     assert!(selection(&index, &names, None).is_err());
-    let names = ["unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json", "scheduler/extra/state.pt"];
+    let names = [
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json",
+        "scheduler/extra/state.pt",
+    ];
     assert_eq!(
         selection(&index, &names, None).unwrap(),
-        files(&["model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"])
+        files(&[
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors"
+        ])
     );
 }
 
@@ -727,7 +757,13 @@ fn ignored_files_and_absent_components() {
         .iter()
         .copied()
         .filter(|f| !f.starts_with("safety_checker/") && *f != "tokenizer/merges.txt")
-        .map(|f| if f == "unet/diffusion_pytorch_model.safetensors" { "unet/diffusion_pytorch_model-00001-of-00001.safetensors" } else { f })
+        .map(|f| {
+            if f == "unet/diffusion_pytorch_model.safetensors" {
+                "unet/diffusion_pytorch_model-00001-of-00001.safetensors"
+            } else {
+                f
+            }
+        })
         .collect();
     expected.sort();
     assert_eq!(selected, files(&expected));

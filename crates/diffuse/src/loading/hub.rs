@@ -232,7 +232,10 @@ fn repo_id_problem(repo_id: &str) -> Option<&'static str> {
     if parts.len() > 2 {
         Some("a repo id is NAME or ORG/NAME, with at most one `/`")
     } else if !parts.iter().all(|part| part_ok(part)) {
-        Some("a repo id uses letters, digits, `-`, `_` and `.`, does not start or end with `-` or `.`, and each part is at most 96 characters")
+        Some(
+            "a repo id uses letters, digits, `-`, `_` and `.`, does not start or end with `-` or `.`, \
+             and each part is at most 96 characters",
+        )
     } else if repo_id.contains("--") || repo_id.contains("..") {
         Some("a repo id cannot contain `--` or `..`")
     } else if repo_id.ends_with(".git") {
@@ -275,11 +278,19 @@ pub fn repo_folder_name(repo_id: &str) -> String {
 /// Where a revision of a repo is in the cache, or which step of the lookup found nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CacheLookup {
-    Found { commit: String, snapshot: PathBuf },
+    Found {
+        commit: String,
+        snapshot: PathBuf,
+    },
     /// `revision` is a name and `refs/{revision}` does not exist (nor, maybe, the repo folder).
-    NoRef { ref_path: PathBuf },
+    NoRef {
+        ref_path: PathBuf,
+    },
     /// The commit is known but `snapshots/{commit}` does not exist.
-    NoSnapshot { commit: String, snapshot: PathBuf },
+    NoSnapshot {
+        commit: String,
+        snapshot: PathBuf,
+    },
 }
 
 /// Looks `revision` of `repo_id` up in `cache` as huggingface_hub's `try_to_load_from_cache`
@@ -366,7 +377,8 @@ pub fn pipeline_files(
             let weights = select_safetensors(&direct, variant);
             if weights.names.is_empty() {
                 return Err(Error::invalid(format!(
-                    "component `{folder}` of {repo_id} has no safetensors weights{} (its files: {}); diffuse reads only .safetensors",
+                    "component `{folder}` of {repo_id} has no safetensors weights{} (its files: {}); \
+                     diffuse reads only .safetensors",
                     variant.map(|v| format!(" (variant `{v}` or plain)")).unwrap_or_default(),
                     direct.join(", ")
                 )));
@@ -383,7 +395,8 @@ pub fn pipeline_files(
     if let Some(variant) = variant {
         if !found_variant {
             return Err(Error::invalid(format!(
-                "{repo_id} has no `{variant}` variant weights (files like unet/diffusion_pytorch_model.{variant}.safetensors); leave out the variant to load the plain ones"
+                "{repo_id} has no `{variant}` variant weights (files like \
+                 unet/diffusion_pytorch_model.{variant}.safetensors); leave out the variant to load the plain ones"
             )));
         }
     }
@@ -393,7 +406,10 @@ pub fn pipeline_files(
 /// The component folders a `model_index.json` names: every key whose value is a list
 /// (`"unet": ["diffusers", "UNet2DConditionModel"]`), skipping `_class_name` and other `_` keys.
 fn component_folders(model_index: &Map<String, Value>) -> impl Iterator<Item = (&str, &Value)> {
-    model_index.iter().filter(|(key, value)| !key.starts_with('_') && value.is_array()).map(|(key, value)| (key.as_str(), value))
+    model_index
+        .iter()
+        .filter(|(key, value)| !key.starts_with('_') && value.is_array())
+        .map(|(key, value)| (key.as_str(), value))
 }
 
 fn has_weight_extension(name: &str) -> bool {
@@ -415,13 +431,15 @@ fn select_safetensors(names: &[&str], variant: Option<&str>) -> SelectedWeights 
     let pick = |keep: &dyn Fn(&str) -> bool| -> Vec<String> {
         names.iter().copied().filter(|name| keep(name)).map(str::to_string).collect()
     };
-    let index_named = |pattern: &dyn Fn(&str) -> String| pick(&|name| WEIGHT_PREFIXES.iter().any(|p| name == pattern(p)));
+    let index_named =
+        |pattern: &dyn Fn(&str) -> String| pick(&|name| WEIGHT_PREFIXES.iter().any(|p| name == pattern(p)));
     if let Some(variant) = variant {
         // `{prefix}.{variant}.safetensors`, `{prefix}.{variant}-00001-of-00002.safetensors`
         let files = pick(&|name| {
             let Some(stem) = name.strip_suffix(SAFETENSORS) else { return false };
             WEIGHT_PREFIXES.iter().any(|prefix| {
-                let tail = stem.strip_prefix(prefix).and_then(|s| s.strip_prefix('.')).and_then(|s| s.strip_prefix(variant));
+                let tail =
+                    stem.strip_prefix(prefix).and_then(|s| s.strip_prefix('.')).and_then(|s| s.strip_prefix(variant));
                 tail.is_some_and(is_empty_or_shard_tag)
             })
         });
@@ -449,8 +467,12 @@ fn select_safetensors(names: &[&str], variant: Option<&str>) -> SelectedWeights 
 /// `00001-of-00002`: five digits, `-of-`, five digits.
 fn is_shard_tag(tag: &str) -> bool {
     let digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
-    tag.len() == 14 && tag.is_char_boundary(5) && tag.is_char_boundary(9)
-        && digits(&tag[..5]) && &tag[5..9] == "-of-" && digits(&tag[9..])
+    tag.len() == 14
+        && tag.is_char_boundary(5)
+        && tag.is_char_boundary(9)
+        && digits(&tag[..5])
+        && &tag[5..9] == "-of-"
+        && digits(&tag[9..])
 }
 
 /// Nothing, or `-00001-of-00002`.
@@ -573,7 +595,8 @@ pub fn resolve_model_with(
     }
     if let Some(problem) = repo_id_problem(spec) {
         return Err(Error::invalid(format!(
-            "`{spec}` is neither an existing path nor a Hugging Face repo id like stable-diffusion-v1-5/stable-diffusion-v1-5 ({problem})"
+            "`{spec}` is neither an existing path nor a Hugging Face repo id like \
+             stable-diffusion-v1-5/stable-diffusion-v1-5 ({problem})"
         )));
     }
     let repo_id = spec;
@@ -602,7 +625,8 @@ pub fn resolve_model_with(
         }
         if fetch.is_none() {
             return Err(Error::invalid(format!(
-                "the cached snapshot of {repo_id} (revision `{revision}`, commit {commit}) at {} lacks {} file(s) the pipeline needs: {}. {}",
+                "the cached snapshot of {repo_id} (revision `{revision}`, commit {commit}) at {} lacks {} file(s) \
+                 the pipeline needs: {}. {}",
                 snapshot.display(),
                 missing.len(),
                 sample(&missing),
@@ -617,7 +641,8 @@ pub fn resolve_model_with(
             CacheLookup::NoSnapshot { snapshot, .. } | CacheLookup::Found { snapshot, .. } => snapshot.clone(),
         };
         return Err(Error::invalid(format!(
-            "`{repo_id}` is not a local path, and revision `{revision}` of the Hugging Face repo {repo_id} is not in the cache at {} (from {cache_origin}): there is no {}. {}",
+            "`{repo_id}` is not a local path, and revision `{revision}` of the Hugging Face repo {repo_id} \
+             is not in the cache at {} (from {cache_origin}): there is no {}. {}",
             cache.display(),
             absent.display(),
             advice()
@@ -636,14 +661,18 @@ fn download_pipeline(
 ) -> Result<PathBuf> {
     let context = |e: Error| {
         Error::invalid(format!(
-            "{repo_id} (revision `{revision}`) is not fully in the Hugging Face cache at {}, and downloading it failed: {e}. \
-             If the repo is private or gated, set HF_TOKEN or log in with `hf auth login`; to use only the cache, set HF_HUB_OFFLINE=1.",
+            "{repo_id} (revision `{revision}`) is not fully in the Hugging Face cache at {}, and downloading \
+             it failed: {e}. If the repo is private or gated, set HF_TOKEN or log in with `hf auth login`; \
+             to use only the cache, set HF_HUB_OFFLINE=1.",
             repo_dir.parent().unwrap_or(repo_dir).display()
         ))
     };
     let listing = fetch.list_files(repo_id, revision).map_err(context)?;
     if !is_commit_hash(&listing.commit) {
-        return Err(Error::invalid(format!("the Hub gave `{}` as the commit of {repo_id}, not a commit hash", listing.commit)));
+        return Err(Error::invalid(format!(
+            "the Hub gave `{}` as the commit of {repo_id}, not a commit hash",
+            listing.commit
+        )));
     }
     if !listing.files.iter().any(|f| f == MODEL_INDEX) {
         return Err(Error::invalid(format!(
@@ -708,9 +737,15 @@ fn cannot_download_advice(repo_id: &str, revision: &str, offline: bool) -> Strin
          (`huggingface-cli download` in huggingface_hub before 1.0)"
     );
     if !offline {
-        format!("This diffuse was built without the `download` feature, so it cannot download; download it with {command}, or give --model a local folder.")
+        format!(
+            "This diffuse was built without the `download` feature, so it cannot download; \
+             download it with {command}, or give --model a local folder."
+        )
     } else {
-        format!("Nothing was downloaded because HF_HUB_OFFLINE is set. To fix, unset HF_HUB_OFFLINE so that diffuse downloads it, or download it with {command}.")
+        format!(
+            "Nothing was downloaded because HF_HUB_OFFLINE is set. To fix, unset HF_HUB_OFFLINE so that \
+             diffuse downloads it, or download it with {command}."
+        )
     }
 }
 
@@ -727,7 +762,12 @@ pub struct HfHubFetch {
 impl HfHubFetch {
     /// Settings from `env`; nothing touches the network until a file is asked for.
     pub fn new(env: &HubEnv) -> Result<Self> {
-        Ok(HfHubFetch { cache: env.cache_dir()?, endpoint: env.endpoint(), token: env.token(), api: Default::default() })
+        Ok(HfHubFetch {
+            cache: env.cache_dir()?,
+            endpoint: env.endpoint(),
+            token: env.token(),
+            api: Default::default(),
+        })
     }
 
     fn repo(&self, repo_id: &str, revision: &str) -> Result<hf_hub::api::sync::ApiRepo> {
@@ -801,7 +841,9 @@ mod tests {
         for good in ["google/ddpm-cat-256", "stable-diffusion-v1-5/stable-diffusion-v1-5", "gpt2", "a_b/c.d-e", "x/1"] {
             assert_eq!(repo_id_problem(good), None, "{good}");
         }
-        for bad in ["", "a/b/c", "/abs", "a/", "-a/b", "a/b-", "a/.b", "a--b/c", "a/b..c", "a/b.git", "a b/c", "é/x", "./x"] {
+        for bad in
+            ["", "a/b/c", "/abs", "a/", "-a/b", "a/b-", "a/.b", "a--b/c", "a/b..c", "a/b.git", "a b/c", "é/x", "./x"]
+        {
             assert!(repo_id_problem(bad).is_some(), "{bad}");
         }
         assert!(repo_id_problem(&"a".repeat(97)).is_some());
