@@ -768,3 +768,145 @@ fn ignored_files_and_absent_components() {
     expected.sort();
     assert_eq!(selected, files(&expected));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The real downloader (hf-hub), against a fake Hub on 127.0.0.1
+
+#[cfg(feature = "download")]
+mod hf_hub_download {
+    use super::*;
+    use diffuse::loading::hub::HfHubFetch;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+    use std::sync::{Arc, Mutex};
+
+    /// Serves one repo at one commit on a loopback port, answering the requests hf-hub makes
+    /// (repo info; ranged GETs of `resolve/` URLs with `etag`, `x-repo-commit`, `content-range`),
+    /// and logs each request as `PATH auth=... range=...`.
+    fn serve(
+        repo_id: &'static str,
+        commit: &'static str,
+        files: BTreeMap<String, Vec<u8>>,
+    ) -> (String, Arc<Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let requests = log.clone();
+        std::thread::spawn(move || {
+            // Bounded: one connection per request, and no test here makes nearly this many.
+            for stream in listener.incoming().take(200) {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request_line = String::new();
+                let _ = reader.read_line(&mut request_line);
+                let (mut range, mut auth) = (None, None);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    let (name, value) = line.split_once(':').unwrap_or((&line, ""));
+                    match name.to_ascii_lowercase().as_str() {
+                        "range" => range = value.trim().strip_prefix("bytes=").map(str::to_string),
+                        "authorization" => auth = Some(value.trim().to_string()),
+                        _ => {}
+                    }
+                }
+                let path = request_line.split_whitespace().nth(1).unwrap_or("").to_string();
+                let auth = auth.as_deref().unwrap_or("-");
+                requests.lock().unwrap().push(format!("{path} auth={auth} range={}", range.as_deref().unwrap_or("-")));
+                let info_prefix = format!("/api/models/{repo_id}/revision/");
+                let resolve_prefix = format!("/{repo_id}/resolve/{commit}/");
+                let (status, headers, body) = if path.starts_with(&info_prefix) {
+                    let siblings: Vec<Value> = files.keys().map(|name| json!({"rfilename": name})).collect();
+                    let info = json!({"sha": commit, "siblings": siblings});
+                    ("200 OK", String::new(), serde_json::to_vec(&info).unwrap())
+                } else if let Some(data) = path.strip_prefix(&resolve_prefix).and_then(|name| files.get(name)) {
+                    let (start, end) = match range.as_deref().and_then(|r| r.split_once('-')) {
+                        Some((start, end)) => (start.parse().unwrap_or(0), end.parse().unwrap_or(data.len() - 1)),
+                        None => (0, data.len() - 1),
+                    };
+                    let etag =
+                        data.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+                    let headers = format!(
+                        "etag: \"{etag:016x}\"\r\nx-repo-commit: {commit}\r\ncontent-range: bytes {start}-{end}/{}\r\n",
+                        data.len()
+                    );
+                    ("206 Partial Content", headers, data[start..=end].to_vec())
+                } else {
+                    ("404 Not Found", String::new(), Vec::new())
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes()).and_then(|_| stream.write_all(&body));
+            }
+        });
+        (endpoint, log)
+    }
+
+    #[test]
+    fn hf_hub_fills_the_cache_as_huggingface_hub_lays_it_out() {
+        let dir = TempDir::new("hf-hub");
+        let files: BTreeMap<String, Vec<u8>> = [
+            ("model_index.json", ddpm_index()),
+            ("unet/config.json", b"{\"sample_size\": 8}".to_vec()),
+            ("unet/diffusion_pytorch_model.safetensors", b"safetensors bytes".to_vec()),
+            ("unet/diffusion_pytorch_model.bin", b"pickle bytes".to_vec()),
+            ("scheduler/scheduler_config.json", b"{}".to_vec()),
+            ("README.md", b"# readme".to_vec()),
+        ]
+        .into_iter()
+        .map(|(name, data)| (name.to_string(), data))
+        .collect();
+        let (endpoint, requests) = serve("org/pipe", C1, files.clone());
+        let env = env(&[("HF_HUB_CACHE", str_of(&dir.0)), ("HF_ENDPOINT", &endpoint), ("HF_TOKEN", "hf_test")]);
+        let fetch = HfHubFetch::new(&env).unwrap();
+
+        let resolved = resolve_model_with("org/pipe", None, None, &env, Some(&fetch)).unwrap();
+        assert_eq!(resolved, snapshot(&dir.0, "org/pipe", C1));
+        let needed = [
+            "model_index.json",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "scheduler/scheduler_config.json",
+        ];
+        for name in needed {
+            let pointer = resolved.join(name);
+            assert_eq!(std::fs::read(&pointer).unwrap(), files[name], "{name}");
+            // A relative symlink into blobs/, as huggingface_hub makes.
+            let target = std::fs::read_link(&pointer).unwrap();
+            assert!(target.is_relative() && target.to_str().unwrap().contains("../blobs/"), "{name} -> {target:?}");
+        }
+        assert!(!resolved.join("unet/diffusion_pytorch_model.bin").exists());
+        assert!(!resolved.join("README.md").exists());
+        let repo_dir = dir.0.join("models--org--pipe");
+        assert_eq!(read(&repo_dir.join("refs/main")), C1);
+        // Neither hf-hub's refs/{commit} nor its lock files are left behind.
+        let names = |folder: &str| -> Vec<String> {
+            let entries = std::fs::read_dir(repo_dir.join(folder)).unwrap();
+            entries.map(|e| e.unwrap().file_name().into_string().unwrap()).collect()
+        };
+        assert_eq!(names("refs"), ["main"]);
+        let blobs = names("blobs");
+        assert_eq!(blobs.len(), 4, "{blobs:?}");
+        assert!(blobs.iter().all(|b| !b.contains('.')), "{blobs:?}");
+
+        let log = requests.lock().unwrap().clone();
+        assert_eq!(log[0], "/api/models/org/pipe/revision/main auth=Bearer hf_test range=-");
+        assert!(log.iter().all(|r| r.contains("auth=Bearer hf_test")), "{log:?}");
+        assert!(log.iter().all(|r| !r.contains(".bin") && !r.contains("README")), "{log:?}");
+        let weights = format!("/org/pipe/resolve/{C1}/unet/diffusion_pytorch_model.safetensors");
+        assert!(log.iter().any(|r| r.starts_with(&weights)), "{log:?}");
+
+        // The cache now serves it without a request.
+        let count = log.len();
+        assert_eq!(resolve_model_with("org/pipe", None, None, &env, Some(&fetch)).unwrap(), resolved);
+        assert_eq!(requests.lock().unwrap().len(), count);
+
+        // An unknown repo: the Hub's 404 comes back as an explained error.
+        let error = message(resolve_model_with("org/nothing", None, None, &env, Some(&fetch)).unwrap_err());
+        assert!(error.contains("downloading it failed") && error.contains("404"), "{error}");
+    }
+}

@@ -661,8 +661,8 @@ fn download_pipeline(
 ) -> Result<PathBuf> {
     let context = |e: Error| {
         Error::invalid(format!(
-            "{repo_id} (revision `{revision}`) is not fully in the Hugging Face cache at {}, and downloading \
-             it failed: {e}. If the repo is private or gated, set HF_TOKEN or log in with `hf auth login`; \
+            "{repo_id} (revision `{revision}`) is missing or incomplete in the Hugging Face cache at {}, and \
+             downloading it failed: {e}. If the repo is private or gated, set HF_TOKEN or log in with `hf auth login`; \
              to use only the cache, set HF_HUB_OFFLINE=1.",
             repo_dir.parent().unwrap_or(repo_dir).display()
         ))
@@ -807,9 +807,15 @@ impl Fetch for HfHubFetch {
         if !had_ref {
             let _ = std::fs::remove_file(&stray_ref);
         }
-        result.map(|_| ()).map_err(|e| {
+        let pointer = result.map_err(|e| {
             Error::invalid(format!("downloading {filename} of {repo_id} (commit {commit}) from {}: {e}", self.endpoint))
-        })
+        })?;
+        // hf-hub leaves its lock file beside the blob; huggingface_hub keeps locks out of the repo
+        // folder (in `.locks/`), so `hf cache` would take it for a stray blob.
+        if let Ok(blob) = std::fs::canonicalize(&pointer) {
+            let _ = std::fs::remove_file(blob.with_extension("lock"));
+        }
+        Ok(())
     }
 }
 
