@@ -56,7 +56,6 @@ fn put_file(cache: &Path, repo_id: &str, commit: &str, filename: &str, data: &[u
     std::fs::create_dir_all(pointer.parent().unwrap()).unwrap();
     let depth = filename.split('/').count() + 1; // up out of the subfolders, {commit} and snapshots/
     let target = format!("{}blobs/{hash:016x}", "../".repeat(depth));
-    let _ = std::fs::remove_file(&pointer);
     std::os::unix::fs::symlink(target, &pointer).unwrap();
 }
 
@@ -597,6 +596,13 @@ fn a_partial_snapshot_is_completed_online() {
         .map(|f| f.to_string())
         .collect();
     assert_eq!(fetched, expected);
+    // A snapshot file whose blob was deleted is fetched again.
+    let vocab = snapshot(&dir.0, "org/sd", C1).join("tokenizer/vocab.json");
+    std::fs::remove_file(std::fs::canonicalize(&vocab).unwrap()).unwrap();
+    assert!(vocab.symlink_metadata().is_ok() && !vocab.exists());
+    resolve_model_with("org/sd", None, None, &online_env(&dir.0), Some(&fake)).unwrap();
+    assert_eq!(fake.calls().last().unwrap(), &format!("get {C1}/tokenizer/vocab.json"));
+    assert_eq!(read(&vocab), "tokenizer/vocab.json");
 }
 
 #[test]
@@ -627,6 +633,29 @@ fn download_failures_explain_themselves() {
     {
         assert!(error.contains(needle), "missing `{needle}` in: {error}");
     }
+    // A snapshot that looks incomplete (no scheduler/) but has no trees/ listing is used as it is
+    // when the Hub cannot be reached, as huggingface_hub does.
+    put_file(&dir.0, "org/private", C0, "model_index.json", &ddpm_index());
+    put_file(&dir.0, "org/private", C0, "unet/config.json", b"{}");
+    put_file(&dir.0, "org/private", C0, "unet/diffusion_pytorch_model.safetensors", b"w");
+    put_ref(&dir.0, "org/private", "main", C0);
+    let resolved = resolve_model_with("org/private", None, None, &online_env(&dir.0), Some(&fake)).unwrap();
+    assert_eq!(resolved, snapshot(&dir.0, "org/private", C0));
+    assert_eq!(fake.calls().len(), 2);
+    // With a listing that shows files missing, it is an error.
+    let trees = dir.0.join("models--org--private/trees");
+    std::fs::create_dir_all(&trees).unwrap();
+    let listing = json!({"format_version": 1, "files": {
+        "model_index.json": {"size": 1, "blob_id": "x"},
+        "unet/config.json": {"size": 1, "blob_id": "x"},
+        "unet/diffusion_pytorch_model.safetensors": {"size": 1, "blob_id": "x"},
+        "scheduler/scheduler_config.json": {"size": 1, "blob_id": "x"},
+    }});
+    std::fs::write(trees.join(format!("{C0}.json")), listing.to_string()).unwrap();
+    let error = message(resolve_model_with("org/private", None, None, &online_env(&dir.0), Some(&fake)).unwrap_err());
+    assert!(error.contains("downloading it failed") && error.contains("status code 401"), "{error}");
+    assert_eq!(fake.calls().len(), 3);
+
     // A repo that is not a diffusers pipeline.
     let fake = FakeHub::new(&dir.0);
     fake.add_commit("org/bert", C0, [("config.json", b"{}".as_slice()), ("model.safetensors", b"w")]);

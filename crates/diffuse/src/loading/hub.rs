@@ -22,6 +22,9 @@ const MODEL_INDEX: &str = "model_index.json";
 /// Resolves `--model`: an existing path as is, else a repo id through the cache of the process
 /// environment's huggingface_hub settings, downloading missing files unless `HF_HUB_OFFLINE`.
 pub fn resolve_model(spec: &str, revision: Option<&str>, variant: Option<&str>) -> Result<PathBuf> {
+    if Path::new(spec).exists() {
+        return Ok(PathBuf::from(spec));
+    }
     let env = HubEnv::from_process();
     #[cfg(feature = "download")]
     {
@@ -489,8 +492,9 @@ fn ends_with_shard_tag(stem: &str) -> bool {
 }
 
 /// What a snapshot misses for a pipeline when the repo's file list is not known: judged from
-/// the snapshot itself (each component folder there; model folders, those with a `config.json`
-/// or weights, with loadable safetensors and every shard their index names).
+/// the snapshot itself (each component folder there, none of its files a symlink to a deleted
+/// blob; model folders, those with a `config.json` or weights, with loadable safetensors and
+/// every shard their index names).
 fn missing_from_snapshot(snapshot: &Path, variant: Option<&str>) -> Result<Vec<String>> {
     let index_path = snapshot.join(MODEL_INDEX);
     if !index_path.is_file() {
@@ -505,14 +509,17 @@ fn missing_from_snapshot(snapshot: &Path, variant: Option<&str>) -> Result<Vec<S
             continue;
         }
         let dir = snapshot.join(folder);
-        let names: Vec<String> = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries
-                .filter_map(|entry| entry.ok())
-                .filter(|entry| entry.path().is_file())
-                .filter_map(|entry| entry.file_name().into_string().ok())
-                .collect(),
-            Err(_) => Vec::new(),
-        };
+        let (mut names, mut dangling) = (Vec::new(), Vec::new());
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let Ok(name) = entry.file_name().into_string() else { continue };
+            if entry.path().is_file() {
+                names.push(name);
+            } else if entry.file_type().is_ok_and(|kind| kind.is_symlink()) {
+                // Its blob is gone.
+                dangling.push(format!("{folder}/{name}"));
+            }
+        }
+        missing.extend(dangling);
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         if names.is_empty() {
             missing.push(format!("{folder}/"));
@@ -581,8 +588,8 @@ pub trait Fetch {
 /// huggingface_hub's `trees/` listing when there is one, else from the snapshot's own folders).
 /// Otherwise, unless offline, the missing files are downloaded into the cache, pinned to the
 /// commit the revision points at, and `refs/{revision}` is updated as huggingface_hub does.
-/// Offline, a snapshot is used as it is unless its listing shows files missing (as
-/// `snapshot_download(local_files_only=True)` does).
+/// Offline, or when the Hub cannot be reached, a snapshot is used as it is unless its listing
+/// shows files missing (as huggingface_hub's `snapshot_download` does).
 pub fn resolve_model_with(
     spec: &str,
     revision: Option<&str>,
@@ -608,8 +615,14 @@ pub fn resolve_model_with(
     let offline = env.offline();
     let fetch = fetch.filter(|_| !offline);
     let advice = || cannot_download_advice(repo_id, revision, offline);
+    // The snapshot to fall back on if the Hub cannot be reached.
+    let mut fallback = None;
     if let CacheLookup::Found { commit, snapshot } = &lookup {
-        let missing = match cached_tree_listing(&repo_dir, commit) {
+        let tree_listing = cached_tree_listing(&repo_dir, commit);
+        if tree_listing.is_none() {
+            fallback = Some(snapshot.clone());
+        }
+        let missing = match tree_listing {
             Some(files) if snapshot.join(MODEL_INDEX).is_file() => {
                 let model_index = read_json_object(&snapshot.join(MODEL_INDEX))?;
                 let needed = pipeline_files(repo_id, &model_index, &files, variant)?;
@@ -648,7 +661,7 @@ pub fn resolve_model_with(
             advice()
         )));
     };
-    download_pipeline(fetch, &repo_dir, repo_id, revision, variant)
+    download_pipeline(fetch, &repo_dir, repo_id, revision, variant, fallback)
 }
 
 /// Lists the repo at `revision`, then fetches what the pipeline needs and the snapshot lacks.
@@ -658,6 +671,7 @@ fn download_pipeline(
     repo_id: &str,
     revision: &str,
     variant: Option<&str>,
+    fallback: Option<PathBuf>,
 ) -> Result<PathBuf> {
     let context = |e: Error| {
         Error::invalid(format!(
@@ -667,7 +681,12 @@ fn download_pipeline(
             repo_dir.parent().unwrap_or(repo_dir).display()
         ))
     };
-    let listing = fetch.list_files(repo_id, revision).map_err(context)?;
+    let listing = match (fetch.list_files(repo_id, revision), fallback) {
+        (Ok(listing), _) => listing,
+        // As huggingface_hub does when the Hub is unreachable: the cached snapshot, as it is.
+        (Err(_), Some(snapshot)) => return Ok(snapshot),
+        (Err(e), None) => return Err(context(e)),
+    };
     if !is_commit_hash(&listing.commit) {
         return Err(Error::invalid(format!(
             "the Hub gave `{}` as the commit of {repo_id}, not a commit hash",
@@ -684,7 +703,12 @@ fn download_pipeline(
         if !is_safe_repo_path(name) {
             return Err(Error::invalid(format!("the Hub listed `{name}` in {repo_id}, not a relative path")));
         }
-        if !snapshot.join(name).is_file() {
+        let path = snapshot.join(name);
+        if !path.is_file() {
+            // A symlink whose blob was deleted would stop the new one being made.
+            if path.symlink_metadata().is_ok_and(|meta| meta.is_symlink()) {
+                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            }
             fetch.download(repo_id, &listing.commit, name).map_err(context)?;
             if !snapshot.join(name).is_file() {
                 return Err(Error::invalid(format!(
@@ -716,7 +740,9 @@ fn cache_ref(repo_dir: &Path, revision: &str, commit: &str) -> Result<()> {
     }
     let parent = ref_path.parent().unwrap_or(repo_dir);
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let temporary = ref_path.with_extension(format!("{}.tmp", std::process::id()));
+    let mut temporary = ref_path.clone().into_os_string();
+    temporary.push(format!(".{}.tmp", std::process::id()));
+    let temporary = PathBuf::from(temporary);
     std::fs::write(&temporary, commit).map_err(|e| Error::io(&temporary, e))?;
     std::fs::rename(&temporary, &ref_path).map_err(|e| Error::io(&ref_path, e))
 }
