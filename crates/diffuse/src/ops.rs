@@ -1,5 +1,5 @@
 //! The hot operations of every model, in one place: the models call only these for
-//! convolution, linear layers, group normalisation, attention and SiLU, so that faster CPU
+//! convolution, linear layers, group and layer normalisation, attention and SiLU, so that faster CPU
 //! kernels can replace the bodies here later without touching any model.
 //!
 //! Each matches the PyTorch function of the same name (NCHW layout, weights as PyTorch
@@ -83,4 +83,20 @@ pub fn scaled_dot_product_attention(query: &Tensor, key: &Tensor, value: &Tensor
 /// `torch.nn.functional.silu`: `x * sigmoid(x)`.
 pub fn silu(input: &Tensor) -> Result<Tensor> {
     Ok(input.silu()?)
+}
+
+/// `torch.nn.functional.layer_norm` over the last dimension with affine `weight` and `bias`
+/// (`[C]`): statistics are taken in f32 (mean first, then the mean squared deviation).
+pub fn layer_norm(input: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = input.dtype();
+    let x = input.to_dtype(DType::F32)?;
+    let size = x.dim(D::Minus1)? as f64;
+    let mean = (x.sum_keepdim(D::Minus1)? / size)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let variance = (centered.sqr()?.sum_keepdim(D::Minus1)? / size)?;
+    let normalized = centered.broadcast_div(&(variance + eps)?.sqrt()?)?;
+    let output = normalized
+        .broadcast_mul(&weight.to_dtype(DType::F32)?)?
+        .broadcast_add(&bias.to_dtype(DType::F32)?)?;
+    Ok(output.to_dtype(dtype)?)
 }

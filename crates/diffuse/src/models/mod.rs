@@ -93,6 +93,26 @@ impl GroupNorm {
     }
 }
 
+/// `torch.nn.LayerNorm` over the last dimension, with affine parameters.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(vb: VarBuilder, normalized_size: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get(normalized_size, "weight")?;
+        let bias = vb.get(normalized_size, "bias")?;
+        Ok(Self { weight, bias, eps })
+    }
+
+    pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        ops::layer_norm(input, &self.weight, &self.bias, self.eps)
+    }
+}
+
 /// `torch.nn.Embedding`: a lookup table indexed by integer ids.
 #[derive(Debug, Clone)]
 pub struct Embedding {
