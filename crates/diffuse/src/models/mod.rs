@@ -7,6 +7,7 @@
 pub mod attention_processor;
 pub mod embeddings;
 pub mod resnet;
+pub mod transformer_2d;
 pub mod unet_2d;
 pub mod unet_2d_blocks;
 
