@@ -10,6 +10,7 @@ pub mod resnet;
 pub mod transformer_2d;
 pub mod unet_2d;
 pub mod unet_2d_blocks;
+pub mod unet_2d_condition;
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
