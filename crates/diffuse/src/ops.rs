@@ -1,5 +1,5 @@
 //! The hot operations of every model, in one place: the models call only these for
-//! convolution, linear layers, group normalisation, attention and SiLU, so that faster CPU
+//! convolution, linear layers, group and layer normalisation, attention and SiLU, so that faster CPU
 //! kernels can replace the bodies here later without touching any model.
 //!
 //! Each matches the PyTorch function of the same name (NCHW layout, weights as PyTorch

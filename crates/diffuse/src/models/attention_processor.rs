@@ -25,6 +25,9 @@ pub struct AttentionConfig {
     pub bias: bool,
     /// Softmax in f32 (our attention always does this; kept for fidelity with configs).
     pub upcast_softmax: bool,
+    /// Query-key products in f32 (SD 2.1). Our attention always computes scores in f32, and
+    /// diffusers' default processor (`AttnProcessor2_0`) ignores the flag; kept for fidelity.
+    pub upcast_attention: bool,
     /// Groups of the group norm applied to the input first, if any.
     pub norm_num_groups: Option<usize>,
     pub out_bias: bool,
@@ -46,6 +49,7 @@ impl AttentionConfig {
             dim_head: 64,
             bias: false,
             upcast_softmax: false,
+            upcast_attention: false,
             norm_num_groups: None,
             out_bias: true,
             scale_qk: true,

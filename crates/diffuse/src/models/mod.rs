@@ -8,8 +8,10 @@ pub mod attention_processor;
 pub mod clip_text;
 pub mod embeddings;
 pub mod resnet;
+pub mod transformer_2d;
 pub mod unet_2d;
 pub mod unet_2d_blocks;
+pub mod unet_2d_condition;
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;

@@ -1,8 +1,9 @@
-//! The down, mid and up blocks of pixel-space UNets; port of
-//! diffusers/models/unets/unet_2d_blocks.py (`get_down_block`, `get_up_block`,
+//! The down, mid and up blocks of pixel-space UNets and of Stable Diffusion's conditional
+//! UNet; port of diffusers/models/unets/unet_2d_blocks.py (`get_down_block`, `get_up_block`,
 //! `UNetMidBlock2D`, `DownBlock2D`, `AttnDownBlock2D`, `ResnetDownsampleBlock2D`,
 //! `SkipDownBlock2D`, `AttnSkipDownBlock2D`, `UpBlock2D`, `AttnUpBlock2D`,
-//! `ResnetUpsampleBlock2D`, `SkipUpBlock2D`, `AttnSkipUpBlock2D`).
+//! `ResnetUpsampleBlock2D`, `SkipUpBlock2D`, `AttnSkipUpBlock2D`; and the cross-attention
+//! blocks `CrossAttnDownBlock2D`, `UNetMidBlock2DCrossAttn`, `CrossAttnUpBlock2D`).
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
@@ -12,6 +13,7 @@ use super::resnet::{
     Downsample2D, FirDownsample2D, FirUpsample2D, ResampleKernel, ResnetBlock2D, ResnetBlock2DConfig, TimeEmbeddingNorm,
     Upsample2D,
 };
+use super::transformer_2d::{Transformer2DModel, Transformer2DModelConfig};
 use super::{Activation, Conv2d, GroupNorm};
 use crate::{ops, Error, Result};
 
@@ -803,5 +805,206 @@ impl SkipUpBlock2D {
             hidden_states = resnet_up.forward(&hidden_states, temb)?;
         }
         Ok((hidden_states, skip_sample))
+    }
+}
+
+/// The transformer settings of the cross-attention blocks, as `UNet2DConditionModel` passes
+/// them to `get_down_block`, `get_mid_block` and `get_up_block`.
+#[derive(Debug, Clone)]
+pub struct CrossAttnArgs {
+    /// `BasicTransformerBlock`s in each `Transformer2DModel`.
+    pub transformer_layers_per_block: usize,
+    /// Heads per attention; each head has `out_channels / num_attention_heads` channels.
+    pub num_attention_heads: usize,
+    /// The width of the context (text embeddings).
+    pub cross_attention_dim: usize,
+    pub use_linear_projection: bool,
+    pub only_cross_attention: bool,
+    pub upcast_attention: bool,
+}
+
+/// The `Transformer2DModel` after each resnet of a cross-attention block.
+fn block_transformer(
+    vb: VarBuilder,
+    channels: usize,
+    norm_num_groups: usize,
+    cross: &CrossAttnArgs,
+    only_cross_attention: bool,
+) -> Result<Transformer2DModel> {
+    if cross.num_attention_heads == 0 {
+        return Err(Error::invalid(format!("{}: the number of attention heads must not be 0", vb.prefix())));
+    }
+    let config = Transformer2DModelConfig {
+        num_layers: cross.transformer_layers_per_block,
+        cross_attention_dim: Some(cross.cross_attention_dim),
+        norm_num_groups,
+        use_linear_projection: cross.use_linear_projection,
+        only_cross_attention,
+        upcast_attention: cross.upcast_attention,
+        ..Transformer2DModelConfig::new(cross.num_attention_heads, channels / cross.num_attention_heads, channels)
+    };
+    Transformer2DModel::new(vb, &config)
+}
+
+/// `CrossAttnDownBlock2D`: (resnet, transformer) pairs, then a strided-convolution
+/// downsampler.
+#[derive(Debug, Clone)]
+pub struct CrossAttnDownBlock2D {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    downsampler: Option<Downsample2D>,
+}
+
+impl CrossAttnDownBlock2D {
+    pub fn new(vb: VarBuilder, args: &BlockArgs, cross: &CrossAttnArgs) -> Result<Self> {
+        let mut resnets = Vec::with_capacity(args.num_layers);
+        let mut attentions = Vec::with_capacity(args.num_layers);
+        for i in 0..args.num_layers {
+            let in_channels = if i == 0 { args.in_channels } else { args.out_channels };
+            let config = resnet_config(args, in_channels, args.out_channels, 1.0);
+            resnets.push(ResnetBlock2D::new(vb.pp("resnets").pp(i), &config)?);
+            attentions.push(block_transformer(
+                vb.pp("attentions").pp(i),
+                args.out_channels,
+                args.resnet_groups,
+                cross,
+                cross.only_cross_attention,
+            )?);
+        }
+        let downsampler = if args.add_resample {
+            let vb = vb.pp("downsamplers").pp(0);
+            Some(Downsample2D::new(vb, args.out_channels, true, Some(args.out_channels), args.downsample_padding)?)
+        } else {
+            None
+        };
+        Ok(Self { resnets, attentions, downsampler })
+    }
+
+    /// Returns the new hidden states and the states the up path takes as skip connections.
+    pub fn forward(
+        &self,
+        hidden_states: &Tensor,
+        temb: Option<&Tensor>,
+        encoder_hidden_states: Option<&Tensor>,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut output_states = Vec::with_capacity(self.resnets.len() + 1);
+        let mut hidden_states = hidden_states.clone();
+        for (resnet, attention) in self.resnets.iter().zip(&self.attentions) {
+            hidden_states = resnet.forward(&hidden_states, temb)?;
+            hidden_states = attention.forward(&hidden_states, encoder_hidden_states)?;
+            output_states.push(hidden_states.clone());
+        }
+        if let Some(downsampler) = &self.downsampler {
+            hidden_states = downsampler.forward(&hidden_states)?;
+            output_states.push(hidden_states.clone());
+        }
+        Ok((hidden_states, output_states))
+    }
+}
+
+/// `UNetMidBlock2DCrossAttn`: resnet, then (transformer, resnet) `num_layers` times.
+///
+/// As in diffusers, the mid block's transformers never use `only_cross_attention`; the
+/// attention fields of [`MidBlockArgs`] are not used (the heads come from `cross`).
+#[derive(Debug, Clone)]
+pub struct UNetMidBlock2DCrossAttn {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+}
+
+impl UNetMidBlock2DCrossAttn {
+    pub fn new(vb: VarBuilder, args: &MidBlockArgs, cross: &CrossAttnArgs) -> Result<Self> {
+        let channels = args.in_channels;
+        let resnet_groups = args.resnet_groups.unwrap_or_else(|| (channels / 4).min(32));
+        let resnet_config = ResnetBlock2DConfig {
+            temb_channels: args.temb_channels,
+            groups: resnet_groups,
+            eps: args.resnet_eps,
+            non_linearity: args.resnet_act_fn,
+            time_embedding_norm: args.resnet_time_scale_shift,
+            output_scale_factor: args.output_scale_factor,
+            ..ResnetBlock2DConfig::new(channels, channels)
+        };
+        let mut resnets = vec![ResnetBlock2D::new(vb.pp("resnets").pp(0), &resnet_config)?];
+        let mut attentions = Vec::with_capacity(args.num_layers);
+        for i in 0..args.num_layers {
+            attentions.push(block_transformer(vb.pp("attentions").pp(i), channels, resnet_groups, cross, false)?);
+            resnets.push(ResnetBlock2D::new(vb.pp("resnets").pp(i + 1), &resnet_config)?);
+        }
+        Ok(Self { resnets, attentions })
+    }
+
+    pub fn forward(&self, hidden_states: &Tensor, temb: Option<&Tensor>, encoder_hidden_states: Option<&Tensor>) -> Result<Tensor> {
+        let mut hidden_states = self.resnets[0].forward(hidden_states, temb)?;
+        for (attention, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
+            hidden_states = attention.forward(&hidden_states, encoder_hidden_states)?;
+            hidden_states = resnet.forward(&hidden_states, temb)?;
+        }
+        Ok(hidden_states)
+    }
+}
+
+impl UpBlock2D {
+    /// How many skip connections the block consumes (one per resnet).
+    pub fn num_resnets(&self) -> usize {
+        self.resnets.len()
+    }
+}
+
+/// `CrossAttnUpBlock2D`: (resnet, transformer) pairs over concatenated skip connections,
+/// then nearest upsampling (×2, or to a given size) and a 3×3 convolution.
+#[derive(Debug, Clone)]
+pub struct CrossAttnUpBlock2D {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    upsampler: Option<Upsample2D>,
+}
+
+impl CrossAttnUpBlock2D {
+    pub fn new(vb: VarBuilder, args: &BlockArgs, cross: &CrossAttnArgs) -> Result<Self> {
+        let mut resnets = Vec::with_capacity(args.num_layers);
+        let mut attentions = Vec::with_capacity(args.num_layers);
+        for i in 0..args.num_layers {
+            let (resnet_in, res_skip) = up_resnet_in_channels(args, i);
+            let config = resnet_config(args, resnet_in + res_skip, args.out_channels, 1.0);
+            resnets.push(ResnetBlock2D::new(vb.pp("resnets").pp(i), &config)?);
+            attentions.push(block_transformer(
+                vb.pp("attentions").pp(i),
+                args.out_channels,
+                args.resnet_groups,
+                cross,
+                cross.only_cross_attention,
+            )?);
+        }
+        let upsampler = if args.add_resample {
+            Some(Upsample2D::new(vb.pp("upsamplers").pp(0), args.out_channels, true, Some(args.out_channels))?)
+        } else {
+            None
+        };
+        Ok(Self { resnets, attentions, upsampler })
+    }
+
+    /// How many skip connections the block consumes (one per resnet).
+    pub fn num_resnets(&self) -> usize {
+        self.resnets.len()
+    }
+
+    /// `res_hidden_states` are the skip connections, consumed from the last;
+    /// `upsample_size` forces the upsampled (height, width).
+    pub fn forward(
+        &self,
+        hidden_states: &Tensor,
+        res_hidden_states: &[Tensor],
+        temb: Option<&Tensor>,
+        encoder_hidden_states: Option<&Tensor>,
+        upsample_size: Option<(usize, usize)>,
+    ) -> Result<Tensor> {
+        let hidden_states = up_resnets_forward(&self.resnets, hidden_states, res_hidden_states, temb, |i, h| {
+            self.attentions[i].forward(&h, encoder_hidden_states)
+        })?;
+        match &self.upsampler {
+            Some(upsampler) => upsampler.forward(&hidden_states, upsample_size),
+            None => Ok(hidden_states),
+        }
     }
 }

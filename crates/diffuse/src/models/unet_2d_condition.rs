@@ -1,0 +1,686 @@
+//! `UNet2DConditionModel`, the text-conditioned latent UNet of Stable Diffusion 1.x and 2.x;
+//! port of diffusers/models/unets/unet_2d_condition.py.
+//!
+//! Every argument of diffusers' `__init__` is a config field with its default. The ones that
+//! only other model families use (SDXL's added embeddings, Kandinsky's projections, LCM's
+//! timestep conditioning, GLIGEN, dual cross-attention, class embeddings other than a plain
+//! `num_class_embeds` table) are parsed and refused with an error naming the key when set.
+
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Deserializer};
+
+use super::embeddings::{GaussianFourierProjection, TimestepEmbedding, TimestepEmbeddingConfig, Timesteps};
+use super::resnet::TimeEmbeddingNorm;
+use super::unet_2d::SampleSize;
+use super::unet_2d_blocks::{
+    BlockArgs, CrossAttnArgs, CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D, MidBlockArgs, ResampleType, UNetMidBlock2D,
+    UNetMidBlock2DCrossAttn, UpBlock2D,
+};
+use super::{Activation, Conv2d, Embedding, GroupNorm};
+use crate::{bail, Error, Result};
+
+/// A setting given once for all blocks or as a list with one entry per down block.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock<T> {
+    One(T),
+    List(Vec<T>),
+}
+
+impl<T: Clone + std::fmt::Debug> PerBlock<T> {
+    /// One value per block (`num_blocks` of them); a list of another length is an error
+    /// naming `key`.
+    pub fn per_block(&self, key: &str, num_blocks: usize) -> Result<Vec<T>> {
+        match self {
+            PerBlock::One(value) => Ok(vec![value.clone(); num_blocks]),
+            PerBlock::List(values) if values.len() == num_blocks => Ok(values.clone()),
+            PerBlock::List(values) => Err(config_error(
+                key,
+                format!("has {} entries ({values:?}) but there are {num_blocks} down blocks", values.len()),
+            )),
+        }
+    }
+}
+
+/// `cross_attention_dim` as Stable Diffusion has it: one number. A per-block list is accepted
+/// only if all its entries are equal.
+fn deserialize_cross_attention_dim<'de, D: Deserializer<'de>>(deserializer: D) -> std::result::Result<usize, D::Error> {
+    match PerBlock::<usize>::deserialize(deserializer)? {
+        PerBlock::One(dim) => Ok(dim),
+        PerBlock::List(dims) => match dims.first() {
+            Some(&first) if dims.iter().all(|&d| d == first) => Ok(first),
+            _ => Err(serde::de::Error::custom(format!(
+                "a per-block list of different widths ({dims:?}) is not supported; Stable Diffusion UNets use one number"
+            ))),
+        },
+    }
+}
+
+fn default_cross_attention_dim() -> usize {
+    1280
+}
+
+/// The arguments of `UNet2DConditionModel.__init__`, as `config.json` stores them, with its
+/// defaults.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct UNet2DConditionModelConfig {
+    pub sample_size: Option<SampleSize>,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub center_input_sample: bool,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f64,
+    pub down_block_types: Vec<String>,
+    pub mid_block_type: Option<String>,
+    pub up_block_types: Vec<String>,
+    pub only_cross_attention: PerBlock<bool>,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: PerBlock<usize>,
+    pub downsample_padding: usize,
+    pub mid_block_scale_factor: f64,
+    pub dropout: f64,
+    pub act_fn: String,
+    /// `None` (no output normalisation) is not supported.
+    pub norm_num_groups: Option<usize>,
+    pub norm_eps: f64,
+    #[serde(deserialize_with = "deserialize_cross_attention_dim", default = "default_cross_attention_dim")]
+    pub cross_attention_dim: usize,
+    pub transformer_layers_per_block: PerBlock<usize>,
+    /// Refused if set (asymmetric UNets).
+    pub reverse_transformer_layers_per_block: Option<serde_json::Value>,
+    /// Refused if set (Kandinsky / IP-adapter style context projections).
+    pub encoder_hid_dim: Option<usize>,
+    pub encoder_hid_dim_type: Option<String>,
+    /// Despite its name, the number of attention heads of the cross-attention blocks (see
+    /// diffusers issue 2011): each head has `block_out_channels[i] / attention_head_dim[i]`
+    /// channels.
+    pub attention_head_dim: PerBlock<usize>,
+    /// Refused if set, as diffusers refuses it.
+    pub num_attention_heads: Option<PerBlock<usize>>,
+    /// Refused if true (versatile diffusion).
+    pub dual_cross_attention: bool,
+    pub use_linear_projection: bool,
+    /// Refused if set; `num_class_embeds` alone gives a class-embedding table.
+    pub class_embed_type: Option<String>,
+    /// Refused if set (SDXL, Kandinsky).
+    pub addition_embed_type: Option<String>,
+    pub addition_time_embed_dim: Option<usize>,
+    pub num_class_embeds: Option<usize>,
+    pub upcast_attention: bool,
+    pub resnet_time_scale_shift: String,
+    /// Only used by block types we do not build.
+    pub resnet_skip_time_act: bool,
+    /// Only used by block types we do not build.
+    pub resnet_out_scale_factor: f64,
+    /// `positional` or `fourier`.
+    pub time_embedding_type: String,
+    pub time_embedding_dim: Option<usize>,
+    pub time_embedding_act_fn: Option<String>,
+    pub timestep_post_act: Option<String>,
+    /// Refused if set (LCM's guidance embedding).
+    pub time_cond_proj_dim: Option<usize>,
+    pub conv_in_kernel: usize,
+    pub conv_out_kernel: usize,
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    /// Only `default` (`gated` is GLIGEN).
+    pub attention_type: String,
+    /// Refused if true.
+    pub class_embeddings_concat: bool,
+    /// Only used by `UNetMidBlock2DSimpleCrossAttn`, which we do not build.
+    pub mid_block_only_cross_attention: Option<bool>,
+    /// Only used by the simple cross-attention blocks, which we do not build.
+    pub cross_attention_norm: Option<String>,
+    pub addition_embed_type_num_heads: usize,
+}
+
+impl Default for UNet2DConditionModelConfig {
+    fn default() -> Self {
+        let strings = |names: &[&str]| names.iter().map(|n| n.to_string()).collect();
+        Self {
+            sample_size: None,
+            in_channels: 4,
+            out_channels: 4,
+            center_input_sample: false,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
+            down_block_types: strings(&["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]),
+            mid_block_type: Some("UNetMidBlock2DCrossAttn".to_string()),
+            up_block_types: strings(&["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
+            only_cross_attention: PerBlock::One(false),
+            block_out_channels: vec![320, 640, 1280, 1280],
+            layers_per_block: PerBlock::One(2),
+            downsample_padding: 1,
+            mid_block_scale_factor: 1.0,
+            dropout: 0.0,
+            act_fn: "silu".to_string(),
+            norm_num_groups: Some(32),
+            norm_eps: 1e-5,
+            cross_attention_dim: default_cross_attention_dim(),
+            transformer_layers_per_block: PerBlock::One(1),
+            reverse_transformer_layers_per_block: None,
+            encoder_hid_dim: None,
+            encoder_hid_dim_type: None,
+            attention_head_dim: PerBlock::One(8),
+            num_attention_heads: None,
+            dual_cross_attention: false,
+            use_linear_projection: false,
+            class_embed_type: None,
+            addition_embed_type: None,
+            addition_time_embed_dim: None,
+            num_class_embeds: None,
+            upcast_attention: false,
+            resnet_time_scale_shift: "default".to_string(),
+            resnet_skip_time_act: false,
+            resnet_out_scale_factor: 1.0,
+            time_embedding_type: "positional".to_string(),
+            time_embedding_dim: None,
+            time_embedding_act_fn: None,
+            timestep_post_act: None,
+            time_cond_proj_dim: None,
+            conv_in_kernel: 3,
+            conv_out_kernel: 3,
+            projection_class_embeddings_input_dim: None,
+            attention_type: "default".to_string(),
+            class_embeddings_concat: false,
+            mid_block_only_cross_attention: None,
+            cross_attention_norm: None,
+            addition_embed_type_num_heads: 64,
+        }
+    }
+}
+
+impl UNet2DConditionModelConfig {
+    /// The latent (height, width) the model was trained at: `sample_size`, or 64×64 (Stable
+    /// Diffusion 1.x's 512-pixel images) when the config does not say.
+    pub fn sample_size_hw(&self) -> (usize, usize) {
+        self.sample_size.map(|size| size.height_width()).unwrap_or((64, 64))
+    }
+
+    /// Refuses the settings of other model families that we do not implement.
+    fn check_supported(&self) -> Result<()> {
+        let refuse = |key: &str, what: &str| Err(config_error(key, format!("{what} is not supported")));
+        if let Some(heads) = &self.num_attention_heads {
+            return Err(config_error(
+                "num_attention_heads",
+                format!(
+                    "is {heads:?}, but must not be set (diffusers refuses it too, because of the naming issue \
+                     described in diffusers issue 2011; set `attention_head_dim` to the number of heads)"
+                ),
+            ));
+        }
+        if let Some(dim) = self.encoder_hid_dim {
+            return refuse("encoder_hid_dim", &format!("projecting the context from width {dim}"));
+        }
+        if let Some(kind) = &self.encoder_hid_dim_type {
+            return refuse("encoder_hid_dim_type", &format!("`{kind}`"));
+        }
+        if let Some(kind) = &self.class_embed_type {
+            return refuse(
+                "class_embed_type",
+                &format!("`{kind}` (only a plain `num_class_embeds` table, with class_embed_type null,)"),
+            );
+        }
+        if let Some(kind) = &self.addition_embed_type {
+            return refuse("addition_embed_type", &format!("`{kind}`"));
+        }
+        if let Some(dim) = self.time_cond_proj_dim {
+            return refuse("time_cond_proj_dim", &format!("timestep conditioning of width {dim}"));
+        }
+        if self.dual_cross_attention {
+            return refuse("dual_cross_attention", "dual cross-attention");
+        }
+        if self.class_embeddings_concat {
+            return refuse("class_embeddings_concat", "concatenating class embeddings");
+        }
+        if self.attention_type != "default" {
+            return refuse("attention_type", &format!("`{}` (only `default`)", self.attention_type));
+        }
+        if matches!(&self.reverse_transformer_layers_per_block, Some(value) if !value.is_null()) {
+            return refuse("reverse_transformer_layers_per_block", "an asymmetric UNet");
+        }
+        if self.norm_num_groups.is_none() {
+            return refuse("norm_num_groups", "null (no normalisation)");
+        }
+        Ok(())
+    }
+}
+
+/// Maps a configuration problem to an error naming the key.
+fn config_error(key: &str, message: impl std::fmt::Display) -> Error {
+    Error::invalid(format!("UNet2DConditionModel config: key `{key}`: {message}"))
+}
+
+/// Names the config entry of a block that failed to build.
+fn prefix_block_error(error: Error, key: &str, index: usize) -> Error {
+    match error {
+        Error::InvalidInput(message) => Error::invalid(format!("UNet2DConditionModel config: key `{key}[{index}]`: {message}")),
+        other => other,
+    }
+}
+
+/// The down block types we build.
+const SUPPORTED_DOWN_BLOCKS: &[&str] = &["CrossAttnDownBlock2D", "DownBlock2D"];
+/// The up block types we build.
+const SUPPORTED_UP_BLOCKS: &[&str] = &["CrossAttnUpBlock2D", "UpBlock2D"];
+
+/// How timesteps become vectors (`time_proj`).
+#[derive(Debug, Clone)]
+enum TimeProjection {
+    Positional(Timesteps),
+    Fourier(GaussianFourierProjection),
+}
+
+impl TimeProjection {
+    fn forward(&self, timesteps: &Tensor) -> Result<Tensor> {
+        match self {
+            TimeProjection::Positional(projection) => projection.forward(timesteps),
+            TimeProjection::Fourier(projection) => projection.forward(timesteps),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum DownBlock {
+    CrossAttn(CrossAttnDownBlock2D),
+    Plain(DownBlock2D),
+}
+
+#[derive(Debug, Clone)]
+enum MidBlock {
+    CrossAttn(UNetMidBlock2DCrossAttn),
+    Plain(UNetMidBlock2D),
+}
+
+#[derive(Debug, Clone)]
+enum UpBlock {
+    CrossAttn(CrossAttnUpBlock2D),
+    Plain(UpBlock2D),
+}
+
+impl UpBlock {
+    fn num_resnets(&self) -> usize {
+        match self {
+            UpBlock::CrossAttn(block) => block.num_resnets(),
+            UpBlock::Plain(block) => block.num_resnets(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UNet2DConditionModel {
+    config: UNet2DConditionModelConfig,
+    conv_in: Conv2d,
+    time_proj: TimeProjection,
+    time_embedding: TimestepEmbedding,
+    class_embedding: Option<Embedding>,
+    time_embed_act: Option<Activation>,
+    down_blocks: Vec<DownBlock>,
+    mid_block: Option<MidBlock>,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_act: Activation,
+    conv_out: Conv2d,
+    /// How many up blocks double the resolution.
+    num_upsamplers: usize,
+}
+
+impl UNet2DConditionModel {
+    pub fn new(vb: VarBuilder, config: &UNet2DConditionModelConfig) -> Result<Self> {
+        config.check_supported()?;
+        let block_out_channels = &config.block_out_channels;
+        let num_blocks = config.down_block_types.len();
+        if config.up_block_types.len() != num_blocks {
+            return Err(config_error(
+                "up_block_types",
+                format!(
+                    "must have as many entries as `down_block_types` ({:?} vs {:?})",
+                    config.up_block_types, config.down_block_types
+                ),
+            ));
+        }
+        if block_out_channels.len() != num_blocks {
+            return Err(config_error(
+                "block_out_channels",
+                format!(
+                    "must have as many entries as `down_block_types` ({block_out_channels:?} vs {:?})",
+                    config.down_block_types
+                ),
+            ));
+        }
+        let Some(&first_channels) = block_out_channels.first() else {
+            return Err(config_error("block_out_channels", "must not be empty"));
+        };
+        let last_channels = block_out_channels[num_blocks - 1];
+        let norm_num_groups = config.norm_num_groups.unwrap_or(32);
+        let act_fn = Activation::from_name(&config.act_fn).map_err(|e| config_error("act_fn", e))?;
+        let time_scale_shift = TimeEmbeddingNorm::from_name(&config.resnet_time_scale_shift)
+            .map_err(|e| config_error("resnet_time_scale_shift", e))?;
+        let optional_activation = |key: &str, name: &Option<String>| -> Result<Option<Activation>> {
+            name.as_deref().map(|name| Activation::from_name(name).map_err(|e| config_error(key, e))).transpose()
+        };
+        let time_embed_act = optional_activation("time_embedding_act_fn", &config.time_embedding_act_fn)?;
+        let timestep_post_act = optional_activation("timestep_post_act", &config.timestep_post_act)?;
+        for (key, kernel) in [("conv_in_kernel", config.conv_in_kernel), ("conv_out_kernel", config.conv_out_kernel)] {
+            if kernel.is_multiple_of(2) {
+                return Err(config_error(key, format!("{kernel} is not odd, so the convolution would change the size")));
+            }
+        }
+
+        // diffusers' naming: `attention_head_dim` holds the numbers of heads.
+        let num_attention_heads = config.attention_head_dim.per_block("attention_head_dim", num_blocks)?;
+        let only_cross_attention = config.only_cross_attention.per_block("only_cross_attention", num_blocks)?;
+        let layers_per_block = config.layers_per_block.per_block("layers_per_block", num_blocks)?;
+        let transformer_layers_per_block =
+            config.transformer_layers_per_block.per_block("transformer_layers_per_block", num_blocks)?;
+
+        // input
+        let conv_in = Conv2d::new(
+            vb.pp("conv_in"),
+            config.in_channels,
+            first_channels,
+            config.conv_in_kernel,
+            1,
+            (config.conv_in_kernel - 1) / 2,
+            true,
+        )?;
+
+        // time (`time_embedding_dim or ...`: 0 counts as unset, as in Python)
+        let time_embedding_dim = config.time_embedding_dim.filter(|&d| d > 0);
+        let (time_proj, time_embed_dim, timestep_input_dim) = match config.time_embedding_type.as_str() {
+            "fourier" => {
+                let time_embed_dim = time_embedding_dim.unwrap_or(first_channels * 2);
+                if !time_embed_dim.is_multiple_of(2) {
+                    return Err(config_error(
+                        "time_embedding_dim",
+                        format!("the time embedding width {time_embed_dim} must be even for `fourier` embeddings"),
+                    ));
+                }
+                let projection =
+                    GaussianFourierProjection::new(vb.pp("time_proj"), time_embed_dim / 2, false, config.flip_sin_to_cos)?;
+                (TimeProjection::Fourier(projection), time_embed_dim, time_embed_dim)
+            }
+            "positional" => (
+                TimeProjection::Positional(Timesteps::new(first_channels, config.flip_sin_to_cos, config.freq_shift)),
+                time_embedding_dim.unwrap_or(first_channels * 4),
+                first_channels,
+            ),
+            other => {
+                return Err(config_error(
+                    "time_embedding_type",
+                    format!("`{other}` is not supported (supported: positional, fourier)"),
+                ))
+            }
+        };
+        let time_embedding = TimestepEmbedding::new(
+            vb.pp("time_embedding"),
+            timestep_input_dim,
+            time_embed_dim,
+            &TimestepEmbeddingConfig { act_fn, post_act_fn: timestep_post_act, ..TimestepEmbeddingConfig::default() },
+        )?;
+        let class_embedding = match config.num_class_embeds {
+            Some(num_class_embeds) => Some(Embedding::new(vb.pp("class_embedding"), num_class_embeds, time_embed_dim)?),
+            None => None,
+        };
+
+        let cross_args = |i: usize, only_cross_attention: bool| CrossAttnArgs {
+            transformer_layers_per_block: transformer_layers_per_block[i],
+            num_attention_heads: num_attention_heads[i],
+            cross_attention_dim: config.cross_attention_dim,
+            use_linear_projection: config.use_linear_projection,
+            only_cross_attention,
+            upcast_attention: config.upcast_attention,
+        };
+        let block_args = |num_layers: usize, in_channels: usize, out_channels: usize, prev_output_channel: usize, add_resample: bool| {
+            BlockArgs {
+                num_layers,
+                in_channels,
+                out_channels,
+                prev_output_channel,
+                temb_channels: Some(time_embed_dim),
+                add_resample,
+                resnet_eps: config.norm_eps,
+                resnet_act_fn: act_fn,
+                resnet_groups: norm_num_groups,
+                attention_head_dim: None,
+                downsample_padding: config.downsample_padding,
+                resnet_time_scale_shift: time_scale_shift,
+                resnet_skip_time_act: config.resnet_skip_time_act,
+                resnet_out_scale_factor: config.resnet_out_scale_factor,
+                resample_type: ResampleType::Conv,
+            }
+        };
+
+        // down
+        let mut down_blocks = Vec::with_capacity(num_blocks);
+        let mut output_channel = first_channels;
+        for (i, block_type) in config.down_block_types.iter().enumerate() {
+            let input_channel = output_channel;
+            output_channel = block_out_channels[i];
+            let is_final_block = i == num_blocks - 1;
+            let args = block_args(layers_per_block[i], input_channel, output_channel, 0, !is_final_block);
+            let vb = vb.pp("down_blocks").pp(i);
+            let block = match block_type.strip_prefix("UNetRes").unwrap_or(block_type) {
+                "CrossAttnDownBlock2D" => {
+                    CrossAttnDownBlock2D::new(vb, &args, &cross_args(i, only_cross_attention[i])).map(DownBlock::CrossAttn)
+                }
+                "DownBlock2D" => DownBlock2D::new(vb, &args).map(DownBlock::Plain),
+                other => Err(Error::invalid(format!(
+                    "down block type `{other}` is not supported (supported: {})",
+                    SUPPORTED_DOWN_BLOCKS.join(", ")
+                ))),
+            };
+            down_blocks.push(block.map_err(|e| prefix_block_error(e, "down_block_types", i))?);
+        }
+
+        // mid
+        let mid_args = MidBlockArgs {
+            in_channels: last_channels,
+            temb_channels: Some(time_embed_dim),
+            num_layers: 1,
+            resnet_eps: config.norm_eps,
+            resnet_time_scale_shift: time_scale_shift,
+            resnet_act_fn: act_fn,
+            resnet_groups: Some(norm_num_groups),
+            attn_groups: None,
+            add_attention: false,
+            attention_head_dim: None,
+            output_scale_factor: config.mid_block_scale_factor,
+        };
+        let mid_block = match config.mid_block_type.as_deref() {
+            None => None,
+            Some("UNetMidBlock2DCrossAttn") => {
+                let cross = cross_args(num_blocks - 1, false);
+                Some(MidBlock::CrossAttn(UNetMidBlock2DCrossAttn::new(vb.pp("mid_block"), &mid_args, &cross)?))
+            }
+            // `get_mid_block` builds this one with a single resnet and no attention.
+            Some("UNetMidBlock2D") => {
+                let args = MidBlockArgs { num_layers: 0, ..mid_args };
+                Some(MidBlock::Plain(UNetMidBlock2D::new(vb.pp("mid_block"), &args)?))
+            }
+            Some(other) => {
+                return Err(config_error(
+                    "mid_block_type",
+                    format!("`{other}` is not supported (supported: UNetMidBlock2DCrossAttn, UNetMidBlock2D, null)"),
+                ))
+            }
+        };
+
+        // up: the per-block settings are read in reverse
+        let reversed = |i: usize| num_blocks - 1 - i;
+        let mut up_blocks = Vec::with_capacity(num_blocks);
+        let mut num_upsamplers = 0;
+        let mut output_channel = block_out_channels[reversed(0)];
+        for (i, block_type) in config.up_block_types.iter().enumerate() {
+            let is_final_block = i == num_blocks - 1;
+            let prev_output_channel = output_channel;
+            output_channel = block_out_channels[reversed(i)];
+            let input_channel = block_out_channels[reversed((i + 1).min(num_blocks - 1))];
+            if !is_final_block {
+                num_upsamplers += 1;
+            }
+            let args = block_args(
+                layers_per_block[reversed(i)] + 1,
+                input_channel,
+                output_channel,
+                prev_output_channel,
+                !is_final_block,
+            );
+            let vb = vb.pp("up_blocks").pp(i);
+            let block = match block_type.strip_prefix("UNetRes").unwrap_or(block_type) {
+                "CrossAttnUpBlock2D" => {
+                    let cross = cross_args(reversed(i), only_cross_attention[reversed(i)]);
+                    CrossAttnUpBlock2D::new(vb, &args, &cross).map(UpBlock::CrossAttn)
+                }
+                "UpBlock2D" => UpBlock2D::new(vb, &args).map(UpBlock::Plain),
+                other => Err(Error::invalid(format!(
+                    "up block type `{other}` is not supported (supported: {})",
+                    SUPPORTED_UP_BLOCKS.join(", ")
+                ))),
+            };
+            up_blocks.push(block.map_err(|e| prefix_block_error(e, "up_block_types", i))?);
+        }
+
+        // out
+        let conv_norm_out = GroupNorm::new(vb.pp("conv_norm_out"), norm_num_groups, first_channels, config.norm_eps)?;
+        let conv_out = Conv2d::new(
+            vb.pp("conv_out"),
+            first_channels,
+            config.out_channels,
+            config.conv_out_kernel,
+            1,
+            (config.conv_out_kernel - 1) / 2,
+            true,
+        )?;
+
+        Ok(Self {
+            config: config.clone(),
+            conv_in,
+            time_proj,
+            time_embedding,
+            class_embedding,
+            time_embed_act,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out,
+            conv_act: act_fn,
+            conv_out,
+            num_upsamplers,
+        })
+    }
+
+    pub fn config(&self) -> &UNet2DConditionModelConfig {
+        &self.config
+    }
+
+    /// Predicts from a noisy latent `sample` (`[B, in_channels, H, W]`) at `timesteps` (`[B]`
+    /// or one value, f32) conditioned on `encoder_hidden_states` (the text encoder's output,
+    /// `[B, T, cross_attention_dim]`) the model output (noise, sample or v) `[B, out_channels,
+    /// H, W]`. Any H and W work; sides that are not multiples of 2^(levels-1) are upsampled
+    /// back to the sizes of the skip connections, as in diffusers.
+    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+        self.forward_with_class_labels(sample, timesteps, encoder_hidden_states, None)
+    }
+
+    /// [`Self::forward`] for models with a class-embedding table (`num_class_embeds`, e.g. the
+    /// noise level of the x4 upscaler): `class_labels` (`[B]` integers) are required by those
+    /// models and refused by others.
+    pub fn forward_with_class_labels(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        class_labels: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (batch, channels, height, width) = sample.dims4()?;
+        if channels != self.config.in_channels {
+            bail!("the sample has {channels} channels, but the UNet takes {}", self.config.in_channels);
+        }
+        let context_dims = encoder_hidden_states.dims();
+        if context_dims.len() != 3 || context_dims[0] != batch || context_dims[2] != self.config.cross_attention_dim {
+            bail!(
+                "encoder_hidden_states should be [{batch}, tokens, {}] (batch, tokens, cross_attention_dim), got {context_dims:?}",
+                self.config.cross_attention_dim
+            );
+        }
+
+        // Sides that are not multiples of the overall upsampling factor need the up blocks to
+        // interpolate to the skip connections' sizes instead of doubling.
+        let overall_up_factor = 1usize << self.num_upsamplers;
+        let forward_upsample_size = !height.is_multiple_of(overall_up_factor) || !width.is_multiple_of(overall_up_factor);
+
+        // 0. center input if necessary
+        let sample = if self.config.center_input_sample { sample.affine(2.0, -1.0)? } else { sample.clone() };
+
+        // 1. time
+        let timesteps = timesteps.to_dtype(DType::F32)?.flatten_all()?;
+        let timesteps = match timesteps.elem_count() {
+            n if n == batch => timesteps,
+            1 => timesteps.broadcast_as(batch)?.contiguous()?,
+            n => bail!("got {n} timesteps for a batch of {batch}"),
+        };
+        let t_emb = self.time_proj.forward(&timesteps)?.to_dtype(sample.dtype())?;
+        let mut emb = self.time_embedding.forward(&t_emb, None)?;
+        match (&self.class_embedding, class_labels) {
+            (Some(class_embedding), Some(class_labels)) => {
+                emb = (emb + class_embedding.forward(class_labels)?.to_dtype(sample.dtype())?)?;
+            }
+            (Some(_), None) => bail!("class_labels should be provided when num_class_embeds > 0"),
+            (None, Some(_)) => bail!("class labels were given, but this UNet has no class embedding (num_class_embeds)"),
+            (None, None) => {}
+        }
+        if let Some(activation) = &self.time_embed_act {
+            emb = activation.forward(&emb)?;
+        }
+        let emb = Some(&emb);
+        let context = Some(encoder_hidden_states);
+
+        // 2. pre-process
+        let mut sample = self.conv_in.forward(&sample)?;
+
+        // 3. down
+        let mut down_block_res_samples = vec![sample.clone()];
+        for down_block in &self.down_blocks {
+            let (hidden_states, res_samples) = match down_block {
+                DownBlock::CrossAttn(block) => block.forward(&sample, emb, context)?,
+                DownBlock::Plain(block) => block.forward(&sample, emb)?,
+            };
+            sample = hidden_states;
+            down_block_res_samples.extend(res_samples);
+        }
+
+        // 4. mid
+        sample = match &self.mid_block {
+            Some(MidBlock::CrossAttn(block)) => block.forward(&sample, emb, context)?,
+            Some(MidBlock::Plain(block)) => block.forward(&sample, emb)?,
+            None => sample,
+        };
+
+        // 5. up
+        let mut upsample_size = None;
+        for (i, up_block) in self.up_blocks.iter().enumerate() {
+            let is_final_block = i == self.up_blocks.len() - 1;
+            let count = up_block.num_resnets();
+            if count > down_block_res_samples.len() {
+                bail!("up block {i} needs {count} skip connections, {} left", down_block_res_samples.len());
+            }
+            let res_samples = down_block_res_samples.split_off(down_block_res_samples.len() - count);
+            if !is_final_block && forward_upsample_size {
+                if let Some(next_skip) = down_block_res_samples.last() {
+                    let (_, _, skip_height, skip_width) = next_skip.dims4()?;
+                    upsample_size = Some((skip_height, skip_width));
+                }
+            }
+            sample = match up_block {
+                UpBlock::CrossAttn(block) => block.forward(&sample, &res_samples, emb, context, upsample_size)?,
+                UpBlock::Plain(block) => block.forward(&sample, &res_samples, emb, upsample_size)?,
+            };
+        }
+
+        // 6. post-process
+        let sample = self.conv_act.forward(&self.conv_norm_out.forward(&sample)?)?;
+        self.conv_out.forward(&sample)
+    }
+}
