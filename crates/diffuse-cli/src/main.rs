@@ -41,10 +41,15 @@ enum Command {
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// A diffusers pipeline folder: Stable Diffusion (tokenizer/, text_encoder/, unet/, vae/,
-    /// scheduler/) or pixel-space DDPM (unet/, scheduler/).
+    /// The model: a diffusers pipeline folder (Stable Diffusion: tokenizer/, text_encoder/,
+    /// unet/, vae/, scheduler/; pixel-space DDPM: unet/, scheduler/), or a Hugging Face repo id
+    /// (ORG/NAME) found in the local Hugging Face cache (downloaded when missing, unless
+    /// HF_HUB_OFFLINE=1).
     #[arg(long)]
-    model: PathBuf,
+    model: String,
+    /// With a repo id: the branch, tag or commit to use.
+    #[arg(long)]
+    revision: Option<String>,
     /// The text prompt (Stable Diffusion models). An empty prompt is valid.
     #[arg(long)]
     prompt: Option<String>,
@@ -186,18 +191,19 @@ fn generate(args: GenerateArgs) -> Result<()> {
         .map(|s| parse_override(s).with_context(|| "--scheduler-config".to_string()))
         .collect::<Result<Vec<_>>>()?;
     let device = Device::Cpu;
-    if !args.model.is_dir() {
-        bail!("--model {}: no such folder", args.model.display());
+    let model_dir = diffuse::loading::hub::resolve_model(&args.model, args.revision.as_deref(), args.variant.as_deref())?;
+    if !model_dir.is_dir() {
+        bail!("--model {}: not a model folder", args.model);
     }
     let seed = args.seed.unwrap_or_else(random_seed);
     let mut generator = TorchGenerator::new(seed);
     let start = Instant::now();
-    let (samples, sampler, summary) = if is_stable_diffusion_folder(&args.model) {
+    let (samples, sampler, summary) = if is_stable_diffusion_folder(&model_dir) {
         let dtype = parse_dtype(&args.dtype, &device)?;
         if args.class_label.is_some() {
             bail!("--class-label is for class-conditional pixel-space models; this is a Stable Diffusion folder");
         }
-        let mut pipeline = StableDiffusionPipeline::load(&args.model, args.scheduler.as_deref(), &overrides, args.variant.as_deref(), &device, dtype)?;
+        let mut pipeline = StableDiffusionPipeline::load(&model_dir, args.scheduler.as_deref(), &overrides, args.variant.as_deref(), &device, dtype)?;
         let options = TextToImageOptions {
             prompt: args.prompt.clone().unwrap_or_default(),
             negative_prompt: args.negative_prompt.clone(),
@@ -242,9 +248,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
         (images, args.scheduler.clone().unwrap_or_else(|| pipeline.scheduler.class_name.clone()), summary)
     } else {
         if args.prompt.is_some() || args.negative_prompt.is_some() {
-            bail!("--prompt needs a Stable Diffusion folder (text_encoder/, vae/); {} is a pixel-space model", args.model.display());
+            bail!("--prompt needs a Stable Diffusion folder (text_encoder/, vae/); {} is a pixel-space model", args.model);
         }
-        let mut pipeline = PixelPipeline::load(&args.model, args.scheduler.as_deref(), &overrides, args.variant.as_deref(), &device)?;
+        let mut pipeline = PixelPipeline::load(&model_dir, args.scheduler.as_deref(), &overrides, args.variant.as_deref(), &device)?;
         let options = PixelOptions { num_inference_steps: args.steps, num_images: args.num_images, eta: args.eta, class_label: args.class_label };
         pipeline.validate(&options)?;
         if !args.quiet {
@@ -285,7 +291,7 @@ fn infotext(args: &GenerateArgs, sampler: &str, seed: u64, width: usize, height:
             text.push_str(&format!("Negative prompt: {negative}\n"));
         }
     }
-    let model = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let model = Path::new(&args.model).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     text.push_str(&format!("Steps: {}, Sampler: {sampler}", args.steps));
     if args.prompt.is_some() {
         text.push_str(&format!(", CFG scale: {}", args.guidance_scale));
