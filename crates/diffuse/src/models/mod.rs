@@ -5,10 +5,12 @@
 //! modules diffusers builds on); their arithmetic goes through [`crate::ops`].
 
 pub mod attention_processor;
+pub mod autoencoder_kl;
 pub mod embeddings;
 pub mod resnet;
 pub mod unet_2d;
 pub mod unet_2d_blocks;
+pub mod vae;
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
