@@ -70,8 +70,9 @@ impl DownEncoderBlock2D {
         Ok(Self { resnets, downsampler })
     }
 
-    pub fn forward(&self, hidden_states: &Tensor) -> Result<Tensor> {
-        let mut hidden_states = hidden_states.clone();
+    /// Takes the input by value so that it is freed as soon as the first resnet is done
+    /// with it (at 512×512 each activation is hundreds of MB).
+    pub fn forward(&self, mut hidden_states: Tensor) -> Result<Tensor> {
         for resnet in &self.resnets {
             hidden_states = resnet.forward(&hidden_states, None)?;
         }
@@ -100,8 +101,9 @@ impl UpDecoderBlock2D {
         Ok(Self { resnets, upsampler })
     }
 
-    pub fn forward(&self, hidden_states: &Tensor) -> Result<Tensor> {
-        let mut hidden_states = hidden_states.clone();
+    /// Takes the input by value so that it is freed as soon as the first resnet is done
+    /// with it (at 512×512 each activation is hundreds of MB).
+    pub fn forward(&self, mut hidden_states: Tensor) -> Result<Tensor> {
         for resnet in &self.resnets {
             hidden_states = resnet.forward(&hidden_states, None)?;
         }
@@ -220,7 +222,7 @@ impl Encoder {
     pub fn forward(&self, sample: &Tensor) -> Result<Tensor> {
         let mut sample = self.conv_in.forward(sample)?;
         for down_block in &self.down_blocks {
-            sample = down_block.forward(&sample)?;
+            sample = down_block.forward(sample)?;
         }
         sample = self.mid_block.forward(&sample, None)?;
         // The final activation is always SiLU, whatever `act_fn` the resnets use.
@@ -304,7 +306,7 @@ impl Decoder {
         let mut sample = self.conv_in.forward(sample)?;
         sample = self.mid_block.forward(&sample, None)?;
         for up_block in &self.up_blocks {
-            sample = up_block.forward(&sample)?;
+            sample = up_block.forward(sample)?;
         }
         sample = ops::silu(&self.conv_norm_out.forward(&sample)?)?;
         self.conv_out.forward(&sample)
