@@ -5,6 +5,7 @@
 //! modules diffusers builds on); their arithmetic goes through [`crate::ops`].
 
 pub mod attention_processor;
+pub mod autoencoder_kl;
 pub mod clip_text;
 pub mod embeddings;
 pub mod resnet;
@@ -12,6 +13,7 @@ pub mod transformer_2d;
 pub mod unet_2d;
 pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
+pub mod vae;
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;

@@ -175,12 +175,17 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, input_tensor: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let hidden_states = self.nonlinearity.forward(&self.norm1.forward(input_tensor)?)?;
-        let (input_tensor, hidden_states) = match &self.resample {
-            Some(resample) => (resample.forward(input_tensor)?, resample.forward(&hidden_states)?),
-            None => (input_tensor.clone(), hidden_states),
+        // Intermediates are reassigned, not rebound with `let` (which would keep each alive
+        // to the end): in a 512×512 VAE decoder they are hundreds of MB each.
+        let mut hidden_states = self.nonlinearity.forward(&self.norm1.forward(input_tensor)?)?;
+        let mut input_tensor = match &self.resample {
+            Some(resample) => {
+                hidden_states = resample.forward(&hidden_states)?;
+                resample.forward(input_tensor)?
+            }
+            None => input_tensor.clone(),
         };
-        let mut hidden_states = self.conv1.forward(&hidden_states)?;
+        hidden_states = self.conv1.forward(&hidden_states)?;
 
         let temb = match (&self.time_emb_proj, temb) {
             (Some(time_emb_proj), Some(temb)) => {
@@ -207,12 +212,12 @@ impl ResnetBlock2D {
                 hidden_states.broadcast_mul(&(&chunks[0] + 1.0)?)?.broadcast_add(&chunks[1])?
             }
         };
-        let hidden_states = self.conv2.forward(&self.nonlinearity.forward(&hidden_states)?)?;
+        hidden_states = self.nonlinearity.forward(&hidden_states)?;
+        hidden_states = self.conv2.forward(&hidden_states)?;
 
-        let input_tensor = match &self.conv_shortcut {
-            Some(conv_shortcut) => conv_shortcut.forward(&input_tensor)?,
-            None => input_tensor,
-        };
+        if let Some(conv_shortcut) = &self.conv_shortcut {
+            input_tensor = conv_shortcut.forward(&input_tensor)?;
+        }
         let output = (input_tensor + hidden_states)?;
         Ok(if self.output_scale_factor != 1.0 { (output / self.output_scale_factor)? } else { output })
     }
