@@ -1,6 +1,7 @@
 //! Pipelines: the denoising loops of diffusers' pipelines, and turning their output into images.
 
 pub mod pixel;
+pub mod stable_diffusion;
 
 use std::path::Path;
 
