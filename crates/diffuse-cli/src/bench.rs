@@ -107,7 +107,7 @@ fn report(what: &str, times: &[f64]) {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let device = Device::Cpu;
-    let dtype = crate::parse_dtype(&args.dtype, &device)?;
+    let dtype = crate::generate::parse_dtype(&args.dtype, &device)?;
     if args.size == 0 || args.size % 8 != 0 || args.runs == 0 || args.batch == 0 {
         bail!("--size must be a positive multiple of 8, and --runs and --batch at least 1");
     }

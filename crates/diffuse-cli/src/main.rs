@@ -1,20 +1,11 @@
-//! `diffuse`: the command line over the diffuse library.
+//! `diffuse`: the command line over the diffuse library. Each subcommand lives in its own
+//! module; this file only parses and dispatches.
 
 mod bench;
+mod generate;
 
-use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
-use std::time::Instant;
-
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
-use diffuse::loading::config::parse_override;
-use diffuse::pipelines::pixel::{PixelOptions, PixelPipeline};
-use diffuse::pipelines::stable_diffusion::{is_stable_diffusion_folder, PhaseTimes, StableDiffusionPipeline, TextToImageOptions};
-use diffuse::pipelines::{to_uint8_images, write_png, SCHEDULER_NAMES};
-use diffuse::rng::TorchGenerator;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use diffuse::pipelines::SCHEDULER_NAMES;
 
 #[derive(Parser)]
 #[command(
@@ -31,7 +22,7 @@ struct Cli {
 enum Command {
     /// Generate images: text-to-image with a Stable Diffusion folder, or unconditional /
     /// class-conditional sampling with a pixel-space DDPM folder.
-    Generate(Box<GenerateArgs>),
+    Generate(Box<generate::GenerateArgs>),
     /// List the scheduler names that --scheduler accepts.
     Schedulers,
     /// Time the text encoder, one UNet step and one VAE decode (random weights for a named
@@ -39,80 +30,10 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
-#[derive(clap::Args)]
-struct GenerateArgs {
-    /// The model: a diffusers pipeline folder (Stable Diffusion: tokenizer/, text_encoder/,
-    /// unet/, vae/, scheduler/; pixel-space DDPM: unet/, scheduler/), or a Hugging Face repo id
-    /// (ORG/NAME) found in the local Hugging Face cache (downloaded when missing, unless
-    /// HF_HUB_OFFLINE=1).
-    #[arg(long)]
-    model: String,
-    /// With a repo id: the branch, tag or commit to use.
-    #[arg(long)]
-    revision: Option<String>,
-    /// The text prompt (Stable Diffusion models). An empty prompt is valid.
-    #[arg(long)]
-    prompt: Option<String>,
-    /// What the image should not look like (used when guidance is on).
-    #[arg(long)]
-    negative_prompt: Option<String>,
-    /// Classifier-free guidance scale; 1 or less turns guidance off (one UNet pass per step).
-    #[arg(long, default_value_t = 7.5)]
-    guidance_scale: f64,
-    /// Guidance rescale (Lin et al. 2023), 0 to 1; helps zero-terminal-SNR models.
-    #[arg(long, default_value_t = 0.0)]
-    guidance_rescale: f64,
-    /// Image width in pixels, a multiple of 8 (default: the UNet's sample_size × 8).
-    #[arg(long)]
-    width: Option<usize>,
-    /// Image height in pixels, a multiple of 8 (default: the UNet's sample_size × 8).
-    #[arg(long)]
-    height: Option<usize>,
-    /// Use an earlier CLIP layer as diffusers' clip_skip does (1 = the penultimate layer,
-    /// which AUTOMATIC1111 calls "Clip skip: 2").
-    #[arg(long)]
-    clip_skip: Option<usize>,
-    /// Weight and compute precision: f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
-    /// Sampler to use instead of the folder's own (see `diffuse schedulers`).
-    #[arg(long)]
-    scheduler: Option<String>,
-    /// Override a scheduler config key, as KEY=VALUE with VALUE a JSON literal or a bare
-    /// string (e.g. timestep_spacing=trailing, rescale_betas_zero_snr=true). Repeatable.
-    #[arg(long = "scheduler-config", value_name = "KEY=VALUE")]
-    scheduler_config: Vec<String>,
-    /// Number of denoising steps.
-    #[arg(long, default_value_t = 50)]
-    steps: usize,
-    /// Random seed (as torch.manual_seed); chosen at random and printed when omitted.
-    #[arg(long)]
-    seed: Option<u64>,
-    /// DDIM's eta: 0 is deterministic, 1 is DDPM-like (other schedulers ignore it).
-    #[arg(long, default_value_t = 0.0)]
-    eta: f64,
-    /// Class to generate, for class-conditional pixel-space models.
-    #[arg(long)]
-    class_label: Option<i64>,
-    /// Number of images, drawn as one batch from one generator as diffusers draws them.
-    /// With more than one, files are named FILE-0.png, FILE-1.png, ...
-    #[arg(long, default_value_t = 1)]
-    num_images: usize,
-    /// Load the `.VARIANT.safetensors` weight files (e.g. fp16).
-    #[arg(long)]
-    variant: Option<String>,
-    /// No progress bar or summary on stderr.
-    #[arg(long)]
-    quiet: bool,
-    /// Output PNG path.
-    #[arg(long)]
-    output: PathBuf,
-}
-
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(args) => generate(*args),
+        Command::Generate(args) => generate::run(*args),
         Command::Bench(args) => bench::run(args),
         Command::Schedulers => {
             for (name, class, _, description) in SCHEDULER_NAMES {
@@ -127,187 +48,3 @@ fn main() {
     }
 }
 
-fn output_paths(output: &Path, count: usize) -> Result<Vec<PathBuf>> {
-    if output.extension().and_then(|e| e.to_str()).map(|e| e.eq_ignore_ascii_case("png")) != Some(true) {
-        bail!("--output {} must end in .png", output.display());
-    }
-    let parent = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    if !parent.is_dir() {
-        bail!("--output {}: the folder {} does not exist", output.display(), parent.display());
-    }
-    if count == 1 {
-        return Ok(vec![output.to_path_buf()]);
-    }
-    let stem = output.file_stem().unwrap_or_default().to_string_lossy();
-    Ok((0..count).map(|i| output.with_file_name(format!("{stem}-{i}.png"))).collect())
-}
-
-fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
-    hasher.finish() & 0xffff_ffff
-}
-
-fn progress_bar(total: usize, quiet: bool) -> ProgressBar {
-    let bar = ProgressBar::new(total as u64);
-    if quiet || !std::io::stderr().is_terminal() {
-        bar.set_draw_target(ProgressDrawTarget::hidden());
-    } else {
-        bar.set_draw_target(ProgressDrawTarget::stderr());
-    }
-    bar.set_style(
-        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}, {per_sec}]")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_message("denoising");
-    bar
-}
-
-/// The compute dtype, refused up front when this device cannot run it.
-pub(crate) fn parse_dtype(name: &str, device: &Device) -> Result<DType> {
-    let dtype = match name {
-        "f32" | "fp32" | "float32" => DType::F32,
-        "f16" | "fp16" | "float16" => DType::F16,
-        "bf16" | "bfloat16" => DType::BF16,
-        other => bail!("--dtype {other} is not one of f32, f16, bf16"),
-    };
-    let probe = Tensor::ones((2, 2), dtype, device).and_then(|a| a.matmul(&a)).and_then(|a| a.conv2d(&a.reshape((1, 1, 2, 2))?.contiguous()?, 0, 1, 1, 1).map(|_| ()));
-    let probe = Tensor::ones((1, 1, 2, 2), dtype, device).and_then(|x| x.conv2d(&x, 0, 1, 1, 1)).and(probe);
-    if let Err(e) = probe {
-        bail!("--dtype {name} cannot run on this device ({}): use --dtype f32", e.to_string().lines().next().unwrap_or_default());
-    }
-    Ok(dtype)
-}
-
-fn generate(args: GenerateArgs) -> Result<()> {
-    let paths = output_paths(&args.output, args.num_images)?;
-    if args.steps == 0 {
-        bail!("--steps must be at least 1");
-    }
-    let overrides = args
-        .scheduler_config
-        .iter()
-        .map(|s| parse_override(s).with_context(|| "--scheduler-config".to_string()))
-        .collect::<Result<Vec<_>>>()?;
-    let device = Device::Cpu;
-    let model_dir = diffuse::loading::hub::resolve_model(&args.model, args.revision.as_deref(), args.variant.as_deref())?;
-    if !model_dir.is_dir() {
-        bail!("--model {}: not a model folder", args.model);
-    }
-    let seed = args.seed.unwrap_or_else(random_seed);
-    let mut generator = TorchGenerator::new(seed);
-    let start = Instant::now();
-    let (samples, sampler, summary) = if is_stable_diffusion_folder(&model_dir) {
-        let dtype = parse_dtype(&args.dtype, &device)?;
-        if args.class_label.is_some() {
-            bail!("--class-label is for class-conditional pixel-space models; this is a Stable Diffusion folder");
-        }
-        let mut pipeline = StableDiffusionPipeline::load(&model_dir, args.scheduler.as_deref(), &overrides, args.variant.as_deref(), &device, dtype)?;
-        let options = TextToImageOptions {
-            prompt: args.prompt.clone().unwrap_or_default(),
-            negative_prompt: args.negative_prompt.clone(),
-            num_inference_steps: args.steps,
-            guidance_scale: args.guidance_scale,
-            guidance_rescale: args.guidance_rescale,
-            num_images_per_prompt: args.num_images,
-            height: args.height,
-            width: args.width,
-            eta: args.eta,
-            clip_skip: args.clip_skip,
-        };
-        pipeline.validate(&options)?;
-        if !args.quiet {
-            eprintln!("seed: {seed}");
-        }
-        let bar = progress_bar(args.steps, args.quiet);
-        let mut times = PhaseTimes::default();
-        let quiet = args.quiet;
-        let images = pipeline.generate(
-            &options,
-            &mut generator,
-            &mut |i, n| {
-                bar.set_length(n as u64);
-                bar.set_position(i as u64);
-            },
-            &mut |warning| {
-                if !quiet {
-                    bar.suspend(|| eprintln!("warning: {warning}"));
-                }
-            },
-            &mut times,
-        )?;
-        bar.finish_and_clear();
-        let summary = format!(
-            "text encoding {:.2}s, denoising {:.2}s ({:.2} it/s), decoding {:.2}s",
-            times.text_encoding,
-            times.denoising,
-            args.steps as f64 / times.denoising.max(1e-9),
-            times.decoding
-        );
-        (images, args.scheduler.clone().unwrap_or_else(|| pipeline.scheduler.class_name.clone()), summary)
-    } else {
-        if args.prompt.is_some() || args.negative_prompt.is_some() {
-            bail!("--prompt needs a Stable Diffusion folder (text_encoder/, vae/); {} is a pixel-space model", args.model);
-        }
-        let mut pipeline = PixelPipeline::load(&model_dir, args.scheduler.as_deref(), &overrides, args.variant.as_deref(), &device)?;
-        let options = PixelOptions { num_inference_steps: args.steps, num_images: args.num_images, eta: args.eta, class_label: args.class_label };
-        pipeline.validate(&options)?;
-        if !args.quiet {
-            eprintln!("seed: {seed}");
-        }
-        let bar = progress_bar(args.steps, args.quiet);
-        let samples = pipeline.generate(&options, &mut generator, &mut |i, n| {
-            bar.set_length(n as u64);
-            bar.set_position(i as u64);
-        })?;
-        bar.finish_and_clear();
-        (samples, args.scheduler.clone().unwrap_or_else(|| pipeline.scheduler.class_name.clone()), String::new())
-    };
-    let images = to_uint8_images(&samples)?;
-    let parameters = infotext(&args, &sampler, seed, images[0].0, images[0].1);
-    for (path, (width, height, channels, pixels)) in paths.iter().zip(&images) {
-        write_png(path, *width, *height, *channels, pixels, &[("parameters", parameters.clone())])?;
-        println!("{}", path.display());
-    }
-    if !args.quiet {
-        let total = start.elapsed().as_secs_f64();
-        if summary.is_empty() {
-            eprintln!("seed {seed}, {} steps in {total:.2}s", args.steps);
-        } else {
-            eprintln!("seed {seed}, {total:.2}s: {summary}");
-        }
-    }
-    Ok(())
-}
-
-/// Generation parameters in the AUTOMATIC1111 web UI's "infotext" form.
-fn infotext(args: &GenerateArgs, sampler: &str, seed: u64, width: usize, height: usize) -> String {
-    let mut text = String::new();
-    if let Some(prompt) = &args.prompt {
-        text.push_str(prompt);
-        text.push('\n');
-        if let Some(negative) = &args.negative_prompt {
-            text.push_str(&format!("Negative prompt: {negative}\n"));
-        }
-    }
-    let model = Path::new(&args.model).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    text.push_str(&format!("Steps: {}, Sampler: {sampler}", args.steps));
-    if args.prompt.is_some() {
-        text.push_str(&format!(", CFG scale: {}", args.guidance_scale));
-    }
-    text.push_str(&format!(", Seed: {seed}, Size: {width}x{height}, Model: {model}"));
-    if args.eta != 0.0 {
-        text.push_str(&format!(", Eta: {}", args.eta));
-    }
-    if let Some(label) = args.class_label {
-        text.push_str(&format!(", Class label: {label}"));
-    }
-    if let Some(skip) = args.clip_skip {
-        text.push_str(&format!(", Clip skip: {}", skip + 1));
-    }
-    if args.guidance_rescale != 0.0 {
-        text.push_str(&format!(", Guidance rescale: {}", args.guidance_rescale));
-    }
-    text
-}

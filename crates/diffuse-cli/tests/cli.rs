@@ -152,3 +152,76 @@ fn bad_input_gives_clear_errors_and_no_output() {
     let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp")).collect();
     assert!(leftovers.is_empty());
 }
+
+#[test]
+fn text_to_image_matches_diffusers() {
+    let dir = scratch("sd");
+    let out = dir.join("cat.png");
+    let model = fixtures().join("sd/sd1");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a cat", "--negative-prompt",
+        "blurry, low quality", "--scheduler", "euler", "--steps", "8", "--seed", "3", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("text encoding") && stderr.contains("decoding"), "phase times: {stderr}");
+    let (pixels, text) = decode_png(&out);
+    let reference = candle_core::safetensors::load(fixtures().join("sd/cases/sd1_negative.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let expected = reference["images"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let mse = pixels.iter().zip(&expected).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / pixels.len() as f64;
+    let psnr = if mse == 0.0 { f64::INFINITY } else { 10.0 * (255f64.powi(2) / mse).log10() };
+    assert!(psnr >= 40.0, "PSNR {psnr}");
+    let parameters = &text.iter().find(|(k, _)| k == "parameters").expect("parameters chunk").1;
+    assert!(parameters.starts_with("a photo of a cat\nNegative prompt: blurry, low quality\nSteps: 8"), "{parameters}");
+    assert!(parameters.contains("CFG scale: 7.5") && parameters.contains("Seed: 3") && parameters.contains("Size: 64x64"), "{parameters}");
+}
+
+#[test]
+fn text_to_image_bad_input() {
+    let dir = scratch("sd-bad");
+    let out = dir.join("out.png");
+    let out_s = out.to_str().unwrap();
+    let sd = fixtures().join("sd/sd1");
+    let sd_s = sd.to_str().unwrap();
+    let base = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["generate", "--model", sd_s, "--prompt", "a cat", "--steps", "2", "--output", out_s].iter().map(|s| s.to_string()).collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |extra: &[&str], needle: &str| {
+        let args = base(extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_fails_with(&refs, needle);
+    };
+    run(&["--width", "60"], "multiples of 8");
+    run(&["--height", "100000", "--width", "100000"], "too large");
+    run(&["--dtype", "bf16"], "bf16");
+    run(&["--dtype", "f64"], "f32, f16, bf16");
+    run(&["--class-label", "1"], "class-conditional");
+    run(&["--clip-skip", "7"], "clip skip");
+    let pixel = fixtures().join("pixel/uncond");
+    assert_fails_with(&["generate", "--model", pixel.to_str().unwrap(), "--prompt", "x", "--output", out_s], "pixel-space");
+
+    let no_vae = dir.join("no-vae");
+    copy_dir(&sd, &no_vae);
+    std::fs::remove_dir_all(no_vae.join("vae")).unwrap();
+    assert_fails_with(&["generate", "--model", no_vae.to_str().unwrap(), "--prompt", "x", "--output", out_s], "`vae/` component is missing");
+
+    // A UNet whose cross_attention_dim does not match the text encoder.
+    let mismatch = dir.join("cross-dim");
+    copy_dir(&sd, &mismatch);
+    let te_config = mismatch.join("text_encoder/config.json");
+    let text = std::fs::read_to_string(&te_config).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    config["hidden_size"] = serde_json::json!(8);
+    config["intermediate_size"] = serde_json::json!(8);
+    std::fs::write(&te_config, config.to_string()).unwrap();
+    let (ok, _, stderr) = diffuse(&["generate", "--model", mismatch.to_str().unwrap(), "--prompt", "x", "--output", out_s]);
+    assert!(!ok && !stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("model.safetensors") || stderr.contains("cross_attention_dim"), "{stderr}");
+    assert!(!out.exists());
+
+    // The empty prompt is valid, as in diffusers.
+    let (ok, _, stderr) = diffuse(&["generate", "--model", sd_s, "--prompt", "", "--steps", "2", "--quiet", "--output", out_s]);
+    assert!(ok, "{stderr}");
+    assert!(out.exists());
+}

@@ -185,6 +185,13 @@ impl StableDiffusionPipeline {
         if options.num_inference_steps == 0 {
             return Err(Error::invalid("--steps must be at least 1"));
         }
+        let layers = self.text_encoder.config.num_hidden_layers;
+        if let Some(skip) = options.clip_skip.filter(|&skip| skip >= layers) {
+            return Err(Error::invalid(format!(
+                "clip skip {skip} is too large for a text encoder with {layers} layers (at most {})",
+                layers.saturating_sub(1)
+            )));
+        }
         if options.num_images_per_prompt == 0 {
             return Err(Error::invalid("--num-images must be at least 1"));
         }
