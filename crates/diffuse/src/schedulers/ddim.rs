@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::betas::{cumprod, make_betas, rescale_zero_terminal_snr};
+use super::betas::{alphas_cumprod, make_betas};
 use super::ddpm::{check_thresholding, in_config, predict_original_sample, PredictionType};
 use super::spacing::{check_spacing, integer_timesteps};
 use super::{add_noise_alphas_cumprod, threshold_sample, timesteps_as_indices, Scheduler};
@@ -73,18 +73,15 @@ impl DdimScheduler {
         if config.thresholding {
             check_thresholding(config.dynamic_thresholding_ratio, config.sample_max_value)?;
         }
-        let mut betas = make_betas(
+        let betas = make_betas(
             &config.beta_schedule,
             config.beta_start,
             config.beta_end,
             config.num_train_timesteps,
             config.trained_betas.as_deref(),
+            &[],
         )?;
-        if config.rescale_betas_zero_snr {
-            betas = rescale_zero_terminal_snr(&betas);
-        }
-        let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
-        let alphas_cumprod = cumprod(&alphas);
+        let alphas_cumprod = alphas_cumprod(&betas, config.rescale_betas_zero_snr);
         // The last step has no previous alpha_bar: either 1 (a clean sample) or alpha_bar_0.
         let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
         let timesteps = (0..config.num_train_timesteps).rev().map(|t| t as f64).collect();

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::betas::{cumprod, make_betas, rescale_zero_terminal_snr};
+use super::betas::{alphas_cumprod, make_betas};
 use super::ddim::epsilon_from_original;
 use super::ddpm::{in_config, predict_original_sample, PredictionType};
 use super::spacing::integer_timesteps;
@@ -75,18 +75,15 @@ impl DdimInverseScheduler {
                 )))
             }
         }
-        let mut betas = make_betas(
+        let betas = make_betas(
             &config.beta_schedule,
             config.beta_start,
             config.beta_end,
             config.num_train_timesteps,
             config.trained_betas.as_deref(),
+            &[],
         )?;
-        if config.rescale_betas_zero_snr {
-            betas = rescale_zero_terminal_snr(&betas);
-        }
-        let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
-        let alphas_cumprod = cumprod(&alphas);
+        let alphas_cumprod = alphas_cumprod(&betas, config.rescale_betas_zero_snr);
         // The first step starts below timestep 0: either from alpha_bar = 1 (so the step just
         // returns the predicted noise direction) or from alpha_bar_0.
         let set_alpha_to_one = config.set_alpha_to_zero.unwrap_or(config.set_alpha_to_one);

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::betas::{cumprod, linspace_f32, make_betas, rescale_zero_terminal_snr};
+use super::betas::{alphas_cumprod, make_betas};
 use super::spacing::{check_spacing, integer_timesteps};
 use super::{add_noise_alphas_cumprod, threshold_sample, timesteps_as_indices, Scheduler};
 use crate::loading::config::parse_config;
@@ -103,25 +103,15 @@ impl DdpmScheduler {
         if config.thresholding {
             check_thresholding(config.dynamic_thresholding_ratio, config.sample_max_value)?;
         }
-        let mut betas = match config.beta_schedule.as_str() {
-            // Two schedules only DDPM offers; the shared ones live in betas.rs.
-            "sigmoid" if config.trained_betas.is_none() => {
-                sigmoid_betas(config.beta_start, config.beta_end, config.num_train_timesteps)?
-            }
-            "laplace" if config.trained_betas.is_none() => laplace_betas(config.num_train_timesteps)?,
-            schedule => make_betas(
-                schedule,
-                config.beta_start,
-                config.beta_end,
-                config.num_train_timesteps,
-                config.trained_betas.as_deref(),
-            )?,
-        };
-        if config.rescale_betas_zero_snr {
-            betas = rescale_zero_terminal_snr(&betas);
-        }
-        let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
-        let alphas_cumprod = cumprod(&alphas);
+        let betas = make_betas(
+            &config.beta_schedule,
+            config.beta_start,
+            config.beta_end,
+            config.num_train_timesteps,
+            config.trained_betas.as_deref(),
+            &["sigmoid", "laplace"],
+        )?;
+        let alphas_cumprod = alphas_cumprod(&betas, config.rescale_betas_zero_snr);
         // Before `set_timesteps`, every training timestep, descending.
         let timesteps = (0..config.num_train_timesteps).rev().map(|t| t as f64).collect();
         Ok(DdpmScheduler { config, alphas_cumprod, timesteps, num_inference_steps: None, custom_timesteps: false })
@@ -350,35 +340,6 @@ pub(crate) fn in_config(error: Error, origin: &Path) -> Error {
         Error::InvalidInput(message) => Error::config(origin, message),
         other => other,
     }
-}
-
-/// GeoDiff's sigmoid schedule: `sigmoid(linspace(-6, 6)) * (beta_end - beta_start) + beta_start` in f32.
-fn sigmoid_betas(beta_start: f64, beta_end: f64, num_train_timesteps: usize) -> Result<Vec<f32>> {
-    if num_train_timesteps == 0 {
-        return Err(Error::invalid("num_train_timesteps must be at least 1"));
-    }
-    let scale = (beta_end - beta_start) as f32;
-    Ok(linspace_f32(-6.0, 6.0, num_train_timesteps)
-        .into_iter()
-        .map(|x| 1.0 / (1.0 + (-x).exp()) * scale + beta_start as f32)
-        .collect())
-}
-
-/// `betas_for_alpha_bar(..., alpha_transform_type="laplace")`: alpha_bar from a Laplace-shaped
-/// log-SNR, computed in f64 as Python floats, stored as f32.
-fn laplace_betas(num_train_timesteps: usize) -> Result<Vec<f32>> {
-    if num_train_timesteps == 0 {
-        return Err(Error::invalid("num_train_timesteps must be at least 1"));
-    }
-    let alpha_bar = |t: f64| {
-        let lmb = -0.5 * (0.5 - t).signum() * (1.0 - 2.0 * (0.5 - t).abs() + 1e-6).ln();
-        let snr = lmb.exp();
-        (snr / (1.0 + snr)).sqrt()
-    };
-    let n = num_train_timesteps as f64;
-    Ok((0..num_train_timesteps)
-        .map(|i| (1.0 - alpha_bar((i + 1) as f64 / n) / alpha_bar(i as f64 / n)).min(0.999) as f32)
-        .collect())
 }
 
 #[cfg(test)]

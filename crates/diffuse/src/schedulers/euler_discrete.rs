@@ -143,6 +143,7 @@ impl EulerDiscreteScheduler {
             config.beta_end,
             config.num_train_timesteps,
             config.trained_betas.as_deref(),
+            &[],
         )?;
         let alphas_cumprod = sigmas::alphas_cumprod(&betas, config.rescale_betas_zero_snr);
         let training_sigmas = sigmas::training_sigmas(&alphas_cumprod);

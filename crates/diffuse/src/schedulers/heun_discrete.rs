@@ -14,7 +14,7 @@ use super::sigmas::{self, at_origin, div_scalar, mul_scalar, sigma_at, Predictio
 use super::{betas, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
-use crate::{Error, Result};
+use crate::Result;
 
 /// `HeunDiscreteScheduler`'s `scheduler_config.json`, with diffusers' names and defaults.
 #[derive(Clone, Debug, Deserialize)]
@@ -84,16 +84,6 @@ pub struct HeunDiscreteScheduler {
     index: StepIndex,
 }
 
-/// `betas_for_alpha_bar(..., alpha_transform_type="exp")`: alpha_bar(t) = exp(-12 t), in f64
-/// as Python floats, stored as f32, each beta capped at 0.999.
-fn exp_betas(num_train_timesteps: usize) -> Vec<f32> {
-    let alpha_bar = |t: f64| (t * -12.0).exp();
-    let n = num_train_timesteps as f64;
-    (0..num_train_timesteps)
-        .map(|i| (1.0 - alpha_bar((i + 1) as f64 / n) / alpha_bar(i as f64 / n)).min(0.999) as f32)
-        .collect()
-}
-
 impl HeunDiscreteScheduler {
     pub fn new(config: HeunDiscreteSchedulerConfig) -> Result<Self> {
         let prediction_type = PredictionType::parse(&config.prediction_type)?;
@@ -103,20 +93,14 @@ impl HeunDiscreteScheduler {
             config.use_beta_sigmas.unwrap_or(false),
         )?;
         super::spacing::check_spacing(&config.timestep_spacing)?;
-        let betas = if config.beta_schedule == "exp" && config.trained_betas.is_none() {
-            if config.num_train_timesteps == 0 {
-                return Err(Error::invalid("num_train_timesteps must be at least 1"));
-            }
-            exp_betas(config.num_train_timesteps)
-        } else {
-            betas::make_betas(
-                &config.beta_schedule,
-                config.beta_start,
-                config.beta_end,
-                config.num_train_timesteps,
-                config.trained_betas.as_deref(),
-            )?
-        };
+        let betas = betas::make_betas(
+            &config.beta_schedule,
+            config.beta_start,
+            config.beta_end,
+            config.num_train_timesteps,
+            config.trained_betas.as_deref(),
+            &["exp"],
+        )?;
         let alphas_cumprod = sigmas::alphas_cumprod(&betas, false);
         let training_sigmas = sigmas::training_sigmas(&alphas_cumprod);
         let mut scheduler = Self {

@@ -88,6 +88,7 @@ impl LMSDiscreteScheduler {
             config.beta_end,
             config.num_train_timesteps,
             config.trained_betas.as_deref(),
+            &[],
         )?;
         let alphas_cumprod = sigmas::alphas_cumprod(&betas, false);
         let training_sigmas = sigmas::training_sigmas(&alphas_cumprod);

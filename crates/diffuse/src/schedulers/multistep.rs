@@ -8,7 +8,7 @@
 
 use candle_core::Tensor;
 
-use super::betas::{cumprod, make_betas, rescale_zero_terminal_snr};
+use super::betas::make_betas;
 use super::per_item;
 use super::spacing::np_linspace;
 use crate::{Error, Result};
@@ -24,12 +24,8 @@ pub(crate) fn alphas_cumprod(
     trained_betas: Option<&[f64]>,
     rescale_betas_zero_snr: bool,
 ) -> Result<Vec<f32>> {
-    let mut betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)?;
-    if rescale_betas_zero_snr {
-        betas = rescale_zero_terminal_snr(&betas);
-    }
-    let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
-    let mut alphas_cumprod = cumprod(&alphas);
+    let betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas, &[])?;
+    let mut alphas_cumprod = super::betas::alphas_cumprod(&betas, rescale_betas_zero_snr);
     if rescale_betas_zero_snr {
         if let Some(last) = alphas_cumprod.last_mut() {
             *last = 2f32.powi(-24);

@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::betas::{cumprod, make_betas};
+use super::betas::{alphas_cumprod, make_betas};
 use super::ddpm::{in_config, PredictionType};
 use super::spacing::integer_timesteps;
 use super::{add_noise_alphas_cumprod, timesteps_as_indices, Scheduler};
@@ -86,9 +86,9 @@ impl PndmScheduler {
             config.beta_end,
             config.num_train_timesteps,
             config.trained_betas.as_deref(),
+            &[],
         )?;
-        let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
-        let alphas_cumprod = cumprod(&alphas);
+        let alphas_cumprod = alphas_cumprod(&betas, false);
         let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
         Ok(PndmScheduler {
             config,

@@ -118,9 +118,7 @@ impl SigmaSchedule {
 /// is then 2^-24 instead of 0 (the smallest positive f16 subnormal), so that the first sigma
 /// is finite (4096) rather than infinite.
 pub fn alphas_cumprod(betas: &[f32], rescale_betas_zero_snr: bool) -> Vec<f32> {
-    let betas = if rescale_betas_zero_snr { betas::rescale_zero_terminal_snr(betas) } else { betas.to_vec() };
-    let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
-    let mut alphas_cumprod = betas::cumprod(&alphas);
+    let mut alphas_cumprod = betas::alphas_cumprod(betas, rescale_betas_zero_snr);
     if rescale_betas_zero_snr {
         if let Some(last) = alphas_cumprod.last_mut() {
             *last = 2f32.powi(-24);
@@ -373,7 +371,7 @@ mod tests {
     fn cumprod_accumulates_like_torch() {
         // torch.cumprod(1 - betas)[-1] for SD's scaled_linear betas: torch keeps the running
         // product in f64 on the CPU; an f32 product ends at 0.004660091.
-        let betas = betas::make_betas("scaled_linear", 0.00085, 0.012, 1000, None).unwrap();
+        let betas = betas::make_betas("scaled_linear", 0.00085, 0.012, 1000, None, &[]).unwrap();
         assert_eq!(alphas_cumprod(&betas, false)[999], 0.004_660_095_088_183_88_f32);
     }
 
@@ -388,7 +386,7 @@ mod tests {
     #[test]
     fn sigma_to_t_inverts_interpolation() {
         let alphas_cumprod =
-            alphas_cumprod(&betas::make_betas("scaled_linear", 0.00085, 0.012, 1000, None).unwrap(), false);
+            alphas_cumprod(&betas::make_betas("scaled_linear", 0.00085, 0.012, 1000, None, &[]).unwrap(), false);
         let sigmas = training_sigmas(&alphas_cumprod);
         let log_sigmas: Vec<f32> = sigmas.iter().map(|s| s.ln()).collect();
         for &t in &[0.0f32, 1.0, 123.0, 500.5, 998.25, 999.0] {
