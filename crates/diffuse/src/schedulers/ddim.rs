@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::betas::{alphas_cumprod, make_betas};
-use super::ddpm::{check_thresholding, in_config, predict_original_sample, PredictionType};
+use super::ddpm::{check_thresholding, predict_original_sample, PredictionType};
 use super::spacing::{check_spacing, integer_timesteps};
 use super::{add_noise_alphas_cumprod, threshold_sample, timesteps_as_indices, Scheduler};
 use crate::loading::config::parse_config;
@@ -90,7 +90,7 @@ impl DdimScheduler {
 
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
         let config: DdimSchedulerConfig = parse_config(map, origin)?;
-        Self::new(config).map_err(|e| in_config(e, origin))
+        Self::new(config).map_err(|e| e.in_config_file(origin))
     }
 
     pub fn config(&self) -> &DdimSchedulerConfig {

@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 
 use super::betas::{alphas_cumprod, make_betas};
 use super::ddim::epsilon_from_original;
-use super::ddpm::{in_config, predict_original_sample, PredictionType};
+use super::ddpm::{predict_original_sample, PredictionType};
 use super::spacing::integer_timesteps;
 use super::{timesteps_as_indices, Scheduler};
 use crate::loading::config::parse_config;
@@ -94,7 +94,7 @@ impl DdimInverseScheduler {
 
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
         let config: DdimInverseSchedulerConfig = parse_config(map, origin)?;
-        Self::new(config).map_err(|e| in_config(e, origin))
+        Self::new(config).map_err(|e| e.in_config_file(origin))
     }
 
     pub fn config(&self) -> &DdimInverseSchedulerConfig {

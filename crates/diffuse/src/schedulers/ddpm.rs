@@ -119,7 +119,7 @@ impl DdpmScheduler {
 
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
         let config: DdpmSchedulerConfig = parse_config(map, origin)?;
-        Self::new(config).map_err(|e| in_config(e, origin))
+        Self::new(config).map_err(|e| e.in_config_file(origin))
     }
 
     pub fn config(&self) -> &DdpmSchedulerConfig {
@@ -332,14 +332,6 @@ pub(crate) fn check_thresholding(dynamic_thresholding_ratio: f64, sample_max_val
         return Err(Error::invalid(format!("sample_max_value must be positive, got {sample_max_value}")));
     }
     Ok(())
-}
-
-/// A config value rejected by `new` is reported against the file it came from.
-pub(crate) fn in_config(error: Error, origin: &Path) -> Error {
-    match error {
-        Error::InvalidInput(message) => Error::config(origin, message),
-        other => other,
-    }
 }
 
 #[cfg(test)]

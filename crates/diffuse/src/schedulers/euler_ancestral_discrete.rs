@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::sigmas::{self, at_origin, div_scalar, mul_scalar, sigma_at, to_f32, PredictionType, StepIndex};
+use super::sigmas::{self, div_scalar, mul_scalar, sigma_at, to_f32, PredictionType, StepIndex};
 use super::{betas, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
@@ -93,7 +93,7 @@ impl EulerAncestralDiscreteScheduler {
 
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
         let config: EulerAncestralDiscreteSchedulerConfig = parse_config(map, origin)?;
-        at_origin(Self::new(config), origin)
+        Self::new(config).map_err(|e| e.in_config_file(origin))
     }
 
     pub fn config(&self) -> &EulerAncestralDiscreteSchedulerConfig {

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::sigmas::{
-    self, at_origin, div_scalar, mul_scalar, sigma_at, to_f32, PredictionType, SigmaSchedule, StepIndex,
+    self, div_scalar, mul_scalar, sigma_at, to_f32, PredictionType, SigmaSchedule, StepIndex,
 };
 use super::{betas, Scheduler};
 use crate::loading::config::parse_config;
@@ -173,7 +173,7 @@ impl EulerDiscreteScheduler {
 
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
         let config: EulerDiscreteSchedulerConfig = parse_config(map, origin)?;
-        at_origin(Self::new(config), origin)
+        Self::new(config).map_err(|e| e.in_config_file(origin))
     }
 
     pub fn config(&self) -> &EulerDiscreteSchedulerConfig {

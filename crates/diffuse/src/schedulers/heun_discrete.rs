@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::sigmas::{self, at_origin, div_scalar, mul_scalar, sigma_at, PredictionType, SigmaSchedule, StepIndex};
+use super::sigmas::{self, div_scalar, mul_scalar, sigma_at, PredictionType, SigmaSchedule, StepIndex};
 use super::{betas, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
@@ -121,7 +121,7 @@ impl HeunDiscreteScheduler {
 
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
         let config: HeunDiscreteSchedulerConfig = parse_config(map, origin)?;
-        at_origin(Self::new(config), origin)
+        Self::new(config).map_err(|e| e.in_config_file(origin))
     }
 
     pub fn config(&self) -> &HeunDiscreteSchedulerConfig {

@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::sigmas::{self, at_origin, div_scalar, mul_scalar, sigma_at, PredictionType, SigmaSchedule, StepIndex};
+use super::sigmas::{self, div_scalar, mul_scalar, sigma_at, PredictionType, SigmaSchedule, StepIndex};
 use super::{betas, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
@@ -110,7 +110,7 @@ impl LMSDiscreteScheduler {
 
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
         let config: LMSDiscreteSchedulerConfig = parse_config(map, origin)?;
-        at_origin(Self::new(config), origin)
+        Self::new(config).map_err(|e| e.in_config_file(origin))
     }
 
     pub fn config(&self) -> &LMSDiscreteSchedulerConfig {

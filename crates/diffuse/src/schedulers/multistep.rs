@@ -223,14 +223,6 @@ pub(crate) fn check_one_of(key: &str, value: &str, allowed: &[&str]) -> Result<(
     }
 }
 
-/// Rewrites an input error from `new` as a config error that names the file.
-pub(crate) fn in_config(error: Error, origin: &std::path::Path) -> Error {
-    match error {
-        Error::InvalidInput(message) => Error::config(origin, message),
-        other => other,
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod full_loop_support {
     //! diffusers' scheduler test fixtures (tests/schedulers/test_schedulers.py,

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::betas::{alphas_cumprod, make_betas};
-use super::ddpm::{in_config, PredictionType};
+use super::ddpm::{PredictionType};
 use super::spacing::integer_timesteps;
 use super::{add_noise_alphas_cumprod, timesteps_as_indices, Scheduler};
 use crate::loading::config::parse_config;
@@ -107,7 +107,7 @@ impl PndmScheduler {
 
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
         let config: PndmSchedulerConfig = parse_config(map, origin)?;
-        Self::new(config).map_err(|e| in_config(e, origin))
+        Self::new(config).map_err(|e| e.in_config_file(origin))
     }
 
     pub fn config(&self) -> &PndmSchedulerConfig {

@@ -7,8 +7,6 @@
 //! computes the training sigmas in float32 with torch, interpolates them with numpy in
 //! float64 and stores the result as float32; we keep each of those choices.
 
-use std::path::Path;
-
 use candle_core::{DType, Tensor};
 
 use super::{betas, per_item, spacing};
@@ -344,14 +342,6 @@ pub(crate) fn div_scalar(tensor: &Tensor, s: f32) -> Result<Tensor> {
 /// Upcasts to f32 (diffusers computes the step in float32 whatever the model's dtype).
 pub(crate) fn to_f32(tensor: &Tensor) -> Result<Tensor> {
     Ok(tensor.to_dtype(DType::F32)?)
-}
-
-/// Gives an error from `new` the config file it came from.
-pub(crate) fn at_origin<T>(result: Result<T>, origin: &Path) -> Result<T> {
-    result.map_err(|e| match e {
-        Error::InvalidInput(message) => Error::config(origin, message),
-        other => other,
-    })
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::multistep::{
-    alpha_sigma_t, alphas_cumprod, check_one_of, divide, exponential_sigmas, in_config, initial_step_index,
+    alpha_sigma_t, alphas_cumprod, check_one_of, divide, exponential_sigmas, initial_step_index,
     karras_sigmas, lambda, scale, sigma_to_t, sigmas_at_timesteps, spaced_timesteps, training_sigmas,
 };
 use super::{threshold_sample, Scheduler};
@@ -184,7 +184,7 @@ impl UniPcMultistepScheduler {
     }
 
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
-        Self::new(parse_config(map, origin)?).map_err(|e| in_config(e, origin))
+        Self::new(parse_config(map, origin)?).map_err(|e| e.in_config_file(origin))
     }
 
     pub fn config(&self) -> &UniPcMultistepSchedulerConfig {
