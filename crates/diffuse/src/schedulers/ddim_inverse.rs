@@ -8,10 +8,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::betas::{alphas_cumprod, make_betas};
-use super::ddim::epsilon_from_original;
-use super::ddpm::{predict_original_sample, PredictionType};
 use super::spacing::integer_timesteps;
-use super::{timesteps_as_indices, Scheduler};
+use super::{predict_epsilon, predict_original_sample, timesteps_as_indices, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -154,23 +152,15 @@ impl Scheduler for DdimInverseScheduler {
         let timestep = (prev_timestep as i64 - (num_train_timesteps / num_inference_steps) as i64)
             .min(num_train_timesteps as i64 - 1);
 
-        // 2. alphas, betas; the current noise level matches the forward process exactly.
+        // 2. alphas; the current noise level matches the forward process exactly.
         let alpha_prod_t =
             if timestep >= 0 { self.alphas_cumprod[timestep as usize] } else { self.initial_alpha_cumprod };
         let alpha_prod_t_prev = self.alphas_cumprod[prev_timestep];
-        let beta_prod_t = 1.0 - alpha_prod_t;
 
         // 3. The predicted x_0 and noise (DDIM eq. 12).
-        let pred_original_sample =
-            predict_original_sample(self.config.prediction_type, model_output, sample, alpha_prod_t)?;
-        let pred_epsilon = match self.config.prediction_type {
-            PredictionType::Epsilon => model_output.clone(),
-            PredictionType::Sample => epsilon_from_original(sample, &pred_original_sample, alpha_prod_t)?,
-            PredictionType::VPrediction => {
-                (model_output.affine(alpha_prod_t.sqrt() as f64, 0.0)?
-                    + sample.affine(beta_prod_t.sqrt() as f64, 0.0)?)?
-            }
-        };
+        let prediction_type = self.config.prediction_type;
+        let pred_original_sample = predict_original_sample(prediction_type, model_output, sample, alpha_prod_t)?;
+        let pred_epsilon = predict_epsilon(prediction_type, model_output, sample, alpha_prod_t)?;
 
         // 4. Clip the predicted x_0 (this scheduler has no thresholding).
         let pred_original_sample = if self.config.clip_sample {

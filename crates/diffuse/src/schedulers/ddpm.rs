@@ -9,22 +9,13 @@ use serde_json::{Map, Value};
 
 use super::betas::{alphas_cumprod, make_betas};
 use super::spacing::{check_spacing, integer_timesteps};
-use super::{add_noise_alphas_cumprod, threshold_sample, timesteps_as_indices, Scheduler};
+use super::{
+    add_noise_alphas_cumprod, check_thresholding, clip_or_threshold, predict_original_sample, timesteps_as_indices,
+    PredictionType, Scheduler,
+};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
-
-/// What the denoising model predicts (`prediction_type`), shared by the DDPM family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PredictionType {
-    /// The noise that was added.
-    Epsilon,
-    /// The clean sample x_0.
-    Sample,
-    /// v = sqrt(alpha_bar) * noise - sqrt(1 - alpha_bar) * x_0 (Imagen Video, section 2.4).
-    VPrediction,
-}
 
 /// How the reverse step's variance is chosen (`variance_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -244,18 +235,15 @@ impl Scheduler for DdpmScheduler {
             predict_original_sample(self.config.prediction_type, &model_output, sample, alpha_prod_t)?;
 
         // 3. Clip or threshold the predicted x_0.
-        let pred_original_sample = if self.config.thresholding {
-            threshold_sample(
-                &pred_original_sample,
-                self.config.dynamic_thresholding_ratio,
-                self.config.sample_max_value,
-            )?
-        } else if self.config.clip_sample {
-            let range = self.config.clip_sample_range;
-            pred_original_sample.clamp(-range, range)?
-        } else {
-            pred_original_sample
-        };
+        let c = &self.config;
+        let pred_original_sample = clip_or_threshold(
+            pred_original_sample,
+            c.thresholding,
+            c.dynamic_thresholding_ratio,
+            c.sample_max_value,
+            c.clip_sample,
+            c.clip_sample_range,
+        )?;
 
         // 4-5. The posterior mean mu_t(x_t, x_0) (DDPM eq. 7).
         let pred_original_sample_coeff = alpha_prod_t_prev.sqrt() * current_beta_t / beta_prod_t;
@@ -300,38 +288,6 @@ impl Scheduler for DdpmScheduler {
     fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
         add_noise_alphas_cumprod(&self.alphas_cumprod, original_samples, noise, timesteps)
     }
-}
-
-/// x_0 from the model output at alpha_bar_t (DDPM eq. 15 for epsilon).
-pub(crate) fn predict_original_sample(
-    prediction_type: PredictionType,
-    model_output: &Tensor,
-    sample: &Tensor,
-    alpha_prod_t: f32,
-) -> Result<Tensor> {
-    let beta_prod_t = 1.0 - alpha_prod_t;
-    Ok(match prediction_type {
-        PredictionType::Epsilon => (sample - model_output.affine(beta_prod_t.sqrt() as f64, 0.0)?)?
-            .affine(1.0 / alpha_prod_t.sqrt() as f64, 0.0)?,
-        PredictionType::Sample => model_output.clone(),
-        PredictionType::VPrediction => {
-            (sample.affine(alpha_prod_t.sqrt() as f64, 0.0)? - model_output.affine(beta_prod_t.sqrt() as f64, 0.0)?)?
-        }
-    })
-}
-
-/// Dynamic thresholding takes a quantile (the ratio must be in [0, 1]) and divides by a
-/// positive bound.
-pub(crate) fn check_thresholding(dynamic_thresholding_ratio: f64, sample_max_value: f64) -> Result<()> {
-    if !(0.0..=1.0).contains(&dynamic_thresholding_ratio) {
-        return Err(Error::invalid(format!(
-            "dynamic_thresholding_ratio must be in [0, 1], got {dynamic_thresholding_ratio}"
-        )));
-    }
-    if sample_max_value.is_nan() || sample_max_value <= 0.0 {
-        return Err(Error::invalid(format!("sample_max_value must be positive, got {sample_max_value}")));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

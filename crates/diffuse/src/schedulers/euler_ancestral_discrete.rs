@@ -9,8 +9,8 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::sigmas::{self, div_scalar, mul_scalar, sigma_at, to_f32, PredictionType, StepIndex};
-use super::{betas, Scheduler};
+use super::sigmas::{self, div_scalar, mul_scalar, sigma_at, to_f32, StepIndex};
+use super::{betas, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -152,7 +152,7 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         let sample = to_f32(sample)?;
 
         // 1. x_0 from the model output.
-        let pred_original_sample = self.prediction_type.denoised(model_output, &sample, sigma)?;
+        let pred_original_sample = sigmas::denoised(self.prediction_type, model_output, &sample, sigma)?;
 
         // 2. Split the next noise level into a deterministic part (sigma_down) and fresh
         //    noise (sigma_up).

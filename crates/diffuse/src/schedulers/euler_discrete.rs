@@ -7,10 +7,8 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::sigmas::{
-    self, div_scalar, mul_scalar, sigma_at, to_f32, PredictionType, SigmaSchedule, StepIndex,
-};
-use super::{betas, Scheduler};
+use super::sigmas::{self, div_scalar, mul_scalar, sigma_at, to_f32, SigmaSchedule, StepIndex};
+use super::{betas, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -219,7 +217,8 @@ impl EulerDiscreteScheduler {
 
         // 1. x_0 from the model output (epsilon at the churned-up sigma_hat).
         let sigma_for_prediction = if self.prediction_type == PredictionType::Epsilon { sigma_hat } else { sigma };
-        let pred_original_sample = self.prediction_type.denoised(model_output, &sample, sigma_for_prediction)?;
+        let pred_original_sample =
+            sigmas::denoised(self.prediction_type, model_output, &sample, sigma_for_prediction)?;
 
         // 2. The ODE derivative dx/dsigma, and one Euler step to the next sigma.
         let derivative = div_scalar(&(&sample - &pred_original_sample)?, sigma_hat)?;

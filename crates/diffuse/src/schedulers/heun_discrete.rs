@@ -10,8 +10,8 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::sigmas::{self, div_scalar, mul_scalar, sigma_at, PredictionType, SigmaSchedule, StepIndex};
-use super::{betas, Scheduler};
+use super::sigmas::{self, div_scalar, mul_scalar, sigma_at, SigmaSchedule, StepIndex};
+use super::{betas, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::Result;
@@ -210,7 +210,7 @@ impl Scheduler for HeunDiscreteScheduler {
 
         // 1. x_0 from the model output, evaluated at sigma_hat (first half) or sigma_next.
         let sigma_input = if first_order { sigma_hat } else { sigma_next };
-        let mut pred_original_sample = self.prediction_type.denoised(model_output, sample, sigma_input)?;
+        let mut pred_original_sample = sigmas::denoised(self.prediction_type, model_output, sample, sigma_input)?;
         if self.config.clip_sample {
             let range = self.config.clip_sample_range as f32;
             pred_original_sample = pred_original_sample.clamp(-range, range)?;

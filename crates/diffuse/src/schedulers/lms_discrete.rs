@@ -9,8 +9,8 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::sigmas::{self, div_scalar, mul_scalar, sigma_at, PredictionType, SigmaSchedule, StepIndex};
-use super::{betas, Scheduler};
+use super::sigmas::{self, div_scalar, mul_scalar, sigma_at, SigmaSchedule, StepIndex};
+use super::{betas, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -174,7 +174,7 @@ impl LMSDiscreteScheduler {
         sigma_at(&self.sigmas, i + 1)?;
 
         // 1. x_0 from the model output.
-        let pred_original_sample = self.prediction_type.denoised(model_output, sample, sigma)?;
+        let pred_original_sample = sigmas::denoised(self.prediction_type, model_output, sample, sigma)?;
 
         // 2. The ODE derivative dx/dsigma, kept for the next steps.
         let derivative = div_scalar(&(sample - &pred_original_sample)?, sigma)?;

@@ -19,6 +19,7 @@ pub mod unipc_multistep;
 use std::path::Path;
 
 use candle_core::Tensor;
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::rng::TorchGenerator;
@@ -106,6 +107,33 @@ pub trait Scheduler: Send {
     fn set_begin_index(&mut self, _begin_index: usize) {}
 }
 
+/// What the denoising model predicts (`prediction_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionType {
+    /// The noise that was added.
+    Epsilon,
+    /// The clean sample x_0.
+    Sample,
+    /// v = sqrt(alpha_bar) * noise - sqrt(1 - alpha_bar) * x_0 (Salimans & Ho 2022; Imagen
+    /// Video, section 2.4).
+    VPrediction,
+}
+
+impl PredictionType {
+    /// Parses `prediction_type` for the configs that keep it as a string.
+    pub fn parse(value: &str) -> Result<Self> {
+        match value {
+            "epsilon" => Ok(Self::Epsilon),
+            "sample" => Ok(Self::Sample),
+            "v_prediction" => Ok(Self::VPrediction),
+            other => Err(Error::invalid(format!(
+                "prediction_type `{other}` is not one of epsilon, sample, v_prediction"
+            ))),
+        }
+    }
+}
+
 /// Per-batch-item coefficients as a `[B, 1, 1, ...]` tensor that broadcasts over `like`.
 pub(crate) fn per_item(values: &[f32], like: &Tensor) -> Result<Tensor> {
     let mut shape = vec![values.len()];
@@ -153,6 +181,86 @@ fn timesteps_as_indices(timesteps: &[f64], num_train_timesteps: usize) -> Result
             }
         })
         .collect()
+}
+
+/// x_0 from the model output at alpha_bar_t (DDPM eq. 15 for epsilon), as the DDPM family
+/// (DDPM, DDIM, DDIM inverse) computes it.
+pub(crate) fn predict_original_sample(
+    prediction_type: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    alpha_prod_t: f32,
+) -> Result<Tensor> {
+    let beta_prod_t = 1.0 - alpha_prod_t;
+    Ok(match prediction_type {
+        PredictionType::Epsilon => (sample - model_output.affine(beta_prod_t.sqrt() as f64, 0.0)?)?
+            .affine(1.0 / alpha_prod_t.sqrt() as f64, 0.0)?,
+        PredictionType::Sample => model_output.clone(),
+        PredictionType::VPrediction => {
+            (sample.affine(alpha_prod_t.sqrt() as f64, 0.0)? - model_output.affine(beta_prod_t.sqrt() as f64, 0.0)?)?
+        }
+    })
+}
+
+/// The noise from the model output at alpha_bar_t (DDIM's `pred_epsilon`, PNDM's v conversion).
+pub(crate) fn predict_epsilon(
+    prediction_type: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    alpha_prod_t: f32,
+) -> Result<Tensor> {
+    let beta_prod_t = 1.0 - alpha_prod_t;
+    Ok(match prediction_type {
+        PredictionType::Epsilon => model_output.clone(),
+        PredictionType::Sample => epsilon_from_original(sample, model_output, alpha_prod_t)?,
+        PredictionType::VPrediction => {
+            (model_output.affine(alpha_prod_t.sqrt() as f64, 0.0)? + sample.affine(beta_prod_t.sqrt() as f64, 0.0)?)?
+        }
+    })
+}
+
+/// The noise implied by x_0 at alpha_bar_t: (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t).
+pub(crate) fn epsilon_from_original(
+    sample: &Tensor,
+    pred_original_sample: &Tensor,
+    alpha_prod_t: f32,
+) -> Result<Tensor> {
+    let beta_prod_t = 1.0 - alpha_prod_t;
+    Ok((sample - pred_original_sample.affine(alpha_prod_t.sqrt() as f64, 0.0)?)?
+        .affine(1.0 / beta_prod_t.sqrt() as f64, 0.0)?)
+}
+
+/// Step 3 of DDPM's and DDIM's `step`: the predicted x_0 dynamically thresholded
+/// (`thresholding`), or else clipped to +-`clip_sample_range` (`clip_sample`).
+pub(crate) fn clip_or_threshold(
+    pred_original_sample: Tensor,
+    thresholding: bool,
+    dynamic_thresholding_ratio: f64,
+    sample_max_value: f64,
+    clip_sample: bool,
+    clip_sample_range: f64,
+) -> Result<Tensor> {
+    if thresholding {
+        threshold_sample(&pred_original_sample, dynamic_thresholding_ratio, sample_max_value)
+    } else if clip_sample {
+        Ok(pred_original_sample.clamp(-clip_sample_range, clip_sample_range)?)
+    } else {
+        Ok(pred_original_sample)
+    }
+}
+
+/// Dynamic thresholding takes a quantile (the ratio must be in [0, 1]) and divides by a
+/// positive bound.
+pub(crate) fn check_thresholding(dynamic_thresholding_ratio: f64, sample_max_value: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&dynamic_thresholding_ratio) {
+        return Err(Error::invalid(format!(
+            "dynamic_thresholding_ratio must be in [0, 1], got {dynamic_thresholding_ratio}"
+        )));
+    }
+    if sample_max_value.is_nan() || sample_max_value <= 0.0 {
+        return Err(Error::invalid(format!("sample_max_value must be positive, got {sample_max_value}")));
+    }
+    Ok(())
 }
 
 /// Dynamic thresholding (Saharia et al. 2022, Imagen, section 2.3), diffusers'

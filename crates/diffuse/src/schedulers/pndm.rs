@@ -9,9 +9,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::betas::{alphas_cumprod, make_betas};
-use super::ddpm::{PredictionType};
 use super::spacing::integer_timesteps;
-use super::{add_noise_alphas_cumprod, timesteps_as_indices, Scheduler};
+use super::{add_noise_alphas_cumprod, predict_epsilon, timesteps_as_indices, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -259,13 +258,8 @@ impl PndmScheduler {
         let beta_prod_t = 1.0 - alpha_prod_t;
         let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
 
-        let model_output = match self.config.prediction_type {
-            PredictionType::VPrediction => {
-                (model_output.affine(alpha_prod_t.sqrt() as f64, 0.0)?
-                    + sample.affine(beta_prod_t.sqrt() as f64, 0.0)?)?
-            }
-            _ => model_output.clone(),
-        };
+        // The noise prediction (`sample` is refused by `new`).
+        let model_output = predict_epsilon(self.config.prediction_type, model_output, sample, alpha_prod_t)?;
 
         // (alpha_prev - alpha_t) / (sqrt(alpha_t) (sqrt(alpha_prev) + sqrt(alpha_t))) + 1
         // simplifies to sqrt(alpha_prev / alpha_t).

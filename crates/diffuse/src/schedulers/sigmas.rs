@@ -9,45 +9,21 @@
 
 use candle_core::{DType, Tensor};
 
-use super::{betas, per_item, spacing};
+use super::{betas, per_item, spacing, PredictionType};
 use crate::{Error, Result};
 
-/// What the model predicts (`prediction_type`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PredictionType {
-    /// The noise that was added.
-    Epsilon,
-    /// The clean sample x_0.
-    Sample,
-    /// v = alpha * noise - sigma_t * x_0 (Salimans & Ho 2022), in sigma form.
-    VPrediction,
-}
-
-impl PredictionType {
-    pub fn parse(value: &str) -> Result<Self> {
-        match value {
-            "epsilon" => Ok(Self::Epsilon),
-            "sample" => Ok(Self::Sample),
-            "v_prediction" => Ok(Self::VPrediction),
-            other => {
-                Err(Error::invalid(format!("prediction_type `{other}` is not one of epsilon, sample, v_prediction")))
-            }
+/// The predicted x_0 from the model output at noise level `sigma` (f32 as torch does it).
+pub fn denoised(prediction_type: PredictionType, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
+    Ok(match prediction_type {
+        PredictionType::Epsilon => (sample - mul_scalar(model_output, sigma)?)?,
+        PredictionType::Sample => model_output.clone(),
+        // denoised = model_output * c_out + sample * c_skip for the variance-exploding
+        // form of v: c_out = -sigma / sqrt(sigma^2 + 1), c_skip = 1 / (sigma^2 + 1).
+        PredictionType::VPrediction => {
+            let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
+            (mul_scalar(model_output, c_out)? + div_scalar(sample, sigma * sigma + 1.0)?)?
         }
-    }
-
-    /// The predicted x_0 from the model output at noise level `sigma` (f32 as torch does it).
-    pub fn denoised(self, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
-        Ok(match self {
-            Self::Epsilon => (sample - mul_scalar(model_output, sigma)?)?,
-            Self::Sample => model_output.clone(),
-            // denoised = model_output * c_out + sample * c_skip for the variance-exploding
-            // form of v: c_out = -sigma / sqrt(sigma^2 + 1), c_skip = 1 / (sigma^2 + 1).
-            Self::VPrediction => {
-                let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
-                (mul_scalar(model_output, c_out)? + div_scalar(sample, sigma * sigma + 1.0)?)?
-            }
-        })
-    }
+    })
 }
 
 /// Which sigmas replace the interpolated ones (`use_karras_sigmas`, `use_exponential_sigmas`,
