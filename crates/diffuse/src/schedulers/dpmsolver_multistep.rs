@@ -14,8 +14,9 @@ use serde_json::{Map, Value};
 
 use super::multistep::{
     alpha_sigma_t, alphas_cumprod, check_one_of, divide, exponential_sigmas, initial_step_index,
-    karras_sigmas, lambda, scale, sigma_to_t, sigmas_at_timesteps, spaced_timesteps, training_sigmas,
+    karras_sigmas, lambda, scale, sigma_to_t, sigmas_at_timesteps, training_sigmas,
 };
+use super::spacing::{check_spacing, multistep_timesteps, np_linspace};
 use super::{threshold_sample, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
@@ -194,7 +195,7 @@ impl DpmSolverMultistepScheduler {
             &["epsilon", "sample", "v_prediction"]
         };
         check_one_of("prediction_type", &config.prediction_type, predictions)?;
-        check_one_of("timestep_spacing", &config.timestep_spacing, &["linspace", "leading", "trailing"])?;
+        check_spacing(&config.timestep_spacing)?;
         if config.solver_order == 0 {
             return Err(Error::invalid("`solver_order` must be at least 1"));
         }
@@ -442,7 +443,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
         // schedule): the timesteps whose lambda is below `lambda_min_clipped` are cut off.
         let clipped_index = self.lambdas.iter().filter(|&&l| (l as f64) < config.lambda_min_clipped).count();
         let last_timestep = num_train - clipped_index;
-        let timesteps = spaced_timesteps(
+        let timesteps = multistep_timesteps(
             &config.timestep_spacing,
             last_timestep,
             num_train,
@@ -472,7 +473,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
             // Uniform steps in log sigma (diffusers calls these lambdas) between its extremes.
             let lambda_min = log_sigmas[0] as f64;
             let lambda_max = *log_sigmas.last().unwrap_or(&0.0) as f64;
-            let sigmas: Vec<f64> = super::spacing::np_linspace(0.0, 1.0, num_inference_steps)
+            let sigmas: Vec<f64> = np_linspace(0.0, 1.0, num_inference_steps)
                 .into_iter()
                 .map(|ramp| (lambda_max + ramp * (lambda_min - lambda_max)).exp())
                 .collect();

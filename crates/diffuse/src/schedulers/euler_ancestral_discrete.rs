@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::sigmas::{self, div_scalar, mul_scalar, sigma_at, to_f32, StepIndex};
-use super::{betas, PredictionType, Scheduler};
+use super::{betas, spacing, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -66,7 +66,7 @@ impl EulerAncestralDiscreteScheduler {
                 "prediction_type `sample` is not implemented by EulerAncestralDiscreteScheduler",
             ));
         }
-        super::spacing::check_spacing(&config.timestep_spacing)?;
+        spacing::check_spacing(&config.timestep_spacing)?;
         let betas = betas::make_betas(
             &config.beta_schedule,
             config.beta_start,
@@ -113,7 +113,7 @@ impl EulerAncestralDiscreteScheduler {
 impl Scheduler for EulerAncestralDiscreteScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let config = &self.config;
-        let timesteps = sigmas::spaced_timesteps(
+        let timesteps = spacing::float32_timesteps(
             &config.timestep_spacing,
             config.num_train_timesteps,
             num_inference_steps,

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::sigmas::{self, div_scalar, mul_scalar, sigma_at, to_f32, SigmaSchedule, StepIndex};
-use super::{betas, PredictionType, Scheduler};
+use super::{betas, spacing, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -134,7 +134,7 @@ impl EulerDiscreteScheduler {
             "continuous" => prediction_type == PredictionType::VPrediction,
             other => return Err(Error::invalid(format!("timestep_type `{other}` is not one of discrete, continuous"))),
         };
-        super::spacing::check_spacing(&config.timestep_spacing)?;
+        spacing::check_spacing(&config.timestep_spacing)?;
         let betas = betas::make_betas(
             &config.beta_schedule,
             config.beta_start,
@@ -233,7 +233,7 @@ impl EulerDiscreteScheduler {
 impl Scheduler for EulerDiscreteScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let config = &self.config;
-        let timesteps = sigmas::spaced_timesteps(
+        let timesteps = spacing::float32_timesteps(
             &config.timestep_spacing,
             config.num_train_timesteps,
             num_inference_steps,

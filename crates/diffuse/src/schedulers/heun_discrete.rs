@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::sigmas::{self, div_scalar, mul_scalar, sigma_at, SigmaSchedule, StepIndex};
-use super::{betas, PredictionType, Scheduler};
+use super::{betas, spacing, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::Result;
@@ -92,7 +92,7 @@ impl HeunDiscreteScheduler {
             config.use_exponential_sigmas.unwrap_or(false),
             config.use_beta_sigmas.unwrap_or(false),
         )?;
-        super::spacing::check_spacing(&config.timestep_spacing)?;
+        spacing::check_spacing(&config.timestep_spacing)?;
         let betas = betas::make_betas(
             &config.beta_schedule,
             config.beta_start,
@@ -146,7 +146,7 @@ impl HeunDiscreteScheduler {
 impl Scheduler for HeunDiscreteScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let config = &self.config;
-        let timesteps = sigmas::spaced_timesteps(
+        let timesteps = spacing::float32_timesteps(
             &config.timestep_spacing,
             config.num_train_timesteps,
             num_inference_steps,

@@ -51,65 +51,6 @@ pub(crate) fn lambda(alpha_t: f32, sigma_t: f32) -> f32 {
     alpha_t.ln() - sigma_t.ln()
 }
 
-/// The integer timesteps (descending) that `set_timesteps` chooses for a spacing.
-/// `last_timestep` is `num_train_timesteps` unless DPM-Solver's `lambda_min_clipped` cut the
-/// end of the schedule off.
-pub(crate) fn spaced_timesteps(
-    spacing: &str,
-    last_timestep: usize,
-    num_train_timesteps: usize,
-    num_inference_steps: usize,
-    steps_offset: usize,
-) -> Result<Vec<i64>> {
-    if num_inference_steps == 0 {
-        return Err(Error::invalid("the number of inference steps must be at least 1"));
-    }
-    let n = num_inference_steps;
-    Ok(match spacing {
-        // np.linspace(0, last - 1, n + 1).round()[::-1][:-1]
-        "linspace" => {
-            let mut values: Vec<i64> = np_linspace(0.0, last_timestep as f64 - 1.0, n + 1)
-                .into_iter()
-                .map(|x| x.round_ties_even() as i64)
-                .collect();
-            values.reverse();
-            values.truncate(n);
-            values
-        }
-        // (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1] + steps_offset
-        "leading" => {
-            let step_ratio = last_timestep / (n + 1);
-            (1..=n).rev().map(|i| (i * step_ratio + steps_offset) as i64).collect()
-        }
-        // np.arange(last, 0, -num_train_timesteps / n).round() - 1
-        "trailing" => {
-            let step_ratio = num_train_timesteps as f64 / n as f64;
-            np_arange(last_timestep as f64, 0.0, -step_ratio)
-                .into_iter()
-                .map(|x| x.round_ties_even() as i64 - 1)
-                .collect()
-        }
-        other => {
-            return Err(Error::invalid(format!("timestep_spacing `{other}` is not one of linspace, leading, trailing")))
-        }
-    })
-}
-
-/// `np.arange(start, stop, step)` for floats, as numpy fills it: the length is
-/// ceil((stop - start) / step), the second value is start + step, and the rest are
-/// start + i * (second - start).
-fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
-    let len = ((stop - start) / step).ceil().max(0.0) as usize;
-    let delta = (start + step) - start;
-    (0..len)
-        .map(|i| match i {
-            0 => start,
-            1 => start + step,
-            _ => start + i as f64 * delta,
-        })
-        .collect()
-}
-
 /// `np.interp(timesteps, np.arange(len(sigmas)), sigmas)` at integer timesteps: the training
 /// sigma itself, clamped at both ends as numpy clamps.
 pub(crate) fn sigmas_at_timesteps(timesteps: &[i64], training_sigmas: &[f32]) -> Vec<f64> {
@@ -267,24 +208,6 @@ pub(crate) mod full_loop_support {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn spacings_match_numpy() {
-        // Values from diffusers 0.42.1 DPMSolverMultistepScheduler.set_timesteps(8), 1000 steps.
-        assert_eq!(
-            spaced_timesteps("linspace", 1000, 1000, 8, 0).unwrap(),
-            vec![999, 874, 749, 624, 500, 375, 250, 125]
-        );
-        assert_eq!(
-            spaced_timesteps("leading", 1000, 1000, 8, 1).unwrap(),
-            vec![889, 778, 667, 556, 445, 334, 223, 112]
-        );
-        assert_eq!(
-            spaced_timesteps("trailing", 1000, 1000, 8, 0).unwrap(),
-            vec![999, 874, 749, 624, 499, 374, 249, 124]
-        );
-        assert_eq!(spaced_timesteps("trailing", 1000, 1000, 7, 0).unwrap(), vec![999, 856, 713, 570, 428, 285, 142]);
-    }
 
     #[test]
     fn duplicated_timesteps_use_the_second_occurrence() {

@@ -107,38 +107,6 @@ pub fn training_sigmas(alphas_cumprod: &[f32]) -> Vec<f32> {
     alphas_cumprod.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect()
 }
 
-/// The inference timesteps for `timestep_spacing`, descending, as the float32 numpy arrays of
-/// these schedulers' `set_timesteps` (fractional for `linspace`).
-pub fn spaced_timesteps(
-    timestep_spacing: &str,
-    num_train_timesteps: usize,
-    num_inference_steps: usize,
-    steps_offset: usize,
-) -> Result<Vec<f32>> {
-    if num_inference_steps == 0 {
-        return Err(Error::invalid("the number of inference steps must be at least 1"));
-    }
-    let train = num_train_timesteps;
-    let steps = num_inference_steps;
-    Ok(match timestep_spacing {
-        "linspace" => {
-            spacing::np_linspace(0.0, (train - 1) as f64, steps).into_iter().rev().map(|t| t as f32).collect()
-        }
-        "leading" => {
-            let step_ratio = train / steps;
-            (0..steps).rev().map(|i| (i * step_ratio) as f32 + steps_offset as f32).collect()
-        }
-        "trailing" => {
-            let step_ratio = train as f64 / steps as f64;
-            spacing::np_arange(train as f64, 0.0, -step_ratio).into_iter().map(|t| t.round_ties_even() as f32 - 1.0).collect()
-        }
-        other => {
-            spacing::check_spacing(other)?;
-            unreachable!("check_spacing accepts only the spacings above")
-        }
-    })
-}
-
 /// `np.interp(x, np.arange(len(fp)), fp)`: piecewise-linear in f64, clamped to the ends.
 pub fn interp(x: &[f32], fp: &[f32]) -> Vec<f64> {
     let last = fp.len().saturating_sub(1);
@@ -325,28 +293,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn trailing_arange_matches_numpy_at_rounding_ties() {
-        // np.arange(1000, 0, -1000/48).round() - 1 has 936 fourth: numpy's 1000 + 3 * delta is
-        // 937.4999999999999, where 1000 - 3 * (1000/48) would be 937.5000000000001 (so 937).
-        let t = spaced_timesteps("trailing", 1000, 48, 0).unwrap();
-        assert_eq!(&t[..4], &[999.0, 978.0, 957.0, 936.0]);
-        assert_eq!(t.len(), 48);
-    }
-
-    #[test]
     fn cumprod_accumulates_like_torch() {
         // torch.cumprod(1 - betas)[-1] for SD's scaled_linear betas: torch keeps the running
         // product in f64 on the CPU; an f32 product ends at 0.004660091.
         let betas = betas::make_betas("scaled_linear", 0.00085, 0.012, 1000, None, &[]).unwrap();
         assert_eq!(alphas_cumprod(&betas, false)[999], 0.004_660_095_088_183_88_f32);
-    }
-
-    #[test]
-    fn spacings() {
-        assert_eq!(spaced_timesteps("leading", 1000, 4, 1).unwrap(), vec![751.0, 501.0, 251.0, 1.0]);
-        assert_eq!(spaced_timesteps("linspace", 1000, 4, 0).unwrap(), vec![999.0, 666.0, 333.0, 0.0]);
-        assert!(spaced_timesteps("sideways", 1000, 4, 0).is_err());
-        assert!(spaced_timesteps("linspace", 1000, 0, 0).is_err());
     }
 
     #[test]

@@ -13,8 +13,9 @@ use serde_json::{Map, Value};
 
 use super::multistep::{
     alpha_sigma_t, alphas_cumprod, check_one_of, divide, exponential_sigmas, initial_step_index,
-    karras_sigmas, lambda, scale, sigma_to_t, sigmas_at_timesteps, spaced_timesteps, training_sigmas,
+    karras_sigmas, lambda, scale, sigma_to_t, sigmas_at_timesteps, training_sigmas,
 };
+use super::spacing::{check_spacing, multistep_timesteps};
 use super::{threshold_sample, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
@@ -151,7 +152,7 @@ impl UniPcMultistepScheduler {
             &["epsilon", "sample", "v_prediction"]
         };
         check_one_of("prediction_type", &config.prediction_type, predictions)?;
-        check_one_of("timestep_spacing", &config.timestep_spacing, &["linspace", "leading", "trailing"])?;
+        check_spacing(&config.timestep_spacing)?;
         check_one_of("final_sigmas_type", &config.final_sigmas_type, &["zero", "sigma_min"])?;
         if config.solver_order == 0 {
             return Err(Error::invalid("`solver_order` must be at least 1"));
@@ -419,7 +420,7 @@ impl Scheduler for UniPcMultistepScheduler {
         let config = &self.config;
         let num_train = config.num_train_timesteps;
         let timesteps =
-            spaced_timesteps(&config.timestep_spacing, num_train, num_train, num_inference_steps, config.steps_offset)?;
+            multistep_timesteps(&config.timestep_spacing, num_train, num_train, num_inference_steps, config.steps_offset)?;
         let training_sigmas = training_sigmas(&self.alphas_cumprod);
         let log_sigmas: Vec<f32> = training_sigmas.iter().map(|s| s.ln()).collect();
         let sigma_min = config.sigma_min.unwrap_or(training_sigmas[0] as f64);
