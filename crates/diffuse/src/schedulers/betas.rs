@@ -64,8 +64,9 @@ pub fn make_betas(
         "laplace" if offers("laplace") => betas_for_alpha_bar(num_train_timesteps, 0.999, AlphaTransform::Laplace),
         "exp" if offers("exp") => betas_for_alpha_bar(num_train_timesteps, 0.999, AlphaTransform::Exp),
         other => {
-            let names: Vec<&str> = ["linear", "scaled_linear", "squaredcos_cap_v2"].iter().chain(also).copied().collect();
-            return Err(Error::invalid(format!("beta_schedule `{other}` is not one of {}", names.join(", "))));
+            let common = ["linear", "scaled_linear", "squaredcos_cap_v2"];
+            let offered: Vec<&str> = common.iter().chain(also).copied().collect();
+            return Err(Error::invalid(format!("beta_schedule `{other}` is not one of {}", offered.join(", "))));
         }
     })
 }

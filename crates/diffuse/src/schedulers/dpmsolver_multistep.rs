@@ -12,12 +12,13 @@ use candle_core::{DType, Tensor};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::multistep::{
-    alpha_sigma_t, alphas_cumprod, check_one_of, divide, exponential_sigmas, initial_step_index,
-    karras_sigmas, lambda, scale, sigma_to_t, sigmas_at_timesteps, training_sigmas,
+use super::multistep::{check_one_of, initial_step_index};
+use super::sigmas::{
+    self, alpha_sigma_t, divide, exponential_sigmas, integer_timesteps_of, interp, karras_sigmas, lambda,
+    multistep_sigma_range, scale, training_sigmas, SigmaSchedule,
 };
 use super::spacing::{check_spacing, multistep_timesteps, np_linspace};
-use super::{threshold_sample, Scheduler};
+use super::{betas, threshold_sample, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -127,6 +128,7 @@ pub struct DpmSolverMultistepScheduler {
     config: DpmSolverMultistepSchedulerConfig,
     algorithm: Algorithm,
     solver_type: SolverType,
+    sigma_schedule: SigmaSchedule,
     alphas_cumprod: Vec<f32>,
     /// lambda_t of every training timestep (float32), for `lambda_min_clipped`.
     lambdas: Vec<f32>,
@@ -143,17 +145,9 @@ pub struct DpmSolverMultistepScheduler {
 
 impl DpmSolverMultistepScheduler {
     pub fn new(config: DpmSolverMultistepSchedulerConfig) -> Result<Self> {
-        let sigma_choices = [config.use_beta_sigmas, config.use_exponential_sigmas, config.use_karras_sigmas]
-            .iter()
-            .filter(|&&b| b)
-            .count();
-        if sigma_choices > 1 {
-            return Err(Error::invalid(
-                "only one of `use_beta_sigmas`, `use_exponential_sigmas`, `use_karras_sigmas` can be true",
-            ));
-        }
+        let sigma_schedule =
+            SigmaSchedule::from_flags(config.use_karras_sigmas, config.use_exponential_sigmas, config.use_beta_sigmas)?;
         for (key, set) in [
-            ("use_beta_sigmas", config.use_beta_sigmas),
             ("use_flow_sigmas", config.use_flow_sigmas),
             ("use_dynamic_shifting", config.use_dynamic_shifting),
         ] {
@@ -204,14 +198,15 @@ impl DpmSolverMultistepScheduler {
             return Err(Error::invalid("`solver_order` 3 is not available for `algorithm_type` sde-dpmsolver"));
         }
 
-        let alphas_cumprod = alphas_cumprod(
+        let betas = betas::make_betas(
             &config.beta_schedule,
             config.beta_start,
             config.beta_end,
             config.num_train_timesteps,
             config.trained_betas.as_deref(),
-            config.rescale_betas_zero_snr,
+            &[],
         )?;
+        let alphas_cumprod = sigmas::alphas_cumprod(&betas, config.rescale_betas_zero_snr);
         let lambdas = alphas_cumprod.iter().map(|a| lambda(a.sqrt(), (1.0 - a).sqrt())).collect();
         // Before `set_timesteps`: every training timestep, as diffusers initialises them.
         let timesteps = (0..config.num_train_timesteps).rev().map(|t| t as f64).collect();
@@ -221,6 +216,7 @@ impl DpmSolverMultistepScheduler {
             config,
             algorithm,
             solver_type,
+            sigma_schedule,
             alphas_cumprod,
             lambdas,
             timesteps,
@@ -247,13 +243,6 @@ impl DpmSolverMultistepScheduler {
 
     pub fn alphas_cumprod(&self) -> &[f32] {
         &self.alphas_cumprod
-    }
-
-    /// The Karras/exponential end points: the config's when it has them, else the schedule's.
-    fn sigma_range(&self, training_sigmas: &[f32]) -> (f64, f64) {
-        let sigma_min = self.config.sigma_min.unwrap_or(training_sigmas[0] as f64);
-        let sigma_max = self.config.sigma_max.unwrap_or(*training_sigmas.last().unwrap_or(&0.0) as f64);
-        (sigma_min, sigma_max)
     }
 
     /// Converts the model output to what the algorithm integrates: x0 for DPM-Solver++,
@@ -453,38 +442,33 @@ impl Scheduler for DpmSolverMultistepScheduler {
 
         let training_sigmas = training_sigmas(&self.alphas_cumprod);
         let log_sigmas: Vec<f32> = training_sigmas.iter().map(|s| s.ln()).collect();
-        let cosine = config.beta_schedule == "squaredcos_cap_v2";
-        // Timesteps found from the sigmas: rounded (except for the cosine schedule, as
+        // Timesteps found from the sigmas are rounded, except for the cosine schedule (as
         // diffusers does), then truncated to integers.
-        let timesteps_for = |sigmas: &[f64], round: bool| -> Vec<i64> {
-            sigmas
-                .iter()
-                .map(|&s| {
-                    let t = sigma_to_t(s, &log_sigmas);
-                    (if round { t.round_ties_even() } else { t }) as i64
-                })
-                .collect()
-        };
-        let (timesteps, sigmas): (Vec<i64>, Vec<f64>) = if config.use_karras_sigmas {
-            let (sigma_min, sigma_max) = self.sigma_range(&training_sigmas);
-            let sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps);
-            (timesteps_for(&sigmas, !cosine), sigmas)
-        } else if config.use_lu_lambdas {
-            // Uniform steps in log sigma (diffusers calls these lambdas) between its extremes.
-            let lambda_min = log_sigmas[0] as f64;
-            let lambda_max = *log_sigmas.last().unwrap_or(&0.0) as f64;
-            let sigmas: Vec<f64> = np_linspace(0.0, 1.0, num_inference_steps)
-                .into_iter()
-                .map(|ramp| (lambda_max + ramp * (lambda_min - lambda_max)).exp())
-                .collect();
-            (timesteps_for(&sigmas, !cosine), sigmas)
-        } else if config.use_exponential_sigmas {
-            let (sigma_min, sigma_max) = self.sigma_range(&training_sigmas);
-            let sigmas = exponential_sigmas(sigma_min, sigma_max, num_inference_steps);
-            (timesteps_for(&sigmas, false), sigmas)
-        } else {
-            let sigmas = sigmas_at_timesteps(&timesteps, &training_sigmas);
-            (timesteps, sigmas)
+        let round = config.beta_schedule != "squaredcos_cap_v2";
+        let (sigma_min, sigma_max) = multistep_sigma_range(config.sigma_min, config.sigma_max, &training_sigmas);
+        let (timesteps, sigmas): (Vec<i64>, Vec<f64>) = match self.sigma_schedule {
+            SigmaSchedule::Karras => {
+                let sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps);
+                (integer_timesteps_of(&sigmas, &log_sigmas, round), sigmas)
+            }
+            _ if config.use_lu_lambdas => {
+                // Uniform steps in log sigma (diffusers calls these lambdas) between its extremes.
+                let lambda_min = log_sigmas[0] as f64;
+                let lambda_max = *log_sigmas.last().unwrap_or(&0.0) as f64;
+                let sigmas: Vec<f64> = np_linspace(0.0, 1.0, num_inference_steps)
+                    .into_iter()
+                    .map(|ramp| (lambda_max + ramp * (lambda_min - lambda_max)).exp())
+                    .collect();
+                (integer_timesteps_of(&sigmas, &log_sigmas, round), sigmas)
+            }
+            SigmaSchedule::Exponential => {
+                let sigmas = exponential_sigmas(sigma_min, sigma_max, num_inference_steps);
+                (integer_timesteps_of(&sigmas, &log_sigmas, false), sigmas)
+            }
+            SigmaSchedule::Interpolated => {
+                let at: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+                (timesteps, interp(&at, &training_sigmas))
+            }
         };
 
         let sigma_last = match config.final_sigmas_type.as_str() {

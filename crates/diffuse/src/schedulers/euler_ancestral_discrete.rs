@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::sigmas::{self, div_scalar, mul_scalar, sigma_at, to_f32, StepIndex};
+use super::sigmas::{self, divide, scale, sigma_at, to_f32, StepIndex};
 use super::{betas, spacing, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
@@ -163,14 +163,14 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         let sigma_down = (sigma_to * sigma_to - sigma_up * sigma_up).sqrt();
 
         // 3. An Euler step to sigma_down.
-        let derivative = div_scalar(&(&sample - &pred_original_sample)?, sigma)?;
+        let derivative = divide(&(&sample - &pred_original_sample)?, sigma)?;
         let dt = sigma_down - sigma;
-        let prev_sample = (&sample + mul_scalar(&derivative, dt)?)?;
+        let prev_sample = (&sample + scale(&derivative, dt)?)?;
 
         // 4. Noise back up to sigma_to (drawn at every step, even the last where sigma_up = 0).
         let noise =
             generator.randn_tensor(model_output.dims(), model_output.device())?.to_dtype(model_output.dtype())?;
-        let prev_sample = (prev_sample + mul_scalar(&noise, sigma_up)?)?;
+        let prev_sample = (prev_sample + scale(&noise, sigma_up)?)?;
 
         self.index.advance();
         Ok(prev_sample.to_dtype(model_output.dtype())?)

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::sigmas::{self, div_scalar, mul_scalar, sigma_at, to_f32, SigmaSchedule, StepIndex};
+use super::sigmas::{self, divide, scale, sigma_at, to_f32, SigmaSchedule, StepIndex};
 use super::{betas, spacing, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
@@ -211,8 +211,8 @@ impl EulerDiscreteScheduler {
         if gamma > 0.0 {
             let noise =
                 generator.randn_tensor(model_output.dims(), model_output.device())?.to_dtype(model_output.dtype())?;
-            let eps = mul_scalar(&noise, churn.s_noise as f32)?;
-            sample = (sample + mul_scalar(&eps, (sigma_hat * sigma_hat - sigma * sigma).sqrt())?)?;
+            let eps = scale(&noise, churn.s_noise as f32)?;
+            sample = (sample + scale(&eps, (sigma_hat * sigma_hat - sigma * sigma).sqrt())?)?;
         }
 
         // 1. x_0 from the model output (epsilon at the churned-up sigma_hat).
@@ -221,9 +221,9 @@ impl EulerDiscreteScheduler {
             sigmas::denoised(self.prediction_type, model_output, &sample, sigma_for_prediction)?;
 
         // 2. The ODE derivative dx/dsigma, and one Euler step to the next sigma.
-        let derivative = div_scalar(&(&sample - &pred_original_sample)?, sigma_hat)?;
+        let derivative = divide(&(&sample - &pred_original_sample)?, sigma_hat)?;
         let dt = sigma_next - sigma_hat;
-        let prev_sample = (sample + mul_scalar(&derivative, dt)?)?;
+        let prev_sample = (sample + scale(&derivative, dt)?)?;
 
         self.index.advance();
         Ok(prev_sample.to_dtype(model_output.dtype())?)
@@ -357,7 +357,7 @@ mod tests {
         euler.set_timesteps(10).unwrap();
         let churn = Churn { s_churn: 1.0, s_tmin: 0.5, s_tmax: 20.0, s_noise: 1.003 };
         let mut generator = TorchGenerator::new(0);
-        let mut sample = mul_scalar(&full_loop::dummy_sample_deter(), euler.init_noise_sigma() as f32).unwrap();
+        let mut sample = scale(&full_loop::dummy_sample_deter(), euler.init_noise_sigma() as f32).unwrap();
         for t in euler.timesteps().to_vec() {
             sample = euler.scale_model_input(&sample, t).unwrap();
             let model_output = full_loop::dummy_model(&sample, t);

@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::sigmas::{self, div_scalar, mul_scalar, sigma_at, SigmaSchedule, StepIndex};
+use super::sigmas::{self, divide, scale, sigma_at, SigmaSchedule, StepIndex};
 use super::{betas, spacing, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
@@ -219,17 +219,17 @@ impl Scheduler for HeunDiscreteScheduler {
         let prev_sample = match self.first_order.take() {
             // 2a. Euler step to sigma_next, remembered for the correction.
             None => {
-                let derivative = div_scalar(&(sample - &pred_original_sample)?, sigma_hat)?;
+                let derivative = divide(&(sample - &pred_original_sample)?, sigma_hat)?;
                 let dt = sigma_next - sigma_hat;
-                let prev_sample = (sample + mul_scalar(&derivative, dt)?)?;
+                let prev_sample = (sample + scale(&derivative, dt)?)?;
                 self.first_order = Some(FirstOrderState { derivative, dt, sample: sample.clone() });
                 prev_sample
             }
             // 2b. Redo the step from the remembered sample with the mean of both derivatives.
             Some(state) => {
-                let derivative = div_scalar(&(sample - &pred_original_sample)?, sigma_next)?;
-                let derivative = div_scalar(&(state.derivative + derivative)?, 2.0)?;
-                (state.sample + mul_scalar(&derivative, state.dt)?)?
+                let derivative = divide(&(sample - &pred_original_sample)?, sigma_next)?;
+                let derivative = divide(&(state.derivative + derivative)?, 2.0)?;
+                (state.sample + scale(&derivative, state.dt)?)?
             }
         };
         self.index.advance();

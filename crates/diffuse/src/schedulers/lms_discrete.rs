@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::sigmas::{self, div_scalar, mul_scalar, sigma_at, SigmaSchedule, StepIndex};
+use super::sigmas::{self, divide, scale, sigma_at, SigmaSchedule, StepIndex};
 use super::{betas, spacing, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
@@ -177,7 +177,7 @@ impl LMSDiscreteScheduler {
         let pred_original_sample = sigmas::denoised(self.prediction_type, model_output, sample, sigma)?;
 
         // 2. The ODE derivative dx/dsigma, kept for the next steps.
-        let derivative = div_scalar(&(sample - &pred_original_sample)?, sigma)?;
+        let derivative = divide(&(sample - &pred_original_sample)?, sigma)?;
         self.derivatives.push_back(derivative);
         if self.derivatives.len() > order {
             self.derivatives.pop_front();
@@ -188,7 +188,7 @@ impl LMSDiscreteScheduler {
         let coefficients = (0..order).map(|k| self.lms_coefficient(order, i, k)).collect::<Result<Vec<f64>>>()?;
         let mut update: Option<Tensor> = None;
         for (coefficient, derivative) in coefficients.iter().zip(self.derivatives.iter().rev()) {
-            let term = mul_scalar(derivative, *coefficient as f32)?;
+            let term = scale(derivative, *coefficient as f32)?;
             update = Some(match update {
                 None => term,
                 Some(sum) => (sum + term)?,

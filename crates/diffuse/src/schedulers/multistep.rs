@@ -8,91 +8,9 @@
 
 use candle_core::Tensor;
 
-use super::betas::make_betas;
 use super::per_item;
-use super::spacing::np_linspace;
+use super::sigmas::alpha_sigma_t;
 use crate::{Error, Result};
-
-/// `alphas_cumprod` as both schedulers build it (float32), with the zero-terminal-SNR fix-up:
-/// the last value is set to 2^-24 (the smallest positive float16 subnormal) so that the first
-/// sigma is large but finite.
-pub(crate) fn alphas_cumprod(
-    beta_schedule: &str,
-    beta_start: f64,
-    beta_end: f64,
-    num_train_timesteps: usize,
-    trained_betas: Option<&[f64]>,
-    rescale_betas_zero_snr: bool,
-) -> Result<Vec<f32>> {
-    let betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas, &[])?;
-    let mut alphas_cumprod = super::betas::alphas_cumprod(&betas, rescale_betas_zero_snr);
-    if rescale_betas_zero_snr {
-        if let Some(last) = alphas_cumprod.last_mut() {
-            *last = 2f32.powi(-24);
-        }
-    }
-    Ok(alphas_cumprod)
-}
-
-/// The training sigmas `((1 - alpha_bar) / alpha_bar) ** 0.5`, in float32 as torch computes them.
-pub(crate) fn training_sigmas(alphas_cumprod: &[f32]) -> Vec<f32> {
-    alphas_cumprod.iter().map(|a| ((1.0 - a) / a).sqrt()).collect()
-}
-
-/// diffusers' `_sigma_to_alpha_sigma_t` for a VP schedule: alpha_t = 1 / sqrt(sigma^2 + 1),
-/// sigma_t = sigma * alpha_t.
-pub(crate) fn alpha_sigma_t(sigma: f32) -> (f32, f32) {
-    let alpha_t = 1.0 / (sigma * sigma + 1.0).sqrt();
-    (alpha_t, sigma * alpha_t)
-}
-
-/// The half log-SNR lambda_t = log(alpha_t) - log(sigma_t) (+inf when sigma_t is 0).
-pub(crate) fn lambda(alpha_t: f32, sigma_t: f32) -> f32 {
-    alpha_t.ln() - sigma_t.ln()
-}
-
-/// `np.interp(timesteps, np.arange(len(sigmas)), sigmas)` at integer timesteps: the training
-/// sigma itself, clamped at both ends as numpy clamps.
-pub(crate) fn sigmas_at_timesteps(timesteps: &[i64], training_sigmas: &[f32]) -> Vec<f64> {
-    let last = training_sigmas.len() as i64 - 1;
-    timesteps.iter().map(|&t| training_sigmas[t.clamp(0, last) as usize] as f64).collect()
-}
-
-/// The Karras et al. (2022) noise schedule, eq. 5 with rho = 7: `num_inference_steps` sigmas
-/// from `sigma_max` down to `sigma_min`, evenly spaced in sigma^(1/rho).
-pub(crate) fn karras_sigmas(sigma_min: f64, sigma_max: f64, num_inference_steps: usize) -> Vec<f64> {
-    let rho = 7.0;
-    let min_inv_rho = sigma_min.powf(1.0 / rho);
-    let max_inv_rho = sigma_max.powf(1.0 / rho);
-    np_linspace(0.0, 1.0, num_inference_steps)
-        .into_iter()
-        .map(|ramp| (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)).powf(rho))
-        .collect()
-}
-
-/// Sigmas evenly spaced in log(sigma), from `sigma_max` down to `sigma_min`.
-pub(crate) fn exponential_sigmas(sigma_min: f64, sigma_max: f64, num_inference_steps: usize) -> Vec<f64> {
-    np_linspace(sigma_max.ln(), sigma_min.ln(), num_inference_steps).into_iter().map(f64::exp).collect()
-}
-
-/// diffusers' `_sigma_to_t`: the fractional training timestep whose (log) sigma is `sigma`,
-/// by linear interpolation in log sigma between the two neighbouring training sigmas.
-/// `log_sigmas` is numpy's float32 `np.log(sigmas)`; the arithmetic follows numpy's dtypes
-/// (float64 against the scalar, float32 between two table entries).
-pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
-    let log_sigma = sigma.max(1e-10).ln();
-    // The last index whose log sigma is <= log_sigma (0 if none), at most len - 2.
-    let low_idx = log_sigmas
-        .iter()
-        .rposition(|&l| log_sigma - l as f64 >= 0.0)
-        .unwrap_or(0)
-        .min(log_sigmas.len().saturating_sub(2));
-    let high_idx = low_idx + 1;
-    let low = log_sigmas[low_idx];
-    let high = log_sigmas[high_idx];
-    let w = ((low as f64 - log_sigma) / (low - high) as f64).clamp(0.0, 1.0);
-    (1.0 - w) * low_idx as f64 + w * high_idx as f64
-}
 
 /// diffusers' `index_for_timestep`: the position of `timestep` in the schedule; if it occurs
 /// more than once, the second occurrence (so that a pipeline starting in the middle of the
@@ -142,17 +60,6 @@ pub(crate) fn add_noise_sigmas(
     let alpha_t = per_item(&alphas, original_samples)?;
     let sigma_t = per_item(&sigmas_t, original_samples)?;
     Ok((original_samples.broadcast_mul(&alpha_t)? + noise.broadcast_mul(&sigma_t)?)?)
-}
-
-/// `scalar * tensor` with a float32 scalar, as torch multiplies by a 0-d tensor.
-pub(crate) fn scale(tensor: &Tensor, scalar: f32) -> Result<Tensor> {
-    Ok(tensor.affine(scalar as f64, 0.0)?)
-}
-
-/// `tensor / scalar` as a true division (torch does not multiply by the reciprocal).
-pub(crate) fn divide(tensor: &Tensor, scalar: f32) -> Result<Tensor> {
-    let divisor = Tensor::new(scalar, tensor.device())?.to_dtype(tensor.dtype())?;
-    Ok(tensor.broadcast_div(&divisor)?)
 }
 
 /// Checks that a string config value is one of `allowed`, naming the key otherwise.

@@ -1,11 +1,15 @@
-//! What diffusers' sigma-parameterised ("Karras-style") schedulers share
-//! (diffusers/schedulers/scheduling_euler_discrete.py and its copies in scheduling_lms_discrete.py,
-//! scheduling_euler_ancestral_discrete.py, scheduling_heun_discrete.py).
+//! The sigma form of the noise schedule, shared by diffusers' sigma-parameterised schedulers:
+//! the "Karras-style" Euler family (diffusers/schedulers/scheduling_euler_discrete.py and its
+//! copies in scheduling_lms_discrete.py, scheduling_euler_ancestral_discrete.py,
+//! scheduling_heun_discrete.py) and the multistep DPM-Solver and UniPC
+//! (scheduling_dpmsolver_multistep.py, scheduling_unipc_multistep.py).
 //!
-//! These schedulers work with sigma = sqrt((1 - alpha_bar) / alpha_bar), the noise scale of
-//! x_t = x_0 + sigma * noise, and hand the model fractional float32 timesteps. diffusers
-//! computes the training sigmas in float32 with torch, interpolates them with numpy in
-//! float64 and stores the result as float32; we keep each of those choices.
+//! These schedulers work with sigma = sqrt((1 - alpha_bar) / alpha_bar): the Euler family with
+//! x_t = x_0 + sigma * noise (variance exploding), the multistep ones with the variance
+//! preserving x_t = alpha_t * x_0 + sigma_t * noise, where alpha_t = 1 / sqrt(sigma^2 + 1) and
+//! sigma_t = sigma * alpha_t. diffusers computes the training sigmas in float32 with torch,
+//! interpolates them with numpy in float64 and stores the result as float32, and does the
+//! per-step scalar arithmetic on float32 0-d tensors; we keep each of those choices.
 
 use candle_core::{DType, Tensor};
 
@@ -15,13 +19,13 @@ use crate::{Error, Result};
 /// The predicted x_0 from the model output at noise level `sigma` (f32 as torch does it).
 pub fn denoised(prediction_type: PredictionType, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
     Ok(match prediction_type {
-        PredictionType::Epsilon => (sample - mul_scalar(model_output, sigma)?)?,
+        PredictionType::Epsilon => (sample - scale(model_output, sigma)?)?,
         PredictionType::Sample => model_output.clone(),
         // denoised = model_output * c_out + sample * c_skip for the variance-exploding
         // form of v: c_out = -sigma / sqrt(sigma^2 + 1), c_skip = 1 / (sigma^2 + 1).
         PredictionType::VPrediction => {
             let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
-            (mul_scalar(model_output, c_out)? + div_scalar(sample, sigma * sigma + 1.0)?)?
+            (scale(model_output, c_out)? + divide(sample, sigma * sigma + 1.0)?)?
         }
     })
 }
@@ -78,10 +82,7 @@ impl SigmaSchedule {
         let sigmas = match self {
             Self::Interpolated => return (timesteps, sigmas),
             Self::Karras => karras_sigmas(sigma_min, sigma_max, num_inference_steps),
-            Self::Exponential => spacing::np_linspace(sigma_max.ln(), sigma_min.ln(), num_inference_steps)
-                .into_iter()
-                .map(f64::exp)
-                .collect(),
+            Self::Exponential => exponential_sigmas(sigma_min, sigma_max, num_inference_steps),
         };
         let timesteps = sigmas.iter().map(|&s| sigma_to_t(s, log_sigmas) as f32).collect();
         (timesteps, sigmas)
@@ -105,6 +106,18 @@ pub fn alphas_cumprod(betas: &[f32], rescale_betas_zero_snr: bool) -> Vec<f32> {
 /// in f32 as torch computes it.
 pub fn training_sigmas(alphas_cumprod: &[f32]) -> Vec<f32> {
     alphas_cumprod.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect()
+}
+
+/// diffusers' `_sigma_to_alpha_sigma_t` for the variance-preserving schedule:
+/// alpha_t = 1 / sqrt(sigma^2 + 1), sigma_t = sigma * alpha_t.
+pub fn alpha_sigma_t(sigma: f32) -> (f32, f32) {
+    let alpha_t = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha_t, sigma * alpha_t)
+}
+
+/// The half log-SNR lambda_t = log(alpha_t) - log(sigma_t) (+inf when sigma_t is 0).
+pub fn lambda(alpha_t: f32, sigma_t: f32) -> f32 {
+    alpha_t.ln() - sigma_t.ln()
 }
 
 /// `np.interp(x, np.arange(len(fp)), fp)`: piecewise-linear in f64, clamped to the ends.
@@ -137,26 +150,17 @@ pub fn interp(x: &[f32], fp: &[f32]) -> Vec<f64> {
 /// interpolation between the neighbouring training log sigmas (float32 `log_sigmas`, with the
 /// same mix of f32 and f64 arithmetic as numpy).
 pub fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
-    let n = log_sigmas.len();
-    if n < 2 {
+    if log_sigmas.len() < 2 {
         return 0.0;
     }
     let log_sigma = sigma.max(1e-10).ln();
-    // low_idx = cumsum(log_sigma >= log_sigmas).argmax(), clipped: the last index where the
-    // running count reaches its maximum first, i.e. the last log sigma not above ours.
-    let mut count = 0usize;
-    let mut best = 0usize;
-    let mut low_idx = 0usize;
-    for (i, &l) in log_sigmas.iter().enumerate() {
-        if log_sigma - l as f64 >= 0.0 {
-            count += 1;
-        }
-        if count > best {
-            best = count;
-            low_idx = i;
-        }
-    }
-    let low_idx = low_idx.min(n - 2);
+    // low_idx = cumsum(log_sigma >= log_sigmas).argmax(), clipped: the last index whose log
+    // sigma is not above ours (0 if none), at most len - 2.
+    let low_idx = log_sigmas
+        .iter()
+        .rposition(|&l| log_sigma - l as f64 >= 0.0)
+        .unwrap_or(0)
+        .min(log_sigmas.len() - 2);
     let high_idx = low_idx + 1;
     let low = log_sigmas[low_idx];
     let high = log_sigmas[high_idx];
@@ -176,6 +180,31 @@ pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, num_inference_steps: usize)
         .collect()
 }
 
+/// Sigmas evenly spaced in log sigma, from `sigma_max` down to `sigma_min`.
+pub fn exponential_sigmas(sigma_min: f64, sigma_max: f64, num_inference_steps: usize) -> Vec<f64> {
+    spacing::np_linspace(sigma_max.ln(), sigma_min.ln(), num_inference_steps).into_iter().map(f64::exp).collect()
+}
+
+/// The multistep schedulers' Karras/exponential range: the config's `sigma_min` and `sigma_max`
+/// when it has them, else the ends of the training sigmas.
+pub fn multistep_sigma_range(sigma_min: Option<f64>, sigma_max: Option<f64>, training_sigmas: &[f32]) -> (f64, f64) {
+    let sigma_min = sigma_min.unwrap_or(training_sigmas[0] as f64);
+    let sigma_max = sigma_max.unwrap_or(*training_sigmas.last().unwrap_or(&0.0) as f64);
+    (sigma_min, sigma_max)
+}
+
+/// The multistep schedulers' integer timesteps for Karras/exponential sigmas: each sigma's
+/// fractional timestep (`sigma_to_t`), rounded when `round`, then truncated.
+pub fn integer_timesteps_of(sigmas: &[f64], log_sigmas: &[f32], round: bool) -> Vec<i64> {
+    sigmas
+        .iter()
+        .map(|&s| {
+            let t = sigma_to_t(s, log_sigmas);
+            (if round { t.round_ties_even() } else { t }) as i64
+        })
+        .collect()
+}
+
 /// The standard deviation of the initial noise: the largest sigma, or for `leading` spacing
 /// (whose first timestep is below the last training one) sqrt(sigma_max^2 + 1), in f32.
 pub fn init_noise_sigma(sigmas: &[f32], timestep_spacing: &str) -> f64 {
@@ -188,7 +217,7 @@ pub fn init_noise_sigma(sigmas: &[f32], timestep_spacing: &str) -> f64 {
 
 /// `sample / sqrt(sigma^2 + 1)`: the model sees inputs of unit variance.
 pub fn scale_model_input(sample: &Tensor, sigma: f32) -> Result<Tensor> {
-    div_scalar(sample, (sigma * sigma + 1.0).sqrt())
+    divide(sample, (sigma * sigma + 1.0).sqrt())
 }
 
 /// `original + noise * sigma`, one sigma per batch item (or one for all).
@@ -273,18 +302,18 @@ pub fn sigma_at(sigmas: &[f32], index: usize) -> Result<f32> {
 }
 
 /// `tensor * s` with `s` a float32 scalar, as torch multiplies by a 0-d float32 tensor.
-pub(crate) fn mul_scalar(tensor: &Tensor, s: f32) -> Result<Tensor> {
+pub fn scale(tensor: &Tensor, s: f32) -> Result<Tensor> {
     Ok(tensor.affine(s as f64, 0.0)?)
 }
 
 /// `tensor / s` with a true division (not a multiplication by 1/s), as torch divides.
-pub(crate) fn div_scalar(tensor: &Tensor, s: f32) -> Result<Tensor> {
+pub fn divide(tensor: &Tensor, s: f32) -> Result<Tensor> {
     let divisor = Tensor::new(s, tensor.device())?.to_dtype(tensor.dtype())?;
     Ok(tensor.broadcast_div(&divisor)?)
 }
 
 /// Upcasts to f32 (diffusers computes the step in float32 whatever the model's dtype).
-pub(crate) fn to_f32(tensor: &Tensor) -> Result<Tensor> {
+pub fn to_f32(tensor: &Tensor) -> Result<Tensor> {
     Ok(tensor.to_dtype(DType::F32)?)
 }
 
@@ -333,7 +362,7 @@ mod tests {
 pub(crate) mod full_loop {
     use candle_core::{Device, Tensor};
 
-    use super::{div_scalar, mul_scalar};
+    use super::{divide, scale};
     use crate::rng::TorchGenerator;
     use crate::schedulers::Scheduler;
 
@@ -371,7 +400,7 @@ pub(crate) mod full_loop {
     /// `sample * t / (t + 1)`, with t cast to the sample's float32.
     pub fn dummy_model(sample: &Tensor, t: f64) -> Tensor {
         let t = t as f32;
-        div_scalar(&mul_scalar(sample, t).unwrap(), t + 1.0).unwrap()
+        divide(&scale(sample, t).unwrap(), t + 1.0).unwrap()
     }
 
     /// diffusers' assertions, |sum - expected| < 1e-2 and |mean - expected| < 1e-3 on its
@@ -406,7 +435,7 @@ pub(crate) mod full_loop {
     pub fn run(scheduler: &mut dyn Scheduler, num_inference_steps: usize, with_noise: bool) -> (f64, f64) {
         scheduler.set_timesteps(num_inference_steps).unwrap();
         let mut generator = TorchGenerator::new(0);
-        let mut sample = mul_scalar(&dummy_sample_deter(), scheduler.init_noise_sigma() as f32).unwrap();
+        let mut sample = scale(&dummy_sample_deter(), scheduler.init_noise_sigma() as f32).unwrap();
         let mut timesteps = scheduler.timesteps().to_vec();
         if with_noise {
             let t_start = num_inference_steps - 2;

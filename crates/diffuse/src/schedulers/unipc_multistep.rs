@@ -11,12 +11,13 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::multistep::{
-    alpha_sigma_t, alphas_cumprod, check_one_of, divide, exponential_sigmas, initial_step_index,
-    karras_sigmas, lambda, scale, sigma_to_t, sigmas_at_timesteps, training_sigmas,
+use super::multistep::{check_one_of, initial_step_index};
+use super::sigmas::{
+    self, alpha_sigma_t, divide, exponential_sigmas, integer_timesteps_of, interp, karras_sigmas, lambda,
+    multistep_sigma_range, scale, training_sigmas, SigmaSchedule,
 };
 use super::spacing::{check_spacing, multistep_timesteps};
-use super::{threshold_sample, Scheduler};
+use super::{betas, threshold_sample, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -101,6 +102,7 @@ enum SolverType {
 pub struct UniPcMultistepScheduler {
     config: UniPcMultistepSchedulerConfig,
     solver_type: SolverType,
+    sigma_schedule: SigmaSchedule,
     alphas_cumprod: Vec<f32>,
     timesteps: Vec<f64>,
     /// One sigma per timestep plus the final one (float32, as diffusers stores them).
@@ -119,17 +121,9 @@ pub struct UniPcMultistepScheduler {
 
 impl UniPcMultistepScheduler {
     pub fn new(config: UniPcMultistepSchedulerConfig) -> Result<Self> {
-        let sigma_choices = [config.use_beta_sigmas, config.use_exponential_sigmas, config.use_karras_sigmas]
-            .iter()
-            .filter(|&&b| b)
-            .count();
-        if sigma_choices > 1 {
-            return Err(Error::invalid(
-                "only one of `use_beta_sigmas`, `use_exponential_sigmas`, `use_karras_sigmas` can be true",
-            ));
-        }
+        let sigma_schedule =
+            SigmaSchedule::from_flags(config.use_karras_sigmas, config.use_exponential_sigmas, config.use_beta_sigmas)?;
         for (key, set) in [
-            ("use_beta_sigmas", config.use_beta_sigmas),
             ("use_flow_sigmas", config.use_flow_sigmas),
             ("use_dynamic_shifting", config.use_dynamic_shifting),
         ] {
@@ -158,20 +152,22 @@ impl UniPcMultistepScheduler {
             return Err(Error::invalid("`solver_order` must be at least 1"));
         }
 
-        let alphas_cumprod = alphas_cumprod(
+        let betas = betas::make_betas(
             &config.beta_schedule,
             config.beta_start,
             config.beta_end,
             config.num_train_timesteps,
             config.trained_betas.as_deref(),
-            config.rescale_betas_zero_snr,
+            &[],
         )?;
+        let alphas_cumprod = sigmas::alphas_cumprod(&betas, config.rescale_betas_zero_snr);
         let timesteps = (0..config.num_train_timesteps).rev().map(|t| t as f64).collect();
         let sigmas = training_sigmas(&alphas_cumprod);
         Ok(Self {
             model_outputs: vec![None; config.solver_order],
             config,
             solver_type,
+            sigma_schedule,
             alphas_cumprod,
             timesteps,
             sigmas,
@@ -419,34 +415,33 @@ impl Scheduler for UniPcMultistepScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let config = &self.config;
         let num_train = config.num_train_timesteps;
-        let timesteps =
-            multistep_timesteps(&config.timestep_spacing, num_train, num_train, num_inference_steps, config.steps_offset)?;
+        let timesteps = multistep_timesteps(
+            &config.timestep_spacing,
+            num_train,
+            num_train,
+            num_inference_steps,
+            config.steps_offset,
+        )?;
         let training_sigmas = training_sigmas(&self.alphas_cumprod);
         let log_sigmas: Vec<f32> = training_sigmas.iter().map(|s| s.ln()).collect();
-        let sigma_min = config.sigma_min.unwrap_or(training_sigmas[0] as f64);
-        let sigma_max = config.sigma_max.unwrap_or(*training_sigmas.last().unwrap_or(&0.0) as f64);
-        let timesteps_for = |sigmas: &[f64], round: bool| -> Vec<i64> {
-            sigmas
-                .iter()
-                .map(|&s| {
-                    let t = sigma_to_t(s, &log_sigmas);
-                    (if round { t.round_ties_even() } else { t }) as i64
-                })
-                .collect()
-        };
+        let (sigma_min, sigma_max) = multistep_sigma_range(config.sigma_min, config.sigma_max, &training_sigmas);
         let zero_final = config.final_sigmas_type == "zero";
-        let (timesteps, sigmas, sigma_last): (Vec<i64>, Vec<f64>, f32) = if config.use_karras_sigmas {
-            let sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps);
-            let last = if zero_final { 0.0 } else { *sigmas.last().unwrap_or(&0.0) as f32 };
-            (timesteps_for(&sigmas, true), sigmas, last)
-        } else if config.use_exponential_sigmas {
-            let sigmas = exponential_sigmas(sigma_min, sigma_max, num_inference_steps);
-            let last = if zero_final { 0.0 } else { *sigmas.last().unwrap_or(&0.0) as f32 };
-            (timesteps_for(&sigmas, false), sigmas, last)
-        } else {
-            let sigmas = sigmas_at_timesteps(&timesteps, &training_sigmas);
-            let last = if zero_final { 0.0 } else { training_sigmas[0] };
-            (timesteps, sigmas, last)
+        let (timesteps, sigmas, sigma_last): (Vec<i64>, Vec<f64>, f32) = match self.sigma_schedule {
+            SigmaSchedule::Karras => {
+                let sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps);
+                let last = if zero_final { 0.0 } else { *sigmas.last().unwrap_or(&0.0) as f32 };
+                (integer_timesteps_of(&sigmas, &log_sigmas, true), sigmas, last)
+            }
+            SigmaSchedule::Exponential => {
+                let sigmas = exponential_sigmas(sigma_min, sigma_max, num_inference_steps);
+                let last = if zero_final { 0.0 } else { *sigmas.last().unwrap_or(&0.0) as f32 };
+                (integer_timesteps_of(&sigmas, &log_sigmas, false), sigmas, last)
+            }
+            SigmaSchedule::Interpolated => {
+                let at: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+                let last = if zero_final { 0.0 } else { training_sigmas[0] };
+                (timesteps, interp(&at, &training_sigmas), last)
+            }
         };
         let mut sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
         sigmas.push(sigma_last);
