@@ -12,10 +12,10 @@ use candle_core::{DType, Tensor};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::multistep::{check_one_of, initial_step_index};
+use super::multistep::check_one_of;
 use super::sigmas::{
     self, alpha_sigma_t, divide, exponential_sigmas, integer_timesteps_of, interp, karras_sigmas, lambda,
-    multistep_sigma_range, scale, training_sigmas, SigmaSchedule,
+    multistep_sigma_range, scale, training_sigmas, Schedule, SigmaSchedule,
 };
 use super::spacing::{check_spacing, multistep_timesteps, np_linspace};
 use super::{betas, threshold_sample, Scheduler};
@@ -132,15 +132,13 @@ pub struct DpmSolverMultistepScheduler {
     alphas_cumprod: Vec<f32>,
     /// lambda_t of every training timestep (float32), for `lambda_min_clipped`.
     lambdas: Vec<f32>,
-    timesteps: Vec<f64>,
-    /// One sigma per timestep plus the final one (float32, as diffusers stores them).
-    sigmas: Vec<f32>,
+    /// The timesteps, and one sigma per timestep plus the final one (float32, as diffusers
+    /// stores them).
+    schedule: Schedule,
     num_inference_steps: Option<usize>,
     /// The converted outputs of the last `solver_order` steps, oldest first.
     model_outputs: Vec<Option<Tensor>>,
     lower_order_nums: usize,
-    step_index: Option<usize>,
-    begin_index: Option<usize>,
 }
 
 impl DpmSolverMultistepScheduler {
@@ -210,7 +208,7 @@ impl DpmSolverMultistepScheduler {
         let lambdas = alphas_cumprod.iter().map(|a| lambda(a.sqrt(), (1.0 - a).sqrt())).collect();
         // Before `set_timesteps`: every training timestep, as diffusers initialises them.
         let timesteps = (0..config.num_train_timesteps).rev().map(|t| t as f64).collect();
-        let sigmas = training_sigmas(&alphas_cumprod);
+        let schedule = Schedule::multistep(timesteps, training_sigmas(&alphas_cumprod));
         Ok(Self {
             model_outputs: vec![None; config.solver_order],
             config,
@@ -219,12 +217,9 @@ impl DpmSolverMultistepScheduler {
             sigma_schedule,
             alphas_cumprod,
             lambdas,
-            timesteps,
-            sigmas,
+            schedule,
             num_inference_steps: None,
             lower_order_nums: 0,
-            step_index: None,
-            begin_index: None,
         })
     }
 
@@ -238,7 +233,7 @@ impl DpmSolverMultistepScheduler {
 
     /// The sigmas of the current schedule (one per timestep plus the final one).
     pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.schedule.sigmas
     }
 
     pub fn alphas_cumprod(&self) -> &[f32] {
@@ -248,7 +243,7 @@ impl DpmSolverMultistepScheduler {
     /// Converts the model output to what the algorithm integrates: x0 for DPM-Solver++,
     /// the noise for DPM-Solver (diffusers' `convert_model_output`).
     fn convert_model_output(&self, model_output: &Tensor, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma_t(self.sigmas[step_index]);
+        let (alpha_t, sigma_t) = alpha_sigma_t(self.schedule.sigmas[step_index]);
         let learned_variance = matches!(self.config.variance_type.as_deref(), Some("learned" | "learned_range"));
         // The variance channels follow the first 3 (the mean), as diffusers slices them.
         let mean_only = |output: &Tensor| -> Result<Tensor> {
@@ -271,7 +266,7 @@ impl DpmSolverMultistepScheduler {
                 "sample" => model_output.clone(),
                 "v_prediction" => (scale(sample, alpha_t)? - scale(model_output, sigma_t)?)?,
                 // Flow matching: x0 = x_t - sigma * v.
-                _ => (sample - scale(model_output, self.sigmas[step_index])?)?,
+                _ => (sample - scale(model_output, self.schedule.sigmas[step_index])?)?,
             };
             threshold(x0_pred)
         } else {
@@ -292,7 +287,7 @@ impl DpmSolverMultistepScheduler {
 
     /// (alpha, sigma, lambda) at position `index` of the sigma schedule.
     fn alpha_sigma_lambda(&self, index: usize) -> (f32, f32, f32) {
-        let (alpha, sigma) = alpha_sigma_t(self.sigmas[index]);
+        let (alpha, sigma) = alpha_sigma_t(self.schedule.sigmas[index]);
         (alpha, sigma, lambda(alpha, sigma))
     }
 
@@ -479,17 +474,14 @@ impl Scheduler for DpmSolverMultistepScheduler {
         sigmas.push(sigma_last);
 
         self.num_inference_steps = Some(timesteps.len());
-        self.timesteps = timesteps.into_iter().map(|t| t as f64).collect();
-        self.sigmas = sigmas;
+        self.schedule.set(timesteps.into_iter().map(|t| t as f64).collect(), sigmas);
         self.model_outputs = vec![None; self.config.solver_order];
         self.lower_order_nums = 0;
-        self.step_index = None;
-        self.begin_index = None;
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
@@ -511,12 +503,8 @@ impl Scheduler for DpmSolverMultistepScheduler {
         if self.num_inference_steps.is_none() {
             return Err(Error::invalid("call set_timesteps before step"));
         }
-        let step_index = match self.step_index {
-            Some(index) => index,
-            None => initial_step_index(self.begin_index, &self.timesteps, timestep),
-        };
-        self.step_index = Some(step_index);
-        let num_timesteps = self.timesteps.len();
+        let step_index = self.schedule.step_index(timestep)?;
+        let num_timesteps = self.schedule.timesteps.len();
         if step_index >= num_timesteps {
             return Err(Error::invalid(format!("step {step_index} is past the {num_timesteps} timesteps")));
         }
@@ -555,24 +543,16 @@ impl Scheduler for DpmSolverMultistepScheduler {
         if self.lower_order_nums < order {
             self.lower_order_nums += 1;
         }
-        self.step_index = Some(step_index + 1);
+        self.schedule.advance();
         Ok(prev_sample.to_dtype(model_output.dtype())?)
     }
 
     fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
-        super::multistep::add_noise_sigmas(
-            &self.sigmas,
-            &self.timesteps,
-            self.step_index,
-            self.begin_index,
-            original_samples,
-            noise,
-            timesteps,
-        )
+        self.schedule.add_noise_vp(original_samples, noise, timesteps)
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.begin_index = Some(begin_index);
+        self.schedule.set_begin_index(begin_index);
     }
 }
 

@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::sigmas::{self, divide, scale, sigma_at, to_f32, StepIndex};
+use super::sigmas::{self, divide, scale, to_f32, Schedule};
 use super::{betas, spacing, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
@@ -51,10 +51,8 @@ pub struct EulerAncestralDiscreteScheduler {
     prediction_type: PredictionType,
     alphas_cumprod: Vec<f32>,
     training_sigmas: Vec<f32>,
-    /// The inference sigmas, descending, with a final 0.
-    sigmas: Vec<f32>,
-    timesteps: Vec<f64>,
-    index: StepIndex,
+    /// The inference timesteps, and their sigmas (descending) with a final 0.
+    schedule: Schedule,
 }
 
 impl EulerAncestralDiscreteScheduler {
@@ -80,14 +78,13 @@ impl EulerAncestralDiscreteScheduler {
         // Before `set_timesteps`: every training timestep, as diffusers' constructor sets it.
         let sigmas = training_sigmas.iter().rev().copied().chain([0.0]).collect();
         let timesteps = (0..config.num_train_timesteps).rev().map(|t| t as f64).collect();
+        let schedule = Schedule::new(timesteps, sigmas);
         Ok(Self {
             config,
             prediction_type,
             alphas_cumprod,
             training_sigmas,
-            sigmas,
-            timesteps,
-            index: StepIndex::default(),
+            schedule,
         })
     }
 
@@ -102,7 +99,7 @@ impl EulerAncestralDiscreteScheduler {
 
     /// The inference sigmas, with the final 0 appended.
     pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.schedule.sigmas
     }
 
     pub fn alphas_cumprod(&self) -> &[f32] {
@@ -120,23 +117,23 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
             config.steps_offset,
         )?;
         let sigmas = sigmas::interp(&timesteps, &self.training_sigmas);
-        self.sigmas = sigmas.into_iter().map(|s| s as f32).chain([0.0]).collect();
-        self.timesteps = timesteps.into_iter().map(f64::from).collect();
-        self.index.reset();
+        self.schedule.set(
+            timesteps.into_iter().map(f64::from).collect(),
+            sigmas.into_iter().map(|s| s as f32).chain([0.0]).collect(),
+        );
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        sigmas::init_noise_sigma(&self.sigmas, &self.config.timestep_spacing)
+        self.schedule.init_noise_sigma(&self.config.timestep_spacing)
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.index.current(timestep, &self.timesteps)?;
-        sigmas::scale_model_input(sample, sigma_at(&self.sigmas, i)?)
+        self.schedule.scale_model_input(sample, timestep)
     }
 
     fn step(
@@ -147,8 +144,8 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         _eta: f64,
         generator: &mut TorchGenerator,
     ) -> Result<Tensor> {
-        let i = self.index.current(timestep, &self.timesteps)?;
-        let sigma = sigma_at(&self.sigmas, i)?;
+        let i = self.schedule.step_index(timestep)?;
+        let sigma = self.schedule.sigma(i)?;
         let sample = to_f32(sample)?;
 
         // 1. x_0 from the model output.
@@ -157,7 +154,7 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         // 2. Split the next noise level into a deterministic part (sigma_down) and fresh
         //    noise (sigma_up).
         let sigma_from = sigma;
-        let sigma_to = sigma_at(&self.sigmas, i + 1)?;
+        let sigma_to = self.schedule.sigma(i + 1)?;
         let sigma_up =
             (sigma_to * sigma_to * (sigma_from * sigma_from - sigma_to * sigma_to) / (sigma_from * sigma_from)).sqrt();
         let sigma_down = (sigma_to * sigma_to - sigma_up * sigma_up).sqrt();
@@ -172,17 +169,16 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
             generator.randn_tensor(model_output.dims(), model_output.device())?.to_dtype(model_output.dtype())?;
         let prev_sample = (prev_sample + scale(&noise, sigma_up)?)?;
 
-        self.index.advance();
+        self.schedule.advance();
         Ok(prev_sample.to_dtype(model_output.dtype())?)
     }
 
     fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
-        let indices = self.index.add_noise_indices(&self.timesteps, timesteps)?;
-        sigmas::add_noise(&self.sigmas, &indices, original_samples, noise)
+        self.schedule.add_noise(original_samples, noise, timesteps)
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.index.set_begin_index(begin_index);
+        self.schedule.set_begin_index(begin_index);
     }
 }
 

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::sigmas::{self, divide, scale, sigma_at, to_f32, SigmaSchedule, StepIndex};
+use super::sigmas::{self, divide, scale, to_f32, Schedule, SigmaSchedule};
 use super::{betas, spacing, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
@@ -99,10 +99,8 @@ pub struct EulerDiscreteScheduler {
     alphas_cumprod: Vec<f32>,
     /// sqrt((1 - alpha_bar) / alpha_bar) per training timestep, ascending in t.
     training_sigmas: Vec<f32>,
-    /// The inference sigmas, descending, with the final one appended.
-    sigmas: Vec<f32>,
-    timesteps: Vec<f64>,
-    index: StepIndex,
+    /// The inference timesteps, and their sigmas (descending) with the final one appended.
+    schedule: Schedule,
 }
 
 impl EulerDiscreteScheduler {
@@ -154,6 +152,7 @@ impl EulerDiscreteScheduler {
             (0..config.num_train_timesteps).rev().map(|t| t as f64).collect()
         };
         sigmas.push(0.0);
+        let schedule = Schedule::new(timesteps, sigmas);
         Ok(Self {
             config,
             prediction_type,
@@ -163,9 +162,7 @@ impl EulerDiscreteScheduler {
             continuous_timesteps,
             alphas_cumprod,
             training_sigmas,
-            sigmas,
-            timesteps,
-            index: StepIndex::default(),
+            schedule,
         })
     }
 
@@ -180,7 +177,7 @@ impl EulerDiscreteScheduler {
 
     /// The inference sigmas, with the final one (after the last step) appended.
     pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.schedule.sigmas
     }
 
     pub fn alphas_cumprod(&self) -> &[f32] {
@@ -197,13 +194,13 @@ impl EulerDiscreteScheduler {
         churn: Churn,
         generator: &mut TorchGenerator,
     ) -> Result<Tensor> {
-        let i = self.index.current(timestep, &self.timesteps)?;
+        let i = self.schedule.step_index(timestep)?;
         let mut sample = to_f32(sample)?;
-        let sigma = sigma_at(&self.sigmas, i)?;
-        let sigma_next = sigma_at(&self.sigmas, i + 1)?;
+        let sigma = self.schedule.sigma(i)?;
+        let sigma_next = self.schedule.sigma(i + 1)?;
 
         let gamma = if churn.s_tmin as f32 <= sigma && sigma <= churn.s_tmax as f32 {
-            (churn.s_churn / (self.sigmas.len() - 1) as f64).min(2f64.sqrt() - 1.0)
+            (churn.s_churn / (self.schedule.sigmas.len() - 1) as f64).min(2f64.sqrt() - 1.0)
         } else {
             0.0
         };
@@ -225,7 +222,7 @@ impl EulerDiscreteScheduler {
         let dt = sigma_next - sigma_hat;
         let prev_sample = (sample + scale(&derivative, dt)?)?;
 
-        self.index.advance();
+        self.schedule.advance();
         Ok(prev_sample.to_dtype(model_output.dtype())?)
     }
 }
@@ -261,27 +258,25 @@ impl Scheduler for EulerDiscreteScheduler {
         let mut sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
         sigmas.push(sigma_last);
 
-        self.timesteps = if self.continuous_timesteps {
+        let timesteps = if self.continuous_timesteps {
             sigmas[..sigmas.len() - 1].iter().map(|s| (0.25 * s.ln()) as f64).collect()
         } else {
             timesteps.into_iter().map(f64::from).collect()
         };
-        self.sigmas = sigmas;
-        self.index.reset();
+        self.schedule.set(timesteps, sigmas);
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        sigmas::init_noise_sigma(&self.sigmas, &self.config.timestep_spacing)
+        self.schedule.init_noise_sigma(&self.config.timestep_spacing)
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.index.current(timestep, &self.timesteps)?;
-        sigmas::scale_model_input(sample, sigma_at(&self.sigmas, i)?)
+        self.schedule.scale_model_input(sample, timestep)
     }
 
     fn step(
@@ -296,12 +291,11 @@ impl Scheduler for EulerDiscreteScheduler {
     }
 
     fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
-        let indices = self.index.add_noise_indices(&self.timesteps, timesteps)?;
-        sigmas::add_noise(&self.sigmas, &indices, original_samples, noise)
+        self.schedule.add_noise(original_samples, noise, timesteps)
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.index.set_begin_index(begin_index);
+        self.schedule.set_begin_index(begin_index);
     }
 }
 

@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::sigmas::{self, divide, scale, sigma_at, SigmaSchedule, StepIndex};
+use super::sigmas::{self, divide, scale, Schedule, SigmaSchedule};
 use super::{betas, spacing, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
@@ -75,13 +75,11 @@ pub struct HeunDiscreteScheduler {
     sigma_schedule: SigmaSchedule,
     alphas_cumprod: Vec<f32>,
     training_sigmas: Vec<f32>,
+    /// Timesteps [t_0, t_1, t_1, ..., t_{n-1}, t_{n-1}] and sigmas
     /// [s_0, s_1, s_1, s_2, s_2, ..., s_{n-1}, s_{n-1}, 0].
-    sigmas: Vec<f32>,
-    /// [t_0, t_1, t_1, ..., t_{n-1}, t_{n-1}].
-    timesteps: Vec<f64>,
+    schedule: Schedule,
     /// Set between the two halves of a step.
     first_order: Option<FirstOrderState>,
-    index: StepIndex,
 }
 
 impl HeunDiscreteScheduler {
@@ -109,10 +107,8 @@ impl HeunDiscreteScheduler {
             sigma_schedule,
             alphas_cumprod,
             training_sigmas,
-            sigmas: vec![],
-            timesteps: vec![],
+            schedule: Schedule::default(),
             first_order: None,
-            index: StepIndex::default(),
         };
         // As diffusers' constructor: a schedule over every training timestep.
         scheduler.set_timesteps(scheduler.config.num_train_timesteps)?;
@@ -130,7 +126,7 @@ impl HeunDiscreteScheduler {
 
     /// The (duplicated) inference sigmas, with the final 0 appended.
     pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.schedule.sigmas
     }
 
     pub fn alphas_cumprod(&self) -> &[f32] {
@@ -166,28 +162,27 @@ impl Scheduler for HeunDiscreteScheduler {
 
         // Every sigma but the first and the final 0 twice; every timestep but the first twice.
         let last = sigmas.len() - 1;
-        self.sigmas = std::iter::once(sigmas[0])
-            .chain(sigmas[1..last].iter().flat_map(|&s| [s, s]))
-            .chain(std::iter::once(sigmas[last]))
-            .collect();
-        self.timesteps =
-            std::iter::once(timesteps[0]).chain(timesteps[1..].iter().flat_map(|&t| [t, t])).map(f64::from).collect();
+        self.schedule.set(
+            std::iter::once(timesteps[0]).chain(timesteps[1..].iter().flat_map(|&t| [t, t])).map(f64::from).collect(),
+            std::iter::once(sigmas[0])
+                .chain(sigmas[1..last].iter().flat_map(|&s| [s, s]))
+                .chain(std::iter::once(sigmas[last]))
+                .collect(),
+        );
         self.first_order = None;
-        self.index.reset();
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        sigmas::init_noise_sigma(&self.sigmas, &self.config.timestep_spacing)
+        self.schedule.init_noise_sigma(&self.config.timestep_spacing)
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.index.current(timestep, &self.timesteps)?;
-        sigmas::scale_model_input(sample, sigma_at(&self.sigmas, i)?)
+        self.schedule.scale_model_input(sample, timestep)
     }
 
     fn step(
@@ -198,12 +193,12 @@ impl Scheduler for HeunDiscreteScheduler {
         _eta: f64,
         _generator: &mut TorchGenerator,
     ) -> Result<Tensor> {
-        let i = self.index.current(timestep, &self.timesteps)?;
+        let i = self.schedule.step_index(timestep)?;
         let first_order = self.first_order.is_none();
         let (sigma, sigma_next) = if first_order {
-            (sigma_at(&self.sigmas, i)?, sigma_at(&self.sigmas, i + 1)?)
+            (self.schedule.sigma(i)?, self.schedule.sigma(i + 1)?)
         } else {
-            (sigma_at(&self.sigmas, i.wrapping_sub(1))?, sigma_at(&self.sigmas, i)?)
+            (self.schedule.sigma(i.wrapping_sub(1))?, self.schedule.sigma(i)?)
         };
         // No churn in diffusers' Heun: gamma = 0, so sigma_hat = sigma.
         let sigma_hat = sigma;
@@ -232,13 +227,12 @@ impl Scheduler for HeunDiscreteScheduler {
                 (state.sample + scale(&derivative, state.dt)?)?
             }
         };
-        self.index.advance();
+        self.schedule.advance();
         Ok(prev_sample)
     }
 
     fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
-        let indices = self.index.add_noise_indices(&self.timesteps, timesteps)?;
-        sigmas::add_noise(&self.sigmas, &indices, original_samples, noise)
+        self.schedule.add_noise(original_samples, noise, timesteps)
     }
 
     fn order(&self) -> usize {
@@ -246,7 +240,7 @@ impl Scheduler for HeunDiscreteScheduler {
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.index.set_begin_index(begin_index);
+        self.schedule.set_begin_index(begin_index);
     }
 }
 

@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::sigmas::{self, divide, scale, sigma_at, SigmaSchedule, StepIndex};
+use super::sigmas::{self, divide, scale, Schedule, SigmaSchedule};
 use super::{betas, spacing, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
@@ -65,12 +65,10 @@ pub struct LMSDiscreteScheduler {
     sigma_schedule: SigmaSchedule,
     alphas_cumprod: Vec<f32>,
     training_sigmas: Vec<f32>,
-    /// The inference sigmas, descending, with a final 0.
-    sigmas: Vec<f32>,
-    timesteps: Vec<f64>,
+    /// The inference timesteps, and their sigmas (descending) with a final 0.
+    schedule: Schedule,
     /// The last `order` derivatives dx/dsigma, oldest first.
     derivatives: VecDeque<Tensor>,
-    index: StepIndex,
 }
 
 impl LMSDiscreteScheduler {
@@ -98,10 +96,8 @@ impl LMSDiscreteScheduler {
             sigma_schedule,
             alphas_cumprod,
             training_sigmas,
-            sigmas: vec![],
-            timesteps: vec![],
+            schedule: Schedule::default(),
             derivatives: VecDeque::new(),
-            index: StepIndex::default(),
         };
         // As diffusers' constructor: a schedule over every training timestep.
         scheduler.set_timesteps(scheduler.config.num_train_timesteps)?;
@@ -119,7 +115,7 @@ impl LMSDiscreteScheduler {
 
     /// The inference sigmas, with the final 0 appended.
     pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.schedule.sigmas
     }
 
     pub fn alphas_cumprod(&self) -> &[f32] {
@@ -131,14 +127,15 @@ impl LMSDiscreteScheduler {
     /// through the last `order` sigmas. diffusers integrates it with `scipy.integrate.quad`;
     /// the integrand is a polynomial, so we integrate it exactly.
     pub fn lms_coefficient(&self, order: usize, t: usize, current_order: usize) -> Result<f64> {
-        if order > t + 1 || current_order >= order || t + 1 >= self.sigmas.len() {
+        let sigmas = &self.schedule.sigmas;
+        if order > t + 1 || current_order >= order || t + 1 >= sigmas.len() {
             return Err(Error::invalid(format!(
                 "no LMS coefficient of order {order} for derivative {current_order} at step {t}"
             )));
         }
-        let sigma = |k: usize| self.sigmas[t - k] as f64;
-        let start = self.sigmas[t] as f64;
-        let end = self.sigmas[t + 1] as f64;
+        let sigma = |k: usize| sigmas[t - k] as f64;
+        let start = sigmas[t] as f64;
+        let end = sigmas[t + 1] as f64;
         // The basis polynomial in u = tau - start, as coefficients of u^0, u^1, ...
         let mut polynomial = vec![1.0f64];
         for k in (0..order).filter(|&k| k != current_order) {
@@ -169,9 +166,9 @@ impl LMSDiscreteScheduler {
         if order == 0 {
             return Err(Error::invalid("the LMS order must be at least 1"));
         }
-        let i = self.index.current(timestep, &self.timesteps)?;
-        let sigma = sigma_at(&self.sigmas, i)?;
-        sigma_at(&self.sigmas, i + 1)?;
+        let i = self.schedule.step_index(timestep)?;
+        let sigma = self.schedule.sigma(i)?;
+        self.schedule.sigma(i + 1)?;
 
         // 1. x_0 from the model output.
         let pred_original_sample = sigmas::denoised(self.prediction_type, model_output, sample, sigma)?;
@@ -198,7 +195,7 @@ impl LMSDiscreteScheduler {
             Some(update) => (sample + update)?,
             None => sample.clone(),
         };
-        self.index.advance();
+        self.schedule.advance();
         Ok(prev_sample)
     }
 }
@@ -221,24 +218,24 @@ impl Scheduler for LMSDiscreteScheduler {
         };
         let (timesteps, sigmas) =
             self.sigma_schedule.respace(timesteps, sigmas, &log_sigmas, num_inference_steps, sigma_min, sigma_max);
-        self.sigmas = sigmas.into_iter().map(|s| s as f32).chain([0.0]).collect();
-        self.timesteps = timesteps.into_iter().map(f64::from).collect();
+        self.schedule.set(
+            timesteps.into_iter().map(f64::from).collect(),
+            sigmas.into_iter().map(|s| s as f32).chain([0.0]).collect(),
+        );
         self.derivatives.clear();
-        self.index.reset();
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        sigmas::init_noise_sigma(&self.sigmas, &self.config.timestep_spacing)
+        self.schedule.init_noise_sigma(&self.config.timestep_spacing)
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.index.current(timestep, &self.timesteps)?;
-        sigmas::scale_model_input(sample, sigma_at(&self.sigmas, i)?)
+        self.schedule.scale_model_input(sample, timestep)
     }
 
     fn step(
@@ -253,12 +250,11 @@ impl Scheduler for LMSDiscreteScheduler {
     }
 
     fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
-        let indices = self.index.add_noise_indices(&self.timesteps, timesteps)?;
-        sigmas::add_noise(&self.sigmas, &indices, original_samples, noise)
+        self.schedule.add_noise(original_samples, noise, timesteps)
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.index.set_begin_index(begin_index);
+        self.schedule.set_begin_index(begin_index);
     }
 }
 

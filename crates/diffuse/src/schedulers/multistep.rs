@@ -1,66 +1,6 @@
-//! What the multistep DPM-Solver and UniPC schedulers share (diffusers/schedulers/
-//! scheduling_dpmsolver_multistep.py, scheduling_unipc_multistep.py): the variance-preserving
-//! schedule in sigma form, the timestep grids, Karras/exponential sigmas, sigma-to-timestep
-//! interpolation, the step-index lookup and `add_noise`.
-//!
-//! diffusers does the per-step scalar arithmetic on float32 0-d tensors, so the scalars here
-//! are `f32` computed in the same order; set-up arithmetic that numpy does in float64 is `f64`.
+//! What the multistep DPM-Solver and UniPC schedulers share beyond sigmas.rs.
 
-use candle_core::Tensor;
-
-use super::per_item;
-use super::sigmas::alpha_sigma_t;
 use crate::{Error, Result};
-
-/// diffusers' `index_for_timestep`: the position of `timestep` in the schedule; if it occurs
-/// more than once, the second occurrence (so that a pipeline starting in the middle of the
-/// schedule does not skip a sigma); if it does not occur, the last position.
-pub(crate) fn index_for_timestep(schedule_timesteps: &[f64], timestep: f64) -> usize {
-    let mut candidates = schedule_timesteps.iter().enumerate().filter(|(_, &t)| t == timestep).map(|(i, _)| i);
-    match (candidates.next(), candidates.next()) {
-        (None, _) => schedule_timesteps.len().saturating_sub(1),
-        (Some(_), Some(second)) => second,
-        (Some(first), None) => first,
-    }
-}
-
-/// The step index a multistep scheduler starts from: `begin_index` when the pipeline set it,
-/// else the position of the first timestep it is given.
-pub(crate) fn initial_step_index(begin_index: Option<usize>, schedule_timesteps: &[f64], timestep: f64) -> usize {
-    begin_index.unwrap_or_else(|| index_for_timestep(schedule_timesteps, timestep))
-}
-
-/// `alpha_t * x0 + sigma_t * noise` with the sigma of each timestep's step, diffusers'
-/// sigma-based `add_noise`: by lookup when no begin index is set (training), else at the
-/// current step (inpainting) or the begin index (image-to-image).
-pub(crate) fn add_noise_sigmas(
-    sigmas: &[f32],
-    schedule_timesteps: &[f64],
-    step_index: Option<usize>,
-    begin_index: Option<usize>,
-    original_samples: &Tensor,
-    noise: &Tensor,
-    timesteps: &[f64],
-) -> Result<Tensor> {
-    let step_indices: Vec<usize> = match (begin_index, step_index) {
-        (None, _) => timesteps.iter().map(|&t| index_for_timestep(schedule_timesteps, t)).collect(),
-        (Some(_), Some(step)) => vec![step; timesteps.len()],
-        (Some(begin), None) => vec![begin; timesteps.len()],
-    };
-    let mut alphas = Vec::with_capacity(step_indices.len());
-    let mut sigmas_t = Vec::with_capacity(step_indices.len());
-    for index in step_indices {
-        let sigma = *sigmas
-            .get(index)
-            .ok_or_else(|| Error::invalid(format!("step index {index} is past the {} sigmas", sigmas.len())))?;
-        let (alpha_t, sigma_t) = alpha_sigma_t(sigma);
-        alphas.push(alpha_t);
-        sigmas_t.push(sigma_t);
-    }
-    let alpha_t = per_item(&alphas, original_samples)?;
-    let sigma_t = per_item(&sigmas_t, original_samples)?;
-    Ok((original_samples.broadcast_mul(&alpha_t)? + noise.broadcast_mul(&sigma_t)?)?)
-}
 
 /// Checks that a string config value is one of `allowed`, naming the key otherwise.
 pub(crate) fn check_one_of(key: &str, value: &str, allowed: &[&str]) -> Result<()> {
@@ -115,13 +55,6 @@ pub(crate) mod full_loop_support {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn duplicated_timesteps_use_the_second_occurrence() {
-        assert_eq!(index_for_timestep(&[5.0, 3.0, 3.0, 1.0], 3.0), 2);
-        assert_eq!(index_for_timestep(&[5.0, 3.0, 1.0], 3.0), 1);
-        assert_eq!(index_for_timestep(&[5.0, 3.0, 1.0], 4.0), 2);
-    }
 
     #[test]
     fn deterministic_sample_layout() {

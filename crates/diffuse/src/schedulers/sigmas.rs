@@ -205,73 +205,70 @@ pub fn integer_timesteps_of(sigmas: &[f64], log_sigmas: &[f32], round: bool) -> 
         .collect()
 }
 
-/// The standard deviation of the initial noise: the largest sigma, or for `leading` spacing
-/// (whose first timestep is below the last training one) sqrt(sigma_max^2 + 1), in f32.
-pub fn init_noise_sigma(sigmas: &[f32], timestep_spacing: &str) -> f64 {
-    let max = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    match timestep_spacing {
-        "linspace" | "trailing" => max as f64,
-        _ => (max * max + 1.0).sqrt() as f64,
-    }
-}
-
-/// `sample / sqrt(sigma^2 + 1)`: the model sees inputs of unit variance.
-pub fn scale_model_input(sample: &Tensor, sigma: f32) -> Result<Tensor> {
-    divide(sample, (sigma * sigma + 1.0).sqrt())
-}
-
-/// `original + noise * sigma`, one sigma per batch item (or one for all).
-pub fn add_noise(sigmas: &[f32], step_indices: &[usize], original_samples: &Tensor, noise: &Tensor) -> Result<Tensor> {
-    let sigma = step_indices
-        .iter()
-        .map(|&i| sigmas.get(i).copied().ok_or_else(|| Error::invalid(format!("no sigma for step index {i}"))))
-        .collect::<Result<Vec<f32>>>()?;
-    let sigma = per_item(&sigma, original_samples)?;
-    Ok((original_samples + noise.broadcast_mul(&sigma)?)?)
-}
-
 /// diffusers' `index_for_timestep`: where `timestep` is in `schedule` (compared in float32, as
-/// torch compares a float32 schedule). When it occurs more than once (Heun's duplicated
-/// timesteps) the second occurrence, so that starting mid-schedule (image-to-image) does not
-/// skip a sigma.
-pub fn index_for_timestep(timestep: f64, schedule: &[f64]) -> Result<usize> {
+/// torch compares a float32 schedule, or an integer one with a float timestep). When it occurs
+/// more than once (Heun's duplicated timesteps) the second occurrence, so that starting
+/// mid-schedule (image-to-image) does not skip a sigma.
+pub fn index_for_timestep(timestep: f64, schedule: &[f64]) -> Option<usize> {
     let mut found = schedule.iter().enumerate().filter(|(_, &t)| t as f32 == timestep as f32).map(|(i, _)| i);
-    let first = found
-        .next()
-        .ok_or_else(|| Error::invalid(format!("timestep {timestep} is not one of the scheduler's timesteps")))?;
-    Ok(found.next().unwrap_or(first))
+    let first = found.next()?;
+    Some(found.next().unwrap_or(first))
 }
 
-/// The step counter of these schedulers: `None` until the first `scale_model_input`/`step`,
-/// which sets it from `begin_index` (image-to-image) or from the timestep's place.
+/// What `set_timesteps` leaves a sigma scheduler, and where the sampling loop is in it:
+/// diffusers' `timesteps`, `sigmas`, `_step_index` and `_begin_index`.
 #[derive(Clone, Debug, Default)]
-pub struct StepIndex {
+pub struct Schedule {
+    /// The timesteps the pipeline visits, in order.
+    pub timesteps: Vec<f64>,
+    /// One sigma per timestep, then the one after the last step.
+    pub sigmas: Vec<f32>,
+    /// `None` until the first `scale_model_input`/`step`, which sets it from `begin_index`
+    /// (image-to-image) or from the timestep's place.
     step_index: Option<usize>,
     begin_index: Option<usize>,
+    /// The multistep schedulers take a timestep the schedule does not hold for the last step;
+    /// for the others it is an error (diffusers' lookup fails).
+    unknown_timestep_is_last: bool,
 }
 
-impl StepIndex {
-    /// Forgets both indices (`set_timesteps`).
-    pub fn reset(&mut self) {
-        *self = Self::default();
+impl Schedule {
+    /// The schedule of an Euler-family scheduler.
+    pub fn new(timesteps: Vec<f64>, sigmas: Vec<f32>) -> Self {
+        Self { timesteps, sigmas, ..Self::default() }
     }
 
+    /// The schedule of a multistep scheduler (DPM-Solver, UniPC).
+    pub fn multistep(timesteps: Vec<f64>, sigmas: Vec<f32>) -> Self {
+        Self { unknown_timestep_is_last: true, ..Self::new(timesteps, sigmas) }
+    }
+
+    /// A new schedule from `set_timesteps`: forgets both indices.
+    pub fn set(&mut self, timesteps: Vec<f64>, sigmas: Vec<f32>) {
+        *self = Self { unknown_timestep_is_last: self.unknown_timestep_is_last, ..Self::new(timesteps, sigmas) };
+    }
+
+    /// For image-to-image: the index of the first timestep the pipeline will use.
     pub fn set_begin_index(&mut self, begin_index: usize) {
         self.begin_index = Some(begin_index);
     }
 
-    pub fn step_index(&self) -> Option<usize> {
-        self.step_index
+    fn index_for_timestep(&self, timestep: f64) -> Result<usize> {
+        match index_for_timestep(timestep, &self.timesteps) {
+            Some(index) => Ok(index),
+            None if self.unknown_timestep_is_last => Ok(self.timesteps.len().saturating_sub(1)),
+            None => Err(Error::invalid(format!("timestep {timestep} is not one of the scheduler's timesteps"))),
+        }
     }
 
     /// The current step index, initialised from `timestep` on first use.
-    pub fn current(&mut self, timestep: f64, schedule: &[f64]) -> Result<usize> {
+    pub fn step_index(&mut self, timestep: f64) -> Result<usize> {
         if let Some(index) = self.step_index {
             return Ok(index);
         }
         let index = match self.begin_index {
             Some(begin) => begin,
-            None => index_for_timestep(timestep, schedule)?,
+            None => self.index_for_timestep(timestep)?,
         };
         self.step_index = Some(index);
         Ok(index)
@@ -282,23 +279,59 @@ impl StepIndex {
         self.step_index = self.step_index.map(|i| i + 1);
     }
 
-    /// The sigma indices `add_noise` uses: each timestep's place when no begin index is set
-    /// (training, or pipelines without `set_begin_index`), else the current step (inpainting,
-    /// after the first step) or the begin index (image-to-image, before it).
-    pub fn add_noise_indices(&self, schedule: &[f64], timesteps: &[f64]) -> Result<Vec<usize>> {
-        match (self.begin_index, self.step_index) {
-            (None, _) => timesteps.iter().map(|&t| index_for_timestep(t, schedule)).collect(),
-            (Some(_), Some(step)) => Ok(vec![step; timesteps.len()]),
-            (Some(begin), None) => Ok(vec![begin; timesteps.len()]),
+    /// The sigma at `index`, or an error saying the schedule has run out (more steps than timesteps).
+    pub fn sigma(&self, index: usize) -> Result<f32> {
+        self.sigmas.get(index).copied().ok_or_else(|| {
+            Error::invalid(format!("step index {index} is past the end of the schedule ({} sigmas)", self.sigmas.len()))
+        })
+    }
+
+    /// The standard deviation of the initial noise for the Euler family: the largest sigma, or
+    /// for `leading` spacing (whose first timestep is below the last training one)
+    /// sqrt(sigma_max^2 + 1), in f32.
+    pub fn init_noise_sigma(&self, timestep_spacing: &str) -> f64 {
+        let max = self.sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        match timestep_spacing {
+            "linspace" | "trailing" => max as f64,
+            _ => (max * max + 1.0).sqrt() as f64,
         }
     }
-}
 
-/// A sigma at `index`, or an error saying the schedule has run out (more steps than timesteps).
-pub fn sigma_at(sigmas: &[f32], index: usize) -> Result<f32> {
-    sigmas.get(index).copied().ok_or_else(|| {
-        Error::invalid(format!("step index {index} is past the end of the schedule ({} sigmas)", sigmas.len()))
-    })
+    /// The Euler family's `scale_model_input`: `sample / sqrt(sigma^2 + 1)` at the current
+    /// step, so that the model sees inputs of unit variance.
+    pub fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
+        let index = self.step_index(timestep)?;
+        let sigma = self.sigma(index)?;
+        divide(sample, (sigma * sigma + 1.0).sqrt())
+    }
+
+    /// The Euler family's `add_noise`: `original + sigma * noise`, one sigma per batch item
+    /// (or one for all).
+    pub fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
+        let sigma = per_item(&self.add_noise_sigmas(timesteps)?, original_samples)?;
+        Ok((original_samples + noise.broadcast_mul(&sigma)?)?)
+    }
+
+    /// The multistep schedulers' `add_noise`: `alpha_t * original + sigma_t * noise`.
+    pub fn add_noise_vp(&self, original_samples: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
+        let (alphas_t, sigmas_t): (Vec<f32>, Vec<f32>) =
+            self.add_noise_sigmas(timesteps)?.into_iter().map(alpha_sigma_t).unzip();
+        let alpha_t = per_item(&alphas_t, original_samples)?;
+        let sigma_t = per_item(&sigmas_t, original_samples)?;
+        Ok((original_samples.broadcast_mul(&alpha_t)? + noise.broadcast_mul(&sigma_t)?)?)
+    }
+
+    /// The sigmas `add_noise` uses: at each timestep's place when no begin index is set
+    /// (training, or pipelines without `set_begin_index`), else at the current step
+    /// (inpainting, after the first step) or the begin index (image-to-image, before it).
+    fn add_noise_sigmas(&self, timesteps: &[f64]) -> Result<Vec<f32>> {
+        let indices = match (self.begin_index, self.step_index) {
+            (None, _) => timesteps.iter().map(|&t| self.index_for_timestep(t)).collect::<Result<Vec<usize>>>()?,
+            (Some(_), Some(step)) => vec![step; timesteps.len()],
+            (Some(begin), None) => vec![begin; timesteps.len()],
+        };
+        indices.into_iter().map(|index| self.sigma(index)).collect()
+    }
 }
 
 /// `tensor * s` with `s` a float32 scalar, as torch multiplies by a 0-d float32 tensor.
@@ -349,10 +382,21 @@ mod tests {
     #[test]
     fn index_prefers_second_occurrence() {
         let schedule = [999.0, 500.0, 500.0, 0.0, 0.0];
-        assert_eq!(index_for_timestep(999.0, &schedule).unwrap(), 0);
-        assert_eq!(index_for_timestep(500.0, &schedule).unwrap(), 2);
-        assert_eq!(index_for_timestep(0.0, &schedule).unwrap(), 4);
-        assert!(index_for_timestep(1.0, &schedule).is_err());
+        assert_eq!(index_for_timestep(999.0, &schedule), Some(0));
+        assert_eq!(index_for_timestep(500.0, &schedule), Some(2));
+        assert_eq!(index_for_timestep(0.0, &schedule), Some(4));
+        assert_eq!(index_for_timestep(1.0, &schedule), None);
+    }
+
+    #[test]
+    fn unknown_timestep_is_an_error_except_for_multistep() {
+        assert!(Schedule::new(vec![5.0, 3.0, 1.0], vec![3.0, 2.0, 1.0, 0.0]).step_index(4.0).is_err());
+        let mut multistep = Schedule::multistep(vec![5.0, 3.0, 1.0], vec![3.0, 2.0, 1.0, 0.0]);
+        assert_eq!(multistep.step_index(4.0).unwrap(), 2);
+        multistep.set(vec![5.0, 3.0, 3.0, 1.0], vec![4.0, 3.0, 2.0, 1.0, 0.0]);
+        assert_eq!(multistep.step_index(3.0).unwrap(), 2, "the step index is forgotten by `set`");
+        multistep.set(vec![5.0, 3.0, 1.0], vec![3.0, 2.0, 1.0, 0.0]);
+        assert_eq!(multistep.step_index(4.0).unwrap(), 2, "`set` keeps the lookup rule");
     }
 }
 

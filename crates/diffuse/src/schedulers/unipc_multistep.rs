@@ -11,10 +11,10 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::multistep::{check_one_of, initial_step_index};
+use super::multistep::check_one_of;
 use super::sigmas::{
     self, alpha_sigma_t, divide, exponential_sigmas, integer_timesteps_of, interp, karras_sigmas, lambda,
-    multistep_sigma_range, scale, training_sigmas, SigmaSchedule,
+    multistep_sigma_range, scale, training_sigmas, Schedule, SigmaSchedule,
 };
 use super::spacing::{check_spacing, multistep_timesteps};
 use super::{betas, threshold_sample, Scheduler};
@@ -104,9 +104,9 @@ pub struct UniPcMultistepScheduler {
     solver_type: SolverType,
     sigma_schedule: SigmaSchedule,
     alphas_cumprod: Vec<f32>,
-    timesteps: Vec<f64>,
-    /// One sigma per timestep plus the final one (float32, as diffusers stores them).
-    sigmas: Vec<f32>,
+    /// The timesteps, and one sigma per timestep plus the final one (float32, as diffusers
+    /// stores them).
+    schedule: Schedule,
     num_inference_steps: Option<usize>,
     /// The converted outputs of the last `solver_order` steps, oldest first.
     model_outputs: Vec<Option<Tensor>>,
@@ -115,8 +115,6 @@ pub struct UniPcMultistepScheduler {
     this_order: usize,
     /// The sample the last predictor started from.
     last_sample: Option<Tensor>,
-    step_index: Option<usize>,
-    begin_index: Option<usize>,
 }
 
 impl UniPcMultistepScheduler {
@@ -162,21 +160,18 @@ impl UniPcMultistepScheduler {
         )?;
         let alphas_cumprod = sigmas::alphas_cumprod(&betas, config.rescale_betas_zero_snr);
         let timesteps = (0..config.num_train_timesteps).rev().map(|t| t as f64).collect();
-        let sigmas = training_sigmas(&alphas_cumprod);
+        let schedule = Schedule::multistep(timesteps, training_sigmas(&alphas_cumprod));
         Ok(Self {
             model_outputs: vec![None; config.solver_order],
             config,
             solver_type,
             sigma_schedule,
             alphas_cumprod,
-            timesteps,
-            sigmas,
+            schedule,
             num_inference_steps: None,
             lower_order_nums: 0,
             this_order: 0,
             last_sample: None,
-            step_index: None,
-            begin_index: None,
         })
     }
 
@@ -190,7 +185,7 @@ impl UniPcMultistepScheduler {
 
     /// The sigmas of the current schedule (one per timestep plus the final one).
     pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.schedule.sigmas
     }
 
     pub fn alphas_cumprod(&self) -> &[f32] {
@@ -200,7 +195,7 @@ impl UniPcMultistepScheduler {
     /// Converts the model output to x0 (`predict_x0`) or to the noise (diffusers'
     /// `convert_model_output`).
     fn convert_model_output(&self, model_output: &Tensor, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        let sigma = self.sigmas[step_index];
+        let sigma = self.schedule.sigmas[step_index];
         let (alpha_t, sigma_t) = alpha_sigma_t(sigma);
         if self.config.predict_x0 {
             let x0_pred = match self.config.prediction_type.as_str() {
@@ -234,7 +229,7 @@ impl UniPcMultistepScheduler {
     }
 
     fn alpha_sigma_lambda(&self, index: usize) -> (f32, f32, f32) {
-        let (alpha, sigma) = alpha_sigma_t(self.sigmas[index]);
+        let (alpha, sigma) = alpha_sigma_t(self.schedule.sigmas[index]);
         (alpha, sigma, lambda(alpha, sigma))
     }
 
@@ -447,18 +442,15 @@ impl Scheduler for UniPcMultistepScheduler {
         sigmas.push(sigma_last);
 
         self.num_inference_steps = Some(timesteps.len());
-        self.timesteps = timesteps.into_iter().map(|t| t as f64).collect();
-        self.sigmas = sigmas;
+        self.schedule.set(timesteps.into_iter().map(|t| t as f64).collect(), sigmas);
         self.model_outputs = vec![None; self.config.solver_order];
         self.lower_order_nums = 0;
         self.last_sample = None;
-        self.step_index = None;
-        self.begin_index = None;
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
@@ -480,12 +472,8 @@ impl Scheduler for UniPcMultistepScheduler {
         if self.num_inference_steps.is_none() {
             return Err(Error::invalid("call set_timesteps before step"));
         }
-        let step_index = match self.step_index {
-            Some(index) => index,
-            None => initial_step_index(self.begin_index, &self.timesteps, timestep),
-        };
-        self.step_index = Some(step_index);
-        let num_timesteps = self.timesteps.len();
+        let step_index = self.schedule.step_index(timestep)?;
+        let num_timesteps = self.schedule.timesteps.len();
         if step_index >= num_timesteps {
             return Err(Error::invalid(format!("step {step_index} is past the {num_timesteps} timesteps")));
         }
@@ -516,24 +504,16 @@ impl Scheduler for UniPcMultistepScheduler {
         if self.lower_order_nums < order {
             self.lower_order_nums += 1;
         }
-        self.step_index = Some(step_index + 1);
+        self.schedule.advance();
         Ok(prev_sample)
     }
 
     fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
-        super::multistep::add_noise_sigmas(
-            &self.sigmas,
-            &self.timesteps,
-            self.step_index,
-            self.begin_index,
-            original_samples,
-            noise,
-            timesteps,
-        )
+        self.schedule.add_noise_vp(original_samples, noise, timesteps)
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.begin_index = Some(begin_index);
+        self.schedule.set_begin_index(begin_index);
     }
 }
 
