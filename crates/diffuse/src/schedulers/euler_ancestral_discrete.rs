@@ -182,43 +182,9 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
     }
 }
 
-/// diffusers' tests/schedulers/test_scheduler_euler_ancestral.py, full loops
-/// (`test_full_loop_device` is `test_full_loop_no_noise` on the CPU). The noise comes from
-/// `torch.manual_seed(0)`, i.e. `TorchGenerator::new(0)`.
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schedulers::sigmas::full_loop::{self, check};
-
-    fn scheduler(prediction_type: &str) -> EulerAncestralDiscreteScheduler {
-        EulerAncestralDiscreteScheduler::new(EulerAncestralDiscreteSchedulerConfig {
-            num_train_timesteps: 1100,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: "linear".into(),
-            prediction_type: prediction_type.into(),
-            ..Default::default()
-        })
-        .unwrap()
-    }
-
-    #[test]
-    fn full_loop_no_noise() {
-        let result = full_loop::run(&mut scheduler("epsilon"), 10, false);
-        check("no noise", result, (152.3192, 0.1983), (152.3192901611328, 0.19833241403102875));
-    }
-
-    #[test]
-    fn full_loop_with_v_prediction() {
-        let result = full_loop::run(&mut scheduler("v_prediction"), 10, false);
-        check("v_prediction", result, (108.4439, 0.1412), (108.44389343261719, 0.14120298624038696));
-    }
-
-    #[test]
-    fn full_loop_with_noise() {
-        let result = full_loop::run(&mut scheduler("epsilon"), 10, true);
-        check("with noise", result, (56163.0508, 73.1290), (56163.05078125, 73.12897491455078));
-    }
 
     #[test]
     fn sample_prediction_is_refused() {

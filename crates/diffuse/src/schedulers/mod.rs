@@ -10,7 +10,6 @@ pub mod euler_ancestral_discrete;
 pub mod euler_discrete;
 pub mod heun_discrete;
 pub mod lms_discrete;
-pub(crate) mod multistep;
 pub mod pndm;
 pub mod sigmas;
 pub mod spacing;
@@ -131,6 +130,15 @@ impl PredictionType {
                 "prediction_type `{other}` is not one of epsilon, sample, v_prediction"
             ))),
         }
+    }
+}
+
+/// Checks that a string config value is one of `allowed`, naming the key otherwise.
+pub(crate) fn check_one_of(key: &str, value: &str, allowed: &[&str]) -> Result<()> {
+    if allowed.contains(&value) {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!("`{key}` `{value}` is not one of {}", allowed.join(", "))))
     }
 }
 

@@ -11,13 +11,12 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::multistep::check_one_of;
 use super::sigmas::{
     self, alpha_sigma_t, divide, exponential_sigmas, integer_timesteps_of, interp, karras_sigmas, lambda,
     multistep_sigma_range, scale, training_sigmas, Schedule, SigmaSchedule,
 };
 use super::spacing::{check_spacing, multistep_timesteps};
-use super::{betas, threshold_sample, Scheduler};
+use super::{betas, check_one_of, threshold_sample, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -519,175 +518,11 @@ impl Scheduler for UniPcMultistepScheduler {
 
 #[cfg(test)]
 mod tests {
-    //! diffusers' tests/schedulers/test_scheduler_unipc.py (UniPCMultistepSchedulerTest and
-    //! its 1-D variant), full loops with the asserted values and tolerances of that file; where
-    //! it only checks for NaN, the values diffusers 0.42.1 gives
-    //! (tools/fixtures/multistep_full_loops.py).
+    //! diffusers' full loops for this scheduler are in tests/scheduler_full_loop.rs.
 
-    use std::path::Path;
-
-    use candle_core::{DType, Tensor};
     use serde_json::json;
 
     use super::*;
-    use crate::schedulers::multistep::full_loop_support::{abs_mean_and_sum, config, deterministic, dummy_model};
-
-    const SAMPLE_2D: &[usize] = &[4, 3, 8, 8];
-    const SAMPLE_1D: &[usize] = &[4, 3, 8];
-
-    fn get_scheduler_config(overrides: serde_json::Value) -> Map<String, Value> {
-        let mut base = config(json!({
-            "num_train_timesteps": 1000,
-            "beta_start": 0.0001,
-            "beta_end": 0.02,
-            "beta_schedule": "linear",
-            "solver_order": 2,
-            "solver_type": "bh2",
-            "final_sigmas_type": "sigma_min",
-        }));
-        base.extend(config(overrides));
-        base
-    }
-
-    fn scheduler(overrides: serde_json::Value) -> UniPcMultistepScheduler {
-        UniPcMultistepScheduler::from_config(&get_scheduler_config(overrides), Path::new("test")).unwrap()
-    }
-
-    /// 10 steps from `dummy_sample_deter` (UniPC draws no noise).
-    fn full_loop_with(mut scheduler: UniPcMultistepScheduler, mut sample: Tensor) -> Tensor {
-        scheduler.set_timesteps(10).unwrap();
-        let mut generator = TorchGenerator::new(0);
-        for t in scheduler.timesteps().to_vec() {
-            let residual = dummy_model(&sample, t);
-            sample = scheduler.step(&residual, t, &sample, 0.0, &mut generator).unwrap();
-        }
-        sample
-    }
-
-    fn full_loop(shape: &[usize], overrides: serde_json::Value) -> Tensor {
-        full_loop_with(scheduler(overrides), deterministic(shape, false))
-    }
-
-    fn assert_mean(sample: &Tensor, expected: f64, tolerance: f64) {
-        let (mean, _) = abs_mean_and_sum(sample);
-        assert!((mean - expected).abs() < tolerance, "mean |x| {mean} != {expected}");
-    }
-
-    /// test_full_loop_with_noise: noised to timestep 8 of 10, then denoised.
-    fn full_loop_with_noise(shape: &[usize]) -> (f64, f64) {
-        let mut scheduler = scheduler(json!({}));
-        scheduler.set_timesteps(10).unwrap();
-        let t_start = 8;
-        let timesteps = scheduler.timesteps()[t_start * scheduler.order()..].to_vec();
-        let sample = deterministic(shape, false);
-        let noise = deterministic(shape, true);
-        let mut sample = scheduler.add_noise(&sample, &noise, &timesteps[..1]).unwrap();
-        let mut generator = TorchGenerator::new(0);
-        for &t in &timesteps {
-            let residual = dummy_model(&sample, t);
-            sample = scheduler.step(&residual, t, &sample, 0.0, &mut generator).unwrap();
-        }
-        abs_mean_and_sum(&sample)
-    }
-
-    #[test]
-    fn full_loop_no_noise() {
-        assert_mean(&full_loop(SAMPLE_2D, json!({})), 0.2464, 1e-3);
-    }
-
-    #[test]
-    fn full_loop_with_karras() {
-        assert_mean(&full_loop(SAMPLE_2D, json!({"use_karras_sigmas": true})), 0.2925, 1e-3);
-    }
-
-    #[test]
-    fn full_loop_with_v_prediction() {
-        assert_mean(&full_loop(SAMPLE_2D, json!({"prediction_type": "v_prediction"})), 0.1014, 1e-3);
-    }
-
-    #[test]
-    fn full_loop_with_karras_and_v_prediction() {
-        let sample = full_loop(SAMPLE_2D, json!({"prediction_type": "v_prediction", "use_karras_sigmas": true}));
-        assert_mean(&sample, 0.1966, 1e-3);
-    }
-
-    #[test]
-    fn full_loop_with_noise_2d() {
-        let (mean, sum) = full_loop_with_noise(SAMPLE_2D);
-        assert!((sum - 315.5757).abs() < 1e-2, "sum {sum}");
-        assert!((mean - 0.4109).abs() < 1e-3, "mean {mean}");
-    }
-
-    #[test]
-    fn full_loop_1d() {
-        assert_mean(&full_loop(SAMPLE_1D, json!({})), 0.2441, 1e-3);
-        assert_mean(&full_loop(SAMPLE_1D, json!({"use_karras_sigmas": true})), 0.2898, 1e-3);
-        assert_mean(&full_loop(SAMPLE_1D, json!({"prediction_type": "v_prediction"})), 0.1014, 1e-3);
-        let sample = full_loop(SAMPLE_1D, json!({"prediction_type": "v_prediction", "use_karras_sigmas": true}));
-        assert_mean(&sample, 0.1944, 1e-3);
-    }
-
-    #[test]
-    fn full_loop_with_noise_1d() {
-        let (mean, sum) = full_loop_with_noise(SAMPLE_1D);
-        assert!((sum - 39.0870).abs() < 1e-2, "sum {sum}");
-        assert!((mean - 0.4072).abs() < 1e-3, "mean {mean}");
-    }
-
-    #[test]
-    fn switch_from_other_multistep_configs() {
-        // test_switch passes the config through DPM-Solver, DPMSolverSinglestep and DEIS; what
-        // reaches UniPC from them is their solver names, which map to bh2.
-        for solver_type in ["midpoint", "logrho"] {
-            assert_mean(&full_loop(SAMPLE_2D, json!({"solver_type": solver_type})), 0.2464, 1e-3);
-        }
-    }
-
-    #[test]
-    fn solver_order_and_type() {
-        // (solver type, order, prediction, mean |x|, sum |x|) from diffusers 0.42.1.
-        let cases: &[(&str, usize, &str, f64, f64)] = &[
-            ("bh1", 1, "epsilon", 0.234811053, 180.334885),
-            ("bh1", 1, "sample", 0.920928538, 707.273132),
-            ("bh1", 2, "epsilon", 0.252051502, 193.575546),
-            ("bh1", 2, "sample", 0.977219284, 750.504395),
-            ("bh1", 3, "epsilon", 0.252083451, 193.600098),
-            ("bh1", 3, "sample", 0.977377474, 750.625916),
-            ("bh2", 1, "epsilon", 0.232373059, 178.462509),
-            ("bh2", 1, "sample", 0.911411822, 699.964294),
-            ("bh2", 2, "epsilon", 0.246395633, 189.231842),
-            ("bh2", 2, "sample", 0.958283246, 735.961548),
-            ("bh2", 3, "epsilon", 0.247360572, 189.972916),
-            ("bh2", 3, "sample", 0.964490891, 740.729004),
-        ];
-        for &(solver_type, order, prediction, expected_mean, expected_sum) in cases {
-            let sample = full_loop(
-                SAMPLE_2D,
-                json!({"solver_type": solver_type, "solver_order": order, "prediction_type": prediction}),
-            );
-            let (mean, sum) = abs_mean_and_sum(&sample);
-            let what = format!("{solver_type} order {order} {prediction}");
-            assert!((mean - expected_mean).abs() <= 1e-5 * expected_mean, "{what}: mean {mean} != {expected_mean}");
-            assert!((sum - expected_sum).abs() <= 1e-5 * expected_sum, "{what}: sum {sum} != {expected_sum}");
-        }
-    }
-
-    #[test]
-    fn fp16_support() {
-        for order in [1, 2, 3] {
-            for solver_type in ["bh1", "bh2"] {
-                for prediction in ["epsilon", "sample", "v_prediction"] {
-                    let scheduler = scheduler(json!({
-                        "thresholding": true, "dynamic_thresholding_ratio": 0,
-                        "prediction_type": prediction, "solver_order": order, "solver_type": solver_type,
-                    }));
-                    let sample = deterministic(SAMPLE_2D, false).to_dtype(DType::F16).unwrap();
-                    let sample = full_loop_with(scheduler, sample);
-                    assert_eq!(sample.dtype(), DType::F16);
-                }
-            }
-        }
-    }
 
     #[test]
     fn linear_solve_matches_closed_form() {
@@ -701,15 +536,15 @@ mod tests {
 
     #[test]
     fn invalid_values_are_errors_naming_the_key() {
-        let origin = Path::new("scheduler_config.json");
-        for (overrides, key) in [
+        for (config, key) in [
             (json!({"solver_type": "rk4"}), "solver_type"),
             (json!({"prediction_type": "noise"}), "prediction_type"),
             (json!({"predict_x0": false, "prediction_type": "flow_prediction"}), "prediction_type"),
             (json!({"final_sigmas_type": "one"}), "final_sigmas_type"),
             (json!({"disable_corrector": "all"}), "disable_corrector"),
         ] {
-            let error = UniPcMultistepScheduler::from_config(&get_scheduler_config(overrides), origin)
+            let origin = Path::new("scheduler_config.json");
+            let error = UniPcMultistepScheduler::from_config(config.as_object().unwrap(), origin)
                 .err()
                 .expect("invalid config accepted")
                 .to_string();
