@@ -236,7 +236,6 @@ impl Scheduler for EulerDiscreteScheduler {
             num_inference_steps,
             config.steps_offset,
         )?;
-        let log_sigmas: Vec<f32> = self.training_sigmas.iter().map(|s| s.ln()).collect();
         let sigmas = match self.interpolation {
             Interpolation::Linear => sigmas::interp(&timesteps, &self.training_sigmas),
             // torch.linspace in float32 from the last log sigma to the first, n + 1 values.
@@ -249,7 +248,7 @@ impl Scheduler for EulerDiscreteScheduler {
         let (timesteps, sigmas) = self.sigma_schedule.respace(
             timesteps,
             sigmas,
-            &log_sigmas,
+            &self.training_sigmas,
             num_inference_steps,
             config.sigma_min,
             config.sigma_max,

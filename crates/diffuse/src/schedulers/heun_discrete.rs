@@ -148,12 +148,11 @@ impl Scheduler for HeunDiscreteScheduler {
             num_inference_steps,
             config.steps_offset,
         )?;
-        let log_sigmas: Vec<f32> = self.training_sigmas.iter().map(|s| s.ln()).collect();
         let sigmas = sigmas::interp(&timesteps, &self.training_sigmas);
         let (timesteps, sigmas) = self.sigma_schedule.respace(
             timesteps,
             sigmas,
-            &log_sigmas,
+            &self.training_sigmas,
             num_inference_steps,
             config.sigma_min,
             config.sigma_max,

@@ -209,15 +209,20 @@ impl Scheduler for LMSDiscreteScheduler {
             num_inference_steps,
             config.steps_offset,
         )?;
-        let log_sigmas: Vec<f32> = self.training_sigmas.iter().map(|s| s.ln()).collect();
         let sigmas = sigmas::interp(&timesteps, &self.training_sigmas);
         // LMS's own `_convert_to_karras` always spans the interpolated sigmas.
         let (sigma_min, sigma_max) = match self.sigma_schedule {
             SigmaSchedule::Karras => (None, None),
             _ => (config.sigma_min, config.sigma_max),
         };
-        let (timesteps, sigmas) =
-            self.sigma_schedule.respace(timesteps, sigmas, &log_sigmas, num_inference_steps, sigma_min, sigma_max);
+        let (timesteps, sigmas) = self.sigma_schedule.respace(
+            timesteps,
+            sigmas,
+            &self.training_sigmas,
+            num_inference_steps,
+            sigma_min,
+            sigma_max,
+        );
         self.schedule.set(
             timesteps.into_iter().map(f64::from).collect(),
             sigmas.into_iter().map(|s| s as f32).chain([0.0]).collect(),

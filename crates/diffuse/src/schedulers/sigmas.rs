@@ -64,12 +64,13 @@ impl SigmaSchedule {
 
     /// Replaces `sigmas` (float64, descending) by this schedule between `sigma_min` and
     /// `sigma_max` (by default the ends of `sigmas`), and maps each new sigma back to a
-    /// fractional timestep; returns the (float32) timesteps and the sigmas, without the final one.
+    /// fractional timestep of the `training_sigmas`; returns the (float32) timesteps and the
+    /// sigmas, without the final one.
     pub fn respace(
         self,
         timesteps: Vec<f32>,
         sigmas: Vec<f64>,
-        log_sigmas: &[f32],
+        training_sigmas: &[f32],
         num_inference_steps: usize,
         sigma_min: Option<f64>,
         sigma_max: Option<f64>,
@@ -84,7 +85,8 @@ impl SigmaSchedule {
             Self::Karras => karras_sigmas(sigma_min, sigma_max, num_inference_steps),
             Self::Exponential => exponential_sigmas(sigma_min, sigma_max, num_inference_steps),
         };
-        let timesteps = sigmas.iter().map(|&s| sigma_to_t(s, log_sigmas) as f32).collect();
+        let log_sigmas: Vec<f32> = training_sigmas.iter().map(|s| s.ln()).collect();
+        let timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas) as f32).collect();
         (timesteps, sigmas)
     }
 }

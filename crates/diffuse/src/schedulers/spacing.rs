@@ -44,17 +44,8 @@ pub fn integer_timesteps(
             .rev()
             .map(|x| x.round_ties_even() as i64)
             .collect(),
-        "leading" => {
-            let step_ratio = t / n;
-            (0..n).rev().map(|i| (i * step_ratio + steps_offset) as i64).collect()
-        }
-        "trailing" => {
-            let step_ratio = t as f64 / n as f64;
-            np_arange(t as f64, 0.0, -step_ratio)
-                .into_iter()
-                .map(|x| x.round_ties_even() as i64 - 1)
-                .collect()
-        }
+        "leading" => leading(t, n, steps_offset),
+        "trailing" => trailing(t, t, n),
         other => {
             check_spacing(other)?;
             unreachable!("check_spacing accepts only the spacings above")
@@ -71,21 +62,13 @@ pub fn float32_timesteps(
     num_inference_steps: usize,
     steps_offset: usize,
 ) -> Result<Vec<f32>> {
-    if num_inference_steps == 0 {
-        return Err(Error::invalid("the number of inference steps must be at least 1"));
-    }
+    check_at_least_one_step(num_inference_steps)?;
     let t = num_train_timesteps;
     let n = num_inference_steps;
     Ok(match spacing {
         "linspace" => np_linspace(0.0, (t - 1) as f64, n).into_iter().rev().map(|x| x as f32).collect(),
-        "leading" => {
-            let step_ratio = t / n;
-            (0..n).rev().map(|i| (i * step_ratio) as f32 + steps_offset as f32).collect()
-        }
-        "trailing" => {
-            let step_ratio = t as f64 / n as f64;
-            np_arange(t as f64, 0.0, -step_ratio).into_iter().map(|x| x.round_ties_even() as f32 - 1.0).collect()
-        }
+        "leading" => leading(t, n, steps_offset).into_iter().map(|x| x as f32).collect(),
+        "trailing" => trailing(t, t, n).into_iter().map(|x| x as f32).collect(),
         other => {
             check_spacing(other)?;
             unreachable!("check_spacing accepts only the spacings above")
@@ -93,9 +76,10 @@ pub fn float32_timesteps(
     })
 }
 
-/// The integer timesteps (descending) of the multistep schedulers (DPM-Solver, UniPC), which
-/// space `num_inference_steps + 1` points and drop the last. `last_timestep` is
-/// `num_train_timesteps` unless DPM-Solver's `lambda_min_clipped` cut the end of the schedule off.
+/// The integer timesteps (descending) of the multistep schedulers (DPM-Solver, UniPC), whose
+/// `linspace` and `leading` space `num_inference_steps + 1` points and drop the last.
+/// `last_timestep` is `num_train_timesteps` unless DPM-Solver's `lambda_min_clipped` cut the
+/// end of the schedule off.
 pub fn multistep_timesteps(
     spacing: &str,
     last_timestep: usize,
@@ -103,9 +87,7 @@ pub fn multistep_timesteps(
     num_inference_steps: usize,
     steps_offset: usize,
 ) -> Result<Vec<i64>> {
-    if num_inference_steps == 0 {
-        return Err(Error::invalid("the number of inference steps must be at least 1"));
-    }
+    check_at_least_one_step(num_inference_steps)?;
     let n = num_inference_steps;
     Ok(match spacing {
         // np.linspace(0, last - 1, n + 1).round()[::-1][:-1]
@@ -123,19 +105,24 @@ pub fn multistep_timesteps(
             let step_ratio = last_timestep / (n + 1);
             (1..=n).rev().map(|i| (i * step_ratio + steps_offset) as i64).collect()
         }
-        // np.arange(last, 0, -num_train_timesteps / n).round() - 1
-        "trailing" => {
-            let step_ratio = num_train_timesteps as f64 / n as f64;
-            np_arange(last_timestep as f64, 0.0, -step_ratio)
-                .into_iter()
-                .map(|x| x.round_ties_even() as i64 - 1)
-                .collect()
-        }
+        "trailing" => trailing(last_timestep, num_train_timesteps, n),
         other => {
             check_spacing(other)?;
             unreachable!("check_spacing accepts only the spacings above")
         }
     })
+}
+
+/// `leading`: (np.arange(0, n) * (num_train_timesteps // n))[::-1] + steps_offset.
+fn leading(num_train_timesteps: usize, num_inference_steps: usize, steps_offset: usize) -> Vec<i64> {
+    let step_ratio = num_train_timesteps / num_inference_steps;
+    (0..num_inference_steps).rev().map(|i| (i * step_ratio + steps_offset) as i64).collect()
+}
+
+/// `trailing`: np.arange(start, 0, -num_train_timesteps / n).round() - 1.
+fn trailing(start: usize, num_train_timesteps: usize, num_inference_steps: usize) -> Vec<i64> {
+    let step_ratio = num_train_timesteps as f64 / num_inference_steps as f64;
+    np_arange(start as f64, 0.0, -step_ratio).into_iter().map(|x| x.round_ties_even() as i64 - 1).collect()
 }
 
 /// `np.arange(start, stop, step)` for floats, filled as numpy fills it: the second value is
@@ -147,10 +134,16 @@ pub fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
     (0..len).map(|i| if i == 1 { start + step } else { start + i as f64 * delta }).collect()
 }
 
-pub fn check_inference_steps(num_train_timesteps: usize, num_inference_steps: usize) -> Result<()> {
+fn check_at_least_one_step(num_inference_steps: usize) -> Result<()> {
     if num_inference_steps == 0 {
         return Err(Error::invalid("the number of inference steps must be at least 1"));
     }
+    Ok(())
+}
+
+/// At least one inference step, and no more than there are training timesteps.
+pub fn check_inference_steps(num_train_timesteps: usize, num_inference_steps: usize) -> Result<()> {
+    check_at_least_one_step(num_inference_steps)?;
     if num_inference_steps > num_train_timesteps {
         return Err(Error::invalid(format!(
             "{num_inference_steps} inference steps cannot be more than the {num_train_timesteps} training timesteps"
