@@ -13,8 +13,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::sigmas::{
-    self, alpha_sigma_t, divide, exponential_sigmas, integer_timesteps_of, interp, karras_sigmas, lambda,
-    multistep_sigma_range, scale, training_sigmas, Schedule, SigmaSchedule,
+    self, alpha_sigma_t, data_prediction, divide, exponential_sigmas, integer_timesteps_of, interp, karras_sigmas,
+    lambda, multistep_sigma_range, noise_prediction, scale, training_sigmas, Schedule, SigmaSchedule,
 };
 use super::spacing::{check_spacing, multistep_timesteps, np_linspace};
 use super::{betas, check_one_of, threshold_sample, Scheduler};
@@ -242,15 +242,15 @@ impl DpmSolverMultistepScheduler {
     /// Converts the model output to what the algorithm integrates: x0 for DPM-Solver++,
     /// the noise for DPM-Solver (diffusers' `convert_model_output`).
     fn convert_model_output(&self, model_output: &Tensor, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma_t(self.schedule.sigmas[step_index]);
+        let sigma = self.schedule.sigmas[step_index];
+        let prediction_type = self.config.prediction_type.as_str();
+        // A learned-variance model's channels after the first 3 (the mean) are the variance,
+        // which diffusers drops from a noise prediction.
         let learned_variance = matches!(self.config.variance_type.as_deref(), Some("learned" | "learned_range"));
-        // The variance channels follow the first 3 (the mean), as diffusers slices them.
-        let mean_only = |output: &Tensor| -> Result<Tensor> {
-            if learned_variance {
-                Ok(output.narrow(1, 0, 3.min(output.dim(1)?))?)
-            } else {
-                Ok(output.clone())
-            }
+        let model_output = if learned_variance && prediction_type == "epsilon" {
+            model_output.narrow(1, 0, 3.min(model_output.dim(1)?))?
+        } else {
+            model_output.clone()
         };
         let threshold = |x0: Tensor| -> Result<Tensor> {
             if self.config.thresholding {
@@ -260,21 +260,11 @@ impl DpmSolverMultistepScheduler {
             }
         };
         if self.algorithm.predicts_data() {
-            let x0_pred = match self.config.prediction_type.as_str() {
-                "epsilon" => divide(&(sample - scale(&mean_only(model_output)?, sigma_t)?)?, alpha_t)?,
-                "sample" => model_output.clone(),
-                "v_prediction" => (scale(sample, alpha_t)? - scale(model_output, sigma_t)?)?,
-                // Flow matching: x0 = x_t - sigma * v.
-                _ => (sample - scale(model_output, self.schedule.sigmas[step_index])?)?,
-            };
-            threshold(x0_pred)
+            threshold(data_prediction(prediction_type, &model_output, sample, sigma)?)
         } else {
-            let epsilon = match self.config.prediction_type.as_str() {
-                "epsilon" => mean_only(model_output)?,
-                "sample" => divide(&(sample - scale(model_output, alpha_t)?)?, sigma_t)?,
-                _ => (scale(model_output, alpha_t)? + scale(sample, sigma_t)?)?,
-            };
+            let epsilon = noise_prediction(prediction_type, &model_output, sample, sigma)?;
             if self.config.thresholding {
+                let (alpha_t, sigma_t) = alpha_sigma_t(sigma);
                 let x0_pred = divide(&(sample - scale(&epsilon, sigma_t)?)?, alpha_t)?;
                 let x0_pred = threshold(x0_pred)?;
                 Ok(divide(&(sample - scale(&x0_pred, alpha_t)?)?, sigma_t)?)

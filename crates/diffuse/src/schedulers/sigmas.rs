@@ -117,6 +117,32 @@ pub fn alpha_sigma_t(sigma: f32) -> (f32, f32) {
     (alpha_t, sigma * alpha_t)
 }
 
+/// The multistep schedulers' data prediction x_0 from the model output at `sigma` (diffusers'
+/// `convert_model_output` for DPM-Solver++ and UniPC's `predict_x0`); `prediction_type` is
+/// epsilon, sample, v_prediction or flow_prediction.
+pub fn data_prediction(prediction_type: &str, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
+    let (alpha_t, sigma_t) = alpha_sigma_t(sigma);
+    Ok(match prediction_type {
+        "epsilon" => divide(&(sample - scale(model_output, sigma_t)?)?, alpha_t)?,
+        "sample" => model_output.clone(),
+        "v_prediction" => (scale(sample, alpha_t)? - scale(model_output, sigma_t)?)?,
+        // Flow matching: x0 = x_t - sigma * v.
+        _ => (sample - scale(model_output, sigma)?)?,
+    })
+}
+
+/// The multistep schedulers' noise prediction from the model output at `sigma` (diffusers'
+/// `convert_model_output` for DPM-Solver and UniPC without `predict_x0`); `prediction_type` is
+/// epsilon, sample or v_prediction.
+pub fn noise_prediction(prediction_type: &str, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
+    let (alpha_t, sigma_t) = alpha_sigma_t(sigma);
+    Ok(match prediction_type {
+        "epsilon" => model_output.clone(),
+        "sample" => divide(&(sample - scale(model_output, alpha_t)?)?, sigma_t)?,
+        _ => (scale(model_output, alpha_t)? + scale(sample, sigma_t)?)?,
+    })
+}
+
 /// The half log-SNR lambda_t = log(alpha_t) - log(sigma_t) (+inf when sigma_t is 0).
 pub fn lambda(alpha_t: f32, sigma_t: f32) -> f32 {
     alpha_t.ln() - sigma_t.ln()

@@ -12,8 +12,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::sigmas::{
-    self, alpha_sigma_t, divide, exponential_sigmas, integer_timesteps_of, interp, karras_sigmas, lambda,
-    multistep_sigma_range, scale, training_sigmas, Schedule, SigmaSchedule,
+    self, alpha_sigma_t, data_prediction, divide, exponential_sigmas, integer_timesteps_of, interp, karras_sigmas,
+    lambda, multistep_sigma_range, noise_prediction, scale, training_sigmas, Schedule, SigmaSchedule,
 };
 use super::spacing::{check_spacing, multistep_timesteps};
 use super::{betas, check_one_of, threshold_sample, Scheduler};
@@ -195,26 +195,16 @@ impl UniPcMultistepScheduler {
     /// `convert_model_output`).
     fn convert_model_output(&self, model_output: &Tensor, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         let sigma = self.schedule.sigmas[step_index];
-        let (alpha_t, sigma_t) = alpha_sigma_t(sigma);
+        let prediction_type = self.config.prediction_type.as_str();
         if self.config.predict_x0 {
-            let x0_pred = match self.config.prediction_type.as_str() {
-                "epsilon" => divide(&(sample - scale(model_output, sigma_t)?)?, alpha_t)?,
-                "sample" => model_output.clone(),
-                "v_prediction" => (scale(sample, alpha_t)? - scale(model_output, sigma_t)?)?,
-                // Flow matching: x0 = x_t - sigma * v.
-                _ => (sample - scale(model_output, sigma)?)?,
-            };
+            let x0_pred = data_prediction(prediction_type, model_output, sample, sigma)?;
             if self.config.thresholding {
                 threshold_sample(&x0_pred, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
             } else {
                 Ok(x0_pred)
             }
         } else {
-            Ok(match self.config.prediction_type.as_str() {
-                "epsilon" => model_output.clone(),
-                "sample" => divide(&(sample - scale(model_output, alpha_t)?)?, sigma_t)?,
-                _ => (scale(model_output, alpha_t)? + scale(sample, sigma_t)?)?,
-            })
+            noise_prediction(prediction_type, model_output, sample, sigma)
         }
     }
 
