@@ -91,8 +91,7 @@ impl DdimScheduler {
     }
 
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
-        let config: DdimSchedulerConfig = parse_config(map, origin)?;
-        Self::new(config).map_err(|e| e.in_config_file(origin))
+        Self::new(parse_config(map, origin)?).map_err(|e| e.in_config_file(origin))
     }
 
     pub fn config(&self) -> &DdimSchedulerConfig {

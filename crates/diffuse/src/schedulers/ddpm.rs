@@ -109,8 +109,7 @@ impl DdpmScheduler {
     }
 
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
-        let config: DdpmSchedulerConfig = parse_config(map, origin)?;
-        Self::new(config).map_err(|e| e.in_config_file(origin))
+        Self::new(parse_config(map, origin)?).map_err(|e| e.in_config_file(origin))
     }
 
     pub fn config(&self) -> &DdpmSchedulerConfig {

@@ -16,80 +16,7 @@ use candle_core::{DType, Tensor};
 use super::{betas, per_item, spacing, PredictionType};
 use crate::{Error, Result};
 
-/// The predicted x_0 from the model output at noise level `sigma` (f32 as torch does it).
-pub fn denoised(prediction_type: PredictionType, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
-    Ok(match prediction_type {
-        PredictionType::Epsilon => (sample - scale(model_output, sigma)?)?,
-        PredictionType::Sample => model_output.clone(),
-        // denoised = model_output * c_out + sample * c_skip for the variance-exploding
-        // form of v: c_out = -sigma / sqrt(sigma^2 + 1), c_skip = 1 / (sigma^2 + 1).
-        PredictionType::VPrediction => {
-            let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
-            (scale(model_output, c_out)? + divide(sample, sigma * sigma + 1.0)?)?
-        }
-    })
-}
-
-/// Which sigmas replace the interpolated ones (`use_karras_sigmas`, `use_exponential_sigmas`,
-/// `use_beta_sigmas`; at most one may be set).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SigmaSchedule {
-    /// The training sigmas interpolated at the spaced timesteps.
-    Interpolated,
-    /// Karras et al. 2022 (EDM), eq. 5 with rho = 7.
-    Karras,
-    /// Evenly spaced in log sigma.
-    Exponential,
-}
-
-impl SigmaSchedule {
-    pub fn from_flags(use_karras_sigmas: bool, use_exponential_sigmas: bool, use_beta_sigmas: bool) -> Result<Self> {
-        if [use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas].iter().filter(|&&b| b).count() > 1 {
-            return Err(Error::invalid(
-                "only one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas can be true",
-            ));
-        }
-        if use_beta_sigmas {
-            // diffusers inverts the beta distribution's CDF with scipy; we have no port of it.
-            return Err(Error::invalid("use_beta_sigmas = true is not supported"));
-        }
-        Ok(if use_karras_sigmas {
-            Self::Karras
-        } else if use_exponential_sigmas {
-            Self::Exponential
-        } else {
-            Self::Interpolated
-        })
-    }
-
-    /// Replaces `sigmas` (float64, descending) by this schedule between `sigma_min` and
-    /// `sigma_max` (by default the ends of `sigmas`), and maps each new sigma back to a
-    /// fractional timestep of the `training_sigmas`; returns the (float32) timesteps and the
-    /// sigmas, without the final one.
-    pub fn respace(
-        self,
-        timesteps: Vec<f32>,
-        sigmas: Vec<f64>,
-        training_sigmas: &[f32],
-        num_inference_steps: usize,
-        sigma_min: Option<f64>,
-        sigma_max: Option<f64>,
-    ) -> (Vec<f32>, Vec<f64>) {
-        let (Some(&last), Some(&first)) = (sigmas.last(), sigmas.first()) else {
-            return (timesteps, sigmas);
-        };
-        let sigma_min = sigma_min.unwrap_or(last);
-        let sigma_max = sigma_max.unwrap_or(first);
-        let sigmas = match self {
-            Self::Interpolated => return (timesteps, sigmas),
-            Self::Karras => karras_sigmas(sigma_min, sigma_max, num_inference_steps),
-            Self::Exponential => exponential_sigmas(sigma_min, sigma_max, num_inference_steps),
-        };
-        let log_sigmas: Vec<f32> = training_sigmas.iter().map(|s| s.ln()).collect();
-        let timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas) as f32).collect();
-        (timesteps, sigmas)
-    }
-}
+// ---- The training schedule in sigma form ----
 
 /// `torch.cumprod(1 - betas)` (betas rescaled to zero terminal SNR when asked). The last value
 /// is then 2^-24 instead of 0 (the smallest positive f16 subnormal), so that the first sigma
@@ -117,36 +44,12 @@ pub fn alpha_sigma_t(sigma: f32) -> (f32, f32) {
     (alpha_t, sigma * alpha_t)
 }
 
-/// The multistep schedulers' data prediction x_0 from the model output at `sigma` (diffusers'
-/// `convert_model_output` for DPM-Solver++ and UniPC's `predict_x0`); `prediction_type` is
-/// epsilon, sample, v_prediction or flow_prediction.
-pub fn data_prediction(prediction_type: &str, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
-    let (alpha_t, sigma_t) = alpha_sigma_t(sigma);
-    Ok(match prediction_type {
-        "epsilon" => divide(&(sample - scale(model_output, sigma_t)?)?, alpha_t)?,
-        "sample" => model_output.clone(),
-        "v_prediction" => (scale(sample, alpha_t)? - scale(model_output, sigma_t)?)?,
-        // Flow matching: x0 = x_t - sigma * v.
-        _ => (sample - scale(model_output, sigma)?)?,
-    })
-}
-
-/// The multistep schedulers' noise prediction from the model output at `sigma` (diffusers'
-/// `convert_model_output` for DPM-Solver and UniPC without `predict_x0`); `prediction_type` is
-/// epsilon, sample or v_prediction.
-pub fn noise_prediction(prediction_type: &str, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
-    let (alpha_t, sigma_t) = alpha_sigma_t(sigma);
-    Ok(match prediction_type {
-        "epsilon" => model_output.clone(),
-        "sample" => divide(&(sample - scale(model_output, alpha_t)?)?, sigma_t)?,
-        _ => (scale(model_output, alpha_t)? + scale(sample, sigma_t)?)?,
-    })
-}
-
 /// The half log-SNR lambda_t = log(alpha_t) - log(sigma_t) (+inf when sigma_t is 0).
 pub fn lambda(alpha_t: f32, sigma_t: f32) -> f32 {
     alpha_t.ln() - sigma_t.ln()
 }
+
+// ---- The inference sigmas and their timesteps ----
 
 /// `np.interp(x, np.arange(len(fp)), fp)`: piecewise-linear in f64, clamped to the ends.
 pub fn interp(x: &[f32], fp: &[f32]) -> Vec<f64> {
@@ -213,6 +116,67 @@ pub fn exponential_sigmas(sigma_min: f64, sigma_max: f64, num_inference_steps: u
     spacing::np_linspace(sigma_max.ln(), sigma_min.ln(), num_inference_steps).into_iter().map(f64::exp).collect()
 }
 
+/// Which sigmas replace the interpolated ones (`use_karras_sigmas`, `use_exponential_sigmas`,
+/// `use_beta_sigmas`; at most one may be set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SigmaSchedule {
+    /// The training sigmas interpolated at the spaced timesteps.
+    Interpolated,
+    /// Karras et al. 2022 (EDM), eq. 5 with rho = 7.
+    Karras,
+    /// Evenly spaced in log sigma.
+    Exponential,
+}
+
+impl SigmaSchedule {
+    pub fn from_flags(use_karras_sigmas: bool, use_exponential_sigmas: bool, use_beta_sigmas: bool) -> Result<Self> {
+        if [use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas].iter().filter(|&&b| b).count() > 1 {
+            return Err(Error::invalid(
+                "only one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas can be true",
+            ));
+        }
+        if use_beta_sigmas {
+            // diffusers inverts the beta distribution's CDF with scipy; we have no port of it.
+            return Err(Error::invalid("use_beta_sigmas = true is not supported"));
+        }
+        Ok(if use_karras_sigmas {
+            Self::Karras
+        } else if use_exponential_sigmas {
+            Self::Exponential
+        } else {
+            Self::Interpolated
+        })
+    }
+
+    /// Replaces `sigmas` (float64, descending) by this schedule between `sigma_min` and
+    /// `sigma_max` (by default the ends of `sigmas`), and maps each new sigma back to a
+    /// fractional timestep of the `training_sigmas`; returns the (float32) timesteps and the
+    /// sigmas, without the final one.
+    pub fn respace(
+        self,
+        timesteps: Vec<f32>,
+        sigmas: Vec<f64>,
+        training_sigmas: &[f32],
+        num_inference_steps: usize,
+        sigma_min: Option<f64>,
+        sigma_max: Option<f64>,
+    ) -> (Vec<f32>, Vec<f64>) {
+        let (Some(&last), Some(&first)) = (sigmas.last(), sigmas.first()) else {
+            return (timesteps, sigmas);
+        };
+        let sigma_min = sigma_min.unwrap_or(last);
+        let sigma_max = sigma_max.unwrap_or(first);
+        let sigmas = match self {
+            Self::Interpolated => return (timesteps, sigmas),
+            Self::Karras => karras_sigmas(sigma_min, sigma_max, num_inference_steps),
+            Self::Exponential => exponential_sigmas(sigma_min, sigma_max, num_inference_steps),
+        };
+        let log_sigmas: Vec<f32> = training_sigmas.iter().map(|s| s.ln()).collect();
+        let timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas) as f32).collect();
+        (timesteps, sigmas)
+    }
+}
+
 /// The multistep schedulers' Karras/exponential range: the config's `sigma_min` and `sigma_max`
 /// when it has them, else the ends of the training sigmas.
 pub fn multistep_sigma_range(sigma_min: Option<f64>, sigma_max: Option<f64>, training_sigmas: &[f32]) -> (f64, f64) {
@@ -232,6 +196,8 @@ pub fn integer_timesteps_of(sigmas: &[f64], log_sigmas: &[f32], round: bool) -> 
         })
         .collect()
 }
+
+// ---- Stepping through the schedule ----
 
 /// diffusers' `index_for_timestep`: where `timestep` is in `schedule` (compared in float32, as
 /// torch compares a float32 schedule, or an integer one with a float timestep). When it occurs
@@ -361,6 +327,50 @@ impl Schedule {
         indices.into_iter().map(|index| self.sigma(index)).collect()
     }
 }
+
+// ---- The model output: x_0 (or the noise) from what the model predicts ----
+
+/// The Euler family's x_0 from the model output at noise level `sigma` (f32 as torch does it).
+pub fn denoised(prediction_type: PredictionType, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
+    Ok(match prediction_type {
+        PredictionType::Epsilon => (sample - scale(model_output, sigma)?)?,
+        PredictionType::Sample => model_output.clone(),
+        // denoised = model_output * c_out + sample * c_skip for the variance-exploding
+        // form of v: c_out = -sigma / sqrt(sigma^2 + 1), c_skip = 1 / (sigma^2 + 1).
+        PredictionType::VPrediction => {
+            let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
+            (scale(model_output, c_out)? + divide(sample, sigma * sigma + 1.0)?)?
+        }
+    })
+}
+
+/// The multistep schedulers' data prediction x_0 from the model output at `sigma` (diffusers'
+/// `convert_model_output` for DPM-Solver++ and UniPC's `predict_x0`); `prediction_type` is
+/// epsilon, sample, v_prediction or flow_prediction.
+pub fn data_prediction(prediction_type: &str, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
+    let (alpha_t, sigma_t) = alpha_sigma_t(sigma);
+    Ok(match prediction_type {
+        "epsilon" => divide(&(sample - scale(model_output, sigma_t)?)?, alpha_t)?,
+        "sample" => model_output.clone(),
+        "v_prediction" => (scale(sample, alpha_t)? - scale(model_output, sigma_t)?)?,
+        // Flow matching: x0 = x_t - sigma * v.
+        _ => (sample - scale(model_output, sigma)?)?,
+    })
+}
+
+/// The multistep schedulers' noise prediction from the model output at `sigma` (diffusers'
+/// `convert_model_output` for DPM-Solver and UniPC without `predict_x0`); `prediction_type` is
+/// epsilon, sample or v_prediction.
+pub fn noise_prediction(prediction_type: &str, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
+    let (alpha_t, sigma_t) = alpha_sigma_t(sigma);
+    Ok(match prediction_type {
+        "epsilon" => model_output.clone(),
+        "sample" => divide(&(sample - scale(model_output, alpha_t)?)?, sigma_t)?,
+        _ => (scale(model_output, alpha_t)? + scale(sample, sigma_t)?)?,
+    })
+}
+
+// ---- Scalar arithmetic as torch does it ----
 
 /// `tensor * s` with `s` a float32 scalar, as torch multiplies by a 0-d float32 tensor.
 pub fn scale(tensor: &Tensor, s: f32) -> Result<Tensor> {
