@@ -149,6 +149,8 @@ pub(crate) fn per_item(values: &[f32], like: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_slice(values, shape, like.device())?.to_dtype(like.dtype())?)
 }
 
+// ---- What the DDPM family (DDPM, DDIM, DDIM inverse, PNDM) shares: the alpha_bar form ----
+
 /// `sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * noise` for integer-timestep schedulers
 /// (diffusers' `DDPMScheduler.add_noise`).
 pub(crate) fn add_noise_alphas_cumprod(
@@ -157,23 +159,23 @@ pub(crate) fn add_noise_alphas_cumprod(
     noise: &Tensor,
     timesteps: &[f64],
 ) -> Result<Tensor> {
-    let t = timesteps_as_indices(timesteps, alphas_cumprod.len())?;
-    let sqrt_alpha: Vec<f32> = t.iter().map(|&t| alphas_cumprod[t].sqrt()).collect();
-    let sqrt_one_minus: Vec<f32> = t.iter().map(|&t| (1.0 - alphas_cumprod[t]).sqrt()).collect();
-    let a = per_item(&sqrt_alpha, original_samples)?;
-    let b = per_item(&sqrt_one_minus, original_samples)?;
-    Ok((original_samples.broadcast_mul(&a)? + noise.broadcast_mul(&b)?)?)
+    let (sqrt_alpha_prod, sqrt_one_minus_alpha_prod) = sqrt_alpha_prods(alphas_cumprod, timesteps, original_samples)?;
+    Ok((original_samples.broadcast_mul(&sqrt_alpha_prod)? + noise.broadcast_mul(&sqrt_one_minus_alpha_prod)?)?)
 }
 
 /// `sqrt(alpha_bar_t) * noise - sqrt(1 - alpha_bar_t) * x0`: the v-prediction target
 /// (Salimans & Ho 2022), diffusers' `get_velocity`.
 pub fn get_velocity(alphas_cumprod: &[f32], sample: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
+    let (sqrt_alpha_prod, sqrt_one_minus_alpha_prod) = sqrt_alpha_prods(alphas_cumprod, timesteps, sample)?;
+    Ok((noise.broadcast_mul(&sqrt_alpha_prod)? - sample.broadcast_mul(&sqrt_one_minus_alpha_prod)?)?)
+}
+
+/// sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t) per batch item, shaped to broadcast over `like`.
+fn sqrt_alpha_prods(alphas_cumprod: &[f32], timesteps: &[f64], like: &Tensor) -> Result<(Tensor, Tensor)> {
     let t = timesteps_as_indices(timesteps, alphas_cumprod.len())?;
     let sqrt_alpha: Vec<f32> = t.iter().map(|&t| alphas_cumprod[t].sqrt()).collect();
     let sqrt_one_minus: Vec<f32> = t.iter().map(|&t| (1.0 - alphas_cumprod[t]).sqrt()).collect();
-    let a = per_item(&sqrt_alpha, sample)?;
-    let b = per_item(&sqrt_one_minus, sample)?;
-    Ok((noise.broadcast_mul(&a)? - sample.broadcast_mul(&b)?)?)
+    Ok((per_item(&sqrt_alpha, like)?, per_item(&sqrt_one_minus, like)?))
 }
 
 fn timesteps_as_indices(timesteps: &[f64], num_train_timesteps: usize) -> Result<Vec<usize>> {
@@ -181,7 +183,7 @@ fn timesteps_as_indices(timesteps: &[f64], num_train_timesteps: usize) -> Result
         .iter()
         .map(|&t| {
             if t < 0.0 || t.fract() != 0.0 || t as usize >= num_train_timesteps {
-                Err(crate::Error::invalid(format!(
+                Err(Error::invalid(format!(
                     "timestep {t} is not an integer in 0..{num_train_timesteps}"
                 )))
             } else {
@@ -256,6 +258,8 @@ pub(crate) fn clip_or_threshold(
         Ok(pred_original_sample)
     }
 }
+
+// ---- Dynamic thresholding (DDPM, DDIM, DPM-Solver, UniPC) ----
 
 /// Dynamic thresholding takes a quantile (the ratio must be in [0, 1]) and divides by a
 /// positive bound.
