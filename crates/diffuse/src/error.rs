@@ -52,6 +52,14 @@ impl Error {
             other => other,
         }
     }
+    /// An invalid value found while building from `path`'s config (an unknown name, a value
+    /// out of range) is reported as that file's problem.
+    pub fn in_config_file(self, path: &std::path::Path) -> Self {
+        match self {
+            Error::InvalidInput(message) => Error::config(path, message),
+            other => other,
+        }
+    }
 }
 
 /// Shorthand for returning an [`Error::InvalidInput`].

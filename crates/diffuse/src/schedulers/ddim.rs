@@ -7,10 +7,12 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::betas::{cumprod, make_betas, rescale_zero_terminal_snr};
-use super::ddpm::{check_thresholding, in_config, predict_original_sample, PredictionType};
+use super::betas::{alphas_cumprod, make_betas};
 use super::spacing::{check_spacing, integer_timesteps};
-use super::{add_noise_alphas_cumprod, threshold_sample, timesteps_as_indices, Scheduler};
+use super::{
+    add_noise_alphas_cumprod, check_thresholding, clip_or_threshold, epsilon_from_original, predict_epsilon,
+    predict_original_sample, timesteps_as_indices, PredictionType, Scheduler,
+};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -73,18 +75,15 @@ impl DdimScheduler {
         if config.thresholding {
             check_thresholding(config.dynamic_thresholding_ratio, config.sample_max_value)?;
         }
-        let mut betas = make_betas(
+        let betas = make_betas(
             &config.beta_schedule,
             config.beta_start,
             config.beta_end,
             config.num_train_timesteps,
             config.trained_betas.as_deref(),
+            &[],
         )?;
-        if config.rescale_betas_zero_snr {
-            betas = rescale_zero_terminal_snr(&betas);
-        }
-        let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
-        let alphas_cumprod = cumprod(&alphas);
+        let alphas_cumprod = alphas_cumprod(&betas, config.rescale_betas_zero_snr);
         // The last step has no previous alpha_bar: either 1 (a clean sample) or alpha_bar_0.
         let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
         let timesteps = (0..config.num_train_timesteps).rev().map(|t| t as f64).collect();
@@ -92,8 +91,7 @@ impl DdimScheduler {
     }
 
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
-        let config: DdimSchedulerConfig = parse_config(map, origin)?;
-        Self::new(config).map_err(|e| in_config(e, origin))
+        Self::new(parse_config(map, origin)?).map_err(|e| e.in_config_file(origin))
     }
 
     pub fn config(&self) -> &DdimSchedulerConfig {
@@ -143,36 +141,25 @@ impl DdimScheduler {
         // 1. The previous timestep, one stride down (whatever the spacing).
         let prev_timestep = timestep as i64 - (self.config.num_train_timesteps / num_inference_steps) as i64;
 
-        // 2. alphas, betas
+        // 2. alphas
         let alpha_prod_t = self.alphas_cumprod[timestep];
         let alpha_prod_t_prev = self.alpha_prod_at(prev_timestep);
-        let beta_prod_t = 1.0 - alpha_prod_t;
 
         // 3. The predicted x_0 (DDIM eq. 12) and the predicted noise.
-        let pred_original_sample =
-            predict_original_sample(self.config.prediction_type, model_output, sample, alpha_prod_t)?;
-        let mut pred_epsilon = match self.config.prediction_type {
-            PredictionType::Epsilon => model_output.clone(),
-            PredictionType::Sample => epsilon_from_original(sample, &pred_original_sample, alpha_prod_t)?,
-            PredictionType::VPrediction => {
-                (model_output.affine(alpha_prod_t.sqrt() as f64, 0.0)?
-                    + sample.affine(beta_prod_t.sqrt() as f64, 0.0)?)?
-            }
-        };
+        let prediction_type = self.config.prediction_type;
+        let pred_original_sample = predict_original_sample(prediction_type, model_output, sample, alpha_prod_t)?;
+        let mut pred_epsilon = predict_epsilon(prediction_type, model_output, sample, alpha_prod_t)?;
 
         // 4. Clip or threshold the predicted x_0.
-        let pred_original_sample = if self.config.thresholding {
-            threshold_sample(
-                &pred_original_sample,
-                self.config.dynamic_thresholding_ratio,
-                self.config.sample_max_value,
-            )?
-        } else if self.config.clip_sample {
-            let range = self.config.clip_sample_range;
-            pred_original_sample.clamp(-range, range)?
-        } else {
-            pred_original_sample
-        };
+        let c = &self.config;
+        let pred_original_sample = clip_or_threshold(
+            pred_original_sample,
+            c.thresholding,
+            c.dynamic_thresholding_ratio,
+            c.sample_max_value,
+            c.clip_sample,
+            c.clip_sample_range,
+        )?;
 
         // 5. sigma_t(eta) (DDIM eq. 16).
         let variance = self.variance(timestep, prev_timestep);
@@ -200,17 +187,6 @@ impl DdimScheduler {
         }
         Ok(prev_sample)
     }
-}
-
-/// The noise implied by x_0 at alpha_bar_t: (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t).
-pub(crate) fn epsilon_from_original(
-    sample: &Tensor,
-    pred_original_sample: &Tensor,
-    alpha_prod_t: f32,
-) -> Result<Tensor> {
-    let beta_prod_t = 1.0 - alpha_prod_t;
-    Ok((sample - pred_original_sample.affine(alpha_prod_t.sqrt() as f64, 0.0)?)?
-        .affine(1.0 / beta_prod_t.sqrt() as f64, 0.0)?)
 }
 
 impl Scheduler for DdimScheduler {

@@ -7,11 +7,9 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::betas::{cumprod, make_betas, rescale_zero_terminal_snr};
-use super::ddim::epsilon_from_original;
-use super::ddpm::{in_config, predict_original_sample, PredictionType};
+use super::betas::{alphas_cumprod, make_betas};
 use super::spacing::integer_timesteps;
-use super::{timesteps_as_indices, Scheduler};
+use super::{predict_epsilon, predict_original_sample, timesteps_as_indices, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -75,18 +73,15 @@ impl DdimInverseScheduler {
                 )))
             }
         }
-        let mut betas = make_betas(
+        let betas = make_betas(
             &config.beta_schedule,
             config.beta_start,
             config.beta_end,
             config.num_train_timesteps,
             config.trained_betas.as_deref(),
+            &[],
         )?;
-        if config.rescale_betas_zero_snr {
-            betas = rescale_zero_terminal_snr(&betas);
-        }
-        let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
-        let alphas_cumprod = cumprod(&alphas);
+        let alphas_cumprod = alphas_cumprod(&betas, config.rescale_betas_zero_snr);
         // The first step starts below timestep 0: either from alpha_bar = 1 (so the step just
         // returns the predicted noise direction) or from alpha_bar_0.
         let set_alpha_to_one = config.set_alpha_to_zero.unwrap_or(config.set_alpha_to_one);
@@ -96,8 +91,7 @@ impl DdimInverseScheduler {
     }
 
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
-        let config: DdimInverseSchedulerConfig = parse_config(map, origin)?;
-        Self::new(config).map_err(|e| in_config(e, origin))
+        Self::new(parse_config(map, origin)?).map_err(|e| e.in_config_file(origin))
     }
 
     pub fn config(&self) -> &DdimInverseSchedulerConfig {
@@ -157,23 +151,15 @@ impl Scheduler for DdimInverseScheduler {
         let timestep = (prev_timestep as i64 - (num_train_timesteps / num_inference_steps) as i64)
             .min(num_train_timesteps as i64 - 1);
 
-        // 2. alphas, betas; the current noise level matches the forward process exactly.
+        // 2. alphas; the current noise level matches the forward process exactly.
         let alpha_prod_t =
             if timestep >= 0 { self.alphas_cumprod[timestep as usize] } else { self.initial_alpha_cumprod };
         let alpha_prod_t_prev = self.alphas_cumprod[prev_timestep];
-        let beta_prod_t = 1.0 - alpha_prod_t;
 
         // 3. The predicted x_0 and noise (DDIM eq. 12).
-        let pred_original_sample =
-            predict_original_sample(self.config.prediction_type, model_output, sample, alpha_prod_t)?;
-        let pred_epsilon = match self.config.prediction_type {
-            PredictionType::Epsilon => model_output.clone(),
-            PredictionType::Sample => epsilon_from_original(sample, &pred_original_sample, alpha_prod_t)?,
-            PredictionType::VPrediction => {
-                (model_output.affine(alpha_prod_t.sqrt() as f64, 0.0)?
-                    + sample.affine(beta_prod_t.sqrt() as f64, 0.0)?)?
-            }
-        };
+        let prediction_type = self.config.prediction_type;
+        let pred_original_sample = predict_original_sample(prediction_type, model_output, sample, alpha_prod_t)?;
+        let pred_epsilon = predict_epsilon(prediction_type, model_output, sample, alpha_prod_t)?;
 
         // 4. Clip the predicted x_0 (this scheduler has no thresholding).
         let pred_original_sample = if self.config.clip_sample {

@@ -7,24 +7,15 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::betas::{cumprod, linspace_f32, make_betas, rescale_zero_terminal_snr};
+use super::betas::{alphas_cumprod, make_betas};
 use super::spacing::{check_spacing, integer_timesteps};
-use super::{add_noise_alphas_cumprod, threshold_sample, timesteps_as_indices, Scheduler};
+use super::{
+    add_noise_alphas_cumprod, check_thresholding, clip_or_threshold, predict_original_sample, timesteps_as_indices,
+    PredictionType, Scheduler,
+};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
-
-/// What the denoising model predicts (`prediction_type`), shared by the DDPM family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PredictionType {
-    /// The noise that was added.
-    Epsilon,
-    /// The clean sample x_0.
-    Sample,
-    /// v = sqrt(alpha_bar) * noise - sqrt(1 - alpha_bar) * x_0 (Imagen Video, section 2.4).
-    VPrediction,
-}
 
 /// How the reverse step's variance is chosen (`variance_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -103,33 +94,22 @@ impl DdpmScheduler {
         if config.thresholding {
             check_thresholding(config.dynamic_thresholding_ratio, config.sample_max_value)?;
         }
-        let mut betas = match config.beta_schedule.as_str() {
-            // Two schedules only DDPM offers; the shared ones live in betas.rs.
-            "sigmoid" if config.trained_betas.is_none() => {
-                sigmoid_betas(config.beta_start, config.beta_end, config.num_train_timesteps)?
-            }
-            "laplace" if config.trained_betas.is_none() => laplace_betas(config.num_train_timesteps)?,
-            schedule => make_betas(
-                schedule,
-                config.beta_start,
-                config.beta_end,
-                config.num_train_timesteps,
-                config.trained_betas.as_deref(),
-            )?,
-        };
-        if config.rescale_betas_zero_snr {
-            betas = rescale_zero_terminal_snr(&betas);
-        }
-        let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
-        let alphas_cumprod = cumprod(&alphas);
+        let betas = make_betas(
+            &config.beta_schedule,
+            config.beta_start,
+            config.beta_end,
+            config.num_train_timesteps,
+            config.trained_betas.as_deref(),
+            &["sigmoid", "laplace"],
+        )?;
+        let alphas_cumprod = alphas_cumprod(&betas, config.rescale_betas_zero_snr);
         // Before `set_timesteps`, every training timestep, descending.
         let timesteps = (0..config.num_train_timesteps).rev().map(|t| t as f64).collect();
         Ok(DdpmScheduler { config, alphas_cumprod, timesteps, num_inference_steps: None, custom_timesteps: false })
     }
 
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
-        let config: DdpmSchedulerConfig = parse_config(map, origin)?;
-        Self::new(config).map_err(|e| in_config(e, origin))
+        Self::new(parse_config(map, origin)?).map_err(|e| e.in_config_file(origin))
     }
 
     pub fn config(&self) -> &DdpmSchedulerConfig {
@@ -254,18 +234,15 @@ impl Scheduler for DdpmScheduler {
             predict_original_sample(self.config.prediction_type, &model_output, sample, alpha_prod_t)?;
 
         // 3. Clip or threshold the predicted x_0.
-        let pred_original_sample = if self.config.thresholding {
-            threshold_sample(
-                &pred_original_sample,
-                self.config.dynamic_thresholding_ratio,
-                self.config.sample_max_value,
-            )?
-        } else if self.config.clip_sample {
-            let range = self.config.clip_sample_range;
-            pred_original_sample.clamp(-range, range)?
-        } else {
-            pred_original_sample
-        };
+        let c = &self.config;
+        let pred_original_sample = clip_or_threshold(
+            pred_original_sample,
+            c.thresholding,
+            c.dynamic_thresholding_ratio,
+            c.sample_max_value,
+            c.clip_sample,
+            c.clip_sample_range,
+        )?;
 
         // 4-5. The posterior mean mu_t(x_t, x_0) (DDPM eq. 7).
         let pred_original_sample_coeff = alpha_prod_t_prev.sqrt() * current_beta_t / beta_prod_t;
@@ -310,75 +287,6 @@ impl Scheduler for DdpmScheduler {
     fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
         add_noise_alphas_cumprod(&self.alphas_cumprod, original_samples, noise, timesteps)
     }
-}
-
-/// x_0 from the model output at alpha_bar_t (DDPM eq. 15 for epsilon).
-pub(crate) fn predict_original_sample(
-    prediction_type: PredictionType,
-    model_output: &Tensor,
-    sample: &Tensor,
-    alpha_prod_t: f32,
-) -> Result<Tensor> {
-    let beta_prod_t = 1.0 - alpha_prod_t;
-    Ok(match prediction_type {
-        PredictionType::Epsilon => (sample - model_output.affine(beta_prod_t.sqrt() as f64, 0.0)?)?
-            .affine(1.0 / alpha_prod_t.sqrt() as f64, 0.0)?,
-        PredictionType::Sample => model_output.clone(),
-        PredictionType::VPrediction => {
-            (sample.affine(alpha_prod_t.sqrt() as f64, 0.0)? - model_output.affine(beta_prod_t.sqrt() as f64, 0.0)?)?
-        }
-    })
-}
-
-/// Dynamic thresholding takes a quantile (the ratio must be in [0, 1]) and divides by a
-/// positive bound.
-pub(crate) fn check_thresholding(dynamic_thresholding_ratio: f64, sample_max_value: f64) -> Result<()> {
-    if !(0.0..=1.0).contains(&dynamic_thresholding_ratio) {
-        return Err(Error::invalid(format!(
-            "dynamic_thresholding_ratio must be in [0, 1], got {dynamic_thresholding_ratio}"
-        )));
-    }
-    if sample_max_value.is_nan() || sample_max_value <= 0.0 {
-        return Err(Error::invalid(format!("sample_max_value must be positive, got {sample_max_value}")));
-    }
-    Ok(())
-}
-
-/// A config value rejected by `new` is reported against the file it came from.
-pub(crate) fn in_config(error: Error, origin: &Path) -> Error {
-    match error {
-        Error::InvalidInput(message) => Error::config(origin, message),
-        other => other,
-    }
-}
-
-/// GeoDiff's sigmoid schedule: `sigmoid(linspace(-6, 6)) * (beta_end - beta_start) + beta_start` in f32.
-fn sigmoid_betas(beta_start: f64, beta_end: f64, num_train_timesteps: usize) -> Result<Vec<f32>> {
-    if num_train_timesteps == 0 {
-        return Err(Error::invalid("num_train_timesteps must be at least 1"));
-    }
-    let scale = (beta_end - beta_start) as f32;
-    Ok(linspace_f32(-6.0, 6.0, num_train_timesteps)
-        .into_iter()
-        .map(|x| 1.0 / (1.0 + (-x).exp()) * scale + beta_start as f32)
-        .collect())
-}
-
-/// `betas_for_alpha_bar(..., alpha_transform_type="laplace")`: alpha_bar from a Laplace-shaped
-/// log-SNR, computed in f64 as Python floats, stored as f32.
-fn laplace_betas(num_train_timesteps: usize) -> Result<Vec<f32>> {
-    if num_train_timesteps == 0 {
-        return Err(Error::invalid("num_train_timesteps must be at least 1"));
-    }
-    let alpha_bar = |t: f64| {
-        let lmb = -0.5 * (0.5 - t).signum() * (1.0 - 2.0 * (0.5 - t).abs() + 1e-6).ln();
-        let snr = lmb.exp();
-        (snr / (1.0 + snr)).sqrt()
-    };
-    let n = num_train_timesteps as f64;
-    Ok((0..num_train_timesteps)
-        .map(|i| (1.0 - alpha_bar((i + 1) as f64 / n) / alpha_bar(i as f64 / n)).min(0.999) as f32)
-        .collect())
 }
 
 #[cfg(test)]

@@ -9,8 +9,8 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::sigmas::{self, at_origin, div_scalar, mul_scalar, sigma_at, to_f32, PredictionType, StepIndex};
-use super::{betas, Scheduler};
+use super::sigmas::{self, divide, scale, to_f32, Schedule};
+use super::{betas, spacing, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -51,10 +51,8 @@ pub struct EulerAncestralDiscreteScheduler {
     prediction_type: PredictionType,
     alphas_cumprod: Vec<f32>,
     training_sigmas: Vec<f32>,
-    /// The inference sigmas, descending, with a final 0.
-    sigmas: Vec<f32>,
-    timesteps: Vec<f64>,
-    index: StepIndex,
+    /// The inference timesteps, and their sigmas (descending) with a final 0.
+    schedule: Schedule,
 }
 
 impl EulerAncestralDiscreteScheduler {
@@ -66,33 +64,32 @@ impl EulerAncestralDiscreteScheduler {
                 "prediction_type `sample` is not implemented by EulerAncestralDiscreteScheduler",
             ));
         }
-        super::spacing::check_spacing(&config.timestep_spacing)?;
+        spacing::check_spacing(&config.timestep_spacing)?;
         let betas = betas::make_betas(
             &config.beta_schedule,
             config.beta_start,
             config.beta_end,
             config.num_train_timesteps,
             config.trained_betas.as_deref(),
+            &[],
         )?;
         let alphas_cumprod = sigmas::alphas_cumprod(&betas, config.rescale_betas_zero_snr);
         let training_sigmas = sigmas::training_sigmas(&alphas_cumprod);
         // Before `set_timesteps`: every training timestep, as diffusers' constructor sets it.
         let sigmas = training_sigmas.iter().rev().copied().chain([0.0]).collect();
         let timesteps = (0..config.num_train_timesteps).rev().map(|t| t as f64).collect();
+        let schedule = Schedule::new(timesteps, sigmas);
         Ok(Self {
             config,
             prediction_type,
             alphas_cumprod,
             training_sigmas,
-            sigmas,
-            timesteps,
-            index: StepIndex::default(),
+            schedule,
         })
     }
 
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
-        let config: EulerAncestralDiscreteSchedulerConfig = parse_config(map, origin)?;
-        at_origin(Self::new(config), origin)
+        Self::new(parse_config(map, origin)?).map_err(|e| e.in_config_file(origin))
     }
 
     pub fn config(&self) -> &EulerAncestralDiscreteSchedulerConfig {
@@ -101,7 +98,7 @@ impl EulerAncestralDiscreteScheduler {
 
     /// The inference sigmas, with the final 0 appended.
     pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.schedule.sigmas
     }
 
     pub fn alphas_cumprod(&self) -> &[f32] {
@@ -112,30 +109,30 @@ impl EulerAncestralDiscreteScheduler {
 impl Scheduler for EulerAncestralDiscreteScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let config = &self.config;
-        let timesteps = sigmas::spaced_timesteps(
+        let timesteps = spacing::float32_timesteps(
             &config.timestep_spacing,
             config.num_train_timesteps,
             num_inference_steps,
             config.steps_offset,
         )?;
         let sigmas = sigmas::interp(&timesteps, &self.training_sigmas);
-        self.sigmas = sigmas.into_iter().map(|s| s as f32).chain([0.0]).collect();
-        self.timesteps = timesteps.into_iter().map(f64::from).collect();
-        self.index.reset();
+        self.schedule.set(
+            timesteps.into_iter().map(f64::from).collect(),
+            sigmas.into_iter().map(|s| s as f32).chain([0.0]).collect(),
+        );
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        sigmas::init_noise_sigma(&self.sigmas, &self.config.timestep_spacing)
+        self.schedule.init_noise_sigma(&self.config.timestep_spacing)
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.index.current(timestep, &self.timesteps)?;
-        sigmas::scale_model_input(sample, sigma_at(&self.sigmas, i)?)
+        self.schedule.scale_model_input(sample, timestep)
     }
 
     fn step(
@@ -146,82 +143,47 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         _eta: f64,
         generator: &mut TorchGenerator,
     ) -> Result<Tensor> {
-        let i = self.index.current(timestep, &self.timesteps)?;
-        let sigma = sigma_at(&self.sigmas, i)?;
+        let i = self.schedule.step_index(timestep)?;
+        let sigma = self.schedule.sigma(i)?;
         let sample = to_f32(sample)?;
 
         // 1. x_0 from the model output.
-        let pred_original_sample = self.prediction_type.denoised(model_output, &sample, sigma)?;
+        let pred_original_sample = sigmas::denoised(self.prediction_type, model_output, &sample, sigma)?;
 
         // 2. Split the next noise level into a deterministic part (sigma_down) and fresh
         //    noise (sigma_up).
         let sigma_from = sigma;
-        let sigma_to = sigma_at(&self.sigmas, i + 1)?;
+        let sigma_to = self.schedule.sigma(i + 1)?;
         let sigma_up =
             (sigma_to * sigma_to * (sigma_from * sigma_from - sigma_to * sigma_to) / (sigma_from * sigma_from)).sqrt();
         let sigma_down = (sigma_to * sigma_to - sigma_up * sigma_up).sqrt();
 
         // 3. An Euler step to sigma_down.
-        let derivative = div_scalar(&(&sample - &pred_original_sample)?, sigma)?;
+        let derivative = divide(&(&sample - &pred_original_sample)?, sigma)?;
         let dt = sigma_down - sigma;
-        let prev_sample = (&sample + mul_scalar(&derivative, dt)?)?;
+        let prev_sample = (&sample + scale(&derivative, dt)?)?;
 
         // 4. Noise back up to sigma_to (drawn at every step, even the last where sigma_up = 0).
         let noise =
             generator.randn_tensor(model_output.dims(), model_output.device())?.to_dtype(model_output.dtype())?;
-        let prev_sample = (prev_sample + mul_scalar(&noise, sigma_up)?)?;
+        let prev_sample = (prev_sample + scale(&noise, sigma_up)?)?;
 
-        self.index.advance();
+        self.schedule.advance();
         Ok(prev_sample.to_dtype(model_output.dtype())?)
     }
 
     fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
-        let indices = self.index.add_noise_indices(&self.timesteps, timesteps)?;
-        sigmas::add_noise(&self.sigmas, &indices, original_samples, noise)
+        self.schedule.add_noise(original_samples, noise, timesteps)
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.index.set_begin_index(begin_index);
+        self.schedule.set_begin_index(begin_index);
     }
 }
 
-/// diffusers' tests/schedulers/test_scheduler_euler_ancestral.py, full loops
-/// (`test_full_loop_device` is `test_full_loop_no_noise` on the CPU). The noise comes from
-/// `torch.manual_seed(0)`, i.e. `TorchGenerator::new(0)`.
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schedulers::sigmas::full_loop::{self, check};
-
-    fn scheduler(prediction_type: &str) -> EulerAncestralDiscreteScheduler {
-        EulerAncestralDiscreteScheduler::new(EulerAncestralDiscreteSchedulerConfig {
-            num_train_timesteps: 1100,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: "linear".into(),
-            prediction_type: prediction_type.into(),
-            ..Default::default()
-        })
-        .unwrap()
-    }
-
-    #[test]
-    fn full_loop_no_noise() {
-        let result = full_loop::run(&mut scheduler("epsilon"), 10, false);
-        check("no noise", result, (152.3192, 0.1983), (152.3192901611328, 0.19833241403102875));
-    }
-
-    #[test]
-    fn full_loop_with_v_prediction() {
-        let result = full_loop::run(&mut scheduler("v_prediction"), 10, false);
-        check("v_prediction", result, (108.4439, 0.1412), (108.44389343261719, 0.14120298624038696));
-    }
-
-    #[test]
-    fn full_loop_with_noise() {
-        let result = full_loop::run(&mut scheduler("epsilon"), 10, true);
-        check("with noise", result, (56163.0508, 73.1290), (56163.05078125, 73.12897491455078));
-    }
 
     #[test]
     fn sample_prediction_is_refused() {

@@ -7,10 +7,8 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::sigmas::{
-    self, at_origin, div_scalar, mul_scalar, sigma_at, to_f32, PredictionType, SigmaSchedule, StepIndex,
-};
-use super::{betas, Scheduler};
+use super::sigmas::{self, divide, scale, to_f32, Schedule, SigmaSchedule};
+use super::{betas, spacing, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -101,10 +99,8 @@ pub struct EulerDiscreteScheduler {
     alphas_cumprod: Vec<f32>,
     /// sqrt((1 - alpha_bar) / alpha_bar) per training timestep, ascending in t.
     training_sigmas: Vec<f32>,
-    /// The inference sigmas, descending, with the final one appended.
-    sigmas: Vec<f32>,
-    timesteps: Vec<f64>,
-    index: StepIndex,
+    /// The inference timesteps, and their sigmas (descending) with the final one appended.
+    schedule: Schedule,
 }
 
 impl EulerDiscreteScheduler {
@@ -136,13 +132,14 @@ impl EulerDiscreteScheduler {
             "continuous" => prediction_type == PredictionType::VPrediction,
             other => return Err(Error::invalid(format!("timestep_type `{other}` is not one of discrete, continuous"))),
         };
-        super::spacing::check_spacing(&config.timestep_spacing)?;
+        spacing::check_spacing(&config.timestep_spacing)?;
         let betas = betas::make_betas(
             &config.beta_schedule,
             config.beta_start,
             config.beta_end,
             config.num_train_timesteps,
             config.trained_betas.as_deref(),
+            &[],
         )?;
         let alphas_cumprod = sigmas::alphas_cumprod(&betas, config.rescale_betas_zero_snr);
         let training_sigmas = sigmas::training_sigmas(&alphas_cumprod);
@@ -155,6 +152,7 @@ impl EulerDiscreteScheduler {
             (0..config.num_train_timesteps).rev().map(|t| t as f64).collect()
         };
         sigmas.push(0.0);
+        let schedule = Schedule::new(timesteps, sigmas);
         Ok(Self {
             config,
             prediction_type,
@@ -164,15 +162,12 @@ impl EulerDiscreteScheduler {
             continuous_timesteps,
             alphas_cumprod,
             training_sigmas,
-            sigmas,
-            timesteps,
-            index: StepIndex::default(),
+            schedule,
         })
     }
 
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
-        let config: EulerDiscreteSchedulerConfig = parse_config(map, origin)?;
-        at_origin(Self::new(config), origin)
+        Self::new(parse_config(map, origin)?).map_err(|e| e.in_config_file(origin))
     }
 
     pub fn config(&self) -> &EulerDiscreteSchedulerConfig {
@@ -181,7 +176,7 @@ impl EulerDiscreteScheduler {
 
     /// The inference sigmas, with the final one (after the last step) appended.
     pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.schedule.sigmas
     }
 
     pub fn alphas_cumprod(&self) -> &[f32] {
@@ -198,13 +193,13 @@ impl EulerDiscreteScheduler {
         churn: Churn,
         generator: &mut TorchGenerator,
     ) -> Result<Tensor> {
-        let i = self.index.current(timestep, &self.timesteps)?;
+        let i = self.schedule.step_index(timestep)?;
         let mut sample = to_f32(sample)?;
-        let sigma = sigma_at(&self.sigmas, i)?;
-        let sigma_next = sigma_at(&self.sigmas, i + 1)?;
+        let sigma = self.schedule.sigma(i)?;
+        let sigma_next = self.schedule.sigma(i + 1)?;
 
         let gamma = if churn.s_tmin as f32 <= sigma && sigma <= churn.s_tmax as f32 {
-            (churn.s_churn / (self.sigmas.len() - 1) as f64).min(2f64.sqrt() - 1.0)
+            (churn.s_churn / (self.schedule.sigmas.len() - 1) as f64).min(2f64.sqrt() - 1.0)
         } else {
             0.0
         };
@@ -212,20 +207,21 @@ impl EulerDiscreteScheduler {
         if gamma > 0.0 {
             let noise =
                 generator.randn_tensor(model_output.dims(), model_output.device())?.to_dtype(model_output.dtype())?;
-            let eps = mul_scalar(&noise, churn.s_noise as f32)?;
-            sample = (sample + mul_scalar(&eps, (sigma_hat * sigma_hat - sigma * sigma).sqrt())?)?;
+            let eps = scale(&noise, churn.s_noise as f32)?;
+            sample = (sample + scale(&eps, (sigma_hat * sigma_hat - sigma * sigma).sqrt())?)?;
         }
 
         // 1. x_0 from the model output (epsilon at the churned-up sigma_hat).
         let sigma_for_prediction = if self.prediction_type == PredictionType::Epsilon { sigma_hat } else { sigma };
-        let pred_original_sample = self.prediction_type.denoised(model_output, &sample, sigma_for_prediction)?;
+        let pred_original_sample =
+            sigmas::denoised(self.prediction_type, model_output, &sample, sigma_for_prediction)?;
 
         // 2. The ODE derivative dx/dsigma, and one Euler step to the next sigma.
-        let derivative = div_scalar(&(&sample - &pred_original_sample)?, sigma_hat)?;
+        let derivative = divide(&(&sample - &pred_original_sample)?, sigma_hat)?;
         let dt = sigma_next - sigma_hat;
-        let prev_sample = (sample + mul_scalar(&derivative, dt)?)?;
+        let prev_sample = (sample + scale(&derivative, dt)?)?;
 
-        self.index.advance();
+        self.schedule.advance();
         Ok(prev_sample.to_dtype(model_output.dtype())?)
     }
 }
@@ -233,13 +229,12 @@ impl EulerDiscreteScheduler {
 impl Scheduler for EulerDiscreteScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let config = &self.config;
-        let timesteps = sigmas::spaced_timesteps(
+        let timesteps = spacing::float32_timesteps(
             &config.timestep_spacing,
             config.num_train_timesteps,
             num_inference_steps,
             config.steps_offset,
         )?;
-        let log_sigmas: Vec<f32> = self.training_sigmas.iter().map(|s| s.ln()).collect();
         let sigmas = match self.interpolation {
             Interpolation::Linear => sigmas::interp(&timesteps, &self.training_sigmas),
             // torch.linspace in float32 from the last log sigma to the first, n + 1 values.
@@ -252,7 +247,7 @@ impl Scheduler for EulerDiscreteScheduler {
         let (timesteps, sigmas) = self.sigma_schedule.respace(
             timesteps,
             sigmas,
-            &log_sigmas,
+            &self.training_sigmas,
             num_inference_steps,
             config.sigma_min,
             config.sigma_max,
@@ -261,27 +256,25 @@ impl Scheduler for EulerDiscreteScheduler {
         let mut sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
         sigmas.push(sigma_last);
 
-        self.timesteps = if self.continuous_timesteps {
+        let timesteps = if self.continuous_timesteps {
             sigmas[..sigmas.len() - 1].iter().map(|s| (0.25 * s.ln()) as f64).collect()
         } else {
             timesteps.into_iter().map(f64::from).collect()
         };
-        self.sigmas = sigmas;
-        self.index.reset();
+        self.schedule.set(timesteps, sigmas);
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        sigmas::init_noise_sigma(&self.sigmas, &self.config.timestep_spacing)
+        self.schedule.init_noise_sigma(&self.config.timestep_spacing)
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.index.current(timestep, &self.timesteps)?;
-        sigmas::scale_model_input(sample, sigma_at(&self.sigmas, i)?)
+        self.schedule.scale_model_input(sample, timestep)
     }
 
     fn step(
@@ -296,78 +289,17 @@ impl Scheduler for EulerDiscreteScheduler {
     }
 
     fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
-        let indices = self.index.add_noise_indices(&self.timesteps, timesteps)?;
-        sigmas::add_noise(&self.sigmas, &indices, original_samples, noise)
+        self.schedule.add_noise(original_samples, noise, timesteps)
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.index.set_begin_index(begin_index);
+        self.schedule.set_begin_index(begin_index);
     }
 }
 
-/// diffusers' tests/schedulers/test_scheduler_euler.py, full loops (`test_full_loop_device`
-/// is `test_full_loop_no_noise` on the CPU).
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schedulers::sigmas::full_loop::{self, check};
-
-    fn scheduler(configure: impl FnOnce(&mut EulerDiscreteSchedulerConfig)) -> EulerDiscreteScheduler {
-        let mut config = EulerDiscreteSchedulerConfig {
-            num_train_timesteps: 1100,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: "linear".into(),
-            ..Default::default()
-        };
-        configure(&mut config);
-        EulerDiscreteScheduler::new(config).unwrap()
-    }
-
-    #[test]
-    fn full_loop_no_noise() {
-        let result = full_loop::run(&mut scheduler(|_| {}), 10, false);
-        check("no noise", result, (10.0807, 0.0131), (10.080682754516602, 0.013125889003276825));
-    }
-
-    #[test]
-    fn full_loop_with_v_prediction() {
-        let result = full_loop::run(&mut scheduler(|c| c.prediction_type = "v_prediction".into()), 10, false);
-        check("v_prediction", result, (0.0002, 2.2676e-06), (2.4181501245834625e-10, 3.148632884367869e-13));
-    }
-
-    #[test]
-    fn full_loop_device_karras_sigmas() {
-        let result = full_loop::run(&mut scheduler(|c| c.use_karras_sigmas = Some(true)), 10, false);
-        check("karras", result, (124.52299499511719, 0.16213932633399963), (124.52259826660156, 0.16213880479335785));
-    }
-
-    #[test]
-    fn full_loop_with_noise() {
-        let result = full_loop::run(&mut scheduler(|_| {}), 10, true);
-        check("with noise", result, (57062.9297, 74.3007), (57062.9296875, 74.30068969726562));
-    }
-
-    #[test]
-    fn churn_draws_noise_only_where_gamma_is_positive() {
-        // diffusers 0.42.1: the no-noise loop with step(..., s_churn=1.0, s_tmin=0.5,
-        // s_tmax=20.0, s_noise=1.003, generator=torch.Generator().manual_seed(0)); 5 of the 10
-        // sigmas are in [0.5, 20]. Then torch.randn(3, generator=g) shows where the stream is.
-        let mut euler = scheduler(|_| {});
-        euler.set_timesteps(10).unwrap();
-        let churn = Churn { s_churn: 1.0, s_tmin: 0.5, s_tmax: 20.0, s_noise: 1.003 };
-        let mut generator = TorchGenerator::new(0);
-        let mut sample = mul_scalar(&full_loop::dummy_sample_deter(), euler.init_noise_sigma() as f32).unwrap();
-        for t in euler.timesteps().to_vec() {
-            sample = euler.scale_model_input(&sample, t).unwrap();
-            let model_output = full_loop::dummy_model(&sample, t);
-            sample = euler.step_with_churn(&model_output, t, &sample, churn, &mut generator).unwrap();
-        }
-        let values = sample.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let sum: f64 = values.iter().map(|v| v.abs() as f64).sum();
-        assert!((sum - 164.2066650390625).abs() <= 1e-5 * 164.2066650390625, "result_sum {sum}");
-        assert_eq!(generator.randn(3), vec![-0.5145536661148071, 0.2027513086795807, 0.8091323375701904]);
-    }
 
     #[test]
     fn bad_values_name_the_key() {

@@ -10,11 +10,11 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::sigmas::{self, at_origin, div_scalar, mul_scalar, sigma_at, PredictionType, SigmaSchedule, StepIndex};
-use super::{betas, Scheduler};
+use super::sigmas::{self, divide, scale, Schedule, SigmaSchedule};
+use super::{betas, spacing, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
-use crate::{Error, Result};
+use crate::Result;
 
 /// `HeunDiscreteScheduler`'s `scheduler_config.json`, with diffusers' names and defaults.
 #[derive(Clone, Debug, Deserialize)]
@@ -75,23 +75,11 @@ pub struct HeunDiscreteScheduler {
     sigma_schedule: SigmaSchedule,
     alphas_cumprod: Vec<f32>,
     training_sigmas: Vec<f32>,
+    /// Timesteps [t_0, t_1, t_1, ..., t_{n-1}, t_{n-1}] and sigmas
     /// [s_0, s_1, s_1, s_2, s_2, ..., s_{n-1}, s_{n-1}, 0].
-    sigmas: Vec<f32>,
-    /// [t_0, t_1, t_1, ..., t_{n-1}, t_{n-1}].
-    timesteps: Vec<f64>,
+    schedule: Schedule,
     /// Set between the two halves of a step.
     first_order: Option<FirstOrderState>,
-    index: StepIndex,
-}
-
-/// `betas_for_alpha_bar(..., alpha_transform_type="exp")`: alpha_bar(t) = exp(-12 t), in f64
-/// as Python floats, stored as f32, each beta capped at 0.999.
-fn exp_betas(num_train_timesteps: usize) -> Vec<f32> {
-    let alpha_bar = |t: f64| (t * -12.0).exp();
-    let n = num_train_timesteps as f64;
-    (0..num_train_timesteps)
-        .map(|i| (1.0 - alpha_bar((i + 1) as f64 / n) / alpha_bar(i as f64 / n)).min(0.999) as f32)
-        .collect()
 }
 
 impl HeunDiscreteScheduler {
@@ -102,21 +90,15 @@ impl HeunDiscreteScheduler {
             config.use_exponential_sigmas.unwrap_or(false),
             config.use_beta_sigmas.unwrap_or(false),
         )?;
-        super::spacing::check_spacing(&config.timestep_spacing)?;
-        let betas = if config.beta_schedule == "exp" && config.trained_betas.is_none() {
-            if config.num_train_timesteps == 0 {
-                return Err(Error::invalid("num_train_timesteps must be at least 1"));
-            }
-            exp_betas(config.num_train_timesteps)
-        } else {
-            betas::make_betas(
-                &config.beta_schedule,
-                config.beta_start,
-                config.beta_end,
-                config.num_train_timesteps,
-                config.trained_betas.as_deref(),
-            )?
-        };
+        spacing::check_spacing(&config.timestep_spacing)?;
+        let betas = betas::make_betas(
+            &config.beta_schedule,
+            config.beta_start,
+            config.beta_end,
+            config.num_train_timesteps,
+            config.trained_betas.as_deref(),
+            &["exp"],
+        )?;
         let alphas_cumprod = sigmas::alphas_cumprod(&betas, false);
         let training_sigmas = sigmas::training_sigmas(&alphas_cumprod);
         let mut scheduler = Self {
@@ -125,10 +107,8 @@ impl HeunDiscreteScheduler {
             sigma_schedule,
             alphas_cumprod,
             training_sigmas,
-            sigmas: vec![],
-            timesteps: vec![],
+            schedule: Schedule::default(),
             first_order: None,
-            index: StepIndex::default(),
         };
         // As diffusers' constructor: a schedule over every training timestep.
         scheduler.set_timesteps(scheduler.config.num_train_timesteps)?;
@@ -136,8 +116,7 @@ impl HeunDiscreteScheduler {
     }
 
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
-        let config: HeunDiscreteSchedulerConfig = parse_config(map, origin)?;
-        at_origin(Self::new(config), origin)
+        Self::new(parse_config(map, origin)?).map_err(|e| e.in_config_file(origin))
     }
 
     pub fn config(&self) -> &HeunDiscreteSchedulerConfig {
@@ -146,7 +125,7 @@ impl HeunDiscreteScheduler {
 
     /// The (duplicated) inference sigmas, with the final 0 appended.
     pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.schedule.sigmas
     }
 
     pub fn alphas_cumprod(&self) -> &[f32] {
@@ -162,18 +141,17 @@ impl HeunDiscreteScheduler {
 impl Scheduler for HeunDiscreteScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let config = &self.config;
-        let timesteps = sigmas::spaced_timesteps(
+        let timesteps = spacing::float32_timesteps(
             &config.timestep_spacing,
             config.num_train_timesteps,
             num_inference_steps,
             config.steps_offset,
         )?;
-        let log_sigmas: Vec<f32> = self.training_sigmas.iter().map(|s| s.ln()).collect();
         let sigmas = sigmas::interp(&timesteps, &self.training_sigmas);
         let (timesteps, sigmas) = self.sigma_schedule.respace(
             timesteps,
             sigmas,
-            &log_sigmas,
+            &self.training_sigmas,
             num_inference_steps,
             config.sigma_min,
             config.sigma_max,
@@ -182,28 +160,27 @@ impl Scheduler for HeunDiscreteScheduler {
 
         // Every sigma but the first and the final 0 twice; every timestep but the first twice.
         let last = sigmas.len() - 1;
-        self.sigmas = std::iter::once(sigmas[0])
-            .chain(sigmas[1..last].iter().flat_map(|&s| [s, s]))
-            .chain(std::iter::once(sigmas[last]))
-            .collect();
-        self.timesteps =
-            std::iter::once(timesteps[0]).chain(timesteps[1..].iter().flat_map(|&t| [t, t])).map(f64::from).collect();
+        self.schedule.set(
+            std::iter::once(timesteps[0]).chain(timesteps[1..].iter().flat_map(|&t| [t, t])).map(f64::from).collect(),
+            std::iter::once(sigmas[0])
+                .chain(sigmas[1..last].iter().flat_map(|&s| [s, s]))
+                .chain(std::iter::once(sigmas[last]))
+                .collect(),
+        );
         self.first_order = None;
-        self.index.reset();
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        sigmas::init_noise_sigma(&self.sigmas, &self.config.timestep_spacing)
+        self.schedule.init_noise_sigma(&self.config.timestep_spacing)
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.index.current(timestep, &self.timesteps)?;
-        sigmas::scale_model_input(sample, sigma_at(&self.sigmas, i)?)
+        self.schedule.scale_model_input(sample, timestep)
     }
 
     fn step(
@@ -214,19 +191,19 @@ impl Scheduler for HeunDiscreteScheduler {
         _eta: f64,
         _generator: &mut TorchGenerator,
     ) -> Result<Tensor> {
-        let i = self.index.current(timestep, &self.timesteps)?;
+        let i = self.schedule.step_index(timestep)?;
         let first_order = self.first_order.is_none();
         let (sigma, sigma_next) = if first_order {
-            (sigma_at(&self.sigmas, i)?, sigma_at(&self.sigmas, i + 1)?)
+            (self.schedule.sigma(i)?, self.schedule.sigma(i + 1)?)
         } else {
-            (sigma_at(&self.sigmas, i.wrapping_sub(1))?, sigma_at(&self.sigmas, i)?)
+            (self.schedule.sigma(i.wrapping_sub(1))?, self.schedule.sigma(i)?)
         };
         // No churn in diffusers' Heun: gamma = 0, so sigma_hat = sigma.
         let sigma_hat = sigma;
 
         // 1. x_0 from the model output, evaluated at sigma_hat (first half) or sigma_next.
         let sigma_input = if first_order { sigma_hat } else { sigma_next };
-        let mut pred_original_sample = self.prediction_type.denoised(model_output, sample, sigma_input)?;
+        let mut pred_original_sample = sigmas::denoised(self.prediction_type, model_output, sample, sigma_input)?;
         if self.config.clip_sample {
             let range = self.config.clip_sample_range as f32;
             pred_original_sample = pred_original_sample.clamp(-range, range)?;
@@ -235,26 +212,25 @@ impl Scheduler for HeunDiscreteScheduler {
         let prev_sample = match self.first_order.take() {
             // 2a. Euler step to sigma_next, remembered for the correction.
             None => {
-                let derivative = div_scalar(&(sample - &pred_original_sample)?, sigma_hat)?;
+                let derivative = divide(&(sample - &pred_original_sample)?, sigma_hat)?;
                 let dt = sigma_next - sigma_hat;
-                let prev_sample = (sample + mul_scalar(&derivative, dt)?)?;
+                let prev_sample = (sample + scale(&derivative, dt)?)?;
                 self.first_order = Some(FirstOrderState { derivative, dt, sample: sample.clone() });
                 prev_sample
             }
             // 2b. Redo the step from the remembered sample with the mean of both derivatives.
             Some(state) => {
-                let derivative = div_scalar(&(sample - &pred_original_sample)?, sigma_next)?;
-                let derivative = div_scalar(&(state.derivative + derivative)?, 2.0)?;
-                (state.sample + mul_scalar(&derivative, state.dt)?)?
+                let derivative = divide(&(sample - &pred_original_sample)?, sigma_next)?;
+                let derivative = divide(&(state.derivative + derivative)?, 2.0)?;
+                (state.sample + scale(&derivative, state.dt)?)?
             }
         };
-        self.index.advance();
+        self.schedule.advance();
         Ok(prev_sample)
     }
 
     fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
-        let indices = self.index.add_noise_indices(&self.timesteps, timesteps)?;
-        sigmas::add_noise(&self.sigmas, &indices, original_samples, noise)
+        self.schedule.add_noise(original_samples, noise, timesteps)
     }
 
     fn order(&self) -> usize {
@@ -262,57 +238,17 @@ impl Scheduler for HeunDiscreteScheduler {
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.index.set_begin_index(begin_index);
+        self.schedule.set_begin_index(begin_index);
     }
 }
 
-/// diffusers' tests/schedulers/test_scheduler_heun.py, full loops (`test_full_loop_device` is
-/// `test_full_loop_no_noise` on the CPU).
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schedulers::sigmas::full_loop::{self, check, check_within};
-
-    fn scheduler(configure: impl FnOnce(&mut HeunDiscreteSchedulerConfig)) -> HeunDiscreteScheduler {
-        let mut config = HeunDiscreteSchedulerConfig {
-            num_train_timesteps: 1100,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            beta_schedule: "linear".into(),
-            ..Default::default()
-        };
-        configure(&mut config);
-        HeunDiscreteScheduler::new(config).unwrap()
-    }
-
-    #[test]
-    fn full_loop_no_noise() {
-        let result = full_loop::run(&mut scheduler(|_| {}), 10, false);
-        check("no noise", result, (0.1233, 0.0002), (0.1233307421207428, 0.00016058690380305052));
-    }
-
-    #[test]
-    fn full_loop_with_v_prediction() {
-        let result = full_loop::run(&mut scheduler(|c| c.prediction_type = "v_prediction".into()), 10, false);
-        check("v_prediction", result, (4.6934e-07, 6.1112e-10), (4.923867322759179e-07, 6.411285391472177e-10));
-    }
-
-    #[test]
-    fn full_loop_device_karras_sigmas() {
-        let result = full_loop::run(&mut scheduler(|c| c.use_karras_sigmas = Some(true)), 10, false);
-        let exact = (0.00015259823703672737, 1.9869561640462052e-07);
-        check_within("karras", result, (0.00015, 1.9869554535034695e-07), (1e-2, 1e-2), exact);
-    }
-
-    #[test]
-    fn full_loop_with_noise() {
-        let result = full_loop::run(&mut scheduler(|_| {}), 10, true);
-        check("with noise", result, (75074.8906, 97.7538), (75074.890625, 97.7537612915039));
-    }
 
     #[test]
     fn timesteps_and_sigmas_are_duplicated() {
-        let mut heun = scheduler(|_| {});
+        let mut heun = HeunDiscreteScheduler::new(HeunDiscreteSchedulerConfig::default()).unwrap();
         heun.set_timesteps(3).unwrap();
         let t = heun.timesteps().to_vec();
         assert_eq!(t.len(), 5);

@@ -9,8 +9,8 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::sigmas::{self, at_origin, div_scalar, mul_scalar, sigma_at, PredictionType, SigmaSchedule, StepIndex};
-use super::{betas, Scheduler};
+use super::sigmas::{self, divide, scale, Schedule, SigmaSchedule};
+use super::{betas, spacing, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -65,12 +65,10 @@ pub struct LMSDiscreteScheduler {
     sigma_schedule: SigmaSchedule,
     alphas_cumprod: Vec<f32>,
     training_sigmas: Vec<f32>,
-    /// The inference sigmas, descending, with a final 0.
-    sigmas: Vec<f32>,
-    timesteps: Vec<f64>,
+    /// The inference timesteps, and their sigmas (descending) with a final 0.
+    schedule: Schedule,
     /// The last `order` derivatives dx/dsigma, oldest first.
     derivatives: VecDeque<Tensor>,
-    index: StepIndex,
 }
 
 impl LMSDiscreteScheduler {
@@ -81,13 +79,14 @@ impl LMSDiscreteScheduler {
             config.use_exponential_sigmas.unwrap_or(false),
             config.use_beta_sigmas.unwrap_or(false),
         )?;
-        super::spacing::check_spacing(&config.timestep_spacing)?;
+        spacing::check_spacing(&config.timestep_spacing)?;
         let betas = betas::make_betas(
             &config.beta_schedule,
             config.beta_start,
             config.beta_end,
             config.num_train_timesteps,
             config.trained_betas.as_deref(),
+            &[],
         )?;
         let alphas_cumprod = sigmas::alphas_cumprod(&betas, false);
         let training_sigmas = sigmas::training_sigmas(&alphas_cumprod);
@@ -97,10 +96,8 @@ impl LMSDiscreteScheduler {
             sigma_schedule,
             alphas_cumprod,
             training_sigmas,
-            sigmas: vec![],
-            timesteps: vec![],
+            schedule: Schedule::default(),
             derivatives: VecDeque::new(),
-            index: StepIndex::default(),
         };
         // As diffusers' constructor: a schedule over every training timestep.
         scheduler.set_timesteps(scheduler.config.num_train_timesteps)?;
@@ -108,8 +105,7 @@ impl LMSDiscreteScheduler {
     }
 
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
-        let config: LMSDiscreteSchedulerConfig = parse_config(map, origin)?;
-        at_origin(Self::new(config), origin)
+        Self::new(parse_config(map, origin)?).map_err(|e| e.in_config_file(origin))
     }
 
     pub fn config(&self) -> &LMSDiscreteSchedulerConfig {
@@ -118,7 +114,7 @@ impl LMSDiscreteScheduler {
 
     /// The inference sigmas, with the final 0 appended.
     pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.schedule.sigmas
     }
 
     pub fn alphas_cumprod(&self) -> &[f32] {
@@ -130,14 +126,15 @@ impl LMSDiscreteScheduler {
     /// through the last `order` sigmas. diffusers integrates it with `scipy.integrate.quad`;
     /// the integrand is a polynomial, so we integrate it exactly.
     pub fn lms_coefficient(&self, order: usize, t: usize, current_order: usize) -> Result<f64> {
-        if order > t + 1 || current_order >= order || t + 1 >= self.sigmas.len() {
+        let sigmas = &self.schedule.sigmas;
+        if order > t + 1 || current_order >= order || t + 1 >= sigmas.len() {
             return Err(Error::invalid(format!(
                 "no LMS coefficient of order {order} for derivative {current_order} at step {t}"
             )));
         }
-        let sigma = |k: usize| self.sigmas[t - k] as f64;
-        let start = self.sigmas[t] as f64;
-        let end = self.sigmas[t + 1] as f64;
+        let sigma = |k: usize| sigmas[t - k] as f64;
+        let start = sigmas[t] as f64;
+        let end = sigmas[t + 1] as f64;
         // The basis polynomial in u = tau - start, as coefficients of u^0, u^1, ...
         let mut polynomial = vec![1.0f64];
         for k in (0..order).filter(|&k| k != current_order) {
@@ -168,15 +165,15 @@ impl LMSDiscreteScheduler {
         if order == 0 {
             return Err(Error::invalid("the LMS order must be at least 1"));
         }
-        let i = self.index.current(timestep, &self.timesteps)?;
-        let sigma = sigma_at(&self.sigmas, i)?;
-        sigma_at(&self.sigmas, i + 1)?;
+        let i = self.schedule.step_index(timestep)?;
+        let sigma = self.schedule.sigma(i)?;
+        self.schedule.sigma(i + 1)?;
 
         // 1. x_0 from the model output.
-        let pred_original_sample = self.prediction_type.denoised(model_output, sample, sigma)?;
+        let pred_original_sample = sigmas::denoised(self.prediction_type, model_output, sample, sigma)?;
 
         // 2. The ODE derivative dx/dsigma, kept for the next steps.
-        let derivative = div_scalar(&(sample - &pred_original_sample)?, sigma)?;
+        let derivative = divide(&(sample - &pred_original_sample)?, sigma)?;
         self.derivatives.push_back(derivative);
         if self.derivatives.len() > order {
             self.derivatives.pop_front();
@@ -187,7 +184,7 @@ impl LMSDiscreteScheduler {
         let coefficients = (0..order).map(|k| self.lms_coefficient(order, i, k)).collect::<Result<Vec<f64>>>()?;
         let mut update: Option<Tensor> = None;
         for (coefficient, derivative) in coefficients.iter().zip(self.derivatives.iter().rev()) {
-            let term = mul_scalar(derivative, *coefficient as f32)?;
+            let term = scale(derivative, *coefficient as f32)?;
             update = Some(match update {
                 None => term,
                 Some(sum) => (sum + term)?,
@@ -197,7 +194,7 @@ impl LMSDiscreteScheduler {
             Some(update) => (sample + update)?,
             None => sample.clone(),
         };
-        self.index.advance();
+        self.schedule.advance();
         Ok(prev_sample)
     }
 }
@@ -205,39 +202,44 @@ impl LMSDiscreteScheduler {
 impl Scheduler for LMSDiscreteScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let config = &self.config;
-        let timesteps = sigmas::spaced_timesteps(
+        let timesteps = spacing::float32_timesteps(
             &config.timestep_spacing,
             config.num_train_timesteps,
             num_inference_steps,
             config.steps_offset,
         )?;
-        let log_sigmas: Vec<f32> = self.training_sigmas.iter().map(|s| s.ln()).collect();
         let sigmas = sigmas::interp(&timesteps, &self.training_sigmas);
         // LMS's own `_convert_to_karras` always spans the interpolated sigmas.
         let (sigma_min, sigma_max) = match self.sigma_schedule {
             SigmaSchedule::Karras => (None, None),
             _ => (config.sigma_min, config.sigma_max),
         };
-        let (timesteps, sigmas) =
-            self.sigma_schedule.respace(timesteps, sigmas, &log_sigmas, num_inference_steps, sigma_min, sigma_max);
-        self.sigmas = sigmas.into_iter().map(|s| s as f32).chain([0.0]).collect();
-        self.timesteps = timesteps.into_iter().map(f64::from).collect();
+        let (timesteps, sigmas) = self.sigma_schedule.respace(
+            timesteps,
+            sigmas,
+            &self.training_sigmas,
+            num_inference_steps,
+            sigma_min,
+            sigma_max,
+        );
+        self.schedule.set(
+            timesteps.into_iter().map(f64::from).collect(),
+            sigmas.into_iter().map(|s| s as f32).chain([0.0]).collect(),
+        );
         self.derivatives.clear();
-        self.index.reset();
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        sigmas::init_noise_sigma(&self.sigmas, &self.config.timestep_spacing)
+        self.schedule.init_noise_sigma(&self.config.timestep_spacing)
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.index.current(timestep, &self.timesteps)?;
-        sigmas::scale_model_input(sample, sigma_at(&self.sigmas, i)?)
+        self.schedule.scale_model_input(sample, timestep)
     }
 
     fn step(
@@ -252,64 +254,30 @@ impl Scheduler for LMSDiscreteScheduler {
     }
 
     fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
-        let indices = self.index.add_noise_indices(&self.timesteps, timesteps)?;
-        sigmas::add_noise(&self.sigmas, &indices, original_samples, noise)
+        self.schedule.add_noise(original_samples, noise, timesteps)
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.index.set_begin_index(begin_index);
+        self.schedule.set_begin_index(begin_index);
     }
 }
 
-/// diffusers' tests/schedulers/test_scheduler_lms.py, full loops (`test_full_loop_device` is
-/// `test_full_loop_no_noise` on the CPU).
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schedulers::sigmas::full_loop::{self, check, check_within};
 
-    fn scheduler(configure: impl FnOnce(&mut LMSDiscreteSchedulerConfig)) -> LMSDiscreteScheduler {
-        let mut config = LMSDiscreteSchedulerConfig {
+    #[test]
+    fn coefficients_match_scipy_quad() {
+        // diffusers' get_lms_coefficient (scipy.integrate.quad of a float32 integrand) for
+        // its test config (tests/schedulers/test_scheduler_lms.py) with 10 steps.
+        let mut lms = LMSDiscreteScheduler::new(LMSDiscreteSchedulerConfig {
             num_train_timesteps: 1100,
             beta_start: 0.0001,
             beta_end: 0.02,
             beta_schedule: "linear".into(),
             ..Default::default()
-        };
-        configure(&mut config);
-        LMSDiscreteScheduler::new(config).unwrap()
-    }
-
-    #[test]
-    fn full_loop_no_noise() {
-        let result = full_loop::run(&mut scheduler(|_| {}), 10, false);
-        check("no noise", result, (1006.388, 1.31), (1006.3880615234375, 1.3104010820388794));
-    }
-
-    #[test]
-    fn full_loop_with_v_prediction() {
-        let result = full_loop::run(&mut scheduler(|c| c.prediction_type = "v_prediction".into()), 10, false);
-        check("v_prediction", result, (0.0017, 2.2676e-06), (0.0017415338661521673, 2.267622221552301e-06));
-    }
-
-    #[test]
-    fn full_loop_device_karras_sigmas() {
-        let result = full_loop::run(&mut scheduler(|c| c.use_karras_sigmas = Some(true)), 10, false);
-        let exact = (3812.992919921875, 4.964834690093994);
-        check_within("karras", result, (3812.9927, 4.9648), (2e-2, 1e-3), exact);
-    }
-
-    #[test]
-    fn full_loop_with_noise() {
-        let result = full_loop::run(&mut scheduler(|_| {}), 10, true);
-        check("with noise", result, (27663.6895, 36.0204), (27663.689453125, 36.02042770385742));
-    }
-
-    #[test]
-    fn coefficients_match_scipy_quad() {
-        // diffusers' get_lms_coefficient (scipy.integrate.quad of a float32 integrand) for
-        // the test config with 10 steps.
-        let mut lms = scheduler(|_| {});
+        })
+        .unwrap();
         lms.set_timesteps(10).unwrap();
         let cases: [(usize, usize, [f64; 4]); 2] = [
             (4, 3, [-8.031874161406426, 1.8213698241186533, -0.16934410026630078, 0.00310241838208578]),

@@ -10,7 +10,6 @@ pub mod euler_ancestral_discrete;
 pub mod euler_discrete;
 pub mod heun_discrete;
 pub mod lms_discrete;
-pub(crate) mod multistep;
 pub mod pndm;
 pub mod sigmas;
 pub mod spacing;
@@ -19,6 +18,7 @@ pub mod unipc_multistep;
 use std::path::Path;
 
 use candle_core::Tensor;
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::rng::TorchGenerator;
@@ -106,12 +106,50 @@ pub trait Scheduler: Send {
     fn set_begin_index(&mut self, _begin_index: usize) {}
 }
 
+/// What the denoising model predicts (`prediction_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionType {
+    /// The noise that was added.
+    Epsilon,
+    /// The clean sample x_0.
+    Sample,
+    /// v = sqrt(alpha_bar) * noise - sqrt(1 - alpha_bar) * x_0 (Salimans & Ho 2022; Imagen
+    /// Video, section 2.4).
+    VPrediction,
+}
+
+impl PredictionType {
+    /// Parses `prediction_type` for the configs that keep it as a string.
+    pub fn parse(value: &str) -> Result<Self> {
+        match value {
+            "epsilon" => Ok(Self::Epsilon),
+            "sample" => Ok(Self::Sample),
+            "v_prediction" => Ok(Self::VPrediction),
+            other => Err(Error::invalid(format!(
+                "prediction_type `{other}` is not one of epsilon, sample, v_prediction"
+            ))),
+        }
+    }
+}
+
+/// Checks that a string config value is one of `allowed`, naming the key otherwise.
+pub(crate) fn check_one_of(key: &str, value: &str, allowed: &[&str]) -> Result<()> {
+    if allowed.contains(&value) {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!("`{key}` `{value}` is not one of {}", allowed.join(", "))))
+    }
+}
+
 /// Per-batch-item coefficients as a `[B, 1, 1, ...]` tensor that broadcasts over `like`.
 pub(crate) fn per_item(values: &[f32], like: &Tensor) -> Result<Tensor> {
     let mut shape = vec![values.len()];
     shape.extend(std::iter::repeat(1).take(like.rank().saturating_sub(1)));
     Ok(Tensor::from_slice(values, shape, like.device())?.to_dtype(like.dtype())?)
 }
+
+// ---- What the DDPM family (DDPM, DDIM, DDIM inverse, PNDM) shares: the alpha_bar form ----
 
 /// `sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * noise` for integer-timestep schedulers
 /// (diffusers' `DDPMScheduler.add_noise`).
@@ -121,23 +159,23 @@ pub(crate) fn add_noise_alphas_cumprod(
     noise: &Tensor,
     timesteps: &[f64],
 ) -> Result<Tensor> {
-    let t = timesteps_as_indices(timesteps, alphas_cumprod.len())?;
-    let sqrt_alpha: Vec<f32> = t.iter().map(|&t| alphas_cumprod[t].sqrt()).collect();
-    let sqrt_one_minus: Vec<f32> = t.iter().map(|&t| (1.0 - alphas_cumprod[t]).sqrt()).collect();
-    let a = per_item(&sqrt_alpha, original_samples)?;
-    let b = per_item(&sqrt_one_minus, original_samples)?;
-    Ok((original_samples.broadcast_mul(&a)? + noise.broadcast_mul(&b)?)?)
+    let (sqrt_alpha_prod, sqrt_one_minus_alpha_prod) = sqrt_alpha_prods(alphas_cumprod, timesteps, original_samples)?;
+    Ok((original_samples.broadcast_mul(&sqrt_alpha_prod)? + noise.broadcast_mul(&sqrt_one_minus_alpha_prod)?)?)
 }
 
 /// `sqrt(alpha_bar_t) * noise - sqrt(1 - alpha_bar_t) * x0`: the v-prediction target
 /// (Salimans & Ho 2022), diffusers' `get_velocity`.
 pub fn get_velocity(alphas_cumprod: &[f32], sample: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
+    let (sqrt_alpha_prod, sqrt_one_minus_alpha_prod) = sqrt_alpha_prods(alphas_cumprod, timesteps, sample)?;
+    Ok((noise.broadcast_mul(&sqrt_alpha_prod)? - sample.broadcast_mul(&sqrt_one_minus_alpha_prod)?)?)
+}
+
+/// sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t) per batch item, shaped to broadcast over `like`.
+fn sqrt_alpha_prods(alphas_cumprod: &[f32], timesteps: &[f64], like: &Tensor) -> Result<(Tensor, Tensor)> {
     let t = timesteps_as_indices(timesteps, alphas_cumprod.len())?;
     let sqrt_alpha: Vec<f32> = t.iter().map(|&t| alphas_cumprod[t].sqrt()).collect();
     let sqrt_one_minus: Vec<f32> = t.iter().map(|&t| (1.0 - alphas_cumprod[t]).sqrt()).collect();
-    let a = per_item(&sqrt_alpha, sample)?;
-    let b = per_item(&sqrt_one_minus, sample)?;
-    Ok((noise.broadcast_mul(&a)? - sample.broadcast_mul(&b)?)?)
+    Ok((per_item(&sqrt_alpha, like)?, per_item(&sqrt_one_minus, like)?))
 }
 
 fn timesteps_as_indices(timesteps: &[f64], num_train_timesteps: usize) -> Result<Vec<usize>> {
@@ -145,7 +183,7 @@ fn timesteps_as_indices(timesteps: &[f64], num_train_timesteps: usize) -> Result
         .iter()
         .map(|&t| {
             if t < 0.0 || t.fract() != 0.0 || t as usize >= num_train_timesteps {
-                Err(crate::Error::invalid(format!(
+                Err(Error::invalid(format!(
                     "timestep {t} is not an integer in 0..{num_train_timesteps}"
                 )))
             } else {
@@ -153,6 +191,88 @@ fn timesteps_as_indices(timesteps: &[f64], num_train_timesteps: usize) -> Result
             }
         })
         .collect()
+}
+
+/// x_0 from the model output at alpha_bar_t (DDPM eq. 15 for epsilon), as the DDPM family
+/// (DDPM, DDIM, DDIM inverse) computes it.
+pub(crate) fn predict_original_sample(
+    prediction_type: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    alpha_prod_t: f32,
+) -> Result<Tensor> {
+    let beta_prod_t = 1.0 - alpha_prod_t;
+    Ok(match prediction_type {
+        PredictionType::Epsilon => (sample - model_output.affine(beta_prod_t.sqrt() as f64, 0.0)?)?
+            .affine(1.0 / alpha_prod_t.sqrt() as f64, 0.0)?,
+        PredictionType::Sample => model_output.clone(),
+        PredictionType::VPrediction => {
+            (sample.affine(alpha_prod_t.sqrt() as f64, 0.0)? - model_output.affine(beta_prod_t.sqrt() as f64, 0.0)?)?
+        }
+    })
+}
+
+/// The noise from the model output at alpha_bar_t (DDIM's `pred_epsilon`, PNDM's v conversion).
+pub(crate) fn predict_epsilon(
+    prediction_type: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    alpha_prod_t: f32,
+) -> Result<Tensor> {
+    let beta_prod_t = 1.0 - alpha_prod_t;
+    Ok(match prediction_type {
+        PredictionType::Epsilon => model_output.clone(),
+        PredictionType::Sample => epsilon_from_original(sample, model_output, alpha_prod_t)?,
+        PredictionType::VPrediction => {
+            (model_output.affine(alpha_prod_t.sqrt() as f64, 0.0)? + sample.affine(beta_prod_t.sqrt() as f64, 0.0)?)?
+        }
+    })
+}
+
+/// The noise implied by x_0 at alpha_bar_t: (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t).
+pub(crate) fn epsilon_from_original(
+    sample: &Tensor,
+    pred_original_sample: &Tensor,
+    alpha_prod_t: f32,
+) -> Result<Tensor> {
+    let beta_prod_t = 1.0 - alpha_prod_t;
+    Ok((sample - pred_original_sample.affine(alpha_prod_t.sqrt() as f64, 0.0)?)?
+        .affine(1.0 / beta_prod_t.sqrt() as f64, 0.0)?)
+}
+
+/// Step 3 of DDPM's and DDIM's `step`: the predicted x_0 dynamically thresholded
+/// (`thresholding`), or else clipped to +-`clip_sample_range` (`clip_sample`).
+pub(crate) fn clip_or_threshold(
+    pred_original_sample: Tensor,
+    thresholding: bool,
+    dynamic_thresholding_ratio: f64,
+    sample_max_value: f64,
+    clip_sample: bool,
+    clip_sample_range: f64,
+) -> Result<Tensor> {
+    if thresholding {
+        threshold_sample(&pred_original_sample, dynamic_thresholding_ratio, sample_max_value)
+    } else if clip_sample {
+        Ok(pred_original_sample.clamp(-clip_sample_range, clip_sample_range)?)
+    } else {
+        Ok(pred_original_sample)
+    }
+}
+
+// ---- Dynamic thresholding (DDPM, DDIM, DPM-Solver, UniPC) ----
+
+/// Dynamic thresholding takes a quantile (the ratio must be in [0, 1]) and divides by a
+/// positive bound.
+pub(crate) fn check_thresholding(dynamic_thresholding_ratio: f64, sample_max_value: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&dynamic_thresholding_ratio) {
+        return Err(Error::invalid(format!(
+            "dynamic_thresholding_ratio must be in [0, 1], got {dynamic_thresholding_ratio}"
+        )));
+    }
+    if sample_max_value.is_nan() || sample_max_value <= 0.0 {
+        return Err(Error::invalid(format!("sample_max_value must be positive, got {sample_max_value}")));
+    }
+    Ok(())
 }
 
 /// Dynamic thresholding (Saharia et al. 2022, Imagen, section 2.3), diffusers'

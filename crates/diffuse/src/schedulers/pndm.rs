@@ -8,10 +8,9 @@ use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::betas::{cumprod, make_betas};
-use super::ddpm::{in_config, PredictionType};
+use super::betas::{alphas_cumprod, make_betas};
 use super::spacing::integer_timesteps;
-use super::{add_noise_alphas_cumprod, timesteps_as_indices, Scheduler};
+use super::{add_noise_alphas_cumprod, predict_epsilon, timesteps_as_indices, PredictionType, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -86,9 +85,9 @@ impl PndmScheduler {
             config.beta_end,
             config.num_train_timesteps,
             config.trained_betas.as_deref(),
+            &[],
         )?;
-        let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
-        let alphas_cumprod = cumprod(&alphas);
+        let alphas_cumprod = alphas_cumprod(&betas, false);
         let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
         Ok(PndmScheduler {
             config,
@@ -106,8 +105,7 @@ impl PndmScheduler {
     }
 
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
-        let config: PndmSchedulerConfig = parse_config(map, origin)?;
-        Self::new(config).map_err(|e| in_config(e, origin))
+        Self::new(parse_config(map, origin)?).map_err(|e| e.in_config_file(origin))
     }
 
     pub fn config(&self) -> &PndmSchedulerConfig {
@@ -259,13 +257,8 @@ impl PndmScheduler {
         let beta_prod_t = 1.0 - alpha_prod_t;
         let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
 
-        let model_output = match self.config.prediction_type {
-            PredictionType::VPrediction => {
-                (model_output.affine(alpha_prod_t.sqrt() as f64, 0.0)?
-                    + sample.affine(beta_prod_t.sqrt() as f64, 0.0)?)?
-            }
-            _ => model_output.clone(),
-        };
+        // The noise prediction (`sample` is refused by `new`).
+        let model_output = predict_epsilon(self.config.prediction_type, model_output, sample, alpha_prod_t)?;
 
         // (alpha_prev - alpha_t) / (sqrt(alpha_t) (sqrt(alpha_prev) + sqrt(alpha_t))) + 1
         // simplifies to sqrt(alpha_prev / alpha_t).

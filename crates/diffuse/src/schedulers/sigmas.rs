@@ -1,55 +1,119 @@
-//! What diffusers' sigma-parameterised ("Karras-style") schedulers share
-//! (diffusers/schedulers/scheduling_euler_discrete.py and its copies in scheduling_lms_discrete.py,
-//! scheduling_euler_ancestral_discrete.py, scheduling_heun_discrete.py).
+//! The sigma form of the noise schedule, shared by diffusers' sigma-parameterised schedulers:
+//! the "Karras-style" Euler family (diffusers/schedulers/scheduling_euler_discrete.py and its
+//! copies in scheduling_lms_discrete.py, scheduling_euler_ancestral_discrete.py,
+//! scheduling_heun_discrete.py) and the multistep DPM-Solver and UniPC
+//! (scheduling_dpmsolver_multistep.py, scheduling_unipc_multistep.py).
 //!
-//! These schedulers work with sigma = sqrt((1 - alpha_bar) / alpha_bar), the noise scale of
-//! x_t = x_0 + sigma * noise, and hand the model fractional float32 timesteps. diffusers
-//! computes the training sigmas in float32 with torch, interpolates them with numpy in
-//! float64 and stores the result as float32; we keep each of those choices.
-
-use std::path::Path;
+//! These schedulers work with sigma = sqrt((1 - alpha_bar) / alpha_bar): the Euler family with
+//! x_t = x_0 + sigma * noise (variance exploding), the multistep ones with the variance
+//! preserving x_t = alpha_t * x_0 + sigma_t * noise, where alpha_t = 1 / sqrt(sigma^2 + 1) and
+//! sigma_t = sigma * alpha_t. diffusers computes the training sigmas in float32 with torch,
+//! interpolates them with numpy in float64 and stores the result as float32, and does the
+//! per-step scalar arithmetic on float32 0-d tensors; we keep each of those choices.
 
 use candle_core::{DType, Tensor};
 
-use super::{betas, per_item, spacing};
+use super::{betas, per_item, spacing, PredictionType};
 use crate::{Error, Result};
 
-/// What the model predicts (`prediction_type`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PredictionType {
-    /// The noise that was added.
-    Epsilon,
-    /// The clean sample x_0.
-    Sample,
-    /// v = alpha * noise - sigma_t * x_0 (Salimans & Ho 2022), in sigma form.
-    VPrediction,
-}
+// ---- The training schedule in sigma form ----
 
-impl PredictionType {
-    pub fn parse(value: &str) -> Result<Self> {
-        match value {
-            "epsilon" => Ok(Self::Epsilon),
-            "sample" => Ok(Self::Sample),
-            "v_prediction" => Ok(Self::VPrediction),
-            other => {
-                Err(Error::invalid(format!("prediction_type `{other}` is not one of epsilon, sample, v_prediction")))
-            }
+/// `torch.cumprod(1 - betas)` (betas rescaled to zero terminal SNR when asked). The last value
+/// is then 2^-24 instead of 0 (the smallest positive f16 subnormal), so that the first sigma
+/// is finite (4096) rather than infinite.
+pub fn alphas_cumprod(betas: &[f32], rescale_betas_zero_snr: bool) -> Vec<f32> {
+    let mut alphas_cumprod = betas::alphas_cumprod(betas, rescale_betas_zero_snr);
+    if rescale_betas_zero_snr {
+        if let Some(last) = alphas_cumprod.last_mut() {
+            *last = 2f32.powi(-24);
         }
     }
+    alphas_cumprod
+}
 
-    /// The predicted x_0 from the model output at noise level `sigma` (f32 as torch does it).
-    pub fn denoised(self, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
-        Ok(match self {
-            Self::Epsilon => (sample - mul_scalar(model_output, sigma)?)?,
-            Self::Sample => model_output.clone(),
-            // denoised = model_output * c_out + sample * c_skip for the variance-exploding
-            // form of v: c_out = -sigma / sqrt(sigma^2 + 1), c_skip = 1 / (sigma^2 + 1).
-            Self::VPrediction => {
-                let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
-                (mul_scalar(model_output, c_out)? + div_scalar(sample, sigma * sigma + 1.0)?)?
+/// sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for every training timestep, ascending in t,
+/// in f32 as torch computes it.
+pub fn training_sigmas(alphas_cumprod: &[f32]) -> Vec<f32> {
+    alphas_cumprod.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect()
+}
+
+/// diffusers' `_sigma_to_alpha_sigma_t` for the variance-preserving schedule:
+/// alpha_t = 1 / sqrt(sigma^2 + 1), sigma_t = sigma * alpha_t.
+pub fn alpha_sigma_t(sigma: f32) -> (f32, f32) {
+    let alpha_t = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha_t, sigma * alpha_t)
+}
+
+/// The half log-SNR lambda_t = log(alpha_t) - log(sigma_t) (+inf when sigma_t is 0).
+pub fn lambda(alpha_t: f32, sigma_t: f32) -> f32 {
+    alpha_t.ln() - sigma_t.ln()
+}
+
+// ---- The inference sigmas and their timesteps ----
+
+/// `np.interp(x, np.arange(len(fp)), fp)`: piecewise-linear in f64, clamped to the ends.
+pub fn interp(x: &[f32], fp: &[f32]) -> Vec<f64> {
+    let last = fp.len().saturating_sub(1);
+    x.iter()
+        .map(|&x| {
+            let x = x as f64;
+            if fp.is_empty() || x.is_nan() {
+                return f64::NAN;
             }
+            if x <= 0.0 {
+                return fp[0] as f64;
+            }
+            if x >= last as f64 {
+                return fp[last] as f64;
+            }
+            let j = x.floor() as usize;
+            if j as f64 == x {
+                return fp[j] as f64;
+            }
+            // The grid is 0, 1, 2, ...: the slope is the difference of neighbours.
+            let slope = fp[j + 1] as f64 - fp[j] as f64;
+            slope * (x - j as f64) + fp[j] as f64
         })
+        .collect()
+}
+
+/// diffusers' `_sigma_to_t`: the fractional timestep whose log sigma is `sigma`'s, by linear
+/// interpolation between the neighbouring training log sigmas (float32 `log_sigmas`, with the
+/// same mix of f32 and f64 arithmetic as numpy).
+pub fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+    if log_sigmas.len() < 2 {
+        return 0.0;
     }
+    let log_sigma = sigma.max(1e-10).ln();
+    // low_idx = cumsum(log_sigma >= log_sigmas).argmax(), clipped: the last index whose log
+    // sigma is not above ours (0 if none), at most len - 2.
+    let low_idx = log_sigmas
+        .iter()
+        .rposition(|&l| log_sigma - l as f64 >= 0.0)
+        .unwrap_or(0)
+        .min(log_sigmas.len() - 2);
+    let high_idx = low_idx + 1;
+    let low = log_sigmas[low_idx];
+    let high = log_sigmas[high_idx];
+    let w = ((low as f64 - log_sigma) / (low - high) as f64).clamp(0.0, 1.0);
+    (1.0 - w) * low_idx as f64 + w * high_idx as f64
+}
+
+/// Karras et al. 2022, eq. 5: sigmas evenly spaced in sigma^(1/rho), rho = 7, from
+/// `sigma_max` down to `sigma_min` (float64, as in k-diffusion).
+pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, num_inference_steps: usize) -> Vec<f64> {
+    let rho = 7.0;
+    let min_inv_rho = sigma_min.powf(1.0 / rho);
+    let max_inv_rho = sigma_max.powf(1.0 / rho);
+    spacing::np_linspace(0.0, 1.0, num_inference_steps)
+        .into_iter()
+        .map(|ramp| (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)).powf(rho))
+        .collect()
+}
+
+/// Sigmas evenly spaced in log sigma, from `sigma_max` down to `sigma_min`.
+pub fn exponential_sigmas(sigma_min: f64, sigma_max: f64, num_inference_steps: usize) -> Vec<f64> {
+    spacing::np_linspace(sigma_max.ln(), sigma_min.ln(), num_inference_steps).into_iter().map(f64::exp).collect()
 }
 
 /// Which sigmas replace the interpolated ones (`use_karras_sigmas`, `use_exponential_sigmas`,
@@ -86,12 +150,13 @@ impl SigmaSchedule {
 
     /// Replaces `sigmas` (float64, descending) by this schedule between `sigma_min` and
     /// `sigma_max` (by default the ends of `sigmas`), and maps each new sigma back to a
-    /// fractional timestep; returns the (float32) timesteps and the sigmas, without the final one.
+    /// fractional timestep of the `training_sigmas`; returns the (float32) timesteps and the
+    /// sigmas, without the final one.
     pub fn respace(
         self,
         timesteps: Vec<f32>,
         sigmas: Vec<f64>,
-        log_sigmas: &[f32],
+        training_sigmas: &[f32],
         num_inference_steps: usize,
         sigma_min: Option<f64>,
         sigma_max: Option<f64>,
@@ -104,205 +169,100 @@ impl SigmaSchedule {
         let sigmas = match self {
             Self::Interpolated => return (timesteps, sigmas),
             Self::Karras => karras_sigmas(sigma_min, sigma_max, num_inference_steps),
-            Self::Exponential => spacing::np_linspace(sigma_max.ln(), sigma_min.ln(), num_inference_steps)
-                .into_iter()
-                .map(f64::exp)
-                .collect(),
+            Self::Exponential => exponential_sigmas(sigma_min, sigma_max, num_inference_steps),
         };
-        let timesteps = sigmas.iter().map(|&s| sigma_to_t(s, log_sigmas) as f32).collect();
+        let log_sigmas: Vec<f32> = training_sigmas.iter().map(|s| s.ln()).collect();
+        let timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas) as f32).collect();
         (timesteps, sigmas)
     }
 }
 
-/// `torch.cumprod(1 - betas)` (betas rescaled to zero terminal SNR when asked). The last value
-/// is then 2^-24 instead of 0 (the smallest positive f16 subnormal), so that the first sigma
-/// is finite (4096) rather than infinite.
-pub fn alphas_cumprod(betas: &[f32], rescale_betas_zero_snr: bool) -> Vec<f32> {
-    let betas = if rescale_betas_zero_snr { betas::rescale_zero_terminal_snr(betas) } else { betas.to_vec() };
-    let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
-    let mut alphas_cumprod = betas::cumprod(&alphas);
-    if rescale_betas_zero_snr {
-        if let Some(last) = alphas_cumprod.last_mut() {
-            *last = 2f32.powi(-24);
-        }
-    }
-    alphas_cumprod
+/// The multistep schedulers' Karras/exponential range: the config's `sigma_min` and `sigma_max`
+/// when it has them, else the ends of the training sigmas.
+pub fn multistep_sigma_range(sigma_min: Option<f64>, sigma_max: Option<f64>, training_sigmas: &[f32]) -> (f64, f64) {
+    let sigma_min = sigma_min.unwrap_or(training_sigmas[0] as f64);
+    let sigma_max = sigma_max.unwrap_or(*training_sigmas.last().unwrap_or(&0.0) as f64);
+    (sigma_min, sigma_max)
 }
 
-/// sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for every training timestep, ascending in t,
-/// in f32 as torch computes it.
-pub fn training_sigmas(alphas_cumprod: &[f32]) -> Vec<f32> {
-    alphas_cumprod.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect()
-}
-
-/// The inference timesteps for `timestep_spacing`, descending, as the float32 numpy arrays of
-/// these schedulers' `set_timesteps` (fractional for `linspace`).
-pub fn spaced_timesteps(
-    timestep_spacing: &str,
-    num_train_timesteps: usize,
-    num_inference_steps: usize,
-    steps_offset: usize,
-) -> Result<Vec<f32>> {
-    if num_inference_steps == 0 {
-        return Err(Error::invalid("the number of inference steps must be at least 1"));
-    }
-    let train = num_train_timesteps;
-    let steps = num_inference_steps;
-    Ok(match timestep_spacing {
-        "linspace" => {
-            spacing::np_linspace(0.0, (train - 1) as f64, steps).into_iter().rev().map(|t| t as f32).collect()
-        }
-        "leading" => {
-            let step_ratio = train / steps;
-            (0..steps).rev().map(|i| (i * step_ratio) as f32 + steps_offset as f32).collect()
-        }
-        "trailing" => {
-            let step_ratio = train as f64 / steps as f64;
-            spacing::np_arange(train as f64, 0.0, -step_ratio).into_iter().map(|t| t.round_ties_even() as f32 - 1.0).collect()
-        }
-        other => {
-            spacing::check_spacing(other)?;
-            unreachable!("check_spacing accepts only the spacings above")
-        }
-    })
-}
-
-/// `np.interp(x, np.arange(len(fp)), fp)`: piecewise-linear in f64, clamped to the ends.
-pub fn interp(x: &[f32], fp: &[f32]) -> Vec<f64> {
-    let last = fp.len().saturating_sub(1);
-    x.iter()
-        .map(|&x| {
-            let x = x as f64;
-            if fp.is_empty() || x.is_nan() {
-                return f64::NAN;
-            }
-            if x <= 0.0 {
-                return fp[0] as f64;
-            }
-            if x >= last as f64 {
-                return fp[last] as f64;
-            }
-            let j = x.floor() as usize;
-            if j as f64 == x {
-                return fp[j] as f64;
-            }
-            // The grid is 0, 1, 2, ...: the slope is the difference of neighbours.
-            let slope = fp[j + 1] as f64 - fp[j] as f64;
-            slope * (x - j as f64) + fp[j] as f64
+/// The multistep schedulers' integer timesteps for Karras/exponential sigmas: each sigma's
+/// fractional timestep (`sigma_to_t`), rounded when `round`, then truncated.
+pub fn integer_timesteps_of(sigmas: &[f64], log_sigmas: &[f32], round: bool) -> Vec<i64> {
+    sigmas
+        .iter()
+        .map(|&s| {
+            let t = sigma_to_t(s, log_sigmas);
+            (if round { t.round_ties_even() } else { t }) as i64
         })
         .collect()
 }
 
-/// diffusers' `_sigma_to_t`: the fractional timestep whose log sigma is `sigma`'s, by linear
-/// interpolation between the neighbouring training log sigmas (float32 `log_sigmas`, with the
-/// same mix of f32 and f64 arithmetic as numpy).
-pub fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
-    let n = log_sigmas.len();
-    if n < 2 {
-        return 0.0;
-    }
-    let log_sigma = sigma.max(1e-10).ln();
-    // low_idx = cumsum(log_sigma >= log_sigmas).argmax(), clipped: the last index where the
-    // running count reaches its maximum first, i.e. the last log sigma not above ours.
-    let mut count = 0usize;
-    let mut best = 0usize;
-    let mut low_idx = 0usize;
-    for (i, &l) in log_sigmas.iter().enumerate() {
-        if log_sigma - l as f64 >= 0.0 {
-            count += 1;
-        }
-        if count > best {
-            best = count;
-            low_idx = i;
-        }
-    }
-    let low_idx = low_idx.min(n - 2);
-    let high_idx = low_idx + 1;
-    let low = log_sigmas[low_idx];
-    let high = log_sigmas[high_idx];
-    let w = ((low as f64 - log_sigma) / (low - high) as f64).clamp(0.0, 1.0);
-    (1.0 - w) * low_idx as f64 + w * high_idx as f64
-}
-
-/// Karras et al. 2022, eq. 5: sigmas evenly spaced in sigma^(1/rho), rho = 7, from
-/// `sigma_max` down to `sigma_min` (float64, as in k-diffusion).
-pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, num_inference_steps: usize) -> Vec<f64> {
-    let rho = 7.0;
-    let min_inv_rho = sigma_min.powf(1.0 / rho);
-    let max_inv_rho = sigma_max.powf(1.0 / rho);
-    spacing::np_linspace(0.0, 1.0, num_inference_steps)
-        .into_iter()
-        .map(|ramp| (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)).powf(rho))
-        .collect()
-}
-
-/// The standard deviation of the initial noise: the largest sigma, or for `leading` spacing
-/// (whose first timestep is below the last training one) sqrt(sigma_max^2 + 1), in f32.
-pub fn init_noise_sigma(sigmas: &[f32], timestep_spacing: &str) -> f64 {
-    let max = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    match timestep_spacing {
-        "linspace" | "trailing" => max as f64,
-        _ => (max * max + 1.0).sqrt() as f64,
-    }
-}
-
-/// `sample / sqrt(sigma^2 + 1)`: the model sees inputs of unit variance.
-pub fn scale_model_input(sample: &Tensor, sigma: f32) -> Result<Tensor> {
-    div_scalar(sample, (sigma * sigma + 1.0).sqrt())
-}
-
-/// `original + noise * sigma`, one sigma per batch item (or one for all).
-pub fn add_noise(sigmas: &[f32], step_indices: &[usize], original_samples: &Tensor, noise: &Tensor) -> Result<Tensor> {
-    let sigma = step_indices
-        .iter()
-        .map(|&i| sigmas.get(i).copied().ok_or_else(|| Error::invalid(format!("no sigma for step index {i}"))))
-        .collect::<Result<Vec<f32>>>()?;
-    let sigma = per_item(&sigma, original_samples)?;
-    Ok((original_samples + noise.broadcast_mul(&sigma)?)?)
-}
+// ---- Stepping through the schedule ----
 
 /// diffusers' `index_for_timestep`: where `timestep` is in `schedule` (compared in float32, as
-/// torch compares a float32 schedule). When it occurs more than once (Heun's duplicated
-/// timesteps) the second occurrence, so that starting mid-schedule (image-to-image) does not
-/// skip a sigma.
-pub fn index_for_timestep(timestep: f64, schedule: &[f64]) -> Result<usize> {
+/// torch compares a float32 schedule, or an integer one with a float timestep). When it occurs
+/// more than once (Heun's duplicated timesteps) the second occurrence, so that starting
+/// mid-schedule (image-to-image) does not skip a sigma.
+pub fn index_for_timestep(timestep: f64, schedule: &[f64]) -> Option<usize> {
     let mut found = schedule.iter().enumerate().filter(|(_, &t)| t as f32 == timestep as f32).map(|(i, _)| i);
-    let first = found
-        .next()
-        .ok_or_else(|| Error::invalid(format!("timestep {timestep} is not one of the scheduler's timesteps")))?;
-    Ok(found.next().unwrap_or(first))
+    let first = found.next()?;
+    Some(found.next().unwrap_or(first))
 }
 
-/// The step counter of these schedulers: `None` until the first `scale_model_input`/`step`,
-/// which sets it from `begin_index` (image-to-image) or from the timestep's place.
+/// What `set_timesteps` leaves a sigma scheduler, and where the sampling loop is in it:
+/// diffusers' `timesteps`, `sigmas`, `_step_index` and `_begin_index`.
 #[derive(Clone, Debug, Default)]
-pub struct StepIndex {
+pub struct Schedule {
+    /// The timesteps the pipeline visits, in order.
+    pub timesteps: Vec<f64>,
+    /// One sigma per timestep, then the one after the last step.
+    pub sigmas: Vec<f32>,
+    /// `None` until the first `scale_model_input`/`step`, which sets it from `begin_index`
+    /// (image-to-image) or from the timestep's place.
     step_index: Option<usize>,
     begin_index: Option<usize>,
+    /// The multistep schedulers take a timestep the schedule does not hold for the last step;
+    /// for the others it is an error (diffusers' lookup fails).
+    unknown_timestep_is_last: bool,
 }
 
-impl StepIndex {
-    /// Forgets both indices (`set_timesteps`).
-    pub fn reset(&mut self) {
-        *self = Self::default();
+impl Schedule {
+    /// The schedule of an Euler-family scheduler.
+    pub fn new(timesteps: Vec<f64>, sigmas: Vec<f32>) -> Self {
+        Self { timesteps, sigmas, ..Self::default() }
     }
 
+    /// The schedule of a multistep scheduler (DPM-Solver, UniPC).
+    pub fn multistep(timesteps: Vec<f64>, sigmas: Vec<f32>) -> Self {
+        Self { unknown_timestep_is_last: true, ..Self::new(timesteps, sigmas) }
+    }
+
+    /// A new schedule from `set_timesteps`: forgets both indices.
+    pub fn set(&mut self, timesteps: Vec<f64>, sigmas: Vec<f32>) {
+        *self = Self { unknown_timestep_is_last: self.unknown_timestep_is_last, ..Self::new(timesteps, sigmas) };
+    }
+
+    /// For image-to-image: the index of the first timestep the pipeline will use.
     pub fn set_begin_index(&mut self, begin_index: usize) {
         self.begin_index = Some(begin_index);
     }
 
-    pub fn step_index(&self) -> Option<usize> {
-        self.step_index
+    fn index_for_timestep(&self, timestep: f64) -> Result<usize> {
+        match index_for_timestep(timestep, &self.timesteps) {
+            Some(index) => Ok(index),
+            None if self.unknown_timestep_is_last => Ok(self.timesteps.len().saturating_sub(1)),
+            None => Err(Error::invalid(format!("timestep {timestep} is not one of the scheduler's timesteps"))),
+        }
     }
 
     /// The current step index, initialised from `timestep` on first use.
-    pub fn current(&mut self, timestep: f64, schedule: &[f64]) -> Result<usize> {
+    pub fn step_index(&mut self, timestep: f64) -> Result<usize> {
         if let Some(index) = self.step_index {
             return Ok(index);
         }
         let index = match self.begin_index {
             Some(begin) => begin,
-            None => index_for_timestep(timestep, schedule)?,
+            None => self.index_for_timestep(timestep)?,
         };
         self.step_index = Some(index);
         Ok(index)
@@ -313,47 +273,119 @@ impl StepIndex {
         self.step_index = self.step_index.map(|i| i + 1);
     }
 
-    /// The sigma indices `add_noise` uses: each timestep's place when no begin index is set
-    /// (training, or pipelines without `set_begin_index`), else the current step (inpainting,
-    /// after the first step) or the begin index (image-to-image, before it).
-    pub fn add_noise_indices(&self, schedule: &[f64], timesteps: &[f64]) -> Result<Vec<usize>> {
-        match (self.begin_index, self.step_index) {
-            (None, _) => timesteps.iter().map(|&t| index_for_timestep(t, schedule)).collect(),
-            (Some(_), Some(step)) => Ok(vec![step; timesteps.len()]),
-            (Some(begin), None) => Ok(vec![begin; timesteps.len()]),
+    /// The sigma at `index`, or an error saying the schedule has run out (more steps than timesteps).
+    pub fn sigma(&self, index: usize) -> Result<f32> {
+        self.sigmas.get(index).copied().ok_or_else(|| {
+            Error::invalid(format!("step index {index} is past the end of the schedule ({} sigmas)", self.sigmas.len()))
+        })
+    }
+
+    /// The standard deviation of the initial noise for the Euler family: the largest sigma, or
+    /// for `leading` spacing (whose first timestep is below the last training one)
+    /// sqrt(sigma_max^2 + 1), in f32.
+    pub fn init_noise_sigma(&self, timestep_spacing: &str) -> f64 {
+        let max = self.sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        match timestep_spacing {
+            "linspace" | "trailing" => max as f64,
+            _ => (max * max + 1.0).sqrt() as f64,
         }
+    }
+
+    /// The Euler family's `scale_model_input`: `sample / sqrt(sigma^2 + 1)` at the current
+    /// step, so that the model sees inputs of unit variance.
+    pub fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
+        let index = self.step_index(timestep)?;
+        let sigma = self.sigma(index)?;
+        divide(sample, (sigma * sigma + 1.0).sqrt())
+    }
+
+    /// The Euler family's `add_noise`: `original + sigma * noise`, one sigma per batch item
+    /// (or one for all).
+    pub fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
+        let sigma = per_item(&self.add_noise_sigmas(timesteps)?, original_samples)?;
+        Ok((original_samples + noise.broadcast_mul(&sigma)?)?)
+    }
+
+    /// The multistep schedulers' `add_noise`: `alpha_t * original + sigma_t * noise`.
+    pub fn add_noise_vp(&self, original_samples: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
+        let (alphas_t, sigmas_t): (Vec<f32>, Vec<f32>) =
+            self.add_noise_sigmas(timesteps)?.into_iter().map(alpha_sigma_t).unzip();
+        let alpha_t = per_item(&alphas_t, original_samples)?;
+        let sigma_t = per_item(&sigmas_t, original_samples)?;
+        Ok((original_samples.broadcast_mul(&alpha_t)? + noise.broadcast_mul(&sigma_t)?)?)
+    }
+
+    /// The sigmas `add_noise` uses: at each timestep's place when no begin index is set
+    /// (training, or pipelines without `set_begin_index`), else at the current step
+    /// (inpainting, after the first step) or the begin index (image-to-image, before it).
+    fn add_noise_sigmas(&self, timesteps: &[f64]) -> Result<Vec<f32>> {
+        let indices = match (self.begin_index, self.step_index) {
+            (None, _) => timesteps.iter().map(|&t| self.index_for_timestep(t)).collect::<Result<Vec<usize>>>()?,
+            (Some(_), Some(step)) => vec![step; timesteps.len()],
+            (Some(begin), None) => vec![begin; timesteps.len()],
+        };
+        indices.into_iter().map(|index| self.sigma(index)).collect()
     }
 }
 
-/// A sigma at `index`, or an error saying the schedule has run out (more steps than timesteps).
-pub fn sigma_at(sigmas: &[f32], index: usize) -> Result<f32> {
-    sigmas.get(index).copied().ok_or_else(|| {
-        Error::invalid(format!("step index {index} is past the end of the schedule ({} sigmas)", sigmas.len()))
+// ---- The model output: x_0 (or the noise) from what the model predicts ----
+
+/// The Euler family's x_0 from the model output at noise level `sigma` (f32 as torch does it).
+pub fn denoised(prediction_type: PredictionType, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
+    Ok(match prediction_type {
+        PredictionType::Epsilon => (sample - scale(model_output, sigma)?)?,
+        PredictionType::Sample => model_output.clone(),
+        // denoised = model_output * c_out + sample * c_skip for the variance-exploding
+        // form of v: c_out = -sigma / sqrt(sigma^2 + 1), c_skip = 1 / (sigma^2 + 1).
+        PredictionType::VPrediction => {
+            let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
+            (scale(model_output, c_out)? + divide(sample, sigma * sigma + 1.0)?)?
+        }
     })
 }
 
+/// The multistep schedulers' data prediction x_0 from the model output at `sigma` (diffusers'
+/// `convert_model_output` for DPM-Solver++ and UniPC's `predict_x0`); `prediction_type` is
+/// epsilon, sample, v_prediction or flow_prediction.
+pub fn data_prediction(prediction_type: &str, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
+    let (alpha_t, sigma_t) = alpha_sigma_t(sigma);
+    Ok(match prediction_type {
+        "epsilon" => divide(&(sample - scale(model_output, sigma_t)?)?, alpha_t)?,
+        "sample" => model_output.clone(),
+        "v_prediction" => (scale(sample, alpha_t)? - scale(model_output, sigma_t)?)?,
+        // Flow matching: x0 = x_t - sigma * v.
+        _ => (sample - scale(model_output, sigma)?)?,
+    })
+}
+
+/// The multistep schedulers' noise prediction from the model output at `sigma` (diffusers'
+/// `convert_model_output` for DPM-Solver and UniPC without `predict_x0`); `prediction_type` is
+/// epsilon, sample or v_prediction.
+pub fn noise_prediction(prediction_type: &str, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
+    let (alpha_t, sigma_t) = alpha_sigma_t(sigma);
+    Ok(match prediction_type {
+        "epsilon" => model_output.clone(),
+        "sample" => divide(&(sample - scale(model_output, alpha_t)?)?, sigma_t)?,
+        _ => (scale(model_output, alpha_t)? + scale(sample, sigma_t)?)?,
+    })
+}
+
+// ---- Scalar arithmetic as torch does it ----
+
 /// `tensor * s` with `s` a float32 scalar, as torch multiplies by a 0-d float32 tensor.
-pub(crate) fn mul_scalar(tensor: &Tensor, s: f32) -> Result<Tensor> {
+pub fn scale(tensor: &Tensor, s: f32) -> Result<Tensor> {
     Ok(tensor.affine(s as f64, 0.0)?)
 }
 
 /// `tensor / s` with a true division (not a multiplication by 1/s), as torch divides.
-pub(crate) fn div_scalar(tensor: &Tensor, s: f32) -> Result<Tensor> {
+pub fn divide(tensor: &Tensor, s: f32) -> Result<Tensor> {
     let divisor = Tensor::new(s, tensor.device())?.to_dtype(tensor.dtype())?;
     Ok(tensor.broadcast_div(&divisor)?)
 }
 
 /// Upcasts to f32 (diffusers computes the step in float32 whatever the model's dtype).
-pub(crate) fn to_f32(tensor: &Tensor) -> Result<Tensor> {
+pub fn to_f32(tensor: &Tensor) -> Result<Tensor> {
     Ok(tensor.to_dtype(DType::F32)?)
-}
-
-/// Gives an error from `new` the config file it came from.
-pub(crate) fn at_origin<T>(result: Result<T>, origin: &Path) -> Result<T> {
-    result.map_err(|e| match e {
-        Error::InvalidInput(message) => Error::config(origin, message),
-        other => other,
-    })
 }
 
 #[cfg(test)]
@@ -361,34 +393,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn trailing_arange_matches_numpy_at_rounding_ties() {
-        // np.arange(1000, 0, -1000/48).round() - 1 has 936 fourth: numpy's 1000 + 3 * delta is
-        // 937.4999999999999, where 1000 - 3 * (1000/48) would be 937.5000000000001 (so 937).
-        let t = spaced_timesteps("trailing", 1000, 48, 0).unwrap();
-        assert_eq!(&t[..4], &[999.0, 978.0, 957.0, 936.0]);
-        assert_eq!(t.len(), 48);
-    }
-
-    #[test]
     fn cumprod_accumulates_like_torch() {
         // torch.cumprod(1 - betas)[-1] for SD's scaled_linear betas: torch keeps the running
         // product in f64 on the CPU; an f32 product ends at 0.004660091.
-        let betas = betas::make_betas("scaled_linear", 0.00085, 0.012, 1000, None).unwrap();
+        let betas = betas::make_betas("scaled_linear", 0.00085, 0.012, 1000, None, &[]).unwrap();
         assert_eq!(alphas_cumprod(&betas, false)[999], 0.004_660_095_088_183_88_f32);
-    }
-
-    #[test]
-    fn spacings() {
-        assert_eq!(spaced_timesteps("leading", 1000, 4, 1).unwrap(), vec![751.0, 501.0, 251.0, 1.0]);
-        assert_eq!(spaced_timesteps("linspace", 1000, 4, 0).unwrap(), vec![999.0, 666.0, 333.0, 0.0]);
-        assert!(spaced_timesteps("sideways", 1000, 4, 0).is_err());
-        assert!(spaced_timesteps("linspace", 1000, 0, 0).is_err());
     }
 
     #[test]
     fn sigma_to_t_inverts_interpolation() {
         let alphas_cumprod =
-            alphas_cumprod(&betas::make_betas("scaled_linear", 0.00085, 0.012, 1000, None).unwrap(), false);
+            alphas_cumprod(&betas::make_betas("scaled_linear", 0.00085, 0.012, 1000, None, &[]).unwrap(), false);
         let sigmas = training_sigmas(&alphas_cumprod);
         let log_sigmas: Vec<f32> = sigmas.iter().map(|s| s.ln()).collect();
         for &t in &[0.0f32, 1.0, 123.0, 500.5, 998.25, 999.0] {
@@ -405,106 +420,20 @@ mod tests {
     #[test]
     fn index_prefers_second_occurrence() {
         let schedule = [999.0, 500.0, 500.0, 0.0, 0.0];
-        assert_eq!(index_for_timestep(999.0, &schedule).unwrap(), 0);
-        assert_eq!(index_for_timestep(500.0, &schedule).unwrap(), 2);
-        assert_eq!(index_for_timestep(0.0, &schedule).unwrap(), 4);
-        assert!(index_for_timestep(1.0, &schedule).is_err());
-    }
-}
-
-/// The dummy model and deterministic samples of diffusers' scheduler tests
-/// (tests/schedulers/test_schedulers.py, `SchedulerCommonTest`), for the full-loop tests.
-#[cfg(test)]
-pub(crate) mod full_loop {
-    use candle_core::{Device, Tensor};
-
-    use super::{div_scalar, mul_scalar};
-    use crate::rng::TorchGenerator;
-    use crate::schedulers::Scheduler;
-
-    const BATCH: usize = 4;
-    const CHANNELS: usize = 3;
-    const SIZE: usize = 8;
-
-    /// `torch.arange(768)` (reversed for the noise) laid out as (C, H, W, B), divided by 768
-    /// in f32 and permuted to (B, C, H, W).
-    fn deterministic(reversed: bool) -> Tensor {
-        let count = BATCH * CHANNELS * SIZE * SIZE;
-        let mut values = vec![0f32; count];
-        for b in 0..BATCH {
-            for c in 0..CHANNELS {
-                for h in 0..SIZE {
-                    for w in 0..SIZE {
-                        let arange_index = ((c * SIZE + h) * SIZE + w) * BATCH + b;
-                        let value = if reversed { count - 1 - arange_index } else { arange_index };
-                        values[((b * CHANNELS + c) * SIZE + h) * SIZE + w] = value as f32 / count as f32;
-                    }
-                }
-            }
-        }
-        Tensor::from_vec(values, (BATCH, CHANNELS, SIZE, SIZE), &Device::Cpu).unwrap()
+        assert_eq!(index_for_timestep(999.0, &schedule), Some(0));
+        assert_eq!(index_for_timestep(500.0, &schedule), Some(2));
+        assert_eq!(index_for_timestep(0.0, &schedule), Some(4));
+        assert_eq!(index_for_timestep(1.0, &schedule), None);
     }
 
-    pub fn dummy_sample_deter() -> Tensor {
-        deterministic(false)
-    }
-
-    pub fn dummy_noise_deter() -> Tensor {
-        deterministic(true)
-    }
-
-    /// `sample * t / (t + 1)`, with t cast to the sample's float32.
-    pub fn dummy_model(sample: &Tensor, t: f64) -> Tensor {
-        let t = t as f32;
-        div_scalar(&mul_scalar(sample, t).unwrap(), t + 1.0).unwrap()
-    }
-
-    /// diffusers' assertions, |sum - expected| < 1e-2 and |mean - expected| < 1e-3 on its
-    /// `expected` values; then, tighter, agreement to 1e-5 relative with what diffusers 0.42.1
-    /// (torch 2.15, CPU) gives for the same loop (`exact`), since diffusers' own bounds cannot
-    /// tell results near zero apart.
-    pub fn check(what: &str, result: (f64, f64), expected: (f64, f64), exact: (f64, f64)) {
-        check_within(what, result, expected, (1e-2, 1e-3), exact)
-    }
-
-    /// `check` with diffusers' tolerances on the sum and the mean where it loosens them.
-    pub fn check_within(
-        what: &str,
-        (sum, mean): (f64, f64),
-        expected: (f64, f64),
-        tolerances: (f64, f64),
-        exact: (f64, f64),
-    ) {
-        assert!((sum - expected.0).abs() < tolerances.0, "{what}: result_sum {sum} != {}", expected.0);
-        assert!((mean - expected.1).abs() < tolerances.1, "{what}: result_mean {mean} != {}", expected.1);
-        assert!((sum - exact.0).abs() <= 1e-5 * exact.0, "{what}: result_sum {sum} != {} (diffusers 0.42.1)", exact.0);
-        assert!(
-            (mean - exact.1).abs() <= 1e-5 * exact.1,
-            "{what}: result_mean {mean} != {} (diffusers 0.42.1)",
-            exact.1
-        );
-    }
-
-    /// The loop of diffusers' `test_full_loop_*` (the step is given the *scaled* sample, as
-    /// there), optionally `test_full_loop_with_noise`'s start two steps from the end from a
-    /// noised sample; returns sum(|x|) and mean(|x|) of the result.
-    pub fn run(scheduler: &mut dyn Scheduler, num_inference_steps: usize, with_noise: bool) -> (f64, f64) {
-        scheduler.set_timesteps(num_inference_steps).unwrap();
-        let mut generator = TorchGenerator::new(0);
-        let mut sample = mul_scalar(&dummy_sample_deter(), scheduler.init_noise_sigma() as f32).unwrap();
-        let mut timesteps = scheduler.timesteps().to_vec();
-        if with_noise {
-            let t_start = num_inference_steps - 2;
-            timesteps = timesteps[t_start * scheduler.order()..].to_vec();
-            sample = scheduler.add_noise(&sample, &dummy_noise_deter(), &timesteps[..1]).unwrap();
-        }
-        for &t in &timesteps {
-            sample = scheduler.scale_model_input(&sample, t).unwrap();
-            let model_output = dummy_model(&sample, t);
-            sample = scheduler.step(&model_output, t, &sample, 0.0, &mut generator).unwrap();
-        }
-        let values = sample.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let sum: f64 = values.iter().map(|v| v.abs() as f64).sum();
-        (sum, sum / values.len() as f64)
+    #[test]
+    fn unknown_timestep_is_an_error_except_for_multistep() {
+        assert!(Schedule::new(vec![5.0, 3.0, 1.0], vec![3.0, 2.0, 1.0, 0.0]).step_index(4.0).is_err());
+        let mut multistep = Schedule::multistep(vec![5.0, 3.0, 1.0], vec![3.0, 2.0, 1.0, 0.0]);
+        assert_eq!(multistep.step_index(4.0).unwrap(), 2);
+        multistep.set(vec![5.0, 3.0, 3.0, 1.0], vec![4.0, 3.0, 2.0, 1.0, 0.0]);
+        assert_eq!(multistep.step_index(3.0).unwrap(), 2, "the step index is forgotten by `set`");
+        multistep.set(vec![5.0, 3.0, 1.0], vec![3.0, 2.0, 1.0, 0.0]);
+        assert_eq!(multistep.step_index(4.0).unwrap(), 2, "`set` keeps the lookup rule");
     }
 }
