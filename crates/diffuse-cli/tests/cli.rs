@@ -225,3 +225,33 @@ fn text_to_image_bad_input() {
     assert!(ok, "{stderr}");
     assert!(out.exists());
 }
+
+#[test]
+fn repo_id_resolves_in_the_hugging_face_cache_offline() {
+    let dir = scratch("hub");
+    let out = dir.join("hub.png");
+    // A cache as huggingface_hub lays it out: refs/main names a snapshot folder.
+    let cache = dir.join("cache");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo = cache.join("models--diffuse-test--tiny-pipeline");
+    copy_dir(&fixtures().join("pixel/uncond"), &repo.join("snapshots").join(commit));
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let run = |model: &str| {
+        Command::new(env!("CARGO_BIN_EXE_diffuse"))
+            .args(["generate", "--model", model, "--steps", "2", "--seed", "1", "--quiet", "--output", out.to_str().unwrap()])
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    let ok = run("diffuse-test/tiny-pipeline");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(out.is_file());
+    std::fs::remove_file(&out).unwrap();
+    let missing = run("diffuse-test/not-downloaded");
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success() && !stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains(cache.to_str().unwrap()) && stderr.contains("HF_HUB_OFFLINE"), "should say where it looked: {stderr}");
+    assert!(!out.exists());
+}
