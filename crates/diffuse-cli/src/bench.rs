@@ -64,13 +64,30 @@ impl Source {
         }
     }
 
-    /// Random-free stand-in weights (zeros: the timing of every kernel is data-independent)
-    /// or the folder's real weights, memory-mapped.
+    /// Random stand-in weights (allocated and touched, so memory is measured as with real
+    /// weights) or the folder's real weights, memory-mapped.
     fn weights(&self, component: &str, stem: &str, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         match self {
-            Source::Family(_) => Ok(VarBuilder::zeros(dtype, device)),
+            Source::Family(_) => Ok(VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone())),
             Source::Folder(dir) => Ok(var_builder(&find_weight_files(&dir.join(component), stem, None)?, dtype, device)?),
         }
+    }
+}
+
+/// Every requested tensor drawn from N(0, 0.02²), like a freshly initialised model.
+struct RandomWeights;
+
+impl candle_nn::var_builder::SimpleBackend for RandomWeights {
+    fn get(&self, shape: candle_core::Shape, _: &str, _: candle_nn::Init, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape for {name}")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
     }
 }
 
