@@ -17,11 +17,16 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 #[derive(clap::Args)]
 pub struct GenerateArgs {
     /// The model: a diffusers pipeline folder (Stable Diffusion: tokenizer/, text_encoder/,
-    /// unet/, vae/, scheduler/; pixel-space DDPM: unet/, scheduler/), or a Hugging Face repo id
-    /// (ORG/NAME) found in the local Hugging Face cache (downloaded when missing, unless
-    /// HF_HUB_OFFLINE=1).
+    /// unet/, vae/, scheduler/; pixel-space DDPM: unet/, scheduler/), a single-file SD 1.x/2.x
+    /// checkpoint (FILE.safetensors, original layout), or a Hugging Face repo id (ORG/NAME)
+    /// found in the local Hugging Face cache (downloaded when missing, unless HF_HUB_OFFLINE=1).
     #[arg(long)]
     model: String,
+    /// What the model predicts: epsilon, v_prediction (SD 2.x 768-px models) or sample. A
+    /// single file does not say; its default is diffusers' (v_prediction for SD 2.x but
+    /// inpainting, else epsilon). With a folder, it overrides the scheduler config.
+    #[arg(long)]
+    prediction_type: Option<String>,
     /// With a repo id: the branch, tag or commit to use.
     #[arg(long)]
     revision: Option<String>,
@@ -148,25 +153,39 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
-    let overrides = args
+    let mut overrides = args
         .scheduler_config
         .iter()
         .map(|s| parse_override(s).with_context(|| "--scheduler-config".to_string()))
         .collect::<Result<Vec<_>>>()?;
     let device = Device::Cpu;
-    let model_dir = diffuse::loading::hub::resolve_model(&args.model, args.revision.as_deref(), args.variant.as_deref())?;
-    if !model_dir.is_dir() {
-        bail!("--model {}: not a model folder", args.model);
+    let model_path = diffuse::loading::hub::resolve_model(&args.model, args.revision.as_deref(), args.variant.as_deref())?;
+    // A single file is a checkpoint to load whole; a folder is a diffusers pipeline.
+    let single_file = model_path.is_file();
+    if !single_file && !model_path.is_dir() {
+        bail!("--model {}: neither a model folder nor a checkpoint file", args.model);
+    }
+    if single_file && args.variant.is_some() {
+        bail!("--variant selects weight files in a diffusers folder; {} is a single checkpoint file", args.model);
+    }
+    if let (Some(prediction_type), false) = (&args.prediction_type, single_file) {
+        overrides.push(("prediction_type".to_string(), serde_json::Value::from(prediction_type.as_str())));
     }
     let seed = args.seed.unwrap_or_else(random_seed);
     let mut generator = TorchGenerator::new(seed);
     let start = Instant::now();
-    let (samples, sampler, summary) = if is_stable_diffusion_folder(&model_dir) {
+    let (samples, sampler, summary) = if single_file || is_stable_diffusion_folder(&model_path) {
         let dtype = parse_dtype(&args.dtype, &device)?;
         if args.class_label.is_some() {
-            bail!("--class-label is for class-conditional pixel-space models; this is a Stable Diffusion folder");
+            bail!("--class-label is for class-conditional pixel-space models; this is a Stable Diffusion model");
         }
-        let mut pipeline = StableDiffusionPipeline::load(&model_dir, args.scheduler.as_deref(), &overrides, args.variant.as_deref(), &device, dtype)?;
+        let scheduler = args.scheduler.as_deref();
+        let mut pipeline = if single_file {
+            let prediction_type = args.prediction_type.as_deref();
+            StableDiffusionPipeline::load_single_file(&model_path, prediction_type, scheduler, &overrides, &device, dtype)?
+        } else {
+            StableDiffusionPipeline::load(&model_path, scheduler, &overrides, args.variant.as_deref(), &device, dtype)?
+        };
         let options = TextToImageOptions {
             prompt: args.prompt.clone().unwrap_or_default(),
             negative_prompt: args.negative_prompt.clone(),
@@ -213,7 +232,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         if args.prompt.is_some() || args.negative_prompt.is_some() {
             bail!("--prompt needs a Stable Diffusion folder (text_encoder/, vae/); {} is a pixel-space model", args.model);
         }
-        let mut pipeline = PixelPipeline::load(&model_dir, args.scheduler.as_deref(), &overrides, args.variant.as_deref(), &device)?;
+        let mut pipeline = PixelPipeline::load(&model_path, args.scheduler.as_deref(), &overrides, args.variant.as_deref(), &device)?;
         let options = PixelOptions { num_inference_steps: args.steps, num_images: args.num_images, eta: args.eta, class_label: args.class_label };
         pipeline.validate(&options)?;
         if !args.quiet {

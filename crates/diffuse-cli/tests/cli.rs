@@ -255,3 +255,65 @@ fn repo_id_resolves_in_the_hugging_face_cache_offline() {
     assert!(stderr.contains(cache.to_str().unwrap()) && stderr.contains("HF_HUB_OFFLINE"), "should say where it looked: {stderr}");
     assert!(!out.exists());
 }
+
+/// A single-file checkpoint (converted from a diffusers folder by tools/fixtures/
+/// single_file_pipeline.py) gives the folder's PNG and diffusers' image.
+#[test]
+fn single_file_checkpoint_gives_the_folders_image() {
+    let dir = scratch("single-file");
+    let folder = fixtures().join("single_file/sd1_pipeline");
+    let file = folder.join("model.safetensors");
+    let generate = |model: &Path, name: &str, extra: &[&str]| -> PathBuf {
+        let out = dir.join(name);
+        let mut args = vec![
+            "generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a cat", "--steps", "8", "--seed", "0",
+            "--width", "64", "--height", "64", "--quiet", "--output", out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (ok, _, stderr) = diffuse(&args);
+        assert!(ok, "{stderr}");
+        out
+    };
+    let (from_file, _) = decode_png(&generate(&file, "file.png", &[]));
+    let (from_folder, _) = decode_png(&generate(&folder, "folder.png", &[]));
+    assert!(from_file == from_folder, "the single file's image differs from the folder's");
+    let reference = candle_core::safetensors::load(fixtures().join("single_file/cases/sd1_single_file_default.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let expected = reference["images"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let mse = from_file.iter().zip(&expected).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / expected.len() as f64;
+    let psnr = if mse == 0.0 { f64::INFINITY } else { 10.0 * (255f64.powi(2) / mse).log10() };
+    assert!(psnr >= 40.0, "PSNR {psnr}");
+
+    // --prediction-type reaches the scheduler for both: v-prediction changes the image.
+    let (file_v, _) = decode_png(&generate(&file, "file-v.png", &["--prediction-type", "v_prediction"]));
+    let (folder_v, _) = decode_png(&generate(&folder, "folder-v.png", &["--prediction-type", "v_prediction"]));
+    assert!(file_v == folder_v && file_v != from_file, "--prediction-type v_prediction");
+}
+
+#[test]
+fn single_file_bad_input() {
+    let dir = scratch("single-file-bad");
+    let out = dir.join("out.png");
+    let out_s = out.to_str().unwrap();
+    let file = fixtures().join("single_file/sd1_pipeline/model.safetensors");
+    let file_s = file.to_str().unwrap();
+    assert_fails_with(&["generate", "--model", file_s, "--prompt", "x", "--prediction-type", "x0", "--output", out_s], "prediction_type `x0`");
+    assert_fails_with(&["generate", "--model", file_s, "--prompt", "x", "--variant", "fp16", "--output", out_s], "--variant");
+    let folder = fixtures().join("sd/sd1");
+    assert_fails_with(&["generate", "--model", folder.to_str().unwrap(), "--prompt", "x", "--prediction-type", "x0", "--output", out_s], "x0");
+
+    // A pickle checkpoint: refused, saying why and how to convert (several lines: the Python to run).
+    let ckpt = dir.join("model.ckpt");
+    std::fs::write(&ckpt, b"PK\x03\x04 a torch.save zip archive").unwrap();
+    let (ok, _, stderr) = diffuse(&["generate", "--model", ckpt.to_str().unwrap(), "--prompt", "x", "--output", out_s]);
+    assert!(!ok && !stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("pickle") && stderr.contains("arbitrary code") && stderr.contains("save_file("), "{stderr}");
+
+    // A tensor no SD 1.x/2.x UNet has is named.
+    let mut tensors = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
+    let extra = "model.diffusion_model.input_blocks.1.2.weight";
+    tensors.insert(extra.to_string(), candle_core::Tensor::zeros(4, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap());
+    let odd = dir.join("odd.safetensors");
+    candle_core::safetensors::save(&tensors, &odd).unwrap();
+    assert_fails_with(&["generate", "--model", odd.to_str().unwrap(), "--prompt", "x", "--output", out_s], extra);
+    assert!(!out.exists(), "no output may be written on failure");
+}
