@@ -11,6 +11,7 @@ use diffuse::loading::config::parse_override;
 use diffuse::pipelines::pixel::{PixelOptions, PixelPipeline};
 use diffuse::pipelines::stable_diffusion::{is_stable_diffusion_folder, PhaseTimes, StableDiffusionPipeline, TextToImageOptions};
 use diffuse::pipelines::{to_uint8_images, write_png};
+use diffuse::prompts::PromptSyntax;
 use diffuse::rng::TorchGenerator;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -52,6 +53,11 @@ pub struct GenerateArgs {
     /// which AUTOMATIC1111 calls "Clip skip: 2").
     #[arg(long)]
     clip_skip: Option<usize>,
+    /// How prompts are read: `diffusers` (truncated to CLIP's 77 tokens, with a warning) or
+    /// `a1111`, the AUTOMATIC1111 web UI's: weights ((word) ×1.1, [word] ÷1.1, (word:1.3)),
+    /// BREAK, and prompts of any length in 75-token chunks.
+    #[arg(long, default_value = "diffusers", value_parser = PromptSyntax::NAMES)]
+    prompt_syntax: String,
     /// Weight and compute precision: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -197,6 +203,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             width: args.width,
             eta: args.eta,
             clip_skip: args.clip_skip,
+            prompt_syntax: args.prompt_syntax.parse()?,
         };
         pipeline.validate(&options)?;
         if !args.quiet {

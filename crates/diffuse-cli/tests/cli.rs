@@ -317,3 +317,44 @@ fn single_file_bad_input() {
     assert_fails_with(&["generate", "--model", odd.to_str().unwrap(), "--prompt", "x", "--output", out_s], extra);
     assert!(!out.exists(), "no output may be written on failure");
 }
+
+/// `--prompt-syntax a1111`: a plain short prompt gives diffusers' image; weights and prompts
+/// past 77 tokens change it (diffusers' syntax truncates those, with a warning).
+#[test]
+fn a1111_prompt_syntax() {
+    let dir = scratch("a1111");
+    let model = fixtures().join("sd/sd1");
+    let generate = |name: &str, prompt: &str, syntax: &str| -> (Vec<u8>, String) {
+        let out = dir.join(name);
+        let (ok, _, stderr) = diffuse(&[
+            "generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--scheduler", "ddim", "--steps", "4",
+            "--seed", "5", "--prompt-syntax", syntax, "--output", out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{stderr}");
+        (decode_png(&out).0, stderr)
+    };
+    let (plain, _) = generate("plain.png", "a photo of a cat", "diffusers");
+    let (plain_a1111, _) = generate("plain-a1111.png", "a photo of a cat", "a1111");
+    assert!(plain == plain_a1111, "a plain prompt must give the same image in both syntaxes");
+    let (weighted, _) = generate("weighted.png", "a (photo:1.5) of a [cat]", "a1111");
+    assert!(weighted != plain, "weights must change the image");
+
+    let items: Vec<String> = (0..40).map(|i| format!("item number {i}")).collect();
+    let long = format!("a photo of a cat, {}", items.join(", "));
+    let (truncated, stderr) = generate("long.png", &long, "diffusers");
+    assert!(stderr.contains("truncated"), "{stderr}");
+    let (chunked, stderr) = generate("long-a1111.png", &long, "a1111");
+    assert!(!stderr.contains("truncated"), "{stderr}");
+    assert!(chunked != truncated, "the tokens past 77 must count with a1111");
+
+    let out = dir.join("bad.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--prompt-syntax", "comfy", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("comfy") && stderr.contains("a1111"), "{stderr}");
+    assert_fails_with(
+        &["generate", "--model", model.to_str().unwrap(), "--prompt", "(x:1.2.3)", "--prompt-syntax", "a1111", "--output", out.to_str().unwrap()],
+        "1.2.3",
+    );
+    assert!(!out.exists());
+}

@@ -17,6 +17,7 @@ use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::unet_2d_condition::{UNet2DConditionModel, UNet2DConditionModelConfig};
 use crate::pipelines::{resolve_scheduler, scheduler_from_config, ResolvedScheduler};
+use crate::prompts::{a1111, PromptSyntax};
 use crate::rng::TorchGenerator;
 use crate::tokenizers::builtin::builtin_clip_tokenizer;
 use crate::tokenizers::clip::ClipTokenizer;
@@ -48,6 +49,8 @@ pub struct TextToImageOptions {
     pub width: Option<usize>,
     pub eta: f64,
     pub clip_skip: Option<usize>,
+    /// How the prompts are read: diffusers' (truncated to 77 tokens) or AUTOMATIC1111's.
+    pub prompt_syntax: PromptSyntax,
 }
 
 impl Default for TextToImageOptions {
@@ -63,6 +66,7 @@ impl Default for TextToImageOptions {
             width: None,
             eta: 0.0,
             clip_skip: None,
+            prompt_syntax: PromptSyntax::Diffusers,
         }
     }
 }
@@ -266,6 +270,11 @@ impl StableDiffusionPipeline {
         if options.num_images_per_prompt == 0 {
             return Err(Error::invalid("--num-images must be at least 1"));
         }
+        if options.prompt_syntax == PromptSyntax::A1111 {
+            for prompt in std::iter::once(&options.prompt).chain(&options.negative_prompt) {
+                a1111::parse_prompt_attention(prompt)?;
+            }
+        }
         for (name, value) in
             [("guidance scale", options.guidance_scale), ("guidance rescale", options.guidance_rescale), ("eta", options.eta)]
         {
@@ -276,8 +285,12 @@ impl StableDiffusionPipeline {
         Ok((height, width))
     }
 
-    /// Encodes one prompt to `[1, 77, hidden]`; also says whether it was truncated.
-    fn encode_text(&self, prompt: &str, clip_skip: Option<usize>) -> Result<(Tensor, bool)> {
+    /// Encodes one prompt to `[1, 77, hidden]` (A1111's syntax: `[1, 77 · chunks, hidden]`);
+    /// also says whether it was truncated.
+    fn encode_text(&self, prompt: &str, clip_skip: Option<usize>, syntax: PromptSyntax) -> Result<(Tensor, bool)> {
+        if syntax == PromptSyntax::A1111 {
+            return Ok((a1111::encode_prompt(&self.tokenizer, &self.text_encoder, prompt, clip_skip)?, false));
+        }
         let encoding = self.tokenizer.encode(prompt)?;
         let ids = Tensor::from_vec(encoding.input_ids.clone(), (1, encoding.input_ids.len()), &self.device)?;
         Ok((self.text_encoder.encode(&ids, clip_skip)?, encoding.was_truncated()))
@@ -287,7 +300,8 @@ impl StableDiffusionPipeline {
     /// the negative (or empty) prompt's from the last layer, each repeated per image; returned
     /// stacked as `[negative; positive]` when guidance is on.
     pub fn encode_prompt(&self, options: &TextToImageOptions, warn: &mut dyn FnMut(String)) -> Result<Tensor> {
-        let (prompt_embeds, truncated) = self.encode_text(&options.prompt, options.clip_skip)?;
+        let syntax = options.prompt_syntax;
+        let (prompt_embeds, truncated) = self.encode_text(&options.prompt, options.clip_skip, syntax)?;
         if truncated {
             warn(format!(
                 "the prompt was truncated to CLIP's {} tokens, as diffusers does",
@@ -295,16 +309,22 @@ impl StableDiffusionPipeline {
             ));
         }
         let n = options.num_images_per_prompt;
-        let prompt_embeds = prompt_embeds.repeat((n, 1, 1))?;
         if options.guidance_scale <= 1.0 {
-            return Ok(prompt_embeds);
+            return Ok(prompt_embeds.repeat((n, 1, 1))?);
         }
-        let (negative_embeds, truncated) = self.encode_text(options.negative_prompt.as_deref().unwrap_or(""), None)?;
+        let (negative_embeds, truncated) =
+            self.encode_text(options.negative_prompt.as_deref().unwrap_or(""), None, syntax)?;
         if truncated {
             warn("the negative prompt was truncated to CLIP's token limit".to_string());
         }
-        let negative_embeds = negative_embeds.repeat((n, 1, 1))?;
-        Ok(Tensor::cat(&[negative_embeds, prompt_embeds], 0)?)
+        // A1111 prompts of different lengths: the shorter gets the empty prompt's chunks.
+        let (prompt_embeds, negative_embeds) = a1111::pad_to_same_length(
+            prompt_embeds,
+            negative_embeds,
+            || Ok(self.encode_text("", options.clip_skip, syntax)?.0),
+            || Ok(self.encode_text("", None, syntax)?.0),
+        )?;
+        Ok(Tensor::cat(&[negative_embeds.repeat((n, 1, 1))?, prompt_embeds.repeat((n, 1, 1))?], 0)?)
     }
 
     /// Runs text-to-image; returns the final latents `[N, 4, H/8, W/8]`.
