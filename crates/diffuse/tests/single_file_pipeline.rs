@@ -1,8 +1,8 @@
 //! A single-file checkpoint converted from a diffusers folder gives the folder's image
-//! (fixtures from tools/fixtures/single_file_pipeline.py: a tiny SD 1.x pipeline whose every
-//! config value the weights cannot show is SD 1.5's, saved by diffusers and converted to the LDM
-//! layout; reference images from diffusers' `from_pretrained(folder)` and
-//! `from_single_file(file, config=folder)`, which agree exactly).
+//! (fixtures from tools/fixtures/single_file_pipeline.py: tiny SD 1.x and 2.x pipelines whose
+//! every config value the weights cannot show is the family's, saved by diffusers and converted
+//! to the LDM layout; reference images from diffusers' `from_pretrained(folder)`, and for SD 1.x
+//! also `from_single_file(file, config=folder)`, which agrees exactly).
 //!
 //! From the file, everything but the weights is worked out or built in: the configs from the
 //! tensor shapes, the tokenizer and the scheduler config of SD 1.5. So the single file must give
@@ -84,20 +84,26 @@ fn scheduler_name(class: &str) -> Option<&'static str> {
     }
 }
 
+/// The single file's image against diffusers' and, when its folder is committed, against the
+/// folder's (which must be the same pixels).
 fn check_case(name: &str) {
     let case = read_json(&fixtures().join("cases").join(format!("{name}.json")));
     let expected = load_tensors(&fixtures().join("cases").join(format!("{name}.safetensors")));
     let scheduler = case["scheduler"].as_str().and_then(scheduler_name);
     let device = Device::Cpu;
 
-    let mut from_folder = StableDiffusionPipeline::load(&folder(), scheduler, &[], None, &device, DType::F32).unwrap();
-    let mut from_file =
-        StableDiffusionPipeline::load_single_file(&checkpoint(), None, scheduler, &[], &device, DType::F32).unwrap();
+    let pipeline_name = case["pipeline"].as_str().unwrap();
+    let folder = fixtures().join(pipeline_name);
+    let file = if folder.is_dir() { folder.join("model.safetensors") } else { fixtures().join(format!("{pipeline_name}.safetensors")) };
+    let mut from_file = StableDiffusionPipeline::load_single_file(&file, None, scheduler, &[], &device, DType::F32).unwrap();
     assert_eq!(from_file.scheduler.class_name, case["scheduler_class"].as_str().unwrap());
-    let folder_images = generate(&mut from_folder, &case);
     let file_images = generate(&mut from_file, &case);
-    let difference = (&folder_images - &file_images).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert_eq!(difference, 0.0, "{name}: the single file's image differs from the folder's");
+    if folder.is_dir() {
+        let mut from_folder = StableDiffusionPipeline::load(&folder, scheduler, &[], None, &device, DType::F32).unwrap();
+        let folder_images = generate(&mut from_folder, &case);
+        let difference = (&folder_images - &file_images).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(difference, 0.0, "{name}: the single file's image differs from the folder's");
+    }
 
     let float = ((file_images.clone() / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap().permute((0, 2, 3, 1)).unwrap();
     assert_close(&float, &expected["images_float"], FLOAT_TOLERANCE, &format!("{name}: float images"));
@@ -115,6 +121,15 @@ fn single_file_gives_the_folders_image_and_diffusers() {
 #[test]
 fn single_file_with_another_scheduler_and_a_negative_prompt() {
     check_case("sd1_single_file_euler_negative");
+}
+
+/// SD 2.x: OpenCLIP (q/k/v fused, one layer more than used), the tokenizer that pads with `!`,
+/// DDIM with v-prediction by default, linear projections and upcast attention.
+#[test]
+fn sd2_single_file_gives_diffusers_image() {
+    check_case("sd2_single_file_default");
+    let file = SingleFile::open(fixtures().join("sd2_pipeline.safetensors")).unwrap();
+    assert_eq!(file.scheduler_config(None).unwrap()["prediction_type"], "v_prediction");
 }
 
 #[test]
