@@ -1,11 +1,15 @@
 //! `diffuse generate`: text-to-image with Stable Diffusion folders, and unconditional or
-//! class-conditional sampling with pixel-space DDPM folders.
+//! class-conditional sampling with pixel-space DDPM folders. Every PNG carries its parameters
+//! (AUTOMATIC1111's infotext; see generate/parameters.rs, which also implements `--from`).
+
+mod parameters;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use clap::ArgMatches;
 use candle_core::{DType, Device, Tensor};
 use diffuse::loading::config::parse_override;
 use diffuse::pipelines::pixel::{PixelOptions, PixelPipeline};
@@ -19,9 +23,9 @@ pub struct GenerateArgs {
     /// The model: a diffusers pipeline folder (Stable Diffusion: tokenizer/, text_encoder/,
     /// unet/, vae/, scheduler/; pixel-space DDPM: unet/, scheduler/), or a Hugging Face repo id
     /// (ORG/NAME) found in the local Hugging Face cache (downloaded when missing, unless
-    /// HF_HUB_OFFLINE=1).
-    #[arg(long)]
-    model: String,
+    /// HF_HUB_OFFLINE=1). With --from, defaults to the image's model when that is a repo id.
+    #[arg(long, required_unless_present = "from")]
+    model: Option<String>,
     /// With a repo id: the branch, tag or commit to use.
     #[arg(long)]
     revision: Option<String>,
@@ -82,6 +86,10 @@ pub struct GenerateArgs {
     /// Output PNG path.
     #[arg(long)]
     output: PathBuf,
+    /// Make an image again from the parameters in its PNG (written by diffuse or the
+    /// AUTOMATIC1111 web UI), with the same model; flags given here win over the PNG's.
+    #[arg(long, value_name = "FILE.png")]
+    from: Option<PathBuf>,
 }
 
 fn output_paths(output: &Path, count: usize) -> Result<Vec<PathBuf>> {
@@ -143,8 +151,11 @@ pub(crate) fn parse_dtype(name: &str, device: &Device) -> Result<DType> {
     Ok(dtype)
 }
 
-pub fn run(args: GenerateArgs) -> Result<()> {
-    let paths = output_paths(&args.output, args.num_images)?;
+/// `matches` (the subcommand's parsed arguments) tells `--from` which flags were given.
+pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
+    let recalled = parameters::recall(&mut args, matches)?;
+    let keep = recalled.as_ref().and_then(|r| r.keep);
+    let paths = output_paths(&args.output, if keep.is_some() { 1 } else { args.num_images })?;
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
@@ -154,14 +165,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .map(|s| parse_override(s).with_context(|| "--scheduler-config".to_string()))
         .collect::<Result<Vec<_>>>()?;
     let device = Device::Cpu;
-    let model_dir = diffuse::loading::hub::resolve_model(&args.model, args.revision.as_deref(), args.variant.as_deref())?;
+    let model = args.model.clone().unwrap_or_default();
+    let model_dir = diffuse::loading::hub::resolve_model(&model, args.revision.as_deref(), args.variant.as_deref())?;
     if !model_dir.is_dir() {
-        bail!("--model {}: not a model folder", args.model);
+        bail!("--model {model}: not a model folder");
     }
+    let hashing = parameters::hash_in_background(&model_dir, args.variant.clone());
     let seed = args.seed.unwrap_or_else(random_seed);
     let mut generator = TorchGenerator::new(seed);
     let start = Instant::now();
-    let (samples, sampler, summary) = if is_stable_diffusion_folder(&model_dir) {
+    let (samples, scheduler, summary) = if is_stable_diffusion_folder(&model_dir) {
         let dtype = parse_dtype(&args.dtype, &device)?;
         if args.class_label.is_some() {
             bail!("--class-label is for class-conditional pixel-space models; this is a Stable Diffusion folder");
@@ -208,10 +221,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             args.steps as f64 / times.denoising.max(1e-9),
             times.decoding
         );
-        (images, args.scheduler.clone().unwrap_or_else(|| pipeline.scheduler.class_name.clone()), summary)
+        (images, (pipeline.scheduler.class_name.clone(), pipeline.scheduler.config.clone()), summary)
     } else {
         if args.prompt.is_some() || args.negative_prompt.is_some() {
-            bail!("--prompt needs a Stable Diffusion folder (text_encoder/, vae/); {} is a pixel-space model", args.model);
+            bail!("--prompt needs a Stable Diffusion folder (text_encoder/, vae/); {model} is a pixel-space model");
         }
         let mut pipeline = PixelPipeline::load(&model_dir, args.scheduler.as_deref(), &overrides, args.variant.as_deref(), &device)?;
         let options = PixelOptions { num_inference_steps: args.steps, num_images: args.num_images, eta: args.eta, class_label: args.class_label };
@@ -225,12 +238,28 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             bar.set_position(i as u64);
         })?;
         bar.finish_and_clear();
-        (samples, args.scheduler.clone().unwrap_or_else(|| pipeline.scheduler.class_name.clone()), String::new())
+        (samples, (pipeline.scheduler.class_name.clone(), pipeline.scheduler.config.clone()), String::new())
     };
     let images = to_uint8_images(&samples)?;
-    let parameters = infotext(&args, &sampler, seed, images[0].0, images[0].1);
-    for (path, (width, height, channels, pixels)) in paths.iter().zip(&images) {
-        write_png(path, *width, *height, *channels, pixels, &[("parameters", parameters.clone())])?;
+    let made = parameters::Made {
+        seed,
+        scheduler_class: scheduler.0,
+        scheduler_config: scheduler.1,
+        scheduler_overrides: overrides,
+        text_conditioned: is_stable_diffusion_folder(&model_dir),
+        width: images[0].0,
+        height: images[0].1,
+        batch_size: images.len(),
+        model_hash: parameters::finish_hash(hashing, recalled.as_ref(), args.quiet),
+    };
+    let indices: Vec<usize> = match keep {
+        Some(index) => vec![index],
+        None => (0..images.len()).collect(),
+    };
+    for (path, index) in paths.iter().zip(indices) {
+        let (width, height, channels, pixels) = &images[index];
+        let text = parameters::infotext(&args, &made, index);
+        write_png(path, *width, *height, *channels, pixels, &[("parameters", text)])?;
         println!("{}", path.display());
     }
     if !args.quiet {
@@ -242,35 +271,4 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Generation parameters in the AUTOMATIC1111 web UI's "infotext" form.
-fn infotext(args: &GenerateArgs, sampler: &str, seed: u64, width: usize, height: usize) -> String {
-    let mut text = String::new();
-    if let Some(prompt) = &args.prompt {
-        text.push_str(prompt);
-        text.push('\n');
-        if let Some(negative) = &args.negative_prompt {
-            text.push_str(&format!("Negative prompt: {negative}\n"));
-        }
-    }
-    let model = Path::new(&args.model).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    text.push_str(&format!("Steps: {}, Sampler: {sampler}", args.steps));
-    if args.prompt.is_some() {
-        text.push_str(&format!(", CFG scale: {}", args.guidance_scale));
-    }
-    text.push_str(&format!(", Seed: {seed}, Size: {width}x{height}, Model: {model}"));
-    if args.eta != 0.0 {
-        text.push_str(&format!(", Eta: {}", args.eta));
-    }
-    if let Some(label) = args.class_label {
-        text.push_str(&format!(", Class label: {label}"));
-    }
-    if let Some(skip) = args.clip_skip {
-        text.push_str(&format!(", Clip skip: {}", skip + 1));
-    }
-    if args.guidance_rescale != 0.0 {
-        text.push_str(&format!(", Guidance rescale: {}", args.guidance_rescale));
-    }
-    text
 }

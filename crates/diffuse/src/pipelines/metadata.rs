@@ -161,7 +161,7 @@ impl GenerationParameters {
     /// The diffuse scheduler to run and its config overrides: the recorded `Diffuse scheduler`
     /// (and `Diffuse scheduler config`) when present, else the A1111 sampler and schedule type
     /// mapped by [`scheduler_from_a1111`]; `None` when neither is recorded.
-    pub fn diffuse_scheduler(&self) -> Result<Option<(String, Vec<(String, Value)>)>> {
+    pub fn diffuse_scheduler(&self) -> Result<Option<SchedulerChoice>> {
         if let Some(name) = &self.scheduler {
             if !SCHEDULER_NAMES.iter().any(|(n, ..)| n == name) {
                 let names: Vec<&str> = SCHEDULER_NAMES.iter().map(|(n, ..)| *n).collect();
@@ -182,6 +182,9 @@ impl GenerationParameters {
         }
     }
 }
+
+/// A diffuse scheduler name (`SCHEDULER_NAMES`) and the config overrides to apply to it.
+pub type SchedulerChoice = (String, Vec<(String, Value)>);
 
 /// `{"key":value,...}` in the given order; a key given twice keeps its last value, as the
 /// overrides are applied in order.
@@ -550,7 +553,7 @@ pub fn a1111_sampler(class_name: &str, config: &Map<String, Value>) -> (String, 
 ///
 /// A1111's samplers are k-diffusion's and diffuse's are diffusers': the same method, but not
 /// the same sigma grid or noise, so an A1111 image is made again in kind, not pixel for pixel.
-pub fn scheduler_from_a1111(sampler: &str, schedule_type: Option<&str>) -> Result<(String, Vec<(String, Value)>)> {
+pub fn scheduler_from_a1111(sampler: &str, schedule_type: Option<&str>) -> Result<SchedulerChoice> {
     let mut base = sampler.trim();
     let mut schedule = schedule_type.map(str::trim).unwrap_or("Uniform").to_string();
     for label in A1111_SCHEDULES {
