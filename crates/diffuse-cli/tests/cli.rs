@@ -363,3 +363,34 @@ fn metadata_bad_input_gives_clear_errors() {
     assert!(ok && stdout.contains("Steps: two"), "the raw text is shown whatever it holds");
     assert!(!out.exists());
 }
+
+#[test]
+fn repo_id_resolves_in_the_hugging_face_cache_offline() {
+    let dir = scratch("hub");
+    let out = dir.join("hub.png");
+    // A cache as huggingface_hub lays it out: refs/main names a snapshot folder.
+    let cache = dir.join("cache");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo = cache.join("models--diffuse-test--tiny-pipeline");
+    copy_dir(&fixtures().join("pixel/uncond"), &repo.join("snapshots").join(commit));
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let run = |model: &str| {
+        Command::new(env!("CARGO_BIN_EXE_diffuse"))
+            .args(["generate", "--model", model, "--steps", "2", "--seed", "1", "--quiet", "--output", out.to_str().unwrap()])
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .env("DIFFUSE_CACHE_DIR", dir.join("diffuse-cache"))
+            .output()
+            .unwrap()
+    };
+    let ok = run("diffuse-test/tiny-pipeline");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(out.is_file());
+    std::fs::remove_file(&out).unwrap();
+    let missing = run("diffuse-test/not-downloaded");
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success() && !stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains(cache.to_str().unwrap()) && stderr.contains("HF_HUB_OFFLINE"), "should say where it looked: {stderr}");
+    assert!(!out.exists());
+}
