@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::ArgMatches;
 use candle_core::{DType, Device, Tensor};
+use clap::ArgMatches;
 use diffuse::loading::config::parse_override;
 use diffuse::pipelines::pixel::{PixelOptions, PixelPipeline};
 use diffuse::pipelines::stable_diffusion::{is_stable_diffusion_folder, PhaseTimes, StableDiffusionPipeline, TextToImageOptions};

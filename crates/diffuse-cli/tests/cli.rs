@@ -288,6 +288,15 @@ fn from_png_makes_the_same_stable_diffusion_image() {
     assert!(text.contains("Steps: 3, Sampler: Euler,") && text.contains("Seed: 21") && text.contains("Diffuse scheduler: euler,"), "{text}");
     assert!(!text.contains("Batch"), "{text}");
     assert_ne!(decode_png(&changed).0, from_batch);
+
+    // Another model than the image's: made, with a warning naming both hashes.
+    let other = dir.join("other.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--from", second_of_batch.to_str().unwrap(), "--model", fixtures().join("sd/sd2").to_str().unwrap(),
+        "--num-images", "1", "--output", other.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("made with model hash 7413faf943, this model's is "), "{stderr}");
 }
 
 #[test]
