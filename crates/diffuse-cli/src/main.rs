@@ -3,8 +3,9 @@
 
 mod bench;
 mod generate;
+mod info;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use diffuse::pipelines::SCHEDULER_NAMES;
 
 #[derive(Parser)]
@@ -25,15 +26,19 @@ enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// List the scheduler names that --scheduler accepts.
     Schedulers,
+    /// Print the generation parameters stored in a PNG (by diffuse or the AUTOMATIC1111 web UI).
+    Info(info::InfoArgs),
     /// Time the text encoder, one UNet step and one VAE decode (random weights for a named
     /// standard config, or a real model folder).
     Bench(bench::BenchArgs),
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
-        Command::Generate(args) => generate::run(*args),
+        Command::Generate(args) => generate::run(*args, matches.subcommand_matches("generate")),
+        Command::Info(args) => info::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Schedulers => {
             for (name, class, _, description) in SCHEDULER_NAMES {

@@ -29,7 +29,9 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 fn diffuse(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_diffuse")).args(args).output().unwrap();
+    // Model hashes are cached under the test's temporary folder, not the user's cache.
+    let cache = std::env::temp_dir().join(format!("diffuse-cli-test-{}-cache", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_diffuse")).args(args).env("DIFFUSE_CACHE_DIR", cache).output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -226,6 +228,153 @@ fn text_to_image_bad_input() {
     assert!(out.exists());
 }
 
+/// `diffuse info FILE` (raw infotext).
+fn info(path: &Path) -> String {
+    let (ok, stdout, stderr) = diffuse(&["info", path.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    stdout.trim_end_matches('\n').to_string()
+}
+
+#[test]
+fn from_png_makes_the_same_stable_diffusion_image() {
+    let dir = scratch("from-sd");
+    let model = fixtures().join("sd/sd1");
+    let model_s = model.to_str().unwrap();
+    let first = dir.join("first.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", model_s, "--prompt", "a cat on a sofa, (soft light:1.2)\n猫 🐱", "--negative-prompt",
+        "blurry: low quality", "--scheduler", "dpm++2m-karras", "--scheduler-config", "timestep_spacing=trailing",
+        "--steps", "5", "--seed", "21", "--guidance-scale", "6.5", "--guidance-rescale", "0.3", "--clip-skip", "1",
+        "--width", "72", "--height", "56", "--num-images", "2", "--quiet", "--output", first.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let second_of_batch = dir.join("first-1.png");
+    let text = info(&second_of_batch);
+    assert!(text.starts_with("a cat on a sofa, (soft light:1.2)\n猫 🐱\nNegative prompt: blurry: low quality\nSteps: 5, "), "{text}");
+    for part in [
+        "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 21, Size: 72x56, Model hash: 7413faf943, Model: sd1,",
+        "Batch size: 2, Batch pos: 1, Clip skip: 2, Guidance rescale: 0.3, Diffuse scheduler: dpm++2m-karras,",
+        r#"Diffuse scheduler config: "{\"timestep_spacing\":\"trailing\"}", Version: diffuse "#,
+    ] {
+        assert!(text.contains(part), "{part} missing from {text}");
+    }
+    let (ok, json, stderr) = diffuse(&["info", "--json", second_of_batch.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["prompt"], "a cat on a sofa, (soft light:1.2)\n猫 🐱");
+    assert_eq!(json["clip_skip"], 1);
+    assert_eq!(json["scheduler_config"]["timestep_spacing"], "trailing");
+
+    // The second image of the batch, made again from its PNG alone: the same file, byte for
+    // byte (pixels and metadata), and only that one image written.
+    let again = dir.join("again.png");
+    let (ok, stdout, stderr) = diffuse(&["generate", "--from", second_of_batch.to_str().unwrap(), "--model", model_s, "--quiet", "--output", again.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.trim(), again.to_str().unwrap());
+    assert!(std::fs::read(&second_of_batch).unwrap() == std::fs::read(&again).unwrap(), "--from must make the same image");
+    assert!(!dir.join("again-0.png").exists());
+    let (from_batch, _) = decode_png(&again);
+    let (first_of_batch, _) = decode_png(&dir.join("first-0.png"));
+    assert_ne!(from_batch, first_of_batch, "the batch's images differ, so the right one was kept");
+
+    // Flags given win over the PNG's.
+    let changed = dir.join("changed.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--from", second_of_batch.to_str().unwrap(), "--model", model_s, "--steps", "3", "--num-images", "1",
+        "--scheduler", "euler", "--quiet", "--output", changed.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let text = info(&changed);
+    assert!(text.contains("Steps: 3, Sampler: Euler,") && text.contains("Seed: 21") && text.contains("Diffuse scheduler: euler,"), "{text}");
+    assert!(!text.contains("Batch"), "{text}");
+    assert_ne!(decode_png(&changed).0, from_batch);
+
+    // Another model than the image's: made, with a warning naming both hashes.
+    let other = dir.join("other.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--from", second_of_batch.to_str().unwrap(), "--model", fixtures().join("sd/sd2").to_str().unwrap(),
+        "--num-images", "1", "--output", other.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("made with model hash 7413faf943, this model's is "), "{stderr}");
+}
+
+#[test]
+fn from_png_makes_the_same_pixel_space_image() {
+    let dir = scratch("from-pixel");
+    let model = fixtures().join("pixel/classcond");
+    let first = dir.join("first.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", model.to_str().unwrap(), "--class-label", "2", "--scheduler", "ddim", "--eta", "0.5",
+        "--steps", "6", "--quiet", "--output", first.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let text = info(&first);
+    assert!(text.starts_with("Steps: 6, Sampler: DDIM, Schedule type: Automatic, Seed: "), "{text}");
+    assert!(text.contains("Model: classcond, Eta DDIM: 0.5, Class label: 2, Diffuse scheduler: ddim,") && !text.contains("CFG"), "{text}");
+    let again = dir.join("again.png");
+    let (ok, _, stderr) = diffuse(&["generate", "--from", first.to_str().unwrap(), "--model", model.to_str().unwrap(), "--quiet", "--output", again.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(std::fs::read(&first).unwrap() == std::fs::read(&again).unwrap(), "--from must make the same image");
+}
+
+#[test]
+fn from_png_reads_automatic1111_images() {
+    // A PNG as A1111 writes it for a UTF-8 prompt (an iTXt chunk, by Pillow): its sampler maps
+    // to a diffuse scheduler, its LoRA hashes are named as ignored.
+    let dir = scratch("from-a1111");
+    let out = dir.join("out.png");
+    let a1111 = fixtures().join("metadata/a1111_utf8.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--from", a1111.to_str().unwrap(), "--model", fixtures().join("sd/sd1").to_str().unwrap(), "--width", "64",
+        "--height", "64", "--steps", "2", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("ignored: Lora hashes"), "{stderr}");
+    let text = info(&out);
+    assert!(text.starts_with("一只猫坐在窗台上, 🐱 kawaii, café\nNegative prompt: 模糊, low quality\nSteps: 2, Sampler: Euler a,"), "{text}");
+    assert!(text.contains("CFG scale: 7, Seed: 1, Size: 64x64") && text.contains("Diffuse scheduler: euler-ancestral"), "{text}");
+    // An A1111 prompt is read as A1111 reads it.
+    assert!(text.contains("Prompt syntax: a1111"), "{text}");
+}
+
+#[test]
+fn metadata_bad_input_gives_clear_errors() {
+    let dir = scratch("metadata-bad");
+    let out = dir.join("out.png");
+    let out_s = out.to_str().unwrap();
+    let sd = fixtures().join("sd/sd1");
+    let sd_s = sd.to_str().unwrap();
+    let bare = fixtures().join("metadata/no_parameters.png");
+    let bare_s = bare.to_str().unwrap();
+    assert_fails_with(&["info", bare_s], "no generation parameters");
+    assert_fails_with(&["generate", "--from", bare_s, "--model", sd_s, "--output", out_s], "no generation parameters");
+    let not_png = dir.join("not.png");
+    std::fs::write(&not_png, "hello").unwrap();
+    assert_fails_with(&["info", not_png.to_str().unwrap()], "not a readable PNG");
+    assert_fails_with(&["generate", "--from", not_png.to_str().unwrap(), "--model", sd_s, "--output", out_s], "not a readable PNG");
+    assert_fails_with(&["generate", "--from", dir.join("missing.png").to_str().unwrap(), "--model", sd_s, "--output", out_s], "missing.png");
+
+    // Images whose parameters diffuse cannot follow.
+    let with_text = |name: &str, text: &str| {
+        let path = dir.join(name);
+        diffuse::pipelines::write_png(&path, 8, 8, 3, &[0; 8 * 8 * 3], &[("parameters", text.to_string())]).unwrap();
+        path
+    };
+    let local = with_text("local.png", "a cat\nSteps: 2, Sampler: Euler, Seed: 1, Size: 64x64, Model: sd1");
+    assert_fails_with(&["generate", "--from", local.to_str().unwrap(), "--output", out_s], "give its folder or file with --model");
+    let sampler = with_text("sampler.png", "a cat\nSteps: 2, Sampler: DPM++ SDE Karras, Seed: 1, Size: 64x64");
+    assert_fails_with(&["generate", "--from", sampler.to_str().unwrap(), "--model", sd_s, "--output", out_s], "`DPM++ SDE Karras` has no diffuse equivalent");
+    let img2img = with_text("img2img.png", "a cat\nSteps: 2, Sampler: Euler, Seed: 1, Size: 64x64, Denoising strength: 0.5");
+    assert_fails_with(&["generate", "--from", img2img.to_str().unwrap(), "--model", sd_s, "--output", out_s], "image-to-image");
+    let typo = with_text("typo.png", "a cat\nSteps: two, Sampler: Euler, Seed: 1, Size: 64x64");
+    assert_fails_with(&["generate", "--from", typo.to_str().unwrap(), "--model", sd_s, "--output", out_s], "Steps: two");
+    assert_fails_with(&["info", "--json", typo.to_str().unwrap()], "Steps: two");
+    let (ok, stdout, _) = diffuse(&["info", typo.to_str().unwrap()]);
+    assert!(ok && stdout.contains("Steps: two"), "the raw text is shown whatever it holds");
+    assert!(!out.exists());
+}
+
 #[test]
 fn repo_id_resolves_in_the_hugging_face_cache_offline() {
     let dir = scratch("hub");
@@ -242,6 +391,7 @@ fn repo_id_resolves_in_the_hugging_face_cache_offline() {
             .args(["generate", "--model", model, "--steps", "2", "--seed", "1", "--quiet", "--output", out.to_str().unwrap()])
             .env("HF_HUB_CACHE", &cache)
             .env("HF_HUB_OFFLINE", "1")
+            .env("DIFFUSE_CACHE_DIR", dir.join("diffuse-cache"))
             .output()
             .unwrap()
     };
@@ -287,6 +437,14 @@ fn single_file_checkpoint_gives_the_folders_image() {
     let (file_v, _) = decode_png(&generate(&file, "file-v.png", &["--prediction-type", "v_prediction"]));
     let (folder_v, _) = decode_png(&generate(&folder, "folder-v.png", &["--prediction-type", "v_prediction"]));
     assert!(file_v == folder_v && file_v != from_file, "--prediction-type v_prediction");
+
+    // The prediction type is recorded (as a scheduler override), so --from makes the same image.
+    let text = info(&dir.join("file-v.png"));
+    assert!(text.contains(r#"Diffuse scheduler config: "{\"prediction_type\":\"v_prediction\"}""#) && text.contains("Model: model,"), "{text}");
+    let again = dir.join("again.png");
+    let (ok, _, stderr) = diffuse(&["generate", "--from", dir.join("file-v.png").to_str().unwrap(), "--model", file.to_str().unwrap(), "--quiet", "--output", again.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(std::fs::read(dir.join("file-v.png")).unwrap() == std::fs::read(&again).unwrap(), "--from must make the same image");
 }
 
 #[test]
@@ -338,6 +496,16 @@ fn a1111_prompt_syntax() {
     assert!(plain == plain_a1111, "a plain prompt must give the same image in both syntaxes");
     let (weighted, _) = generate("weighted.png", "a (photo:1.5) of a [cat]", "a1111");
     assert!(weighted != plain, "weights must change the image");
+    // Recorded in the metadata, and used again by --from.
+    let text = info(&dir.join("weighted.png"));
+    assert!(text.contains("Prompt syntax: a1111") && !info(&dir.join("plain.png")).contains("Prompt syntax"), "{text}");
+    let again = dir.join("again.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--from", dir.join("weighted.png").to_str().unwrap(), "--model", model.to_str().unwrap(), "--quiet",
+        "--output", again.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(std::fs::read(dir.join("weighted.png")).unwrap() == std::fs::read(&again).unwrap(), "--from must make the same image");
 
     let items: Vec<String> = (0..40).map(|i| format!("item number {i}")).collect();
     let long = format!("a photo of a cat, {}", items.join(", "));
