@@ -305,31 +305,23 @@ impl ClipTokenizer {
         Self::configure(vocab, merges, config, config_special, &config_path, special_map, legacy_tokens, folder)
     }
 
-    /// A tokenizer from a vocabulary and merges already in memory, configured by the texts of a
-    /// `tokenizer_config.json` and a `special_tokens_map.json` (as from_folder reads them);
-    /// `origin` names the source in errors. For the tokenizers built into the library.
+    /// A tokenizer from a vocabulary and merges already in memory, configured by a
+    /// `tokenizer_config.json` and a `special_tokens_map.json` embedded in the library (as
+    /// from_folder reads them); `origin` names them in errors. For the built-in tokenizers.
     pub(crate) fn from_parts(
         vocab: Vocab,
         merges: Merges,
-        tokenizer_config: &str,
-        special_tokens_map: &str,
+        tokenizer_config: &'static str,
+        special_tokens_map: &'static str,
         origin: &Path,
     ) -> Result<Self> {
-        let parse = |text: &str, name: &str| -> Result<Map<String, Value>> {
-            let path = origin.join(name);
-            match serde_json::from_str(text) {
-                Ok(Value::Object(map)) => Ok(map),
-                _ => Err(Error::config(path, "not a JSON object")),
-            }
-        };
         let config_path = origin.join("tokenizer_config.json");
-        let config_map = parse(tokenizer_config, "tokenizer_config.json")?;
+        let config_map = crate::configs::parse(tokenizer_config);
         let (config, config_special): (TokenizerConfig, SpecialTokens) =
             (parse_config(&config_map, &config_path)?, parse_config(&config_map, &config_path)?);
-        let map_path = origin.join("special_tokens_map.json");
         let special_map: Option<SpecialTokens> = match &config.added_tokens_decoder {
             Some(_) => None,
-            None => Some(parse_config(&parse(special_tokens_map, "special_tokens_map.json")?, &map_path)?),
+            None => Some(parse_config(&crate::configs::parse(special_tokens_map), &origin.join("special_tokens_map.json"))?),
         };
         Self::configure(vocab, merges, config, config_special, &config_path, special_map, BTreeMap::new(), origin)
     }
