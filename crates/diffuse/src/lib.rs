@@ -3,6 +3,7 @@
 pub mod configs;
 pub mod error;
 pub mod loading;
+pub mod lora;
 pub mod models;
 pub mod ops;
 pub mod pipelines;

@@ -13,11 +13,12 @@ use serde_json::Value;
 use crate::loading::config::{parse_config, read_json_object};
 use crate::loading::single_file::{Component, Family, SingleFile};
 use crate::loading::weights::{find_weight_files, var_builder};
+use crate::lora::{AppliedLora, LoraSet, LoraSpec, Target};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
-use crate::models::unet_2d_condition::{UNet2DConditionModel, UNet2DConditionModelConfig};
+use crate::models::unet_2d_condition::{PerBlock, UNet2DConditionModel, UNet2DConditionModelConfig};
 use crate::pipelines::{resolve_scheduler, scheduler_from_config, ResolvedScheduler};
-use crate::prompts::{a1111, PromptSyntax};
+use crate::prompts::{a1111, extra_networks, PromptSyntax};
 use crate::rng::TorchGenerator;
 use crate::tokenizers::builtin::builtin_clip_tokenizer;
 use crate::tokenizers::clip::ClipTokenizer;
@@ -34,6 +35,8 @@ pub struct StableDiffusionPipeline {
     pub model_dir: PathBuf,
     pub device: Device,
     pub dtype: DType,
+    /// The LoRAs fused into the weights (`load_with_loras`), in the order given.
+    pub loras: Vec<AppliedLora>,
 }
 
 /// One text-to-image request, with diffusers' defaults where it has them.
@@ -99,6 +102,20 @@ pub struct Components {
     pub scheduler: ResolvedScheduler,
 }
 
+impl Components {
+    /// The components with `loras` fused into the text encoder's and the UNet's weights as the
+    /// models read them (lora/fuse.rs); call [`LoraSet::finish`] once the models are built.
+    pub fn with_loras(mut self, loras: &LoraSet) -> Result<Self> {
+        let layers_per_block = match &self.unet.0.layers_per_block {
+            PerBlock::One(n) => Some(*n),
+            PerBlock::List(list) => list.first().copied().filter(|first| list.iter().all(|n| n == first)),
+        };
+        self.unet.1 = loras.fuse_into(Target::Unet, self.unet.1, layers_per_block)?;
+        self.text_encoder.1 = loras.fuse_into(Target::TextEncoder, self.text_encoder.1, None)?;
+        Ok(self)
+    }
+}
+
 impl StableDiffusionPipeline {
     /// Loads a StableDiffusionPipeline folder (`model_index.json`, `tokenizer/`,
     /// `text_encoder/`, `unet/`, `vae/`, `scheduler/`); components text-to-image does not
@@ -111,6 +128,21 @@ impl StableDiffusionPipeline {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        Self::load_with_loras(model_dir, scheduler_name, scheduler_overrides, variant, &[], device, dtype)
+    }
+
+    /// [`Self::load`] with LoRAs fused into the UNet and the text encoder (every LoRA file is
+    /// read and checked before any model is built; `pipeline.loras` says what was applied).
+    pub fn load_with_loras(
+        model_dir: &Path,
+        scheduler_name: Option<&str>,
+        scheduler_overrides: &[(String, Value)],
+        variant: Option<&str>,
+        loras: &[LoraSpec],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let loras = LoraSet::open(loras)?;
         for component in ["tokenizer", "text_encoder", "unet", "vae", "scheduler"] {
             if !model_dir.join(component).is_dir() {
                 return Err(Error::invalid(format!(
@@ -135,7 +167,9 @@ impl StableDiffusionPipeline {
             vae: (load_component_config(&vae_dir)?, vae_weights, vae_file),
             scheduler: resolve_scheduler(&model_dir.join("scheduler"), scheduler_name, scheduler_overrides)?,
         };
-        Self::from_components(components, model_dir, device, dtype)
+        let mut pipeline = Self::from_components(components.with_loras(&loras)?, model_dir, device, dtype)?;
+        pipeline.loras = loras.finish()?;
+        Ok(pipeline)
     }
 
     /// Loads a single-file SD 1.x / 2.x checkpoint (`.safetensors`, original LDM key names), as
@@ -151,6 +185,20 @@ impl StableDiffusionPipeline {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        Self::load_single_file_with_loras(path, prediction_type, scheduler_name, scheduler_overrides, &[], device, dtype)
+    }
+
+    /// [`Self::load_single_file`] with LoRAs, as [`Self::load_with_loras`].
+    pub fn load_single_file_with_loras(
+        path: &Path,
+        prediction_type: Option<&str>,
+        scheduler_name: Option<&str>,
+        scheduler_overrides: &[(String, Value)],
+        loras: &[LoraSpec],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let loras = LoraSet::open(loras)?;
         let file = SingleFile::open(path)?;
         // Each model: its derived config (errors name it as the file's `unet`, ...), and its weights.
         fn model<C: serde::de::DeserializeOwned>(
@@ -177,7 +225,7 @@ impl StableDiffusionPipeline {
         };
         // A config the models refuse can only be one whose shapes were read from the file and
         // whose other values are the family's: say so, about the file.
-        Self::from_components(components, path, device, dtype).map_err(|e| match e {
+        let mut pipeline = Self::from_components(components.with_loras(&loras)?, path, device, dtype).map_err(|e| match e {
             Error::Config { message, .. } | Error::InvalidInput(message) => Error::weights(
                 path,
                 format!(
@@ -190,7 +238,9 @@ impl StableDiffusionPipeline {
                 ),
             ),
             other => other,
-        })
+        })?;
+        pipeline.loras = loras.finish()?;
+        Ok(pipeline)
     }
 
     /// Builds the models from their configs and weights and checks that they fit together;
@@ -223,6 +273,7 @@ impl StableDiffusionPipeline {
             model_dir: origin.to_path_buf(),
             device: device.clone(),
             dtype,
+            loras: Vec::new(),
         })
     }
 
@@ -301,7 +352,12 @@ impl StableDiffusionPipeline {
     /// stacked as `[negative; positive]` when guidance is on.
     pub fn encode_prompt(&self, options: &TextToImageOptions, warn: &mut dyn FnMut(String)) -> Result<Tensor> {
         let syntax = options.prompt_syntax;
-        let (prompt_embeds, truncated) = self.encode_text(&options.prompt, options.clip_skip, syntax)?;
+        // AUTOMATIC1111 cuts `<lora:...>` tags out of the prompt (the caller loads the LoRAs).
+        let prompt = match syntax {
+            PromptSyntax::A1111 => extra_networks::parse_prompt(&options.prompt).0,
+            PromptSyntax::Diffusers => options.prompt.clone(),
+        };
+        let (prompt_embeds, truncated) = self.encode_text(&prompt, options.clip_skip, syntax)?;
         if truncated {
             warn(format!(
                 "the prompt was truncated to CLIP's {} tokens, as diffusers does",

@@ -1,6 +1,7 @@
 //! Prompt syntaxes: how a prompt's text becomes the text encoder's input.
 
 pub mod a1111;
+pub mod extra_networks;
 
 use crate::{Error, Result};
 
