@@ -1,7 +1,9 @@
 //! `diffuse generate`: text-to-image with Stable Diffusion folders, and unconditional or
 //! class-conditional sampling with pixel-space DDPM folders. Every PNG carries its parameters
 //! (AUTOMATIC1111's infotext; see generate/parameters.rs, which also implements `--from`).
+//! LoRAs (`--lora`, `<lora:...>` prompt tags): generate/loras.rs.
 
+mod loras;
 mod parameters;
 
 use std::io::IsTerminal;
@@ -63,6 +65,15 @@ pub struct GenerateArgs {
     /// BREAK, and prompts of any length in 75-token chunks.
     #[arg(long, default_value = "diffusers", value_parser = PromptSyntax::NAMES)]
     prompt_syntax: String,
+    /// A LoRA to fuse into the UNet and text encoder: a .safetensors file in the diffusers/PEFT,
+    /// kohya or diffusers attention-processor format, with an optional weight (default 1;
+    /// negative weights subtract). Repeatable: LoRAs stack, in order.
+    #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
+    lora: Vec<String>,
+    /// Where `<lora:NAME:WEIGHT>` tags in the prompt (--prompt-syntax a1111; also
+    /// `<lora:NAME:TE_WEIGHT:UNET_WEIGHT>`) find NAME.safetensors.
+    #[arg(long, value_name = "DIR")]
+    lora_dir: Option<PathBuf>,
     /// Weight and compute precision: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -197,18 +208,32 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
     let mut generator = TorchGenerator::new(seed);
     let start = Instant::now();
     let text_conditioned = single_file || is_stable_diffusion_folder(&model_path);
+    let mut lora_entries = Vec::new();
     let (samples, scheduler, summary) = if text_conditioned {
         let dtype = parse_dtype(&args.dtype, &device)?;
         if args.class_label.is_some() {
             bail!("--class-label is for class-conditional pixel-space models; this is a Stable Diffusion model");
         }
         let scheduler_name = args.scheduler.as_deref();
+        let quiet = args.quiet;
+        let loras = loras::resolve(&args, &mut |warning| if !quiet { eprintln!("warning: {warning}") })?;
         let mut pipeline = if single_file {
             let prediction_type = args.prediction_type.as_deref();
-            StableDiffusionPipeline::load_single_file(&model_path, prediction_type, scheduler_name, &overrides, &device, dtype)?
+            StableDiffusionPipeline::load_single_file_with_loras(
+                &model_path,
+                prediction_type,
+                scheduler_name,
+                &overrides,
+                &loras.specs,
+                &device,
+                dtype,
+            )?
         } else {
-            StableDiffusionPipeline::load(&model_path, scheduler_name, &overrides, args.variant.as_deref(), &device, dtype)?
+            let variant = args.variant.as_deref();
+            StableDiffusionPipeline::load_with_loras(&model_path, scheduler_name, &overrides, variant, &loras.specs, &device, dtype)?
         };
+        loras::report(&pipeline.loras, args.quiet);
+        lora_entries = loras::infotext_entries(&loras, args.quiet);
         let options = TextToImageOptions {
             prompt: args.prompt.clone().unwrap_or_default(),
             negative_prompt: args.negative_prompt.clone(),
@@ -256,6 +281,9 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
         if args.prompt.is_some() || args.negative_prompt.is_some() {
             bail!("--prompt needs a Stable Diffusion folder (text_encoder/, vae/); {model} is a pixel-space model");
         }
+        if !args.lora.is_empty() {
+            bail!("--lora needs a Stable Diffusion model (a UNet and text encoder to adapt); {model} is a pixel-space model");
+        }
         let mut pipeline = PixelPipeline::load(&model_path, args.scheduler.as_deref(), &overrides, args.variant.as_deref(), &device)?;
         let options = PixelOptions { num_inference_steps: args.steps, num_images: args.num_images, eta: args.eta, class_label: args.class_label };
         pipeline.validate(&options)?;
@@ -281,6 +309,7 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
         height: images[0].1,
         batch_size: images.len(),
         model_hash: parameters::finish_hash(hashing, recalled.as_ref(), args.quiet),
+        loras: lora_entries,
     };
     let indices: Vec<usize> = match keep {
         Some(index) => vec![index],

@@ -526,3 +526,136 @@ fn a1111_prompt_syntax() {
     );
     assert!(!out.exists());
 }
+
+fn psnr_against(pixels: &[u8], reference: &Path) -> f64 {
+    let reference = candle_core::safetensors::load(reference, &candle_core::Device::Cpu).unwrap();
+    let expected = reference["images"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let mse = pixels.iter().zip(&expected).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / pixels.len() as f64;
+    if mse == 0.0 { f64::INFINITY } else { 10.0 * (255f64.powi(2) / mse).log10() }
+}
+
+/// `--lora FILE:WEIGHT` (repeatable) against diffusers' fused images (tools/fixtures/lora.py),
+/// recorded in the metadata and taken back by `--from`.
+#[test]
+fn lora_matches_diffusers_and_is_recorded() {
+    let dir = scratch("lora");
+    let model = fixtures().join("sd/sd1");
+    let loras = fixtures().join("lora");
+    let lora = |name: &str, weight: &str| format!("{}:{weight}", loras.join(format!("{name}.safetensors")).display());
+    let generate = |name: &str, extra: &[&str]| -> (PathBuf, String) {
+        let out = dir.join(name);
+        let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a cat", "--steps", "8", "--seed", "0"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--output", out.to_str().unwrap()]);
+        let (ok, _, stderr) = diffuse(&args);
+        assert!(ok, "{stderr}");
+        (out, stderr)
+    };
+
+    let (scaled, stderr) = generate("scaled.png", &["--lora", &lora("peft_a", "0.6")]);
+    assert!(stderr.contains("LoRA peft_a (diffusers/PEFT, weight 0.6): fused 44 layers (UNet 32, text encoder 12) from 88 keys"), "{stderr}");
+    let psnr = psnr_against(&decode_png(&scaled).0, &loras.join("cases/a_scaled.safetensors"));
+    assert!(psnr >= 40.0, "PSNR {psnr}");
+    let text = info(&scaled);
+    assert!(text.contains(r#"Lora hashes: "peft_a: f0294f38d3c0", Diffuse loras: "peft_a: 0.6", Version: diffuse"#), "{text}");
+
+    let (stacked, _) = generate("stacked.png", &["--lora", &lora("peft_a", "0.8"), "--lora", &lora("kohya_b_ldm", "-0.5"), "--quiet"]);
+    let psnr = psnr_against(&decode_png(&stacked).0, &loras.join("cases/stack.safetensors"));
+    assert!(psnr >= 40.0, "PSNR {psnr}");
+
+    // --from finds the LoRAs in --lora-dir and makes the same file again.
+    let again = dir.join("again.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--from", stacked.to_str().unwrap(), "--model", model.to_str().unwrap(), "--lora-dir", loras.to_str().unwrap(),
+        "--quiet", "--output", again.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(std::fs::read(&stacked).unwrap() == std::fs::read(&again).unwrap(), "--from must make the same image");
+    assert_fails_with(
+        &["generate", "--from", stacked.to_str().unwrap(), "--model", model.to_str().unwrap(), "--output", again.to_str().unwrap()],
+        "--lora-dir",
+    );
+    // Another file under the recorded name: made, with a warning about its hash.
+    let other_dir = dir.join("other-loras");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    std::fs::copy(loras.join("kohya_a.safetensors"), other_dir.join("peft_a.safetensors")).unwrap();
+    std::fs::copy(loras.join("kohya_b_ldm.safetensors"), other_dir.join("kohya_b_ldm.safetensors")).unwrap();
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--from", stacked.to_str().unwrap(), "--model", model.to_str().unwrap(), "--lora-dir", other_dir.to_str().unwrap(),
+        "--output", again.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("made with the LoRA peft_a of hash f0294f38d3c0") && !stderr.contains("kohya_b_ldm of hash"), "{stderr}");
+}
+
+/// `<lora:NAME:TE:UNET>` in an AUTOMATIC1111 prompt, found in --lora-dir; the tag stays in the
+/// recorded prompt, as AUTOMATIC1111 writes it.
+#[test]
+fn lora_prompt_tags() {
+    let dir = scratch("lora-tags");
+    let model = fixtures().join("sd/sd1");
+    let loras = fixtures().join("lora");
+    let out = dir.join("tag.png");
+    let prompt = "a photo of a cat<lora:kohya_a:1.5:0.5>";
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--prompt-syntax", "a1111", "--lora-dir",
+        loras.to_str().unwrap(), "--steps", "8", "--seed", "0", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("LoRA kohya_a (kohya, UNet weight 0.5, text encoder weight 1.5)"), "{stderr}");
+    let psnr = psnr_against(&decode_png(&out).0, &loras.join("cases/a_split.safetensors"));
+    assert!(psnr >= 40.0, "PSNR {psnr}");
+    let text = info(&out);
+    assert!(text.starts_with(prompt) && text.contains(r#"Lora hashes: "kohya_a: 77a1cd10da3b""#) && !text.contains("Diffuse loras"), "{text}");
+    let again = dir.join("again.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--from", out.to_str().unwrap(), "--model", model.to_str().unwrap(), "--lora-dir", loras.to_str().unwrap(),
+        "--quiet", "--output", again.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&again).unwrap(), "--from must make the same image");
+
+    // With diffusers' syntax the tag is text, with a warning.
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--steps", "2", "--output", again.to_str().unwrap(),
+    ]);
+    assert!(ok && stderr.contains("<lora:kohya_a:1.5:0.5> is read as text"), "{stderr}");
+}
+
+#[test]
+fn lora_bad_input() {
+    let dir = scratch("lora-bad");
+    let out = dir.join("out.png");
+    let out_s = out.to_str().unwrap();
+    let model = fixtures().join("sd/sd1");
+    let model_s = model.to_str().unwrap();
+    let loras = fixtures().join("lora");
+    let peft_a = loras.join("peft_a.safetensors");
+    let run_with = |prompt: &str, extra: &[&str], needle: &str| {
+        let mut args = vec!["generate", "--model", model_s, "--prompt", prompt, "--steps", "2", "--output", out_s];
+        args.extend_from_slice(extra);
+        assert_fails_with(&args, needle);
+    };
+    let run = |extra: &[&str], needle: &str| run_with("a cat", extra, needle);
+    run(&["--lora", &format!("{}:strong", peft_a.display())], "the weight `strong` is not a number");
+    run(&["--lora", &format!("{}:nan", peft_a.display())], "not a finite number");
+    run(&["--lora", dir.join("missing.safetensors").to_str().unwrap()], "missing.safetensors");
+    let truncated = dir.join("truncated.safetensors");
+    std::fs::write(&truncated, &std::fs::read(&peft_a).unwrap()[..1000]).unwrap();
+    run(&["--lora", truncated.to_str().unwrap()], "not a valid safetensors file");
+    // A LoRA for another model: the SD 1.x pipeline's LoRA on the single-file pipeline has
+    // layers it lacks (a third CLIP layer).
+    let single = fixtures().join("single_file/sd1_pipeline/model.safetensors");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", single.to_str().unwrap(), "--prompt", "a cat", "--steps", "2", "--lora", peft_a.to_str().unwrap(),
+        "--output", out_s,
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("fused 40 layers (UNet 32, text encoder 8) from 88 keys; 8 keys unused: 4 layers match no layer of this model"), "{stderr}");
+    std::fs::remove_file(&out).unwrap();
+    run_with("a cat <lora:peft_a:1>", &["--prompt-syntax", "a1111"], "--lora-dir");
+    run_with("a cat <lora:nowhere:1>", &["--prompt-syntax", "a1111", "--lora-dir", loras.to_str().unwrap()], "nowhere.safetensors does not exist");
+    let pixel = fixtures().join("pixel/uncond");
+    assert_fails_with(&["generate", "--model", pixel.to_str().unwrap(), "--lora", peft_a.to_str().unwrap(), "--output", out_s], "pixel-space");
+    assert!(!out.exists());
+}

@@ -14,8 +14,11 @@
 //!   and A1111's (weights, long prompts) for images from anywhere else.
 //! - An image that was number k of a batch of N is made again by drawing the batch (diffusers
 //!   draws a batch from one generator) and writing image k alone to `--output`.
-//! - A1111 settings diffuse has no equivalent for (hires fix, LoRA hashes, ...) are named in a
-//!   warning and ignored; an image-to-image result (`Denoising strength`) is refused.
+//! - LoRAs: tags in the prompt are read again; `--lora` ones come back from `--lora-dir`
+//!   (generate/loras.rs), and a LoRA whose hash is not the recorded one is warned about.
+//! - A1111 settings diffuse has no equivalent for (hires fix, hashes of LoRAs the run does not
+//!   load, ...) are named in a warning and ignored; an image-to-image result (`Denoising
+//!   strength`) is refused.
 
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -28,7 +31,7 @@ use diffuse::pipelines::metadata::{
 };
 use serde_json::{Map, Value};
 
-use super::GenerateArgs;
+use super::{loras, GenerateArgs};
 
 /// What a run used beyond its flags, for the infotext.
 pub(super) struct Made {
@@ -42,6 +45,8 @@ pub(super) struct Made {
     pub height: usize,
     pub batch_size: usize,
     pub model_hash: Option<String>,
+    /// `Lora hashes` and `Diffuse loras` (generate/loras.rs).
+    pub loras: Vec<(String, String)>,
 }
 
 /// The infotext key of `--prompt-syntax` (written when it is not diffusers').
@@ -83,7 +88,10 @@ pub(super) fn infotext(args: &GenerateArgs, made: &Made, index: usize) -> String
         extra: match args.prompt_syntax.as_str() {
             "diffusers" => Vec::new(),
             syntax => vec![(PROMPT_SYNTAX_KEY.to_string(), syntax.to_string())],
-        },
+        }
+        .into_iter()
+        .chain(made.loras.iter().cloned())
+        .collect(),
     }
     .to_infotext()
 }
@@ -247,8 +255,15 @@ pub(super) fn recall(args: &mut GenerateArgs, matches: Option<&ArgMatches>) -> R
         args.prompt_syntax = recorded_syntax.unwrap_or_else(|| if by_diffuse { "diffusers" } else { "a1111" }.to_string());
     }
 
-    let ignored: Vec<&str> =
-        params.extra.iter().map(|(key, _)| key.as_str()).filter(|&key| key != PROMPT_SYNTAX_KEY).collect();
+    // The LoRAs: `--lora` ones from --lora-dir, tags from the prompt; their hashes checked.
+    loras::recall(args, &params, given("lora"), &path)?;
+    let loras_found = loras::resolve(args, &mut |_| {}).is_ok_and(|loras| loras::check_hashes(&params, &loras, args.quiet));
+    let ignored: Vec<&str> = params
+        .extra
+        .iter()
+        .map(|(key, _)| key.as_str())
+        .filter(|&key| key != PROMPT_SYNTAX_KEY && key != loras::WEIGHTS_KEY && !(key == loras::HASHES_KEY && loras_found))
+        .collect();
     if !ignored.is_empty() && !args.quiet {
         eprintln!("warning: --from: diffuse has no equivalent for these settings, which are ignored: {}", ignored.join(", "));
     }
