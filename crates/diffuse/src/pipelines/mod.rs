@@ -3,6 +3,7 @@
 pub mod image_processor;
 pub mod img2img;
 pub mod inpaint;
+pub mod inversion;
 pub mod pixel;
 pub mod stable_diffusion;
 
