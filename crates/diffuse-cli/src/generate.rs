@@ -14,6 +14,8 @@ use diffuse::pipelines::{to_uint8_images, write_png};
 use diffuse::rng::TorchGenerator;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::start::{self, Start, StartArgs};
+
 #[derive(clap::Args)]
 pub struct GenerateArgs {
     /// The model: a diffusers pipeline folder (Stable Diffusion: tokenizer/, text_encoder/,
@@ -73,6 +75,8 @@ pub struct GenerateArgs {
     /// With more than one, files are named FILE-0.png, FILE-1.png, ...
     #[arg(long, default_value_t = 1)]
     num_images: usize,
+    #[command(flatten)]
+    start: StartArgs,
     /// Load the `.VARIANT.safetensors` weight files (e.g. fp16).
     #[arg(long)]
     variant: Option<String>,
@@ -143,7 +147,7 @@ pub(crate) fn parse_dtype(name: &str, device: &Device) -> Result<DType> {
     Ok(dtype)
 }
 
-pub fn run(args: GenerateArgs) -> Result<()> {
+pub fn run(mut args: GenerateArgs) -> Result<()> {
     let paths = output_paths(&args.output, args.num_images)?;
     if args.steps == 0 {
         bail!("--steps must be at least 1");
@@ -166,7 +170,18 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         if args.class_label.is_some() {
             bail!("--class-label is for class-conditional pixel-space models; this is a Stable Diffusion folder");
         }
+        let quiet = args.quiet;
+        let start_from = args.start.load(args.steps, &device, &mut |w| if !quiet { eprintln!("warning: {w}") })?;
         let mut pipeline = StableDiffusionPipeline::load(&model_dir, args.scheduler.as_deref(), &overrides, args.variant.as_deref(), &device, dtype)?;
+        if let Start::Latents { latents, metadata } = &start_from {
+            let (height, width) = start::latents_size(latents, &pipeline, args.height, args.width, args.num_images)?;
+            (args.height, args.width) = (Some(height), Some(width));
+            args.prompt = args.prompt.take().or_else(|| metadata.get("prompt").cloned());
+            let note = start::inversion_mismatch(metadata, args.steps, args.guidance_scale, &pipeline.scheduler.class_name);
+            if let Some(note) = note.filter(|_| !quiet) {
+                eprintln!("warning: {note}");
+            }
+        }
         let options = TextToImageOptions {
             prompt: args.prompt.clone().unwrap_or_default(),
             negative_prompt: args.negative_prompt.clone(),
@@ -179,27 +194,22 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             eta: args.eta,
             clip_skip: args.clip_skip,
         };
-        pipeline.validate(&options)?;
+        start_from.validate(&pipeline, &options, &mut |w| if !quiet { eprintln!("warning: {w}") })?;
         if !args.quiet {
             eprintln!("seed: {seed}");
         }
         let bar = progress_bar(args.steps, args.quiet);
         let mut times = PhaseTimes::default();
-        let quiet = args.quiet;
-        let images = pipeline.generate(
-            &options,
-            &mut generator,
-            &mut |i, n| {
-                bar.set_length(n as u64);
-                bar.set_position(i as u64);
-            },
-            &mut |warning| {
-                if !quiet {
-                    bar.suspend(|| eprintln!("warning: {warning}"));
-                }
-            },
-            &mut times,
-        )?;
+        let mut on_step = |i: usize, n: usize| {
+            bar.set_length(n as u64);
+            bar.set_position(i as u64);
+        };
+        let mut warn = |warning: String| {
+            if !quiet {
+                bar.suspend(|| eprintln!("warning: {warning}"));
+            }
+        };
+        let images = start_from.generate(&mut pipeline, &options, &mut generator, &mut on_step, &mut warn, &mut times)?;
         bar.finish_and_clear();
         let summary = format!(
             "text encoding {:.2}s, denoising {:.2}s ({:.2} it/s), decoding {:.2}s",
@@ -212,6 +222,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     } else {
         if args.prompt.is_some() || args.negative_prompt.is_some() {
             bail!("--prompt needs a Stable Diffusion folder (text_encoder/, vae/); {} is a pixel-space model", args.model);
+        }
+        if args.start.any() {
+            bail!("--init-image, --mask, --strength and --latents need a Stable Diffusion folder; {} is a pixel-space model", args.model);
         }
         let mut pipeline = PixelPipeline::load(&model_dir, args.scheduler.as_deref(), &overrides, args.variant.as_deref(), &device)?;
         let options = PixelOptions { num_inference_steps: args.steps, num_images: args.num_images, eta: args.eta, class_label: args.class_label };
@@ -271,6 +284,9 @@ fn infotext(args: &GenerateArgs, sampler: &str, seed: u64, width: usize, height:
     }
     if args.guidance_rescale != 0.0 {
         text.push_str(&format!(", Guidance rescale: {}", args.guidance_rescale));
+    }
+    if let Some(strength) = args.start.effective_strength() {
+        text.push_str(&format!(", Denoising strength: {strength}"));
     }
     text
 }

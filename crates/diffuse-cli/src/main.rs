@@ -3,6 +3,8 @@
 
 mod bench;
 mod generate;
+mod invert;
+mod start;
 
 use clap::{Parser, Subcommand};
 use diffuse::pipelines::SCHEDULER_NAMES;
@@ -23,6 +25,9 @@ enum Command {
     /// Generate images: text-to-image with a Stable Diffusion folder, or unconditional /
     /// class-conditional sampling with a pixel-space DDPM folder.
     Generate(Box<generate::GenerateArgs>),
+    /// DDIM inversion: the latents from which `generate --latents FILE --scheduler ddim`
+    /// (same prompt, steps and guidance) gives the image back.
+    Invert(Box<invert::InvertArgs>),
     /// List the scheduler names that --scheduler accepts.
     Schedulers,
     /// Time the text encoder, one UNet step and one VAE decode (random weights for a named
@@ -35,6 +40,7 @@ fn main() {
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args),
         Command::Bench(args) => bench::run(args),
+        Command::Invert(args) => invert::run(*args),
         Command::Schedulers => {
             for (name, class, _, description) in SCHEDULER_NAMES {
                 println!("{name:<16} {description} [{class}]");

@@ -191,6 +191,10 @@ fn bad_image_requests_are_refused_before_any_work() {
     check(f64::NAN, None, "strength must be in [0, 1]");
     check(0.1, None, "strength 0.1 with 8 steps runs no denoising step");
     check(0.0, None, "runs no denoising step");
+    let odd_size = TextToImageOptions { width: Some(60), ..opts.clone() };
+    let condition = ImageCondition { image: &image, mask: None, strength: 0.5 };
+    let err = pipeline.validate_image_request(&odd_size, &condition).unwrap_err().to_string();
+    assert!(err.contains("multiples of 8, got 60x(image)"), "{err}");
     // 0.125 × 8 = 1 step: valid.
     let condition = ImageCondition { image: &image, mask: None, strength: 0.125 };
     assert_eq!(pipeline.validate_image_request(&opts, &condition).unwrap(), (64, 64));

@@ -53,6 +53,16 @@ impl StableDiffusionPipeline {
         if steps > 0 && denoising_steps(steps, strength) == 0 {
             return Err(Error::invalid(format!("strength {strength} with {steps} steps runs no denoising step")));
         }
+        // Given sizes must be multiples of 8, as for text-to-image (VaeImageProcessor would
+        // round them down silently; inpainting's check_inputs refuses them).
+        if [options.height, options.width].into_iter().flatten().any(|size| size == 0 || size % 8 != 0) {
+            let show = |size: Option<usize>| size.map_or("(image)".to_string(), |v| v.to_string());
+            return Err(Error::invalid(format!(
+                "width and height must be positive multiples of 8, got {}x{}",
+                show(options.width),
+                show(options.height)
+            )));
+        }
         let latent_channels = self.vae_config.latent_channels;
         let in_channels = self.unet_config.in_channels;
         let (height, width) = match condition.mask {
