@@ -17,10 +17,13 @@ use crate::generate::{parse_dtype, progress_bar};
 
 #[derive(clap::Args)]
 pub struct InvertArgs {
-    /// The Stable Diffusion model: a diffusers pipeline folder or a Hugging Face repo id in
-    /// the local cache (as for `generate`).
+    /// The Stable Diffusion model: a diffusers pipeline folder, a single-file checkpoint or a
+    /// Hugging Face repo id in the local cache (as for `generate`).
     #[arg(long)]
     model: String,
+    /// For a single-file checkpoint: what the model predicts (as for `generate`).
+    #[arg(long)]
+    prediction_type: Option<String>,
     /// With a repo id: the branch, tag or commit to use.
     #[arg(long)]
     revision: Option<String>,
@@ -79,7 +82,7 @@ pub fn run(args: InvertArgs) -> Result<()> {
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
-    let overrides = args
+    let mut overrides = args
         .scheduler_config
         .iter()
         .map(|s| parse_override(s).with_context(|| "--scheduler-config".to_string()))
@@ -87,12 +90,18 @@ pub fn run(args: InvertArgs) -> Result<()> {
     let image = Image8::load_rgb(&args.image)?;
     let device = Device::Cpu;
     let dtype = parse_dtype(&args.dtype, &device)?;
-    let model_dir = diffuse::loading::hub::resolve_model(&args.model, args.revision.as_deref(), args.variant.as_deref())?;
-    if !model_dir.is_dir() || !is_stable_diffusion_folder(&model_dir) {
-        bail!("--model {}: not a Stable Diffusion folder (inversion needs text_encoder/, unet/, vae/)", args.model);
-    }
+    let model_path = diffuse::loading::hub::resolve_model(&args.model, args.revision.as_deref(), args.variant.as_deref())?;
     let start = Instant::now();
-    let mut pipeline = StableDiffusionPipeline::load(&model_dir, None, &overrides, args.variant.as_deref(), &device, dtype)?;
+    let mut pipeline = if model_path.is_file() {
+        StableDiffusionPipeline::load_single_file(&model_path, args.prediction_type.as_deref(), None, &overrides, &device, dtype)?
+    } else if model_path.is_dir() && is_stable_diffusion_folder(&model_path) {
+        if let Some(prediction_type) = &args.prediction_type {
+            overrides.push(("prediction_type".to_string(), serde_json::Value::from(prediction_type.as_str())));
+        }
+        StableDiffusionPipeline::load(&model_path, None, &overrides, args.variant.as_deref(), &device, dtype)?
+    } else {
+        bail!("--model {}: not a Stable Diffusion model (a folder with text_encoder/, unet/, vae/, or a checkpoint file)", args.model);
+    };
     let options = TextToImageOptions {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),

@@ -4,6 +4,7 @@ pub mod image_processor;
 pub mod img2img;
 pub mod inpaint;
 pub mod inversion;
+pub mod metadata;
 pub mod pixel;
 pub mod stable_diffusion;
 
@@ -56,12 +57,22 @@ pub fn resolve_scheduler(
     overrides: &[(String, Value)],
 ) -> Result<ResolvedScheduler> {
     let config_path = scheduler_dir.join("scheduler_config.json");
-    let mut config = read_json_object(&config_path)?;
+    scheduler_from_config(read_json_object(&config_path)?, &config_path, name, overrides)
+}
+
+/// [`resolve_scheduler`] for a config already in memory (a single-file checkpoint's built-in
+/// one); `config_path` names it in errors.
+pub fn scheduler_from_config(
+    mut config: Map<String, Value>,
+    config_path: &Path,
+    name: Option<&str>,
+    overrides: &[(String, Value)],
+) -> Result<ResolvedScheduler> {
     let class_name = match name {
         None => config
             .get("_class_name")
             .and_then(|v| v.as_str())
-            .ok_or_else(|| Error::config(&config_path, "key `_class_name`: missing"))?
+            .ok_or_else(|| Error::config(config_path, "key `_class_name`: missing"))?
             .to_string(),
         Some(name) => {
             let (_, class, named_overrides, _) = SCHEDULER_NAMES.iter().find(|(n, ..)| *n == name).ok_or_else(|| {
@@ -78,7 +89,7 @@ pub fn resolve_scheduler(
         config.insert(key.clone(), value.clone());
     }
     config.insert("_class_name".into(), Value::String(class_name.clone()));
-    let scheduler = schedulers::from_config(&class_name, &config, &config_path)?;
+    let scheduler = schedulers::from_config(&class_name, &config, config_path)?;
     Ok(ResolvedScheduler { scheduler, class_name, config })
 }
 
@@ -100,7 +111,8 @@ pub fn to_uint8_images(images: &Tensor) -> Result<Vec<(usize, usize, usize, Vec<
         .collect())
 }
 
-/// Writes an 8-bit PNG (gray, RGB or RGBA by channel count) with `tEXt` chunks, first to a
+/// Writes an 8-bit PNG (gray, RGB or RGBA by channel count) with text chunks (`tEXt`, or `iTXt`
+/// for text that is not Latin-1, as Pillow and so AUTOMATIC1111 write them), first to a
 /// temporary name beside the target and then renamed, so a failure never leaves a partial file.
 pub fn write_png(path: &Path, width: usize, height: usize, channels: usize, pixels: &[u8], text: &[(&str, String)]) -> Result<()> {
     let color = match channels {
@@ -116,7 +128,11 @@ pub fn write_png(path: &Path, width: usize, height: usize, channels: usize, pixe
         encoder.set_color(color);
         encoder.set_depth(png::BitDepth::Eight);
         for (key, value) in text {
-            encoder.add_text_chunk(key.to_string(), value.clone()).map_err(std::io::Error::other)?;
+            if metadata::is_latin1(value) {
+                encoder.add_text_chunk(key.to_string(), value.clone()).map_err(std::io::Error::other)?;
+            } else {
+                encoder.add_itxt_chunk(key.to_string(), value.clone()).map_err(std::io::Error::other)?;
+            }
         }
         let mut writer = encoder.write_header().map_err(std::io::Error::other)?;
         writer.write_image_data(pixels).map_err(std::io::Error::other)?;
