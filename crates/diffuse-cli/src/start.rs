@@ -112,6 +112,7 @@ impl Start {
     pub fn validate(&self, pipeline: &StableDiffusionPipeline, options: &TextToImageOptions, warn: &mut dyn FnMut(String)) -> Result<()> {
         let Some(condition) = self.condition() else {
             pipeline.validate(options)?;
+            pipeline.check_text_to_image_unet()?;
             return Ok(());
         };
         let (height, width) = pipeline.validate_image_request(options, &condition)?;

@@ -381,6 +381,10 @@ fn image_flags_bad_input() {
         &["generate", "--model", inpainting.to_str().unwrap(), "--init-image", init_s, "--steps", "8", "--output", out_s],
         "needs a mask",
     );
+    assert_fails_with(
+        &["generate", "--model", inpainting.to_str().unwrap(), "--prompt", "x", "--steps", "8", "--output", out_s],
+        "an inpainting model): give an init image and a mask",
+    );
     let pixel = fixtures().join("pixel/uncond");
     assert_fails_with(&["generate", "--model", pixel.to_str().unwrap(), "--init-image", init_s, "--output", out_s], "need a Stable Diffusion model");
 

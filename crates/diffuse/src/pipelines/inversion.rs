@@ -45,6 +45,7 @@ impl StableDiffusionPipeline {
         let (height, width) = processor.default_height_width(image, options.height, options.width)?;
         let options = TextToImageOptions { height: Some(height), width: Some(width), ..options.clone() };
         self.validate(&options)?;
+        self.check_text_to_image_unet()?;
         let pixels = processor.preprocess(image, Some(height), Some(width), &self.device)?;
         let latents = self.encode_image_latents(&pixels, generator)?;
         let embeddings = self.encode_prompt(&options, warn)?;

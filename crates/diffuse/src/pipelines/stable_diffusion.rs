@@ -361,6 +361,7 @@ impl StableDiffusionPipeline {
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
         let (height, width) = self.validate(options)?;
+        self.check_text_to_image_unet()?;
         let factor = self.vae_scale_factor();
         let scheduler = &mut self.scheduler.scheduler;
         scheduler.set_timesteps(options.num_inference_steps)?;
@@ -376,6 +377,18 @@ impl StableDiffusionPipeline {
         let timesteps = scheduler.timesteps().to_vec();
         let run = DenoiseLoop { latents, timesteps, embeddings, extra_channels: None };
         self.denoise_loop(run, options, &mut |_, latents, _| Ok(latents), generator, on_step)
+    }
+
+    /// Text-to-image needs a UNet that takes the latents alone (an inpainting UNet also takes a
+    /// mask and the masked image's latents).
+    pub fn check_text_to_image_unet(&self) -> Result<()> {
+        let (in_channels, latent_channels) = (self.unet_config.in_channels, self.vae_config.latent_channels);
+        if in_channels != latent_channels {
+            return Err(Error::invalid(format!(
+                "this UNet takes {in_channels} input channels, not the VAE's {latent_channels} (an inpainting model): give an init image and a mask"
+            )));
+        }
+        Ok(())
     }
 
     /// The guided sampling loop every Stable Diffusion pipeline shares: for each timestep,
