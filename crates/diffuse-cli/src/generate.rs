@@ -21,6 +21,8 @@ use diffuse::prompts::PromptSyntax;
 use diffuse::rng::TorchGenerator;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::start::{self, Start, StartArgs};
+
 #[derive(clap::Args)]
 pub struct GenerateArgs {
     /// The model: a diffusers pipeline folder (Stable Diffusion: tokenizer/, text_encoder/,
@@ -100,6 +102,8 @@ pub struct GenerateArgs {
     /// With more than one, files are named FILE-0.png, FILE-1.png, ...
     #[arg(long, default_value_t = 1)]
     num_images: usize,
+    #[command(flatten)]
+    start: StartArgs,
     /// Load the `.VARIANT.safetensors` weight files (e.g. fp16).
     #[arg(long)]
     variant: Option<String>,
@@ -214,8 +218,9 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
         if args.class_label.is_some() {
             bail!("--class-label is for class-conditional pixel-space models; this is a Stable Diffusion model");
         }
-        let scheduler_name = args.scheduler.as_deref();
         let quiet = args.quiet;
+        let start_from = args.start.load(args.steps, &device, &mut |w| if !quiet { eprintln!("warning: {w}") })?;
+        let scheduler_name = args.scheduler.as_deref();
         let loras = loras::resolve(&args, &mut |warning| if !quiet { eprintln!("warning: {warning}") })?;
         let mut pipeline = if single_file {
             let prediction_type = args.prediction_type.as_deref();
@@ -234,6 +239,15 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
         };
         loras::report(&pipeline.loras, args.quiet);
         lora_entries = loras::infotext_entries(&loras, args.quiet);
+        if let Start::Latents { latents, metadata } = &start_from {
+            let (height, width) = start::latents_size(latents, &pipeline, args.height, args.width, args.num_images)?;
+            (args.height, args.width) = (Some(height), Some(width));
+            args.prompt = args.prompt.take().or_else(|| metadata.get("prompt").cloned());
+            let note = start::inversion_mismatch(metadata, args.steps, args.guidance_scale, &pipeline.scheduler.class_name);
+            if let Some(note) = note.filter(|_| !quiet) {
+                eprintln!("warning: {note}");
+            }
+        }
         let options = TextToImageOptions {
             prompt: args.prompt.clone().unwrap_or_default(),
             negative_prompt: args.negative_prompt.clone(),
@@ -247,27 +261,22 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
             clip_skip: args.clip_skip,
             prompt_syntax: args.prompt_syntax.parse()?,
         };
-        pipeline.validate(&options)?;
+        start_from.validate(&pipeline, &options, &mut |w| if !quiet { eprintln!("warning: {w}") })?;
         if !args.quiet {
             eprintln!("seed: {seed}");
         }
         let bar = progress_bar(args.steps, args.quiet);
         let mut times = PhaseTimes::default();
-        let quiet = args.quiet;
-        let images = pipeline.generate(
-            &options,
-            &mut generator,
-            &mut |i, n| {
-                bar.set_length(n as u64);
-                bar.set_position(i as u64);
-            },
-            &mut |warning| {
-                if !quiet {
-                    bar.suspend(|| eprintln!("warning: {warning}"));
-                }
-            },
-            &mut times,
-        )?;
+        let mut on_step = |i: usize, n: usize| {
+            bar.set_length(n as u64);
+            bar.set_position(i as u64);
+        };
+        let mut warn = |warning: String| {
+            if !quiet {
+                bar.suspend(|| eprintln!("warning: {warning}"));
+            }
+        };
+        let images = start_from.generate(&mut pipeline, &options, &mut generator, &mut on_step, &mut warn, &mut times)?;
         bar.finish_and_clear();
         let summary = format!(
             "text encoding {:.2}s, denoising {:.2}s ({:.2} it/s), decoding {:.2}s",
@@ -283,6 +292,9 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
         }
         if !args.lora.is_empty() {
             bail!("--lora needs a Stable Diffusion model (a UNet and text encoder to adapt); {model} is a pixel-space model");
+        }
+        if args.start.any() {
+            bail!("--init-image, --mask, --strength and --latents need a Stable Diffusion model; {model} is a pixel-space model");
         }
         let mut pipeline = PixelPipeline::load(&model_path, args.scheduler.as_deref(), &overrides, args.variant.as_deref(), &device)?;
         let options = PixelOptions { num_inference_steps: args.steps, num_images: args.num_images, eta: args.eta, class_label: args.class_label };

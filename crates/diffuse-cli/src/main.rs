@@ -4,6 +4,8 @@
 mod bench;
 mod generate;
 mod info;
+mod invert;
+mod start;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use diffuse::pipelines::SCHEDULER_NAMES;
@@ -24,6 +26,9 @@ enum Command {
     /// Generate images: text-to-image with a Stable Diffusion folder, or unconditional /
     /// class-conditional sampling with a pixel-space DDPM folder.
     Generate(Box<generate::GenerateArgs>),
+    /// DDIM inversion: the latents from which `generate --latents FILE --scheduler ddim`
+    /// (same prompt, steps and guidance) gives the image back.
+    Invert(Box<invert::InvertArgs>),
     /// List the scheduler names that --scheduler accepts.
     Schedulers,
     /// Print the generation parameters stored in a PNG (by diffuse or the AUTOMATIC1111 web UI).
@@ -40,6 +45,7 @@ fn main() {
         Command::Generate(args) => generate::run(*args, matches.subcommand_matches("generate")),
         Command::Info(args) => info::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Invert(args) => invert::run(*args),
         Command::Schedulers => {
             for (name, class, _, description) in SCHEDULER_NAMES {
                 println!("{name:<16} {description} [{class}]");

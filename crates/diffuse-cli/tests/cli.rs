@@ -228,6 +228,189 @@ fn text_to_image_bad_input() {
     assert!(out.exists());
 }
 
+fn psnr_against(pixels: &[u8], reference: &std::path::Path) -> f64 {
+    let reference = candle_core::safetensors::load(reference, &candle_core::Device::Cpu).unwrap();
+    let expected = reference["images"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    assert_eq!(pixels.len(), expected.len(), "image size");
+    let mse = pixels.iter().zip(&expected).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / pixels.len() as f64;
+    if mse == 0.0 { f64::INFINITY } else { 10.0 * (255f64.powi(2) / mse).log10() }
+}
+
+#[test]
+fn image_to_image_and_inpainting_match_diffusers() {
+    let dir = scratch("img2img");
+    let inputs = fixtures().join("img2img/inputs");
+    let cases = fixtures().join("img2img/cases");
+
+    // img2img_default: the folder's PNDM, strength 0.75, guidance 7.5.
+    let out = dir.join("i2i.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", fixtures().join("sd/sd1").to_str().unwrap(), "--prompt", "a photo of a cat",
+        "--init-image", inputs.join("init_64x64.png").to_str().unwrap(), "--strength", "0.75", "--steps", "8",
+        "--seed", "0", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let (pixels, text) = decode_png(&out);
+    let psnr = psnr_against(&pixels, &cases.join("img2img_default.safetensors"));
+    assert!(psnr >= 40.0, "image-to-image PSNR {psnr}");
+    let parameters = &text.iter().find(|(k, _)| k == "parameters").expect("parameters chunk").1;
+    assert!(parameters.contains("Denoising strength: 0.75") && parameters.contains("Size: 64x64"), "{parameters}");
+    // --from with the init image given again makes the same image (strength from the PNG).
+    let again = dir.join("again.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--from", out.to_str().unwrap(), "--model", fixtures().join("sd/sd1").to_str().unwrap(),
+        "--init-image", inputs.join("init_64x64.png").to_str().unwrap(), "--quiet", "--output", again.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(decode_png(&again).0, pixels, "--from --init-image makes the same image");
+
+    // inpaint9_resized_image: a 71x53 image and a 40x24 mask, both resized to the model's
+    // 64x64 as diffusers does; strength defaults to 1 with a mask.
+    let out = dir.join("inpaint.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", fixtures().join("sd/sd1_inpaint").to_str().unwrap(), "--prompt", "a photo of a cat",
+        "--init-image", inputs.join("init_71x53.png").to_str().unwrap(), "--mask", inputs.join("mask_40x24.png").to_str().unwrap(),
+        "--scheduler", "euler", "--steps", "8", "--seed", "24", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("the mask is 40x24 and the image 71x53"), "{stderr}");
+    assert!(stderr.contains("inpainting at the model's 64x64"), "{stderr}");
+    let (pixels, text) = decode_png(&out);
+    let psnr = psnr_against(&pixels, &cases.join("inpaint9_resized_image.safetensors"));
+    assert!(psnr >= 40.0, "inpainting PSNR {psnr}");
+    assert!(text.iter().any(|(k, v)| k == "parameters" && v.contains("Denoising strength: 1")));
+
+    // inpaint4_dpm_non_square: a 4-channel model, 80x48 given explicitly, guidance off.
+    let out = dir.join("inpaint4.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", fixtures().join("sd/sd1").to_str().unwrap(), "--prompt", "a photo of a cat",
+        "--init-image", inputs.join("init_80x48.png").to_str().unwrap(), "--mask", inputs.join("mask_80x48.png").to_str().unwrap(),
+        "--strength", "0.6", "--guidance-scale", "1", "--width", "80", "--height", "48", "--scheduler", "dpm++2m",
+        "--steps", "8", "--seed", "13", "--quiet", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.is_empty(), "--quiet: {stderr}");
+    let psnr = psnr_against(&decode_png(&out).0, &cases.join("inpaint4_dpm_non_square.safetensors"));
+    assert!(psnr >= 40.0, "4-channel inpainting PSNR {psnr}");
+}
+
+#[test]
+fn invert_then_generate_from_the_latents() {
+    let dir = scratch("invert");
+    let latents = dir.join("cat.safetensors");
+    let sd1 = fixtures().join("sd/sd1");
+    let image = fixtures().join("img2img/inputs/init_64x64.png");
+    let (ok, stdout, stderr) = diffuse(&[
+        "invert", "--model", sd1.to_str().unwrap(), "--image", image.to_str().unwrap(), "--prompt", "a photo of a cat",
+        "--steps", "25", "--seed", "30", "--output", latents.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("cat.safetensors"));
+    assert!(stderr.contains("--latents") && stderr.contains("--scheduler ddim"), "regeneration hint: {stderr}");
+    // The latents are diffusers' (invert_sd1), and the metadata says how they were made.
+    let written = candle_core::safetensors::load(&latents, &candle_core::Device::Cpu).unwrap();
+    let reference = candle_core::safetensors::load(fixtures().join("img2img/cases/invert_sd1.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let (a, b) = (written["latents"].flatten_all().unwrap().to_vec1::<f32>().unwrap(), reference["latents"].flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale;
+    assert!(err < 1e-3, "inverted latents differ from diffusers' by {err:e}");
+    let bytes = std::fs::read(&latents).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let metadata = &header["__metadata__"];
+    assert_eq!(metadata["prompt"], "a photo of a cat");
+    assert_eq!(metadata["steps"], "25");
+    assert_eq!(metadata["model"], sd1.to_str().unwrap());
+    assert_eq!(metadata["guidance_scale"], "1");
+
+    // Regenerate without --prompt (taken from the file), as the inversion ran: no warning.
+    let out = dir.join("regen.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", sd1.to_str().unwrap(), "--latents", latents.to_str().unwrap(), "--scheduler", "ddim",
+        "--steps", "25", "--guidance-scale", "1", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    let (pixels, text) = decode_png(&out);
+    let psnr = psnr_against(&pixels, &fixtures().join("img2img/cases/invert_sd1.safetensors"));
+    assert!(psnr >= 40.0, "regenerated image PSNR {psnr}");
+    assert!(text.iter().any(|(k, v)| k == "parameters" && v.starts_with("a photo of a cat\n")), "{text:?}");
+
+    // A run that differs from the inversion says it will not reconstruct the image.
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", sd1.to_str().unwrap(), "--latents", latents.to_str().unwrap(), "--steps", "10",
+        "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("differs from the inversion") && stderr.contains("10 steps, inverted with 25"), "{stderr}");
+}
+
+#[test]
+fn image_flags_bad_input() {
+    let dir = scratch("img2img-bad");
+    let out = dir.join("out.png");
+    let out_s = out.to_str().unwrap();
+    let sd1 = fixtures().join("sd/sd1");
+    let sd1_s = sd1.to_str().unwrap();
+    let init = fixtures().join("img2img/inputs/init_64x64.png");
+    let init_s = init.to_str().unwrap();
+    let mask = fixtures().join("img2img/inputs/mask_64x64.png");
+    let mask_s = mask.to_str().unwrap();
+    let not_an_image = dir.join("notes.png");
+    std::fs::write(&not_an_image, "not a picture").unwrap();
+    let bad_s = not_an_image.to_str().unwrap();
+    let run = |extra: &[&str], needle: &str| {
+        let mut args = vec!["generate", "--model", sd1_s, "--prompt", "a cat", "--steps", "8", "--output", out_s];
+        args.extend_from_slice(extra);
+        assert_fails_with(&args, needle);
+    };
+    run(&["--init-image", bad_s], "notes.png: cannot decode the image");
+    run(&["--init-image", dir.join("missing.png").to_str().unwrap()], "missing.png");
+    run(&["--init-image", init_s, "--mask", bad_s], "notes.png: cannot decode the image");
+    run(&["--mask", mask_s], "--mask needs --init-image");
+    run(&["--strength", "0.5"], "--strength needs --init-image");
+    run(&["--init-image", init_s, "--strength", "1.5"], "--strength must be in [0, 1], got 1.5");
+    run(&["--init-image", init_s, "--strength=-0.2"], "--strength must be in [0, 1]");
+    run(&["--init-image", init_s, "--strength", "0.1"], "--strength 0.1 with 8 steps runs no denoising step");
+    run(&["--init-image", init_s, "--mask", mask_s, "--strength", "0.05"], "runs no denoising step");
+    run(&["--init-image", init_s, "--width", "60"], "multiples of 8");
+    run(&["--init-image", init_s, "--latents", bad_s], "two different starting points");
+    run(&["--latents", bad_s], "not a latents file");
+    let inpainting = fixtures().join("sd/sd1_inpaint");
+    assert_fails_with(
+        &["generate", "--model", inpainting.to_str().unwrap(), "--init-image", init_s, "--steps", "8", "--output", out_s],
+        "needs a mask",
+    );
+    assert_fails_with(
+        &["generate", "--model", inpainting.to_str().unwrap(), "--prompt", "x", "--steps", "8", "--output", out_s],
+        "an inpainting model): give an init image and a mask",
+    );
+    let pixel = fixtures().join("pixel/uncond");
+    assert_fails_with(&["generate", "--model", pixel.to_str().unwrap(), "--init-image", init_s, "--output", out_s], "need a Stable Diffusion model");
+
+    // Latents for another size than --width/--height.
+    let latents = dir.join("lat.safetensors");
+    let (ok, _, stderr) = diffuse(&[
+        "invert", "--model", sd1_s, "--image", init_s, "--steps", "4", "--quiet", "--output", latents.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    run(&["--latents", latents.to_str().unwrap(), "--width", "128"], "latents for 64x64 images");
+    run(&["--latents", latents.to_str().unwrap(), "--num-images", "2"], "--num-images must be 1");
+    assert!(!out.exists(), "no output may be written on failure");
+
+    // invert's own checks.
+    let lat_out = dir.join("x.safetensors");
+    let lat_s = lat_out.to_str().unwrap();
+    assert_fails_with(&["invert", "--model", sd1_s, "--image", bad_s, "--output", lat_s], "notes.png: cannot decode the image");
+    assert_fails_with(&["invert", "--model", sd1_s, "--image", init_s, "--output", dir.join("x.png").to_str().unwrap()], ".safetensors");
+    assert_fails_with(&["invert", "--model", sd1_s, "--image", init_s, "--output", dir.join("no/x.safetensors").to_str().unwrap()], "does not exist");
+    assert_fails_with(&["invert", "--model", sd1_s, "--image", init_s, "--steps", "0", "--output", lat_s], "--steps");
+    assert_fails_with(&["invert", "--model", pixel.to_str().unwrap(), "--image", init_s, "--output", lat_s], "not a Stable Diffusion model");
+    assert!(!lat_out.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp")).collect();
+    assert!(leftovers.is_empty());
+}
+
 /// `diffuse info FILE` (raw infotext).
 fn info(path: &Path) -> String {
     let (ok, stdout, stderr) = diffuse(&["info", path.to_str().unwrap()]);
@@ -366,7 +549,7 @@ fn metadata_bad_input_gives_clear_errors() {
     let sampler = with_text("sampler.png", "a cat\nSteps: 2, Sampler: DPM++ SDE Karras, Seed: 1, Size: 64x64");
     assert_fails_with(&["generate", "--from", sampler.to_str().unwrap(), "--model", sd_s, "--output", out_s], "`DPM++ SDE Karras` has no diffuse equivalent");
     let img2img = with_text("img2img.png", "a cat\nSteps: 2, Sampler: Euler, Seed: 1, Size: 64x64, Denoising strength: 0.5");
-    assert_fails_with(&["generate", "--from", img2img.to_str().unwrap(), "--model", sd_s, "--output", out_s], "image-to-image");
+    assert_fails_with(&["generate", "--from", img2img.to_str().unwrap(), "--model", sd_s, "--output", out_s], "give it again with --init-image");
     let typo = with_text("typo.png", "a cat\nSteps: two, Sampler: Euler, Seed: 1, Size: 64x64");
     assert_fails_with(&["generate", "--from", typo.to_str().unwrap(), "--model", sd_s, "--output", out_s], "Steps: two");
     assert_fails_with(&["info", "--json", typo.to_str().unwrap()], "Steps: two");
@@ -527,13 +710,6 @@ fn a1111_prompt_syntax() {
     assert!(!out.exists());
 }
 
-fn psnr_against(pixels: &[u8], reference: &Path) -> f64 {
-    let reference = candle_core::safetensors::load(reference, &candle_core::Device::Cpu).unwrap();
-    let expected = reference["images"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
-    let mse = pixels.iter().zip(&expected).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / pixels.len() as f64;
-    if mse == 0.0 { f64::INFINITY } else { 10.0 * (255f64.powi(2) / mse).log10() }
-}
-
 /// `--lora FILE:WEIGHT` (repeatable) against diffusers' fused images (tools/fixtures/lora.py),
 /// recorded in the metadata and taken back by `--from`.
 #[test]
@@ -658,4 +834,38 @@ fn lora_bad_input() {
     let pixel = fixtures().join("pixel/uncond");
     assert_fails_with(&["generate", "--model", pixel.to_str().unwrap(), "--lora", peft_a.to_str().unwrap(), "--output", out_s], "pixel-space");
     assert!(!out.exists());
+}
+
+#[test]
+fn invert_and_image_to_image_with_a_single_file_match_its_folder() {
+    let dir = scratch("single-file-img2img");
+    let folder = fixtures().join("single_file/sd1_pipeline");
+    let file = folder.join("model.safetensors");
+    let image = fixtures().join("img2img/inputs/init_64x64.png");
+    let run = |model: &Path, args: &[&str], out: &Path| -> Vec<u8> {
+        let mut all = vec![args[0], "--model", model.to_str().unwrap()];
+        all.extend_from_slice(&args[1..]);
+        all.extend_from_slice(&["--steps", "6", "--quiet", "--output", out.to_str().unwrap()]);
+        let (ok, _, stderr) = diffuse(&all);
+        assert!(ok, "{stderr}");
+        std::fs::read(out).unwrap()
+    };
+    let invert = ["invert", "--image", image.to_str().unwrap(), "--prompt", "a cat"];
+    let from_file = run(&file, &invert, &dir.join("file.safetensors"));
+    let from_folder = run(&folder, &invert, &dir.join("folder.safetensors"));
+    let latents = |bytes: &[u8]| safetensors_latents(bytes);
+    assert_eq!(latents(&from_file), latents(&from_folder), "inverted latents");
+    let img2img = ["generate", "--prompt", "a cat", "--init-image", image.to_str().unwrap(), "--seed", "1"];
+    run(&file, &img2img, &dir.join("file.png"));
+    run(&folder, &img2img, &dir.join("folder.png"));
+    assert_eq!(decode_png(&dir.join("file.png")).0, decode_png(&dir.join("folder.png")).0, "image-to-image");
+}
+
+/// The `latents` tensor's bytes in a safetensors file.
+fn safetensors_latents(bytes: &[u8]) -> Vec<u8> {
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let offsets = &header["latents"]["data_offsets"];
+    let (start, end) = (offsets[0].as_u64().unwrap() as usize, offsets[1].as_u64().unwrap() as usize);
+    bytes[8 + header_len + start..8 + header_len + end].to_vec()
 }

@@ -17,8 +17,9 @@
 //! - LoRAs: tags in the prompt are read again; `--lora` ones come back from `--lora-dir`
 //!   (generate/loras.rs), and a LoRA whose hash is not the recorded one is warned about.
 //! - A1111 settings diffuse has no equivalent for (hires fix, hashes of LoRAs the run does not
-//!   load, ...) are named in a warning and ignored; an image-to-image result (`Denoising
-//!   strength`) is refused.
+//!   load, ...) are named in a warning and ignored. An image-to-image or inpainting result
+//!   (`Denoising strength`) needs its init image (and mask) given again with `--init-image`
+//!   (`--mask`).
 
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -73,7 +74,7 @@ pub(super) fn infotext(args: &GenerateArgs, made: &Made, index: usize) -> String
         height: Some(made.height),
         model_hash: made.model_hash.clone(),
         model: args.model.as_deref().map(model_name),
-        denoising_strength: None,
+        denoising_strength: args.start.effective_strength(),
         clip_skip: args.clip_skip,
         eta: (args.eta != 0.0).then_some(args.eta),
         guidance_rescale: (made.text_conditioned && args.guidance_rescale != 0.0).then_some(args.guidance_rescale),
@@ -175,7 +176,13 @@ pub(super) fn recall(args: &mut GenerateArgs, matches: Option<&ArgMatches>) -> R
     let given = |id: &str| matches.and_then(|m| m.value_source(id)) == Some(ValueSource::CommandLine);
 
     if let Some(strength) = params.denoising_strength {
-        bail!("--from {}: the image was made by image-to-image (Denoising strength {strength}), which --from cannot redo", path.display());
+        if args.start.init_image.is_none() {
+            bail!(
+                "--from {}: the image was made from an init image (Denoising strength {strength}), which the PNG does not hold: give it again with --init-image (and --mask)",
+                path.display()
+            );
+        }
+        args.start.strength = args.start.strength.or(Some(strength));
     }
     if args.model.is_none() {
         match &params.model {

@@ -1,5 +1,9 @@
 //! Pipelines: the denoising loops of diffusers' pipelines, and turning their output into images.
 
+pub mod image_processor;
+pub mod img2img;
+pub mod inpaint;
+pub mod inversion;
 pub mod metadata;
 pub mod pixel;
 pub mod stable_diffusion;

@@ -20,6 +20,7 @@ use crate::models::unet_2d_condition::{PerBlock, UNet2DConditionModel, UNet2DCon
 use crate::pipelines::{resolve_scheduler, scheduler_from_config, ResolvedScheduler};
 use crate::prompts::{a1111, extra_networks, PromptSyntax};
 use crate::rng::TorchGenerator;
+use crate::schedulers::Scheduler;
 use crate::tokenizers::builtin::builtin_clip_tokenizer;
 use crate::tokenizers::clip::ClipTokenizer;
 use crate::{Error, Result};
@@ -80,6 +81,17 @@ pub struct PhaseTimes {
     pub text_encoding: f64,
     pub denoising: f64,
     pub decoding: f64,
+}
+
+/// Where a sampling loop starts and what it visits: the initial latents, the timesteps (all of
+/// the scheduler's, or the tail that image-to-image's strength leaves), the prompt
+/// embeddings, and extra UNet input channels (9-channel inpainting: mask and masked-image
+/// latents, already doubled for guidance).
+pub struct DenoiseLoop<'a> {
+    pub latents: Tensor,
+    pub timesteps: Vec<f64>,
+    pub embeddings: &'a Tensor,
+    pub extra_channels: Option<Tensor>,
 }
 
 /// Whether a folder looks like a Stable Diffusion pipeline rather than a pixel-space one.
@@ -391,19 +403,74 @@ impl StableDiffusionPipeline {
         generator: &mut TorchGenerator,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
+        self.denoise_from(options, embeddings, None, generator, on_step)
+    }
+
+    /// Text-to-image from noise, or from given latents as diffusers' `latents=` argument
+    /// (e.g. DDIM-inverted ones): either is scaled by the scheduler's `init_noise_sigma`.
+    pub fn denoise_from(
+        &mut self,
+        options: &TextToImageOptions,
+        embeddings: &Tensor,
+        initial_latents: Option<&Tensor>,
+        generator: &mut TorchGenerator,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
         let (height, width) = self.validate(options)?;
-        let do_guidance = options.guidance_scale > 1.0;
+        self.check_text_to_image_unet()?;
+        let factor = self.vae_scale_factor();
         let scheduler = &mut self.scheduler.scheduler;
         scheduler.set_timesteps(options.num_inference_steps)?;
-        let batch = options.num_images_per_prompt;
-        let factor = 1 << self.vae_config.block_out_channels.len().saturating_sub(1);
-        let shape = [batch, self.unet_config.in_channels, height / factor, width / factor];
-        let mut latents = (generator.randn_tensor(&shape, &self.device)? * scheduler.init_noise_sigma())?;
-        let embeddings = embeddings.to_dtype(self.dtype)?;
+        let shape = [options.num_images_per_prompt, self.unet_config.in_channels, height / factor, width / factor];
+        let latents = match initial_latents {
+            Some(latents) if latents.dims() != shape => {
+                return Err(Error::invalid(format!("the initial latents have shape {:?}; this request needs {shape:?}", latents.dims())))
+            }
+            Some(latents) => latents.to_dtype(DType::F32)?,
+            None => generator.randn_tensor(&shape, &self.device)?,
+        };
+        let latents = (latents * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
+        let run = DenoiseLoop { latents, timesteps, embeddings, extra_channels: None };
+        self.denoise_loop(run, options, &mut |_, latents, _| Ok(latents), generator, on_step)
+    }
+
+    /// Text-to-image needs a UNet that takes the latents alone (an inpainting UNet also takes a
+    /// mask and the masked image's latents).
+    pub fn check_text_to_image_unet(&self) -> Result<()> {
+        let (in_channels, latent_channels) = (self.unet_config.in_channels, self.vae_config.latent_channels);
+        if in_channels != latent_channels {
+            return Err(Error::invalid(format!(
+                "this UNet takes {in_channels} input channels, not the VAE's {latent_channels} (an inpainting model): give an init image and a mask"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The guided sampling loop every Stable Diffusion pipeline shares: for each timestep,
+    /// the (doubled, for guidance) latents scaled by the scheduler, any extra input channels
+    /// appended, one UNet pass, guidance (and its rescale), one scheduler step, then
+    /// `after_step(i, latents, scheduler)` (inpainting's blend; identity otherwise).
+    pub fn denoise_loop(
+        &mut self,
+        run: DenoiseLoop,
+        options: &TextToImageOptions,
+        after_step: &mut dyn FnMut(usize, Tensor, &dyn Scheduler) -> Result<Tensor>,
+        generator: &mut TorchGenerator,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let DenoiseLoop { mut latents, timesteps, embeddings, extra_channels } = run;
+        let do_guidance = options.guidance_scale > 1.0;
+        let scheduler = &mut self.scheduler.scheduler;
+        let batch = latents.dim(0)?;
+        let embeddings = embeddings.to_dtype(self.dtype)?;
         for (i, &t) in timesteps.iter().enumerate() {
             let model_input = if do_guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let model_input = scheduler.scale_model_input(&model_input, t)?;
+            let model_input = match &extra_channels {
+                Some(extra) => Tensor::cat(&[&model_input, extra], 1)?,
+                None => model_input,
+            };
             let n = model_input.dim(0)?;
             let t_batch = Tensor::from_vec(vec![t as f32; n], n, &self.device)?;
             let noise_pred =
@@ -421,6 +488,7 @@ impl StableDiffusionPipeline {
                 noise_pred
             };
             latents = scheduler.step(&noise_pred, t, &latents, options.eta, generator)?;
+            latents = after_step(i, latents, scheduler.as_ref())?;
             on_step(i + 1, timesteps.len());
         }
         Ok(latents)
@@ -435,12 +503,25 @@ impl StableDiffusionPipeline {
         warn: &mut dyn FnMut(String),
         times: &mut PhaseTimes,
     ) -> Result<Tensor> {
+        self.generate_from(options, None, generator, on_step, warn, times)
+    }
+
+    /// Text-to-image starting from given latents (see `denoise_from`) or from noise.
+    pub fn generate_from(
+        &mut self,
+        options: &TextToImageOptions,
+        initial_latents: Option<&Tensor>,
+        generator: &mut TorchGenerator,
+        on_step: &mut dyn FnMut(usize, usize),
+        warn: &mut dyn FnMut(String),
+        times: &mut PhaseTimes,
+    ) -> Result<Tensor> {
         self.validate(options)?;
         let start = std::time::Instant::now();
         let embeddings = self.encode_prompt(options, warn)?;
         times.text_encoding = start.elapsed().as_secs_f64();
         let start = std::time::Instant::now();
-        let latents = self.denoise(options, &embeddings, generator, on_step)?;
+        let latents = self.denoise_from(options, &embeddings, initial_latents, generator, on_step)?;
         times.denoising = start.elapsed().as_secs_f64();
         let start = std::time::Instant::now();
         let images = self.decode_latents(&latents)?;
