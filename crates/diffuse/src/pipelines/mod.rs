@@ -52,12 +52,22 @@ pub fn resolve_scheduler(
     overrides: &[(String, Value)],
 ) -> Result<ResolvedScheduler> {
     let config_path = scheduler_dir.join("scheduler_config.json");
-    let mut config = read_json_object(&config_path)?;
+    resolve_scheduler_config(read_json_object(&config_path)?, &config_path, name, overrides)
+}
+
+/// [`resolve_scheduler`] from a config object already in memory (`config_path` names its
+/// origin in errors).
+pub fn resolve_scheduler_config(
+    mut config: Map<String, Value>,
+    config_path: &Path,
+    name: Option<&str>,
+    overrides: &[(String, Value)],
+) -> Result<ResolvedScheduler> {
     let class_name = match name {
         None => config
             .get("_class_name")
             .and_then(|v| v.as_str())
-            .ok_or_else(|| Error::config(&config_path, "key `_class_name`: missing"))?
+            .ok_or_else(|| Error::config(config_path, "key `_class_name`: missing"))?
             .to_string(),
         Some(name) => {
             let (_, class, named_overrides, _) = SCHEDULER_NAMES.iter().find(|(n, ..)| *n == name).ok_or_else(|| {
@@ -74,7 +84,7 @@ pub fn resolve_scheduler(
         config.insert(key.clone(), value.clone());
     }
     config.insert("_class_name".into(), Value::String(class_name.clone()));
-    let scheduler = schedulers::from_config(&class_name, &config, &config_path)?;
+    let scheduler = schedulers::from_config(&class_name, &config, config_path)?;
     Ok(ResolvedScheduler { scheduler, class_name, config })
 }
 
