@@ -9,5 +9,6 @@ pub mod pipelines;
 pub mod rng;
 pub mod schedulers;
 pub mod tokenizers;
+pub mod training;
 
 pub use error::{Error, Result};
