@@ -928,3 +928,29 @@ fn bad_settings_are_refused() {
     assert!(error.contains("needs labels"), "{error}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The convolution's training backward pass (the input's gradient as a convolution) against
+/// candle's own (through conv_transpose2d), for the kernel sizes, strides and paddings the
+/// models use, on odd and even sizes.
+#[test]
+fn conv2d_backward_matches_candle() {
+    let device = Device::Cpu;
+    for (size, kernel, stride, padding) in [(8, 3, 1, 1), (7, 3, 2, 1), (8, 3, 2, 1), (9, 3, 2, 0), (8, 3, 2, 0), (6, 1, 1, 0), (6, 1, 1, 1), (5, 3, 1, 0), (6, 4, 1, 2)] {
+        let input = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, size, size), &device).unwrap()).unwrap();
+        let weight = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 3, kernel, kernel), &device).unwrap()).unwrap();
+        let ours = diffuse::ops::conv2d(&input, &weight, None, stride, padding).unwrap();
+        let candle = input.conv2d(&weight, padding, stride, 1, 1).unwrap();
+        assert_eq!(ours.dims(), candle.dims());
+        let upstream = Tensor::randn(0f32, 1.0, ours.dims(), &device).unwrap();
+        let gradients = |output: &Tensor| {
+            let grads = (output * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
+            [input.as_tensor(), weight.as_tensor()].map(|t| grads.get(t).unwrap().clone())
+        };
+        let (a, b) = (gradients(&ours), gradients(&candle));
+        assert_eq!(max_abs_difference(&ours, &candle), 0.0);
+        for (name, (a, b)) in ["input", "weight"].iter().zip(a.iter().zip(&b)) {
+            let difference = max_abs_difference(a, b);
+            assert!(difference < 1e-4, "size {size}, kernel {kernel}, stride {stride}, padding {padding}: d{name} differs by {difference}");
+        }
+    }
+}
