@@ -3,6 +3,7 @@
 
 mod bench;
 mod generate;
+mod train;
 
 use clap::{Parser, Subcommand};
 use diffuse::pipelines::SCHEDULER_NAMES;
@@ -28,6 +29,9 @@ enum Command {
     /// Time the text encoder, one UNet step and one VAE decode (random weights for a named
     /// standard config, or a real model folder).
     Bench(bench::BenchArgs),
+    /// Train a pixel-space UNet2DModel (unconditional or class-conditional) from scratch and
+    /// write it as a diffusers DDPMPipeline folder.
+    Train(Box<train::TrainArgs>),
 }
 
 fn main() {
@@ -35,6 +39,7 @@ fn main() {
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args),
         Command::Bench(args) => bench::run(args),
+        Command::Train(args) => train::run(*args),
         Command::Schedulers => {
             for (name, class, _, description) in SCHEDULER_NAMES {
                 println!("{name:<16} {description} [{class}]");
