@@ -38,6 +38,9 @@ pub struct BenchArgs {
     /// Which components: all, text, unet, vae.
     #[arg(long, default_value = "all")]
     component: String,
+    /// Also print where the time goes, per operation (convolution, linear, attention, norms).
+    #[arg(long)]
+    profile: bool,
 }
 
 /// Where a component's config and weights come from.
@@ -64,13 +67,30 @@ impl Source {
         }
     }
 
-    /// Random-free stand-in weights (zeros: the timing of every kernel is data-independent)
-    /// or the folder's real weights, memory-mapped.
+    /// Random stand-in weights (allocated and touched, so memory is measured as with real
+    /// weights) or the folder's real weights, memory-mapped.
     fn weights(&self, component: &str, stem: &str, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         match self {
-            Source::Family(_) => Ok(VarBuilder::zeros(dtype, device)),
+            Source::Family(_) => Ok(VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone())),
             Source::Folder(dir) => Ok(var_builder(&find_weight_files(&dir.join(component), stem, None)?, dtype, device)?),
         }
+    }
+}
+
+/// Every requested tensor drawn from N(0, 0.02²), like a freshly initialised model.
+struct RandomWeights;
+
+impl candle_nn::var_builder::SimpleBackend for RandomWeights {
+    fn get(&self, shape: candle_core::Shape, _: &str, _: candle_nn::Init, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape for {name}")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
     }
 }
 
@@ -82,8 +102,11 @@ fn peak_rss_gb() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+/// Times `runs` calls after one warm-up; returns the sorted times and the warm-up's.
+fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<(Vec<f64>, f64)> {
+    let start = Instant::now();
     f()?;
+    let warm_up = start.elapsed().as_secs_f64();
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
         let start = Instant::now();
@@ -91,10 +114,10 @@ fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
         times.push(start.elapsed().as_secs_f64());
     }
     times.sort_by(|a, b| a.total_cmp(b));
-    Ok(times)
+    Ok((times, warm_up))
 }
 
-fn report(what: &str, times: &[f64]) {
+fn report(what: &str, (times, warm_up): &(Vec<f64>, f64), profile: bool) {
     let median = times[times.len() / 2];
     println!(
         "{what}: median {median:.3}s min {:.3}s max {:.3}s (n={}) peak RSS {:.2} GB",
@@ -103,6 +126,19 @@ fn report(what: &str, times: &[f64]) {
         times.len(),
         peak_rss_gb()
     );
+    if profile {
+        // The profile covers the warm-up and every timed run: shares of the total are what matter.
+        let runs = times.len() as f64 + 1.0;
+        let total: f64 = times.iter().sum::<f64>() + warm_up;
+        let mut accounted = 0.0;
+        for (name, time, calls) in diffuse::ops::profile::totals() {
+            let seconds = time.as_secs_f64();
+            accounted += seconds;
+            println!("  {name:<30} {:>8.3}s per run {:>5.1}%  ({} calls per run)", seconds / runs, 100.0 * seconds / total, calls as f64 / runs);
+        }
+        println!("  {:<30} {:>8.3}s per run {:>5.1}%", "other (element-wise, copies)", (total - accounted).max(0.0) / runs, 100.0 * (total - accounted).max(0.0) / total);
+        diffuse::ops::profile::reset();
+    }
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -123,6 +159,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("--component {} is not one of all, text, unet, vae", args.component);
     }
     let latent = args.size / 8;
+    if args.profile {
+        diffuse::ops::profile::enable();
+    }
 
     if wanted("text") {
         let (map, origin) = source.config("text_encoder")?;
@@ -133,7 +172,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             model.forward(&ids)?;
             Ok(())
         })?;
-        report(&format!("text encoder, batch {}", args.batch), &times);
+        report(&format!("text encoder, batch {}", args.batch), &times, args.profile);
     }
     if wanted("unet") {
         let (map, origin) = source.config("unet")?;
@@ -146,7 +185,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             model.forward(&sample, &t, &text)?;
             Ok(())
         })?;
-        report(&format!("UNet step, batch {}, latents {latent}x{latent}", args.batch), &times);
+        report(&format!("UNet step, batch {}, latents {latent}x{latent}", args.batch), &times, args.profile);
     }
     if wanted("vae") {
         let (map, origin) = source.config("vae")?;
@@ -157,7 +196,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             model.decode(&z)?;
             Ok(())
         })?;
-        report(&format!("VAE decode, 1 image {}x{}", args.size, args.size), &times);
+        report(&format!("VAE decode, 1 image {}x{}", args.size, args.size), &times, args.profile);
     }
     Ok(())
 }

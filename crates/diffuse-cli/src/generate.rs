@@ -1,5 +1,8 @@
 //! `diffuse generate`: text-to-image with Stable Diffusion folders, and unconditional or
-//! class-conditional sampling with pixel-space DDPM folders.
+//! class-conditional sampling with pixel-space DDPM folders. Every PNG carries its parameters
+//! (AUTOMATIC1111's infotext; see generate/parameters.rs, which also implements `--from`).
+
+mod parameters;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -7,21 +10,31 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use clap::ArgMatches;
 use diffuse::loading::config::parse_override;
 use diffuse::pipelines::pixel::{PixelOptions, PixelPipeline};
 use diffuse::pipelines::stable_diffusion::{is_stable_diffusion_folder, PhaseTimes, StableDiffusionPipeline, TextToImageOptions};
 use diffuse::pipelines::{to_uint8_images, write_png};
+use diffuse::prompts::PromptSyntax;
 use diffuse::rng::TorchGenerator;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::start::{self, Start, StartArgs};
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
     /// The model: a diffusers pipeline folder (Stable Diffusion: tokenizer/, text_encoder/,
-    /// unet/, vae/, scheduler/; pixel-space DDPM: unet/, scheduler/), or a Hugging Face repo id
-    /// (ORG/NAME) found in the local Hugging Face cache (downloaded when missing, unless
-    /// HF_HUB_OFFLINE=1).
+    /// unet/, vae/, scheduler/; pixel-space DDPM: unet/, scheduler/), a single-file SD 1.x/2.x
+    /// checkpoint (FILE.safetensors, original layout), or a Hugging Face repo id (ORG/NAME)
+    /// found in the local Hugging Face cache (downloaded when missing, unless HF_HUB_OFFLINE=1).
+    /// With --from, defaults to the image's model when that is a repo id.
+    #[arg(long, required_unless_present = "from")]
+    model: Option<String>,
+    /// What the model predicts: epsilon, v_prediction (SD 2.x 768-px models) or sample. A
+    /// single file does not say; its default is diffusers' (v_prediction for SD 2.x but
+    /// inpainting, else epsilon). With a folder, it overrides the scheduler config.
     #[arg(long)]
-    model: String,
+    prediction_type: Option<String>,
     /// With a repo id: the branch, tag or commit to use.
     #[arg(long)]
     revision: Option<String>,
@@ -47,6 +60,11 @@ pub struct GenerateArgs {
     /// which AUTOMATIC1111 calls "Clip skip: 2").
     #[arg(long)]
     clip_skip: Option<usize>,
+    /// How prompts are read: `diffusers` (truncated to CLIP's 77 tokens, with a warning) or
+    /// `a1111`, the AUTOMATIC1111 web UI's: weights ((word) ×1.1, [word] ÷1.1, (word:1.3)),
+    /// BREAK, and prompts of any length in 75-token chunks.
+    #[arg(long, default_value = "diffusers", value_parser = PromptSyntax::NAMES)]
+    prompt_syntax: String,
     /// Weight and compute precision: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -73,6 +91,8 @@ pub struct GenerateArgs {
     /// With more than one, files are named FILE-0.png, FILE-1.png, ...
     #[arg(long, default_value_t = 1)]
     num_images: usize,
+    #[command(flatten)]
+    start: StartArgs,
     /// Load the `.VARIANT.safetensors` weight files (e.g. fp16).
     #[arg(long)]
     variant: Option<String>,
@@ -82,6 +102,10 @@ pub struct GenerateArgs {
     /// Output PNG path.
     #[arg(long)]
     output: PathBuf,
+    /// Make an image again from the parameters in its PNG (written by diffuse or the
+    /// AUTOMATIC1111 web UI), with the same model; flags given here win over the PNG's.
+    #[arg(long, value_name = "FILE.png")]
+    from: Option<PathBuf>,
 }
 
 fn output_paths(output: &Path, count: usize) -> Result<Vec<PathBuf>> {
@@ -143,30 +167,63 @@ pub(crate) fn parse_dtype(name: &str, device: &Device) -> Result<DType> {
     Ok(dtype)
 }
 
-pub fn run(args: GenerateArgs) -> Result<()> {
-    let paths = output_paths(&args.output, args.num_images)?;
+/// `matches` (the subcommand's parsed arguments) tells `--from` which flags were given.
+pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
+    let recalled = parameters::recall(&mut args, matches)?;
+    let keep = recalled.as_ref().and_then(|r| r.keep);
+    let paths = output_paths(&args.output, if keep.is_some() { 1 } else { args.num_images })?;
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
-    let overrides = args
+    let mut overrides = args
         .scheduler_config
         .iter()
         .map(|s| parse_override(s).with_context(|| "--scheduler-config".to_string()))
         .collect::<Result<Vec<_>>>()?;
     let device = Device::Cpu;
-    let model_dir = diffuse::loading::hub::resolve_model(&args.model, args.revision.as_deref(), args.variant.as_deref())?;
-    if !model_dir.is_dir() {
-        bail!("--model {}: not a model folder", args.model);
+    let model = args.model.clone().unwrap_or_default();
+    let model_path = diffuse::loading::hub::resolve_model(&model, args.revision.as_deref(), args.variant.as_deref())?;
+    // A single file is a checkpoint to load whole; a folder is a diffusers pipeline.
+    let single_file = model_path.is_file();
+    if !single_file && !model_path.is_dir() {
+        bail!("--model {model}: neither a model folder nor a checkpoint file");
     }
+    if single_file && args.variant.is_some() {
+        bail!("--variant selects weight files in a diffusers folder; {model} is a single checkpoint file");
+    }
+    // A scheduler override for every model (so that the image's metadata records it); a single
+    // file is also told directly, which checks the value up front.
+    if let Some(prediction_type) = &args.prediction_type {
+        overrides.push(("prediction_type".to_string(), serde_json::Value::from(prediction_type.as_str())));
+    }
+    let hashing = parameters::hash_in_background(&model_path, args.variant.clone());
     let seed = args.seed.unwrap_or_else(random_seed);
     let mut generator = TorchGenerator::new(seed);
     let start = Instant::now();
-    let (samples, sampler, summary) = if is_stable_diffusion_folder(&model_dir) {
+    let text_conditioned = single_file || is_stable_diffusion_folder(&model_path);
+    let (samples, scheduler, summary) = if text_conditioned {
         let dtype = parse_dtype(&args.dtype, &device)?;
         if args.class_label.is_some() {
-            bail!("--class-label is for class-conditional pixel-space models; this is a Stable Diffusion folder");
+            bail!("--class-label is for class-conditional pixel-space models; this is a Stable Diffusion model");
         }
-        let mut pipeline = StableDiffusionPipeline::load(&model_dir, args.scheduler.as_deref(), &overrides, args.variant.as_deref(), &device, dtype)?;
+        let quiet = args.quiet;
+        let start_from = args.start.load(args.steps, &device, &mut |w| if !quiet { eprintln!("warning: {w}") })?;
+        let scheduler_name = args.scheduler.as_deref();
+        let mut pipeline = if single_file {
+            let prediction_type = args.prediction_type.as_deref();
+            StableDiffusionPipeline::load_single_file(&model_path, prediction_type, scheduler_name, &overrides, &device, dtype)?
+        } else {
+            StableDiffusionPipeline::load(&model_path, scheduler_name, &overrides, args.variant.as_deref(), &device, dtype)?
+        };
+        if let Start::Latents { latents, metadata } = &start_from {
+            let (height, width) = start::latents_size(latents, &pipeline, args.height, args.width, args.num_images)?;
+            (args.height, args.width) = (Some(height), Some(width));
+            args.prompt = args.prompt.take().or_else(|| metadata.get("prompt").cloned());
+            let note = start::inversion_mismatch(metadata, args.steps, args.guidance_scale, &pipeline.scheduler.class_name);
+            if let Some(note) = note.filter(|_| !quiet) {
+                eprintln!("warning: {note}");
+            }
+        }
         let options = TextToImageOptions {
             prompt: args.prompt.clone().unwrap_or_default(),
             negative_prompt: args.negative_prompt.clone(),
@@ -178,28 +235,24 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             width: args.width,
             eta: args.eta,
             clip_skip: args.clip_skip,
+            prompt_syntax: args.prompt_syntax.parse()?,
         };
-        pipeline.validate(&options)?;
+        start_from.validate(&pipeline, &options, &mut |w| if !quiet { eprintln!("warning: {w}") })?;
         if !args.quiet {
             eprintln!("seed: {seed}");
         }
         let bar = progress_bar(args.steps, args.quiet);
         let mut times = PhaseTimes::default();
-        let quiet = args.quiet;
-        let images = pipeline.generate(
-            &options,
-            &mut generator,
-            &mut |i, n| {
-                bar.set_length(n as u64);
-                bar.set_position(i as u64);
-            },
-            &mut |warning| {
-                if !quiet {
-                    bar.suspend(|| eprintln!("warning: {warning}"));
-                }
-            },
-            &mut times,
-        )?;
+        let mut on_step = |i: usize, n: usize| {
+            bar.set_length(n as u64);
+            bar.set_position(i as u64);
+        };
+        let mut warn = |warning: String| {
+            if !quiet {
+                bar.suspend(|| eprintln!("warning: {warning}"));
+            }
+        };
+        let images = start_from.generate(&mut pipeline, &options, &mut generator, &mut on_step, &mut warn, &mut times)?;
         bar.finish_and_clear();
         let summary = format!(
             "text encoding {:.2}s, denoising {:.2}s ({:.2} it/s), decoding {:.2}s",
@@ -208,12 +261,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             args.steps as f64 / times.denoising.max(1e-9),
             times.decoding
         );
-        (images, args.scheduler.clone().unwrap_or_else(|| pipeline.scheduler.class_name.clone()), summary)
+        (images, (pipeline.scheduler.class_name.clone(), pipeline.scheduler.config.clone()), summary)
     } else {
         if args.prompt.is_some() || args.negative_prompt.is_some() {
-            bail!("--prompt needs a Stable Diffusion folder (text_encoder/, vae/); {} is a pixel-space model", args.model);
+            bail!("--prompt needs a Stable Diffusion folder (text_encoder/, vae/); {model} is a pixel-space model");
         }
-        let mut pipeline = PixelPipeline::load(&model_dir, args.scheduler.as_deref(), &overrides, args.variant.as_deref(), &device)?;
+        if args.start.any() {
+            bail!("--init-image, --mask, --strength and --latents need a Stable Diffusion model; {model} is a pixel-space model");
+        }
+        let mut pipeline = PixelPipeline::load(&model_path, args.scheduler.as_deref(), &overrides, args.variant.as_deref(), &device)?;
         let options = PixelOptions { num_inference_steps: args.steps, num_images: args.num_images, eta: args.eta, class_label: args.class_label };
         pipeline.validate(&options)?;
         if !args.quiet {
@@ -225,12 +281,28 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             bar.set_position(i as u64);
         })?;
         bar.finish_and_clear();
-        (samples, args.scheduler.clone().unwrap_or_else(|| pipeline.scheduler.class_name.clone()), String::new())
+        (samples, (pipeline.scheduler.class_name.clone(), pipeline.scheduler.config.clone()), String::new())
     };
     let images = to_uint8_images(&samples)?;
-    let parameters = infotext(&args, &sampler, seed, images[0].0, images[0].1);
-    for (path, (width, height, channels, pixels)) in paths.iter().zip(&images) {
-        write_png(path, *width, *height, *channels, pixels, &[("parameters", parameters.clone())])?;
+    let made = parameters::Made {
+        seed,
+        scheduler_class: scheduler.0,
+        scheduler_config: scheduler.1,
+        scheduler_overrides: overrides,
+        text_conditioned,
+        width: images[0].0,
+        height: images[0].1,
+        batch_size: images.len(),
+        model_hash: parameters::finish_hash(hashing, recalled.as_ref(), args.quiet),
+    };
+    let indices: Vec<usize> = match keep {
+        Some(index) => vec![index],
+        None => (0..images.len()).collect(),
+    };
+    for (path, index) in paths.iter().zip(indices) {
+        let (width, height, channels, pixels) = &images[index];
+        let text = parameters::infotext(&args, &made, index);
+        write_png(path, *width, *height, *channels, pixels, &[("parameters", text)])?;
         println!("{}", path.display());
     }
     if !args.quiet {
@@ -242,35 +314,4 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Generation parameters in the AUTOMATIC1111 web UI's "infotext" form.
-fn infotext(args: &GenerateArgs, sampler: &str, seed: u64, width: usize, height: usize) -> String {
-    let mut text = String::new();
-    if let Some(prompt) = &args.prompt {
-        text.push_str(prompt);
-        text.push('\n');
-        if let Some(negative) = &args.negative_prompt {
-            text.push_str(&format!("Negative prompt: {negative}\n"));
-        }
-    }
-    let model = Path::new(&args.model).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    text.push_str(&format!("Steps: {}, Sampler: {sampler}", args.steps));
-    if args.prompt.is_some() {
-        text.push_str(&format!(", CFG scale: {}", args.guidance_scale));
-    }
-    text.push_str(&format!(", Seed: {seed}, Size: {width}x{height}, Model: {model}"));
-    if args.eta != 0.0 {
-        text.push_str(&format!(", Eta: {}", args.eta));
-    }
-    if let Some(label) = args.class_label {
-        text.push_str(&format!(", Class label: {label}"));
-    }
-    if let Some(skip) = args.clip_skip {
-        text.push_str(&format!(", Clip skip: {}", skip + 1));
-    }
-    if args.guidance_rescale != 0.0 {
-        text.push_str(&format!(", Guidance rescale: {}", args.guidance_rescale));
-    }
-    text
 }

@@ -3,9 +3,12 @@
 
 mod bench;
 mod generate;
+mod info;
+mod invert;
+mod start;
 mod train;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use diffuse::pipelines::SCHEDULER_NAMES;
 
 #[derive(Parser)]
@@ -24,8 +27,13 @@ enum Command {
     /// Generate images: text-to-image with a Stable Diffusion folder, or unconditional /
     /// class-conditional sampling with a pixel-space DDPM folder.
     Generate(Box<generate::GenerateArgs>),
+    /// DDIM inversion: the latents from which `generate --latents FILE --scheduler ddim`
+    /// (same prompt, steps and guidance) gives the image back.
+    Invert(Box<invert::InvertArgs>),
     /// List the scheduler names that --scheduler accepts.
     Schedulers,
+    /// Print the generation parameters stored in a PNG (by diffuse or the AUTOMATIC1111 web UI).
+    Info(info::InfoArgs),
     /// Time the text encoder, one UNet step and one VAE decode (random weights for a named
     /// standard config, or a real model folder).
     Bench(bench::BenchArgs),
@@ -35,10 +43,13 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
-        Command::Generate(args) => generate::run(*args),
+        Command::Generate(args) => generate::run(*args, matches.subcommand_matches("generate")),
+        Command::Info(args) => info::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Invert(args) => invert::run(*args),
         Command::Train(args) => train::run(*args),
         Command::Schedulers => {
             for (name, class, _, description) in SCHEDULER_NAMES {

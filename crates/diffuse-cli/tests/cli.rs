@@ -29,7 +29,9 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 fn diffuse(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_diffuse")).args(args).output().unwrap();
+    // Model hashes are cached under the test's temporary folder, not the user's cache.
+    let cache = std::env::temp_dir().join(format!("diffuse-cli-test-{}-cache", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_diffuse")).args(args).env("DIFFUSE_CACHE_DIR", cache).output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -224,6 +226,522 @@ fn text_to_image_bad_input() {
     let (ok, _, stderr) = diffuse(&["generate", "--model", sd_s, "--prompt", "", "--steps", "2", "--quiet", "--output", out_s]);
     assert!(ok, "{stderr}");
     assert!(out.exists());
+}
+
+fn psnr_against(pixels: &[u8], reference: &std::path::Path) -> f64 {
+    let reference = candle_core::safetensors::load(reference, &candle_core::Device::Cpu).unwrap();
+    let expected = reference["images"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    assert_eq!(pixels.len(), expected.len(), "image size");
+    let mse = pixels.iter().zip(&expected).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / pixels.len() as f64;
+    if mse == 0.0 { f64::INFINITY } else { 10.0 * (255f64.powi(2) / mse).log10() }
+}
+
+#[test]
+fn image_to_image_and_inpainting_match_diffusers() {
+    let dir = scratch("img2img");
+    let inputs = fixtures().join("img2img/inputs");
+    let cases = fixtures().join("img2img/cases");
+
+    // img2img_default: the folder's PNDM, strength 0.75, guidance 7.5.
+    let out = dir.join("i2i.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", fixtures().join("sd/sd1").to_str().unwrap(), "--prompt", "a photo of a cat",
+        "--init-image", inputs.join("init_64x64.png").to_str().unwrap(), "--strength", "0.75", "--steps", "8",
+        "--seed", "0", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let (pixels, text) = decode_png(&out);
+    let psnr = psnr_against(&pixels, &cases.join("img2img_default.safetensors"));
+    assert!(psnr >= 40.0, "image-to-image PSNR {psnr}");
+    let parameters = &text.iter().find(|(k, _)| k == "parameters").expect("parameters chunk").1;
+    assert!(parameters.contains("Denoising strength: 0.75") && parameters.contains("Size: 64x64"), "{parameters}");
+    // --from with the init image given again makes the same image (strength from the PNG).
+    let again = dir.join("again.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--from", out.to_str().unwrap(), "--model", fixtures().join("sd/sd1").to_str().unwrap(),
+        "--init-image", inputs.join("init_64x64.png").to_str().unwrap(), "--quiet", "--output", again.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(decode_png(&again).0, pixels, "--from --init-image makes the same image");
+
+    // inpaint9_resized_image: a 71x53 image and a 40x24 mask, both resized to the model's
+    // 64x64 as diffusers does; strength defaults to 1 with a mask.
+    let out = dir.join("inpaint.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", fixtures().join("sd/sd1_inpaint").to_str().unwrap(), "--prompt", "a photo of a cat",
+        "--init-image", inputs.join("init_71x53.png").to_str().unwrap(), "--mask", inputs.join("mask_40x24.png").to_str().unwrap(),
+        "--scheduler", "euler", "--steps", "8", "--seed", "24", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("the mask is 40x24 and the image 71x53"), "{stderr}");
+    assert!(stderr.contains("inpainting at the model's 64x64"), "{stderr}");
+    let (pixels, text) = decode_png(&out);
+    let psnr = psnr_against(&pixels, &cases.join("inpaint9_resized_image.safetensors"));
+    assert!(psnr >= 40.0, "inpainting PSNR {psnr}");
+    assert!(text.iter().any(|(k, v)| k == "parameters" && v.contains("Denoising strength: 1")));
+
+    // inpaint4_dpm_non_square: a 4-channel model, 80x48 given explicitly, guidance off.
+    let out = dir.join("inpaint4.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", fixtures().join("sd/sd1").to_str().unwrap(), "--prompt", "a photo of a cat",
+        "--init-image", inputs.join("init_80x48.png").to_str().unwrap(), "--mask", inputs.join("mask_80x48.png").to_str().unwrap(),
+        "--strength", "0.6", "--guidance-scale", "1", "--width", "80", "--height", "48", "--scheduler", "dpm++2m",
+        "--steps", "8", "--seed", "13", "--quiet", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.is_empty(), "--quiet: {stderr}");
+    let psnr = psnr_against(&decode_png(&out).0, &cases.join("inpaint4_dpm_non_square.safetensors"));
+    assert!(psnr >= 40.0, "4-channel inpainting PSNR {psnr}");
+}
+
+#[test]
+fn invert_then_generate_from_the_latents() {
+    let dir = scratch("invert");
+    let latents = dir.join("cat.safetensors");
+    let sd1 = fixtures().join("sd/sd1");
+    let image = fixtures().join("img2img/inputs/init_64x64.png");
+    let (ok, stdout, stderr) = diffuse(&[
+        "invert", "--model", sd1.to_str().unwrap(), "--image", image.to_str().unwrap(), "--prompt", "a photo of a cat",
+        "--steps", "25", "--seed", "30", "--output", latents.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("cat.safetensors"));
+    assert!(stderr.contains("--latents") && stderr.contains("--scheduler ddim"), "regeneration hint: {stderr}");
+    // The latents are diffusers' (invert_sd1), and the metadata says how they were made.
+    let written = candle_core::safetensors::load(&latents, &candle_core::Device::Cpu).unwrap();
+    let reference = candle_core::safetensors::load(fixtures().join("img2img/cases/invert_sd1.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let (a, b) = (written["latents"].flatten_all().unwrap().to_vec1::<f32>().unwrap(), reference["latents"].flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale;
+    assert!(err < 1e-3, "inverted latents differ from diffusers' by {err:e}");
+    let bytes = std::fs::read(&latents).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let metadata = &header["__metadata__"];
+    assert_eq!(metadata["prompt"], "a photo of a cat");
+    assert_eq!(metadata["steps"], "25");
+    assert_eq!(metadata["model"], sd1.to_str().unwrap());
+    assert_eq!(metadata["guidance_scale"], "1");
+
+    // Regenerate without --prompt (taken from the file), as the inversion ran: no warning.
+    let out = dir.join("regen.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", sd1.to_str().unwrap(), "--latents", latents.to_str().unwrap(), "--scheduler", "ddim",
+        "--steps", "25", "--guidance-scale", "1", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    let (pixels, text) = decode_png(&out);
+    let psnr = psnr_against(&pixels, &fixtures().join("img2img/cases/invert_sd1.safetensors"));
+    assert!(psnr >= 40.0, "regenerated image PSNR {psnr}");
+    assert!(text.iter().any(|(k, v)| k == "parameters" && v.starts_with("a photo of a cat\n")), "{text:?}");
+
+    // A run that differs from the inversion says it will not reconstruct the image.
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", sd1.to_str().unwrap(), "--latents", latents.to_str().unwrap(), "--steps", "10",
+        "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("differs from the inversion") && stderr.contains("10 steps, inverted with 25"), "{stderr}");
+}
+
+#[test]
+fn image_flags_bad_input() {
+    let dir = scratch("img2img-bad");
+    let out = dir.join("out.png");
+    let out_s = out.to_str().unwrap();
+    let sd1 = fixtures().join("sd/sd1");
+    let sd1_s = sd1.to_str().unwrap();
+    let init = fixtures().join("img2img/inputs/init_64x64.png");
+    let init_s = init.to_str().unwrap();
+    let mask = fixtures().join("img2img/inputs/mask_64x64.png");
+    let mask_s = mask.to_str().unwrap();
+    let not_an_image = dir.join("notes.png");
+    std::fs::write(&not_an_image, "not a picture").unwrap();
+    let bad_s = not_an_image.to_str().unwrap();
+    let run = |extra: &[&str], needle: &str| {
+        let mut args = vec!["generate", "--model", sd1_s, "--prompt", "a cat", "--steps", "8", "--output", out_s];
+        args.extend_from_slice(extra);
+        assert_fails_with(&args, needle);
+    };
+    run(&["--init-image", bad_s], "notes.png: cannot decode the image");
+    run(&["--init-image", dir.join("missing.png").to_str().unwrap()], "missing.png");
+    run(&["--init-image", init_s, "--mask", bad_s], "notes.png: cannot decode the image");
+    run(&["--mask", mask_s], "--mask needs --init-image");
+    run(&["--strength", "0.5"], "--strength needs --init-image");
+    run(&["--init-image", init_s, "--strength", "1.5"], "--strength must be in [0, 1], got 1.5");
+    run(&["--init-image", init_s, "--strength=-0.2"], "--strength must be in [0, 1]");
+    run(&["--init-image", init_s, "--strength", "0.1"], "--strength 0.1 with 8 steps runs no denoising step");
+    run(&["--init-image", init_s, "--mask", mask_s, "--strength", "0.05"], "runs no denoising step");
+    run(&["--init-image", init_s, "--width", "60"], "multiples of 8");
+    run(&["--init-image", init_s, "--latents", bad_s], "two different starting points");
+    run(&["--latents", bad_s], "not a latents file");
+    let inpainting = fixtures().join("sd/sd1_inpaint");
+    assert_fails_with(
+        &["generate", "--model", inpainting.to_str().unwrap(), "--init-image", init_s, "--steps", "8", "--output", out_s],
+        "needs a mask",
+    );
+    assert_fails_with(
+        &["generate", "--model", inpainting.to_str().unwrap(), "--prompt", "x", "--steps", "8", "--output", out_s],
+        "an inpainting model): give an init image and a mask",
+    );
+    let pixel = fixtures().join("pixel/uncond");
+    assert_fails_with(&["generate", "--model", pixel.to_str().unwrap(), "--init-image", init_s, "--output", out_s], "need a Stable Diffusion model");
+
+    // Latents for another size than --width/--height.
+    let latents = dir.join("lat.safetensors");
+    let (ok, _, stderr) = diffuse(&[
+        "invert", "--model", sd1_s, "--image", init_s, "--steps", "4", "--quiet", "--output", latents.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    run(&["--latents", latents.to_str().unwrap(), "--width", "128"], "latents for 64x64 images");
+    run(&["--latents", latents.to_str().unwrap(), "--num-images", "2"], "--num-images must be 1");
+    assert!(!out.exists(), "no output may be written on failure");
+
+    // invert's own checks.
+    let lat_out = dir.join("x.safetensors");
+    let lat_s = lat_out.to_str().unwrap();
+    assert_fails_with(&["invert", "--model", sd1_s, "--image", bad_s, "--output", lat_s], "notes.png: cannot decode the image");
+    assert_fails_with(&["invert", "--model", sd1_s, "--image", init_s, "--output", dir.join("x.png").to_str().unwrap()], ".safetensors");
+    assert_fails_with(&["invert", "--model", sd1_s, "--image", init_s, "--output", dir.join("no/x.safetensors").to_str().unwrap()], "does not exist");
+    assert_fails_with(&["invert", "--model", sd1_s, "--image", init_s, "--steps", "0", "--output", lat_s], "--steps");
+    assert_fails_with(&["invert", "--model", pixel.to_str().unwrap(), "--image", init_s, "--output", lat_s], "not a Stable Diffusion model");
+    assert!(!lat_out.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp")).collect();
+    assert!(leftovers.is_empty());
+}
+
+/// `diffuse info FILE` (raw infotext).
+fn info(path: &Path) -> String {
+    let (ok, stdout, stderr) = diffuse(&["info", path.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    stdout.trim_end_matches('\n').to_string()
+}
+
+#[test]
+fn from_png_makes_the_same_stable_diffusion_image() {
+    let dir = scratch("from-sd");
+    let model = fixtures().join("sd/sd1");
+    let model_s = model.to_str().unwrap();
+    let first = dir.join("first.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", model_s, "--prompt", "a cat on a sofa, (soft light:1.2)\n猫 🐱", "--negative-prompt",
+        "blurry: low quality", "--scheduler", "dpm++2m-karras", "--scheduler-config", "timestep_spacing=trailing",
+        "--steps", "5", "--seed", "21", "--guidance-scale", "6.5", "--guidance-rescale", "0.3", "--clip-skip", "1",
+        "--width", "72", "--height", "56", "--num-images", "2", "--quiet", "--output", first.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let second_of_batch = dir.join("first-1.png");
+    let text = info(&second_of_batch);
+    assert!(text.starts_with("a cat on a sofa, (soft light:1.2)\n猫 🐱\nNegative prompt: blurry: low quality\nSteps: 5, "), "{text}");
+    for part in [
+        "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 21, Size: 72x56, Model hash: 7413faf943, Model: sd1,",
+        "Batch size: 2, Batch pos: 1, Clip skip: 2, Guidance rescale: 0.3, Diffuse scheduler: dpm++2m-karras,",
+        r#"Diffuse scheduler config: "{\"timestep_spacing\":\"trailing\"}", Version: diffuse "#,
+    ] {
+        assert!(text.contains(part), "{part} missing from {text}");
+    }
+    let (ok, json, stderr) = diffuse(&["info", "--json", second_of_batch.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["prompt"], "a cat on a sofa, (soft light:1.2)\n猫 🐱");
+    assert_eq!(json["clip_skip"], 1);
+    assert_eq!(json["scheduler_config"]["timestep_spacing"], "trailing");
+
+    // The second image of the batch, made again from its PNG alone: the same file, byte for
+    // byte (pixels and metadata), and only that one image written.
+    let again = dir.join("again.png");
+    let (ok, stdout, stderr) = diffuse(&["generate", "--from", second_of_batch.to_str().unwrap(), "--model", model_s, "--quiet", "--output", again.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.trim(), again.to_str().unwrap());
+    assert!(std::fs::read(&second_of_batch).unwrap() == std::fs::read(&again).unwrap(), "--from must make the same image");
+    assert!(!dir.join("again-0.png").exists());
+    let (from_batch, _) = decode_png(&again);
+    let (first_of_batch, _) = decode_png(&dir.join("first-0.png"));
+    assert_ne!(from_batch, first_of_batch, "the batch's images differ, so the right one was kept");
+
+    // Flags given win over the PNG's.
+    let changed = dir.join("changed.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--from", second_of_batch.to_str().unwrap(), "--model", model_s, "--steps", "3", "--num-images", "1",
+        "--scheduler", "euler", "--quiet", "--output", changed.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let text = info(&changed);
+    assert!(text.contains("Steps: 3, Sampler: Euler,") && text.contains("Seed: 21") && text.contains("Diffuse scheduler: euler,"), "{text}");
+    assert!(!text.contains("Batch"), "{text}");
+    assert_ne!(decode_png(&changed).0, from_batch);
+
+    // Another model than the image's: made, with a warning naming both hashes.
+    let other = dir.join("other.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--from", second_of_batch.to_str().unwrap(), "--model", fixtures().join("sd/sd2").to_str().unwrap(),
+        "--num-images", "1", "--output", other.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("made with model hash 7413faf943, this model's is "), "{stderr}");
+}
+
+#[test]
+fn from_png_makes_the_same_pixel_space_image() {
+    let dir = scratch("from-pixel");
+    let model = fixtures().join("pixel/classcond");
+    let first = dir.join("first.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", model.to_str().unwrap(), "--class-label", "2", "--scheduler", "ddim", "--eta", "0.5",
+        "--steps", "6", "--quiet", "--output", first.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let text = info(&first);
+    assert!(text.starts_with("Steps: 6, Sampler: DDIM, Schedule type: Automatic, Seed: "), "{text}");
+    assert!(text.contains("Model: classcond, Eta DDIM: 0.5, Class label: 2, Diffuse scheduler: ddim,") && !text.contains("CFG"), "{text}");
+    let again = dir.join("again.png");
+    let (ok, _, stderr) = diffuse(&["generate", "--from", first.to_str().unwrap(), "--model", model.to_str().unwrap(), "--quiet", "--output", again.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(std::fs::read(&first).unwrap() == std::fs::read(&again).unwrap(), "--from must make the same image");
+}
+
+#[test]
+fn from_png_reads_automatic1111_images() {
+    // A PNG as A1111 writes it for a UTF-8 prompt (an iTXt chunk, by Pillow): its sampler maps
+    // to a diffuse scheduler, its LoRA hashes are named as ignored.
+    let dir = scratch("from-a1111");
+    let out = dir.join("out.png");
+    let a1111 = fixtures().join("metadata/a1111_utf8.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--from", a1111.to_str().unwrap(), "--model", fixtures().join("sd/sd1").to_str().unwrap(), "--width", "64",
+        "--height", "64", "--steps", "2", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("ignored: Lora hashes"), "{stderr}");
+    let text = info(&out);
+    assert!(text.starts_with("一只猫坐在窗台上, 🐱 kawaii, café\nNegative prompt: 模糊, low quality\nSteps: 2, Sampler: Euler a,"), "{text}");
+    assert!(text.contains("CFG scale: 7, Seed: 1, Size: 64x64") && text.contains("Diffuse scheduler: euler-ancestral"), "{text}");
+    // An A1111 prompt is read as A1111 reads it.
+    assert!(text.contains("Prompt syntax: a1111"), "{text}");
+}
+
+#[test]
+fn metadata_bad_input_gives_clear_errors() {
+    let dir = scratch("metadata-bad");
+    let out = dir.join("out.png");
+    let out_s = out.to_str().unwrap();
+    let sd = fixtures().join("sd/sd1");
+    let sd_s = sd.to_str().unwrap();
+    let bare = fixtures().join("metadata/no_parameters.png");
+    let bare_s = bare.to_str().unwrap();
+    assert_fails_with(&["info", bare_s], "no generation parameters");
+    assert_fails_with(&["generate", "--from", bare_s, "--model", sd_s, "--output", out_s], "no generation parameters");
+    let not_png = dir.join("not.png");
+    std::fs::write(&not_png, "hello").unwrap();
+    assert_fails_with(&["info", not_png.to_str().unwrap()], "not a readable PNG");
+    assert_fails_with(&["generate", "--from", not_png.to_str().unwrap(), "--model", sd_s, "--output", out_s], "not a readable PNG");
+    assert_fails_with(&["generate", "--from", dir.join("missing.png").to_str().unwrap(), "--model", sd_s, "--output", out_s], "missing.png");
+
+    // Images whose parameters diffuse cannot follow.
+    let with_text = |name: &str, text: &str| {
+        let path = dir.join(name);
+        diffuse::pipelines::write_png(&path, 8, 8, 3, &[0; 8 * 8 * 3], &[("parameters", text.to_string())]).unwrap();
+        path
+    };
+    let local = with_text("local.png", "a cat\nSteps: 2, Sampler: Euler, Seed: 1, Size: 64x64, Model: sd1");
+    assert_fails_with(&["generate", "--from", local.to_str().unwrap(), "--output", out_s], "give its folder or file with --model");
+    let sampler = with_text("sampler.png", "a cat\nSteps: 2, Sampler: DPM++ SDE Karras, Seed: 1, Size: 64x64");
+    assert_fails_with(&["generate", "--from", sampler.to_str().unwrap(), "--model", sd_s, "--output", out_s], "`DPM++ SDE Karras` has no diffuse equivalent");
+    let img2img = with_text("img2img.png", "a cat\nSteps: 2, Sampler: Euler, Seed: 1, Size: 64x64, Denoising strength: 0.5");
+    assert_fails_with(&["generate", "--from", img2img.to_str().unwrap(), "--model", sd_s, "--output", out_s], "give it again with --init-image");
+    let typo = with_text("typo.png", "a cat\nSteps: two, Sampler: Euler, Seed: 1, Size: 64x64");
+    assert_fails_with(&["generate", "--from", typo.to_str().unwrap(), "--model", sd_s, "--output", out_s], "Steps: two");
+    assert_fails_with(&["info", "--json", typo.to_str().unwrap()], "Steps: two");
+    let (ok, stdout, _) = diffuse(&["info", typo.to_str().unwrap()]);
+    assert!(ok && stdout.contains("Steps: two"), "the raw text is shown whatever it holds");
+    assert!(!out.exists());
+}
+
+#[test]
+fn repo_id_resolves_in_the_hugging_face_cache_offline() {
+    let dir = scratch("hub");
+    let out = dir.join("hub.png");
+    // A cache as huggingface_hub lays it out: refs/main names a snapshot folder.
+    let cache = dir.join("cache");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo = cache.join("models--diffuse-test--tiny-pipeline");
+    copy_dir(&fixtures().join("pixel/uncond"), &repo.join("snapshots").join(commit));
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let run = |model: &str| {
+        Command::new(env!("CARGO_BIN_EXE_diffuse"))
+            .args(["generate", "--model", model, "--steps", "2", "--seed", "1", "--quiet", "--output", out.to_str().unwrap()])
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .env("DIFFUSE_CACHE_DIR", dir.join("diffuse-cache"))
+            .output()
+            .unwrap()
+    };
+    let ok = run("diffuse-test/tiny-pipeline");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(out.is_file());
+    std::fs::remove_file(&out).unwrap();
+    let missing = run("diffuse-test/not-downloaded");
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success() && !stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains(cache.to_str().unwrap()) && stderr.contains("HF_HUB_OFFLINE"), "should say where it looked: {stderr}");
+    assert!(!out.exists());
+}
+
+/// A single-file checkpoint (converted from a diffusers folder by tools/fixtures/
+/// single_file_pipeline.py) gives the folder's PNG and diffusers' image.
+#[test]
+fn single_file_checkpoint_gives_the_folders_image() {
+    let dir = scratch("single-file");
+    let folder = fixtures().join("single_file/sd1_pipeline");
+    let file = folder.join("model.safetensors");
+    let generate = |model: &Path, name: &str, extra: &[&str]| -> PathBuf {
+        let out = dir.join(name);
+        let mut args = vec![
+            "generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a cat", "--steps", "8", "--seed", "0",
+            "--width", "64", "--height", "64", "--quiet", "--output", out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (ok, _, stderr) = diffuse(&args);
+        assert!(ok, "{stderr}");
+        out
+    };
+    let (from_file, _) = decode_png(&generate(&file, "file.png", &[]));
+    let (from_folder, _) = decode_png(&generate(&folder, "folder.png", &[]));
+    assert!(from_file == from_folder, "the single file's image differs from the folder's");
+    let reference = candle_core::safetensors::load(fixtures().join("single_file/cases/sd1_single_file_default.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let expected = reference["images"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let mse = from_file.iter().zip(&expected).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / expected.len() as f64;
+    let psnr = if mse == 0.0 { f64::INFINITY } else { 10.0 * (255f64.powi(2) / mse).log10() };
+    assert!(psnr >= 40.0, "PSNR {psnr}");
+
+    // --prediction-type reaches the scheduler for both: v-prediction changes the image.
+    let (file_v, _) = decode_png(&generate(&file, "file-v.png", &["--prediction-type", "v_prediction"]));
+    let (folder_v, _) = decode_png(&generate(&folder, "folder-v.png", &["--prediction-type", "v_prediction"]));
+    assert!(file_v == folder_v && file_v != from_file, "--prediction-type v_prediction");
+
+    // The prediction type is recorded (as a scheduler override), so --from makes the same image.
+    let text = info(&dir.join("file-v.png"));
+    assert!(text.contains(r#"Diffuse scheduler config: "{\"prediction_type\":\"v_prediction\"}""#) && text.contains("Model: model,"), "{text}");
+    let again = dir.join("again.png");
+    let (ok, _, stderr) = diffuse(&["generate", "--from", dir.join("file-v.png").to_str().unwrap(), "--model", file.to_str().unwrap(), "--quiet", "--output", again.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(std::fs::read(dir.join("file-v.png")).unwrap() == std::fs::read(&again).unwrap(), "--from must make the same image");
+}
+
+#[test]
+fn single_file_bad_input() {
+    let dir = scratch("single-file-bad");
+    let out = dir.join("out.png");
+    let out_s = out.to_str().unwrap();
+    let file = fixtures().join("single_file/sd1_pipeline/model.safetensors");
+    let file_s = file.to_str().unwrap();
+    assert_fails_with(&["generate", "--model", file_s, "--prompt", "x", "--prediction-type", "x0", "--output", out_s], "prediction_type `x0`");
+    assert_fails_with(&["generate", "--model", file_s, "--prompt", "x", "--variant", "fp16", "--output", out_s], "--variant");
+    let folder = fixtures().join("sd/sd1");
+    assert_fails_with(&["generate", "--model", folder.to_str().unwrap(), "--prompt", "x", "--prediction-type", "x0", "--output", out_s], "x0");
+
+    // A pickle checkpoint: refused, saying why and how to convert (several lines: the Python to run).
+    let ckpt = dir.join("model.ckpt");
+    std::fs::write(&ckpt, b"PK\x03\x04 a torch.save zip archive").unwrap();
+    let (ok, _, stderr) = diffuse(&["generate", "--model", ckpt.to_str().unwrap(), "--prompt", "x", "--output", out_s]);
+    assert!(!ok && !stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("pickle") && stderr.contains("arbitrary code") && stderr.contains("save_file("), "{stderr}");
+
+    // A tensor no SD 1.x/2.x UNet has is named.
+    let mut tensors = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
+    let extra = "model.diffusion_model.input_blocks.1.2.weight";
+    tensors.insert(extra.to_string(), candle_core::Tensor::zeros(4, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap());
+    let odd = dir.join("odd.safetensors");
+    candle_core::safetensors::save(&tensors, &odd).unwrap();
+    assert_fails_with(&["generate", "--model", odd.to_str().unwrap(), "--prompt", "x", "--output", out_s], extra);
+    assert!(!out.exists(), "no output may be written on failure");
+}
+
+/// `--prompt-syntax a1111`: a plain short prompt gives diffusers' image; weights and prompts
+/// past 77 tokens change it (diffusers' syntax truncates those, with a warning).
+#[test]
+fn a1111_prompt_syntax() {
+    let dir = scratch("a1111");
+    let model = fixtures().join("sd/sd1");
+    let generate = |name: &str, prompt: &str, syntax: &str| -> (Vec<u8>, String) {
+        let out = dir.join(name);
+        let (ok, _, stderr) = diffuse(&[
+            "generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--scheduler", "ddim", "--steps", "4",
+            "--seed", "5", "--prompt-syntax", syntax, "--output", out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{stderr}");
+        (decode_png(&out).0, stderr)
+    };
+    let (plain, _) = generate("plain.png", "a photo of a cat", "diffusers");
+    let (plain_a1111, _) = generate("plain-a1111.png", "a photo of a cat", "a1111");
+    assert!(plain == plain_a1111, "a plain prompt must give the same image in both syntaxes");
+    let (weighted, _) = generate("weighted.png", "a (photo:1.5) of a [cat]", "a1111");
+    assert!(weighted != plain, "weights must change the image");
+    // Recorded in the metadata, and used again by --from.
+    let text = info(&dir.join("weighted.png"));
+    assert!(text.contains("Prompt syntax: a1111") && !info(&dir.join("plain.png")).contains("Prompt syntax"), "{text}");
+    let again = dir.join("again.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--from", dir.join("weighted.png").to_str().unwrap(), "--model", model.to_str().unwrap(), "--quiet",
+        "--output", again.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(std::fs::read(dir.join("weighted.png")).unwrap() == std::fs::read(&again).unwrap(), "--from must make the same image");
+
+    let items: Vec<String> = (0..40).map(|i| format!("item number {i}")).collect();
+    let long = format!("a photo of a cat, {}", items.join(", "));
+    let (truncated, stderr) = generate("long.png", &long, "diffusers");
+    assert!(stderr.contains("truncated"), "{stderr}");
+    let (chunked, stderr) = generate("long-a1111.png", &long, "a1111");
+    assert!(!stderr.contains("truncated"), "{stderr}");
+    assert!(chunked != truncated, "the tokens past 77 must count with a1111");
+
+    let out = dir.join("bad.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--prompt-syntax", "comfy", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("comfy") && stderr.contains("a1111"), "{stderr}");
+    assert_fails_with(
+        &["generate", "--model", model.to_str().unwrap(), "--prompt", "(x:1.2.3)", "--prompt-syntax", "a1111", "--output", out.to_str().unwrap()],
+        "1.2.3",
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn invert_and_image_to_image_with_a_single_file_match_its_folder() {
+    let dir = scratch("single-file-img2img");
+    let folder = fixtures().join("single_file/sd1_pipeline");
+    let file = folder.join("model.safetensors");
+    let image = fixtures().join("img2img/inputs/init_64x64.png");
+    let run = |model: &Path, args: &[&str], out: &Path| -> Vec<u8> {
+        let mut all = vec![args[0], "--model", model.to_str().unwrap()];
+        all.extend_from_slice(&args[1..]);
+        all.extend_from_slice(&["--steps", "6", "--quiet", "--output", out.to_str().unwrap()]);
+        let (ok, _, stderr) = diffuse(&all);
+        assert!(ok, "{stderr}");
+        std::fs::read(out).unwrap()
+    };
+    let invert = ["invert", "--image", image.to_str().unwrap(), "--prompt", "a cat"];
+    let from_file = run(&file, &invert, &dir.join("file.safetensors"));
+    let from_folder = run(&folder, &invert, &dir.join("folder.safetensors"));
+    let latents = |bytes: &[u8]| safetensors_latents(bytes);
+    assert_eq!(latents(&from_file), latents(&from_folder), "inverted latents");
+    let img2img = ["generate", "--prompt", "a cat", "--init-image", image.to_str().unwrap(), "--seed", "1"];
+    run(&file, &img2img, &dir.join("file.png"));
+    run(&folder, &img2img, &dir.join("folder.png"));
+    assert_eq!(decode_png(&dir.join("file.png")).0, decode_png(&dir.join("folder.png")).0, "image-to-image");
+}
+
+/// The `latents` tensor's bytes in a safetensors file.
+fn safetensors_latents(bytes: &[u8]) -> Vec<u8> {
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let offsets = &header["latents"]["data_offsets"];
+    let (start, end) = (offsets[0].as_u64().unwrap() as usize, offsets[1].as_u64().unwrap() as usize);
+    bytes[8 + header_len + start..8 + header_len + end].to_vec()
 }
 
 /// A small IDX dataset in a scratch folder: 24 images of 8×8 (bars in three directions) and

@@ -6,6 +6,7 @@ pub mod loading;
 pub mod models;
 pub mod ops;
 pub mod pipelines;
+pub mod prompts;
 pub mod rng;
 pub mod schedulers;
 pub mod tokenizers;

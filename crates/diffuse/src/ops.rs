@@ -9,9 +9,12 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 
 use crate::Result;
 
+pub mod profile;
+
 /// `torch.nn.functional.conv2d`: `input` is `[N, C_in, H, W]`, `weight` is
 /// `[C_out, C_in / groups, kH, kW]`, `bias` is `[C_out]`; symmetric zero `padding`.
 pub fn conv2d(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+    let _timer = profile::timer("conv2d");
     let output = if (input.track_op() || weight.track_op()) && input.device().is_cpu() {
         // The same convolution, with a faster backward pass attached (see Conv2dBackward).
         let output = input.detach().conv2d(&weight.detach(), padding, stride, 1, 1)?;
@@ -116,6 +119,7 @@ impl CustomOp3 for Conv2dBackward {
 
 /// `torch.nn.functional.linear`: `input` is `[..., in]`, `weight` is `[out, in]`, `bias` is `[out]`.
 pub fn linear(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let _timer = profile::timer("linear");
     let dims = input.dims();
     let in_features = *dims.last().ok_or_else(|| crate::Error::invalid("linear: input has rank 0"))?;
     let out_features = weight.dim(0)?;
@@ -140,6 +144,7 @@ pub fn linear(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<
 /// activations of a 512×512 VAE decoder are hundreds of MB each), with a fused backward pass
 /// for training; elsewhere, and for f64 input, it is built from tensor operations.
 pub fn group_norm(input: &Tensor, num_groups: usize, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let _timer = profile::timer("group_norm");
     let dims = input.dims().to_vec();
     if dims.len() < 2 {
         crate::bail!("group_norm: input of shape {dims:?} has no channel dimension");
@@ -338,6 +343,7 @@ impl GroupNormCpu {
 /// `[B, heads, L, D]`, `key`/`value` are `[B, heads, S, D]`; `scale` defaults to `1/sqrt(D)`.
 /// Scores and softmax are computed in f32 whatever the input type.
 pub fn scaled_dot_product_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: Option<f64>) -> Result<Tensor> {
+    let _timer = profile::timer("scaled_dot_product_attention");
     let head_dim = query.dim(D::Minus1)?;
     let scale = scale.unwrap_or(1.0 / (head_dim as f64).sqrt());
     attention(query, key, value, scale, None)
@@ -346,6 +352,7 @@ pub fn scaled_dot_product_attention(query: &Tensor, key: &Tensor, value: &Tensor
 /// Attention with an additive mask (`[L, S]`, or broadcastable to the `[B, heads, L, S]`
 /// scores), softmax in f32.
 pub fn masked_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, mask: &Tensor) -> Result<Tensor> {
+    let _timer = profile::timer("masked_attention");
     attention(query, key, value, scale, Some(mask))
 }
 
@@ -461,12 +468,14 @@ pub fn upsample_nearest2d(input: &Tensor, height: usize, width: usize) -> Result
 
 /// `torch.nn.functional.silu`: `x * sigmoid(x)`.
 pub fn silu(input: &Tensor) -> Result<Tensor> {
+    let _timer = profile::timer("silu");
     Ok(input.silu()?)
 }
 
 /// `torch.nn.functional.layer_norm` over the last dimension with affine `weight` and `bias`;
 /// statistics in f32 (mean, then the mean squared deviation), as PyTorch does.
 pub fn layer_norm(input: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let _timer = profile::timer("layer_norm");
     let dtype = input.dtype();
     let compute = statistics_dtype(dtype);
     let x = input.to_dtype(compute)?;

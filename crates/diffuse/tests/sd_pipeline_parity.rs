@@ -43,6 +43,7 @@ fn run_case(case: &str) {
         width: meta.get("width").and_then(|v| v.as_u64()).map(|v| v as usize),
         eta: meta.get("eta").and_then(|v| v.as_f64()).unwrap_or(0.0),
         clip_skip: meta.get("clip_skip").and_then(|v| v.as_u64()).map(|v| v as usize),
+        ..Default::default()
     };
     let mut generator = TorchGenerator::new(meta["seed"].as_u64().unwrap());
     let mut warnings = Vec::new();

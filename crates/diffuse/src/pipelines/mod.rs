@@ -1,5 +1,10 @@
 //! Pipelines: the denoising loops of diffusers' pipelines, and turning their output into images.
 
+pub mod image_processor;
+pub mod img2img;
+pub mod inpaint;
+pub mod inversion;
+pub mod metadata;
 pub mod pixel;
 pub mod stable_diffusion;
 
@@ -52,12 +57,12 @@ pub fn resolve_scheduler(
     overrides: &[(String, Value)],
 ) -> Result<ResolvedScheduler> {
     let config_path = scheduler_dir.join("scheduler_config.json");
-    resolve_scheduler_config(read_json_object(&config_path)?, &config_path, name, overrides)
+    scheduler_from_config(read_json_object(&config_path)?, &config_path, name, overrides)
 }
 
-/// [`resolve_scheduler`] from a config object already in memory (`config_path` names its
-/// origin in errors).
-pub fn resolve_scheduler_config(
+/// [`resolve_scheduler`] for a config already in memory (a single-file checkpoint's built-in
+/// one); `config_path` names it in errors.
+pub fn scheduler_from_config(
     mut config: Map<String, Value>,
     config_path: &Path,
     name: Option<&str>,
@@ -106,7 +111,8 @@ pub fn to_uint8_images(images: &Tensor) -> Result<Vec<(usize, usize, usize, Vec<
         .collect())
 }
 
-/// Writes an 8-bit PNG (gray, RGB or RGBA by channel count) with `tEXt` chunks, first to a
+/// Writes an 8-bit PNG (gray, RGB or RGBA by channel count) with text chunks (`tEXt`, or `iTXt`
+/// for text that is not Latin-1, as Pillow and so AUTOMATIC1111 write them), first to a
 /// temporary name beside the target and then renamed, so a failure never leaves a partial file.
 pub fn write_png(path: &Path, width: usize, height: usize, channels: usize, pixels: &[u8], text: &[(&str, String)]) -> Result<()> {
     let color = match channels {
@@ -122,7 +128,11 @@ pub fn write_png(path: &Path, width: usize, height: usize, channels: usize, pixe
         encoder.set_color(color);
         encoder.set_depth(png::BitDepth::Eight);
         for (key, value) in text {
-            encoder.add_text_chunk(key.to_string(), value.clone()).map_err(std::io::Error::other)?;
+            if metadata::is_latin1(value) {
+                encoder.add_text_chunk(key.to_string(), value.clone()).map_err(std::io::Error::other)?;
+            } else {
+                encoder.add_itxt_chunk(key.to_string(), value.clone()).map_err(std::io::Error::other)?;
+            }
         }
         let mut writer = encoder.write_header().map_err(std::io::Error::other)?;
         writer.write_image_data(pixels).map_err(std::io::Error::other)?;

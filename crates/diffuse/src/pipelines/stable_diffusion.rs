@@ -7,15 +7,20 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use serde_json::Value;
 
 use crate::loading::config::{parse_config, read_json_object};
+use crate::loading::single_file::{Component, Family, SingleFile};
 use crate::loading::weights::{find_weight_files, var_builder};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::unet_2d_condition::{UNet2DConditionModel, UNet2DConditionModelConfig};
-use crate::pipelines::{resolve_scheduler, ResolvedScheduler};
+use crate::pipelines::{resolve_scheduler, scheduler_from_config, ResolvedScheduler};
+use crate::prompts::{a1111, PromptSyntax};
 use crate::rng::TorchGenerator;
+use crate::schedulers::Scheduler;
+use crate::tokenizers::builtin::builtin_clip_tokenizer;
 use crate::tokenizers::clip::ClipTokenizer;
 use crate::{Error, Result};
 
@@ -45,6 +50,8 @@ pub struct TextToImageOptions {
     pub width: Option<usize>,
     pub eta: f64,
     pub clip_skip: Option<usize>,
+    /// How the prompts are read: diffusers' (truncated to 77 tokens) or AUTOMATIC1111's.
+    pub prompt_syntax: PromptSyntax,
 }
 
 impl Default for TextToImageOptions {
@@ -60,6 +67,7 @@ impl Default for TextToImageOptions {
             width: None,
             eta: 0.0,
             clip_skip: None,
+            prompt_syntax: PromptSyntax::Diffusers,
         }
     }
 }
@@ -72,6 +80,17 @@ pub struct PhaseTimes {
     pub decoding: f64,
 }
 
+/// Where a sampling loop starts and what it visits: the initial latents, the timesteps (all of
+/// the scheduler's, or the tail that image-to-image's strength leaves), the prompt
+/// embeddings, and extra UNet input channels (9-channel inpainting: mask and masked-image
+/// latents, already doubled for guidance).
+pub struct DenoiseLoop<'a> {
+    pub latents: Tensor,
+    pub timesteps: Vec<f64>,
+    pub embeddings: &'a Tensor,
+    pub extra_channels: Option<Tensor>,
+}
+
 /// Whether a folder looks like a Stable Diffusion pipeline rather than a pixel-space one.
 pub fn is_stable_diffusion_folder(model_dir: &Path) -> bool {
     model_dir.join("text_encoder").is_dir() || model_dir.join("vae").is_dir()
@@ -82,12 +101,14 @@ fn load_component_config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T
     parse_config(&read_json_object(&path)?, &path)
 }
 
-/// Model construction reports a missing tensor or a wrong shape as a candle error: name the file.
-fn in_file(files: &[PathBuf]) -> impl Fn(Error) -> Error + '_ {
-    move |e| match e {
-        Error::Candle(e) => Error::weights(&files[0], e.to_string()),
-        other => other,
-    }
+/// What a pipeline is built from, wherever it comes from (a diffusers folder, a single file):
+/// each model's config, its weights, and the file that errors about those weights name.
+pub struct Components {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: (ClipTextConfig, VarBuilder<'static>, PathBuf),
+    pub unet: (UNet2DConditionModelConfig, VarBuilder<'static>, PathBuf),
+    pub vae: (AutoencoderKLConfig, VarBuilder<'static>, PathBuf),
+    pub scheduler: ResolvedScheduler,
 }
 
 impl StableDiffusionPipeline {
@@ -110,33 +131,99 @@ impl StableDiffusionPipeline {
                 )));
             }
         }
-        let tokenizer = ClipTokenizer::from_folder(&model_dir.join("tokenizer"))?;
+        // Each model: its folder's config.json and weight files (the first one named in errors).
+        let model = |folder: &str, stem: &str| {
+            let dir = model_dir.join(folder);
+            let files = find_weight_files(&dir, stem, variant)?;
+            Ok::<_, Error>((dir, files[0].clone(), var_builder(&files, dtype, device)?))
+        };
+        let (te_dir, te_file, te_weights) = model("text_encoder", "model")?;
+        let (unet_dir, unet_file, unet_weights) = model("unet", "diffusion_pytorch_model")?;
+        let (vae_dir, vae_file, vae_weights) = model("vae", "diffusion_pytorch_model")?;
+        let components = Components {
+            tokenizer: ClipTokenizer::from_folder(model_dir.join("tokenizer"))?,
+            text_encoder: (load_component_config(&te_dir)?, te_weights, te_file),
+            unet: (load_component_config(&unet_dir)?, unet_weights, unet_file),
+            vae: (load_component_config(&vae_dir)?, vae_weights, vae_file),
+            scheduler: resolve_scheduler(&model_dir.join("scheduler"), scheduler_name, scheduler_overrides)?,
+        };
+        Self::from_components(components, model_dir, device, dtype)
+    }
 
-        let te_dir = model_dir.join("text_encoder");
-        let te_config: ClipTextConfig = load_component_config(&te_dir)?;
-        let te_files = find_weight_files(&te_dir, "model", variant)?;
-        let text_encoder = ClipTextModel::new(var_builder(&te_files, dtype, device)?, &te_config).map_err(in_file(&te_files))?;
+    /// Loads a single-file SD 1.x / 2.x checkpoint (`.safetensors`, original LDM key names), as
+    /// diffusers' `StableDiffusionPipeline.from_single_file` does: the configs worked out from
+    /// the tensors (loading/single_file.rs), the family's tokenizer and scheduler built in.
+    /// `prediction_type` is the one thing the weights cannot show (`v_prediction` for SD 2.x
+    /// 768-px models); `None` takes diffusers' default for the family.
+    pub fn load_single_file(
+        path: &Path,
+        prediction_type: Option<&str>,
+        scheduler_name: Option<&str>,
+        scheduler_overrides: &[(String, Value)],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let file = SingleFile::open(path)?;
+        // Each model: its derived config (errors name it as the file's `unet`, ...), and its weights.
+        fn model<C: serde::de::DeserializeOwned>(
+            file: &SingleFile,
+            component: Component,
+            dtype: DType,
+            device: &Device,
+        ) -> Result<(C, VarBuilder<'static>, PathBuf)> {
+            let config = parse_config(file.config(component), &file.path().join(component.folder()))?;
+            Ok((config, file.var_builder(component, dtype, device), file.path().to_path_buf()))
+        }
+        let scheduler_config = file.scheduler_config(prediction_type)?;
+        let components = Components {
+            tokenizer: builtin_clip_tokenizer(file.family())?,
+            text_encoder: model(&file, Component::TextEncoder, dtype, device)?,
+            unet: model(&file, Component::Unet, dtype, device)?,
+            vae: model(&file, Component::Vae, dtype, device)?,
+            scheduler: scheduler_from_config(
+                scheduler_config,
+                &path.join("scheduler"),
+                scheduler_name,
+                scheduler_overrides,
+            )?,
+        };
+        // A config the models refuse can only be one whose shapes were read from the file and
+        // whose other values are the family's: say so, about the file.
+        Self::from_components(components, path, device, dtype).map_err(|e| match e {
+            Error::Config { message, .. } | Error::InvalidInput(message) => Error::weights(
+                path,
+                format!(
+                    "the models worked out from this checkpoint cannot be built (its configs are those of \
+                     {} but for what the tensor shapes show): {message}",
+                    match file.family() {
+                        Family::StableDiffusion1 => "Stable Diffusion 1.5",
+                        Family::StableDiffusion2 => "Stable Diffusion 2.1",
+                    }
+                ),
+            ),
+            other => other,
+        })
+    }
 
-        let unet_dir = model_dir.join("unet");
-        let unet_config: UNet2DConditionModelConfig = load_component_config(&unet_dir)?;
-        let unet_files = find_weight_files(&unet_dir, "diffusion_pytorch_model", variant)?;
-        let unet =
-            UNet2DConditionModel::new(var_builder(&unet_files, dtype, device)?, &unet_config).map_err(in_file(&unet_files))?;
-
-        let vae_dir = model_dir.join("vae");
-        let vae_config: AutoencoderKLConfig = load_component_config(&vae_dir)?;
-        let vae_files = find_weight_files(&vae_dir, "diffusion_pytorch_model", variant)?;
-        let vae = AutoencoderKL::new(var_builder(&vae_files, dtype, device)?, &vae_config).map_err(in_file(&vae_files))?;
+    /// Builds the models from their configs and weights and checks that they fit together;
+    /// `origin` (the folder or the file) is kept as `model_dir`.
+    pub fn from_components(components: Components, origin: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let Components { tokenizer, text_encoder, unet, vae, scheduler } = components;
+        let (te_config, te_weights, te_file) = text_encoder;
+        let text_encoder = ClipTextModel::new(te_weights, &te_config).map_err(|e| e.in_weights_file(&te_file))?;
+        let (unet_config, unet_weights, unet_file) = unet;
+        let unet = UNet2DConditionModel::new(unet_weights, &unet_config).map_err(|e| e.in_weights_file(&unet_file))?;
+        let (vae_config, vae_weights, vae_file) = vae;
+        let vae = AutoencoderKL::new(vae_weights, &vae_config).map_err(|e| e.in_weights_file(&vae_file))?;
 
         if unet_config.cross_attention_dim != te_config.hidden_size {
             return Err(Error::invalid(format!(
                 "{}: the UNet's cross_attention_dim ({}) does not match the text encoder's hidden_size ({})",
-                model_dir.display(),
+                origin.display(),
                 unet_config.cross_attention_dim,
                 te_config.hidden_size
             )));
         }
-        let scheduler = resolve_scheduler(&model_dir.join("scheduler"), scheduler_name, scheduler_overrides)?;
         Ok(StableDiffusionPipeline {
             tokenizer,
             text_encoder,
@@ -145,7 +232,7 @@ impl StableDiffusionPipeline {
             vae,
             vae_config,
             scheduler,
-            model_dir: model_dir.to_path_buf(),
+            model_dir: origin.to_path_buf(),
             device: device.clone(),
             dtype,
         })
@@ -195,6 +282,11 @@ impl StableDiffusionPipeline {
         if options.num_images_per_prompt == 0 {
             return Err(Error::invalid("--num-images must be at least 1"));
         }
+        if options.prompt_syntax == PromptSyntax::A1111 {
+            for prompt in std::iter::once(&options.prompt).chain(&options.negative_prompt) {
+                a1111::parse_prompt_attention(prompt)?;
+            }
+        }
         for (name, value) in
             [("guidance scale", options.guidance_scale), ("guidance rescale", options.guidance_rescale), ("eta", options.eta)]
         {
@@ -205,8 +297,12 @@ impl StableDiffusionPipeline {
         Ok((height, width))
     }
 
-    /// Encodes one prompt to `[1, 77, hidden]`; also says whether it was truncated.
-    fn encode_text(&self, prompt: &str, clip_skip: Option<usize>) -> Result<(Tensor, bool)> {
+    /// Encodes one prompt to `[1, 77, hidden]` (A1111's syntax: `[1, 77 · chunks, hidden]`);
+    /// also says whether it was truncated.
+    fn encode_text(&self, prompt: &str, clip_skip: Option<usize>, syntax: PromptSyntax) -> Result<(Tensor, bool)> {
+        if syntax == PromptSyntax::A1111 {
+            return Ok((a1111::encode_prompt(&self.tokenizer, &self.text_encoder, prompt, clip_skip)?, false));
+        }
         let encoding = self.tokenizer.encode(prompt)?;
         let ids = Tensor::from_vec(encoding.input_ids.clone(), (1, encoding.input_ids.len()), &self.device)?;
         Ok((self.text_encoder.encode(&ids, clip_skip)?, encoding.was_truncated()))
@@ -216,7 +312,8 @@ impl StableDiffusionPipeline {
     /// the negative (or empty) prompt's from the last layer, each repeated per image; returned
     /// stacked as `[negative; positive]` when guidance is on.
     pub fn encode_prompt(&self, options: &TextToImageOptions, warn: &mut dyn FnMut(String)) -> Result<Tensor> {
-        let (prompt_embeds, truncated) = self.encode_text(&options.prompt, options.clip_skip)?;
+        let syntax = options.prompt_syntax;
+        let (prompt_embeds, truncated) = self.encode_text(&options.prompt, options.clip_skip, syntax)?;
         if truncated {
             warn(format!(
                 "the prompt was truncated to CLIP's {} tokens, as diffusers does",
@@ -224,16 +321,22 @@ impl StableDiffusionPipeline {
             ));
         }
         let n = options.num_images_per_prompt;
-        let prompt_embeds = prompt_embeds.repeat((n, 1, 1))?;
         if options.guidance_scale <= 1.0 {
-            return Ok(prompt_embeds);
+            return Ok(prompt_embeds.repeat((n, 1, 1))?);
         }
-        let (negative_embeds, truncated) = self.encode_text(options.negative_prompt.as_deref().unwrap_or(""), None)?;
+        let (negative_embeds, truncated) =
+            self.encode_text(options.negative_prompt.as_deref().unwrap_or(""), None, syntax)?;
         if truncated {
             warn("the negative prompt was truncated to CLIP's token limit".to_string());
         }
-        let negative_embeds = negative_embeds.repeat((n, 1, 1))?;
-        Ok(Tensor::cat(&[negative_embeds, prompt_embeds], 0)?)
+        // A1111 prompts of different lengths: the shorter gets the empty prompt's chunks.
+        let (prompt_embeds, negative_embeds) = a1111::pad_to_same_length(
+            prompt_embeds,
+            negative_embeds,
+            || Ok(self.encode_text("", options.clip_skip, syntax)?.0),
+            || Ok(self.encode_text("", None, syntax)?.0),
+        )?;
+        Ok(Tensor::cat(&[negative_embeds.repeat((n, 1, 1))?, prompt_embeds.repeat((n, 1, 1))?], 0)?)
     }
 
     /// Runs text-to-image; returns the final latents `[N, 4, H/8, W/8]`.
@@ -244,19 +347,74 @@ impl StableDiffusionPipeline {
         generator: &mut TorchGenerator,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
+        self.denoise_from(options, embeddings, None, generator, on_step)
+    }
+
+    /// Text-to-image from noise, or from given latents as diffusers' `latents=` argument
+    /// (e.g. DDIM-inverted ones): either is scaled by the scheduler's `init_noise_sigma`.
+    pub fn denoise_from(
+        &mut self,
+        options: &TextToImageOptions,
+        embeddings: &Tensor,
+        initial_latents: Option<&Tensor>,
+        generator: &mut TorchGenerator,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
         let (height, width) = self.validate(options)?;
-        let do_guidance = options.guidance_scale > 1.0;
+        self.check_text_to_image_unet()?;
+        let factor = self.vae_scale_factor();
         let scheduler = &mut self.scheduler.scheduler;
         scheduler.set_timesteps(options.num_inference_steps)?;
-        let batch = options.num_images_per_prompt;
-        let factor = 1 << self.vae_config.block_out_channels.len().saturating_sub(1);
-        let shape = [batch, self.unet_config.in_channels, height / factor, width / factor];
-        let mut latents = (generator.randn_tensor(&shape, &self.device)? * scheduler.init_noise_sigma())?;
-        let embeddings = embeddings.to_dtype(self.dtype)?;
+        let shape = [options.num_images_per_prompt, self.unet_config.in_channels, height / factor, width / factor];
+        let latents = match initial_latents {
+            Some(latents) if latents.dims() != shape => {
+                return Err(Error::invalid(format!("the initial latents have shape {:?}; this request needs {shape:?}", latents.dims())))
+            }
+            Some(latents) => latents.to_dtype(DType::F32)?,
+            None => generator.randn_tensor(&shape, &self.device)?,
+        };
+        let latents = (latents * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
+        let run = DenoiseLoop { latents, timesteps, embeddings, extra_channels: None };
+        self.denoise_loop(run, options, &mut |_, latents, _| Ok(latents), generator, on_step)
+    }
+
+    /// Text-to-image needs a UNet that takes the latents alone (an inpainting UNet also takes a
+    /// mask and the masked image's latents).
+    pub fn check_text_to_image_unet(&self) -> Result<()> {
+        let (in_channels, latent_channels) = (self.unet_config.in_channels, self.vae_config.latent_channels);
+        if in_channels != latent_channels {
+            return Err(Error::invalid(format!(
+                "this UNet takes {in_channels} input channels, not the VAE's {latent_channels} (an inpainting model): give an init image and a mask"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The guided sampling loop every Stable Diffusion pipeline shares: for each timestep,
+    /// the (doubled, for guidance) latents scaled by the scheduler, any extra input channels
+    /// appended, one UNet pass, guidance (and its rescale), one scheduler step, then
+    /// `after_step(i, latents, scheduler)` (inpainting's blend; identity otherwise).
+    pub fn denoise_loop(
+        &mut self,
+        run: DenoiseLoop,
+        options: &TextToImageOptions,
+        after_step: &mut dyn FnMut(usize, Tensor, &dyn Scheduler) -> Result<Tensor>,
+        generator: &mut TorchGenerator,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let DenoiseLoop { mut latents, timesteps, embeddings, extra_channels } = run;
+        let do_guidance = options.guidance_scale > 1.0;
+        let scheduler = &mut self.scheduler.scheduler;
+        let batch = latents.dim(0)?;
+        let embeddings = embeddings.to_dtype(self.dtype)?;
         for (i, &t) in timesteps.iter().enumerate() {
             let model_input = if do_guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let model_input = scheduler.scale_model_input(&model_input, t)?;
+            let model_input = match &extra_channels {
+                Some(extra) => Tensor::cat(&[&model_input, extra], 1)?,
+                None => model_input,
+            };
             let n = model_input.dim(0)?;
             let t_batch = Tensor::from_vec(vec![t as f32; n], n, &self.device)?;
             let noise_pred =
@@ -274,6 +432,7 @@ impl StableDiffusionPipeline {
                 noise_pred
             };
             latents = scheduler.step(&noise_pred, t, &latents, options.eta, generator)?;
+            latents = after_step(i, latents, scheduler.as_ref())?;
             on_step(i + 1, timesteps.len());
         }
         Ok(latents)
@@ -288,12 +447,25 @@ impl StableDiffusionPipeline {
         warn: &mut dyn FnMut(String),
         times: &mut PhaseTimes,
     ) -> Result<Tensor> {
+        self.generate_from(options, None, generator, on_step, warn, times)
+    }
+
+    /// Text-to-image starting from given latents (see `denoise_from`) or from noise.
+    pub fn generate_from(
+        &mut self,
+        options: &TextToImageOptions,
+        initial_latents: Option<&Tensor>,
+        generator: &mut TorchGenerator,
+        on_step: &mut dyn FnMut(usize, usize),
+        warn: &mut dyn FnMut(String),
+        times: &mut PhaseTimes,
+    ) -> Result<Tensor> {
         self.validate(options)?;
         let start = std::time::Instant::now();
         let embeddings = self.encode_prompt(options, warn)?;
         times.text_encoding = start.elapsed().as_secs_f64();
         let start = std::time::Instant::now();
-        let latents = self.denoise(options, &embeddings, generator, on_step)?;
+        let latents = self.denoise_from(options, &embeddings, initial_latents, generator, on_step)?;
         times.denoising = start.elapsed().as_secs_f64();
         let start = std::time::Instant::now();
         let images = self.decode_latents(&latents)?;

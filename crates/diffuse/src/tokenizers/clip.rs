@@ -289,19 +289,6 @@ impl ClipTokenizer {
             Some(map) => (parse_config(&map, &config_path)?, parse_config(&map, &config_path)?),
             None => Default::default(),
         };
-        for (key, side) in [("padding_side", &config.padding_side), ("truncation_side", &config.truncation_side)] {
-            if let Some(side) = side.as_deref().filter(|&side| side != "right") {
-                return Err(Error::config(&config_path, format!("`{key}`: only \"right\" is supported, got {side:?}")));
-            }
-        }
-        let model_max_length = config.model_max_length.unwrap_or(DEFAULT_MODEL_MAX_LENGTH);
-        if !(2..=MAX_MODEL_MAX_LENGTH).contains(&model_max_length) {
-            return Err(Error::config(
-                &config_path,
-                format!("`model_max_length`: {model_max_length} is not a usable length (2..={MAX_MODEL_MAX_LENGTH})"),
-            ));
-        }
-
         let map_path = folder.join("special_tokens_map.json");
         // transformers reads special_tokens_map.json only for configs without `added_tokens_decoder`.
         let special_map: Option<SpecialTokens> = match &config.added_tokens_decoder {
@@ -315,15 +302,63 @@ impl ClipTokenizer {
             legacy_tokens.extend(read_added_tokens_json(&folder.join("added_tokens.json"))?);
             legacy_tokens.extend(tokenizer_json_tokens);
         }
+        Self::configure(vocab, merges, config, config_special, &config_path, special_map, legacy_tokens, folder)
+    }
 
-        let tokens = resolve_added_tokens(&config, &config_special, &config_path, special_map.as_ref(), legacy_tokens)?;
+    /// A tokenizer from a vocabulary and merges already in memory, configured by a
+    /// `tokenizer_config.json` and a `special_tokens_map.json` embedded in the library (as
+    /// from_folder reads them); `origin` names them in errors. For the built-in tokenizers.
+    pub(crate) fn from_parts(
+        vocab: Vocab,
+        merges: Merges,
+        tokenizer_config: &'static str,
+        special_tokens_map: &'static str,
+        origin: &Path,
+    ) -> Result<Self> {
+        let config_path = origin.join("tokenizer_config.json");
+        let config_map = crate::configs::parse(tokenizer_config);
+        let (config, config_special): (TokenizerConfig, SpecialTokens) =
+            (parse_config(&config_map, &config_path)?, parse_config(&config_map, &config_path)?);
+        let special_map: Option<SpecialTokens> = match &config.added_tokens_decoder {
+            Some(_) => None,
+            None => Some(parse_config(&crate::configs::parse(special_tokens_map), &origin.join("special_tokens_map.json"))?),
+        };
+        Self::configure(vocab, merges, config, config_special, &config_path, special_map, BTreeMap::new(), origin)
+    }
+
+    /// What from_folder and from_parts share once the files are read: transformers' choice of
+    /// special tokens, the tokenizers pipeline, and the ids of the named tokens.
+    #[allow(clippy::too_many_arguments)]
+    fn configure(
+        vocab: Vocab,
+        merges: Merges,
+        config: TokenizerConfig,
+        config_special: SpecialTokens,
+        config_path: &Path,
+        special_map: Option<SpecialTokens>,
+        legacy_tokens: BTreeMap<u32, TokenFlags>,
+        folder: &Path,
+    ) -> Result<Self> {
+        for (key, side) in [("padding_side", &config.padding_side), ("truncation_side", &config.truncation_side)] {
+            if let Some(side) = side.as_deref().filter(|&side| side != "right") {
+                return Err(Error::config(config_path, format!("`{key}`: only \"right\" is supported, got {side:?}")));
+            }
+        }
+        let model_max_length = config.model_max_length.unwrap_or(DEFAULT_MODEL_MAX_LENGTH);
+        if !(2..=MAX_MODEL_MAX_LENGTH).contains(&model_max_length) {
+            return Err(Error::config(
+                config_path,
+                format!("`model_max_length`: {model_max_length} is not a usable length (2..={MAX_MODEL_MAX_LENGTH})"),
+            ));
+        }
+        let tokens = resolve_added_tokens(&config, &config_special, config_path, special_map.as_ref(), legacy_tokens)?;
         let tokenizer = build_pipeline(vocab, merges, &tokens, folder)?;
 
         let id_of = |key: &str| -> Result<u32> {
             let content = &tokens.named[key];
             tokenizer
                 .token_to_id(content)
-                .ok_or_else(|| Error::config(&config_path, format!("`{key}` {content:?} has no id")))
+                .ok_or_else(|| Error::config(config_path, format!("`{key}` {content:?} has no id")))
         };
         Ok(ClipTokenizer {
             bos_token_id: id_of("bos_token")?,
@@ -467,6 +502,11 @@ fn read_vocab(path: &Path) -> Result<Vocab> {
 /// first.
 fn read_merges(path: &Path, vocab: &Vocab) -> Result<Merges> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    parse_merges(&text, vocab, path)
+}
+
+/// The text of a `merges.txt`; `path` names it in errors.
+pub(crate) fn parse_merges(text: &str, vocab: &Vocab, path: &Path) -> Result<Merges> {
     let mut merges = Merges::new();
     for (index, line) in text.lines().enumerate() {
         // Only the header is a comment: "# #" is a real merge (of two '#').

@@ -18,7 +18,7 @@ use super::{Image8, TrainingTask};
 use crate::loading::config::{parse_config, read_json_object};
 use crate::models::unet_2d::{SampleSize, UNet2DModel, UNet2DModelConfig};
 use crate::pipelines::pixel::{PixelOptions, PixelPipeline};
-use crate::pipelines::{resolve_scheduler_config, to_uint8_images};
+use crate::pipelines::{scheduler_from_config, to_uint8_images};
 use crate::rng::TorchGenerator;
 use crate::schedulers::betas::{alphas_cumprod, make_betas};
 use crate::schedulers::ddpm::DdpmScheduler;
@@ -346,7 +346,7 @@ impl PixelTask {
     fn pipeline(&self, weights: &HashMap<String, Tensor>) -> Result<PixelPipeline> {
         let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &self.device);
         let unet = UNet2DModel::new(vb, &self.config.unet)?;
-        let scheduler = resolve_scheduler_config(
+        let scheduler = scheduler_from_config(
             self.scheduler_config.clone(),
             Path::new("the training noise schedule"),
             Some(&self.config.sampling.scheduler),

@@ -1,0 +1,152 @@
+//! Image-to-image: diffusers' StableDiffusionImg2ImgPipeline
+//! (diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion_img2img.py). The init image
+//! is encoded by the VAE (a latent sample drawn from the generator), noised to the timestep
+//! that `strength` chooses, and denoised from there by the text-to-image loop.
+
+use candle_core::{DType, Tensor};
+
+use crate::pipelines::image_processor::{Image8, VaeImageProcessor};
+use crate::pipelines::stable_diffusion::{DenoiseLoop, PhaseTimes, StableDiffusionPipeline, TextToImageOptions};
+use crate::rng::TorchGenerator;
+use crate::schedulers::Scheduler;
+use crate::{Error, Result};
+
+/// What an image-to-image or inpainting request adds to text-to-image's options.
+#[derive(Clone, Copy, Debug)]
+pub struct ImageCondition<'a> {
+    /// The init image (RGB).
+    pub image: &'a Image8,
+    /// Inpainting: white (≥ 0.5 after grayscale conversion) is repainted, black is kept.
+    pub mask: Option<&'a Image8>,
+    /// How much of the schedule runs, in [0, 1]: 1 starts from (almost) pure noise, 0 from
+    /// the image itself (diffusers' default: 0.8 for image-to-image, 1.0 for inpainting).
+    pub strength: f64,
+}
+
+/// diffusers' `get_timesteps`: `strength` keeps the last `min(int(steps × strength), steps)`
+/// steps of the schedule (× the scheduler's order), and tells the scheduler where it starts.
+pub fn strength_timesteps(scheduler: &mut dyn Scheduler, num_inference_steps: usize, strength: f64) -> Vec<f64> {
+    let init_timestep = denoising_steps(num_inference_steps, strength);
+    let t_start = num_inference_steps - init_timestep;
+    let begin = (t_start * scheduler.order()).min(scheduler.timesteps().len());
+    scheduler.set_begin_index(begin);
+    scheduler.timesteps()[begin..].to_vec()
+}
+
+/// `min(int(steps × strength), steps)`: how many denoising steps `strength` leaves.
+pub fn denoising_steps(num_inference_steps: usize, strength: f64) -> usize {
+    ((num_inference_steps as f64 * strength) as usize).min(num_inference_steps)
+}
+
+impl StableDiffusionPipeline {
+    /// Checks an image-to-image or inpainting request before any work is done: strength in
+    /// [0, 1] and leaving at least one step, a UNet of the right kind, and a valid size.
+    /// Returns (height, width): for image-to-image the requested size or the image's own,
+    /// rounded down to a multiple of 8 (VaeImageProcessor); for inpainting the requested size
+    /// or the UNet's default, as diffusers' StableDiffusionInpaintPipeline does.
+    pub fn validate_image_request(&self, options: &TextToImageOptions, condition: &ImageCondition) -> Result<(usize, usize)> {
+        let strength = condition.strength;
+        if !(0.0..=1.0).contains(&strength) {
+            return Err(Error::invalid(format!("strength must be in [0, 1], got {strength}")));
+        }
+        let steps = options.num_inference_steps;
+        if steps > 0 && denoising_steps(steps, strength) == 0 {
+            return Err(Error::invalid(format!("strength {strength} with {steps} steps runs no denoising step")));
+        }
+        // Given sizes must be multiples of 8, as for text-to-image (VaeImageProcessor would
+        // round them down silently; inpainting's check_inputs refuses them).
+        if [options.height, options.width].into_iter().flatten().any(|size| size == 0 || size % 8 != 0) {
+            let show = |size: Option<usize>| size.map_or("(image)".to_string(), |v| v.to_string());
+            return Err(Error::invalid(format!(
+                "width and height must be positive multiples of 8, got {}x{}",
+                show(options.width),
+                show(options.height)
+            )));
+        }
+        let latent_channels = self.vae_config.latent_channels;
+        let in_channels = self.unet_config.in_channels;
+        let (height, width) = match condition.mask {
+            None => {
+                if in_channels != latent_channels {
+                    return Err(Error::invalid(format!(
+                        "this UNet takes {in_channels} input channels (an inpainting model): image-to-image needs a mask"
+                    )));
+                }
+                VaeImageProcessor::new(self.vae_scale_factor()).default_height_width(condition.image, options.height, options.width)?
+            }
+            Some(_) => {
+                if in_channels != latent_channels && in_channels != 2 * latent_channels + 1 {
+                    return Err(Error::invalid(format!(
+                        "the UNet should have either {latent_channels} or {} input channels for inpainting, not {in_channels}",
+                        2 * latent_channels + 1
+                    )));
+                }
+                let (default_h, default_w) = self.default_size();
+                (options.height.unwrap_or(default_h), options.width.unwrap_or(default_w))
+            }
+        };
+        self.validate(&TextToImageOptions { height: Some(height), width: Some(width), ..options.clone() })
+    }
+
+    /// `vae.encode(image).latent_dist.sample(generator) × scaling_factor` (`retrieve_latents`),
+    /// for one image `[1, 3, H, W]`; float32 latents.
+    pub fn encode_image_latents(&self, image: &Tensor, generator: &mut TorchGenerator) -> Result<Tensor> {
+        let posterior = self.vae.encode(&image.to_dtype(self.dtype)?)?;
+        let latents = posterior.sample(generator)?.to_dtype(DType::F32)?;
+        Ok((latents * self.vae_config.scaling_factor)?)
+    }
+
+    /// Image-to-image (mask `None`) or inpainting: images `[N, 3, H, W]` in about [-1, 1].
+    pub fn generate_from_image(
+        &mut self,
+        options: &TextToImageOptions,
+        condition: &ImageCondition,
+        generator: &mut TorchGenerator,
+        on_step: &mut dyn FnMut(usize, usize),
+        warn: &mut dyn FnMut(String),
+        times: &mut PhaseTimes,
+    ) -> Result<Tensor> {
+        let (height, width) = self.validate_image_request(options, condition)?;
+        let options = TextToImageOptions { height: Some(height), width: Some(width), ..options.clone() };
+        let start = std::time::Instant::now();
+        let embeddings = self.encode_prompt(&options, warn)?;
+        times.text_encoding = start.elapsed().as_secs_f64();
+        let start = std::time::Instant::now();
+        let latents = match condition.mask {
+            None => self.image_to_image_latents(&options, condition, &embeddings, generator, on_step)?,
+            Some(mask) => self.inpaint_latents(&options, condition, mask, &embeddings, generator, on_step)?,
+        };
+        times.denoising = start.elapsed().as_secs_f64();
+        let start = std::time::Instant::now();
+        let images = self.decode_latents(&latents)?;
+        times.decoding = start.elapsed().as_secs_f64();
+        Ok(images)
+    }
+
+    /// StableDiffusionImg2ImgPipeline's steps after the prompt encoding: preprocess, timesteps
+    /// from strength, `prepare_latents` (the VAE sample is drawn first, then the noise, from
+    /// the one generator), and the loop. `options` carries the final height and width.
+    fn image_to_image_latents(
+        &mut self,
+        options: &TextToImageOptions,
+        condition: &ImageCondition,
+        embeddings: &Tensor,
+        generator: &mut TorchGenerator,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let processor = VaeImageProcessor::new(self.vae_scale_factor());
+        let image = processor.preprocess(condition.image, options.height, options.width, &self.device)?;
+        let scheduler = &mut self.scheduler.scheduler;
+        scheduler.set_timesteps(options.num_inference_steps)?;
+        let timesteps = strength_timesteps(scheduler.as_mut(), options.num_inference_steps, condition.strength);
+        let batch = options.num_images_per_prompt;
+        let latent_timestep = vec![timesteps[0]; batch];
+
+        let init_latents = self.encode_image_latents(&image, generator)?.repeat((batch, 1, 1, 1))?;
+        let noise = generator.randn_tensor(init_latents.dims(), &self.device)?;
+        let latents = self.scheduler.scheduler.add_noise(&init_latents, &noise, &latent_timestep)?;
+
+        let run = DenoiseLoop { latents, timesteps, embeddings, extra_channels: None };
+        self.denoise_loop(run, options, &mut |_, latents, _| Ok(latents), generator, on_step)
+    }
+}
