@@ -25,8 +25,9 @@ pub struct TrainArgs {
     /// or a folder of PNG/JPEG/BMP images (searched recursively).
     #[arg(long)]
     data: PathBuf,
-    /// The folder to write into: checkpoints/, samples/, loss.csv, loss.png and, at the end,
-    /// the trained model as a diffusers DDPMPipeline (model_index.json, unet/, scheduler/).
+    /// The folder to write into: checkpoints/, samples/, loss.csv, loss.png, data-cache/ (a
+    /// decompressed copy of gzipped IDX data) and, at the end, the trained model as a diffusers
+    /// DDPMPipeline (model_index.json, unet/, scheduler/).
     #[arg(long)]
     output: PathBuf,
     /// With IDX data: the labels file (default: the *-labels-idx1-ubyte[.gz] file beside --data).
@@ -157,6 +158,16 @@ pub struct TrainArgs {
     quiet: bool,
 }
 
+/// `1h02m`, `3m05s`, `42s`.
+fn format_duration(seconds: f64) -> String {
+    let seconds = seconds.max(0.0).round() as u64;
+    match (seconds / 3600, seconds % 3600 / 60, seconds % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
+    }
+}
+
 fn presets_help() -> String {
     let mut text = String::from("Model presets (--model-config):\n");
     for (name, description, _) in PRESETS {
@@ -278,10 +289,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let quiet = args.quiet;
     let bar = ProgressBar::new(args.steps as u64);
     bar.set_draw_target(if quiet || !std::io::stderr().is_terminal() { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() });
-    bar.set_style(
-        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}, {per_sec}]")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
     let notice = |text: &str| {
         if !quiet {
             bar.suspend(|| eprintln!("{text}"));
@@ -299,7 +307,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut hooks = Hooks {
         on_progress: Box::new(|progress| {
             bar.set_position(progress.step as u64);
-            bar.set_message(format!("loss {:.4} lr {:.2e}", progress.loss, progress.learning_rate));
+            // Rate and ETA from the loop (a resumed run starts its count at the checkpoint).
+            bar.set_message(format!(
+                "loss {:.4}, lr {:.2e}, {:.2} it/s, ETA {}",
+                progress.loss,
+                progress.learning_rate,
+                progress.steps_per_second,
+                format_duration(progress.eta_seconds)
+            ));
             ControlFlow::Continue(())
         }),
         on_message: Box::new(|text| notice(text)),

@@ -756,6 +756,10 @@ fn the_loss_goes_down_and_the_model_is_exported() {
     assert_eq!(checkpoint::list(&dir.join("checkpoints")).unwrap().len(), 2);
     let latest = checkpoint::latest(&dir.join("checkpoints")).unwrap().unwrap();
     assert!(latest.ends_with("checkpoint-0000040"));
+    // Without the pointer (a kill right after the first checkpoint's rename), the newest
+    // complete checkpoint is the latest.
+    std::fs::rename(dir.join("checkpoints/latest"), dir.join("latest.moved")).unwrap();
+    assert_eq!(checkpoint::latest(&dir.join("checkpoints")).unwrap(), Some(latest.clone()));
 
     // The export: a DDPMPipeline folder with the EMA weights, loadable and sampling.
     let mut pipeline = diffuse::pipelines::pixel::PixelPipeline::load(&dir, Some("ddim"), &[], None, &Device::Cpu).unwrap();

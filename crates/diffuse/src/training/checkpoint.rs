@@ -189,13 +189,14 @@ pub fn save(root: &Path, checkpoint: &Checkpoint, write_file: &mut WriteFile) ->
     Ok(target)
 }
 
-/// The checkpoint `root/latest` names, if there is one. A pointer to a missing or incomplete
-/// folder is an error (it cannot happen through [`save`]).
+/// The checkpoint `root/latest` names, if there is one; without the pointer (a run killed
+/// between its first checkpoint's rename and the pointer's), the newest complete checkpoint.
+/// A pointer to a missing or incomplete folder is an error (it cannot happen through [`save`]).
 pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
     let pointer = root.join(LATEST);
     let name = match std::fs::read_to_string(&pointer) {
         Ok(name) => name.trim().to_string(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(list(root)?.pop().map(|(_, path)| path)),
         Err(e) => return Err(Error::io(&pointer, e)),
     };
     if step_of(&name).is_none() || name.contains(['/', '\\']) {

@@ -92,7 +92,8 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Write a sample grid every this many steps (and at the end).
     pub sample_every: Option<usize>,
-    /// Seeds the training draws (timesteps, noise, dropout) and the data order.
+    /// Seeds the training draws (the task's: timesteps, noise, label dropout). The data order
+    /// has the loader's seed and the initial weights the task's.
     pub seed: u64,
     /// Continue from the output folder's latest checkpoint.
     pub resume: bool,
@@ -245,6 +246,12 @@ pub fn train(task: &mut dyn TrainingTask, loader: &mut DataLoader, config: &Trai
         };
         let saved = checkpoint::load(&dir)?;
         let state = resume_state(task, loader, config, &saved, &dir)?;
+        if saved.state.learning_rate != learning_rate {
+            (hooks.on_message)(&format!(
+                "note: the learning-rate schedule differs from the checkpoint's ({:?}); continuing with {:?}",
+                saved.state.learning_rate, learning_rate
+            ));
+        }
         all_losses = truncate_loss_log(&csv_path, state.step as u64)?;
         (hooks.on_message)(&format!("resuming from {} (step {})", dir.display(), state.step));
         state
