@@ -176,10 +176,6 @@ fn presets_help() -> String {
     text
 }
 
-fn parse_prediction_type(name: &str) -> Result<PredictionType> {
-    Ok(PredictionType::parse(name).with_context(|| "--prediction-type".to_string())?)
-}
-
 /// Opens `--data`: an image folder, or an IDX images file with its labels.
 fn open_dataset(args: &TrainArgs, cache_dir: &Path) -> Result<Box<dyn Dataset>> {
     if args.data.is_dir() {
@@ -203,7 +199,7 @@ fn open_dataset(args: &TrainArgs, cache_dir: &Path) -> Result<Box<dyn Dataset>> 
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let device = Device::Cpu;
-    let prediction_type = parse_prediction_type(&args.prediction_type)?;
+    let prediction_type = PredictionType::parse(&args.prediction_type).context("--prediction-type")?;
     let loss = match args.loss.as_str() {
         "mse" => LossKind::Mse,
         "hybrid" => LossKind::Hybrid { vlb_weight: args.vlb_weight },

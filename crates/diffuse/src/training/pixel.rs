@@ -33,20 +33,20 @@ pub const DIFFUSERS_VERSION: &str = "0.42.1";
 pub const PRESETS: &[(&str, &str, &str)] = &[
     (
         "tiny",
-        "2 levels of 32 and 64 channels, attention at the lower one (≈0.9M parameters): tests and quick checks",
+        "2 levels of 32 and 64 channels, attention at the lower one (≈0.7M parameters): tests and quick checks",
         r#"{"block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": 8,
             "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"]}"#,
     ),
     (
         "small",
-        "3 levels of 64, 128, 128 channels, attention at the middle one (≈8M parameters): 28–32 px datasets such as Fashion-MNIST",
+        "3 levels of 64, 128, 128 channels, attention at the middle one (≈6.5M parameters): 28–32 px datasets such as Fashion-MNIST",
         r#"{"block_out_channels": [64, 128, 128], "layers_per_block": 2, "norm_num_groups": 32, "attention_head_dim": 32,
             "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
             "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}"#,
     ),
     (
         "ddpm-cifar10",
-        "the architecture of google/ddpm-cifar10-32 (Ho et al. 2020's CIFAR-10 model, ≈36M parameters)",
+        "the architecture of google/ddpm-cifar10-32 (Ho et al. 2020's CIFAR-10 model, 35.7M parameters)",
         r#"{"block_out_channels": [128, 256, 256, 256], "layers_per_block": 2, "norm_num_groups": 32, "norm_eps": 1e-6,
             "attention_head_dim": null, "downsample_padding": 0, "flip_sin_to_cos": false, "freq_shift": 1,
             "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
