@@ -6,6 +6,7 @@ mod generate;
 mod info;
 mod invert;
 mod start;
+mod train;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use diffuse::pipelines::SCHEDULER_NAMES;
@@ -36,6 +37,9 @@ enum Command {
     /// Time the text encoder, one UNet step and one VAE decode (random weights for a named
     /// standard config, or a real model folder).
     Bench(bench::BenchArgs),
+    /// Train a pixel-space UNet2DModel (unconditional or class-conditional) from scratch and
+    /// write it as a diffusers DDPMPipeline folder.
+    Train(Box<train::TrainArgs>),
 }
 
 fn main() {
@@ -46,6 +50,7 @@ fn main() {
         Command::Info(args) => info::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Invert(args) => invert::run(*args),
+        Command::Train(args) => train::run(*args),
         Command::Schedulers => {
             for (name, class, _, description) in SCHEDULER_NAMES {
                 println!("{name:<16} {description} [{class}]");

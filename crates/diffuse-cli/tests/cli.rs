@@ -869,3 +869,120 @@ fn safetensors_latents(bytes: &[u8]) -> Vec<u8> {
     let (start, end) = (offsets[0].as_u64().unwrap() as usize, offsets[1].as_u64().unwrap() as usize);
     bytes[8 + header_len + start..8 + header_len + end].to_vec()
 }
+
+/// A small IDX dataset in a scratch folder: 24 images of 8×8 (bars in three directions) and
+/// their labels, as MNIST names them.
+fn idx_dataset(dir: &Path) -> PathBuf {
+    let idx = |dims: &[u32], data: &[u8]| {
+        let mut bytes = vec![0, 0, 0x08, dims.len() as u8];
+        for d in dims {
+            bytes.extend(d.to_be_bytes());
+        }
+        bytes.extend_from_slice(data);
+        bytes
+    };
+    let mut pixels = Vec::new();
+    let mut labels = Vec::new();
+    for i in 0..24u32 {
+        let class = i % 3;
+        labels.push(class as u8);
+        for y in 0..8u32 {
+            for x in 0..8u32 {
+                let on = match class { 0 => (y + i) % 4 < 2, 1 => (x + i) % 4 < 2, _ => (x + y) % 4 < 2 };
+                pixels.push(if on { 220 } else { 30 });
+            }
+        }
+    }
+    let images = dir.join("train-images-idx3-ubyte");
+    std::fs::write(&images, idx(&[24, 8, 8], &pixels)).unwrap();
+    std::fs::write(dir.join("train-labels-idx1-ubyte"), idx(&[24], &labels)).unwrap();
+    images
+}
+
+#[test]
+fn train_writes_a_pipeline_that_generate_loads_and_resumes() {
+    fn as_str(args: &[String]) -> Vec<&str> {
+        args.iter().map(String::as_str).collect()
+    }
+    let dir = scratch("train");
+    let data = idx_dataset(&dir);
+    let out = dir.join("run");
+    let train_args = |steps: &str, extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "train", "--data", data.to_str().unwrap(), "--output", out.to_str().unwrap(), "--model-config", "tiny",
+            "--class-conditional", "--class-dropout", "0.1", "--steps", steps, "--batch-size", "4", "--warmup", "1",
+            "--lr", "1e-3", "--checkpoint-every", "2", "--sample-every", "4", "--sample-steps", "2", "--sample-count", "2",
+            "--random-flip", "--quiet",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let (ok, stdout, stderr) = diffuse(&as_str(&train_args("4", &[])));
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("run"), "{stdout}");
+    for file in ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json", "loss.csv", "loss.png", "samples/step-0000004.png", "checkpoints/latest"] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("unet/config.json")).unwrap()).unwrap();
+    assert_eq!((config["num_class_embeds"].as_u64(), config["sample_size"].as_u64(), config["in_channels"].as_u64()), (Some(4), Some(8), Some(1)));
+
+    // diffuse generate loads the folder.
+    let image = dir.join("sample.png");
+    let (ok, _, stderr) = diffuse(&["generate", "--model", out.to_str().unwrap(), "--class-label", "2", "--steps", "3", "--seed", "1", "--quiet", "--output", image.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert_eq!(decode_png(&image).0.len(), 64);
+
+    // Continued to 6 steps with --resume; without it the folder is refused.
+    assert_fails_with(&as_str(&train_args("6", &[])), "--resume");
+    let (ok, _, stderr) = diffuse(&as_str(&train_args("6", &["--resume"])));
+    assert!(ok, "{stderr}");
+    assert_eq!(std::fs::read_to_string(out.join("loss.csv")).unwrap().lines().count(), 7);
+    // Another architecture cannot continue this run.
+    let mut other = train_args("8", &["--resume"]);
+    let position = other.iter().position(|a| a == "tiny").unwrap();
+    other[position] = "small".into();
+    assert_fails_with(&as_str(&other), "unet.block_out_channels: [32,64] in the checkpoint, [64,128,128] now");
+}
+
+#[test]
+fn train_bad_input() {
+    let dir = scratch("train-bad");
+    let data = idx_dataset(&dir);
+    let data = data.to_str().unwrap();
+    let out = dir.join("out");
+    let out = out.to_str().unwrap();
+    let base = ["train", "--data", data, "--output", out, "--quiet"];
+    let with = |extra: &[&'static str]| -> Vec<&str> { base.iter().copied().chain(extra.iter().copied()).collect() };
+    assert_fails_with(&with(&["--lr", "0"]), "learning rate");
+    assert_fails_with(&with(&["--lr", "NaN"]), "learning rate");
+    assert_fails_with(&with(&["--steps", "0"]), "--steps");
+    assert_fails_with(&with(&["--loss", "l1"]), "--loss l1");
+    assert_fails_with(&with(&["--prediction-type", "x0"]), "prediction_type");
+    assert_fails_with(&with(&["--model-config", "huge"]), "neither a preset");
+    assert_fails_with(&with(&["--sample-scheduler", "nope"]), "--sample-scheduler");
+    assert_fails_with(&with(&["--model-config", "tiny", "--resolution", "9"]), "multiple of 2");
+    assert_fails_with(&with(&["--model-config", "tiny", "--resolution", "16"]), "use --image-fit pad or resize");
+    assert_fails_with(&with(&["--class-dropout", "0.2"]), "--class-dropout");
+    assert_fails_with(&with(&["--resume"]), "no checkpoint");
+    let missing = dir.join("nothing-here");
+    assert_fails_with(&["train", "--data", missing.to_str().unwrap(), "--output", out, "--quiet"], "no such file or folder");
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    assert_fails_with(&["train", "--data", empty.to_str().unwrap(), "--output", out, "--quiet"], "no images found");
+    // Mixed sizes in a folder: refused naming the file.
+    let folder = dir.join("mixed");
+    std::fs::create_dir_all(&folder).unwrap();
+    for (name, size) in [("a.png", 8u32), ("b.png", 6)] {
+        let file = std::fs::File::create(folder.join(name)).unwrap();
+        let mut encoder = png::Encoder::new(file, size, size);
+        encoder.set_color(png::ColorType::Grayscale);
+        encoder.write_header().unwrap().write_image_data(&vec![128u8; (size * size) as usize]).unwrap();
+    }
+    assert_fails_with(
+        &["train", "--data", folder.to_str().unwrap(), "--output", out, "--model-config", "tiny", "--batch-size", "2", "--quiet"],
+        "b.png: the image is 6×6, the model takes 8×8",
+    );
+}

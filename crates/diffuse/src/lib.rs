@@ -11,5 +11,6 @@ pub mod prompts;
 pub mod rng;
 pub mod schedulers;
 pub mod tokenizers;
+pub mod training;
 
 pub use error::{Error, Result};

@@ -175,6 +175,27 @@ impl TorchGenerator {
         data
     }
 
+    /// `torch.rand(n, dtype=torch.float32, generator=g)`: one 32-bit draw per value, its low
+    /// 24 bits scaled into [0, 1).
+    pub fn rand(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.uniform_f32()).collect()
+    }
+
+    /// `torch.randint(low, high, (n,), generator=g)`: `draw % (high - low) + low`, with one
+    /// 32-bit draw per value (a 64-bit draw when the range needs more than 32 bits).
+    pub fn randint(&mut self, low: i64, high: i64, n: usize) -> Result<Vec<i64>> {
+        if high <= low {
+            bail!("randint: empty range {low}..{high}");
+        }
+        let range = (high - low) as u64;
+        Ok((0..n)
+            .map(|_| {
+                let draw = if range >= 1 << 32 { self.engine.next_u64() } else { self.engine.next_u32() as u64 };
+                (draw % range) as i64 + low
+            })
+            .collect())
+    }
+
     /// `torch.randn(shape, generator=g)` as an f32 tensor on `device`.
     pub fn randn_tensor(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
         let n = shape.iter().product();

@@ -227,7 +227,7 @@ impl ResnetBlock2D {
 fn upsample_nearest(input: &Tensor, output_size: Option<(usize, usize)>) -> Result<Tensor> {
     let (_, _, height, width) = input.dims4()?;
     let (target_height, target_width) = output_size.unwrap_or((2 * height, 2 * width));
-    Ok(input.upsample_nearest2d(target_height, target_width)?)
+    ops::upsample_nearest2d(input, target_height, target_width)
 }
 
 /// `Upsample2D` without transposed convolution or normalisation: nearest ×2, then

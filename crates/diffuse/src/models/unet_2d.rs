@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::embeddings::{GaussianFourierProjection, TimestepEmbedding, TimestepEmbeddingConfig, Timesteps};
 use super::resnet::TimeEmbeddingNorm;
@@ -12,7 +12,7 @@ use super::{Activation, Conv2d, Embedding, GroupNorm};
 use crate::{bail, ops, Error, Result};
 
 /// `sample_size`: one side of a square sample, or (height, width).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum SampleSize {
     Square(usize),
@@ -30,7 +30,7 @@ impl SampleSize {
 }
 
 /// The arguments of `UNet2DModel.__init__`, as `config.json` stores them, with its defaults.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct UNet2DModelConfig {
     pub sample_size: Option<SampleSize>,

@@ -5,7 +5,8 @@
 use crate::{Error, Result};
 
 /// `torch.linspace(start, end, steps, dtype=torch.float32)`: torch fills the first half
-/// forward from `start` and the second half backward from `end`.
+/// forward from `start` and the second half backward from `end`, each value one fused
+/// multiply-add (as GCC compiles ATen's `start + step * idx`).
 pub fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     if steps == 0 {
         return vec![];
@@ -16,7 +17,7 @@ pub fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     let step = (end - start) / (steps - 1) as f32;
     let halfway = steps / 2;
     (0..steps)
-        .map(|i| if i < halfway { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 })
+        .map(|i| if i < halfway { step.mul_add(i as f32, start) } else { (-step).mul_add((steps - i - 1) as f32, end) })
         .collect()
 }
 
