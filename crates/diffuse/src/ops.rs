@@ -9,16 +9,17 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 
 use crate::Result;
 
+pub mod conv;
 pub mod profile;
 
 /// `torch.nn.functional.conv2d`: `input` is `[N, C_in, H, W]`, `weight` is
 /// `[C_out, C_in / groups, kH, kW]`, `bias` is `[C_out]`; symmetric zero `padding`.
+/// In f32 on the CPU it runs the project's im2col + gemm kernel (ops/conv.rs), with its own
+/// backward pass; other types and devices use candle's.
 pub fn conv2d(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     let _timer = profile::timer("conv2d");
-    let output = if (input.track_op() || weight.track_op()) && input.device().is_cpu() {
-        // The same convolution, with a faster backward pass attached (see Conv2dBackward).
-        let output = input.detach().conv2d(&weight.detach(), padding, stride, 1, 1)?;
-        input.apply_op3(weight, &output, Conv2dBackward { stride, padding })?
+    let output = if input.device().is_cpu() && input.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+        input.contiguous()?.apply_op2(&weight.contiguous()?, conv::Conv2d { stride, padding })?
     } else {
         input.conv2d(weight, padding, stride, 1, 1)?
     };
@@ -26,95 +27,6 @@ pub fn conv2d(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: us
         Some(bias) => output.broadcast_add(&bias.reshape((1, bias.elem_count(), 1, 1))?)?,
         None => output,
     })
-}
-
-/// The backward pass of [`conv2d`] during training. Its forward pass hands on the output
-/// candle's convolution computed (its third operand); its backward pass computes the input's
-/// gradient as a convolution of the output's gradient (dilated by the stride and padded) with
-/// the flipped, transposed kernel. candle's own backward pass computes it with
-/// `conv_transpose2d`, whose CPU kernel is about 8× slower than a convolution (a 3×3, 32-channel
-/// convolution at 28×28, batch 16: 106 ms against 13 ms). The kernel's gradient is candle's.
-struct Conv2dBackward {
-    stride: usize,
-    padding: usize,
-}
-
-impl CustomOp3 for Conv2dBackward {
-    fn name(&self) -> &'static str {
-        "conv2d-with-fast-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _input: &CpuStorage,
-        _input_layout: &Layout,
-        _weight: &CpuStorage,
-        _weight_layout: &Layout,
-        output: &CpuStorage,
-        output_layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = output_layout.contiguous_offsets() else {
-            candle_core::bail!("conv2d: the convolution's output is not contiguous");
-        };
-        let storage = match output {
-            CpuStorage::F32(data) => CpuStorage::F32(data[start..end].to_vec()),
-            CpuStorage::F64(data) => CpuStorage::F64(data[start..end].to_vec()),
-            CpuStorage::F16(data) => CpuStorage::F16(data[start..end].to_vec()),
-            CpuStorage::BF16(data) => CpuStorage::BF16(data[start..end].to_vec()),
-            _ => candle_core::bail!("conv2d: unsupported dtype"),
-        };
-        Ok((storage, output_layout.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        input: &Tensor,
-        weight: &Tensor,
-        _output: &Tensor,
-        _result: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (stride, padding) = (self.stride, self.padding);
-        let (_, _, kernel_h, kernel_w) = weight.dims4()?;
-        let (_, _, input_h, input_w) = input.dims4()?;
-        let (_, _, output_h, output_w) = grad.dims4()?;
-
-        // The kernel's gradient, as candle computes it: the input correlated with the output's
-        // gradient dilated by the stride.
-        let grad_weight = input.transpose(0, 1)?.conv2d(&grad.transpose(0, 1)?, padding, 1, stride, 1)?.transpose(0, 1)?;
-        let grad_weight = grad_weight.narrow(2, 0, kernel_h)?.narrow(3, 0, kernel_w)?;
-
-        // The input's gradient. Rows (and columns) the strided kernel never reached get zero
-        // gradient: `extra` of them at the bottom (right).
-        let extra_h = input_h + 2 * padding - ((output_h - 1) * stride + kernel_h);
-        let extra_w = input_w + 2 * padding - ((output_w - 1) * stride + kernel_w);
-        let grad_input = if padding + 1 > kernel_h || padding + 1 > kernel_w {
-            grad.conv_transpose2d(weight, padding, extra_h.max(extra_w), stride, 1)?
-        } else {
-            let reverse = |n: usize| Tensor::from_vec((0..n as u32).rev().collect::<Vec<u32>>(), n, weight.device());
-            let flipped = weight.index_select(&reverse(kernel_h)?, 2)?.index_select(&reverse(kernel_w)?, 3)?.transpose(0, 1)?.contiguous()?;
-            let dilated = if stride == 1 {
-                grad.clone()
-            } else {
-                // Each value followed by stride - 1 zeros, then the trailing zeros cut.
-                let (batch, channels) = (grad.dim(0)?, grad.dim(1)?);
-                grad.reshape((batch, channels, output_h, 1, output_w, 1))?
-                    .pad_with_zeros(3, 0, stride - 1)?
-                    .pad_with_zeros(5, 0, stride - 1)?
-                    .reshape((batch, channels, output_h * stride, output_w * stride))?
-                    .narrow(2, 0, (output_h - 1) * stride + 1)?
-                    .narrow(3, 0, (output_w - 1) * stride + 1)?
-            };
-            let (pad_h, pad_w) = (kernel_h - 1 - padding, kernel_w - 1 - padding);
-            if pad_h == pad_w && extra_h == 0 && extra_w == 0 {
-                dilated.conv2d(&flipped, pad_h, 1, 1, 1)?
-            } else {
-                let padded = dilated.pad_with_zeros(2, pad_h, pad_h + extra_h)?.pad_with_zeros(3, pad_w, pad_w + extra_w)?;
-                padded.conv2d(&flipped, 0, 1, 1, 1)?
-            }
-        };
-        Ok((Some(grad_input), Some(grad_weight), None))
-    }
 }
 
 /// `torch.nn.functional.linear`: `input` is `[..., in]`, `weight` is `[out, in]`, `bias` is `[out]`.

@@ -933,8 +933,8 @@ fn bad_settings_are_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The convolution's training backward pass (the input's gradient as a convolution) against
-/// candle's own (through conv_transpose2d), for the kernel sizes, strides and paddings the
+/// The project's convolution (im2col + gemm, ops/conv.rs) and its backward pass against
+/// candle's own, for the kernel sizes, strides and paddings the
 /// models use, on odd and even sizes.
 #[test]
 fn conv2d_backward_matches_candle() {
@@ -951,7 +951,8 @@ fn conv2d_backward_matches_candle() {
             [input.as_tensor(), weight.as_tensor()].map(|t| grads.get(t).unwrap().clone())
         };
         let (a, b) = (gradients(&ours), gradients(&candle));
-        assert_eq!(max_abs_difference(&ours, &candle), 0.0);
+        let forward_difference = max_abs_difference(&ours, &candle);
+        assert!(forward_difference < 1e-5, "size {size}, kernel {kernel}, stride {stride}, padding {padding}: the output differs by {forward_difference}");
         for (name, (a, b)) in ["input", "weight"].iter().zip(a.iter().zip(&b)) {
             let difference = max_abs_difference(a, b);
             assert!(difference < 1e-4, "size {size}, kernel {kernel}, stride {stride}, padding {padding}: d{name} differs by {difference}");

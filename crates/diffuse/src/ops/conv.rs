@@ -1,0 +1,522 @@
+//! 2-D convolution on the CPU in f32, forward and backward, as im2col + gemm per image
+//! (Caffe's scheme: activations stay NCHW, the kernel `[C_out, C_in·kh·kw]` is used as it is
+//! stored, so nothing is repacked per call).
+//!
+//! Per image, the input patches of a band of output rows are laid out as columns
+//! (`col[C_in·kh·kw, positions]`, small enough to stay in cache), and
+//! `output[C_out, positions] = weight · col`. The backward pass is the same algebra transposed:
+//! `grad_weight += grad_output · colᵀ`, `grad_col = weightᵀ · grad_output`, scattered back to
+//! the input (col2im). Images are spread over the threads when there are enough of them;
+//! otherwise each product uses every thread.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// The column buffer holds at most this many values (16 MiB): a band of output rows at a time.
+const COLUMN_BUDGET: usize = 4 << 20;
+
+/// The sizes of one convolution (groups of 1, square stride and padding, no dilation).
+#[derive(Debug, Clone, Copy)]
+pub struct Geometry {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub out_channels: usize,
+    pub kernel_h: usize,
+    pub kernel_w: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Geometry {
+    pub fn out_height(&self) -> usize {
+        (self.height + 2 * self.padding - self.kernel_h) / self.stride + 1
+    }
+    pub fn out_width(&self) -> usize {
+        (self.width + 2 * self.padding - self.kernel_w) / self.stride + 1
+    }
+    /// Rows of the weight matrix's transpose: `C_in·kh·kw`.
+    fn patch_len(&self) -> usize {
+        self.in_channels * self.kernel_h * self.kernel_w
+    }
+    fn input_len(&self) -> usize {
+        self.in_channels * self.height * self.width
+    }
+    fn output_len(&self) -> usize {
+        self.out_channels * self.out_height() * self.out_width()
+    }
+    /// A 1×1, stride-1, unpadded convolution reads the input as its own column matrix.
+    fn is_pointwise(&self) -> bool {
+        self.kernel_h == 1 && self.kernel_w == 1 && self.stride == 1 && self.padding == 0
+    }
+    /// Output rows per band, so that the column buffer stays within budget.
+    fn band_rows(&self) -> usize {
+        (COLUMN_BUDGET / (self.patch_len() * self.out_width()).max(1)).clamp(1, self.out_height())
+    }
+}
+
+/// For kernel offset `k` (row or column), the output range whose input index
+/// `o·stride + k - padding` lies inside `0..size`.
+fn valid_range(k: usize, size: usize, out_size: usize, stride: usize, padding: usize) -> (usize, usize) {
+    // o·stride + k ≥ padding  and  o·stride + k - padding < size.
+    let first = padding.saturating_sub(k).div_ceil(stride);
+    let end = if size + padding > k { (size + padding - k).div_ceil(stride).min(out_size) } else { 0 };
+    (first.min(end), end)
+}
+
+/// Writes the patches of output rows `rows` of one image into `col[patch_len, rows·W_out]`.
+fn im2col(g: &Geometry, image: &[f32], rows: std::ops::Range<usize>, col: &mut [f32]) {
+    let (out_w, band) = (g.out_width(), rows.len() * g.out_width());
+    for c in 0..g.in_channels {
+        let plane = &image[c * g.height * g.width..(c + 1) * g.height * g.width];
+        for ky in 0..g.kernel_h {
+            for kx in 0..g.kernel_w {
+                let row = (c * g.kernel_h + ky) * g.kernel_w + kx;
+                let dst = &mut col[row * band..(row + 1) * band];
+                let (x_lo, x_hi) = valid_range(kx, g.width, out_w, g.stride, g.padding);
+                for (i, oy) in rows.clone().enumerate() {
+                    let out_row = &mut dst[i * out_w..(i + 1) * out_w];
+                    let iy = (oy * g.stride + ky) as isize - g.padding as isize;
+                    if iy < 0 || iy >= g.height as isize {
+                        out_row.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * g.width..(iy as usize + 1) * g.width];
+                    out_row[..x_lo].fill(0.0);
+                    out_row[x_hi.max(x_lo)..].fill(0.0);
+                    if x_hi > x_lo {
+                        let ix0 = x_lo * g.stride + kx - g.padding;
+                        if g.stride == 1 {
+                            out_row[x_lo..x_hi].copy_from_slice(&src[ix0..ix0 + (x_hi - x_lo)]);
+                        } else {
+                            for (j, value) in out_row[x_lo..x_hi].iter_mut().enumerate() {
+                                *value = src[ix0 + j * g.stride];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: adds `col[patch_len, rows·W_out]` into the image's gradient.
+fn col2im(g: &Geometry, col: &[f32], rows: std::ops::Range<usize>, image: &mut [f32]) {
+    let (out_w, band) = (g.out_width(), rows.len() * g.out_width());
+    for c in 0..g.in_channels {
+        let plane = &mut image[c * g.height * g.width..(c + 1) * g.height * g.width];
+        for ky in 0..g.kernel_h {
+            for kx in 0..g.kernel_w {
+                let row = (c * g.kernel_h + ky) * g.kernel_w + kx;
+                let src = &col[row * band..(row + 1) * band];
+                let (x_lo, x_hi) = valid_range(kx, g.width, out_w, g.stride, g.padding);
+                if x_hi <= x_lo {
+                    continue;
+                }
+                for (i, oy) in rows.clone().enumerate() {
+                    let iy = (oy * g.stride + ky) as isize - g.padding as isize;
+                    if iy < 0 || iy >= g.height as isize {
+                        continue;
+                    }
+                    let dst = &mut plane[iy as usize * g.width..(iy as usize + 1) * g.width];
+                    let ix0 = x_lo * g.stride + kx - g.padding;
+                    for (j, value) in src[i * out_w + x_lo..i * out_w + x_hi].iter().enumerate() {
+                        dst[ix0 + j * g.stride] += value;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` with explicit (row, column) strides.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+    parallelism: Parallelism,
+) {
+    debug_assert!(m == 0 || n == 0 || (m - 1) * dst_rs + (n - 1) * dst_cs < dst.len());
+    debug_assert!(m == 0 || k == 0 || (m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len());
+    debug_assert!(k == 0 || n == 0 || (k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len());
+    // SAFETY: the strides and sizes address only elements inside the slices (checked above in
+    // debug builds, and by construction of every caller), and `dst` does not alias the inputs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_cs as isize,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// How work is split: over images (each product on one thread) when there are at least as
+/// many images as threads, else inside each product.
+fn split(batch: usize) -> (bool, Parallelism) {
+    let threads = rayon::current_num_threads();
+    if batch >= threads || threads == 1 {
+        (true, Parallelism::None)
+    } else {
+        (false, Parallelism::Rayon(threads))
+    }
+}
+
+/// Runs `f(image index, image's output chunk)` for every image, in parallel when `parallel`.
+fn for_each_image(parallel: bool, output: &mut [f32], per_image: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    if parallel {
+        output.par_chunks_mut(per_image).enumerate().for_each(|(b, chunk)| f(b, chunk));
+    } else {
+        output.chunks_mut(per_image).enumerate().for_each(|(b, chunk)| f(b, chunk));
+    }
+}
+
+/// `output[N, C_out, H_out, W_out]` of `input[N, C_in, H, W]` and `weight[C_out, C_in, kh, kw]`.
+pub fn forward(g: &Geometry, input: &[f32], weight: &[f32]) -> Vec<f32> {
+    let (out_hw, k) = (g.out_height() * g.out_width(), g.patch_len());
+    let mut output = vec![0f32; g.batch * g.output_len()];
+    let (parallel, parallelism) = split(g.batch);
+    for_each_image(parallel, &mut output, g.output_len(), |b, out| {
+        let image = &input[b * g.input_len()..(b + 1) * g.input_len()];
+        if g.is_pointwise() {
+            matmul((g.out_channels, out_hw, k), out, (out_hw, 1), false, weight, (k, 1), image, (out_hw, 1), parallelism);
+            return;
+        }
+        let band_rows = g.band_rows();
+        let mut col = vec![0f32; k * band_rows * g.out_width()];
+        for start in (0..g.out_height()).step_by(band_rows) {
+            let rows = start..(start + band_rows).min(g.out_height());
+            let band = rows.len() * g.out_width();
+            im2col(g, image, rows, &mut col[..k * band]);
+            let offset = start * g.out_width();
+            matmul((g.out_channels, band, k), &mut out[offset..], (out_hw, 1), false, weight, (k, 1), &col[..k * band], (band, 1), parallelism);
+        }
+    });
+    output
+}
+
+/// The input's gradient: `weightᵀ · grad_output`, scattered back through col2im.
+pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32]) -> Vec<f32> {
+    let (out_hw, k) = (g.out_height() * g.out_width(), g.patch_len());
+    let mut grad_input = vec![0f32; g.batch * g.input_len()];
+    let (parallel, parallelism) = split(g.batch);
+    for_each_image(parallel, &mut grad_input, g.input_len(), |b, grad_image| {
+        let grad_out = &grad_output[b * g.output_len()..(b + 1) * g.output_len()];
+        if g.is_pointwise() {
+            matmul((k, out_hw, g.out_channels), grad_image, (out_hw, 1), false, weight, (1, k), grad_out, (out_hw, 1), parallelism);
+            return;
+        }
+        let band_rows = g.band_rows();
+        let mut col = vec![0f32; k * band_rows * g.out_width()];
+        for start in (0..g.out_height()).step_by(band_rows) {
+            let rows = start..(start + band_rows).min(g.out_height());
+            let band = rows.len() * g.out_width();
+            let offset = start * g.out_width();
+            matmul((k, band, g.out_channels), &mut col[..k * band], (band, 1), false, weight, (1, k), &grad_out[offset..], (out_hw, 1), parallelism);
+            col2im(g, &col[..k * band], rows, grad_image);
+        }
+    });
+    grad_input
+}
+
+/// The weight's gradient: `Σ_images grad_output · colᵀ`.
+pub fn backward_weight(g: &Geometry, input: &[f32], grad_output: &[f32]) -> Vec<f32> {
+    let (out_hw, k) = (g.out_height() * g.out_width(), g.patch_len());
+    let weight_len = g.out_channels * k;
+    let (parallel, parallelism) = split(g.batch);
+    // One partial sum per thread's share of the images, added at the end.
+    let shares = if parallel { rayon::current_num_threads().min(g.batch) } else { 1 };
+    let per_share = g.batch.div_ceil(shares);
+    let mut partials = vec![0f32; shares * weight_len];
+    for_each_image(parallel, &mut partials, weight_len, |share, grad_weight| {
+        let mut col = vec![0f32; if g.is_pointwise() { 0 } else { k * g.band_rows() * g.out_width() }];
+        let mut first = true;
+        for b in share * per_share..((share + 1) * per_share).min(g.batch) {
+            let image = &input[b * g.input_len()..(b + 1) * g.input_len()];
+            let grad_out = &grad_output[b * g.output_len()..(b + 1) * g.output_len()];
+            if g.is_pointwise() {
+                matmul((g.out_channels, k, out_hw), grad_weight, (k, 1), !first, grad_out, (out_hw, 1), image, (1, out_hw), parallelism);
+                first = false;
+                continue;
+            }
+            let band_rows = g.band_rows();
+            for start in (0..g.out_height()).step_by(band_rows) {
+                let rows = start..(start + band_rows).min(g.out_height());
+                let band = rows.len() * g.out_width();
+                im2col(g, image, rows, &mut col[..k * band]);
+                let offset = start * g.out_width();
+                matmul((g.out_channels, k, band), grad_weight, (k, 1), !first, &grad_out[offset..], (out_hw, 1), &col[..k * band], (1, band), parallelism);
+                first = false;
+            }
+        }
+    });
+    let mut sum = partials[..weight_len].to_vec();
+    for partial in partials.chunks(weight_len).skip(1) {
+        sum.iter_mut().zip(partial).for_each(|(s, p)| *s += p);
+    }
+    sum
+}
+
+fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("conv2d: the {what} is not f32");
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("conv2d: the {what} is not contiguous"),
+    }
+}
+
+/// Reads the geometry from the input's and the weight's layouts.
+fn geometry(input: &Layout, weight: &Layout, stride: usize, padding: usize) -> candle_core::Result<Geometry> {
+    let (batch, in_channels, height, width) = input.shape().dims4()?;
+    let (out_channels, weight_in, kernel_h, kernel_w) = weight.shape().dims4()?;
+    if weight_in != in_channels {
+        candle_core::bail!("conv2d: the input has {in_channels} channels, the kernel expects {weight_in}");
+    }
+    if height + 2 * padding < kernel_h || width + 2 * padding < kernel_w || stride == 0 {
+        candle_core::bail!("conv2d: a {kernel_h}×{kernel_w} kernel does not fit a {height}×{width} input padded by {padding}");
+    }
+    Ok(Geometry { batch, in_channels, height, width, out_channels, kernel_h, kernel_w, stride, padding })
+}
+
+/// The convolution as a candle op with its backward pass: `input.apply_op2(weight, Conv2d)`.
+pub struct Conv2d {
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl CustomOp2 for Conv2d {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-gemm"
+    }
+
+    fn cpu_fwd(&self, input: &CpuStorage, input_layout: &Layout, weight: &CpuStorage, weight_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = geometry(input_layout, weight_layout, self.stride, self.padding)?;
+        let output = forward(&g, contiguous(input, input_layout, "input")?, contiguous(weight, weight_layout, "kernel")?);
+        Ok((CpuStorage::F32(output), Shape::from((g.batch, g.out_channels, g.out_height(), g.out_width()))))
+    }
+
+    fn bwd(&self, input: &Tensor, weight: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // An input that needs no gradient (the images) gets none: that product is skipped.
+        let input_needs_grad = input.track_op();
+        let grad_output = grad_output.detach().contiguous()?;
+        let (input, weight) = (input.detach(), weight.detach());
+        let grad_input = if input_needs_grad {
+            Some(grad_output.apply_op2_no_bwd(&weight, &GradInput { stride: self.stride, padding: self.padding, input_dims: input.dims().to_vec() })?)
+        } else {
+            None
+        };
+        let grad_weight = input.apply_op2_no_bwd(&grad_output, &GradWeight { stride: self.stride, padding: self.padding, weight_dims: weight.dims().to_vec() })?;
+        Ok((grad_input, Some(grad_weight)))
+    }
+}
+
+/// `grad_output.apply_op2(weight)`: the input's gradient.
+struct GradInput {
+    stride: usize,
+    padding: usize,
+    input_dims: Vec<usize>,
+}
+
+impl CustomOp2 for GradInput {
+    fn name(&self) -> &'static str {
+        "conv2d-grad-input"
+    }
+
+    fn cpu_fwd(&self, grad: &CpuStorage, grad_layout: &Layout, weight: &CpuStorage, weight_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _timer = super::profile::timer("conv2d backward (input)");
+        let input_layout = Layout::contiguous(self.input_dims.as_slice());
+        let g = geometry(&input_layout, weight_layout, self.stride, self.padding)?;
+        let values = backward_input(&g, contiguous(grad, grad_layout, "output gradient")?, contiguous(weight, weight_layout, "kernel")?);
+        Ok((CpuStorage::F32(values), Shape::from(self.input_dims.as_slice())))
+    }
+}
+
+/// `input.apply_op2(grad_output)`: the kernel's gradient.
+struct GradWeight {
+    stride: usize,
+    padding: usize,
+    weight_dims: Vec<usize>,
+}
+
+impl CustomOp2 for GradWeight {
+    fn name(&self) -> &'static str {
+        "conv2d-grad-weight"
+    }
+
+    fn cpu_fwd(&self, input: &CpuStorage, input_layout: &Layout, grad: &CpuStorage, grad_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _timer = super::profile::timer("conv2d backward (kernel)");
+        let weight_layout = Layout::contiguous(self.weight_dims.as_slice());
+        let g = geometry(input_layout, &weight_layout, self.stride, self.padding)?;
+        let values = backward_weight(&g, contiguous(input, input_layout, "input")?, contiguous(grad, grad_layout, "output gradient")?);
+        Ok((CpuStorage::F32(values), Shape::from(self.weight_dims.as_slice())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The direct definition, in f64.
+    fn reference(g: &Geometry, input: &[f32], weight: &[f32]) -> Vec<f64> {
+        let (oh, ow) = (g.out_height(), g.out_width());
+        let mut out = vec![0f64; g.batch * g.out_channels * oh * ow];
+        for b in 0..g.batch {
+            for o in 0..g.out_channels {
+                for y in 0..oh {
+                    for x in 0..ow {
+                        let mut sum = 0f64;
+                        for c in 0..g.in_channels {
+                            for ky in 0..g.kernel_h {
+                                for kx in 0..g.kernel_w {
+                                    let iy = (y * g.stride + ky) as isize - g.padding as isize;
+                                    let ix = (x * g.stride + kx) as isize - g.padding as isize;
+                                    if iy < 0 || ix < 0 || iy >= g.height as isize || ix >= g.width as isize {
+                                        continue;
+                                    }
+                                    let i = ((b * g.in_channels + c) * g.height + iy as usize) * g.width + ix as usize;
+                                    let w = ((o * g.in_channels + c) * g.kernel_h + ky) * g.kernel_w + kx;
+                                    sum += input[i] as f64 * weight[w] as f64;
+                                }
+                            }
+                        }
+                        out[((b * g.out_channels + o) * oh + y) * ow + x] = sum;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1u32 << 24) as f32) - 0.5).collect()
+    }
+
+    const CASES: &[(usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+        // batch, c_in, h, w, c_out, k, stride, padding
+        (2, 3, 7, 5, 4, 3, 1, 1),
+        (3, 4, 8, 8, 5, 3, 2, 1),
+        (1, 2, 9, 6, 3, 3, 2, 0),
+        (2, 5, 4, 4, 6, 1, 1, 0),
+        (1, 3, 5, 5, 2, 1, 2, 0),
+        (4, 2, 6, 7, 3, 3, 1, 0),
+    ];
+
+    fn geometries() -> impl Iterator<Item = Geometry> {
+        CASES.iter().map(|&(batch, in_channels, height, width, out_channels, k, stride, padding)| Geometry {
+            batch,
+            in_channels,
+            height,
+            width,
+            out_channels,
+            kernel_h: k,
+            kernel_w: k,
+            stride,
+            padding,
+        })
+    }
+
+    #[test]
+    fn forward_matches_the_definition() {
+        for g in geometries() {
+            let input = values(g.batch * g.input_len(), 1);
+            let weight = values(g.out_channels * g.patch_len(), 2);
+            let got = forward(&g, &input, &weight);
+            for (a, b) in got.iter().zip(reference(&g, &input, &weight)) {
+                assert!((*a as f64 - b).abs() < 1e-5, "{g:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// The gradients of loss = Σ output · r against the definition (in f64).
+    #[test]
+    fn gradients_match_the_definition() -> candle_core::Result<()> {
+        for g in geometries() {
+            let dev = Device::Cpu;
+            let (input, weight, r) = (values(g.batch * g.input_len(), 3), values(g.out_channels * g.patch_len(), 4), values(g.batch * g.output_len(), 5));
+            let input_var = Var::from_vec(input.clone(), (g.batch, g.in_channels, g.height, g.width), &dev)?;
+            let weight_var = Var::from_vec(weight.clone(), (g.out_channels, g.in_channels, g.kernel_h, g.kernel_w), &dev)?;
+            let r_tensor = Tensor::from_vec(r.clone(), (g.batch, g.out_channels, g.out_height(), g.out_width()), &dev)?;
+            let output = input_var.as_tensor().apply_op2(weight_var.as_tensor(), Conv2d { stride: g.stride, padding: g.padding })?;
+            let grads = (output * r_tensor)?.sum_all()?.backward()?;
+            let grad_input = grads.get(input_var.as_tensor()).expect("input gradient").flatten_all()?.to_vec1::<f32>()?;
+            let grad_weight = grads.get(weight_var.as_tensor()).expect("kernel gradient").flatten_all()?.to_vec1::<f32>()?;
+            let (mut want_input, mut want_weight) = (vec![0f64; input.len()], vec![0f64; weight.len()]);
+            let (oh, ow) = (g.out_height(), g.out_width());
+            for b in 0..g.batch {
+                for o in 0..g.out_channels {
+                    for y in 0..oh {
+                        for x in 0..ow {
+                            let dr = r[((b * g.out_channels + o) * oh + y) * ow + x] as f64;
+                            for c in 0..g.in_channels {
+                                for ky in 0..g.kernel_h {
+                                    for kx in 0..g.kernel_w {
+                                        let iy = (y * g.stride + ky) as isize - g.padding as isize;
+                                        let ix = (x * g.stride + kx) as isize - g.padding as isize;
+                                        if iy < 0 || ix < 0 || iy >= g.height as isize || ix >= g.width as isize {
+                                            continue;
+                                        }
+                                        let i = ((b * g.in_channels + c) * g.height + iy as usize) * g.width + ix as usize;
+                                        let w = ((o * g.in_channels + c) * g.kernel_h + ky) * g.kernel_w + kx;
+                                        want_input[i] += dr * weight[w] as f64;
+                                        want_weight[w] += dr * input[i] as f64;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            for (got, want, what) in [(&grad_input, &want_input, "input"), (&grad_weight, &want_weight, "kernel")] {
+                for (a, b) in got.iter().zip(want.iter()) {
+                    assert!((*a as f64 - b).abs() < 1e-5, "{g:?}: the {what} gradient is {a}, the definition gives {b}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// An input that needs no gradient gets none (its product is skipped).
+    #[test]
+    fn constant_input_gets_no_gradient() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let input = Tensor::ones((1, 2, 4, 4), candle_core::DType::F32, &dev)?;
+        let weight = Var::ones((3, 2, 3, 3), candle_core::DType::F32, &dev)?;
+        let grads = input.apply_op2(weight.as_tensor(), Conv2d { stride: 1, padding: 1 })?.sum_all()?.backward()?;
+        assert!(grads.get(&input).is_none());
+        assert!(grads.get(weight.as_tensor()).is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn bands_cover_the_output() {
+        // A column budget smaller than one row's patches still makes one-row bands.
+        let g = Geometry { batch: 1, in_channels: 512, height: 64, width: 4096, out_channels: 1, kernel_h: 3, kernel_w: 3, stride: 1, padding: 1 };
+        assert_eq!(g.band_rows(), 1);
+    }
+}
