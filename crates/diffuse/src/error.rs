@@ -9,8 +9,9 @@ pub enum Error {
     #[error("{}", first_line(.0))]
     Candle(#[from] candle_core::Error),
 
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    /// (The cause is part of the message, not a `source`, so that error chains print it once.)
+    #[error("{}: {cause}", path.display())]
+    Io { path: PathBuf, cause: std::io::Error },
 
     /// A config file (or override) whose key is missing, mistyped or out of range.
     #[error("{}: {message}", path.display())]
@@ -33,7 +34,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io { path: path.into(), cause: source }
     }
     pub fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Error::Config { path: path.into(), message: message.into() }
