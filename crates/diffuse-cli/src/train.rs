@@ -1,26 +1,48 @@
-//! `diffuse train`: train a pixel-space UNet2DModel (unconditional or class-conditional) from
-//! scratch on IDX files or an image folder, and write it as a diffusers DDPMPipeline folder.
+//! `diffuse train`: train from scratch on IDX files or an image folder, and write the model as a
+//! diffusers folder: a pixel-space UNet2DModel (unconditional or class-conditional) as a
+//! DDPMPipeline, an AutoencoderKL, or a text-to-image UNet2DConditionModel (with its CLIP text
+//! encoder) in a trained autoencoder's latents as a StableDiffusionPipeline.
 
 use std::io::IsTerminal;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 use diffuse::schedulers::PredictionType;
-use diffuse::training::data::{guess_idx_labels_path, Captions, DataLoader, Dataset, IdxDataset, ImageFit, ImageFolderDataset, ImageSpec};
+use diffuse::training::data::{guess_idx_labels_path, prepare, Captions, DataLoader, Dataset, IdxDataset, ImageFit, ImageFolderDataset, ImageSpec};
 use diffuse::training::ema::EmaConfig;
 use diffuse::training::objectives::LossKind;
 use diffuse::training::optimizer::{AdamWConfig, LrSchedule};
+use diffuse::training::autoencoder::{self, resolve_vae_config, AutoencoderTask, AutoencoderTrainingConfig, ReconstructionLoss};
 use diffuse::training::pixel::{
     resolve_unet_config, NoiseSchedule, PixelTask, PixelTrainingConfig, SampleSettings, TimestepSampling, UNetRequest, PRESETS,
+};
+use diffuse::training::text_to_image::{
+    self, frozen_text_encoder, resolve_text_encoder_config, ClassPrompts, FrozenVae, TextSampleSettings, TextToImageTask,
+    TextToImageTrainingConfig, DEFAULT_TEMPLATES,
 };
 use diffuse::training::{train, Hooks, TrainConfig, TrainingTask};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+/// What `diffuse train` trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    /// A pixel-space UNet2DModel, written as a DDPMPipeline folder.
+    Pixel,
+    /// An AutoencoderKL (reconstruction + KL loss), written as an AutoencoderKL folder.
+    Autoencoder,
+    /// A UNet2DConditionModel in a trained autoencoder's latents (--vae), conditioned on a CLIP
+    /// text encoder, written as a StableDiffusionPipeline folder.
+    TextToImage,
+}
+
 #[derive(clap::Args)]
 #[command(after_help = presets_help())]
 pub struct TrainArgs {
+    /// What to train.
+    #[arg(long, value_enum, default_value = "pixel")]
+    kind: Kind,
     /// The training images: an IDX images file (MNIST / Fashion-MNIST format, gzipped or not),
     /// or a folder of PNG/JPEG/BMP images (searched recursively).
     #[arg(long)]
@@ -33,10 +55,53 @@ pub struct TrainArgs {
     /// With IDX data: the labels file (default: the *-labels-idx1-ubyte[.gz] file beside --data).
     #[arg(long)]
     labels: Option<PathBuf>,
-    /// The UNet architecture: a preset name (see below) or a diffusers UNet2DModel config.json.
-    /// Channels, sample size and class embeddings follow the data unless the file states them.
-    #[arg(long, default_value = "small")]
-    model_config: String,
+    /// The model's architecture: a preset name (see below) or a diffusers config.json. Channels,
+    /// sample size and class embeddings follow the data unless the file states them. Default:
+    /// small (pixel), vae-small (autoencoder), unet-small (text-to-image).
+    #[arg(long)]
+    model_config: Option<String>,
+    /// Convert the images to this many channels (1 gray, 3 RGB) instead of the data's own.
+    #[arg(long)]
+    channels: Option<usize>,
+    /// Autoencoder: how reconstructions are scored, l1 (latent diffusion's) or mse.
+    #[arg(long, default_value = "l1")]
+    reconstruction_loss: String,
+    /// Autoencoder: the weight of the KL term against the reconstruction term.
+    #[arg(long, default_value_t = 1e-6)]
+    kl_weight: f64,
+    /// Text-to-image: the trained autoencoder folder (`diffuse train --kind autoencoder`'s
+    /// output, or a pipeline folder with vae/), frozen.
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    /// Text-to-image: a CLIPTextModel folder to use frozen, instead of training one.
+    #[arg(long)]
+    text_encoder: Option<PathBuf>,
+    /// Text-to-image: the architecture of the text encoder trained with the UNet (a preset,
+    /// see below, or a transformers config.json).
+    #[arg(long, default_value = "clip-small")]
+    text_encoder_config: String,
+    /// Text-to-image: the probability of training on the empty prompt instead of the caption
+    /// (so that classifier-free guidance works).
+    #[arg(long, default_value_t = 0.1)]
+    caption_dropout: f64,
+    /// Text-to-image on labelled data: the class names in label order, comma-separated, synonyms
+    /// joined by `|` ("sneaker|running shoe"), or `fashion-mnist`.
+    #[arg(long)]
+    class_names: Option<String>,
+    /// Text-to-image: a file of prompt templates, one a line, for captions made from class names
+    /// (`{a}`: the name with its article, `{}`: the bare name). Default: a built-in list.
+    #[arg(long)]
+    prompt_templates: Option<PathBuf>,
+    /// Text-to-image: a prompt of the sample grids (repeatable; default: "a photo of a NAME" for
+    /// each class, or the first captions of the data).
+    #[arg(long = "sample-prompt")]
+    sample_prompts: Vec<String>,
+    /// Text-to-image: the sample grids' guidance scale.
+    #[arg(long, default_value_t = 4.0)]
+    sample_guidance_scale: f64,
+    /// The exported weights' type: f32 or f16 (autoencoder and text-to-image).
+    #[arg(long, default_value = "f32")]
+    export_dtype: String,
     /// Condition on class labels (IDX labels, or an image folder's sub-folder names).
     #[arg(long)]
     class_conditional: bool,
@@ -64,9 +129,17 @@ pub struct TrainArgs {
     /// Timesteps of the noise schedule.
     #[arg(long, default_value_t = 1000)]
     num_train_timesteps: usize,
-    /// The noise schedule: linear, scaled_linear, squaredcos_cap_v2, sigmoid.
-    #[arg(long, default_value = "linear")]
-    beta_schedule: String,
+    /// The noise schedule: linear, scaled_linear, squaredcos_cap_v2, sigmoid. Default: linear
+    /// from 0.0001 to 0.02 (DDPM's) for pixel, scaled_linear from 0.00085 to 0.012 (Stable
+    /// Diffusion's) for text-to-image.
+    #[arg(long)]
+    beta_schedule: Option<String>,
+    /// The first beta of the schedule (see --beta-schedule for the defaults).
+    #[arg(long)]
+    beta_start: Option<f64>,
+    /// The last beta of the schedule.
+    #[arg(long)]
+    beta_end: Option<f64>,
     /// Train at this square size instead of the data's (see --image-fit).
     #[arg(long)]
     resolution: Option<usize>,
@@ -138,7 +211,8 @@ pub struct TrainArgs {
     /// Write a grid of samples every N steps (and at the end).
     #[arg(long)]
     sample_every: Option<usize>,
-    /// Images in a sample grid (per class row for class-conditional models).
+    /// Images in a sample grid: per class row (class-conditional), per prompt row
+    /// (text-to-image), or the images reconstructed (autoencoder).
     #[arg(long, default_value_t = 16)]
     sample_count: usize,
     /// Denoising steps of the sample grids.
@@ -169,45 +243,256 @@ fn format_duration(seconds: f64) -> String {
 }
 
 fn presets_help() -> String {
-    let mut text = String::from("Model presets (--model-config):\n");
-    for (name, description, _) in PRESETS {
-        text.push_str(&format!("  {name:<14} {description}\n"));
+    let mut text = String::new();
+    let groups: [(&str, &[(&str, &str, &str)]); 4] = [
+        ("Model presets, --kind pixel (--model-config)", PRESETS),
+        ("Model presets, --kind autoencoder (--model-config)", autoencoder::PRESETS),
+        ("Model presets, --kind text-to-image (--model-config)", text_to_image::UNET_PRESETS),
+        ("Text encoder presets, --kind text-to-image (--text-encoder-config)", text_to_image::TEXT_ENCODER_PRESETS),
+    ];
+    for (title, presets) in groups {
+        text.push_str(&format!("{title}:\n"));
+        for (name, description, _) in presets {
+            text.push_str(&format!("  {name:<14} {description}\n"));
+        }
     }
     text
 }
 
+/// Fashion-MNIST's classes in label order, as prompt words (the first of each is its main name).
+pub const FASHION_MNIST_CLASS_NAMES: &str = "t-shirt|top|tee|t-shirt top,trouser|trousers|pants,pullover|sweater|jumper,\
+dress,coat|jacket,sandal|sandals,shirt|button-up shirt,sneaker|sneakers|running shoe,bag|handbag,ankle boot|boot|boots";
+
 /// Opens `--data`: an image folder, or an IDX images file with its labels.
 fn open_dataset(args: &TrainArgs, cache_dir: &Path) -> Result<Box<dyn Dataset>> {
+    // Text-to-image needs captions, or labels that --class-names turns into captions.
+    let wants_labels = args.class_conditional || (args.kind == Kind::TextToImage && args.class_names.is_some());
     if args.data.is_dir() {
         if args.labels.is_some() {
             bail!("--labels is for IDX data; an image folder's labels are its sub-folder names");
         }
-        return Ok(Box::new(ImageFolderDataset::open(&args.data, Captions::Ignore, args.class_conditional)?));
+        let captions = if args.kind == Kind::TextToImage && args.class_names.is_none() { Captions::Required } else { Captions::Ignore };
+        return Ok(Box::new(ImageFolderDataset::open(&args.data, captions, wants_labels)?));
     }
     if !args.data.is_file() {
         bail!("--data {}: no such file or folder", args.data.display());
     }
-    let labels = match (&args.labels, args.class_conditional) {
+    let labels = match (&args.labels, wants_labels) {
         (Some(labels), _) => Some(labels.clone()),
         (None, true) => Some(guess_idx_labels_path(&args.data).with_context(|| {
-            format!("--class-conditional: no labels file found beside {} (pass --labels)", args.data.display())
+            format!("no labels file found beside {} (pass --labels)", args.data.display())
         })?),
         (None, false) => None,
     };
     Ok(Box::new(IdxDataset::open(&args.data, labels.as_deref(), cache_dir)?))
 }
 
+fn parse_dtype(name: &str) -> Result<DType> {
+    match name {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        other => bail!("--export-dtype {other} is not one of f32, f16"),
+    }
+}
+
+/// The first `count` examples of the dataset, prepared as the model sees them: `[N, C, H, W]`.
+fn first_images(dataset: &mut dyn Dataset, spec: &ImageSpec, count: usize, device: &Device) -> Result<Tensor> {
+    let count = count.min(dataset.len()).max(1);
+    let mut values = Vec::with_capacity(count * spec.channels * spec.height * spec.width);
+    for index in 0..count {
+        values.extend(prepare(&dataset.get(index)?, spec, false)?);
+    }
+    Ok(Tensor::from_vec(values, (count, spec.channels, spec.height, spec.width), device)?)
+}
+
+/// The noise schedule: the flags, else the kind's defaults.
+fn noise_schedule(args: &TrainArgs) -> NoiseSchedule {
+    let (schedule, start, end) = match args.kind {
+        Kind::TextToImage => ("scaled_linear", 0.00085, 0.012),
+        _ => ("linear", 0.0001, 0.02),
+    };
+    NoiseSchedule {
+        num_train_timesteps: args.num_train_timesteps,
+        beta_schedule: args.beta_schedule.clone().unwrap_or_else(|| schedule.to_string()),
+        beta_start: args.beta_start.unwrap_or(start),
+        beta_end: args.beta_end.unwrap_or(end),
+    }
+}
+
+/// Builds the model kind's task and the image spec its data is prepared to.
+fn build_task(args: &TrainArgs, dataset: &mut dyn Dataset, device: &Device) -> Result<(Box<dyn TrainingTask>, ImageSpec, String)> {
+    let prediction_type = PredictionType::parse(&args.prediction_type).context("--prediction-type")?;
+    let timestep_sampling = TimestepSampling::parse(&args.timestep_sampling)?;
+    let image_fit = ImageFit::parse(&args.image_fit)?;
+    let first = dataset.get(0)?;
+    let data_channels = args.channels.unwrap_or(if first.image.channels <= 2 { 1 } else { 3 });
+    if data_channels != 1 && data_channels != 3 {
+        bail!("--channels {data_channels}: must be 1 (gray) or 3 (RGB)");
+    }
+    // Every kind but pixel trains at a square size: --resolution, or the data's (square) size.
+    let square_size = || -> Result<usize> {
+        match args.resolution {
+            Some(size) => Ok(size),
+            None if first.image.width == first.image.height => Ok(first.image.width),
+            None => bail!("the images are {}×{}: pass --resolution (and --image-fit)", first.image.width, first.image.height),
+        }
+    };
+    let check_scheduler = |name: &str| -> Result<()> {
+        diffuse::pipelines::SCHEDULER_NAMES
+            .iter()
+            .find(|(known, ..)| *known == name)
+            .map(|_| ())
+            .with_context(|| format!("--sample-scheduler {name}: not a scheduler name (see `diffuse schedulers`)"))
+    };
+    match args.kind {
+        Kind::Pixel => {
+            let loss = match args.loss.as_str() {
+                "mse" => LossKind::Mse,
+                "hybrid" => LossKind::Hybrid { vlb_weight: args.vlb_weight },
+                other => bail!("--loss {other} is not one of mse, hybrid"),
+            };
+            let num_classes = match (args.class_conditional, dataset.num_classes()) {
+                (true, Some(n)) => Some(n),
+                (true, None) => bail!("--class-conditional: {} has no labels", dataset.describe()),
+                (false, _) => None,
+            };
+            let request = UNetRequest {
+                data_channels,
+                data_size: (first.image.height, first.image.width),
+                resolution: args.resolution,
+                num_classes,
+                class_dropout: args.class_dropout,
+                learned_variance: matches!(loss, LossKind::Hybrid { .. }),
+            };
+            let unet = resolve_unet_config(args.model_config.as_deref().unwrap_or("small"), &request)?;
+            let (height, width) = unet.sample_size.map(|s| s.height_width()).unwrap_or((first.image.height, first.image.width));
+            let spec = ImageSpec { channels: unet.in_channels, height, width, fit: image_fit };
+            check_scheduler(&args.sample_scheduler)?;
+            let pixel = PixelTrainingConfig {
+                unet,
+                noise: noise_schedule(args),
+                prediction_type,
+                loss,
+                timestep_sampling,
+                snr_gamma: args.snr_gamma,
+                num_classes,
+                class_dropout: args.class_dropout,
+                sampling: SampleSettings { count: args.sample_count, steps: args.sample_steps, scheduler: args.sample_scheduler.clone(), seed: args.seed },
+            };
+            let task = PixelTask::new(pixel, args.seed, device)?;
+            let description = format!(
+                "UNet2DModel, {} parameters, {}×{}×{}{}",
+                task.parameters().num_values(),
+                spec.channels,
+                spec.height,
+                spec.width,
+                num_classes.map(|n| format!(", {n} classes")).unwrap_or_default()
+            );
+            Ok((Box::new(task), spec, description))
+        }
+        Kind::Autoencoder => {
+            let size = square_size()?;
+            let (vae_json, vae) = resolve_vae_config(args.model_config.as_deref().unwrap_or("vae-small"), data_channels, size)?;
+            let spec = ImageSpec { channels: data_channels, height: size, width: size, fit: image_fit };
+            let reference = first_images(dataset, &spec, args.sample_count, device)?;
+            let latent_size = size >> vae.block_out_channels.len().saturating_sub(1);
+            let latent_channels = vae.latent_channels;
+            let config = AutoencoderTrainingConfig {
+                vae_json,
+                vae,
+                reconstruction: ReconstructionLoss::parse(&args.reconstruction_loss)?,
+                kl_weight: args.kl_weight,
+                export_dtype: parse_dtype(&args.export_dtype)?,
+            };
+            let task = AutoencoderTask::new(config, reference, args.seed, device)?;
+            let description = format!(
+                "AutoencoderKL, {} parameters, {data_channels}×{size}×{size} → {latent_channels}×{latent_size}×{latent_size}",
+                task.parameters().num_values(),
+            );
+            Ok((Box::new(task), spec, description))
+        }
+        Kind::TextToImage => {
+            let vae_dir = args.vae.as_ref().context("--kind text-to-image needs --vae (a trained autoencoder folder)")?;
+            let vae = FrozenVae::open(vae_dir)?;
+            let size = square_size()?;
+            let spec = ImageSpec { channels: vae.config.in_channels, height: size, width: size, fit: image_fit };
+            if let Some(channels) = args.channels {
+                if channels != vae.config.in_channels {
+                    bail!("--channels {channels}, but the autoencoder takes {} channels", vae.config.in_channels);
+                }
+            }
+            let text_encoder = match &args.text_encoder {
+                Some(dir) => frozen_text_encoder(dir)?,
+                None => resolve_text_encoder_config(&args.text_encoder_config)?,
+            };
+            let (unet_json, unet) = text_to_image::resolve_unet_config(
+                args.model_config.as_deref().unwrap_or("unet-small"),
+                &vae,
+                size,
+                text_encoder.config().hidden_size,
+            )?;
+            let class_prompts = match &args.class_names {
+                Some(names) => {
+                    let list = if names == "fashion-mnist" { FASHION_MNIST_CLASS_NAMES } else { names.as_str() };
+                    let names: Vec<String> = list.split(',').map(str::to_string).collect();
+                    if let Some(n) = dataset.num_classes() {
+                        if n > names.len() {
+                            bail!("--class-names gives {} names, the data has {n} classes", names.len());
+                        }
+                    }
+                    let templates = match &args.prompt_templates {
+                        Some(path) => std::fs::read_to_string(path)
+                            .with_context(|| format!("--prompt-templates {}", path.display()))?
+                            .lines()
+                            .map(str::trim)
+                            .filter(|l| !l.is_empty())
+                            .map(str::to_string)
+                            .collect(),
+                        None => DEFAULT_TEMPLATES.iter().map(|t| t.to_string()).collect(),
+                    };
+                    Some(ClassPrompts::new(&names, templates).context("--class-names / --prompt-templates")?)
+                }
+                None => None,
+            };
+            let prompts = if !args.sample_prompts.is_empty() {
+                args.sample_prompts.clone()
+            } else if let Some(class_prompts) = &class_prompts {
+                class_prompts.main_prompts()
+            } else {
+                (0..dataset.len().min(4)).map(|i| Ok(dataset.get(i)?.caption.unwrap_or_default())).collect::<Result<Vec<_>>>()?
+            };
+            check_scheduler(&args.sample_scheduler)?;
+            let config = TextToImageTrainingConfig {
+                unet_json,
+                unet,
+                text_encoder,
+                vae,
+                noise: noise_schedule(args),
+                prediction_type,
+                timestep_sampling,
+                snr_gamma: args.snr_gamma,
+                caption_dropout: args.caption_dropout,
+                class_prompts,
+                sampling: TextSampleSettings {
+                    prompts,
+                    count: args.sample_count,
+                    steps: args.sample_steps,
+                    guidance_scale: args.sample_guidance_scale,
+                    scheduler: args.sample_scheduler.clone(),
+                    seed: args.seed,
+                },
+                export_dtype: parse_dtype(&args.export_dtype)?,
+            };
+            let task = TextToImageTask::new(config, args.seed, device)?;
+            let description = format!("UNet2DConditionModel + CLIPTextModel, {} trained parameters, images {size}×{size}", task.parameters().num_values());
+            Ok((Box::new(task), spec, description))
+        }
+    }
+}
+
 pub fn run(args: TrainArgs) -> Result<()> {
     let device = Device::Cpu;
-    let prediction_type = PredictionType::parse(&args.prediction_type).context("--prediction-type")?;
-    let loss = match args.loss.as_str() {
-        "mse" => LossKind::Mse,
-        "hybrid" => LossKind::Hybrid { vlb_weight: args.vlb_weight },
-        other => bail!("--loss {other} is not one of mse, hybrid"),
-    };
-    let timestep_sampling = TimestepSampling::parse(&args.timestep_sampling)?;
     let lr_schedule = LrSchedule::parse(&args.lr_schedule)?;
-    let image_fit = ImageFit::parse(&args.image_fit)?;
     let ema = (args.ema_decay > 0.0).then_some(EmaConfig {
         decay: args.ema_decay,
         min_decay: args.ema_min_decay,
@@ -235,6 +520,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     // Everything that can be checked without the data is checked before reading it.
     config.validate()?;
+    PredictionType::parse(&args.prediction_type).context("--prediction-type")?;
+    parse_dtype(&args.export_dtype)?;
     if args.output.exists() && !args.output.is_dir() {
         bail!("--output {}: exists and is not a folder", args.output.display());
     }
@@ -244,42 +531,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if dataset.is_empty() {
         bail!("{}: the dataset is empty", dataset.describe());
     }
-    let first = dataset.get(0)?;
-    let data_channels = if first.image.channels <= 2 { 1 } else { 3 };
-    let num_classes = match (args.class_conditional, dataset.num_classes()) {
-        (true, Some(n)) => Some(n),
-        (true, None) => bail!("--class-conditional: {} has no labels", dataset.describe()),
-        (false, _) => None,
-    };
-    let request = UNetRequest {
-        data_channels,
-        data_size: (first.image.height, first.image.width),
-        resolution: args.resolution,
-        num_classes,
-        class_dropout: args.class_dropout,
-        learned_variance: matches!(loss, LossKind::Hybrid { .. }),
-    };
-    let unet = resolve_unet_config(&args.model_config, &request)?;
-    let (height, width) = unet.sample_size.map(|s| s.height_width()).unwrap_or((first.image.height, first.image.width));
-    let spec = ImageSpec { channels: unet.in_channels, height, width, fit: image_fit };
-    let pixel = PixelTrainingConfig {
-        unet,
-        noise: NoiseSchedule { num_train_timesteps: args.num_train_timesteps, beta_schedule: args.beta_schedule.clone(), ..NoiseSchedule::default() },
-        prediction_type,
-        loss,
-        timestep_sampling,
-        snr_gamma: args.snr_gamma,
-        num_classes,
-        class_dropout: args.class_dropout,
-        sampling: SampleSettings { count: args.sample_count, steps: args.sample_steps, scheduler: args.sample_scheduler.clone(), seed: args.seed },
-    };
-    // The sample scheduler is resolved now so that a wrong name fails before training.
-    diffuse::pipelines::SCHEDULER_NAMES
-        .iter()
-        .find(|(name, ..)| *name == args.sample_scheduler)
-        .with_context(|| format!("--sample-scheduler {}: not a scheduler name (see `diffuse schedulers`)", args.sample_scheduler))?;
     let description = dataset.describe();
-    let mut task = PixelTask::new(pixel, args.seed, &device)?;
+    let (mut task, spec, model_description) = build_task(&args, dataset.as_mut(), &device)?;
     let mut loader = DataLoader::new(dataset, spec, args.seed, args.random_flip)?;
 
     let quiet = args.quiet;
@@ -292,14 +545,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
     };
     notice(&format!("data: {description}"));
-    notice(&format!(
-        "model: UNet2DModel, {} parameters, {}×{}×{}{}",
-        task.parameters().num_values(),
-        spec.channels,
-        spec.height,
-        spec.width,
-        num_classes.map(|n| format!(", {n} classes")).unwrap_or_default()
-    ));
+    notice(&format!("model: {model_description}"));
     let mut hooks = Hooks {
         on_progress: Box::new(|progress| {
             bar.set_position(progress.step as u64);
@@ -316,7 +562,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         on_message: Box::new(|text| notice(text)),
         ..Hooks::default()
     };
-    let summary = train(&mut task, &mut loader, &config, &mut hooks)?;
+    let summary = train(task.as_mut(), &mut loader, &config, &mut hooks)?;
     drop(hooks);
     bar.finish_and_clear();
     if let Some(dir) = summary.exported {

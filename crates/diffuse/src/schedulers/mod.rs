@@ -131,6 +131,15 @@ impl PredictionType {
             ))),
         }
     }
+
+    /// The config's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Epsilon => "epsilon",
+            Self::Sample => "sample",
+            Self::VPrediction => "v_prediction",
+        }
+    }
 }
 
 /// Checks that a string config value is one of `allowed`, naming the key otherwise.

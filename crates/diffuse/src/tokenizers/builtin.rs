@@ -41,6 +41,27 @@ pub fn builtin_clip_tokenizer(family: Family) -> Result<ClipTokenizer> {
     ClipTokenizer::from_parts(vocab, merges, config, special_tokens_map, &origin)
 }
 
+/// The files of Stable Diffusion 1.x's `tokenizer/` folder as the hub has them (`vocab.json`,
+/// `merges.txt`, `tokenizer_config.json`, `special_tokens_map.json`), for pipelines this
+/// library writes: `(file name, contents)`.
+pub fn sd15_tokenizer_files() -> Result<Vec<(&'static str, Vec<u8>)>> {
+    let merges_text = builtin_merges_text()?;
+    let mut by_id: Vec<(String, u32)> = clip_vocab(&merges_text).into_iter().collect();
+    by_id.sort_by_key(|(_, id)| *id);
+    // In id order, as the hub's file is.
+    let entries: Vec<String> = by_id
+        .into_iter()
+        .map(|(token, id)| format!("{}:{id}", serde_json::Value::String(token)))
+        .collect();
+    let vocab_json = format!("{{{}}}", entries.join(",")).into_bytes();
+    Ok(vec![
+        ("vocab.json", vocab_json),
+        ("merges.txt", merges_text.into_bytes()),
+        ("tokenizer_config.json", SD15_TOKENIZER_CONFIG.as_bytes().to_vec()),
+        ("special_tokens_map.json", SD15_SPECIAL_TOKENS_MAP.as_bytes().to_vec()),
+    ])
+}
+
 /// The embedded `merges.txt`, decompressed.
 pub fn builtin_merges_text() -> Result<String> {
     let mut text = String::new();

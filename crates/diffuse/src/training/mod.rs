@@ -10,14 +10,17 @@
 //! Layout of the output folder: `model_index.json` and the components (the exported
 //! pipeline), `checkpoints/`, `samples/step-NNNNNNN.png`, `loss.csv`, `loss.png`.
 
+pub mod autoencoder;
 pub mod checkpoint;
 pub mod data;
 pub mod ema;
+pub mod export;
 pub mod objectives;
 pub mod optimizer;
 pub mod params;
 pub mod pixel;
 pub mod plot;
+pub mod text_to_image;
 
 use std::collections::HashMap;
 use std::io::Write;

@@ -10,12 +10,12 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::checkpoint::{safetensors_bytes, write_and_sync, write_atomically};
 use super::data::Batch;
+use super::export::{preset_or_file, require_key, stated, write_json, write_model_folder};
 use super::objectives::{drop_labels, DiffusionObjective, LossKind, LossSecondMomentResampler, TimestepSampler};
 use super::params::Parameters;
 use super::{Image8, TrainingTask};
-use crate::loading::config::{parse_config, read_json_object};
+use crate::loading::config::parse_config;
 use crate::models::unet_2d::{SampleSize, UNet2DModel, UNet2DModelConfig};
 use crate::pipelines::pixel::{PixelOptions, PixelPipeline};
 use crate::pipelines::{scheduler_from_config, to_uint8_images};
@@ -25,8 +25,7 @@ use crate::schedulers::ddpm::DdpmScheduler;
 use crate::schedulers::PredictionType;
 use crate::{bail, Error, Result};
 
-/// The diffusers version whose file layout and config keys the export follows.
-pub const DIFFUSERS_VERSION: &str = "0.42.1";
+pub use super::export::DIFFUSERS_VERSION;
 
 /// Named UNet architectures for `--model-config` (diffusers config keys; the data sets the
 /// channels and the sample size unless the config states them).
@@ -142,23 +141,7 @@ pub struct UNetRequest {
 /// `sample_size` and `num_class_embeds` where the config does not state them, and a stated
 /// value that contradicts them is refused naming the key.
 pub fn resolve_unet_config(model_config: &str, request: &UNetRequest) -> Result<UNet2DModelConfig> {
-    let (mut map, origin) = match PRESETS.iter().find(|(name, ..)| *name == model_config) {
-        Some((name, _, text)) => {
-            let Ok(Value::Object(map)) = serde_json::from_str::<Value>(text) else {
-                bail!("preset {name} is not a JSON object");
-            };
-            (map, format!("preset {name}"))
-        }
-        None => {
-            let path = Path::new(model_config);
-            if !path.is_file() {
-                let names: Vec<&str> = PRESETS.iter().map(|(n, ..)| *n).collect();
-                bail!("--model-config {model_config}: neither a preset ({}) nor a JSON file", names.join(", "));
-            }
-            (read_json_object(path)?, path.display().to_string())
-        }
-    };
-    let stated = |map: &Map<String, Value>, key: &str| map.get(key).filter(|v| !v.is_null()).cloned();
+    let (mut map, origin) = preset_or_file(model_config, PRESETS, "--model-config")?;
     let refuse = |key: &str, stated: &Value, wanted: &Value, why: &str| -> Error {
         Error::invalid(format!("{origin}: `{key}` is {stated}, but {why} needs {wanted}"))
     };
@@ -169,15 +152,8 @@ pub fn resolve_unet_config(model_config: &str, request: &UNetRequest) -> Result<
     };
     map.insert("in_channels".into(), json!(in_channels));
     let out_channels = if request.learned_variance { 2 * in_channels } else { in_channels };
-    match stated(&map, "out_channels") {
-        Some(value) if value != json!(out_channels) => {
-            let why = if request.learned_variance { "the hybrid loss (a variance channel per input channel)" } else { "the MSE loss" };
-            return Err(refuse("out_channels", &value, &json!(out_channels), why));
-        }
-        _ => {
-            map.insert("out_channels".into(), json!(out_channels));
-        }
-    }
+    let why = if request.learned_variance { "the hybrid loss (a variance channel per input channel)" } else { "the MSE loss" };
+    require_key(&mut map, &origin, "out_channels", json!(out_channels), why)?;
     let sample_size = match (request.resolution, stated(&map, "sample_size")) {
         (Some(side), _) => json!(side),
         (None, Some(value)) => value,
@@ -228,11 +204,7 @@ fn check_trainable(config: &UNet2DModelConfig) -> Result<()> {
 /// The exported `DDPMScheduler` config: the training noise schedule, the prediction type, and
 /// the variance the model learns (`learned_range` for the hybrid loss).
 pub fn ddpm_scheduler_config(noise: &NoiseSchedule, prediction_type: PredictionType, learned_variance: bool) -> Map<String, Value> {
-    let prediction_type = match prediction_type {
-        PredictionType::Epsilon => "epsilon",
-        PredictionType::Sample => "sample",
-        PredictionType::VPrediction => "v_prediction",
-    };
+    let prediction_type = prediction_type.name();
     let Value::Object(map) = json!({
         "_class_name": "DDPMScheduler",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -453,27 +425,17 @@ impl TrainingTask for PixelTask {
     }
 
     fn export(&self, weights: &HashMap<String, Tensor>, dir: &Path) -> Result<()> {
-        let write_json = |path: &Path, value: &Value| -> Result<()> {
-            let mut text = serde_json::to_string_pretty(value).map_err(|e| Error::invalid(e.to_string()))?;
-            text.push('\n');
-            write_atomically(path, text.as_bytes(), &mut write_and_sync)
+        let mut unet_config = match serde_json::to_value(&self.config.unet).map_err(|e| Error::invalid(e.to_string()))? {
+            Value::Object(fields) => fields,
+            _ => Map::new(),
         };
-        for component in ["unet", "scheduler"] {
-            let path = dir.join(component);
-            std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
-        }
-        let mut unet_config = Map::new();
-        unet_config.insert("_class_name".into(), json!("UNet2DModel"));
-        unet_config.insert("_diffusers_version".into(), json!(DIFFUSERS_VERSION));
-        if let Value::Object(fields) = serde_json::to_value(&self.config.unet).map_err(|e| Error::invalid(e.to_string()))? {
-            unet_config.extend(fields);
-        }
         if let Some(SampleSize::HeightWidth([h, w])) = self.config.unet.sample_size {
             unet_config.insert("sample_size".into(), json!([h, w]));
         }
-        write_json(&dir.join("unet/config.json"), &Value::Object(unet_config))?;
-        write_atomically(&dir.join("unet/diffusion_pytorch_model.safetensors"), &safetensors_bytes(weights)?, &mut write_and_sync)?;
-        write_json(&dir.join("scheduler/scheduler_config.json"), &Value::Object(self.scheduler_config.clone()))?;
+        write_model_folder(&dir.join("unet"), Some("UNet2DModel"), &unet_config, weights, "", "diffusion_pytorch_model.safetensors", DType::F32)?;
+        let scheduler_dir = dir.join("scheduler");
+        std::fs::create_dir_all(&scheduler_dir).map_err(|e| Error::io(&scheduler_dir, e))?;
+        write_json(&scheduler_dir.join("scheduler_config.json"), &Value::Object(self.scheduler_config.clone()))?;
         write_json(
             &dir.join("model_index.json"),
             &json!({

@@ -1,0 +1,546 @@
+//! The text-to-image kind: a `UNet2DConditionModel` trained in the latents of a trained,
+//! frozen AutoencoderKL, conditioned by cross-attention on a `CLIPTextModel` (trained jointly,
+//! or loaded and frozen) fed by the real CLIP BPE tokenizer, as diffusers'
+//! examples/text_to_image/train_text_to_image.py trains Stable Diffusion; exported in the
+//! StableDiffusionPipeline layout.
+//!
+//! Captions come from the data (metadata.jsonl or sidecar .txt files), or from class labels
+//! through prompt templates ("a photo of {a}" → "a photo of a sneaker"), a template and a
+//! synonym drawn for each example. A caption is replaced by the empty prompt with
+//! probability `caption_dropout`, so that classifier-free guidance works.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use serde_json::{json, Map, Value};
+
+use super::checkpoint::{write_and_sync, write_atomically};
+use super::data::Batch;
+use super::export::{preset_or_file, require_key, write_json, write_model_folder, DIFFUSERS_VERSION};
+use super::objectives::{DiffusionObjective, LossKind, LossSecondMomentResampler, TimestepSampler};
+use super::params::Parameters;
+use super::pixel::{NoiseSchedule, TimestepSampling};
+use super::{Image8, TrainingTask};
+use crate::loading::config::{parse_config, read_json_object};
+use crate::loading::weights::{find_weight_files, var_builder};
+use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
+use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
+use crate::models::unet_2d_condition::{UNet2DConditionModel, UNet2DConditionModelConfig};
+use crate::pipelines::stable_diffusion::{Components, PhaseTimes, StableDiffusionPipeline, TextToImageOptions};
+use crate::pipelines::{scheduler_from_config, to_uint8_images};
+use crate::rng::TorchGenerator;
+use crate::schedulers::betas::{alphas_cumprod, make_betas};
+use crate::schedulers::PredictionType;
+use crate::tokenizers::builtin::{builtin_clip_tokenizer, sd15_tokenizer_files};
+use crate::tokenizers::clip::{input_ids_tensor, ClipTokenizer};
+use crate::loading::single_file::Family;
+use crate::{bail, Error, Result};
+
+/// Named UNet2DConditionModel architectures for `--model-config` (the VAE sets the channels
+/// and the sample size, the text encoder the cross-attention width).
+pub const UNET_PRESETS: &[(&str, &str, &str)] = &[
+    (
+        "unet-tiny",
+        "2 levels of 32 and 64 channels, cross-attention at the first: tests",
+        r#"{"block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": 8,
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}"#,
+    ),
+    (
+        "unet-small",
+        "2 levels of 64 and 128 channels, cross-attention at both and in the middle: the built-in Fashion-MNIST model (8×8 latents)",
+        r#"{"block_out_channels": [64, 128], "layers_per_block": 2, "norm_num_groups": 32, "attention_head_dim": 8,
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}"#,
+    ),
+];
+
+/// Named CLIPTextModel architectures for `--text-encoder-config` (the real CLIP vocabulary and
+/// 77 positions, as the tokenizer needs).
+pub const TEXT_ENCODER_PRESETS: &[(&str, &str, &str)] = &[
+    (
+        "clip-tiny",
+        "width 32, 2 layers: tests",
+        r#"{"hidden_size": 32, "intermediate_size": 64, "projection_dim": 32, "num_hidden_layers": 2, "num_attention_heads": 4}"#,
+    ),
+    (
+        "clip-small",
+        "width 64, 3 layers: the built-in Fashion-MNIST model",
+        r#"{"hidden_size": 64, "intermediate_size": 256, "projection_dim": 64, "num_hidden_layers": 3, "num_attention_heads": 4}"#,
+    ),
+];
+
+/// Prompt templates for captions made from class names: `{a}` is the name with its article
+/// ("an ankle boot"), `{}` the bare name.
+pub const DEFAULT_TEMPLATES: &[&str] = &[
+    "a photo of {a}",
+    "{}",
+    "{a}",
+    "a picture of {a}",
+    "an image of {a}",
+    "a photo of the {}",
+    "a black and white photo of {a}",
+    "a grayscale image of {a}",
+    "{a} on a black background",
+    "a product photo of {a}",
+    "a small photo of {a}",
+    "a low resolution photo of {a}",
+];
+
+/// "an ankle boot", "a sneaker".
+pub fn with_article(name: &str) -> String {
+    let article = if name.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
+    format!("{article} {name}")
+}
+
+/// Captions for labelled data: each class's names (the first is its main name, the others
+/// synonyms drawn as often) and the templates they are put into.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassPrompts {
+    pub names: Vec<Vec<String>>,
+    pub templates: Vec<String>,
+}
+
+impl ClassPrompts {
+    /// `names` has one entry per class, synonyms separated by `|` ("sneaker|running shoe").
+    pub fn new(names: &[String], templates: Vec<String>) -> Result<Self> {
+        if templates.is_empty() {
+            bail!("no prompt templates");
+        }
+        if let Some(bad) = templates.iter().find(|t| !t.contains("{}") && !t.contains("{a}")) {
+            bail!("prompt template `{bad}` has neither {{}} nor {{a}} for the class name");
+        }
+        let names: Vec<Vec<String>> =
+            names.iter().map(|n| n.split('|').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()).collect();
+        if let Some(index) = names.iter().position(Vec::is_empty) {
+            bail!("class {index} has an empty name");
+        }
+        Ok(Self { names, templates })
+    }
+
+    /// The caption of an example of `label` from two uniform draws in [0, 1).
+    pub fn caption(&self, label: usize, template_draw: f32, name_draw: f32) -> Result<String> {
+        let Some(names) = self.names.get(label) else {
+            bail!("label {label} is out of range for {} class names", self.names.len());
+        };
+        let pick = |len: usize, draw: f32| ((draw as f64 * len as f64) as usize).min(len - 1);
+        let name = &names[pick(names.len(), name_draw)];
+        let template = &self.templates[pick(self.templates.len(), template_draw)];
+        Ok(template.replace("{a}", &with_article(name)).replace("{}", name))
+    }
+
+    /// "a photo of a {main name}" for each class: the sample grids' prompts.
+    pub fn main_prompts(&self) -> Vec<String> {
+        self.names.iter().map(|names| format!("a photo of {}", with_article(&names[0]))).collect()
+    }
+}
+
+/// The text encoder: trained with the UNet, or loaded from a folder and frozen.
+#[derive(Debug, Clone)]
+pub enum TextEncoderSource {
+    Train { json: Map<String, Value>, config: ClipTextConfig },
+    Frozen { dir: PathBuf, config: ClipTextConfig },
+}
+
+impl TextEncoderSource {
+    pub fn config(&self) -> &ClipTextConfig {
+        match self {
+            Self::Train { config, .. } | Self::Frozen { config, .. } => config,
+        }
+    }
+}
+
+/// A trained text encoder's config from a preset or a file, over SD 1.5's (so that the
+/// exported config.json is complete for transformers).
+pub fn resolve_text_encoder_config(name: &str) -> Result<TextEncoderSource> {
+    let (stated, origin) = preset_or_file(name, TEXT_ENCODER_PRESETS, "--text-encoder-config")?;
+    let mut json = crate::configs::parse(crate::configs::SD15.text_encoder);
+    json.extend(stated);
+    let config: ClipTextConfig = parse_config(&json, Path::new(&origin))?;
+    if config.vocab_size != 49408 || config.max_position_embeddings < 77 {
+        bail!("{origin}: the CLIP tokenizer needs vocab_size 49408 and max_position_embeddings ≥ 77");
+    }
+    Ok(TextEncoderSource::Train { json, config })
+}
+
+/// A frozen text encoder folder (`config.json`, `model.safetensors`).
+pub fn frozen_text_encoder(dir: &Path) -> Result<TextEncoderSource> {
+    let path = dir.join("config.json");
+    let config: ClipTextConfig = parse_config(&read_json_object(&path)?, &path)?;
+    Ok(TextEncoderSource::Frozen { dir: dir.to_path_buf(), config })
+}
+
+/// The trained autoencoder the diffusion runs in: a folder with `config.json` and
+/// `diffusion_pytorch_model.safetensors` (or a pipeline folder's `vae/`).
+#[derive(Debug, Clone)]
+pub struct FrozenVae {
+    pub dir: PathBuf,
+    pub json: Map<String, Value>,
+    pub config: AutoencoderKLConfig,
+}
+
+impl FrozenVae {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let dir = if !dir.join("config.json").is_file() && dir.join("vae/config.json").is_file() { dir.join("vae") } else { dir.to_path_buf() };
+        let path = dir.join("config.json");
+        let json = read_json_object(&path)?;
+        let config: AutoencoderKLConfig = parse_config(&json, &path)?;
+        Ok(Self { dir, json, config })
+    }
+
+    fn files(&self) -> Result<Vec<PathBuf>> {
+        find_weight_files(&self.dir, "diffusion_pytorch_model", None)
+    }
+
+    fn model(&self, device: &Device) -> Result<AutoencoderKL> {
+        let files = self.files()?;
+        AutoencoderKL::new(var_builder(&files, DType::F32, device)?, &self.config).map_err(|e| e.in_weights_file(&files[0]))
+    }
+
+    /// 2^(levels - 1).
+    pub fn scale_factor(&self) -> usize {
+        1 << self.config.block_out_channels.len().saturating_sub(1)
+    }
+}
+
+/// The UNet config from a preset or a file, with the VAE's latent channels and size and the
+/// text encoder's width filled in (a contradicting stated value is refused, naming the key).
+pub fn resolve_unet_config(
+    model_config: &str,
+    vae: &FrozenVae,
+    image_size: usize,
+    cross_attention_dim: usize,
+) -> Result<(Map<String, Value>, UNet2DConditionModelConfig)> {
+    let (mut map, origin) = preset_or_file(model_config, UNET_PRESETS, "--model-config")?;
+    let factor = vae.scale_factor();
+    if image_size == 0 || !image_size.is_multiple_of(factor) {
+        bail!("the image size {image_size} is not a multiple of the autoencoder's scale factor {factor}");
+    }
+    let latent_channels = json!(vae.config.latent_channels);
+    require_key(&mut map, &origin, "in_channels", latent_channels.clone(), "the autoencoder's latent_channels")?;
+    require_key(&mut map, &origin, "out_channels", latent_channels, "the autoencoder's latent_channels")?;
+    require_key(&mut map, &origin, "sample_size", json!(image_size / factor), "the latent size of the data")?;
+    require_key(&mut map, &origin, "cross_attention_dim", json!(cross_attention_dim), "the text encoder's hidden_size")?;
+    let config: UNet2DConditionModelConfig = parse_config(&map, Path::new(&origin))?;
+    if config.dropout != 0.0 {
+        bail!("{origin}: `dropout` {} is not supported in training; use 0", config.dropout);
+    }
+    let levels = 1usize << config.down_block_types.len().saturating_sub(1);
+    if !(image_size / factor).is_multiple_of(levels) {
+        bail!("{origin}: the latent size {} must be a multiple of {levels} for {} levels", image_size / factor, config.down_block_types.len());
+    }
+    Ok((map, config))
+}
+
+/// The sample grids written during training.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextSampleSettings {
+    /// One grid row per prompt.
+    pub prompts: Vec<String>,
+    /// Images per prompt.
+    pub count: usize,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    /// A `diffuse schedulers` name.
+    pub scheduler: String,
+    pub seed: u64,
+}
+
+/// Everything the text-to-image kind needs besides the loop's settings.
+#[derive(Debug, Clone)]
+pub struct TextToImageTrainingConfig {
+    pub unet_json: Map<String, Value>,
+    pub unet: UNet2DConditionModelConfig,
+    pub text_encoder: TextEncoderSource,
+    pub vae: FrozenVae,
+    pub noise: NoiseSchedule,
+    pub prediction_type: PredictionType,
+    pub timestep_sampling: TimestepSampling,
+    pub snr_gamma: Option<f64>,
+    /// The probability of training on the empty prompt instead of the caption.
+    pub caption_dropout: f64,
+    /// Captions for labelled data without captions.
+    pub class_prompts: Option<ClassPrompts>,
+    pub sampling: TextSampleSettings,
+    /// The weights' type in the exported pipeline.
+    pub export_dtype: DType,
+}
+
+/// The exported scheduler: Stable Diffusion 1.5's PNDM configuration over the training
+/// noise schedule and prediction type.
+pub fn pndm_scheduler_config(noise: &NoiseSchedule, prediction_type: PredictionType) -> Map<String, Value> {
+    let mut map = crate::configs::parse(crate::configs::SD15.scheduler);
+    map.insert("_diffusers_version".into(), json!(DIFFUSERS_VERSION));
+    map.insert("num_train_timesteps".into(), json!(noise.num_train_timesteps));
+    map.insert("beta_schedule".into(), json!(noise.beta_schedule));
+    map.insert("beta_start".into(), json!(noise.beta_start));
+    map.insert("beta_end".into(), json!(noise.beta_end));
+    map.insert("prediction_type".into(), json!(prediction_type.name()));
+    map
+}
+
+/// A UNet2DConditionModel (and perhaps its text encoder) being trained.
+pub struct TextToImageTask {
+    config: TextToImageTrainingConfig,
+    parameters: Parameters,
+    tokenizer: ClipTokenizer,
+    unet: UNet2DConditionModel,
+    text_encoder: ClipTextModel,
+    vae: AutoencoderKL,
+    objective: DiffusionObjective,
+    scheduler_config: Map<String, Value>,
+    device: Device,
+    _varmap: VarMap,
+}
+
+impl TextToImageTask {
+    /// Builds the UNet (and a trained text encoder) on trainable variables initialised as
+    /// PyTorch does (from `init_seed`; the text encoder's embeddings as transformers' CLIP
+    /// initialises them, N(0, 0.02²) and N(0, 0.01²)); loads the frozen models.
+    pub fn new(config: TextToImageTrainingConfig, init_seed: u64, device: &Device) -> Result<Self> {
+        if !(0.0..1.0).contains(&config.caption_dropout) {
+            bail!("--caption-dropout must be in [0, 1), got {}", config.caption_dropout);
+        }
+        if config.unet.cross_attention_dim != config.text_encoder.config().hidden_size {
+            bail!(
+                "the UNet's cross_attention_dim ({}) does not match the text encoder's hidden_size ({})",
+                config.unet.cross_attention_dim,
+                config.text_encoder.config().hidden_size
+            );
+        }
+        if config.sampling.prompts.is_empty() || config.sampling.count == 0 || config.sampling.steps == 0 {
+            bail!("sample grids need at least one prompt, one image and one step");
+        }
+        let scheduler_config = pndm_scheduler_config(&config.noise, config.prediction_type);
+        let betas = make_betas(
+            &config.noise.beta_schedule,
+            config.noise.beta_start,
+            config.noise.beta_end,
+            config.noise.num_train_timesteps,
+            None,
+            &["sigmoid", "laplace"],
+        )?;
+        let timestep_sampler = match config.timestep_sampling {
+            TimestepSampling::Uniform => TimestepSampler::Uniform { num_timesteps: config.noise.num_train_timesteps },
+            TimestepSampling::LossAware => {
+                TimestepSampler::LossSecondMoment(LossSecondMomentResampler::new(config.noise.num_train_timesteps, 10, 0.001))
+            }
+        };
+        let objective = DiffusionObjective::new(
+            config.prediction_type,
+            LossKind::Mse,
+            config.snr_gamma,
+            &betas,
+            alphas_cumprod(&betas, false),
+            timestep_sampler,
+        )?;
+        let varmap = VarMap::new();
+        let trainable = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let unet = UNet2DConditionModel::new(trainable.pp("unet"), &config.unet)?;
+        let text_encoder = match &config.text_encoder {
+            TextEncoderSource::Train { config: te_config, .. } => ClipTextModel::new(trainable.pp("text_encoder"), te_config)?,
+            TextEncoderSource::Frozen { dir, config: te_config } => {
+                let files = find_weight_files(dir, "model", None)?;
+                ClipTextModel::new(var_builder(&files, DType::F32, device)?, te_config).map_err(|e| e.in_weights_file(&files[0]))?
+            }
+        };
+        let parameters = Parameters::from_varmap(&varmap)?;
+        parameters.init_torch_default(init_seed)?;
+        // transformers' CLIPTextEmbeddings initialisation (std 0.02 for tokens, 0.01 for
+        // positions) rather than nn.Embedding's N(0, 1).
+        for (name, var) in parameters.names().iter().zip(parameters.vars()) {
+            let scale = match name.rsplit('.').nth(1) {
+                Some("token_embedding") if name.starts_with("text_encoder.") => 0.02,
+                Some("position_embedding") if name.starts_with("text_encoder.") => 0.01,
+                _ => continue,
+            };
+            var.set(&var.as_tensor().affine(scale, 0.0)?)?;
+        }
+        let vae = config.vae.model(device)?;
+        let tokenizer = builtin_clip_tokenizer(Family::StableDiffusion1)?;
+        Ok(Self { config, parameters, tokenizer, unet, text_encoder, vae, objective, scheduler_config, device: device.clone(), _varmap: varmap })
+    }
+
+    /// Each example's caption (from the data, or made from its label), the empty prompt with
+    /// probability `caption_dropout`. Draws, per example: the dropout, then (for labels) the
+    /// template and the name.
+    fn captions(&self, batch: &Batch, generator: &mut TorchGenerator) -> Result<Vec<String>> {
+        let size = batch.images.dim(0)?;
+        let mut captions = Vec::with_capacity(size);
+        for index in 0..size {
+            let draws = generator.rand(3);
+            let caption = match (&batch.captions, &batch.labels, &self.config.class_prompts) {
+                (Some(captions), _, _) => captions[index].clone(),
+                (None, Some(labels), Some(prompts)) => prompts.caption(labels[index] as usize, draws[1], draws[2])?,
+                (None, Some(_), None) => bail!("the data has labels but no captions: give the class names (--class-names)"),
+                (None, None, _) => bail!("text-to-image training needs captions (metadata.jsonl or .txt files) or labels with class names"),
+            };
+            captions.push(if (draws[0] as f64) < self.config.caption_dropout { String::new() } else { caption });
+        }
+        Ok(captions)
+    }
+
+    /// The prompt embeddings `[B, 77, hidden]` (the text encoder's last layer, as Stable
+    /// Diffusion conditions on it).
+    fn encode(&self, captions: &[String]) -> Result<Tensor> {
+        let encodings = self.tokenizer.encode_batch(captions)?;
+        let ids = input_ids_tensor(&encodings, &self.device)?;
+        let hidden = self.text_encoder.forward(&ids)?.last_hidden_state;
+        Ok(match self.config.text_encoder {
+            TextEncoderSource::Train { .. } => hidden,
+            TextEncoderSource::Frozen { .. } => hidden.detach(),
+        })
+    }
+
+    /// A pipeline over the given weights, sampling with the sample grids' scheduler.
+    pub fn pipeline(&self, weights: &HashMap<String, Tensor>) -> Result<StableDiffusionPipeline> {
+        let trained = VarBuilder::from_tensors(weights.clone(), DType::F32, &self.device);
+        let origin = PathBuf::from("(training)");
+        let text_encoder = match &self.config.text_encoder {
+            TextEncoderSource::Train { config, .. } => (config.clone(), trained.pp("text_encoder"), origin.clone()),
+            TextEncoderSource::Frozen { dir, config } => {
+                let files = find_weight_files(dir, "model", None)?;
+                (config.clone(), var_builder(&files, DType::F32, &self.device)?, files[0].clone())
+            }
+        };
+        let vae_files = self.config.vae.files()?;
+        let components = Components {
+            tokenizer: self.tokenizer.clone(),
+            text_encoder,
+            unet: (self.config.unet.clone(), trained.pp("unet"), origin.clone()),
+            vae: (self.config.vae.config.clone(), var_builder(&vae_files, DType::F32, &self.device)?, vae_files[0].clone()),
+            scheduler: scheduler_from_config(
+                self.scheduler_config.clone(),
+                Path::new("the training noise schedule"),
+                Some(&self.config.sampling.scheduler),
+                &[],
+            )?,
+        };
+        StableDiffusionPipeline::from_components(components, &origin, &self.device, DType::F32)
+    }
+}
+
+impl TrainingTask for TextToImageTask {
+    fn parameters(&self) -> &Parameters {
+        &self.parameters
+    }
+
+    fn identity(&self) -> Map<String, Value> {
+        let mut map = Map::new();
+        map.insert("kind".into(), json!("text-to-image UNet2DConditionModel"));
+        map.insert("unet".into(), Value::Object(self.config.unet_json.clone()));
+        map.insert(
+            "text_encoder".into(),
+            match &self.config.text_encoder {
+                TextEncoderSource::Train { json, .. } => Value::Object(json.clone()),
+                TextEncoderSource::Frozen { dir, .. } => json!(format!("frozen: {}", dir.display())),
+            },
+        );
+        map.insert("vae".into(), Value::Object(self.config.vae.json.clone()));
+        map.insert("noise".into(), serde_json::to_value(&self.config.noise).unwrap_or(Value::Null));
+        map.insert("prediction_type".into(), json!(self.config.prediction_type.name()));
+        map.insert("timestep_sampling".into(), serde_json::to_value(self.config.timestep_sampling).unwrap_or(Value::Null));
+        map.insert("snr_gamma".into(), json!(self.config.snr_gamma));
+        map.insert("caption_dropout".into(), json!(self.config.caption_dropout));
+        map
+    }
+
+    /// Draws (in order) the captions' dropout and templates, the latents' noise, the
+    /// timesteps and the diffusion noise.
+    fn loss(&mut self, batch: &Batch, generator: &mut TorchGenerator) -> Result<Tensor> {
+        let captions = self.captions(batch, generator)?;
+        let embeddings = self.encode(&captions)?;
+        let vae_config = &self.config.vae.config;
+        let mut latents = self.vae.encode(&batch.images)?.sample(generator)?.detach();
+        if let Some(shift) = vae_config.shift_factor {
+            latents = (latents - shift)?;
+        }
+        let latents = (latents * vae_config.scaling_factor)?;
+        let unet = &self.unet;
+        let output = self.objective.loss(&latents, generator, &mut |x_t, t| unet.forward(x_t, t, &embeddings))?;
+        self.objective.record(&output);
+        Ok(output.loss)
+    }
+
+    /// A row per prompt, each from the same seed.
+    fn samples(&mut self, weights: &HashMap<String, Tensor>) -> Result<(Vec<Image8>, usize)> {
+        let mut pipeline = self.pipeline(weights)?;
+        let settings = self.config.sampling.clone();
+        let mut images = Vec::new();
+        for prompt in &settings.prompts {
+            let options = TextToImageOptions {
+                prompt: prompt.clone(),
+                num_inference_steps: settings.steps,
+                guidance_scale: settings.guidance_scale,
+                num_images_per_prompt: settings.count,
+                ..TextToImageOptions::default()
+            };
+            let mut generator = TorchGenerator::new(settings.seed);
+            let samples = pipeline.generate(&options, &mut generator, &mut |_, _| {}, &mut |_| {}, &mut PhaseTimes::default())?;
+            images.extend(to_uint8_images(&samples)?);
+        }
+        Ok((images, settings.count))
+    }
+
+    /// The StableDiffusionPipeline folder: model_index.json, scheduler/, text_encoder/,
+    /// tokenizer/, unet/ and vae/ (the frozen autoencoder, in the export type).
+    fn export(&self, weights: &HashMap<String, Tensor>, dir: &Path) -> Result<()> {
+        let dtype = self.config.export_dtype;
+        write_model_folder(&dir.join("unet"), Some("UNet2DConditionModel"), &self.config.unet_json, weights, "unet.", "diffusion_pytorch_model.safetensors", dtype)?;
+        // transformers' config.json has no `_class_name`; the weights carry the `text_model.`
+        // prefix, as every Stable Diffusion checkpoint on the hub does (and transformers 5
+        // reads).
+        let te_dir = dir.join("text_encoder");
+        let (te_json, te_weights) = match &self.config.text_encoder {
+            TextEncoderSource::Train { json, .. } => {
+                let renamed: HashMap<String, Tensor> = weights
+                    .iter()
+                    .filter_map(|(name, t)| name.strip_prefix("text_encoder.").map(|rest| (format!("text_model.{rest}"), t.clone())))
+                    .collect();
+                (json.clone(), renamed)
+            }
+            TextEncoderSource::Frozen { dir: source, .. } => {
+                let files = find_weight_files(source, "model", None)?;
+                let mut tensors = HashMap::new();
+                for file in &files {
+                    tensors.extend(candle_core::safetensors::load(file, &Device::Cpu).map_err(|e| Error::weights(file, e.to_string()))?);
+                }
+                (read_json_object(&source.join("config.json"))?, tensors)
+            }
+        };
+        let mut te_config = te_json.clone();
+        te_config.insert("torch_dtype".into(), json!(if dtype == DType::F16 { "float16" } else { "float32" }));
+        write_model_folder(&te_dir, None, &te_config, &te_weights, "", "model.safetensors", dtype)?;
+
+        let mut vae_tensors = HashMap::new();
+        for file in self.config.vae.files()? {
+            vae_tensors.extend(candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| Error::weights(&file, e.to_string()))?);
+        }
+        write_model_folder(&dir.join("vae"), Some("AutoencoderKL"), &self.config.vae.json, &vae_tensors, "", "diffusion_pytorch_model.safetensors", dtype)?;
+
+        let tokenizer_dir = dir.join("tokenizer");
+        std::fs::create_dir_all(&tokenizer_dir).map_err(|e| Error::io(&tokenizer_dir, e))?;
+        for (name, bytes) in sd15_tokenizer_files()? {
+            write_atomically(&tokenizer_dir.join(name), &bytes, &mut write_and_sync)?;
+        }
+        let scheduler_dir = dir.join("scheduler");
+        std::fs::create_dir_all(&scheduler_dir).map_err(|e| Error::io(&scheduler_dir, e))?;
+        write_json(&scheduler_dir.join("scheduler_config.json"), &Value::Object(self.scheduler_config.clone()))?;
+        write_json(
+            &dir.join("model_index.json"),
+            &json!({
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": DIFFUSERS_VERSION,
+                "feature_extractor": [null, null],
+                "image_encoder": [null, null],
+                "requires_safety_checker": false,
+                "safety_checker": [null, null],
+                "scheduler": ["diffusers", "PNDMScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+            }),
+        )
+    }
+}
