@@ -230,6 +230,10 @@ pub struct TrainArgs {
     /// No progress bar or notices on stderr.
     #[arg(long)]
     quiet: bool,
+    /// At the end, print where the time went, per operation (convolution and its backward
+    /// passes, linear, attention, norms; the rest is element-wise work and the optimizer).
+    #[arg(long)]
+    profile: bool,
 }
 
 /// `1h02m`, `3m05s`, `42s`.
@@ -562,9 +566,23 @@ pub fn run(args: TrainArgs) -> Result<()> {
         on_message: Box::new(|text| notice(text)),
         ..Hooks::default()
     };
+    if args.profile {
+        diffuse::ops::profile::enable();
+    }
+    let started = std::time::Instant::now();
     let summary = train(task.as_mut(), &mut loader, &config, &mut hooks)?;
     drop(hooks);
     bar.finish_and_clear();
+    if args.profile {
+        let total = started.elapsed().as_secs_f64();
+        let mut accounted = 0.0;
+        eprintln!("time per operation over {total:.1}s ({} steps):", summary.losses.len());
+        for (name, time, calls) in diffuse::ops::profile::totals() {
+            accounted += time.as_secs_f64();
+            eprintln!("  {name:<30} {:>8.2}s {:>5.1}%  ({calls} calls)", time.as_secs_f64(), 100.0 * time.as_secs_f64() / total);
+        }
+        eprintln!("  {:<30} {:>8.2}s {:>5.1}%", "other", total - accounted, 100.0 * (total - accounted) / total);
+    }
     if let Some(dir) = summary.exported {
         println!("{}", dir.display());
     }
