@@ -1,6 +1,11 @@
 """Checks that a folder written by `diffuse train` loads in diffusers and samples as diffuse does.
 
-Loads the folder with diffusers' DDPMPipeline.from_pretrained (and the UNet with
+A StableDiffusionPipeline folder (`--kind text-to-image`, and the built-in default model in
+models/fashion-mnist) is loaded with StableDiffusionPipeline.from_pretrained (each model with
+output_loading_info, so that a missing or unexpected tensor fails the check) and run with
+`--prompt` and its default scheduler and guidance; `diffuse generate` runs the same.
+
+A DDPMPipeline folder (`--kind pixel`) is loaded with DDPMPipeline.from_pretrained (and the UNet with
 output_loading_info, so that a missing or unexpected tensor fails the check), samples one image
 with DDPMPipeline's loop (class-conditional models: the same loop with class_labels, which
 DDPMPipeline itself does not pass), runs `diffuse generate` with the same seed and steps, and
@@ -9,7 +14,7 @@ compares the two 8-bit images.
 Run by hand (not in CI), from the repository root:
 
     /work/pyenv/bin/python tools/check_diffusers_load.py OUTPUT_DIR [--steps 50] [--seed 0] \
-        [--class-label 3] [--diffuse target/debug/diffuse]
+        [--class-label 3 | --prompt "a photo of a sneaker"] [--diffuse target/debug/diffuse]
 
 Exits non-zero when the folder does not load or the images differ (PSNR below 40 dB).
 """
@@ -56,12 +61,31 @@ def diffusers_sample(folder, steps, seed, class_label):
     return (image[0] * 255).round().astype("uint8")
 
 
-def diffuse_sample(binary, folder, steps, seed, class_label):
+def text_to_image_sample(folder, steps, seed, prompt):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    for name, cls in [("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)]:
+        _, info = cls.from_pretrained(os.path.join(folder, name), output_loading_info=True)
+        problems = {k: v for k, v in info.items() if v}
+        if problems:
+            sys.exit(f"{name} loaded with problems: {problems}")
+    pipeline = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None)
+    print(f"diffusers loaded {folder}: UNet {sum(p.numel() for p in pipeline.unet.parameters())} parameters, "
+          f"text encoder {sum(p.numel() for p in pipeline.text_encoder.parameters())}, {type(pipeline.scheduler).__name__}")
+    generator = torch.Generator("cpu").manual_seed(seed)
+    image = pipeline(prompt, num_inference_steps=steps, generator=generator, output_type="np").images
+    return (image[0] * 255).round().astype("uint8")
+
+
+def diffuse_sample(binary, folder, steps, seed, class_label, prompt=None):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "sample.png")
         command = [binary, "generate", "--model", folder, "--steps", str(steps), "--seed", str(seed), "--quiet", "--output", out]
         if class_label is not None:
             command += ["--class-label", str(class_label)]
+        if prompt is not None:
+            command += ["--prompt", prompt]
         subprocess.run(command, check=True)
         image = np.array(Image.open(out))
     return image if image.ndim == 3 else image[:, :, None]
@@ -73,23 +97,30 @@ def main():
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--class-label", type=int)
+    parser.add_argument("--prompt", default="a photo of a sneaker")
     parser.add_argument("--diffuse", default="target/debug/diffuse")
     args = parser.parse_args()
 
+    with open(os.path.join(args.folder, "model_index.json")) as f:
+        text_to_image = json.load(f)["_class_name"] == "StableDiffusionPipeline"
     with open(os.path.join(args.folder, "unet", "config.json")) as f:
         config = json.load(f)
     class_label = args.class_label
-    if class_label is None and config.get("num_class_embeds"):
-        class_label = 0
-    expected = diffusers_sample(args.folder, args.steps, args.seed, class_label)
-    actual = diffuse_sample(args.diffuse, args.folder, args.steps, args.seed, class_label)
+    if text_to_image:
+        expected = text_to_image_sample(args.folder, args.steps, args.seed, args.prompt)
+        actual = diffuse_sample(args.diffuse, args.folder, args.steps, args.seed, None, args.prompt)
+    else:
+        if class_label is None and config.get("num_class_embeds"):
+            class_label = 0
+        expected = diffusers_sample(args.folder, args.steps, args.seed, class_label)
+        actual = diffuse_sample(args.diffuse, args.folder, args.steps, args.seed, class_label)
     if expected.shape != actual.shape:
         sys.exit(f"shapes differ: diffusers {expected.shape}, diffuse {actual.shape}")
     difference = np.abs(expected.astype(np.int32) - actual.astype(np.int32))
     mse = float((difference.astype(np.float64) ** 2).mean())
     psnr = math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
-    label = "" if class_label is None else f", class {class_label}"
-    print(f"{args.steps} DDPM steps, seed {args.seed}{label}: image {expected.shape}, "
+    label = f", prompt {args.prompt!r}" if text_to_image else "" if class_label is None else f", class {class_label}"
+    print(f"{args.steps} steps, seed {args.seed}{label}: image {expected.shape}, "
           f"max |difference| {difference.max()}, pixels differing {int((difference > 0).sum())}/{difference.size}, PSNR {psnr:.1f} dB")
     if psnr < 40:
         sys.exit("the images differ (PSNR below 40 dB)")
