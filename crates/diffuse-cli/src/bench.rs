@@ -1,18 +1,26 @@
 //! `diffuse bench`: times the text encoder, one UNet step and one VAE decode, for a named
-//! standard config with random weights or for a real model folder. Prints median, min and max
-//! of N runs after one warm-up, and the process's peak resident memory.
+//! standard config with random weights or for a real model folder; or, with `--train`, one
+//! training step (forward, backward, AdamW) of the built-in model's UNet or of a
+//! class-conditional pixel-space UNet, in images per second. Prints median, min and max of N
+//! runs after one warm-up, and the process's peak resident memory.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_nn::{VarBuilder, VarMap};
 use diffuse::loading::config::{parse_config, read_json_object};
 use diffuse::loading::weights::{find_weight_files, var_builder};
 use diffuse::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use diffuse::models::clip_text::{ClipTextConfig, ClipTextModel};
+use diffuse::models::unet_2d::UNet2DModel;
 use diffuse::models::unet_2d_condition::{UNet2DConditionModel, UNet2DConditionModelConfig};
+use diffuse::training::export::preset_or_file;
+use diffuse::training::optimizer::{AdamW, AdamWConfig};
+use diffuse::training::params::Parameters;
+use diffuse::training::pixel::{resolve_unet_config, UNetRequest};
+use diffuse::training::text_to_image;
 use serde_json::{Map, Value};
 
 #[derive(clap::Args)]
@@ -41,6 +49,16 @@ pub struct BenchArgs {
     /// Also print where the time goes, per operation (convolution, linear, attention, norms).
     #[arg(long)]
     profile: bool,
+    /// Time training steps instead: `text-to-image` (the built-in model's UNet2DConditionModel,
+    /// preset unet-small, on 8×8×4 latents with 77×64 text embeddings) or `pixel` (a
+    /// class-conditional UNet2DModel, preset small, on 1×32×32 images with 10 classes). --batch
+    /// is the training batch.
+    #[arg(long)]
+    train: Option<String>,
+    /// With --train: write the UNet's diffusers config.json here (the PyTorch side builds the
+    /// same model from it).
+    #[arg(long)]
+    save_config: Option<PathBuf>,
 }
 
 /// Where a component's config and weights come from.
@@ -141,8 +159,98 @@ fn report(what: &str, (times, warm_up): &(Vec<f64>, f64), profile: bool) {
     }
 }
 
+/// One training step's model: its trainable variables, and its loss on a random batch.
+struct TrainingBench {
+    parameters: Parameters,
+    loss: Box<dyn Fn() -> diffuse::Result<Tensor>>,
+    config: Map<String, Value>,
+    _varmap: VarMap,
+}
+
+fn training_bench(kind: &str, batch: usize, device: &Device) -> Result<TrainingBench> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let timesteps = Tensor::from_vec((0..batch).map(|i| ((i * 397) % 1000) as f32).collect::<Vec<_>>(), batch, device)?;
+    let (loss, config): (Box<dyn Fn() -> diffuse::Result<Tensor>>, Map<String, Value>) = match kind {
+        "text-to-image" => {
+            let (mut map, origin) = preset_or_file("unet-small", text_to_image::UNET_PRESETS, "preset")?;
+            for (key, value) in [("in_channels", 4), ("out_channels", 4), ("sample_size", 8), ("cross_attention_dim", 64)] {
+                map.insert(key.into(), value.into());
+            }
+            let config: UNet2DConditionModelConfig = parse_config(&map, std::path::Path::new(&origin))?;
+            let unet = UNet2DConditionModel::new(vb, &config)?;
+            let latents = Tensor::randn(0f32, 1f32, (batch, 4, 8, 8), device)?;
+            let noise = Tensor::randn(0f32, 1f32, (batch, 4, 8, 8), device)?;
+            let text = Tensor::randn(0f32, 1f32, (batch, 77, 64), device)?;
+            (Box::new(move || Ok(unet.forward(&latents, &timesteps, &text)?.sub(&noise)?.sqr()?.mean_all()?)), map)
+        }
+        "pixel" => {
+            let request = UNetRequest { data_channels: 1, data_size: (32, 32), num_classes: Some(10), ..UNetRequest::default() };
+            let config = resolve_unet_config("small", &request)?;
+            let map = match serde_json::to_value(&config)? {
+                Value::Object(map) => map,
+                _ => Map::new(),
+            };
+            let unet = UNet2DModel::new(vb, &config)?;
+            let images = Tensor::randn(0f32, 1f32, (batch, 1, 32, 32), device)?;
+            let noise = Tensor::randn(0f32, 1f32, (batch, 1, 32, 32), device)?;
+            let labels = Tensor::from_vec((0..batch as u32).map(|i| i % 10).collect::<Vec<_>>(), batch, device)?;
+            (Box::new(move || Ok(unet.forward(&images, &timesteps, Some(&labels))?.sub(&noise)?.sqr()?.mean_all()?)), map)
+        }
+        other => bail!("--train {other} is not one of text-to-image, pixel"),
+    };
+    let parameters = Parameters::from_varmap(&varmap)?;
+    parameters.init_torch_default(0)?;
+    Ok(TrainingBench { parameters, loss, config, _varmap: varmap })
+}
+
+/// Times training steps: the loss, its gradients, and an AdamW update of every parameter (on
+/// the host, as `diffuse train` does).
+fn run_training(args: &BenchArgs, kind: &str, device: &Device) -> Result<()> {
+    let bench = training_bench(kind, args.batch, device)?;
+    if let Some(path) = &args.save_config {
+        std::fs::write(path, serde_json::to_string_pretty(&Value::Object(bench.config.clone()))?)?;
+    }
+    let threads = candle_core::utils::get_num_threads();
+    println!(
+        "diffuse {} train {kind}: {} parameters, batch {}, f32, threads {threads}",
+        env!("CARGO_PKG_VERSION"),
+        bench.parameters.num_values(),
+        args.batch
+    );
+    let mut optimizer = AdamW::new(AdamWConfig::default(), &bench.parameters.sizes());
+    let mut values = bench.parameters.values()?;
+    let times = time(args.runs, || {
+        let grads = (bench.loss)()?.backward()?;
+        let grads = bench
+            .parameters
+            .vars()
+            .iter()
+            .map(|var| match grads.get(var.as_tensor()) {
+                Some(g) => Ok(g.flatten_all()?.to_vec1::<f32>()?),
+                None => Ok(vec![0f32; var.elem_count()]),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        optimizer.update(&mut values, &grads, 1e-4)?;
+        bench.parameters.set_values(&values)?;
+        Ok(())
+    })?;
+    let median = times.0[times.0.len() / 2];
+    report(&format!("training step, batch {} ({:.1} images/s)", args.batch, args.batch as f64 / median), &times, args.profile);
+    Ok(())
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
     let device = Device::Cpu;
+    if args.profile {
+        diffuse::ops::profile::enable();
+    }
+    if let Some(kind) = &args.train {
+        if args.runs == 0 || args.batch == 0 {
+            bail!("--runs and --batch must be at least 1");
+        }
+        return run_training(&args, kind, &device);
+    }
     let dtype = crate::generate::parse_dtype(&args.dtype, &device)?;
     if args.size == 0 || args.size % 8 != 0 || args.runs == 0 || args.batch == 0 {
         bail!("--size must be a positive multiple of 8, and --runs and --batch at least 1");

@@ -986,3 +986,18 @@ fn train_bad_input() {
         "b.png: the image is 6×6, the model takes 8×8",
     );
 }
+
+/// `diffuse bench --train` times training steps and writes the UNet config the PyTorch side
+/// builds the same model from.
+#[test]
+fn bench_times_training_steps_and_saves_the_config() {
+    let dir = scratch("bench-train");
+    let config = dir.join("unet.json");
+    let (ok, stdout, stderr) = diffuse(&["bench", "--train", "text-to-image", "--batch", "1", "--runs", "1", "--save-config", config.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("train text-to-image: 6133444 parameters") && stdout.contains("images/s"), "{stdout}");
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    assert_eq!((saved["cross_attention_dim"].as_u64(), saved["sample_size"].as_u64()), (Some(64), Some(8)));
+    assert_fails_with(&["bench", "--train", "video", "--runs", "1"], "--train video is not one of text-to-image, pixel");
+    let _ = std::fs::remove_dir_all(&dir);
+}
