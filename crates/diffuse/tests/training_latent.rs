@@ -145,7 +145,8 @@ fn text_to_image_config(vae_dir: &Path) -> TextToImageTrainingConfig {
         vae,
         noise: NoiseSchedule { num_train_timesteps: 1000, beta_schedule: "scaled_linear".into(), beta_start: 0.00085, beta_end: 0.012 },
         prediction_type: PredictionType::Epsilon,
-        timestep_sampling: TimestepSampling::Uniform,
+        // Loss-aware sampling: its history goes into checkpoints, which resuming must restore.
+        timestep_sampling: TimestepSampling::LossAware,
         snr_gamma: None,
         caption_dropout: 0.2,
         sampling: TextSampleSettings { prompts: class_prompts.main_prompts(), count: 2, steps: 2, guidance_scale: 3.0, scheduler: "ddim".into(), seed: 0 },

@@ -14,8 +14,11 @@ use crate::{bail, Error, Result};
 /// The diffusers version whose file layout and config keys the exports follow.
 pub const DIFFUSERS_VERSION: &str = "0.42.1";
 
-/// Writes `value` as pretty JSON with a final newline.
+/// Writes `value` as pretty JSON with a final newline (creating the folder).
 pub fn write_json(path: &Path, value: &Value) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
     let mut text = serde_json::to_string_pretty(value).map_err(|e| Error::invalid(e.to_string()))?;
     text.push('\n');
     write_atomically(path, text.as_bytes(), &mut write_and_sync)

@@ -229,6 +229,52 @@ pub fn ddpm_scheduler_config(noise: &NoiseSchedule, prediction_type: PredictionT
     map
 }
 
+/// The objective a kind trains with: the noise schedule's betas and alpha_bar, the loss, and
+/// the timestep sampler.
+pub fn training_objective(
+    noise: &NoiseSchedule,
+    prediction_type: PredictionType,
+    loss: LossKind,
+    snr_gamma: Option<f64>,
+    timestep_sampling: TimestepSampling,
+) -> Result<DiffusionObjective> {
+    let betas = make_betas(&noise.beta_schedule, noise.beta_start, noise.beta_end, noise.num_train_timesteps, None, &["sigmoid", "laplace"])?;
+    let timestep_sampler = match timestep_sampling {
+        TimestepSampling::Uniform => TimestepSampler::Uniform { num_timesteps: noise.num_train_timesteps },
+        TimestepSampling::LossAware => TimestepSampler::LossSecondMoment(LossSecondMomentResampler::new(noise.num_train_timesteps, 10, 0.001)),
+    };
+    DiffusionObjective::new(prediction_type, loss, snr_gamma, &betas, alphas_cumprod(&betas, false), timestep_sampler)
+}
+
+/// The loss-aware timestep sampler's history, for checkpoints (nothing for uniform sampling).
+pub fn sampler_state(objective: &DiffusionObjective) -> Result<(Value, HashMap<String, Tensor>)> {
+    match &objective.timestep_sampler {
+        TimestepSampler::LossSecondMoment(resampler) => {
+            let history = Tensor::from_slice(&resampler.loss_history, (resampler.num_timesteps, resampler.history_per_term), &Device::Cpu)?;
+            Ok((json!({ "loss_counts": resampler.loss_counts }), HashMap::from([("loss_history".to_string(), history)])))
+        }
+        TimestepSampler::Uniform { .. } => Ok((Value::Null, HashMap::new())),
+    }
+}
+
+/// Restores what [`sampler_state`] saved.
+pub fn load_sampler_state(objective: &mut DiffusionObjective, state: &Value, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    if let TimestepSampler::LossSecondMoment(resampler) = &mut objective.timestep_sampler {
+        let counts: Vec<usize> = serde_json::from_value(state.get("loss_counts").cloned().unwrap_or(Value::Null))
+            .map_err(|e| Error::invalid(format!("checkpoint: loss-aware sampler counts: {e}")))?;
+        let Some(history) = tensors.get("loss_history") else {
+            bail!("checkpoint: the loss-aware sampler's history is missing");
+        };
+        let history = history.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        if counts.len() != resampler.num_timesteps || history.len() != resampler.loss_history.len() {
+            bail!("checkpoint: the loss-aware sampler's state does not match {} timesteps", resampler.num_timesteps);
+        }
+        resampler.loss_counts = counts;
+        resampler.loss_history = history;
+    }
+    Ok(())
+}
+
 /// A UNet2DModel being trained.
 pub struct PixelTask {
     config: PixelTrainingConfig,
@@ -268,28 +314,7 @@ impl PixelTask {
         let origin = Path::new("the training noise schedule");
         // Validates the schedule as the exported scheduler will read it.
         DdpmScheduler::from_config(&scheduler_config, origin)?;
-        let betas = make_betas(
-            &config.noise.beta_schedule,
-            config.noise.beta_start,
-            config.noise.beta_end,
-            config.noise.num_train_timesteps,
-            None,
-            &["sigmoid", "laplace"],
-        )?;
-        let timestep_sampler = match config.timestep_sampling {
-            TimestepSampling::Uniform => TimestepSampler::Uniform { num_timesteps: config.noise.num_train_timesteps },
-            TimestepSampling::LossAware => {
-                TimestepSampler::LossSecondMoment(LossSecondMomentResampler::new(config.noise.num_train_timesteps, 10, 0.001))
-            }
-        };
-        let objective = DiffusionObjective::new(
-            config.prediction_type,
-            config.loss,
-            config.snr_gamma,
-            &betas,
-            alphas_cumprod(&betas, false),
-            timestep_sampler,
-        )?;
+        let objective = training_objective(&config.noise, config.prediction_type, config.loss, config.snr_gamma, config.timestep_sampling)?;
         let varmap = VarMap::new();
         let unet = UNet2DModel::new(VarBuilder::from_varmap(&varmap, DType::F32, device), &config.unet)?;
         let parameters = Parameters::from_varmap(&varmap)?;
@@ -374,34 +399,11 @@ impl TrainingTask for PixelTask {
     }
 
     fn state(&self) -> Result<(Value, HashMap<String, Tensor>)> {
-        match &self.objective.timestep_sampler {
-            TimestepSampler::LossSecondMoment(resampler) => {
-                let history = Tensor::from_slice(
-                    &resampler.loss_history,
-                    (resampler.num_timesteps, resampler.history_per_term),
-                    &Device::Cpu,
-                )?;
-                Ok((json!({ "loss_counts": resampler.loss_counts }), HashMap::from([("loss_history".to_string(), history)])))
-            }
-            TimestepSampler::Uniform { .. } => Ok((Value::Null, HashMap::new())),
-        }
+        sampler_state(&self.objective)
     }
 
     fn load_state(&mut self, state: &Value, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        if let TimestepSampler::LossSecondMoment(resampler) = &mut self.objective.timestep_sampler {
-            let counts: Vec<usize> = serde_json::from_value(state.get("loss_counts").cloned().unwrap_or(Value::Null))
-                .map_err(|e| Error::invalid(format!("checkpoint: loss-aware sampler counts: {e}")))?;
-            let Some(history) = tensors.get("loss_history") else {
-                bail!("checkpoint: the loss-aware sampler's history is missing");
-            };
-            let history = history.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-            if counts.len() != resampler.num_timesteps || history.len() != resampler.loss_history.len() {
-                bail!("checkpoint: the loss-aware sampler's state does not match {} timesteps", resampler.num_timesteps);
-            }
-            resampler.loss_counts = counts;
-            resampler.loss_history = history;
-        }
-        Ok(())
+        load_sampler_state(&mut self.objective, state, tensors)
     }
 
     /// Unconditional: `count` images from one seed. Class-conditional: a row of `count`
@@ -433,9 +435,7 @@ impl TrainingTask for PixelTask {
             unet_config.insert("sample_size".into(), json!([h, w]));
         }
         write_model_folder(&dir.join("unet"), Some("UNet2DModel"), &unet_config, weights, "", "diffusion_pytorch_model.safetensors", DType::F32)?;
-        let scheduler_dir = dir.join("scheduler");
-        std::fs::create_dir_all(&scheduler_dir).map_err(|e| Error::io(&scheduler_dir, e))?;
-        write_json(&scheduler_dir.join("scheduler_config.json"), &Value::Object(self.scheduler_config.clone()))?;
+        write_json(&dir.join("scheduler/scheduler_config.json"), &Value::Object(self.scheduler_config.clone()))?;
         write_json(
             &dir.join("model_index.json"),
             &json!({

@@ -19,9 +19,9 @@ use serde_json::{json, Map, Value};
 use super::checkpoint::{write_and_sync, write_atomically};
 use super::data::Batch;
 use super::export::{preset_or_file, require_key, write_json, write_model_folder, DIFFUSERS_VERSION};
-use super::objectives::{DiffusionObjective, LossKind, LossSecondMomentResampler, TimestepSampler};
+use super::objectives::{DiffusionObjective, LossKind};
 use super::params::Parameters;
-use super::pixel::{NoiseSchedule, TimestepSampling};
+use super::pixel::{load_sampler_state, sampler_state, training_objective, NoiseSchedule, TimestepSampling};
 use super::{Image8, TrainingTask};
 use crate::loading::config::{parse_config, read_json_object};
 use crate::loading::weights::{find_weight_files, var_builder};
@@ -31,7 +31,6 @@ use crate::models::unet_2d_condition::{UNet2DConditionModel, UNet2DConditionMode
 use crate::pipelines::stable_diffusion::{Components, PhaseTimes, StableDiffusionPipeline, TextToImageOptions};
 use crate::pipelines::{scheduler_from_config, to_uint8_images};
 use crate::rng::TorchGenerator;
-use crate::schedulers::betas::{alphas_cumprod, make_betas};
 use crate::schedulers::PredictionType;
 use crate::tokenizers::builtin::{builtin_clip_tokenizer, sd15_tokenizer_files};
 use crate::tokenizers::clip::{input_ids_tensor, ClipTokenizer};
@@ -312,28 +311,7 @@ impl TextToImageTask {
             bail!("sample grids need at least one prompt, one image and one step");
         }
         let scheduler_config = pndm_scheduler_config(&config.noise, config.prediction_type);
-        let betas = make_betas(
-            &config.noise.beta_schedule,
-            config.noise.beta_start,
-            config.noise.beta_end,
-            config.noise.num_train_timesteps,
-            None,
-            &["sigmoid", "laplace"],
-        )?;
-        let timestep_sampler = match config.timestep_sampling {
-            TimestepSampling::Uniform => TimestepSampler::Uniform { num_timesteps: config.noise.num_train_timesteps },
-            TimestepSampling::LossAware => {
-                TimestepSampler::LossSecondMoment(LossSecondMomentResampler::new(config.noise.num_train_timesteps, 10, 0.001))
-            }
-        };
-        let objective = DiffusionObjective::new(
-            config.prediction_type,
-            LossKind::Mse,
-            config.snr_gamma,
-            &betas,
-            alphas_cumprod(&betas, false),
-            timestep_sampler,
-        )?;
+        let objective = training_objective(&config.noise, config.prediction_type, LossKind::Mse, config.snr_gamma, config.timestep_sampling)?;
         let varmap = VarMap::new();
         let trainable = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let unet = UNet2DConditionModel::new(trainable.pp("unet"), &config.unet)?;
@@ -462,6 +440,14 @@ impl TrainingTask for TextToImageTask {
         Ok(output.loss)
     }
 
+    fn state(&self) -> Result<(Value, HashMap<String, Tensor>)> {
+        sampler_state(&self.objective)
+    }
+
+    fn load_state(&mut self, state: &Value, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        load_sampler_state(&mut self.objective, state, tensors)
+    }
+
     /// A row per prompt, each from the same seed.
     fn samples(&mut self, weights: &HashMap<String, Tensor>) -> Result<(Vec<Image8>, usize)> {
         let mut pipeline = self.pipeline(weights)?;
@@ -523,9 +509,7 @@ impl TrainingTask for TextToImageTask {
         for (name, bytes) in sd15_tokenizer_files()? {
             write_atomically(&tokenizer_dir.join(name), &bytes, &mut write_and_sync)?;
         }
-        let scheduler_dir = dir.join("scheduler");
-        std::fs::create_dir_all(&scheduler_dir).map_err(|e| Error::io(&scheduler_dir, e))?;
-        write_json(&scheduler_dir.join("scheduler_config.json"), &Value::Object(self.scheduler_config.clone()))?;
+        write_json(&dir.join("scheduler/scheduler_config.json"), &Value::Object(self.scheduler_config.clone()))?;
         write_json(
             &dir.join("model_index.json"),
             &json!({
