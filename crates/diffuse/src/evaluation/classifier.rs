@@ -195,7 +195,7 @@ impl Classified {
 }
 
 /// Images per forward pass when classifying a dataset.
-const CLASSIFY_BATCH: usize = 250;
+pub const CLASSIFY_BATCH: usize = 250;
 
 /// Classifies the examples `indices` of a labelled dataset, fitted to the classifier's size
 /// with `fit`; `on_progress(done, total)` after each batch.
@@ -244,7 +244,7 @@ pub struct ClassifierTraining {
 
 impl Default for ClassifierTraining {
     fn default() -> Self {
-        Self { epochs: 3, batch_size: 64, learning_rate: 1e-3, warmup_steps: 100, weight_decay: 1e-2, seed: 0 }
+        Self { epochs: 6, batch_size: 64, learning_rate: 1e-3, warmup_steps: 100, weight_decay: 1e-2, seed: 0 }
     }
 }
 

@@ -23,7 +23,7 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use self::classifier::{
-    classifier_from_weights, classify_dataset, save_classifier, train_classifier, Accuracy, Classifier, ClassifierConfig, ClassifierTraining,
+    classifier_from_weights, classify_dataset, CLASSIFY_BATCH, save_classifier, train_classifier, Accuracy, Classifier, ClassifierConfig, ClassifierTraining,
     TrainingProgress,
 };
 use self::frechet::{frechet_distance, FeatureStatistics};
@@ -286,14 +286,14 @@ pub fn classify_images(classifier: &Classifier, images: &[Image8], device: &Devi
     let spec = classifier.config.image_spec(ImageFit::Resize);
     let mut features = Vec::new();
     let mut predictions = Vec::new();
-    for (chunk_index, chunk) in images.chunks(250).enumerate() {
+    for (chunk_index, chunk) in images.chunks(CLASSIFY_BATCH).enumerate() {
         let mut values = Vec::with_capacity(chunk.len() * spec.channels * spec.height * spec.width);
         for (offset, (width, height, channels, pixels)) in chunk.iter().enumerate() {
             let example = Example {
                 image: RawImage { width: *width, height: *height, channels: *channels, pixels: pixels.clone() },
                 label: None,
                 caption: None,
-                name: format!("generated image {}", chunk_index * 250 + offset),
+                name: format!("generated image {}", chunk_index * CLASSIFY_BATCH + offset),
             };
             values.extend(prepare(&example, &spec, false)?);
         }
