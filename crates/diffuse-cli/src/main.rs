@@ -2,6 +2,7 @@
 //! module; this file only parses and dispatches.
 
 mod bench;
+mod evaluate;
 mod generate;
 mod info;
 mod invert;
@@ -40,6 +41,9 @@ enum Command {
     /// Train a pixel-space UNet2DModel (unconditional or class-conditional) from scratch and
     /// write it as a diffusers DDPMPipeline folder.
     Train(Box<train::TrainArgs>),
+    /// Judge a Fashion-MNIST text-to-image model with a classifier trained on Fashion-MNIST:
+    /// how often it draws the prompted class, and the Fréchet distance to the test set.
+    Evaluate(Box<evaluate::EvaluateArgs>),
 }
 
 fn main() {
@@ -51,6 +55,7 @@ fn main() {
         Command::Bench(args) => bench::run(args),
         Command::Invert(args) => invert::run(*args),
         Command::Train(args) => train::run(*args),
+        Command::Evaluate(args) => evaluate::run(*args),
         Command::Schedulers => {
             for (name, class, _, description) in SCHEDULER_NAMES {
                 println!("{name:<16} {description} [{class}]");

@@ -2,6 +2,7 @@
 
 pub mod configs;
 pub mod error;
+pub mod evaluation;
 pub mod loading;
 pub mod lora;
 pub mod models;
