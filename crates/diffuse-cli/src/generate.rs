@@ -29,8 +29,10 @@ pub struct GenerateArgs {
     /// unet/, vae/, scheduler/; pixel-space DDPM: unet/, scheduler/), a single-file SD 1.x/2.x
     /// checkpoint (FILE.safetensors, original layout), or a Hugging Face repo id (ORG/NAME)
     /// found in the local Hugging Face cache (downloaded when missing, unless HF_HUB_OFFLINE=1).
-    /// With --from, defaults to the image's model when that is a repo id.
-    #[arg(long, required_unless_present = "from")]
+    /// With --from, defaults to the image's model when that is a repo id. Without --model, the
+    /// built-in default model: a small text-to-image model trained by this project on
+    /// Fashion-MNIST (32×32; prompts such as "a photo of a sneaker", "an ankle boot", "a bag").
+    #[arg(long)]
     model: Option<String>,
     /// What the model predicts: epsilon, v_prediction (SD 2.x 768-px models) or sample. A
     /// single file does not say; its default is diffusers' (v_prediction for SD 2.x but
@@ -192,6 +194,10 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
         .map(|s| parse_override(s).with_context(|| "--scheduler-config".to_string()))
         .collect::<Result<Vec<_>>>()?;
     let device = Device::Cpu;
+    if args.model.is_none() {
+        let dir = diffuse::default_model::materialize(&diffuse::default_model::cache_root())?;
+        args.model = Some(dir.display().to_string());
+    }
     let model = args.model.clone().unwrap_or_default();
     let model_path = diffuse::loading::hub::resolve_model(&model, args.revision.as_deref(), args.variant.as_deref())?;
     // A single file is a checkpoint to load whole; a folder is a diffusers pipeline.

@@ -1001,3 +1001,20 @@ fn bench_times_training_steps_and_saves_the_config() {
     assert_fails_with(&["bench", "--train", "video", "--runs", "1"], "--train video is not one of text-to-image, pixel");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Without --model, `generate` uses the built-in Fashion-MNIST model (written once into the
+/// cache folder): a 32×32 image whose parameters name it.
+#[test]
+fn generate_without_a_model_uses_the_built_in_one() {
+    let dir = scratch("default-model");
+    let out = dir.join("sneaker.png");
+    for _ in 0..2 {
+        let (ok, _, stderr) = diffuse(&["generate", "--prompt", "a photo of a sneaker", "--steps", "4", "--seed", "3", "--output", out.to_str().unwrap()]);
+        assert!(ok, "{stderr}");
+    }
+    let (pixels, text) = decode_png(&out);
+    assert_eq!(pixels.len(), 32 * 32 * 3);
+    let parameters = &text.iter().find(|(key, _)| key == "parameters").unwrap().1;
+    assert!(parameters.contains("Model: fashion-mnist") && parameters.contains("Size: 32x32"), "{parameters}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,6 +1,7 @@
 //! diffuse: diffusion models in Rust on candle, numerically matching diffusers.
 
 pub mod configs;
+pub mod default_model;
 pub mod error;
 pub mod evaluation;
 pub mod loading;

@@ -187,6 +187,8 @@ pub(super) fn recall(args: &mut GenerateArgs, matches: Option<&ArgMatches>) -> R
     if args.model.is_none() {
         match &params.model {
             Some(model) if is_repo_id(model) => args.model = Some(model.clone()),
+            // The built-in model (used when --model stays unset).
+            Some(model) if model == diffuse::default_model::NAME => {}
             Some(model) => bail!(
                 "--from {}: the image was made with the model `{model}`, which is not a Hugging Face repo id; give its folder or file with --model",
                 path.display()

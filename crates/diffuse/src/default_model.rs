@@ -1,0 +1,73 @@
+//! The built-in default model: a small text-to-image pipeline in Stable Diffusion's layout that
+//! this project trained with `diffuse train` on Fashion-MNIST (32×32 images; the recipe is
+//! `models/fashion-mnist/train.sh`). Its files (`models/fashion-mnist/`, f16 weights) are
+//! compiled into the library, so that `diffuse generate --prompt ...` works with no model
+//! folder and no network: on first use they are written, each to a temporary name and
+//! renamed, into a cache folder named after their hash, and loaded from there like any
+//! diffusers folder.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::{Error, Result};
+
+/// The model's name (its folder's name, as the PNG metadata records it).
+pub const NAME: &str = "fashion-mnist";
+
+macro_rules! model_file {
+    ($path:literal) => {
+        ($path, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/fashion-mnist/", $path)) as &[u8])
+    };
+}
+
+/// Every file of the pipeline folder, by its path in the folder.
+static FILES: &[(&str, &[u8])] = &[
+    model_file!("model_index.json"),
+    model_file!("scheduler/scheduler_config.json"),
+    model_file!("text_encoder/config.json"),
+    model_file!("text_encoder/model.safetensors"),
+    model_file!("tokenizer/merges.txt"),
+    model_file!("tokenizer/special_tokens_map.json"),
+    model_file!("tokenizer/tokenizer_config.json"),
+    model_file!("tokenizer/vocab.json"),
+    model_file!("unet/config.json"),
+    model_file!("unet/diffusion_pytorch_model.safetensors"),
+    model_file!("vae/config.json"),
+    model_file!("vae/diffusion_pytorch_model.safetensors"),
+];
+
+/// Where the files go: `$DIFFUSE_CACHE_DIR`, else `$XDG_CACHE_HOME/diffuse`, else
+/// `~/.cache/diffuse`, else the system's temporary folder.
+pub fn cache_root() -> PathBuf {
+    std::env::var_os("DIFFUSE_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("diffuse")))
+        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/diffuse")))
+        .unwrap_or_else(|| std::env::temp_dir().join("diffuse"))
+}
+
+/// The pipeline folder under `root` (`builtin/HASH/fashion-mnist/`), written if it is not
+/// there complete.
+pub fn materialize(root: &Path) -> Result<PathBuf> {
+    let mut hasher = Sha256::new();
+    for (path, bytes) in FILES {
+        hasher.update(path.as_bytes());
+        hasher.update((bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    }
+    let hash: String = hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let dir = root.join("builtin").join(hash).join(NAME);
+    for (path, bytes) in FILES {
+        let target = dir.join(path);
+        if std::fs::metadata(&target).is_ok_and(|m| m.len() == bytes.len() as u64) {
+            continue;
+        }
+        let parent = target.parent().unwrap_or(&dir);
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        let temporary = parent.join(format!(".{}.tmp-{}", target.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
+        std::fs::write(&temporary, bytes).map_err(|e| Error::io(&temporary, e))?;
+        std::fs::rename(&temporary, &target).map_err(|e| Error::io(&target, e))?;
+    }
+    Ok(dir)
+}
