@@ -62,7 +62,8 @@ pub struct EvaluateArgs {
     /// Sampler to use instead of the model folder's own (see `diffuse schedulers`).
     #[arg(long)]
     scheduler: Option<String>,
-    /// The prompt of each class; `{name}` is replaced by the class's word.
+    /// The prompt of each class; `{a}` is replaced by the class's word with its article ("an
+    /// ankle boot"), `{name}` by the bare word.
     #[arg(long, default_value = DEFAULT_PROMPT_TEMPLATE)]
     prompt_template: String,
     /// The ten class words, comma-separated, in label order (T-shirt/top, Trouser, Pullover,

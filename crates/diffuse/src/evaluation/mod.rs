@@ -1,7 +1,7 @@
 //! How good a Fashion-MNIST text-to-image model is, measured with a classifier trained here
 //! on the Fashion-MNIST training set (see [`classifier`]):
 //!
-//! - prompted with "a photo of a {name}" for each class, does the model draw that class? The
+//! - prompted with "a photo of {a}" ("a photo of an ankle boot") for each class, does the model draw that class? The
 //!   fraction of generated images the classifier assigns to their prompted class, beside the
 //!   fraction of real test images it classifies correctly; the model passes when the ratio is
 //!   at least [`PASS_RATIO`];
@@ -42,8 +42,9 @@ pub const CLASS_NAMES: [&str; 10] =
 pub const PROMPT_WORDS: [&str; 10] =
     ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"];
 
-/// The prompt of each class: `{name}` is replaced by its word.
-pub const DEFAULT_PROMPT_TEMPLATE: &str = "a photo of a {name}";
+/// The prompt of each class: `{a}` is replaced by its word with its article ("an ankle boot"),
+/// `{name}` by the bare word.
+pub const DEFAULT_PROMPT_TEMPLATE: &str = "a photo of {a}";
 
 /// Where Debian-style systems keep the dataset.
 pub const DEFAULT_DATA_DIR: &str = "/usr/share/datasets/fashion-mnist";
@@ -55,12 +56,13 @@ pub const DEFAULT_CLASSIFIER_DIR: &str = "models/fashion-mnist-classifier";
 /// the classifier is right on real test images.
 pub const PASS_RATIO: f64 = 0.9;
 
-/// The prompt for a class: `template` with `{name}` replaced by `word`.
+/// The prompt for a class: `template` with `{a}` replaced by `word` with its article and
+/// `{name}` by `word`.
 pub fn class_prompt(template: &str, word: &str) -> Result<String> {
-    if !template.contains("{name}") {
-        bail!("the prompt template `{template}` has no `{{name}}` for the class name");
+    if !template.contains("{name}") && !template.contains("{a}") {
+        bail!("the prompt template `{template}` has neither `{{a}}` nor `{{name}}` for the class name");
     }
-    Ok(template.replace("{name}", word))
+    Ok(template.replace("{a}", &crate::training::text_to_image::with_article(word)).replace("{name}", word))
 }
 
 /// The four IDX files of Fashion-MNIST (each gzipped or not).
