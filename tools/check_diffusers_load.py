@@ -11,10 +11,14 @@ with DDPMPipeline's loop (class-conditional models: the same loop with class_lab
 DDPMPipeline itself does not pass), runs `diffuse generate` with the same seed and steps, and
 compares the two 8-bit images.
 
+With `--lora FILE` (a LoRA written by `diffuse train --lora-rank`, in diffusers' or kohya's
+format), diffusers loads it into the pipeline with `load_lora_weights` (every layer of the file
+must become a peft layer) and fuses it, and `diffuse generate --lora FILE` runs the same.
+
 Run by hand (not in CI), from the repository root:
 
     /work/pyenv/bin/python tools/check_diffusers_load.py OUTPUT_DIR [--steps 50] [--seed 0] \
-        [--class-label 3 | --prompt "a photo of a sneaker"] [--diffuse target/debug/diffuse]
+        [--class-label 3 | --prompt "a photo of a sneaker"] [--lora FILE] [--diffuse target/debug/diffuse]
 
 Exits non-zero when the folder does not load or the images differ (PSNR below 40 dB).
 """
@@ -61,7 +65,11 @@ def diffusers_sample(folder, steps, seed, class_label):
     return (image[0] * 255).round().astype("uint8")
 
 
-def text_to_image_sample(folder, steps, seed, prompt):
+def lora_layer_count(model):
+    return sum(1 for name, _ in model.named_modules() if name.split(".")[-2:-1] == ["lora_A"])
+
+
+def text_to_image_sample(folder, steps, seed, prompt, lora=None):
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -73,12 +81,24 @@ def text_to_image_sample(folder, steps, seed, prompt):
     pipeline = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None)
     print(f"diffusers loaded {folder}: UNet {sum(p.numel() for p in pipeline.unet.parameters())} parameters, "
           f"text encoder {sum(p.numel() for p in pipeline.text_encoder.parameters())}, {type(pipeline.scheduler).__name__}")
+    if lora is not None:
+        from safetensors import safe_open
+
+        pipeline.load_lora_weights(lora)
+        with safe_open(lora, "pt") as f:
+            keys = [k for k in f.keys() if not k.endswith(".alpha")]
+        layers = lora_layer_count(pipeline.unet) + lora_layer_count(pipeline.text_encoder)
+        print(f"diffusers loaded {lora}: {len(keys)} matrices -> {lora_layer_count(pipeline.unet)} UNet and "
+              f"{lora_layer_count(pipeline.text_encoder)} text encoder LoRA layers")
+        if 2 * layers != len(keys):
+            sys.exit("diffusers did not take every layer of the LoRA")
+        pipeline.fuse_lora()
     generator = torch.Generator("cpu").manual_seed(seed)
     image = pipeline(prompt, num_inference_steps=steps, generator=generator, output_type="np").images
     return (image[0] * 255).round().astype("uint8")
 
 
-def diffuse_sample(binary, folder, steps, seed, class_label, prompt=None):
+def diffuse_sample(binary, folder, steps, seed, class_label, prompt=None, lora=None):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "sample.png")
         command = [binary, "generate", "--model", folder, "--steps", str(steps), "--seed", str(seed), "--quiet", "--output", out]
@@ -86,6 +106,8 @@ def diffuse_sample(binary, folder, steps, seed, class_label, prompt=None):
             command += ["--class-label", str(class_label)]
         if prompt is not None:
             command += ["--prompt", prompt]
+        if lora is not None:
+            command += ["--lora", lora]
         subprocess.run(command, check=True)
         image = np.array(Image.open(out))
     return image if image.ndim == 3 else image[:, :, None]
@@ -98,6 +120,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--class-label", type=int)
     parser.add_argument("--prompt", default="a photo of a sneaker")
+    parser.add_argument("--lora", help="a LoRA file to load into the pipeline")
     parser.add_argument("--diffuse", default="target/debug/diffuse")
     args = parser.parse_args()
 
@@ -107,8 +130,10 @@ def main():
         config = json.load(f)
     class_label = args.class_label
     if text_to_image:
-        expected = text_to_image_sample(args.folder, args.steps, args.seed, args.prompt)
-        actual = diffuse_sample(args.diffuse, args.folder, args.steps, args.seed, None, args.prompt)
+        expected = text_to_image_sample(args.folder, args.steps, args.seed, args.prompt, args.lora)
+        actual = diffuse_sample(args.diffuse, args.folder, args.steps, args.seed, None, args.prompt, args.lora)
+    elif args.lora:
+        sys.exit("--lora is for StableDiffusionPipeline folders")
     else:
         if class_label is None and config.get("num_class_embeds"):
             class_label = 0

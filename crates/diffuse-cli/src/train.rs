@@ -18,9 +18,10 @@ use diffuse::training::autoencoder::{self, resolve_vae_config, AutoencoderTask, 
 use diffuse::training::pixel::{
     resolve_unet_config, NoiseSchedule, PixelTask, PixelTrainingConfig, SampleSettings, TimestepSampling, UNetRequest, PRESETS,
 };
+use diffuse::lora::adapters::{self as lora_adapters, AdapterConfig};
 use diffuse::training::text_to_image::{
-    self, frozen_text_encoder, resolve_text_encoder_config, ClassPrompts, FrozenVae, TextSampleSettings, TextToImageTask,
-    TextToImageTrainingConfig, DEFAULT_TEMPLATES,
+    self, frozen_text_encoder, resolve_text_encoder_config, ClassPrompts, FrozenVae, LoraTraining, TextSampleSettings,
+    TextToImageTask, TextToImageTrainingConfig, DEFAULT_TEMPLATES,
 };
 use diffuse::training::{train, Hooks, TrainConfig, TrainingTask};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -40,9 +41,34 @@ pub enum Kind {
 #[derive(clap::Args)]
 #[command(after_help = presets_help())]
 pub struct TrainArgs {
-    /// What to train.
-    #[arg(long, value_enum, default_value = "pixel")]
-    kind: Kind,
+    /// What to train (default: pixel; text-to-image with --base or --lora-rank).
+    #[arg(long, value_enum)]
+    kind: Option<Kind>,
+    /// Text-to-image: start from this StableDiffusionPipeline (a diffusers folder, a repo id in
+    /// the Hugging Face cache, or `builtin` for the built-in Fashion-MNIST model) instead of from
+    /// scratch: its UNet and text encoder are fine-tuned, or, with --lora-rank, frozen under LoRA
+    /// adapters. Its vae/, unet/config.json and text_encoder/ are the defaults of --vae,
+    /// --model-config and the text encoder.
+    #[arg(long)]
+    base: Option<String>,
+    /// Train LoRA adapters of this rank on --base (peft's `r`) instead of its weights; the result
+    /// is pytorch_lora_weights.safetensors (diffusers' format) and NAME.safetensors (kohya's,
+    /// for AUTOMATIC1111 and ComfyUI) in --output, for `diffuse generate --lora`.
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// The adapters' alpha: they are scaled by alpha / rank (default: the rank, scale 1).
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// The layers that get adapters, comma-separated: `attention` (the UNet's to_q, to_k, to_v,
+    /// to_out.0), `cross-attention` (only the attn2 ones), `text-encoder` (the text encoder's
+    /// q_proj, k_proj, v_proj, out_proj), or module names matched as peft's target_modules
+    /// (`to_k`, `attn2.to_v`; `te:NAME` for the text encoder's, e.g. `te:mlp.fc1`).
+    #[arg(long, default_value = "attention")]
+    lora_targets: String,
+    /// The kohya-format LoRA's file name, without .safetensors (default: the --output folder's
+    /// name), as AUTOMATIC1111's <lora:NAME:WEIGHT> finds it.
+    #[arg(long)]
+    lora_name: Option<String>,
     /// The training images: an IDX images file (MNIST / Fashion-MNIST format, gzipped or not),
     /// or a folder of PNG/JPEG/BMP images (searched recursively).
     #[arg(long)]
@@ -267,15 +293,84 @@ fn presets_help() -> String {
 pub const FASHION_MNIST_CLASS_NAMES: &str = "t-shirt|top|tee|t-shirt top,trouser|trousers|pants,pullover|sweater|jumper,\
 dress,coat|jacket,sandal|sandals,shirt|button-up shirt,sneaker|sneakers|running shoe,bag|handbag,ankle boot|boot|boots";
 
+/// `--kind`, or what --base and --lora-rank imply.
+fn effective_kind(args: &TrainArgs) -> Result<Kind> {
+    let wants_base = args.base.is_some() || args.lora_rank.is_some();
+    match args.kind {
+        Some(kind) if wants_base && kind != Kind::TextToImage => {
+            bail!("--base and --lora-rank are for --kind text-to-image, not {kind:?}")
+        }
+        Some(kind) => Ok(kind),
+        None if wants_base => Ok(Kind::TextToImage),
+        None => Ok(Kind::Pixel),
+    }
+}
+
+/// `--base`: `builtin` (the built-in model), a pipeline folder, or a repo id in the cache.
+fn resolve_base(spec: &str) -> Result<PathBuf> {
+    let dir = if spec == "builtin" || spec == diffuse::default_model::NAME && !Path::new(spec).exists() {
+        diffuse::default_model::materialize(&diffuse::default_model::cache_root())?
+    } else {
+        diffuse::loading::hub::resolve_model(spec, None, None).with_context(|| format!("--base {spec}"))?
+    };
+    for component in ["unet", "vae", "text_encoder"] {
+        if !dir.join(component).is_dir() {
+            bail!("--base {spec}: {} is not a StableDiffusionPipeline folder (no {component}/)", dir.display());
+        }
+    }
+    Ok(dir)
+}
+
+/// The LoRA settings from --lora-rank, --lora-alpha, --lora-targets and --lora-name.
+fn lora_training(args: &TrainArgs) -> Result<Option<LoraTraining>> {
+    let Some(rank) = args.lora_rank else {
+        if args.lora_alpha.is_some() || args.lora_name.is_some() {
+            bail!("--lora-alpha and --lora-name need --lora-rank");
+        }
+        return Ok(None);
+    };
+    if args.base.is_none() {
+        bail!("--lora-rank needs --base, the model the adapters are trained on");
+    }
+    let alpha = args.lora_alpha.unwrap_or(rank as f64);
+    let (mut unet, mut text_encoder) = (Vec::new(), Vec::new());
+    for item in args.lora_targets.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        match item {
+            "attention" => unet.extend(lora_adapters::UNET_ATTENTION.iter().map(|t| t.to_string())),
+            "cross-attention" => unet.extend(lora_adapters::UNET_CROSS_ATTENTION.iter().map(|t| t.to_string())),
+            "text-encoder" => text_encoder.extend(lora_adapters::TEXT_ENCODER_ATTENTION.iter().map(|t| t.to_string())),
+            other => match other.strip_prefix("te:") {
+                Some(name) => text_encoder.push(name.to_string()),
+                None => unet.push(other.to_string()),
+            },
+        }
+    }
+    if unet.is_empty() {
+        bail!("--lora-targets {}: no UNet layers (add `attention` or module names)", args.lora_targets);
+    }
+    let unet = AdapterConfig { rank, alpha, target_modules: unet };
+    unet.validate()?;
+    let text_encoder = (!text_encoder.is_empty()).then(|| AdapterConfig { rank, alpha, target_modules: text_encoder });
+    let name = match &args.lora_name {
+        Some(name) => name.clone(),
+        None => args.output.file_name().map(|n| n.to_string_lossy().into_owned()).filter(|n| !n.is_empty()).unwrap_or_else(|| "lora".into()),
+    };
+    if name.contains(['/', '\\']) || name.is_empty() {
+        bail!("--lora-name {name}: a file name without folders");
+    }
+    Ok(Some(LoraTraining { unet, text_encoder, kohya_file_name: format!("{name}.safetensors") }))
+}
+
 /// Opens `--data`: an image folder, or an IDX images file with its labels.
 fn open_dataset(args: &TrainArgs, cache_dir: &Path) -> Result<Box<dyn Dataset>> {
     // Text-to-image needs captions, or labels that --class-names turns into captions.
-    let wants_labels = args.class_conditional || (args.kind == Kind::TextToImage && args.class_names.is_some());
+    let kind = effective_kind(args)?;
+    let wants_labels = args.class_conditional || (kind == Kind::TextToImage && args.class_names.is_some());
     if args.data.is_dir() {
         if args.labels.is_some() {
             bail!("--labels is for IDX data; an image folder's labels are its sub-folder names");
         }
-        let captions = if args.kind == Kind::TextToImage && args.class_names.is_none() { Captions::Required } else { Captions::Ignore };
+        let captions = if kind == Kind::TextToImage && args.class_names.is_none() { Captions::Required } else { Captions::Ignore };
         return Ok(Box::new(ImageFolderDataset::open(&args.data, captions, wants_labels)?));
     }
     if !args.data.is_file() {
@@ -311,7 +406,7 @@ fn first_images(dataset: &mut dyn Dataset, spec: &ImageSpec, count: usize, devic
 
 /// The noise schedule: the flags, else the kind's defaults.
 fn noise_schedule(args: &TrainArgs) -> NoiseSchedule {
-    let (schedule, start, end) = match args.kind {
+    let (schedule, start, end) = match effective_kind(args).unwrap_or(Kind::Pixel) {
         Kind::TextToImage => ("scaled_linear", 0.00085, 0.012),
         _ => ("linear", 0.0001, 0.02),
     };
@@ -348,7 +443,7 @@ fn build_task(args: &TrainArgs, dataset: &mut dyn Dataset, device: &Device) -> R
             .map(|_| ())
             .with_context(|| format!("--sample-scheduler {name}: not a scheduler name (see `diffuse schedulers`)"))
     };
-    match args.kind {
+    match effective_kind(args)? {
         Kind::Pixel => {
             let loss = match args.loss.as_str() {
                 "mse" => LossKind::Mse,
@@ -416,8 +511,14 @@ fn build_task(args: &TrainArgs, dataset: &mut dyn Dataset, device: &Device) -> R
             Ok((Box::new(task), spec, description))
         }
         Kind::TextToImage => {
-            let vae_dir = args.vae.as_ref().context("--kind text-to-image needs --vae (a trained autoencoder folder)")?;
-            let vae = FrozenVae::open(vae_dir)?;
+            let base = args.base.as_deref().map(resolve_base).transpose()?;
+            let lora = lora_training(args)?;
+            let vae_dir = match (&args.vae, &base) {
+                (Some(dir), _) => dir.clone(),
+                (None, Some(base)) => base.join("vae"),
+                (None, None) => bail!("--kind text-to-image needs --vae (a trained autoencoder folder) or --base (a pipeline)"),
+            };
+            let vae = FrozenVae::open(&vae_dir)?;
             let size = square_size()?;
             let spec = ImageSpec { channels: vae.config.in_channels, height: size, width: size, fit: image_fit };
             if let Some(channels) = args.channels {
@@ -425,12 +526,15 @@ fn build_task(args: &TrainArgs, dataset: &mut dyn Dataset, device: &Device) -> R
                     bail!("--channels {channels}, but the autoencoder takes {} channels", vae.config.in_channels);
                 }
             }
-            let text_encoder = match &args.text_encoder {
-                Some(dir) => frozen_text_encoder(dir)?,
-                None => resolve_text_encoder_config(&args.text_encoder_config)?,
+            let text_encoder = match (&args.text_encoder, &base, &lora) {
+                (Some(dir), _, _) => frozen_text_encoder(dir)?,
+                (None, Some(base), Some(_)) => frozen_text_encoder(&base.join("text_encoder"))?,
+                (None, Some(base), None) => resolve_text_encoder_config(&base.join("text_encoder/config.json").display().to_string())?,
+                (None, None, _) => resolve_text_encoder_config(&args.text_encoder_config)?,
             };
+            let base_unet_config = base.as_ref().map(|b| b.join("unet/config.json").display().to_string());
             let (unet_json, unet) = text_to_image::resolve_unet_config(
-                args.model_config.as_deref().unwrap_or("unet-small"),
+                args.model_config.as_deref().or(base_unet_config.as_deref()).unwrap_or("unet-small"),
                 &vae,
                 size,
                 text_encoder.config().hidden_size,
@@ -486,9 +590,16 @@ fn build_task(args: &TrainArgs, dataset: &mut dyn Dataset, device: &Device) -> R
                     seed: args.seed,
                 },
                 export_dtype: parse_dtype(&args.export_dtype)?,
+                base: base.clone(),
+                lora,
             };
             let task = TextToImageTask::new(config, args.seed, device)?;
-            let description = format!("UNet2DConditionModel + CLIPTextModel, {} trained parameters, images {size}×{size}", task.parameters().num_values());
+            let what = match (&base, args.lora_rank) {
+                (Some(base), Some(rank)) => format!("LoRA (rank {rank}) on {}", base.display()),
+                (Some(base), None) => format!("UNet2DConditionModel + CLIPTextModel fine-tuned from {}", base.display()),
+                (None, _) => "UNet2DConditionModel + CLIPTextModel".to_string(),
+            };
+            let description = format!("{what}, {} trained parameters, images {size}×{size}", task.parameters().num_values());
             Ok((Box::new(task), spec, description))
         }
     }
@@ -519,11 +630,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
         checkpoint_every: args.checkpoint_every,
         keep_checkpoints: args.keep_checkpoints,
         sample_every: args.sample_every,
+        // A run from a base model shows the base first (the "before" of a LoRA).
+        sample_at_start: args.base.is_some(),
         seed: args.seed.wrapping_add(1),
         resume: args.resume,
     };
     // Everything that can be checked without the data is checked before reading it.
     config.validate()?;
+    effective_kind(&args)?;
+    lora_training(&args)?;
     PredictionType::parse(&args.prediction_type).context("--prediction-type")?;
     parse_dtype(&args.export_dtype)?;
     if args.output.exists() && !args.output.is_dir() {

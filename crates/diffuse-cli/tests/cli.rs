@@ -1018,3 +1018,64 @@ fn generate_without_a_model_uses_the_built_in_one() {
     assert!(parameters.contains("Model: fashion-mnist") && parameters.contains("Size: 32x32"), "{parameters}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `diffuse train --lora-rank` on a pipeline (the tiny SD 1.x fixture, from an image folder with
+/// diffusers' metadata.jsonl): only the LoRA is written, in diffusers' and kohya's formats,
+/// and `generate --lora` makes the same image from either; bad LoRA options are refused.
+#[test]
+fn train_a_lora_and_generate_with_it() {
+    let dir = scratch("train-lora");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut metadata = String::new();
+    for index in 0..4u32 {
+        let file = std::fs::File::create(data.join(format!("{index}.png"))).unwrap();
+        let mut encoder = png::Encoder::new(file, 64, 64);
+        encoder.set_color(png::ColorType::Rgb);
+        let pixels: Vec<u8> = (0..64 * 64 * 3).map(|i| if (i / 3 % 64 < 32) == (index % 2 == 0) { 200 } else { 20 }).collect();
+        encoder.write_header().unwrap().write_image_data(&pixels).unwrap();
+        let side = if index % 2 == 0 { "left" } else { "right" };
+        metadata.push_str(&format!("{{\"file_name\": \"{index}.png\", \"text\": \"bright on the {side}\"}}\n"));
+    }
+    std::fs::write(data.join("metadata.jsonl"), metadata).unwrap();
+    let sd1 = fixtures().join("sd/sd1");
+    let (sd1_s, data_s) = (sd1.to_str().unwrap(), data.to_str().unwrap());
+    let out = dir.join("my-style");
+    let out_s = out.to_str().unwrap();
+    let (ok, stdout, stderr) = diffuse(&[
+        "train", "--base", sd1_s, "--lora-rank", "2", "--lora-targets", "attention,text-encoder", "--data", data_s, "--output", out_s,
+        "--steps", "4", "--batch-size", "2", "--lr", "1e-2", "--warmup", "1", "--checkpoint-every", "0", "--quiet",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("my-style"), "{stdout}");
+    let (diffusers_file, kohya_file) = (out.join("pytorch_lora_weights.safetensors"), out.join("my-style.safetensors"));
+    assert!(diffusers_file.is_file() && kohya_file.is_file() && !out.join("unet").exists());
+
+    let image = |lora: &Path, name: &str| {
+        let png = dir.join(name);
+        let (ok, _, stderr) = diffuse(&[
+            "generate", "--model", sd1_s, "--lora", lora.to_str().unwrap(), "--prompt", "bright on the left", "--steps", "3", "--seed", "1",
+            "--output", png.to_str().unwrap(),
+        ]);
+        assert!(ok, "{stderr}");
+        assert!(stderr.contains("fused 44 layers (UNet 32, text encoder 12)"), "{stderr}");
+        decode_png(&png).0
+    };
+    assert_eq!(image(&diffusers_file, "a.png"), image(&kohya_file, "b.png"), "both formats make the same image");
+
+    let refused = dir.join("refused");
+    let common = ["train", "--data", data_s, "--output", refused.to_str().unwrap(), "--steps", "2", "--quiet"];
+    let on_base = joined(&common, &["--base", sd1_s]);
+    assert_fails_with(&joined(&common, &["--lora-rank", "2"]), "--lora-rank needs --base");
+    assert_fails_with(&joined(&on_base, &["--lora-rank", "0"]), "--lora-rank must be at least 1");
+    assert_fails_with(&joined(&on_base, &["--lora-rank", "2", "--lora-alpha", "0"]), "--lora-alpha");
+    assert_fails_with(&joined(&on_base, &["--lora-rank", "2", "--kind", "pixel"]), "--kind text-to-image");
+    assert_fails_with(&joined(&on_base, &["--lora-rank", "2", "--lora-targets", "to_nothing"]), "no linear layer");
+    assert_fails_with(&joined(&common, &["--base", dir.to_str().unwrap(), "--lora-rank", "2"]), "not a StableDiffusionPipeline folder");
+    assert!(!refused.join("pytorch_lora_weights.safetensors").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn joined<'a>(a: &[&'a str], b: &[&'a str]) -> Vec<&'a str> {
+    [a, b].concat()
+}

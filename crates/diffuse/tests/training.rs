@@ -718,6 +718,7 @@ fn train_config(output_dir: &Path, steps: usize) -> TrainConfig {
         checkpoint_every: 0,
         keep_checkpoints: 2,
         sample_every: None,
+        sample_at_start: false,
         seed: 1,
         resume: false,
     }

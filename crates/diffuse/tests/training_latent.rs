@@ -84,6 +84,7 @@ fn train_config(output_dir: &Path, steps: usize, learning_rate: f64) -> TrainCon
         checkpoint_every: 0,
         keep_checkpoints: 2,
         sample_every: None,
+        sample_at_start: false,
         seed: 1,
         resume: false,
     }
@@ -152,6 +153,8 @@ fn text_to_image_config(vae_dir: &Path) -> TextToImageTrainingConfig {
         sampling: TextSampleSettings { prompts: class_prompts.main_prompts(), count: 2, steps: 2, guidance_scale: 3.0, scheduler: "ddim".into(), seed: 0 },
         class_prompts: Some(class_prompts),
         export_dtype: DType::F32,
+        base: None,
+        lora: None,
     }
 }
 

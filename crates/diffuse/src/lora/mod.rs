@@ -15,9 +15,11 @@
 //! weights, build the models, then call [`LoraSet::finish`], which refuses a LoRA that adapted
 //! nothing (or that names the model's layers with other shapes) before the pipeline is returned.
 
+pub mod adapters;
 pub mod file;
 pub mod fuse;
 pub mod keys;
+pub mod save;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -50,11 +50,48 @@ impl Conv2d {
     }
 }
 
-/// `torch.nn.Linear`.
+/// `torch.nn.Linear`, with a LoRA branch beside it when its weights carry one.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    lora: Option<LoraBranch>,
+}
+
+/// A LoRA adapter beside a frozen layer, unmerged (peft's `lora.Linear`): the output gains
+/// `scale · up(down(x))`. Present when the layer's weights have `lora_A.weight` (`[r, in]`),
+/// `lora_B.weight` (`[out, r]`) and `lora_scale` (alpha / r), as the LoRA training backend
+/// (lora/adapters.rs) gives the layers it adapts; LoRA files at inference are fused instead.
+#[derive(Debug, Clone)]
+struct LoraBranch {
+    down: Tensor,
+    up: Tensor,
+    scale: f64,
+}
+
+impl LoraBranch {
+    fn new(vb: &VarBuilder, in_features: usize, out_features: usize) -> Result<Option<Self>> {
+        if !vb.contains_tensor("lora_A.weight") {
+            return Ok(None);
+        }
+        // Backends that make every weight up from its shape (zeros, random: shape checks and
+        // benchmarks) claim this name too, but cannot give it without a shape: no LoRA there.
+        let Ok(down) = vb.get_unchecked("lora_A.weight") else {
+            return Ok(None);
+        };
+        let up = vb.get_unchecked("lora_B.weight")?;
+        let scale = vb.get_unchecked_dtype("lora_scale", DType::F32)?.to_scalar::<f32>()? as f64;
+        let rank = down.dim(0)?;
+        if down.dims() != [rank, in_features] || up.dims() != [out_features, rank] {
+            return Err(Error::invalid(format!(
+                "{}: LoRA matrices {:?} and {:?} do not fit a [{out_features}, {in_features}] layer",
+                vb.prefix(),
+                down.dims(),
+                up.dims()
+            )));
+        }
+        Ok(Some(Self { down, up, scale }))
+    }
 }
 
 impl Linear {
@@ -62,11 +99,19 @@ impl Linear {
     pub fn new(vb: VarBuilder, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
         let weight = vb.get((out_features, in_features), "weight")?;
         let bias = if bias { Some(vb.get(out_features, "bias")?) } else { None };
-        Ok(Self { weight, bias })
+        let lora = LoraBranch::new(&vb, in_features, out_features)?;
+        Ok(Self { weight, bias, lora })
     }
 
     pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
-        ops::linear(input, &self.weight, self.bias.as_ref())
+        let output = ops::linear(input, &self.weight, self.bias.as_ref())?;
+        match &self.lora {
+            None => Ok(output),
+            Some(lora) => {
+                let update = ops::linear(&ops::linear(input, &lora.down, None)?, &lora.up, None)?;
+                Ok((output + (update * lora.scale)?)?)
+            }
+        }
     }
 }
 

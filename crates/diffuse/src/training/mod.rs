@@ -95,6 +95,8 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Write a sample grid every this many steps (and at the end).
     pub sample_every: Option<usize>,
+    /// With `sample_every`, also write one before the first step (a base model's samples).
+    pub sample_at_start: bool,
     /// Seeds the training draws (the task's: timesteps, noise, label dropout). The data order
     /// has the loader's seed and the initial weights the task's.
     pub seed: u64,
@@ -286,6 +288,9 @@ pub fn train(task: &mut dyn TrainingTask, loader: &mut DataLoader, config: &Trai
     let started = Instant::now();
     let first_step = run.step;
     let divisor = Tensor::new(config.grad_accum as f32, &device)?;
+    if config.sample_at_start && config.sample_every.is_some() && run.step == 0 {
+        write_samples(task, config, &run, hooks)?;
+    }
     while run.step < config.steps {
         let step_number = run.step + 1;
         accumulator.reset();

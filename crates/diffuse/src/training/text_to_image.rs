@@ -9,7 +9,7 @@
 //! synonym drawn for each example. A caption is replaced by the empty prompt with
 //! probability `caption_dropout`, so that classifier-free guidance works.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -35,6 +35,9 @@ use crate::schedulers::PredictionType;
 use crate::tokenizers::builtin::{builtin_clip_tokenizer, sd15_tokenizer_files};
 use crate::tokenizers::clip::{input_ids_tensor, ClipTokenizer};
 use crate::loading::single_file::Family;
+use crate::lora::adapters::{check_adapted, AdapterConfig, Adapters};
+use crate::lora::save::{TrainedLora, DIFFUSERS_FILE_NAME};
+use crate::lora::{LoraSet, LoraSpec, Target};
 use crate::{bail, Error, Result};
 
 /// Named UNet2DConditionModel architectures for `--model-config` (the VAE sets the channels
@@ -263,6 +266,32 @@ pub struct TextToImageTrainingConfig {
     pub sampling: TextSampleSettings,
     /// The weights' type in the exported pipeline.
     pub export_dtype: DType,
+    /// A StableDiffusionPipeline folder whose UNet (and trained text encoder) the training
+    /// starts from instead of from scratch (fine-tuning), or, with `lora`, that stays frozen
+    /// under the adapters.
+    pub base: Option<PathBuf>,
+    /// Train LoRA adapters beside the base's layers instead of the weights themselves.
+    pub lora: Option<LoraTraining>,
+}
+
+/// What LoRA training adapts, and how the result is written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraTraining {
+    pub unet: AdapterConfig,
+    /// Adapters on the (frozen) text encoder too.
+    pub text_encoder: Option<AdapterConfig>,
+    /// The kohya-format file's name, written beside diffusers' `pytorch_lora_weights.safetensors`.
+    pub kohya_file_name: String,
+}
+
+impl LoraTraining {
+    fn configs(&self) -> BTreeMap<Target, AdapterConfig> {
+        let mut configs = BTreeMap::from([(Target::Unet, self.unet.clone())]);
+        if let Some(te) = &self.text_encoder {
+            configs.insert(Target::TextEncoder, te.clone());
+        }
+        configs
+    }
 }
 
 /// The exported scheduler: Stable Diffusion 1.5's PNDM configuration over the training
@@ -289,6 +318,8 @@ pub struct TextToImageTask {
     objective: DiffusionObjective,
     scheduler_config: Map<String, Value>,
     device: Device,
+    /// The adapters (LoRA training) whose matrices are the parameters.
+    adapters: Option<Adapters>,
     _varmap: VarMap,
 }
 
@@ -312,6 +343,43 @@ impl TextToImageTask {
         }
         let scheduler_config = pndm_scheduler_config(&config.noise, config.prediction_type);
         let objective = training_objective(&config.noise, config.prediction_type, LossKind::Mse, config.snr_gamma, config.timestep_sampling)?;
+        let vae = config.vae.model(device)?;
+        let tokenizer = builtin_clip_tokenizer(Family::StableDiffusion1)?;
+        if let Some(lora) = &config.lora {
+            let base = config.base.as_deref().ok_or_else(|| Error::invalid("LoRA training needs a base model (--base)"))?;
+            let adapters = Adapters::new(init_seed);
+            let unet_files = find_weight_files(&base.join("unet"), "diffusion_pytorch_model", None)?;
+            let unet_weights = adapters.wrap(Target::Unet, &lora.unet, var_builder(&unet_files, DType::F32, device)?)?;
+            let unet = UNet2DConditionModel::new(unet_weights, &config.unet).map_err(|e| e.in_weights_file(&unet_files[0]))?;
+            check_adapted(&adapters, Target::Unet, &lora.unet)?;
+            let TextEncoderSource::Frozen { dir, config: te_config } = &config.text_encoder else {
+                bail!("LoRA training keeps the base's text encoder frozen; it cannot train a new one");
+            };
+            let te_files = find_weight_files(dir, "model", None)?;
+            let mut te_weights = var_builder(&te_files, DType::F32, device)?;
+            if let Some(te_lora) = &lora.text_encoder {
+                te_weights = adapters.wrap(Target::TextEncoder, te_lora, te_weights)?;
+            }
+            let text_encoder = ClipTextModel::new(te_weights, te_config).map_err(|e| e.in_weights_file(&te_files[0]))?;
+            if let Some(te_lora) = &lora.text_encoder {
+                check_adapted(&adapters, Target::TextEncoder, te_lora)?;
+            }
+            let varmap = adapters.varmap().clone();
+            let parameters = Parameters::from_varmap(&varmap)?;
+            return Ok(Self {
+                config,
+                parameters,
+                tokenizer,
+                unet,
+                text_encoder,
+                vae,
+                objective,
+                scheduler_config,
+                device: device.clone(),
+                adapters: Some(adapters),
+                _varmap: varmap,
+            });
+        }
         let varmap = VarMap::new();
         let trainable = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let unet = UNet2DConditionModel::new(trainable.pp("unet"), &config.unet)?;
@@ -334,9 +402,59 @@ impl TextToImageTask {
             };
             var.set(&var.as_tensor().affine(scale, 0.0)?)?;
         }
-        let vae = config.vae.model(device)?;
-        let tokenizer = builtin_clip_tokenizer(Family::StableDiffusion1)?;
-        Ok(Self { config, parameters, tokenizer, unet, text_encoder, vae, objective, scheduler_config, device: device.clone(), _varmap: varmap })
+        if let Some(base) = &config.base {
+            load_base_weights(&parameters, base, matches!(config.text_encoder, TextEncoderSource::Train { .. }))?;
+        }
+        Ok(Self {
+            config,
+            parameters,
+            tokenizer,
+            unet,
+            text_encoder,
+            vae,
+            objective,
+            scheduler_config,
+            device: device.clone(),
+            adapters: None,
+            _varmap: varmap,
+        })
+    }
+
+    /// The LoRA that `weights` (the adapters' matrices by parameter name) make.
+    pub fn trained_lora(&self, weights: &HashMap<String, Tensor>) -> Result<Option<TrainedLora>> {
+        match (&self.config.lora, &self.adapters) {
+            (Some(lora), Some(adapters)) => Ok(Some(TrainedLora::from_tensors(&adapters.layers(), lora.configs(), weights)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The base pipeline's frozen components with the LoRA of `weights` fused in, as
+    /// `diffuse generate --lora` would load it.
+    fn lora_pipeline(&self, base: &Path, lora: TrainedLora) -> Result<StableDiffusionPipeline> {
+        let origin = PathBuf::from("(training)");
+        let file = lora.as_lora_file(&origin)?;
+        let loras = LoraSet::from_files(vec![(LoraSpec::new(&origin, 1.0), file)]);
+        let model = |folder: &str, stem: &str| -> Result<(VarBuilder<'static>, PathBuf)> {
+            let files = find_weight_files(&base.join(folder), stem, None)?;
+            Ok((var_builder(&files, DType::F32, &self.device)?, files[0].clone()))
+        };
+        let (te_weights, te_file) = model("text_encoder", "model")?;
+        let (unet_weights, unet_file) = model("unet", "diffusion_pytorch_model")?;
+        let (vae_weights, vae_file) = model("vae", "diffusion_pytorch_model")?;
+        let components = Components {
+            tokenizer: self.tokenizer.clone(),
+            text_encoder: (self.config.text_encoder.config().clone(), te_weights, te_file),
+            unet: (self.config.unet.clone(), unet_weights, unet_file),
+            vae: (self.config.vae.config.clone(), vae_weights, vae_file),
+            scheduler: self.sample_scheduler()?,
+        };
+        let pipeline = StableDiffusionPipeline::from_components(components.with_loras(&loras)?, base, &self.device, DType::F32)?;
+        loras.finish()?;
+        Ok(pipeline)
+    }
+
+    fn sample_scheduler(&self) -> Result<crate::pipelines::ResolvedScheduler> {
+        scheduler_from_config(self.scheduler_config.clone(), Path::new("the training noise schedule"), Some(&self.config.sampling.scheduler), &[])
     }
 
     /// Each example's caption (from the data, or made from its label), the empty prompt with
@@ -364,14 +482,17 @@ impl TextToImageTask {
         let encodings = self.tokenizer.encode_batch(captions)?;
         let ids = input_ids_tensor(&encodings, &self.device)?;
         let hidden = self.text_encoder.forward(&ids)?.last_hidden_state;
-        Ok(match self.config.text_encoder {
-            TextEncoderSource::Train { .. } => hidden,
-            TextEncoderSource::Frozen { .. } => hidden.detach(),
-        })
+        // A frozen encoder needs no gradient, unless it carries adapters being trained.
+        let trained = matches!(self.config.text_encoder, TextEncoderSource::Train { .. })
+            || self.config.lora.as_ref().is_some_and(|lora| lora.text_encoder.is_some());
+        Ok(if trained { hidden } else { hidden.detach() })
     }
 
     /// A pipeline over the given weights, sampling with the sample grids' scheduler.
     pub fn pipeline(&self, weights: &HashMap<String, Tensor>) -> Result<StableDiffusionPipeline> {
+        if let (Some(lora), Some(base)) = (self.trained_lora(weights)?, &self.config.base) {
+            return self.lora_pipeline(base, lora);
+        }
         let trained = VarBuilder::from_tensors(weights.clone(), DType::F32, &self.device);
         let origin = PathBuf::from("(training)");
         let text_encoder = match &self.config.text_encoder {
@@ -387,12 +508,7 @@ impl TextToImageTask {
             text_encoder,
             unet: (self.config.unet.clone(), trained.pp("unet"), origin.clone()),
             vae: (self.config.vae.config.clone(), var_builder(&vae_files, DType::F32, &self.device)?, vae_files[0].clone()),
-            scheduler: scheduler_from_config(
-                self.scheduler_config.clone(),
-                Path::new("the training noise schedule"),
-                Some(&self.config.sampling.scheduler),
-                &[],
-            )?,
+            scheduler: self.sample_scheduler()?,
         };
         StableDiffusionPipeline::from_components(components, &origin, &self.device, DType::F32)
     }
@@ -420,6 +536,14 @@ impl TrainingTask for TextToImageTask {
         map.insert("timestep_sampling".into(), serde_json::to_value(self.config.timestep_sampling).unwrap_or(Value::Null));
         map.insert("snr_gamma".into(), json!(self.config.snr_gamma));
         map.insert("caption_dropout".into(), json!(self.config.caption_dropout));
+        if let Some(base) = &self.config.base {
+            map.insert("base".into(), json!(base.display().to_string()));
+        }
+        if let Some(lora) = &self.config.lora {
+            let adapter = |c: &AdapterConfig| json!({"r": c.rank, "lora_alpha": c.alpha, "target_modules": c.target_modules});
+            map.insert("lora_unet".into(), adapter(&lora.unet));
+            map.insert("lora_text_encoder".into(), lora.text_encoder.as_ref().map(adapter).unwrap_or(Value::Null));
+        }
         map
     }
 
@@ -472,6 +596,10 @@ impl TrainingTask for TextToImageTask {
     /// tokenizer/, unet/ and vae/ (the frozen autoencoder, in the export type).
     fn export(&self, weights: &HashMap<String, Tensor>, dir: &Path) -> Result<()> {
         let dtype = self.config.export_dtype;
+        if let (Some(trained), Some(lora)) = (self.trained_lora(weights)?, &self.config.lora) {
+            trained.write_diffusers(&dir.join(DIFFUSERS_FILE_NAME), dtype)?;
+            return trained.write_kohya(&dir.join(&lora.kohya_file_name), dtype);
+        }
         write_model_folder(&dir.join("unet"), Some("UNet2DConditionModel"), &self.config.unet_json, weights, "unet.", "diffusion_pytorch_model.safetensors", dtype)?;
         // transformers' config.json has no `_class_name`; the weights carry the `text_model.`
         // prefix, as every Stable Diffusion checkpoint on the hub does (and transformers 5
@@ -527,4 +655,29 @@ impl TrainingTask for TextToImageTask {
             }),
         )
     }
+}
+
+/// Sets the trained parameters (`unet.*`, and `text_encoder.*` when the text encoder is
+/// trained) from a pipeline folder's weights: fine-tuning starts where that model ended.
+fn load_base_weights(parameters: &Parameters, base: &Path, text_encoder: bool) -> Result<()> {
+    let mut named = HashMap::new();
+    let mut components = vec![("unet", "diffusion_pytorch_model", "unet.")];
+    if text_encoder {
+        components.push(("text_encoder", "model", "text_encoder."));
+    }
+    for (folder, stem, prefix) in components {
+        for file in find_weight_files(&base.join(folder), stem, None)? {
+            for (name, tensor) in candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| Error::weights(&file, e.to_string()))? {
+                // CLIP's weights with or without `text_model.` (as the model reads them);
+                // `position_ids` is a buffer some transformers versions saved.
+                let name = name.strip_prefix("text_model.").unwrap_or(&name).to_string();
+                if name.ends_with("position_ids") {
+                    continue;
+                }
+                named.insert(format!("{prefix}{name}"), tensor);
+            }
+        }
+    }
+    let values = parameters.values_from_named_tensors(&named, &base.display().to_string())?;
+    parameters.set_values(&values)
 }
