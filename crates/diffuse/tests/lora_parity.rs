@@ -150,6 +150,18 @@ fn attention_lora_in_every_format() {
     assert!(pipelines[1].loras[0].summary().starts_with("LoRA kohya_a (kohya, weight 1): fused 44 layers (UNet 32, text encoder 12) from 132 keys"));
 }
 
+/// A LoRA trained by `diffuse train --lora-rank` and written in both of its formats
+/// (tools/fixtures/lora_trained.py): diffusers' `load_lora_weights` takes every layer of either
+/// file and makes this image.
+#[test]
+fn a_lora_trained_by_diffuse_matches_diffusers() {
+    for pipeline in run_case("trained") {
+        let applied = &pipeline.loras[0];
+        assert_eq!((applied.unet_layers, applied.text_encoder_layers), (32, 12), "{}", applied.summary());
+        assert!(applied.unused_keys.is_empty(), "{}", applied.summary());
+    }
+}
+
 #[test]
 fn weight_scales_the_lora() {
     run_case("a_scaled");
