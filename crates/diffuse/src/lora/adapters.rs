@@ -2,9 +2,10 @@
 //! `LoraConfig(r, lora_alpha, target_modules)`, done as a frozen model reads its weights.
 //!
 //! [`Adapters::wrap`] gives a model's `VarBuilder` a backend under which every targeted
-//! `Linear` finds trainable `lora_A.weight` (`[r, in]`) and `lora_B.weight` (`[out, r]`)
-//! matrices and its `lora_scale` (alpha / r); [`crate::models::Linear`] adds the branch
-//! `scale · B(A x)` beside the frozen weight. The matrices are candle `Var`s in one `VarMap`,
+//! `Linear` (or `Conv2d`) finds trainable `lora_A.weight` (`[r, in]`; `[r, in, k, k]`) and
+//! `lora_B.weight` (`[out, r]`; `[out, r, 1, 1]`) matrices and its `lora_scale` (alpha / r);
+//! [`crate::models::Linear`] and [`crate::models::Conv2d`] add the branch `scale · B(A x)`
+//! beside the frozen weight. The matrices are candle `Var`s in one `VarMap`,
 //! initialised as peft does (A kaiming-uniform, B zero: training starts from the base model
 //! exactly), and named as diffusers' `save_lora_weights` names them
 //! (`unet.<module>.lora_A.weight`, `text_encoder.<module>.lora_B.weight`), so that the trained
@@ -28,6 +29,10 @@ use crate::{bail, Error, Result};
 pub const UNET_ATTENTION: &[&str] = &["to_q", "to_k", "to_v", "to_out.0"];
 /// Only the cross-attention projections (the text's keys and values, and the queries on them).
 pub const UNET_CROSS_ATTENTION: &[&str] = &["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"];
+/// The transformer blocks' feed-forward layers (GEGLU's projection and the output).
+pub const UNET_FEED_FORWARD: &[&str] = &["ff.net.0.proj", "ff.net.2"];
+/// The resnets' 3×3 convolutions and time-embedding projections (kohya's LoCon adds these).
+pub const UNET_RESNETS: &[&str] = &["conv1", "conv2", "time_emb_proj"];
 /// The CLIP text encoder's attention projections (diffusers' `text_encoder_lora_config`).
 pub const TEXT_ENCODER_ATTENTION: &[&str] = &["q_proj", "k_proj", "v_proj", "out_proj"];
 
@@ -79,6 +84,7 @@ pub struct AdaptedLayer {
     /// The module path as diffusers names it in LoRA files (the text encoder's without
     /// `text_model.`, as transformers 5 and diffusers' `save_lora_weights` write it).
     pub module: String,
+    /// The input side: `in`, or `in · k · k` for a convolution.
     pub in_features: usize,
     pub out_features: usize,
 }
@@ -186,17 +192,23 @@ impl AdapterBackend {
         let mut vars = self.inner.varmap.data().lock().map_err(|_| candle_core::Error::Msg("LoRA parameters lock poisoned".into()))?;
         if !vars.contains_key(&down_name) {
             let weight = self.base.get_unchecked_dtype(&format!("{module}.weight"), DType::F32)?;
-            let &[out_features, in_features] = weight.dims() else {
-                candle_core::bail!("{module}.weight has shape {:?}: LoRA adapters are trained on linear layers", weight.dims());
-            };
-            let rank = self.config.rank;
+            // A linear layer's [out, in], or a convolution's [out, in, k, k]: A takes the
+            // input side ([r, in] or [r, in, k, k]), B is [out, r] (or a 1×1 [out, r, 1, 1]).
+            let dims = weight.dims();
+            if dims.len() != 2 && dims.len() != 4 {
+                candle_core::bail!("{module}.weight has shape {dims:?}: LoRA adapters are trained on linear and 2-D convolution layers");
+            }
+            let (out_features, rank) = (dims[0], self.config.rank);
+            let in_features: usize = dims[1..].iter().product();
+            let down_shape = [&[rank], &dims[1..]].concat();
+            let up_shape = if dims.len() == 2 { vec![out_features, rank] } else { vec![out_features, rank, 1, 1] };
             // peft's `reset_lora_parameters(init_lora_weights=True)`: A by
-            // kaiming_uniform_(a=√5), i.e. U(±1/√in); B zero.
+            // kaiming_uniform_(a=√5), i.e. U(±1/√fan_in); B zero.
             let bound = 1.0 / (in_features as f64).sqrt();
             let draws = self.inner.generator.lock().map_err(|_| candle_core::Error::Msg("LoRA generator lock poisoned".into()))?.rand(rank * in_features);
             let down: Vec<f32> = draws.iter().map(|&u| ((u as f64 * 2.0 - 1.0) * bound) as f32).collect();
-            vars.insert(down_name.clone(), Var::from_tensor(&Tensor::from_vec(down, (rank, in_features), device)?)?);
-            vars.insert(up_name.clone(), Var::from_tensor(&Tensor::zeros((out_features, rank), DType::F32, device)?)?);
+            vars.insert(down_name.clone(), Var::from_tensor(&Tensor::from_vec(down, down_shape, device)?)?);
+            vars.insert(up_name.clone(), Var::from_tensor(&Tensor::zeros(up_shape, DType::F32, device)?)?);
             if let Ok(mut layers) = self.inner.layers.lock() {
                 layers.push(AdaptedLayer { target: self.target, module: file_module.to_string(), in_features, out_features });
             }
@@ -245,8 +257,8 @@ pub fn check_adapted(adapters: &Adapters, target: Target, config: &AdapterConfig
     let count = adapters.count(target);
     if count == 0 {
         return Err(Error::invalid(format!(
-            "--lora-targets {}: no linear layer of the {} has such a name (e.g. to_q, to_k, to_v, to_out.0 in the UNet, \
-             q_proj, k_proj, v_proj, out_proj in the text encoder)",
+            "--lora-targets {}: no linear or convolution layer of the {} has such a name (e.g. to_q, to_k, to_v, to_out.0, \
+             conv1 in the UNet, q_proj, k_proj, v_proj, out_proj in the text encoder)",
             config.target_modules.join(","),
             target.label()
         )));

@@ -20,13 +20,15 @@ use candle_nn::VarBuilder;
 
 use crate::{ops, Error, Result};
 
-/// `torch.nn.Conv2d` with square kernels, stride and symmetric zero padding.
+/// `torch.nn.Conv2d` with square kernels, stride and symmetric zero padding, with a LoRA
+/// branch beside it when its weights carry one.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
+    lora: Option<LoraBranch>,
 }
 
 impl Conv2d {
@@ -42,11 +44,20 @@ impl Conv2d {
     ) -> Result<Self> {
         let weight = vb.get((out_channels, in_channels, kernel_size, kernel_size), "weight")?;
         let bias = if bias { Some(vb.get(out_channels, "bias")?) } else { None };
-        Ok(Self { weight, bias, stride, padding })
+        let lora = LoraBranch::new(&vb, &[in_channels, kernel_size, kernel_size], &[out_channels, 1, 1])?;
+        Ok(Self { weight, bias, stride, padding, lora })
     }
 
     pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
-        ops::conv2d(input, &self.weight, self.bias.as_ref(), self.stride, self.padding)
+        let output = ops::conv2d(input, &self.weight, self.bias.as_ref(), self.stride, self.padding)?;
+        match &self.lora {
+            None => Ok(output),
+            // peft's lora.Conv2d: A has the layer's kernel, stride and padding, B is 1×1.
+            Some(lora) => {
+                let update = ops::conv2d(&ops::conv2d(input, &lora.down, None, self.stride, self.padding)?, &lora.up, None, 1, 0)?;
+                Ok((output + (update * lora.scale)?)?)
+            }
+        }
     }
 }
 
@@ -58,9 +69,10 @@ pub struct Linear {
     lora: Option<LoraBranch>,
 }
 
-/// A LoRA adapter beside a frozen layer, unmerged (peft's `lora.Linear`): the output gains
-/// `scale · up(down(x))`. Present when the layer's weights have `lora_A.weight` (`[r, in]`),
-/// `lora_B.weight` (`[out, r]`) and `lora_scale` (alpha / r), as the LoRA training backend
+/// A LoRA adapter beside a frozen layer, unmerged (peft's `lora.Linear` and `lora.Conv2d`):
+/// the output gains `scale · up(down(x))`. Present when the layer's weights have
+/// `lora_A.weight` (`[r, in]`, or `[r, in, k, k]`), `lora_B.weight` (`[out, r]`, or
+/// `[out, r, 1, 1]`) and `lora_scale` (alpha / r), as the LoRA training backend
 /// (lora/adapters.rs) gives the layers it adapts; LoRA files at inference are fused instead.
 #[derive(Debug, Clone)]
 struct LoraBranch {
@@ -70,7 +82,8 @@ struct LoraBranch {
 }
 
 impl LoraBranch {
-    fn new(vb: &VarBuilder, in_features: usize, out_features: usize) -> Result<Option<Self>> {
+    /// `down_dims` and `up_dims` are the matrices' shapes after and before the rank.
+    fn new(vb: &VarBuilder, down_dims: &[usize], up_dims: &[usize]) -> Result<Option<Self>> {
         if !vb.contains_tensor("lora_A.weight") {
             return Ok(None);
         }
@@ -82,9 +95,10 @@ impl LoraBranch {
         let up = vb.get_unchecked("lora_B.weight")?;
         let scale = vb.get_unchecked_dtype("lora_scale", DType::F32)?.to_scalar::<f32>()? as f64;
         let rank = down.dim(0)?;
-        if down.dims() != [rank, in_features] || up.dims() != [out_features, rank] {
+        let (expected_down, expected_up) = ([&[rank], down_dims].concat(), [&up_dims[..1], &[rank], &up_dims[1..]].concat());
+        if down.dims() != expected_down || up.dims() != expected_up {
             return Err(Error::invalid(format!(
-                "{}: LoRA matrices {:?} and {:?} do not fit a [{out_features}, {in_features}] layer",
+                "{}: LoRA matrices {:?} and {:?} do not fit the layer (expected {expected_down:?} and {expected_up:?})",
                 vb.prefix(),
                 down.dims(),
                 up.dims()
@@ -99,7 +113,7 @@ impl Linear {
     pub fn new(vb: VarBuilder, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
         let weight = vb.get((out_features, in_features), "weight")?;
         let bias = if bias { Some(vb.get(out_features, "bias")?) } else { None };
-        let lora = LoraBranch::new(&vb, in_features, out_features)?;
+        let lora = LoraBranch::new(&vb, &[in_features], &[out_features])?;
         Ok(Self { weight, bias, lora })
     }
 
