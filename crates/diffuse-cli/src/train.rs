@@ -59,6 +59,10 @@ pub struct TrainArgs {
     /// The adapters' alpha: they are scaled by alpha / rank (default: the rank, scale 1).
     #[arg(long)]
     lora_alpha: Option<f64>,
+    /// peft's lora_dropout: the probability of zeroing each element of an adapter's input
+    /// while training.
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f64,
     /// The layers that get adapters, comma-separated: `attention` (the UNet's to_q, to_k, to_v,
     /// to_out.0), `cross-attention` (only the attn2 ones), `feed-forward` (the transformer
     /// blocks' ff.net.0.proj, ff.net.2), `resnets` (their 3×3 conv1, conv2 and time_emb_proj, as
@@ -326,8 +330,8 @@ fn resolve_base(spec: &str) -> Result<PathBuf> {
 /// The LoRA settings from --lora-rank, --lora-alpha, --lora-targets and --lora-name.
 fn lora_training(args: &TrainArgs) -> Result<Option<LoraTraining>> {
     let Some(rank) = args.lora_rank else {
-        if args.lora_alpha.is_some() || args.lora_name.is_some() {
-            bail!("--lora-alpha and --lora-name need --lora-rank");
+        if args.lora_alpha.is_some() || args.lora_name.is_some() || args.lora_dropout != 0.0 {
+            bail!("--lora-alpha, --lora-dropout and --lora-name need --lora-rank");
         }
         return Ok(None);
     };
@@ -362,7 +366,10 @@ fn lora_training(args: &TrainArgs) -> Result<Option<LoraTraining>> {
     if name.contains(['/', '\\']) || name.is_empty() {
         bail!("--lora-name {name}: a file name without folders");
     }
-    Ok(Some(LoraTraining { unet, text_encoder, kohya_file_name: format!("{name}.safetensors") }))
+    if !(0.0..1.0).contains(&args.lora_dropout) {
+        bail!("--lora-dropout must be in [0, 1), got {}", args.lora_dropout);
+    }
+    Ok(Some(LoraTraining { unet, text_encoder, kohya_file_name: format!("{name}.safetensors"), dropout: args.lora_dropout }))
 }
 
 /// Opens `--data`: an image folder, or an IDX images file with its labels.

@@ -1069,6 +1069,8 @@ fn train_a_lora_and_generate_with_it() {
     assert_fails_with(&joined(&common, &["--lora-rank", "2"]), "--lora-rank needs --base");
     assert_fails_with(&joined(&on_base, &["--lora-rank", "0"]), "--lora-rank must be at least 1");
     assert_fails_with(&joined(&on_base, &["--lora-rank", "2", "--lora-alpha", "0"]), "--lora-alpha");
+    assert_fails_with(&joined(&on_base, &["--lora-rank", "2", "--lora-dropout", "1"]), "--lora-dropout must be in [0, 1)");
+    assert_fails_with(&joined(&on_base, &["--lora-dropout", "0.1"]), "need --lora-rank");
     assert_fails_with(&joined(&on_base, &["--lora-rank", "2", "--kind", "pixel"]), "--kind text-to-image");
     assert_fails_with(&joined(&on_base, &["--lora-rank", "2", "--lora-targets", "to_nothing"]), "no linear or convolution layer");
     assert_fails_with(&joined(&common, &["--base", dir.to_str().unwrap(), "--lora-rank", "2"]), "not a StableDiffusionPipeline folder");

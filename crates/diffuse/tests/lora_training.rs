@@ -257,6 +257,7 @@ fn lora_config(text_encoder: bool) -> TextToImageTrainingConfig {
             unet: AdapterConfig::new(4, 4.0, UNET_ATTENTION),
             text_encoder: text_encoder.then(|| AdapterConfig::new(4, 4.0, TEXT_ENCODER_ATTENTION)),
             kohya_file_name: "squares.safetensors".into(),
+            dropout: 0.0,
         }),
     }
 }
@@ -342,6 +343,28 @@ fn lora_training_learns_resumes_exactly_and_exports_both_formats() {
     let kohya_format = image(&[LoraSpec::new(whole.join("squares.safetensors"), 1.0)]);
     assert!(max_relative_difference(&diffusers_format, &kohya_format) < 1e-6);
     assert!(max_relative_difference(&diffusers_format, &base) > 1e-3, "the LoRA changes the image");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// peft's lora_dropout: the masks come from the task's generator, so a resumed run is exact
+/// with dropout too; the losses differ from a run without it; it is recorded in the file.
+#[test]
+fn lora_dropout_resumes_exactly() {
+    let dir = scratch("dropout");
+    let mut config = lora_config(true);
+    config.lora.as_mut().unwrap().dropout = 0.25;
+    let settings = |name: &str| TrainConfig { sample_every: None, ..train_config(&dir.join(name), 10) };
+    let whole = run(&mut TextToImageTask::new(config.clone(), 0, &Device::Cpu).unwrap(), &settings("whole"), None);
+    assert!(run(&mut TextToImageTask::new(config.clone(), 0, &Device::Cpu).unwrap(), &settings("parts"), Some(6)).stopped);
+    let resumed = run(&mut TextToImageTask::new(config.clone(), 0, &Device::Cpu).unwrap(), &TrainConfig { resume: true, ..settings("parts") }, None);
+    assert_eq!(resumed.losses, whole.losses[4..]);
+    let plain = run(&mut TextToImageTask::new(lora_config(true), 0, &Device::Cpu).unwrap(), &settings("plain"), None);
+    assert_eq!(plain.losses[0], whole.losses[0], "B starts at zero: the first loss is the base model's either way");
+    assert_ne!(plain.losses[1..], whole.losses[1..]);
+    assert!(header_text(&dir.join("whole").join(DIFFUSERS_FILE_NAME)).contains(r#"\"unet.lora_dropout\": 0.25"#));
+    let mut bad = lora_config(false);
+    bad.lora.as_mut().unwrap().dropout = 1.0;
+    assert!(TextToImageTask::new(bad, 0, &Device::Cpu).err().unwrap().to_string().contains("--lora-dropout"));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

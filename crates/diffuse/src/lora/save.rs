@@ -42,6 +42,8 @@ pub struct TrainedLayer {
 pub struct TrainedLora {
     pub layers: Vec<TrainedLayer>,
     pub configs: BTreeMap<Target, AdapterConfig>,
+    /// peft's `lora_dropout` it was trained with (recorded, not applied at inference).
+    pub dropout: f64,
 }
 
 impl TrainedLora {
@@ -62,7 +64,7 @@ impl TrainedLora {
         if trained.is_empty() {
             bail!("the LoRA has no layers");
         }
-        Ok(Self { layers: trained, configs })
+        Ok(Self { layers: trained, configs, dropout: 0.0 })
     }
 
     /// diffusers' tensors and header metadata.
@@ -83,7 +85,7 @@ impl TrainedLora {
                 ("r", json!(config.rank)),
                 ("lora_alpha", json!(config.alpha)),
                 ("target_modules", json!(targets)),
-                ("lora_dropout", json!(0.0)),
+                ("lora_dropout", json!(self.dropout)),
                 ("bias", json!("none")),
                 ("init_lora_weights", json!(true)),
                 ("use_rslora", json!(false)),

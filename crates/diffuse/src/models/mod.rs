@@ -54,7 +54,8 @@ impl Conv2d {
             None => Ok(output),
             // peft's lora.Conv2d: A has the layer's kernel, stride and padding, B is 1×1.
             Some(lora) => {
-                let update = ops::conv2d(&ops::conv2d(input, &lora.down, None, self.stride, self.padding)?, &lora.up, None, 1, 0)?;
+                let input = crate::lora::adapters::dropout_input(input)?;
+                let update = ops::conv2d(&ops::conv2d(&input, &lora.down, None, self.stride, self.padding)?, &lora.up, None, 1, 0)?;
                 Ok((output + (update * lora.scale)?)?)
             }
         }
@@ -122,7 +123,8 @@ impl Linear {
         match &self.lora {
             None => Ok(output),
             Some(lora) => {
-                let update = ops::linear(&ops::linear(input, &lora.down, None)?, &lora.up, None)?;
+                let input = crate::lora::adapters::dropout_input(input)?;
+                let update = ops::linear(&ops::linear(&input, &lora.down, None)?, &lora.up, None)?;
                 Ok((output + (update * lora.scale)?)?)
             }
         }

@@ -19,7 +19,7 @@ use serde_json::{json, Map, Value};
 use super::checkpoint::{write_and_sync, write_atomically};
 use super::data::Batch;
 use super::export::{preset_or_file, require_key, write_json, write_model_folder, DIFFUSERS_VERSION};
-use super::objectives::{DiffusionObjective, LossKind};
+use super::objectives::{DiffusionObjective, LossKind, ObjectiveOutput};
 use super::params::Parameters;
 use super::pixel::{load_sampler_state, sampler_state, training_objective, NoiseSchedule, TimestepSampling};
 use super::{Image8, TrainingTask};
@@ -35,7 +35,7 @@ use crate::schedulers::PredictionType;
 use crate::tokenizers::builtin::{builtin_clip_tokenizer, sd15_tokenizer_files};
 use crate::tokenizers::clip::{input_ids_tensor, ClipTokenizer};
 use crate::loading::single_file::Family;
-use crate::lora::adapters::{check_adapted, AdapterConfig, Adapters};
+use crate::lora::adapters::{check_adapted, with_dropout, AdapterConfig, Adapters};
 use crate::lora::save::{TrainedLora, DIFFUSERS_FILE_NAME};
 use crate::lora::{LoraSet, LoraSpec, Target};
 use crate::{bail, Error, Result};
@@ -282,6 +282,8 @@ pub struct LoraTraining {
     pub text_encoder: Option<AdapterConfig>,
     /// The kohya-format file's name, written beside diffusers' `pytorch_lora_weights.safetensors`.
     pub kohya_file_name: String,
+    /// peft's `lora_dropout`: the probability of dropping each element of a branch's input.
+    pub dropout: f64,
 }
 
 impl LoraTraining {
@@ -320,6 +322,8 @@ pub struct TextToImageTask {
     device: Device,
     /// The adapters (LoRA training) whose matrices are the parameters.
     adapters: Option<Adapters>,
+    /// Draws the LoRA dropout masks (checkpointed with the task's state).
+    dropout_generator: TorchGenerator,
     _varmap: VarMap,
 }
 
@@ -347,6 +351,9 @@ impl TextToImageTask {
         let tokenizer = builtin_clip_tokenizer(Family::StableDiffusion1)?;
         if let Some(lora) = &config.lora {
             let base = config.base.as_deref().ok_or_else(|| Error::invalid("LoRA training needs a base model (--base)"))?;
+            if !(0.0..1.0).contains(&lora.dropout) {
+                bail!("--lora-dropout must be in [0, 1), got {}", lora.dropout);
+            }
             let adapters = Adapters::new(init_seed);
             let unet_files = find_weight_files(&base.join("unet"), "diffusion_pytorch_model", None)?;
             let unet_weights = adapters.wrap(Target::Unet, &lora.unet, var_builder(&unet_files, DType::F32, device)?)?;
@@ -377,6 +384,7 @@ impl TextToImageTask {
                 scheduler_config,
                 device: device.clone(),
                 adapters: Some(adapters),
+                dropout_generator: TorchGenerator::new(init_seed.wrapping_add(7)),
                 _varmap: varmap,
             });
         }
@@ -416,6 +424,7 @@ impl TextToImageTask {
             scheduler_config,
             device: device.clone(),
             adapters: None,
+            dropout_generator: TorchGenerator::new(init_seed.wrapping_add(7)),
             _varmap: varmap,
         })
     }
@@ -423,7 +432,11 @@ impl TextToImageTask {
     /// The LoRA that `weights` (the adapters' matrices by parameter name) make.
     pub fn trained_lora(&self, weights: &HashMap<String, Tensor>) -> Result<Option<TrainedLora>> {
         match (&self.config.lora, &self.adapters) {
-            (Some(lora), Some(adapters)) => Ok(Some(TrainedLora::from_tensors(&adapters.layers(), lora.configs(), weights)?)),
+            (Some(lora), Some(adapters)) => {
+                let mut trained = TrainedLora::from_tensors(&adapters.layers(), lora.configs(), weights)?;
+                trained.dropout = lora.dropout;
+                Ok(Some(trained))
+            }
             _ => Ok(None),
         }
     }
@@ -488,6 +501,21 @@ impl TextToImageTask {
         Ok(if trained { hidden } else { hidden.detach() })
     }
 
+    /// The batch's loss, LoRA dropout (if any) drawn from `masks`.
+    fn loss_with_masks(&mut self, batch: &Batch, generator: &mut TorchGenerator, masks: &mut TorchGenerator) -> Result<ObjectiveOutput> {
+        let captions = self.captions(batch, generator)?;
+        let dropout = self.config.lora.as_ref().map_or(0.0, |lora| lora.dropout);
+        let embeddings = with_dropout(dropout, masks, || self.encode(&captions))?;
+        let vae_config = &self.config.vae.config;
+        let mut latents = self.vae.encode(&batch.images)?.sample(generator)?.detach();
+        if let Some(shift) = vae_config.shift_factor {
+            latents = (latents - shift)?;
+        }
+        let latents = (latents * vae_config.scaling_factor)?;
+        let unet = &self.unet;
+        with_dropout(dropout, masks, || self.objective.loss(&latents, generator, &mut |x_t, t| unet.forward(x_t, t, &embeddings)))
+    }
+
     /// A pipeline over the given weights, sampling with the sample grids' scheduler.
     pub fn pipeline(&self, weights: &HashMap<String, Tensor>) -> Result<StableDiffusionPipeline> {
         if let (Some(lora), Some(base)) = (self.trained_lora(weights)?, &self.config.base) {
@@ -543,6 +571,7 @@ impl TrainingTask for TextToImageTask {
             let adapter = |c: &AdapterConfig| json!({"r": c.rank, "lora_alpha": c.alpha, "target_modules": c.target_modules});
             map.insert("lora_unet".into(), adapter(&lora.unet));
             map.insert("lora_text_encoder".into(), lora.text_encoder.as_ref().map(adapter).unwrap_or(Value::Null));
+            map.insert("lora_dropout".into(), json!(lora.dropout));
         }
         map
     }
@@ -550,25 +579,32 @@ impl TrainingTask for TextToImageTask {
     /// Draws (in order) the captions' dropout and templates, the latents' noise, the
     /// timesteps and the diffusion noise.
     fn loss(&mut self, batch: &Batch, generator: &mut TorchGenerator) -> Result<Tensor> {
-        let captions = self.captions(batch, generator)?;
-        let embeddings = self.encode(&captions)?;
-        let vae_config = &self.config.vae.config;
-        let mut latents = self.vae.encode(&batch.images)?.sample(generator)?.detach();
-        if let Some(shift) = vae_config.shift_factor {
-            latents = (latents - shift)?;
-        }
-        let latents = (latents * vae_config.scaling_factor)?;
-        let unet = &self.unet;
-        let output = self.objective.loss(&latents, generator, &mut |x_t, t| unet.forward(x_t, t, &embeddings))?;
+        // The LoRA dropout masks come from the task's own generator, lent out for the pass.
+        let mut masks = std::mem::replace(&mut self.dropout_generator, TorchGenerator::new(0));
+        let output = self.loss_with_masks(batch, generator, &mut masks);
+        self.dropout_generator = masks;
+        let output = output?;
         self.objective.record(&output);
         Ok(output.loss)
     }
 
     fn state(&self) -> Result<(Value, HashMap<String, Tensor>)> {
-        sampler_state(&self.objective)
+        let (mut state, tensors) = sampler_state(&self.objective)?;
+        if self.config.lora.as_ref().is_some_and(|lora| lora.dropout > 0.0) {
+            let generator = serde_json::to_value(self.dropout_generator.state()).map_err(|e| Error::invalid(e.to_string()))?;
+            if !state.is_object() {
+                state = json!({});
+            }
+            state["lora_dropout_generator"] = generator;
+        }
+        Ok((state, tensors))
     }
 
     fn load_state(&mut self, state: &Value, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        if let Some(saved) = state.get("lora_dropout_generator") {
+            let saved = serde_json::from_value(saved.clone()).map_err(|e| Error::invalid(format!("checkpoint: the LoRA dropout generator: {e}")))?;
+            self.dropout_generator = TorchGenerator::from_state(&saved)?;
+        }
         load_sampler_state(&mut self.objective, state, tensors)
     }
 
