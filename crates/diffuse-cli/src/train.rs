@@ -314,7 +314,7 @@ fn effective_kind(args: &TrainArgs) -> Result<Kind> {
 
 /// `--base`: `builtin` (the built-in model), a pipeline folder, or a repo id in the cache.
 fn resolve_base(spec: &str) -> Result<PathBuf> {
-    let dir = if spec == "builtin" || spec == diffuse::default_model::NAME && !Path::new(spec).exists() {
+    let dir = if spec == "builtin" || (spec == diffuse::default_model::NAME && !Path::new(spec).exists()) {
         diffuse::default_model::materialize(&diffuse::default_model::cache_root())?
     } else {
         diffuse::loading::hub::resolve_model(spec, None, None).with_context(|| format!("--base {spec}"))?
