@@ -330,7 +330,9 @@ pub struct TextToImageTask {
 impl TextToImageTask {
     /// Builds the UNet (and a trained text encoder) on trainable variables initialised as
     /// PyTorch does (from `init_seed`; the text encoder's embeddings as transformers' CLIP
-    /// initialises them, N(0, 0.02²) and N(0, 0.01²)); loads the frozen models.
+    /// initialises them, N(0, 0.02²) and N(0, 0.01²)) or from the base's weights; or, for
+    /// LoRA training, the base's frozen models with adapters (A drawn from `init_seed`).
+    /// Loads the frozen models.
     pub fn new(config: TextToImageTrainingConfig, init_seed: u64, device: &Device) -> Result<Self> {
         if !(0.0..1.0).contains(&config.caption_dropout) {
             bail!("--caption-dropout must be in [0, 1), got {}", config.caption_dropout);
@@ -349,69 +351,32 @@ impl TextToImageTask {
         let objective = training_objective(&config.noise, config.prediction_type, LossKind::Mse, config.snr_gamma, config.timestep_sampling)?;
         let vae = config.vae.model(device)?;
         let tokenizer = builtin_clip_tokenizer(Family::StableDiffusion1)?;
-        if let Some(lora) = &config.lora {
-            let base = config.base.as_deref().ok_or_else(|| Error::invalid("LoRA training needs a base model (--base)"))?;
-            if !(0.0..1.0).contains(&lora.dropout) {
-                bail!("--lora-dropout must be in [0, 1), got {}", lora.dropout);
+        let (unet, text_encoder, varmap, adapters) = match &config.lora {
+            Some(lora) => {
+                let (unet, text_encoder, adapters) = Self::adapted_models(&config, lora, init_seed, device)?;
+                (unet, text_encoder, adapters.varmap().clone(), Some(adapters))
             }
-            let adapters = Adapters::new(init_seed);
-            let unet_files = find_weight_files(&base.join("unet"), "diffusion_pytorch_model", None)?;
-            let unet_weights = adapters.wrap(Target::Unet, &lora.unet, var_builder(&unet_files, DType::F32, device)?)?;
-            let unet = UNet2DConditionModel::new(unet_weights, &config.unet).map_err(|e| e.in_weights_file(&unet_files[0]))?;
-            check_adapted(&adapters, Target::Unet, &lora.unet)?;
-            let TextEncoderSource::Frozen { dir, config: te_config } = &config.text_encoder else {
-                bail!("LoRA training keeps the base's text encoder frozen; it cannot train a new one");
-            };
-            let te_files = find_weight_files(dir, "model", None)?;
-            let mut te_weights = var_builder(&te_files, DType::F32, device)?;
-            if let Some(te_lora) = &lora.text_encoder {
-                te_weights = adapters.wrap(Target::TextEncoder, te_lora, te_weights)?;
-            }
-            let text_encoder = ClipTextModel::new(te_weights, te_config).map_err(|e| e.in_weights_file(&te_files[0]))?;
-            if let Some(te_lora) = &lora.text_encoder {
-                check_adapted(&adapters, Target::TextEncoder, te_lora)?;
-            }
-            let varmap = adapters.varmap().clone();
-            let parameters = Parameters::from_varmap(&varmap)?;
-            return Ok(Self {
-                config,
-                parameters,
-                tokenizer,
-                unet,
-                text_encoder,
-                vae,
-                objective,
-                scheduler_config,
-                device: device.clone(),
-                adapters: Some(adapters),
-                dropout_generator: TorchGenerator::new(init_seed.wrapping_add(7)),
-                _varmap: varmap,
-            });
-        }
-        let varmap = VarMap::new();
-        let trainable = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let unet = UNet2DConditionModel::new(trainable.pp("unet"), &config.unet)?;
-        let text_encoder = match &config.text_encoder {
-            TextEncoderSource::Train { config: te_config, .. } => ClipTextModel::new(trainable.pp("text_encoder"), te_config)?,
-            TextEncoderSource::Frozen { dir, config: te_config } => {
-                let files = find_weight_files(dir, "model", None)?;
-                ClipTextModel::new(var_builder(&files, DType::F32, device)?, te_config).map_err(|e| e.in_weights_file(&files[0]))?
+            None => {
+                let (unet, text_encoder, varmap) = Self::trained_models(&config, device)?;
+                (unet, text_encoder, varmap, None)
             }
         };
         let parameters = Parameters::from_varmap(&varmap)?;
-        parameters.init_torch_default(init_seed)?;
-        // transformers' CLIPTextEmbeddings initialisation (std 0.02 for tokens, 0.01 for
-        // positions) rather than nn.Embedding's N(0, 1).
-        for (name, var) in parameters.names().iter().zip(parameters.vars()) {
-            let scale = match name.rsplit('.').nth(1) {
-                Some("token_embedding") if name.starts_with("text_encoder.") => 0.02,
-                Some("position_embedding") if name.starts_with("text_encoder.") => 0.01,
-                _ => continue,
-            };
-            var.set(&var.as_tensor().affine(scale, 0.0)?)?;
-        }
-        if let Some(base) = &config.base {
-            load_base_weights(&parameters, base, matches!(config.text_encoder, TextEncoderSource::Train { .. }))?;
+        if adapters.is_none() {
+            parameters.init_torch_default(init_seed)?;
+            // transformers' CLIPTextEmbeddings initialisation (std 0.02 for tokens, 0.01 for
+            // positions) rather than nn.Embedding's N(0, 1).
+            for (name, var) in parameters.names().iter().zip(parameters.vars()) {
+                let scale = match name.rsplit('.').nth(1) {
+                    Some("token_embedding") if name.starts_with("text_encoder.") => 0.02,
+                    Some("position_embedding") if name.starts_with("text_encoder.") => 0.01,
+                    _ => continue,
+                };
+                var.set(&var.as_tensor().affine(scale, 0.0)?)?;
+            }
+            if let Some(base) = &config.base {
+                load_base_weights(&parameters, base, matches!(config.text_encoder, TextEncoderSource::Train { .. }))?;
+            }
         }
         Ok(Self {
             config,
@@ -423,10 +388,57 @@ impl TextToImageTask {
             objective,
             scheduler_config,
             device: device.clone(),
-            adapters: None,
+            adapters,
             dropout_generator: TorchGenerator::new(init_seed.wrapping_add(7)),
             _varmap: varmap,
         })
+    }
+
+    /// The UNet (and a trained text encoder) on trainable variables; a frozen text encoder
+    /// from its folder.
+    fn trained_models(config: &TextToImageTrainingConfig, device: &Device) -> Result<(UNet2DConditionModel, ClipTextModel, VarMap)> {
+        let varmap = VarMap::new();
+        let trainable = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let unet = UNet2DConditionModel::new(trainable.pp("unet"), &config.unet)?;
+        let text_encoder = match &config.text_encoder {
+            TextEncoderSource::Train { config: te_config, .. } => ClipTextModel::new(trainable.pp("text_encoder"), te_config)?,
+            TextEncoderSource::Frozen { dir, config: te_config } => {
+                let files = find_weight_files(dir, "model", None)?;
+                ClipTextModel::new(var_builder(&files, DType::F32, device)?, te_config).map_err(|e| e.in_weights_file(&files[0]))?
+            }
+        };
+        Ok((unet, text_encoder, varmap))
+    }
+
+    /// The base's frozen UNet and text encoder with LoRA adapters on `lora`'s targets.
+    fn adapted_models(
+        config: &TextToImageTrainingConfig,
+        lora: &LoraTraining,
+        init_seed: u64,
+        device: &Device,
+    ) -> Result<(UNet2DConditionModel, ClipTextModel, Adapters)> {
+        let base = config.base.as_deref().ok_or_else(|| Error::invalid("LoRA training needs a base model (--base)"))?;
+        if !(0.0..1.0).contains(&lora.dropout) {
+            bail!("--lora-dropout must be in [0, 1), got {}", lora.dropout);
+        }
+        let adapters = Adapters::new(init_seed);
+        let unet_files = find_weight_files(&base.join("unet"), "diffusion_pytorch_model", None)?;
+        let unet_weights = adapters.wrap(Target::Unet, &lora.unet, var_builder(&unet_files, DType::F32, device)?)?;
+        let unet = UNet2DConditionModel::new(unet_weights, &config.unet).map_err(|e| e.in_weights_file(&unet_files[0]))?;
+        check_adapted(&adapters, Target::Unet, &lora.unet)?;
+        let TextEncoderSource::Frozen { dir, config: te_config } = &config.text_encoder else {
+            bail!("LoRA training keeps the base's text encoder frozen; it cannot train a new one");
+        };
+        let te_files = find_weight_files(dir, "model", None)?;
+        let mut te_weights = var_builder(&te_files, DType::F32, device)?;
+        if let Some(te_lora) = &lora.text_encoder {
+            te_weights = adapters.wrap(Target::TextEncoder, te_lora, te_weights)?;
+        }
+        let text_encoder = ClipTextModel::new(te_weights, te_config).map_err(|e| e.in_weights_file(&te_files[0]))?;
+        if let Some(te_lora) = &lora.text_encoder {
+            check_adapted(&adapters, Target::TextEncoder, te_lora)?;
+        }
+        Ok((unet, text_encoder, adapters))
     }
 
     /// The LoRA that `weights` (the adapters' matrices by parameter name) make.
