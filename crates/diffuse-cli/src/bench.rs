@@ -59,6 +59,11 @@ pub struct BenchArgs {
     /// same model from it).
     #[arg(long)]
     save_config: Option<PathBuf>,
+    /// Measure the kernels instead: the CPU's peak multiply-add rate for the instruction set
+    /// in use, and the GFLOP/s of the matrix product, convolution and attention kernels on SD
+    /// 1.5's shapes at 512×512 (best of --runs).
+    #[arg(long, conflicts_with = "train")]
+    kernels: bool,
 }
 
 /// Where a component's config and weights come from.
@@ -251,6 +256,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         return run_training(&args, kind, &device);
     }
+    if args.kernels {
+        let threads = candle_core::utils::get_num_threads();
+        println!("diffuse {} kernels {} threads {threads}", env!("CARGO_PKG_VERSION"), diffuse::ops::gemm::isa().name());
+        let rates = diffuse::ops::probe::rates(args.runs.max(1));
+        let peak = rates[0].gflops;
+        for rate in &rates {
+            println!("{:<48} {:>8.1} GFLOP/s {:>5.1}% of peak", rate.name, rate.gflops, 100.0 * rate.gflops / peak);
+        }
+        return Ok(());
+    }
     let dtype = crate::generate::parse_dtype(&args.dtype, &device)?;
     if args.size == 0 || args.size % 8 != 0 || args.runs == 0 || args.batch == 0 {
         bail!("--size must be a positive multiple of 8, and --runs and --batch at least 1");
@@ -261,7 +276,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let label = args.model.as_ref().map(|d| d.display().to_string()).unwrap_or_else(|| args.config.clone());
     let threads = candle_core::utils::get_num_threads();
-    println!("diffuse {} {label} {}x{} {} threads {threads}", env!("CARGO_PKG_VERSION"), args.size, args.size, args.dtype);
+    println!(
+        "diffuse {} {label} {}x{} {} threads {threads} kernels {}",
+        env!("CARGO_PKG_VERSION"),
+        args.size,
+        args.size,
+        args.dtype,
+        diffuse::ops::gemm::isa().name()
+    );
     let wanted = |c: &str| args.component == "all" || args.component == c;
     if !["all", "text", "unet", "vae"].contains(&args.component.as_str()) {
         bail!("--component {} is not one of all, text, unet, vae", args.component);

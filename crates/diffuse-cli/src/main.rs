@@ -21,6 +21,16 @@ use diffuse::pipelines::SCHEDULER_NAMES;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Threads for every kernel, in one pool (default: one per core).
+    #[arg(long, global = true, value_parser = parse_threads)]
+    threads: Option<usize>,
+}
+
+fn parse_threads(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(threads) if threads > 0 => Ok(threads),
+        _ => Err(format!("`{value}` is not a whole number of threads of at least 1")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -49,6 +59,12 @@ enum Command {
 fn main() {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Some(threads) = cli.threads {
+        if let Err(e) = diffuse::ops::set_threads(threads) {
+            eprintln!("error: --threads: {e}");
+            std::process::exit(1);
+        }
+    }
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args, matches.subcommand_matches("generate")),
         Command::Info(args) => info::run(args),

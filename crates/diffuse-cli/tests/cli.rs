@@ -44,6 +44,17 @@ fn assert_fails_with(args: &[&str], needle: &str) {
     assert_eq!(stderr.trim().lines().count(), 1, "one-line error expected: {stderr}");
 }
 
+/// `--threads` takes a whole number of at least 1, on every subcommand.
+#[test]
+fn threads_must_be_a_positive_number() {
+    for bad in ["0", "two", "-1"] {
+        let (ok, _, stderr) = diffuse(&["schedulers", "--threads", bad]);
+        assert!(!ok && !stderr.contains("panicked") && stderr.contains("threads"), "--threads {bad}: {stderr}");
+    }
+    let (ok, stdout, _) = diffuse(&["--threads", "1", "schedulers"]);
+    assert!(ok && stdout.contains("ddim"));
+}
+
 fn decode_png(path: &Path) -> (Vec<u8>, Vec<(String, String)>) {
     let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
     let mut reader = decoder.read_info().unwrap();

@@ -6,11 +6,32 @@
 //! stores them).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
 
 use crate::Result;
 
+pub mod attention;
 pub mod conv;
+pub mod gemm;
+pub mod probe;
 pub mod profile;
+pub(crate) mod vector;
+
+/// Sets the number of threads of the one pool every kernel runs on (rayon's global pool,
+/// which candle's own CPU operations also use). Call it once, before any model runs; without
+/// it, the pool has one thread per core (or `RAYON_NUM_THREADS`).
+pub fn set_threads(threads: usize) -> Result<()> {
+    if threads == 0 {
+        crate::bail!("the number of threads must be at least 1");
+    }
+    // candle sizes its matrix products by this variable; the process is still single-threaded
+    // here, so setting it races with nothing.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .map_err(|e| crate::Error::invalid(format!("cannot set {threads} threads: {e} (the thread pool already runs)")))
+}
 
 /// `torch.nn.functional.conv2d`: `input` is `[N, C_in, H, W]`, `weight` is
 /// `[C_out, C_in / groups, kH, kW]`, `bias` is `[C_out]`; symmetric zero `padding`.
@@ -37,7 +58,16 @@ pub fn linear(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<
     let out_features = weight.dim(0)?;
     let rows = input.elem_count() / in_features.max(1);
     let flat = input.reshape((rows, in_features))?;
-    let mut output = flat.matmul(&weight.t()?)?;
+    let on_kernel = input.device().is_cpu()
+        && input.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && !input.track_op()
+        && !weight.track_op();
+    let mut output = if on_kernel {
+        flat.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &LinearCpu)?
+    } else {
+        flat.matmul(&weight.t()?)?
+    };
     if let Some(bias) = bias {
         output = output.broadcast_add(bias)?;
     }
@@ -46,6 +76,42 @@ pub fn linear(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<
         *last = out_features;
     }
     Ok(output.reshape(out_dims)?)
+}
+
+/// `input[rows, in] · weight[out, in]ᵀ` on the packed GEMM kernels (inference only: no
+/// backward pass; training goes through candle's matmul).
+struct LinearCpu;
+
+impl candle_core::CustomOp2 for LinearCpu {
+    fn name(&self) -> &'static str {
+        "linear-gemm"
+    }
+
+    fn cpu_fwd(&self, input: &CpuStorage, input_layout: &Layout, weight: &CpuStorage, weight_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, in_features) = input_layout.shape().dims2()?;
+        let (out_features, weight_in) = weight_layout.shape().dims2()?;
+        if weight_in != in_features {
+            candle_core::bail!("linear: input has {in_features} features, the weight expects {weight_in}");
+        }
+        let input = contiguous_f32(input, input_layout, "linear input")?;
+        let weight = contiguous_f32(weight, weight_layout, "linear weight")?;
+        let mut output = vec![0f32; rows * out_features];
+        if let (Some(x), Some(w)) = (gemm::MatRef::row_major(input, rows, in_features), gemm::MatRef::row_major(weight, out_features, in_features)) {
+            gemm::gemm(&mut output, out_features, gemm::ASource::View(x), &w.t(), false, true);
+        } else {
+            candle_core::bail!("linear: operand sizes do not match their shapes");
+        }
+        Ok((CpuStorage::F32(output), Shape::from((rows, out_features))))
+    }
+}
+
+/// The f32 values of a contiguous CPU operand.
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
+        (CpuStorage::F32(_), None) => candle_core::bail!("{what}: not contiguous"),
+        _ => candle_core::bail!("{what}: not f32"),
+    }
 }
 
 /// `torch.nn.functional.group_norm` with affine `weight` and `bias` (`[C]`): `input` is
@@ -158,7 +224,8 @@ impl CustomOp3 for GroupNormCpu {
         if group_len == 0 {
             return Ok((CpuStorage::F32(output), input_layout.shape().clone()));
         }
-        for (index, (source, destination)) in input.chunks_exact(group_len).zip(output.chunks_exact_mut(group_len)).enumerate() {
+        // Groups are independent: one task each, over all threads.
+        input.par_chunks_exact(group_len).zip(output.par_chunks_exact_mut(group_len)).enumerate().for_each(|(index, (source, destination))| {
             let (mean, inverse_std) = self.statistics(source);
             let first_channel = (index % self.num_groups) * channels_per_group;
             for (offset, (source, destination)) in
@@ -172,7 +239,7 @@ impl CustomOp3 for GroupNormCpu {
                     *out = x * scale + shift;
                 }
             }
-        }
+        });
         Ok((CpuStorage::F32(output), input_layout.shape().clone()))
     }
 
@@ -274,7 +341,50 @@ pub fn masked_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64
 const MAX_SCORE_BYTES: usize = 128 << 20;
 
 fn attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    if let Some(output) = flash_attention(query, key, value, scale, mask)? {
+        return Ok(output);
+    }
     attention_in_blocks(query, key, value, scale, mask, MAX_SCORE_BYTES)
+}
+
+/// The CPU flash-attention kernel (ops/attention.rs) where it applies: inference (no gradient
+/// tracked), f32/f16/bf16 computed in f32, rank-4 operands, and no mask or one `[L, S]` mask
+/// shared by every head. `None` where it does not apply.
+fn flash_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let tracked = query.track_op() || key.track_op() || value.track_op() || mask.is_some_and(|m| m.track_op());
+    if !query.device().is_cpu() || tracked || query.dtype() == DType::F64 || query.rank() != 4 {
+        return Ok(None);
+    }
+    let (batch, heads, queries, head_dim) = query.dims4()?;
+    let (key_batch, key_heads, keys, key_dim) = key.dims4()?;
+    if (key_batch, key_heads, key_dim) != (batch, heads, head_dim) || value.dims() != key.dims() {
+        return Ok(None);
+    }
+    if mask.is_some_and(|m| m.dims() != [queries, keys]) {
+        return Ok(None);
+    }
+    let dtype = query.dtype();
+    let dims = attention::AttentionDims { heads: batch * heads, queries, keys, head_dim };
+    let output = with_f32_slices(&[query, key, value], |slices| match mask {
+        None => Ok(attention::attention(dims, slices[0], slices[1], slices[2], scale as f32, None)),
+        Some(mask) => with_f32_slices(&[mask], |m| Ok(attention::attention(dims, slices[0], slices[1], slices[2], scale as f32, Some(m[0])))),
+    })?;
+    Ok(Some(Tensor::from_vec(output, (batch, heads, queries, head_dim), query.device())?.to_dtype(dtype)?))
+}
+
+/// Calls `f` with the contiguous f32 values of CPU tensors (converted and copied only where
+/// they are not already contiguous f32).
+fn with_f32_slices<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Result<R>) -> Result<R> {
+    let prepared: Vec<Tensor> = tensors.iter().map(|t| Ok(t.to_dtype(DType::F32)?.contiguous()?)).collect::<Result<_>>()?;
+    let guards: Vec<_> = prepared.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        match (&**storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) => slices.push(&data[start..end]),
+            _ => crate::bail!("attention: expected contiguous f32 CPU operands"),
+        }
+    }
+    f(&slices)
 }
 
 fn attention_in_blocks(
@@ -381,7 +491,67 @@ pub fn upsample_nearest2d(input: &Tensor, height: usize, width: usize) -> Result
 /// `torch.nn.functional.silu`: `x * sigmoid(x)`.
 pub fn silu(input: &Tensor) -> Result<Tensor> {
     let _timer = profile::timer("silu");
+    if input.device().is_cpu() && input.dtype() == DType::F32 && !input.track_op() {
+        return Ok(input.contiguous()?.apply_op1_no_bwd(&SiluCpu)?);
+    }
     Ok(input.silu()?)
+}
+
+/// [`silu`] on the CPU for inference: vectorised, over all threads.
+struct SiluCpu;
+
+impl candle_core::CustomOp1 for SiluCpu {
+    fn name(&self) -> &'static str {
+        "silu-vectorised"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let mut output = contiguous_f32(storage, layout, "silu input")?.to_vec();
+        let isa = gemm::isa();
+        output.par_chunks_mut(1 << 14).for_each(|chunk| vector::silu_in_place(isa, chunk));
+        Ok((CpuStorage::F32(output), layout.shape().clone()))
+    }
+}
+
+/// diffusers' `GEGLU` after its projection: `projected` (`[..., 2·D]`) is split into a value
+/// and a gate half, and the result (`[..., D]`) is `value · gelu(gate)` with the exact (erf)
+/// GELU. One fused, threaded pass on the CPU for inference.
+pub fn geglu(projected: &Tensor) -> Result<Tensor> {
+    let _timer = profile::timer("geglu");
+    if projected.device().is_cpu() && projected.dtype() == DType::F32 && !projected.track_op() {
+        return Ok(projected.contiguous()?.apply_op1_no_bwd(&GegluCpu)?);
+    }
+    let chunks = projected.chunk(2, D::Minus1)?;
+    Ok((&chunks[0] * chunks[1].gelu_erf()?)?)
+}
+
+struct GegluCpu;
+
+impl candle_core::CustomOp1 for GegluCpu {
+    fn name(&self) -> &'static str {
+        "geglu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let projected = contiguous_f32(storage, layout, "geglu input")?;
+        let mut dims = layout.dims().to_vec();
+        let Some(last) = dims.last_mut().filter(|d| **d % 2 == 0) else {
+            candle_core::bail!("geglu: the last dimension of {:?} is not even", layout.dims());
+        };
+        *last /= 2;
+        let width = *last;
+        let mut output = vec![0f32; projected.len() / 2];
+        if width > 0 {
+            let isa = gemm::isa();
+            let rows_per_task = (1 << 14) / width + 1;
+            output.par_chunks_mut(rows_per_task * width).zip(projected.par_chunks(rows_per_task * 2 * width)).for_each(|(out, input)| {
+                for (out, input) in out.chunks_exact_mut(width).zip(input.chunks_exact(2 * width)) {
+                    vector::geglu_rows(isa, input, out);
+                }
+            });
+        }
+        Ok((CpuStorage::F32(output), Shape::from(dims)))
+    }
 }
 
 /// `torch.nn.functional.layer_norm` over the last dimension with affine `weight` and `bias`;
@@ -427,6 +597,48 @@ mod tests {
             let diff = (whole(m) - blocked(m)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-6, "{diff}");
         }
+    }
+
+    fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// The flash kernel (taken for inference) gives what the score-matrix path gives, with
+    /// and without the `[L, S]` mask, and in f16 through f32.
+    #[test]
+    fn flash_attention_matches_score_matrix_path() -> Result<()> {
+        let device = Device::Cpu;
+        let q = Tensor::randn(0f32, 1f32, (2, 3, 70, 40), &device)?;
+        let k = Tensor::randn(0f32, 1f32, (2, 3, 300, 40), &device)?;
+        let v = Tensor::randn(0f32, 1f32, (2, 3, 300, 40), &device)?;
+        let mask = Tensor::randn(0f32, 1f32, (70, 300), &device)?;
+        for m in [None, Some(&mask)] {
+            let flash = flash_attention(&q, &k, &v, 0.3, m)?.expect("the flash kernel applies");
+            let blocked = attention_in_blocks(&q, &k, &v, 0.3, m, MAX_SCORE_BYTES)?;
+            assert!(max_difference(&flash, &blocked) < 1e-5);
+        }
+        let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+        let flash = flash_attention(&half(&q), &half(&k), &half(&v), 0.3, None)?.expect("applies");
+        assert_eq!(flash.dtype(), DType::F16);
+        // A tracked operand (training) takes candle's differentiable path.
+        let var = candle_core::Var::from_tensor(&q)?;
+        assert!(flash_attention(var.as_tensor(), &k, &v, 0.3, None)?.is_none());
+        Ok(())
+    }
+
+    /// The linear layer's kernel path agrees with candle's matmul.
+    #[test]
+    fn linear_kernel_matches_matmul() -> Result<()> {
+        let device = Device::Cpu;
+        let x = Tensor::randn(0f32, 1f32, (2, 37, 65), &device)?;
+        let w = Tensor::randn(0f32, 1f32, (33, 65), &device)?;
+        let b = Tensor::randn(0f32, 1f32, 33, &device)?;
+        let got = linear(&x, &w, Some(&b))?;
+        let want = x.reshape((74, 65))?.matmul(&w.t()?)?.broadcast_add(&b)?.reshape((2, 37, 33))?;
+        assert!(max_difference(&got, &want) < 1e-4);
+        let x_silu = silu(&x)?;
+        assert!(max_difference(&x_silu, &x.silu()?) < 1e-5);
+        Ok(())
     }
 
     /// The fused CPU group norm agrees with the tensor-operation version (which other

@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::attention_processor::{Attention, AttentionConfig};
-use super::{Activation, Conv2d, GroupNorm, LayerNorm, Linear};
+use super::{Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::{bail, Result};
 
 /// `GEGLU`: a linear projection to twice the width, split into a value half and a gate half;
@@ -25,9 +25,7 @@ impl Geglu {
     }
 
     fn forward(&self, hidden_states: &Tensor) -> Result<Tensor> {
-        let projected = self.proj.forward(hidden_states)?;
-        let chunks = projected.chunk(2, candle_core::D::Minus1)?;
-        Ok((&chunks[0] * Activation::Gelu.forward(&chunks[1])?)?)
+        crate::ops::geglu(&self.proj.forward(hidden_states)?)
     }
 }
 

@@ -1,17 +1,17 @@
-//! 2-D convolution on the CPU in f32, forward and backward, as im2col + gemm per image
-//! (Caffe's scheme: activations stay NCHW, the kernel `[C_out, C_in·kh·kw]` is used as it is
-//! stored, so nothing is repacked per call).
+//! 2-D convolution on the CPU in f32, forward and backward, on the packed GEMM kernels of
+//! `ops::gemm`, activations in NCHW.
 //!
-//! Per image, the input patches of a band of output rows are laid out as columns
-//! (`col[C_in·kh·kw, positions]`, small enough to stay in cache), and
-//! `output[C_out, positions] = weight · col`. The backward pass is the same algebra transposed:
+//! Forward, per image, `output[C_out, positions] = weight · col` with the kernel
+//! `[C_out, C_in·kh·kw]` packed once per call and the input patches (`col`) written straight
+//! into the GEMM's panels, block by block (an implicit GEMM: no column buffer). The backward pass is the same algebra transposed:
 //! `grad_weight += grad_output · colᵀ`, `grad_col = weightᵀ · grad_output`, scattered back to
 //! the input (col2im). Images are spread over the threads when there are enough of them;
 //! otherwise each product uses every thread.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
+
+use super::gemm::{self, ASource, Columns, MatRef, PackB, PackedA};
 
 /// The column buffer holds at most this many values (16 MiB): a band of output rows at a time.
 const COLUMN_BUDGET: usize = 4 << 20;
@@ -131,57 +131,14 @@ fn col2im(g: &Geometry, col: &[f32], rows: std::ops::Range<usize>, image: &mut [
     }
 }
 
-/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` with explicit (row, column) strides.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    (dst_rs, dst_cs): (usize, usize),
-    accumulate: bool,
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
-    parallelism: Parallelism,
-) {
-    debug_assert!(m == 0 || n == 0 || (m - 1) * dst_rs + (n - 1) * dst_cs < dst.len());
-    debug_assert!(m == 0 || k == 0 || (m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len());
-    debug_assert!(k == 0 || n == 0 || (k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len());
-    // SAFETY: the strides and sizes address only elements inside the slices (checked above in
-    // debug builds, and by construction of every caller), and `dst` does not alias the inputs.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            dst_cs as isize,
-            dst_rs as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
-}
-
 /// How work is split: over images (each product on one thread) when there are at least as
-/// many images as threads, else inside each product.
-fn split(batch: usize) -> (bool, Parallelism) {
+/// many images as threads, else inside each product (`true` for the product's parallelism).
+fn split(batch: usize) -> (bool, bool) {
     let threads = rayon::current_num_threads();
     if batch >= threads || threads == 1 {
-        (true, Parallelism::None)
+        (true, false)
     } else {
-        (false, Parallelism::Rayon(threads))
+        (false, true)
     }
 }
 
@@ -194,39 +151,119 @@ fn for_each_image(parallel: bool, output: &mut [f32], per_image: usize, f: impl 
     }
 }
 
+/// One image's patches as the `B` operand (`C_in·kh·kw × H_out·W_out`) of the forward
+/// product, written straight into the GEMM's panels: the column matrix never exists whole.
+struct Patches<'a> {
+    g: &'a Geometry,
+    image: &'a [f32],
+}
+
+impl PackB for Patches<'_> {
+    fn dims(&self) -> (usize, usize) {
+        (self.g.patch_len(), self.g.out_height() * self.g.out_width())
+    }
+
+    fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [f32]) {
+        let g = self.g;
+        let (out_w, plane_len) = (g.out_width(), g.height * g.width);
+        for (panel, chunk) in out.chunks_exact_mut(kc * nr).take(nc.div_ceil(nr)).enumerate() {
+            let first = n0 + panel * nr;
+            let width = nr.min(n0 + nc - first);
+            for (kk, row) in chunk.chunks_exact_mut(nr).enumerate() {
+                let k = k0 + kk;
+                let (c, ky, kx) = (k / (g.kernel_h * g.kernel_w), (k / g.kernel_w) % g.kernel_h, k % g.kernel_w);
+                let plane = &self.image[c * plane_len..(c + 1) * plane_len];
+                let (mut oy, mut ox) = (first / out_w, first % out_w);
+                if g.stride == 1 {
+                    // Runs along an output row read a contiguous run of an input row.
+                    let mut done = 0;
+                    while done < width {
+                        let run = (width - done).min(out_w - ox);
+                        let dst = &mut row[done..done + run];
+                        let iy = (oy + ky).wrapping_sub(g.padding);
+                        if iy >= g.height {
+                            dst.fill(0.0);
+                        } else {
+                            // Output columns ox.. read input columns ox + kx - padding..
+                            let src_row = &plane[iy * g.width..(iy + 1) * g.width];
+                            let shift = kx as isize - g.padding as isize;
+                            // j is inside the image for lo <= j < hi.
+                            let lo = (-shift - ox as isize).clamp(0, run as isize) as usize;
+                            let hi = (g.width as isize - shift - ox as isize).clamp(lo as isize, run as isize) as usize;
+                            dst[..lo].fill(0.0);
+                            dst[hi..].fill(0.0);
+                            if hi > lo {
+                                let start = (ox + lo) as isize + shift;
+                                dst[lo..hi].copy_from_slice(&src_row[start as usize..start as usize + (hi - lo)]);
+                            }
+                        }
+                        done += run;
+                        ox = 0;
+                        oy += 1;
+                    }
+                    row[width..].fill(0.0);
+                    continue;
+                }
+                for value in &mut row[..width] {
+                    let iy = (oy * g.stride + ky).wrapping_sub(g.padding);
+                    let ix = (ox * g.stride + kx).wrapping_sub(g.padding);
+                    // Indices left of or above the image wrapped to huge values: outside too.
+                    *value = if iy < g.height && ix < g.width { plane[iy * g.width + ix] } else { 0.0 };
+                    ox += 1;
+                    if ox == out_w {
+                        ox = 0;
+                        oy += 1;
+                    }
+                }
+                row[width..].fill(0.0);
+            }
+        }
+    }
+}
+
 /// `output[N, C_out, H_out, W_out]` of `input[N, C_in, H, W]` and `weight[C_out, C_in, kh, kw]`.
+///
+/// Panics if the slices' lengths do not match the geometry.
 pub fn forward(g: &Geometry, input: &[f32], weight: &[f32]) -> Vec<f32> {
     let (out_hw, k) = (g.out_height() * g.out_width(), g.patch_len());
+    assert!(input.len() == g.batch * g.input_len() && weight.len() == g.out_channels * k, "conv2d: operand sizes");
     let mut output = vec![0f32; g.batch * g.output_len()];
-    let (parallel, parallelism) = split(g.batch);
-    for_each_image(parallel, &mut output, g.output_len(), |b, out| {
+    if output.is_empty() {
+        return output;
+    }
+    let kernel = {
+        let _timer = super::profile::timer("conv2d: packing the kernel");
+        PackedA::new(&MatRef::row_major(weight, g.out_channels, k).expect("sizes checked"))
+    };
+    let (images_parallel, product_parallel) = split(g.batch);
+    for_each_image(images_parallel, &mut output, g.output_len(), |b, out| {
         let image = &input[b * g.input_len()..(b + 1) * g.input_len()];
         if g.is_pointwise() {
-            matmul((g.out_channels, out_hw, k), out, (out_hw, 1), false, weight, (k, 1), image, (out_hw, 1), parallelism);
-            return;
-        }
-        let band_rows = g.band_rows();
-        let mut col = vec![0f32; k * band_rows * g.out_width()];
-        for start in (0..g.out_height()).step_by(band_rows) {
-            let rows = start..(start + band_rows).min(g.out_height());
-            let band = rows.len() * g.out_width();
-            im2col(g, image, rows, &mut col[..k * band]);
-            let offset = start * g.out_width();
-            matmul((g.out_channels, band, k), &mut out[offset..], (out_hw, 1), false, weight, (k, 1), &col[..k * band], (band, 1), parallelism);
+            let image = MatRef::row_major(image, k, out_hw).expect("sizes checked");
+            gemm::gemm(out, out_hw, ASource::Packed(&kernel), &image, false, product_parallel);
+        } else {
+            gemm::gemm(out, out_hw, ASource::Packed(&kernel), &Patches { g, image }, false, product_parallel);
         }
     });
     output
 }
 
 /// The input's gradient: `weightᵀ · grad_output`, scattered back through col2im.
+///
+/// Panics if the slices' lengths do not match the geometry.
 pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32]) -> Vec<f32> {
     let (out_hw, k) = (g.out_height() * g.out_width(), g.patch_len());
+    assert!(grad_output.len() == g.batch * g.output_len() && weight.len() == g.out_channels * k, "conv2d: operand sizes");
     let mut grad_input = vec![0f32; g.batch * g.input_len()];
-    let (parallel, parallelism) = split(g.batch);
-    for_each_image(parallel, &mut grad_input, g.input_len(), |b, grad_image| {
-        let grad_out = &grad_output[b * g.output_len()..(b + 1) * g.output_len()];
+    if grad_input.is_empty() || out_hw == 0 {
+        return grad_input;
+    }
+    let kernel_t = PackedA::new(&MatRef::row_major(weight, g.out_channels, k).expect("sizes checked").t());
+    let (images_parallel, product_parallel) = split(g.batch);
+    for_each_image(images_parallel, &mut grad_input, g.input_len(), |b, grad_image| {
+        let grad_out = MatRef::row_major(&grad_output[b * g.output_len()..(b + 1) * g.output_len()], g.out_channels, out_hw).expect("sizes checked");
         if g.is_pointwise() {
-            matmul((k, out_hw, g.out_channels), grad_image, (out_hw, 1), false, weight, (1, k), grad_out, (out_hw, 1), parallelism);
+            gemm::gemm(grad_image, out_hw, ASource::Packed(&kernel_t), &grad_out, false, product_parallel);
             return;
         }
         let band_rows = g.band_rows();
@@ -234,8 +271,8 @@ pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32]) -> Vec<
         for start in (0..g.out_height()).step_by(band_rows) {
             let rows = start..(start + band_rows).min(g.out_height());
             let band = rows.len() * g.out_width();
-            let offset = start * g.out_width();
-            matmul((k, band, g.out_channels), &mut col[..k * band], (band, 1), false, weight, (1, k), &grad_out[offset..], (out_hw, 1), parallelism);
+            let band_of_grad = Columns { inner: &grad_out, first: start * g.out_width(), len: band };
+            gemm::gemm(&mut col[..k * band], band, ASource::Packed(&kernel_t), &band_of_grad, false, product_parallel);
             col2im(g, &col[..k * band], rows, grad_image);
         }
     });
@@ -243,22 +280,30 @@ pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32]) -> Vec<
 }
 
 /// The weight's gradient: `Σ_images grad_output · colᵀ`.
+///
+/// Panics if the slices' lengths do not match the geometry.
 pub fn backward_weight(g: &Geometry, input: &[f32], grad_output: &[f32]) -> Vec<f32> {
     let (out_hw, k) = (g.out_height() * g.out_width(), g.patch_len());
+    assert!(input.len() == g.batch * g.input_len() && grad_output.len() == g.batch * g.output_len(), "conv2d: operand sizes");
     let weight_len = g.out_channels * k;
-    let (parallel, parallelism) = split(g.batch);
+    if weight_len == 0 {
+        return Vec::new();
+    }
+    let (images_parallel, product_parallel) = split(g.batch);
     // One partial sum per thread's share of the images, added at the end.
-    let shares = if parallel { rayon::current_num_threads().min(g.batch) } else { 1 };
+    let shares = if images_parallel { rayon::current_num_threads().min(g.batch).max(1) } else { 1 };
     let per_share = g.batch.div_ceil(shares);
     let mut partials = vec![0f32; shares * weight_len];
-    for_each_image(parallel, &mut partials, weight_len, |share, grad_weight| {
+    for_each_image(images_parallel, &mut partials, weight_len, |share, grad_weight| {
         let mut col = vec![0f32; if g.is_pointwise() { 0 } else { k * g.band_rows() * g.out_width() }];
         let mut first = true;
         for b in share * per_share..((share + 1) * per_share).min(g.batch) {
             let image = &input[b * g.input_len()..(b + 1) * g.input_len()];
             let grad_out = &grad_output[b * g.output_len()..(b + 1) * g.output_len()];
             if g.is_pointwise() {
-                matmul((g.out_channels, k, out_hw), grad_weight, (k, 1), !first, grad_out, (out_hw, 1), image, (1, out_hw), parallelism);
+                let grad_view = MatRef::row_major(grad_out, g.out_channels, out_hw).expect("sizes checked");
+                let image_t = MatRef::row_major(image, k, out_hw).expect("sizes checked").t();
+                gemm::gemm(grad_weight, k, ASource::View(grad_view), &image_t, !first, product_parallel);
                 first = false;
                 continue;
             }
@@ -268,7 +313,9 @@ pub fn backward_weight(g: &Geometry, input: &[f32], grad_output: &[f32]) -> Vec<
                 let band = rows.len() * g.out_width();
                 im2col(g, image, rows, &mut col[..k * band]);
                 let offset = start * g.out_width();
-                matmul((g.out_channels, k, band), grad_weight, (k, 1), !first, &grad_out[offset..], (out_hw, 1), &col[..k * band], (1, band), parallelism);
+                let grad_view = MatRef::new(&grad_out[offset..], g.out_channels, band, out_hw, 1).expect("sizes checked");
+                let col_t = MatRef::row_major(&col[..k * band], k, band).expect("sizes checked").t();
+                gemm::gemm(grad_weight, k, ASource::View(grad_view), &col_t, !first, product_parallel);
                 first = false;
             }
         }

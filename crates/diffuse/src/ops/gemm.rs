@@ -1,0 +1,732 @@
+//! f32 matrix products on the CPU, BLIS's way: the operands are copied into panels that the
+//! register-tiled micro-kernel reads in order (`A` in `MR`-row panels, `B` in `NR`-column
+//! panels, blocked by `KC` along the shared dimension so that a `B` panel stays in L1 and an
+//! `A` block in L2), and each `MR × NR` tile of the product is accumulated in registers.
+//!
+//! The micro-kernel is chosen at run time from what the CPU offers ([`Isa`]): AVX-512 FMA,
+//! AVX2 + FMA, or portable code that the compiler vectorises for the baseline. The
+//! environment variable `DIFFUSE_ISA` (`avx512`, `avx2`, `portable`) forces a lower level, so
+//! that every path can be tested on a machine that has the higher ones.
+//!
+//! `B` reaches the driver through [`PackB`], so a convolution can write its im2col patches
+//! straight into the panels (an implicit GEMM: no full column buffer), and an operand used
+//! many times (a weight, the keys of an attention head) can be packed once ([`PackedA`],
+//! [`PackedB`]).
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+/// Panel depth along the shared dimension: an AVX-512 `B` panel is 32 KiB, an `A` panel 12 KiB.
+const KC: usize = 256;
+/// Rows of `A` per block (a multiple of every `MR`): 240 × 256 floats = 240 KiB, in L2.
+const MC: usize = 240;
+/// Columns of `B` per block: 4,096 × 256 floats = 4 MiB.
+const NC: usize = 4096;
+
+/// The instruction set the micro-kernels use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Plain Rust, vectorised by the compiler for the target's baseline.
+    Portable,
+    /// 256-bit AVX2 with fused multiply-add.
+    Avx2,
+    /// 512-bit AVX-512 (foundation) with fused multiply-add.
+    Avx512,
+}
+
+impl Isa {
+    /// The name `DIFFUSE_ISA` takes and `--profile` prints.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// Whether this CPU (and OS) can run the level.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// Every level this machine supports, lowest first (the tests run each).
+    pub fn all_supported() -> Vec<Isa> {
+        [Isa::Portable, Isa::Avx2, Isa::Avx512].into_iter().filter(|isa| isa.is_supported()).collect()
+    }
+
+    /// The micro-kernel's tile: rows of `A` and columns of `B` it keeps in registers.
+    pub fn tile(self) -> (usize, usize) {
+        match self {
+            Isa::Avx512 => (12, 32),
+            Isa::Avx2 => (6, 16),
+            Isa::Portable => (4, 16),
+        }
+    }
+}
+
+/// The level in use: the best this CPU supports, or the lower one `DIFFUSE_ISA` asks for.
+pub fn isa() -> Isa {
+    static CHOSEN: OnceLock<Isa> = OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        let best = Isa::all_supported().into_iter().max().unwrap_or(Isa::Portable);
+        let Ok(requested) = std::env::var("DIFFUSE_ISA") else { return best };
+        match [Isa::Portable, Isa::Avx2, Isa::Avx512].into_iter().find(|isa| isa.name() == requested) {
+            Some(isa) if isa.is_supported() => isa,
+            Some(isa) => {
+                eprintln!("DIFFUSE_ISA={}: this CPU lacks it; using {}", isa.name(), best.name());
+                best
+            }
+            None => {
+                eprintln!("DIFFUSE_ISA={requested}: not one of portable, avx2, avx512; using {}", best.name());
+                best
+            }
+        }
+    })
+}
+
+/// A read-only strided view of a `rows × cols` f32 matrix: element `(i, j)` is
+/// `data[i * row_stride + j * col_stride]`. Construction checks that every element is inside
+/// `data`, so nothing that reads through a view can go out of bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A view, or `None` if some element would lie outside `data`.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize, row_stride: usize, col_stride: usize) -> Option<Self> {
+        if rows > 0 && cols > 0 {
+            let last = (rows - 1).checked_mul(row_stride)?.checked_add((cols - 1).checked_mul(col_stride)?)?;
+            if last >= data.len() {
+                return None;
+            }
+        }
+        Some(Self { data, rows, cols, row_stride, col_stride })
+    }
+
+    /// A row-major view (`row_stride = cols`).
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Option<Self> {
+        Self::new(data, rows, cols, cols, 1)
+    }
+
+    /// The same data read as its transpose.
+    pub fn t(self) -> Self {
+        Self { data: self.data, rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[i * self.row_stride + j * self.col_stride]
+    }
+}
+
+/// A source of `B` (`k × n`) that can write its panels: for columns `n0..n0 + nc` and depth
+/// `k0..k0 + kc`, panel `p` holds `kc` rows of `nr` values (columns `n0 + p·nr ..`), zero past
+/// column `n`. `out` has room for `ceil(nc / nr) · kc · nr` values.
+pub trait PackB: Sync {
+    /// `(k, n)`.
+    fn dims(&self) -> (usize, usize);
+    fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [f32]);
+
+    /// The panels for this block: packed into `scratch` (grown as needed), or borrowed where
+    /// they already exist.
+    fn panels<'s>(&'s self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
+        let len = nc.div_ceil(nr) * nr * kc;
+        if scratch.len() < len {
+            scratch.resize(len, 0.0);
+        }
+        self.pack(k0, kc, n0, nc, nr, &mut scratch[..len]);
+        &scratch[..len]
+    }
+}
+
+impl PackB for MatRef<'_> {
+    fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [f32]) {
+        for (panel, chunk) in out.chunks_exact_mut(kc * nr).take(nc.div_ceil(nr)).enumerate() {
+            let first = n0 + panel * nr;
+            let width = nr.min(n0 + nc - first);
+            for (kk, row) in chunk.chunks_exact_mut(nr).enumerate() {
+                let k = k0 + kk;
+                if self.col_stride == 1 {
+                    let start = k * self.row_stride + first;
+                    row[..width].copy_from_slice(&self.data[start..start + width]);
+                } else if self.row_stride != 1 {
+                    for (j, value) in row[..width].iter_mut().enumerate() {
+                        *value = self.at(k, first + j);
+                    }
+                }
+                row[width..].fill(0.0);
+            }
+            if self.row_stride == 1 && self.col_stride != 1 {
+                // A transposed row-major matrix (a weight read as Wᵀ): each column is a
+                // contiguous run of the source, scattered into the panel with stride nr.
+                for j in 0..width {
+                    let start = (first + j) * self.col_stride + k0;
+                    for (kk, &value) in self.data[start..start + kc].iter().enumerate() {
+                        chunk[kk * nr + j] = value;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes `A`'s panels for rows `m0..m0 + mc` and depth `k0..k0 + kc`: panel `p` holds `kc`
+/// columns of `mr` values (rows `m0 + p·mr ..`), zero past row `m`.
+fn pack_a(a: &MatRef, k0: usize, kc: usize, m0: usize, mc: usize, mr: usize, out: &mut [f32]) {
+    for (panel, chunk) in out.chunks_exact_mut(kc * mr).take(mc.div_ceil(mr)).enumerate() {
+        let first = m0 + panel * mr;
+        let height = mr.min(m0 + mc - first);
+        if a.col_stride == 1 {
+            // Row-major: each row is a contiguous run, scattered into the panel with stride mr.
+            for i in 0..height {
+                let start = (first + i) * a.row_stride + k0;
+                for (kk, &value) in a.data[start..start + kc].iter().enumerate() {
+                    chunk[kk * mr + i] = value;
+                }
+            }
+            for column in chunk.chunks_exact_mut(mr) {
+                column[height..].fill(0.0);
+            }
+            continue;
+        }
+        for (kk, column) in chunk.chunks_exact_mut(mr).enumerate() {
+            for (i, value) in column[..height].iter_mut().enumerate() {
+                *value = a.at(first + i, k0 + kk);
+            }
+            column[height..].fill(0.0);
+        }
+    }
+}
+
+/// `A` (`m × k`) packed once for the current [`Isa`], e.g. a layer's weight: for each `KC`
+/// block of depth, all row panels of `MR` rows.
+#[derive(Debug)]
+pub struct PackedA {
+    isa: Isa,
+    rows: usize,
+    depth: usize,
+    data: Vec<f32>,
+}
+
+impl PackedA {
+    pub fn new(a: &MatRef) -> Self {
+        Self::with_isa(a, isa())
+    }
+
+    /// Packed for the tile of `isa` (the tests force each level).
+    pub(crate) fn with_isa(a: &MatRef, isa: Isa) -> Self {
+        let mut packed = Self { isa, rows: 0, depth: 0, data: Vec::new() };
+        packed.repack(a);
+        packed
+    }
+
+    /// Packs `a` in place of the current contents, reusing the allocation.
+    pub(crate) fn repack(&mut self, a: &MatRef) {
+        let (mr, _) = self.isa.tile();
+        let (m, k) = (a.rows, a.cols);
+        let padded = m.div_ceil(mr) * mr;
+        self.data.resize(padded * k, 0.0);
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            pack_a(a, k0, kc, 0, m, mr, &mut self.data[k0 * padded..(k0 + kc) * padded]);
+        }
+        (self.rows, self.depth) = (m, k);
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+
+    /// The panels of rows `m0..` (a multiple of MR) for the depth block starting at `k0`.
+    fn block(&self, k0: usize, kc: usize, m0: usize, mc: usize) -> &[f32] {
+        let (mr, _) = self.isa.tile();
+        let padded = self.rows.div_ceil(mr) * mr;
+        let start = k0 * padded + m0 * kc;
+        &self.data[start..start + mc.div_ceil(mr) * mr * kc]
+    }
+}
+
+/// `B` (`k × n`) packed once, e.g. the keys or values of one attention head, read by many
+/// products: for each `KC` block of depth, all column panels of `NR` columns.
+#[derive(Debug)]
+pub struct PackedB {
+    nr: usize,
+    depth: usize,
+    cols: usize,
+    data: Vec<f32>,
+}
+
+impl PackedB {
+    pub fn new(b: &impl PackB) -> Self {
+        Self::with_isa(b, isa())
+    }
+
+    /// Packed for the tile of `isa` (the tests force each level).
+    pub(crate) fn with_isa(b: &impl PackB, isa: Isa) -> Self {
+        let (_, nr) = isa.tile();
+        let (k, n) = b.dims();
+        let padded = n.div_ceil(nr) * nr;
+        let mut data = vec![0f32; padded * k];
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            b.pack(k0, kc, 0, n, nr, &mut data[k0 * padded..(k0 + kc) * padded]);
+        }
+        Self { nr, depth: k, cols: n, data }
+    }
+}
+
+impl PackB for PackedB {
+    fn dims(&self) -> (usize, usize) {
+        (self.depth, self.cols)
+    }
+
+    fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [f32]) {
+        let len = nc.div_ceil(nr) * nr * kc;
+        out[..len].copy_from_slice(self.block(k0, kc, n0, nc, nr));
+    }
+
+    fn panels<'s>(&'s self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, _: &'s mut Vec<f32>) -> &'s [f32] {
+        self.block(k0, kc, n0, nc, nr)
+    }
+}
+
+impl PackedB {
+    /// The stored panels of a block: `k0` starts a `KC` block (of its full depth) and `n0` a panel.
+    fn block(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize) -> &[f32] {
+        assert_eq!(nr, self.nr, "PackedB was packed for another ISA");
+        assert!(k0 % KC == 0 && kc == KC.min(self.depth - k0) && n0 % nr == 0, "PackedB: not a packed block");
+        let padded = self.cols.div_ceil(nr) * nr;
+        let start = k0 * padded + n0 * kc;
+        &self.data[start..start + nc.div_ceil(nr) * nr * kc]
+    }
+}
+
+/// Columns `first..first + len` of a `B`, as a `B` of its own (starting at a panel).
+pub struct Columns<'a, B: PackB> {
+    pub inner: &'a B,
+    pub first: usize,
+    pub len: usize,
+}
+
+impl<B: PackB> PackB for Columns<'_, B> {
+    fn dims(&self) -> (usize, usize) {
+        (self.inner.dims().0, self.len)
+    }
+
+    fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [f32]) {
+        self.inner.pack(k0, kc, self.first + n0, nc, nr, out)
+    }
+
+    fn panels<'s>(&'s self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
+        self.inner.panels(k0, kc, self.first + n0, nc, nr, scratch)
+    }
+}
+
+/// Rows `first..first + len` of a `B` (the depth), as a `B` of its own.
+pub struct Rows<'a, B: PackB> {
+    pub inner: &'a B,
+    pub first: usize,
+    pub len: usize,
+}
+
+impl<B: PackB> PackB for Rows<'_, B> {
+    fn dims(&self) -> (usize, usize) {
+        (self.len, self.inner.dims().1)
+    }
+
+    fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [f32]) {
+        self.inner.pack(self.first + k0, kc, n0, nc, nr, out)
+    }
+
+    fn panels<'s>(&'s self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
+        self.inner.panels(self.first + k0, kc, n0, nc, nr, scratch)
+    }
+}
+
+/// Where `A` comes from: a strided view (packed block by block as it is used) or panels
+/// packed once.
+#[derive(Clone, Copy)]
+pub enum ASource<'a> {
+    View(MatRef<'a>),
+    Packed(&'a PackedA),
+}
+
+impl ASource<'_> {
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            ASource::View(a) => (a.rows, a.cols),
+            ASource::Packed(a) => (a.rows, a.depth),
+        }
+    }
+}
+
+/// `C[m × n] (+)= A[m × k] · B[k × n]`, with `C` row-major with row stride `ldc`: accumulates
+/// into `C` when `accumulate`, else overwrites it. Rows of `C` are shared among the rayon
+/// threads when `parallel` (each thread packs `B` for itself: cheap beside the product when
+/// `m` is large, which is when splitting pays).
+///
+/// Panics if the operands' dimensions disagree or `c` is too short: callers size them.
+pub fn gemm(c: &mut [f32], ldc: usize, a: ASource, b: &impl PackB, accumulate: bool, parallel: bool) {
+    let isa = match a {
+        ASource::Packed(packed) => packed.isa,
+        ASource::View(_) => isa(),
+    };
+    gemm_with(isa, c, ldc, a, b, accumulate, parallel)
+}
+
+/// [`gemm`] on the micro-kernel of `isa` (a packed `A` must have been packed for it).
+pub(crate) fn gemm_with(isa: Isa, c: &mut [f32], ldc: usize, a: ASource, b: &impl PackB, accumulate: bool, parallel: bool) {
+    if let ASource::Packed(packed) = a {
+        assert_eq!(packed.isa, isa, "gemm: A was packed for another ISA");
+    }
+    let (m, k) = a.dims();
+    let (kb, n) = b.dims();
+    assert_eq!(k, kb, "gemm: A has {k} columns, B {kb} rows");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let c = COut::new(c, ldc, m, n);
+    let (mr, nr) = isa.tile();
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let (row_panels, column_panels) = (m.div_ceil(mr), n.div_ceil(nr));
+    if threads == 1 || (row_panels < 2 && column_panels < 2) {
+        gemm_block(isa, c, 0, a, b, accumulate);
+    } else if n > m && column_panels >= threads {
+        // Wide products (a convolution of one large image): each thread takes a range of
+        // columns, and packs only its own part of B.
+        let per_share = column_panels.div_ceil(threads) * nr;
+        (0..n.div_ceil(per_share)).into_par_iter().for_each(|share| {
+            let first = share * per_share;
+            let len = per_share.min(n - first);
+            gemm_block(isa, c.columns(first, len), 0, a, &Columns { inner: b, first, len }, accumulate);
+        });
+    } else {
+        // Tall products (a linear layer over many tokens): each thread takes a range of rows.
+        let per_share = row_panels.div_ceil(threads.min(row_panels)) * mr;
+        (0..m.div_ceil(per_share)).into_par_iter().for_each(|share| {
+            let first = share * per_share;
+            gemm_block(isa, c.rows(first, per_share.min(m - first)), first, a, b, accumulate);
+        });
+    }
+}
+
+/// The destination of a product: `rows × cols` floats from `ptr`, rows `ldc` apart. Threads
+/// write disjoint row or column ranges of one matrix through copies of it, which `&mut`
+/// slices (one contiguous range each) cannot express for column ranges.
+#[derive(Clone, Copy)]
+struct COut {
+    ptr: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+}
+
+// SAFETY: a `COut` is only made from a `&mut [f32]` borrowed for the whole product
+// (`gemm_with`, `gemm_rows`), and split into disjoint row or column ranges, one per thread,
+// so no element is written by two threads or read by anyone else meanwhile.
+unsafe impl Send for COut {}
+// SAFETY: as above.
+unsafe impl Sync for COut {}
+
+impl COut {
+    /// Panics unless `c` holds `rows × cols` with row stride `ldc`.
+    fn new(c: &mut [f32], ldc: usize, rows: usize, cols: usize) -> Self {
+        assert!(ldc >= cols && (rows == 0 || cols == 0 || c.len() >= (rows - 1) * ldc + cols), "gemm: C is too small");
+        Self { ptr: c.as_mut_ptr(), ldc, rows, cols }
+    }
+
+    fn columns(self, first: usize, len: usize) -> Self {
+        assert!(first + len <= self.cols);
+        // `wrapping_add` keeps this safe; the pointer is only dereferenced in `row`, in bounds.
+        Self { ptr: self.ptr.wrapping_add(first), cols: len, ..self }
+    }
+
+    fn rows(self, first: usize, len: usize) -> Self {
+        assert!(first + len <= self.rows);
+        Self { ptr: self.ptr.wrapping_add(first * self.ldc), rows: len, ..self }
+    }
+
+    /// Elements `j..j + width` of row `i`.
+    ///
+    /// # Safety
+    /// No other live reference covers these elements (the split into disjoint ranges).
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, i: usize, j: usize, width: usize) -> &mut [f32] {
+        assert!(i < self.rows && j + width <= self.cols, "gemm: write outside C");
+        // SAFETY: in bounds of the matrix `new` checked (the assertion), and exclusive by the
+        // caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * self.ldc + j), width) }
+    }
+}
+
+/// [`gemm`] on one thread for all of `c` (`rows × n`, with `ldc`), whose first row is row
+/// `m0` of `A`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_rows(isa: Isa, c: &mut [f32], ldc: usize, m0: usize, rows: usize, a: ASource, b: &impl PackB, accumulate: bool) {
+    let (_, n) = b.dims();
+    if rows == 0 || n == 0 {
+        return;
+    }
+    gemm_block(isa, COut::new(c, ldc, rows, n), m0, a, b, accumulate);
+}
+
+/// The product into `c`, whose first row is row `m0` of `A` and whose columns are `b`'s.
+fn gemm_block(isa: Isa, c: COut, m0: usize, a: ASource, b: &impl PackB, accumulate: bool) {
+    let (mr, nr) = isa.tile();
+    let (_, k) = a.dims();
+    let (_, n) = b.dims();
+    let rows = c.rows;
+    assert_eq!(c.cols, n);
+    if k == 0 {
+        if !accumulate {
+            for i in 0..rows {
+                // SAFETY: this thread's part of C (see `COut`).
+                unsafe { c.row(i, 0, n) }.fill(0.0);
+            }
+        }
+        return;
+    }
+    let mut b_scratch = Vec::new();
+    let mut a_panels = match a {
+        ASource::View(_) => vec![0f32; KC.min(k) * MC.min(rows).div_ceil(mr) * mr],
+        ASource::Packed(_) => Vec::new(),
+    };
+    let mut tile = [0f32; 12 * 32];
+    for n0 in (0..n).step_by(NC) {
+        let nc = NC.min(n - n0);
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let b_panels = b.panels(k0, kc, n0, nc, nr, &mut b_scratch);
+            let add = accumulate || k0 > 0;
+            for i0 in (0..rows).step_by(MC) {
+                let mc = MC.min(rows - i0);
+                let a_block: &[f32] = match a {
+                    ASource::View(view) => {
+                        pack_a(&view, k0, kc, m0 + i0, mc, mr, &mut a_panels);
+                        &a_panels
+                    }
+                    ASource::Packed(packed) => packed.block(k0, kc, m0 + i0, mc),
+                };
+                for (jp, b_panel) in b_panels.chunks_exact(kc * nr).take(nc.div_ceil(nr)).enumerate() {
+                    let j = n0 + jp * nr;
+                    let width = nr.min(n - j);
+                    for (ip, a_panel) in a_block.chunks_exact(kc * mr).take(mc.div_ceil(mr)).enumerate() {
+                        let i = i0 + ip * mr;
+                        let height = mr.min(rows - i);
+                        micro_kernel(isa, kc, a_panel, b_panel, &mut tile[..mr * nr]);
+                        for (r, tile_row) in tile.chunks_exact(nr).take(height).enumerate() {
+                            // SAFETY: this thread's part of C (see `COut`).
+                            let c_row = unsafe { c.row(i + r, j, width) };
+                            if add {
+                                c_row.iter_mut().zip(tile_row).for_each(|(c, t)| *c += t);
+                            } else {
+                                c_row.copy_from_slice(&tile_row[..width]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `tile[MR × NR] = a_panel[kc × MR]ᵀ · b_panel[kc × NR]`, row-major, for the ISA's tile.
+fn micro_kernel(isa: Isa, kc: usize, a: &[f32], b: &[f32], tile: &mut [f32]) {
+    let (mr, nr) = isa.tile();
+    assert!(a.len() >= kc * mr && b.len() >= kc * nr && tile.len() >= mr * nr);
+    match isa {
+        // SAFETY: the ISA was checked to be supported before it was chosen (`isa()` and
+        // `PackedA::new` only pick supported levels), and the assertion above guarantees that
+        // the kernel's reads of `kc` rows of `a`, `b` and its writes of `MR × NR` to `tile`
+        // stay inside the slices.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::kernel_avx512::<12, 2>(kc, a.as_ptr(), b.as_ptr(), tile.as_mut_ptr()) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::kernel_avx2::<6, 2>(kc, a.as_ptr(), b.as_ptr(), tile.as_mut_ptr()) },
+        _ => kernel_portable::<4, 16>(kc, a, b, tile),
+    }
+}
+
+fn kernel_portable<const MR: usize, const NR: usize>(kc: usize, a: &[f32], b: &[f32], tile: &mut [f32]) {
+    let mut acc = [[0f32; NR]; MR];
+    for (a, b) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kc) {
+        for (acc_row, &a) in acc.iter_mut().zip(a) {
+            for (acc, &b) in acc_row.iter_mut().zip(b) {
+                *acc = a.mul_add(b, *acc);
+            }
+        }
+    }
+    for (row, acc_row) in tile.chunks_exact_mut(NR).zip(&acc) {
+        row.copy_from_slice(acc_row);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// AVX-512 micro-kernel: `MR` rows × `NV` vectors of 16 columns.
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512F; `a` has `kc · MR` readable values, `b` `kc · NV · 16`,
+    /// `tile` room for `MR · NV · 16`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn kernel_avx512<const MR: usize, const NV: usize>(kc: usize, a: *const f32, b: *const f32, tile: *mut f32) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        for p in 0..kc {
+            let mut bv = [_mm512_setzero_ps(); NV];
+            for (v, bv) in bv.iter_mut().enumerate() {
+                *bv = _mm512_loadu_ps(b.add((p * NV + v) * 16));
+            }
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*a.add(p * MR + i));
+                for v in 0..NV {
+                    acc[v] = _mm512_fmadd_ps(av, bv[v], acc[v]);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            for (v, &acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(tile.add((i * NV + v) * 16), acc);
+            }
+        }
+    }
+
+    /// AVX2 + FMA micro-kernel: `MR` rows × `NV` vectors of 8 columns.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 and FMA; `a` has `kc · MR` readable values, `b` `kc · NV · 8`,
+    /// `tile` room for `MR · NV · 8`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn kernel_avx2<const MR: usize, const NV: usize>(kc: usize, a: *const f32, b: *const f32, tile: *mut f32) {
+        let mut acc = [[_mm256_setzero_ps(); NV]; MR];
+        for p in 0..kc {
+            let mut bv = [_mm256_setzero_ps(); NV];
+            for (v, bv) in bv.iter_mut().enumerate() {
+                *bv = _mm256_loadu_ps(b.add((p * NV + v) * 8));
+            }
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let av = _mm256_set1_ps(*a.add(p * MR + i));
+                for v in 0..NV {
+                    acc[v] = _mm256_fmadd_ps(av, bv[v], acc[v]);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            for (v, &acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(tile.add((i * NV + v) * 8), acc);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A deterministic pseudo-random matrix in [-1, 1).
+    pub(crate) fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn reference(a: &MatRef, b: &MatRef) -> Vec<f64> {
+        let (m, k, n) = (a.rows(), a.cols(), b.cols());
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a.at(i, p) as f64 * b.at(p, j) as f64).sum();
+            }
+        }
+        c
+    }
+
+    /// `A · B` at one level, with A packed once and as a view, B as a view and packed once,
+    /// overwriting and accumulating, on one thread and on all.
+    fn check(m: usize, k: usize, n: usize, isa: Isa) {
+        let a_data = values(m * k + 3, 1);
+        let b_data = values(k * n + 5, 2);
+        // A row-major with an offset; B read transposed from a column-major buffer.
+        let a = MatRef::new(&a_data[3..], m, k, k, 1).unwrap();
+        let b = MatRef::new(&b_data[5..], k, n, 1, k.max(1)).unwrap();
+        let expected = reference(&a, &b);
+        let packed_a = PackedA::with_isa(&a, isa);
+        let packed_b = PackedB::with_isa(&b, isa);
+        for (source, accumulate, parallel, packed) in [
+            (ASource::Packed(&packed_a), false, false, false),
+            (ASource::Packed(&packed_a), true, true, false),
+            (ASource::View(a), false, true, true),
+            (ASource::View(a), true, false, true),
+        ] {
+            {
+                let ldc = n + 3;
+                let mut c = vec![if accumulate { 1.0 } else { f32::NAN }; m.max(1) * ldc];
+                if packed {
+                    gemm_with(isa, &mut c, ldc, source, &packed_b, accumulate, parallel);
+                } else {
+                    gemm_with(isa, &mut c, ldc, source, &b, accumulate, parallel);
+                }
+                for i in 0..m {
+                    for j in 0..n {
+                        let want = expected[i * n + j] + if accumulate { 1.0 } else { 0.0 };
+                        let got = c[i * ldc + j] as f64;
+                        assert!((got - want).abs() <= 1e-4 * (1.0 + k as f64).sqrt(), "{isa:?} {m}x{k}x{n} ({i},{j}): {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_matches_f64_reference_on_odd_shapes_at_every_level() {
+        for isa in Isa::all_supported() {
+            for &(m, k, n) in &[(1, 1, 1), (0, 3, 4), (3, 0, 4), (5, 7, 0), (13, 300, 33), (25, 17, 65), (1, 513, 40), (241, 5, 31), (7, 260, 4100)] {
+                check(m, k, n, isa);
+            }
+        }
+    }
+
+    #[test]
+    fn views_out_of_bounds_are_refused() {
+        let data = [0f32; 12];
+        assert!(MatRef::new(&data, 3, 4, 4, 1).is_some());
+        assert!(MatRef::new(&data, 3, 5, 4, 1).is_none());
+        assert!(MatRef::new(&data, usize::MAX, 2, usize::MAX, 1).is_none());
+        assert!(MatRef::new(&data, 0, 100, 100, 1).is_some());
+    }
+}

@@ -1,0 +1,121 @@
+//! How close the kernels come to the machine's limit: a probe of the peak multiply-add rate
+//! of each instruction set (independent FMA chains in registers, on every thread), and the
+//! GFLOP/s of the GEMM, convolution and attention kernels on Stable Diffusion's shapes.
+//! `diffuse bench --kernels` prints both.
+
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use super::attention::{self, AttentionDims};
+use super::conv::{self, Geometry};
+use super::gemm::{self, ASource, Isa, MatRef, PackedA};
+
+/// One kernel's measured rate.
+#[derive(Debug, Clone)]
+pub struct Rate {
+    pub name: String,
+    pub gflops: f64,
+}
+
+/// The peak f32 GFLOP/s of `isa` on all rayon threads: 12 independent accumulator chains per
+/// thread (enough to cover the FMA latency on two pipes), `iterations` steps each.
+pub fn peak_gflops(isa: Isa, iterations: usize) -> f64 {
+    let threads = rayon::current_num_threads();
+    let start = Instant::now();
+    let lanes: usize = (0..threads).into_par_iter().map(|_| fma_chains(isa, iterations)).sum();
+    (2.0 * lanes as f64 * iterations as f64 * 12.0) / start.elapsed().as_secs_f64() / 1e9
+}
+
+/// Runs the chains and returns the lanes per vector (the work done is
+/// `iterations × 12 × lanes` multiply-adds).
+fn fma_chains(isa: Isa, iterations: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        macro_rules! chains {
+            ($feature:literal, $vector:ty, $lanes:expr, $set1:ident, $fmadd:ident, $store:ident) => {{
+                #[target_feature(enable = $feature)]
+                fn run(iterations: usize) -> f32 {
+                    let mut acc = [$set1(0.0); 12];
+                    let (a, b) = ($set1(0.999_999), $set1(1e-7));
+                    for _ in 0..iterations {
+                        for acc in acc.iter_mut() {
+                            *acc = $fmadd(*acc, a, b);
+                        }
+                    }
+                    let mut out = [0f32; $lanes];
+                    let mut sum = 0.0;
+                    for acc in acc {
+                        // SAFETY: `out` has room for one vector of `$lanes` floats.
+                        unsafe { $store(out.as_mut_ptr(), acc) };
+                        sum += out[0];
+                    }
+                    sum
+                }
+                // SAFETY: `isa` is supported by this CPU (the caller's contract, checked by
+                // `Isa::is_supported` in `rates`).
+                std::hint::black_box(unsafe { run(iterations) });
+                $lanes
+            }};
+        }
+        match isa {
+            Isa::Avx512 => return chains!("avx512f", __m512, 16, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps),
+            Isa::Avx2 => return chains!("avx2,fma", __m256, 8, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps),
+            Isa::Portable => {}
+        }
+    }
+    let mut acc = [0f32; 12];
+    for _ in 0..iterations {
+        for acc in acc.iter_mut() {
+            *acc = acc.mul_add(0.999_999, 1e-7);
+        }
+    }
+    std::hint::black_box(acc);
+    1
+}
+
+fn timed<T>(runs: usize, mut f: impl FnMut() -> T) -> f64 {
+    std::hint::black_box(f());
+    let mut best = f64::INFINITY;
+    for _ in 0..runs {
+        let start = Instant::now();
+        std::hint::black_box(f());
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    best
+}
+
+/// The peak of the level in use, then each kernel's GFLOP/s (best of `runs`) on SD 1.5 shapes
+/// at 512×512.
+pub fn rates(runs: usize) -> Vec<Rate> {
+    let isa = gemm::isa();
+    let mut rates = vec![Rate { name: format!("peak FMA ({})", isa.name()), gflops: peak_gflops(isa, 20_000_000) }];
+    let values = |len: usize| -> Vec<f32> { (0..len).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect() };
+
+    let (m, k, n) = (2048, 2048, 2048);
+    let (a, b) = (values(m * k), values(k * n));
+    let mut c = vec![0f32; m * n];
+    let a_view = MatRef::row_major(&a, m, k).expect("sized");
+    let b_view = MatRef::row_major(&b, k, n).expect("sized");
+    let packed = PackedA::new(&a_view);
+    let seconds = timed(runs, || gemm::gemm(&mut c, n, ASource::Packed(&packed), &b_view, false, true));
+    rates.push(Rate { name: "gemm 2048³".into(), gflops: 2.0 * (m * k * n) as f64 / seconds / 1e9 });
+
+    for (channels, side) in [(320, 64), (640, 32), (1280, 16)] {
+        let g = Geometry { batch: 2, in_channels: channels, height: side, width: side, out_channels: channels, kernel_h: 3, kernel_w: 3, stride: 1, padding: 1 };
+        let (input, weight) = (values(2 * channels * side * side), values(channels * channels * 9));
+        let seconds = timed(runs, || conv::forward(&g, &input, &weight));
+        let flops = 2.0 * (2 * channels * side * side * channels * 9) as f64;
+        rates.push(Rate { name: format!("conv 3×3 {channels}→{channels} at {side}×{side}, batch 2"), gflops: flops / seconds / 1e9 });
+    }
+
+    for (queries, keys, head_dim) in [(4096, 4096, 40), (4096, 77, 40), (1024, 1024, 80)] {
+        let dims = AttentionDims { heads: 16, queries, keys, head_dim };
+        let (q, kv) = (values(16 * queries * head_dim), values(16 * keys * head_dim));
+        let seconds = timed(runs, || attention::attention(dims, &q, &kv, &kv, 1.0 / (head_dim as f32).sqrt(), None));
+        let flops = 4.0 * (16 * queries * keys * head_dim) as f64;
+        rates.push(Rate { name: format!("attention 16 heads, {queries}×{keys}, d {head_dim}"), gflops: flops / seconds / 1e9 });
+    }
+    rates
+}

@@ -1,0 +1,185 @@
+//! Element-wise work on f32 slices, written as plain loops that the compiler vectorises, and
+//! compiled once per instruction set (the `isa` argument picks the copy this CPU can run).
+
+use super::gemm::Isa;
+
+/// `e^x` in f32 to about 1 ulp (Cephes' `expf`: x = n·ln 2 + r with |r| ≤ ln 2 / 2, a degree-6
+/// polynomial in r, then 2ⁿ put into the exponent bits), written so that the compiler
+/// vectorises a loop over it. 0 below -87.3 (where e^x leaves the normal range).
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split in two so that n·LN2_HI is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let clamped = x.clamp(-87.3, 88.7);
+    // Round to nearest by adding and subtracting 1.5·2²³ (a plain `round` may become a libm
+    // call, which does not vectorise).
+    const ROUNDING: f32 = 12_582_912.0;
+    let n = (clamped * LOG2_E + ROUNDING) - ROUNDING;
+    let r = clamped - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    let scaled = y * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.3 {
+        0.0
+    } else {
+        scaled
+    }
+}
+
+/// Runs `body` compiled for `isa` (AVX-512, AVX2 + FMA, or the baseline).
+macro_rules! dispatch {
+    ($isa:expr, fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {{
+        // Inlined into each copy below, so that each is compiled for its instruction set.
+        #[inline(always)]
+        fn generic($($arg: $ty),*) -> $ret $body
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f")]
+            fn avx512($($arg: $ty),*) -> $ret { generic($($arg),*) }
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2($($arg: $ty),*) -> $ret { generic($($arg),*) }
+            match $isa {
+                // SAFETY: `isa` is a level this CPU supports (from `gemm::isa()` or, in tests,
+                // `Isa::all_supported()`); the function body is safe code.
+                Isa::Avx512 => unsafe { avx512($($arg),*) },
+                // SAFETY: as above.
+                Isa::Avx2 => unsafe { avx2($($arg),*) },
+                Isa::Portable => generic($($arg),*),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = $isa;
+            generic($($arg),*)
+        }
+    }};
+}
+
+/// Replaces each `x` of `row` by `e^(x - shift)` and returns their sum.
+pub(crate) fn exp_shifted_in_place(isa: Isa, row: &mut [f32], shift: f32) -> f32 {
+    dispatch!(isa, fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
+        // Sixteen partial sums, so that the loop vectorises (the order differs from a serial
+        // sum only in rounding).
+        let mut partial = [0f32; 16];
+        let mut chunks = row.chunks_exact_mut(16);
+        for chunk in &mut chunks {
+            for (value, partial) in chunk.iter_mut().zip(&mut partial) {
+                *value = exp(*value - shift);
+                *partial += *value;
+            }
+        }
+        let mut sum = 0f32;
+        for value in chunks.into_remainder() {
+            *value = exp(*value - shift);
+            sum += *value;
+        }
+        sum + partial.iter().sum::<f32>()
+    })
+}
+
+/// `x · sigmoid(x)` in place, as `x / (1 + e^-x)`.
+pub(crate) fn silu_in_place(isa: Isa, values: &mut [f32]) {
+    dispatch!(isa, fn silu(values: &mut [f32]) -> () {
+        for x in values.iter_mut() {
+            *x /= 1.0 + exp(-*x);
+        }
+    })
+}
+
+/// `erf(x)` to within 1.5e-7 (Abramowitz and Stegun 7.1.26), built on [`exp`].
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let y = 1.0 - poly * exp(-a * a);
+    if x < 0.0 {
+        -y
+    } else {
+        y
+    }
+}
+
+/// diffusers' GEGLU after its projection: each row of `projected` is `[value | gate]` (two
+/// halves of `out`'s row width), and `out = value · gelu(gate)` with the exact (erf) GELU.
+pub(crate) fn geglu_rows(isa: Isa, projected: &[f32], out: &mut [f32]) {
+    dispatch!(isa, fn geglu(projected: &[f32], out: &mut [f32]) -> () {
+        let width = out.len();
+        let (value, gate) = projected.split_at(width);
+        for ((out, &v), &g) in out.iter_mut().zip(value).zip(gate) {
+            *out = v * (0.5 * g * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2)));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate() {
+        for i in -2000..=2000 {
+            let x = i as f32 * 0.0437;
+            let (got, want) = (exp(x) as f64, (x as f64).exp());
+            // Below -87.3 the result would be subnormal: it is flushed to 0.
+            let tolerance = if x < -87.3 { 1.3e-38 } else { 3e-7 * want };
+            assert!((got - want).abs() <= tolerance, "{x}: {got} vs {want}");
+        }
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-100.0), 0.0);
+    }
+
+    #[test]
+    fn geglu_matches_the_definition_at_every_level() {
+        let width = 300;
+        let projected: Vec<f32> = (0..2 * width).map(|i| (i as f32 - 300.0) * 0.031).collect();
+        for isa in Isa::all_supported() {
+            let mut out = vec![0f32; width];
+            geglu_rows(isa, &projected, &mut out);
+            for (j, &y) in out.iter().enumerate() {
+                let (v, g) = (projected[j] as f64, projected[width + j] as f64);
+                let want = v * 0.5 * g * (1.0 + libm_erf(g / std::f64::consts::SQRT_2));
+                assert!((y as f64 - want).abs() <= 2e-6 * (1.0 + want.abs()), "{isa:?} at {j}: {y} vs {want}");
+            }
+        }
+    }
+
+    /// erf in f64: its Taylor series below 3, the asymptotic series of erfc above (each
+    /// accurate to about 1e-10 there), for the reference.
+    fn libm_erf(x: f64) -> f64 {
+        if x.abs() >= 3.0 {
+            let z = x.abs();
+            let z2 = z * z;
+            let erfc = (-z2).exp() / (z * std::f64::consts::PI.sqrt())
+                * (1.0 - 1.0 / (2.0 * z2) + 3.0 / (4.0 * z2 * z2) - 15.0 / (8.0 * z2 * z2 * z2) + 105.0 / (16.0 * z2.powi(4)));
+            return x.signum() * (1.0 - erfc);
+        }
+        let (mut term, mut sum, mut n) = (x, x, 0.0);
+        while term.abs() > 1e-17 * sum.abs().max(1e-300) {
+            n += 1.0;
+            term *= -x * x / n;
+            sum += term / (2.0 * n + 1.0);
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    #[test]
+    fn silu_matches_the_definition_at_every_level() {
+        let inputs: Vec<f32> = (-300..300).map(|i| i as f32 * 0.37).collect();
+        for isa in Isa::all_supported() {
+            let mut values = inputs.clone();
+            silu_in_place(isa, &mut values);
+            for (&x, &y) in inputs.iter().zip(&values) {
+                let want = x as f64 / (1.0 + (-x as f64).exp());
+                assert!((y as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "{isa:?} silu({x}) = {y}, want {want}");
+            }
+        }
+    }
+}
