@@ -48,7 +48,7 @@ fn assert_fails_with(args: &[&str], needle: &str) {
 #[test]
 fn threads_must_be_a_positive_number() {
     for bad in ["0", "two", "-1"] {
-        let (ok, _, stderr) = diffuse(&["schedulers", "--threads", bad]);
+        let (ok, _, stderr) = diffuse(&["schedulers", &format!("--threads={bad}")]);
         assert!(!ok && !stderr.contains("panicked") && stderr.contains("threads"), "--threads {bad}: {stderr}");
     }
     let (ok, stdout, _) = diffuse(&["--threads", "1", "schedulers"]);
