@@ -347,6 +347,7 @@ impl StableDiffusionPipeline {
                 return Err(Error::invalid(format!("{name} must be a finite number, got {value}")));
             }
         }
+        self.scheduler.scheduler.check_eta(options.eta)?;
         Ok((height, width))
     }
 

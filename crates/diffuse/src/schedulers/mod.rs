@@ -109,6 +109,11 @@ pub trait Scheduler: Send {
         0.0
     }
 
+    /// Refuses an `eta` this scheduler's `step` would refuse, so pipelines can check it up front.
+    fn check_eta(&self, _eta: f64) -> Result<()> {
+        Ok(())
+    }
+
     /// `set_timesteps` for image-to-image with the scheduler applying `strength` itself, as
     /// diffusers' LCM and TCD do (`set_timesteps(..., strength=)`); the others are given the
     /// full schedule and the pipeline skips its start (`get_timesteps`).

@@ -93,9 +93,7 @@ impl TcdScheduler {
         generator: &mut TorchGenerator,
     ) -> Result<ConsistencyStepOutput> {
         let num_inference_steps = self.num_inference_steps.ok_or_else(|| not_set("TCDScheduler"))?;
-        if !(0.0..=1.0).contains(&eta) {
-            return Err(Error::invalid(format!("TCDScheduler: eta (gamma) must be between 0 and 1, got {eta}")));
-        }
+        self.check_eta(eta)?;
         let num_train_timesteps = self.config.num_train_timesteps;
         let t = timesteps_as_indices(&[timestep], num_train_timesteps)?[0];
         let step_index = self.schedule.step_index(timestep)?;
@@ -176,6 +174,14 @@ impl Scheduler for TcdScheduler {
 
     fn default_eta(&self) -> f64 {
         DEFAULT_ETA
+    }
+
+    /// diffusers asserts 0 <= gamma <= 1.
+    fn check_eta(&self, eta: f64) -> Result<()> {
+        if !(0.0..=1.0).contains(&eta) {
+            return Err(Error::invalid(format!("TCDScheduler: eta (gamma) must be between 0 and 1, got {eta}")));
+        }
+        Ok(())
     }
 
     fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
