@@ -94,9 +94,10 @@ pub struct GenerateArgs {
     /// Random seed (as torch.manual_seed); chosen at random and printed when omitted.
     #[arg(long)]
     seed: Option<u64>,
-    /// DDIM's eta: 0 is deterministic, 1 is DDPM-like (other schedulers ignore it).
-    #[arg(long, default_value_t = 0.0)]
-    eta: f64,
+    /// DDIM's eta (0 is deterministic, 1 is DDPM-like) and TCD's gamma (default 0.3,
+    /// TCDScheduler.step's own; 0 otherwise). Other schedulers ignore it.
+    #[arg(long)]
+    eta: Option<f64>,
     /// Class to generate, for class-conditional pixel-space models.
     #[arg(long)]
     class_label: Option<i64>,
@@ -219,6 +220,8 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
     let start = Instant::now();
     let text_conditioned = single_file || is_stable_diffusion_folder(&model_path);
     let mut lora_entries = Vec::new();
+    // Without --eta, the scheduler's own default (0, or TCD's gamma 0.3).
+    let default_eta: f64;
     let (samples, scheduler, summary) = if text_conditioned {
         let dtype = parse_dtype(&args.dtype, &device)?;
         if args.class_label.is_some() {
@@ -254,6 +257,7 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
                 eprintln!("warning: {note}");
             }
         }
+        default_eta = pipeline.scheduler.scheduler.default_eta();
         let options = TextToImageOptions {
             prompt: args.prompt.clone().unwrap_or_default(),
             negative_prompt: args.negative_prompt.clone(),
@@ -263,7 +267,7 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
             num_images_per_prompt: args.num_images,
             height: args.height,
             width: args.width,
-            eta: args.eta,
+            eta: args.eta.unwrap_or(default_eta),
             clip_skip: args.clip_skip,
             prompt_syntax: args.prompt_syntax.parse()?,
         };
@@ -303,7 +307,9 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
             bail!("--init-image, --mask, --strength and --latents need a Stable Diffusion model; {model} is a pixel-space model");
         }
         let mut pipeline = PixelPipeline::load(&model_path, args.scheduler.as_deref(), &overrides, args.variant.as_deref(), &device)?;
-        let options = PixelOptions { num_inference_steps: args.steps, num_images: args.num_images, eta: args.eta, class_label: args.class_label };
+        default_eta = pipeline.scheduler.scheduler.default_eta();
+        let eta = args.eta.unwrap_or(default_eta);
+        let options = PixelOptions { num_inference_steps: args.steps, num_images: args.num_images, eta, class_label: args.class_label };
         pipeline.validate(&options)?;
         if !args.quiet {
             eprintln!("seed: {seed}");
@@ -322,6 +328,8 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
         scheduler_class: scheduler.0,
         scheduler_config: scheduler.1,
         scheduler_overrides: overrides,
+        eta: args.eta.unwrap_or(default_eta),
+        default_eta,
         text_conditioned,
         width: images[0].0,
         height: images[0].1,

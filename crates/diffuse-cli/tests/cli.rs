@@ -102,7 +102,7 @@ fn several_images_are_numbered_and_random_seed_is_printed() {
 fn schedulers_lists_every_name() {
     let (ok, stdout, _) = diffuse(&["schedulers"]);
     assert!(ok);
-    for name in ["ddpm", "ddim", "pndm", "lms", "euler", "euler-ancestral", "heun", "dpm++2m", "dpm++2m-karras", "dpm++2m-sde", "unipc"] {
+    for name in ["ddpm", "ddim", "pndm", "lms", "euler", "euler-ancestral", "heun", "dpm++2m", "dpm++2m-karras", "dpm++2m-sde", "unipc", "lcm", "tcd"] {
         assert!(stdout.lines().any(|l| l.split_whitespace().next() == Some(name)), "{name} missing");
     }
 }
@@ -1091,4 +1091,35 @@ fn train_a_lora_and_generate_with_it() {
 
 fn joined<'a>(a: &[&'a str], b: &[&'a str]) -> Vec<&'a str> {
     [a, b].concat()
+}
+
+#[test]
+fn tcd_gamma_defaults_to_0_3_and_lcm_refuses_more_steps_than_its_schedule() {
+    let dir = scratch("tcd-lcm");
+    let model = fixtures().join("pixel/uncond");
+    let model = model.to_str().unwrap();
+    let run = |name: &str, extra: &[&str]| -> Vec<u8> {
+        let out = dir.join(format!("{name}.png"));
+        let mut args = vec!["generate", "--model", model, "--scheduler", "tcd", "--steps", "3", "--seed", "4", "--quiet"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--output", out.to_str().unwrap()]);
+        let (ok, _, stderr) = diffuse(&args);
+        assert!(ok, "{stderr}");
+        decode_png(&out).0
+    };
+    // TCDScheduler.step's own gamma without --eta; it is not written to the infotext, so that
+    // --from gets it again.
+    let default = run("default", &[]);
+    assert!(default == run("explicit", &["--eta", "0.3"]), "--scheduler tcd without --eta must use gamma 0.3");
+    assert!(default != run("deterministic", &["--eta", "0"]));
+    assert!(!info(&dir.join("default.png")).contains("Eta DDIM"));
+    assert!(info(&dir.join("deterministic.png")).contains("Eta DDIM: 0,"));
+    assert_fails_with(
+        &["generate", "--model", model, "--scheduler", "tcd", "--eta", "1.5", "--steps", "2", "--quiet", "--output", dir.join("x.png").to_str().unwrap()],
+        "eta (gamma) must be between 0 and 1, got 1.5",
+    );
+    assert_fails_with(
+        &["generate", "--model", model, "--scheduler", "lcm", "--steps", "51", "--quiet", "--output", dir.join("x.png").to_str().unwrap()],
+        "original_inference_steps (50)",
+    );
 }

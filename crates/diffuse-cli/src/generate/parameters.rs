@@ -40,6 +40,9 @@ pub(super) struct Made {
     pub scheduler_class: String,
     pub scheduler_config: Map<String, Value>,
     pub scheduler_overrides: Vec<(String, Value)>,
+    /// The eta the scheduler used, and its default (what a run without --eta uses).
+    pub eta: f64,
+    pub default_eta: f64,
     /// Stable Diffusion (prompt, guidance, dtype) rather than a pixel-space model.
     pub text_conditioned: bool,
     pub width: usize,
@@ -76,7 +79,8 @@ pub(super) fn infotext(args: &GenerateArgs, made: &Made, index: usize) -> String
         model: args.model.as_deref().map(model_name),
         denoising_strength: args.start.effective_strength(),
         clip_skip: args.clip_skip,
-        eta: (args.eta != 0.0).then_some(args.eta),
+        // Recorded when it is not what the scheduler would use without --eta.
+        eta: (made.eta != made.default_eta).then_some(made.eta),
         guidance_rescale: (made.text_conditioned && args.guidance_rescale != 0.0).then_some(args.guidance_rescale),
         class_label: args.class_label,
         batch_size: batched.then_some(made.batch_size),
@@ -214,7 +218,7 @@ pub(super) fn recall(args: &mut GenerateArgs, matches: Option<&ArgMatches>) -> R
     fill!("steps", steps, params.steps);
     fill!("guidance_scale", guidance_scale, params.cfg_scale);
     fill!("guidance_rescale", guidance_rescale, params.guidance_rescale);
-    fill!("eta", eta, params.eta);
+    fill!("eta", eta, params.eta.map(Some));
     fill!("seed", seed, params.seed.map(Some));
     fill!("width", width, params.width.map(Some));
     fill!("height", height, params.height.map(Some));

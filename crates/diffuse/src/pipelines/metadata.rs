@@ -477,6 +477,7 @@ const A1111_SAMPLERS: &[A1111Sampler] = &[
     A1111Sampler { diffuse: "dpm++2m", a1111: "DPM++ 2M", automatic: "Karras", sigma_flags: true },
     A1111Sampler { diffuse: "dpm++2m-sde", a1111: "DPM++ 2M SDE", automatic: "Exponential", sigma_flags: true },
     A1111Sampler { diffuse: "unipc", a1111: "UniPC", automatic: "Uniform", sigma_flags: true },
+    A1111Sampler { diffuse: "lcm", a1111: "LCM", automatic: "Uniform", sigma_flags: false },
 ];
 
 /// A1111's schedule types (labels; its lowercase names are accepted too). Only Automatic,

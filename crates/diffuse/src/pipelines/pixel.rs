@@ -71,6 +71,7 @@ impl PixelPipeline {
         if !options.eta.is_finite() || options.eta < 0.0 {
             return Err(Error::invalid(format!("--eta must be a finite number ≥ 0, got {}", options.eta)));
         }
+        self.scheduler.scheduler.check_eta(options.eta)?;
         match (options.class_label, self.unet_config.num_class_embeds) {
             (Some(label), Some(n)) if label < 0 || label as usize >= n => Err(Error::invalid(format!(
                 "--class-label {label} is out of range: this model has {n} classes (0..{})",

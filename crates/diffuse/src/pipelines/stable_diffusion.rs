@@ -51,6 +51,8 @@ pub struct TextToImageOptions {
     pub num_images_per_prompt: usize,
     pub height: Option<usize>,
     pub width: Option<usize>,
+    /// DDIM's eta and TCD's gamma. diffusers' pipelines pass theirs (default 0) to TCD as
+    /// well; `Scheduler::default_eta` is TCD's own default (0.3), which the CLI uses.
     pub eta: f64,
     pub clip_skip: Option<usize>,
     /// How the prompts are read: diffusers' (truncated to 77 tokens) or AUTOMATIC1111's.
@@ -345,6 +347,7 @@ impl StableDiffusionPipeline {
                 return Err(Error::invalid(format!("{name} must be a finite number, got {value}")));
             }
         }
+        self.scheduler.scheduler.check_eta(options.eta)?;
         Ok((height, width))
     }
 

@@ -9,10 +9,12 @@ pub mod dpmsolver_multistep;
 pub mod euler_ancestral_discrete;
 pub mod euler_discrete;
 pub mod heun_discrete;
+pub mod lcm;
 pub mod lms_discrete;
 pub mod pndm;
 pub mod sigmas;
 pub mod spacing;
+pub mod tcd;
 pub mod unipc_multistep;
 
 use std::path::Path;
@@ -36,6 +38,8 @@ pub const SUPPORTED_CLASSES: &[&str] = &[
     "HeunDiscreteScheduler",
     "DPMSolverMultistepScheduler",
     "UniPCMultistepScheduler",
+    "LCMScheduler",
+    "TCDScheduler",
 ];
 
 /// Builds a scheduler of diffusers class `class_name` from a config object (a
@@ -55,6 +59,8 @@ pub fn from_config(class_name: &str, config: &Map<String, Value>, origin: &Path)
         "HeunDiscreteScheduler" => Box::new(heun_discrete::HeunDiscreteScheduler::from_config(config, origin)?),
         "DPMSolverMultistepScheduler" => Box::new(dpmsolver_multistep::DpmSolverMultistepScheduler::from_config(config, origin)?),
         "UniPCMultistepScheduler" => Box::new(unipc_multistep::UniPcMultistepScheduler::from_config(config, origin)?),
+        "LCMScheduler" => Box::new(lcm::LcmScheduler::from_config(config, origin)?),
+        "TCDScheduler" => Box::new(tcd::TcdScheduler::from_config(config, origin)?),
         other => {
             return Err(Error::config(
                 origin,
@@ -83,7 +89,7 @@ pub trait Scheduler: Send {
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor>;
 
     /// One reverse step: from the model output at `timestep` and the current sample, the
-    /// previous sample. `eta` is DDIM's stochasticity (ignored by the others); noise, when a
+    /// previous sample. `eta` is DDIM's stochasticity and TCD's gamma (ignored by the others); noise, when a
     /// scheduler needs it, is drawn from `generator` with the shape of `model_output`.
     fn step(
         &mut self,
@@ -96,6 +102,24 @@ pub trait Scheduler: Send {
 
     /// Forward noising q(x_t | x_0) at one timestep per batch item (or one for all).
     fn add_noise(&self, original_samples: &Tensor, noise: &Tensor, timesteps: &[f64]) -> Result<Tensor>;
+
+    /// The `eta` that diffusers' `step` defaults to when none is passed (TCD's gamma 0.3; 0
+    /// for the others, where it means deterministic or is ignored).
+    fn default_eta(&self) -> f64 {
+        0.0
+    }
+
+    /// Refuses an `eta` this scheduler's `step` would refuse, so pipelines can check it up front.
+    fn check_eta(&self, _eta: f64) -> Result<()> {
+        Ok(())
+    }
+
+    /// `set_timesteps` for image-to-image with the scheduler applying `strength` itself, as
+    /// diffusers' LCM and TCD do (`set_timesteps(..., strength=)`); the others are given the
+    /// full schedule and the pipeline skips its start (`get_timesteps`).
+    fn set_timesteps_with_strength(&mut self, _num_inference_steps: usize, _strength: f64) -> Result<()> {
+        Err(Error::invalid("this scheduler does not apply strength in set_timesteps; skip the first timesteps instead"))
+    }
 
     /// How many model evaluations make one step of the method (2 for Heun, 1 otherwise).
     fn order(&self) -> usize {
