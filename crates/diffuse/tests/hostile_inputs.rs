@@ -1,0 +1,108 @@
+//! Inputs that cannot hurt (issue 13): files and text from anywhere (a PNG's parameters, a
+//! prompt's `<lora:>` tags, IDX headers, LoRA files) and numbers a library caller gives give
+//! errors, not panics, path escapes, quadratic time or allocations beyond the input's size.
+//!
+//! This test binary counts allocations (the largest one made on the test's thread), so that
+//! "no allocation beyond the input's scale" is checked, not assumed.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use diffuse::training::data::{read_idx_labels, IdxDataset};
+
+struct Tracking;
+
+thread_local! {
+    static LARGEST: Cell<usize> = const { Cell::new(0) };
+}
+
+fn note(size: usize) {
+    // `try_with`: allocations while a thread is torn down are not counted.
+    let _ = LARGEST.try_with(|largest| largest.set(largest.get().max(size)));
+}
+
+unsafe impl GlobalAlloc for Tracking {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note(new_size);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Tracking = Tracking;
+
+/// What `f` returns and the largest single allocation it made on this thread.
+fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    LARGEST.with(|largest| largest.set(0));
+    let value = f();
+    (value, LARGEST.with(Cell::get))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("diffuse-hostile-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn assert_contains(text: &str, needles: &[&str]) {
+    for needle in needles {
+        assert!(text.contains(needle), "`{needle}` missing from: {text}");
+    }
+}
+fn write_file(path: &Path, bytes: &[u8]) {
+    std::fs::File::create(path).and_then(|mut f| f.write_all(bytes)).unwrap();
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+#[test]
+fn idx_headers_are_checked_against_the_file_before_anything_is_allocated() {
+    let dir = scratch("idx");
+    const SMALL: usize = 1 << 20;
+    // Labels: an 8-byte file whose header promises 4 GiB of labels, plain and gzipped (with 10).
+    let labels = dir.join("labels-idx1-ubyte");
+    write_file(&labels, &[0, 0, 8, 1, 0xff, 0xff, 0xff, 0xff]);
+    let (result, largest) = largest_allocation(|| read_idx_labels(&labels));
+    assert_contains(&result.unwrap_err().to_string(), &["labels-idx1-ubyte", "is 8 bytes long", "4294967303"]);
+    assert!(largest < SMALL, "{largest} bytes allocated for an 8-byte file");
+    let gzipped = dir.join("labels-idx1-ubyte.gz");
+    write_file(&gzipped, &gzip(&[&[0u8, 0, 8, 1, 0xff, 0xff, 0xff, 0xff][..], &[1; 10]].concat()));
+    let (result, largest) = largest_allocation(|| read_idx_labels(&gzipped));
+    assert_contains(&result.unwrap_err().to_string(), &["holds 10 labels; its header says 4294967295"]);
+    assert!(largest < SMALL, "{largest} bytes allocated for a 10-label file");
+
+    // Images whose dimensions' product overflows, and a file shorter than its header says.
+    let cache = dir.join("cache");
+    let images = dir.join("images-idx3-ubyte");
+    write_file(&images, &[0, 0, 8, 3, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+    let error = IdxDataset::open(&images, None, &cache).err().unwrap().to_string();
+    assert_contains(&error, &["images-idx3-ubyte", "overflow"]);
+    let gzipped = dir.join("images-idx3-ubyte.gz");
+    write_file(&gzipped, &gzip(&[0, 0, 8, 3, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]));
+    let error = IdxDataset::open(&gzipped, None, &cache).err().unwrap().to_string();
+    assert_contains(&error, &["images-idx3-ubyte.gz", "overflow"]);
+    write_file(&images, &[0, 0, 8, 3, 0, 0, 0x10, 0, 0, 0, 0x10, 0, 0, 0, 0x10, 0, 7]);
+    let (result, largest) = largest_allocation(|| IdxDataset::open(&images, None, &cache));
+    assert_contains(&result.err().unwrap().to_string(), &["is 17 bytes long"]);
+    assert!(largest < SMALL, "{largest} bytes allocated for a 17-byte file");
+}
