@@ -12,6 +12,7 @@ use std::cell::Cell;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use diffuse::lora::LoraFile;
 use diffuse::training::data::{read_idx_labels, IdxDataset};
 
 struct Tracking;
@@ -105,4 +106,14 @@ fn idx_headers_are_checked_against_the_file_before_anything_is_allocated() {
     let (result, largest) = largest_allocation(|| IdxDataset::open(&images, None, &cache));
     assert_contains(&result.err().unwrap().to_string(), &["is 17 bytes long"]);
     assert!(largest < SMALL, "{largest} bytes allocated for a 17-byte file");
+}
+
+#[test]
+fn lora_files_are_mapped_not_read_whole() {
+    let path = common::fixtures_dir().join("lora/peft_a.safetensors");
+    let file_len = std::fs::metadata(&path).unwrap().len() as usize;
+    let (lora, largest) = largest_allocation(|| LoraFile::open(&path).unwrap());
+    assert_eq!(lora.layers.len(), 44);
+    // The largest tensor is 1 KiB; the file, 58 KiB.
+    assert!(largest < file_len / 4, "{largest} bytes allocated at once for a LoRA file of {file_len}");
 }
