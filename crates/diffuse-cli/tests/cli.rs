@@ -1081,3 +1081,45 @@ fn train_a_lora_and_generate_with_it() {
 fn joined<'a>(a: &[&'a str], b: &[&'a str]) -> Vec<&'a str> {
     [a, b].concat()
 }
+
+// ---- Inputs that cannot hurt (issue 13) ----
+
+/// A PNG whose `parameters` chunk is `text`.
+fn png_with_parameters(path: &Path, text: &str) -> PathBuf {
+    diffuse::pipelines::write_png(path, 8, 8, 3, &[0; 8 * 8 * 3], &[("parameters", text.to_string())]).unwrap();
+    path.to_path_buf()
+}
+
+#[test]
+fn lora_names_from_pngs_and_prompts_stay_inside_the_lora_dir() {
+    let dir = scratch("lora-escape");
+    let out = dir.join("out.png");
+    let model = fixtures().join("sd/sd1");
+    let loras = dir.join("loras");
+    std::fs::create_dir_all(&loras).unwrap();
+    std::fs::copy(fixtures().join("lora/peft_a.safetensors"), dir.join("outside.safetensors")).unwrap();
+    let run = |text: &str, needle: &str| {
+        let png = png_with_parameters(&dir.join("from.png"), text);
+        assert_fails_with(
+            &[
+                "generate", "--from", png.to_str().unwrap(), "--model", model.to_str().unwrap(), "--lora-dir",
+                loras.to_str().unwrap(), "--output", out.to_str().unwrap(),
+            ],
+            needle,
+        );
+    };
+    let settings = "Steps: 2, Sampler: Euler, Seed: 1, Size: 64x64";
+    run(&format!("a cat <lora:../outside:1>\n{settings}, Prompt syntax: a1111"), "<lora:../outside:1>: the LoRA name `../outside` is not the name of a file inside");
+    let absolute = dir.join("outside");
+    run(&format!("a cat <lora:{}:1>\n{settings}, Prompt syntax: a1111", absolute.display()), "is not the name of a file inside");
+    run(&format!("a cat\n{settings}, Diffuse loras: \"../outside: 1\""), "`Diffuse loras`: the LoRA name `../outside` is not the name of a file inside");
+    // The same from the command line.
+    assert_fails_with(
+        &[
+            "generate", "--model", model.to_str().unwrap(), "--prompt", "a cat <lora:../outside:1>", "--prompt-syntax", "a1111",
+            "--lora-dir", loras.to_str().unwrap(), "--steps", "2", "--output", out.to_str().unwrap(),
+        ],
+        "is not the name of a file inside",
+    );
+    assert!(!out.exists());
+}

@@ -12,7 +12,8 @@ use std::cell::Cell;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use diffuse::lora::LoraFile;
+use diffuse::lora::{path_in_dir, LoraFile, LoraSpec};
+use diffuse::prompts::extra_networks::parse_prompt;
 use diffuse::training::data::{read_idx_labels, IdxDataset};
 
 struct Tracking;
@@ -116,4 +117,27 @@ fn lora_files_are_mapped_not_read_whole() {
     assert_eq!(lora.layers.len(), 44);
     // The largest tensor is 1 KiB; the file, 58 KiB.
     assert!(largest < file_len / 4, "{largest} bytes allocated at once for a LoRA file of {file_len}");
+}
+
+#[test]
+fn lora_names_resolve_only_inside_the_lora_dir() {
+    let dir = scratch("lora-names");
+    let loras = dir.join("loras");
+    std::fs::create_dir_all(loras.join("styles")).unwrap();
+    let fixture = common::fixtures_dir().join("lora/peft_a.safetensors");
+    std::fs::copy(&fixture, dir.join("outside.safetensors")).unwrap();
+    std::fs::copy(&fixture, loras.join("styles/inside.safetensors")).unwrap();
+    let outside = dir.join("outside");
+    let prompt = format!("<lora:../outside:1> <lora:{}:1> <lora:styles/../../outside> <lora:styles/inside:0.5>", outside.display());
+    let (_, tags) = parse_prompt(&prompt);
+    for tag in &tags[..3] {
+        let error = LoraSpec::from_tag(tag, Some(&loras)).unwrap_err().to_string();
+        assert_contains(&error, &[&tag.text, "is not the name of a file inside", loras.to_str().unwrap()]);
+    }
+    // A sub-folder of the LoRA folder is inside it.
+    let inside = LoraSpec::from_tag(&tags[3], Some(&loras)).unwrap();
+    assert_eq!(inside.path, loras.join("styles/inside.safetensors"));
+    for name in ["", ".", "./x", "..", "x/..", "/etc/passwd"] {
+        assert!(path_in_dir(&loras, name).is_err(), "`{name}` must not resolve");
+    }
 }
