@@ -11,8 +11,10 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use diffuse::lora::{path_in_dir, LoraFile, LoraSpec};
+use diffuse::pipelines::metadata::parse_infotext;
 use diffuse::prompts::extra_networks::parse_prompt;
 use diffuse::training::data::{read_idx_labels, IdxDataset};
 
@@ -141,3 +143,33 @@ fn lora_names_resolve_only_inside_the_lora_dir() {
         assert!(path_in_dir(&loras, name).is_err(), "`{name}` must not resolve");
     }
 }
+
+#[test]
+fn a_megabyte_of_infotext_parses_in_well_under_a_second() {
+    const SIZE: usize = 1 << 20;
+    let many_keys: String = (0..SIZE / 12).map(|i| format!("Key {i}: v, ")).collect();
+    let lines = [
+        // One long key-like run without `:` (the last line, so it is scanned for parameters).
+        "a".repeat(SIZE),
+        "a b-c/d ".repeat(SIZE / 8),
+        format!("x{}, y", " ".repeat(SIZE)),
+        "a:\"\\\",".repeat(SIZE / 6),
+        format!("a: \"{}", "\\x".repeat(SIZE / 2)),
+        // As many distinct settings as fit in a megabyte.
+        many_keys.clone(),
+    ];
+    for line in lines {
+        let text = format!("a cat\nNegative prompt: blurry\n{line}");
+        let start = Instant::now();
+        let parsed = parse_infotext(&text);
+        let elapsed = start.elapsed();
+        assert!(elapsed < Duration::from_millis(500), "{elapsed:?} for a line starting {:?}", &line[..20]);
+        drop(parsed);
+    }
+    let params = parse_infotext(&format!("a cat\n{many_keys}")).unwrap();
+    assert_eq!(params.extra.len(), SIZE / 12);
+    // A key given twice keeps its first place and its last value.
+    let params = parse_infotext("a cat\nSteps: 2, Foo: 1, Bar: 2, Foo: 3").unwrap();
+    assert_eq!(params.extra, vec![("Foo".to_string(), "3".to_string()), ("Bar".to_string(), "2".to_string())]);
+}
+
