@@ -13,7 +13,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use diffuse::lora::{path_in_dir, LoraFile, LoraSpec};
+use diffuse::models::clip_text::{ClipTextConfig, ClipTextModel};
 use diffuse::pipelines::metadata::parse_infotext;
 use diffuse::prompts::extra_networks::parse_prompt;
 use diffuse::training::data::{read_idx_labels, IdxDataset};
@@ -173,3 +176,22 @@ fn a_megabyte_of_infotext_parses_in_well_under_a_second() {
     assert_eq!(params.extra, vec![("Foo".to_string(), "3".to_string()), ("Bar".to_string(), "2".to_string())]);
 }
 
+#[test]
+fn clip_skip_beyond_the_encoders_layers_is_an_error() {
+    let config = ClipTextConfig {
+        vocab_size: 16,
+        hidden_size: 8,
+        intermediate_size: 16,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        max_position_embeddings: 8,
+        ..Default::default()
+    };
+    let model = ClipTextModel::new(VarBuilder::zeros(DType::F32, &Device::Cpu), &config).unwrap();
+    let ids = Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu).unwrap();
+    assert!(model.encode(&ids, Some(1)).is_ok());
+    for skip in [2, 3, usize::MAX] {
+        let error = model.encode(&ids, Some(skip)).unwrap_err().to_string();
+        assert_contains(&error, &[&format!("clip skip {skip} is too large for a text encoder with 2 layers (at most 1)")]);
+    }
+}
