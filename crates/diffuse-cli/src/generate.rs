@@ -10,7 +10,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::ArgMatches;
 use diffuse::loading::config::parse_override;
@@ -29,7 +29,8 @@ pub struct GenerateArgs {
     /// unet/, vae/, scheduler/; pixel-space DDPM: unet/, scheduler/), a single-file SD 1.x/2.x
     /// checkpoint (FILE.safetensors, original layout), or a Hugging Face repo id (ORG/NAME)
     /// found in the local Hugging Face cache (downloaded when missing, unless HF_HUB_OFFLINE=1).
-    /// With --from, defaults to the image's model when that is a repo id. Without --model, the
+    /// With --from, defaults to the image's model when that is a repo id (taken from the cache
+    /// only, unless --allow-download). Without --model, the
     /// built-in default model: a small text-to-image model trained by this project on
     /// Fashion-MNIST (32×32; prompts such as "a photo of a sneaker", "an ankle boot", "a bag").
     #[arg(long)]
@@ -119,6 +120,10 @@ pub struct GenerateArgs {
     /// AUTOMATIC1111 web UI), with the same model; flags given here win over the PNG's.
     #[arg(long, value_name = "FILE.png")]
     from: Option<PathBuf>,
+    /// With --from, download the image's model when it is missing from the Hugging Face cache
+    /// (without it, a picture never starts a download; a --model given here always may).
+    #[arg(long)]
+    allow_download: bool,
 }
 
 fn output_paths(output: &Path, count: usize) -> Result<Vec<PathBuf>> {
@@ -199,7 +204,19 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
         args.model = Some(dir.display().to_string());
     }
     let model = args.model.clone().unwrap_or_default();
-    let model_path = diffuse::loading::hub::resolve_model(&model, args.revision.as_deref(), args.variant.as_deref())?;
+    let model_path = if recalled.as_ref().is_some_and(|r| r.model_from_image) && !args.allow_download {
+        // The repo id comes from a picture, which may come from anywhere: gigabytes are
+        // downloaded only when the user asks.
+        diffuse::loading::hub::resolve_model_in_cache(&model, args.revision.as_deref(), args.variant.as_deref()).map_err(|_| {
+            anyhow!(
+                "--from {}: the image names the model {model}, which is not ready in the Hugging Face cache; \
+                 a PNG never starts a download: give --model {model} or --allow-download to download it",
+                args.from.as_deref().unwrap_or(Path::new("")).display()
+            )
+        })?
+    } else {
+        diffuse::loading::hub::resolve_model(&model, args.revision.as_deref(), args.variant.as_deref())?
+    };
     // A single file is a checkpoint to load whole; a folder is a diffusers pipeline.
     let single_file = model_path.is_file();
     if !single_file && !model_path.is_dir() {

@@ -1123,3 +1123,42 @@ fn lora_names_from_pngs_and_prompts_stay_inside_the_lora_dir() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn from_png_never_starts_a_download() {
+    let dir = scratch("from-download");
+    let out = dir.join("out.png");
+    let cache = dir.join("hub-cache");
+    // A cache with one repo; a Hub that cannot be reached (a download would fail at once).
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo = cache.join("models--diffuse-test--cached");
+    copy_dir(&fixtures().join("pixel/uncond"), &repo.join("snapshots").join(commit));
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let run = |png: &Path, extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_diffuse"))
+            .args(["generate", "--from", png.to_str().unwrap(), "--quiet", "--output", out.to_str().unwrap()])
+            .args(extra)
+            .env("HF_HUB_CACHE", &cache)
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("TRANSFORMERS_OFFLINE")
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .env("DIFFUSE_CACHE_DIR", dir.join("diffuse-cache"))
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let missing = png_with_parameters(&dir.join("missing.png"), "Steps: 2, Sampler: DDIM, Seed: 1, Model: diffuse-test/not-in-cache");
+    let (ok, stderr) = run(&missing, &[]);
+    assert!(!ok && !stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("a PNG never starts a download") && stderr.contains("--allow-download"), "{stderr}");
+    assert!(!stderr.contains("downloading it failed"), "no download may be tried: {stderr}");
+    // Asked for, the download is tried (and fails: there is no Hub here).
+    let (ok, stderr) = run(&missing, &["--allow-download"]);
+    assert!(!ok && stderr.contains("downloading it failed"), "{stderr}");
+    // A repo in the cache is used as it is.
+    let cached = png_with_parameters(&dir.join("cached.png"), "Steps: 2, Sampler: DDIM, Seed: 1, Model: diffuse-test/cached");
+    let (ok, stderr) = run(&cached, &[]);
+    assert!(ok, "{stderr}");
+    assert!(out.is_file());
+}
