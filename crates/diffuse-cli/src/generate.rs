@@ -126,7 +126,7 @@ pub struct GenerateArgs {
     allow_download: bool,
 }
 
-fn output_paths(output: &Path, count: usize) -> Result<Vec<PathBuf>> {
+fn check_output(output: &Path) -> Result<()> {
     if output.extension().and_then(|e| e.to_str()).map(|e| e.eq_ignore_ascii_case("png")) != Some(true) {
         bail!("--output {} must end in .png", output.display());
     }
@@ -134,11 +134,17 @@ fn output_paths(output: &Path, count: usize) -> Result<Vec<PathBuf>> {
     if !parent.is_dir() {
         bail!("--output {}: the folder {} does not exist", output.display(), parent.display());
     }
+    Ok(())
+}
+
+/// The path of image `index` of the `count` a run writes (named when written, so that no list
+/// is sized by a number the user gave).
+fn output_path(output: &Path, count: usize, index: usize) -> PathBuf {
     if count == 1 {
-        return Ok(vec![output.to_path_buf()]);
+        return output.to_path_buf();
     }
     let stem = output.file_stem().unwrap_or_default().to_string_lossy();
-    Ok((0..count).map(|i| output.with_file_name(format!("{stem}-{i}.png"))).collect())
+    output.with_file_name(format!("{stem}-{index}.png"))
 }
 
 fn random_seed() -> u64 {
@@ -189,7 +195,12 @@ pub(crate) fn parse_dtype(name: &str, device: &Device) -> Result<DType> {
 pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
     let recalled = parameters::recall(&mut args, matches)?;
     let keep = recalled.as_ref().and_then(|r| r.keep);
-    let paths = output_paths(&args.output, if keep.is_some() { 1 } else { args.num_images })?;
+    // The numbers first (--from may have set them): the pipeline checks that the batch fits.
+    if args.num_images == 0 {
+        bail!("--num-images must be at least 1");
+    }
+    check_output(&args.output)?;
+    let written = if keep.is_some() { 1 } else { args.num_images };
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
@@ -350,10 +361,11 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
         Some(index) => vec![index],
         None => (0..images.len()).collect(),
     };
-    for (path, index) in paths.iter().zip(indices) {
+    for (i, index) in indices.into_iter().enumerate() {
         let (width, height, channels, pixels) = &images[index];
         let text = parameters::infotext(&args, &made, index);
-        write_png(path, *width, *height, *channels, pixels, &[("parameters", text)])?;
+        let path = output_path(&args.output, written, i);
+        write_png(&path, *width, *height, *channels, pixels, &[("parameters", text)])?;
         println!("{}", path.display());
     }
     if !args.quiet {

@@ -1162,3 +1162,23 @@ fn from_png_never_starts_a_download() {
     assert!(ok, "{stderr}");
     assert!(out.is_file());
 }
+
+#[test]
+fn num_images_is_checked_first_and_without_overflow() {
+    let dir = scratch("num-images");
+    let out = dir.join("out.png");
+    let out_s = out.to_str().unwrap();
+    assert_fails_with(&["generate", "--model", "nowhere", "--num-images", "0", "--output", out_s], "--num-images must be at least 1");
+    let pixel = fixtures().join("pixel/uncond");
+    let sd = fixtures().join("sd/sd1");
+    for model in [&pixel, &sd] {
+        for count in ["18446744073709551615", "9223372036854775808", "4611686018427387904"] {
+            let args = ["generate", "--model", model.to_str().unwrap(), "--num-images", count, "--steps", "2", "--output", out_s];
+            assert_fails_with(&args, "too large for this machine's memory");
+        }
+    }
+    // A PNG's batch size is a number from a file.
+    let png = png_with_parameters(&dir.join("batch.png"), "a cat\nSteps: 2, Sampler: Euler, Seed: 1, Size: 64x64, Batch size: 18446744073709551615, Batch pos: 3");
+    assert_fails_with(&["generate", "--from", png.to_str().unwrap(), "--model", sd.to_str().unwrap(), "--output", out_s], "too large");
+    assert!(!out.exists());
+}

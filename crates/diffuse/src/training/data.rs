@@ -758,7 +758,13 @@ impl DataLoader {
             bail!("the batch size must be at least 1");
         }
         let spec = self.spec;
-        let mut values = Vec::with_capacity(batch_size * spec.channels * spec.height * spec.width);
+        // The batch size is the caller's number: sized with checked arithmetic, and reserved
+        // fallibly, so that an impossible batch is an error rather than an abort.
+        let len = [spec.channels, spec.height, spec.width].iter().try_fold(batch_size, |product, &n| product.checked_mul(n));
+        let mut values = Vec::new();
+        if len.is_none_or(|len| values.try_reserve_exact(len).is_err()) {
+            bail!("a batch of {batch_size} images of {}×{}×{} is too large for this machine's memory", spec.channels, spec.height, spec.width);
+        }
         let mut labels = Vec::with_capacity(batch_size);
         let mut captions = Vec::with_capacity(batch_size);
         for _ in 0..batch_size {
