@@ -366,7 +366,7 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
         let text = parameters::infotext(&args, &made, index);
         let path = output_path(&args.output, written, i);
         write_png(&path, *width, *height, *channels, pixels, &[("parameters", text)])?;
-        println!("{}", path.display());
+        outln!("{}", path.display());
     }
     if !args.quiet {
         let total = start.elapsed().as_secs_f64();

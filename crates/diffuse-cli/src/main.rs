@@ -1,6 +1,33 @@
 //! `diffuse`: the command line over the diffuse library. Each subcommand lives in its own
 //! module; this file only parses and dispatches.
 
+/// `println!` for a command's output. When stdout is closed (`diffuse info FILE | head`) the
+/// process ends quietly, as a Unix tool stopped by SIGPIPE does, rather than panicking (Rust
+/// ignores SIGPIPE, so `println!` panics on the write error).
+macro_rules! outln {
+    () => {
+        $crate::print_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::print_line(format_args!($($arg)*))
+    };
+}
+
+fn print_line(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let written = {
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_fmt(line).and_then(|()| stdout.write_all(b"\n"))
+    };
+    if let Err(e) = written {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
 mod bench;
 mod evaluate;
 mod generate;
@@ -58,7 +85,7 @@ fn main() {
         Command::Evaluate(args) => evaluate::run(*args),
         Command::Schedulers => {
             for (name, class, _, description) in SCHEDULER_NAMES {
-                println!("{name:<16} {description} [{class}]");
+                outln!("{name:<16} {description} [{class}]");
             }
             Ok(())
         }

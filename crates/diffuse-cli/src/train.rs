@@ -710,7 +710,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         eprintln!("  {:<30} {:>8.2}s {:>5.1}%", "other", total - accounted, 100.0 * (total - accounted) / total);
     }
     if let Some(dir) = summary.exported {
-        println!("{}", dir.display());
+        outln!("{}", dir.display());
     }
     Ok(())
 }

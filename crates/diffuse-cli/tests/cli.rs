@@ -1182,3 +1182,47 @@ fn num_images_is_checked_first_and_without_overflow() {
     assert_fails_with(&["generate", "--from", png.to_str().unwrap(), "--model", sd.to_str().unwrap(), "--output", out_s], "too large");
     assert!(!out.exists());
 }
+
+/// Runs `diffuse` with stdout closed before it writes, waiting at most `limit`.
+fn diffuse_into_closed_pipe(args: &[&str], limit: std::time::Duration) -> (std::process::ExitStatus, String) {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_diffuse"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("diffuse {args:?} still ran after {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    (status, stderr)
+}
+
+#[test]
+fn a_closed_stdout_ends_every_command_quietly_and_long_infotexts_are_fast() {
+    let dir = scratch("epipe");
+    // A megabyte of parameters, its last line without `:` (the scanner's worst case once).
+    let text = format!("a cat\nSteps: 2, Seed: 1, Size: 8x8\n{}", "a".repeat(1 << 20));
+    let png = png_with_parameters(&dir.join("big.png"), &text);
+    let limit = std::time::Duration::from_secs(20);
+    for args in [&["info", png.to_str().unwrap()][..], &["info", "--json", png.to_str().unwrap()], &["schedulers"]] {
+        let (status, stderr) = diffuse_into_closed_pipe(args, limit);
+        assert!(status.success() && stderr.is_empty(), "diffuse {args:?}: {status}, {stderr}");
+    }
+    let start = std::time::Instant::now();
+    let (ok, stdout, stderr) = diffuse(&["info", "--json", png.to_str().unwrap()]);
+    assert!(ok && stdout.contains("\"prompt\""), "{stderr}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(5), "{:?}", start.elapsed());
+}
