@@ -52,8 +52,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate images: text-to-image with a Stable Diffusion folder, or unconditional /
-    /// class-conditional sampling with a pixel-space DDPM folder.
+    /// Generate images: text-to-image, image-to-image (--init-image) and inpainting (--mask)
+    /// with a Stable Diffusion model (a diffusers folder, a single checkpoint file, a repo id or
+    /// the built-in model; LoRAs with --lora), or unconditional / class-conditional sampling
+    /// with a pixel-space DDPM folder; --from makes a PNG's image again.
     Generate(Box<generate::GenerateArgs>),
     /// DDIM inversion: the latents from which `generate --latents FILE --scheduler ddim`
     /// (same prompt, steps and guidance) gives the image back.
@@ -63,13 +65,17 @@ enum Command {
     /// Print the generation parameters stored in a PNG (by diffuse or the AUTOMATIC1111 web UI).
     Info(info::InfoArgs),
     /// Time the text encoder, one UNet step and one VAE decode (random weights for a named
-    /// standard config, or a real model folder).
+    /// standard config, or a real model folder), or with --train one training step.
     Bench(bench::BenchArgs),
-    /// Train a pixel-space UNet2DModel (unconditional or class-conditional) from scratch and
-    /// write it as a diffusers DDPMPipeline folder.
+    /// Train on IDX files or an image folder and write a diffusers folder: a pixel-space
+    /// UNet2DModel (--kind pixel, a DDPMPipeline), an AutoencoderKL (--kind autoencoder), or a
+    /// text-to-image model in a trained autoencoder's latents (--kind text-to-image, a
+    /// StableDiffusionPipeline); or fine-tune a Stable Diffusion pipeline (--base), or train
+    /// LoRA adapters on it (--lora-rank).
     Train(Box<train::TrainArgs>),
     /// Judge a Fashion-MNIST text-to-image model with a classifier trained on Fashion-MNIST:
-    /// how often it draws the prompted class, and the Fréchet distance to the test set.
+    /// how often it draws the prompted class, and the Fréchet distance to the test set
+    /// (--train-classifier trains that classifier first).
     Evaluate(Box<evaluate::EvaluateArgs>),
 }
 

@@ -1226,3 +1226,24 @@ fn a_closed_stdout_ends_every_command_quietly_and_long_infotexts_are_fast() {
     assert!(ok && stdout.contains("\"prompt\""), "{stderr}");
     assert!(start.elapsed() < std::time::Duration::from_secs(5), "{:?}", start.elapsed());
 }
+
+#[test]
+fn help_says_what_each_subcommand_does() {
+    let about = |command: &str| {
+        let (ok, stdout, stderr) = diffuse(&[command, "--help"]);
+        assert!(ok, "{stderr}");
+        stdout.split("Usage:").next().unwrap().replace('\n', " ")
+    };
+    let train = about("train");
+    for needle in ["pixel-space UNet2DModel", "AutoencoderKL", "text-to-image", "--base", "LoRA adapters"] {
+        assert!(train.contains(needle), "`train --help` should mention {needle}: {train}");
+    }
+    let generate = about("generate");
+    for needle in ["text-to-image", "image-to-image", "inpainting", "single checkpoint file", "pixel-space", "--from"] {
+        assert!(generate.contains(needle), "`generate --help` should mention {needle}: {generate}");
+    }
+    assert!(about("bench").contains("training step"));
+    assert!(about("evaluate").contains("--train-classifier"));
+    let (_, train_help, _) = diffuse(&["train", "--help"]);
+    assert!(train_help.contains("StableDiffusionPipeline (text-to-image), or the LoRA files"), "--output: {train_help}");
+}
