@@ -1172,7 +1172,7 @@ fn num_images_is_checked_first_and_without_overflow() {
     let pixel = fixtures().join("pixel/uncond");
     let sd = fixtures().join("sd/sd1");
     for model in [&pixel, &sd] {
-        for count in ["18446744073709551615", "9223372036854775808", "4611686018427387904"] {
+        for count in ["18446744073709551615", "9223372036854775808", "4611686018427387904", "100000000"] {
             let args = ["generate", "--model", model.to_str().unwrap(), "--num-images", count, "--steps", "2", "--output", out_s];
             assert_fails_with(&args, "too large for this machine's memory");
         }

@@ -319,7 +319,10 @@ impl StableDiffusionPipeline {
         let latent_pixels = (height / factor) as f64 * (width / factor) as f64;
         let per_pass = options.num_images_per_prompt as f64 * if options.guidance_scale > 1.0 { 2.0 } else { 1.0 };
         let score_bytes = latent_pixels * latent_pixels * per_pass * 4.0;
-        if width > 16384 || height > 16384 || score_bytes > 64.0 * (1u64 << 30) as f64 {
+        // The prompt embeddings are repeated per image too (the larger for small images).
+        let text = &self.text_encoder.config;
+        let embedding_bytes = per_pass * (text.max_position_embeddings * text.hidden_size) as f64 * 4.0;
+        if width > 16384 || height > 16384 || score_bytes.max(embedding_bytes) > 64.0 * (1u64 << 30) as f64 {
             return Err(Error::invalid(format!(
                 "{width}x{height} with {per_pass} images per UNet pass is too large for this machine's memory"
             )));
