@@ -142,7 +142,7 @@ fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<(Vec<f64>, f64
 
 fn report(what: &str, (times, warm_up): &(Vec<f64>, f64), profile: bool) {
     let median = times[times.len() / 2];
-    println!(
+    outln!(
         "{what}: median {median:.3}s min {:.3}s max {:.3}s (n={}) peak RSS {:.2} GB",
         times[0],
         times[times.len() - 1],
@@ -157,9 +157,9 @@ fn report(what: &str, (times, warm_up): &(Vec<f64>, f64), profile: bool) {
         for (name, time, calls) in diffuse::ops::profile::totals() {
             let seconds = time.as_secs_f64();
             accounted += seconds;
-            println!("  {name:<30} {:>8.3}s per run {:>5.1}%  ({} calls per run)", seconds / runs, 100.0 * seconds / total, calls as f64 / runs);
+            outln!("  {name:<30} {:>8.3}s per run {:>5.1}%  ({} calls per run)", seconds / runs, 100.0 * seconds / total, calls as f64 / runs);
         }
-        println!("  {:<30} {:>8.3}s per run {:>5.1}%", "other (element-wise, copies)", (total - accounted).max(0.0) / runs, 100.0 * (total - accounted).max(0.0) / total);
+        outln!("  {:<30} {:>8.3}s per run {:>5.1}%", "other (element-wise, copies)", (total - accounted).max(0.0) / runs, 100.0 * (total - accounted).max(0.0) / total);
         diffuse::ops::profile::reset();
     }
 }
@@ -217,7 +217,7 @@ fn run_training(args: &BenchArgs, kind: &str, device: &Device) -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&Value::Object(bench.config.clone()))?)?;
     }
     let threads = candle_core::utils::get_num_threads();
-    println!(
+    outln!(
         "diffuse {} train {kind}: {} parameters, batch {}, f32, threads {threads}",
         env!("CARGO_PKG_VERSION"),
         bench.parameters.num_values(),
@@ -258,11 +258,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if args.kernels {
         let threads = candle_core::utils::get_num_threads();
-        println!("diffuse {} kernels {} threads {threads}", env!("CARGO_PKG_VERSION"), diffuse::ops::gemm::isa().name());
+        outln!("diffuse {} kernels {} threads {threads}", env!("CARGO_PKG_VERSION"), diffuse::ops::gemm::isa().name());
         let rates = diffuse::ops::probe::rates(args.runs.max(1));
         let peak = rates[0].gflops;
         for rate in &rates {
-            println!("{:<48} {:>8.1} GFLOP/s {:>5.1}% of peak", rate.name, rate.gflops, 100.0 * rate.gflops / peak);
+            outln!("{:<48} {:>8.1} GFLOP/s {:>5.1}% of peak", rate.name, rate.gflops, 100.0 * rate.gflops / peak);
         }
         return Ok(());
     }
@@ -276,7 +276,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let label = args.model.as_ref().map(|d| d.display().to_string()).unwrap_or_else(|| args.config.clone());
     let threads = candle_core::utils::get_num_threads();
-    println!(
+    outln!(
         "diffuse {} {label} {}x{} {} threads {threads} kernels {}",
         env!("CARGO_PKG_VERSION"),
         args.size,

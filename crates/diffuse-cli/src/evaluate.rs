@@ -192,7 +192,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, text + "\n").with_context(|| format!("--json {}", path.display()))?;
-        println!("wrote {}", path.display());
+        outln!("wrote {}", path.display());
     }
     if let Some(dir) = &args.save_images {
         for (word, class_images) in args.class_words.iter().zip(&images) {
@@ -201,7 +201,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
                 write_png(&path, width, height, channels, &pixels, &[])?;
             }
         }
-        println!("wrote the generated images to {}", dir.display());
+        outln!("wrote the generated images to {}", dir.display());
     }
     Ok(())
 }
@@ -228,16 +228,16 @@ fn train(args: &EvaluateArgs, data: &FashionMnist, device: &Device) -> Result<()
         test_bar.set_position(done as u64);
     })?;
     test_bar.finish_and_clear();
-    println!("classifier written to {}", args.classifier.display());
-    println!("test accuracy: {:.2}%", 100.0 * accuracy.overall());
+    outln!("classifier written to {}", args.classifier.display());
+    outln!("test accuracy: {:.2}%", 100.0 * accuracy.overall());
     for (name, value) in CLASS_NAMES.iter().zip(accuracy.per_class()) {
-        println!("  {name:<12} {:>6.2}%", 100.0 * value);
+        outln!("  {name:<12} {:>6.2}%", 100.0 * value);
     }
     Ok(())
 }
 
 fn print_report(report: &EvaluationReport) {
-    println!(
+    outln!(
         "model {} ({}, {} steps, guidance {}), {} images per class{}",
         report.model,
         report.scheduler,
@@ -250,14 +250,14 @@ fn print_report(report: &EvaluationReport) {
             String::new()
         }
     );
-    println!();
-    println!("{:<12} {:<26} {:>10} {:>10}  most often mistaken for", "class", "prompt", "test acc.", "generated");
+    outln!();
+    outln!("{:<12} {:<26} {:>10} {:>10}  most often mistaken for", "class", "prompt", "test acc.", "generated");
     for class in &report.classes {
         let confused = match &class.most_confused_with {
             Some((name, count)) => format!("{name} ({count})"),
             None => String::new(),
         };
-        println!(
+        outln!(
             "{:<12} {:<26} {:>9.1}% {:>9.1}%  {confused}",
             class.name,
             class.prompt,
@@ -265,28 +265,28 @@ fn print_report(report: &EvaluationReport) {
             100.0 * class.generated_accuracy
         );
     }
-    println!();
+    outln!();
     let rows = [
         (format!("classifier accuracy on the {} real test images", report.num_test), report.classifier_test_accuracy),
         (format!("generated images classified as their prompted class ({})", report.num_generated), report.generated_accuracy),
     ];
     let width = rows.iter().map(|(label, _)| label.chars().count()).max().unwrap_or(0);
     for (label, value) in rows {
-        println!("{label:<width$} {:>7.2}%", 100.0 * value);
+        outln!("{label:<width$} {:>7.2}%", 100.0 * value);
     }
-    println!(
+    outln!(
         "ratio generated / test: {:.3} (passes at {} or more): {}",
         report.ratio,
         report.pass_ratio,
         if report.passed { "PASS" } else { "FAIL" }
     );
-    println!("Fréchet distance in the classifier's feature space:");
+    outln!("Fréchet distance in the classifier's feature space:");
     let rows = [
         (format!("generated ({}) vs test ({})", report.num_generated, report.num_test), report.frechet_generated_test),
         (format!("training subset ({}) vs test ({})", report.num_train_subset, report.num_test), report.frechet_train_test),
     ];
     let width = rows.iter().map(|(label, _)| label.chars().count()).max().unwrap_or(0);
     for (label, value) in rows {
-        println!("  {label:<width$} {value:>10.3}");
+        outln!("  {label:<width$} {value:>10.3}");
     }
 }

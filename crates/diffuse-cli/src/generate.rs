@@ -10,7 +10,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::ArgMatches;
 use diffuse::loading::config::parse_override;
@@ -29,7 +29,8 @@ pub struct GenerateArgs {
     /// unet/, vae/, scheduler/; pixel-space DDPM: unet/, scheduler/), a single-file SD 1.x/2.x
     /// checkpoint (FILE.safetensors, original layout), or a Hugging Face repo id (ORG/NAME)
     /// found in the local Hugging Face cache (downloaded when missing, unless HF_HUB_OFFLINE=1).
-    /// With --from, defaults to the image's model when that is a repo id. Without --model, the
+    /// With --from, defaults to the image's model when that is a repo id (taken from the cache
+    /// only, unless --allow-download). Without --model, the
     /// built-in default model: a small text-to-image model trained by this project on
     /// Fashion-MNIST (32×32; prompts such as "a photo of a sneaker", "an ankle boot", "a bag").
     #[arg(long)]
@@ -120,9 +121,13 @@ pub struct GenerateArgs {
     /// AUTOMATIC1111 web UI), with the same model; flags given here win over the PNG's.
     #[arg(long, value_name = "FILE.png")]
     from: Option<PathBuf>,
+    /// With --from, download the image's model when it is missing from the Hugging Face cache
+    /// (without it, a picture never starts a download; a --model given here always may).
+    #[arg(long)]
+    allow_download: bool,
 }
 
-fn output_paths(output: &Path, count: usize) -> Result<Vec<PathBuf>> {
+fn check_output(output: &Path) -> Result<()> {
     if output.extension().and_then(|e| e.to_str()).map(|e| e.eq_ignore_ascii_case("png")) != Some(true) {
         bail!("--output {} must end in .png", output.display());
     }
@@ -130,11 +135,17 @@ fn output_paths(output: &Path, count: usize) -> Result<Vec<PathBuf>> {
     if !parent.is_dir() {
         bail!("--output {}: the folder {} does not exist", output.display(), parent.display());
     }
+    Ok(())
+}
+
+/// The path of image `index` of the `count` a run writes (named when written, so that no list
+/// is sized by a number the user gave).
+fn output_path(output: &Path, count: usize, index: usize) -> PathBuf {
     if count == 1 {
-        return Ok(vec![output.to_path_buf()]);
+        return output.to_path_buf();
     }
     let stem = output.file_stem().unwrap_or_default().to_string_lossy();
-    Ok((0..count).map(|i| output.with_file_name(format!("{stem}-{i}.png"))).collect())
+    output.with_file_name(format!("{stem}-{index}.png"))
 }
 
 fn random_seed() -> u64 {
@@ -185,7 +196,12 @@ pub(crate) fn parse_dtype(name: &str, device: &Device) -> Result<DType> {
 pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
     let recalled = parameters::recall(&mut args, matches)?;
     let keep = recalled.as_ref().and_then(|r| r.keep);
-    let paths = output_paths(&args.output, if keep.is_some() { 1 } else { args.num_images })?;
+    // The numbers first (--from may have set them): the pipeline checks that the batch fits.
+    if args.num_images == 0 {
+        bail!("--num-images must be at least 1");
+    }
+    check_output(&args.output)?;
+    let written = if keep.is_some() { 1 } else { args.num_images };
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
@@ -200,7 +216,19 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
         args.model = Some(dir.display().to_string());
     }
     let model = args.model.clone().unwrap_or_default();
-    let model_path = diffuse::loading::hub::resolve_model(&model, args.revision.as_deref(), args.variant.as_deref())?;
+    let model_path = if recalled.as_ref().is_some_and(|r| r.model_from_image) && !args.allow_download {
+        // The repo id comes from a picture, which may come from anywhere: gigabytes are
+        // downloaded only when the user asks.
+        diffuse::loading::hub::resolve_model_in_cache(&model, args.revision.as_deref(), args.variant.as_deref()).map_err(|_| {
+            anyhow!(
+                "--from {}: the image names the model {model}, which is not ready in the Hugging Face cache; \
+                 a PNG never starts a download: give --model {model} or --allow-download to download it",
+                args.from.as_deref().unwrap_or(Path::new("")).display()
+            )
+        })?
+    } else {
+        diffuse::loading::hub::resolve_model(&model, args.revision.as_deref(), args.variant.as_deref())?
+    };
     // A single file is a checkpoint to load whole; a folder is a diffusers pipeline.
     let single_file = model_path.is_file();
     if !single_file && !model_path.is_dir() {
@@ -341,11 +369,12 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
         Some(index) => vec![index],
         None => (0..images.len()).collect(),
     };
-    for (path, index) in paths.iter().zip(indices) {
+    for (i, index) in indices.into_iter().enumerate() {
         let (width, height, channels, pixels) = &images[index];
         let text = parameters::infotext(&args, &made, index);
-        write_png(path, *width, *height, *channels, pixels, &[("parameters", text)])?;
-        println!("{}", path.display());
+        let path = output_path(&args.output, written, i);
+        write_png(&path, *width, *height, *channels, pixels, &[("parameters", text)])?;
+        outln!("{}", path.display());
     }
     if !args.quiet {
         let total = start.elapsed().as_secs_f64();

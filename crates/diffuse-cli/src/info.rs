@@ -22,9 +22,9 @@ pub fn run(args: InfoArgs) -> Result<()> {
     })?;
     if args.json {
         let params = parse_infotext(&text).with_context(|| args.file.display().to_string())?;
-        println!("{}", serde_json::to_string_pretty(&params)?);
+        outln!("{}", serde_json::to_string_pretty(&params)?);
     } else {
-        println!("{text}");
+        outln!("{text}");
     }
     Ok(())
 }

@@ -148,7 +148,7 @@ pub fn run(args: InvertArgs) -> Result<()> {
         metadata.push(("negative_prompt", negative.clone()));
     }
     save_latents(output, &latents, &metadata)?;
-    println!("{}", output.display());
+    outln!("{}", output.display());
     if !args.quiet {
         let overrides: String = args.scheduler_config.iter().map(|o| format!(" --scheduler-config {o}")).collect();
         eprintln!(

@@ -1,6 +1,33 @@
 //! `diffuse`: the command line over the diffuse library. Each subcommand lives in its own
 //! module; this file only parses and dispatches.
 
+/// `println!` for a command's output. When stdout is closed (`diffuse info FILE | head`) the
+/// process ends quietly, as a Unix tool stopped by SIGPIPE does, rather than panicking (Rust
+/// ignores SIGPIPE, so `println!` panics on the write error).
+macro_rules! outln {
+    () => {
+        $crate::print_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::print_line(format_args!($($arg)*))
+    };
+}
+
+fn print_line(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let written = {
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_fmt(line).and_then(|()| stdout.write_all(b"\n"))
+    };
+    if let Err(e) = written {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
 mod bench;
 mod evaluate;
 mod generate;
@@ -35,8 +62,10 @@ fn parse_threads(value: &str) -> Result<usize, String> {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate images: text-to-image with a Stable Diffusion folder, or unconditional /
-    /// class-conditional sampling with a pixel-space DDPM folder.
+    /// Generate images: text-to-image, image-to-image (--init-image) and inpainting (--mask)
+    /// with a Stable Diffusion model (a diffusers folder, a single checkpoint file, a repo id or
+    /// the built-in model; LoRAs with --lora), or unconditional / class-conditional sampling
+    /// with a pixel-space DDPM folder; --from makes a PNG's image again.
     Generate(Box<generate::GenerateArgs>),
     /// DDIM inversion: the latents from which `generate --latents FILE --scheduler ddim`
     /// (same prompt, steps and guidance) gives the image back.
@@ -46,13 +75,17 @@ enum Command {
     /// Print the generation parameters stored in a PNG (by diffuse or the AUTOMATIC1111 web UI).
     Info(info::InfoArgs),
     /// Time the text encoder, one UNet step and one VAE decode (random weights for a named
-    /// standard config, or a real model folder).
+    /// standard config, or a real model folder), or with --train one training step.
     Bench(bench::BenchArgs),
-    /// Train a pixel-space UNet2DModel (unconditional or class-conditional) from scratch and
-    /// write it as a diffusers DDPMPipeline folder.
+    /// Train on IDX files or an image folder and write a diffusers folder: a pixel-space
+    /// UNet2DModel (--kind pixel, a DDPMPipeline), an AutoencoderKL (--kind autoencoder), or a
+    /// text-to-image model in a trained autoencoder's latents (--kind text-to-image, a
+    /// StableDiffusionPipeline); or fine-tune a Stable Diffusion pipeline (--base), or train
+    /// LoRA adapters on it (--lora-rank).
     Train(Box<train::TrainArgs>),
     /// Judge a Fashion-MNIST text-to-image model with a classifier trained on Fashion-MNIST:
-    /// how often it draws the prompted class, and the Fréchet distance to the test set.
+    /// how often it draws the prompted class, and the Fréchet distance to the test set
+    /// (--train-classifier trains that classifier first).
     Evaluate(Box<evaluate::EvaluateArgs>),
 }
 
@@ -74,7 +107,7 @@ fn main() {
         Command::Evaluate(args) => evaluate::run(*args),
         Command::Schedulers => {
             for (name, class, _, description) in SCHEDULER_NAMES {
-                println!("{name:<16} {description} [{class}]");
+                outln!("{name:<16} {description} [{class}]");
             }
             Ok(())
         }

@@ -81,7 +81,8 @@ pub struct TrainArgs {
     data: PathBuf,
     /// The folder to write into: checkpoints/, samples/, loss.csv, loss.png, data-cache/ (a
     /// decompressed copy of gzipped IDX data) and, at the end, the trained model as a diffusers
-    /// DDPMPipeline (model_index.json, unet/, scheduler/).
+    /// folder: a DDPMPipeline (pixel), an AutoencoderKL (autoencoder), a
+    /// StableDiffusionPipeline (text-to-image), or the LoRA files (--lora-rank).
     #[arg(long)]
     output: PathBuf,
     /// With IDX data: the labels file (default: the *-labels-idx1-ubyte[.gz] file beside --data).
@@ -710,7 +711,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         eprintln!("  {:<30} {:>8.2}s {:>5.1}%", "other", total - accounted, 100.0 * (total - accounted) / total);
     }
     if let Some(dir) = summary.exported {
-        println!("{}", dir.display());
+        outln!("{}", dir.display());
     }
     Ok(())
 }

@@ -1123,3 +1123,169 @@ fn tcd_gamma_defaults_to_0_3_and_lcm_refuses_more_steps_than_its_schedule() {
         "original_inference_steps (50)",
     );
 }
+
+// ---- Inputs that cannot hurt (issue 13) ----
+
+/// A PNG whose `parameters` chunk is `text`.
+fn png_with_parameters(path: &Path, text: &str) -> PathBuf {
+    diffuse::pipelines::write_png(path, 8, 8, 3, &[0; 8 * 8 * 3], &[("parameters", text.to_string())]).unwrap();
+    path.to_path_buf()
+}
+
+#[test]
+fn lora_names_from_pngs_and_prompts_stay_inside_the_lora_dir() {
+    let dir = scratch("lora-escape");
+    let out = dir.join("out.png");
+    let model = fixtures().join("sd/sd1");
+    let loras = dir.join("loras");
+    std::fs::create_dir_all(&loras).unwrap();
+    std::fs::copy(fixtures().join("lora/peft_a.safetensors"), dir.join("outside.safetensors")).unwrap();
+    let run = |text: &str, needle: &str| {
+        let png = png_with_parameters(&dir.join("from.png"), text);
+        assert_fails_with(
+            &[
+                "generate", "--from", png.to_str().unwrap(), "--model", model.to_str().unwrap(), "--lora-dir",
+                loras.to_str().unwrap(), "--output", out.to_str().unwrap(),
+            ],
+            needle,
+        );
+    };
+    let settings = "Steps: 2, Sampler: Euler, Seed: 1, Size: 64x64";
+    run(&format!("a cat <lora:../outside:1>\n{settings}, Prompt syntax: a1111"), "<lora:../outside:1>: the LoRA name `../outside` is not the name of a file inside");
+    let absolute = dir.join("outside");
+    run(&format!("a cat <lora:{}:1>\n{settings}, Prompt syntax: a1111", absolute.display()), "is not the name of a file inside");
+    run(&format!("a cat\n{settings}, Diffuse loras: \"../outside: 1\""), "`Diffuse loras`: the LoRA name `../outside` is not the name of a file inside");
+    // The same from the command line.
+    assert_fails_with(
+        &[
+            "generate", "--model", model.to_str().unwrap(), "--prompt", "a cat <lora:../outside:1>", "--prompt-syntax", "a1111",
+            "--lora-dir", loras.to_str().unwrap(), "--steps", "2", "--output", out.to_str().unwrap(),
+        ],
+        "is not the name of a file inside",
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn from_png_never_starts_a_download() {
+    let dir = scratch("from-download");
+    let out = dir.join("out.png");
+    let cache = dir.join("hub-cache");
+    // A cache with one repo; a Hub that cannot be reached (a download would fail at once).
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo = cache.join("models--diffuse-test--cached");
+    copy_dir(&fixtures().join("pixel/uncond"), &repo.join("snapshots").join(commit));
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let run = |png: &Path, extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_diffuse"))
+            .args(["generate", "--from", png.to_str().unwrap(), "--quiet", "--output", out.to_str().unwrap()])
+            .args(extra)
+            .env("HF_HUB_CACHE", &cache)
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("TRANSFORMERS_OFFLINE")
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .env("DIFFUSE_CACHE_DIR", dir.join("diffuse-cache"))
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let missing = png_with_parameters(&dir.join("missing.png"), "Steps: 2, Sampler: DDIM, Seed: 1, Model: diffuse-test/not-in-cache");
+    let (ok, stderr) = run(&missing, &[]);
+    assert!(!ok && !stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("a PNG never starts a download") && stderr.contains("--allow-download"), "{stderr}");
+    assert!(!stderr.contains("downloading it failed"), "no download may be tried: {stderr}");
+    // Asked for, the download is tried (and fails: there is no Hub here).
+    let (ok, stderr) = run(&missing, &["--allow-download"]);
+    assert!(!ok && stderr.contains("downloading it failed"), "{stderr}");
+    // A repo in the cache is used as it is.
+    let cached = png_with_parameters(&dir.join("cached.png"), "Steps: 2, Sampler: DDIM, Seed: 1, Model: diffuse-test/cached");
+    let (ok, stderr) = run(&cached, &[]);
+    assert!(ok, "{stderr}");
+    assert!(out.is_file());
+}
+
+#[test]
+fn num_images_is_checked_first_and_without_overflow() {
+    let dir = scratch("num-images");
+    let out = dir.join("out.png");
+    let out_s = out.to_str().unwrap();
+    assert_fails_with(&["generate", "--model", "nowhere", "--num-images", "0", "--output", out_s], "--num-images must be at least 1");
+    let pixel = fixtures().join("pixel/uncond");
+    let sd = fixtures().join("sd/sd1");
+    for model in [&pixel, &sd] {
+        for count in ["18446744073709551615", "9223372036854775808", "4611686018427387904", "100000000"] {
+            let args = ["generate", "--model", model.to_str().unwrap(), "--num-images", count, "--steps", "2", "--output", out_s];
+            assert_fails_with(&args, "too large for this machine's memory");
+        }
+    }
+    // A PNG's batch size is a number from a file.
+    let png = png_with_parameters(&dir.join("batch.png"), "a cat\nSteps: 2, Sampler: Euler, Seed: 1, Size: 64x64, Batch size: 18446744073709551615, Batch pos: 3");
+    assert_fails_with(&["generate", "--from", png.to_str().unwrap(), "--model", sd.to_str().unwrap(), "--output", out_s], "too large");
+    assert!(!out.exists());
+}
+
+/// Runs `diffuse` with stdout closed before it writes, waiting at most `limit`.
+fn diffuse_into_closed_pipe(args: &[&str], limit: std::time::Duration) -> (std::process::ExitStatus, String) {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_diffuse"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("diffuse {args:?} still ran after {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    (status, stderr)
+}
+
+#[test]
+fn a_closed_stdout_ends_every_command_quietly_and_long_infotexts_are_fast() {
+    let dir = scratch("epipe");
+    // A megabyte of parameters, its last line without `:` (the scanner's worst case once).
+    let text = format!("a cat\nSteps: 2, Seed: 1, Size: 8x8\n{}", "a".repeat(1 << 20));
+    let png = png_with_parameters(&dir.join("big.png"), &text);
+    let limit = std::time::Duration::from_secs(20);
+    for args in [&["info", png.to_str().unwrap()][..], &["info", "--json", png.to_str().unwrap()], &["schedulers"]] {
+        let (status, stderr) = diffuse_into_closed_pipe(args, limit);
+        assert!(status.success() && stderr.is_empty(), "diffuse {args:?}: {status}, {stderr}");
+    }
+    let start = std::time::Instant::now();
+    let (ok, stdout, stderr) = diffuse(&["info", "--json", png.to_str().unwrap()]);
+    assert!(ok && stdout.contains("\"prompt\""), "{stderr}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(5), "{:?}", start.elapsed());
+}
+
+#[test]
+fn help_says_what_each_subcommand_does() {
+    let about = |command: &str| {
+        let (ok, stdout, stderr) = diffuse(&[command, "--help"]);
+        assert!(ok, "{stderr}");
+        stdout.split("Usage:").next().unwrap().replace('\n', " ")
+    };
+    let train = about("train");
+    for needle in ["pixel-space UNet2DModel", "AutoencoderKL", "text-to-image", "--base", "LoRA adapters"] {
+        assert!(train.contains(needle), "`train --help` should mention {needle}: {train}");
+    }
+    let generate = about("generate");
+    for needle in ["text-to-image", "image-to-image", "inpainting", "single checkpoint file", "pixel-space", "--from"] {
+        assert!(generate.contains(needle), "`generate --help` should mention {needle}: {generate}");
+    }
+    assert!(about("bench").contains("training step"));
+    assert!(about("evaluate").contains("--train-classifier"));
+    let (_, train_help, _) = diffuse(&["train", "--help"]);
+    assert!(train_help.contains("StableDiffusionPipeline (text-to-image), or the LoRA files"), "--output: {train_help}");
+}

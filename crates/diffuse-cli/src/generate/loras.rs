@@ -11,8 +11,8 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Result};
-use diffuse::lora::{lora_hash, AppliedLora, LoraSpec};
+use anyhow::{bail, Context, Result};
+use diffuse::lora::{lora_hash, path_in_dir, AppliedLora, LoraSpec};
 use diffuse::pipelines::metadata::GenerationParameters;
 use diffuse::prompts::extra_networks::parse_prompt;
 use diffuse::prompts::PromptSyntax;
@@ -120,7 +120,8 @@ pub(super) fn recall(args: &mut GenerateArgs, params: &GenerationParameters, lor
         if weight.parse::<f64>().is_err() {
             bail!("--from {}: `{WEIGHTS_KEY}` gives the LoRA {name} the weight `{weight}`, which is not a number", image.display());
         }
-        args.lora.push(format!("{}:{weight}", dir.join(format!("{name}.safetensors")).display()));
+        let path = path_in_dir(&dir, &name).with_context(|| format!("--from {}: `{WEIGHTS_KEY}`", image.display()))?;
+        args.lora.push(format!("{}:{weight}", path.display()));
     }
     Ok(())
 }

@@ -165,6 +165,8 @@ pub(super) struct Recalled {
     pub params: GenerationParameters,
     /// The image's position in the batch it was drawn in: only that image is written.
     pub keep: Option<usize>,
+    /// The model is the repo id the image names (`--model` was not given).
+    pub model_from_image: bool,
 }
 
 /// Fills `args` from the `--from` PNG's infotext (flags given on the command line win).
@@ -188,9 +190,13 @@ pub(super) fn recall(args: &mut GenerateArgs, matches: Option<&ArgMatches>) -> R
         }
         args.start.strength = args.start.strength.or(Some(strength));
     }
+    let mut model_from_image = false;
     if args.model.is_none() {
         match &params.model {
-            Some(model) if is_repo_id(model) => args.model = Some(model.clone()),
+            Some(model) if is_repo_id(model) => {
+                args.model = Some(model.clone());
+                model_from_image = true;
+            }
             // The built-in model (used when --model stays unset).
             Some(model) if model == diffuse::default_model::NAME => {}
             Some(model) => bail!(
@@ -280,7 +286,7 @@ pub(super) fn recall(args: &mut GenerateArgs, matches: Option<&ArgMatches>) -> R
     if !ignored.is_empty() && !args.quiet {
         eprintln!("warning: --from: diffuse has no equivalent for these settings, which are ignored: {}", ignored.join(", "));
     }
-    Ok(Some(Recalled { params, keep }))
+    Ok(Some(Recalled { params, keep, model_from_image }))
 }
 
 /// `ORG/NAME` as Hugging Face repo ids are written, and not a path that exists here.

@@ -161,7 +161,10 @@ pub fn generate_class_images(
     if settings.per_class == 0 || settings.batch_size == 0 {
         bail!("the images per class and the batch size must be at least 1");
     }
-    let total = settings.per_class * settings.prompt_words.len();
+    let total = settings
+        .per_class
+        .checked_mul(settings.prompt_words.len())
+        .ok_or_else(|| crate::Error::invalid(format!("{} images per class is too many", settings.per_class)))?;
     let mut done = 0;
     let mut all = Vec::with_capacity(settings.prompt_words.len());
     for (class, word) in settings.prompt_words.iter().enumerate() {
@@ -174,7 +177,8 @@ pub fn generate_class_images(
         let (height, width) = pipeline.validate(&options)?;
         let factor = pipeline.vae_scale_factor();
         let shape = [1, pipeline.unet_config.in_channels, height / factor, width / factor];
-        let mut images = Vec::with_capacity(settings.per_class);
+        // Grown as images are made: a capacity from the caller's number could be any size.
+        let mut images = Vec::new();
         for start in (0..settings.per_class).step_by(settings.batch_size) {
             let count = settings.batch_size.min(settings.per_class - start);
             // Each image's latents from its own seed; the batch's first generator then goes on
@@ -267,7 +271,7 @@ impl Stage {
 /// The first `per_class` examples of each class in a labels file, by class.
 fn class_balanced_indices(labels: &[u8], num_classes: usize, per_class: usize) -> Vec<usize> {
     let mut taken = vec![0usize; num_classes];
-    let mut indices = Vec::with_capacity(per_class * num_classes);
+    let mut indices = Vec::with_capacity(per_class.saturating_mul(num_classes).min(labels.len()));
     for (index, &label) in labels.iter().enumerate() {
         if let Some(count) = taken.get_mut(label as usize).filter(|c| **c < per_class) {
             *count += 1;

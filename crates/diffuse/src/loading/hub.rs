@@ -35,6 +35,12 @@ pub fn resolve_model(spec: &str, revision: Option<&str>, variant: Option<&str>) 
     resolve_model_with(spec, revision, variant, &env, None)
 }
 
+/// Resolves `spec` as [`resolve_model`] does, from the cache only: never downloads (for model
+/// names that come from files rather than from the user).
+pub fn resolve_model_in_cache(spec: &str, revision: Option<&str>, variant: Option<&str>) -> Result<PathBuf> {
+    resolve_model_with(spec, revision, variant, &HubEnv::from_process(), None)
+}
+
 /// The huggingface_hub cache folder of the process environment.
 pub fn cache_dir() -> Result<PathBuf> {
     HubEnv::from_process().cache_dir()

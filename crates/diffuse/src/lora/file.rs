@@ -94,7 +94,11 @@ impl LoraFile {
     /// alpha that is not one finite number, and non-finite weights are errors naming the key.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // Mapped, not read: only the tensors are copied out (as f32), one at a time.
+        // SAFETY: a read-only mapping of a file diffuse does not modify; as with every mmap, the
+        // file must not be truncated by another process while it is read.
+        let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let invalid = |message: String| Error::weights(path, message);
         // torch.save writes a zip archive; a safetensors file has its JSON header at byte 8.
         if bytes.starts_with(b"PK\x03\x04") && bytes.get(8) != Some(&b'{') {
@@ -104,14 +108,19 @@ impl LoraFile {
                     .into(),
             ));
         }
-        let metadata = match safetensors::SafeTensors::read_metadata(&bytes) {
-            Ok((_, metadata)) => metadata,
-            Err(e) => return Err(invalid(format!("not a valid safetensors file (truncated or corrupt?): {e}"))),
-        };
-        safetensors::SafeTensors::deserialize(&bytes)
+        // The header is parsed once; it has checked that every tensor lies inside the file.
+        let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| invalid(format!("not a valid safetensors file (truncated or corrupt?): {e}")))?;
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-            .map_err(|e| invalid(format!("cannot read its tensors: {e}")))?;
+        let data = &bytes[8 + header_len..];
+        let mut tensors = HashMap::new();
+        for (name, info) in metadata.tensors() {
+            let (start, end) = info.data_offsets;
+            let tensor = candle_dtype(info.dtype)
+                .ok_or_else(|| format!("its dtype {:?} is not one a LoRA is stored in", info.dtype))
+                .and_then(|dtype| Tensor::from_raw_buffer(&data[start..end], dtype, &info.shape, &Device::Cpu).map_err(|e| e.to_string()))
+                .map_err(|e| invalid(format!("cannot read the tensor `{name}`: {e}")))?;
+            tensors.insert(name, tensor);
+        }
         let header = metadata.metadata().clone().unwrap_or_default();
         Self::from_tensors(path, tensors, &header)
     }
@@ -186,6 +195,23 @@ impl LoraFile {
         }
         Ok(LoraFile { path: path.to_path_buf(), formats, layers, skipped, key_count })
     }
+}
+
+/// The candle dtype of a safetensors one (the numeric types candle reads).
+fn candle_dtype(dtype: safetensors::Dtype) -> Option<DType> {
+    use safetensors::Dtype as St;
+    Some(match dtype {
+        St::U8 => DType::U8,
+        St::U32 => DType::U32,
+        St::I16 => DType::I16,
+        St::I32 => DType::I32,
+        St::I64 => DType::I64,
+        St::F16 => DType::F16,
+        St::BF16 => DType::BF16,
+        St::F32 => DType::F32,
+        St::F64 => DType::F64,
+        _ => return None,
+    })
 }
 
 /// Checks one layer's tensors and works out its scale.

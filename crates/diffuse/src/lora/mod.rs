@@ -22,7 +22,7 @@ pub mod keys;
 pub mod save;
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
@@ -100,12 +100,23 @@ impl LoraSpec {
             return Err(bad("dyn_dim (rank truncation) is not supported by diffuse".into()));
         }
         let dir = lora_dir.ok_or_else(|| bad("LoRAs named in the prompt are looked up in --lora-dir, which is not given".into()))?;
-        let path = dir.join(format!("{name}.safetensors"));
+        let path = path_in_dir(dir, name).map_err(|e| bad(e.to_string()))?;
         if !path.is_file() {
             return Err(bad(format!("{} does not exist", path.display())));
         }
         Ok(LoraSpec { path, name: name.to_string(), unet_weight: unet, text_encoder_weight: te })
     }
+}
+
+/// `DIR/NAME.safetensors` for a LoRA known by name (a prompt's `<lora:NAME>` tag, an image's
+/// `Diffuse loras`). Such names come from text anyone may have written, so only names of files
+/// inside `dir` are accepted: no `..`, no absolute path.
+pub fn path_in_dir(dir: &Path, name: &str) -> Result<PathBuf> {
+    let inside = !name.is_empty() && Path::new(name).components().all(|c| matches!(c, Component::Normal(_)));
+    if !inside {
+        return Err(Error::invalid(format!("the LoRA name `{name}` is not the name of a file inside {}", dir.display())));
+    }
+    Ok(dir.join(format!("{name}.safetensors")))
 }
 
 fn parse_weight(text: &str) -> std::result::Result<f64, &'static str> {

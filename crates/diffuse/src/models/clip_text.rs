@@ -221,19 +221,19 @@ impl ClipTextModel {
     /// (0 or None: the last layer; 1: the penultimate layer's output through the final
     /// layer norm; ...). A1111's "Clip skip: 2" is diffusers' 1.
     pub fn encode(&self, input_ids: &Tensor, clip_skip: Option<usize>) -> Result<Tensor> {
+        // Checked before the forward pass, and without arithmetic on the caller's number.
+        let layers = self.layers.len();
+        if let Some(skip) = clip_skip.filter(|&skip| skip >= layers.max(1)) {
+            return Err(Error::invalid(format!(
+                "clip skip {skip} is too large for a text encoder with {layers} layers (at most {})",
+                layers.saturating_sub(1)
+            )));
+        }
         let output = self.forward(input_ids)?;
         match clip_skip {
             None | Some(0) => Ok(output.last_hidden_state),
-            Some(skip) => {
-                let n = output.hidden_states.len();
-                if skip + 1 > n - 1 {
-                    return Err(Error::invalid(format!(
-                        "clip skip {skip} is too large for a text encoder with {} layers",
-                        n - 1
-                    )));
-                }
-                self.final_layer_norm.forward(&output.hidden_states[n - 1 - skip])
-            }
+            // hidden_states holds the embeddings and then one output per layer.
+            Some(skip) => self.final_layer_norm.forward(&output.hidden_states[layers - skip]),
         }
     }
 }

@@ -32,6 +32,7 @@
 //!   files (`unet/diffusion_pytorch_model[.VARIANT].safetensors`, or its shards in file-name
 //!   order) as one stream. See [`model_hash`].
 
+use std::collections::hash_map::{Entry, HashMap};
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
@@ -231,8 +232,19 @@ fn is_word(c: char) -> bool {
 pub fn parse_infotext(text: &str) -> Result<GenerationParameters> {
     let parts = split_infotext(text);
     let mut params = GenerationParameters { prompt: parts.prompt, negative_prompt: parts.negative_prompt, ..Default::default() };
+    // Where each `extra` key is: a search of the list per pair would be quadratic in a long line.
+    let mut extra_index: HashMap<String, usize> = HashMap::new();
     for (key, value) in parts.pairs {
-        set_parameter(&mut params, &key, value)?;
+        if !set_parameter(&mut params, &key, value.clone())? {
+            // A key given twice keeps its first place and its last value, as a Python dict does.
+            match extra_index.entry(key) {
+                Entry::Occupied(entry) => params.extra[*entry.get()].1 = value,
+                Entry::Vacant(entry) => {
+                    params.extra.push((entry.key().clone(), value));
+                    entry.insert(params.extra.len() - 1);
+                }
+            }
+        }
     }
     Ok(params)
 }
@@ -289,7 +301,8 @@ pub fn split_infotext(text: &str) -> InfotextParts {
     parts
 }
 
-fn set_parameter(params: &mut GenerationParameters, key: &str, value: String) -> Result<()> {
+/// Sets a known key's field; false for a key diffuse does not know.
+fn set_parameter(params: &mut GenerationParameters, key: &str, value: String) -> Result<bool> {
     fn number<T: std::str::FromStr>(key: &str, value: &str, what: &str) -> Result<T> {
         value
             .trim()
@@ -330,12 +343,9 @@ fn set_parameter(params: &mut GenerationParameters, key: &str, value: String) ->
         "Variant" => params.variant = Some(value),
         "Dtype" => params.dtype = Some(value),
         "Version" => params.version = Some(value),
-        _ => match params.extra.iter_mut().find(|(k, _)| k == key) {
-            Some(entry) => entry.1 = value,
-            None => params.extra.push((key.to_string(), value)),
-        },
+        _ => return Ok(false),
     }
-    Ok(())
+    Ok(true)
 }
 
 /// A JSON object's entries in the order written (serde_json's `Map` sorts them).
@@ -375,23 +385,28 @@ fn digits(text: &str) -> Option<usize> {
 /// run of key characters (which must be followed by `:`), a quoted value ends at the first
 /// unescaped `"` (and must be followed by `,` or the end of the line), and otherwise the value
 /// runs to the next comma.
+///
+/// A failed match says where the next possible match starts: retrying from each character of a
+/// long run of key characters would make a line without `:` quadratic in its length.
 fn find_params(line: &str) -> Vec<(String, String)> {
     let chars: Vec<(usize, char)> = line.char_indices().collect();
     let mut found = Vec::new();
     let mut start = 0;
     while start < chars.len() {
         match match_param(line, &chars, start) {
-            Some((key, value, end)) => {
+            Ok((key, value, end)) => {
                 found.push((key, value));
                 start = end.max(start + 1);
             }
-            None => start += 1,
+            Err(next) => start = next.max(start + 1),
         }
     }
     found
 }
 
-fn match_param(line: &str, chars: &[(usize, char)], start: usize) -> Option<(String, String, usize)> {
+/// The match at `start` and where the scan resumes after it, or the first start after `start`
+/// that can match: every start in between fails at the same character.
+fn match_param(line: &str, chars: &[(usize, char)], start: usize) -> Result<(String, String, usize), usize> {
     let n = chars.len();
     let at = |i: usize| chars.get(i).map(|&(_, c)| c);
     let byte = |i: usize| chars.get(i).map(|&(b, _)| b).unwrap_or(line.len());
@@ -401,7 +416,7 @@ fn match_param(line: &str, chars: &[(usize, char)], start: usize) -> Option<(Str
     }
     let key_start = i;
     if !at(i).is_some_and(is_word) {
-        return None;
+        return Err(i + 1);
     }
     i += 1;
     let run_start = i;
@@ -409,7 +424,7 @@ fn match_param(line: &str, chars: &[(usize, char)], start: usize) -> Option<(Str
         i += 1;
     }
     if i == run_start || at(i) != Some(':') {
-        return None;
+        return Err(i);
     }
     let key = line[byte(key_start)..byte(i)].to_string();
     i += 1;
@@ -437,8 +452,8 @@ fn match_param(line: &str, chars: &[(usize, char)], start: usize) -> Option<(Str
         }
         if let Some(close) = closed {
             match at(close + 1) {
-                None => return Some((key, line[byte(value_start)..].to_string(), n)),
-                Some(',') => return Some((key, line[byte(value_start)..byte(close + 1)].to_string(), close + 2)),
+                None => return Ok((key, line[byte(value_start)..].to_string(), n)),
+                Some(',') => return Ok((key, line[byte(value_start)..byte(close + 1)].to_string(), close + 2)),
                 Some(_) => {}
             }
         }
@@ -449,7 +464,7 @@ fn match_param(line: &str, chars: &[(usize, char)], start: usize) -> Option<(Str
         j += 1;
     }
     let value = line[byte(value_start)..byte(j)].to_string();
-    Some((key, value, if j < n { j + 1 } else { j }))
+    Ok((key, value, if j < n { j + 1 } else { j }))
 }
 
 // ---------------------------------------------------------------------------------------------

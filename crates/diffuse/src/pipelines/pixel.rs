@@ -68,6 +68,17 @@ impl PixelPipeline {
         if options.num_images == 0 {
             return Err(Error::invalid("--num-images must be at least 1"));
         }
+        // The batch's samples, counted without overflow before anything is allocated.
+        let (height, width) = self.unet_config.sample_size.map(|s| s.height_width()).unwrap_or((1, 1));
+        let bytes = [self.unet_config.in_channels, height, width, 4]
+            .iter()
+            .try_fold(options.num_images, |product, &n| product.checked_mul(n));
+        if bytes.is_none_or(|bytes| bytes as u64 > 16 << 30) {
+            return Err(Error::invalid(format!(
+                "--num-images {} is too large for this machine's memory ({}x{width}x{height} samples)",
+                options.num_images, self.unet_config.in_channels
+            )));
+        }
         if !options.eta.is_finite() || options.eta < 0.0 {
             return Err(Error::invalid(format!("--eta must be a finite number ≥ 0, got {}", options.eta)));
         }

@@ -311,13 +311,20 @@ impl StableDiffusionPipeline {
         if height == 0 || width == 0 || height % 8 != 0 || width % 8 != 0 {
             return Err(Error::invalid(format!("width and height must be positive multiples of 8, got {width}x{height}")));
         }
+        if options.num_images_per_prompt == 0 {
+            return Err(Error::invalid("--num-images must be at least 1"));
+        }
         // Self-attention scores grow with the square of the latent pixel count: refuse sizes
         // whose largest score matrix alone could not fit in memory, before allocating anything.
+        // (In floats: the caller's numbers must not overflow on the way to being refused.)
         let factor = self.vae_scale_factor();
-        let latent_pixels = ((height / factor) * (width / factor)) as f64;
-        let per_pass = options.num_images_per_prompt * if options.guidance_scale > 1.0 { 2 } else { 1 };
-        let score_bytes = latent_pixels * latent_pixels * per_pass as f64 * 4.0;
-        if width > 16384 || height > 16384 || score_bytes > 64.0 * (1u64 << 30) as f64 {
+        let latent_pixels = (height / factor) as f64 * (width / factor) as f64;
+        let per_pass = options.num_images_per_prompt as f64 * if options.guidance_scale > 1.0 { 2.0 } else { 1.0 };
+        let score_bytes = latent_pixels * latent_pixels * per_pass * 4.0;
+        // The prompt embeddings are repeated per image too (the larger for small images).
+        let text = &self.text_encoder.config;
+        let embedding_bytes = per_pass * (text.max_position_embeddings * text.hidden_size) as f64 * 4.0;
+        if width > 16384 || height > 16384 || score_bytes.max(embedding_bytes) > 64.0 * (1u64 << 30) as f64 {
             return Err(Error::invalid(format!(
                 "{width}x{height} with {per_pass} images per UNet pass is too large for this machine's memory"
             )));
@@ -331,9 +338,6 @@ impl StableDiffusionPipeline {
                 "clip skip {skip} is too large for a text encoder with {layers} layers (at most {})",
                 layers.saturating_sub(1)
             )));
-        }
-        if options.num_images_per_prompt == 0 {
-            return Err(Error::invalid("--num-images must be at least 1"));
         }
         if options.prompt_syntax == PromptSyntax::A1111 {
             for prompt in std::iter::once(&options.prompt).chain(&options.negative_prompt) {

@@ -90,9 +90,18 @@ impl IdxHeader {
         false
     }
 
-    /// The number of data bytes that follow the header (unsigned bytes only).
-    pub fn data_len(&self) -> usize {
-        self.dims.iter().product()
+    /// The number of data bytes that follow the header (unsigned bytes only); `None` when the
+    /// dimensions' product overflows.
+    pub fn data_len(&self) -> Option<u64> {
+        self.dims.iter().try_fold(1u64, |product, &dim| product.checked_mul(dim as u64))
+    }
+
+    /// The length of the whole file the header describes, checked before anything is sized by
+    /// the dimensions (a header can claim gigabytes in a file of a few bytes).
+    fn file_len(&self, origin: &Path) -> Result<u64> {
+        self.data_len()
+            .and_then(|data| data.checked_add(self.len() as u64))
+            .ok_or_else(|| idx_error(origin, format!("its header's dimensions {:?} overflow", self.dims)))
     }
 
     fn check_unsigned_bytes(&self, origin: &Path) -> Result<()> {
@@ -131,7 +140,7 @@ fn plain_idx_file(path: &Path, cache_dir: &Path) -> Result<(PathBuf, IdxHeader)>
     header.check_unsigned_bytes(path)?;
     let stem = path.file_name().map(|n| n.to_string_lossy().trim_end_matches(".gz").to_string()).unwrap_or_default();
     let cached = cache_dir.join(format!("{stem}.idx"));
-    let expected_len = (header.len() + header.data_len()) as u64;
+    let expected_len = header.file_len(path)?;
     if let Ok(metadata) = std::fs::metadata(&cached) {
         if metadata.len() == expected_len {
             let mut file = File::open(&cached).map_err(|e| Error::io(&cached, e))?;
@@ -144,7 +153,9 @@ fn plain_idx_file(path: &Path, cache_dir: &Path) -> Result<(PathBuf, IdxHeader)>
     let temporary = crate::pipelines::temporary_path(&cached);
     let result = (|| -> std::io::Result<u64> {
         let mut out = std::io::BufWriter::new(File::create(&temporary)?);
-        let copied = std::io::copy(&mut open_gz().map_err(std::io::Error::other)?, &mut out)?;
+        // One byte more than the header promises is enough to tell that it lies.
+        let mut decoder = open_gz().map_err(std::io::Error::other)?.take(expected_len + 1);
+        let copied = std::io::copy(&mut decoder, &mut out)?;
         out.flush()?;
         Ok(copied)
     })();
@@ -155,6 +166,7 @@ fn plain_idx_file(path: &Path, cache_dir: &Path) -> Result<(PathBuf, IdxHeader)>
         }
         Ok(copied) => {
             let _ = std::fs::remove_file(&temporary);
+            let copied = if copied > expected_len { "more than that".to_string() } else { copied.to_string() };
             Err(idx_error(path, format!("holds {copied} bytes after decompression; its header {:?} needs {expected_len}", header.dims)))
         }
         Err(e) => {
@@ -166,18 +178,27 @@ fn plain_idx_file(path: &Path, cache_dir: &Path) -> Result<(PathBuf, IdxHeader)>
 
 /// Reads a whole IDX labels file (`[N]` unsigned bytes; small, so kept in memory).
 pub fn read_idx_labels(path: &Path) -> Result<Vec<u8>> {
-    let file = BufReader::new(File::open(path).map_err(|e| Error::io(path, e))?);
-    let mut reader: Box<dyn Read> =
-        if is_gzip(path)? { Box::new(flate2::read::GzDecoder::new(file)) } else { Box::new(file) };
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let actual_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let gzip = is_gzip(path)?;
+    let file = BufReader::new(file);
+    let mut reader: Box<dyn Read> = if gzip { Box::new(flate2::read::GzDecoder::new(file)) } else { Box::new(file) };
     let header = IdxHeader::read(&mut reader, path)?;
     header.check_unsigned_bytes(path)?;
     if header.dims.len() != 1 {
         return Err(idx_error(path, format!("a labels file has one dimension, this one has {:?}", header.dims)));
     }
-    let mut labels = Vec::with_capacity(header.dims[0]);
-    reader.read_to_end(&mut labels).map_err(|e| idx_error(path, format!("cannot read: {e}")))?;
+    let expected_len = header.file_len(path)?;
+    if !gzip && actual_len != expected_len {
+        return Err(idx_error(path, format!("is {actual_len} bytes long; its header {:?} needs {expected_len}", header.dims)));
+    }
+    // A gzipped file's length says nothing of its contents: it is read (up to one byte more
+    // than the header promises) rather than sized from the header.
+    let mut labels = Vec::new();
+    reader.take(header.dims[0] as u64 + 1).read_to_end(&mut labels).map_err(|e| idx_error(path, format!("cannot read: {e}")))?;
     if labels.len() != header.dims[0] {
-        return Err(idx_error(path, format!("holds {} labels; its header says {}", labels.len(), header.dims[0])));
+        let count = if labels.len() > header.dims[0] { "more".to_string() } else { labels.len().to_string() };
+        return Err(idx_error(path, format!("holds {count} labels; its header says {}", header.dims[0])));
     }
     Ok(labels)
 }
@@ -217,7 +238,7 @@ impl IdxDataset {
         }
         let file = File::open(&plain).map_err(|e| Error::io(&plain, e))?;
         let actual_len = file.metadata().map_err(|e| Error::io(&plain, e))?.len();
-        let expected_len = (header.len() + header.data_len()) as u64;
+        let expected_len = header.file_len(images)?;
         if actual_len != expected_len {
             return Err(idx_error(images, format!("is {actual_len} bytes long; its header {:?} needs {expected_len}", header.dims)));
         }
@@ -737,7 +758,13 @@ impl DataLoader {
             bail!("the batch size must be at least 1");
         }
         let spec = self.spec;
-        let mut values = Vec::with_capacity(batch_size * spec.channels * spec.height * spec.width);
+        // The batch size is the caller's number: sized with checked arithmetic, and reserved
+        // fallibly, so that an impossible batch is an error rather than an abort.
+        let len = [spec.channels, spec.height, spec.width].iter().try_fold(batch_size, |product, &n| product.checked_mul(n));
+        let mut values = Vec::new();
+        if len.is_none_or(|len| values.try_reserve_exact(len).is_err()) {
+            bail!("a batch of {batch_size} images of {}×{}×{} is too large for this machine's memory", spec.channels, spec.height, spec.width);
+        }
         let mut labels = Vec::with_capacity(batch_size);
         let mut captions = Vec::with_capacity(batch_size);
         for _ in 0..batch_size {
