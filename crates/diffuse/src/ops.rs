@@ -39,11 +39,20 @@ pub fn set_threads(threads: usize) -> Result<()> {
 /// backward pass; other types and devices use candle's.
 pub fn conv2d(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     let _timer = profile::timer("conv2d");
-    let output = if input.device().is_cpu() && input.dtype() == DType::F32 && weight.dtype() == DType::F32 {
-        input.contiguous()?.apply_op2(&weight.contiguous()?, conv::Conv2d { stride, padding })?
-    } else {
-        input.conv2d(weight, padding, stride, 1, 1)?
-    };
+    if input.device().is_cpu() && input.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+        let tracked = input.track_op() || weight.track_op() || bias.is_some_and(|b| b.track_op());
+        if !tracked {
+            // Inference: the bias is added as the product is written, not in another pass.
+            let bias = bias.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()?;
+            return Ok(input.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &conv::Conv2d { stride, padding, bias })?);
+        }
+        let output = input.contiguous()?.apply_op2(&weight.contiguous()?, conv::Conv2d { stride, padding, bias: None })?;
+        return add_channel_bias(output, bias);
+    }
+    add_channel_bias(input.conv2d(weight, padding, stride, 1, 1)?, bias)
+}
+
+fn add_channel_bias(output: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     Ok(match bias {
         Some(bias) => output.broadcast_add(&bias.reshape((1, bias.elem_count(), 1, 1))?)?,
         None => output,
@@ -63,14 +72,17 @@ pub fn linear(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<
         && weight.dtype() == DType::F32
         && !input.track_op()
         && !weight.track_op();
-    let mut output = if on_kernel {
-        flat.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &LinearCpu)?
+    let output = if on_kernel && !bias.is_some_and(|b| b.track_op()) {
+        // The bias is added as the product is written, not in another pass.
+        let bias = bias.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()?;
+        flat.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &LinearCpu { bias })?
     } else {
-        flat.matmul(&weight.t()?)?
+        let output = flat.matmul(&weight.t()?)?;
+        match bias {
+            Some(bias) => output.broadcast_add(bias)?,
+            None => output,
+        }
     };
-    if let Some(bias) = bias {
-        output = output.broadcast_add(bias)?;
-    }
     let mut out_dims = dims.to_vec();
     if let Some(last) = out_dims.last_mut() {
         *last = out_features;
@@ -78,9 +90,11 @@ pub fn linear(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<
     Ok(output.reshape(out_dims)?)
 }
 
-/// `input[rows, in] · weight[out, in]ᵀ` on the packed GEMM kernels (inference only: no
-/// backward pass; training goes through candle's matmul).
-struct LinearCpu;
+/// `input[rows, in] · weight[out, in]ᵀ (+ bias)` on the packed GEMM kernels (inference only:
+/// no backward pass; training goes through candle's matmul).
+struct LinearCpu {
+    bias: Option<Vec<f32>>,
+}
 
 impl candle_core::CustomOp2 for LinearCpu {
     fn name(&self) -> &'static str {
@@ -97,7 +111,11 @@ impl candle_core::CustomOp2 for LinearCpu {
         let weight = contiguous_f32(weight, weight_layout, "linear weight")?;
         let mut output = vec![0f32; rows * out_features];
         if let (Some(x), Some(w)) = (gemm::MatRef::row_major(input, rows, in_features), gemm::MatRef::row_major(weight, out_features, in_features)) {
-            gemm::gemm(&mut output, out_features, gemm::ASource::View(x), &w.t(), false, true);
+            if self.bias.as_ref().is_some_and(|b| b.len() != out_features) {
+                candle_core::bail!("linear: the bias does not have {out_features} values");
+            }
+            let init = self.bias.as_deref().map_or(gemm::Init::Overwrite, gemm::Init::ColumnBias);
+            gemm::gemm(&mut output, out_features, gemm::ASource::View(x), &w.t(), init, true);
         } else {
             candle_core::bail!("linear: operand sizes do not match their shapes");
         }
@@ -123,6 +141,22 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> c
 /// for training; elsewhere, and for f64 input, it is built from tensor operations.
 pub fn group_norm(input: &Tensor, num_groups: usize, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let _timer = profile::timer("group_norm");
+    group_norm_then(input, num_groups, weight, bias, eps, false)
+}
+
+/// [`group_norm`] followed by [`silu`], as every ResNet block and output head applies them:
+/// on the CPU for inference, one pass that writes each normalised channel and applies SiLU
+/// while it is still in cache.
+pub fn group_norm_silu(input: &Tensor, num_groups: usize, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let _timer = profile::timer("group_norm + silu");
+    let tracked = input.track_op() || weight.track_op() || bias.track_op();
+    if tracked || !input.device().is_cpu() || input.dtype() == DType::F64 {
+        return silu(&group_norm_then(input, num_groups, weight, bias, eps, false)?);
+    }
+    group_norm_then(input, num_groups, weight, bias, eps, true)
+}
+
+fn group_norm_then(input: &Tensor, num_groups: usize, weight: &Tensor, bias: &Tensor, eps: f64, silu: bool) -> Result<Tensor> {
     let dims = input.dims().to_vec();
     if dims.len() < 2 {
         crate::bail!("group_norm: input of shape {dims:?} has no channel dimension");
@@ -141,11 +175,12 @@ pub fn group_norm(input: &Tensor, num_groups: usize, weight: &Tensor, bias: &Ten
     let dtype = input.dtype();
     if input.device().is_cpu() && dtype != DType::F64 {
         let f32_contiguous = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
-        let output = f32_contiguous(input)?.apply_op3(
-            &f32_contiguous(weight)?,
-            &f32_contiguous(bias)?,
-            GroupNormCpu { num_groups, eps },
-        )?;
+        let (input, weight, bias) = (f32_contiguous(input)?, f32_contiguous(weight)?, f32_contiguous(bias)?);
+        let output = if silu {
+            input.apply_op3_no_bwd(&weight, &bias, &GroupNormCpu { num_groups, eps, silu })?
+        } else {
+            input.apply_op3(&weight, &bias, GroupNormCpu { num_groups, eps, silu })?
+        };
         return Ok(output.to_dtype(dtype)?);
     }
     group_norm_from_tensor_ops(input, num_groups, weight, bias, eps)
@@ -188,6 +223,8 @@ pub fn group_norm_from_tensor_ops(input: &Tensor, num_groups: usize, weight: &Te
 struct GroupNormCpu {
     num_groups: usize,
     eps: f64,
+    /// Apply SiLU to the output (inference only: the backward pass is the plain norm's).
+    silu: bool,
 }
 
 impl CustomOp3 for GroupNormCpu {
@@ -221,6 +258,7 @@ impl CustomOp3 for GroupNormCpu {
         let channels_per_group = channels / self.num_groups;
         let group_len = channels_per_group * spatial;
         let mut output = vec![0f32; input.len()];
+        let isa = gemm::isa();
         if group_len == 0 {
             return Ok((CpuStorage::F32(output), input_layout.shape().clone()));
         }
@@ -237,6 +275,9 @@ impl CustomOp3 for GroupNormCpu {
                 let (scale, shift) = (scale as f32, shift as f32);
                 for (out, &x) in destination.iter_mut().zip(source) {
                     *out = x * scale + shift;
+                }
+                if self.silu {
+                    vector::silu_in_place(isa, destination);
                 }
             }
         });

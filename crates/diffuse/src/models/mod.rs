@@ -157,6 +157,14 @@ impl GroupNorm {
     pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
         ops::group_norm(input, self.num_groups, &self.weight, &self.bias, self.eps)
     }
+
+    /// `activation(self.forward(input))`, fused where the activation is SiLU.
+    pub fn forward_then(&self, input: &Tensor, activation: Activation) -> Result<Tensor> {
+        match activation {
+            Activation::Silu => ops::group_norm_silu(input, self.num_groups, &self.weight, &self.bias, self.eps),
+            other => other.forward(&self.forward(input)?),
+        }
+    }
 }
 
 /// `torch.nn.LayerNorm` over the last dimension, with affine parameters.

@@ -177,7 +177,7 @@ impl ResnetBlock2D {
     pub fn forward(&self, input_tensor: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         // Intermediates are reassigned, not rebound with `let` (which would keep each alive
         // to the end): in a 512×512 VAE decoder they are hundreds of MB each.
-        let mut hidden_states = self.nonlinearity.forward(&self.norm1.forward(input_tensor)?)?;
+        let mut hidden_states = self.norm1.forward_then(input_tensor, self.nonlinearity)?;
         let mut input_tensor = match &self.resample {
             Some(resample) => {
                 hidden_states = resample.forward(&hidden_states)?;
@@ -201,7 +201,7 @@ impl ResnetBlock2D {
                 if let Some(temb) = &temb {
                     hidden_states = hidden_states.broadcast_add(temb)?;
                 }
-                self.norm2.forward(&hidden_states)?
+                self.norm2.forward_then(&hidden_states, self.nonlinearity)?
             }
             TimeEmbeddingNorm::ScaleShift => {
                 let Some(temb) = &temb else {
@@ -209,10 +209,10 @@ impl ResnetBlock2D {
                 };
                 let chunks = temb.chunk(2, 1)?;
                 let hidden_states = self.norm2.forward(&hidden_states)?;
-                hidden_states.broadcast_mul(&(&chunks[0] + 1.0)?)?.broadcast_add(&chunks[1])?
+                let hidden_states = hidden_states.broadcast_mul(&(&chunks[0] + 1.0)?)?.broadcast_add(&chunks[1])?;
+                self.nonlinearity.forward(&hidden_states)?
             }
         };
-        hidden_states = self.nonlinearity.forward(&hidden_states)?;
         hidden_states = self.conv2.forward(&hidden_states)?;
 
         if let Some(conv_shortcut) = &self.conv_shortcut {

@@ -10,7 +10,7 @@ use super::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, TimeEmbedd
 use super::unet_2d_blocks::{MidBlockArgs, UNetMidBlock2D};
 use super::{Activation, Conv2d, GroupNorm};
 use crate::rng::TorchGenerator;
-use crate::{bail, ops, Error, Result};
+use crate::{bail, Error, Result};
 
 /// The normalisation epsilon diffusers hard-codes throughout the encoder and decoder.
 const EPS: f64 = 1e-6;
@@ -226,7 +226,7 @@ impl Encoder {
         }
         sample = self.mid_block.forward(&sample, None)?;
         // The final activation is always SiLU, whatever `act_fn` the resnets use.
-        sample = ops::silu(&self.conv_norm_out.forward(&sample)?)?;
+        sample = self.conv_norm_out.forward_then(&sample, Activation::Silu)?;
         self.conv_out.forward(&sample)
     }
 }
@@ -308,7 +308,7 @@ impl Decoder {
         for up_block in &self.up_blocks {
             sample = up_block.forward(sample)?;
         }
-        sample = ops::silu(&self.conv_norm_out.forward(&sample)?)?;
+        sample = self.conv_norm_out.forward_then(&sample, Activation::Silu)?;
         self.conv_out.forward(&sample)
     }
 }

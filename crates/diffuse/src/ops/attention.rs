@@ -7,13 +7,14 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{self, ASource, Columns, Isa, MatRef, PackedA, PackedB, Rows};
+use super::gemm::{self, ASource, Columns, Init, Isa, MatRef, PackedA, PackedB, Rows};
 use super::vector::{exp, exp_shifted_in_place};
 
 /// Query rows per task: a multiple of every ISA's MR (12, 6, 4).
 const QUERY_BLOCK: usize = 96;
-/// Keys per block: one KC block of the GEMM, so that packed values are read whole.
+/// Keys per block: whole KC blocks of the GEMM, so that packed values are read in place.
 const KEY_BLOCK: usize = 256;
+const _: () = assert!(KEY_BLOCK % gemm::KC == 0);
 
 /// The sizes of one attention call: `heads` independent (batch × head) problems of `queries`
 /// rows, `keys` keys and `head_dim` features.
@@ -90,7 +91,7 @@ fn query_block(
     out.fill(0.0);
     for key0 in (0..keys).step_by(KEY_BLOCK) {
         let width = KEY_BLOCK.min(keys - key0);
-        gemm::gemm_rows(isa, &mut scores, width, 0, rows, ASource::Packed(&q_packed), &Columns { inner: keys_t, first: key0, len: width }, false);
+        gemm::gemm_rows(isa, &mut scores, width, 0, rows, ASource::Packed(&q_packed), &Columns { inner: keys_t, first: key0, len: width }, Init::Overwrite);
         for r in 0..rows {
             let row = &mut scores[r * width..(r + 1) * width];
             if let Some(mask) = mask {
@@ -112,8 +113,8 @@ fn query_block(
                 out[r * head_dim..(r + 1) * head_dim].iter_mut().for_each(|o| *o *= correction);
             }
         }
-        p_packed.repack(&MatRef::row_major(&scores[..rows * width], rows, width).expect("sizes checked"));
-        gemm::gemm_rows(isa, out, head_dim, 0, rows, ASource::Packed(&p_packed), &Rows { inner: values, first: key0, len: width }, true);
+        p_packed.repack_in_place(&MatRef::row_major(&scores[..rows * width], rows, width).expect("sizes checked"));
+        gemm::gemm_rows(isa, out, head_dim, 0, rows, ASource::Packed(&p_packed), &Rows { inner: values, first: key0, len: width }, Init::Accumulate);
     }
     for (r, out_row) in out.chunks_exact_mut(head_dim).enumerate() {
         let inverse = if row_sum[r] > 0.0 { 1.0 / row_sum[r] } else { 0.0 };

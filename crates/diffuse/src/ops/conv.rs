@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{self, ASource, Columns, MatRef, PackB, PackedA};
+use super::gemm::{self, ASource, Columns, Init, MatRef, PackB, PackedA};
 
 /// The column buffer holds at most this many values (16 MiB): a band of output rows at a time.
 const COLUMN_BUDGET: usize = 4 << 20;
@@ -224,29 +224,41 @@ impl PackB for Patches<'_> {
 /// `output[N, C_out, H_out, W_out]` of `input[N, C_in, H, W]` and `weight[C_out, C_in, kh, kw]`.
 ///
 /// Panics if the slices' lengths do not match the geometry.
-pub fn forward(g: &Geometry, input: &[f32], weight: &[f32]) -> Vec<f32> {
+/// With `bias` (`[C_out]`), it is added as the product is written.
+pub fn forward(g: &Geometry, input: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let (out_hw, k) = (g.out_height() * g.out_width(), g.patch_len());
     assert!(input.len() == g.batch * g.input_len() && weight.len() == g.out_channels * k, "conv2d: operand sizes");
+    assert!(bias.is_none_or(|b| b.len() == g.out_channels), "conv2d: one bias per output channel");
+    let init = bias.map_or(Init::Overwrite, Init::RowBias);
     let mut output = vec![0f32; g.batch * g.output_len()];
     if output.is_empty() {
         return output;
     }
     let kernel = {
         let _timer = super::profile::timer("conv2d: packing the kernel");
-        PackedA::new(&MatRef::row_major(weight, g.out_channels, k).expect("sizes checked"))
+        let mut kernel = PACKED_KERNEL.lock().ok().and_then(|mut cached| cached.take()).unwrap_or_default();
+        kernel.repack(&MatRef::row_major(weight, g.out_channels, k).expect("sizes checked"));
+        kernel
     };
     let (images_parallel, product_parallel) = split(g.batch);
     for_each_image(images_parallel, &mut output, g.output_len(), |b, out| {
         let image = &input[b * g.input_len()..(b + 1) * g.input_len()];
         if g.is_pointwise() {
             let image = MatRef::row_major(image, k, out_hw).expect("sizes checked");
-            gemm::gemm(out, out_hw, ASource::Packed(&kernel), &image, false, product_parallel);
+            gemm::gemm(out, out_hw, ASource::Packed(&kernel), &image, init, product_parallel);
         } else {
-            gemm::gemm(out, out_hw, ASource::Packed(&kernel), &Patches { g, image }, false, product_parallel);
+            gemm::gemm(out, out_hw, ASource::Packed(&kernel), &Patches { g, image }, init, product_parallel);
         }
     });
+    if let Ok(mut cached) = PACKED_KERNEL.lock() {
+        *cached = Some(kernel);
+    }
     output
 }
+
+/// The last packed kernel's memory, reused by the next call: a fresh allocation of tens of MB
+/// per call costs more in page faults than the packing itself.
+static PACKED_KERNEL: std::sync::Mutex<Option<PackedA>> = std::sync::Mutex::new(None);
 
 /// The input's gradient: `weightᵀ · grad_output`, scattered back through col2im.
 ///
@@ -263,7 +275,7 @@ pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32]) -> Vec<
     for_each_image(images_parallel, &mut grad_input, g.input_len(), |b, grad_image| {
         let grad_out = MatRef::row_major(&grad_output[b * g.output_len()..(b + 1) * g.output_len()], g.out_channels, out_hw).expect("sizes checked");
         if g.is_pointwise() {
-            gemm::gemm(grad_image, out_hw, ASource::Packed(&kernel_t), &grad_out, false, product_parallel);
+            gemm::gemm(grad_image, out_hw, ASource::Packed(&kernel_t), &grad_out, Init::Overwrite, product_parallel);
             return;
         }
         let band_rows = g.band_rows();
@@ -272,7 +284,7 @@ pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32]) -> Vec<
             let rows = start..(start + band_rows).min(g.out_height());
             let band = rows.len() * g.out_width();
             let band_of_grad = Columns { inner: &grad_out, first: start * g.out_width(), len: band };
-            gemm::gemm(&mut col[..k * band], band, ASource::Packed(&kernel_t), &band_of_grad, false, product_parallel);
+            gemm::gemm(&mut col[..k * band], band, ASource::Packed(&kernel_t), &band_of_grad, Init::Overwrite, product_parallel);
             col2im(g, &col[..k * band], rows, grad_image);
         }
     });
@@ -303,7 +315,7 @@ pub fn backward_weight(g: &Geometry, input: &[f32], grad_output: &[f32]) -> Vec<
             if g.is_pointwise() {
                 let grad_view = MatRef::row_major(grad_out, g.out_channels, out_hw).expect("sizes checked");
                 let image_t = MatRef::row_major(image, k, out_hw).expect("sizes checked").t();
-                gemm::gemm(grad_weight, k, ASource::View(grad_view), &image_t, !first, product_parallel);
+                gemm::gemm(grad_weight, k, ASource::View(grad_view), &image_t, if first { Init::Overwrite } else { Init::Accumulate }, product_parallel);
                 first = false;
                 continue;
             }
@@ -315,7 +327,7 @@ pub fn backward_weight(g: &Geometry, input: &[f32], grad_output: &[f32]) -> Vec<
                 let offset = start * g.out_width();
                 let grad_view = MatRef::new(&grad_out[offset..], g.out_channels, band, out_hw, 1).expect("sizes checked");
                 let col_t = MatRef::row_major(&col[..k * band], k, band).expect("sizes checked").t();
-                gemm::gemm(grad_weight, k, ASource::View(grad_view), &col_t, !first, product_parallel);
+                gemm::gemm(grad_weight, k, ASource::View(grad_view), &col_t, if first { Init::Overwrite } else { Init::Accumulate }, product_parallel);
                 first = false;
             }
         }
@@ -354,6 +366,9 @@ fn geometry(input: &Layout, weight: &Layout, stride: usize, padding: usize) -> c
 pub struct Conv2d {
     pub stride: usize,
     pub padding: usize,
+    /// Added as the output is written (inference: the backward pass gives the bias no
+    /// gradient, so training adds it outside the op).
+    pub bias: Option<Vec<f32>>,
 }
 
 impl CustomOp2 for Conv2d {
@@ -363,7 +378,10 @@ impl CustomOp2 for Conv2d {
 
     fn cpu_fwd(&self, input: &CpuStorage, input_layout: &Layout, weight: &CpuStorage, weight_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = geometry(input_layout, weight_layout, self.stride, self.padding)?;
-        let output = forward(&g, contiguous(input, input_layout, "input")?, contiguous(weight, weight_layout, "kernel")?);
+        if self.bias.as_ref().is_some_and(|b| b.len() != g.out_channels) {
+            candle_core::bail!("conv2d: the bias does not have {} values", g.out_channels);
+        }
+        let output = forward(&g, contiguous(input, input_layout, "input")?, contiguous(weight, weight_layout, "kernel")?, self.bias.as_deref());
         Ok((CpuStorage::F32(output), Shape::from((g.batch, g.out_channels, g.out_height(), g.out_width()))))
     }
 
@@ -493,9 +511,15 @@ mod tests {
         for g in geometries() {
             let input = values(g.batch * g.input_len(), 1);
             let weight = values(g.out_channels * g.patch_len(), 2);
-            let got = forward(&g, &input, &weight);
+            let got = forward(&g, &input, &weight, None);
             for (a, b) in got.iter().zip(reference(&g, &input, &weight)) {
                 assert!((*a as f64 - b).abs() < 1e-5, "{g:?}: {a} vs {b}");
+            }
+            let bias = values(g.out_channels, 7);
+            let with_bias = forward(&g, &input, &weight, Some(&bias));
+            let plane = g.out_height() * g.out_width();
+            for (i, (a, b)) in with_bias.iter().zip(&got).enumerate() {
+                assert!((a - b - bias[(i / plane) % g.out_channels]).abs() < 1e-6, "{g:?}: bias at {i}");
             }
         }
     }
@@ -509,7 +533,7 @@ mod tests {
             let input_var = Var::from_vec(input.clone(), (g.batch, g.in_channels, g.height, g.width), &dev)?;
             let weight_var = Var::from_vec(weight.clone(), (g.out_channels, g.in_channels, g.kernel_h, g.kernel_w), &dev)?;
             let r_tensor = Tensor::from_vec(r.clone(), (g.batch, g.out_channels, g.out_height(), g.out_width()), &dev)?;
-            let output = input_var.as_tensor().apply_op2(weight_var.as_tensor(), Conv2d { stride: g.stride, padding: g.padding })?;
+            let output = input_var.as_tensor().apply_op2(weight_var.as_tensor(), Conv2d { stride: g.stride, padding: g.padding, bias: None })?;
             let grads = (output * r_tensor)?.sum_all()?.backward()?;
             let grad_input = grads.get(input_var.as_tensor()).expect("input gradient").flatten_all()?.to_vec1::<f32>()?;
             let grad_weight = grads.get(weight_var.as_tensor()).expect("kernel gradient").flatten_all()?.to_vec1::<f32>()?;
@@ -554,7 +578,7 @@ mod tests {
         let dev = Device::Cpu;
         let input = Tensor::ones((1, 2, 4, 4), candle_core::DType::F32, &dev)?;
         let weight = Var::ones((3, 2, 3, 3), candle_core::DType::F32, &dev)?;
-        let grads = input.apply_op2(weight.as_tensor(), Conv2d { stride: 1, padding: 1 })?.sum_all()?.backward()?;
+        let grads = input.apply_op2(weight.as_tensor(), Conv2d { stride: 1, padding: 1, bias: None })?.sum_all()?.backward()?;
         assert!(grads.get(&input).is_none());
         assert!(grads.get(weight.as_tensor()).is_some());
         Ok(())

@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 /// Panel depth along the shared dimension: an AVX-512 `B` panel is 32 KiB, an `A` panel 12 KiB.
-const KC: usize = 256;
+pub(crate) const KC: usize = 256;
 /// Rows of `A` per block (a multiple of every `MR`): 240 × 256 floats = 240 KiB, in L2.
 const MC: usize = 240;
 /// Columns of `B` per block: 4,096 × 256 floats = 4 MiB.
@@ -233,27 +233,56 @@ pub struct PackedA {
     data: Vec<f32>,
 }
 
+/// An empty packing for the level in use, to be filled by [`PackedA::repack`].
+impl Default for PackedA {
+    fn default() -> Self {
+        Self { isa: isa(), rows: 0, depth: 0, data: Vec::new() }
+    }
+}
+
 impl PackedA {
     pub fn new(a: &MatRef) -> Self {
         Self::with_isa(a, isa())
     }
 
+    /// Packs `a` for the level in use, in place of the current contents (reusing the
+    /// allocation: see [`PackedA::default`]).
+    pub fn repack(&mut self, a: &MatRef) {
+        if self.isa != isa() {
+            *self = Self::default();
+        }
+        self.repack_in_place(a);
+    }
+
     /// Packed for the tile of `isa` (the tests force each level).
     pub(crate) fn with_isa(a: &MatRef, isa: Isa) -> Self {
         let mut packed = Self { isa, rows: 0, depth: 0, data: Vec::new() };
-        packed.repack(a);
+        packed.repack_in_place(a);
         packed
     }
 
-    /// Packs `a` in place of the current contents, reusing the allocation.
-    pub(crate) fn repack(&mut self, a: &MatRef) {
+    /// Packs `a` for this packing's level, reusing the allocation.
+    pub(crate) fn repack_in_place(&mut self, a: &MatRef) {
         let (mr, _) = self.isa.tile();
         let (m, k) = (a.rows, a.cols);
         let padded = m.div_ceil(mr) * mr;
         self.data.resize(padded * k, 0.0);
+        // A weight is packed once per call or per model: worth all threads when it is large
+        // (tasks of 16 panels); every panel is independent.
+        let parallel = m * k >= 1 << 16;
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
-            pack_a(a, k0, kc, 0, m, mr, &mut self.data[k0 * padded..(k0 + kc) * padded]);
+            let block = &mut self.data[k0 * padded..(k0 + kc) * padded];
+            let task = 16 * mr * kc;
+            let pack_task = |(index, chunk): (usize, &mut [f32])| {
+                let first = index * 16 * mr;
+                pack_a(a, k0, kc, first, (16 * mr).min(m - first), mr, chunk);
+            };
+            if parallel {
+                block.par_chunks_mut(task).enumerate().for_each(pack_task);
+            } else {
+                block.chunks_mut(task).enumerate().for_each(pack_task);
+            }
         }
         (self.rows, self.depth) = (m, k);
     }
@@ -389,28 +418,57 @@ impl ASource<'_> {
     }
 }
 
-/// `C[m × n] (+)= A[m × k] · B[k × n]`, with `C` row-major with row stride `ldc`: accumulates
-/// into `C` when `accumulate`, else overwrites it. Rows of `C` are shared among the rayon
+/// What a product does with `C`'s previous contents.
+#[derive(Debug, Clone, Copy)]
+pub enum Init<'a> {
+    /// `C = A·B`.
+    Overwrite,
+    /// `C += A·B`.
+    Accumulate,
+    /// `C[i, j] = bias[i] + (A·B)[i, j]` (a convolution's bias, one per output channel).
+    RowBias(&'a [f32]),
+    /// `C[i, j] = bias[j] + (A·B)[i, j]` (a linear layer's bias, one per output feature).
+    ColumnBias(&'a [f32]),
+}
+
+impl Init<'_> {
+    /// The part of the bias that a block of `C` (rows from `m0`, columns from `n0`) sees.
+    fn offset(self, m0: usize, n0: usize) -> Self {
+        match self {
+            Init::RowBias(bias) => Init::RowBias(&bias[m0..]),
+            Init::ColumnBias(bias) => Init::ColumnBias(&bias[n0..]),
+            other => other,
+        }
+    }
+}
+
+/// `C[m × n] (+)= A[m × k] · B[k × n]`, with `C` row-major with row stride `ldc`, its previous
+/// contents overwritten, accumulated into or replaced by a bias as `init` says. Rows of `C` are shared among the rayon
 /// threads when `parallel` (each thread packs `B` for itself: cheap beside the product when
 /// `m` is large, which is when splitting pays).
 ///
 /// Panics if the operands' dimensions disagree or `c` is too short: callers size them.
-pub fn gemm(c: &mut [f32], ldc: usize, a: ASource, b: &impl PackB, accumulate: bool, parallel: bool) {
+pub fn gemm(c: &mut [f32], ldc: usize, a: ASource, b: &impl PackB, init: Init, parallel: bool) {
     let isa = match a {
         ASource::Packed(packed) => packed.isa,
         ASource::View(_) => isa(),
     };
-    gemm_with(isa, c, ldc, a, b, accumulate, parallel)
+    gemm_with(isa, c, ldc, a, b, init, parallel)
 }
 
 /// [`gemm`] on the micro-kernel of `isa` (a packed `A` must have been packed for it).
-pub(crate) fn gemm_with(isa: Isa, c: &mut [f32], ldc: usize, a: ASource, b: &impl PackB, accumulate: bool, parallel: bool) {
+pub(crate) fn gemm_with(isa: Isa, c: &mut [f32], ldc: usize, a: ASource, b: &impl PackB, init: Init, parallel: bool) {
     if let ASource::Packed(packed) = a {
         assert_eq!(packed.isa, isa, "gemm: A was packed for another ISA");
     }
     let (m, k) = a.dims();
     let (kb, n) = b.dims();
     assert_eq!(k, kb, "gemm: A has {k} columns, B {kb} rows");
+    match init {
+        Init::RowBias(bias) => assert!(bias.len() >= m, "gemm: a bias per row"),
+        Init::ColumnBias(bias) => assert!(bias.len() >= n, "gemm: a bias per column"),
+        _ => {}
+    }
     if m == 0 || n == 0 {
         return;
     }
@@ -419,7 +477,7 @@ pub(crate) fn gemm_with(isa: Isa, c: &mut [f32], ldc: usize, a: ASource, b: &imp
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
     let (row_panels, column_panels) = (m.div_ceil(mr), n.div_ceil(nr));
     if threads == 1 || (row_panels < 2 && column_panels < 2) {
-        gemm_block(isa, c, 0, a, b, accumulate);
+        gemm_block(isa, c, 0, a, b, init);
     } else if n > m && column_panels >= threads {
         // Wide products (a convolution of one large image): each thread takes a range of
         // columns, and packs only its own part of B.
@@ -427,14 +485,14 @@ pub(crate) fn gemm_with(isa: Isa, c: &mut [f32], ldc: usize, a: ASource, b: &imp
         (0..n.div_ceil(per_share)).into_par_iter().for_each(|share| {
             let first = share * per_share;
             let len = per_share.min(n - first);
-            gemm_block(isa, c.columns(first, len), 0, a, &Columns { inner: b, first, len }, accumulate);
+            gemm_block(isa, c.columns(first, len), 0, a, &Columns { inner: b, first, len }, init.offset(0, first));
         });
     } else {
         // Tall products (a linear layer over many tokens): each thread takes a range of rows.
         let per_share = row_panels.div_ceil(threads.min(row_panels)) * mr;
         (0..m.div_ceil(per_share)).into_par_iter().for_each(|share| {
             let first = share * per_share;
-            gemm_block(isa, c.rows(first, per_share.min(m - first)), first, a, b, accumulate);
+            gemm_block(isa, c.rows(first, per_share.min(m - first)), first, a, b, init.offset(first, 0));
         });
     }
 }
@@ -491,26 +549,31 @@ impl COut {
 /// [`gemm`] on one thread for all of `c` (`rows × n`, with `ldc`), whose first row is row
 /// `m0` of `A`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_rows(isa: Isa, c: &mut [f32], ldc: usize, m0: usize, rows: usize, a: ASource, b: &impl PackB, accumulate: bool) {
+pub(crate) fn gemm_rows(isa: Isa, c: &mut [f32], ldc: usize, m0: usize, rows: usize, a: ASource, b: &impl PackB, init: Init) {
     let (_, n) = b.dims();
     if rows == 0 || n == 0 {
         return;
     }
-    gemm_block(isa, COut::new(c, ldc, rows, n), m0, a, b, accumulate);
+    gemm_block(isa, COut::new(c, ldc, rows, n), m0, a, b, init);
 }
 
-/// The product into `c`, whose first row is row `m0` of `A` and whose columns are `b`'s.
-fn gemm_block(isa: Isa, c: COut, m0: usize, a: ASource, b: &impl PackB, accumulate: bool) {
+/// The product into `c`, whose first row is row `m0` of `A` and whose columns are `b`'s
+/// (`init`'s bias already offset to this block).
+fn gemm_block(isa: Isa, c: COut, m0: usize, a: ASource, b: &impl PackB, init: Init) {
     let (mr, nr) = isa.tile();
     let (_, k) = a.dims();
     let (_, n) = b.dims();
     let rows = c.rows;
     assert_eq!(c.cols, n);
     if k == 0 {
-        if !accumulate {
-            for i in 0..rows {
-                // SAFETY: this thread's part of C (see `COut`).
-                unsafe { c.row(i, 0, n) }.fill(0.0);
+        for i in 0..rows {
+            // SAFETY: this thread's part of C (see `COut`).
+            let row = unsafe { c.row(i, 0, n) };
+            match init {
+                Init::Overwrite => row.fill(0.0),
+                Init::Accumulate => {}
+                Init::RowBias(bias) => row.fill(bias[i]),
+                Init::ColumnBias(bias) => row.copy_from_slice(&bias[..n]),
             }
         }
         return;
@@ -526,7 +589,7 @@ fn gemm_block(isa: Isa, c: COut, m0: usize, a: ASource, b: &impl PackB, accumula
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
             let b_panels = b.panels(k0, kc, n0, nc, nr, &mut b_scratch);
-            let add = accumulate || k0 > 0;
+            let first_block = k0 == 0;
             for i0 in (0..rows).step_by(MC) {
                 let mc = MC.min(rows - i0);
                 let a_block: &[f32] = match a {
@@ -546,10 +609,15 @@ fn gemm_block(isa: Isa, c: COut, m0: usize, a: ASource, b: &impl PackB, accumula
                         for (r, tile_row) in tile.chunks_exact(nr).take(height).enumerate() {
                             // SAFETY: this thread's part of C (see `COut`).
                             let c_row = unsafe { c.row(i + r, j, width) };
-                            if add {
-                                c_row.iter_mut().zip(tile_row).for_each(|(c, t)| *c += t);
-                            } else {
-                                c_row.copy_from_slice(&tile_row[..width]);
+                            let tile_row = &tile_row[..width];
+                            match init {
+                                _ if !first_block => c_row.iter_mut().zip(tile_row).for_each(|(c, t)| *c += t),
+                                Init::Accumulate => c_row.iter_mut().zip(tile_row).for_each(|(c, t)| *c += t),
+                                Init::Overwrite => c_row.copy_from_slice(tile_row),
+                                Init::RowBias(bias) => c_row.iter_mut().zip(tile_row).for_each(|(c, t)| *c = bias[i + r] + t),
+                                Init::ColumnBias(bias) => {
+                                    c_row.iter_mut().zip(tile_row).zip(&bias[j..j + width]).for_each(|((c, t), b)| *c = b + t)
+                                }
                             }
                         }
                     }
@@ -687,23 +755,32 @@ pub(crate) mod tests {
         let expected = reference(&a, &b);
         let packed_a = PackedA::with_isa(&a, isa);
         let packed_b = PackedB::with_isa(&b, isa);
-        for (source, accumulate, parallel, packed) in [
-            (ASource::Packed(&packed_a), false, false, false),
-            (ASource::Packed(&packed_a), true, true, false),
-            (ASource::View(a), false, true, true),
-            (ASource::View(a), true, false, true),
+        let row_bias: Vec<f32> = (0..m).map(|i| i as f32 * 0.5).collect();
+        let column_bias: Vec<f32> = (0..n).map(|j| j as f32 * -0.25).collect();
+        for (source, init, parallel, packed) in [
+            (ASource::Packed(&packed_a), Init::Overwrite, false, false),
+            (ASource::Packed(&packed_a), Init::Accumulate, true, false),
+            (ASource::View(a), Init::RowBias(&row_bias), true, true),
+            (ASource::View(a), Init::ColumnBias(&column_bias), false, true),
+            (ASource::Packed(&packed_a), Init::ColumnBias(&column_bias), true, false),
         ] {
             {
                 let ldc = n + 3;
-                let mut c = vec![if accumulate { 1.0 } else { f32::NAN }; m.max(1) * ldc];
+                let mut c = vec![if matches!(init, Init::Accumulate) { 1.0 } else { f32::NAN }; m.max(1) * ldc];
                 if packed {
-                    gemm_with(isa, &mut c, ldc, source, &packed_b, accumulate, parallel);
+                    gemm_with(isa, &mut c, ldc, source, &packed_b, init, parallel);
                 } else {
-                    gemm_with(isa, &mut c, ldc, source, &b, accumulate, parallel);
+                    gemm_with(isa, &mut c, ldc, source, &b, init, parallel);
                 }
                 for i in 0..m {
                     for j in 0..n {
-                        let want = expected[i * n + j] + if accumulate { 1.0 } else { 0.0 };
+                        let want = expected[i * n + j]
+                            + match init {
+                                Init::Overwrite => 0.0,
+                                Init::Accumulate => 1.0,
+                                Init::RowBias(bias) => bias[i] as f64,
+                                Init::ColumnBias(bias) => bias[j] as f64,
+                            };
                         let got = c[i * ldc + j] as f64;
                         assert!((got - want).abs() <= 1e-4 * (1.0 + k as f64).sqrt(), "{isa:?} {m}x{k}x{n} ({i},{j}): {got} vs {want}");
                     }

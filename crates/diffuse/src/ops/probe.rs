@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::attention::{self, AttentionDims};
 use super::conv::{self, Geometry};
-use super::gemm::{self, ASource, Isa, MatRef, PackedA};
+use super::gemm::{self, ASource, Init, Isa, MatRef, PackedA};
 
 /// One kernel's measured rate.
 #[derive(Debug, Clone)]
@@ -99,13 +99,13 @@ pub fn rates(runs: usize) -> Vec<Rate> {
     let a_view = MatRef::row_major(&a, m, k).expect("sized");
     let b_view = MatRef::row_major(&b, k, n).expect("sized");
     let packed = PackedA::new(&a_view);
-    let seconds = timed(runs, || gemm::gemm(&mut c, n, ASource::Packed(&packed), &b_view, false, true));
+    let seconds = timed(runs, || gemm::gemm(&mut c, n, ASource::Packed(&packed), &b_view, Init::Overwrite, true));
     rates.push(Rate { name: "gemm 2048³".into(), gflops: 2.0 * (m * k * n) as f64 / seconds / 1e9 });
 
     for (channels, side) in [(320, 64), (640, 32), (1280, 16)] {
         let g = Geometry { batch: 2, in_channels: channels, height: side, width: side, out_channels: channels, kernel_h: 3, kernel_w: 3, stride: 1, padding: 1 };
         let (input, weight) = (values(2 * channels * side * side), values(channels * channels * 9));
-        let seconds = timed(runs, || conv::forward(&g, &input, &weight));
+        let seconds = timed(runs, || conv::forward(&g, &input, &weight, None));
         let flops = 2.0 * (2 * channels * side * side * channels * 9) as f64;
         rates.push(Rate { name: format!("conv 3×3 {channels}→{channels} at {side}×{side}, batch 2"), gflops: flops / seconds / 1e9 });
     }
