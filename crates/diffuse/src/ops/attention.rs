@@ -7,14 +7,15 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{self, ASource, Columns, Init, Isa, MatRef, PackedA, PackedB, Rows};
-use super::vector::{exp, exp_shifted_in_place};
+use super::gemm::{self, ASource, Init, Isa, MatRef, PackedA, PackedB, Rows};
+use super::vector;
 
-/// Query rows per task: a multiple of every ISA's MR (12, 6, 4).
+/// Query rows per task: a multiple of every ISA's MR (12, 6, 4) and of the vector width.
 const QUERY_BLOCK: usize = 96;
-/// Keys per block: whole KC blocks of the GEMM, so that packed values are read in place.
-const KEY_BLOCK: usize = 256;
-const _: () = assert!(KEY_BLOCK % gemm::KC == 0);
+/// Keys per block: a multiple of every MR (the keys are `A`'s rows) and of the GEMM's KC (the
+/// values' depth), so that both packed operands are read in place.
+const KEY_BLOCK: usize = 768;
+const _: () = assert!(KEY_BLOCK % gemm::KC == 0 && KEY_BLOCK % 12 == 0);
 
 /// The sizes of one attention call: `heads` independent (batch × head) problems of `queries`
 /// rows, `keys` keys and `head_dim` features.
@@ -45,34 +46,38 @@ pub(crate) fn attention_with(isa: Isa, dims: AttentionDims, q: &[f32], k: &[f32]
     if q_len == 0 || head_dim == 0 {
         return output;
     }
-    // Kᵀ (head_dim × keys) and V (keys × head_dim) of every head, in the kernel's panels.
-    let packed: Vec<(PackedB, PackedB)> = (0..heads)
+    // K (keys × head_dim, as A) and V (keys × head_dim, as B) of every head, packed once.
+    let packed: Vec<(PackedA, PackedB)> = (0..heads)
         .into_par_iter()
         .map(|h| {
             let keys_view = MatRef::row_major(&k[h * kv_len..(h + 1) * kv_len], keys, head_dim).expect("sizes checked");
             let values_view = MatRef::row_major(&v[h * kv_len..(h + 1) * kv_len], keys, head_dim).expect("sizes checked");
-            (PackedB::with_isa(&keys_view.t(), isa), PackedB::with_isa(&values_view, isa))
+            (PackedA::with_isa(&keys_view, isa), PackedB::with_isa(&values_view, isa))
         })
         .collect();
     output.par_chunks_mut(q_len).enumerate().for_each(|(h, out)| {
-        let (keys_t, values) = &packed[h];
+        let (keys_packed, values) = &packed[h];
         out.par_chunks_mut(QUERY_BLOCK * head_dim).enumerate().for_each(|(block, out)| {
             let first = block * QUERY_BLOCK;
             let q_block = &q[h * q_len + first * head_dim..h * q_len + first * head_dim + out.len()];
-            query_block(isa, dims, first, q_block, keys_t, values, scale, mask, out);
+            query_block(isa, dims, first, q_block, keys_packed, values, scale, mask, out);
         });
     });
     output
 }
 
 /// One task: `out` (`rows × head_dim`) for the query rows `first..` in `q_block`.
+///
+/// The scores are computed transposed, `Sᵀ = K Qᵀ` (`keys × rows`), so that the softmax's
+/// running maximum and sum are vectors over the query rows (every step vectorises), and `Sᵀ`
+/// is already laid out as the row panels that `P V` reads.
 #[allow(clippy::too_many_arguments)]
 fn query_block(
     isa: Isa,
     dims: AttentionDims,
     first: usize,
     q_block: &[f32],
-    keys_t: &PackedB,
+    keys_packed: &PackedA,
     values: &PackedB,
     scale: f32,
     mask: Option<&[f32]>,
@@ -80,45 +85,58 @@ fn query_block(
 ) {
     let AttentionDims { keys, head_dim, .. } = dims;
     let rows = q_block.len() / head_dim;
-    // The scale goes into Q once, not into every score; Q is packed once for all key blocks,
-    // and the probabilities' panels reuse one allocation.
+    // The scale goes into Q once, not into every score; Qᵀ is packed once for all key blocks.
     let scaled_q: Vec<f32> = q_block.iter().map(|&x| x * scale).collect();
-    let q_packed = PackedA::with_isa(&MatRef::row_major(&scaled_q, rows, head_dim).expect("sizes checked"), isa);
+    let q_t = PackedB::with_isa(&MatRef::row_major(&scaled_q, rows, head_dim).expect("sizes checked").t(), isa);
     let mut p_packed = PackedA::with_isa(&MatRef::row_major(&[], 0, 0).expect("empty"), isa);
-    let mut scores = vec![0f32; rows * KEY_BLOCK];
-    let mut row_max = vec![f32::NEG_INFINITY; rows];
-    let mut row_sum = vec![0f32; rows];
+    let mut scores_t = vec![0f32; KEY_BLOCK * rows];
+    let mut state = OnlineSoftmax::new(rows);
     out.fill(0.0);
     for key0 in (0..keys).step_by(KEY_BLOCK) {
         let width = KEY_BLOCK.min(keys - key0);
-        gemm::gemm_rows(isa, &mut scores, width, 0, rows, ASource::Packed(&q_packed), &Columns { inner: keys_t, first: key0, len: width }, Init::Overwrite);
-        for r in 0..rows {
-            let row = &mut scores[r * width..(r + 1) * width];
-            if let Some(mask) = mask {
-                let mask_row = &mask[(first + r) * keys + key0..(first + r) * keys + key0 + width];
-                row.iter_mut().zip(mask_row).for_each(|(s, m)| *s += m);
-            }
-            let block_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let new_max = row_max[r].max(block_max);
-            // Every key so far masked: nothing to weigh yet (and -inf - -inf would be NaN).
-            if new_max == f32::NEG_INFINITY {
-                row.fill(0.0);
-                continue;
-            }
-            let correction = exp(row_max[r] - new_max);
-            row_max[r] = new_max;
-            let block_sum = exp_shifted_in_place(isa, row, new_max);
-            row_sum[r] = row_sum[r] * correction + block_sum;
-            if correction != 1.0 {
-                out[r * head_dim..(r + 1) * head_dim].iter_mut().for_each(|o| *o *= correction);
+        let scores_t = &mut scores_t[..width * rows];
+        gemm::gemm_rows(isa, scores_t, rows, key0, width, ASource::Packed(keys_packed), &q_t, Init::Overwrite);
+        if let Some(mask) = mask {
+            for (c, scores) in scores_t.chunks_exact_mut(rows).enumerate() {
+                for (r, score) in scores.iter_mut().enumerate() {
+                    *score += mask[(first + r) * keys + key0 + c];
+                }
             }
         }
-        p_packed.repack_in_place(&MatRef::row_major(&scores[..rows * width], rows, width).expect("sizes checked"));
+        let correction = state.update(isa, scores_t);
+        for (out_row, &correction) in out.chunks_exact_mut(head_dim).zip(correction) {
+            if correction != 1.0 {
+                out_row.iter_mut().for_each(|o| *o *= correction);
+            }
+        }
+        // P (rows × width) is Sᵀ read transposed: its panels are runs of Sᵀ's rows.
+        p_packed.repack_in_place(&MatRef::row_major(scores_t, width, rows).expect("sizes checked").t());
         gemm::gemm_rows(isa, out, head_dim, 0, rows, ASource::Packed(&p_packed), &Rows { inner: values, first: key0, len: width }, Init::Accumulate);
     }
-    for (r, out_row) in out.chunks_exact_mut(head_dim).enumerate() {
-        let inverse = if row_sum[r] > 0.0 { 1.0 / row_sum[r] } else { 0.0 };
+    for (out_row, &sum) in out.chunks_exact_mut(head_dim).zip(&state.sum) {
+        let inverse = if sum > 0.0 { 1.0 / sum } else { 0.0 };
         out_row.iter_mut().for_each(|o| *o *= inverse);
+    }
+}
+
+/// The running row maximum and sum of FlashAttention's softmax, one per query row.
+struct OnlineSoftmax {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    correction: Vec<f32>,
+}
+
+impl OnlineSoftmax {
+    fn new(rows: usize) -> Self {
+        Self { max: vec![f32::NEG_INFINITY; rows], sum: vec![0.0; rows], correction: vec![1.0; rows] }
+    }
+
+    /// Takes a block of transposed scores (`keys × rows`), replaces them by
+    /// `exp(score - new row maximum)`, and returns each row's factor for what was accumulated
+    /// before (`exp(old maximum - new maximum)`).
+    fn update(&mut self, isa: Isa, scores_t: &mut [f32]) -> &[f32] {
+        vector::online_softmax_columns(isa, scores_t, &mut self.max, &mut self.sum, &mut self.correction);
+        &self.correction
     }
 }
 

@@ -215,8 +215,15 @@ fn pack_a(a: &MatRef, k0: usize, kc: usize, m0: usize, mc: usize, mr: usize, out
             continue;
         }
         for (kk, column) in chunk.chunks_exact_mut(mr).enumerate() {
-            for (i, value) in column[..height].iter_mut().enumerate() {
-                *value = a.at(first + i, k0 + kk);
+            if a.row_stride == 1 {
+                // A transposed row-major matrix (attention's probabilities): a panel column
+                // is a contiguous run of the source.
+                let start = (k0 + kk) * a.col_stride + first;
+                column[..height].copy_from_slice(&a.data[start..start + height]);
+            } else {
+                for (i, value) in column[..height].iter_mut().enumerate() {
+                    *value = a.at(first + i, k0 + kk);
+                }
             }
             column[height..].fill(0.0);
         }

@@ -62,34 +62,42 @@ macro_rules! dispatch {
     }};
 }
 
-/// Replaces each `x` of `row` by `e^(x - shift)` and returns their sum.
-pub(crate) fn exp_shifted_in_place(isa: Isa, row: &mut [f32], shift: f32) -> f32 {
-    dispatch!(isa, fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
-        // Sixteen partial sums, so that the loop vectorises (the order differs from a serial
-        // sum only in rounding).
-        let mut partial = [0f32; 16];
-        let mut chunks = row.chunks_exact_mut(16);
-        for chunk in &mut chunks {
-            for (value, partial) in chunk.iter_mut().zip(&mut partial) {
-                *value = exp(*value - shift);
-                *partial += *value;
-            }
-        }
-        let mut sum = 0f32;
-        for value in chunks.into_remainder() {
-            *value = exp(*value - shift);
-            sum += *value;
-        }
-        sum + partial.iter().sum::<f32>()
-    })
-}
-
 /// `x · sigmoid(x)` in place, as `x / (1 + e^-x)`.
 pub(crate) fn silu_in_place(isa: Isa, values: &mut [f32]) {
     dispatch!(isa, fn silu(values: &mut [f32]) -> () {
         for x in values.iter_mut() {
             *x /= 1.0 + exp(-*x);
         }
+    })
+}
+
+/// One block of FlashAttention's online softmax over transposed scores (`keys × rows`, a row
+/// of `scores_t` per key): each column (query row) gets its new maximum over the block and
+/// the old one, its scores become `exp(score - maximum)`, its sum is rescaled and grows by
+/// them, and `correction` receives `exp(old maximum - new maximum)`. Columns with every score
+/// so far -inf (masked) keep a sum of 0.
+pub(crate) fn online_softmax_columns(isa: Isa, scores_t: &mut [f32], max: &mut [f32], sum: &mut [f32], correction: &mut [f32]) {
+    dispatch!(isa, fn softmax(scores_t: &mut [f32], max: &mut [f32], sum: &mut [f32], correction: &mut [f32]) -> () {
+        let rows = max.len();
+        let mut new_max = max.to_vec();
+        for scores in scores_t.chunks_exact(rows) {
+            new_max.iter_mut().zip(scores).for_each(|(m, &s)| *m = m.max(s));
+        }
+        // A column with nothing but -inf so far shifts by 0: exp(-inf) = 0, never NaN.
+        let shift: Vec<f32> = new_max.iter().map(|&m| if m == f32::NEG_INFINITY { 0.0 } else { m }).collect();
+        for ((c, &old), &shift) in correction.iter_mut().zip(max.iter()).zip(&shift) {
+            *c = exp(old - shift);
+        }
+        for (s, &c) in sum.iter_mut().zip(correction.iter()) {
+            *s *= c;
+        }
+        for scores in scores_t.chunks_exact_mut(rows) {
+            for ((score, &shift), s) in scores.iter_mut().zip(&shift).zip(sum.iter_mut()) {
+                *score = exp(*score - shift);
+                *s += *score;
+            }
+        }
+        max.copy_from_slice(&new_max);
     })
 }
 
