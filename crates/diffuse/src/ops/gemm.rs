@@ -21,8 +21,8 @@ use rayon::prelude::*;
 pub(crate) const KC: usize = 256;
 /// Rows of `A` per block (a multiple of every `MR`): 240 × 256 floats = 240 KiB, in L2.
 const MC: usize = 240;
-/// Columns of `B` per block: 4,096 × 256 floats = 4 MiB.
-const NC: usize = 4096;
+/// Columns of `B` per block: 1,024 × 256 floats = 1 MiB, the L2 of the smaller cores seen.
+const NC: usize = 1024;
 
 /// The instruction set the micro-kernels use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
