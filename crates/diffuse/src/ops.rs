@@ -1,9 +1,12 @@
 //! The hot operations of every model, in one place: the models call only these for
-//! convolution, linear layers, group and layer normalisation, attention and SiLU, so that faster CPU
-//! kernels can replace the bodies here later without touching any model.
+//! convolution, linear layers, group and layer normalisation, attention, GEGLU and SiLU.
 //!
 //! Each matches the PyTorch function of the same name (NCHW layout, weights as PyTorch
-//! stores them).
+//! stores them). On the CPU in f32 they run the project's own kernels (the submodules: packed
+//! GEMM, implicit-GEMM convolution, flash attention, vectorised element-wise work, all on one
+//! rayon pool and chosen at run time by what the CPU offers); where gradients are tracked
+//! (training) or on other devices, the same functions fall back to candle's differentiable
+//! tensor operations, which the tests compare against the kernels.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;

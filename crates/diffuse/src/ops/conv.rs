@@ -234,31 +234,20 @@ pub fn forward(g: &Geometry, input: &[f32], weight: &[f32], bias: Option<&[f32]>
     if output.is_empty() {
         return output;
     }
-    let kernel = {
-        let _timer = super::profile::timer("conv2d: packing the kernel");
-        let mut kernel = PACKED_KERNEL.lock().ok().and_then(|mut cached| cached.take()).unwrap_or_default();
-        kernel.repack(&MatRef::row_major(weight, g.out_channels, k).expect("sizes checked"));
-        kernel
-    };
+    // The kernel is read where it lies: packing it per call costs as much as it saves.
+    let kernel = MatRef::row_major(weight, g.out_channels, k).expect("sizes checked");
     let (images_parallel, product_parallel) = split(g.batch);
     for_each_image(images_parallel, &mut output, g.output_len(), |b, out| {
         let image = &input[b * g.input_len()..(b + 1) * g.input_len()];
         if g.is_pointwise() {
             let image = MatRef::row_major(image, k, out_hw).expect("sizes checked");
-            gemm::gemm(out, out_hw, ASource::Packed(&kernel), &image, init, product_parallel);
+            gemm::gemm(out, out_hw, ASource::InPlace(kernel), &image, init, product_parallel);
         } else {
-            gemm::gemm(out, out_hw, ASource::Packed(&kernel), &Patches { g, image }, init, product_parallel);
+            gemm::gemm(out, out_hw, ASource::InPlace(kernel), &Patches { g, image }, init, product_parallel);
         }
     });
-    if let Ok(mut cached) = PACKED_KERNEL.lock() {
-        *cached = Some(kernel);
-    }
     output
 }
-
-/// The last packed kernel's memory, reused by the next call: a fresh allocation of tens of MB
-/// per call costs more in page faults than the packing itself.
-static PACKED_KERNEL: std::sync::Mutex<Option<PackedA>> = std::sync::Mutex::new(None);
 
 /// The input's gradient: `weightᵀ · grad_output`, scattered back through col2im.
 ///

@@ -240,26 +240,11 @@ pub struct PackedA {
     data: Vec<f32>,
 }
 
-/// An empty packing for the level in use, to be filled by [`PackedA::repack`].
-impl Default for PackedA {
-    fn default() -> Self {
-        Self { isa: isa(), rows: 0, depth: 0, data: Vec::new() }
-    }
-}
-
 impl PackedA {
     pub fn new(a: &MatRef) -> Self {
         Self::with_isa(a, isa())
     }
 
-    /// Packs `a` for the level in use, in place of the current contents (reusing the
-    /// allocation: see [`PackedA::default`]).
-    pub fn repack(&mut self, a: &MatRef) {
-        if self.isa != isa() {
-            *self = Self::default();
-        }
-        self.repack_in_place(a);
-    }
 
     /// Packed for the tile of `isa` (the tests force each level).
     pub(crate) fn with_isa(a: &MatRef, isa: Isa) -> Self {
@@ -414,12 +399,16 @@ impl<B: PackB> PackB for Rows<'_, B> {
 pub enum ASource<'a> {
     View(MatRef<'a>),
     Packed(&'a PackedA),
+    /// A row-major matrix (column stride 1) that the micro-kernel reads where it lies, a row
+    /// per register row: nothing is copied but a last partial panel. For a convolution's
+    /// kernel, whose packing per call would cost as much memory traffic as it saves.
+    InPlace(MatRef<'a>),
 }
 
 impl ASource<'_> {
     fn dims(&self) -> (usize, usize) {
         match self {
-            ASource::View(a) => (a.rows, a.cols),
+            ASource::View(a) | ASource::InPlace(a) => (a.rows, a.cols),
             ASource::Packed(a) => (a.rows, a.depth),
         }
     }
@@ -458,15 +447,17 @@ impl Init<'_> {
 pub fn gemm(c: &mut [f32], ldc: usize, a: ASource, b: &impl PackB, init: Init, parallel: bool) {
     let isa = match a {
         ASource::Packed(packed) => packed.isa,
-        ASource::View(_) => isa(),
+        ASource::View(_) | ASource::InPlace(_) => isa(),
     };
     gemm_with(isa, c, ldc, a, b, init, parallel)
 }
 
 /// [`gemm`] on the micro-kernel of `isa` (a packed `A` must have been packed for it).
 pub(crate) fn gemm_with(isa: Isa, c: &mut [f32], ldc: usize, a: ASource, b: &impl PackB, init: Init, parallel: bool) {
-    if let ASource::Packed(packed) = a {
-        assert_eq!(packed.isa, isa, "gemm: A was packed for another ISA");
+    match a {
+        ASource::Packed(packed) => assert_eq!(packed.isa, isa, "gemm: A was packed for another ISA"),
+        ASource::InPlace(view) => assert!(view.col_stride == 1 || view.cols <= 1, "gemm: A in place must be row-major"),
+        ASource::View(_) => {}
     }
     let (m, k) = a.dims();
     let (kb, n) = b.dims();
@@ -588,6 +579,7 @@ fn gemm_block(isa: Isa, c: COut, m0: usize, a: ASource, b: &impl PackB, init: In
     let mut b_scratch = Vec::new();
     let mut a_panels = match a {
         ASource::View(_) => vec![0f32; KC.min(k) * MC.min(rows).div_ceil(mr) * mr],
+        ASource::InPlace(_) => vec![0f32; KC.min(k) * mr],
         ASource::Packed(_) => Vec::new(),
     };
     let mut tile = [0f32; 12 * 32];
@@ -599,20 +591,37 @@ fn gemm_block(isa: Isa, c: COut, m0: usize, a: ASource, b: &impl PackB, init: In
             let first_block = k0 == 0;
             for i0 in (0..rows).step_by(MC) {
                 let mc = MC.min(rows - i0);
+                let panels = mc.div_ceil(mr);
                 let a_block: &[f32] = match a {
                     ASource::View(view) => {
                         pack_a(&view, k0, kc, m0 + i0, mc, mr, &mut a_panels);
                         &a_panels
                     }
                     ASource::Packed(packed) => packed.block(k0, kc, m0 + i0, mc),
+                    ASource::InPlace(view) => {
+                        // Only a last partial panel is packed (its missing rows read as zeros).
+                        let last = (panels - 1) * mr;
+                        if mc - last < mr {
+                            pack_a(&view, k0, kc, m0 + i0 + last, mc - last, mr, &mut a_panels[..kc * mr]);
+                        }
+                        &a_panels
+                    }
                 };
                 for (jp, b_panel) in b_panels.chunks_exact(kc * nr).take(nc.div_ceil(nr)).enumerate() {
                     let j = n0 + jp * nr;
                     let width = nr.min(n - j);
-                    for (ip, a_panel) in a_block.chunks_exact(kc * mr).take(mc.div_ceil(mr)).enumerate() {
+                    for ip in 0..panels {
                         let i = i0 + ip * mr;
                         let height = mr.min(rows - i);
-                        micro_kernel(isa, kc, a_panel, b_panel, &mut tile[..mr * nr]);
+                        let tile = &mut tile[..mr * nr];
+                        match a {
+                            ASource::InPlace(view) if height == mr => {
+                                let start = (m0 + i) * view.row_stride + k0;
+                                micro_kernel_in_place(isa, kc, &view.data[start..], view.row_stride, b_panel, tile);
+                            }
+                            ASource::InPlace(_) => micro_kernel(isa, kc, &a_block[..kc * mr], b_panel, tile),
+                            _ => micro_kernel(isa, kc, &a_block[ip * kc * mr..(ip + 1) * kc * mr], b_panel, tile),
+                        }
                         for (r, tile_row) in tile.chunks_exact(nr).take(height).enumerate() {
                             // SAFETY: this thread's part of C (see `COut`).
                             let c_row = unsafe { c.row(i + r, j, width) };
@@ -638,24 +647,39 @@ fn gemm_block(isa: Isa, c: COut, m0: usize, a: ASource, b: &impl PackB, init: In
 fn micro_kernel(isa: Isa, kc: usize, a: &[f32], b: &[f32], tile: &mut [f32]) {
     let (mr, nr) = isa.tile();
     assert!(a.len() >= kc * mr && b.len() >= kc * nr && tile.len() >= mr * nr);
+    // Element (p, i) of the panel is a[p·MR + i].
+    run_kernel::<false>(isa, kc, a, 0, b, tile)
+}
+
+/// The same product with `A`'s MR rows read in place: element (p, i) is `a[i·lda + p]`.
+fn micro_kernel_in_place(isa: Isa, kc: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32]) {
+    let (mr, nr) = isa.tile();
+    assert!(kc > 0 && a.len() >= (mr - 1) * lda + kc && b.len() >= kc * nr && tile.len() >= mr * nr);
+    run_kernel::<true>(isa, kc, a, lda, b, tile)
+}
+
+/// Callers have checked that `a` holds the panel (packed, or MR rows `lda` apart when
+/// `IN_PLACE`), `b` `kc` rows of NR and `tile` MR × NR values.
+fn run_kernel<const IN_PLACE: bool>(isa: Isa, kc: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32]) {
     match isa {
         // SAFETY: the ISA was checked to be supported before it was chosen (`isa()` and
-        // `PackedA::new` only pick supported levels), and the assertion above guarantees that
-        // the kernel's reads of `kc` rows of `a`, `b` and its writes of `MR × NR` to `tile`
-        // stay inside the slices.
+        // `PackedA::new` only pick supported levels), and the callers' assertions guarantee
+        // that the kernel's reads of `a` and `b` and its writes of MR × NR to `tile` stay
+        // inside the slices.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::kernel_avx512::<12, 2>(kc, a.as_ptr(), b.as_ptr(), tile.as_mut_ptr()) },
+        Isa::Avx512 => unsafe { x86::kernel_avx512::<12, 2, IN_PLACE>(kc, a.as_ptr(), lda, b.as_ptr(), tile.as_mut_ptr()) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { x86::kernel_avx2::<6, 2>(kc, a.as_ptr(), b.as_ptr(), tile.as_mut_ptr()) },
-        _ => kernel_portable::<4, 16>(kc, a, b, tile),
+        Isa::Avx2 => unsafe { x86::kernel_avx2::<6, 2, IN_PLACE>(kc, a.as_ptr(), lda, b.as_ptr(), tile.as_mut_ptr()) },
+        _ => kernel_portable::<4, 16, IN_PLACE>(kc, a, lda, b, tile),
     }
 }
 
-fn kernel_portable<const MR: usize, const NR: usize>(kc: usize, a: &[f32], b: &[f32], tile: &mut [f32]) {
+fn kernel_portable<const MR: usize, const NR: usize, const IN_PLACE: bool>(kc: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32]) {
     let mut acc = [[0f32; NR]; MR];
-    for (a, b) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kc) {
-        for (acc_row, &a) in acc.iter_mut().zip(a) {
+    for (p, b) in b.chunks_exact(NR).take(kc).enumerate() {
+        for (i, acc_row) in acc.iter_mut().enumerate() {
+            let a = if IN_PLACE { a[i * lda + p] } else { a[p * MR + i] };
             for (acc, &b) in acc_row.iter_mut().zip(b) {
                 *acc = a.mul_add(b, *acc);
             }
@@ -670,13 +694,20 @@ fn kernel_portable<const MR: usize, const NR: usize>(kc: usize, a: &[f32], b: &[
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// AVX-512 micro-kernel: `MR` rows × `NV` vectors of 16 columns.
+    /// AVX-512 micro-kernel: `MR` rows × `NV` vectors of 16 columns. `A`'s element (p, i) is
+    /// `a[p·MR + i]` (a packed panel) or, when `IN_PLACE`, `a[i·lda + p]`.
     ///
     /// # Safety
-    /// The CPU supports AVX-512F; `a` has `kc · MR` readable values, `b` `kc · NV · 16`,
-    /// `tile` room for `MR · NV · 16`.
+    /// The CPU supports AVX-512F; `a` has those `kc × MR` elements readable, `b` `kc · NV · 16`
+    /// values, `tile` room for `MR · NV · 16`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn kernel_avx512<const MR: usize, const NV: usize>(kc: usize, a: *const f32, b: *const f32, tile: *mut f32) {
+    pub unsafe fn kernel_avx512<const MR: usize, const NV: usize, const IN_PLACE: bool>(
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        tile: *mut f32,
+    ) {
         let mut acc = [[_mm512_setzero_ps(); NV]; MR];
         for p in 0..kc {
             let mut bv = [_mm512_setzero_ps(); NV];
@@ -684,7 +715,7 @@ mod x86 {
                 *bv = _mm512_loadu_ps(b.add((p * NV + v) * 16));
             }
             for (i, acc) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*a.add(p * MR + i));
+                let av = _mm512_set1_ps(*a.add(if IN_PLACE { i * lda + p } else { p * MR + i }));
                 for v in 0..NV {
                     acc[v] = _mm512_fmadd_ps(av, bv[v], acc[v]);
                 }
@@ -697,13 +728,20 @@ mod x86 {
         }
     }
 
-    /// AVX2 + FMA micro-kernel: `MR` rows × `NV` vectors of 8 columns.
+    /// AVX2 + FMA micro-kernel: `MR` rows × `NV` vectors of 8 columns, `A` addressed as in
+    /// [`kernel_avx512`].
     ///
     /// # Safety
-    /// The CPU supports AVX2 and FMA; `a` has `kc · MR` readable values, `b` `kc · NV · 8`,
-    /// `tile` room for `MR · NV · 8`.
+    /// The CPU supports AVX2 and FMA; `a` has those `kc × MR` elements readable, `b`
+    /// `kc · NV · 8` values, `tile` room for `MR · NV · 8`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn kernel_avx2<const MR: usize, const NV: usize>(kc: usize, a: *const f32, b: *const f32, tile: *mut f32) {
+    pub unsafe fn kernel_avx2<const MR: usize, const NV: usize, const IN_PLACE: bool>(
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        tile: *mut f32,
+    ) {
         let mut acc = [[_mm256_setzero_ps(); NV]; MR];
         for p in 0..kc {
             let mut bv = [_mm256_setzero_ps(); NV];
@@ -711,7 +749,7 @@ mod x86 {
                 *bv = _mm256_loadu_ps(b.add((p * NV + v) * 8));
             }
             for (i, acc) in acc.iter_mut().enumerate() {
-                let av = _mm256_set1_ps(*a.add(p * MR + i));
+                let av = _mm256_set1_ps(*a.add(if IN_PLACE { i * lda + p } else { p * MR + i }));
                 for v in 0..NV {
                     acc[v] = _mm256_fmadd_ps(av, bv[v], acc[v]);
                 }
@@ -770,6 +808,8 @@ pub(crate) mod tests {
             (ASource::View(a), Init::RowBias(&row_bias), true, true),
             (ASource::View(a), Init::ColumnBias(&column_bias), false, true),
             (ASource::Packed(&packed_a), Init::ColumnBias(&column_bias), true, false),
+            (ASource::InPlace(a), Init::RowBias(&row_bias), true, false),
+            (ASource::InPlace(a), Init::Overwrite, false, true),
         ] {
             {
                 let ldc = n + 3;
