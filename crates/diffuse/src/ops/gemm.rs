@@ -9,9 +9,10 @@
 //! that every path can be tested on a machine that has the higher ones.
 //!
 //! `B` reaches the driver through [`PackB`], so a convolution can write its im2col patches
-//! straight into the panels (an implicit GEMM: no full column buffer), and an operand used
-//! many times (a weight, the keys of an attention head) can be packed once ([`PackedA`],
-//! [`PackedB`]).
+//! straight into the panels (an implicit GEMM: no full column buffer); an operand used many
+//! times (the keys and values of an attention head) can be packed once ([`PackedA`],
+//! [`PackedB`]); and a row-major `A` can be read where it lies ([`ASource::InPlace`], a
+//! convolution's kernel), which saves its packing traffic.
 
 use std::sync::OnceLock;
 
@@ -245,7 +246,6 @@ impl PackedA {
         Self::with_isa(a, isa())
     }
 
-
     /// Packed for the tile of `isa` (the tests force each level).
     pub(crate) fn with_isa(a: &MatRef, isa: Isa) -> Self {
         let mut packed = Self { isa, rows: 0, depth: 0, data: Vec::new() };
@@ -259,9 +259,9 @@ impl PackedA {
         let (m, k) = (a.rows, a.cols);
         let padded = m.div_ceil(mr) * mr;
         self.data.resize(padded * k, 0.0);
-        // A weight is packed once per call or per model: worth all threads when it is large
-        // (tasks of 16 panels); every panel is independent.
-        let parallel = m * k >= 1 << 16;
+        // A large operand (a weight) is worth all threads, in tasks of 16 independent panels;
+        // small ones (attention's blocks, packed inside tasks that are parallel already) not.
+        let parallel = m * k >= 1 << 20;
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
             let block = &mut self.data[k0 * padded..(k0 + kc) * padded];
@@ -439,9 +439,9 @@ impl Init<'_> {
 }
 
 /// `C[m × n] (+)= A[m × k] · B[k × n]`, with `C` row-major with row stride `ldc`, its previous
-/// contents overwritten, accumulated into or replaced by a bias as `init` says. Rows of `C` are shared among the rayon
-/// threads when `parallel` (each thread packs `B` for itself: cheap beside the product when
-/// `m` is large, which is when splitting pays).
+/// contents overwritten, accumulated into or offset by a bias as `init` says. When `parallel`,
+/// the rayon threads share `C` by column ranges if it is wider than tall (each packs only its
+/// part of `B`), else by row ranges.
 ///
 /// Panics if the operands' dimensions disagree or `c` is too short: callers size them.
 pub fn gemm(c: &mut [f32], ldc: usize, a: ASource, b: &impl PackB, init: Init, parallel: bool) {
