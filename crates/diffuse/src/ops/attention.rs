@@ -7,15 +7,15 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{self, ASource, Init, Isa, MatRef, PackedA, PackedB, Rows};
+use super::gemm::{self, ASource, Init, Isa, MatRef, PackedA, PackedB};
 use super::vector;
 
 /// Query rows per task: a multiple of every ISA's MR (12, 6, 4) and of the vector width.
 const QUERY_BLOCK: usize = 96;
-/// Keys per block: a multiple of every MR (the keys are `A`'s rows) and of the GEMM's KC (the
-/// values' depth), so that both packed operands are read in place.
+/// Keys per block: a multiple of every MR (the keys are `A`'s rows), so that the packed keys
+/// are read in place.
 const KEY_BLOCK: usize = 768;
-const _: () = assert!(KEY_BLOCK % gemm::KC == 0 && KEY_BLOCK % 12 == 0);
+const _: () = assert!(KEY_BLOCK % 12 == 0);
 
 /// The sizes of one attention call: `heads` independent (batch × head) problems of `queries`
 /// rows, `keys` keys and `head_dim` features.
@@ -46,21 +46,30 @@ pub(crate) fn attention_with(isa: Isa, dims: AttentionDims, q: &[f32], k: &[f32]
     if q_len == 0 || head_dim == 0 {
         return output;
     }
-    // K (keys × head_dim, as A) and V (keys × head_dim, as B) of every head, packed once.
-    let packed: Vec<(PackedA, PackedB)> = (0..heads)
+    // K (keys × head_dim) and, per key block, Vᵀ (head_dim × block) of every head, packed once
+    // as A operands.
+    let packed: Vec<(PackedA, Vec<PackedA>)> = (0..heads)
         .into_par_iter()
         .map(|h| {
-            let keys_view = MatRef::row_major(&k[h * kv_len..(h + 1) * kv_len], keys, head_dim).expect("sizes checked");
-            let values_view = MatRef::row_major(&v[h * kv_len..(h + 1) * kv_len], keys, head_dim).expect("sizes checked");
-            (PackedA::with_isa(&keys_view, isa), PackedB::with_isa(&values_view, isa))
+            let (head_keys, head_values) = (&k[h * kv_len..(h + 1) * kv_len], &v[h * kv_len..(h + 1) * kv_len]);
+            let keys_view = MatRef::row_major(head_keys, keys, head_dim).expect("sizes checked");
+            let values_t = (0..keys)
+                .step_by(KEY_BLOCK)
+                .map(|key0| {
+                    let width = KEY_BLOCK.min(keys - key0);
+                    let block = &head_values[key0 * head_dim..(key0 + width) * head_dim];
+                    PackedA::with_isa(&MatRef::row_major(block, width, head_dim).expect("sizes checked").t(), isa)
+                })
+                .collect();
+            (PackedA::with_isa(&keys_view, isa), values_t)
         })
         .collect();
     output.par_chunks_mut(q_len).enumerate().for_each(|(h, out)| {
-        let (keys_packed, values) = &packed[h];
+        let (keys_packed, values_t) = &packed[h];
         out.par_chunks_mut(QUERY_BLOCK * head_dim).enumerate().for_each(|(block, out)| {
             let first = block * QUERY_BLOCK;
             let q_block = &q[h * q_len + first * head_dim..h * q_len + first * head_dim + out.len()];
-            query_block(isa, dims, first, q_block, keys_packed, values, scale, mask, out);
+            query_block(isa, dims, first, q_block, keys_packed, values_t, scale, mask, out);
         });
     });
     output
@@ -68,9 +77,11 @@ pub(crate) fn attention_with(isa: Isa, dims: AttentionDims, q: &[f32], k: &[f32]
 
 /// One task: `out` (`rows × head_dim`) for the query rows `first..` in `q_block`.
 ///
-/// The scores are computed transposed, `Sᵀ = K Qᵀ` (`keys × rows`), so that the softmax's
-/// running maximum and sum are vectors over the query rows (every step vectorises), and `Sᵀ`
-/// is already laid out as the row panels that `P V` reads.
+/// Everything is computed transposed: the scores `Sᵀ = K Qᵀ` (`keys × rows`), so that the
+/// softmax's running maximum and sum are vectors over the query rows (every step vectorises),
+/// and the output `Oᵀ += Vᵀ Pᵀ` (`head_dim × rows`), so that the product's short side is the
+/// head dimension (40 in SD's first blocks) on the micro-kernel's 12-row side rather than its
+/// 32-column side, and `Pᵀ` is read as it lies.
 #[allow(clippy::too_many_arguments)]
 fn query_block(
     isa: Isa,
@@ -78,7 +89,7 @@ fn query_block(
     first: usize,
     q_block: &[f32],
     keys_packed: &PackedA,
-    values: &PackedB,
+    values_t: &[PackedA],
     scale: f32,
     mask: Option<&[f32]>,
     out: &mut [f32],
@@ -88,11 +99,10 @@ fn query_block(
     // The scale goes into Q once, not into every score; Qᵀ is packed once for all key blocks.
     let scaled_q: Vec<f32> = q_block.iter().map(|&x| x * scale).collect();
     let q_t = PackedB::with_isa(&MatRef::row_major(&scaled_q, rows, head_dim).expect("sizes checked").t(), isa);
-    let mut p_packed = PackedA::with_isa(&MatRef::row_major(&[], 0, 0).expect("empty"), isa);
     let mut scores_t = vec![0f32; KEY_BLOCK * rows];
+    let mut out_t = vec![0f32; head_dim * rows];
     let mut state = OnlineSoftmax::new(rows);
-    out.fill(0.0);
-    for key0 in (0..keys).step_by(KEY_BLOCK) {
+    for (block, key0) in (0..keys).step_by(KEY_BLOCK).enumerate() {
         let width = KEY_BLOCK.min(keys - key0);
         let scores_t = &mut scores_t[..width * rows];
         gemm::gemm_rows(isa, scores_t, rows, key0, width, ASource::Packed(keys_packed), &q_t, Init::Overwrite);
@@ -104,18 +114,19 @@ fn query_block(
             }
         }
         let correction = state.update(isa, scores_t);
-        for (out_row, &correction) in out.chunks_exact_mut(head_dim).zip(correction) {
-            if correction != 1.0 {
-                out_row.iter_mut().for_each(|o| *o *= correction);
+        if correction.iter().any(|&c| c != 1.0) {
+            for out_row in out_t.chunks_exact_mut(rows) {
+                out_row.iter_mut().zip(correction).for_each(|(o, c)| *o *= c);
             }
         }
-        // P (rows × width) is Sᵀ read transposed: its panels are runs of Sᵀ's rows.
-        p_packed.repack_in_place(&MatRef::row_major(scores_t, width, rows).expect("sizes checked").t());
-        gemm::gemm_rows(isa, out, head_dim, 0, rows, ASource::Packed(&p_packed), &Rows { inner: values, first: key0, len: width }, Init::Accumulate);
+        let probabilities_t = MatRef::row_major(scores_t, width, rows).expect("sizes checked");
+        gemm::gemm_rows(isa, &mut out_t, rows, 0, head_dim, ASource::Packed(&values_t[block]), &probabilities_t, Init::Accumulate);
     }
-    for (out_row, &sum) in out.chunks_exact_mut(head_dim).zip(&state.sum) {
-        let inverse = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-        out_row.iter_mut().for_each(|o| *o *= inverse);
+    let inverse: Vec<f32> = state.sum.iter().map(|&sum| if sum > 0.0 { 1.0 / sum } else { 0.0 }).collect();
+    for (feature, out_t_row) in out_t.chunks_exact(rows).enumerate() {
+        for (r, (&value, &inverse)) in out_t_row.iter().zip(&inverse).enumerate() {
+            out[r * head_dim + feature] = value * inverse;
+        }
     }
 }
 

@@ -372,27 +372,6 @@ impl<B: PackB> PackB for Columns<'_, B> {
     }
 }
 
-/// Rows `first..first + len` of a `B` (the depth), as a `B` of its own.
-pub struct Rows<'a, B: PackB> {
-    pub inner: &'a B,
-    pub first: usize,
-    pub len: usize,
-}
-
-impl<B: PackB> PackB for Rows<'_, B> {
-    fn dims(&self) -> (usize, usize) {
-        (self.len, self.inner.dims().1)
-    }
-
-    fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [f32]) {
-        self.inner.pack(self.first + k0, kc, n0, nc, nr, out)
-    }
-
-    fn panels<'s>(&'s self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
-        self.inner.panels(self.first + k0, kc, n0, nc, nr, scratch)
-    }
-}
-
 /// Where `A` comes from: a strided view (packed block by block as it is used) or panels
 /// packed once.
 #[derive(Clone, Copy)]
