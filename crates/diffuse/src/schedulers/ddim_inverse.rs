@@ -122,14 +122,6 @@ impl Scheduler for DdimInverseScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     /// From x at one stride below `timestep` to x at `timestep` (deterministic: eta and the
     /// generator are unused).
     fn step(

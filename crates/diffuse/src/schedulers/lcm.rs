@@ -222,14 +222,6 @@ impl Scheduler for LcmScheduler {
         &self.schedule.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     /// LCM's step has no eta: the noise between steps is always full.
     fn step(
         &mut self,

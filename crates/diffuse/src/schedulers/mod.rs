@@ -82,11 +82,17 @@ pub trait Scheduler: Send {
     /// The timesteps the pipeline visits, in order (after `set_timesteps`).
     fn timesteps(&self) -> &[f64];
 
-    /// The standard deviation of the initial noise (1 for DDPM-style, max sigma for Karras-style).
-    fn init_noise_sigma(&self) -> f64;
+    /// The standard deviation of the initial noise: 1 for DDPM-style schedulers (the
+    /// default), the largest sigma for sigma-parameterised ones.
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
 
-    /// Scales the denoising model input (identity except for sigma-parameterised schedulers).
-    fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor>;
+    /// Scales the denoising model input: the identity (the default) except for
+    /// sigma-parameterised schedulers.
+    fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
 
     /// One reverse step: from the model output at `timestep` and the current sample, the
     /// previous sample. `eta` is DDIM's stochasticity and TCD's gamma (ignored by the others); noise, when a
