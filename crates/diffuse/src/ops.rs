@@ -21,14 +21,14 @@ pub mod profile;
 pub(crate) mod vector;
 
 /// Sets the number of threads of the one pool every kernel runs on (rayon's global pool,
-/// which candle's own CPU operations also use). Call it once, before any model runs; without
-/// it, the pool has one thread per core (or `RAYON_NUM_THREADS`).
+/// which candle's own CPU operations also use). Call it once, at start-up, before any other
+/// thread exists; without it, the pool has one thread per core (or `RAYON_NUM_THREADS`).
 pub fn set_threads(threads: usize) -> Result<()> {
     if threads == 0 {
         crate::bail!("the number of threads must be at least 1");
     }
-    // candle sizes its matrix products by this variable; the process is still single-threaded
-    // here, so setting it races with nothing.
+    // candle sizes its matrix products by this variable. Setting it is only safe while no
+    // other thread reads the environment: hence "once, at start-up" (the CLI does it first).
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)

@@ -1,11 +1,12 @@
 //! 2-D convolution on the CPU in f32, forward and backward, on the packed GEMM kernels of
 //! `ops::gemm`, activations in NCHW.
 //!
-//! Forward, per image, `output[C_out, positions] = weight · col` with the kernel
-//! `[C_out, C_in·kh·kw]` packed once per call and the input patches (`col`) written straight
-//! into the GEMM's panels, block by block (an implicit GEMM: no column buffer). The backward pass is the same algebra transposed:
-//! `grad_weight += grad_output · colᵀ`, `grad_col = weightᵀ · grad_output`, scattered back to
-//! the input (col2im). Images are spread over the threads when there are enough of them;
+//! Forward, per image, `output[C_out, positions] = weight · col`: the kernel
+//! `[C_out, C_in·kh·kw]` is read in place by the micro-kernel, and the input patches (`col`)
+//! are written straight into the GEMM's panels, block by block (an implicit GEMM: no column
+//! buffer). The backward pass is the same algebra transposed, with a column buffer of a band
+//! of rows: `grad_weight += grad_output · colᵀ`, `grad_col = weightᵀ · grad_output` (`weightᵀ`
+//! packed once per call), scattered back to the input (col2im). Images are spread over the threads when there are enough of them;
 //! otherwise each product uses every thread.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
@@ -173,47 +174,37 @@ impl PackB for Patches<'_> {
                 let k = k0 + kk;
                 let (c, ky, kx) = (k / (g.kernel_h * g.kernel_w), (k / g.kernel_w) % g.kernel_h, k % g.kernel_w);
                 let plane = &self.image[c * plane_len..(c + 1) * plane_len];
+                // Output columns x_lo..x_hi read inside the image, as in im2col.
+                let (x_lo, x_hi) = valid_range(kx, g.width, out_w, g.stride, g.padding);
                 let (mut oy, mut ox) = (first / out_w, first % out_w);
-                if g.stride == 1 {
-                    // Runs along an output row read a contiguous run of an input row.
-                    let mut done = 0;
-                    while done < width {
-                        let run = (width - done).min(out_w - ox);
-                        let dst = &mut row[done..done + run];
-                        let iy = (oy + ky).wrapping_sub(g.padding);
-                        if iy >= g.height {
-                            dst.fill(0.0);
+                let mut done = 0;
+                // The panel's columns, one run per output row.
+                while done < width {
+                    let run = (width - done).min(out_w - ox);
+                    let dst = &mut row[done..done + run];
+                    let iy = (oy * g.stride + ky).wrapping_sub(g.padding);
+                    // A row above the image wrapped to a huge value: outside too.
+                    if iy >= g.height {
+                        dst.fill(0.0);
+                    } else {
+                        let lo = x_lo.clamp(ox, ox + run);
+                        let hi = x_hi.clamp(lo, ox + run);
+                        let src = &plane[iy * g.width..(iy + 1) * g.width];
+                        let inside = &mut dst[lo - ox..hi - ox];
+                        let ix0 = lo * g.stride + kx - g.padding;
+                        if g.stride == 1 {
+                            inside.copy_from_slice(&src[ix0..ix0 + (hi - lo)]);
                         } else {
-                            // Output columns ox.. read input columns ox + kx - padding..
-                            let src_row = &plane[iy * g.width..(iy + 1) * g.width];
-                            let shift = kx as isize - g.padding as isize;
-                            // j is inside the image for lo <= j < hi.
-                            let lo = (-shift - ox as isize).clamp(0, run as isize) as usize;
-                            let hi = (g.width as isize - shift - ox as isize).clamp(lo as isize, run as isize) as usize;
-                            dst[..lo].fill(0.0);
-                            dst[hi..].fill(0.0);
-                            if hi > lo {
-                                let start = (ox + lo) as isize + shift;
-                                dst[lo..hi].copy_from_slice(&src_row[start as usize..start as usize + (hi - lo)]);
+                            for (j, value) in inside.iter_mut().enumerate() {
+                                *value = src[ix0 + j * g.stride];
                             }
                         }
-                        done += run;
-                        ox = 0;
-                        oy += 1;
+                        dst[..lo - ox].fill(0.0);
+                        dst[hi - ox..].fill(0.0);
                     }
-                    row[width..].fill(0.0);
-                    continue;
-                }
-                for value in &mut row[..width] {
-                    let iy = (oy * g.stride + ky).wrapping_sub(g.padding);
-                    let ix = (ox * g.stride + kx).wrapping_sub(g.padding);
-                    // Indices left of or above the image wrapped to huge values: outside too.
-                    *value = if iy < g.height && ix < g.width { plane[iy * g.width + ix] } else { 0.0 };
-                    ox += 1;
-                    if ox == out_w {
-                        ox = 0;
-                        oy += 1;
-                    }
+                    done += run;
+                    ox = 0;
+                    oy += 1;
                 }
                 row[width..].fill(0.0);
             }

@@ -279,14 +279,6 @@ impl PackedA {
         (self.rows, self.depth) = (m, k);
     }
 
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn depth(&self) -> usize {
-        self.depth
-    }
-
     /// The panels of rows `m0..` (a multiple of MR) for the depth block starting at `k0`.
     fn block(&self, k0: usize, kc: usize, m0: usize, mc: usize) -> &[f32] {
         let (mr, _) = self.isa.tile();
@@ -307,10 +299,6 @@ pub struct PackedB {
 }
 
 impl PackedB {
-    pub fn new(b: &impl PackB) -> Self {
-        Self::with_isa(b, isa())
-    }
-
     /// Packed for the tile of `isa` (the tests force each level).
     pub(crate) fn with_isa(b: &impl PackB, isa: Isa) -> Self {
         let (_, nr) = isa.tile();
