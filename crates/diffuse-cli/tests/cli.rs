@@ -51,6 +51,7 @@ fn threads_must_be_a_positive_number() {
         let (ok, _, stderr) = diffuse(&["schedulers", &format!("--threads={bad}")]);
         assert!(!ok && !stderr.contains("panicked") && stderr.contains("threads"), "--threads {bad}: {stderr}");
     }
+    assert_fails_with(&["schedulers", "--threads", "100000"], "between 1 and 4096");
     let (ok, stdout, _) = diffuse(&["--threads", "1", "schedulers"]);
     assert!(ok && stdout.contains("ddim"));
 }

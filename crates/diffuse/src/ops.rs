@@ -24,8 +24,11 @@ pub(crate) mod vector;
 /// which candle's own CPU operations also use). Call it once, at start-up, before any other
 /// thread exists; without it, the pool has one thread per core (or `RAYON_NUM_THREADS`).
 pub fn set_threads(threads: usize) -> Result<()> {
-    if threads == 0 {
-        crate::bail!("the number of threads must be at least 1");
+    // Far beyond any machine's cores; a larger number would only try to start that many
+    // threads.
+    const MAX_THREADS: usize = 4096;
+    if threads == 0 || threads > MAX_THREADS {
+        crate::bail!("the number of threads must be between 1 and {MAX_THREADS}, got {threads}");
     }
     // candle sizes its matrix products by this variable. Setting it is only safe while no
     // other thread reads the environment: hence "once, at start-up" (the CLI does it first).
