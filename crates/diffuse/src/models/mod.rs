@@ -210,7 +210,9 @@ impl Embedding {
             indices.push(value as u32);
         }
         let indices = Tensor::from_vec(indices, ids.elem_count(), ids.device())?;
-        Ok(self.weight.index_select(&indices, 0)?)
+        let rows = self.weight.index_select(&indices, 0)?;
+        // A half-precision table on the CPU gives f32 rows: the activations' type there.
+        Ok(rows.to_dtype(ops::activation_dtype(rows.dtype(), rows.device()))?)
     }
 }
 

@@ -91,7 +91,7 @@ impl StableDiffusionPipeline {
     /// `vae.encode(image).latent_dist.sample(generator) × scaling_factor` (`retrieve_latents`),
     /// for one image `[1, 3, H, W]`; float32 latents.
     pub fn encode_image_latents(&self, image: &Tensor, generator: &mut TorchGenerator) -> Result<Tensor> {
-        let posterior = self.vae.encode(&image.to_dtype(self.dtype)?)?;
+        let posterior = self.vae.encode(&image.to_dtype(self.activation_dtype())?)?;
         let latents = posterior.sample(generator)?.to_dtype(DType::F32)?;
         Ok((latents * self.vae_config.scaling_factor)?)
     }

@@ -23,7 +23,7 @@ use crate::rng::TorchGenerator;
 use crate::schedulers::Scheduler;
 use crate::tokenizers::builtin::builtin_clip_tokenizer;
 use crate::tokenizers::clip::ClipTokenizer;
-use crate::{Error, Result};
+use crate::{ops, Error, Result};
 
 pub struct StableDiffusionPipeline {
     pub tokenizer: ClipTokenizer,
@@ -35,6 +35,8 @@ pub struct StableDiffusionPipeline {
     pub scheduler: ResolvedScheduler,
     pub model_dir: PathBuf,
     pub device: Device,
+    /// The type the weights are kept in (f16 requested on the CPU is kept as bf16:
+    /// [`ops::weight_dtype`]); activations are in [`Self::activation_dtype`].
     pub dtype: DType,
     /// The LoRAs fused into the weights (`load_with_loras`), in the order given.
     pub loras: Vec<AppliedLora>,
@@ -156,6 +158,7 @@ impl StableDiffusionPipeline {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        let dtype = ops::weight_dtype(dtype, device);
         let loras = LoraSet::open(loras)?;
         for component in ["tokenizer", "text_encoder", "unet", "vae", "scheduler"] {
             if !model_dir.join(component).is_dir() {
@@ -212,6 +215,7 @@ impl StableDiffusionPipeline {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        let dtype = ops::weight_dtype(dtype, device);
         let loras = LoraSet::open(loras)?;
         let file = SingleFile::open(path)?;
         // Each model: its derived config (errors name it as the file's `unet`, ...), and its weights.
@@ -289,6 +293,12 @@ impl StableDiffusionPipeline {
             dtype,
             loras: Vec::new(),
         })
+    }
+
+    /// The type the models' activations are in: f32 on the CPU whatever the weights are kept
+    /// in (see [`ops::activation_dtype`]), else the weights' type.
+    pub fn activation_dtype(&self) -> DType {
+        ops::activation_dtype(self.dtype, &self.device)
     }
 
     /// 2^(number of VAE blocks - 1): 8 for every Stable Diffusion VAE.
@@ -468,9 +478,10 @@ impl StableDiffusionPipeline {
     ) -> Result<Tensor> {
         let DenoiseLoop { mut latents, timesteps, embeddings, extra_channels } = run;
         let do_guidance = options.guidance_scale > 1.0;
+        let activation_dtype = self.activation_dtype();
         let scheduler = &mut self.scheduler.scheduler;
         let batch = latents.dim(0)?;
-        let embeddings = embeddings.to_dtype(self.dtype)?;
+        let embeddings = embeddings.to_dtype(activation_dtype)?;
         for (i, &t) in timesteps.iter().enumerate() {
             let model_input = if do_guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let model_input = scheduler.scale_model_input(&model_input, t)?;
@@ -481,7 +492,7 @@ impl StableDiffusionPipeline {
             let n = model_input.dim(0)?;
             let t_batch = Tensor::from_vec(vec![t as f32; n], n, &self.device)?;
             let noise_pred =
-                self.unet.forward(&model_input.to_dtype(self.dtype)?, &t_batch, &embeddings)?.to_dtype(DType::F32)?;
+                self.unet.forward(&model_input.to_dtype(activation_dtype)?, &t_batch, &embeddings)?.to_dtype(DType::F32)?;
             let noise_pred = if do_guidance {
                 let uncond = noise_pred.narrow(0, 0, batch)?;
                 let text = noise_pred.narrow(0, batch, batch)?;
@@ -542,7 +553,7 @@ impl StableDiffusionPipeline {
         if let Some(shift) = self.vae_config.shift_factor {
             z = (z + shift)?;
         }
-        Ok(self.vae.decode(&z.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?)
+        Ok(self.vae.decode(&z.to_dtype(self.activation_dtype())?)?.to_dtype(DType::F32)?)
     }
 }
 
