@@ -422,10 +422,38 @@ impl GroupNormCpu {
 /// `[B, heads, L, D]`, `key`/`value` are `[B, heads, S, D]`; `scale` defaults to `1/sqrt(D)`.
 /// Scores and softmax are computed in f32 whatever the input type.
 pub fn scaled_dot_product_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: Option<f64>) -> Result<Tensor> {
+    scaled_dot_product_attention_in(query, key, value, scale, Precision::F32)
+}
+
+/// The precision of a layer's products on the CPU, which the weights' type decides: a model
+/// loaded in bf16 computes its attention's products in bf16 too, as PyTorch does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    /// bf16 for bf16 weights, else f32.
+    pub fn of_weights(dtype: DType) -> Self {
+        if dtype == DType::BF16 {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        }
+    }
+}
+
+/// [`scaled_dot_product_attention`] with its two products (on the CPU kernel) in `precision`;
+/// the softmax is f32 either way.
+pub fn scaled_dot_product_attention_in(query: &Tensor, key: &Tensor, value: &Tensor, scale: Option<f64>, precision: Precision) -> Result<Tensor> {
     let _timer = profile::timer("scaled_dot_product_attention");
     let head_dim = query.dim(D::Minus1)?;
     let scale = scale.unwrap_or(1.0 / (head_dim as f64).sqrt());
-    attention(query, key, value, scale, None)
+    if let Some(output) = flash_attention(query, key, value, scale, None, precision)? {
+        return Ok(output);
+    }
+    attention_in_blocks(query, key, value, scale, None, MAX_SCORE_BYTES)
 }
 
 /// Attention with an additive mask (`[L, S]`, or broadcastable to the `[B, heads, L, S]`
@@ -441,7 +469,7 @@ pub fn masked_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64
 const MAX_SCORE_BYTES: usize = 128 << 20;
 
 fn attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
-    if let Some(output) = flash_attention(query, key, value, scale, mask)? {
+    if let Some(output) = flash_attention(query, key, value, scale, mask, Precision::F32)? {
         return Ok(output);
     }
     attention_in_blocks(query, key, value, scale, mask, MAX_SCORE_BYTES)
@@ -450,7 +478,7 @@ fn attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, mask: Opt
 /// The CPU flash-attention kernel (ops/attention.rs) where it applies: inference (no gradient
 /// tracked), f32/f16/bf16 computed in f32, rank-4 operands, and no mask or one `[L, S]` mask
 /// shared by every head. `None` where it does not apply.
-fn flash_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
+fn flash_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, mask: Option<&Tensor>, precision: Precision) -> Result<Option<Tensor>> {
     let tracked = query.track_op() || key.track_op() || value.track_op() || mask.is_some_and(|m| m.track_op());
     if !query.device().is_cpu() || tracked || query.dtype() == DType::F64 || query.rank() != 4 {
         return Ok(None);
@@ -465,9 +493,13 @@ fn flash_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, mas
     }
     let dtype = query.dtype();
     let dims = attention::AttentionDims { heads: batch * heads, queries, keys, head_dim };
+    let kernel = match precision {
+        Precision::F32 => attention::attention,
+        Precision::Bf16 => attention::attention_bf16,
+    };
     let output = with_f32_slices(&[query, key, value], |slices| match mask {
-        None => Ok(attention::attention(dims, slices[0], slices[1], slices[2], scale as f32, None)),
-        Some(mask) => with_f32_slices(&[mask], |m| Ok(attention::attention(dims, slices[0], slices[1], slices[2], scale as f32, Some(m[0])))),
+        None => Ok(kernel(dims, slices[0], slices[1], slices[2], scale as f32, None)),
+        Some(mask) => with_f32_slices(&[mask], |m| Ok(kernel(dims, slices[0], slices[1], slices[2], scale as f32, Some(m[0])))),
     })?;
     Ok(Some(Tensor::from_vec(output, (batch, heads, queries, head_dim), query.device())?.to_dtype(dtype)?))
 }
@@ -713,16 +745,16 @@ mod tests {
         let v = Tensor::randn(0f32, 1f32, (2, 3, 300, 40), &device)?;
         let mask = Tensor::randn(0f32, 1f32, (70, 300), &device)?;
         for m in [None, Some(&mask)] {
-            let flash = flash_attention(&q, &k, &v, 0.3, m)?.expect("the flash kernel applies");
+            let flash = flash_attention(&q, &k, &v, 0.3, m, Precision::F32)?.expect("the flash kernel applies");
             let blocked = attention_in_blocks(&q, &k, &v, 0.3, m, MAX_SCORE_BYTES)?;
             assert!(max_difference(&flash, &blocked) < 1e-5);
         }
         let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
-        let flash = flash_attention(&half(&q), &half(&k), &half(&v), 0.3, None)?.expect("applies");
+        let flash = flash_attention(&half(&q), &half(&k), &half(&v), 0.3, None, Precision::F32)?.expect("applies");
         assert_eq!(flash.dtype(), DType::F16);
         // A tracked operand (training) takes candle's differentiable path.
         let var = candle_core::Var::from_tensor(&q)?;
-        assert!(flash_attention(var.as_tensor(), &k, &v, 0.3, None)?.is_none());
+        assert!(flash_attention(var.as_tensor(), &k, &v, 0.3, None, Precision::F32)?.is_none());
         Ok(())
     }
 

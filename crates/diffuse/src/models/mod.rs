@@ -118,6 +118,11 @@ impl Linear {
         Ok(Self { weight, bias, lora })
     }
 
+    /// The type the weight is kept in.
+    pub fn weight_dtype(&self) -> DType {
+        self.weight.dtype()
+    }
+
     pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
         let output = ops::linear(input, &self.weight, self.bias.as_ref())?;
         match &self.lora {

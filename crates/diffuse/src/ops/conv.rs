@@ -244,9 +244,9 @@ pub fn forward_bf16(g: &Geometry, input: &[f32], weight: &[bf16], bias: Option<&
     forward_with(g, input, bias, |out, image, init, parallel| {
         if g.is_pointwise() {
             let image = MatRef::row_major(image, k, out_hw).expect("sizes checked");
-            gemm_bf16(out, out_hw, ABf16::Weight(kernel), &RoundedB(&image), init, parallel);
+            gemm_bf16(out, out_hw, ABf16::Weight(kernel), &RoundedB::new(&image), init, parallel);
         } else {
-            gemm_bf16(out, out_hw, ABf16::Weight(kernel), &RoundedB(&Patches { g, image }), init, parallel);
+            gemm_bf16(out, out_hw, ABf16::Weight(kernel), &RoundedB::new(&Patches { g, image }), init, parallel);
         }
     })
 }

@@ -13,6 +13,7 @@
 use half::bf16;
 
 use super::gemm::{self, COut, Init, Isa, PackB};
+use super::vector;
 
 /// Panel depth in values (256 pairs): a `B` panel of 32 columns is 32 KiB, as in f32.
 const KC: usize = 512;
@@ -22,23 +23,16 @@ const MC: usize = 240;
 const NC: usize = 1024;
 
 /// `x` rounded to the nearest bf16 (ties to even), as PyTorch's `.to(torch.bfloat16)`; NaN
-/// stays NaN. Written without branches so that packing loops vectorise.
+/// stays NaN.
 #[inline(always)]
 pub(crate) fn to_bf16_bits(x: f32) -> u16 {
-    let bits = x.to_bits();
-    let rounded = (bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16) as u16;
-    let quiet_nan = ((bits >> 16) | 0x40) as u16;
-    if x.is_nan() {
-        quiet_nan
-    } else {
-        rounded
-    }
+    (vector::bf16_high_half(x) >> 16) as u16
 }
 
 /// The pair word of `(even, odd)`.
 #[inline(always)]
 fn pair(even: f32, odd: f32) -> u32 {
-    to_bf16_bits(even) as u32 | (to_bf16_bits(odd) as u32) << 16
+    (vector::bf16_high_half(odd) & 0xFFFF_0000) | (vector::bf16_high_half(even) >> 16)
 }
 
 /// The pair word at element `index` (even) of a bf16 slice, zero-extended past its end.
@@ -134,31 +128,36 @@ pub trait PackBPairs: Sync {
     fn pack_pairs(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [u32], scratch: &mut Vec<f32>);
 }
 
-/// An f32 `B` ([`PackB`]: a view, a convolution's patches), packed as f32 panels first and
-/// then rounded into pairs, panel by panel while it is in cache.
-pub struct RoundedB<'a, B: PackB>(pub &'a B);
+/// An f32 `B` ([`PackB`]: a view, a convolution's patches), packed one f32 panel at a time
+/// into a scratch panel that stays in cache, then rounded into pairs (vectorised for `isa`).
+pub struct RoundedB<'a, B: PackB> {
+    pub source: &'a B,
+    pub isa: Isa,
+}
+
+impl<'a, B: PackB> RoundedB<'a, B> {
+    /// Rounds `source` with the vector instructions of the level in use.
+    pub fn new(source: &'a B) -> Self {
+        Self { source, isa: gemm::isa() }
+    }
+}
 
 impl<B: PackB> PackBPairs for RoundedB<'_, B> {
     fn dims(&self) -> (usize, usize) {
-        self.0.dims()
+        self.source.dims()
     }
 
     fn pack_pairs(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [u32], scratch: &mut Vec<f32>) {
-        let values = self.0.panels(k0, kc, n0, nc, nr, scratch);
         let pairs = kc.div_ceil(2);
-        for (panel, words) in values.chunks_exact(kc * nr).zip(out.chunks_exact_mut(pairs * nr)) {
+        scratch.resize(kc * nr, 0.0);
+        for (p, words) in out.chunks_exact_mut(pairs * nr).take(nc.div_ceil(nr)).enumerate() {
+            let first = n0 + p * nr;
+            let panel = &mut scratch[..kc * nr];
+            self.source.pack(k0, kc, first, nr.min(n0 + nc - first), nr, panel);
             for (q, words) in words.chunks_exact_mut(nr).enumerate() {
                 let even = &panel[2 * q * nr..(2 * q + 1) * nr];
-                if 2 * q + 1 < kc {
-                    let odd = &panel[(2 * q + 1) * nr..(2 * q + 2) * nr];
-                    for ((word, &e), &o) in words.iter_mut().zip(even).zip(odd) {
-                        *word = pair(e, o);
-                    }
-                } else {
-                    for (word, &e) in words.iter_mut().zip(even) {
-                        *word = pair(e, 0.0);
-                    }
-                }
+                let odd = (2 * q + 1 < kc).then(|| &panel[(2 * q + 1) * nr..(2 * q + 2) * nr]);
+                vector::round_pairs(self.isa, even, odd, words);
             }
         }
     }
@@ -217,6 +216,17 @@ pub(crate) fn gemm_bf16_with(isa: Isa, c: &mut [f32], ldc: usize, a: ABf16, b: &
     gemm::for_each_share(COut::new(c, ldc, m, n), mr, nr, parallel, |part, m0, first, _| {
         gemm_bf16_block(isa, part, m0, first, a, b, init.offset(m0, first));
     });
+}
+
+/// [`gemm_bf16`] on one thread for all of `c` (`rows × n`, with `ldc`), whose first row is row
+/// `m0` of `A`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_bf16_rows(isa: Isa, c: &mut [f32], ldc: usize, m0: usize, rows: usize, a: ABf16, b: &impl PackBPairs, init: Init) {
+    let (_, n) = b.dims();
+    if rows == 0 || n == 0 {
+        return;
+    }
+    gemm_bf16_block(isa, COut::new(c, ldc, rows, n), m0, 0, a, b, init);
 }
 
 /// The product into `c`, whose first row is row `m0` of `A` and first column column `n_first`
@@ -510,10 +520,10 @@ mod tests {
                         _ => (Init::ColumnBias(&bias), &|_, j| bias[j] as f64),
                     };
                     match case {
-                        0 => gemm_bf16_with(isa, &mut c, ldc, ABf16::Weight(a_weight), &RoundedB(&b_view), init, parallel),
+                        0 => gemm_bf16_with(isa, &mut c, ldc, ABf16::Weight(a_weight), &RoundedB { source: &b_view, isa }, init, parallel),
                         1 => gemm_bf16_with(isa, &mut c, ldc, ABf16::F32(a_view), &w, init, parallel),
                         2 => gemm_bf16_with(isa, &mut c, ldc, ABf16::Weight(a_weight), &w, init, parallel),
-                        _ => gemm_bf16_with(isa, &mut c, ldc, ABf16::F32(a_view), &RoundedB(&b_view), init, parallel),
+                        _ => gemm_bf16_with(isa, &mut c, ldc, ABf16::F32(a_view), &RoundedB { source: &b_view, isa }, init, parallel),
                     }
                     for i in 0..m {
                         for j in 0..n {
@@ -524,6 +534,38 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+}
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::ops::gemm::MatRef;
+    #[test]
+    #[ignore]
+    fn time_sources() {
+        let (m, k, n) = (2048, 2048, 2048);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
+        let a16: Vec<bf16> = a.iter().map(|&v| bf16::from_f32(v)).collect();
+        let b16: Vec<bf16> = b.iter().map(|&v| bf16::from_f32(v)).collect();
+        let mut c = vec![0f32; m * n];
+        let aw = Bf16Matrix::new(&a16, m, k).unwrap();
+        let bw = TransposedWeight(Bf16Matrix::new(&b16, n, k).unwrap());
+        let bv = MatRef::row_major(&b, k, n).unwrap();
+        let av = MatRef::row_major(&a, m, k).unwrap();
+        for _ in 0..2 {
+            let t = std::time::Instant::now();
+            gemm_bf16(&mut c, n, ABf16::Weight(aw), &bw, Init::Overwrite, true);
+            let t1 = t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            gemm_bf16(&mut c, n, ABf16::Weight(aw), &RoundedB::new(&bv), Init::Overwrite, true);
+            let t2 = t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            gemm_bf16(&mut c, n, ABf16::F32(av), &bw, Init::Overwrite, true);
+            let t3 = t.elapsed().as_secs_f64();
+            let f = 2.0 * (m * k * n) as f64 / 1e9;
+            println!("weight x weightT {:.0}  weight x rounded {:.0}  f32 x weightT {:.0} GFLOP/s", f / t1, f / t2, f / t3);
         }
     }
 }

@@ -146,7 +146,7 @@ pub fn rates(runs: usize) -> Vec<Rate> {
     }
     let a16: Vec<half::bf16> = a.iter().map(|&v| half::bf16::from_f32(v)).collect();
     let a16 = Bf16Matrix::new(&a16, m, k).expect("sized");
-    let seconds = timed(runs, || gemm_bf16::gemm_bf16(&mut c, n, ABf16::Weight(a16), &RoundedB(&b_view), Init::Overwrite, true));
+    let seconds = timed(runs, || gemm_bf16::gemm_bf16(&mut c, n, ABf16::Weight(a16), &RoundedB::new(&b_view), Init::Overwrite, true));
     rates.push(Rate { name: "gemm bf16 2048³ (B rounded as packed)".into(), gflops: 2.0 * (m * k * n) as f64 / seconds / 1e9, peak_gflops: peak_bf16 });
 
     for (channels, side) in [(320, 64), (640, 32), (1280, 16)] {

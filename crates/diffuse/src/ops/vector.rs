@@ -127,6 +127,38 @@ pub(crate) fn geglu_rows(isa: Isa, projected: &[f32], out: &mut [f32]) {
     })
 }
 
+/// `x` rounded to the nearest bf16 (ties to even) in the high half of the result (NaN stays
+/// a quiet NaN), in 32-bit lane arithmetic that vectorises.
+#[inline(always)]
+pub(crate) fn bf16_high_half(x: f32) -> u32 {
+    let bits = x.to_bits();
+    let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1));
+    if x.is_nan() {
+        bits | 0x0040_0000
+    } else {
+        rounded
+    }
+}
+
+/// `out[j]` = the bf16 pair word of `(even[j], odd[j])` (`even` in the low half), or of
+/// `(even[j], 0)` without `odd`.
+pub(crate) fn round_pairs(isa: Isa, even: &[f32], odd: Option<&[f32]>, out: &mut [u32]) {
+    dispatch!(isa, fn round(even: &[f32], odd: Option<&[f32]>, out: &mut [u32]) -> () {
+        match odd {
+            Some(odd) => {
+                for ((word, &e), &o) in out.iter_mut().zip(even).zip(odd) {
+                    *word = (bf16_high_half(o) & 0xFFFF_0000) | (bf16_high_half(e) >> 16);
+                }
+            }
+            None => {
+                for (word, &e) in out.iter_mut().zip(even) {
+                    *word = bf16_high_half(e) >> 16;
+                }
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
