@@ -138,6 +138,85 @@ pub fn linear(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<
     Ok(output.reshape(out_dims)?)
 }
 
+/// A linear layer's bf16 weight (`[out, in]`) packed once, when the model loads, into the
+/// panels the bf16 GEMM reads (`Wᵀ`, pairs along the input features), so that no call repacks
+/// it: for the few rows of a text encoder or a time embedding, packing was most of the work.
+#[derive(Debug)]
+pub struct PackedLinearWeight {
+    packed: gemm_bf16::PackedBPairs,
+    out_features: usize,
+    in_features: usize,
+}
+
+impl PackedLinearWeight {
+    /// The packed form of a contiguous bf16 CPU weight; `None` for any other weight (other
+    /// types and devices keep the tensor).
+    pub fn new(weight: &Tensor) -> Result<Option<Self>> {
+        if !weight.device().is_cpu() || weight.dtype() != DType::BF16 || weight.rank() != 2 {
+            return Ok(None);
+        }
+        let (out_features, in_features) = weight.dims2()?;
+        let weight = weight.contiguous()?;
+        let (storage, layout) = weight.storage_and_layout();
+        let (candle_core::Storage::Cpu(CpuStorage::BF16(data)), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+            return Ok(None);
+        };
+        let matrix = Bf16Matrix::new(&data[start..end], out_features, in_features).ok_or_else(|| crate::Error::invalid("linear: weight size"))?;
+        let packed = gemm_bf16::PackedBPairs::new(&TransposedWeight(matrix), gemm::isa());
+        Ok(Some(Self { packed, out_features, in_features }))
+    }
+
+    /// `(out_features, in_features)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.out_features, self.in_features)
+    }
+}
+
+/// [`linear`] with a packed bf16 weight (inference on the CPU; f32 input and output).
+pub fn linear_packed(input: &Tensor, weight: &std::sync::Arc<PackedLinearWeight>, bias: Option<&Tensor>) -> Result<Tensor> {
+    let _timer = profile::timer("linear");
+    let (out_features, in_features) = weight.dims();
+    let dims = input.dims();
+    if dims.last() != Some(&in_features) {
+        crate::bail!("linear: input {dims:?} does not end in the weight's {in_features} input features");
+    }
+    let flat = input.to_dtype(DType::F32)?.reshape((input.elem_count() / in_features.max(1), in_features))?;
+    let bias = bias.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()?;
+    let output = flat.contiguous()?.apply_op1_no_bwd(&LinearPackedCpu { weight: weight.clone(), bias })?;
+    let mut out_dims = dims.to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = out_features;
+    }
+    Ok(output.reshape(out_dims)?)
+}
+
+struct LinearPackedCpu {
+    weight: std::sync::Arc<PackedLinearWeight>,
+    bias: Option<Vec<f32>>,
+}
+
+impl candle_core::CustomOp1 for LinearPackedCpu {
+    fn name(&self) -> &'static str {
+        "linear-gemm-bf16-packed"
+    }
+
+    fn cpu_fwd(&self, input: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, in_features) = layout.shape().dims2()?;
+        let (out_features, _) = self.weight.dims();
+        if self.bias.as_ref().is_some_and(|b| b.len() != out_features) {
+            candle_core::bail!("linear: the bias does not have {out_features} values");
+        }
+        let input = contiguous_f32(input, layout, "linear input")?;
+        let Some(x) = gemm::MatRef::row_major(input, rows, in_features) else {
+            candle_core::bail!("linear: the input's size does not match its shape");
+        };
+        let init = self.bias.as_deref().map_or(gemm::Init::Overwrite, gemm::Init::ColumnBias);
+        let mut output = vec![0f32; rows * out_features];
+        gemm_bf16::gemm_bf16(&mut output, out_features, ABf16::F32(x), &self.weight.packed, init, true);
+        Ok((CpuStorage::F32(output), Shape::from((rows, out_features))))
+    }
+}
+
 /// `input[rows, in] · weight[out, in]ᵀ (+ bias)` on the packed GEMM kernels (inference only:
 /// no backward pass; training goes through candle's matmul).
 struct LinearCpu {
@@ -770,6 +849,14 @@ mod tests {
         assert!(max_difference(&got, &want) < 1e-4);
         let x_silu = silu(&x)?;
         assert!(max_difference(&x_silu, &x.silu()?) < 1e-5);
+        // bf16 weights, as a tensor and packed at load: the product of the rounded operands.
+        let w16 = w.to_dtype(DType::BF16)?;
+        let x16 = x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+        let want = x16.reshape((74, 65))?.matmul(&w16.to_dtype(DType::F32)?.t()?)?.broadcast_add(&b)?.reshape((2, 37, 33))?;
+        assert!(max_difference(&linear(&x, &w16, Some(&b))?, &want) < 1e-3);
+        let packed = std::sync::Arc::new(PackedLinearWeight::new(&w16)?.expect("a bf16 CPU weight packs"));
+        assert!(max_difference(&linear_packed(&x, &packed, Some(&b))?, &want) < 1e-3);
+        assert!(PackedLinearWeight::new(&w)?.is_none(), "f32 weights stay tensors");
         Ok(())
     }
 

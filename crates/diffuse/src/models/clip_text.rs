@@ -203,8 +203,10 @@ impl ClipTextModel {
         if max_id >= self.config.vocab_size {
             return Err(Error::invalid(format!("token id {max_id} is outside the vocabulary ({})", self.config.vocab_size)));
         }
-        let token = self.token_embedding.embedding(&ids)?.reshape((batch, tokens, self.config.hidden_size))?;
-        let position = self.position_embedding.narrow(0, 0, tokens)?.unsqueeze(0)?;
+        // Half-precision tables on the CPU give f32 activations (see ops::activation_dtype).
+        let activations = ops::activation_dtype(self.token_embedding.dtype(), self.token_embedding.device());
+        let token = self.token_embedding.embedding(&ids)?.to_dtype(activations)?.reshape((batch, tokens, self.config.hidden_size))?;
+        let position = self.position_embedding.narrow(0, 0, tokens)?.to_dtype(activations)?.unsqueeze(0)?;
         let mut hidden = token.broadcast_add(&position)?;
         let causal_mask = causal_mask(tokens, hidden.dtype(), hidden.device())?;
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);

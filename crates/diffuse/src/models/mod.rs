@@ -65,9 +65,17 @@ impl Conv2d {
 /// `torch.nn.Linear`, with a LoRA branch beside it when its weights carry one.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
     lora: Option<LoraBranch>,
+}
+
+/// A linear layer's weight: the tensor, or, for a bf16 model on the CPU, only the panels the
+/// bf16 kernel reads, packed once when the model loads.
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    Tensor(Tensor),
+    PackedBf16(std::sync::Arc<ops::PackedLinearWeight>),
 }
 
 /// A LoRA adapter beside a frozen layer, unmerged (peft's `lora.Linear` and `lora.Conv2d`):
@@ -115,16 +123,27 @@ impl Linear {
         let weight = vb.get((out_features, in_features), "weight")?;
         let bias = if bias { Some(vb.get(out_features, "bias")?) } else { None };
         let lora = LoraBranch::new(&vb, &[in_features], &[out_features])?;
+        // A trained LoRA branch needs the plain weight; so does every device but the CPU.
+        let weight = match ops::PackedLinearWeight::new(&weight)? {
+            Some(packed) if lora.is_none() => LinearWeight::PackedBf16(std::sync::Arc::new(packed)),
+            _ => LinearWeight::Tensor(weight),
+        };
         Ok(Self { weight, bias, lora })
     }
 
     /// The type the weight is kept in.
     pub fn weight_dtype(&self) -> DType {
-        self.weight.dtype()
+        match &self.weight {
+            LinearWeight::Tensor(weight) => weight.dtype(),
+            LinearWeight::PackedBf16(_) => DType::BF16,
+        }
     }
 
     pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
-        let output = ops::linear(input, &self.weight, self.bias.as_ref())?;
+        let output = match &self.weight {
+            LinearWeight::Tensor(weight) => ops::linear(input, weight, self.bias.as_ref())?,
+            LinearWeight::PackedBf16(packed) => ops::linear_packed(input, packed, self.bias.as_ref())?,
+        };
         match &self.lora {
             None => Ok(output),
             Some(lora) => {

@@ -84,8 +84,9 @@ impl ABf16<'_> {
 
     /// Writes the panels of rows `m0..m0 + mc`, depth `k0..k0 + kc`: panel `p` holds
     /// `ceil(kc / 2)` pairs of `mr` rows, zero past row `m`.
-    fn pack(&self, k0: usize, kc: usize, m0: usize, mc: usize, mr: usize, out: &mut [u32]) {
+    fn pack(&self, isa: Isa, k0: usize, kc: usize, m0: usize, mc: usize, mr: usize, out: &mut [u32]) {
         let pairs = kc.div_ceil(2);
+        let mut row_words = Vec::new();
         for (panel, chunk) in out.chunks_exact_mut(pairs * mr).take(mc.div_ceil(mr)).enumerate() {
             let first = m0 + panel * mr;
             let height = mr.min(m0 + mc - first);
@@ -98,8 +99,11 @@ impl ABf16<'_> {
                     }
                     ABf16::F32(a) => {
                         if let Some(row) = a.row_run(first + i, k0, kc) {
-                            for (q, values) in row.chunks(2).enumerate() {
-                                chunk[q * mr + i] = pair(values[0], values.get(1).copied().unwrap_or(0.0));
+                            // Rounded as a contiguous run (vectorised), then spread over the panel.
+                            row_words.resize(pairs, 0);
+                            vector::round_adjacent_pairs(isa, row, &mut row_words);
+                            for (q, &word) in row_words.iter().enumerate() {
+                                chunk[q * mr + i] = word;
                             }
                             continue;
                         }
@@ -126,6 +130,64 @@ pub trait PackBPairs: Sync {
     fn dims(&self) -> (usize, usize);
     /// Fills `out` (`ceil(nc / nr) · ceil(kc / 2) · nr` words); `scratch` is for the source's use.
     fn pack_pairs(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [u32], scratch: &mut Vec<f32>);
+
+    /// The panels for this block: packed into `buffer`, or borrowed where they already exist.
+    #[allow(clippy::too_many_arguments)]
+    fn panels<'s>(&'s self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, buffer: &'s mut [u32], scratch: &mut Vec<f32>) -> &'s [u32] {
+        let len = nc.div_ceil(nr) * nr * kc.div_ceil(2);
+        self.pack_pairs(k0, kc, n0, nc, nr, &mut buffer[..len], scratch);
+        &buffer[..len]
+    }
+}
+
+/// `B` packed once for the tile of one level: a linear layer's weight, packed when the model
+/// loads. For each `KC` block of depth, all column panels.
+#[derive(Debug)]
+pub struct PackedBPairs {
+    nr: usize,
+    depth: usize,
+    cols: usize,
+    data: Vec<u32>,
+}
+
+impl PackedBPairs {
+    /// `b` packed for the tile of `isa`.
+    pub fn new(b: &impl PackBPairs, isa: Isa) -> Self {
+        let (_, nr) = isa.tile();
+        let (k, n) = b.dims();
+        let padded = n.div_ceil(nr) * nr;
+        let mut data = vec![0u32; padded * k.div_ceil(2)];
+        let mut scratch = Vec::new();
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            b.pack_pairs(k0, kc, 0, n, nr, &mut data[k0 / 2 * padded..(k0 / 2 + kc.div_ceil(2)) * padded], &mut scratch);
+        }
+        Self { nr, depth: k, cols: n, data }
+    }
+
+    /// The panels of columns `n0..n0 + nc` (`n0` starts a panel) in the `KC` block at `k0`.
+    fn block(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize) -> &[u32] {
+        assert_eq!(nr, self.nr, "PackedBPairs was packed for another level");
+        assert!(k0 % KC == 0 && kc == KC.min(self.depth - k0) && n0 % nr == 0, "PackedBPairs: not a packed block");
+        let (padded, pairs) = (self.cols.div_ceil(nr) * nr, kc.div_ceil(2));
+        let start = k0 / 2 * padded + n0 * pairs;
+        &self.data[start..start + nc.div_ceil(nr) * nr * pairs]
+    }
+}
+
+impl PackBPairs for PackedBPairs {
+    fn dims(&self) -> (usize, usize) {
+        (self.depth, self.cols)
+    }
+
+    fn pack_pairs(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [u32], _: &mut Vec<f32>) {
+        let block = self.block(k0, kc, n0, nc, nr);
+        out[..block.len()].copy_from_slice(block);
+    }
+
+    fn panels<'s>(&'s self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, _: &'s mut [u32], _: &mut Vec<f32>) -> &'s [u32] {
+        self.block(k0, kc, n0, nc, nr)
+    }
 }
 
 /// An f32 `B` ([`PackB`]: a view, a convolution's patches), packed one f32 panel at a time
@@ -148,16 +210,22 @@ impl<B: PackB> PackBPairs for RoundedB<'_, B> {
     }
 
     fn pack_pairs(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [u32], scratch: &mut Vec<f32>) {
+        // Depth per staged piece (even): 64 × 32 f32 = 8 KiB, in L1 beside the output.
+        const PIECE: usize = 64;
         let pairs = kc.div_ceil(2);
-        scratch.resize(kc * nr, 0.0);
+        scratch.resize(PIECE * nr, 0.0);
         for (p, words) in out.chunks_exact_mut(pairs * nr).take(nc.div_ceil(nr)).enumerate() {
             let first = n0 + p * nr;
-            let panel = &mut scratch[..kc * nr];
-            self.source.pack(k0, kc, first, nr.min(n0 + nc - first), nr, panel);
-            for (q, words) in words.chunks_exact_mut(nr).enumerate() {
-                let even = &panel[2 * q * nr..(2 * q + 1) * nr];
-                let odd = (2 * q + 1 < kc).then(|| &panel[(2 * q + 1) * nr..(2 * q + 2) * nr]);
-                vector::round_pairs(self.isa, even, odd, words);
+            for depth in (0..kc).step_by(PIECE) {
+                let piece = PIECE.min(kc - depth);
+                let staged = &mut scratch[..piece * nr];
+                self.source.pack(k0 + depth, piece, first, nr.min(n0 + nc - first), nr, staged);
+                let words = &mut words[depth / 2 * nr..(depth + piece).div_ceil(2) * nr];
+                for (q, words) in words.chunks_exact_mut(nr).enumerate() {
+                    let even = &staged[2 * q * nr..(2 * q + 1) * nr];
+                    let odd = (2 * q + 1 < piece).then(|| &staged[(2 * q + 1) * nr..(2 * q + 2) * nr]);
+                    vector::round_pairs(self.isa, even, odd, words);
+                }
             }
         }
     }
@@ -246,7 +314,7 @@ fn gemm_bf16_block(isa: Isa, c: COut, m0: usize, n_first: usize, a: ABf16, b: &i
     };
     let a_rows_packed = if in_place.is_some() { mr } else { MC.min(rows).div_ceil(mr) * mr };
     let mut a_panels = vec![0u32; KC.min(k).div_ceil(2) * a_rows_packed];
-    let mut b_panels = vec![0u32; KC.min(k).div_ceil(2) * NC.min(n).div_ceil(nr) * nr];
+    let mut b_buffer = vec![0u32; KC.min(k).div_ceil(2) * NC.min(n).div_ceil(nr) * nr];
     let mut scratch = Vec::new();
     let mut tile = [0f32; 12 * 32];
     for n0 in (0..n).step_by(NC) {
@@ -254,19 +322,18 @@ fn gemm_bf16_block(isa: Isa, c: COut, m0: usize, n_first: usize, a: ABf16, b: &i
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
             let pairs = kc.div_ceil(2);
-            let b_len = nc.div_ceil(nr) * nr * pairs;
-            b.pack_pairs(k0, kc, n_first + n0, nc, nr, &mut b_panels[..b_len], &mut scratch);
+            let b_panels = b.panels(k0, kc, n_first + n0, nc, nr, &mut b_buffer, &mut scratch);
             for i0 in (0..rows).step_by(MC) {
                 let mc = MC.min(rows - i0);
                 let panels = mc.div_ceil(mr);
                 let last = (panels - 1) * mr;
                 match in_place {
                     // Only a last partial panel is packed (its missing rows read as zeros).
-                    Some(_) if mc - last < mr => a.pack(k0, kc, m0 + i0 + last, mc - last, mr, &mut a_panels[..pairs * mr]),
+                    Some(_) if mc - last < mr => a.pack(isa, k0, kc, m0 + i0 + last, mc - last, mr, &mut a_panels[..pairs * mr]),
                     Some(_) => {}
-                    None => a.pack(k0, kc, m0 + i0, mc, mr, &mut a_panels[..panels * pairs * mr]),
+                    None => a.pack(isa, k0, kc, m0 + i0, mc, mr, &mut a_panels[..panels * pairs * mr]),
                 }
-                for (jp, b_panel) in b_panels[..b_len].chunks_exact(pairs * nr).enumerate() {
+                for (jp, b_panel) in b_panels.chunks_exact(pairs * nr).enumerate() {
                     let j = n0 + jp * nr;
                     let width = nr.min(n - j);
                     for ip in 0..panels {
@@ -513,16 +580,18 @@ mod tests {
                 let a_weight = Bf16Matrix::new(&a16, m, k).unwrap();
                 let w = TransposedWeight(Bf16Matrix::new(&w16, n, k).unwrap());
                 let ldc = n + 3;
-                for (case, parallel) in [(0, false), (1, true), (2, true), (3, false)] {
+                let packed = PackedBPairs::new(&w, isa);
+                for (case, parallel) in [(0, false), (1, true), (2, true), (3, false), (4, true)] {
                     let mut c = vec![f32::NAN; m.max(1) * ldc];
                     let (init, bias_of): (Init, &dyn Fn(usize, usize) -> f64) = match case {
-                        0 | 2 => (Init::RowBias(&bias), &|i, _| bias[i] as f64),
+                        0 | 2 | 4 => (Init::RowBias(&bias), &|i, _| bias[i] as f64),
                         _ => (Init::ColumnBias(&bias), &|_, j| bias[j] as f64),
                     };
                     match case {
                         0 => gemm_bf16_with(isa, &mut c, ldc, ABf16::Weight(a_weight), &RoundedB { source: &b_view, isa }, init, parallel),
                         1 => gemm_bf16_with(isa, &mut c, ldc, ABf16::F32(a_view), &w, init, parallel),
                         2 => gemm_bf16_with(isa, &mut c, ldc, ABf16::Weight(a_weight), &w, init, parallel),
+                        4 => gemm_bf16_with(isa, &mut c, ldc, ABf16::Weight(a_weight), &packed, init, parallel),
                         _ => gemm_bf16_with(isa, &mut c, ldc, ABf16::F32(a_view), &RoundedB { source: &b_view, isa }, init, parallel),
                     }
                     for i in 0..m {

@@ -159,6 +159,20 @@ pub(crate) fn round_pairs(isa: Isa, even: &[f32], odd: Option<&[f32]>, out: &mut
     })
 }
 
+/// `out[q]` = the bf16 pair word of `(values[2q], values[2q + 1])`, the second zero past the
+/// end of an odd-length `values` (a row of activations, rounded as it is packed).
+pub(crate) fn round_adjacent_pairs(isa: Isa, values: &[f32], out: &mut [u32]) {
+    dispatch!(isa, fn round(values: &[f32], out: &mut [u32]) -> () {
+        let (pairs, rest) = values.as_chunks::<2>();
+        for (word, &[even, odd]) in out.iter_mut().zip(pairs) {
+            *word = (bf16_high_half(odd) & 0xFFFF_0000) | (bf16_high_half(even) >> 16);
+        }
+        if let (Some(&even), Some(word)) = (rest.first(), out.get_mut(pairs.len())) {
+            *word = bf16_high_half(even) >> 16;
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
