@@ -3,5 +3,6 @@
 
 pub mod config;
 pub mod hub;
+pub mod mapped;
 pub mod single_file;
 pub mod weights;

@@ -20,12 +20,12 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use serde_json::{json, Map, Value};
 
+use crate::loading::mapped::MappedTensors;
 use crate::{Error, Result};
 
 const UNET_PREFIX: &str = "model.diffusion_model.";
@@ -169,7 +169,7 @@ fn base_config(text: &str, name: &str) -> Result<Map<String, Value>> {
 /// A memory-mapped single-file checkpoint and what it was recognised as.
 pub struct SingleFile {
     path: PathBuf,
-    tensors: Arc<MmapedSafetensors>,
+    tensors: Arc<MappedTensors>,
     recognised: Arc<Recognised>,
 }
 
@@ -179,13 +179,8 @@ impl SingleFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         refuse_pickle(path)?;
-        // SAFETY: the file is mapped read-only; as with every mmap, it must not be modified
-        // while mapped (candle's own `from_mmaped_safetensors` has the same contract).
-        let tensors = unsafe { MmapedSafetensors::new(path) }.map_err(|e| {
-            Error::weights(path, format!("not a complete safetensors file (truncated or corrupt?): {e}"))
-        })?;
-        let shapes: BTreeMap<String, Vec<usize>> =
-            tensors.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect();
+        let tensors = MappedTensors::open(&[path.to_path_buf()])?;
+        let shapes: BTreeMap<String, Vec<usize>> = tensors.shapes().map(|(name, shape)| (name.to_string(), shape.to_vec())).collect();
         let recognised = recognise(&shapes, path)?;
         Ok(Self { path: path.to_path_buf(), tensors: Arc::new(tensors), recognised: Arc::new(recognised) })
     }
@@ -221,7 +216,8 @@ impl SingleFile {
     pub fn load(&self, component: Component, device: &Device) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for (name, source) in self.recognised.weights(component) {
-            let tensor = load_source(&self.tensors, source, device)
+            let dtype = self.tensors.stored_dtype(&source.ldm_name).unwrap_or(DType::F32);
+            let tensor = load_source(&self.tensors, source, dtype, device)
                 .map_err(|e| Error::weights(&self.path, format!("{} (for {name}): {e}", source.ldm_name)))?;
             out.insert(name.clone(), tensor);
         }
@@ -229,8 +225,8 @@ impl SingleFile {
     }
 }
 
-fn load_source(tensors: &MmapedSafetensors, source: &Source, device: &Device) -> candle_core::Result<Tensor> {
-    let tensor = tensors.load(&source.ldm_name, device)?;
+fn load_source(tensors: &MappedTensors, source: &Source, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    let tensor = tensors.load(&source.ldm_name, dtype, device)?;
     match source.transform {
         Transform::Identity => Ok(tensor),
         Transform::ConvToLinear => tensor.reshape(source.shape.as_slice()),
@@ -240,7 +236,7 @@ fn load_source(tensors: &MmapedSafetensors, source: &Source, device: &Device) ->
 
 /// The `SimpleBackend` behind [`SingleFile::var_builder`]: renames on lookup.
 struct RenamedTensors {
-    tensors: Arc<MmapedSafetensors>,
+    tensors: Arc<MappedTensors>,
     recognised: Arc<Recognised>,
     component: Component,
 }
@@ -272,11 +268,11 @@ impl SimpleBackend for RenamedTensors {
             }
             .bt());
         }
-        load_source(&self.tensors, source, device)?.to_dtype(dtype)
+        load_source(&self.tensors, source, dtype, device)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-        load_source(&self.tensors, self.source(name)?, device)?.to_dtype(dtype)
+        load_source(&self.tensors, self.source(name)?, dtype, device)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

@@ -71,16 +71,12 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Memory-maps safetensors files into a `VarBuilder` that converts tensors to `dtype` as they
-/// are read. Each file's header is checked first so a truncated or corrupt file is reported
-/// by name rather than deep inside model construction.
+/// are read ([`super::mapped`]). Each file's header and offsets are checked when it is opened,
+/// so a truncated or corrupt file is reported by name rather than deep inside model
+/// construction.
 pub fn var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-    for file in files {
-        check_safetensors(file)?;
-    }
-    // SAFETY: the files are mapped read-only; diffuse never writes to a file it has mapped,
-    // and the mapping lives as long as the VarBuilder.
-    unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
-        .map_err(|e| Error::weights(files.first().cloned().unwrap_or_default(), e.to_string()))
+    let tensors = super::mapped::MappedTensors::open(files)?;
+    Ok(VarBuilder::from_backend(Box::new(super::mapped::MappedBackend(std::sync::Arc::new(tensors))), dtype, device.clone()))
 }
 
 /// Validates a safetensors file's header and that every tensor lies inside the file.

@@ -1,0 +1,211 @@
+//! Safetensors files mapped read-only, each tensor converted to the requested type in one pass
+//! straight from the mapping, which then gives its pages back: a model converted as it loads
+//! (an f32 folder loaded as bf16) never holds an f32 copy, and the files do not stay in the
+//! process's memory once read (candle's `MmapedSafetensors` copies each tensor in its own type
+//! first, and keeps every page it touched mapped until the model is built).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use half::{bf16, f16};
+use memmap2::{Mmap, UncheckedAdvice};
+use rayon::prelude::*;
+
+use crate::{Error, Result};
+
+/// Where one tensor's bytes lie.
+#[derive(Debug, Clone)]
+struct Entry {
+    file: usize,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// The tensors of one or more safetensors files, by name.
+pub struct MappedTensors {
+    files: Vec<(PathBuf, Mmap)>,
+    entries: HashMap<String, Entry>,
+}
+
+impl MappedTensors {
+    /// Maps and indexes `files` (a later file's tensor of the same name wins, as in candle).
+    pub fn open(files: &[PathBuf]) -> Result<Self> {
+        let mut mapped = Vec::with_capacity(files.len());
+        let mut entries = HashMap::new();
+        for (index, path) in files.iter().enumerate() {
+            let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            // SAFETY: a read-only mapping of a file diffuse never writes while it is mapped; a
+            // file changed by another process meanwhile can give wrong values, never UB in
+            // safe code that only reads bytes.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+            let tensors = safetensors::SafeTensors::deserialize(&mmap)
+                .map_err(|e| Error::weights(path, format!("not a valid safetensors file (truncated or corrupt?): {e}")))?;
+            let base = mmap.as_ptr() as usize;
+            for (name, view) in tensors.tensors() {
+                let start = view.data().as_ptr() as usize - base;
+                let entry = Entry { file: index, dtype: view.dtype(), shape: view.shape().to_vec(), start, end: start + view.data().len() };
+                entries.insert(name, entry);
+            }
+            mapped.push((path.clone(), mmap));
+        }
+        Ok(Self { files: mapped, entries })
+    }
+
+    /// Every tensor's name and shape.
+    pub fn shapes(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.entries.iter().map(|(name, entry)| (name.as_str(), entry.shape.as_slice()))
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// The type tensor `name` is stored in, where candle has it.
+    pub fn stored_dtype(&self, name: &str) -> Option<DType> {
+        use safetensors::Dtype as St;
+        Some(match self.entries.get(name)?.dtype {
+            St::U8 => DType::U8,
+            St::U32 => DType::U32,
+            St::I64 => DType::I64,
+            St::F64 => DType::F64,
+            St::F32 => DType::F32,
+            St::F16 => DType::F16,
+            St::BF16 => DType::BF16,
+            _ => return None,
+        })
+    }
+
+    /// The file `name` comes from.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.entries.get(name).map(|entry| self.files[entry.file].0.as_path())
+    }
+
+    /// Tensor `name` in `dtype` on `device`.
+    pub fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let entry = self.entries.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
+        let (path, mmap) = &self.files[entry.file];
+        let bytes = &mmap[entry.start..entry.end];
+        let shape = Shape::from(entry.shape.as_slice());
+        let tensor = convert(bytes, entry.dtype, dtype, shape, device)
+            .map_err(|e| candle_core::Error::Msg(format!("{}: tensor `{name}`: {e}", path.display())))?;
+        // The values are copied out: the pages go back (a shared read-only mapping re-reads
+        // them from the page cache if they are ever touched again).
+        // SAFETY: DONTNEED on a read-only shared file mapping discards no data, and no
+        // reference into these bytes outlives this function.
+        let _ = unsafe { mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, entry.start, entry.end - entry.start) };
+        Ok(tensor)
+    }
+}
+
+/// Values per parallel chunk of a conversion.
+const CHUNK: usize = 1 << 16;
+
+/// `bytes` (little-endian values of `from`) as a tensor of `to`: float types converted in one
+/// parallel pass, anything else through candle.
+fn convert(bytes: &[u8], from: safetensors::Dtype, to: DType, shape: Shape, device: &Device) -> candle_core::Result<Tensor> {
+    use safetensors::Dtype as St;
+    let size = match from {
+        St::F32 => 4,
+        St::F16 | St::BF16 => 2,
+        _ => return candle_via_raw(bytes, from, to, shape, device),
+    };
+    if bytes.len() != shape.elem_count() * size {
+        candle_core::bail!("{} bytes do not hold {:?} of {from:?}", bytes.len(), shape.dims());
+    }
+    let read = move |chunk: &[u8]| -> f32 {
+        match from {
+            St::F32 => f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]),
+            St::F16 => f16::from_le_bytes([chunk[0], chunk[1]]).to_f32(),
+            _ => bf16::from_le_bytes([chunk[0], chunk[1]]).to_f32(),
+        }
+    };
+    fn map<T: Send + Copy + Default>(bytes: &[u8], size: usize, f: impl Fn(&[u8]) -> T + Sync) -> Vec<T> {
+        let mut out = vec![T::default(); bytes.len() / size];
+        out.par_chunks_mut(CHUNK).zip(bytes.par_chunks(CHUNK * size)).for_each(|(out, bytes)| {
+            for (value, bytes) in out.iter_mut().zip(bytes.chunks_exact(size)) {
+                *value = f(bytes);
+            }
+        });
+        out
+    }
+    match (from, to) {
+        // Same type: a copy of the bytes.
+        (St::BF16, DType::BF16) => Tensor::from_vec(map(bytes, 2, |b| bf16::from_le_bytes([b[0], b[1]])), shape, device),
+        (St::F16, DType::F16) => Tensor::from_vec(map(bytes, 2, |b| f16::from_le_bytes([b[0], b[1]])), shape, device),
+        (_, DType::F32) => Tensor::from_vec(map(bytes, size, read), shape, device),
+        (_, DType::BF16) => Tensor::from_vec(map(bytes, size, |b| bf16::from_f32(read(b))), shape, device),
+        (_, DType::F16) => Tensor::from_vec(map(bytes, size, |b| f16::from_f32(read(b))), shape, device),
+        (_, DType::F64) => Tensor::from_vec(map(bytes, size, |b| read(b) as f64), shape, device),
+        _ => candle_via_raw(bytes, from, to, shape, device),
+    }
+}
+
+fn candle_via_raw(bytes: &[u8], from: safetensors::Dtype, to: DType, shape: Shape, device: &Device) -> candle_core::Result<Tensor> {
+    use safetensors::Dtype as St;
+    let dtype = match from {
+        St::U8 => DType::U8,
+        St::U32 => DType::U32,
+        St::I64 => DType::I64,
+        St::F64 => DType::F64,
+        St::F32 => DType::F32,
+        St::F16 => DType::F16,
+        St::BF16 => DType::BF16,
+        other => candle_core::bail!("values of type {other:?} are not supported"),
+    };
+    Tensor::from_raw_buffer(bytes, dtype, shape.dims(), device)?.to_dtype(to)
+}
+
+/// A candle-nn `SimpleBackend` over [`MappedTensors`]: a `VarBuilder` that checks shapes.
+pub struct MappedBackend(pub std::sync::Arc<MappedTensors>);
+
+impl candle_nn::var_builder::SimpleBackend for MappedBackend {
+    fn get(&self, shape: Shape, name: &str, _: candle_nn::Init, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let tensor = self.0.load(name, dtype, device)?;
+        if tensor.shape() != &shape {
+            return Err(candle_core::Error::UnexpectedShape { msg: format!("shape mismatch for {name}"), expected: shape, got: tensor.shape().clone() }.bt());
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        self.0.load(name, dtype, device)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every float type to every float type, against candle's own conversion.
+    #[test]
+    fn conversions_match_candle() {
+        let dir = std::env::temp_dir().join(format!("diffuse-mapped-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let values = Tensor::arange(0f32, 300_000f32, &Device::Cpu).unwrap().affine(1.37e-3, -200.0).unwrap();
+        let mut tensors = HashMap::new();
+        for (name, dtype) in [("f32", DType::F32), ("f16", DType::F16), ("bf16", DType::BF16)] {
+            tensors.insert(name.to_string(), values.to_dtype(dtype).unwrap().reshape((300, 1000)).unwrap());
+        }
+        let path = dir.join("t.safetensors");
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let mapped = MappedTensors::open(std::slice::from_ref(&path)).unwrap();
+        for (name, source) in &tensors {
+            for to in [DType::F32, DType::F16, DType::BF16, DType::F64] {
+                let got = mapped.load(name, to, &Device::Cpu).unwrap();
+                let want = source.to_dtype(to).unwrap();
+                assert_eq!(got.dims(), [300, 1000]);
+                let difference = (got.to_dtype(DType::F64).unwrap() - want.to_dtype(DType::F64).unwrap()).unwrap().abs().unwrap();
+                assert_eq!(difference.max_all().unwrap().to_scalar::<f64>().unwrap(), 0.0, "{name} → {to:?}");
+            }
+        }
+        assert!(mapped.load("missing", DType::F32, &Device::Cpu).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
