@@ -1,15 +1,16 @@
-//! Safetensors files mapped read-only, each tensor converted to the requested type in one pass
-//! straight from the mapping, which then gives its pages back: a model converted as it loads
-//! (an f32 folder loaded as bf16) never holds an f32 copy, and the files do not stay in the
-//! process's memory once read (candle's `MmapedSafetensors` copies each tensor in its own type
-//! first, and keeps every page it touched mapped until the model is built).
+//! Safetensors files, indexed through a read-only mapping of their headers, each tensor read
+//! with one positioned read and converted to the requested type in one parallel pass: a model
+//! converted as it loads (an f32 folder loaded as bf16) never holds an f32 copy, and the files'
+//! pages never count in the process's memory (candle's `MmapedSafetensors` copies each tensor
+//! in its own type first, and keeps every page it touched mapped until the model is built; a
+//! read also avoids a page fault per 4 KiB).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Shape, Tensor};
 use half::{bf16, f16};
-use memmap2::{Mmap, UncheckedAdvice};
+use memmap2::Mmap;
 use rayon::prelude::*;
 
 use crate::{Error, Result};
@@ -24,9 +25,17 @@ struct Entry {
     end: usize,
 }
 
+struct MappedFile {
+    path: PathBuf,
+    file: std::fs::File,
+    /// Only the header is read through it (the index); the data is read with `read_at`.
+    #[cfg_attr(unix, allow(dead_code))]
+    mmap: Mmap,
+}
+
 /// The tensors of one or more safetensors files, by name.
 pub struct MappedTensors {
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<MappedFile>,
     entries: HashMap<String, Entry>,
 }
 
@@ -49,7 +58,7 @@ impl MappedTensors {
                 let entry = Entry { file: index, dtype: view.dtype(), shape: view.shape().to_vec(), start, end: start + view.data().len() };
                 entries.insert(name, entry);
             }
-            mapped.push((path.clone(), mmap));
+            mapped.push(MappedFile { path: path.clone(), file, mmap });
         }
         Ok(Self { files: mapped, entries })
     }
@@ -80,23 +89,25 @@ impl MappedTensors {
 
     /// The file `name` comes from.
     pub fn file_of(&self, name: &str) -> Option<&Path> {
-        self.entries.get(name).map(|entry| self.files[entry.file].0.as_path())
+        self.entries.get(name).map(|entry| self.files[entry.file].path.as_path())
     }
 
     /// Tensor `name` in `dtype` on `device`.
     pub fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
         let entry = self.entries.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
-        let (path, mmap) = &self.files[entry.file];
-        let bytes = &mmap[entry.start..entry.end];
+        let file = &self.files[entry.file];
         let shape = Shape::from(entry.shape.as_slice());
-        let tensor = convert(bytes, entry.dtype, dtype, shape, device)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: tensor `{name}`: {e}", path.display())))?;
-        // The values are copied out: the pages go back (a shared read-only mapping re-reads
-        // them from the page cache if they are ever touched again).
-        // SAFETY: DONTNEED on a read-only shared file mapping discards no data, and no
-        // reference into these bytes outlives this function.
-        let _ = unsafe { mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, entry.start, entry.end - entry.start) };
-        Ok(tensor)
+        let in_file = |e: String| candle_core::Error::Msg(format!("{}: tensor `{name}`: {e}", file.path.display()));
+        #[cfg(unix)]
+        let tensor = {
+            use std::os::unix::fs::FileExt;
+            let mut bytes = vec![0u8; entry.end - entry.start];
+            file.file.read_exact_at(&mut bytes, entry.start as u64).map_err(|e| in_file(e.to_string()))?;
+            convert(&bytes, entry.dtype, dtype, shape, device)
+        };
+        #[cfg(not(unix))]
+        let tensor = convert(&file.mmap[entry.start..entry.end], entry.dtype, dtype, shape, device);
+        tensor.map_err(|e| in_file(e.to_string()))
     }
 }
 
@@ -115,30 +126,29 @@ fn convert(bytes: &[u8], from: safetensors::Dtype, to: DType, shape: Shape, devi
     if bytes.len() != shape.elem_count() * size {
         candle_core::bail!("{} bytes do not hold {:?} of {from:?}", bytes.len(), shape.dims());
     }
-    let read = move |chunk: &[u8]| -> f32 {
-        match from {
-            St::F32 => f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]),
-            St::F16 => f16::from_le_bytes([chunk[0], chunk[1]]).to_f32(),
-            _ => bf16::from_le_bytes([chunk[0], chunk[1]]).to_f32(),
-        }
-    };
-    fn map<T: Send + Copy + Default>(bytes: &[u8], size: usize, f: impl Fn(&[u8]) -> T + Sync) -> Vec<T> {
-        let mut out = vec![T::default(); bytes.len() / size];
-        out.par_chunks_mut(CHUNK).zip(bytes.par_chunks(CHUNK * size)).for_each(|(out, bytes)| {
-            for (value, bytes) in out.iter_mut().zip(bytes.chunks_exact(size)) {
+    fn map<T: Send + Copy + Default, const SIZE: usize>(bytes: &[u8], f: impl Fn([u8; SIZE]) -> T + Sync) -> Vec<T> {
+        let mut out = vec![T::default(); bytes.len() / SIZE];
+        out.par_chunks_mut(CHUNK).zip(bytes.par_chunks(CHUNK * SIZE)).for_each(|(out, bytes)| {
+            let (values, _) = bytes.as_chunks::<SIZE>();
+            for (value, &bytes) in out.iter_mut().zip(values) {
                 *value = f(bytes);
             }
         });
         out
     }
+    let f32_of = f32::from_le_bytes;
+    let f16_of = |b| f16::from_le_bytes(b).to_f32();
+    let bf16_of = |b| bf16::from_le_bytes(b).to_f32();
     match (from, to) {
-        // Same type: a copy of the bytes.
-        (St::BF16, DType::BF16) => Tensor::from_vec(map(bytes, 2, |b| bf16::from_le_bytes([b[0], b[1]])), shape, device),
-        (St::F16, DType::F16) => Tensor::from_vec(map(bytes, 2, |b| f16::from_le_bytes([b[0], b[1]])), shape, device),
-        (_, DType::F32) => Tensor::from_vec(map(bytes, size, read), shape, device),
-        (_, DType::BF16) => Tensor::from_vec(map(bytes, size, |b| bf16::from_f32(read(b))), shape, device),
-        (_, DType::F16) => Tensor::from_vec(map(bytes, size, |b| f16::from_f32(read(b))), shape, device),
-        (_, DType::F64) => Tensor::from_vec(map(bytes, size, |b| read(b) as f64), shape, device),
+        (St::F32, DType::F32) => Tensor::from_vec(map(bytes, f32_of), shape, device),
+        (St::F32, DType::BF16) => Tensor::from_vec(map(bytes, |b| bf16::from_f32(f32_of(b))), shape, device),
+        (St::F32, DType::F16) => Tensor::from_vec(map(bytes, |b| f16::from_f32(f32_of(b))), shape, device),
+        (St::F16, DType::F16) => Tensor::from_vec(map(bytes, f16::from_le_bytes), shape, device),
+        (St::F16, DType::F32) => Tensor::from_vec(map(bytes, f16_of), shape, device),
+        (St::F16, DType::BF16) => Tensor::from_vec(map(bytes, |b| bf16::from_f32(f16_of(b))), shape, device),
+        (St::BF16, DType::BF16) => Tensor::from_vec(map(bytes, bf16::from_le_bytes), shape, device),
+        (St::BF16, DType::F32) => Tensor::from_vec(map(bytes, bf16_of), shape, device),
+        (St::BF16, DType::F16) => Tensor::from_vec(map(bytes, |b| f16::from_f32(bf16_of(b))), shape, device),
         _ => candle_via_raw(bytes, from, to, shape, device),
     }
 }
