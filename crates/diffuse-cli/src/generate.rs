@@ -79,6 +79,11 @@ pub struct GenerateArgs {
     /// `<lora:NAME:TE_WEIGHT:UNET_WEIGHT>`) find NAME.safetensors.
     #[arg(long, value_name = "DIR")]
     lora_dir: Option<PathBuf>,
+    /// Replace the model's VAE with this autoencoder folder: an AutoencoderKL (e.g. an fp16-fixed
+    /// or fine-tuned VAE) or an AutoencoderTiny (TAESD: a fraction of the decode time), as
+    /// diffusers' `vae=`. Its latent channels must match the UNet's.
+    #[arg(long, value_name = "DIR")]
+    vae: Option<PathBuf>,
     /// Weight and compute precision: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -274,6 +279,9 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
             let variant = args.variant.as_deref();
             StableDiffusionPipeline::load_with_loras(&model_path, scheduler_name, &overrides, variant, &loras.specs, &device, dtype)?
         };
+        if let Some(vae) = &args.vae {
+            pipeline.replace_vae(vae, None).with_context(|| format!("--vae {}", vae.display()))?;
+        }
         loras::report(&pipeline.loras, args.quiet);
         lora_entries = loras::infotext_entries(&loras, args.quiet);
         if let Start::Latents { latents, metadata } = &start_from {
@@ -327,6 +335,9 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
     } else {
         if args.prompt.is_some() || args.negative_prompt.is_some() {
             bail!("--prompt needs a Stable Diffusion folder (text_encoder/, vae/); {model} is a pixel-space model");
+        }
+        if args.vae.is_some() {
+            bail!("--vae needs a Stable Diffusion model (a latent-space pipeline); {model} is a pixel-space model");
         }
         if !args.lora.is_empty() {
             bail!("--lora needs a Stable Diffusion model (a UNet and text encoder to adapt); {model} is a pixel-space model");

@@ -306,6 +306,75 @@ fn image_to_image_and_inpainting_match_diffusers() {
     assert!(psnr >= 40.0, "4-channel inpainting PSNR {psnr}");
 }
 
+/// `--vae` replaces the pipeline's VAE (vae_taesd_lcm_4_no_guidance and vae_taesd_img2img of
+/// tools/fixtures/vae_taesd_tiling.py), and refuses what is not an autoencoder for this UNet.
+#[test]
+fn vae_flag_replaces_the_vae() {
+    let dir = scratch("vae");
+    let sd1 = fixtures().join("sd/sd1");
+    let taesd = fixtures().join("vae/taesd");
+    let out = dir.join("lcm.png");
+    let (ok, stdout, stderr) = diffuse(&[
+        "generate", "--model", sd1.to_str().unwrap(), "--vae", taesd.to_str().unwrap(), "--prompt", "a photo of a cat",
+        "--scheduler", "lcm", "--steps", "4", "--guidance-scale", "1", "--num-images", "2", "--seed", "32", "--quiet",
+        "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    let (first, text) = decode_png(&dir.join("lcm-0.png"));
+    let second = decode_png(&dir.join("lcm-1.png")).0;
+    let psnr = psnr_against(&[first, second].concat(), &fixtures().join("sd/cases/vae_taesd_lcm_4_no_guidance.safetensors"));
+    assert!(psnr >= 40.0, "PSNR {psnr}");
+    assert!(text.iter().any(|(k, v)| k == "parameters" && v.contains("VAE: taesd")), "{text:?}");
+
+    let out = dir.join("i2i.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", sd1.to_str().unwrap(), "--vae", taesd.to_str().unwrap(), "--prompt", "a photo of a cat",
+        "--init-image", fixtures().join("img2img/inputs/init_64x64.png").to_str().unwrap(), "--strength", "0.75",
+        "--scheduler", "ddim", "--steps", "8", "--seed", "33", "--quiet", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let psnr = psnr_against(&decode_png(&out).0, &fixtures().join("img2img/cases/vae_taesd_img2img.safetensors"));
+    assert!(psnr >= 40.0, "image-to-image PSNR {psnr}");
+
+    let bad = dir.join("bad.png");
+    let run = |vae: &Path, needle: &str| {
+        assert_fails_with(
+            &["generate", "--model", sd1.to_str().unwrap(), "--vae", vae.to_str().unwrap(), "--prompt", "x", "--steps", "1",
+              "--output", bad.to_str().unwrap()],
+            needle,
+        );
+    };
+    run(&sd1.join("unet"), "not an autoencoder this pipeline can use: the config names `UNet2DConditionModel`");
+    run(&sd1, "(a pipeline folder: its VAE is in vae/)");
+    run(&dir.join("missing"), "not an autoencoder folder");
+    // Latent channels that are not the UNet's: both named.
+    let wide = dir.join("wide-vae");
+    copy_dir(&sd1.join("vae"), &wide);
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(wide.join("config.json")).unwrap()).unwrap();
+    config["latent_channels"] = serde_json::json!(2);
+    config["use_quant_conv"] = serde_json::json!(false);
+    config["use_post_quant_conv"] = serde_json::json!(false);
+    std::fs::write(wide.join("config.json"), config.to_string()).unwrap();
+    let weights = candle_core::safetensors::load(wide.join("diffusion_pytorch_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let mut weights: std::collections::HashMap<String, candle_core::Tensor> = weights;
+    let zeros = |shape: &[usize]| candle_core::Tensor::zeros(shape, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    weights.insert("encoder.conv_out.weight".into(), zeros(&[4, 16, 3, 3]));
+    weights.insert("encoder.conv_out.bias".into(), zeros(&[4]));
+    weights.insert("decoder.conv_in.weight".into(), zeros(&[16, 2, 3, 3]));
+    candle_core::safetensors::save(&weights, wide.join("diffusion_pytorch_model.safetensors")).unwrap();
+    run(&wide, "has 2 latent channels, but the UNet of");
+    let (_, _, stderr) = diffuse(&["generate", "--model", sd1.to_str().unwrap(), "--vae", wide.to_str().unwrap(), "--prompt", "x",
+        "--steps", "1", "--output", bad.to_str().unwrap()]);
+    assert!(stderr.contains("wide-vae") && stderr.contains("takes 4 input channels"), "{stderr}");
+    assert!(!bad.exists());
+    let pixel = fixtures().join("pixel/uncond");
+    assert_fails_with(
+        &["generate", "--model", pixel.to_str().unwrap(), "--vae", taesd.to_str().unwrap(), "--output", bad.to_str().unwrap()],
+        "--vae needs a Stable Diffusion model",
+    );
+}
+
 #[test]
 fn invert_then_generate_from_the_latents() {
     let dir = scratch("invert");

@@ -131,6 +131,9 @@ fn run_case(case: &str) {
     let expected = load_tensors(&dir().join("cases").join(format!("{case}.safetensors")));
     let mut pipeline = load(&meta);
     assert_eq!(pipeline.scheduler.class_name, meta["scheduler_class"].as_str().unwrap(), "{case}: scheduler class");
+    if let Some(vae) = meta.get("vae").and_then(|v| v.as_str()) {
+        pipeline.replace_vae(&fixtures_dir().join(vae), None).unwrap_or_else(|e| panic!("{case}: {e}"));
+    }
     let image = input(meta["image"].as_str().unwrap());
     let mask = meta.get("mask").and_then(|m| m.as_str()).map(input);
     let condition = ImageCondition { image: &image, mask: mask.as_ref(), strength: meta["strength"].as_f64().unwrap() };
@@ -171,6 +174,15 @@ fn inpainting_with_4_channel_unets_matches_diffusers() {
 #[test]
 fn inpainting_with_9_channel_unets_matches_diffusers() {
     for case in cases_with_prefix("inpaint9_") {
+        run_case(&case);
+    }
+}
+
+/// `vae=` an AutoencoderTiny (TAESD, tools/fixtures/vae_taesd_tiling.py): its encoder's latents
+/// are taken as they are (no posterior sample drawn from the generator).
+#[test]
+fn image_to_image_and_inpainting_with_taesd_match_diffusers() {
+    for case in cases_with_prefix("vae_taesd_") {
         run_case(&case);
     }
 }

@@ -32,6 +32,9 @@ fn run_case(case: &str) {
         StableDiffusionPipeline::load(&model_dir, meta["scheduler"].as_str(), &overrides, None, &Device::Cpu, DType::F32)
             .unwrap_or_else(|e| panic!("{case}: {e}"));
     assert_eq!(pipeline.scheduler.class_name, meta["scheduler_class"].as_str().unwrap(), "{case}: scheduler class");
+    if let Some(vae) = meta.get("vae").and_then(|v| v.as_str()) {
+        pipeline.replace_vae(&fixtures_dir().join(vae), None).unwrap_or_else(|e| panic!("{case}: {e}"));
+    }
     let options = TextToImageOptions {
         prompt: meta["prompt"].as_str().unwrap().to_string(),
         negative_prompt: meta.get("negative_prompt").and_then(|v| v.as_str()).map(str::to_string),
@@ -85,6 +88,15 @@ fn sd1_guidance_negative_batch_sizes_and_prompts() {
 #[test]
 fn sd1_every_scheduler() {
     for case in cases_with_prefix("sd1_sched_") {
+        run_case(&case);
+    }
+}
+
+/// `vae=` an AutoencoderTiny (TAESD, tools/fixtures/vae_taesd_tiling.py), with guidance and
+/// with the few-step LCM recipe (a batch of 2).
+#[test]
+fn vae_replaced_by_taesd() {
+    for case in cases_with_prefix("vae_taesd_") {
         run_case(&case);
     }
 }

@@ -95,6 +95,8 @@ pub(super) fn infotext(args: &GenerateArgs, made: &Made, index: usize) -> String
             syntax => vec![(PROMPT_SYNTAX_KEY.to_string(), syntax.to_string())],
         }
         .into_iter()
+        // A1111's key for a VAE other than the checkpoint's own.
+        .chain(args.vae.as_deref().map(|vae| ("VAE".to_string(), model_name(&vae.display().to_string()))))
         .chain(made.loras.iter().cloned())
         .collect(),
     }

@@ -63,7 +63,7 @@ impl StableDiffusionPipeline {
                 show(options.height)
             )));
         }
-        let latent_channels = self.vae_config.latent_channels;
+        let latent_channels = self.vae.latent_channels();
         let in_channels = self.unet_config.in_channels;
         let (height, width) = match condition.mask {
             None => {
@@ -88,12 +88,12 @@ impl StableDiffusionPipeline {
         self.validate(&TextToImageOptions { height: Some(height), width: Some(width), ..options.clone() })
     }
 
-    /// `vae.encode(image).latent_dist.sample(generator) × scaling_factor` (`retrieve_latents`),
-    /// for one image `[1, 3, H, W]`; float32 latents.
+    /// `retrieve_latents(vae.encode(image), generator) × scaling_factor` (a KL VAE's posterior
+    /// sampled from the generator, a tiny one's latents as they are), for one image
+    /// `[1, 3, H, W]`; float32 latents.
     pub fn encode_image_latents(&self, image: &Tensor, generator: &mut TorchGenerator) -> Result<Tensor> {
-        let posterior = self.vae.encode(&image.to_dtype(self.dtype)?)?;
-        let latents = posterior.sample(generator)?.to_dtype(DType::F32)?;
-        Ok((latents * self.vae_config.scaling_factor)?)
+        let latents = self.vae.encode_latents(&image.to_dtype(self.dtype)?, generator)?.to_dtype(DType::F32)?;
+        Ok((latents * self.vae.scaling_factor())?)
     }
 
     /// Image-to-image (mask `None`) or inpainting: images `[N, 3, H, W]` in about [-1, 1].

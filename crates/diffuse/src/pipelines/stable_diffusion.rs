@@ -14,9 +14,10 @@ use crate::loading::config::{parse_config, read_json_object};
 use crate::loading::single_file::{Component, Family, SingleFile};
 use crate::loading::weights::{find_weight_files, var_builder};
 use crate::lora::{AppliedLora, LoraSet, LoraSpec, Target};
-use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
+use crate::models::autoencoder_kl::AutoencoderKLConfig;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::unet_2d_condition::{PerBlock, UNet2DConditionModel, UNet2DConditionModelConfig};
+use crate::pipelines::autoencoder::{Autoencoder, AutoencoderConfig};
 use crate::pipelines::{resolve_scheduler, scheduler_from_config, ResolvedScheduler};
 use crate::prompts::{a1111, extra_networks, PromptSyntax};
 use crate::rng::TorchGenerator;
@@ -30,8 +31,8 @@ pub struct StableDiffusionPipeline {
     pub text_encoder: ClipTextModel,
     pub unet: UNet2DConditionModel,
     pub unet_config: UNet2DConditionModelConfig,
-    pub vae: AutoencoderKL,
-    pub vae_config: AutoencoderKLConfig,
+    /// The folder's AutoencoderKL, or the autoencoder `replace_vae` put in its place.
+    pub vae: Autoencoder,
     pub scheduler: ResolvedScheduler,
     pub model_dir: PathBuf,
     pub device: Device,
@@ -112,7 +113,7 @@ pub struct Components {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: (ClipTextConfig, VarBuilder<'static>, PathBuf),
     pub unet: (UNet2DConditionModelConfig, VarBuilder<'static>, PathBuf),
-    pub vae: (AutoencoderKLConfig, VarBuilder<'static>, PathBuf),
+    pub vae: (AutoencoderConfig, VarBuilder<'static>, PathBuf),
     pub scheduler: ResolvedScheduler,
 }
 
@@ -178,7 +179,7 @@ impl StableDiffusionPipeline {
             tokenizer: ClipTokenizer::from_folder(model_dir.join("tokenizer"))?,
             text_encoder: (load_component_config(&te_dir)?, te_weights, te_file),
             unet: (load_component_config(&unet_dir)?, unet_weights, unet_file),
-            vae: (load_component_config(&vae_dir)?, vae_weights, vae_file),
+            vae: (AutoencoderConfig::from_json(&read_json_object(&vae_dir.join("config.json"))?, &vae_dir.join("config.json"))?, vae_weights, vae_file),
             scheduler: resolve_scheduler(&model_dir.join("scheduler"), scheduler_name, scheduler_overrides)?,
         };
         let mut pipeline = Self::from_components(components.with_loras(&loras)?, model_dir, device, dtype)?;
@@ -229,7 +230,10 @@ impl StableDiffusionPipeline {
             tokenizer: builtin_clip_tokenizer(file.family())?,
             text_encoder: model(&file, Component::TextEncoder, dtype, device)?,
             unet: model(&file, Component::Unet, dtype, device)?,
-            vae: model(&file, Component::Vae, dtype, device)?,
+            vae: {
+                let (config, weights, file) = model::<AutoencoderKLConfig>(&file, Component::Vae, dtype, device)?;
+                (AutoencoderConfig::Kl(config), weights, file)
+            },
             scheduler: scheduler_from_config(
                 scheduler_config,
                 &path.join("scheduler"),
@@ -266,7 +270,7 @@ impl StableDiffusionPipeline {
         let (unet_config, unet_weights, unet_file) = unet;
         let unet = UNet2DConditionModel::new(unet_weights, &unet_config).map_err(|e| e.in_weights_file(&unet_file))?;
         let (vae_config, vae_weights, vae_file) = vae;
-        let vae = AutoencoderKL::new(vae_weights, &vae_config).map_err(|e| e.in_weights_file(&vae_file))?;
+        let vae = Autoencoder::new(vae_weights, &vae_config).map_err(|e| e.in_weights_file(&vae_file))?;
 
         if unet_config.cross_attention_dim != te_config.hidden_size {
             return Err(Error::invalid(format!(
@@ -282,7 +286,6 @@ impl StableDiffusionPipeline {
             unet,
             unet_config,
             vae,
-            vae_config,
             scheduler,
             model_dir: origin.to_path_buf(),
             device: device.clone(),
@@ -291,9 +294,31 @@ impl StableDiffusionPipeline {
         })
     }
 
+    /// Replaces the VAE with the autoencoder folder `vae_dir` (an AutoencoderKL such as an
+    /// fp16-fixed one, or an AutoencoderTiny such as TAESD), as building the pipeline with
+    /// `vae=` does. Its latents must be the UNet's input: an autoencoder with other latent
+    /// channels is refused, naming both.
+    pub fn replace_vae(&mut self, vae_dir: &Path, variant: Option<&str>) -> Result<()> {
+        let vae = Autoencoder::load(vae_dir, variant, self.dtype, &self.device)?;
+        let (latent_channels, in_channels) = (vae.latent_channels(), self.unet_config.in_channels);
+        // 9-channel inpainting UNets take latents, a mask and the masked image's latents.
+        if in_channels != latent_channels && in_channels != 2 * latent_channels + 1 {
+            return Err(Error::invalid(format!(
+                "the {} in {} has {latent_channels} latent channels, but the UNet of {} takes {in_channels} input channels \
+                 (it was trained on a VAE with {} latent channels)",
+                vae.class_name(),
+                vae_dir.display(),
+                self.model_dir.display(),
+                self.vae.latent_channels()
+            )));
+        }
+        self.vae = vae;
+        Ok(())
+    }
+
     /// 2^(number of VAE blocks - 1): 8 for every Stable Diffusion VAE.
     pub fn vae_scale_factor(&self) -> usize {
-        1 << self.vae_config.block_out_channels.len().saturating_sub(1)
+        self.vae.scale_factor()
     }
 
     /// The image size used when none is given: the UNet's sample_size × the VAE scale factor.
@@ -445,7 +470,7 @@ impl StableDiffusionPipeline {
     /// Text-to-image needs a UNet that takes the latents alone (an inpainting UNet also takes a
     /// mask and the masked image's latents).
     pub fn check_text_to_image_unet(&self) -> Result<()> {
-        let (in_channels, latent_channels) = (self.unet_config.in_channels, self.vae_config.latent_channels);
+        let (in_channels, latent_channels) = (self.unet_config.in_channels, self.vae.latent_channels());
         if in_channels != latent_channels {
             return Err(Error::invalid(format!(
                 "this UNet takes {in_channels} input channels, not the VAE's {latent_channels} (an inpainting model): give an init image and a mask"
@@ -538,8 +563,8 @@ impl StableDiffusionPipeline {
 
     /// `vae.decode(latents / scaling_factor + shift_factor)`, as diffusers' pipelines do.
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
-        let mut z = (latents / self.vae_config.scaling_factor)?;
-        if let Some(shift) = self.vae_config.shift_factor {
+        let mut z = (latents / self.vae.scaling_factor())?;
+        if let Some(shift) = self.vae.shift_factor() {
             z = (z + shift)?;
         }
         Ok(self.vae.decode(&z.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?)
