@@ -84,6 +84,15 @@ pub struct GenerateArgs {
     /// diffusers' `vae=`. Its latent channels must match the UNet's.
     #[arg(long, value_name = "DIR")]
     vae: Option<PathBuf>,
+    /// Encode and decode in overlapping tiles, blended (diffusers' `enable_tiling()`: tiles of
+    /// the VAE's sample_size, 1/4 overlap; TAESD: 512-pixel tiles): large images in bounded
+    /// memory, at the cost of slightly different pixels.
+    #[arg(long)]
+    vae_tiling: bool,
+    /// Decode a batch one image at a time (diffusers' `enable_slicing()`): less memory for
+    /// --num-images, the same images.
+    #[arg(long)]
+    vae_slicing: bool,
     /// Weight and compute precision: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -282,6 +291,12 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
         if let Some(vae) = &args.vae {
             pipeline.replace_vae(vae, None).with_context(|| format!("--vae {}", vae.display()))?;
         }
+        if args.vae_tiling {
+            pipeline.enable_vae_tiling();
+        }
+        if args.vae_slicing {
+            pipeline.enable_vae_slicing();
+        }
         loras::report(&pipeline.loras, args.quiet);
         lora_entries = loras::infotext_entries(&loras, args.quiet);
         if let Start::Latents { latents, metadata } = &start_from {
@@ -336,8 +351,8 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
         if args.prompt.is_some() || args.negative_prompt.is_some() {
             bail!("--prompt needs a Stable Diffusion folder (text_encoder/, vae/); {model} is a pixel-space model");
         }
-        if args.vae.is_some() {
-            bail!("--vae needs a Stable Diffusion model (a latent-space pipeline); {model} is a pixel-space model");
+        if args.vae.is_some() || args.vae_tiling || args.vae_slicing {
+            bail!("--vae, --vae-tiling and --vae-slicing need a Stable Diffusion model (a latent-space pipeline); {model} is a pixel-space model");
         }
         if !args.lora.is_empty() {
             bail!("--lora needs a Stable Diffusion model (a UNet and text encoder to adapt); {model} is a pixel-space model");

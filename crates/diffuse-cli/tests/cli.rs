@@ -371,8 +371,42 @@ fn vae_flag_replaces_the_vae() {
     let pixel = fixtures().join("pixel/uncond");
     assert_fails_with(
         &["generate", "--model", pixel.to_str().unwrap(), "--vae", taesd.to_str().unwrap(), "--output", bad.to_str().unwrap()],
-        "--vae needs a Stable Diffusion model",
+        "--vae-slicing need a Stable Diffusion model",
     );
+}
+
+/// `--vae-tiling` (vae_tiling_t2i_96: sd1's VAE tiles above 64 pixels), recorded in the PNG so
+/// that `--from` tiles again; `--vae-slicing` (vae_slicing_batch).
+#[test]
+fn vae_tiling_and_slicing_flags() {
+    let dir = scratch("vae-tiling");
+    let sd1 = fixtures().join("sd/sd1");
+    let out = dir.join("tiled.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", sd1.to_str().unwrap(), "--vae-tiling", "--prompt", "a photo of a cat", "--scheduler", "euler",
+        "--steps", "8", "--width", "96", "--height", "96", "--seed", "41", "--quiet", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let (pixels, text) = decode_png(&out);
+    let psnr = psnr_against(&pixels, &fixtures().join("sd/cases/vae_tiling_t2i_96.safetensors"));
+    assert!(psnr >= 40.0, "PSNR {psnr}");
+    assert!(text.iter().any(|(k, v)| k == "parameters" && v.contains("VAE tiling: true")), "{text:?}");
+    let again = dir.join("again.png");
+    let (ok, _, stderr) =
+        diffuse(&["generate", "--from", out.to_str().unwrap(), "--model", sd1.to_str().unwrap(), "--output", again.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(!stderr.contains("ignored"), "{stderr}");
+    assert_eq!(decode_png(&again).0, pixels, "--from tiles again");
+
+    let out = dir.join("sliced.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", sd1.to_str().unwrap(), "--vae-slicing", "--prompt", "a photo of a cat", "--scheduler",
+        "euler-ancestral", "--steps", "8", "--num-images", "2", "--seed", "43", "--quiet", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let pixels = [decode_png(&dir.join("sliced-0.png")).0, decode_png(&dir.join("sliced-1.png")).0].concat();
+    let psnr = psnr_against(&pixels, &fixtures().join("sd/cases/vae_slicing_batch.safetensors"));
+    assert!(psnr >= 40.0, "PSNR {psnr}");
 }
 
 #[test]

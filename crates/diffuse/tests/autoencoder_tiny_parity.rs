@@ -40,6 +40,28 @@ fn encode_decode_and_latent_scaling_match_diffusers() {
     assert_eq!(model.scale_factor(), 8);
 }
 
+/// AutoencoderTiny's own tiling (`_tiled_encode`, `_tiled_decode`: a blend mask ramping over
+/// the overlap), with the tile sizes set small on both sides (128 pixels, 16 latents) so that a
+/// 144-pixel image tiles.
+#[test]
+fn tiled_encode_and_decode_match_diffusers() {
+    let mut model = load();
+    let io = load_tensors(&fixtures_dir().join("vae").join("taesd_tiled_io.safetensors"));
+    let image = ((io["pixels"].to_dtype(DType::F32).unwrap() / 127.5).unwrap() - 1.0).unwrap();
+    let plain = model.decode(&io["z"]).unwrap();
+    model.enable_tiling();
+    (model.tile_sample_min_size, model.tile_latent_min_size) = (128, 16);
+    assert_close(&model.encode(&image).unwrap(), &io["latents"], TOLERANCE, "tiled encode");
+    let decoded = model.decode(&io["z"]).unwrap();
+    assert_close(&decoded, &io["decoded"], TOLERANCE, "tiled decode");
+    assert!(max_relative_error(&to_vec_f32(&plain), &to_vec_f32(&decoded)) > 0.05, "tiling changed nothing");
+    // Slicing a batch gives each image as alone.
+    model.enable_slicing();
+    let batch = Tensor::cat(&[&io["z"], &io["z"]], 0).unwrap();
+    let decoded_batch = model.decode(&batch).unwrap();
+    assert_close(&decoded_batch.narrow(0, 1, 1).unwrap(), &io["decoded"], TOLERANCE, "sliced tiled decode");
+}
+
 /// The decoder's soft clamp and [0, 1] → [-1, 1] mapping, and the encoder's [-1, 1] → [0, 1]
 /// mapping, are each needed: without them the outputs are far off.
 #[test]

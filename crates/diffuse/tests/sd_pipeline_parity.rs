@@ -35,6 +35,12 @@ fn run_case(case: &str) {
     if let Some(vae) = meta.get("vae").and_then(|v| v.as_str()) {
         pipeline.replace_vae(&fixtures_dir().join(vae), None).unwrap_or_else(|e| panic!("{case}: {e}"));
     }
+    if meta.get("vae_tiling").and_then(|v| v.as_bool()) == Some(true) {
+        pipeline.enable_vae_tiling();
+    }
+    if meta.get("vae_slicing").and_then(|v| v.as_bool()) == Some(true) {
+        pipeline.enable_vae_slicing();
+    }
     let options = TextToImageOptions {
         prompt: meta["prompt"].as_str().unwrap().to_string(),
         negative_prompt: meta.get("negative_prompt").and_then(|v| v.as_str()).map(str::to_string),
@@ -99,6 +105,30 @@ fn vae_replaced_by_taesd() {
     for case in cases_with_prefix("vae_taesd_") {
         run_case(&case);
     }
+}
+
+/// The VAE's tiling (sd1's VAE has sample_size 64: 96- to 136-pixel images decode from
+/// overlapping 8-latent tiles, blended; the fixture script checks that the images differ from
+/// untiled ones) and slicing (a batch decoded one image at a time).
+#[test]
+fn vae_tiling_and_slicing() {
+    for case in cases_with_prefix("vae_tiling_").into_iter().chain(cases_with_prefix("vae_slicing_")) {
+        run_case(&case);
+    }
+}
+
+/// The memory check counts the VAE's largest pass: a tile's with tiling, one image's with slicing.
+#[test]
+fn the_memory_check_accounts_for_tiling_and_slicing() {
+    let model_dir = fixtures_dir().join("sd").join("sd1");
+    let mut pipeline = StableDiffusionPipeline::load(&model_dir, None, &[], None, &Device::Cpu, DType::F32).unwrap();
+    let untiled = pipeline.vae_pass_bytes(4096, 4096, 4);
+    assert_eq!(untiled, 3.0 * 4.0 * 4.0 * 8.0 * 4096.0 * 4096.0);
+    pipeline.enable_vae_slicing();
+    assert_eq!(pipeline.vae_pass_bytes(4096, 4096, 4), untiled / 4.0);
+    pipeline.enable_vae_tiling();
+    assert_eq!(pipeline.vae_pass_bytes(4096, 4096, 4), 3.0 * 4.0 * 8.0 * 64.0 * 64.0);
+    assert_eq!(pipeline.vae_pass_bytes(48, 4096, 4), 3.0 * 4.0 * 8.0 * 48.0 * 64.0);
 }
 
 #[test]

@@ -213,6 +213,17 @@ pub struct AutoencoderTiny {
     config: AutoencoderTinyConfig,
     encoder: EncoderTiny,
     decoder: DecoderTiny,
+    /// `enable_slicing()`: batches go through the encoder and decoder one image at a time.
+    pub use_slicing: bool,
+    /// `enable_tiling()`: every encode and decode runs in overlapping tiles (whatever the size).
+    pub use_tiling: bool,
+    /// `2 ** out_channels` (8), diffusers' stand-in for the encoder's downscaling.
+    pub spatial_scale_factor: usize,
+    pub tile_overlap_factor: f64,
+    /// 512 pixels.
+    pub tile_sample_min_size: usize,
+    /// `tile_sample_min_size // spatial_scale_factor`.
+    pub tile_latent_min_size: usize,
 }
 
 impl AutoencoderTiny {
@@ -222,7 +233,29 @@ impl AutoencoderTiny {
             .map_err(|e| config_error(Error::invalid(format!("key `act_fn`: {e}"))))?;
         let encoder = EncoderTiny::new(vb.pp("encoder"), config, act_fn)?;
         let decoder = DecoderTiny::new(vb.pp("decoder"), config, act_fn)?;
-        Ok(Self { config: config.clone(), encoder, decoder })
+        // diffusers' `2**out_channels`: 8 for RGB, which is TAESD's downscaling (3 levels).
+        let spatial_scale_factor = 1usize << config.out_channels.min(16);
+        Ok(Self {
+            config: config.clone(),
+            encoder,
+            decoder,
+            use_slicing: false,
+            use_tiling: false,
+            spatial_scale_factor,
+            tile_overlap_factor: 0.125,
+            tile_sample_min_size: 512,
+            tile_latent_min_size: 512 / spatial_scale_factor,
+        })
+    }
+
+    /// `enable_tiling()`.
+    pub fn enable_tiling(&mut self) {
+        self.use_tiling = true;
+    }
+
+    /// `enable_slicing()`.
+    pub fn enable_slicing(&mut self) {
+        self.use_slicing = true;
     }
 
     pub fn config(&self) -> &AutoencoderTinyConfig {
@@ -239,14 +272,51 @@ impl AutoencoderTiny {
     /// (`encode(x).latents`: deterministic, no distribution to sample).
     pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
         check_input("encode", "images", x, self.config.in_channels)?;
-        self.encoder.forward(x)
+        self.sliced(x, |x| if self.use_tiling { self.tiled_encode(x) } else { self.encoder.forward(x) })
     }
 
     /// Latents `[B, latent_channels, h, w]` to images `[B, out_channels, h × f, w × f]` in
     /// about [-1, 1] (`decode(z).sample`).
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         check_input("decode", "latents", z, self.config.latent_channels)?;
-        self.decoder.forward(z)
+        self.sliced(z, |z| if self.use_tiling { self.tiled_decode(z) } else { self.decoder.forward(z) })
+    }
+
+    /// With slicing, `f` of each batch item, concatenated; else `f` of the whole batch.
+    fn sliced(&self, x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let batch = x.dim(0)?;
+        if !self.use_slicing || batch == 1 {
+            return f(x);
+        }
+        let slices = (0..batch).map(|i| f(&x.narrow(0, i, 1)?)).collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&slices, 0)?)
+    }
+
+    /// `_tiled_encode`: `tile_sample_min_size` tiles every `tile_size - blend_size` pixels,
+    /// each encoded alone and written over the output through a mask that ramps from 0 to 1
+    /// across the overlap with the tiles above and to the left.
+    fn tiled_encode(&self, x: &Tensor) -> Result<Tensor> {
+        let sf = self.spatial_scale_factor;
+        let (batch, _, height, width) = x.dims4()?;
+        let shape = (batch, self.config.latent_channels, height / sf, width / sf);
+        let tile_size = self.tile_sample_min_size;
+        let blend_size = (tile_size as f64 * self.tile_overlap_factor) as usize;
+        // torch.arange(tile_size / sf) / (blend_size / sf - 1)
+        let ramp = blend_ramp((tile_size as f64 / sf as f64).ceil() as usize, blend_size as f64 / sf as f64 - 1.0);
+        let region = |start: usize| (start / sf, (start + tile_size) / sf);
+        tiled(x, shape, tile_size, tile_size - blend_size, &ramp, region, |tile| self.encoder.forward(tile))
+    }
+
+    /// `_tiled_decode`: `tile_latent_min_size` latent tiles, as [`Self::tiled_encode`].
+    fn tiled_decode(&self, z: &Tensor) -> Result<Tensor> {
+        let sf = self.spatial_scale_factor;
+        let (batch, _, height, width) = z.dims4()?;
+        let shape = (batch, self.config.out_channels, height * sf, width * sf);
+        let tile_size = self.tile_latent_min_size;
+        let blend_size = (tile_size as f64 * self.tile_overlap_factor) as usize;
+        let ramp = blend_ramp(tile_size * sf, (blend_size * sf) as f64 - 1.0);
+        let region = |start: usize| (start * sf, (start + tile_size) * sf);
+        tiled(z, shape, tile_size, tile_size - blend_size, &ramp, region, |tile| self.decoder.forward(tile))
     }
 
     /// `scale_latents`: raw latents to [0, 1] (TAESD's 8-bit latent images).
@@ -259,6 +329,57 @@ impl AutoencoderTiny {
     pub fn unscale_latents(&self, x: &Tensor) -> Result<Tensor> {
         Ok(((x - self.config.latent_shift)? * (2.0 * self.config.latent_magnitude))?)
     }
+}
+
+/// `(torch.arange(n) / divisor).clamp(0, 1)` in f32.
+fn blend_ramp(n: usize, divisor: f64) -> Vec<f32> {
+    let divisor = divisor as f32;
+    (0..n).map(|i| (i as f32 / divisor).clamp(0.0, 1.0)).collect()
+}
+
+/// The loop of `_tiled_encode` / `_tiled_decode`: tiles of `tile_size` of `input` every
+/// `traverse`, each through `f` and blended into the output (`shape`, starting from zeros) at
+/// `region(start)`, as `mask · tile + (1 - mask) · output`, the mask `ramp[row] · ramp[col]`
+/// (its row factor 1 on the first row of tiles, its column factor 1 on the first column).
+fn tiled(
+    input: &Tensor,
+    shape: (usize, usize, usize, usize),
+    tile_size: usize,
+    traverse: usize,
+    ramp: &[f32],
+    region: impl Fn(usize) -> (usize, usize),
+    f: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (_, _, height, width) = input.dims4()?;
+    let device = input.device();
+    let mut out = Tensor::zeros(shape, input.dtype(), device)?;
+    let traverse = traverse.max(1);
+    for i in (0..height).step_by(traverse) {
+        for j in (0..width).step_by(traverse) {
+            let piece = input.narrow(2, i, tile_size.min(height - i))?.narrow(3, j, tile_size.min(width - j))?;
+            let tile = f(&piece.contiguous()?)?;
+            let (_, _, h, w) = tile.dims4()?;
+            let ((r0, r1), (c0, c1)) = (region(i), region(j));
+            let (r1, c1) = (r1.min(shape.2), c1.min(shape.3));
+            if (r1 - r0, c1 - c0) != (h, w) {
+                bail!(
+                    "AutoencoderTiny tiling: a {h}x{w} tile does not fit its {}x{} place (image sizes must be multiples of the scale factor)",
+                    r1 - r0,
+                    c1 - c0
+                );
+            }
+            let factor = |first: bool, k: usize| if first { 1.0 } else { ramp.get(k).copied().unwrap_or(1.0) };
+            let rows: Vec<f32> = (0..h).map(|k| factor(i == 0, k)).collect();
+            let cols: Vec<f32> = (0..w).map(|k| factor(j == 0, k)).collect();
+            let rows = Tensor::from_vec(rows, (1, 1, h, 1), device)?;
+            let cols = Tensor::from_vec(cols, (1, 1, 1, w), device)?;
+            let mask = rows.broadcast_mul(&cols)?.to_dtype(tile.dtype())?;
+            let current = out.narrow(2, r0, h)?.narrow(3, c0, w)?;
+            let blended = (tile.broadcast_mul(&mask)? + current.broadcast_mul(&mask.affine(-1.0, 1.0)?)?)?;
+            out = out.slice_assign(&[0..shape.0, 0..shape.1, r0..r1, c0..c1], &blended)?;
+        }
+    }
+    Ok(out)
 }
 
 /// What `__init__` checks, plus what the layer loops index without checking.

@@ -151,6 +151,56 @@ impl Autoencoder {
         }
     }
 
+    /// `enable_tiling()`: encode and decode in overlapping tiles (AutoencoderKL above its
+    /// `sample_size`, AutoencoderTiny always, in 512-pixel tiles).
+    pub fn enable_tiling(&mut self) {
+        match self {
+            Self::Kl(vae) => vae.enable_tiling(),
+            Self::Tiny(vae) => vae.enable_tiling(),
+        }
+    }
+
+    /// `enable_slicing()`: batches through the VAE one image at a time.
+    pub fn enable_slicing(&mut self) {
+        match self {
+            Self::Kl(vae) => vae.enable_slicing(),
+            Self::Tiny(vae) => vae.enable_slicing(),
+        }
+    }
+
+    /// The largest image side (in pixels) that one encoder or decoder pass sees: a tile's with
+    /// tiling, else the whole image's.
+    pub fn pass_size(&self, height: usize, width: usize) -> (usize, usize) {
+        let tile = match self {
+            Self::Kl(vae) if vae.use_tiling => Some(vae.tile_sample_min_size),
+            Self::Tiny(vae) if vae.use_tiling => Some(vae.tile_sample_min_size),
+            _ => None,
+        };
+        match tile {
+            Some(tile) => (height.min(tile), width.min(tile)),
+            None => (height, width),
+        }
+    }
+
+    /// Whether batches go through the VAE one image at a time.
+    pub fn slicing(&self) -> bool {
+        match self {
+            Self::Kl(vae) => vae.use_slicing,
+            Self::Tiny(vae) => vae.use_slicing,
+        }
+    }
+
+    /// The widest activation at full resolution, in channels (the first block's).
+    pub fn full_resolution_channels(&self) -> usize {
+        match self {
+            Self::Kl(vae) => vae.config().block_out_channels.first().copied().unwrap_or(0),
+            Self::Tiny(vae) => {
+                let config = vae.config();
+                config.encoder_block_out_channels.iter().chain(&config.decoder_block_out_channels).copied().max().unwrap_or(0)
+            }
+        }
+    }
+
     /// `vae.decode(z).sample`.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         match self {

@@ -316,6 +316,26 @@ impl StableDiffusionPipeline {
         Ok(())
     }
 
+    /// `enable_vae_tiling()`: the VAE encodes and decodes large images in overlapping tiles.
+    pub fn enable_vae_tiling(&mut self) {
+        self.vae.enable_tiling();
+    }
+
+    /// `enable_vae_slicing()`: the VAE decodes a batch one image at a time.
+    pub fn enable_vae_slicing(&mut self) {
+        self.vae.enable_slicing();
+    }
+
+    /// A rough size (in bytes, f32) of the VAE's largest pass over `images` images of
+    /// `height`×`width`: three full-resolution activations of its widest full-resolution
+    /// block, for the images one pass sees (one with slicing) at the size one pass sees (a
+    /// tile's with tiling).
+    pub fn vae_pass_bytes(&self, height: usize, width: usize, images: usize) -> f64 {
+        let (pass_height, pass_width) = self.vae.pass_size(height, width);
+        let images = if self.vae.slicing() { 1 } else { images };
+        3.0 * 4.0 * images as f64 * self.vae.full_resolution_channels() as f64 * pass_height as f64 * pass_width as f64
+    }
+
     /// 2^(number of VAE blocks - 1): 8 for every Stable Diffusion VAE.
     pub fn vae_scale_factor(&self) -> usize {
         self.vae.scale_factor()
@@ -349,7 +369,8 @@ impl StableDiffusionPipeline {
         // The prompt embeddings are repeated per image too (the larger for small images).
         let text = &self.text_encoder.config;
         let embedding_bytes = per_pass * (text.max_position_embeddings * text.hidden_size) as f64 * 4.0;
-        if width > 16384 || height > 16384 || score_bytes.max(embedding_bytes) > 64.0 * (1u64 << 30) as f64 {
+        let vae_bytes = self.vae_pass_bytes(height, width, options.num_images_per_prompt);
+        if width > 16384 || height > 16384 || score_bytes.max(embedding_bytes).max(vae_bytes) > 64.0 * (1u64 << 30) as f64 {
             return Err(Error::invalid(format!(
                 "{width}x{height} with {per_pass} images per UNet pass is too large for this machine's memory"
             )));
