@@ -15,7 +15,9 @@ use candle_core::{DType, Device, Tensor};
 use clap::ArgMatches;
 use diffuse::loading::config::parse_override;
 use diffuse::pipelines::pixel::{PixelOptions, PixelPipeline};
-use diffuse::pipelines::stable_diffusion::{is_stable_diffusion_folder, PhaseTimes, StableDiffusionPipeline, TextToImageOptions};
+use diffuse::pipelines::stable_diffusion::{
+    is_stable_diffusion_folder, pipeline_class_name, PhaseTimes, StableDiffusionPipeline, TextToImageOptions, LCM_PIPELINE_DEFAULTS,
+};
 use diffuse::pipelines::{to_uint8_images, write_png};
 use diffuse::prompts::PromptSyntax;
 use diffuse::rng::TorchGenerator;
@@ -50,6 +52,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     negative_prompt: Option<String>,
     /// Classifier-free guidance scale; 1 or less turns guidance off (one UNet pass per step).
+    /// LCM-distilled UNets embed it instead (one pass per step always; default 8.5 for a
+    /// LatentConsistencyModelPipeline folder, as diffusers).
     #[arg(long, default_value_t = 7.5)]
     guidance_scale: f64,
     /// Guidance rescale (Lin et al. 2023), 0 to 1; helps zero-terminal-SNR models.
@@ -103,7 +107,7 @@ pub struct GenerateArgs {
     /// string (e.g. timestep_spacing=trailing, rescale_betas_zero_snr=true). Repeatable.
     #[arg(long = "scheduler-config", value_name = "KEY=VALUE")]
     scheduler_config: Vec<String>,
-    /// Number of denoising steps.
+    /// Number of denoising steps (default 4 for a LatentConsistencyModelPipeline folder).
     #[arg(long, default_value_t = 50)]
     steps: usize,
     /// Random seed (as torch.manual_seed); chosen at random and printed when omitted.
@@ -250,6 +254,17 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
     }
     if single_file && args.variant.is_some() {
         bail!("--variant selects weight files in a diffusers folder; {model} is a single checkpoint file");
+    }
+    // LatentConsistencyModelPipeline folders run with that pipeline's defaults where neither
+    // the command line nor --from says otherwise.
+    if !single_file && recalled.is_none() && pipeline_class_name(&model_path).as_deref() == Some("LatentConsistencyModelPipeline") {
+        let given = |id: &str| matches.and_then(|m| m.value_source(id)) == Some(clap::parser::ValueSource::CommandLine);
+        if !given("steps") {
+            args.steps = LCM_PIPELINE_DEFAULTS.0;
+        }
+        if !given("guidance_scale") {
+            args.guidance_scale = LCM_PIPELINE_DEFAULTS.1;
+        }
     }
     // A scheduler override for every model (so that the image's metadata records it); a single
     // file is also told directly, which checks the value up front.

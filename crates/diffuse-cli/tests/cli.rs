@@ -409,6 +409,36 @@ fn vae_tiling_and_slicing_flags() {
     assert!(psnr >= 40.0, "PSNR {psnr}");
 }
 
+/// A LatentConsistencyModelPipeline folder (tools/fixtures/lcm_unet.py) runs with that
+/// pipeline's defaults (4 steps, guidance 8.5: lcm_unet_4_steps); a negative prompt is ignored
+/// with a warning.
+#[test]
+fn lcm_pipeline_folders_run_with_their_defaults() {
+    let dir = scratch("lcm-unet");
+    let lcm = fixtures().join("sd/lcm");
+    let out = dir.join("lcm.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", lcm.to_str().unwrap(), "--prompt", "a photo of a cat", "--negative-prompt", "blurry", "--seed",
+        "51", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("negative prompt is ignored"), "{stderr}");
+    let (pixels, text) = decode_png(&out);
+    let psnr = psnr_against(&pixels, &fixtures().join("sd/cases/lcm_unet_4_steps.safetensors"));
+    assert!(psnr >= 40.0, "PSNR {psnr}");
+    let parameters = &text.iter().find(|(k, _)| k == "parameters").expect("parameters chunk").1;
+    assert!(parameters.contains("Steps: 4") && parameters.contains("CFG scale: 8.5"), "{parameters}");
+    // Given flags win.
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", lcm.to_str().unwrap(), "--prompt", "a photo of a cat", "--steps", "2", "--guidance-scale", "1",
+        "--num-images", "2", "--seed", "52", "--quiet", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let pixels = [decode_png(&dir.join("lcm-0.png")).0, decode_png(&dir.join("lcm-1.png")).0].concat();
+    let psnr = psnr_against(&pixels, &fixtures().join("sd/cases/lcm_unet_guidance_1_batch.safetensors"));
+    assert!(psnr >= 40.0, "PSNR {psnr}");
+}
+
 #[test]
 fn invert_then_generate_from_the_latents() {
     let dir = scratch("invert");

@@ -202,6 +202,15 @@ fn image_to_image_and_inpainting_with_vae_tiling_match_diffusers() {
     }
 }
 
+/// StableDiffusionImg2ImgPipeline with an LCM-distilled UNet (tools/fixtures/lcm_unet.py): the
+/// guidance embedding passed as timestep_cond, no classifier-free guidance.
+#[test]
+fn image_to_image_with_an_lcm_distilled_unet_matches_diffusers() {
+    for case in cases_with_prefix("lcm_unet_") {
+        run_case(&case);
+    }
+}
+
 #[test]
 fn bad_image_requests_are_refused_before_any_work() {
     let meta = meta("img2img_default");

@@ -131,6 +131,42 @@ fn the_memory_check_accounts_for_tiling_and_slicing() {
     assert_eq!(pipeline.vae_pass_bytes(48, 4096, 4), 3.0 * 4.0 * 8.0 * 48.0 * 64.0);
 }
 
+/// An LCM-distilled UNet (`time_cond_proj_dim`) in a LatentConsistencyModelPipeline folder
+/// (tools/fixtures/lcm_unet.py): the guidance scale embedded through `time_embedding.cond_proj`,
+/// one UNet pass per step, against LatentConsistencyModelPipeline.
+#[test]
+fn lcm_distilled_unet_matches_latent_consistency_model_pipeline() {
+    for case in cases_with_prefix("lcm_unet_") {
+        run_case(&case);
+    }
+}
+
+/// With an LCM-distilled UNet a negative prompt is ignored, with a warning, and the image is
+/// the one without it (lcm_unet_4_steps).
+#[test]
+fn lcm_distilled_unet_ignores_the_negative_prompt() {
+    let dir = fixtures_dir().join("sd");
+    let mut pipeline = StableDiffusionPipeline::load(&dir.join("lcm"), None, &[], None, &Device::Cpu, DType::F32).unwrap();
+    assert!(!pipeline.do_classifier_free_guidance(&TextToImageOptions { guidance_scale: 8.5, ..Default::default() }));
+    let options = TextToImageOptions {
+        prompt: "a photo of a cat".to_string(),
+        negative_prompt: Some("blurry".to_string()),
+        num_inference_steps: 4,
+        guidance_scale: 8.5,
+        ..Default::default()
+    };
+    let mut warnings = Vec::new();
+    let images = pipeline
+        .generate(&options, &mut TorchGenerator::new(51), &mut |_, _| {}, &mut |w| warnings.push(w), &mut PhaseTimes::default())
+        .unwrap();
+    assert!(warnings.iter().any(|w| w.contains("negative prompt is ignored")), "{warnings:?}");
+    let expected = load_tensors(&dir.join("cases").join("lcm_unet_4_steps.safetensors"));
+    let bytes = to_uint8_images(&images).unwrap();
+    let reference = expected["images"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let psnr = psnr_u8(&bytes[0].3, &reference);
+    assert!(psnr >= MIN_PSNR_DB, "PSNR {psnr:.1} dB");
+}
+
 #[test]
 fn sd2_v_prediction_linear_projection_upcast() {
     for case in cases_with_prefix("sd2_") {

@@ -66,7 +66,7 @@ impl StableDiffusionPipeline {
         let mask = interpolate_nearest(&mask_condition, image_height / factor, image_width / factor)?.repeat((batch, 1, 1, 1))?;
         let masked_image_latents = self.encode_image_latents(&masked_image, generator)?.repeat((batch, 1, 1, 1))?;
 
-        let do_guidance = options.guidance_scale > 1.0;
+        let do_guidance = self.do_classifier_free_guidance(options);
         let doubled = |t: &Tensor| -> Result<Tensor> {
             Ok(if do_guidance { Tensor::cat(&[t, t], 0)? } else { t.clone() })
         };

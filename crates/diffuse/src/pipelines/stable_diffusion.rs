@@ -102,6 +102,16 @@ pub fn is_stable_diffusion_folder(model_dir: &Path) -> bool {
     model_dir.join("text_encoder").is_dir() || model_dir.join("vae").is_dir()
 }
 
+/// The pipeline class a folder's `model_index.json` names (`StableDiffusionPipeline`,
+/// `LatentConsistencyModelPipeline`, ...), if it has a readable one.
+pub fn pipeline_class_name(model_dir: &Path) -> Option<String> {
+    let index = read_json_object(&model_dir.join("model_index.json")).ok()?;
+    index.get("_class_name")?.as_str().map(str::to_string)
+}
+
+/// LatentConsistencyModelPipeline's `__call__` defaults: (num_inference_steps, guidance_scale).
+pub const LCM_PIPELINE_DEFAULTS: (usize, f64) = (4, 8.5);
+
 fn load_component_config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T> {
     let path = dir.join("config.json");
     parse_config(&read_json_object(&path)?, &path)
@@ -316,6 +326,13 @@ impl StableDiffusionPipeline {
         Ok(())
     }
 
+    /// Whether the UNet runs twice per step (unconditional and conditional, batched): guidance
+    /// above 1, and a UNet that does not embed the guidance scale itself (LCM-distilled UNets,
+    /// `time_cond_proj_dim`, run once per step), as diffusers' `do_classifier_free_guidance`.
+    pub fn do_classifier_free_guidance(&self, options: &TextToImageOptions) -> bool {
+        options.guidance_scale > 1.0 && self.unet_config.time_cond_proj_dim.is_none()
+    }
+
     /// `enable_vae_tiling()`: the VAE encodes and decodes large images in overlapping tiles.
     pub fn enable_vae_tiling(&mut self) {
         self.vae.enable_tiling();
@@ -364,7 +381,7 @@ impl StableDiffusionPipeline {
         // (In floats: the caller's numbers must not overflow on the way to being refused.)
         let factor = self.vae_scale_factor();
         let latent_pixels = (height / factor) as f64 * (width / factor) as f64;
-        let per_pass = options.num_images_per_prompt as f64 * if options.guidance_scale > 1.0 { 2.0 } else { 1.0 };
+        let per_pass = options.num_images_per_prompt as f64 * if self.do_classifier_free_guidance(options) { 2.0 } else { 1.0 };
         let score_bytes = latent_pixels * latent_pixels * per_pass * 4.0;
         // The prompt embeddings are repeated per image too (the larger for small images).
         let text = &self.text_encoder.config;
@@ -430,7 +447,10 @@ impl StableDiffusionPipeline {
             ));
         }
         let n = options.num_images_per_prompt;
-        if options.guidance_scale <= 1.0 {
+        if !self.do_classifier_free_guidance(options) {
+            if options.negative_prompt.is_some() && self.unet_config.time_cond_proj_dim.is_some() {
+                warn("the negative prompt is ignored: this LCM-distilled UNet embeds the guidance scale and runs without classifier-free guidance".to_string());
+            }
             return Ok(prompt_embeds.repeat((n, 1, 1))?);
         }
         let (negative_embeds, truncated) =
@@ -513,9 +533,13 @@ impl StableDiffusionPipeline {
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
         let DenoiseLoop { mut latents, timesteps, embeddings, extra_channels } = run;
-        let do_guidance = options.guidance_scale > 1.0;
-        let scheduler = &mut self.scheduler.scheduler;
+        let do_guidance = self.do_classifier_free_guidance(options);
         let batch = latents.dim(0)?;
+        let timestep_cond = match self.unet_config.time_cond_proj_dim {
+            Some(dim) => Some(get_guidance_scale_embedding(options.guidance_scale - 1.0, batch, dim, &self.device)?),
+            None => None,
+        };
+        let scheduler = &mut self.scheduler.scheduler;
         let embeddings = embeddings.to_dtype(self.dtype)?;
         for (i, &t) in timesteps.iter().enumerate() {
             let model_input = if do_guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
@@ -526,8 +550,10 @@ impl StableDiffusionPipeline {
             };
             let n = model_input.dim(0)?;
             let t_batch = Tensor::from_vec(vec![t as f32; n], n, &self.device)?;
-            let noise_pred =
-                self.unet.forward(&model_input.to_dtype(self.dtype)?, &t_batch, &embeddings)?.to_dtype(DType::F32)?;
+            let noise_pred = self
+                .unet
+                .forward_with_conditions(&model_input.to_dtype(self.dtype)?, &t_batch, &embeddings, None, timestep_cond.as_ref())?
+                .to_dtype(DType::F32)?;
             let noise_pred = if do_guidance {
                 let uncond = noise_pred.narrow(0, 0, batch)?;
                 let text = noise_pred.narrow(0, batch, batch)?;
@@ -590,6 +616,21 @@ impl StableDiffusionPipeline {
         }
         Ok(self.vae.decode(&z.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?)
     }
+}
+
+/// `get_guidance_scale_embedding` of the Stable Diffusion and LCM pipelines (VDM's sinusoidal
+/// embedding): `w × 1000` for `batch` items, `[sin, cos]` over `embedding_dim / 2` frequencies
+/// `exp(-ln(10000) · i / (half - 1))`, zero-padded to an odd width; in f32 as diffusers computes it.
+pub fn get_guidance_scale_embedding(w: f64, batch: usize, embedding_dim: usize, device: &Device) -> Result<Tensor> {
+    let half_dim = embedding_dim / 2;
+    let w = w as f32 * 1000.0;
+    let step = 10000f32.ln() / (half_dim as f32 - 1.0);
+    let mut row: Vec<f32> = Vec::with_capacity(embedding_dim);
+    let args: Vec<f32> = (0..half_dim).map(|i| w * (i as f32 * -step).exp()).collect();
+    row.extend(args.iter().map(|a| a.sin()));
+    row.extend(args.iter().map(|a| a.cos()));
+    row.resize(embedding_dim, 0.0);
+    Ok(Tensor::from_vec(row, (1, embedding_dim), device)?.repeat((batch, 1))?)
 }
 
 /// Guidance rescale (Lin et al. 2023, section 3.4), diffusers' `rescale_noise_cfg`: rescale the
