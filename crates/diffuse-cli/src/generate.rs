@@ -16,7 +16,8 @@ use clap::ArgMatches;
 use diffuse::loading::config::parse_override;
 use diffuse::pipelines::pixel::{PixelOptions, PixelPipeline};
 use diffuse::pipelines::stable_diffusion::{
-    is_stable_diffusion_folder, pipeline_class_name, PhaseTimes, StableDiffusionPipeline, TextToImageOptions, LCM_PIPELINE_DEFAULTS,
+    is_stable_diffusion_folder, pipeline_class_name, PhaseTimes, StableDiffusionPipeline, StepPreview, TextToImageOptions,
+    LCM_PIPELINE_DEFAULTS,
 };
 use diffuse::pipelines::{to_uint8_images, write_png};
 use diffuse::prompts::PromptSyntax;
@@ -135,6 +136,15 @@ pub struct GenerateArgs {
     /// Output PNG path.
     #[arg(long)]
     output: PathBuf,
+    /// Write a live preview to this PNG after every denoising step (replaced atomically): the
+    /// x₀ the model predicts at that step, decoded by --preview-vae (or the model's own VAE);
+    /// the batch side by side.
+    #[arg(long, value_name = "FILE.png")]
+    preview: Option<PathBuf>,
+    /// The autoencoder folder that decodes previews: a TAESD (AutoencoderTiny) costs little per
+    /// step. Default: the model's VAE (or --vae).
+    #[arg(long, value_name = "DIR", requires = "preview")]
+    preview_vae: Option<PathBuf>,
     /// Make an image again from the parameters in its PNG (written by diffuse or the
     /// AUTOMATIC1111 web UI), with the same model; flags given here win over the PNG's.
     #[arg(long, value_name = "FILE.png")]
@@ -146,14 +156,29 @@ pub struct GenerateArgs {
 }
 
 fn check_output(output: &Path) -> Result<()> {
+    check_png_path("--output", output)
+}
+
+/// A PNG path the run will write (`flag` names it in errors): a .png in an existing folder.
+fn check_png_path(flag: &str, output: &Path) -> Result<()> {
     if output.extension().and_then(|e| e.to_str()).map(|e| e.eq_ignore_ascii_case("png")) != Some(true) {
-        bail!("--output {} must end in .png", output.display());
+        bail!("{flag} {} must end in .png", output.display());
     }
     let parent = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !parent.is_dir() {
-        bail!("--output {}: the folder {} does not exist", output.display(), parent.display());
+        bail!("{flag} {}: the folder {} does not exist", output.display(), parent.display());
     }
     Ok(())
+}
+
+/// The `--preview` sink: the batch's images side by side, written through a temporary file
+/// and renamed, so a reader never sees a partial PNG.
+fn preview_sink(path: PathBuf) -> Box<dyn FnMut(usize, &Tensor) -> diffuse::Result<()>> {
+    Box::new(move |step, images| {
+        let row = Tensor::cat(&images.chunk(images.dim(0)?, 0)?, 3)?;
+        let (width, height, channels, pixels) = to_uint8_images(&row)?.swap_remove(0);
+        write_png(&path, width, height, channels, &pixels, &[("preview step", step.to_string())])
+    })
 }
 
 /// The path of image `index` of the `count` a run writes (named when written, so that no list
@@ -219,6 +244,9 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
         bail!("--num-images must be at least 1");
     }
     check_output(&args.output)?;
+    if let Some(preview) = &args.preview {
+        check_png_path("--preview", preview)?;
+    }
     let written = if keep.is_some() { 1 } else { args.num_images };
     if args.steps == 0 {
         bail!("--steps must be at least 1");
@@ -306,6 +334,13 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
         if let Some(vae) = &args.vae {
             pipeline.replace_vae(vae, None).with_context(|| format!("--vae {}", vae.display()))?;
         }
+        if let Some(preview) = &args.preview {
+            let vae = match &args.preview_vae {
+                Some(dir) => Some(pipeline.load_vae(dir, None).with_context(|| format!("--preview-vae {}", dir.display()))?),
+                None => None,
+            };
+            pipeline.preview = Some(StepPreview { vae, sink: preview_sink(preview.clone()) });
+        }
         if args.vae_tiling {
             pipeline.enable_vae_tiling();
         }
@@ -365,6 +400,9 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
     } else {
         if args.prompt.is_some() || args.negative_prompt.is_some() {
             bail!("--prompt needs a Stable Diffusion folder (text_encoder/, vae/); {model} is a pixel-space model");
+        }
+        if args.preview.is_some() {
+            bail!("--preview needs a Stable Diffusion model (it decodes latents); {model} is a pixel-space model");
         }
         if args.vae.is_some() || args.vae_tiling || args.vae_slicing {
             bail!("--vae, --vae-tiling and --vae-slicing need a Stable Diffusion model (a latent-space pipeline); {model} is a pixel-space model");

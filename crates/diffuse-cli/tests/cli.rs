@@ -439,6 +439,51 @@ fn lcm_pipeline_folders_run_with_their_defaults() {
     assert!(psnr >= 40.0, "PSNR {psnr}");
 }
 
+/// `--preview` rewrites a PNG after every step (the batch side by side, decoded by
+/// `--preview-vae`), never leaving a temporary file; into a missing folder it is refused as
+/// `--output` is.
+#[test]
+fn preview_is_written_each_step() {
+    let dir = scratch("preview");
+    let sd1 = fixtures().join("sd/sd1");
+    let taesd = fixtures().join("vae/taesd");
+    let out = dir.join("out.png");
+    let preview = dir.join("preview.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", sd1.to_str().unwrap(), "--prompt", "a photo of a cat", "--scheduler", "ddim", "--steps", "3", "--num-images", "2",
+        "--seed", "1", "--preview", preview.to_str().unwrap(), "--preview-vae", taesd.to_str().unwrap(), "--quiet",
+        "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&preview).unwrap()));
+    let reader = decoder.read_info().unwrap();
+    assert_eq!((reader.info().width, reader.info().height), (128, 64));
+    let (_, text) = decode_png(&preview);
+    assert!(text.iter().any(|(k, v)| k == "preview step" && v == "3"), "{text:?}");
+    let leftovers: Vec<_> =
+        std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp")).collect();
+    assert!(leftovers.is_empty());
+
+    let missing = dir.join("no-such-folder/preview.png");
+    let bad_out = dir.join("bad.png");
+    assert_fails_with(
+        &["generate", "--model", sd1.to_str().unwrap(), "--prompt", "x", "--steps", "1", "--preview", missing.to_str().unwrap(),
+          "--output", bad_out.to_str().unwrap()],
+        &format!("--preview {}: the folder {} does not exist", missing.display(), dir.join("no-such-folder").display()),
+    );
+    assert_fails_with(
+        &["generate", "--model", sd1.to_str().unwrap(), "--prompt", "x", "--steps", "1", "--preview", dir.join("p.jpg").to_str().unwrap(),
+          "--output", bad_out.to_str().unwrap()],
+        "must end in .png",
+    );
+    assert_fails_with(
+        &["generate", "--model", sd1.to_str().unwrap(), "--prompt", "x", "--steps", "1", "--preview", preview.to_str().unwrap(),
+          "--preview-vae", sd1.join("unet").to_str().unwrap(), "--output", bad_out.to_str().unwrap()],
+        "--preview-vae",
+    );
+    assert!(!bad_out.exists());
+}
+
 #[test]
 fn invert_then_generate_from_the_latents() {
     let dir = scratch("invert");

@@ -173,3 +173,46 @@ fn sd2_v_prediction_linear_projection_upcast() {
         run_case(&case);
     }
 }
+
+/// Live previews: after every step the sink gets the x₀ the model predicts, decoded (here by a
+/// TAESD and by the pipeline's own VAE). With DDIM the last step's x₀ is almost the final
+/// image (DDIM's last step only adds √(1 - ᾱ_final) of the predicted noise).
+#[test]
+fn previews_decode_each_steps_predicted_original() {
+    use std::sync::{Arc, Mutex};
+    let dir = fixtures_dir().join("sd");
+    for preview_vae in [None, Some(fixtures_dir().join("vae").join("taesd"))] {
+        let mut pipeline = StableDiffusionPipeline::load(&dir.join("sd1"), Some("ddim"), &[], None, &Device::Cpu, DType::F32).unwrap();
+        let seen: Arc<Mutex<Vec<(usize, candle_core::Tensor)>>> = Arc::default();
+        let sink_seen = seen.clone();
+        let vae = preview_vae.as_ref().map(|dir| pipeline.load_vae(dir, None).unwrap());
+        pipeline.preview = Some(diffuse::pipelines::stable_diffusion::StepPreview {
+            vae,
+            sink: Box::new(move |step, images| {
+                sink_seen.lock().unwrap().push((step, images.clone()));
+                Ok(())
+            }),
+        });
+        let options = TextToImageOptions {
+            prompt: "a photo of a cat".to_string(),
+            num_inference_steps: 5,
+            num_images_per_prompt: 2,
+            ..Default::default()
+        };
+        let images = pipeline
+            .generate(&options, &mut TorchGenerator::new(3), &mut |_, _| {}, &mut |_| {}, &mut PhaseTimes::default())
+            .unwrap();
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.iter().map(|(step, _)| *step).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+        assert!(seen.iter().all(|(_, preview)| preview.dims() == [2, 3, 64, 64]));
+        if preview_vae.is_none() {
+            let last = to_uint8_images(&seen[4].1).unwrap();
+            let last: Vec<u8> = last.iter().flat_map(|(_, _, _, p)| p.iter().copied()).collect();
+            let fin: Vec<u8> = to_uint8_images(&images).unwrap().iter().flat_map(|(_, _, _, p)| p.iter().copied()).collect();
+            let first: Vec<u8> = to_uint8_images(&seen[0].1).unwrap().iter().flat_map(|(_, _, _, p)| p.iter().copied()).collect();
+            let (psnr_last, psnr_first) = (psnr_u8(&last, &fin), psnr_u8(&first, &fin));
+            eprintln!("preview PSNR: last {psnr_last:.1} dB, first {psnr_first:.1} dB");
+            assert!(psnr_last > 30.0 && psnr_last > psnr_first, "last preview {psnr_last:.1} dB, first {psnr_first:.1} dB");
+        }
+    }
+}

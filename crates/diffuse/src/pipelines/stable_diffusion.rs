@@ -21,7 +21,7 @@ use crate::pipelines::autoencoder::{Autoencoder, AutoencoderConfig};
 use crate::pipelines::{resolve_scheduler, scheduler_from_config, ResolvedScheduler};
 use crate::prompts::{a1111, extra_networks, PromptSyntax};
 use crate::rng::TorchGenerator;
-use crate::schedulers::Scheduler;
+use crate::schedulers::{PredictionType, Scheduler};
 use crate::tokenizers::builtin::builtin_clip_tokenizer;
 use crate::tokenizers::clip::ClipTokenizer;
 use crate::{Error, Result};
@@ -39,6 +39,18 @@ pub struct StableDiffusionPipeline {
     pub dtype: DType,
     /// The LoRAs fused into the weights (`load_with_loras`), in the order given.
     pub loras: Vec<AppliedLora>,
+    /// Live previews: after each denoising step, the current x₀ prediction decoded.
+    pub preview: Option<StepPreview>,
+}
+
+/// What the sampling loop does for a live preview after each step: the x₀ the model predicts
+/// at that step (from its output, as the scheduler's noising `add_noise` relates sample, x₀ and
+/// noise at that timestep), decoded by `vae` (a TAESD is cheap enough to run every step; `None`
+/// is the pipeline's own VAE), handed to `sink` with the step number as images `[N, 3, H, W]`
+/// in about [-1, 1].
+pub struct StepPreview {
+    pub vae: Option<Autoencoder>,
+    pub sink: Box<dyn FnMut(usize, &Tensor) -> Result<()>>,
 }
 
 /// One text-to-image request, with diffusers' defaults where it has them.
@@ -301,6 +313,7 @@ impl StableDiffusionPipeline {
             device: device.clone(),
             dtype,
             loras: Vec::new(),
+            preview: None,
         })
     }
 
@@ -309,6 +322,13 @@ impl StableDiffusionPipeline {
     /// `vae=` does. Its latents must be the UNet's input: an autoencoder with other latent
     /// channels is refused, naming both.
     pub fn replace_vae(&mut self, vae_dir: &Path, variant: Option<&str>) -> Result<()> {
+        self.vae = self.load_vae(vae_dir, variant)?;
+        Ok(())
+    }
+
+    /// An autoencoder folder loaded for this pipeline (as [`Self::replace_vae`] checks it), e.g.
+    /// a TAESD to decode previews with.
+    pub fn load_vae(&self, vae_dir: &Path, variant: Option<&str>) -> Result<Autoencoder> {
         let vae = Autoencoder::load(vae_dir, variant, self.dtype, &self.device)?;
         let (latent_channels, in_channels) = (vae.latent_channels(), self.unet_config.in_channels);
         // 9-channel inpainting UNets take latents, a mask and the masked image's latents.
@@ -322,8 +342,7 @@ impl StableDiffusionPipeline {
                 self.vae.latent_channels()
             )));
         }
-        self.vae = vae;
-        Ok(())
+        Ok(vae)
     }
 
     /// Whether the UNet runs twice per step (unconditional and conditional, batched): guidance
@@ -566,8 +585,17 @@ impl StableDiffusionPipeline {
             } else {
                 noise_pred
             };
+            let predicted_original = match &self.preview {
+                Some(_) => Some(predict_original(scheduler.as_ref(), &self.scheduler.config, &noise_pred, &latents, t)?),
+                None => None,
+            };
             latents = scheduler.step(&noise_pred, t, &latents, options.eta, generator)?;
             latents = after_step(i, latents, scheduler.as_ref())?;
+            if let (Some(preview), Some(x0)) = (self.preview.as_mut(), predicted_original) {
+                let vae = preview.vae.as_ref().unwrap_or(&self.vae);
+                let images = decode_with(vae, &x0, self.dtype)?;
+                (preview.sink)(i + 1, &images)?;
+            }
             on_step(i + 1, timesteps.len());
         }
         Ok(latents)
@@ -610,12 +638,44 @@ impl StableDiffusionPipeline {
 
     /// `vae.decode(latents / scaling_factor + shift_factor)`, as diffusers' pipelines do.
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
-        let mut z = (latents / self.vae.scaling_factor())?;
-        if let Some(shift) = self.vae.shift_factor() {
-            z = (z + shift)?;
-        }
-        Ok(self.vae.decode(&z.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?)
+        decode_with(&self.vae, latents, self.dtype)
     }
+}
+
+/// `vae.decode(latents / scaling_factor + shift_factor)` in `dtype`, as f32 images.
+fn decode_with(vae: &Autoencoder, latents: &Tensor, dtype: DType) -> Result<Tensor> {
+    let mut z = (latents / vae.scaling_factor())?;
+    if let Some(shift) = vae.shift_factor() {
+        z = (z + shift)?;
+    }
+    Ok(vae.decode(&z.to_dtype(dtype)?)?.to_dtype(DType::F32)?)
+}
+
+/// The x₀ a model output predicts at timestep `t`, for any scheduler: its `add_noise` says how
+/// the sample mixes x₀ and noise there (sample = a·x₀ + b·ε: a = √ᾱ, b = √(1-ᾱ) for the DDPM
+/// family, a = 1, b = σ for the sigma schedulers), and the config's `prediction_type` what the
+/// output is. A preview's estimate: the schedulers' own (clipped, boundary-scaled) x₀ can differ.
+fn predict_original(
+    scheduler: &dyn Scheduler,
+    config: &serde_json::Map<String, Value>,
+    model_output: &Tensor,
+    sample: &Tensor,
+    t: f64,
+) -> Result<Tensor> {
+    let one = Tensor::ones(1, DType::F32, sample.device())?;
+    let zero = Tensor::zeros(1, DType::F32, sample.device())?;
+    let a = scheduler.add_noise(&one, &zero, &[t])?.to_vec1::<f32>()?[0] as f64;
+    let b = scheduler.add_noise(&zero, &one, &[t])?.to_vec1::<f32>()?[0] as f64;
+    let prediction_type = config.get("prediction_type").and_then(Value::as_str).unwrap_or("epsilon");
+    Ok(match PredictionType::parse(prediction_type)? {
+        PredictionType::Epsilon => ((sample - (model_output * b)?)? / a)?,
+        PredictionType::Sample => model_output.clone(),
+        // In the variance-preserving scale x̂ = x / √(a² + b²): x₀ = a'·x̂ - b'·v.
+        PredictionType::VPrediction => {
+            let norm = (a * a + b * b).sqrt();
+            ((sample * (a / (norm * norm)))? - (model_output * (b / norm))?)?
+        }
+    })
 }
 
 /// `get_guidance_scale_embedding` of the Stable Diffusion and LCM pipelines (VDM's sinusoidal
