@@ -313,7 +313,7 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
             bail!("--class-label is for class-conditional pixel-space models; this is a Stable Diffusion model");
         }
         let quiet = args.quiet;
-        let start_from = args.start.load(args.steps, &device, &mut |w| if !quiet { eprintln!("warning: {w}") })?;
+        let start_from = args.start.load(&device, &mut |w| if !quiet { eprintln!("warning: {w}") })?;
         let scheduler_name = args.scheduler.as_deref();
         let loras = loras::resolve(&args, &mut |warning| if !quiet { eprintln!("warning: {warning}") })?;
         let mut pipeline = if single_file {

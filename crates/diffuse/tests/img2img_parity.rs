@@ -131,6 +131,11 @@ fn run_case(case: &str) {
     let expected = load_tensors(&dir().join("cases").join(format!("{case}.safetensors")));
     let mut pipeline = load(&meta);
     assert_eq!(pipeline.scheduler.class_name, meta["scheduler_class"].as_str().unwrap(), "{case}: scheduler class");
+    // An LCM folder run through StableDiffusionImg2ImgPipeline rather than its own
+    // LatentConsistencyModelImg2ImgPipeline.
+    if meta.get("pipeline").and_then(|p| p.as_str()) == Some("StableDiffusionImg2ImgPipeline") {
+        pipeline.pipeline_class = "StableDiffusionPipeline".to_string();
+    }
     if let Some(vae) = meta.get("vae").and_then(|v| v.as_str()) {
         pipeline.replace_vae(&fixtures_dir().join(vae), None).unwrap_or_else(|e| panic!("{case}: {e}"));
     }
@@ -202,13 +207,24 @@ fn image_to_image_and_inpainting_with_vae_tiling_match_diffusers() {
     }
 }
 
-/// StableDiffusionImg2ImgPipeline with an LCM-distilled UNet (tools/fixtures/lcm_unet.py): the
-/// guidance embedding passed as timestep_cond, no classifier-free guidance.
+/// An LCM-distilled UNet (tools/fixtures/lcm_unet.py) through LatentConsistencyModelImg2ImgPipeline
+/// (strength applied by LCMScheduler.set_timesteps; 4 steps at strength 0.2 run) and through
+/// StableDiffusionImg2ImgPipeline: the guidance embedding passed as timestep_cond, no
+/// classifier-free guidance.
 #[test]
 fn image_to_image_with_an_lcm_distilled_unet_matches_diffusers() {
-    for case in cases_with_prefix("lcm_unet_") {
+    let cases = cases_with_prefix("lcm_unet_");
+    assert_eq!(cases.len(), 3);
+    for case in cases {
         run_case(&case);
     }
+    // Strength 0.2 with 4 steps is refused by StableDiffusionImg2ImgPipeline's rule only.
+    let pipeline = load(&meta("lcm_unet_lcm_img2img_s02_batch"));
+    assert!(pipeline.lcm_image_to_image());
+    let image = input("init_80x48");
+    let condition = ImageCondition { image: &image, mask: None, strength: 0.2 };
+    let opts = TextToImageOptions { num_inference_steps: 4, ..options(&meta("lcm_unet_lcm_img2img_s02_batch")) };
+    assert!(pipeline.validate_image_request(&opts, &condition).is_ok());
 }
 
 #[test]

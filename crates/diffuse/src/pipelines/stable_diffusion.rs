@@ -41,6 +41,10 @@ pub struct StableDiffusionPipeline {
     pub loras: Vec<AppliedLora>,
     /// Live previews: after each denoising step, the current x₀ prediction decoded.
     pub preview: Option<StepPreview>,
+    /// The pipeline class the folder's `model_index.json` names (StableDiffusionPipeline when
+    /// it names none): a LatentConsistencyModelPipeline runs image-to-image as
+    /// LatentConsistencyModelImg2ImgPipeline does.
+    pub pipeline_class: String,
 }
 
 /// What the sampling loop does for a live preview after each step: the x₀ the model predicts
@@ -206,6 +210,9 @@ impl StableDiffusionPipeline {
         };
         let mut pipeline = Self::from_components(components.with_loras(&loras)?, model_dir, device, dtype)?;
         pipeline.loras = loras.finish()?;
+        if let Some(class) = pipeline_class_name(model_dir) {
+            pipeline.pipeline_class = class;
+        }
         Ok(pipeline)
     }
 
@@ -314,6 +321,7 @@ impl StableDiffusionPipeline {
             dtype,
             loras: Vec::new(),
             preview: None,
+            pipeline_class: "StableDiffusionPipeline".to_string(),
         })
     }
 
