@@ -16,7 +16,7 @@ use clap::ArgMatches;
 use diffuse::loading::config::parse_override;
 use diffuse::pipelines::pixel::{PixelOptions, PixelPipeline};
 use diffuse::pipelines::stable_diffusion::{
-    is_stable_diffusion_folder, pipeline_class_name, PhaseTimes, StableDiffusionPipeline, StepPreview, TextToImageOptions,
+    is_stable_diffusion_folder, pipeline_class_name, PhaseTimes, PreviewSink, StableDiffusionPipeline, StepPreview, TextToImageOptions,
     LCM_PIPELINE_DEFAULTS,
 };
 use diffuse::pipelines::{to_uint8_images, write_png};
@@ -86,7 +86,8 @@ pub struct GenerateArgs {
     lora_dir: Option<PathBuf>,
     /// Replace the model's VAE with this autoencoder folder: an AutoencoderKL (e.g. an fp16-fixed
     /// or fine-tuned VAE) or an AutoencoderTiny (TAESD: a fraction of the decode time), as
-    /// diffusers' `vae=`. Its latent channels must match the UNet's.
+    /// diffusers' `vae=`; or a repo id (madebyollin/taesd) already in the Hugging Face cache.
+    /// Its latent channels must match the UNet's.
     #[arg(long, value_name = "DIR")]
     vae: Option<PathBuf>,
     /// Encode and decode in overlapping tiles, blended (diffusers' `enable_tiling()`: tiles of
@@ -171,9 +172,31 @@ fn check_png_path(flag: &str, output: &Path) -> Result<()> {
     Ok(())
 }
 
+/// An autoencoder given as a folder, or as a Hugging Face repo id (`madebyollin/taesd`) found
+/// in the local cache (`--revision`'s branch is the model's: a VAE repo is looked up at `main`).
+/// Single-model repos are not downloaded: the error says how to get one.
+fn resolve_autoencoder(flag: &str, spec: &Path) -> Result<PathBuf> {
+    let text = spec.to_string_lossy();
+    let mut parts = text.split('/');
+    let is_repo_id = matches!((parts.next(), parts.next(), parts.next()), (Some(org), Some(repo), None)
+        if [org, repo].iter().all(|s| !s.is_empty() && !s.starts_with('.') && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))));
+    if spec.exists() || !is_repo_id {
+        return Ok(spec.to_path_buf());
+    }
+    let cache = diffuse::loading::hub::cache_dir()?;
+    match diffuse::loading::hub::resolve_in_cache(&cache, &text, "main")? {
+        Some(snapshot) => Ok(snapshot),
+        None => bail!(
+            "{flag} {text}: no such folder, and the repo {text} is not in the Hugging Face cache ({}); \
+             download it first (`huggingface-cli download {text}`) or give its folder",
+            cache.display()
+        ),
+    }
+}
+
 /// The `--preview` sink: the batch's images side by side, written through a temporary file
 /// and renamed, so a reader never sees a partial PNG.
-fn preview_sink(path: PathBuf) -> Box<dyn FnMut(usize, &Tensor) -> diffuse::Result<()>> {
+fn preview_sink(path: PathBuf) -> PreviewSink {
     Box::new(move |step, images| {
         let row = Tensor::cat(&images.chunk(images.dim(0)?, 0)?, 3)?;
         let (width, height, channels, pixels) = to_uint8_images(&row)?.swap_remove(0);
@@ -332,11 +355,15 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
             StableDiffusionPipeline::load_with_loras(&model_path, scheduler_name, &overrides, variant, &loras.specs, &device, dtype)?
         };
         if let Some(vae) = &args.vae {
-            pipeline.replace_vae(vae, None).with_context(|| format!("--vae {}", vae.display()))?;
+            let dir = resolve_autoencoder("--vae", vae)?;
+            pipeline.replace_vae(&dir, None).with_context(|| format!("--vae {}", vae.display()))?;
         }
         if let Some(preview) = &args.preview {
             let vae = match &args.preview_vae {
-                Some(dir) => Some(pipeline.load_vae(dir, None).with_context(|| format!("--preview-vae {}", dir.display()))?),
+                Some(spec) => {
+                    let dir = resolve_autoencoder("--preview-vae", spec)?;
+                    Some(pipeline.load_vae(&dir, None).with_context(|| format!("--preview-vae {}", spec.display()))?)
+                }
                 None => None,
             };
             pipeline.preview = Some(StepPreview { vae, sink: preview_sink(preview.clone()) });

@@ -779,6 +779,43 @@ fn repo_id_resolves_in_the_hugging_face_cache_offline() {
     assert!(!out.exists());
 }
 
+/// `--vae ORG/NAME` (and `--preview-vae`) finds an autoencoder repo in the Hugging Face cache;
+/// one that is not there is an error saying where it looked and how to get it.
+#[test]
+fn vae_repo_id_resolves_in_the_hugging_face_cache() {
+    let dir = scratch("hub-vae");
+    let out = dir.join("taesd.png");
+    let cache = dir.join("cache");
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    let repo = cache.join("models--diffuse-test--taesd");
+    copy_dir(&fixtures().join("vae/taesd"), &repo.join("snapshots").join(commit));
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let sd1 = fixtures().join("sd/sd1");
+    let run = |vae: &str| {
+        Command::new(env!("CARGO_BIN_EXE_diffuse"))
+            .args([
+                "generate", "--model", sd1.to_str().unwrap(), "--vae", vae, "--prompt", "a photo of a cat", "--scheduler", "lcm",
+                "--steps", "4", "--guidance-scale", "1", "--num-images", "2", "--seed", "32", "--quiet", "--output",
+                out.to_str().unwrap(),
+            ])
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .env("DIFFUSE_CACHE_DIR", dir.join("diffuse-cache"))
+            .output()
+            .unwrap()
+    };
+    let ok = run("diffuse-test/taesd");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let pixels = [decode_png(&dir.join("taesd-0.png")).0, decode_png(&dir.join("taesd-1.png")).0].concat();
+    let psnr = psnr_against(&pixels, &fixtures().join("sd/cases/vae_taesd_lcm_4_no_guidance.safetensors"));
+    assert!(psnr >= 40.0, "PSNR {psnr}");
+    let missing = run("diffuse-test/not-downloaded");
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success() && !stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("not in the Hugging Face cache") && stderr.contains(cache.to_str().unwrap()), "{stderr}");
+}
+
 /// A single-file checkpoint (converted from a diffusers folder by tools/fixtures/
 /// single_file_pipeline.py) gives the folder's PNG and diffusers' image.
 #[test]

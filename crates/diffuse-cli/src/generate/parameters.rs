@@ -297,7 +297,8 @@ pub(super) fn recall(args: &mut GenerateArgs, matches: Option<&ArgMatches>) -> R
         .iter()
         .map(|(key, _)| key.as_str())
         .filter(|&key| {
-            ![PROMPT_SYNTAX_KEY, VAE_KEY, VAE_TILING_KEY, loras::WEIGHTS_KEY].contains(&key) && !(key == loras::HASHES_KEY && loras_found)
+            let known = [PROMPT_SYNTAX_KEY, VAE_KEY, VAE_TILING_KEY, loras::WEIGHTS_KEY].contains(&key);
+            !(known || (key == loras::HASHES_KEY && loras_found))
         })
         .collect();
     if !ignored.is_empty() && !args.quiet {

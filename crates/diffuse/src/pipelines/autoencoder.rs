@@ -63,6 +63,8 @@ impl AutoencoderConfig {
 }
 
 /// A pipeline's VAE.
+// One or two per pipeline, so the KL variant's size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Autoencoder {
     Kl(AutoencoderKL),

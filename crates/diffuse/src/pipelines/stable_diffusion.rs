@@ -54,8 +54,11 @@ pub struct StableDiffusionPipeline {
 /// in about [-1, 1].
 pub struct StepPreview {
     pub vae: Option<Autoencoder>,
-    pub sink: Box<dyn FnMut(usize, &Tensor) -> Result<()>>,
+    pub sink: PreviewSink,
 }
+
+/// Where previews go: called with the step number (from 1) and the decoded images.
+pub type PreviewSink = Box<dyn FnMut(usize, &Tensor) -> Result<()>>;
 
 /// One text-to-image request, with diffusers' defaults where it has them.
 #[derive(Clone, Debug)]
