@@ -37,7 +37,7 @@ pub struct BenchArgs {
     /// Batch of the text encoder and UNet (2 = one guided step for one image).
     #[arg(long, default_value_t = 2)]
     batch: usize,
-    /// f32, f16 or bf16.
+    /// Weight precision: f32, f16 or bf16 (as `diffuse generate --dtype`).
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// Timed runs per component (after one warm-up).
@@ -260,13 +260,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let threads = candle_core::utils::get_num_threads();
         outln!("diffuse {} kernels {} threads {threads}", env!("CARGO_PKG_VERSION"), diffuse::ops::gemm::isa().name());
         let rates = diffuse::ops::probe::rates(args.runs.max(1));
-        let peak = rates[0].gflops;
         for rate in &rates {
-            outln!("{:<48} {:>8.1} GFLOP/s {:>5.1}% of peak", rate.name, rate.gflops, 100.0 * rate.gflops / peak);
+            outln!("{:<48} {:>8.1} GFLOP/s {:>5.1}% of its peak", rate.name, rate.gflops, 100.0 * rate.gflops / rate.peak_gflops);
         }
         return Ok(());
     }
-    let dtype = crate::generate::parse_dtype(&args.dtype, &device)?;
+    let dtype = diffuse::ops::weight_dtype(crate::generate::parse_dtype(&args.dtype, &device)?, &device);
+    let activations = diffuse::ops::activation_dtype(dtype, &device);
     if args.size == 0 || args.size % 8 != 0 || args.runs == 0 || args.batch == 0 {
         bail!("--size must be a positive multiple of 8, and --runs and --batch at least 1");
     }
@@ -308,8 +308,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let (map, origin) = source.config("unet")?;
         let config: UNet2DConditionModelConfig = parse_config(&map, &origin)?;
         let model = UNet2DConditionModel::new(source.weights("unet", "diffusion_pytorch_model", dtype, &device)?, &config)?;
-        let sample = Tensor::randn(0f32, 1f32, (args.batch, config.in_channels, latent, latent), &device)?.to_dtype(dtype)?;
-        let text = Tensor::randn(0f32, 1f32, (args.batch, 77, config.cross_attention_dim), &device)?.to_dtype(dtype)?;
+        let sample = Tensor::randn(0f32, 1f32, (args.batch, config.in_channels, latent, latent), &device)?.to_dtype(activations)?;
+        let text = Tensor::randn(0f32, 1f32, (args.batch, 77, config.cross_attention_dim), &device)?.to_dtype(activations)?;
         let t = Tensor::full(500f32, args.batch, &device)?;
         let times = time(args.runs, || {
             model.forward(&sample, &t, &text)?;
@@ -321,7 +321,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let (map, origin) = source.config("vae")?;
         let config: AutoencoderKLConfig = parse_config(&map, &origin)?;
         let model = AutoencoderKL::new(source.weights("vae", "diffusion_pytorch_model", dtype, &device)?, &config)?;
-        let z = Tensor::randn(0f32, 1f32, (1, config.latent_channels, latent, latent), &device)?.to_dtype(dtype)?;
+        let z = Tensor::randn(0f32, 1f32, (1, config.latent_channels, latent, latent), &device)?.to_dtype(activations)?;
         let times = time(args.runs, || {
             model.decode(&z)?;
             Ok(())

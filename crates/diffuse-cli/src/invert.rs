@@ -56,7 +56,7 @@ pub struct InvertArgs {
     /// (KEY=VALUE, repeatable; e.g. timestep_spacing=trailing).
     #[arg(long = "scheduler-config", value_name = "KEY=VALUE")]
     scheduler_config: Vec<String>,
-    /// Weight and compute precision: f32, f16 or bf16.
+    /// Weight precision: f32, f16 or bf16 (as `diffuse generate --dtype`).
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// Load the `.VARIANT.safetensors` weight files (e.g. fp16).

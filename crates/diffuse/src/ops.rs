@@ -12,10 +12,12 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use crate::Result;
+use gemm_bf16::{ABf16, Bf16Matrix, TransposedWeight};
 
 pub mod attention;
 pub mod conv;
 pub mod gemm;
+pub mod gemm_bf16;
 pub mod probe;
 pub mod profile;
 pub(crate) mod vector;
@@ -39,23 +41,60 @@ pub fn set_threads(threads: usize) -> Result<()> {
         .map_err(|e| crate::Error::invalid(format!("cannot set {threads} threads: {e} (the thread pool already runs)")))
 }
 
+/// The type a model's weights are kept in when `requested` on `device`: on the CPU, f16 is
+/// kept as bf16, since the CPU kernels compute in bf16 or f32 and bf16 is the faster of the
+/// two (f16's three extra mantissa bits are rounded away when the model loads); otherwise
+/// the request.
+pub fn weight_dtype(requested: DType, device: &candle_core::Device) -> DType {
+    if device.is_cpu() && requested == DType::F16 {
+        DType::BF16
+    } else {
+        requested
+    }
+}
+
+/// The type activations flow in between the layers of a model whose weights are `weights`:
+/// on the CPU always f32 (the kernels round activations to bf16 as they pack them for a bf16
+/// weight, and norms, softmax and element-wise work stay in f32), f64 for f64 weights;
+/// elsewhere the weights' type.
+pub fn activation_dtype(weights: DType, device: &candle_core::Device) -> DType {
+    match weights {
+        DType::F64 => DType::F64,
+        _ if device.is_cpu() => DType::F32,
+        other => other,
+    }
+}
+
 /// `torch.nn.functional.conv2d`: `input` is `[N, C_in, H, W]`, `weight` is
 /// `[C_out, C_in / groups, kH, kW]`, `bias` is `[C_out]`; symmetric zero `padding`.
-/// In f32 on the CPU it runs the project's im2col + gemm kernel (ops/conv.rs), with its own
-/// backward pass; other types and devices use candle's.
+/// In f32 on the CPU it runs the project's implicit-GEMM kernel (ops/conv.rs), with its own
+/// backward pass, and with a bf16 `weight` (f32 input) the bf16 kernel for inference; other
+/// types and devices use candle's.
 pub fn conv2d(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     let _timer = profile::timer("conv2d");
-    if input.device().is_cpu() && input.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+    let weight = &cpu_half_as_bf16(input, weight)?;
+    if input.device().is_cpu() && input.dtype() == DType::F32 {
         let tracked = input.track_op() || weight.track_op() || bias.is_some_and(|b| b.track_op());
-        if !tracked {
+        if !tracked && matches!(weight.dtype(), DType::F32 | DType::BF16) {
             // Inference: the bias is added as the product is written, not in another pass.
             let bias = bias.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()?;
             return Ok(input.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &conv::Conv2d { stride, padding, bias })?);
         }
+    }
+    if input.device().is_cpu() && input.dtype() == DType::F32 && weight.dtype() == DType::F32 {
         let output = input.contiguous()?.apply_op2(&weight.contiguous()?, conv::Conv2d { stride, padding, bias: None })?;
         return add_channel_bias(output, bias);
     }
     add_channel_bias(input.conv2d(weight, padding, stride, 1, 1)?, bias)
+}
+
+/// An f16 `weight` meeting an f32 `input` on the CPU (a model not loaded through
+/// [`weight_dtype`]) as bf16, the type the kernels read; any other weight as it is.
+fn cpu_half_as_bf16(input: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if input.device().is_cpu() && input.dtype() == DType::F32 && weight.dtype() == DType::F16 {
+        return Ok(weight.to_dtype(DType::BF16)?);
+    }
+    Ok(weight.clone())
 }
 
 fn add_channel_bias(output: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -66,8 +105,11 @@ fn add_channel_bias(output: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 }
 
 /// `torch.nn.functional.linear`: `input` is `[..., in]`, `weight` is `[out, in]`, `bias` is `[out]`.
+/// On the CPU, for inference, an f32 input runs on the packed GEMM kernels with an f32 weight,
+/// and on the bf16 ones with a bf16 weight.
 pub fn linear(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let _timer = profile::timer("linear");
+    let weight = &cpu_half_as_bf16(input, weight)?;
     let dims = input.dims();
     let in_features = *dims.last().ok_or_else(|| crate::Error::invalid("linear: input has rank 0"))?;
     let out_features = weight.dim(0)?;
@@ -75,7 +117,7 @@ pub fn linear(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<
     let flat = input.reshape((rows, in_features))?;
     let on_kernel = input.device().is_cpu()
         && input.dtype() == DType::F32
-        && weight.dtype() == DType::F32
+        && matches!(weight.dtype(), DType::F32 | DType::BF16)
         && !input.track_op()
         && !weight.track_op();
     let output = if on_kernel && !bias.is_some_and(|b| b.track_op()) {
@@ -114,16 +156,27 @@ impl candle_core::CustomOp2 for LinearCpu {
             candle_core::bail!("linear: input has {in_features} features, the weight expects {weight_in}");
         }
         let input = contiguous_f32(input, input_layout, "linear input")?;
-        let weight = contiguous_f32(weight, weight_layout, "linear weight")?;
+        if self.bias.as_ref().is_some_and(|b| b.len() != out_features) {
+            candle_core::bail!("linear: the bias does not have {out_features} values");
+        }
+        let init = self.bias.as_deref().map_or(gemm::Init::Overwrite, gemm::Init::ColumnBias);
         let mut output = vec![0f32; rows * out_features];
-        if let (Some(x), Some(w)) = (gemm::MatRef::row_major(input, rows, in_features), gemm::MatRef::row_major(weight, out_features, in_features)) {
-            if self.bias.as_ref().is_some_and(|b| b.len() != out_features) {
-                candle_core::bail!("linear: the bias does not have {out_features} values");
-            }
-            let init = self.bias.as_deref().map_or(gemm::Init::Overwrite, gemm::Init::ColumnBias);
-            gemm::gemm(&mut output, out_features, gemm::ASource::View(x), &w.t(), init, true);
+        let Some(x) = gemm::MatRef::row_major(input, rows, in_features) else {
+            candle_core::bail!("linear: the input's size does not match its shape");
+        };
+        if let CpuStorage::BF16(data) = weight {
+            // A model loaded in bf16: bf16 products, f32 sums.
+            let weight = weight_layout.contiguous_offsets().and_then(|(start, end)| Bf16Matrix::new(&data[start..end], out_features, in_features));
+            let Some(weight) = weight else {
+                candle_core::bail!("linear: the bf16 weight is not contiguous or does not match its shape");
+            };
+            gemm_bf16::gemm_bf16(&mut output, out_features, ABf16::F32(x), &TransposedWeight(weight), init, true);
         } else {
-            candle_core::bail!("linear: operand sizes do not match their shapes");
+            let weight = contiguous_f32(weight, weight_layout, "linear weight")?;
+            let Some(w) = gemm::MatRef::row_major(weight, out_features, in_features) else {
+                candle_core::bail!("linear: the weight's size does not match its shape");
+            };
+            gemm::gemm(&mut output, out_features, gemm::ASource::View(x), &w.t(), init, true);
         }
         Ok((CpuStorage::F32(output), Shape::from((rows, out_features))))
     }
@@ -369,10 +422,38 @@ impl GroupNormCpu {
 /// `[B, heads, L, D]`, `key`/`value` are `[B, heads, S, D]`; `scale` defaults to `1/sqrt(D)`.
 /// Scores and softmax are computed in f32 whatever the input type.
 pub fn scaled_dot_product_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: Option<f64>) -> Result<Tensor> {
+    scaled_dot_product_attention_in(query, key, value, scale, Precision::F32)
+}
+
+/// The precision of a layer's products on the CPU, which the weights' type decides: a model
+/// loaded in bf16 computes its attention's products in bf16 too, as PyTorch does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    /// bf16 for bf16 weights, else f32.
+    pub fn of_weights(dtype: DType) -> Self {
+        if dtype == DType::BF16 {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        }
+    }
+}
+
+/// [`scaled_dot_product_attention`] with its two products (on the CPU kernel) in `precision`;
+/// the softmax is f32 either way.
+pub fn scaled_dot_product_attention_in(query: &Tensor, key: &Tensor, value: &Tensor, scale: Option<f64>, precision: Precision) -> Result<Tensor> {
     let _timer = profile::timer("scaled_dot_product_attention");
     let head_dim = query.dim(D::Minus1)?;
     let scale = scale.unwrap_or(1.0 / (head_dim as f64).sqrt());
-    attention(query, key, value, scale, None)
+    if let Some(output) = flash_attention(query, key, value, scale, None, precision)? {
+        return Ok(output);
+    }
+    attention_in_blocks(query, key, value, scale, None, MAX_SCORE_BYTES)
 }
 
 /// Attention with an additive mask (`[L, S]`, or broadcastable to the `[B, heads, L, S]`
@@ -388,7 +469,7 @@ pub fn masked_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64
 const MAX_SCORE_BYTES: usize = 128 << 20;
 
 fn attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
-    if let Some(output) = flash_attention(query, key, value, scale, mask)? {
+    if let Some(output) = flash_attention(query, key, value, scale, mask, Precision::F32)? {
         return Ok(output);
     }
     attention_in_blocks(query, key, value, scale, mask, MAX_SCORE_BYTES)
@@ -397,7 +478,7 @@ fn attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, mask: Opt
 /// The CPU flash-attention kernel (ops/attention.rs) where it applies: inference (no gradient
 /// tracked), f32/f16/bf16 computed in f32, rank-4 operands, and no mask or one `[L, S]` mask
 /// shared by every head. `None` where it does not apply.
-fn flash_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
+fn flash_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, mask: Option<&Tensor>, precision: Precision) -> Result<Option<Tensor>> {
     let tracked = query.track_op() || key.track_op() || value.track_op() || mask.is_some_and(|m| m.track_op());
     if !query.device().is_cpu() || tracked || query.dtype() == DType::F64 || query.rank() != 4 {
         return Ok(None);
@@ -412,9 +493,13 @@ fn flash_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, mas
     }
     let dtype = query.dtype();
     let dims = attention::AttentionDims { heads: batch * heads, queries, keys, head_dim };
+    let kernel = match precision {
+        Precision::F32 => attention::attention,
+        Precision::Bf16 => attention::attention_bf16,
+    };
     let output = with_f32_slices(&[query, key, value], |slices| match mask {
-        None => Ok(attention::attention(dims, slices[0], slices[1], slices[2], scale as f32, None)),
-        Some(mask) => with_f32_slices(&[mask], |m| Ok(attention::attention(dims, slices[0], slices[1], slices[2], scale as f32, Some(m[0])))),
+        None => Ok(kernel(dims, slices[0], slices[1], slices[2], scale as f32, None)),
+        Some(mask) => with_f32_slices(&[mask], |m| Ok(kernel(dims, slices[0], slices[1], slices[2], scale as f32, Some(m[0])))),
     })?;
     Ok(Some(Tensor::from_vec(output, (batch, heads, queries, head_dim), query.device())?.to_dtype(dtype)?))
 }
@@ -660,16 +745,16 @@ mod tests {
         let v = Tensor::randn(0f32, 1f32, (2, 3, 300, 40), &device)?;
         let mask = Tensor::randn(0f32, 1f32, (70, 300), &device)?;
         for m in [None, Some(&mask)] {
-            let flash = flash_attention(&q, &k, &v, 0.3, m)?.expect("the flash kernel applies");
+            let flash = flash_attention(&q, &k, &v, 0.3, m, Precision::F32)?.expect("the flash kernel applies");
             let blocked = attention_in_blocks(&q, &k, &v, 0.3, m, MAX_SCORE_BYTES)?;
             assert!(max_difference(&flash, &blocked) < 1e-5);
         }
         let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
-        let flash = flash_attention(&half(&q), &half(&k), &half(&v), 0.3, None)?.expect("applies");
+        let flash = flash_attention(&half(&q), &half(&k), &half(&v), 0.3, None, Precision::F32)?.expect("applies");
         assert_eq!(flash.dtype(), DType::F16);
         // A tracked operand (training) takes candle's differentiable path.
         let var = candle_core::Var::from_tensor(&q)?;
-        assert!(flash_attention(var.as_tensor(), &k, &v, 0.3, None)?.is_none());
+        assert!(flash_attention(var.as_tensor(), &k, &v, 0.3, None, Precision::F32)?.is_none());
         Ok(())
     }
 

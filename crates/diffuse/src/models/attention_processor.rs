@@ -156,8 +156,8 @@ impl Attention {
         let split_heads = |t: &Tensor| -> Result<Tensor> {
             Ok(t.reshape((batch, (), self.heads, head_dim))?.transpose(1, 2)?)
         };
-        let attended =
-            ops::scaled_dot_product_attention(&split_heads(&query)?, &split_heads(&key)?, &split_heads(&value)?, self.scale)?;
+        let precision = ops::Precision::of_weights(self.to_q.weight_dtype());
+        let attended = ops::scaled_dot_product_attention_in(&split_heads(&query)?, &split_heads(&key)?, &split_heads(&value)?, self.scale, precision)?;
         let attended = attended.transpose(1, 2)?.reshape((batch, (), self.heads * head_dim))?;
         let mut output = self.to_out.forward(&attended)?;
 

@@ -119,6 +119,11 @@ impl Linear {
         Ok(Self { weight, bias, lora })
     }
 
+    /// The type the weight is kept in.
+    pub fn weight_dtype(&self) -> DType {
+        self.weight.dtype()
+    }
+
     pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
         let output = ops::linear(input, &self.weight, self.bias.as_ref())?;
         match &self.lora {
@@ -211,7 +216,9 @@ impl Embedding {
             indices.push(value as u32);
         }
         let indices = Tensor::from_vec(indices, ids.elem_count(), ids.device())?;
-        Ok(self.weight.index_select(&indices, 0)?)
+        let rows = self.weight.index_select(&indices, 0)?;
+        // A half-precision table on the CPU gives f32 rows: the activations' type there.
+        Ok(rows.to_dtype(ops::activation_dtype(rows.dtype(), rows.device()))?)
     }
 }
 

@@ -7,7 +7,10 @@
 
 use rayon::prelude::*;
 
+use half::bf16;
+
 use super::gemm::{self, ASource, Init, Isa, MatRef, PackedA, PackedB};
+use super::gemm_bf16::{self, ABf16, Bf16Matrix, RoundedB};
 use super::vector;
 
 /// Query rows per task: a multiple of every ISA's MR (12, 6, 4) and of the vector width.
@@ -35,6 +38,87 @@ pub struct AttentionDims {
 /// Panics if a slice's length does not match `dims`.
 pub fn attention(dims: AttentionDims, q: &[f32], k: &[f32], v: &[f32], scale: f32, mask: Option<&[f32]>) -> Vec<f32> {
     attention_with(gemm::isa(), dims, q, k, v, scale, mask)
+}
+
+/// [`attention`] with both products in bf16 (f32 sums), as PyTorch computes a bf16 model's
+/// attention: Q, K, V and the probabilities are rounded to bf16 as they are packed; the
+/// softmax stays in f32.
+///
+/// Panics if a slice's length does not match `dims`.
+pub fn attention_bf16(dims: AttentionDims, q: &[f32], k: &[f32], v: &[f32], scale: f32, mask: Option<&[f32]>) -> Vec<f32> {
+    attention_bf16_with(gemm::isa(), dims, q, k, v, scale, mask)
+}
+
+/// Each head's keys (`keys × head_dim`) and, per key block, values transposed
+/// (`head_dim × block`), rounded to bf16 once and read in place by every query block.
+struct HeadBf16 {
+    keys: Vec<bf16>,
+    values_t: Vec<Vec<bf16>>,
+}
+
+pub(crate) fn attention_bf16_with(isa: Isa, dims: AttentionDims, q: &[f32], k: &[f32], v: &[f32], scale: f32, mask: Option<&[f32]>) -> Vec<f32> {
+    let AttentionDims { heads, queries, keys, head_dim } = dims;
+    let (q_len, kv_len) = (queries * head_dim, keys * head_dim);
+    assert!(q.len() == heads * q_len && k.len() == heads * kv_len && v.len() == heads * kv_len, "attention: operand sizes");
+    assert!(mask.is_none_or(|m| m.len() == queries * keys), "attention: mask size");
+    let mut output = vec![0f32; heads * q_len];
+    if q_len == 0 || head_dim == 0 {
+        return output;
+    }
+    let round = |x: f32| bf16::from_bits(gemm_bf16::to_bf16_bits(x));
+    let prepared: Vec<HeadBf16> = (0..heads)
+        .into_par_iter()
+        .map(|h| {
+            let head_values = &v[h * kv_len..(h + 1) * kv_len];
+            let values_t = (0..keys)
+                .step_by(KEY_BLOCK)
+                .map(|key0| {
+                    let width = KEY_BLOCK.min(keys - key0);
+                    let mut block = vec![bf16::ZERO; head_dim * width];
+                    for (j, row) in head_values[key0 * head_dim..(key0 + width) * head_dim].chunks_exact(head_dim).enumerate() {
+                        for (feature, &value) in row.iter().enumerate() {
+                            block[feature * width + j] = round(value);
+                        }
+                    }
+                    block
+                })
+                .collect();
+            HeadBf16 { keys: k[h * kv_len..(h + 1) * kv_len].iter().map(|&x| round(x)).collect(), values_t }
+        })
+        .collect();
+    output.par_chunks_mut(q_len).enumerate().for_each(|(h, out)| {
+        out.par_chunks_mut(QUERY_BLOCK * head_dim).enumerate().for_each(|(block, out)| {
+            let first = block * QUERY_BLOCK;
+            let q_block = &q[h * q_len + first * head_dim..h * q_len + first * head_dim + out.len()];
+            let rows = q_block.len() / head_dim;
+            let scaled_q: Vec<f32> = q_block.iter().map(|&x| x * scale).collect();
+            let q_t = MatRef::row_major(&scaled_q, rows, head_dim).expect("sizes checked").t();
+            let q_t = RoundedB { source: &q_t, isa };
+            let head = &prepared[h];
+            let keys_bf16 = Bf16Matrix::new(&head.keys, keys, head_dim).expect("sizes checked");
+            let products = Products {
+                scores: &|scores_t: &mut [f32], key0, width| {
+                    gemm_bf16::gemm_bf16_rows(isa, scores_t, rows, key0, width, ABf16::Weight(keys_bf16), &q_t, Init::Overwrite)
+                },
+                output: &|out_t: &mut [f32], block, probabilities_t: MatRef| {
+                    let width = probabilities_t.rows();
+                    let values_t = Bf16Matrix::new(&head.values_t[block], head_dim, width).expect("sizes checked");
+                    let probabilities_t = RoundedB { source: &probabilities_t, isa };
+                    gemm_bf16::gemm_bf16_rows(isa, out_t, rows, 0, head_dim, ABf16::Weight(values_t), &probabilities_t, Init::Accumulate)
+                },
+            };
+            online_attention(isa, dims, first, rows, &products, mask, out);
+        });
+    });
+    output
+}
+
+/// The two products of one query block: the transposed scores of a key block
+/// (`scores(scores_t, first key, keys)`), and the transposed output's update from its
+/// probabilities (`output(out_t, key block index, Pᵀ)`).
+struct Products<'a> {
+    scores: &'a (dyn Fn(&mut [f32], usize, usize) + Sync),
+    output: &'a (dyn Fn(&mut [f32], usize, MatRef) + Sync),
 }
 
 pub(crate) fn attention_with(isa: Isa, dims: AttentionDims, q: &[f32], k: &[f32], v: &[f32], scale: f32, mask: Option<&[f32]>) -> Vec<f32> {
@@ -94,18 +178,33 @@ fn query_block(
     mask: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    let AttentionDims { keys, head_dim, .. } = dims;
+    let AttentionDims { head_dim, .. } = dims;
     let rows = q_block.len() / head_dim;
     // The scale goes into Q once, not into every score; Qᵀ is packed once for all key blocks.
     let scaled_q: Vec<f32> = q_block.iter().map(|&x| x * scale).collect();
     let q_t = PackedB::with_isa(&MatRef::row_major(&scaled_q, rows, head_dim).expect("sizes checked").t(), isa);
-    let mut scores_t = vec![0f32; KEY_BLOCK * rows];
+    let products = Products {
+        scores: &|scores_t: &mut [f32], key0, width| {
+            gemm::gemm_rows(isa, scores_t, rows, key0, width, ASource::Packed(keys_packed), &q_t, Init::Overwrite)
+        },
+        output: &|out_t: &mut [f32], block, probabilities_t: MatRef| {
+            gemm::gemm_rows(isa, out_t, rows, 0, head_dim, ASource::Packed(&values_t[block]), &probabilities_t, Init::Accumulate)
+        },
+    };
+    online_attention(isa, dims, first, rows, &products, mask, out);
+}
+
+/// FlashAttention's loop over the key blocks for the query rows `first..first + rows`, into
+/// `out` (`rows × head_dim`), on either precision's products.
+fn online_attention(isa: Isa, dims: AttentionDims, first: usize, rows: usize, products: &Products, mask: Option<&[f32]>, out: &mut [f32]) {
+    let AttentionDims { keys, head_dim, .. } = dims;
+    let mut scores_t = vec![0f32; KEY_BLOCK.min(keys) * rows];
     let mut out_t = vec![0f32; head_dim * rows];
     let mut state = OnlineSoftmax::new(rows);
     for (block, key0) in (0..keys).step_by(KEY_BLOCK).enumerate() {
         let width = KEY_BLOCK.min(keys - key0);
         let scores_t = &mut scores_t[..width * rows];
-        gemm::gemm_rows(isa, scores_t, rows, key0, width, ASource::Packed(keys_packed), &q_t, Init::Overwrite);
+        (products.scores)(scores_t, key0, width);
         if let Some(mask) = mask {
             for (c, scores) in scores_t.chunks_exact_mut(rows).enumerate() {
                 for (r, score) in scores.iter_mut().enumerate() {
@@ -119,8 +218,7 @@ fn query_block(
                 out_row.iter_mut().zip(correction).for_each(|(o, c)| *o *= c);
             }
         }
-        let probabilities_t = MatRef::row_major(scores_t, width, rows).expect("sizes checked");
-        gemm::gemm_rows(isa, &mut out_t, rows, 0, head_dim, ASource::Packed(&values_t[block]), &probabilities_t, Init::Accumulate);
+        (products.output)(&mut out_t, block, MatRef::row_major(scores_t, width, rows).expect("sizes checked"));
     }
     let inverse: Vec<f32> = state.sum.iter().map(|&sum| if sum > 0.0 { 1.0 / sum } else { 0.0 }).collect();
     for (feature, out_t_row) in out_t.chunks_exact(rows).enumerate() {
@@ -184,7 +282,7 @@ mod tests {
     #[test]
     fn flash_attention_matches_f64_reference_at_every_level() {
         for isa in Isa::all_supported() {
-            for &(heads, queries, keys, head_dim) in &[(1, 1, 1, 1), (2, 50, 77, 40), (3, 97, 300, 8), (1, 5, 513, 33), (2, 0, 4, 4), (1, 3, 0, 4)] {
+            for &(heads, queries, keys, head_dim) in SHAPES {
                 let dims = AttentionDims { heads, queries, keys, head_dim };
                 let q = values(heads * queries * head_dim, 3);
                 let k = values(heads * keys * head_dim, 4);
@@ -197,6 +295,34 @@ mod tests {
                     let want = reference(dims, &q, &k, &v, scale, mask);
                     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                         assert!((*g as f64 - w).abs() < 2e-5, "{isa:?} {dims:?} mask {} at {i}: {g} vs {w}", mask.is_some());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Odd sizes, one of everything, empty, and more keys than one key block.
+    const SHAPES: &[(usize, usize, usize, usize)] = &[(1, 1, 1, 1), (2, 50, 77, 40), (3, 97, 300, 8), (1, 5, 513, 33), (2, 0, 4, 4), (1, 3, 0, 4), (1, 20, 1700, 40)];
+
+    /// The bf16 products against the f64 reference of the bf16-rounded scaled queries, keys and
+    /// values: what is left is the rounding of the probabilities (2⁻⁹ relative).
+    #[test]
+    fn bf16_flash_attention_matches_f64_reference_of_rounded_operands_at_every_level() {
+        let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect() };
+        for isa in Isa::all_supported() {
+            for &(heads, queries, keys, head_dim) in SHAPES {
+                let dims = AttentionDims { heads, queries, keys, head_dim };
+                let q = values(heads * queries * head_dim, 3);
+                let k = values(heads * keys * head_dim, 4);
+                let v = values(heads * keys * head_dim, 5);
+                let scale = 4.0 / (head_dim as f32).sqrt();
+                let scaled_q: Vec<f32> = q.iter().map(|&x| x * scale).collect();
+                let causal: Vec<f32> = (0..queries * keys).map(|i| if i % keys > i / keys { f32::NEG_INFINITY } else { 0.0 }).collect();
+                for mask in [None, Some(&causal[..])] {
+                    let got = attention_bf16_with(isa, dims, &q, &k, &v, scale, mask);
+                    let want = reference(dims, &round(&scaled_q), &round(&k), &round(&v), 1.0, mask);
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!((*g as f64 - w).abs() < 1e-2, "{isa:?} {dims:?} mask {} at {i}: {g} vs {w}", mask.is_some());
                     }
                 }
             }

@@ -12,7 +12,10 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use half::bf16;
+
 use super::gemm::{self, ASource, Columns, Init, MatRef, PackB, PackedA};
+use super::gemm_bf16::{gemm_bf16, ABf16, Bf16Matrix, RoundedB};
 
 /// The column buffer holds at most this many values (16 MiB): a band of output rows at a time.
 const COLUMN_BUDGET: usize = 4 << 20;
@@ -218,24 +221,49 @@ impl PackB for Patches<'_> {
 /// With `bias` (`[C_out]`), it is added as the product is written.
 pub fn forward(g: &Geometry, input: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let (out_hw, k) = (g.out_height() * g.out_width(), g.patch_len());
-    assert!(input.len() == g.batch * g.input_len() && weight.len() == g.out_channels * k, "conv2d: operand sizes");
+    assert!(weight.len() == g.out_channels * k, "conv2d: operand sizes");
+    // The kernel is read where it lies: packing it per call costs as much as it saves.
+    let kernel = MatRef::row_major(weight, g.out_channels, k).expect("sizes checked");
+    forward_with(g, input, bias, |out, image, init, parallel| {
+        if g.is_pointwise() {
+            let image = MatRef::row_major(image, k, out_hw).expect("sizes checked");
+            gemm::gemm(out, out_hw, ASource::InPlace(kernel), &image, init, parallel);
+        } else {
+            gemm::gemm(out, out_hw, ASource::InPlace(kernel), &Patches { g, image }, init, parallel);
+        }
+    })
+}
+
+/// [`forward`] with a bf16 kernel (converted when the model loaded): the patches are rounded
+/// to bf16 as they are packed, and the sums are f32.
+///
+/// Panics if the slices' lengths do not match the geometry.
+pub fn forward_bf16(g: &Geometry, input: &[f32], weight: &[bf16], bias: Option<&[f32]>) -> Vec<f32> {
+    let (out_hw, k) = (g.out_height() * g.out_width(), g.patch_len());
+    let kernel = Bf16Matrix::new(weight, g.out_channels, k).expect("conv2d: operand sizes");
+    forward_with(g, input, bias, |out, image, init, parallel| {
+        if g.is_pointwise() {
+            let image = MatRef::row_major(image, k, out_hw).expect("sizes checked");
+            gemm_bf16(out, out_hw, ABf16::Weight(kernel), &RoundedB::new(&image), init, parallel);
+        } else {
+            gemm_bf16(out, out_hw, ABf16::Weight(kernel), &RoundedB::new(&Patches { g, image }), init, parallel);
+        }
+    })
+}
+
+/// The output of `product(image's output, image, init, parallel)` for every image, spread
+/// over the threads as [`split`] says.
+fn forward_with(g: &Geometry, input: &[f32], bias: Option<&[f32]>, product: impl Fn(&mut [f32], &[f32], Init, bool) + Sync + Send) -> Vec<f32> {
+    assert!(input.len() == g.batch * g.input_len(), "conv2d: operand sizes");
     assert!(bias.is_none_or(|b| b.len() == g.out_channels), "conv2d: one bias per output channel");
     let init = bias.map_or(Init::Overwrite, Init::RowBias);
     let mut output = vec![0f32; g.batch * g.output_len()];
     if output.is_empty() {
         return output;
     }
-    // The kernel is read where it lies: packing it per call costs as much as it saves.
-    let kernel = MatRef::row_major(weight, g.out_channels, k).expect("sizes checked");
     let (images_parallel, product_parallel) = split(g.batch);
     for_each_image(images_parallel, &mut output, g.output_len(), |b, out| {
-        let image = &input[b * g.input_len()..(b + 1) * g.input_len()];
-        if g.is_pointwise() {
-            let image = MatRef::row_major(image, k, out_hw).expect("sizes checked");
-            gemm::gemm(out, out_hw, ASource::InPlace(kernel), &image, init, product_parallel);
-        } else {
-            gemm::gemm(out, out_hw, ASource::InPlace(kernel), &Patches { g, image }, init, product_parallel);
-        }
+        product(out, &input[b * g.input_len()..(b + 1) * g.input_len()], init, product_parallel)
     });
     output
 }
@@ -361,7 +389,15 @@ impl CustomOp2 for Conv2d {
         if self.bias.as_ref().is_some_and(|b| b.len() != g.out_channels) {
             candle_core::bail!("conv2d: the bias does not have {} values", g.out_channels);
         }
-        let output = forward(&g, contiguous(input, input_layout, "input")?, contiguous(weight, weight_layout, "kernel")?, self.bias.as_deref());
+        let input = contiguous(input, input_layout, "input")?;
+        let output = match weight {
+            // A bf16 kernel (a model loaded in bf16) runs on the bf16 products.
+            CpuStorage::BF16(data) => match weight_layout.contiguous_offsets() {
+                Some((start, end)) => forward_bf16(&g, input, &data[start..end], self.bias.as_deref()),
+                None => candle_core::bail!("conv2d: the kernel is not contiguous"),
+            },
+            _ => forward(&g, input, contiguous(weight, weight_layout, "kernel")?, self.bias.as_deref()),
+        };
         Ok((CpuStorage::F32(output), Shape::from((g.batch, g.out_channels, g.out_height(), g.out_width()))))
     }
 
@@ -500,6 +536,25 @@ mod tests {
             let plane = g.out_height() * g.out_width();
             for (i, (a, b)) in with_bias.iter().zip(&got).enumerate() {
                 assert!((a - b - bias[(i / plane) % g.out_channels]).abs() < 1e-6, "{g:?}: bias at {i}");
+            }
+        }
+    }
+
+    /// The bf16 kernel gives the definition's sums of the bf16-rounded operands (in f64), with
+    /// the bias added, for every geometry (odd patch lengths among them).
+    #[test]
+    fn bf16_forward_matches_the_definition_of_rounded_operands() {
+        let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect() };
+        for g in geometries() {
+            let input = values(g.batch * g.input_len(), 1);
+            let weight = values(g.out_channels * g.patch_len(), 2);
+            let bias = values(g.out_channels, 7);
+            let weight16: Vec<bf16> = weight.iter().map(|&x| bf16::from_f32(x)).collect();
+            let got = forward_bf16(&g, &input, &weight16, Some(&bias));
+            let plane = g.out_height() * g.out_width();
+            for (i, (a, b)) in got.iter().zip(reference(&g, &round(&input), &round(&weight))).enumerate() {
+                let want = b + bias[(i / plane) % g.out_channels] as f64;
+                assert!((*a as f64 - want).abs() < 1e-4, "{g:?}: {a} vs {want}");
             }
         }
     }

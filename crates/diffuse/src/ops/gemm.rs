@@ -34,6 +34,9 @@ pub enum Isa {
     Avx2,
     /// 512-bit AVX-512 (foundation) with fused multiply-add.
     Avx512,
+    /// AVX-512 with the bf16 dot product `vdpbf16ps` (32 bf16 products per instruction into
+    /// f32): the bf16 kernels' native level; f32 products run as on [`Isa::Avx512`].
+    Avx512Bf16,
 }
 
 impl Isa {
@@ -43,6 +46,7 @@ impl Isa {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Avx512Bf16 => "avx512bf16",
         }
     }
 
@@ -54,20 +58,24 @@ impl Isa {
             Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 => is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16"),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
     }
 
+    const ALL: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16];
+
     /// Every level this machine supports, lowest first (the tests run each).
     pub fn all_supported() -> Vec<Isa> {
-        [Isa::Portable, Isa::Avx2, Isa::Avx512].into_iter().filter(|isa| isa.is_supported()).collect()
+        Self::ALL.into_iter().filter(|isa| isa.is_supported()).collect()
     }
 
     /// The micro-kernel's tile: rows of `A` and columns of `B` it keeps in registers.
     pub fn tile(self) -> (usize, usize) {
         match self {
-            Isa::Avx512 => (12, 32),
+            Isa::Avx512 | Isa::Avx512Bf16 => (12, 32),
             Isa::Avx2 => (6, 16),
             Isa::Portable => (4, 16),
         }
@@ -80,14 +88,14 @@ pub fn isa() -> Isa {
     *CHOSEN.get_or_init(|| {
         let best = Isa::all_supported().into_iter().max().unwrap_or(Isa::Portable);
         let Ok(requested) = std::env::var("DIFFUSE_ISA") else { return best };
-        match [Isa::Portable, Isa::Avx2, Isa::Avx512].into_iter().find(|isa| isa.name() == requested) {
+        match Isa::ALL.into_iter().find(|isa| isa.name() == requested) {
             Some(isa) if isa.is_supported() => isa,
             Some(isa) => {
                 eprintln!("DIFFUSE_ISA={}: this CPU lacks it; using {}", isa.name(), best.name());
                 best
             }
             None => {
-                eprintln!("DIFFUSE_ISA={requested}: not one of portable, avx2, avx512; using {}", best.name());
+                eprintln!("DIFFUSE_ISA={requested}: not one of portable, avx2, avx512, avx512bf16; using {}", best.name());
                 best
             }
         }
@@ -136,7 +144,13 @@ impl<'a> MatRef<'a> {
         self.cols
     }
 
-    fn at(&self, i: usize, j: usize) -> f32 {
+    /// Elements `j0..j0 + len` of row `i` as a slice, when the view's columns are contiguous.
+    pub(crate) fn row_run(&self, i: usize, j0: usize, len: usize) -> Option<&'a [f32]> {
+        let start = i * self.row_stride + j0;
+        (self.col_stride == 1 && i < self.rows && j0 + len <= self.cols).then(|| &self.data[start..start + len])
+    }
+
+    pub(crate) fn at(&self, i: usize, j: usize) -> f32 {
         self.data[i * self.row_stride + j * self.col_stride]
     }
 }
@@ -396,7 +410,7 @@ pub enum Init<'a> {
 
 impl Init<'_> {
     /// The part of the bias that a block of `C` (rows from `m0`, columns from `n0`) sees.
-    fn offset(self, m0: usize, n0: usize) -> Self {
+    pub(crate) fn offset(self, m0: usize, n0: usize) -> Self {
         match self {
             Init::RowBias(bias) => Init::RowBias(&bias[m0..]),
             Init::ColumnBias(bias) => Init::ColumnBias(&bias[n0..]),
@@ -437,27 +451,38 @@ pub(crate) fn gemm_with(isa: Isa, c: &mut [f32], ldc: usize, a: ASource, b: &imp
     if m == 0 || n == 0 {
         return;
     }
-    let c = COut::new(c, ldc, m, n);
     let (mr, nr) = isa.tile();
+    for_each_share(COut::new(c, ldc, m, n), mr, nr, parallel, |part, m0, first, len| {
+        if (first, len) == (0, n) {
+            gemm_block(isa, part, m0, a, b, init.offset(m0, 0));
+        } else {
+            gemm_block(isa, part, m0, a, &Columns { inner: b, first, len }, init.offset(m0, first));
+        }
+    });
+}
+
+/// Splits a product into `c` (`m × n`, tiles of `mr × nr`) over the rayon threads when
+/// `parallel`, and calls `block(part, first row, first column, columns)` for each share. Wide
+/// products (a convolution of one large image) go by column ranges, so that each thread packs
+/// only its own part of `B`; tall ones (a linear layer over many tokens) by row ranges.
+pub(crate) fn for_each_share(c: COut, mr: usize, nr: usize, parallel: bool, block: impl Fn(COut, usize, usize, usize) + Sync) {
+    let (m, n) = (c.rows, c.cols);
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
     let (row_panels, column_panels) = (m.div_ceil(mr), n.div_ceil(nr));
     if threads == 1 || (row_panels < 2 && column_panels < 2) {
-        gemm_block(isa, c, 0, a, b, init);
+        block(c, 0, 0, n);
     } else if n > m && column_panels >= threads {
-        // Wide products (a convolution of one large image): each thread takes a range of
-        // columns, and packs only its own part of B.
         let per_share = column_panels.div_ceil(threads) * nr;
         (0..n.div_ceil(per_share)).into_par_iter().for_each(|share| {
             let first = share * per_share;
             let len = per_share.min(n - first);
-            gemm_block(isa, c.columns(first, len), 0, a, &Columns { inner: b, first, len }, init.offset(0, first));
+            block(c.columns(first, len), 0, first, len);
         });
     } else {
-        // Tall products (a linear layer over many tokens): each thread takes a range of rows.
         let per_share = row_panels.div_ceil(threads.min(row_panels)) * mr;
         (0..m.div_ceil(per_share)).into_par_iter().for_each(|share| {
             let first = share * per_share;
-            gemm_block(isa, c.rows(first, per_share.min(m - first)), first, a, b, init.offset(first, 0));
+            block(c.rows(first, per_share.min(m - first)), first, 0, n);
         });
     }
 }
@@ -466,11 +491,11 @@ pub(crate) fn gemm_with(isa: Isa, c: &mut [f32], ldc: usize, a: ASource, b: &imp
 /// write disjoint row or column ranges of one matrix through copies of it, which `&mut`
 /// slices (one contiguous range each) cannot express for column ranges.
 #[derive(Clone, Copy)]
-struct COut {
+pub(crate) struct COut {
     ptr: *mut f32,
     ldc: usize,
-    rows: usize,
-    cols: usize,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
 }
 
 // SAFETY: a `COut` is only made from a `&mut [f32]` borrowed for the whole product
@@ -482,7 +507,7 @@ unsafe impl Sync for COut {}
 
 impl COut {
     /// Panics unless `c` holds `rows × cols` with row stride `ldc`.
-    fn new(c: &mut [f32], ldc: usize, rows: usize, cols: usize) -> Self {
+    pub(crate) fn new(c: &mut [f32], ldc: usize, rows: usize, cols: usize) -> Self {
         assert!(ldc >= cols && (rows == 0 || cols == 0 || c.len() >= (rows - 1) * ldc + cols), "gemm: C is too small");
         Self { ptr: c.as_mut_ptr(), ldc, rows, cols }
     }
@@ -503,7 +528,7 @@ impl COut {
     /// # Safety
     /// No other live reference covers these elements (the split into disjoint ranges).
     #[allow(clippy::mut_from_ref)]
-    unsafe fn row(&self, i: usize, j: usize, width: usize) -> &mut [f32] {
+    pub(crate) unsafe fn row(&self, i: usize, j: usize, width: usize) -> &mut [f32] {
         assert!(i < self.rows && j + width <= self.cols, "gemm: write outside C");
         // SAFETY: in bounds of the matrix `new` checked (the assertion), and exclusive by the
         // caller's contract.
@@ -531,16 +556,7 @@ fn gemm_block(isa: Isa, c: COut, m0: usize, a: ASource, b: &impl PackB, init: In
     let rows = c.rows;
     assert_eq!(c.cols, n);
     if k == 0 {
-        for i in 0..rows {
-            // SAFETY: this thread's part of C (see `COut`).
-            let row = unsafe { c.row(i, 0, n) };
-            match init {
-                Init::Overwrite => row.fill(0.0),
-                Init::Accumulate => {}
-                Init::RowBias(bias) => row.fill(bias[i]),
-                Init::ColumnBias(bias) => row.copy_from_slice(&bias[..n]),
-            }
-        }
+        store_empty_product(&c, init);
         return;
     }
     let mut b_scratch = Vec::new();
@@ -555,7 +571,6 @@ fn gemm_block(isa: Isa, c: COut, m0: usize, a: ASource, b: &impl PackB, init: In
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
             let b_panels = b.panels(k0, kc, n0, nc, nr, &mut b_scratch);
-            let first_block = k0 == 0;
             for i0 in (0..rows).step_by(MC) {
                 let mc = MC.min(rows - i0);
                 let panels = mc.div_ceil(mr);
@@ -589,23 +604,42 @@ fn gemm_block(isa: Isa, c: COut, m0: usize, a: ASource, b: &impl PackB, init: In
                             ASource::InPlace(_) => micro_kernel(isa, kc, &a_block[..kc * mr], b_panel, tile),
                             _ => micro_kernel(isa, kc, &a_block[ip * kc * mr..(ip + 1) * kc * mr], b_panel, tile),
                         }
-                        for (r, tile_row) in tile.chunks_exact(nr).take(height).enumerate() {
-                            // SAFETY: this thread's part of C (see `COut`).
-                            let c_row = unsafe { c.row(i + r, j, width) };
-                            let tile_row = &tile_row[..width];
-                            match init {
-                                _ if !first_block => c_row.iter_mut().zip(tile_row).for_each(|(c, t)| *c += t),
-                                Init::Accumulate => c_row.iter_mut().zip(tile_row).for_each(|(c, t)| *c += t),
-                                Init::Overwrite => c_row.copy_from_slice(tile_row),
-                                Init::RowBias(bias) => c_row.iter_mut().zip(tile_row).for_each(|(c, t)| *c = bias[i + r] + t),
-                                Init::ColumnBias(bias) => {
-                                    c_row.iter_mut().zip(tile_row).zip(&bias[j..j + width]).for_each(|((c, t), b)| *c = b + t)
-                                }
-                            }
-                        }
+                        store_tile(&c, i, j, height, width, tile, nr, init, k0 == 0);
                     }
                 }
             }
+        }
+    }
+}
+
+/// `c` as a product with no depth leaves it: zero, unchanged, or the bias.
+pub(crate) fn store_empty_product(c: &COut, init: Init) {
+    for i in 0..c.rows {
+        // SAFETY: `c` is this thread's part of C (see `COut`), written by no one else.
+        let row = unsafe { c.row(i, 0, c.cols) };
+        match init {
+            Init::Overwrite => row.fill(0.0),
+            Init::Accumulate => {}
+            Init::RowBias(bias) => row.fill(bias[i]),
+            Init::ColumnBias(bias) => row.copy_from_slice(&bias[..c.cols]),
+        }
+    }
+}
+
+/// Writes the first `height × width` of a `tile` (rows `nr` apart) into `c` at `(i, j)`: the
+/// first depth block applies `init` (its bias already offset to `c`), later ones add.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn store_tile(c: &COut, i: usize, j: usize, height: usize, width: usize, tile: &[f32], nr: usize, init: Init, first_block: bool) {
+    for (r, tile_row) in tile.chunks_exact(nr).take(height).enumerate() {
+        // SAFETY: `c` is this thread's part of C (see `COut`), written by no one else.
+        let c_row = unsafe { c.row(i + r, j, width) };
+        let tile_row = &tile_row[..width];
+        match init {
+            _ if !first_block => c_row.iter_mut().zip(tile_row).for_each(|(c, t)| *c += t),
+            Init::Accumulate => c_row.iter_mut().zip(tile_row).for_each(|(c, t)| *c += t),
+            Init::Overwrite => c_row.copy_from_slice(tile_row),
+            Init::RowBias(bias) => c_row.iter_mut().zip(tile_row).for_each(|(c, t)| *c = bias[i + r] + t),
+            Init::ColumnBias(bias) => c_row.iter_mut().zip(tile_row).zip(&bias[j..j + width]).for_each(|((c, t), b)| *c = b + t),
         }
     }
 }
@@ -634,7 +668,7 @@ fn run_kernel<const IN_PLACE: bool>(isa: Isa, kc: usize, a: &[f32], lda: usize, 
         // that the kernel's reads of `a` and `b` and its writes of MR × NR to `tile` stay
         // inside the slices.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::kernel_avx512::<12, 2, IN_PLACE>(kc, a.as_ptr(), lda, b.as_ptr(), tile.as_mut_ptr()) },
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::kernel_avx512::<12, 2, IN_PLACE>(kc, a.as_ptr(), lda, b.as_ptr(), tile.as_mut_ptr()) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { x86::kernel_avx2::<6, 2, IN_PLACE>(kc, a.as_ptr(), lda, b.as_ptr(), tile.as_mut_ptr()) },

@@ -10,12 +10,15 @@ use rayon::prelude::*;
 use super::attention::{self, AttentionDims};
 use super::conv::{self, Geometry};
 use super::gemm::{self, ASource, Init, Isa, MatRef, PackedA};
+use super::gemm_bf16::{self, ABf16, Bf16Matrix, RoundedB};
 
 /// One kernel's measured rate.
 #[derive(Debug, Clone)]
 pub struct Rate {
     pub name: String,
     pub gflops: f64,
+    /// The measured peak of the instructions it runs on (f32 FMA, or the bf16 dot product).
+    pub peak_gflops: f64,
 }
 
 /// The peak f32 GFLOP/s of `isa` on all rayon threads: 12 independent accumulator chains per
@@ -60,7 +63,7 @@ fn fma_chains(isa: Isa, iterations: usize) -> usize {
             }};
         }
         match isa {
-            Isa::Avx512 => return chains!("avx512f", __m512, 16, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps),
+            Isa::Avx512 | Isa::Avx512Bf16 => return chains!("avx512f", __m512, 16, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps),
             Isa::Avx2 => return chains!("avx2,fma", __m256, 8, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps),
             Isa::Portable => {}
         }
@@ -73,6 +76,39 @@ fn fma_chains(isa: Isa, iterations: usize) -> usize {
     }
     std::hint::black_box(acc);
     1
+}
+
+/// The peak bf16 GFLOP/s of `vdpbf16ps` on all rayon threads (12 chains per thread, each
+/// instruction 32 products and 32 additions), or `None` without AVX512-BF16.
+pub fn peak_bf16_gflops(iterations: usize) -> Option<f64> {
+    if !Isa::Avx512Bf16.is_supported() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        #[target_feature(enable = "avx512f,avx512bf16")]
+        fn run(iterations: usize) -> f32 {
+            let mut acc = [_mm512_setzero_ps(); 12];
+            // SAFETY: __m512 and __m512bh are both 64-byte vectors of plain bits.
+            let (a, b): (__m512bh, __m512bh) = unsafe { (std::mem::transmute(_mm512_set1_ps(0.5)), std::mem::transmute(_mm512_set1_ps(1e-3))) };
+            for _ in 0..iterations {
+                for acc in acc.iter_mut() {
+                    *acc = _mm512_dpbf16_ps(*acc, a, b);
+                }
+            }
+            acc.iter().map(|&v| _mm512_reduce_add_ps(v)).sum()
+        }
+        let threads = rayon::current_num_threads();
+        let start = Instant::now();
+        // SAFETY: AVX512-BF16 was checked above.
+        (0..threads).into_par_iter().for_each(|_| {
+            std::hint::black_box(unsafe { run(iterations) });
+        });
+        Some(64.0 * 12.0 * (threads * iterations) as f64 / start.elapsed().as_secs_f64() / 1e9)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
 }
 
 fn timed<T>(runs: usize, mut f: impl FnMut() -> T) -> f64 {
@@ -90,7 +126,10 @@ fn timed<T>(runs: usize, mut f: impl FnMut() -> T) -> f64 {
 /// at 512×512.
 pub fn rates(runs: usize) -> Vec<Rate> {
     let isa = gemm::isa();
-    let mut rates = vec![Rate { name: format!("peak FMA ({})", isa.name()), gflops: peak_gflops(isa, 20_000_000) }];
+    let peak = peak_gflops(isa, 20_000_000);
+    let mut rates = vec![Rate { name: format!("peak FMA ({})", isa.name()), gflops: peak, peak_gflops: peak }];
+    // Without AVX512-BF16 the bf16 kernels widen to f32: the f32 peak is theirs.
+    let peak_bf16 = peak_bf16_gflops(10_000_000).unwrap_or(peak);
     let values = |len: usize| -> Vec<f32> { (0..len).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect() };
 
     let (m, k, n) = (2048, 2048, 2048);
@@ -100,14 +139,25 @@ pub fn rates(runs: usize) -> Vec<Rate> {
     let b_view = MatRef::row_major(&b, k, n).expect("sized");
     let packed = PackedA::new(&a_view);
     let seconds = timed(runs, || gemm::gemm(&mut c, n, ASource::Packed(&packed), &b_view, Init::Overwrite, true));
-    rates.push(Rate { name: "gemm 2048³".into(), gflops: 2.0 * (m * k * n) as f64 / seconds / 1e9 });
+    rates.push(Rate { name: "gemm 2048³".into(), gflops: 2.0 * (m * k * n) as f64 / seconds / 1e9, peak_gflops: peak });
+
+    if isa == Isa::Avx512Bf16 {
+        rates.push(Rate { name: "peak bf16 dot (avx512bf16)".into(), gflops: peak_bf16, peak_gflops: peak_bf16 });
+    }
+    let a16: Vec<half::bf16> = a.iter().map(|&v| half::bf16::from_f32(v)).collect();
+    let a16 = Bf16Matrix::new(&a16, m, k).expect("sized");
+    let seconds = timed(runs, || gemm_bf16::gemm_bf16(&mut c, n, ABf16::Weight(a16), &RoundedB::new(&b_view), Init::Overwrite, true));
+    rates.push(Rate { name: "gemm bf16 2048³ (B rounded as packed)".into(), gflops: 2.0 * (m * k * n) as f64 / seconds / 1e9, peak_gflops: peak_bf16 });
 
     for (channels, side) in [(320, 64), (640, 32), (1280, 16)] {
         let g = Geometry { batch: 2, in_channels: channels, height: side, width: side, out_channels: channels, kernel_h: 3, kernel_w: 3, stride: 1, padding: 1 };
         let (input, weight) = (values(2 * channels * side * side), values(channels * channels * 9));
         let seconds = timed(runs, || conv::forward(&g, &input, &weight, None));
         let flops = 2.0 * (2 * channels * side * side * channels * 9) as f64;
-        rates.push(Rate { name: format!("conv 3×3 {channels}→{channels} at {side}×{side}, batch 2"), gflops: flops / seconds / 1e9 });
+        rates.push(Rate { name: format!("conv 3×3 {channels}→{channels} at {side}×{side}, batch 2"), gflops: flops / seconds / 1e9, peak_gflops: peak });
+        let weight: Vec<half::bf16> = weight.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let seconds = timed(runs, || conv::forward_bf16(&g, &input, &weight, None));
+        rates.push(Rate { name: format!("conv bf16 3×3 {channels}→{channels} at {side}×{side}, batch 2"), gflops: flops / seconds / 1e9, peak_gflops: peak_bf16 });
     }
 
     for (queries, keys, head_dim) in [(4096, 4096, 40), (4096, 77, 40), (1024, 1024, 80)] {
@@ -115,7 +165,7 @@ pub fn rates(runs: usize) -> Vec<Rate> {
         let (q, kv) = (values(16 * queries * head_dim), values(16 * keys * head_dim));
         let seconds = timed(runs, || attention::attention(dims, &q, &kv, &kv, 1.0 / (head_dim as f32).sqrt(), None));
         let flops = 4.0 * (16 * queries * keys * head_dim) as f64;
-        rates.push(Rate { name: format!("attention 16 heads, {queries}×{keys}, d {head_dim}"), gflops: flops / seconds / 1e9 });
+        rates.push(Rate { name: format!("attention 16 heads, {queries}×{keys}, d {head_dim}"), gflops: flops / seconds / 1e9, peak_gflops: peak });
     }
     rates
 }

@@ -48,7 +48,7 @@ macro_rules! dispatch {
             match $isa {
                 // SAFETY: `isa` is a level this CPU supports (from `gemm::isa()` or, in tests,
                 // `Isa::all_supported()`); the function body is safe code.
-                Isa::Avx512 => unsafe { avx512($($arg),*) },
+                Isa::Avx512 | Isa::Avx512Bf16 => unsafe { avx512($($arg),*) },
                 // SAFETY: as above.
                 Isa::Avx2 => unsafe { avx2($($arg),*) },
                 Isa::Portable => generic($($arg),*),
@@ -123,6 +123,38 @@ pub(crate) fn geglu_rows(isa: Isa, projected: &[f32], out: &mut [f32]) {
         let (value, gate) = projected.split_at(width);
         for ((out, &v), &g) in out.iter_mut().zip(value).zip(gate) {
             *out = v * (0.5 * g * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2)));
+        }
+    })
+}
+
+/// `x` rounded to the nearest bf16 (ties to even) in the high half of the result (NaN stays
+/// a quiet NaN), in 32-bit lane arithmetic that vectorises.
+#[inline(always)]
+pub(crate) fn bf16_high_half(x: f32) -> u32 {
+    let bits = x.to_bits();
+    let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1));
+    if x.is_nan() {
+        bits | 0x0040_0000
+    } else {
+        rounded
+    }
+}
+
+/// `out[j]` = the bf16 pair word of `(even[j], odd[j])` (`even` in the low half), or of
+/// `(even[j], 0)` without `odd`.
+pub(crate) fn round_pairs(isa: Isa, even: &[f32], odd: Option<&[f32]>, out: &mut [u32]) {
+    dispatch!(isa, fn round(even: &[f32], odd: Option<&[f32]>, out: &mut [u32]) -> () {
+        match odd {
+            Some(odd) => {
+                for ((word, &e), &o) in out.iter_mut().zip(even).zip(odd) {
+                    *word = (bf16_high_half(o) & 0xFFFF_0000) | (bf16_high_half(e) >> 16);
+                }
+            }
+            None => {
+                for (word, &e) in out.iter_mut().zip(even) {
+                    *word = bf16_high_half(e) >> 16;
+                }
+            }
         }
     })
 }

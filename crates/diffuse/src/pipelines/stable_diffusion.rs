@@ -24,7 +24,7 @@ use crate::rng::TorchGenerator;
 use crate::schedulers::{PredictionType, Scheduler};
 use crate::tokenizers::builtin::builtin_clip_tokenizer;
 use crate::tokenizers::clip::ClipTokenizer;
-use crate::{Error, Result};
+use crate::{ops, Error, Result};
 
 pub struct StableDiffusionPipeline {
     pub tokenizer: ClipTokenizer,
@@ -36,6 +36,8 @@ pub struct StableDiffusionPipeline {
     pub scheduler: ResolvedScheduler,
     pub model_dir: PathBuf,
     pub device: Device,
+    /// The type the weights are kept in (f16 requested on the CPU is kept as bf16:
+    /// [`ops::weight_dtype`]); activations are in [`Self::activation_dtype`].
     pub dtype: DType,
     /// The LoRAs fused into the weights (`load_with_loras`), in the order given.
     pub loras: Vec<AppliedLora>,
@@ -186,6 +188,7 @@ impl StableDiffusionPipeline {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        let dtype = ops::weight_dtype(dtype, device);
         let loras = LoraSet::open(loras)?;
         for component in ["tokenizer", "text_encoder", "unet", "vae", "scheduler"] {
             if !model_dir.join(component).is_dir() {
@@ -245,6 +248,7 @@ impl StableDiffusionPipeline {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        let dtype = ops::weight_dtype(dtype, device);
         let loras = LoraSet::open(loras)?;
         let file = SingleFile::open(path)?;
         // Each model: its derived config (errors name it as the file's `unet`, ...), and its weights.
@@ -381,6 +385,12 @@ impl StableDiffusionPipeline {
         let (pass_height, pass_width) = self.vae.pass_size(height, width);
         let images = if self.vae.slicing() { 1 } else { images };
         3.0 * 4.0 * images as f64 * self.vae.full_resolution_channels() as f64 * pass_height as f64 * pass_width as f64
+    }
+
+    /// The type the models' activations are in: f32 on the CPU whatever the weights are kept
+    /// in (see [`ops::activation_dtype`]), else the weights' type.
+    pub fn activation_dtype(&self) -> DType {
+        ops::activation_dtype(self.dtype, &self.device)
     }
 
     /// 2^(number of VAE blocks - 1): 8 for every Stable Diffusion VAE.
@@ -564,13 +574,14 @@ impl StableDiffusionPipeline {
     ) -> Result<Tensor> {
         let DenoiseLoop { mut latents, timesteps, embeddings, extra_channels } = run;
         let do_guidance = self.do_classifier_free_guidance(options);
+        let activation_dtype = self.activation_dtype();
         let batch = latents.dim(0)?;
         let timestep_cond = match self.unet_config.time_cond_proj_dim {
             Some(dim) => Some(get_guidance_scale_embedding(options.guidance_scale - 1.0, batch, dim, &self.device)?),
             None => None,
         };
         let scheduler = &mut self.scheduler.scheduler;
-        let embeddings = embeddings.to_dtype(self.dtype)?;
+        let embeddings = embeddings.to_dtype(activation_dtype)?;
         for (i, &t) in timesteps.iter().enumerate() {
             let model_input = if do_guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let model_input = scheduler.scale_model_input(&model_input, t)?;
@@ -582,7 +593,7 @@ impl StableDiffusionPipeline {
             let t_batch = Tensor::from_vec(vec![t as f32; n], n, &self.device)?;
             let noise_pred = self
                 .unet
-                .forward_with_conditions(&model_input.to_dtype(self.dtype)?, &t_batch, &embeddings, None, timestep_cond.as_ref())?
+                .forward_with_conditions(&model_input.to_dtype(activation_dtype)?, &t_batch, &embeddings, None, timestep_cond.as_ref())?
                 .to_dtype(DType::F32)?;
             let noise_pred = if do_guidance {
                 let uncond = noise_pred.narrow(0, 0, batch)?;
@@ -604,7 +615,7 @@ impl StableDiffusionPipeline {
             latents = after_step(i, latents, scheduler.as_ref())?;
             if let (Some(preview), Some(x0)) = (self.preview.as_mut(), predicted_original) {
                 let vae = preview.vae.as_ref().unwrap_or(&self.vae);
-                let images = decode_with(vae, &x0, self.dtype)?;
+                let images = decode_with(vae, &x0, activation_dtype)?;
                 (preview.sink)(i + 1, &images)?;
             }
             on_step(i + 1, timesteps.len());
@@ -649,11 +660,12 @@ impl StableDiffusionPipeline {
 
     /// `vae.decode(latents / scaling_factor + shift_factor)`, as diffusers' pipelines do.
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
-        decode_with(&self.vae, latents, self.dtype)
+        decode_with(&self.vae, latents, self.activation_dtype())
     }
 }
 
-/// `vae.decode(latents / scaling_factor + shift_factor)` in `dtype`, as f32 images.
+/// `vae.decode(latents / scaling_factor + shift_factor)` with activations in `dtype`, as f32
+/// images.
 fn decode_with(vae: &Autoencoder, latents: &Tensor, dtype: DType) -> Result<Tensor> {
     let mut z = (latents / vae.scaling_factor())?;
     if let Some(shift) = vae.shift_factor() {

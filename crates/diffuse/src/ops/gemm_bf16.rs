@@ -1,0 +1,571 @@
+//! bf16 matrix products with f32 accumulation on the CPU: the scheme of [`super::gemm`]
+//! (panels, blocking, threads, the same `MR × NR` tiles), with operands stored as pairs of
+//! bf16 values along the shared dimension, the layout of AVX512-BF16's `vdpbf16ps`, which
+//! does 32 bf16 products into 16 f32 sums per instruction.
+//!
+//! A packed value is a `u32` holding `(x[k], x[k + 1])` for an even `k` (`x[k]` in the low
+//! half, as the instruction pairs them). Weights are bf16 already (converted when the model
+//! loads); f32 activations are rounded to bf16 as they are packed. Every level runs the same
+//! layout: `vdpbf16ps` on [`Isa::Avx512Bf16`], and on the lower levels the pairs are widened
+//! to f32 (a shift, a mask) for the f32 fused multiply-adds, which gives the same sums, since a
+//! product of two bf16 values is exact in f32.
+
+use half::bf16;
+
+use super::gemm::{self, COut, Init, Isa, PackB};
+use super::vector;
+
+/// Panel depth in values (256 pairs): a `B` panel of 32 columns is 32 KiB, as in f32.
+const KC: usize = 512;
+/// Rows of `A` per block (a multiple of every `MR`).
+const MC: usize = 240;
+/// Columns of `B` per block.
+const NC: usize = 1024;
+
+/// `x` rounded to the nearest bf16 (ties to even), as PyTorch's `.to(torch.bfloat16)`; NaN
+/// stays NaN.
+#[inline(always)]
+pub(crate) fn to_bf16_bits(x: f32) -> u16 {
+    (vector::bf16_high_half(x) >> 16) as u16
+}
+
+/// The pair word of `(even, odd)`.
+#[inline(always)]
+fn pair(even: f32, odd: f32) -> u32 {
+    (vector::bf16_high_half(odd) & 0xFFFF_0000) | (vector::bf16_high_half(even) >> 16)
+}
+
+/// The pair word at element `index` (even) of a bf16 slice, zero-extended past its end.
+#[inline(always)]
+fn pair_at(data: &[bf16], index: usize) -> u32 {
+    let even = data[index].to_bits() as u32;
+    let odd = data.get(index + 1).map_or(0, |v| v.to_bits() as u32);
+    even | odd << 16
+}
+
+/// A row-major bf16 matrix (`rows × cols`): a layer's weight.
+#[derive(Debug, Clone, Copy)]
+pub struct Bf16Matrix<'a> {
+    data: &'a [bf16],
+    rows: usize,
+    cols: usize,
+}
+
+impl<'a> Bf16Matrix<'a> {
+    /// The matrix, or `None` if `data` does not hold exactly `rows × cols` values.
+    pub fn new(data: &'a [bf16], rows: usize, cols: usize) -> Option<Self> {
+        (rows.checked_mul(cols) == Some(data.len())).then_some(Self { data, rows, cols })
+    }
+
+    /// Row `i`, columns `k0..k0 + kc`, as pairs (the last one zero-padded when `kc` is odd).
+    fn row_pairs(&self, i: usize, k0: usize, kc: usize) -> impl Iterator<Item = u32> + '_ {
+        let row = &self.data[i * self.cols + k0..i * self.cols + k0 + kc];
+        (0..kc).step_by(2).map(move |k| pair_at(row, k))
+    }
+}
+
+/// Where `A` (`m × k`) comes from.
+#[derive(Clone, Copy)]
+pub enum ABf16<'a> {
+    /// f32 values, rounded as they are packed (a linear layer's activations).
+    F32(gemm::MatRef<'a>),
+    /// A bf16 weight, read where it lies when its rows hold whole pairs (an even number of
+    /// columns): a convolution's kernel. Otherwise it is packed block by block.
+    Weight(Bf16Matrix<'a>),
+}
+
+impl ABf16<'_> {
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            ABf16::F32(a) => (a.rows(), a.cols()),
+            ABf16::Weight(w) => (w.rows, w.cols),
+        }
+    }
+
+    /// Writes the panels of rows `m0..m0 + mc`, depth `k0..k0 + kc`: panel `p` holds
+    /// `ceil(kc / 2)` pairs of `mr` rows, zero past row `m`.
+    fn pack(&self, k0: usize, kc: usize, m0: usize, mc: usize, mr: usize, out: &mut [u32]) {
+        let pairs = kc.div_ceil(2);
+        for (panel, chunk) in out.chunks_exact_mut(pairs * mr).take(mc.div_ceil(mr)).enumerate() {
+            let first = m0 + panel * mr;
+            let height = mr.min(m0 + mc - first);
+            for i in 0..height {
+                match self {
+                    ABf16::Weight(w) => {
+                        for (q, word) in w.row_pairs(first + i, k0, kc).enumerate() {
+                            chunk[q * mr + i] = word;
+                        }
+                    }
+                    ABf16::F32(a) => {
+                        if let Some(row) = a.row_run(first + i, k0, kc) {
+                            for (q, values) in row.chunks(2).enumerate() {
+                                chunk[q * mr + i] = pair(values[0], values.get(1).copied().unwrap_or(0.0));
+                            }
+                            continue;
+                        }
+                        for q in 0..pairs {
+                            let k = k0 + 2 * q;
+                            let odd = if 2 * q + 1 < kc { a.at(first + i, k + 1) } else { 0.0 };
+                            chunk[q * mr + i] = pair(a.at(first + i, k), odd);
+                        }
+                    }
+                }
+            }
+            for column in chunk.chunks_exact_mut(mr) {
+                column[height..].fill(0);
+            }
+        }
+    }
+}
+
+/// A source of `B` (`k × n`) as pair panels: for columns `n0..n0 + nc` and depth
+/// `k0..k0 + kc`, panel `p` holds `ceil(kc / 2)` pairs of `nr` columns (`n0 + p·nr ..`), zero
+/// past column `n` and past depth `k0 + kc`.
+pub trait PackBPairs: Sync {
+    /// `(k, n)`.
+    fn dims(&self) -> (usize, usize);
+    /// Fills `out` (`ceil(nc / nr) · ceil(kc / 2) · nr` words); `scratch` is for the source's use.
+    fn pack_pairs(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [u32], scratch: &mut Vec<f32>);
+}
+
+/// An f32 `B` ([`PackB`]: a view, a convolution's patches), packed one f32 panel at a time
+/// into a scratch panel that stays in cache, then rounded into pairs (vectorised for `isa`).
+pub struct RoundedB<'a, B: PackB> {
+    pub source: &'a B,
+    pub isa: Isa,
+}
+
+impl<'a, B: PackB> RoundedB<'a, B> {
+    /// Rounds `source` with the vector instructions of the level in use.
+    pub fn new(source: &'a B) -> Self {
+        Self { source, isa: gemm::isa() }
+    }
+}
+
+impl<B: PackB> PackBPairs for RoundedB<'_, B> {
+    fn dims(&self) -> (usize, usize) {
+        self.source.dims()
+    }
+
+    fn pack_pairs(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [u32], scratch: &mut Vec<f32>) {
+        let pairs = kc.div_ceil(2);
+        scratch.resize(kc * nr, 0.0);
+        for (p, words) in out.chunks_exact_mut(pairs * nr).take(nc.div_ceil(nr)).enumerate() {
+            let first = n0 + p * nr;
+            let panel = &mut scratch[..kc * nr];
+            self.source.pack(k0, kc, first, nr.min(n0 + nc - first), nr, panel);
+            for (q, words) in words.chunks_exact_mut(nr).enumerate() {
+                let even = &panel[2 * q * nr..(2 * q + 1) * nr];
+                let odd = (2 * q + 1 < kc).then(|| &panel[(2 * q + 1) * nr..(2 * q + 2) * nr]);
+                vector::round_pairs(self.isa, even, odd, words);
+            }
+        }
+    }
+}
+
+/// A bf16 weight `W` (`n × k`, row-major) read as `B = Wᵀ`: a linear layer's weight, whose
+/// pairs along `k` are already adjacent in memory.
+pub struct TransposedWeight<'a>(pub Bf16Matrix<'a>);
+
+impl PackBPairs for TransposedWeight<'_> {
+    fn dims(&self) -> (usize, usize) {
+        (self.0.cols, self.0.rows)
+    }
+
+    fn pack_pairs(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [u32], _: &mut Vec<f32>) {
+        let pairs = kc.div_ceil(2);
+        for (panel, chunk) in out.chunks_exact_mut(pairs * nr).take(nc.div_ceil(nr)).enumerate() {
+            let first = n0 + panel * nr;
+            let width = nr.min(n0 + nc - first);
+            for j in 0..width {
+                for (q, word) in self.0.row_pairs(first + j, k0, kc).enumerate() {
+                    chunk[q * nr + j] = word;
+                }
+            }
+            if width < nr {
+                for words in chunk.chunks_exact_mut(nr) {
+                    words[width..].fill(0);
+                }
+            }
+        }
+    }
+}
+
+/// `C[m × n] (+)= A[m × k] · B[k × n]` in bf16 with f32 sums, `C` row-major with row stride
+/// `ldc`, as [`gemm::gemm`] (same `init`, same split over threads when `parallel`).
+///
+/// Panics if the operands' dimensions disagree or `c` is too short: callers size them.
+pub fn gemm_bf16(c: &mut [f32], ldc: usize, a: ABf16, b: &impl PackBPairs, init: Init, parallel: bool) {
+    gemm_bf16_with(gemm::isa(), c, ldc, a, b, init, parallel)
+}
+
+/// [`gemm_bf16`] on the micro-kernel of `isa`.
+pub(crate) fn gemm_bf16_with(isa: Isa, c: &mut [f32], ldc: usize, a: ABf16, b: &impl PackBPairs, init: Init, parallel: bool) {
+    let (m, k) = a.dims();
+    let (kb, n) = b.dims();
+    assert_eq!(k, kb, "gemm_bf16: A has {k} columns, B {kb} rows");
+    match init {
+        Init::RowBias(bias) => assert!(bias.len() >= m, "gemm_bf16: a bias per row"),
+        Init::ColumnBias(bias) => assert!(bias.len() >= n, "gemm_bf16: a bias per column"),
+        _ => {}
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (mr, nr) = isa.tile();
+    gemm::for_each_share(COut::new(c, ldc, m, n), mr, nr, parallel, |part, m0, first, _| {
+        gemm_bf16_block(isa, part, m0, first, a, b, init.offset(m0, first));
+    });
+}
+
+/// [`gemm_bf16`] on one thread for all of `c` (`rows × n`, with `ldc`), whose first row is row
+/// `m0` of `A`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_bf16_rows(isa: Isa, c: &mut [f32], ldc: usize, m0: usize, rows: usize, a: ABf16, b: &impl PackBPairs, init: Init) {
+    let (_, n) = b.dims();
+    if rows == 0 || n == 0 {
+        return;
+    }
+    gemm_bf16_block(isa, COut::new(c, ldc, rows, n), m0, 0, a, b, init);
+}
+
+/// The product into `c`, whose first row is row `m0` of `A` and first column column `n_first`
+/// of `B` (`init`'s bias already offset to this block).
+fn gemm_bf16_block(isa: Isa, c: COut, m0: usize, n_first: usize, a: ABf16, b: &impl PackBPairs, init: Init) {
+    let (mr, nr) = isa.tile();
+    let (_, k) = a.dims();
+    let (rows, n) = (c.rows, c.cols);
+    if k == 0 {
+        gemm::store_empty_product(&c, init);
+        return;
+    }
+    // A weight with whole pairs per row is read in place, but for a last partial panel.
+    let in_place = match a {
+        ABf16::Weight(w) if w.cols % 2 == 0 => Some(w),
+        _ => None,
+    };
+    let a_rows_packed = if in_place.is_some() { mr } else { MC.min(rows).div_ceil(mr) * mr };
+    let mut a_panels = vec![0u32; KC.min(k).div_ceil(2) * a_rows_packed];
+    let mut b_panels = vec![0u32; KC.min(k).div_ceil(2) * NC.min(n).div_ceil(nr) * nr];
+    let mut scratch = Vec::new();
+    let mut tile = [0f32; 12 * 32];
+    for n0 in (0..n).step_by(NC) {
+        let nc = NC.min(n - n0);
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let pairs = kc.div_ceil(2);
+            let b_len = nc.div_ceil(nr) * nr * pairs;
+            b.pack_pairs(k0, kc, n_first + n0, nc, nr, &mut b_panels[..b_len], &mut scratch);
+            for i0 in (0..rows).step_by(MC) {
+                let mc = MC.min(rows - i0);
+                let panels = mc.div_ceil(mr);
+                let last = (panels - 1) * mr;
+                match in_place {
+                    // Only a last partial panel is packed (its missing rows read as zeros).
+                    Some(_) if mc - last < mr => a.pack(k0, kc, m0 + i0 + last, mc - last, mr, &mut a_panels[..pairs * mr]),
+                    Some(_) => {}
+                    None => a.pack(k0, kc, m0 + i0, mc, mr, &mut a_panels[..panels * pairs * mr]),
+                }
+                for (jp, b_panel) in b_panels[..b_len].chunks_exact(pairs * nr).enumerate() {
+                    let j = n0 + jp * nr;
+                    let width = nr.min(n - j);
+                    for ip in 0..panels {
+                        let i = i0 + ip * mr;
+                        let height = mr.min(rows - i);
+                        let tile = &mut tile[..mr * nr];
+                        match in_place {
+                            Some(w) if height == mr => {
+                                let start = (m0 + i) * w.cols + k0;
+                                let lda = w.cols / 2;
+                                assert!(w.data.len() >= start + (mr - 1) * w.cols + 2 * pairs, "gemm_bf16: A in place");
+                                // SAFETY: the assertion keeps the MR rows of `pairs` words from
+                                // `start` inside the weight (a `u32` read at an even element of
+                                // a bf16 slice, unaligned reads), `b_panel` holds `pairs · nr`
+                                // words, `tile` MR × NR values.
+                                unsafe { run_kernel::<true>(isa, pairs, w.data[start..].as_ptr().cast(), lda, b_panel, tile) }
+                            }
+                            Some(_) => {
+                                // SAFETY: the packed panel holds `pairs · mr` words.
+                                unsafe { run_kernel::<false>(isa, pairs, a_panels.as_ptr(), 0, b_panel, tile) }
+                            }
+                            None => {
+                                let a_panel = &a_panels[ip * pairs * mr..(ip + 1) * pairs * mr];
+                                // SAFETY: as above.
+                                unsafe { run_kernel::<false>(isa, pairs, a_panel.as_ptr(), 0, b_panel, tile) }
+                            }
+                        }
+                        gemm::store_tile(&c, i, j, height, width, tile, nr, init, k0 == 0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `tile[MR × NR] = A · B` over `pairs` pair steps of the ISA's tile: `b` holds `pairs · NR`
+/// words; `A`'s word (q, i) is `a[q·MR + i]` (a packed panel) or, when `IN_PLACE`,
+/// `a[i·lda + q]` (read unaligned).
+///
+/// # Safety
+/// `a` must have those words readable, `b.len() ≥ pairs · NR` and `tile.len() ≥ MR · NR`
+/// (checked here for `b` and `tile`).
+unsafe fn run_kernel<const IN_PLACE: bool>(isa: Isa, pairs: usize, a: *const u32, lda: usize, b: &[u32], tile: &mut [f32]) {
+    let (mr, nr) = isa.tile();
+    assert!(b.len() >= pairs * nr && tile.len() >= mr * nr);
+    match isa {
+        // SAFETY (all arms): the ISA was checked to be supported before it was chosen
+        // (`gemm::isa()`, `Isa::all_supported()` in tests); the reads of `a` are the caller's
+        // contract, those of `b` and the writes of `tile` were asserted above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Bf16 => unsafe { x86::kernel_avx512bf16::<12, 2, IN_PLACE>(pairs, a, lda, b.as_ptr(), tile.as_mut_ptr()) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::kernel_avx512::<12, 2, IN_PLACE>(pairs, a, lda, b.as_ptr(), tile.as_mut_ptr()) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::kernel_avx2::<6, 2, IN_PLACE>(pairs, a, lda, b.as_ptr(), tile.as_mut_ptr()) },
+        _ => unsafe { kernel_portable::<4, 16, IN_PLACE>(pairs, a, lda, b, tile) },
+    }
+}
+
+/// The two bf16 values of a pair word, widened to f32: (even, odd).
+#[inline(always)]
+fn widen(word: u32) -> (f32, f32) {
+    (f32::from_bits(word << 16), f32::from_bits(word & 0xFFFF_0000))
+}
+
+/// # Safety
+/// As [`run_kernel`] for the `4 × 16` tile.
+unsafe fn kernel_portable<const MR: usize, const NR: usize, const IN_PLACE: bool>(pairs: usize, a: *const u32, lda: usize, b: &[u32], tile: &mut [f32]) {
+    let mut acc = [[0f32; NR]; MR];
+    for (q, b) in b.chunks_exact(NR).take(pairs).enumerate() {
+        for (i, acc_row) in acc.iter_mut().enumerate() {
+            // SAFETY: the caller's contract on `a`.
+            let (a_even, a_odd) = widen(unsafe { a.add(if IN_PLACE { i * lda + q } else { q * MR + i }).read_unaligned() });
+            for (acc, &word) in acc_row.iter_mut().zip(b) {
+                let (b_even, b_odd) = widen(word);
+                // vdpbf16ps's order: the odd products first.
+                *acc = a_even.mul_add(b_even, a_odd.mul_add(b_odd, *acc));
+            }
+        }
+    }
+    for (row, acc_row) in tile.chunks_exact_mut(NR).zip(&acc) {
+        row.copy_from_slice(acc_row);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// `vdpbf16ps` micro-kernel: `MR` rows × `NV` vectors of 16 columns, each instruction
+    /// adding a pair step's two products per lane.
+    ///
+    /// # Safety
+    /// The CPU supports AVX512F and AVX512-BF16; `a` has the words of [`super::run_kernel`]
+    /// readable, `b` `pairs · NV · 16` words, `tile` room for `MR · NV · 16` values.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn kernel_avx512bf16<const MR: usize, const NV: usize, const IN_PLACE: bool>(
+        pairs: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        tile: *mut f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        for q in 0..pairs {
+            let mut bv = [_mm512_setzero_si512(); NV];
+            for (v, bv) in bv.iter_mut().enumerate() {
+                *bv = _mm512_loadu_si512(b.add((q * NV + v) * 16).cast());
+            }
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let word = a.add(if IN_PLACE { i * lda + q } else { q * MR + i }).read_unaligned();
+                // SAFETY: __m512i and __m512bh are both 64-byte vectors of plain bits.
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(word as i32));
+                for v in 0..NV {
+                    acc[v] = _mm512_dpbf16_ps(acc[v], av, std::mem::transmute::<__m512i, __m512bh>(bv[v]));
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            for (v, &acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(tile.add((i * NV + v) * 16), acc);
+            }
+        }
+    }
+
+    /// AVX-512F micro-kernel on pairs widened to f32 (a shift for the even value, a mask for
+    /// the odd one) and two fused multiply-adds.
+    ///
+    /// # Safety
+    /// The CPU supports AVX512F; otherwise as [`kernel_avx512bf16`].
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn kernel_avx512<const MR: usize, const NV: usize, const IN_PLACE: bool>(
+        pairs: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        tile: *mut f32,
+    ) {
+        let high = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
+        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        for q in 0..pairs {
+            let (mut even, mut odd) = ([_mm512_setzero_ps(); NV], [_mm512_setzero_ps(); NV]);
+            for v in 0..NV {
+                let words = _mm512_loadu_si512(b.add((q * NV + v) * 16).cast());
+                even[v] = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(words));
+                odd[v] = _mm512_castsi512_ps(_mm512_and_si512(words, high));
+            }
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let word = a.add(if IN_PLACE { i * lda + q } else { q * MR + i }).read_unaligned();
+                let (a_even, a_odd) = super::widen(word);
+                let (a_even, a_odd) = (_mm512_set1_ps(a_even), _mm512_set1_ps(a_odd));
+                for v in 0..NV {
+                    acc[v] = _mm512_fmadd_ps(a_even, even[v], _mm512_fmadd_ps(a_odd, odd[v], acc[v]));
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            for (v, &acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(tile.add((i * NV + v) * 16), acc);
+            }
+        }
+    }
+
+    /// AVX2 + FMA micro-kernel on widened pairs: `MR` rows × `NV` vectors of 8 columns.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 and FMA; `b` has `pairs · NV · 8` words, `tile` room for
+    /// `MR · NV · 8` values; `a` as [`kernel_avx512bf16`].
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn kernel_avx2<const MR: usize, const NV: usize, const IN_PLACE: bool>(
+        pairs: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        tile: *mut f32,
+    ) {
+        let high = _mm256_set1_epi32(0xFFFF_0000_u32 as i32);
+        let mut acc = [[_mm256_setzero_ps(); NV]; MR];
+        for q in 0..pairs {
+            let (mut even, mut odd) = ([_mm256_setzero_ps(); NV], [_mm256_setzero_ps(); NV]);
+            for v in 0..NV {
+                let words = _mm256_loadu_si256(b.add((q * NV + v) * 8).cast());
+                even[v] = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(words));
+                odd[v] = _mm256_castsi256_ps(_mm256_and_si256(words, high));
+            }
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let word = a.add(if IN_PLACE { i * lda + q } else { q * MR + i }).read_unaligned();
+                let (a_even, a_odd) = super::widen(word);
+                let (a_even, a_odd) = (_mm256_set1_ps(a_even), _mm256_set1_ps(a_odd));
+                for v in 0..NV {
+                    acc[v] = _mm256_fmadd_ps(a_even, even[v], _mm256_fmadd_ps(a_odd, odd[v], acc[v]));
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            for (v, &acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(tile.add((i * NV + v) * 8), acc);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gemm::tests::values;
+    use crate::ops::gemm::MatRef;
+
+    fn round(values: &[f32]) -> Vec<bf16> {
+        values.iter().map(|&v| bf16::from_bits(to_bf16_bits(v))).collect()
+    }
+
+    #[test]
+    fn rounding_matches_half() {
+        for v in values(10_000, 9).into_iter().chain([0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, 1e-40, 3.0e38]) {
+            assert_eq!(to_bf16_bits(v), bf16::from_f32(v).to_bits(), "{v}");
+        }
+        assert!(bf16::from_bits(to_bf16_bits(f32::NAN)).is_nan());
+    }
+
+    /// Every source pairing against an f64 product of the bf16-rounded operands, on odd
+    /// shapes (odd depths, partial tiles, one row, empty) at every level this CPU has.
+    #[test]
+    fn gemm_bf16_matches_f64_reference_on_odd_shapes_at_every_level() {
+        for isa in Isa::all_supported() {
+            for &(m, k, n) in &[(1, 1, 1), (0, 3, 4), (3, 0, 4), (5, 7, 0), (13, 300, 33), (25, 17, 65), (1, 513, 40), (241, 5, 31), (7, 1030, 1100), (12, 64, 32)] {
+                let a32 = values(m * k, 1);
+                let b32 = values(k * n, 2);
+                let (a16, bt16) = (round(&a32), round(&b32));
+                // Bᵀ as a bf16 weight (n × k).
+                let mut w32 = vec![0f32; n * k];
+                for p in 0..k {
+                    for j in 0..n {
+                        w32[j * k + p] = b32[p * n + j];
+                    }
+                }
+                let w16 = round(&w32);
+                let reference: Vec<f64> = (0..m * n)
+                    .map(|ij| (0..k).map(|p| a16[ij / n * k + p].to_f64() * bt16[p * n + ij % n].to_f64()).sum())
+                    .collect();
+                let bias: Vec<f32> = (0..m.max(n)).map(|i| i as f32 * 0.5).collect();
+                let a_view = MatRef::row_major(&a32, m, k).unwrap();
+                let b_view = MatRef::row_major(&b32, k, n).unwrap();
+                let a_weight = Bf16Matrix::new(&a16, m, k).unwrap();
+                let w = TransposedWeight(Bf16Matrix::new(&w16, n, k).unwrap());
+                let ldc = n + 3;
+                for (case, parallel) in [(0, false), (1, true), (2, true), (3, false)] {
+                    let mut c = vec![f32::NAN; m.max(1) * ldc];
+                    let (init, bias_of): (Init, &dyn Fn(usize, usize) -> f64) = match case {
+                        0 | 2 => (Init::RowBias(&bias), &|i, _| bias[i] as f64),
+                        _ => (Init::ColumnBias(&bias), &|_, j| bias[j] as f64),
+                    };
+                    match case {
+                        0 => gemm_bf16_with(isa, &mut c, ldc, ABf16::Weight(a_weight), &RoundedB { source: &b_view, isa }, init, parallel),
+                        1 => gemm_bf16_with(isa, &mut c, ldc, ABf16::F32(a_view), &w, init, parallel),
+                        2 => gemm_bf16_with(isa, &mut c, ldc, ABf16::Weight(a_weight), &w, init, parallel),
+                        _ => gemm_bf16_with(isa, &mut c, ldc, ABf16::F32(a_view), &RoundedB { source: &b_view, isa }, init, parallel),
+                    }
+                    for i in 0..m {
+                        for j in 0..n {
+                            let want = reference[i * n + j] + bias_of(i, j);
+                            let got = c[i * ldc + j] as f64;
+                            assert!((got - want).abs() <= 1e-4 * (1.0 + k as f64).sqrt(), "{isa:?} case {case} {m}x{k}x{n} ({i},{j}): {got} vs {want}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::ops::gemm::MatRef;
+    #[test]
+    #[ignore]
+    fn time_sources() {
+        let (m, k, n) = (2048, 2048, 2048);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
+        let a16: Vec<bf16> = a.iter().map(|&v| bf16::from_f32(v)).collect();
+        let b16: Vec<bf16> = b.iter().map(|&v| bf16::from_f32(v)).collect();
+        let mut c = vec![0f32; m * n];
+        let aw = Bf16Matrix::new(&a16, m, k).unwrap();
+        let bw = TransposedWeight(Bf16Matrix::new(&b16, n, k).unwrap());
+        let bv = MatRef::row_major(&b, k, n).unwrap();
+        let av = MatRef::row_major(&a, m, k).unwrap();
+        for _ in 0..2 {
+            let t = std::time::Instant::now();
+            gemm_bf16(&mut c, n, ABf16::Weight(aw), &bw, Init::Overwrite, true);
+            let t1 = t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            gemm_bf16(&mut c, n, ABf16::Weight(aw), &RoundedB::new(&bv), Init::Overwrite, true);
+            let t2 = t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            gemm_bf16(&mut c, n, ABf16::F32(av), &bw, Init::Overwrite, true);
+            let t3 = t.elapsed().as_secs_f64();
+            let f = 2.0 * (m * k * n) as f64 / 1e9;
+            println!("weight x weightT {:.0}  weight x rounded {:.0}  f32 x weightT {:.0} GFLOP/s", f / t1, f / t2, f / t3);
+        }
+    }
+}
