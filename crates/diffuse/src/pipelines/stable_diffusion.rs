@@ -207,11 +207,13 @@ impl StableDiffusionPipeline {
         let (te_dir, te_file, te_weights) = model("text_encoder", "model")?;
         let (unet_dir, unet_file, unet_weights) = model("unet", "diffusion_pytorch_model")?;
         let (vae_dir, vae_file, vae_weights) = model("vae", "diffusion_pytorch_model")?;
+        let vae_config = vae_dir.join("config.json");
         let components = Components {
             tokenizer: ClipTokenizer::from_folder(model_dir.join("tokenizer"))?,
             text_encoder: (load_component_config(&te_dir)?, te_weights, te_file),
             unet: (load_component_config(&unet_dir)?, unet_weights, unet_file),
-            vae: (AutoencoderConfig::from_json(&read_json_object(&vae_dir.join("config.json"))?, &vae_dir.join("config.json"))?, vae_weights, vae_file),
+            // An AutoencoderKL, or whichever autoencoder the config names (a folder may ship TAESD).
+            vae: (AutoencoderConfig::from_json(&read_json_object(&vae_config)?, &vae_config)?, vae_weights, vae_file),
             scheduler: resolve_scheduler(&model_dir.join("scheduler"), scheduler_name, scheduler_overrides)?,
         };
         let mut pipeline = Self::from_components(components.with_loras(&loras)?, model_dir, device, dtype)?;
