@@ -15,7 +15,10 @@ use candle_core::{DType, Device, Tensor};
 use clap::ArgMatches;
 use diffuse::loading::config::parse_override;
 use diffuse::pipelines::pixel::{PixelOptions, PixelPipeline};
-use diffuse::pipelines::stable_diffusion::{is_stable_diffusion_folder, PhaseTimes, StableDiffusionPipeline, TextToImageOptions};
+use diffuse::pipelines::stable_diffusion::{
+    is_stable_diffusion_folder, pipeline_class_name, PhaseTimes, PreviewSink, StableDiffusionPipeline, StepPreview, TextToImageOptions,
+    LCM_PIPELINE_DEFAULTS,
+};
 use diffuse::pipelines::{to_uint8_images, write_png};
 use diffuse::prompts::PromptSyntax;
 use diffuse::rng::TorchGenerator;
@@ -50,6 +53,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     negative_prompt: Option<String>,
     /// Classifier-free guidance scale; 1 or less turns guidance off (one UNet pass per step).
+    /// LCM-distilled UNets embed it instead (one pass per step always; default 8.5 for a
+    /// LatentConsistencyModelPipeline folder, as diffusers).
     #[arg(long, default_value_t = 7.5)]
     guidance_scale: f64,
     /// Guidance rescale (Lin et al. 2023), 0 to 1; helps zero-terminal-SNR models.
@@ -79,6 +84,21 @@ pub struct GenerateArgs {
     /// `<lora:NAME:TE_WEIGHT:UNET_WEIGHT>`) find NAME.safetensors.
     #[arg(long, value_name = "DIR")]
     lora_dir: Option<PathBuf>,
+    /// Replace the model's VAE with this autoencoder folder: an AutoencoderKL (e.g. an fp16-fixed
+    /// or fine-tuned VAE) or an AutoencoderTiny (TAESD: a fraction of the decode time), as
+    /// diffusers' `vae=`; or a repo id (madebyollin/taesd) already in the Hugging Face cache.
+    /// Its latent channels must match the UNet's.
+    #[arg(long, value_name = "DIR")]
+    vae: Option<PathBuf>,
+    /// Encode and decode in overlapping tiles, blended (diffusers' `enable_tiling()`: tiles of
+    /// the VAE's sample_size, 1/4 overlap; TAESD: 512-pixel tiles): large images in bounded
+    /// memory, at the cost of slightly different pixels.
+    #[arg(long)]
+    vae_tiling: bool,
+    /// Decode a batch one image at a time (diffusers' `enable_slicing()`): less memory for
+    /// --num-images, the same images.
+    #[arg(long)]
+    vae_slicing: bool,
     /// Weight precision: f32, f16 or bf16. On the CPU, bf16 halves the weights' memory and
     /// runs the matrix products about twice as fast (bf16 products, f32 sums; activations,
     /// norms and softmax stay f32); f16 is computed as bf16 there, the faster of the two.
@@ -91,7 +111,7 @@ pub struct GenerateArgs {
     /// string (e.g. timestep_spacing=trailing, rescale_betas_zero_snr=true). Repeatable.
     #[arg(long = "scheduler-config", value_name = "KEY=VALUE")]
     scheduler_config: Vec<String>,
-    /// Number of denoising steps.
+    /// Number of denoising steps (default 4 for a LatentConsistencyModelPipeline folder).
     #[arg(long, default_value_t = 50)]
     steps: usize,
     /// Random seed (as torch.manual_seed); chosen at random and printed when omitted.
@@ -119,6 +139,15 @@ pub struct GenerateArgs {
     /// Output PNG path.
     #[arg(long)]
     output: PathBuf,
+    /// Write a live preview to this PNG after every denoising step (replaced atomically): the
+    /// x₀ the model predicts at that step, decoded by --preview-vae (or the model's own VAE);
+    /// the batch side by side.
+    #[arg(long, value_name = "FILE.png")]
+    preview: Option<PathBuf>,
+    /// The autoencoder folder that decodes previews: a TAESD (AutoencoderTiny) costs little per
+    /// step. Default: the model's VAE (or --vae).
+    #[arg(long, value_name = "DIR", requires = "preview")]
+    preview_vae: Option<PathBuf>,
     /// Make an image again from the parameters in its PNG (written by diffuse or the
     /// AUTOMATIC1111 web UI), with the same model; flags given here win over the PNG's.
     #[arg(long, value_name = "FILE.png")]
@@ -130,14 +159,51 @@ pub struct GenerateArgs {
 }
 
 fn check_output(output: &Path) -> Result<()> {
+    check_png_path("--output", output)
+}
+
+/// A PNG path the run will write (`flag` names it in errors): a .png in an existing folder.
+fn check_png_path(flag: &str, output: &Path) -> Result<()> {
     if output.extension().and_then(|e| e.to_str()).map(|e| e.eq_ignore_ascii_case("png")) != Some(true) {
-        bail!("--output {} must end in .png", output.display());
+        bail!("{flag} {} must end in .png", output.display());
     }
     let parent = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !parent.is_dir() {
-        bail!("--output {}: the folder {} does not exist", output.display(), parent.display());
+        bail!("{flag} {}: the folder {} does not exist", output.display(), parent.display());
     }
     Ok(())
+}
+
+/// An autoencoder given as a folder, or as a Hugging Face repo id (`madebyollin/taesd`) found
+/// in the local cache (`--revision`'s branch is the model's: a VAE repo is looked up at `main`).
+/// Single-model repos are not downloaded: the error says how to get one.
+fn resolve_autoencoder(flag: &str, spec: &Path) -> Result<PathBuf> {
+    let text = spec.to_string_lossy();
+    let mut parts = text.split('/');
+    let is_repo_id = matches!((parts.next(), parts.next(), parts.next()), (Some(org), Some(repo), None)
+        if [org, repo].iter().all(|s| !s.is_empty() && !s.starts_with('.') && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))));
+    if spec.exists() || !is_repo_id {
+        return Ok(spec.to_path_buf());
+    }
+    let cache = diffuse::loading::hub::cache_dir()?;
+    match diffuse::loading::hub::resolve_in_cache(&cache, &text, "main")? {
+        Some(snapshot) => Ok(snapshot),
+        None => bail!(
+            "{flag} {text}: no such folder, and the repo {text} is not in the Hugging Face cache ({}); \
+             download it first (`huggingface-cli download {text}`) or give its folder",
+            cache.display()
+        ),
+    }
+}
+
+/// The `--preview` sink: the batch's images side by side, written through a temporary file
+/// and renamed, so a reader never sees a partial PNG.
+fn preview_sink(path: PathBuf) -> PreviewSink {
+    Box::new(move |step, images| {
+        let row = Tensor::cat(&images.chunk(images.dim(0)?, 0)?, 3)?;
+        let (width, height, channels, pixels) = to_uint8_images(&row)?.swap_remove(0);
+        write_png(&path, width, height, channels, &pixels, &[("preview step", step.to_string())])
+    })
 }
 
 /// The path of image `index` of the `count` a run writes (named when written, so that no list
@@ -207,6 +273,9 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
         bail!("--num-images must be at least 1");
     }
     check_output(&args.output)?;
+    if let Some(preview) = &args.preview {
+        check_png_path("--preview", preview)?;
+    }
     let written = if keep.is_some() { 1 } else { args.num_images };
     if args.steps == 0 {
         bail!("--steps must be at least 1");
@@ -243,6 +312,17 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
     if single_file && args.variant.is_some() {
         bail!("--variant selects weight files in a diffusers folder; {model} is a single checkpoint file");
     }
+    // LatentConsistencyModelPipeline folders run with that pipeline's defaults where neither
+    // the command line nor --from says otherwise.
+    if !single_file && recalled.is_none() && pipeline_class_name(&model_path).as_deref() == Some("LatentConsistencyModelPipeline") {
+        let given = |id: &str| matches.and_then(|m| m.value_source(id)) == Some(clap::parser::ValueSource::CommandLine);
+        if !given("steps") {
+            args.steps = LCM_PIPELINE_DEFAULTS.0;
+        }
+        if !given("guidance_scale") {
+            args.guidance_scale = LCM_PIPELINE_DEFAULTS.1;
+        }
+    }
     // A scheduler override for every model (so that the image's metadata records it); a single
     // file is also told directly, which checks the value up front.
     if let Some(prediction_type) = &args.prediction_type {
@@ -262,7 +342,7 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
             bail!("--class-label is for class-conditional pixel-space models; this is a Stable Diffusion model");
         }
         let quiet = args.quiet;
-        let start_from = args.start.load(args.steps, &device, &mut |w| if !quiet { eprintln!("warning: {w}") })?;
+        let start_from = args.start.load(&device, &mut |w| if !quiet { eprintln!("warning: {w}") })?;
         let scheduler_name = args.scheduler.as_deref();
         let loras = loras::resolve(&args, &mut |warning| if !quiet { eprintln!("warning: {warning}") })?;
         let mut pipeline = if single_file {
@@ -280,6 +360,26 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
             let variant = args.variant.as_deref();
             StableDiffusionPipeline::load_with_loras(&model_path, scheduler_name, &overrides, variant, &loras.specs, &device, dtype)?
         };
+        if let Some(vae) = &args.vae {
+            let dir = resolve_autoencoder("--vae", vae)?;
+            pipeline.replace_vae(&dir, None).with_context(|| format!("--vae {}", vae.display()))?;
+        }
+        if let Some(preview) = &args.preview {
+            let vae = match &args.preview_vae {
+                Some(spec) => {
+                    let dir = resolve_autoencoder("--preview-vae", spec)?;
+                    Some(pipeline.load_vae(&dir, None).with_context(|| format!("--preview-vae {}", spec.display()))?)
+                }
+                None => None,
+            };
+            pipeline.preview = Some(StepPreview { vae, sink: preview_sink(preview.clone()) });
+        }
+        if args.vae_tiling {
+            pipeline.enable_vae_tiling();
+        }
+        if args.vae_slicing {
+            pipeline.enable_vae_slicing();
+        }
         loras::report(&pipeline.loras, args.quiet);
         lora_entries = loras::infotext_entries(&loras, args.quiet);
         if let Start::Latents { latents, metadata } = &start_from {
@@ -333,6 +433,12 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
     } else {
         if args.prompt.is_some() || args.negative_prompt.is_some() {
             bail!("--prompt needs a Stable Diffusion folder (text_encoder/, vae/); {model} is a pixel-space model");
+        }
+        if args.preview.is_some() {
+            bail!("--preview needs a Stable Diffusion model (it decodes latents); {model} is a pixel-space model");
+        }
+        if args.vae.is_some() || args.vae_tiling || args.vae_slicing {
+            bail!("--vae, --vae-tiling and --vae-slicing need a Stable Diffusion model (a latent-space pipeline); {model} is a pixel-space model");
         }
         if !args.lora.is_empty() {
             bail!("--lora needs a Stable Diffusion model (a UNet and text encoder to adapt); {model} is a pixel-space model");

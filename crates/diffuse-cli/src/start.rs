@@ -56,7 +56,7 @@ impl StartArgs {
 
     /// Checks the combination and reads the files (the image, mask or latents), naming the
     /// file that cannot be read; `warn` hears about a mask of another size than the image.
-    pub fn load(&self, steps: usize, device: &Device, warn: &mut dyn FnMut(String)) -> Result<Start> {
+    pub fn load(&self, device: &Device, warn: &mut dyn FnMut(String)) -> Result<Start> {
         if self.mask.is_some() && self.init_image.is_none() {
             bail!("--mask needs --init-image: the image to inpaint");
         }
@@ -76,9 +76,6 @@ impl StartArgs {
         let strength = self.effective_strength().unwrap_or(0.8);
         if !(0.0..=1.0).contains(&strength) {
             bail!("--strength must be in [0, 1], got {strength}");
-        }
-        if steps > 0 && ((steps as f64 * strength) as usize).min(steps) == 0 {
-            bail!("--strength {strength} with {steps} steps runs no denoising step (it runs int(steps × strength) steps)");
         }
         let image = Image8::load_rgb(image_path)?;
         let mask = match &self.mask {
@@ -115,6 +112,12 @@ impl Start {
             pipeline.check_text_to_image_unet()?;
             return Ok(());
         };
+        let (steps, strength) = (options.num_inference_steps, condition.strength);
+        // LCM's image-to-image schedules strength itself (its scheduler refuses what it cannot).
+        let lcm = condition.mask.is_none() && pipeline.lcm_image_to_image();
+        if !lcm && steps > 0 && ((steps as f64 * strength) as usize).min(steps) == 0 {
+            bail!("--strength {strength} with {steps} steps runs no denoising step (it runs int(steps × strength) steps)");
+        }
         let (height, width) = pipeline.validate_image_request(options, &condition)?;
         let image = condition.image;
         let image_size = (image.height - image.height % 8, image.width - image.width % 8);

@@ -305,6 +305,184 @@ fn image_to_image_and_inpainting_match_diffusers() {
     assert!(psnr >= 40.0, "4-channel inpainting PSNR {psnr}");
 }
 
+/// `--vae` replaces the pipeline's VAE (vae_taesd_lcm_4_no_guidance and vae_taesd_img2img of
+/// tools/fixtures/vae_taesd_tiling.py), and refuses what is not an autoencoder for this UNet.
+#[test]
+fn vae_flag_replaces_the_vae() {
+    let dir = scratch("vae");
+    let sd1 = fixtures().join("sd/sd1");
+    let taesd = fixtures().join("vae/taesd");
+    let out = dir.join("lcm.png");
+    let (ok, stdout, stderr) = diffuse(&[
+        "generate", "--model", sd1.to_str().unwrap(), "--vae", taesd.to_str().unwrap(), "--prompt", "a photo of a cat",
+        "--scheduler", "lcm", "--steps", "4", "--guidance-scale", "1", "--num-images", "2", "--seed", "32", "--quiet",
+        "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    let (first, text) = decode_png(&dir.join("lcm-0.png"));
+    let second = decode_png(&dir.join("lcm-1.png")).0;
+    let psnr = psnr_against(&[first, second].concat(), &fixtures().join("sd/cases/vae_taesd_lcm_4_no_guidance.safetensors"));
+    assert!(psnr >= 40.0, "PSNR {psnr}");
+    assert!(text.iter().any(|(k, v)| k == "parameters" && v.contains("VAE: taesd")), "{text:?}");
+
+    let out = dir.join("i2i.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", sd1.to_str().unwrap(), "--vae", taesd.to_str().unwrap(), "--prompt", "a photo of a cat",
+        "--init-image", fixtures().join("img2img/inputs/init_64x64.png").to_str().unwrap(), "--strength", "0.75",
+        "--scheduler", "ddim", "--steps", "8", "--seed", "33", "--quiet", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let psnr = psnr_against(&decode_png(&out).0, &fixtures().join("img2img/cases/vae_taesd_img2img.safetensors"));
+    assert!(psnr >= 40.0, "image-to-image PSNR {psnr}");
+
+    let bad = dir.join("bad.png");
+    let run = |vae: &Path, needle: &str| {
+        assert_fails_with(
+            &["generate", "--model", sd1.to_str().unwrap(), "--vae", vae.to_str().unwrap(), "--prompt", "x", "--steps", "1",
+              "--output", bad.to_str().unwrap()],
+            needle,
+        );
+    };
+    run(&sd1.join("unet"), "not an autoencoder this pipeline can use: the config names `UNet2DConditionModel`");
+    run(&sd1, "(a pipeline folder: its VAE is in vae/)");
+    run(&dir.join("missing"), "not an autoencoder folder");
+    // Latent channels that are not the UNet's: both named.
+    let wide = dir.join("wide-vae");
+    copy_dir(&sd1.join("vae"), &wide);
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(wide.join("config.json")).unwrap()).unwrap();
+    config["latent_channels"] = serde_json::json!(2);
+    config["use_quant_conv"] = serde_json::json!(false);
+    config["use_post_quant_conv"] = serde_json::json!(false);
+    std::fs::write(wide.join("config.json"), config.to_string()).unwrap();
+    let weights = candle_core::safetensors::load(wide.join("diffusion_pytorch_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let mut weights: std::collections::HashMap<String, candle_core::Tensor> = weights;
+    let zeros = |shape: &[usize]| candle_core::Tensor::zeros(shape, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    weights.insert("encoder.conv_out.weight".into(), zeros(&[4, 16, 3, 3]));
+    weights.insert("encoder.conv_out.bias".into(), zeros(&[4]));
+    weights.insert("decoder.conv_in.weight".into(), zeros(&[16, 2, 3, 3]));
+    candle_core::safetensors::save(&weights, wide.join("diffusion_pytorch_model.safetensors")).unwrap();
+    run(&wide, "has 2 latent channels, but the UNet of");
+    let (_, _, stderr) = diffuse(&["generate", "--model", sd1.to_str().unwrap(), "--vae", wide.to_str().unwrap(), "--prompt", "x",
+        "--steps", "1", "--output", bad.to_str().unwrap()]);
+    assert!(stderr.contains("wide-vae") && stderr.contains("takes 4 input channels"), "{stderr}");
+    assert!(!bad.exists());
+    let pixel = fixtures().join("pixel/uncond");
+    assert_fails_with(
+        &["generate", "--model", pixel.to_str().unwrap(), "--vae", taesd.to_str().unwrap(), "--output", bad.to_str().unwrap()],
+        "--vae-slicing need a Stable Diffusion model",
+    );
+}
+
+/// `--vae-tiling` (vae_tiling_t2i_96: sd1's VAE tiles above 64 pixels), recorded in the PNG so
+/// that `--from` tiles again; `--vae-slicing` (vae_slicing_batch).
+#[test]
+fn vae_tiling_and_slicing_flags() {
+    let dir = scratch("vae-tiling");
+    let sd1 = fixtures().join("sd/sd1");
+    let out = dir.join("tiled.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", sd1.to_str().unwrap(), "--vae-tiling", "--prompt", "a photo of a cat", "--scheduler", "euler",
+        "--steps", "8", "--width", "96", "--height", "96", "--seed", "41", "--quiet", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let (pixels, text) = decode_png(&out);
+    let psnr = psnr_against(&pixels, &fixtures().join("sd/cases/vae_tiling_t2i_96.safetensors"));
+    assert!(psnr >= 40.0, "PSNR {psnr}");
+    assert!(text.iter().any(|(k, v)| k == "parameters" && v.contains("VAE tiling: true")), "{text:?}");
+    let again = dir.join("again.png");
+    let (ok, _, stderr) =
+        diffuse(&["generate", "--from", out.to_str().unwrap(), "--model", sd1.to_str().unwrap(), "--output", again.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(!stderr.contains("ignored"), "{stderr}");
+    assert_eq!(decode_png(&again).0, pixels, "--from tiles again");
+
+    let out = dir.join("sliced.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", sd1.to_str().unwrap(), "--vae-slicing", "--prompt", "a photo of a cat", "--scheduler",
+        "euler-ancestral", "--steps", "8", "--num-images", "2", "--seed", "43", "--quiet", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let pixels = [decode_png(&dir.join("sliced-0.png")).0, decode_png(&dir.join("sliced-1.png")).0].concat();
+    let psnr = psnr_against(&pixels, &fixtures().join("sd/cases/vae_slicing_batch.safetensors"));
+    assert!(psnr >= 40.0, "PSNR {psnr}");
+}
+
+/// A LatentConsistencyModelPipeline folder (tools/fixtures/lcm_unet.py) runs with that
+/// pipeline's defaults (4 steps, guidance 8.5: lcm_unet_4_steps); a negative prompt is ignored
+/// with a warning.
+#[test]
+fn lcm_pipeline_folders_run_with_their_defaults() {
+    let dir = scratch("lcm-unet");
+    let lcm = fixtures().join("sd/lcm");
+    let out = dir.join("lcm.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", lcm.to_str().unwrap(), "--prompt", "a photo of a cat", "--negative-prompt", "blurry", "--seed",
+        "51", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("negative prompt is ignored"), "{stderr}");
+    let (pixels, text) = decode_png(&out);
+    let psnr = psnr_against(&pixels, &fixtures().join("sd/cases/lcm_unet_4_steps.safetensors"));
+    assert!(psnr >= 40.0, "PSNR {psnr}");
+    let parameters = &text.iter().find(|(k, _)| k == "parameters").expect("parameters chunk").1;
+    assert!(parameters.contains("Steps: 4") && parameters.contains("CFG scale: 8.5"), "{parameters}");
+    // Given flags win.
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", lcm.to_str().unwrap(), "--prompt", "a photo of a cat", "--steps", "2", "--guidance-scale", "1",
+        "--num-images", "2", "--seed", "52", "--quiet", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let pixels = [decode_png(&dir.join("lcm-0.png")).0, decode_png(&dir.join("lcm-1.png")).0].concat();
+    let psnr = psnr_against(&pixels, &fixtures().join("sd/cases/lcm_unet_guidance_1_batch.safetensors"));
+    assert!(psnr >= 40.0, "PSNR {psnr}");
+}
+
+/// `--preview` rewrites a PNG after every step (the batch side by side, decoded by
+/// `--preview-vae`), never leaving a temporary file; into a missing folder it is refused as
+/// `--output` is.
+#[test]
+fn preview_is_written_each_step() {
+    let dir = scratch("preview");
+    let sd1 = fixtures().join("sd/sd1");
+    let taesd = fixtures().join("vae/taesd");
+    let out = dir.join("out.png");
+    let preview = dir.join("preview.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", sd1.to_str().unwrap(), "--prompt", "a photo of a cat", "--scheduler", "ddim", "--steps", "3", "--num-images", "2",
+        "--seed", "1", "--preview", preview.to_str().unwrap(), "--preview-vae", taesd.to_str().unwrap(), "--quiet",
+        "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&preview).unwrap()));
+    let reader = decoder.read_info().unwrap();
+    assert_eq!((reader.info().width, reader.info().height), (128, 64));
+    let (_, text) = decode_png(&preview);
+    assert!(text.iter().any(|(k, v)| k == "preview step" && v == "3"), "{text:?}");
+    let leftovers: Vec<_> =
+        std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp")).collect();
+    assert!(leftovers.is_empty());
+
+    let missing = dir.join("no-such-folder/preview.png");
+    let bad_out = dir.join("bad.png");
+    assert_fails_with(
+        &["generate", "--model", sd1.to_str().unwrap(), "--prompt", "x", "--steps", "1", "--preview", missing.to_str().unwrap(),
+          "--output", bad_out.to_str().unwrap()],
+        &format!("--preview {}: the folder {} does not exist", missing.display(), dir.join("no-such-folder").display()),
+    );
+    assert_fails_with(
+        &["generate", "--model", sd1.to_str().unwrap(), "--prompt", "x", "--steps", "1", "--preview", dir.join("p.jpg").to_str().unwrap(),
+          "--output", bad_out.to_str().unwrap()],
+        "must end in .png",
+    );
+    assert_fails_with(
+        &["generate", "--model", sd1.to_str().unwrap(), "--prompt", "x", "--steps", "1", "--preview", preview.to_str().unwrap(),
+          "--preview-vae", sd1.join("unet").to_str().unwrap(), "--output", bad_out.to_str().unwrap()],
+        "--preview-vae",
+    );
+    assert!(!bad_out.exists());
+}
+
 #[test]
 fn invert_then_generate_from_the_latents() {
     let dir = scratch("invert");
@@ -598,6 +776,43 @@ fn repo_id_resolves_in_the_hugging_face_cache_offline() {
     assert!(!missing.status.success() && !stderr.contains("panicked"), "{stderr}");
     assert!(stderr.contains(cache.to_str().unwrap()) && stderr.contains("HF_HUB_OFFLINE"), "should say where it looked: {stderr}");
     assert!(!out.exists());
+}
+
+/// `--vae ORG/NAME` (and `--preview-vae`) finds an autoencoder repo in the Hugging Face cache;
+/// one that is not there is an error saying where it looked and how to get it.
+#[test]
+fn vae_repo_id_resolves_in_the_hugging_face_cache() {
+    let dir = scratch("hub-vae");
+    let out = dir.join("taesd.png");
+    let cache = dir.join("cache");
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    let repo = cache.join("models--diffuse-test--taesd");
+    copy_dir(&fixtures().join("vae/taesd"), &repo.join("snapshots").join(commit));
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let sd1 = fixtures().join("sd/sd1");
+    let run = |vae: &str| {
+        Command::new(env!("CARGO_BIN_EXE_diffuse"))
+            .args([
+                "generate", "--model", sd1.to_str().unwrap(), "--vae", vae, "--prompt", "a photo of a cat", "--scheduler", "lcm",
+                "--steps", "4", "--guidance-scale", "1", "--num-images", "2", "--seed", "32", "--quiet", "--output",
+                out.to_str().unwrap(),
+            ])
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .env("DIFFUSE_CACHE_DIR", dir.join("diffuse-cache"))
+            .output()
+            .unwrap()
+    };
+    let ok = run("diffuse-test/taesd");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let pixels = [decode_png(&dir.join("taesd-0.png")).0, decode_png(&dir.join("taesd-1.png")).0].concat();
+    let psnr = psnr_against(&pixels, &fixtures().join("sd/cases/vae_taesd_lcm_4_no_guidance.safetensors"));
+    assert!(psnr >= 40.0, "PSNR {psnr}");
+    let missing = run("diffuse-test/not-downloaded");
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success() && !stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("not in the Hugging Face cache") && stderr.contains(cache.to_str().unwrap()), "{stderr}");
 }
 
 /// A single-file checkpoint (converted from a diffusers folder by tools/fixtures/

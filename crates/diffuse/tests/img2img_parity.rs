@@ -131,6 +131,20 @@ fn run_case(case: &str) {
     let expected = load_tensors(&dir().join("cases").join(format!("{case}.safetensors")));
     let mut pipeline = load(&meta);
     assert_eq!(pipeline.scheduler.class_name, meta["scheduler_class"].as_str().unwrap(), "{case}: scheduler class");
+    // An LCM folder run through StableDiffusionImg2ImgPipeline rather than its own
+    // LatentConsistencyModelImg2ImgPipeline.
+    if meta.get("pipeline").and_then(|p| p.as_str()) == Some("StableDiffusionImg2ImgPipeline") {
+        pipeline.pipeline_class = "StableDiffusionPipeline".to_string();
+    }
+    if let Some(vae) = meta.get("vae").and_then(|v| v.as_str()) {
+        pipeline.replace_vae(&fixtures_dir().join(vae), None).unwrap_or_else(|e| panic!("{case}: {e}"));
+    }
+    if meta.get("vae_tiling").and_then(|v| v.as_bool()) == Some(true) {
+        pipeline.enable_vae_tiling();
+    }
+    if meta.get("vae_slicing").and_then(|v| v.as_bool()) == Some(true) {
+        pipeline.enable_vae_slicing();
+    }
     let image = input(meta["image"].as_str().unwrap());
     let mask = meta.get("mask").and_then(|m| m.as_str()).map(input);
     let condition = ImageCondition { image: &image, mask: mask.as_ref(), strength: meta["strength"].as_f64().unwrap() };
@@ -173,6 +187,44 @@ fn inpainting_with_9_channel_unets_matches_diffusers() {
     for case in cases_with_prefix("inpaint9_") {
         run_case(&case);
     }
+}
+
+/// `vae=` an AutoencoderTiny (TAESD, tools/fixtures/vae_taesd_tiling.py): its encoder's latents
+/// are taken as they are (no posterior sample drawn from the generator).
+#[test]
+fn image_to_image_and_inpainting_with_taesd_match_diffusers() {
+    for case in cases_with_prefix("vae_taesd_") {
+        run_case(&case);
+    }
+}
+
+/// Tiled encoding and decoding (sd1's VAE has sample_size 64): a 112×96 init image encoded in
+/// 64-pixel tiles, and 4-channel inpainting at 160×96.
+#[test]
+fn image_to_image_and_inpainting_with_vae_tiling_match_diffusers() {
+    for case in cases_with_prefix("vae_tiling_") {
+        run_case(&case);
+    }
+}
+
+/// An LCM-distilled UNet (tools/fixtures/lcm_unet.py) through LatentConsistencyModelImg2ImgPipeline
+/// (strength applied by LCMScheduler.set_timesteps; 4 steps at strength 0.2 run) and through
+/// StableDiffusionImg2ImgPipeline: the guidance embedding passed as timestep_cond, no
+/// classifier-free guidance.
+#[test]
+fn image_to_image_with_an_lcm_distilled_unet_matches_diffusers() {
+    let cases = cases_with_prefix("lcm_unet_");
+    assert_eq!(cases.len(), 3);
+    for case in cases {
+        run_case(&case);
+    }
+    // Strength 0.2 with 4 steps is refused by StableDiffusionImg2ImgPipeline's rule only.
+    let pipeline = load(&meta("lcm_unet_lcm_img2img_s02_batch"));
+    assert!(pipeline.lcm_image_to_image());
+    let image = input("init_80x48");
+    let condition = ImageCondition { image: &image, mask: None, strength: 0.2 };
+    let opts = TextToImageOptions { num_inference_steps: 4, ..options(&meta("lcm_unet_lcm_img2img_s02_batch")) };
+    assert!(pipeline.validate_image_request(&opts, &condition).is_ok());
 }
 
 #[test]

@@ -167,7 +167,8 @@ fn unsupported_settings_are_named() {
     refused(&|c| c.encoder_hid_dim = Some(32), "encoder_hid_dim");
     refused(&|c| c.encoder_hid_dim_type = Some("image_proj".into()), "encoder_hid_dim_type");
     refused(&|c| c.class_embed_type = Some("projection".into()), "class_embed_type");
-    refused(&|c| c.time_cond_proj_dim = Some(256), "time_cond_proj_dim");
+    // LCM-distilled UNets load, but only with their guidance projection's weights.
+    refused(&|c| c.time_cond_proj_dim = Some(256), "time_embedding.cond_proj");
     refused(&|c| c.num_attention_heads = Some(PerBlock::One(8)), "num_attention_heads");
     refused(&|c| c.dual_cross_attention = true, "dual_cross_attention");
     refused(&|c| c.attention_type = "gated".into(), "attention_type");
@@ -197,6 +198,10 @@ fn inputs_are_checked() {
     assert!(error.contains("encoder_hidden_states"), "{error}");
     let wrong_channels = Tensor::zeros((2, 9, 8, 8), DType::F32, &Device::Cpu).unwrap();
     assert!(model.forward(&wrong_channels, timesteps, context).is_err());
+    // A guidance embedding for a UNet that has no time_cond_proj_dim.
+    let cond = Tensor::zeros((2, 16), DType::F32, &Device::Cpu).unwrap();
+    let error = model.forward_with_conditions(sample, timesteps, context, None, Some(&cond)).unwrap_err().to_string();
+    assert!(error.contains("time_cond_proj_dim"), "{error}");
     let three_timesteps = Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap();
     assert!(model.forward(sample, &three_timesteps, context).is_err());
     let labels = Tensor::new(&[1u32, 2], &Device::Cpu).unwrap();

@@ -55,6 +55,10 @@ pub(super) struct Made {
 
 /// The infotext key of `--prompt-syntax` (written when it is not diffusers').
 const PROMPT_SYNTAX_KEY: &str = "Prompt syntax";
+/// A1111's key for a VAE other than the checkpoint's own (its folder's name here).
+const VAE_KEY: &str = "VAE";
+/// Tiled VAE encoding and decoding change the pixels: recorded so that `--from` tiles again.
+const VAE_TILING_KEY: &str = "VAE tiling";
 
 /// The infotext of image `index` of a run.
 pub(super) fn infotext(args: &GenerateArgs, made: &Made, index: usize) -> String {
@@ -95,6 +99,8 @@ pub(super) fn infotext(args: &GenerateArgs, made: &Made, index: usize) -> String
             syntax => vec![(PROMPT_SYNTAX_KEY.to_string(), syntax.to_string())],
         }
         .into_iter()
+        .chain(args.vae.as_deref().map(|vae| (VAE_KEY.to_string(), model_name(&vae.display().to_string()))))
+        .chain(args.vae_tiling.then(|| (VAE_TILING_KEY.to_string(), "true".to_string())))
         .chain(made.loras.iter().cloned())
         .collect(),
     }
@@ -274,6 +280,15 @@ pub(super) fn recall(args: &mut GenerateArgs, matches: Option<&ArgMatches>) -> R
         args.prompt_syntax = recorded_syntax.unwrap_or_else(|| if by_diffuse { "diffusers" } else { "a1111" }.to_string());
     }
 
+    // The VAE: tiling as recorded; another VAE only from --vae (the PNG holds its name only).
+    let recorded = |key: &str| params.extra.iter().find(|(k, _)| k == key).map(|(_, value)| value.clone());
+    if !given("vae_tiling") && recorded(VAE_TILING_KEY).as_deref() == Some("true") {
+        args.vae_tiling = true;
+    }
+    if let Some(vae) = recorded(VAE_KEY).filter(|_| args.vae.is_none() && !args.quiet) {
+        eprintln!("warning: --from: the image was decoded by the VAE `{vae}`; give its folder with --vae to decode as it was");
+    }
+
     // The LoRAs: `--lora` ones from --lora-dir, tags from the prompt; their hashes checked.
     loras::recall(args, &params, given("lora"), &path)?;
     let loras_found = loras::resolve(args, &mut |_| {}).is_ok_and(|loras| loras::check_hashes(&params, &loras, args.quiet));
@@ -281,7 +296,10 @@ pub(super) fn recall(args: &mut GenerateArgs, matches: Option<&ArgMatches>) -> R
         .extra
         .iter()
         .map(|(key, _)| key.as_str())
-        .filter(|&key| key != PROMPT_SYNTAX_KEY && key != loras::WEIGHTS_KEY && !(key == loras::HASHES_KEY && loras_found))
+        .filter(|&key| {
+            let known = [PROMPT_SYNTAX_KEY, VAE_KEY, VAE_TILING_KEY, loras::WEIGHTS_KEY].contains(&key);
+            !(known || (key == loras::HASHES_KEY && loras_found))
+        })
         .collect();
     if !ignored.is_empty() && !args.quiet {
         eprintln!("warning: --from: diffuse has no equivalent for these settings, which are ignored: {}", ignored.join(", "));

@@ -1,6 +1,6 @@
 //! `AutoencoderKL`, the variational autoencoder of Stable Diffusion that maps images to
-//! latents and back; port of diffusers/models/autoencoders/autoencoder_kl.py (without
-//! slicing and tiling).
+//! latents and back; port of diffusers/models/autoencoders/autoencoder_kl.py, with its slicing
+//! (one image at a time) and tiling (overlapping tiles, linearly blended).
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
@@ -80,6 +80,16 @@ pub struct AutoencoderKL {
     decoder: Decoder,
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
+    /// `enable_slicing()`: batches go through the encoder and decoder one image at a time.
+    pub use_slicing: bool,
+    /// `enable_tiling()`: images larger than `tile_sample_min_size` (latents larger than
+    /// `tile_latent_min_size`) are encoded (decoded) in overlapping tiles.
+    pub use_tiling: bool,
+    /// The config's `sample_size` (its first entry when it is a pair).
+    pub tile_sample_min_size: usize,
+    /// `int(sample_size / 2 ** (len(block_out_channels) - 1))`.
+    pub tile_latent_min_size: usize,
+    pub tile_overlap_factor: f64,
 }
 
 impl AutoencoderKL {
@@ -126,7 +136,30 @@ impl AutoencoderKL {
         } else {
             None
         };
-        Ok(Self { config: config.clone(), encoder, decoder, quant_conv, post_quant_conv })
+        let tile_sample_min_size = config.sample_size.height_width().0;
+        let tile_latent_min_size = tile_sample_min_size >> config.block_out_channels.len().saturating_sub(1);
+        Ok(Self {
+            config: config.clone(),
+            encoder,
+            decoder,
+            quant_conv,
+            post_quant_conv,
+            use_slicing: false,
+            use_tiling: false,
+            tile_sample_min_size,
+            tile_latent_min_size,
+            tile_overlap_factor: 0.25,
+        })
+    }
+
+    /// `enable_tiling()`.
+    pub fn enable_tiling(&mut self) {
+        self.use_tiling = true;
+    }
+
+    /// `enable_slicing()`.
+    pub fn enable_slicing(&mut self) {
+        self.use_slicing = true;
     }
 
     pub fn config(&self) -> &AutoencoderKLConfig {
@@ -144,23 +177,160 @@ impl AutoencoderKL {
     /// not scaled: pipelines multiply them by `scaling_factor` themselves.
     pub fn encode(&self, x: &Tensor) -> Result<DiagonalGaussianDistribution> {
         check_input("encode", "images", x, self.config.in_channels)?;
-        let mut parameters = self.encoder.forward(x)?;
-        if let Some(quant_conv) = &self.quant_conv {
-            parameters = quant_conv.forward(&parameters)?;
-        }
+        let parameters = self.sliced(x, |x| self.encode_moments(x))?;
         DiagonalGaussianDistribution::new(&parameters)
+    }
+
+    /// `_encode`: the posterior's parameters, tiled when tiling is on and the image is larger
+    /// than a tile.
+    fn encode_moments(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, height, width) = x.dims4()?;
+        if self.use_tiling && (width > self.tile_sample_min_size || height > self.tile_sample_min_size) {
+            return self.tiled_encode(x);
+        }
+        self.encode_tile(x)
+    }
+
+    fn encode_tile(&self, x: &Tensor) -> Result<Tensor> {
+        let parameters = self.encoder.forward(x)?;
+        match &self.quant_conv {
+            Some(quant_conv) => quant_conv.forward(&parameters),
+            None => Ok(parameters),
+        }
     }
 
     /// Decodes latents `[B, latent_channels, h, w]` (unscaled) into images
     /// `[B, out_channels, h × f, w × f]` (`decode(z).sample`, values nominally in [-1, 1]).
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         check_input("decode", "latents", z, self.config.latent_channels)?;
+        self.sliced(z, |z| {
+            let (_, _, height, width) = z.dims4()?;
+            if self.use_tiling && (width > self.tile_latent_min_size || height > self.tile_latent_min_size) {
+                return self.tiled_decode(z);
+            }
+            self.decode_tile(z)
+        })
+    }
+
+    fn decode_tile(&self, z: &Tensor) -> Result<Tensor> {
         let z = match &self.post_quant_conv {
             Some(post_quant_conv) => post_quant_conv.forward(z)?,
             None => z.clone(),
         };
         self.decoder.forward(&z)
     }
+
+    /// With slicing, `f` of each batch item, concatenated; else `f` of the whole batch.
+    fn sliced(&self, x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let batch = x.dim(0)?;
+        if !self.use_slicing || batch == 1 {
+            return f(x);
+        }
+        let slices = (0..batch).map(|i| f(&x.narrow(0, i, 1)?)).collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&slices, 0)?)
+    }
+
+    /// Tiles must hold at least one latent element (diffusers would loop forever).
+    fn check_tiles(&self) -> Result<()> {
+        if self.tile_latent_min_size == 0 || self.tile_sample_min_size == 0 {
+            bail!(
+                "AutoencoderKL tiling: sample_size {} is smaller than one latent element ({} pixels)",
+                self.tile_sample_min_size,
+                self.scale_factor()
+            );
+        }
+        Ok(())
+    }
+
+    /// `_tiled_encode`: `tile_sample_min_size` tiles every `tile_sample_min_size × (1 - overlap)`
+    /// pixels, each encoded alone; their latents blended with the tile above and to the left
+    /// over `tile_latent_min_size × overlap` rows and columns, and cropped.
+    fn tiled_encode(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_tiles()?;
+        let overlap_size = (self.tile_sample_min_size as f64 * (1.0 - self.tile_overlap_factor)) as usize;
+        let blend_extent = (self.tile_latent_min_size as f64 * self.tile_overlap_factor) as usize;
+        let row_limit = self.tile_latent_min_size - blend_extent;
+        let tile = self.tile_sample_min_size;
+        tiled(x, overlap_size, tile, blend_extent, row_limit, |tile| self.encode_tile(tile))
+    }
+
+    /// `tiled_decode`: `tile_latent_min_size` latent tiles every `tile_latent_min_size × (1 -
+    /// overlap)` latents, each decoded alone; the images blended over `tile_sample_min_size ×
+    /// overlap` pixels and cropped.
+    fn tiled_decode(&self, z: &Tensor) -> Result<Tensor> {
+        self.check_tiles()?;
+        let overlap_size = (self.tile_latent_min_size as f64 * (1.0 - self.tile_overlap_factor)) as usize;
+        let blend_extent = (self.tile_sample_min_size as f64 * self.tile_overlap_factor) as usize;
+        let row_limit = self.tile_sample_min_size - blend_extent;
+        let tile = self.tile_latent_min_size;
+        tiled(z, overlap_size, tile, blend_extent, row_limit, |tile| self.decode_tile(tile))
+    }
+}
+
+/// The tile loop both `_tiled_encode` and `tiled_decode` run: tiles of `tile` rows and columns
+/// of `input` every `step`, each through `f`; each output blended (in the order diffusers
+/// blends them in place: a tile's neighbours above and to the left are already blended) and
+/// cropped to `row_limit`, then all concatenated.
+fn tiled(
+    input: &Tensor,
+    step: usize,
+    tile: usize,
+    blend_extent: usize,
+    row_limit: usize,
+    f: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (_, _, height, width) = input.dims4()?;
+    let step = step.max(1);
+    let mut rows: Vec<Vec<Tensor>> = Vec::new();
+    for i in (0..height).step_by(step) {
+        let mut row: Vec<Tensor> = Vec::new();
+        for j in (0..width).step_by(step) {
+            let piece = input.narrow(2, i, tile.min(height - i))?.narrow(3, j, tile.min(width - j))?;
+            let mut out = f(&piece.contiguous()?)?;
+            if let Some(above) = rows.last() {
+                out = blend(&above[row.len()], &out, blend_extent, 2)?;
+            }
+            if let Some(left) = row.last() {
+                out = blend(left, &out, blend_extent, 3)?;
+            }
+            row.push(out);
+        }
+        rows.push(row);
+    }
+    let rows = rows
+        .iter()
+        .map(|row| {
+            let cropped = row.iter().map(|t| crop(t, row_limit)).collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&cropped, 3)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&rows, 2)?)
+}
+
+/// `tile[:, :, :limit, :limit]`.
+fn crop(tile: &Tensor, limit: usize) -> Result<Tensor> {
+    let (_, _, height, width) = tile.dims4()?;
+    Ok(tile.narrow(2, 0, limit.min(height))?.narrow(3, 0, limit.min(width))?)
+}
+
+/// `blend_v` (`dim` 2) / `blend_h` (`dim` 3): the first `extent` rows (columns) of `b` become
+/// `a`'s last ones × (1 - y / extent) + their own × y / extent.
+pub fn blend(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> Result<Tensor> {
+    let extent = extent.min(a.dim(dim)?).min(b.dim(dim)?);
+    if extent == 0 {
+        return Ok(b.clone());
+    }
+    let mut shape = [1usize; 4];
+    shape[dim] = extent;
+    let ramp: Vec<f32> = (0..extent).map(|y| (y as f64 / extent as f64) as f32).collect();
+    let keep: Vec<f32> = (0..extent).map(|y| (1.0 - y as f64 / extent as f64) as f32).collect();
+    let ramp = Tensor::from_vec(ramp, &shape, b.device())?.to_dtype(b.dtype())?;
+    let keep = Tensor::from_vec(keep, &shape, b.device())?.to_dtype(b.dtype())?;
+    let a_end = a.narrow(dim, a.dim(dim)? - extent, extent)?;
+    let b_start = b.narrow(dim, 0, extent)?;
+    let blended = (a_end.broadcast_mul(&keep)? + b_start.broadcast_mul(&ramp)?)?;
+    let rest = b.narrow(dim, extent, b.dim(dim)? - extent)?;
+    Ok(Tensor::cat(&[&blended, &rest], dim)?)
 }
 
 /// Refuses inputs that are not `[B, channels, H, W]` with a message saying what was expected.

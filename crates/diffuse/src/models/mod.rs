@@ -6,6 +6,7 @@
 
 pub mod attention_processor;
 pub mod autoencoder_kl;
+pub mod autoencoder_tiny;
 pub mod clip_text;
 pub mod embeddings;
 pub mod resnet;

@@ -225,9 +225,6 @@ impl UNet2DConditionModelConfig {
         if let Some(kind) = &self.addition_embed_type {
             return refuse("addition_embed_type", &format!("`{kind}`"));
         }
-        if let Some(dim) = self.time_cond_proj_dim {
-            return refuse("time_cond_proj_dim", &format!("timestep conditioning of width {dim}"));
-        }
         if self.dual_cross_attention {
             return refuse("dual_cross_attention", "dual cross-attention");
         }
@@ -417,7 +414,13 @@ impl UNet2DConditionModel {
             vb.pp("time_embedding"),
             timestep_input_dim,
             time_embed_dim,
-            &TimestepEmbeddingConfig { act_fn, post_act_fn: timestep_post_act, ..TimestepEmbeddingConfig::default() },
+            &TimestepEmbeddingConfig {
+                act_fn,
+                post_act_fn: timestep_post_act,
+                // LCM-distilled UNets: the guidance-scale embedding, added to the timestep's.
+                cond_proj_dim: config.time_cond_proj_dim,
+                ..TimestepEmbeddingConfig::default()
+            },
         )?;
         let class_embedding = match config.num_class_embeds {
             Some(num_class_embeds) => Some(Embedding::new(vb.pp("class_embedding"), num_class_embeds, time_embed_dim)?),
@@ -594,6 +597,22 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         class_labels: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.forward_with_conditions(sample, timesteps, encoder_hidden_states, class_labels, None)
+    }
+
+    /// [`Self::forward_with_class_labels`] with diffusers' `timestep_cond` (`[B,
+    /// time_cond_proj_dim]`), which LCM-distilled UNets (`time_cond_proj_dim` set) add, through
+    /// `time_embedding.cond_proj`, to the timestep's projection: their guidance-scale embedding.
+    /// Without it they run unconditioned on guidance, as in diffusers; UNets without
+    /// `time_cond_proj_dim` refuse it.
+    pub fn forward_with_conditions(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        class_labels: Option<&Tensor>,
+        timestep_cond: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (batch, channels, height, width) = sample.dims4()?;
         if channels != self.config.in_channels {
             bail!("the sample has {channels} channels, but the UNet takes {}", self.config.in_channels);
@@ -622,7 +641,17 @@ impl UNet2DConditionModel {
             n => bail!("got {n} timesteps for a batch of {batch}"),
         };
         let t_emb = self.time_proj.forward(&timesteps)?.to_dtype(sample.dtype())?;
-        let mut emb = self.time_embedding.forward(&t_emb, None)?;
+        let timestep_cond = match (timestep_cond, self.config.time_cond_proj_dim) {
+            (None, _) => None,
+            (Some(_), None) => bail!("a timestep condition was given, but this UNet has no time_cond_proj_dim"),
+            (Some(cond), Some(dim)) => {
+                if cond.dims() != [batch, dim] {
+                    bail!("timestep_cond should be [{batch}, {dim}] (batch, time_cond_proj_dim), got {:?}", cond.dims());
+                }
+                Some(cond.to_dtype(sample.dtype())?)
+            }
+        };
+        let mut emb = self.time_embedding.forward(&t_emb, timestep_cond.as_ref())?;
         match (&self.class_embedding, class_labels) {
             (Some(class_embedding), Some(class_labels)) => {
                 emb = (emb + class_embedding.forward(class_labels)?.to_dtype(sample.dtype())?)?;

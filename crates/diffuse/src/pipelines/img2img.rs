@@ -1,7 +1,10 @@
 //! Image-to-image: diffusers' StableDiffusionImg2ImgPipeline
-//! (diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion_img2img.py). The init image
-//! is encoded by the VAE (a latent sample drawn from the generator), noised to the timestep
-//! that `strength` chooses, and denoised from there by the text-to-image loop.
+//! (diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion_img2img.py), and for LCM
+//! folders LatentConsistencyModelImg2ImgPipeline
+//! (diffusers/pipelines/latent_consistency_models/pipeline_latent_consistency_img2img.py), which
+//! differs only in letting LCMScheduler apply `strength` in `set_timesteps`. The init image is
+//! encoded by the VAE (a latent sample drawn from the generator), noised to the timestep that
+//! `strength` chooses, and denoised from there by the text-to-image loop.
 
 use candle_core::{DType, Tensor};
 
@@ -50,7 +53,8 @@ impl StableDiffusionPipeline {
             return Err(Error::invalid(format!("strength must be in [0, 1], got {strength}")));
         }
         let steps = options.num_inference_steps;
-        if steps > 0 && denoising_steps(steps, strength) == 0 {
+        // (LCM's image-to-image lets its scheduler refuse what it cannot schedule.)
+        if steps > 0 && denoising_steps(steps, strength) == 0 && !(condition.mask.is_none() && self.lcm_image_to_image()) {
             return Err(Error::invalid(format!("strength {strength} with {steps} steps runs no denoising step")));
         }
         // Given sizes must be multiples of 8, as for text-to-image (VaeImageProcessor would
@@ -63,7 +67,7 @@ impl StableDiffusionPipeline {
                 show(options.height)
             )));
         }
-        let latent_channels = self.vae_config.latent_channels;
+        let latent_channels = self.vae.latent_channels();
         let in_channels = self.unet_config.in_channels;
         let (height, width) = match condition.mask {
             None => {
@@ -88,12 +92,19 @@ impl StableDiffusionPipeline {
         self.validate(&TextToImageOptions { height: Some(height), width: Some(width), ..options.clone() })
     }
 
-    /// `vae.encode(image).latent_dist.sample(generator) × scaling_factor` (`retrieve_latents`),
-    /// for one image `[1, 3, H, W]`; float32 latents.
+    /// Whether image-to-image runs as LatentConsistencyModelImg2ImgPipeline (an LCM folder with
+    /// its LCMScheduler: the scheduler applies `strength` in `set_timesteps`) rather than as
+    /// StableDiffusionImg2ImgPipeline (the full schedule with its start skipped).
+    pub fn lcm_image_to_image(&self) -> bool {
+        self.pipeline_class == "LatentConsistencyModelPipeline" && self.scheduler.class_name == "LCMScheduler"
+    }
+
+    /// `retrieve_latents(vae.encode(image), generator) × scaling_factor` (a KL VAE's posterior
+    /// sampled from the generator, a tiny one's latents as they are), for one image
+    /// `[1, 3, H, W]`; float32 latents.
     pub fn encode_image_latents(&self, image: &Tensor, generator: &mut TorchGenerator) -> Result<Tensor> {
-        let posterior = self.vae.encode(&image.to_dtype(self.activation_dtype())?)?;
-        let latents = posterior.sample(generator)?.to_dtype(DType::F32)?;
-        Ok((latents * self.vae_config.scaling_factor)?)
+        let latents = self.vae.encode_latents(&image.to_dtype(self.activation_dtype())?, generator)?.to_dtype(DType::F32)?;
+        Ok((latents * self.vae.scaling_factor())?)
     }
 
     /// Image-to-image (mask `None`) or inpainting: images `[N, 3, H, W]` in about [-1, 1].
@@ -136,11 +147,20 @@ impl StableDiffusionPipeline {
     ) -> Result<Tensor> {
         let processor = VaeImageProcessor::new(self.vae_scale_factor());
         let image = processor.preprocess(condition.image, options.height, options.width, &self.device)?;
+        let lcm = self.lcm_image_to_image();
         let scheduler = &mut self.scheduler.scheduler;
-        scheduler.set_timesteps(options.num_inference_steps)?;
-        let timesteps = strength_timesteps(scheduler.as_mut(), options.num_inference_steps, condition.strength);
+        let timesteps = if lcm {
+            scheduler.set_timesteps_with_strength(options.num_inference_steps, condition.strength)?;
+            scheduler.timesteps().to_vec()
+        } else {
+            scheduler.set_timesteps(options.num_inference_steps)?;
+            strength_timesteps(scheduler.as_mut(), options.num_inference_steps, condition.strength)
+        };
+        let Some(&first) = timesteps.first() else {
+            return Err(Error::invalid(format!("strength {} leaves no timestep to denoise", condition.strength)));
+        };
         let batch = options.num_images_per_prompt;
-        let latent_timestep = vec![timesteps[0]; batch];
+        let latent_timestep = vec![first; batch];
 
         let init_latents = self.encode_image_latents(&image, generator)?.repeat((batch, 1, 1, 1))?;
         let noise = generator.randn_tensor(init_latents.dims(), &self.device)?;

@@ -41,7 +41,7 @@ impl StableDiffusionPipeline {
         let init_image = processor.preprocess(condition.image, height, width, &self.device)?;
 
         // prepare_latents
-        let latent_channels = self.vae_config.latent_channels;
+        let latent_channels = self.vae.latent_channels();
         let blend_each_step = self.unet_config.in_channels == latent_channels;
         let image_latents = if blend_each_step || !is_strength_max {
             Some(self.encode_image_latents(&init_image, generator)?.repeat((batch, 1, 1, 1))?)
@@ -66,7 +66,7 @@ impl StableDiffusionPipeline {
         let mask = interpolate_nearest(&mask_condition, image_height / factor, image_width / factor)?.repeat((batch, 1, 1, 1))?;
         let masked_image_latents = self.encode_image_latents(&masked_image, generator)?.repeat((batch, 1, 1, 1))?;
 
-        let do_guidance = options.guidance_scale > 1.0;
+        let do_guidance = self.do_classifier_free_guidance(options);
         let doubled = |t: &Tensor| -> Result<Tensor> {
             Ok(if do_guidance { Tensor::cat(&[t, t], 0)? } else { t.clone() })
         };

@@ -14,13 +14,14 @@ use crate::loading::config::{parse_config, read_json_object};
 use crate::loading::single_file::{Component, Family, SingleFile};
 use crate::loading::weights::{find_weight_files, var_builder};
 use crate::lora::{AppliedLora, LoraSet, LoraSpec, Target};
-use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
+use crate::models::autoencoder_kl::AutoencoderKLConfig;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::unet_2d_condition::{PerBlock, UNet2DConditionModel, UNet2DConditionModelConfig};
+use crate::pipelines::autoencoder::{Autoencoder, AutoencoderConfig};
 use crate::pipelines::{resolve_scheduler, scheduler_from_config, ResolvedScheduler};
 use crate::prompts::{a1111, extra_networks, PromptSyntax};
 use crate::rng::TorchGenerator;
-use crate::schedulers::Scheduler;
+use crate::schedulers::{PredictionType, Scheduler};
 use crate::tokenizers::builtin::builtin_clip_tokenizer;
 use crate::tokenizers::clip::ClipTokenizer;
 use crate::{ops, Error, Result};
@@ -30,8 +31,8 @@ pub struct StableDiffusionPipeline {
     pub text_encoder: ClipTextModel,
     pub unet: UNet2DConditionModel,
     pub unet_config: UNet2DConditionModelConfig,
-    pub vae: AutoencoderKL,
-    pub vae_config: AutoencoderKLConfig,
+    /// The folder's AutoencoderKL, or the autoencoder `replace_vae` put in its place.
+    pub vae: Autoencoder,
     pub scheduler: ResolvedScheduler,
     pub model_dir: PathBuf,
     pub device: Device,
@@ -40,7 +41,26 @@ pub struct StableDiffusionPipeline {
     pub dtype: DType,
     /// The LoRAs fused into the weights (`load_with_loras`), in the order given.
     pub loras: Vec<AppliedLora>,
+    /// Live previews: after each denoising step, the current x₀ prediction decoded.
+    pub preview: Option<StepPreview>,
+    /// The pipeline class the folder's `model_index.json` names (StableDiffusionPipeline when
+    /// it names none): a LatentConsistencyModelPipeline runs image-to-image as
+    /// LatentConsistencyModelImg2ImgPipeline does.
+    pub pipeline_class: String,
 }
+
+/// What the sampling loop does for a live preview after each step: the x₀ the model predicts
+/// at that step (from its output, as the scheduler's noising `add_noise` relates sample, x₀ and
+/// noise at that timestep), decoded by `vae` (a TAESD is cheap enough to run every step; `None`
+/// is the pipeline's own VAE), handed to `sink` with the step number as images `[N, 3, H, W]`
+/// in about [-1, 1].
+pub struct StepPreview {
+    pub vae: Option<Autoencoder>,
+    pub sink: PreviewSink,
+}
+
+/// Where previews go: called with the step number (from 1) and the decoded images.
+pub type PreviewSink = Box<dyn FnMut(usize, &Tensor) -> Result<()>>;
 
 /// One text-to-image request, with diffusers' defaults where it has them.
 #[derive(Clone, Debug)]
@@ -103,6 +123,16 @@ pub fn is_stable_diffusion_folder(model_dir: &Path) -> bool {
     model_dir.join("text_encoder").is_dir() || model_dir.join("vae").is_dir()
 }
 
+/// The pipeline class a folder's `model_index.json` names (`StableDiffusionPipeline`,
+/// `LatentConsistencyModelPipeline`, ...), if it has a readable one.
+pub fn pipeline_class_name(model_dir: &Path) -> Option<String> {
+    let index = read_json_object(&model_dir.join("model_index.json")).ok()?;
+    index.get("_class_name")?.as_str().map(str::to_string)
+}
+
+/// LatentConsistencyModelPipeline's `__call__` defaults: (num_inference_steps, guidance_scale).
+pub const LCM_PIPELINE_DEFAULTS: (usize, f64) = (4, 8.5);
+
 fn load_component_config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T> {
     let path = dir.join("config.json");
     parse_config(&read_json_object(&path)?, &path)
@@ -114,7 +144,7 @@ pub struct Components {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: (ClipTextConfig, VarBuilder<'static>, PathBuf),
     pub unet: (UNet2DConditionModelConfig, VarBuilder<'static>, PathBuf),
-    pub vae: (AutoencoderKLConfig, VarBuilder<'static>, PathBuf),
+    pub vae: (AutoencoderConfig, VarBuilder<'static>, PathBuf),
     pub scheduler: ResolvedScheduler,
 }
 
@@ -177,15 +207,20 @@ impl StableDiffusionPipeline {
         let (te_dir, te_file, te_weights) = model("text_encoder", "model")?;
         let (unet_dir, unet_file, unet_weights) = model("unet", "diffusion_pytorch_model")?;
         let (vae_dir, vae_file, vae_weights) = model("vae", "diffusion_pytorch_model")?;
+        let vae_config = vae_dir.join("config.json");
         let components = Components {
             tokenizer: ClipTokenizer::from_folder(model_dir.join("tokenizer"))?,
             text_encoder: (load_component_config(&te_dir)?, te_weights, te_file),
             unet: (load_component_config(&unet_dir)?, unet_weights, unet_file),
-            vae: (load_component_config(&vae_dir)?, vae_weights, vae_file),
+            // An AutoencoderKL, or whichever autoencoder the config names (a folder may ship TAESD).
+            vae: (AutoencoderConfig::from_json(&read_json_object(&vae_config)?, &vae_config)?, vae_weights, vae_file),
             scheduler: resolve_scheduler(&model_dir.join("scheduler"), scheduler_name, scheduler_overrides)?,
         };
         let mut pipeline = Self::from_components(components.with_loras(&loras)?, model_dir, device, dtype)?;
         pipeline.loras = loras.finish()?;
+        if let Some(class) = pipeline_class_name(model_dir) {
+            pipeline.pipeline_class = class;
+        }
         Ok(pipeline)
     }
 
@@ -233,7 +268,10 @@ impl StableDiffusionPipeline {
             tokenizer: builtin_clip_tokenizer(file.family())?,
             text_encoder: model(&file, Component::TextEncoder, dtype, device)?,
             unet: model(&file, Component::Unet, dtype, device)?,
-            vae: model(&file, Component::Vae, dtype, device)?,
+            vae: {
+                let (config, weights, file) = model::<AutoencoderKLConfig>(&file, Component::Vae, dtype, device)?;
+                (AutoencoderConfig::Kl(config), weights, file)
+            },
             scheduler: scheduler_from_config(
                 scheduler_config,
                 &path.join("scheduler"),
@@ -270,7 +308,7 @@ impl StableDiffusionPipeline {
         let (unet_config, unet_weights, unet_file) = unet;
         let unet = UNet2DConditionModel::new(unet_weights, &unet_config).map_err(|e| e.in_weights_file(&unet_file))?;
         let (vae_config, vae_weights, vae_file) = vae;
-        let vae = AutoencoderKL::new(vae_weights, &vae_config).map_err(|e| e.in_weights_file(&vae_file))?;
+        let vae = Autoencoder::new(vae_weights, &vae_config).map_err(|e| e.in_weights_file(&vae_file))?;
 
         if unet_config.cross_attention_dim != te_config.hidden_size {
             return Err(Error::invalid(format!(
@@ -286,13 +324,69 @@ impl StableDiffusionPipeline {
             unet,
             unet_config,
             vae,
-            vae_config,
             scheduler,
             model_dir: origin.to_path_buf(),
             device: device.clone(),
             dtype,
             loras: Vec::new(),
+            preview: None,
+            pipeline_class: "StableDiffusionPipeline".to_string(),
         })
+    }
+
+    /// Replaces the VAE with the autoencoder folder `vae_dir` (an AutoencoderKL such as an
+    /// fp16-fixed one, or an AutoencoderTiny such as TAESD), as building the pipeline with
+    /// `vae=` does. Its latents must be the UNet's input: an autoencoder with other latent
+    /// channels is refused, naming both.
+    pub fn replace_vae(&mut self, vae_dir: &Path, variant: Option<&str>) -> Result<()> {
+        self.vae = self.load_vae(vae_dir, variant)?;
+        Ok(())
+    }
+
+    /// An autoencoder folder loaded for this pipeline (as [`Self::replace_vae`] checks it), e.g.
+    /// a TAESD to decode previews with.
+    pub fn load_vae(&self, vae_dir: &Path, variant: Option<&str>) -> Result<Autoencoder> {
+        let vae = Autoencoder::load(vae_dir, variant, self.dtype, &self.device)?;
+        let (latent_channels, in_channels) = (vae.latent_channels(), self.unet_config.in_channels);
+        // 9-channel inpainting UNets take latents, a mask and the masked image's latents.
+        if in_channels != latent_channels && in_channels != 2 * latent_channels + 1 {
+            return Err(Error::invalid(format!(
+                "the {} in {} has {latent_channels} latent channels, but the UNet of {} takes {in_channels} input channels \
+                 (it was trained on a VAE with {} latent channels)",
+                vae.class_name(),
+                vae_dir.display(),
+                self.model_dir.display(),
+                self.vae.latent_channels()
+            )));
+        }
+        Ok(vae)
+    }
+
+    /// Whether the UNet runs twice per step (unconditional and conditional, batched): guidance
+    /// above 1, and a UNet that does not embed the guidance scale itself (LCM-distilled UNets,
+    /// `time_cond_proj_dim`, run once per step), as diffusers' `do_classifier_free_guidance`.
+    pub fn do_classifier_free_guidance(&self, options: &TextToImageOptions) -> bool {
+        options.guidance_scale > 1.0 && self.unet_config.time_cond_proj_dim.is_none()
+    }
+
+    /// `enable_vae_tiling()`: the VAE encodes and decodes large images in overlapping tiles.
+    pub fn enable_vae_tiling(&mut self) {
+        self.vae.enable_tiling();
+    }
+
+    /// `enable_vae_slicing()`: the VAE decodes a batch one image at a time.
+    pub fn enable_vae_slicing(&mut self) {
+        self.vae.enable_slicing();
+    }
+
+    /// A rough size (in bytes, f32) of the VAE's largest pass over `images` images of
+    /// `height`×`width`: three full-resolution activations of its widest full-resolution
+    /// block, for the images one pass sees (one with slicing) at the size one pass sees (a
+    /// tile's with tiling).
+    pub fn vae_pass_bytes(&self, height: usize, width: usize, images: usize) -> f64 {
+        let (pass_height, pass_width) = self.vae.pass_size(height, width);
+        let images = if self.vae.slicing() { 1 } else { images };
+        3.0 * 4.0 * images as f64 * self.vae.full_resolution_channels() as f64 * pass_height as f64 * pass_width as f64
     }
 
     /// The type the models' activations are in: f32 on the CPU whatever the weights are kept
@@ -303,7 +397,7 @@ impl StableDiffusionPipeline {
 
     /// 2^(number of VAE blocks - 1): 8 for every Stable Diffusion VAE.
     pub fn vae_scale_factor(&self) -> usize {
-        1 << self.vae_config.block_out_channels.len().saturating_sub(1)
+        self.vae.scale_factor()
     }
 
     /// The image size used when none is given: the UNet's sample_size × the VAE scale factor.
@@ -329,12 +423,13 @@ impl StableDiffusionPipeline {
         // (In floats: the caller's numbers must not overflow on the way to being refused.)
         let factor = self.vae_scale_factor();
         let latent_pixels = (height / factor) as f64 * (width / factor) as f64;
-        let per_pass = options.num_images_per_prompt as f64 * if options.guidance_scale > 1.0 { 2.0 } else { 1.0 };
+        let per_pass = options.num_images_per_prompt as f64 * if self.do_classifier_free_guidance(options) { 2.0 } else { 1.0 };
         let score_bytes = latent_pixels * latent_pixels * per_pass * 4.0;
         // The prompt embeddings are repeated per image too (the larger for small images).
         let text = &self.text_encoder.config;
         let embedding_bytes = per_pass * (text.max_position_embeddings * text.hidden_size) as f64 * 4.0;
-        if width > 16384 || height > 16384 || score_bytes.max(embedding_bytes) > 64.0 * (1u64 << 30) as f64 {
+        let vae_bytes = self.vae_pass_bytes(height, width, options.num_images_per_prompt);
+        if width > 16384 || height > 16384 || score_bytes.max(embedding_bytes).max(vae_bytes) > 64.0 * (1u64 << 30) as f64 {
             return Err(Error::invalid(format!(
                 "{width}x{height} with {per_pass} images per UNet pass is too large for this machine's memory"
             )));
@@ -394,7 +489,10 @@ impl StableDiffusionPipeline {
             ));
         }
         let n = options.num_images_per_prompt;
-        if options.guidance_scale <= 1.0 {
+        if !self.do_classifier_free_guidance(options) {
+            if options.negative_prompt.is_some() && self.unet_config.time_cond_proj_dim.is_some() {
+                warn("the negative prompt is ignored: this LCM-distilled UNet embeds the guidance scale and runs without classifier-free guidance".to_string());
+            }
             return Ok(prompt_embeds.repeat((n, 1, 1))?);
         }
         let (negative_embeds, truncated) =
@@ -455,7 +553,7 @@ impl StableDiffusionPipeline {
     /// Text-to-image needs a UNet that takes the latents alone (an inpainting UNet also takes a
     /// mask and the masked image's latents).
     pub fn check_text_to_image_unet(&self) -> Result<()> {
-        let (in_channels, latent_channels) = (self.unet_config.in_channels, self.vae_config.latent_channels);
+        let (in_channels, latent_channels) = (self.unet_config.in_channels, self.vae.latent_channels());
         if in_channels != latent_channels {
             return Err(Error::invalid(format!(
                 "this UNet takes {in_channels} input channels, not the VAE's {latent_channels} (an inpainting model): give an init image and a mask"
@@ -477,10 +575,14 @@ impl StableDiffusionPipeline {
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
         let DenoiseLoop { mut latents, timesteps, embeddings, extra_channels } = run;
-        let do_guidance = options.guidance_scale > 1.0;
+        let do_guidance = self.do_classifier_free_guidance(options);
         let activation_dtype = self.activation_dtype();
-        let scheduler = &mut self.scheduler.scheduler;
         let batch = latents.dim(0)?;
+        let timestep_cond = match self.unet_config.time_cond_proj_dim {
+            Some(dim) => Some(get_guidance_scale_embedding(options.guidance_scale - 1.0, batch, dim, &self.device)?),
+            None => None,
+        };
+        let scheduler = &mut self.scheduler.scheduler;
         let embeddings = embeddings.to_dtype(activation_dtype)?;
         for (i, &t) in timesteps.iter().enumerate() {
             let model_input = if do_guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
@@ -491,8 +593,10 @@ impl StableDiffusionPipeline {
             };
             let n = model_input.dim(0)?;
             let t_batch = Tensor::from_vec(vec![t as f32; n], n, &self.device)?;
-            let noise_pred =
-                self.unet.forward(&model_input.to_dtype(activation_dtype)?, &t_batch, &embeddings)?.to_dtype(DType::F32)?;
+            let noise_pred = self
+                .unet
+                .forward_with_conditions(&model_input.to_dtype(activation_dtype)?, &t_batch, &embeddings, None, timestep_cond.as_ref())?
+                .to_dtype(DType::F32)?;
             let noise_pred = if do_guidance {
                 let uncond = noise_pred.narrow(0, 0, batch)?;
                 let text = noise_pred.narrow(0, batch, batch)?;
@@ -505,8 +609,17 @@ impl StableDiffusionPipeline {
             } else {
                 noise_pred
             };
+            let predicted_original = match &self.preview {
+                Some(_) => Some(predict_original(scheduler.as_ref(), &self.scheduler.config, &noise_pred, &latents, t)?),
+                None => None,
+            };
             latents = scheduler.step(&noise_pred, t, &latents, options.eta, generator)?;
             latents = after_step(i, latents, scheduler.as_ref())?;
+            if let (Some(preview), Some(x0)) = (self.preview.as_mut(), predicted_original) {
+                let vae = preview.vae.as_ref().unwrap_or(&self.vae);
+                let images = decode_with(vae, &x0, activation_dtype)?;
+                (preview.sink)(i + 1, &images)?;
+            }
             on_step(i + 1, timesteps.len());
         }
         Ok(latents)
@@ -549,12 +662,60 @@ impl StableDiffusionPipeline {
 
     /// `vae.decode(latents / scaling_factor + shift_factor)`, as diffusers' pipelines do.
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
-        let mut z = (latents / self.vae_config.scaling_factor)?;
-        if let Some(shift) = self.vae_config.shift_factor {
-            z = (z + shift)?;
-        }
-        Ok(self.vae.decode(&z.to_dtype(self.activation_dtype())?)?.to_dtype(DType::F32)?)
+        decode_with(&self.vae, latents, self.activation_dtype())
     }
+}
+
+/// `vae.decode(latents / scaling_factor + shift_factor)` with activations in `dtype`, as f32
+/// images.
+fn decode_with(vae: &Autoencoder, latents: &Tensor, dtype: DType) -> Result<Tensor> {
+    let mut z = (latents / vae.scaling_factor())?;
+    if let Some(shift) = vae.shift_factor() {
+        z = (z + shift)?;
+    }
+    Ok(vae.decode(&z.to_dtype(dtype)?)?.to_dtype(DType::F32)?)
+}
+
+/// The x₀ a model output predicts at timestep `t`, for any scheduler: its `add_noise` says how
+/// the sample mixes x₀ and noise there (sample = a·x₀ + b·ε: a = √ᾱ, b = √(1-ᾱ) for the DDPM
+/// family, a = 1, b = σ for the sigma schedulers), and the config's `prediction_type` what the
+/// output is. A preview's estimate: the schedulers' own (clipped, boundary-scaled) x₀ can differ.
+fn predict_original(
+    scheduler: &dyn Scheduler,
+    config: &serde_json::Map<String, Value>,
+    model_output: &Tensor,
+    sample: &Tensor,
+    t: f64,
+) -> Result<Tensor> {
+    let one = Tensor::ones(1, DType::F32, sample.device())?;
+    let zero = Tensor::zeros(1, DType::F32, sample.device())?;
+    let a = scheduler.add_noise(&one, &zero, &[t])?.to_vec1::<f32>()?[0] as f64;
+    let b = scheduler.add_noise(&zero, &one, &[t])?.to_vec1::<f32>()?[0] as f64;
+    let prediction_type = config.get("prediction_type").and_then(Value::as_str).unwrap_or("epsilon");
+    Ok(match PredictionType::parse(prediction_type)? {
+        PredictionType::Epsilon => ((sample - (model_output * b)?)? / a)?,
+        PredictionType::Sample => model_output.clone(),
+        // In the variance-preserving scale x̂ = x / √(a² + b²): x₀ = a'·x̂ - b'·v.
+        PredictionType::VPrediction => {
+            let norm = (a * a + b * b).sqrt();
+            ((sample * (a / (norm * norm)))? - (model_output * (b / norm))?)?
+        }
+    })
+}
+
+/// `get_guidance_scale_embedding` of the Stable Diffusion and LCM pipelines (VDM's sinusoidal
+/// embedding): `w × 1000` for `batch` items, `[sin, cos]` over `embedding_dim / 2` frequencies
+/// `exp(-ln(10000) · i / (half - 1))`, zero-padded to an odd width; in f32 as diffusers computes it.
+pub fn get_guidance_scale_embedding(w: f64, batch: usize, embedding_dim: usize, device: &Device) -> Result<Tensor> {
+    let half_dim = embedding_dim / 2;
+    let w = w as f32 * 1000.0;
+    let step = 10000f32.ln() / (half_dim as f32 - 1.0);
+    let mut row: Vec<f32> = Vec::with_capacity(embedding_dim);
+    let args: Vec<f32> = (0..half_dim).map(|i| w * (i as f32 * -step).exp()).collect();
+    row.extend(args.iter().map(|a| a.sin()));
+    row.extend(args.iter().map(|a| a.cos()));
+    row.resize(embedding_dim, 0.0);
+    Ok(Tensor::from_vec(row, (1, embedding_dim), device)?.repeat((batch, 1))?)
 }
 
 /// Guidance rescale (Lin et al. 2023, section 3.4), diffusers' `rescale_noise_cfg`: rescale the

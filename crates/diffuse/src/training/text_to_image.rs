@@ -28,6 +28,7 @@ use crate::loading::weights::{find_weight_files, var_builder};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::unet_2d_condition::{UNet2DConditionModel, UNet2DConditionModelConfig};
+use crate::pipelines::autoencoder::AutoencoderConfig;
 use crate::pipelines::stable_diffusion::{Components, PhaseTimes, StableDiffusionPipeline, TextToImageOptions};
 use crate::pipelines::{scheduler_from_config, to_uint8_images};
 use crate::rng::TorchGenerator;
@@ -470,7 +471,7 @@ impl TextToImageTask {
             tokenizer: self.tokenizer.clone(),
             text_encoder: (self.config.text_encoder.config().clone(), te_weights, te_file),
             unet: (self.config.unet.clone(), unet_weights, unet_file),
-            vae: (self.config.vae.config.clone(), vae_weights, vae_file),
+            vae: (AutoencoderConfig::Kl(self.config.vae.config.clone()), vae_weights, vae_file),
             scheduler: self.sample_scheduler()?,
         };
         let pipeline = StableDiffusionPipeline::from_components(components.with_loras(&loras)?, base, &self.device, DType::F32)?;
@@ -547,7 +548,7 @@ impl TextToImageTask {
             tokenizer: self.tokenizer.clone(),
             text_encoder,
             unet: (self.config.unet.clone(), trained.pp("unet"), origin.clone()),
-            vae: (self.config.vae.config.clone(), var_builder(&vae_files, DType::F32, &self.device)?, vae_files[0].clone()),
+            vae: (AutoencoderConfig::Kl(self.config.vae.config.clone()), var_builder(&vae_files, DType::F32, &self.device)?, vae_files[0].clone()),
             scheduler: self.sample_scheduler()?,
         };
         StableDiffusionPipeline::from_components(components, &origin, &self.device, DType::F32)
