@@ -74,17 +74,7 @@ impl MappedTensors {
 
     /// The type tensor `name` is stored in, where candle has it.
     pub fn stored_dtype(&self, name: &str) -> Option<DType> {
-        use safetensors::Dtype as St;
-        Some(match self.entries.get(name)?.dtype {
-            St::U8 => DType::U8,
-            St::U32 => DType::U32,
-            St::I64 => DType::I64,
-            St::F64 => DType::F64,
-            St::F32 => DType::F32,
-            St::F16 => DType::F16,
-            St::BF16 => DType::BF16,
-            _ => return None,
-        })
+        candle_dtype(self.entries.get(name)?.dtype)
     }
 
     /// The file `name` comes from.
@@ -153,9 +143,10 @@ fn convert(bytes: &[u8], from: safetensors::Dtype, to: DType, shape: Shape, devi
     }
 }
 
-fn candle_via_raw(bytes: &[u8], from: safetensors::Dtype, to: DType, shape: Shape, device: &Device) -> candle_core::Result<Tensor> {
+/// The candle type of a safetensors type, where candle has one.
+fn candle_dtype(dtype: safetensors::Dtype) -> Option<DType> {
     use safetensors::Dtype as St;
-    let dtype = match from {
+    Some(match dtype {
         St::U8 => DType::U8,
         St::U32 => DType::U32,
         St::I64 => DType::I64,
@@ -163,7 +154,13 @@ fn candle_via_raw(bytes: &[u8], from: safetensors::Dtype, to: DType, shape: Shap
         St::F32 => DType::F32,
         St::F16 => DType::F16,
         St::BF16 => DType::BF16,
-        other => candle_core::bail!("values of type {other:?} are not supported"),
+        _ => return None,
+    })
+}
+
+fn candle_via_raw(bytes: &[u8], from: safetensors::Dtype, to: DType, shape: Shape, device: &Device) -> candle_core::Result<Tensor> {
+    let Some(dtype) = candle_dtype(from) else {
+        candle_core::bail!("values of type {from:?} are not supported");
     };
     Tensor::from_raw_buffer(bytes, dtype, shape.dims(), device)?.to_dtype(to)
 }

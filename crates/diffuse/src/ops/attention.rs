@@ -57,6 +57,60 @@ struct HeadBf16 {
 }
 
 pub(crate) fn attention_bf16_with(isa: Isa, dims: AttentionDims, q: &[f32], k: &[f32], v: &[f32], scale: f32, mask: Option<&[f32]>) -> Vec<f32> {
+    let AttentionDims { keys, head_dim, .. } = dims;
+    let kv_len = keys * head_dim;
+    let round = |x: f32| bf16::from_bits(gemm_bf16::to_bf16_bits(x));
+    let prepare = |h: usize| {
+        let head_values = &v[h * kv_len..(h + 1) * kv_len];
+        let values_t = (0..keys)
+            .step_by(KEY_BLOCK)
+            .map(|key0| {
+                let width = KEY_BLOCK.min(keys - key0);
+                let mut block = vec![bf16::ZERO; head_dim * width];
+                for (j, row) in head_values[key0 * head_dim..(key0 + width) * head_dim].chunks_exact(head_dim).enumerate() {
+                    for (feature, &value) in row.iter().enumerate() {
+                        block[feature * width + j] = round(value);
+                    }
+                }
+                block
+            })
+            .collect();
+        HeadBf16 { keys: k[h * kv_len..(h + 1) * kv_len].iter().map(|&x| round(x)).collect(), values_t }
+    };
+    over_query_blocks(dims, q, k, v, mask, prepare, |head, first, q_block, out| {
+        let rows = q_block.len() / head_dim;
+        let scaled_q: Vec<f32> = q_block.iter().map(|&x| x * scale).collect();
+        let q_t = MatRef::row_major(&scaled_q, rows, head_dim).expect("sizes checked").t();
+        let q_t = RoundedB { source: &q_t, isa };
+        let keys_bf16 = Bf16Matrix::new(&head.keys, keys, head_dim).expect("sizes checked");
+        let products = Products {
+            scores: &|scores_t: &mut [f32], key0, width| {
+                gemm_bf16::gemm_bf16_rows(isa, scores_t, rows, key0, width, ABf16::Weight(keys_bf16), &q_t, Init::Overwrite)
+            },
+            output: &|out_t: &mut [f32], block, probabilities_t: MatRef| {
+                let width = probabilities_t.rows();
+                let values_t = Bf16Matrix::new(&head.values_t[block], head_dim, width).expect("sizes checked");
+                let probabilities_t = RoundedB { source: &probabilities_t, isa };
+                gemm_bf16::gemm_bf16_rows(isa, out_t, rows, 0, head_dim, ABf16::Weight(values_t), &probabilities_t, Init::Accumulate)
+            },
+        };
+        online_attention(isa, dims, first, rows, &products, mask, out);
+    })
+}
+
+/// Checks the operands' sizes, prepares each head once (`prepare(head)`, heads in parallel),
+/// then runs `block(head's preparation, first query row, the block's queries, its output)`
+/// for every (head, query block) on the rayon threads. Empty problems give zeros.
+#[allow(clippy::too_many_arguments)]
+fn over_query_blocks<P: Send + Sync>(
+    dims: AttentionDims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<&[f32]>,
+    prepare: impl Fn(usize) -> P + Sync + Send,
+    block: impl Fn(&P, usize, &[f32], &mut [f32]) + Sync + Send,
+) -> Vec<f32> {
     let AttentionDims { heads, queries, keys, head_dim } = dims;
     let (q_len, kv_len) = (queries * head_dim, keys * head_dim);
     assert!(q.len() == heads * q_len && k.len() == heads * kv_len && v.len() == heads * kv_len, "attention: operand sizes");
@@ -65,49 +119,12 @@ pub(crate) fn attention_bf16_with(isa: Isa, dims: AttentionDims, q: &[f32], k: &
     if q_len == 0 || head_dim == 0 {
         return output;
     }
-    let round = |x: f32| bf16::from_bits(gemm_bf16::to_bf16_bits(x));
-    let prepared: Vec<HeadBf16> = (0..heads)
-        .into_par_iter()
-        .map(|h| {
-            let head_values = &v[h * kv_len..(h + 1) * kv_len];
-            let values_t = (0..keys)
-                .step_by(KEY_BLOCK)
-                .map(|key0| {
-                    let width = KEY_BLOCK.min(keys - key0);
-                    let mut block = vec![bf16::ZERO; head_dim * width];
-                    for (j, row) in head_values[key0 * head_dim..(key0 + width) * head_dim].chunks_exact(head_dim).enumerate() {
-                        for (feature, &value) in row.iter().enumerate() {
-                            block[feature * width + j] = round(value);
-                        }
-                    }
-                    block
-                })
-                .collect();
-            HeadBf16 { keys: k[h * kv_len..(h + 1) * kv_len].iter().map(|&x| round(x)).collect(), values_t }
-        })
-        .collect();
+    let prepared: Vec<P> = (0..heads).into_par_iter().map(prepare).collect();
     output.par_chunks_mut(q_len).enumerate().for_each(|(h, out)| {
-        out.par_chunks_mut(QUERY_BLOCK * head_dim).enumerate().for_each(|(block, out)| {
-            let first = block * QUERY_BLOCK;
+        out.par_chunks_mut(QUERY_BLOCK * head_dim).enumerate().for_each(|(index, out)| {
+            let first = index * QUERY_BLOCK;
             let q_block = &q[h * q_len + first * head_dim..h * q_len + first * head_dim + out.len()];
-            let rows = q_block.len() / head_dim;
-            let scaled_q: Vec<f32> = q_block.iter().map(|&x| x * scale).collect();
-            let q_t = MatRef::row_major(&scaled_q, rows, head_dim).expect("sizes checked").t();
-            let q_t = RoundedB { source: &q_t, isa };
-            let head = &prepared[h];
-            let keys_bf16 = Bf16Matrix::new(&head.keys, keys, head_dim).expect("sizes checked");
-            let products = Products {
-                scores: &|scores_t: &mut [f32], key0, width| {
-                    gemm_bf16::gemm_bf16_rows(isa, scores_t, rows, key0, width, ABf16::Weight(keys_bf16), &q_t, Init::Overwrite)
-                },
-                output: &|out_t: &mut [f32], block, probabilities_t: MatRef| {
-                    let width = probabilities_t.rows();
-                    let values_t = Bf16Matrix::new(&head.values_t[block], head_dim, width).expect("sizes checked");
-                    let probabilities_t = RoundedB { source: &probabilities_t, isa };
-                    gemm_bf16::gemm_bf16_rows(isa, out_t, rows, 0, head_dim, ABf16::Weight(values_t), &probabilities_t, Init::Accumulate)
-                },
-            };
-            online_attention(isa, dims, first, rows, &products, mask, out);
+            block(&prepared[h], first, q_block, out);
         });
     });
     output
@@ -122,41 +139,26 @@ struct Products<'a> {
 }
 
 pub(crate) fn attention_with(isa: Isa, dims: AttentionDims, q: &[f32], k: &[f32], v: &[f32], scale: f32, mask: Option<&[f32]>) -> Vec<f32> {
-    let AttentionDims { heads, queries, keys, head_dim } = dims;
-    let (q_len, kv_len) = (queries * head_dim, keys * head_dim);
-    assert!(q.len() == heads * q_len && k.len() == heads * kv_len && v.len() == heads * kv_len, "attention: operand sizes");
-    assert!(mask.is_none_or(|m| m.len() == queries * keys), "attention: mask size");
-    let mut output = vec![0f32; heads * q_len];
-    if q_len == 0 || head_dim == 0 {
-        return output;
-    }
+    let AttentionDims { keys, head_dim, .. } = dims;
+    let kv_len = keys * head_dim;
     // K (keys × head_dim) and, per key block, Vᵀ (head_dim × block) of every head, packed once
     // as A operands.
-    let packed: Vec<(PackedA, Vec<PackedA>)> = (0..heads)
-        .into_par_iter()
-        .map(|h| {
-            let (head_keys, head_values) = (&k[h * kv_len..(h + 1) * kv_len], &v[h * kv_len..(h + 1) * kv_len]);
-            let keys_view = MatRef::row_major(head_keys, keys, head_dim).expect("sizes checked");
-            let values_t = (0..keys)
-                .step_by(KEY_BLOCK)
-                .map(|key0| {
-                    let width = KEY_BLOCK.min(keys - key0);
-                    let block = &head_values[key0 * head_dim..(key0 + width) * head_dim];
-                    PackedA::with_isa(&MatRef::row_major(block, width, head_dim).expect("sizes checked").t(), isa)
-                })
-                .collect();
-            (PackedA::with_isa(&keys_view, isa), values_t)
-        })
-        .collect();
-    output.par_chunks_mut(q_len).enumerate().for_each(|(h, out)| {
-        let (keys_packed, values_t) = &packed[h];
-        out.par_chunks_mut(QUERY_BLOCK * head_dim).enumerate().for_each(|(block, out)| {
-            let first = block * QUERY_BLOCK;
-            let q_block = &q[h * q_len + first * head_dim..h * q_len + first * head_dim + out.len()];
-            query_block(isa, dims, first, q_block, keys_packed, values_t, scale, mask, out);
-        });
-    });
-    output
+    let prepare = |h: usize| {
+        let (head_keys, head_values) = (&k[h * kv_len..(h + 1) * kv_len], &v[h * kv_len..(h + 1) * kv_len]);
+        let keys_view = MatRef::row_major(head_keys, keys, head_dim).expect("sizes checked");
+        let values_t: Vec<PackedA> = (0..keys)
+            .step_by(KEY_BLOCK)
+            .map(|key0| {
+                let width = KEY_BLOCK.min(keys - key0);
+                let block = &head_values[key0 * head_dim..(key0 + width) * head_dim];
+                PackedA::with_isa(&MatRef::row_major(block, width, head_dim).expect("sizes checked").t(), isa)
+            })
+            .collect();
+        (PackedA::with_isa(&keys_view, isa), values_t)
+    };
+    over_query_blocks(dims, q, k, v, mask, prepare, |(keys_packed, values_t), first, q_block, out| {
+        query_block(isa, dims, first, q_block, keys_packed, values_t, scale, mask, out)
+    })
 }
 
 /// One task: `out` (`rows × head_dim`) for the query rows `first..` in `q_block`.

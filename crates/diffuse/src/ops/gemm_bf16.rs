@@ -606,35 +606,3 @@ mod tests {
         }
     }
 }
-#[cfg(test)]
-mod timing {
-    use super::*;
-    use crate::ops::gemm::MatRef;
-    #[test]
-    #[ignore]
-    fn time_sources() {
-        let (m, k, n) = (2048, 2048, 2048);
-        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
-        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
-        let a16: Vec<bf16> = a.iter().map(|&v| bf16::from_f32(v)).collect();
-        let b16: Vec<bf16> = b.iter().map(|&v| bf16::from_f32(v)).collect();
-        let mut c = vec![0f32; m * n];
-        let aw = Bf16Matrix::new(&a16, m, k).unwrap();
-        let bw = TransposedWeight(Bf16Matrix::new(&b16, n, k).unwrap());
-        let bv = MatRef::row_major(&b, k, n).unwrap();
-        let av = MatRef::row_major(&a, m, k).unwrap();
-        for _ in 0..2 {
-            let t = std::time::Instant::now();
-            gemm_bf16(&mut c, n, ABf16::Weight(aw), &bw, Init::Overwrite, true);
-            let t1 = t.elapsed().as_secs_f64();
-            let t = std::time::Instant::now();
-            gemm_bf16(&mut c, n, ABf16::Weight(aw), &RoundedB::new(&bv), Init::Overwrite, true);
-            let t2 = t.elapsed().as_secs_f64();
-            let t = std::time::Instant::now();
-            gemm_bf16(&mut c, n, ABf16::F32(av), &bw, Init::Overwrite, true);
-            let t3 = t.elapsed().as_secs_f64();
-            let f = 2.0 * (m * k * n) as f64 / 1e9;
-            println!("weight x weightT {:.0}  weight x rounded {:.0}  f32 x weightT {:.0} GFLOP/s", f / t1, f / t2, f / t3);
-        }
-    }
-}
