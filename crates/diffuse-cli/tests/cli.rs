@@ -189,6 +189,31 @@ fn text_to_image_matches_diffusers() {
     assert!(parameters.contains("CFG scale: 7.5") && parameters.contains("Seed: 3") && parameters.contains("Size: 64x64"), "{parameters}");
 }
 
+/// `--dtype bf16` (and f16, kept as bf16) runs on the CPU, close to the f32 image, and says so
+/// in the PNG.
+#[test]
+fn bf16_runs_on_the_cpu() {
+    let dir = scratch("sd-bf16");
+    let model = fixtures().join("sd/sd1");
+    let run = |dtype: &str| {
+        let out = dir.join(format!("{dtype}.png"));
+        let (ok, _, stderr) = diffuse(&[
+            "generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a cat", "--steps", "4", "--seed", "3",
+            "--dtype", dtype, "--output", out.to_str().unwrap(),
+        ]);
+        assert!(ok, "--dtype {dtype}: {stderr}");
+        decode_png(&out)
+    };
+    let (f32_pixels, _) = run("f32");
+    let (bf16_pixels, text) = run("bf16");
+    let (f16_pixels, _) = run("f16");
+    assert_eq!(bf16_pixels, f16_pixels, "f16 is computed as bf16 on the CPU");
+    let mse = f32_pixels.iter().zip(&bf16_pixels).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / f32_pixels.len() as f64;
+    assert!(mse > 0.0 && 10.0 * (255f64.powi(2) / mse).log10() > 40.0, "bf16 against f32: MSE {mse}");
+    let parameters = &text.iter().find(|(k, _)| k == "parameters").expect("parameters chunk").1;
+    assert!(parameters.contains("Dtype: bf16"), "{parameters}");
+}
+
 #[test]
 fn text_to_image_bad_input() {
     let dir = scratch("sd-bad");
