@@ -2,12 +2,14 @@
 //! `diffusion_pytorch_model.safetensors` (or `model.safetensors`), the `.fp16.safetensors`
 //! variant, and sharded files listed by a `.safetensors.index.json`.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::{Error, Result};
+use crate::{bail, Error, Result};
 
 /// The weight files of one component folder (`unet/`, `vae/`, ...), in load order.
 pub fn find_weight_files(folder: &Path, stem: &str, variant: Option<&str>) -> Result<Vec<PathBuf>> {
@@ -92,4 +94,75 @@ pub fn check_safetensors(path: &Path) -> Result<()> {
         Error::weights(path, format!("not a valid safetensors file (truncated or corrupt?): {e}"))
     })?;
     Ok(())
+}
+
+/// A tensor's bytes as safetensors stores them (little-endian), for the safetensors crate.
+struct HostTensor {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl safetensors::View for &HostTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// Serialises named f32 / f64 / u32 / i64 tensors as a safetensors file's bytes, with
+/// `{"format": "pt"}` metadata as PyTorch writers add.
+pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
+    safetensors_bytes_with_metadata(tensors, HashMap::new())
+}
+
+/// [`safetensors_bytes`] with more header metadata (e.g. a LoRA's adapter configs).
+pub fn safetensors_bytes_with_metadata(tensors: &HashMap<String, Tensor>, mut metadata: HashMap<String, String>) -> Result<Vec<u8>> {
+    let mut host = Vec::with_capacity(tensors.len());
+    for (name, tensor) in tensors {
+        let flat = tensor.flatten_all()?;
+        let (dtype, bytes): (safetensors::Dtype, Vec<u8>) = match tensor.dtype() {
+            DType::F32 => (safetensors::Dtype::F32, flat.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::F64 => (safetensors::Dtype::F64, flat.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::F16 => (safetensors::Dtype::F16, flat.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::U32 => (safetensors::Dtype::U32, flat.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::I64 => (safetensors::Dtype::I64, flat.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            other => bail!("cannot write tensor {name} of type {other:?}"),
+        };
+        host.push((name.clone(), HostTensor { dtype, shape: tensor.dims().to_vec(), bytes }));
+    }
+    metadata.insert("format".to_string(), "pt".to_string());
+    let bytes = safetensors::serialize(host.iter().map(|(name, tensor)| (name.as_str(), tensor)), Some(metadata))
+        .map_err(|e| Error::invalid(format!("cannot serialise tensors: {e}")))?;
+    sorted_header(bytes)
+}
+
+/// The same file with its JSON header's keys sorted: safetensors writes the metadata map in
+/// hash order, and the same weights should make the same bytes (checkpoints and exports are
+/// compared byte for byte). Data offsets are relative to the data, so only the header moves.
+fn sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let invalid = || Error::invalid("cannot serialise tensors: malformed header");
+    let length = u64::from_le_bytes(bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(invalid)?) as usize;
+    let header = bytes.get(8..8 + length).ok_or_else(invalid)?;
+    let mut entries: std::collections::BTreeMap<String, serde_json::Value> = serde_json::from_slice(header).map_err(|_| invalid())?;
+    if let Some(serde_json::Value::Object(metadata)) = entries.get("__metadata__") {
+        let sorted: std::collections::BTreeMap<&String, &serde_json::Value> = metadata.iter().collect();
+        let value = serde_json::to_value(sorted).map_err(|_| invalid())?;
+        entries.insert("__metadata__".into(), value);
+    }
+    let mut text = serde_json::to_vec(&entries).map_err(|_| invalid())?;
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - length);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + length..]);
+    Ok(out)
 }

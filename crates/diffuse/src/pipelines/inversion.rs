@@ -17,7 +17,6 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::pipelines::image_processor::{Image8, VaeImageProcessor};
 use crate::pipelines::stable_diffusion::{DenoiseLoop, StableDiffusionPipeline, TextToImageOptions};
-use crate::pipelines::temporary_path;
 use crate::rng::TorchGenerator;
 use crate::schedulers;
 use crate::{Error, Result};
@@ -75,14 +74,7 @@ pub fn save_latents(path: &Path, latents: &Tensor, metadata: &[(&str, String)]) 
     info.insert("format".into(), LATENTS_FORMAT.into());
     let data = safetensors::serialize([("latents", view)], Some(info))
         .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
-    let tmp = temporary_path(path);
-    match std::fs::write(&tmp, data).and_then(|_| std::fs::rename(&tmp, path)) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(Error::io(path, e))
-        }
-    }
+    crate::files::write_atomically(path, &data)
 }
 
 /// Reads a file `save_latents` wrote: the latents `[N, C, h, w]` (float32) and the metadata.

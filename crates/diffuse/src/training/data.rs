@@ -9,7 +9,7 @@
 //! file names and captions.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -150,30 +150,17 @@ fn plain_idx_file(path: &Path, cache_dir: &Path) -> Result<(PathBuf, IdxHeader)>
         }
     }
     std::fs::create_dir_all(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
-    let temporary = crate::pipelines::temporary_path(&cached);
-    let result = (|| -> std::io::Result<u64> {
-        let mut out = std::io::BufWriter::new(File::create(&temporary)?);
+    crate::files::write_streamed_atomically(&cached, |out| {
         // One byte more than the header promises is enough to tell that it lies.
-        let mut decoder = open_gz().map_err(std::io::Error::other)?.take(expected_len + 1);
-        let copied = std::io::copy(&mut decoder, &mut out)?;
-        out.flush()?;
-        Ok(copied)
-    })();
-    match result {
-        Ok(copied) if copied == expected_len => {
-            std::fs::rename(&temporary, &cached).map_err(|e| Error::io(&cached, e))?;
-            Ok((cached, header))
-        }
-        Ok(copied) => {
-            let _ = std::fs::remove_file(&temporary);
+        let mut decoder = open_gz()?.take(expected_len + 1);
+        let copied = std::io::copy(&mut decoder, out).map_err(|e| idx_error(path, format!("cannot decompress: {e}")))?;
+        if copied != expected_len {
             let copied = if copied > expected_len { "more than that".to_string() } else { copied.to_string() };
-            Err(idx_error(path, format!("holds {copied} bytes after decompression; its header {:?} needs {expected_len}", header.dims)))
+            return Err(idx_error(path, format!("holds {copied} bytes after decompression; its header {:?} needs {expected_len}", header.dims)));
         }
-        Err(e) => {
-            let _ = std::fs::remove_file(&temporary);
-            Err(idx_error(path, format!("cannot decompress: {e}")))
-        }
-    }
+        Ok(())
+    })?;
+    Ok((cached, header))
 }
 
 /// Reads a whole IDX labels file (`[N]` unsigned bytes; small, so kept in memory).

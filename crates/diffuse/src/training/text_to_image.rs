@@ -16,7 +16,6 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde_json::{json, Map, Value};
 
-use super::checkpoint::{write_and_sync, write_atomically};
 use super::data::Batch;
 use super::export::{preset_or_file, require_key, write_json, write_model_folder, DIFFUSERS_VERSION};
 use super::objectives::{DiffusionObjective, LossKind, ObjectiveOutput};
@@ -683,7 +682,7 @@ impl TrainingTask for TextToImageTask {
         let tokenizer_dir = dir.join("tokenizer");
         std::fs::create_dir_all(&tokenizer_dir).map_err(|e| Error::io(&tokenizer_dir, e))?;
         for (name, bytes) in sd15_tokenizer_files()? {
-            write_atomically(&tokenizer_dir.join(name), &bytes, &mut write_and_sync)?;
+            crate::files::write_atomically(&tokenizer_dir.join(name), &bytes)?;
         }
         write_json(&dir.join("scheduler/scheduler_config.json"), &Value::Object(self.scheduler_config.clone()))?;
         write_json(
