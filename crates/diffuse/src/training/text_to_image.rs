@@ -27,6 +27,7 @@ use crate::loading::weights::{find_weight_files, var_builder};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::unet_2d_condition::{UNet2DConditionModel, UNet2DConditionModelConfig};
+use crate::models::LoraDropout;
 use crate::pipelines::stable_diffusion::{Components, PhaseTimes, StableDiffusionPipeline, TextToImageOptions};
 use crate::pipelines::{scheduler_from_config, to_uint8_images};
 use crate::rng::TorchGenerator;
@@ -34,7 +35,7 @@ use crate::schedulers::PredictionType;
 use crate::tokenizers::builtin::{builtin_clip_tokenizer, sd15_tokenizer_files};
 use crate::tokenizers::clip::{input_ids_tensor, ClipTokenizer};
 use crate::loading::single_file::Family;
-use crate::lora::adapters::{check_adapted, with_dropout, AdapterConfig, Adapters};
+use crate::lora::adapters::{check_adapted, AdapterConfig, Adapters};
 use crate::lora::save::{TrainedLora, DIFFUSERS_FILE_NAME};
 use crate::lora::{LoraSet, LoraSpec, Target};
 use crate::{bail, Error, Result};
@@ -502,10 +503,10 @@ impl TextToImageTask {
 
     /// The prompt embeddings `[B, 77, hidden]` (the text encoder's last layer, as Stable
     /// Diffusion conditions on it).
-    fn encode(&self, captions: &[String]) -> Result<Tensor> {
+    fn encode(&self, captions: &[String], lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         let encodings = self.tokenizer.encode_batch(captions)?;
         let ids = input_ids_tensor(&encodings, &self.device)?;
-        let hidden = self.text_encoder.forward(&ids)?.last_hidden_state;
+        let hidden = self.text_encoder.forward_with_lora_dropout(&ids, lora_dropout)?.last_hidden_state;
         // A frozen encoder needs no gradient, unless it carries adapters being trained.
         let trained = matches!(self.config.text_encoder, TextEncoderSource::Train { .. })
             || self.config.lora.as_ref().is_some_and(|lora| lora.text_encoder.is_some());
@@ -516,7 +517,7 @@ impl TextToImageTask {
     fn loss_with_masks(&mut self, batch: &Batch, generator: &mut TorchGenerator, masks: &mut TorchGenerator) -> Result<ObjectiveOutput> {
         let captions = self.captions(batch, generator)?;
         let dropout = self.config.lora.as_ref().map_or(0.0, |lora| lora.dropout);
-        let embeddings = with_dropout(dropout, masks, || self.encode(&captions))?;
+        let embeddings = self.encode(&captions, LoraDropout::new(dropout, masks).as_ref())?;
         let vae_config = &self.config.vae.config;
         let mut latents = self.vae.encode(&batch.images)?.sample(generator)?.detach();
         if let Some(shift) = vae_config.shift_factor {
@@ -524,7 +525,8 @@ impl TextToImageTask {
         }
         let latents = (latents * vae_config.scaling_factor)?;
         let unet = &self.unet;
-        with_dropout(dropout, masks, || self.objective.loss(&latents, generator, &mut |x_t, t| unet.forward(x_t, t, &embeddings)))
+        let lora_dropout = LoraDropout::new(dropout, masks);
+        self.objective.loss(&latents, generator, &mut |x_t, t| unet.forward_with_lora_dropout(x_t, t, &embeddings, lora_dropout.as_ref()))
     }
 
     /// A pipeline over the given weights, sampling with the sample grids' scheduler.
