@@ -16,7 +16,7 @@ use super::sigmas::{
     lambda, multistep_sigma_range, noise_prediction, scale, training_sigmas, Schedule, SigmaSchedule,
 };
 use super::spacing::{check_spacing, multistep_timesteps};
-use super::{betas, check_one_of, threshold_sample, Scheduler};
+use super::{betas, check_one_of, check_solver_order, threshold_sample, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -145,9 +145,7 @@ impl UniPcMultistepScheduler {
         check_one_of("prediction_type", &config.prediction_type, predictions)?;
         check_spacing(&config.timestep_spacing)?;
         check_one_of("final_sigmas_type", &config.final_sigmas_type, &["zero", "sigma_min"])?;
-        if config.solver_order == 0 {
-            return Err(Error::invalid("`solver_order` must be at least 1"));
-        }
+        check_solver_order(config.solver_order)?;
 
         let betas = betas::make_betas(
             &config.beta_schedule,
