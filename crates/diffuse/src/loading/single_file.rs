@@ -186,6 +186,9 @@ impl SingleFile {
         })?;
         let shapes: BTreeMap<String, Vec<usize>> =
             tensors.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect();
+        for (name, shape) in &shapes {
+            crate::loading::weights::check_shape(path, name, shape)?;
+        }
         let recognised = recognise(&shapes, path)?;
         Ok(Self { path: path.to_path_buf(), tensors: Arc::new(tensors), recognised: Arc::new(recognised) })
     }

@@ -85,15 +85,36 @@ pub fn var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<V
         .map_err(|e| Error::weights(files.first().cloned().unwrap_or_default(), e.to_string()))
 }
 
-/// Validates a safetensors file's header and that every tensor lies inside the file.
+/// Validates a safetensors file's header, that every tensor lies inside the file, and that
+/// every shape is one candle can hold ([`check_shape`]).
 pub fn check_safetensors(path: &Path) -> Result<()> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: read-only mapping of a file we do not modify.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
+    let tensors = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
         Error::weights(path, format!("not a valid safetensors file (truncated or corrupt?): {e}"))
     })?;
+    for (name, view) in tensors.iter() {
+        check_shape(path, name, view.shape())?;
+    }
     Ok(())
+}
+
+/// Refuses a tensor shape whose dimensions multiply past `usize`: safetensors accepts one such
+/// as `[0, 2^63, 2^63]` (no elements, so no data to check), and candle's stride arithmetic
+/// overflows on it (a panic, or in release builds wrong strides).
+pub fn check_shape(path: &Path, name: &str, shape: &[usize]) -> Result<()> {
+    // Strides are products from the last dimension on, each one computed.
+    if shape.iter().rev().try_fold(1usize, |product, &dim| product.checked_mul(dim)).is_none() {
+        return Err(Error::weights(path, format!("tensor `{name}` has the shape {shape:?}, whose size overflows")));
+    }
+    Ok(())
+}
+
+/// Every tensor of a safetensors file, read whole after the checks of [`check_safetensors`].
+pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    check_safetensors(path)?;
+    candle_core::safetensors::load(path, device).map_err(|e| Error::weights(path, e.to_string()))
 }
 
 /// A tensor's bytes as safetensors stores them (little-endian), for the safetensors crate.

@@ -85,6 +85,7 @@ pub fn load_latents(path: &Path, device: &Device) -> Result<(Tensor, HashMap<Str
     let metadata = header.metadata().clone().unwrap_or_default();
     let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| not_latents(e.to_string()))?;
     let view = tensors.tensor("latents").map_err(|_| not_latents("it has no `latents` tensor".into()))?;
+    crate::loading::weights::check_shape(path, "latents", view.shape())?;
     if view.dtype() != safetensors::Dtype::F32 || view.shape().len() != 4 {
         return Err(not_latents(format!("`latents` is {:?} {:?}, expected float32 [N, C, h, w]", view.dtype(), view.shape())));
     }

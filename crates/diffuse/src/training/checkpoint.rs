@@ -203,7 +203,7 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     files.sort();
     for path in files {
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let loaded = candle_core::safetensors::load(&path, &Device::Cpu)
+        let loaded = crate::loading::weights::load_safetensors(&path, &Device::Cpu)
             .map_err(|e| Error::weights(&path, format!("cannot read the checkpoint tensors: {e}")))?;
         tensors.push((stem, loaded));
     }

@@ -666,7 +666,7 @@ impl TrainingTask for TextToImageTask {
                 let files = find_weight_files(source, "model", None)?;
                 let mut tensors = HashMap::new();
                 for file in &files {
-                    tensors.extend(candle_core::safetensors::load(file, &Device::Cpu).map_err(|e| Error::weights(file, e.to_string()))?);
+                    tensors.extend(crate::loading::weights::load_safetensors(file, &Device::Cpu)?);
                 }
                 (read_json_object(&source.join("config.json"))?, tensors)
             }
@@ -677,7 +677,7 @@ impl TrainingTask for TextToImageTask {
 
         let mut vae_tensors = HashMap::new();
         for file in self.config.vae.files()? {
-            vae_tensors.extend(candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| Error::weights(&file, e.to_string()))?);
+            vae_tensors.extend(crate::loading::weights::load_safetensors(&file, &Device::Cpu)?);
         }
         write_model_folder(&dir.join("vae"), Some("AutoencoderKL"), &self.config.vae.json, &vae_tensors, "", "diffusion_pytorch_model.safetensors", dtype)?;
 
@@ -716,7 +716,7 @@ fn load_base_weights(parameters: &Parameters, base: &Path, text_encoder: bool) -
     }
     for (folder, stem, prefix) in components {
         for file in find_weight_files(&base.join(folder), stem, None)? {
-            for (name, tensor) in candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| Error::weights(&file, e.to_string()))? {
+            for (name, tensor) in crate::loading::weights::load_safetensors(&file, &Device::Cpu)? {
                 // CLIP's weights with or without `text_model.` (as the model reads them);
                 // `position_ids` is a buffer some transformers versions saved.
                 let name = name.strip_prefix("text_model.").unwrap_or(&name).to_string();
