@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -429,6 +429,11 @@ fn read_metadata_jsonl(root: &Path, metadata: &Path, captions: Captions) -> Resu
         let Some(file_name) = value.get("file_name").and_then(|v| v.as_str()) else {
             bail!("{}: line {line_number} has no `file_name` string", metadata.display());
         };
+        // The metadata names the folder's own images: `../x` or an absolute path would train on
+        // (and so copy into a model) files from anywhere.
+        if !Path::new(file_name).components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
+            bail!("{}: line {line_number} names {file_name}, which is not a file inside {}", metadata.display(), root.display());
+        }
         let path = root.join(file_name);
         if !path.is_file() {
             bail!("{}: line {line_number} names {file_name}, which does not exist", metadata.display());
