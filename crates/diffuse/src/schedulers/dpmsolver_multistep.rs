@@ -17,7 +17,7 @@ use super::sigmas::{
     lambda, multistep_sigma_range, noise_prediction, scale, training_sigmas, Schedule, SigmaSchedule,
 };
 use super::spacing::{check_spacing, multistep_timesteps, np_linspace};
-use super::{betas, check_one_of, check_solver_order, threshold_sample, Scheduler};
+use super::{betas, check_one_of, check_solver_order, check_thresholding, threshold_sample, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -142,6 +142,9 @@ pub struct DpmSolverMultistepScheduler {
 
 impl DpmSolverMultistepScheduler {
     pub fn new(config: DpmSolverMultistepSchedulerConfig) -> Result<Self> {
+        if config.thresholding {
+            check_thresholding(config.dynamic_thresholding_ratio, config.sample_max_value)?;
+        }
         let sigma_schedule =
             SigmaSchedule::from_flags(config.use_karras_sigmas, config.use_exponential_sigmas, config.use_beta_sigmas)?;
         for (key, set) in [

@@ -335,6 +335,9 @@ pub(crate) fn threshold_sample(sample: &Tensor, ratio: f64, max_value: f64) -> R
     let rows = flat.to_vec2::<f32>()?;
     let mut out = Vec::with_capacity(flat.elem_count());
     for row in rows {
+        if row.is_empty() {
+            continue;
+        }
         let mut sorted: Vec<f32> = row.iter().map(|v| v.abs()).collect();
         sorted.sort_by(|a, b| a.total_cmp(b));
         // torch.quantile's default linear interpolation.
