@@ -148,14 +148,32 @@ fn start_watchdog() {
             report(info)
         }));
         let limit_ms = env_number("DIFFUSE_FUZZ_HANG_SECS", 20) * 1000;
-        std::thread::spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(250));
-            let started = CASE_STARTED_MS.load(Ordering::SeqCst);
-            if started != 0 && (epoch().elapsed().as_millis() as u64).saturating_sub(started) > limit_ms {
-                report_and_abort(&format!("ran longer than {} s (a hang)", limit_ms / 1000));
+        std::thread::spawn(move || {
+            let tick = Duration::from_millis(250);
+            let mut last = Instant::now();
+            loop {
+                std::thread::sleep(tick);
+                // A tick far longer than asked for means the process was stopped (SIGSTOP, a
+                // suspended machine): that time is no case's, so the running case's start moves.
+                let stopped = last.elapsed().saturating_sub(tick);
+                last = Instant::now();
+                if stopped > Duration::from_secs(1) {
+                    let _ = CASE_STARTED_MS.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |start| {
+                        (start != 0).then(|| start + stopped.as_millis() as u64)
+                    });
+                }
+                check_hang(limit_ms);
             }
         });
     });
+}
+
+/// Aborts when the running case has run longer than `limit_ms`.
+fn check_hang(limit_ms: u64) {
+    let started = CASE_STARTED_MS.load(Ordering::SeqCst);
+    if started != 0 && (epoch().elapsed().as_millis() as u64).saturating_sub(started) > limit_ms {
+        report_and_abort(&format!("ran longer than {} s (a hang)", limit_ms / 1000));
+    }
 }
 
 fn env_number(name: &str, default: u64) -> u64 {
