@@ -65,9 +65,7 @@ pub fn materialize(root: &Path) -> Result<PathBuf> {
         }
         let parent = target.parent().unwrap_or(&dir);
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        let temporary = parent.join(format!(".{}.tmp-{}", target.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
-        std::fs::write(&temporary, bytes).map_err(|e| Error::io(&temporary, e))?;
-        std::fs::rename(&temporary, &target).map_err(|e| Error::io(&target, e))?;
+        crate::files::write_atomically(&target, bytes)?;
     }
     Ok(dir)
 }

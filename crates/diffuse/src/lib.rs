@@ -4,6 +4,7 @@ pub mod configs;
 pub mod default_model;
 pub mod error;
 pub mod evaluation;
+pub mod files;
 pub mod loading;
 pub mod lora;
 pub mod models;

@@ -19,7 +19,7 @@ use diffuse::lora::{path_in_dir, LoraFile, LoraSpec};
 use diffuse::models::clip_text::{ClipTextConfig, ClipTextModel};
 use diffuse::pipelines::metadata::parse_infotext;
 use diffuse::prompts::extra_networks::parse_prompt;
-use diffuse::training::data::{read_idx_labels, IdxDataset};
+use diffuse::training::data::{read_idx_labels, Captions, Dataset, IdxDataset, ImageFolderDataset};
 
 struct Tracking;
 
@@ -194,4 +194,23 @@ fn clip_skip_beyond_the_encoders_layers_is_an_error() {
         let error = model.encode(&ids, Some(skip)).unwrap_err().to_string();
         assert_contains(&error, &[&format!("clip skip {skip} is too large for a text encoder with 2 layers (at most 1)")]);
     }
+}
+
+#[test]
+fn image_folder_metadata_names_only_files_inside_the_folder() {
+    let dir = scratch("metadata-names");
+    let root = dir.join("images");
+    std::fs::create_dir_all(&root).unwrap();
+    let png = std::fs::read(common::fixtures_dir().join("metadata/no_parameters.png")).unwrap();
+    write_file(&dir.join("outside.png"), &png);
+    write_file(&root.join("inside.png"), &png);
+    let outside = dir.join("outside.png");
+    for name in ["../outside.png", outside.to_str().unwrap(), "sub/../../outside.png"] {
+        let line = serde_json::json!({"file_name": name, "text": "a caption"}).to_string();
+        write_file(&root.join("metadata.jsonl"), line.as_bytes());
+        let error = ImageFolderDataset::open(&root, Captions::Required, false).err().expect(name).to_string();
+        assert_contains(&error, &["metadata.jsonl", "line 1", name, "is not a file inside"]);
+    }
+    write_file(&root.join("metadata.jsonl"), br#"{"file_name": "./inside.png", "text": "a caption"}"#);
+    assert_eq!(ImageFolderDataset::open(&root, Captions::Required, false).unwrap().len(), 1);
 }

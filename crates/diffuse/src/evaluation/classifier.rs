@@ -21,7 +21,8 @@ use serde_json::{Map, Value};
 use crate::loading::config::{parse_config, read_json_object};
 use crate::loading::weights::{check_safetensors, var_builder};
 use crate::models::{Conv2d, Linear};
-use crate::training::checkpoint::{safetensors_bytes, write_and_sync, write_atomically};
+use crate::files::write_atomically;
+use crate::loading::weights::safetensors_bytes;
 use crate::training::data::{DataLoader, Dataset, ImageFit, ImageSpec};
 use crate::training::optimizer::{AdamW, AdamWConfig, LearningRate, LrSchedule};
 use crate::training::params::Parameters;
@@ -336,7 +337,7 @@ pub fn save_classifier(
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let bytes = safetensors_bytes(weights)?;
-    write_atomically(&dir.join(WEIGHTS_FILE), &bytes, &mut write_and_sync)?;
+    write_atomically(&dir.join(WEIGHTS_FILE), &bytes)?;
     let mut json = match serde_json::to_value(config) {
         Ok(Value::Object(map)) => map,
         _ => Map::new(),
@@ -347,5 +348,5 @@ pub fn save_classifier(
     json.insert("training".into(), serde_json::to_value(training).unwrap_or(Value::Null));
     let mut text = serde_json::to_string_pretty(&Value::Object(json)).map_err(|e| Error::invalid(e.to_string()))?;
     text.push('\n');
-    write_atomically(&dir.join(CONFIG_FILE), text.as_bytes(), &mut write_and_sync)
+    write_atomically(&dir.join(CONFIG_FILE), text.as_bytes())
 }

@@ -746,11 +746,7 @@ fn cache_ref(repo_dir: &Path, revision: &str, commit: &str) -> Result<()> {
     }
     let parent = ref_path.parent().unwrap_or(repo_dir);
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let mut temporary = ref_path.clone().into_os_string();
-    temporary.push(format!(".{}.tmp", std::process::id()));
-    let temporary = PathBuf::from(temporary);
-    std::fs::write(&temporary, commit).map_err(|e| Error::io(&temporary, e))?;
-    std::fs::rename(&temporary, &ref_path).map_err(|e| Error::io(&ref_path, e))
+    crate::files::write_atomically(&ref_path, commit.as_bytes())
 }
 
 fn sample(names: &[String]) -> String {

@@ -54,6 +54,9 @@ impl MappedTensors {
                 .map_err(|e| Error::weights(path, format!("not a valid safetensors file (truncated or corrupt?): {e}")))?;
             let base = mmap.as_ptr() as usize;
             for (name, view) in tensors.tensors() {
+                // A shape whose size overflows (possible with a zero dimension) is refused here,
+                // before anything computes its strides.
+                super::weights::check_shape(path, &name, view.shape())?;
                 let start = view.data().as_ptr() as usize - base;
                 let entry = Entry { file: index, dtype: view.dtype(), shape: view.shape().to_vec(), start, end: start + view.data().len() };
                 entries.insert(name, entry);

@@ -2,12 +2,14 @@
 //! `diffusion_pytorch_model.safetensors` (or `model.safetensors`), the `.fp16.safetensors`
 //! variant, and sharded files listed by a `.safetensors.index.json`.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::{Error, Result};
+use crate::{bail, Error, Result};
 
 /// The weight files of one component folder (`unet/`, `vae/`, ...), in load order.
 pub fn find_weight_files(folder: &Path, stem: &str, variant: Option<&str>) -> Result<Vec<PathBuf>> {
@@ -79,13 +81,105 @@ pub fn var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<V
     Ok(VarBuilder::from_backend(Box::new(super::mapped::MappedBackend(std::sync::Arc::new(tensors))), dtype, device.clone()))
 }
 
-/// Validates a safetensors file's header and that every tensor lies inside the file.
+/// Validates a safetensors file's header, that every tensor lies inside the file, and that
+/// every shape is one candle can hold ([`check_shape`]).
 pub fn check_safetensors(path: &Path) -> Result<()> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: read-only mapping of a file we do not modify.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
+    let tensors = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
         Error::weights(path, format!("not a valid safetensors file (truncated or corrupt?): {e}"))
     })?;
+    for (name, view) in tensors.iter() {
+        check_shape(path, name, view.shape())?;
+    }
     Ok(())
+}
+
+/// Refuses a tensor shape whose dimensions multiply past `usize`: safetensors accepts one such
+/// as `[0, 2^63, 2^63]` (no elements, so no data to check), and candle's stride arithmetic
+/// overflows on it (a panic, or in release builds wrong strides).
+pub fn check_shape(path: &Path, name: &str, shape: &[usize]) -> Result<()> {
+    // Strides are products from the last dimension on, each one computed.
+    if shape.iter().rev().try_fold(1usize, |product, &dim| product.checked_mul(dim)).is_none() {
+        return Err(Error::weights(path, format!("tensor `{name}` has the shape {shape:?}, whose size overflows")));
+    }
+    Ok(())
+}
+
+/// Every tensor of a safetensors file, read whole after the checks of [`check_safetensors`].
+pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    check_safetensors(path)?;
+    candle_core::safetensors::load(path, device).map_err(|e| Error::weights(path, e.to_string()))
+}
+
+/// A tensor's bytes as safetensors stores them (little-endian), for the safetensors crate.
+struct HostTensor {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl safetensors::View for &HostTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// Serialises named f32 / f64 / u32 / i64 tensors as a safetensors file's bytes, with
+/// `{"format": "pt"}` metadata as PyTorch writers add.
+pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
+    safetensors_bytes_with_metadata(tensors, HashMap::new())
+}
+
+/// [`safetensors_bytes`] with more header metadata (e.g. a LoRA's adapter configs).
+pub fn safetensors_bytes_with_metadata(tensors: &HashMap<String, Tensor>, mut metadata: HashMap<String, String>) -> Result<Vec<u8>> {
+    let mut host = Vec::with_capacity(tensors.len());
+    for (name, tensor) in tensors {
+        let flat = tensor.flatten_all()?;
+        let (dtype, bytes): (safetensors::Dtype, Vec<u8>) = match tensor.dtype() {
+            DType::F32 => (safetensors::Dtype::F32, flat.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::F64 => (safetensors::Dtype::F64, flat.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::F16 => (safetensors::Dtype::F16, flat.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::U32 => (safetensors::Dtype::U32, flat.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::I64 => (safetensors::Dtype::I64, flat.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            other => bail!("cannot write tensor {name} of type {other:?}"),
+        };
+        host.push((name.clone(), HostTensor { dtype, shape: tensor.dims().to_vec(), bytes }));
+    }
+    metadata.insert("format".to_string(), "pt".to_string());
+    let bytes = safetensors::serialize(host.iter().map(|(name, tensor)| (name.as_str(), tensor)), Some(metadata))
+        .map_err(|e| Error::invalid(format!("cannot serialise tensors: {e}")))?;
+    sorted_header(bytes)
+}
+
+/// The same file with its JSON header's keys sorted: safetensors writes the metadata map in
+/// hash order, and the same weights should make the same bytes (checkpoints and exports are
+/// compared byte for byte). Data offsets are relative to the data, so only the header moves.
+fn sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let invalid = || Error::invalid("cannot serialise tensors: malformed header");
+    let length = u64::from_le_bytes(bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(invalid)?) as usize;
+    let header = bytes.get(8..8 + length).ok_or_else(invalid)?;
+    let mut entries: std::collections::BTreeMap<String, serde_json::Value> = serde_json::from_slice(header).map_err(|_| invalid())?;
+    if let Some(serde_json::Value::Object(metadata)) = entries.get("__metadata__") {
+        let sorted: std::collections::BTreeMap<&String, &serde_json::Value> = metadata.iter().collect();
+        let value = serde_json::to_value(sorted).map_err(|_| invalid())?;
+        entries.insert("__metadata__".into(), value);
+    }
+    let mut text = serde_json::to_vec(&entries).map_err(|_| invalid())?;
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - length);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + length..]);
+    Ok(out)
 }

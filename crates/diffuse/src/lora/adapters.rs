@@ -15,7 +15,6 @@
 //! with `.` + a target (`to_q` takes every `...attn1.to_q` and `...attn2.to_q`; `attn2.to_q`
 //! only the cross-attention ones).
 
-use std::cell::RefCell;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Shape, Tensor, Var};
@@ -251,40 +250,6 @@ impl SimpleBackend for AdapterBackend {
     fn contains_tensor(&self, name: &str) -> bool {
         self.adapted(name).is_some() || self.base.contains_tensor(name)
     }
-}
-
-thread_local! {
-    /// The LoRA dropout of the training forward pass running on this thread, if any.
-    static DROPOUT: RefCell<Option<(f32, TorchGenerator)>> = const { RefCell::new(None) };
-}
-
-/// Runs `forward` with peft's `lora_dropout` on every LoRA branch's input: each input element
-/// is zeroed with probability `p` and the rest scaled by 1/(1 − p), the masks drawn from
-/// `generator` in the order the layers run (the training task owns it and checkpoints its
-/// state, so a resumed run draws the same masks). `p` = 0 runs `forward` as it is.
-pub fn with_dropout<R>(p: f64, generator: &mut TorchGenerator, forward: impl FnOnce() -> R) -> R {
-    if p <= 0.0 {
-        return forward();
-    }
-    let lent = std::mem::replace(generator, TorchGenerator::new(0));
-    DROPOUT.with(|d| *d.borrow_mut() = Some((p as f32, lent)));
-    let result = forward();
-    if let Some((_, back)) = DROPOUT.with(|d| d.borrow_mut().take()) {
-        *generator = back;
-    }
-    result
-}
-
-/// A LoRA branch's input under [`with_dropout`] (unchanged outside it: sampling, inference).
-pub(crate) fn dropout_input(input: &Tensor) -> candle_core::Result<Tensor> {
-    DROPOUT.with(|d| match d.borrow_mut().as_mut() {
-        None => Ok(input.clone()),
-        Some((p, generator)) => {
-            let keep = 1.0 / (1.0 - *p);
-            let mask: Vec<f32> = generator.rand(input.elem_count()).into_iter().map(|u| if u < *p { 0.0 } else { keep }).collect();
-            input * Tensor::from_vec(mask, input.shape(), input.device())?.to_dtype(input.dtype())?
-        }
-    })
 }
 
 /// Refuses a set of adapters that adapted nothing (targets that name no linear layer).

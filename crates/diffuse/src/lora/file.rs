@@ -114,6 +114,7 @@ impl LoraFile {
         let data = &bytes[8 + header_len..];
         let mut tensors = HashMap::new();
         for (name, info) in metadata.tensors() {
+            crate::loading::weights::check_shape(path, &name, &info.shape)?;
             let (start, end) = info.data_offsets;
             let tensor = candle_dtype(info.dtype)
                 .ok_or_else(|| format!("its dtype {:?} is not one a LoRA is stored in", info.dtype))

@@ -289,7 +289,8 @@ pub fn ldm_unet_to_diffusers(flat_name: &str, layers_per_block: usize) -> Option
     if let Some((_, diffusers)) = TOP.iter().find(|(ldm, _)| *ldm == flat_name) {
         return Some(diffusers.to_string());
     }
-    let per_level = layers_per_block + 1;
+    // layers_per_block comes from a config file: no arithmetic that can overflow on it.
+    let per_level = layers_per_block.checked_add(1)?;
     let join = |prefix: String, rest: &str| if rest.is_empty() { prefix } else { format!("{prefix}_{rest}") };
     if let Some(tail) = flat_name.strip_prefix("input_blocks_") {
         let (index, tail) = split_number(tail)?;

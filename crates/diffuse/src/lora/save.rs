@@ -19,7 +19,8 @@ use serde_json::{json, Map, Value};
 use super::adapters::{parameter_name, AdaptedLayer, AdapterConfig};
 use super::file::LoraFile;
 use super::keys::{kohya_name, Target};
-use crate::training::checkpoint::{safetensors_bytes_with_metadata, write_and_sync, write_atomically};
+use crate::files::write_atomically;
+use crate::loading::weights::safetensors_bytes_with_metadata;
 use crate::{bail, Result};
 
 /// diffusers' file name for a pipeline's LoRA (`LORA_WEIGHT_NAME_SAFE`).
@@ -154,5 +155,5 @@ fn write_tensors(path: &Path, tensors: &HashMap<String, Tensor>, metadata: HashM
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| crate::Error::io(parent, e))?;
     }
-    write_atomically(path, &safetensors_bytes_with_metadata(&converted, metadata)?, &mut write_and_sync)
+    write_atomically(path, &safetensors_bytes_with_metadata(&converted, metadata)?)
 }

@@ -9,7 +9,7 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use super::{GroupNorm, Linear};
+use super::{GroupNorm, Linear, LoraDropout};
 use crate::{bail, ops, Result};
 
 /// `Attention.__init__`'s arguments that we support, with diffusers' defaults from
@@ -125,7 +125,7 @@ impl Attention {
     /// `hidden_states` is a feature map `[B, C, H, W]` or a sequence `[B, L, C]`;
     /// `encoder_hidden_states` (`[B, S, cross_attention_dim]`) is the context for
     /// cross-attention, or `None` for self-attention. The output has the input's shape.
-    pub fn forward(&self, hidden_states: &Tensor, encoder_hidden_states: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(&self, hidden_states: &Tensor, encoder_hidden_states: Option<&Tensor>, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         let residual = hidden_states;
         let input_dims = hidden_states.dims().to_vec();
         // The group norm acts per channel, so it can be applied before flattening.
@@ -146,10 +146,10 @@ impl Attention {
         };
         let batch = sequence.dim(0)?;
 
-        let query = self.to_q.forward(&sequence)?;
+        let query = self.to_q.forward_with_lora_dropout(&sequence, lora_dropout)?;
         let context = encoder_hidden_states.unwrap_or(&sequence);
-        let key = self.to_k.forward(context)?;
-        let value = self.to_v.forward(context)?;
+        let key = self.to_k.forward_with_lora_dropout(context, lora_dropout)?;
+        let value = self.to_v.forward_with_lora_dropout(context, lora_dropout)?;
 
         let inner_dim = key.dim(2)?;
         let head_dim = inner_dim / self.heads;
@@ -159,7 +159,7 @@ impl Attention {
         let precision = ops::Precision::of_weights(self.to_q.weight_dtype());
         let attended = ops::scaled_dot_product_attention_in(&split_heads(&query)?, &split_heads(&key)?, &split_heads(&value)?, self.scale, precision)?;
         let attended = attended.transpose(1, 2)?.reshape((batch, (), self.heads * head_dim))?;
-        let mut output = self.to_out.forward(&attended)?;
+        let mut output = self.to_out.forward_with_lora_dropout(&attended, lora_dropout)?;
 
         if input_dims.len() == 4 {
             output = output.transpose(1, 2)?.reshape(input_dims.as_slice())?;

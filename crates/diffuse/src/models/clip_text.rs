@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::{LayerNorm, Linear};
+use super::{LayerNorm, Linear, LoraDropout};
 use crate::ops;
 use crate::{Error, Result};
 
@@ -96,18 +96,18 @@ impl ClipAttention {
         })
     }
 
-    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, causal_mask: &Tensor, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         let (batch, tokens, channels) = x.dims3()?;
         let heads = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((batch, tokens, self.num_heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(self.q_proj.forward(x)?)?;
-        let k = heads(self.k_proj.forward(x)?)?;
-        let v = heads(self.v_proj.forward(x)?)?;
+        let q = heads(self.q_proj.forward_with_lora_dropout(x, lora_dropout)?)?;
+        let k = heads(self.k_proj.forward_with_lora_dropout(x, lora_dropout)?)?;
+        let v = heads(self.v_proj.forward_with_lora_dropout(x, lora_dropout)?)?;
         let scale = (self.head_dim as f64).powf(-0.5);
         let out = ops::masked_attention(&q, &k, &v, scale, causal_mask)?;
         let out = out.transpose(1, 2)?.reshape((batch, tokens, channels))?;
-        self.out_proj.forward(&out)
+        self.out_proj.forward_with_lora_dropout(&out, lora_dropout)
     }
 }
 
@@ -133,10 +133,11 @@ impl ClipEncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
-        let h = self.self_attn.forward(&self.layer_norm1.forward(x)?, causal_mask)?;
+    fn forward(&self, x: &Tensor, causal_mask: &Tensor, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
+        let h = self.self_attn.forward(&self.layer_norm1.forward(x)?, causal_mask, lora_dropout)?;
         let x = (x + h)?;
-        let h = self.fc2.forward(&self.activation.forward(&self.fc1.forward(&self.layer_norm2.forward(&x)?)?)?)?;
+        let h = self.fc1.forward_with_lora_dropout(&self.layer_norm2.forward(&x)?, lora_dropout)?;
+        let h = self.fc2.forward_with_lora_dropout(&self.activation.forward(&h)?, lora_dropout)?;
         Ok((x + h)?)
     }
 }
@@ -191,6 +192,12 @@ impl ClipTextModel {
     /// Encodes `[B, T]` token ids (u32). No padding mask: Stable Diffusion's text encoders
     /// attend causally over the padded sequence, as diffusers calls them.
     pub fn forward(&self, input_ids: &Tensor) -> Result<ClipTextOutput> {
+        self.forward_with_lora_dropout(input_ids, None)
+    }
+
+    /// [`Self::forward`] in training, with peft's `lora_dropout` on the inputs of the LoRA
+    /// branches that training gave the layers.
+    pub fn forward_with_lora_dropout(&self, input_ids: &Tensor, lora_dropout: Option<&LoraDropout>) -> Result<ClipTextOutput> {
         let (batch, tokens) = input_ids.dims2()?;
         if tokens > self.config.max_position_embeddings {
             return Err(Error::invalid(format!(
@@ -212,7 +219,7 @@ impl ClipTextModel {
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         hidden_states.push(hidden.clone());
         for layer in &self.layers {
-            hidden = layer.forward(&hidden, &causal_mask)?;
+            hidden = layer.forward(&hidden, &causal_mask, lora_dropout)?;
             hidden_states.push(hidden.clone());
         }
         let last_hidden_state = self.final_layer_norm.forward(&hidden)?;

@@ -3,7 +3,7 @@
 use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::{Activation, Linear};
+use super::{Activation, Linear, LoraDropout};
 use crate::{bail, Result};
 
 /// `get_timestep_embedding`: sinusoidal embeddings `[N, embedding_dim]` of `timesteps` (`[N]`,
@@ -130,13 +130,13 @@ impl TimestepEmbedding {
         Ok(Self { linear_1, cond_proj, act: config.act_fn, linear_2, post_act: config.post_act_fn })
     }
 
-    pub fn forward(&self, sample: &Tensor, condition: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(&self, sample: &Tensor, condition: Option<&Tensor>, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         let sample = match (condition, &self.cond_proj) {
-            (Some(condition), Some(cond_proj)) => (sample + cond_proj.forward(condition)?)?,
+            (Some(condition), Some(cond_proj)) => (sample + cond_proj.forward_with_lora_dropout(condition, lora_dropout)?)?,
             _ => sample.clone(),
         };
-        let sample = self.act.forward(&self.linear_1.forward(&sample)?)?;
-        let sample = self.linear_2.forward(&sample)?;
+        let sample = self.act.forward(&self.linear_1.forward_with_lora_dropout(&sample, lora_dropout)?)?;
+        let sample = self.linear_2.forward_with_lora_dropout(&sample, lora_dropout)?;
         match &self.post_act {
             Some(post_act) => post_act.forward(&sample),
             None => Ok(sample),

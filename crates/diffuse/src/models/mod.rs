@@ -16,9 +16,12 @@ pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
 pub mod vae;
 
+use std::cell::RefCell;
+
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::rng::TorchGenerator;
 use crate::{ops, Error, Result};
 
 /// `torch.nn.Conv2d` with square kernels, stride and symmetric zero padding, with a LoRA
@@ -50,12 +53,17 @@ impl Conv2d {
     }
 
     pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        self.forward_with_lora_dropout(input, None)
+    }
+
+    /// [`Self::forward`], with `lora_dropout` on the LoRA branch's input (training).
+    pub fn forward_with_lora_dropout(&self, input: &Tensor, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         let output = ops::conv2d(input, &self.weight, self.bias.as_ref(), self.stride, self.padding)?;
         match &self.lora {
             None => Ok(output),
             // peft's lora.Conv2d: A has the layer's kernel, stride and padding, B is 1×1.
             Some(lora) => {
-                let input = crate::lora::adapters::dropout_input(input)?;
+                let input = LoraDropout::apply(lora_dropout, input)?;
                 let update = ops::conv2d(&ops::conv2d(&input, &lora.down, None, self.stride, self.padding)?, &lora.up, None, 1, 0)?;
                 Ok((output + (update * lora.scale)?)?)
             }
@@ -141,6 +149,11 @@ impl Linear {
     }
 
     pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        self.forward_with_lora_dropout(input, None)
+    }
+
+    /// [`Self::forward`], with `lora_dropout` on the LoRA branch's input (training).
+    pub fn forward_with_lora_dropout(&self, input: &Tensor, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         let output = match &self.weight {
             LinearWeight::Tensor(weight) => ops::linear(input, weight, self.bias.as_ref())?,
             LinearWeight::PackedBf16(packed) => ops::linear_packed(input, packed, self.bias.as_ref())?,
@@ -148,11 +161,39 @@ impl Linear {
         match &self.lora {
             None => Ok(output),
             Some(lora) => {
-                let input = crate::lora::adapters::dropout_input(input)?;
+                let input = LoraDropout::apply(lora_dropout, input)?;
                 let update = ops::linear(&ops::linear(&input, &lora.down, None)?, &lora.up, None)?;
                 Ok((output + (update * lora.scale)?)?)
             }
         }
+    }
+}
+
+/// peft's `lora_dropout` for one training forward pass, handed down explicitly to every layer
+/// that may carry a LoRA branch: each element of a branch's input is zeroed with probability
+/// `p` and the rest scaled by 1/(1 − p), the masks drawn from `generator` in the order the
+/// layers run (the training task owns the generator and checkpoints its state, so a resumed
+/// run draws the same masks). Inference passes `None`: branches see their input unchanged.
+pub struct LoraDropout<'g> {
+    p: f32,
+    // A forward pass takes `&self` everywhere, and each branch draws in turn.
+    generator: RefCell<&'g mut TorchGenerator>,
+}
+
+impl<'g> LoraDropout<'g> {
+    /// `None` for `p` = 0 (no dropout, no draws), else dropout with probability `p`.
+    pub fn new(p: f64, generator: &'g mut TorchGenerator) -> Option<Self> {
+        (p > 0.0).then(|| LoraDropout { p: p as f32, generator: RefCell::new(generator) })
+    }
+
+    fn apply(dropout: Option<&Self>, input: &Tensor) -> Result<Tensor> {
+        let Some(dropout) = dropout else {
+            return Ok(input.clone());
+        };
+        let keep = 1.0 / (1.0 - dropout.p);
+        let draws = dropout.generator.borrow_mut().rand(input.elem_count());
+        let mask: Vec<f32> = draws.into_iter().map(|u| if u < dropout.p { 0.0 } else { keep }).collect();
+        Ok((input * Tensor::from_vec(mask, input.shape(), input.device())?.to_dtype(input.dtype())?)?)
     }
 }
 

@@ -6,7 +6,7 @@
 use candle_core::{Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::{Activation, Conv2d, GroupNorm, Linear};
+use super::{Activation, Conv2d, GroupNorm, Linear, LoraDropout};
 use crate::{bail, ops, Error, Result};
 
 /// How a resnet block is conditioned on the time embedding (`time_embedding_norm`, the
@@ -174,7 +174,7 @@ impl ResnetBlock2D {
         })
     }
 
-    pub fn forward(&self, input_tensor: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(&self, input_tensor: &Tensor, temb: Option<&Tensor>, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         // Intermediates are reassigned, not rebound with `let` (which would keep each alive
         // to the end): in a 512×512 VAE decoder they are hundreds of MB each.
         let mut hidden_states = self.norm1.forward_then(input_tensor, self.nonlinearity)?;
@@ -185,12 +185,12 @@ impl ResnetBlock2D {
             }
             None => input_tensor.clone(),
         };
-        hidden_states = self.conv1.forward(&hidden_states)?;
+        hidden_states = self.conv1.forward_with_lora_dropout(&hidden_states, lora_dropout)?;
 
         let temb = match (&self.time_emb_proj, temb) {
             (Some(time_emb_proj), Some(temb)) => {
                 let temb = if self.skip_time_act { temb.clone() } else { self.nonlinearity.forward(temb)? };
-                Some(time_emb_proj.forward(&temb)?.unsqueeze(2)?.unsqueeze(3)?)
+                Some(time_emb_proj.forward_with_lora_dropout(&temb, lora_dropout)?.unsqueeze(2)?.unsqueeze(3)?)
             }
             (Some(_), None) => bail!("this resnet block is conditioned on a time embedding, but none was given"),
             (None, _) => None,
@@ -213,10 +213,10 @@ impl ResnetBlock2D {
                 self.nonlinearity.forward(&hidden_states)?
             }
         };
-        hidden_states = self.conv2.forward(&hidden_states)?;
+        hidden_states = self.conv2.forward_with_lora_dropout(&hidden_states, lora_dropout)?;
 
         if let Some(conv_shortcut) = &self.conv_shortcut {
-            input_tensor = conv_shortcut.forward(&input_tensor)?;
+            input_tensor = conv_shortcut.forward_with_lora_dropout(&input_tensor, lora_dropout)?;
         }
         let output = (input_tensor + hidden_states)?;
         Ok(if self.output_scale_factor != 1.0 { (output / self.output_scale_factor)? } else { output })
@@ -244,10 +244,10 @@ impl Upsample2D {
         Ok(Self { conv })
     }
 
-    pub fn forward(&self, hidden_states: &Tensor, output_size: Option<(usize, usize)>) -> Result<Tensor> {
+    pub fn forward(&self, hidden_states: &Tensor, output_size: Option<(usize, usize)>, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         let hidden_states = upsample_nearest(hidden_states, output_size)?;
         match &self.conv {
-            Some(conv) => conv.forward(&hidden_states),
+            Some(conv) => conv.forward_with_lora_dropout(&hidden_states, lora_dropout),
             None => Ok(hidden_states),
         }
     }
@@ -275,7 +275,7 @@ impl Downsample2D {
         Ok(Self { conv, padding })
     }
 
-    pub fn forward(&self, hidden_states: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, hidden_states: &Tensor, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         match &self.conv {
             Some(conv) => {
                 let hidden_states = if self.padding == 0 {
@@ -283,7 +283,7 @@ impl Downsample2D {
                 } else {
                     hidden_states.clone()
                 };
-                conv.forward(&hidden_states)
+                conv.forward_with_lora_dropout(&hidden_states, lora_dropout)
             }
             None => Ok(hidden_states.avg_pool2d(2)?),
         }

@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::attention_processor::{Attention, AttentionConfig};
-use super::{Conv2d, GroupNorm, LayerNorm, Linear};
+use super::{Conv2d, GroupNorm, LayerNorm, Linear, LoraDropout};
 use crate::{bail, Result};
 
 /// `GEGLU`: a linear projection to twice the width, split into a value half and a gate half;
@@ -24,8 +24,8 @@ impl Geglu {
         Ok(Self { proj: Linear::new(vb.pp("proj"), dim_in, dim_out * 2, bias)? })
     }
 
-    fn forward(&self, hidden_states: &Tensor) -> Result<Tensor> {
-        crate::ops::geglu(&self.proj.forward(hidden_states)?)
+    fn forward(&self, hidden_states: &Tensor, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
+        crate::ops::geglu(&self.proj.forward_with_lora_dropout(hidden_states, lora_dropout)?)
     }
 }
 
@@ -47,8 +47,8 @@ impl FeedForward {
         Ok(Self { geglu, proj_out })
     }
 
-    pub fn forward(&self, hidden_states: &Tensor) -> Result<Tensor> {
-        self.proj_out.forward(&self.geglu.forward(hidden_states)?)
+    pub fn forward(&self, hidden_states: &Tensor, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
+        self.proj_out.forward_with_lora_dropout(&self.geglu.forward(hidden_states, lora_dropout)?, lora_dropout)
     }
 }
 
@@ -145,18 +145,18 @@ impl BasicTransformerBlock {
 
     /// `hidden_states` is `[B, L, dim]`; `encoder_hidden_states` is the context `[B, S, D]`
     /// (without one, the cross-attention attends to the features themselves, as in diffusers).
-    pub fn forward(&self, hidden_states: &Tensor, encoder_hidden_states: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(&self, hidden_states: &Tensor, encoder_hidden_states: Option<&Tensor>, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         let norm_hidden_states = self.norm1.forward(hidden_states)?;
         let attn1_context = if self.only_cross_attention { encoder_hidden_states } else { None };
-        let mut hidden_states = (self.attn1.forward(&norm_hidden_states, attn1_context)? + hidden_states)?;
+        let mut hidden_states = (self.attn1.forward(&norm_hidden_states, attn1_context, lora_dropout)? + hidden_states)?;
 
         if let Some((norm2, attn2)) = &self.cross {
             let norm_hidden_states = norm2.forward(&hidden_states)?;
-            hidden_states = (attn2.forward(&norm_hidden_states, encoder_hidden_states)? + hidden_states)?;
+            hidden_states = (attn2.forward(&norm_hidden_states, encoder_hidden_states, lora_dropout)? + hidden_states)?;
         }
 
         let norm_hidden_states = self.norm3.forward(&hidden_states)?;
-        Ok((self.ff.forward(&norm_hidden_states)? + hidden_states)?)
+        Ok((self.ff.forward(&norm_hidden_states, lora_dropout)? + hidden_states)?)
     }
 }
 
@@ -212,7 +212,7 @@ impl Transformer2DModel {
     }
 
     /// `hidden_states` is `[B, C, H, W]`, `encoder_hidden_states` the context `[B, S, D]`.
-    pub fn forward(&self, hidden_states: &Tensor, encoder_hidden_states: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(&self, hidden_states: &Tensor, encoder_hidden_states: Option<&Tensor>, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         let (batch, _, height, width) = hidden_states.dims4()?;
         let residual = hidden_states;
         let normed = self.norm.forward(hidden_states)?;
@@ -229,15 +229,15 @@ impl Transformer2DModel {
         };
 
         let mut hidden_states = match &self.proj_in {
-            Projection::Conv(conv) => to_sequence(&conv.forward(&normed)?)?,
-            Projection::Linear(linear) => linear.forward(&to_sequence(&normed)?)?,
+            Projection::Conv(conv) => to_sequence(&conv.forward_with_lora_dropout(&normed, lora_dropout)?)?,
+            Projection::Linear(linear) => linear.forward_with_lora_dropout(&to_sequence(&normed)?, lora_dropout)?,
         };
         for block in &self.transformer_blocks {
-            hidden_states = block.forward(&hidden_states, encoder_hidden_states)?;
+            hidden_states = block.forward(&hidden_states, encoder_hidden_states, lora_dropout)?;
         }
         let output = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(&to_feature_map(&hidden_states)?)?,
-            Projection::Linear(linear) => to_feature_map(&linear.forward(&hidden_states)?)?,
+            Projection::Conv(conv) => conv.forward_with_lora_dropout(&to_feature_map(&hidden_states)?, lora_dropout)?,
+            Projection::Linear(linear) => to_feature_map(&linear.forward_with_lora_dropout(&hidden_states, lora_dropout)?)?,
         };
         Ok((output + residual)?)
     }

@@ -352,7 +352,7 @@ impl UNet2DModel {
             n => bail!("got {n} timesteps for a batch of {batch}"),
         };
         let t_emb = self.time_proj.forward(&timesteps)?.to_dtype(sample.dtype())?;
-        let mut emb = self.time_embedding.forward(&t_emb, None)?;
+        let mut emb = self.time_embedding.forward(&t_emb, None, None)?;
 
         match (&self.class_embedding, class_labels) {
             (Some(class_embedding), Some(class_labels)) => {
@@ -360,7 +360,7 @@ impl UNet2DModel {
                     ClassEmbedding::Table(table) => table.forward(class_labels)?,
                     ClassEmbedding::Timestep(embedding) => {
                         let projected = self.time_proj.forward(&class_labels.to_dtype(DType::F32)?)?;
-                        embedding.forward(&projected.to_dtype(emb.dtype())?, None)?
+                        embedding.forward(&projected.to_dtype(emb.dtype())?, None, None)?
                     }
                     ClassEmbedding::Identity => class_labels.clone(),
                 };
@@ -386,7 +386,7 @@ impl UNet2DModel {
 
         // 4. mid
         if let Some(mid_block) = &self.mid_block {
-            sample = mid_block.forward(&sample, Some(&emb))?;
+            sample = mid_block.forward(&sample, Some(&emb), None)?;
         }
 
         // 5. up

@@ -14,7 +14,7 @@ use super::resnet::{
     Upsample2D,
 };
 use super::transformer_2d::{Transformer2DModel, Transformer2DModelConfig};
-use super::{Activation, Conv2d, GroupNorm};
+use super::{Activation, Conv2d, GroupNorm, LoraDropout};
 use crate::{ops, Error, Result};
 
 /// How an attention block changes resolution (`downsample_type` / `upsample_type`).
@@ -111,10 +111,16 @@ fn block_attention(
     Attention::new(vb, &config)
 }
 
-fn resnets_forward(resnets: &[ResnetBlock2D], hidden_states: &Tensor, temb: Option<&Tensor>, output_states: &mut Vec<Tensor>) -> Result<Tensor> {
+fn resnets_forward(
+    resnets: &[ResnetBlock2D],
+    hidden_states: &Tensor,
+    temb: Option<&Tensor>,
+    output_states: &mut Vec<Tensor>,
+    lora_dropout: Option<&LoraDropout>,
+) -> Result<Tensor> {
     let mut hidden_states = hidden_states.clone();
     for resnet in resnets {
-        hidden_states = resnet.forward(&hidden_states, temb)?;
+        hidden_states = resnet.forward(&hidden_states, temb, lora_dropout)?;
         output_states.push(hidden_states.clone());
     }
     Ok(hidden_states)
@@ -177,7 +183,7 @@ impl DownBlock {
         skip_sample: Option<Tensor>,
     ) -> Result<(Tensor, Vec<Tensor>, Option<Tensor>)> {
         let (hidden_states, output_states) = match self {
-            DownBlock::Down(block) => block.forward(hidden_states, temb)?,
+            DownBlock::Down(block) => block.forward(hidden_states, temb, None)?,
             DownBlock::AttnDown(block) => block.forward(hidden_states, temb)?,
             DownBlock::ResnetDownsample(block) => block.forward(hidden_states, temb)?,
             DownBlock::Skip(block) => return block.forward(hidden_states, temb, skip_sample),
@@ -216,7 +222,7 @@ impl UpBlock {
         skip_sample: Option<Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let hidden_states = match self {
-            UpBlock::Up(block) => block.forward(hidden_states, res_hidden_states, temb, None)?,
+            UpBlock::Up(block) => block.forward(hidden_states, res_hidden_states, temb, None, None)?,
             UpBlock::AttnUp(block) => block.forward(hidden_states, res_hidden_states, temb)?,
             UpBlock::ResnetUpsample(block) => block.forward(hidden_states, res_hidden_states, temb)?,
             UpBlock::Skip(block) => return block.forward(hidden_states, res_hidden_states, temb, skip_sample),
@@ -290,13 +296,13 @@ impl UNetMidBlock2D {
         Ok(Self { resnets, attentions })
     }
 
-    pub fn forward(&self, hidden_states: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut hidden_states = self.resnets[0].forward(hidden_states, temb)?;
+    pub fn forward(&self, hidden_states: &Tensor, temb: Option<&Tensor>, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
+        let mut hidden_states = self.resnets[0].forward(hidden_states, temb, lora_dropout)?;
         for (attention, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
             if let Some(attention) = attention {
-                hidden_states = attention.forward(&hidden_states, None)?;
+                hidden_states = attention.forward(&hidden_states, None, lora_dropout)?;
             }
-            hidden_states = resnet.forward(&hidden_states, temb)?;
+            hidden_states = resnet.forward(&hidden_states, temb, lora_dropout)?;
         }
         Ok(hidden_states)
     }
@@ -326,11 +332,11 @@ impl DownBlock2D {
         Ok(Self { resnets, downsampler })
     }
 
-    pub fn forward(&self, hidden_states: &Tensor, temb: Option<&Tensor>) -> Result<(Tensor, Vec<Tensor>)> {
+    pub fn forward(&self, hidden_states: &Tensor, temb: Option<&Tensor>, lora_dropout: Option<&LoraDropout>) -> Result<(Tensor, Vec<Tensor>)> {
         let mut output_states = Vec::with_capacity(self.resnets.len() + 1);
-        let mut hidden_states = resnets_forward(&self.resnets, hidden_states, temb, &mut output_states)?;
+        let mut hidden_states = resnets_forward(&self.resnets, hidden_states, temb, &mut output_states, lora_dropout)?;
         if let Some(downsampler) = &self.downsampler {
-            hidden_states = downsampler.forward(&hidden_states)?;
+            hidden_states = downsampler.forward(&hidden_states, lora_dropout)?;
             output_states.push(hidden_states.clone());
         }
         Ok((hidden_states, output_states))
@@ -394,14 +400,14 @@ impl AttnDownBlock2D {
         let mut output_states = Vec::with_capacity(self.resnets.len() + 1);
         let mut hidden_states = hidden_states.clone();
         for (resnet, attention) in self.resnets.iter().zip(&self.attentions) {
-            hidden_states = resnet.forward(&hidden_states, temb)?;
-            hidden_states = attention.forward(&hidden_states, None)?;
+            hidden_states = resnet.forward(&hidden_states, temb, None)?;
+            hidden_states = attention.forward(&hidden_states, None, None)?;
             output_states.push(hidden_states.clone());
         }
         if let Some(downsampler) = &self.downsampler {
             hidden_states = match downsampler {
-                Downsampler::Conv(downsample) => downsample.forward(&hidden_states)?,
-                Downsampler::Resnet(resnet) => resnet.forward(&hidden_states, temb)?,
+                Downsampler::Conv(downsample) => downsample.forward(&hidden_states, None)?,
+                Downsampler::Resnet(resnet) => resnet.forward(&hidden_states, temb, None)?,
             };
             output_states.push(hidden_states.clone());
         }
@@ -443,9 +449,9 @@ impl ResnetDownsampleBlock2D {
 
     pub fn forward(&self, hidden_states: &Tensor, temb: Option<&Tensor>) -> Result<(Tensor, Vec<Tensor>)> {
         let mut output_states = Vec::with_capacity(self.resnets.len() + 1);
-        let mut hidden_states = resnets_forward(&self.resnets, hidden_states, temb, &mut output_states)?;
+        let mut hidden_states = resnets_forward(&self.resnets, hidden_states, temb, &mut output_states, None)?;
         if let Some(downsampler) = &self.downsampler {
-            hidden_states = downsampler.forward(&hidden_states, temb)?;
+            hidden_states = downsampler.forward(&hidden_states, temb, None)?;
             output_states.push(hidden_states.clone());
         }
         Ok((hidden_states, output_states))
@@ -519,15 +525,15 @@ impl SkipDownBlock2D {
         let mut output_states = Vec::with_capacity(self.resnets.len() + 1);
         let mut hidden_states = hidden_states.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
-            hidden_states = resnet.forward(&hidden_states, temb)?;
+            hidden_states = resnet.forward(&hidden_states, temb, None)?;
             if let Some(attention) = self.attentions.get(i) {
-                hidden_states = attention.forward(&hidden_states, None)?;
+                hidden_states = attention.forward(&hidden_states, None, None)?;
             }
             output_states.push(hidden_states.clone());
         }
         let mut skip_sample = skip_sample;
         if let (Some(resnet_down), Some(skip_conv)) = (&self.resnet_down, &self.skip_conv) {
-            hidden_states = resnet_down.forward(&hidden_states, temb)?;
+            hidden_states = resnet_down.forward(&hidden_states, temb, None)?;
             let Some(skip) = skip_sample else {
                 return Err(Error::invalid("a skip down block needs the skip sample"));
             };
@@ -547,6 +553,7 @@ fn up_resnets_forward(
     hidden_states: &Tensor,
     res_hidden_states: &[Tensor],
     temb: Option<&Tensor>,
+    lora_dropout: Option<&LoraDropout>,
     mut after_each: impl FnMut(usize, Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
     if res_hidden_states.len() < resnets.len() {
@@ -560,7 +567,7 @@ fn up_resnets_forward(
     for (i, resnet) in resnets.iter().enumerate() {
         let res = &res_hidden_states[res_hidden_states.len() - 1 - i];
         hidden_states = Tensor::cat(&[&hidden_states, res], 1)?;
-        hidden_states = resnet.forward(&hidden_states, temb)?;
+        hidden_states = resnet.forward(&hidden_states, temb, lora_dropout)?;
         hidden_states = after_each(i, hidden_states)?;
     }
     Ok(hidden_states)
@@ -605,10 +612,11 @@ impl UpBlock2D {
         res_hidden_states: &[Tensor],
         temb: Option<&Tensor>,
         upsample_size: Option<(usize, usize)>,
+        lora_dropout: Option<&LoraDropout>,
     ) -> Result<Tensor> {
-        let hidden_states = up_resnets_forward(&self.resnets, hidden_states, res_hidden_states, temb, |_, h| Ok(h))?;
+        let hidden_states = up_resnets_forward(&self.resnets, hidden_states, res_hidden_states, temb, lora_dropout, |_, h| Ok(h))?;
         match &self.upsampler {
-            Some(upsampler) => upsampler.forward(&hidden_states, upsample_size),
+            Some(upsampler) => upsampler.forward(&hidden_states, upsample_size, lora_dropout),
             None => Ok(hidden_states),
         }
     }
@@ -663,12 +671,12 @@ impl AttnUpBlock2D {
     }
 
     pub fn forward(&self, hidden_states: &Tensor, res_hidden_states: &[Tensor], temb: Option<&Tensor>) -> Result<Tensor> {
-        let hidden_states = up_resnets_forward(&self.resnets, hidden_states, res_hidden_states, temb, |i, h| {
-            self.attentions[i].forward(&h, None)
+        let hidden_states = up_resnets_forward(&self.resnets, hidden_states, res_hidden_states, temb, None, |i, h| {
+            self.attentions[i].forward(&h, None, None)
         })?;
         match &self.upsampler {
-            Some(Upsampler::Conv(upsample)) => upsample.forward(&hidden_states, None),
-            Some(Upsampler::Resnet(resnet)) => resnet.forward(&hidden_states, temb),
+            Some(Upsampler::Conv(upsample)) => upsample.forward(&hidden_states, None, None),
+            Some(Upsampler::Resnet(resnet)) => resnet.forward(&hidden_states, temb, None),
             None => Ok(hidden_states),
         }
     }
@@ -708,9 +716,9 @@ impl ResnetUpsampleBlock2D {
     }
 
     pub fn forward(&self, hidden_states: &Tensor, res_hidden_states: &[Tensor], temb: Option<&Tensor>) -> Result<Tensor> {
-        let hidden_states = up_resnets_forward(&self.resnets, hidden_states, res_hidden_states, temb, |_, h| Ok(h))?;
+        let hidden_states = up_resnets_forward(&self.resnets, hidden_states, res_hidden_states, temb, None, |_, h| Ok(h))?;
         match &self.upsampler {
-            Some(upsampler) => upsampler.forward(&hidden_states, temb),
+            Some(upsampler) => upsampler.forward(&hidden_states, temb, None),
             None => Ok(hidden_states),
         }
     }
@@ -787,9 +795,9 @@ impl SkipUpBlock2D {
         temb: Option<&Tensor>,
         skip_sample: Option<Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let mut hidden_states = up_resnets_forward(&self.resnets, hidden_states, res_hidden_states, temb, |_, h| Ok(h))?;
+        let mut hidden_states = up_resnets_forward(&self.resnets, hidden_states, res_hidden_states, temb, None, |_, h| Ok(h))?;
         if let Some(attention) = &self.attention {
-            hidden_states = attention.forward(&hidden_states, None)?;
+            hidden_states = attention.forward(&hidden_states, None, None)?;
         }
         // diffusers starts from 0 when there is no skip sample yet; `None` stands for that 0.
         let mut skip_sample = match skip_sample {
@@ -802,7 +810,7 @@ impl SkipUpBlock2D {
                 Some(skip) => (skip + states)?,
                 None => states,
             });
-            hidden_states = resnet_up.forward(&hidden_states, temb)?;
+            hidden_states = resnet_up.forward(&hidden_states, temb, None)?;
         }
         Ok((hidden_states, skip_sample))
     }
@@ -886,16 +894,17 @@ impl CrossAttnDownBlock2D {
         hidden_states: &Tensor,
         temb: Option<&Tensor>,
         encoder_hidden_states: Option<&Tensor>,
+        lora_dropout: Option<&LoraDropout>,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut output_states = Vec::with_capacity(self.resnets.len() + 1);
         let mut hidden_states = hidden_states.clone();
         for (resnet, attention) in self.resnets.iter().zip(&self.attentions) {
-            hidden_states = resnet.forward(&hidden_states, temb)?;
-            hidden_states = attention.forward(&hidden_states, encoder_hidden_states)?;
+            hidden_states = resnet.forward(&hidden_states, temb, lora_dropout)?;
+            hidden_states = attention.forward(&hidden_states, encoder_hidden_states, lora_dropout)?;
             output_states.push(hidden_states.clone());
         }
         if let Some(downsampler) = &self.downsampler {
-            hidden_states = downsampler.forward(&hidden_states)?;
+            hidden_states = downsampler.forward(&hidden_states, lora_dropout)?;
             output_states.push(hidden_states.clone());
         }
         Ok((hidden_states, output_states))
@@ -934,11 +943,17 @@ impl UNetMidBlock2DCrossAttn {
         Ok(Self { resnets, attentions })
     }
 
-    pub fn forward(&self, hidden_states: &Tensor, temb: Option<&Tensor>, encoder_hidden_states: Option<&Tensor>) -> Result<Tensor> {
-        let mut hidden_states = self.resnets[0].forward(hidden_states, temb)?;
+    pub fn forward(
+        &self,
+        hidden_states: &Tensor,
+        temb: Option<&Tensor>,
+        encoder_hidden_states: Option<&Tensor>,
+        lora_dropout: Option<&LoraDropout>,
+    ) -> Result<Tensor> {
+        let mut hidden_states = self.resnets[0].forward(hidden_states, temb, lora_dropout)?;
         for (attention, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            hidden_states = attention.forward(&hidden_states, encoder_hidden_states)?;
-            hidden_states = resnet.forward(&hidden_states, temb)?;
+            hidden_states = attention.forward(&hidden_states, encoder_hidden_states, lora_dropout)?;
+            hidden_states = resnet.forward(&hidden_states, temb, lora_dropout)?;
         }
         Ok(hidden_states)
     }
@@ -998,12 +1013,13 @@ impl CrossAttnUpBlock2D {
         temb: Option<&Tensor>,
         encoder_hidden_states: Option<&Tensor>,
         upsample_size: Option<(usize, usize)>,
+        lora_dropout: Option<&LoraDropout>,
     ) -> Result<Tensor> {
-        let hidden_states = up_resnets_forward(&self.resnets, hidden_states, res_hidden_states, temb, |i, h| {
-            self.attentions[i].forward(&h, encoder_hidden_states)
+        let hidden_states = up_resnets_forward(&self.resnets, hidden_states, res_hidden_states, temb, lora_dropout, |i, h| {
+            self.attentions[i].forward(&h, encoder_hidden_states, lora_dropout)
         })?;
         match &self.upsampler {
-            Some(upsampler) => upsampler.forward(&hidden_states, upsample_size),
+            Some(upsampler) => upsampler.forward(&hidden_states, upsample_size, lora_dropout),
             None => Ok(hidden_states),
         }
     }

@@ -17,7 +17,7 @@ use super::unet_2d_blocks::{
     BlockArgs, CrossAttnArgs, CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D, MidBlockArgs, ResampleType, UNetMidBlock2D,
     UNetMidBlock2DCrossAttn, UpBlock2D,
 };
-use super::{Activation, Conv2d, Embedding, GroupNorm};
+use super::{Activation, Conv2d, Embedding, GroupNorm, LoraDropout};
 use crate::{bail, Error, Result};
 
 /// A setting given once for all blocks or as a list with one entry per down block.
@@ -613,6 +613,30 @@ impl UNet2DConditionModel {
         class_labels: Option<&Tensor>,
         timestep_cond: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.predict(sample, timesteps, encoder_hidden_states, class_labels, timestep_cond, None)
+    }
+
+    /// [`Self::forward`] in training, with peft's `lora_dropout` on the inputs of the LoRA
+    /// branches that training gave the layers.
+    pub fn forward_with_lora_dropout(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        lora_dropout: Option<&LoraDropout>,
+    ) -> Result<Tensor> {
+        self.predict(sample, timesteps, encoder_hidden_states, None, None, lora_dropout)
+    }
+
+    fn predict(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        class_labels: Option<&Tensor>,
+        timestep_cond: Option<&Tensor>,
+        lora_dropout: Option<&LoraDropout>,
+    ) -> Result<Tensor> {
         let (batch, channels, height, width) = sample.dims4()?;
         if channels != self.config.in_channels {
             bail!("the sample has {channels} channels, but the UNet takes {}", self.config.in_channels);
@@ -651,7 +675,7 @@ impl UNet2DConditionModel {
                 Some(cond.to_dtype(sample.dtype())?)
             }
         };
-        let mut emb = self.time_embedding.forward(&t_emb, timestep_cond.as_ref())?;
+        let mut emb = self.time_embedding.forward(&t_emb, timestep_cond.as_ref(), lora_dropout)?;
         match (&self.class_embedding, class_labels) {
             (Some(class_embedding), Some(class_labels)) => {
                 emb = (emb + class_embedding.forward(class_labels)?.to_dtype(sample.dtype())?)?;
@@ -667,14 +691,14 @@ impl UNet2DConditionModel {
         let context = Some(encoder_hidden_states);
 
         // 2. pre-process
-        let mut sample = self.conv_in.forward(&sample)?;
+        let mut sample = self.conv_in.forward_with_lora_dropout(&sample, lora_dropout)?;
 
         // 3. down
         let mut down_block_res_samples = vec![sample.clone()];
         for down_block in &self.down_blocks {
             let (hidden_states, res_samples) = match down_block {
-                DownBlock::CrossAttn(block) => block.forward(&sample, emb, context)?,
-                DownBlock::Plain(block) => block.forward(&sample, emb)?,
+                DownBlock::CrossAttn(block) => block.forward(&sample, emb, context, lora_dropout)?,
+                DownBlock::Plain(block) => block.forward(&sample, emb, lora_dropout)?,
             };
             sample = hidden_states;
             down_block_res_samples.extend(res_samples);
@@ -682,8 +706,8 @@ impl UNet2DConditionModel {
 
         // 4. mid
         sample = match &self.mid_block {
-            Some(MidBlock::CrossAttn(block)) => block.forward(&sample, emb, context)?,
-            Some(MidBlock::Plain(block)) => block.forward(&sample, emb)?,
+            Some(MidBlock::CrossAttn(block)) => block.forward(&sample, emb, context, lora_dropout)?,
+            Some(MidBlock::Plain(block)) => block.forward(&sample, emb, lora_dropout)?,
             None => sample,
         };
 
@@ -703,13 +727,13 @@ impl UNet2DConditionModel {
                 }
             }
             sample = match up_block {
-                UpBlock::CrossAttn(block) => block.forward(&sample, &res_samples, emb, context, upsample_size)?,
-                UpBlock::Plain(block) => block.forward(&sample, &res_samples, emb, upsample_size)?,
+                UpBlock::CrossAttn(block) => block.forward(&sample, &res_samples, emb, context, upsample_size, lora_dropout)?,
+                UpBlock::Plain(block) => block.forward(&sample, &res_samples, emb, upsample_size, lora_dropout)?,
             };
         }
 
         // 6. post-process
         let sample = self.conv_act.forward(&self.conv_norm_out.forward(&sample)?)?;
-        self.conv_out.forward(&sample)
+        self.conv_out.forward_with_lora_dropout(&sample, lora_dropout)
     }
 }

@@ -74,10 +74,10 @@ impl DownEncoderBlock2D {
     /// with it (at 512×512 each activation is hundreds of MB).
     pub fn forward(&self, mut hidden_states: Tensor) -> Result<Tensor> {
         for resnet in &self.resnets {
-            hidden_states = resnet.forward(&hidden_states, None)?;
+            hidden_states = resnet.forward(&hidden_states, None, None)?;
         }
         match &self.downsampler {
-            Some(downsampler) => downsampler.forward(&hidden_states),
+            Some(downsampler) => downsampler.forward(&hidden_states, None),
             None => Ok(hidden_states),
         }
     }
@@ -105,10 +105,10 @@ impl UpDecoderBlock2D {
     /// with it (at 512×512 each activation is hundreds of MB).
     pub fn forward(&self, mut hidden_states: Tensor) -> Result<Tensor> {
         for resnet in &self.resnets {
-            hidden_states = resnet.forward(&hidden_states, None)?;
+            hidden_states = resnet.forward(&hidden_states, None, None)?;
         }
         match &self.upsampler {
-            Some(upsampler) => upsampler.forward(&hidden_states, None),
+            Some(upsampler) => upsampler.forward(&hidden_states, None, None),
             None => Ok(hidden_states),
         }
     }
@@ -224,7 +224,7 @@ impl Encoder {
         for down_block in &self.down_blocks {
             sample = down_block.forward(sample)?;
         }
-        sample = self.mid_block.forward(&sample, None)?;
+        sample = self.mid_block.forward(&sample, None, None)?;
         // The final activation is always SiLU, whatever `act_fn` the resnets use.
         sample = self.conv_norm_out.forward_then(&sample, Activation::Silu)?;
         self.conv_out.forward(&sample)
@@ -304,7 +304,7 @@ impl Decoder {
     /// `[B, in_channels, h, w]` latents to `[B, out_channels, h × f, w × f]` images.
     pub fn forward(&self, sample: &Tensor) -> Result<Tensor> {
         let mut sample = self.conv_in.forward(sample)?;
-        sample = self.mid_block.forward(&sample, None)?;
+        sample = self.mid_block.forward(&sample, None, None)?;
         for up_block in &self.up_blocks {
             sample = up_block.forward(sample)?;
         }

@@ -17,7 +17,6 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::pipelines::image_processor::{Image8, VaeImageProcessor};
 use crate::pipelines::stable_diffusion::{DenoiseLoop, StableDiffusionPipeline, TextToImageOptions};
-use crate::pipelines::temporary_path;
 use crate::rng::TorchGenerator;
 use crate::schedulers;
 use crate::{Error, Result};
@@ -75,14 +74,7 @@ pub fn save_latents(path: &Path, latents: &Tensor, metadata: &[(&str, String)]) 
     info.insert("format".into(), LATENTS_FORMAT.into());
     let data = safetensors::serialize([("latents", view)], Some(info))
         .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
-    let tmp = temporary_path(path);
-    match std::fs::write(&tmp, data).and_then(|_| std::fs::rename(&tmp, path)) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(Error::io(path, e))
-        }
-    }
+    crate::files::write_atomically(path, &data)
 }
 
 /// Reads a file `save_latents` wrote: the latents `[N, C, h, w]` (float32) and the metadata.
@@ -93,6 +85,7 @@ pub fn load_latents(path: &Path, device: &Device) -> Result<(Tensor, HashMap<Str
     let metadata = header.metadata().clone().unwrap_or_default();
     let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| not_latents(e.to_string()))?;
     let view = tensors.tensor("latents").map_err(|_| not_latents("it has no `latents` tensor".into()))?;
+    crate::loading::weights::check_shape(path, "latents", view.shape())?;
     if view.dtype() != safetensors::Dtype::F32 || view.shape().len() != 4 {
         return Err(not_latents(format!("`latents` is {:?} {:?}, expected float32 [N, C, h, w]", view.dtype(), view.shape())));
     }

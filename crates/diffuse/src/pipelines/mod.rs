@@ -124,37 +124,23 @@ pub fn write_png(path: &Path, width: usize, height: usize, channels: usize, pixe
         4 => png_color::Rgba,
         c => return Err(Error::invalid(format!("cannot write a {c}-channel image as PNG"))),
     };
-    let tmp = temporary_path(path);
-    let result = (|| -> std::io::Result<()> {
-        let file = std::fs::File::create(&tmp)?;
-        let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
+    let failed = |e: png::EncodingError| Error::io(path, std::io::Error::other(e));
+    crate::files::write_streamed_atomically(path, |file| {
+        let mut encoder = png::Encoder::new(file, width as u32, height as u32);
         encoder.set_color(color);
         encoder.set_depth(png::BitDepth::Eight);
         for (key, value) in text {
             if metadata::is_latin1(value) {
-                encoder.add_text_chunk(key.to_string(), value.clone()).map_err(std::io::Error::other)?;
+                encoder.add_text_chunk(key.to_string(), value.clone()).map_err(failed)?;
             } else {
-                encoder.add_itxt_chunk(key.to_string(), value.clone()).map_err(std::io::Error::other)?;
+                encoder.add_itxt_chunk(key.to_string(), value.clone()).map_err(failed)?;
             }
         }
-        let mut writer = encoder.write_header().map_err(std::io::Error::other)?;
-        writer.write_image_data(pixels).map_err(std::io::Error::other)?;
-        writer.finish().map_err(std::io::Error::other)?;
-        Ok(())
-    })();
-    match result.and_then(|_| std::fs::rename(&tmp, path)) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(Error::io(path, e))
-        }
-    }
+        let mut writer = encoder.write_header().map_err(failed)?;
+        writer.write_image_data(pixels).map_err(failed)?;
+        writer.finish().map_err(failed)
+    })
 }
 
 use png::ColorType as png_color;
 
-/// `dir/.name.tmp-PID`: beside the target so the rename stays on one file system.
-pub fn temporary_path(path: &Path) -> std::path::PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-}

@@ -21,6 +21,9 @@ pub fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The largest `num_train_timesteps` a scheduler config may state.
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 /// The betas of a named schedule, or the config's `trained_betas` when it has them. Every
 /// scheduler offers `linear`, `scaled_linear` and `squaredcos_cap_v2`; `also` names the
 /// schedules only this one offers (DDPM: `sigmoid`, `laplace`; Heun: `exp`).
@@ -32,6 +35,13 @@ pub fn make_betas(
     trained_betas: Option<&[f64]>,
     also: &[&str],
 ) -> Result<Vec<f32>> {
+    // A config's number sizes every table the scheduler keeps: refused before anything is
+    // allocated (diffusion models are trained with 1000, a few with 4000).
+    if num_train_timesteps > MAX_TRAIN_TIMESTEPS {
+        return Err(Error::invalid(format!(
+            "num_train_timesteps {num_train_timesteps} is more than diffuse supports ({MAX_TRAIN_TIMESTEPS})"
+        )));
+    }
     if let Some(trained) = trained_betas {
         if trained.len() != num_train_timesteps {
             return Err(Error::invalid(format!(

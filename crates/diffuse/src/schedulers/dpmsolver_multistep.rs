@@ -17,7 +17,7 @@ use super::sigmas::{
     lambda, multistep_sigma_range, noise_prediction, scale, training_sigmas, Schedule, SigmaSchedule,
 };
 use super::spacing::{check_spacing, multistep_timesteps, np_linspace};
-use super::{betas, check_one_of, threshold_sample, Scheduler};
+use super::{betas, check_one_of, check_solver_order, check_thresholding, threshold_sample, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -142,6 +142,9 @@ pub struct DpmSolverMultistepScheduler {
 
 impl DpmSolverMultistepScheduler {
     pub fn new(config: DpmSolverMultistepSchedulerConfig) -> Result<Self> {
+        if config.thresholding {
+            check_thresholding(config.dynamic_thresholding_ratio, config.sample_max_value)?;
+        }
         let sigma_schedule =
             SigmaSchedule::from_flags(config.use_karras_sigmas, config.use_exponential_sigmas, config.use_beta_sigmas)?;
         for (key, set) in [
@@ -187,9 +190,7 @@ impl DpmSolverMultistepScheduler {
         };
         check_one_of("prediction_type", &config.prediction_type, predictions)?;
         check_spacing(&config.timestep_spacing)?;
-        if config.solver_order == 0 {
-            return Err(Error::invalid("`solver_order` must be at least 1"));
-        }
+        check_solver_order(config.solver_order)?;
         // diffusers has no third-order update for sde-dpmsolver (it fails on the third step).
         if algorithm == Algorithm::SdeDpmSolver && config.solver_order >= 3 {
             return Err(Error::invalid("`solver_order` 3 is not available for `algorithm_type` sde-dpmsolver"));

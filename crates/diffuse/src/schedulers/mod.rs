@@ -181,6 +181,17 @@ pub(crate) fn check_one_of(key: &str, value: &str, allowed: &[&str]) -> Result<(
     }
 }
 
+/// The multistep solvers keep `solver_order` past outputs: a config's order is checked before
+/// that history is allocated (the configs in use have 1 to 3; 16 leaves room).
+pub(crate) fn check_solver_order(order: usize) -> Result<()> {
+    const MAX_SOLVER_ORDER: usize = 16;
+    match order {
+        0 => Err(Error::invalid("`solver_order` must be at least 1")),
+        1..=MAX_SOLVER_ORDER => Ok(()),
+        _ => Err(Error::invalid(format!("`solver_order` {order} is more than diffuse supports ({MAX_SOLVER_ORDER})"))),
+    }
+}
+
 /// Per-batch-item coefficients as a `[B, 1, 1, ...]` tensor that broadcasts over `like`.
 pub(crate) fn per_item(values: &[f32], like: &Tensor) -> Result<Tensor> {
     let mut shape = vec![values.len()];
@@ -324,6 +335,9 @@ pub(crate) fn threshold_sample(sample: &Tensor, ratio: f64, max_value: f64) -> R
     let rows = flat.to_vec2::<f32>()?;
     let mut out = Vec::with_capacity(flat.elem_count());
     for row in rows {
+        if row.is_empty() {
+            continue;
+        }
         let mut sorted: Vec<f32> = row.iter().map(|v| v.abs()).collect();
         sorted.sort_by(|a, b| a.total_cmp(b));
         // torch.quantile's default linear interpolation.

@@ -16,7 +16,7 @@ use super::sigmas::{
     lambda, multistep_sigma_range, noise_prediction, scale, training_sigmas, Schedule, SigmaSchedule,
 };
 use super::spacing::{check_spacing, multistep_timesteps};
-use super::{betas, check_one_of, threshold_sample, Scheduler};
+use super::{betas, check_one_of, check_solver_order, check_thresholding, threshold_sample, Scheduler};
 use crate::loading::config::parse_config;
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -118,6 +118,9 @@ pub struct UniPcMultistepScheduler {
 
 impl UniPcMultistepScheduler {
     pub fn new(config: UniPcMultistepSchedulerConfig) -> Result<Self> {
+        if config.thresholding {
+            check_thresholding(config.dynamic_thresholding_ratio, config.sample_max_value)?;
+        }
         let sigma_schedule =
             SigmaSchedule::from_flags(config.use_karras_sigmas, config.use_exponential_sigmas, config.use_beta_sigmas)?;
         for (key, set) in [
@@ -145,9 +148,7 @@ impl UniPcMultistepScheduler {
         check_one_of("prediction_type", &config.prediction_type, predictions)?;
         check_spacing(&config.timestep_spacing)?;
         check_one_of("final_sigmas_type", &config.final_sigmas_type, &["zero", "sigma_min"])?;
-        if config.solver_order == 0 {
-            return Err(Error::invalid("`solver_order` must be at least 1"));
-        }
+        check_solver_order(config.solver_order)?;
 
         let betas = betas::make_betas(
             &config.beta_schedule,

@@ -7,12 +7,10 @@
 //! A run killed, or a disk that fills, at any point leaves `latest` naming a complete
 //! checkpoint.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -26,34 +24,10 @@ use crate::{bail, Error, Result};
 pub const LATEST: &str = "latest";
 const STATE_FILE: &str = "state.json";
 
-/// How files are written: `(path, bytes)`. The default writes and syncs; tests inject failures.
-pub type WriteFile<'a> = dyn FnMut(&Path, &[u8]) -> std::io::Result<()> + 'a;
-
-/// Writes `bytes` to `path` and syncs it to disk.
-pub fn write_and_sync(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut file = std::fs::File::create(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
-}
-
-/// Syncs a folder's entries (renames into it) to disk, where the platform allows.
-fn sync_dir(dir: &Path) {
-    if let Ok(handle) = std::fs::File::open(dir) {
-        let _ = handle.sync_all();
-    }
-}
-
-/// Writes a file atomically through `write_file`: to a temporary name beside it, then renamed.
-pub fn write_atomically(path: &Path, bytes: &[u8], write_file: &mut WriteFile) -> Result<()> {
-    let temporary = crate::pipelines::temporary_path(path);
-    match write_file(&temporary, bytes).and_then(|_| std::fs::rename(&temporary, path)) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let _ = std::fs::remove_file(&temporary);
-            Err(Error::io(path, e))
-        }
-    }
-}
+// Checkpoints are written through the hooks' `WriteFile` (tests inject failures).
+pub use crate::files::{write_and_sync, WriteFile};
+pub use crate::loading::weights::safetensors_bytes;
+use crate::files::{sync_dir, write_atomically_with};
 
 /// Optimizer state beyond the moments (which are tensors).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -108,77 +82,6 @@ fn step_of(name: &str) -> Option<u64> {
     name.strip_prefix("checkpoint-")?.parse().ok()
 }
 
-/// A tensor's bytes as safetensors stores them (little-endian), for the safetensors crate.
-struct HostTensor {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
-}
-
-impl safetensors::View for &HostTensor {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.bytes)
-    }
-    fn data_len(&self) -> usize {
-        self.bytes.len()
-    }
-}
-
-/// Serialises named f32 / f64 / u32 / i64 tensors as a safetensors file's bytes, with
-/// `{"format": "pt"}` metadata as PyTorch writers add.
-pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
-    safetensors_bytes_with_metadata(tensors, HashMap::new())
-}
-
-/// [`safetensors_bytes`] with more header metadata (e.g. a LoRA's adapter configs).
-pub fn safetensors_bytes_with_metadata(tensors: &HashMap<String, Tensor>, mut metadata: HashMap<String, String>) -> Result<Vec<u8>> {
-    let mut host = Vec::with_capacity(tensors.len());
-    for (name, tensor) in tensors {
-        let flat = tensor.flatten_all()?;
-        let (dtype, bytes): (safetensors::Dtype, Vec<u8>) = match tensor.dtype() {
-            DType::F32 => (safetensors::Dtype::F32, flat.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            DType::F64 => (safetensors::Dtype::F64, flat.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            DType::F16 => (safetensors::Dtype::F16, flat.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            DType::U32 => (safetensors::Dtype::U32, flat.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            DType::I64 => (safetensors::Dtype::I64, flat.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            other => bail!("cannot write tensor {name} of type {other:?}"),
-        };
-        host.push((name.clone(), HostTensor { dtype, shape: tensor.dims().to_vec(), bytes }));
-    }
-    metadata.insert("format".to_string(), "pt".to_string());
-    let bytes = safetensors::serialize(host.iter().map(|(name, tensor)| (name.as_str(), tensor)), Some(metadata))
-        .map_err(|e| Error::invalid(format!("cannot serialise tensors: {e}")))?;
-    sorted_header(bytes)
-}
-
-/// The same file with its JSON header's keys sorted: safetensors writes the metadata map in
-/// hash order, and the same weights should make the same bytes (checkpoints and exports are
-/// compared byte for byte). Data offsets are relative to the data, so only the header moves.
-fn sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
-    let invalid = || Error::invalid("cannot serialise tensors: malformed header");
-    let length = u64::from_le_bytes(bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(invalid)?) as usize;
-    let header = bytes.get(8..8 + length).ok_or_else(invalid)?;
-    let mut entries: std::collections::BTreeMap<String, serde_json::Value> = serde_json::from_slice(header).map_err(|_| invalid())?;
-    if let Some(serde_json::Value::Object(metadata)) = entries.get("__metadata__") {
-        let sorted: std::collections::BTreeMap<&String, &serde_json::Value> = metadata.iter().collect();
-        let value = serde_json::to_value(sorted).map_err(|_| invalid())?;
-        entries.insert("__metadata__".into(), value);
-    }
-    let mut text = serde_json::to_vec(&entries).map_err(|_| invalid())?;
-    text.resize(text.len().next_multiple_of(8), b' ');
-    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - length);
-    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
-    out.extend_from_slice(&text);
-    out.extend_from_slice(&bytes[8 + length..]);
-    Ok(out)
-}
-
 /// Writes `checkpoint` as `root/checkpoint-NNNNNNN/` and points `root/latest` at it. On any
 /// failure the temporary folder is removed and the previous checkpoint and pointer are
 /// untouched.
@@ -212,7 +115,7 @@ pub fn save(root: &Path, checkpoint: &Checkpoint, write_file: &mut WriteFile) ->
         let _ = std::fs::remove_dir_all(&temporary);
         return Err(e);
     }
-    write_atomically(&root.join(LATEST), format!("{name}\n").as_bytes(), write_file)?;
+    write_atomically_with(&root.join(LATEST), format!("{name}\n").as_bytes(), write_file)?;
     sync_dir(root);
     Ok(target)
 }
@@ -300,7 +203,7 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     files.sort();
     for path in files {
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let loaded = candle_core::safetensors::load(&path, &Device::Cpu)
+        let loaded = crate::loading::weights::load_safetensors(&path, &Device::Cpu)
             .map_err(|e| Error::weights(&path, format!("cannot read the checkpoint tensors: {e}")))?;
         tensors.push((stem, loaded));
     }

@@ -9,8 +9,8 @@
 //! file names and captions.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::path::{Component, Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -150,30 +150,17 @@ fn plain_idx_file(path: &Path, cache_dir: &Path) -> Result<(PathBuf, IdxHeader)>
         }
     }
     std::fs::create_dir_all(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
-    let temporary = crate::pipelines::temporary_path(&cached);
-    let result = (|| -> std::io::Result<u64> {
-        let mut out = std::io::BufWriter::new(File::create(&temporary)?);
+    crate::files::write_streamed_atomically(&cached, |out| {
         // One byte more than the header promises is enough to tell that it lies.
-        let mut decoder = open_gz().map_err(std::io::Error::other)?.take(expected_len + 1);
-        let copied = std::io::copy(&mut decoder, &mut out)?;
-        out.flush()?;
-        Ok(copied)
-    })();
-    match result {
-        Ok(copied) if copied == expected_len => {
-            std::fs::rename(&temporary, &cached).map_err(|e| Error::io(&cached, e))?;
-            Ok((cached, header))
-        }
-        Ok(copied) => {
-            let _ = std::fs::remove_file(&temporary);
+        let mut decoder = open_gz()?.take(expected_len + 1);
+        let copied = std::io::copy(&mut decoder, out).map_err(|e| idx_error(path, format!("cannot decompress: {e}")))?;
+        if copied != expected_len {
             let copied = if copied > expected_len { "more than that".to_string() } else { copied.to_string() };
-            Err(idx_error(path, format!("holds {copied} bytes after decompression; its header {:?} needs {expected_len}", header.dims)))
+            return Err(idx_error(path, format!("holds {copied} bytes after decompression; its header {:?} needs {expected_len}", header.dims)));
         }
-        Err(e) => {
-            let _ = std::fs::remove_file(&temporary);
-            Err(idx_error(path, format!("cannot decompress: {e}")))
-        }
-    }
+        Ok(())
+    })?;
+    Ok((cached, header))
 }
 
 /// Reads a whole IDX labels file (`[N]` unsigned bytes; small, so kept in memory).
@@ -442,6 +429,11 @@ fn read_metadata_jsonl(root: &Path, metadata: &Path, captions: Captions) -> Resu
         let Some(file_name) = value.get("file_name").and_then(|v| v.as_str()) else {
             bail!("{}: line {line_number} has no `file_name` string", metadata.display());
         };
+        // The metadata names the folder's own images: `../x` or an absolute path would train on
+        // (and so copy into a model) files from anywhere.
+        if !Path::new(file_name).components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
+            bail!("{}: line {line_number} names {file_name}, which is not a file inside {}", metadata.display(), root.display());
+        }
         let path = root.join(file_name);
         if !path.is_file() {
             bail!("{}: line {line_number} names {file_name}, which does not exist", metadata.display());

@@ -7,7 +7,8 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use serde_json::{json, Map, Value};
 
-use super::checkpoint::{safetensors_bytes, write_and_sync, write_atomically};
+use crate::files::write_atomically;
+use crate::loading::weights::safetensors_bytes;
 use crate::loading::config::read_json_object;
 use crate::{bail, Error, Result};
 
@@ -21,7 +22,7 @@ pub fn write_json(path: &Path, value: &Value) -> Result<()> {
     }
     let mut text = serde_json::to_string_pretty(value).map_err(|e| Error::invalid(e.to_string()))?;
     text.push('\n');
-    write_atomically(path, text.as_bytes(), &mut write_and_sync)
+    write_atomically(path, text.as_bytes())
 }
 
 /// Writes one model folder: `config.json` (for a diffusers model `_class_name` and
@@ -58,7 +59,7 @@ pub fn write_model_folder(
     if tensors.is_empty() {
         bail!("no weights named {prefix}* to write into {}", dir.display());
     }
-    write_atomically(&dir.join(weights_file), &safetensors_bytes(&tensors)?, &mut write_and_sync)
+    write_atomically(&dir.join(weights_file), &safetensors_bytes(&tensors)?)
 }
 
 /// A model config for training: `name` is one of `presets` (name, description, JSON) or a

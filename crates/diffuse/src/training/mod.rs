@@ -212,7 +212,7 @@ fn truncate_loss_log(path: &Path, last_step: u64) -> Result<Vec<(u64, f32)>> {
     }
     let mut contents = kept.join("\n");
     contents.push('\n');
-    checkpoint::write_atomically(path, contents.as_bytes(), &mut checkpoint::write_and_sync)?;
+    crate::files::write_atomically(path, contents.as_bytes())?;
     Ok(losses)
 }
 

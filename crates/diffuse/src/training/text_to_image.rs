@@ -16,7 +16,6 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde_json::{json, Map, Value};
 
-use super::checkpoint::{write_and_sync, write_atomically};
 use super::data::Batch;
 use super::export::{preset_or_file, require_key, write_json, write_model_folder, DIFFUSERS_VERSION};
 use super::objectives::{DiffusionObjective, LossKind, ObjectiveOutput};
@@ -28,6 +27,7 @@ use crate::loading::weights::{find_weight_files, var_builder};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::unet_2d_condition::{UNet2DConditionModel, UNet2DConditionModelConfig};
+use crate::models::LoraDropout;
 use crate::pipelines::autoencoder::AutoencoderConfig;
 use crate::pipelines::stable_diffusion::{Components, PhaseTimes, StableDiffusionPipeline, TextToImageOptions};
 use crate::pipelines::{scheduler_from_config, to_uint8_images};
@@ -36,7 +36,7 @@ use crate::schedulers::PredictionType;
 use crate::tokenizers::builtin::{builtin_clip_tokenizer, sd15_tokenizer_files};
 use crate::tokenizers::clip::{input_ids_tensor, ClipTokenizer};
 use crate::loading::single_file::Family;
-use crate::lora::adapters::{check_adapted, with_dropout, AdapterConfig, Adapters};
+use crate::lora::adapters::{check_adapted, AdapterConfig, Adapters};
 use crate::lora::save::{TrainedLora, DIFFUSERS_FILE_NAME};
 use crate::lora::{LoraSet, LoraSpec, Target};
 use crate::{bail, Error, Result};
@@ -504,10 +504,10 @@ impl TextToImageTask {
 
     /// The prompt embeddings `[B, 77, hidden]` (the text encoder's last layer, as Stable
     /// Diffusion conditions on it).
-    fn encode(&self, captions: &[String]) -> Result<Tensor> {
+    fn encode(&self, captions: &[String], lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         let encodings = self.tokenizer.encode_batch(captions)?;
         let ids = input_ids_tensor(&encodings, &self.device)?;
-        let hidden = self.text_encoder.forward(&ids)?.last_hidden_state;
+        let hidden = self.text_encoder.forward_with_lora_dropout(&ids, lora_dropout)?.last_hidden_state;
         // A frozen encoder needs no gradient, unless it carries adapters being trained.
         let trained = matches!(self.config.text_encoder, TextEncoderSource::Train { .. })
             || self.config.lora.as_ref().is_some_and(|lora| lora.text_encoder.is_some());
@@ -518,7 +518,7 @@ impl TextToImageTask {
     fn loss_with_masks(&mut self, batch: &Batch, generator: &mut TorchGenerator, masks: &mut TorchGenerator) -> Result<ObjectiveOutput> {
         let captions = self.captions(batch, generator)?;
         let dropout = self.config.lora.as_ref().map_or(0.0, |lora| lora.dropout);
-        let embeddings = with_dropout(dropout, masks, || self.encode(&captions))?;
+        let embeddings = self.encode(&captions, LoraDropout::new(dropout, masks).as_ref())?;
         let vae_config = &self.config.vae.config;
         let mut latents = self.vae.encode(&batch.images)?.sample(generator)?.detach();
         if let Some(shift) = vae_config.shift_factor {
@@ -526,7 +526,8 @@ impl TextToImageTask {
         }
         let latents = (latents * vae_config.scaling_factor)?;
         let unet = &self.unet;
-        with_dropout(dropout, masks, || self.objective.loss(&latents, generator, &mut |x_t, t| unet.forward(x_t, t, &embeddings)))
+        let lora_dropout = LoraDropout::new(dropout, masks);
+        self.objective.loss(&latents, generator, &mut |x_t, t| unet.forward_with_lora_dropout(x_t, t, &embeddings, lora_dropout.as_ref()))
     }
 
     /// A pipeline over the given weights, sampling with the sample grids' scheduler.
@@ -666,7 +667,7 @@ impl TrainingTask for TextToImageTask {
                 let files = find_weight_files(source, "model", None)?;
                 let mut tensors = HashMap::new();
                 for file in &files {
-                    tensors.extend(candle_core::safetensors::load(file, &Device::Cpu).map_err(|e| Error::weights(file, e.to_string()))?);
+                    tensors.extend(crate::loading::weights::load_safetensors(file, &Device::Cpu)?);
                 }
                 (read_json_object(&source.join("config.json"))?, tensors)
             }
@@ -677,14 +678,14 @@ impl TrainingTask for TextToImageTask {
 
         let mut vae_tensors = HashMap::new();
         for file in self.config.vae.files()? {
-            vae_tensors.extend(candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| Error::weights(&file, e.to_string()))?);
+            vae_tensors.extend(crate::loading::weights::load_safetensors(&file, &Device::Cpu)?);
         }
         write_model_folder(&dir.join("vae"), Some("AutoencoderKL"), &self.config.vae.json, &vae_tensors, "", "diffusion_pytorch_model.safetensors", dtype)?;
 
         let tokenizer_dir = dir.join("tokenizer");
         std::fs::create_dir_all(&tokenizer_dir).map_err(|e| Error::io(&tokenizer_dir, e))?;
         for (name, bytes) in sd15_tokenizer_files()? {
-            write_atomically(&tokenizer_dir.join(name), &bytes, &mut write_and_sync)?;
+            crate::files::write_atomically(&tokenizer_dir.join(name), &bytes)?;
         }
         write_json(&dir.join("scheduler/scheduler_config.json"), &Value::Object(self.scheduler_config.clone()))?;
         write_json(
@@ -716,7 +717,7 @@ fn load_base_weights(parameters: &Parameters, base: &Path, text_encoder: bool) -
     }
     for (folder, stem, prefix) in components {
         for file in find_weight_files(&base.join(folder), stem, None)? {
-            for (name, tensor) in candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| Error::weights(&file, e.to_string()))? {
+            for (name, tensor) in crate::loading::weights::load_safetensors(&file, &Device::Cpu)? {
                 // CLIP's weights with or without `text_model.` (as the model reads them);
                 // `position_ids` is a buffer some transformers versions saved.
                 let name = name.strip_prefix("text_model.").unwrap_or(&name).to_string();
