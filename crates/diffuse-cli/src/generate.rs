@@ -111,7 +111,8 @@ pub struct GenerateArgs {
     /// string (e.g. timestep_spacing=trailing, rescale_betas_zero_snr=true). Repeatable.
     #[arg(long = "scheduler-config", value_name = "KEY=VALUE")]
     scheduler_config: Vec<String>,
-    /// Number of denoising steps (default 4 for a LatentConsistencyModelPipeline folder).
+    /// Number of denoising steps (default 4 for a LatentConsistencyModelPipeline folder or an
+    /// LCM-distilled single file).
     #[arg(long, default_value_t = 50)]
     steps: usize,
     /// Random seed (as torch.manual_seed); chosen at random and printed when omitted.
@@ -312,9 +313,9 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
     if single_file && args.variant.is_some() {
         bail!("--variant selects weight files in a diffusers folder; {model} is a single checkpoint file");
     }
-    // LatentConsistencyModelPipeline folders run with that pipeline's defaults where neither
-    // the command line nor --from says otherwise.
-    if !single_file && recalled.is_none() && pipeline_class_name(&model_path).as_deref() == Some("LatentConsistencyModelPipeline") {
+    // LatentConsistencyModelPipeline folders (and single files of an LCM-distilled UNet) run
+    // with that pipeline's defaults where neither the command line nor --from says otherwise.
+    if recalled.is_none() && pipeline_class_name(&model_path).as_deref() == Some("LatentConsistencyModelPipeline") {
         let given = |id: &str| matches.and_then(|m| m.value_source(id)) == Some(clap::parser::ValueSource::CommandLine);
         if !given("steps") {
             args.steps = LCM_PIPELINE_DEFAULTS.0;
