@@ -5,6 +5,8 @@
 //! VAE's latent space; the VAE decodes the result.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -47,6 +49,9 @@ pub struct StableDiffusionPipeline {
     /// it names none): a LatentConsistencyModelPipeline runs image-to-image as
     /// LatentConsistencyModelImg2ImgPipeline does.
     pub pipeline_class: String,
+    /// A flag another thread may set to stop a run: checked before each denoising step and
+    /// before decoding, so a run ends with [`Error::Interrupted`] within one step.
+    pub interrupt: Option<Arc<AtomicBool>>,
 }
 
 /// What the sampling loop does for a live preview after each step: the x₀ the model predicts
@@ -331,6 +336,7 @@ impl StableDiffusionPipeline {
             loras: Vec::new(),
             preview: None,
             pipeline_class: "StableDiffusionPipeline".to_string(),
+            interrupt: None,
         })
     }
 
@@ -582,9 +588,10 @@ impl StableDiffusionPipeline {
             Some(dim) => Some(get_guidance_scale_embedding(options.guidance_scale - 1.0, batch, dim, &self.device)?),
             None => None,
         };
-        let scheduler = &mut self.scheduler.scheduler;
         let embeddings = embeddings.to_dtype(activation_dtype)?;
         for (i, &t) in timesteps.iter().enumerate() {
+            self.check_interrupt()?;
+            let scheduler = &mut self.scheduler.scheduler;
             let model_input = if do_guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let model_input = scheduler.scale_model_input(&model_input, t)?;
             let model_input = match &extra_channels {
@@ -622,7 +629,16 @@ impl StableDiffusionPipeline {
             }
             on_step(i + 1, timesteps.len());
         }
+        self.check_interrupt()?;
         Ok(latents)
+    }
+
+    /// `Err(Error::Interrupted)` when the [`Self::interrupt`] flag is set.
+    pub fn check_interrupt(&self) -> Result<()> {
+        match &self.interrupt {
+            Some(flag) if flag.load(Ordering::Relaxed) => Err(Error::Interrupted),
+            _ => Ok(()),
+        }
     }
 
     /// The whole text-to-image run: images `[N, 3, H, W]` in about [-1, 1].
