@@ -164,8 +164,10 @@ fn request_from(shared: &Shared, raw: Value, img2img: bool) -> Result<(GenerateR
             }
         }
     }
+    // Plumbing fields diffuse honours as they are: images are sent, nothing is saved.
+    const HONOURED: &[&str] = &["send_images", "do_not_save_samples", "do_not_save_grid"];
     for (key, value) in &parsed.extra {
-        if asks_for_something(value) {
+        if asks_for_something(value) && !HONOURED.contains(&key.as_str()) {
             ignored.push(key.clone());
         }
     }
