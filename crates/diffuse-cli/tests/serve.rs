@@ -476,3 +476,77 @@ fn openai_images() {
     let edited = unb64(answer["data"][0]["b64_json"].as_str().unwrap());
     assert!(decode_png(&edited).1.unwrap().contains("Denoising strength: 0.8"));
 }
+
+/// The job of the running `txt2img`, once it has run `steps` steps.
+fn wait_running(server: &Server, steps: u64) -> Value {
+    let started = Instant::now();
+    loop {
+        let (_, jobs) = get(&server.url("/v1/jobs"), None);
+        if let Some(job) = jobs["jobs"].as_array().unwrap().iter().find(|j| j["status"] == "running" && j["step"].as_u64().unwrap_or(0) >= steps) {
+            return job.clone();
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no job ran: {jobs}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_status(server: &Server, id: &str, status: &str) {
+    let started = Instant::now();
+    loop {
+        let (_, job) = get(&server.url(&format!("/v1/jobs/{id}")), None);
+        if job["status"] == status {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "job {id} is not {status}: {job}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A1111's interrupt answers the interrupted request with what it has; a client that hangs
+/// up cancels its job; SIGTERM cancels the running job, says which, and ends the server.
+#[test]
+fn interrupt_hang_up_and_shutdown() {
+    use std::io::Write;
+    let mut server = Server::start("shutdown", &["--max-steps", "2000"]);
+    let long = json!({ "prompt": "a bag", "steps": 500, "n_iter": 2, "sampler_name": "DDIM" });
+
+    // Interrupt: the waiting client gets 200 with `interrupted` in info.
+    let url = server.url("/sdapi/v1/txt2img");
+    let body = long.clone();
+    let client = std::thread::spawn(move || post(&url, &body, None));
+    wait_running(&server, 2);
+    let (status, answer, _) = post(&server.url("/sdapi/v1/interrupt"), &json!({}), None);
+    assert_eq!(status, 200);
+    assert_eq!(answer["interrupted"].as_array().unwrap().len(), 1);
+    let (status, body, _) = client.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["interrupted"], true);
+
+    // Hang up: the job is cancelled.
+    let address = server.base.strip_prefix("http://").unwrap().to_string();
+    let mut stream = std::net::TcpStream::connect(&address).unwrap();
+    let text = long.to_string();
+    write!(stream, "POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}", text.len()).unwrap();
+    let job = wait_running(&server, 2);
+    drop(stream);
+    wait_status(&server, job["id"].as_str().unwrap(), "cancelled");
+
+    // SIGTERM while a job runs.
+    let (_, created, _) = post(&server.url("/v1/jobs"), &json!({ "prompt": "a bag", "steps": 500, "scheduler": "ddim" }), None);
+    let id = created["id"].as_str().unwrap().to_string();
+    wait_status(&server, &id, "running");
+    let killed = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let started = Instant::now();
+    let exit = loop {
+        if let Some(exit) = server.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "the server did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "{exit:?}");
+    let stderr = std::fs::read_to_string(&server.stderr).unwrap();
+    assert!(stderr.contains(&format!("cancelled job {id} (running")), "{stderr}");
+}
