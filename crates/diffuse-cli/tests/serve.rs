@@ -550,3 +550,72 @@ fn interrupt_hang_up_and_shutdown() {
     let stderr = std::fs::read_to_string(&server.stderr).unwrap();
     assert!(stderr.contains(&format!("cancelled job {id} (running")), "{stderr}");
 }
+
+/// The job of `id` once it is done.
+fn wait_done(server: &Server, id: &str) -> Value {
+    let started = Instant::now();
+    loop {
+        let (_, job) = get(&server.url(&format!("/v1/jobs/{id}")), None);
+        match job["status"].as_str().unwrap() {
+            "done" => return job,
+            "queued" | "running" => {}
+            other => panic!("job {other}: {job}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the job did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../diffuse/tests/fixtures")
+}
+
+/// Two models at once (the tiny SD fixture beside the built-in one), `<lora:>` tags from
+/// --lora-dir as `generate --prompt-syntax a1111` reads them, sd_model_checkpoint, and live
+/// previews that leave the image as it is.
+#[test]
+fn models_loras_and_previews() {
+    let sd1 = fixtures().join("sd/sd1");
+    let loras = fixtures().join("lora");
+    let server = Server::start("models", &["--model", "builtin", "--model", sd1.to_str().unwrap(), "--lora-dir", loras.to_str().unwrap()]);
+    let (_, models) = get(&server.url("/v1/models"), None);
+    let names: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(names, ["builtin", "sd1"]);
+    let (_, listed) = get(&server.url("/sdapi/v1/loras"), None);
+    assert!(listed.as_array().unwrap().iter().any(|l| l["name"] == "peft_a"), "{listed}");
+
+    let dir = scratch("models");
+    let prompt = "a photo of a cat <lora:peft_a:0.6>";
+    let request = json!({ "prompt": prompt, "steps": 4, "seed": 0, "cfg_scale": 7.5, "override_settings": { "sd_model_checkpoint": "sd1" } });
+    for round in 0..2 {
+        // The second round reuses the pipeline loaded with the LoRA.
+        let (status, body, _) = post(&server.url("/sdapi/v1/txt2img"), &request, None);
+        assert_eq!(status, 200, "{body}");
+        let served = unb64(body["images"][0].as_str().unwrap());
+        let made = generate(
+            &dir,
+            &["--model", sd1.to_str().unwrap(), "--prompt", prompt, "--steps", "4", "--seed", "0", "--prompt-syntax", "a1111", "--lora-dir", loras.to_str().unwrap()],
+            1,
+        );
+        assert_eq!(decode_png(&served), decode_png(&made[0]), "round {round}");
+        assert!(decode_png(&served).1.unwrap().contains("Lora hashes: \"peft_a: "));
+    }
+    // Without the tag: the model as loaded, not the LoRA pipeline.
+    let (status, body, _) = post(&server.url("/sdapi/v1/txt2img"), &json!({ "prompt": "a photo of a cat", "steps": 4, "seed": 0, "cfg_scale": 7.5, "override_settings": { "sd_model_checkpoint": "sd1" } }), None);
+    assert_eq!(status, 200, "{body}");
+    let made = generate(&dir, &["--model", sd1.to_str().unwrap(), "--prompt", "a photo of a cat", "--steps", "4", "--seed", "0", "--prompt-syntax", "a1111"], 1);
+    assert_eq!(decode_png(&unb64(body["images"][0].as_str().unwrap())), decode_png(&made[0]));
+
+    // sd_model_checkpoint makes sd1 the default.
+    let (status, _, _) = post(&server.url("/sdapi/v1/options"), &json!({ "sd_model_checkpoint": "sd1" }), None);
+    assert_eq!(status, 200);
+    let (_, created, _) = post(&server.url("/v1/jobs"), &json!({ "prompt": "a photo of a cat", "steps": 4, "seed": 0, "scheduler": "ddim", "preview": true }), None);
+    let job = wait_done(&server, created["id"].as_str().unwrap());
+    assert_eq!(job["model"], "sd1");
+    let made = generate(&dir, &["--model", sd1.to_str().unwrap(), "--prompt", "a photo of a cat", "--steps", "4", "--seed", "0", "--scheduler", "ddim"], 1);
+    assert_eq!(decode_png(&unb64(job["images"][0]["png"].as_str().unwrap())), decode_png(&made[0]), "a preview changes nothing");
+    let mut response = agent().get(&server.url(&format!("/v1/jobs/{}/events", job["id"].as_str().unwrap()))).call().unwrap();
+    let mut text = String::new();
+    response.body_mut().as_reader().read_to_string(&mut text).unwrap();
+    assert_eq!(text.lines().filter(|l| *l == "event: preview").count(), 4, "{text}");
+}

@@ -81,12 +81,13 @@ fn request_from(shared: &Shared, raw: Value, img2img: bool) -> Result<(GenerateR
     let overrides = parsed.override_settings.clone().unwrap_or_default();
     let checkpoint = overrides.get("sd_model_checkpoint").and_then(Value::as_str);
     let model = model_index(shared, checkpoint, "override_settings.sd_model_checkpoint")?;
-    let mut request = GenerateRequest::new(model);
+    let mut request = GenerateRequest::new(shared, model);
     request.prompt_syntax = "a1111".to_string();
     request.prompt = parsed.prompt.unwrap_or_default();
     request.negative_prompt = parsed.negative_prompt.filter(|n| !n.is_empty());
-    request.steps = whole("steps", parsed.steps, 50, 0)?;
-    request.guidance_scale = parsed.cfg_scale.unwrap_or(7.0);
+    let lcm = shared.models[model].lcm;
+    request.steps = whole("steps", parsed.steps, request.steps, 0)?;
+    request.guidance_scale = parsed.cfg_scale.unwrap_or(if lcm { request.guidance_scale } else { 7.0 });
     request.width = parsed.width.map(|w| whole("width", Some(w), 0, 0)).transpose()?;
     request.height = parsed.height.map(|h| whole("height", Some(h), 0, 0)).transpose()?;
     if let Some(seed) = seed("seed", parsed.seed.as_ref())? {
@@ -279,6 +280,8 @@ async fn generate(shared: Arc<Shared>, body: Result<Bytes, BytesRejection>, img2
         "notes": request.notes,
         "warnings": state.warnings,
     });
+    drop(state);
+    job.forget_images();
     Ok(Json(json!({ "images": images, "parameters": echo, "info": info.to_string() })))
 }
 
@@ -311,6 +314,10 @@ pub async fn progress(State(shared): State<Arc<Shared>>) -> Json<Value> {
     };
     let state = job.state();
     let progress = job.progress(&state);
+    let current_image = state.preview.as_ref().map(|png| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(png)
+    });
     let elapsed = state.started.map(|s| s.elapsed().as_secs_f64()).unwrap_or_default();
     let eta = if progress > 0.0 { elapsed / progress - elapsed } else { 0.0 };
     Json(json!({
@@ -326,7 +333,7 @@ pub async fn progress(State(shared): State<Arc<Shared>>) -> Json<Value> {
             "sampling_step": state.step,
             "sampling_steps": state.steps,
         },
-        "current_image": null,
+        "current_image": current_image,
         "textinfo": format!("step {}/{}", state.step, state.steps),
     }))
 }

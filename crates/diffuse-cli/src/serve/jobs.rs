@@ -14,12 +14,25 @@ use anyhow::{anyhow, bail, Result};
 use candle_core::Device;
 use diffuse::pipelines::encode_png;
 use diffuse::pipelines::image_processor::Image8;
-use diffuse::pipelines::stable_diffusion::{is_stable_diffusion_folder, StableDiffusionPipeline};
+use diffuse::lora::LoraSpec;
+use diffuse::pipelines::autoencoder::Autoencoder;
+use diffuse::pipelines::stable_diffusion::{is_stable_diffusion_folder, StableDiffusionPipeline, StepPreview, LCM_PIPELINE_DEFAULTS};
+use diffuse::pipelines::to_uint8_images;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use crate::generate::{self, loras, parameters};
 use crate::start::Start;
+
+/// `diffuse serve`'s settings besides its models.
+pub struct ServeOptions {
+    pub limits: Limits,
+    pub api_key: Option<String>,
+    pub lora_dir: Option<PathBuf>,
+    pub dtype: String,
+    pub preview: bool,
+    pub preview_vae: Option<PathBuf>,
+}
 
 /// The server's limits on what one request may ask for.
 #[derive(Clone, Debug)]
@@ -45,6 +58,8 @@ pub struct ModelInfo {
     pub default_size: (usize, usize),
     /// The name the infotext records (`Model:`).
     pub infotext_name: String,
+    /// A LatentConsistencyModelPipeline folder: 4 steps and guidance 8.5 unless asked otherwise.
+    pub lcm: bool,
 }
 
 impl ModelInfo {
@@ -102,17 +117,22 @@ pub struct GenerateRequest {
     pub notes: Vec<String>,
     /// Fields the request sent that diffuse ignores.
     pub ignored_fields: Vec<String>,
+    /// Decode a preview after every step (`preview` events, A1111's `current_image`).
+    pub preview: bool,
 }
 
 impl GenerateRequest {
-    pub fn new(model: usize) -> Self {
+    /// A request with `diffuse generate`'s defaults for this model (an LCM pipeline folder's
+    /// own steps and guidance, as generate gives it).
+    pub fn new(shared: &Shared, model: usize) -> Self {
         let defaults = generate::default_args();
+        let lcm = shared.models[model].lcm;
         GenerateRequest {
             model,
             prompt: String::new(),
             negative_prompt: None,
-            steps: defaults.steps,
-            guidance_scale: defaults.guidance_scale,
+            steps: if lcm { LCM_PIPELINE_DEFAULTS.0 } else { defaults.steps },
+            guidance_scale: if lcm { LCM_PIPELINE_DEFAULTS.1 } else { defaults.guidance_scale },
             guidance_rescale: defaults.guidance_rescale,
             width: None,
             height: None,
@@ -127,6 +147,7 @@ impl GenerateRequest {
             init: None,
             notes: Vec::new(),
             ignored_fields: Vec::new(),
+            preview: shared.preview,
         }
     }
 
@@ -225,6 +246,12 @@ pub struct JobState {
     pub events: Vec<(&'static str, Value)>,
     /// Iterations skipped (A1111's skip).
     pub skipped: usize,
+    /// The latest live preview (a PNG), while the job runs.
+    pub preview: Option<Vec<u8>>,
+    /// The event that carries the latest preview's image (older ones keep only their step).
+    preview_event: Option<usize>,
+    /// The images were handed to a client that waited for them (A1111, OpenAI) and dropped.
+    pub delivered: bool,
 }
 
 pub struct Job {
@@ -260,6 +287,38 @@ impl Job {
     /// A watcher that wakes on each new event.
     pub fn subscribe(&self) -> watch::Receiver<usize> {
         self.events.subscribe()
+    }
+
+    /// A new live preview: the latest keeps its image, the one before drops it.
+    fn set_preview(&self, step: usize, png: Vec<u8>) {
+        use base64::Engine;
+        let mut state = self.state();
+        self.drop_preview_image(&mut state);
+        let data = json!({ "step": step, "png": base64::engine::general_purpose::STANDARD.encode(&png) });
+        state.preview = Some(png);
+        state.preview_event = Some(state.events.len());
+        self.push_event(&mut state, "preview", data);
+    }
+
+    fn drop_preview_image(&self, state: &mut JobState) {
+        if let Some(index) = state.preview_event.take() {
+            if let Some(map) = state.events.get_mut(index).and_then(|(_, data)| data.as_object_mut()) {
+                map.remove("png");
+            }
+        }
+        state.preview = None;
+    }
+
+    /// After a waiting client got the images: the job keeps its record, not its images.
+    pub fn forget_images(&self) {
+        let mut state = self.state();
+        state.images = Vec::new();
+        state.delivered = true;
+        for (name, data) in state.events.iter_mut() {
+            if *name == "done" {
+                *data = json!({ "images": [], "delivered": true });
+            }
+        }
     }
 
     /// Waits until the job has finished.
@@ -299,6 +358,8 @@ pub struct Shared {
     pub api_key: Option<String>,
     pub lora_dir: Option<PathBuf>,
     pub dtype: String,
+    /// Jobs decode a live preview after every step unless they say otherwise.
+    pub preview: bool,
     queue: Mutex<Queue>,
     wake: Condvar,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
@@ -313,7 +374,8 @@ const KEEP_FINISHED: usize = 256;
 impl Shared {
     /// Loads every model on its own worker thread (which then runs its jobs) and returns once
     /// all are loaded, or with the first that failed.
-    pub fn start(specs: &[String], limits: Limits, api_key: Option<String>, lora_dir: Option<PathBuf>, dtype: String) -> Result<Arc<Self>> {
+    pub fn start(specs: &[String], options: ServeOptions) -> Result<Arc<Self>> {
+        let ServeOptions { limits, api_key, lora_dir, dtype, preview, preview_vae } = options;
         generate::parse_dtype(&dtype, &Device::Cpu).map_err(|e| anyhow!("{}", e.to_string().replace("--dtype", "serve --dtype")))?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (shared_tx, shared_rx) = std::sync::mpsc::channel::<Arc<Shared>>();
@@ -321,12 +383,19 @@ impl Shared {
         let mut handles = Vec::new();
         for (index, spec) in specs.iter().enumerate() {
             let (spec, dtype, ready, shared_rx) = (spec.clone(), dtype.clone(), ready_tx.clone(), shared_rx.clone());
+            let preview_vae = preview_vae.clone();
             let handle = std::thread::Builder::new().name(format!("model-{index}")).spawn(move || {
-                let loaded = load_model(&spec, &dtype);
+                let loaded = load_model(&spec, &dtype).and_then(|(info, pipeline)| {
+                    let vae = match &preview_vae {
+                        Some(dir) => Some(pipeline.load_vae(dir, None).map_err(|e| anyhow!("--preview-vae {}: {e}", dir.display()))?),
+                        None => None,
+                    };
+                    Ok((info, Worker { pipeline, preview_vae: vae, with_loras: None }))
+                });
                 let pipeline = match loaded {
-                    Ok((info, pipeline)) => {
+                    Ok((info, worker)) => {
                         let _ = ready.send((index, Ok(info)));
-                        pipeline
+                        worker
                     }
                     Err(e) => {
                         let _ = ready.send((index, Err(e)));
@@ -362,6 +431,7 @@ impl Shared {
             api_key,
             lora_dir,
             dtype,
+            preview,
             queue: Mutex::new(Queue { waiting: VecDeque::new(), busy: vec![false; count], shutting_down: false }),
             wake: Condvar::new(),
             jobs: Mutex::new(HashMap::new()),
@@ -433,6 +503,9 @@ impl Shared {
                 warnings: Vec::new(),
                 events: Vec::new(),
                 skipped: 0,
+                preview: None,
+                preview_event: None,
+                delivered: false,
             }),
             events,
         });
@@ -601,19 +674,43 @@ fn load_model(spec: &str, dtype: &str) -> Result<(ModelInfo, StableDiffusionPipe
     let pipeline = generate::load_pipeline(&args, &path, single_file, &[], &no_loras, &Device::Cpu)?;
     let hash = parameters::finish_hash(hashing, None, false);
     let default_size = pipeline.default_size();
-    Ok((ModelInfo { name, spec: spec.to_string(), path, single_file, hash, default_size, infotext_name }, pipeline))
+    let lcm = pipeline.pipeline_class == "LatentConsistencyModelPipeline";
+    Ok((ModelInfo { name, spec: spec.to_string(), path, single_file, hash, default_size, infotext_name, lcm }, pipeline))
+}
+
+/// What a model's worker thread holds: its pipeline, the autoencoder that decodes previews,
+/// and the last pipeline loaded with a request's LoRAs (kept for the next request that asks
+/// for the same ones).
+struct Worker {
+    pipeline: StableDiffusionPipeline,
+    preview_vae: Option<Autoencoder>,
+    with_loras: Option<(Vec<String>, StableDiffusionPipeline)>,
+}
+
+/// What makes two LoRA lists the same: their files (and when these last changed) and weights.
+fn lora_key(specs: &[LoraSpec]) -> Vec<String> {
+    specs
+        .iter()
+        .map(|s| {
+            let modified = std::fs::metadata(&s.path).and_then(|m| m.modified()).ok();
+            format!("{}|{:?}|{}|{}", s.path.display(), modified, s.unet_weight, s.text_encoder_weight)
+        })
+        .collect()
 }
 
 /// A model's worker: runs its jobs one at a time until shutdown.
-fn worker(model: usize, mut pipeline: StableDiffusionPipeline, shared: Arc<Shared>) {
+fn worker(model: usize, mut worker: Worker, shared: Arc<Shared>) {
     while let Some(job) = shared.next_job(model) {
-        run_job(&mut pipeline, &shared, &job);
-        pipeline.interrupt = None;
+        run_job(&mut worker, &shared, &job);
+        worker.pipeline.interrupt = None;
+        if let Some((_, pipeline)) = &mut worker.with_loras {
+            pipeline.interrupt = None;
+        }
         shared.remember_finished(&job.id);
     }
 }
 
-fn run_job(pipeline: &mut StableDiffusionPipeline, shared: &Shared, job: &Arc<Job>) {
+fn run_job(pipeline: &mut Worker, shared: &Shared, job: &Arc<Job>) {
     let info = &shared.models[job.request.model];
     {
         let mut state = job.state();
@@ -637,6 +734,11 @@ fn run_job(pipeline: &mut StableDiffusionPipeline, shared: &Shared, job: &Arc<Jo
             state.step = 0;
         }
         let ran = std::panic::catch_unwind(AssertUnwindSafe(|| run_iteration(pipeline, shared, job, iteration)));
+        if ran.is_err() {
+            // A panic may have left the LoRA pipeline half-made; the preview hook is reset.
+            pipeline.with_loras = None;
+            pipeline.pipeline.preview = None;
+        }
         let interrupted = job.interrupt.load(Ordering::SeqCst);
         match ran {
             Ok(Ok(images)) => job.state().images.extend(images),
@@ -664,6 +766,7 @@ fn run_job(pipeline: &mut StableDiffusionPipeline, shared: &Shared, job: &Arc<Jo
     }
     let mut state = job.state();
     state.finished = Some(Instant::now());
+    job.drop_preview_image(&mut state);
     if let Some((error, invalid)) = failure {
         state.status = Status::Failed;
         state.error = Some(error.clone());
@@ -687,7 +790,7 @@ pub fn image_json(image: &ImageOut) -> Value {
 
 /// One iteration: `diffuse generate`'s own functions on the loaded pipeline (with a fresh
 /// scheduler, as loading gives), or on one loaded with the prompt's LoRAs.
-fn run_iteration(pipeline: &mut StableDiffusionPipeline, shared: &Shared, job: &Job, iteration: usize) -> Result<Vec<ImageOut>> {
+fn run_iteration(worker: &mut Worker, shared: &Shared, job: &Arc<Job>, iteration: usize) -> Result<Vec<ImageOut>> {
     let request = &job.request;
     let info = &shared.models[request.model];
     let mut args = request.args(info, shared.lora_dir.as_deref(), &shared.dtype, iteration);
@@ -700,15 +803,31 @@ fn run_iteration(pipeline: &mut StableDiffusionPipeline, shared: &Shared, job: &
         None => Start::Noise,
     };
     let loras = loras::resolve(&args, &mut warn)?;
-    let mut with_loras;
     let pipeline = if loras.specs.is_empty() {
-        pipeline.scheduler = generate::fresh_scheduler(&args, &info.path, info.single_file, &overrides)?;
-        pipeline
+        &mut worker.pipeline
     } else {
-        with_loras = generate::load_pipeline(&args, &info.path, info.single_file, &overrides, &loras, &Device::Cpu)?;
-        &mut with_loras
+        let key = lora_key(&loras.specs);
+        if worker.with_loras.as_ref().map(|(k, _)| k) != Some(&key) {
+            // One LoRA pipeline at a time: the old one goes before the new one loads.
+            worker.with_loras = None;
+            let pipeline = generate::load_pipeline(&args, &info.path, info.single_file, &overrides, &loras, &Device::Cpu)?;
+            worker.with_loras = Some((key, pipeline));
+        }
+        &mut worker.with_loras.as_mut().expect("just loaded").1
     };
+    // A new scheduler for every run, as a pipeline loaded for these arguments has.
+    pipeline.scheduler = generate::fresh_scheduler(&args, &info.path, info.single_file, &overrides)?;
     pipeline.interrupt = Some(job.interrupt.clone());
+    if request.preview {
+        let job = job.clone();
+        let sink = Box::new(move |step: usize, images: &candle_core::Tensor| -> diffuse::Result<()> {
+            let row = candle_core::Tensor::cat(&images.chunk(images.dim(0)?, 0)?, 3)?;
+            let (width, height, channels, pixels) = to_uint8_images(&row)?.swap_remove(0);
+            job.set_preview(step, encode_png(width, height, channels, &pixels, &[])?);
+            Ok(())
+        });
+        pipeline.preview = Some(StepPreview { vae: worker.preview_vae.take(), sink });
+    }
     let lora_entries = loras::infotext_entries(&loras, true);
     let started = Instant::now();
     let mut on_step = |step: usize, steps: usize| {
@@ -726,6 +845,9 @@ fn run_iteration(pipeline: &mut StableDiffusionPipeline, shared: &Shared, job: &
         job.push_event(&mut state, "step", data);
     };
     let ran = generate::run_pipeline(&mut args, pipeline, &start, seed, &mut on_step, &mut warn);
+    if let Some(preview) = pipeline.preview.take() {
+        worker.preview_vae = preview.vae;
+    }
     job.state().warnings.append(&mut warnings);
     let ran = ran?;
     let labelled = generate::label(&args, &ran.samples, seed, ran.scheduler, overrides, ran.default_eta, true, info.hash.clone(), lora_entries)?;

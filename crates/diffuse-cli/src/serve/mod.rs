@@ -28,7 +28,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 
-use jobs::{Limits, Shared};
+use jobs::{Limits, ServeOptions, Shared};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -69,6 +69,14 @@ pub struct ServeArgs {
     /// The largest request body, in megabytes (init images are sent as base64).
     #[arg(long, default_value_t = 50)]
     pub max_body_mb: usize,
+    /// Decode a live preview after every step for every job (a job may say otherwise with
+    /// `preview`): `preview` events, A1111's `current_image`. Costs a VAE decode per step.
+    #[arg(long)]
+    pub preview: bool,
+    /// The autoencoder folder that decodes previews (a TAESD costs little per step); default:
+    /// the model's VAE.
+    #[arg(long, value_name = "DIR")]
+    pub preview_vae: Option<PathBuf>,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -87,7 +95,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
         "localhost" => std::net::Ipv4Addr::LOCALHOST.into(),
         host => host.parse().with_context(|| format!("--host {host}: not an IP address"))?,
     };
-    let shared = Shared::start(&specs, limits, args.api_key.clone(), args.lora_dir.clone(), args.dtype.clone())?;
+    let options = ServeOptions {
+        limits,
+        api_key: args.api_key.clone(),
+        lora_dir: args.lora_dir.clone(),
+        dtype: args.dtype.clone(),
+        preview: args.preview,
+        preview_vae: args.preview_vae.clone(),
+    };
+    let shared = Shared::start(&specs, options)?;
     if !host.is_loopback() && args.api_key.is_none() {
         eprintln!("warning: listening on {host} without --api-key: anyone who can reach this address can use the server");
     }

@@ -54,6 +54,8 @@ pub struct JobRequest {
     init_image: Option<String>,
     mask: Option<String>,
     strength: Option<f64>,
+    /// Live previews after every step (default: the server's --preview).
+    preview: Option<bool>,
     #[serde(flatten)]
     extra: Map<String, Value>,
 }
@@ -174,7 +176,7 @@ pub fn model_index(shared: &Shared, name: Option<&str>, param: &str) -> Result<u
 impl JobRequest {
     fn into_request(self, shared: &Shared) -> Result<GenerateRequest, ApiError> {
         let model = model_index(shared, self.model.as_deref(), "model")?;
-        let mut request = GenerateRequest::new(model);
+        let mut request = GenerateRequest::new(shared, model);
         request.prompt = self.prompt.unwrap_or_default();
         request.negative_prompt = self.negative_prompt;
         request.steps = whole("steps", self.steps, request.steps, 0)?;
@@ -210,6 +212,7 @@ impl JobRequest {
             (None, None) if self.strength.is_some() => return Err(ApiError::invalid("strength", "strength needs an init_image")),
             (None, None) => {}
         }
+        request.preview = self.preview.unwrap_or(request.preview);
         request.ignored_fields = self.extra.keys().cloned().collect();
         check(shared, &request, &|name| match name {
             "batch_size" => "num_images",
@@ -263,6 +266,9 @@ pub fn job_json(shared: &Shared, job: &Job) -> Value {
         }
         Status::Done | Status::Cancelled => {
             body["images"] = state.images.iter().map(image_json).collect();
+            if state.delivered {
+                body["images_delivered"] = json!(true);
+            }
         }
         Status::Failed => {
             body["error"] = json!(state.error);

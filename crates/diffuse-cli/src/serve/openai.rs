@@ -68,7 +68,7 @@ impl Generation {
         }
         let prompt = self.prompt.ok_or_else(|| ApiError::bad("prompt", "prompt is required"))?;
         let model = model_index(shared, self.model.as_deref(), "model")?;
-        let mut request = GenerateRequest::new(model);
+        let mut request = GenerateRequest::new(shared, model);
         request.prompt = prompt;
         request.negative_prompt = self.negative_prompt;
         request.batch_size = whole("n", self.n, 1, 1)?;
@@ -98,6 +98,8 @@ async fn answer(shared: Arc<Shared>, request: GenerateRequest) -> Result<Json<Va
         .map(|image| json!({ "b64_json": image.base64(), "revised_prompt": null, "seed": image.seed, "infotext": image.infotext }))
         .collect();
     let created = job.created.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+    drop(state);
+    job.forget_images();
     Ok(Json(json!({ "created": created, "data": data })))
 }
 
