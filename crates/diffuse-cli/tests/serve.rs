@@ -412,6 +412,8 @@ fn bad_input_names_the_field() {
         (&jobs, json!({ "scheduler": "nope" }), 422, "scheduler"),
         (&jobs, json!({ "num_images": 5 }), 422, "num_images"),
         (&jobs, json!({ "prompt_syntax": "klingon" }), 422, "prompt_syntax"),
+        (&jobs, json!({ "scheduler_config": { "num_train_timesteps": 1e12 } }), 422, "scheduler_config"),
+        (&jobs, json!({ "init_image": "data:image/png;base64,!!!" }), 400, "init_image"),
         (&jobs, json!({ "prompt": "(unbalanced:1.2", "prompt_syntax": "a1111", "guidance_scale": 7.0 }), 200, ""),
         (&jobs, json!({ "prompt": "<lora:missing:1>", "prompt_syntax": "a1111" }), 422, "prompt"),
         (&openai, json!({ "prompt": "x", "size": "100x100" }), 422, "size"),

@@ -230,7 +230,11 @@ async fn generate(shared: Arc<Shared>, body: Result<Bytes, BytesRejection>, img2
     if !raw.is_object() {
         return Err(ApiError::bad("body", "the body must be a JSON object"));
     }
-    let (request, echo) = request_from(&shared, raw, img2img)?;
+    // Decoding images is work for a blocking thread, not the async runtime's.
+    let checking = shared.clone();
+    let (request, echo) = tokio::task::spawn_blocking(move || request_from(&checking, raw, img2img))
+        .await
+        .map_err(|e| ApiError::internal(format!("the request check failed: {e}")))??;
     let job = run_to_end(&shared, request, Origin::A1111).await?;
     let state = job.state();
     let request = &job.request;

@@ -58,13 +58,13 @@ pub struct ServeArgs {
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// The largest width or height a request may ask for, in pixels.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 1024)]
     pub max_size: usize,
     /// The most denoising steps a request may ask for.
     #[arg(long, default_value_t = 150)]
     pub max_steps: usize,
     /// The most images one request may ask for (batch size × iterations).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 8)]
     pub max_images: usize,
     /// The largest request body, in megabytes (init images are sent as base64).
     #[arg(long, default_value_t = 50)]

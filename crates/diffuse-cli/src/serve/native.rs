@@ -138,6 +138,21 @@ pub fn check(shared: &Shared, request: &GenerateRequest, param: &dyn Fn(&'static
             return Err(ApiError::invalid(param("scheduler"), format!("unknown scheduler `{name}`; valid names: {}", names.join(", "))));
         }
     }
+    // Scheduler overrides are config values: plain flags, names and modest numbers (a huge
+    // `num_train_timesteps` or a `trained_betas` list would size the scheduler's tables).
+    for (key, value) in &request.scheduler_config {
+        let plain = match value {
+            Value::Bool(_) | Value::String(_) | Value::Null => true,
+            Value::Number(n) => n.as_f64().is_some_and(|v| v.abs() <= 1e4),
+            Value::Array(_) | Value::Object(_) => false,
+        };
+        if !plain || key == "trained_betas" {
+            return Err(ApiError::invalid(
+                "scheduler_config",
+                format!("scheduler_config.{key}: the server takes flags, names and numbers up to 10^4 here, not {value}"),
+            ));
+        }
+    }
     let syntax: PromptSyntax =
         request.prompt_syntax.parse().map_err(|e: diffuse::Error| ApiError::invalid(param("prompt_syntax"), e.to_string()))?;
     if syntax == PromptSyntax::A1111 {
@@ -225,7 +240,11 @@ impl JobRequest {
 /// POST /v1/jobs → 202 `{"id", "status", "position"}`.
 pub async fn submit(State(shared): State<Arc<Shared>>, body: Result<Bytes, BytesRejection>) -> Result<impl IntoResponse, ApiError> {
     let request: JobRequest = parse_json(body)?;
-    let request = request.into_request(&shared)?;
+    // Decoding images is work for a blocking thread, not the async runtime's.
+    let checking = shared.clone();
+    let request = tokio::task::spawn_blocking(move || request.into_request(&checking))
+        .await
+        .map_err(|e| ApiError::internal(format!("the request check failed: {e}")))??;
     let job = enqueue(&shared, request, Origin::Native)?;
     let position = shared.position(&job);
     let mut body = json!({ "id": job.id, "status": job.status().name(), "url": format!("/v1/jobs/{}", job.id) });

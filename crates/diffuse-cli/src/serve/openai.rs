@@ -161,14 +161,24 @@ pub async fn edits(State(shared): State<Arc<Shared>>, multipart: Result<Multipar
         }
     }
     let image_bytes = image.ok_or_else(|| ApiError::bad("image", "image is required: the image to edit, as a multipart file"))?;
-    let strength = fields.remove("strength").and_then(|s| s.as_str().and_then(|s| s.parse::<f64>().ok()));
+    let strength = match fields.remove("strength") {
+        Some(value) => Some(value.as_str().and_then(|s| s.trim().parse::<f64>().ok()).ok_or_else(|| ApiError::bad("strength", "strength must be a number"))?),
+        None => None,
+    };
     let generation: Generation = super::http::from_value(Value::Object(fields))?;
     let mut request = generation.into_request(&shared)?;
-    let init = Image8::decode_rgb(&image_bytes, "image").map_err(|e| ApiError::bad("image", e.to_string()))?;
-    let mask = match &mask {
-        Some(bytes) => mask_from("mask", bytes)?,
-        None => mask_from("image", &image_bytes)?,
-    };
+    // Decoding images is work for a blocking thread, not the async runtime's.
+    let decoded = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+        let init = Image8::decode_rgb(&image_bytes, "image").map_err(|e| ApiError::bad("image", e.to_string()))?;
+        let mask = match &mask {
+            Some(bytes) => mask_from("mask", bytes)?,
+            None => mask_from("image", &image_bytes)?,
+        };
+        Ok((init, mask))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("the image decode failed: {e}")))?;
+    let (init, mask) = decoded?;
     let strength = strength.unwrap_or(if mask.is_some() { 1.0 } else { 0.8 });
     request.init = Some(InitImage { image: init, mask, strength });
     answer(shared, request).await
