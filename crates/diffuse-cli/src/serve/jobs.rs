@@ -369,7 +369,7 @@ pub struct Shared {
 }
 
 /// How many finished jobs are kept for GET /v1/jobs/{id}.
-const KEEP_FINISHED: usize = 256;
+const KEEP_FINISHED: usize = 64;
 
 impl Shared {
     /// Loads every model on its own worker thread (which then runs its jobs) and returns once
