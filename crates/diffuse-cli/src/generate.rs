@@ -3,8 +3,8 @@
 //! (AUTOMATIC1111's infotext; see generate/parameters.rs, which also implements `--from`).
 //! LoRAs (`--lora`, `<lora:...>` prompt tags): generate/loras.rs.
 
-mod loras;
-mod parameters;
+pub(crate) mod loras;
+pub(crate) mod parameters;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -37,126 +37,126 @@ pub struct GenerateArgs {
     /// built-in default model: a small text-to-image model trained by this project on
     /// Fashion-MNIST (32×32; prompts such as "a photo of a sneaker", "an ankle boot", "a bag").
     #[arg(long)]
-    model: Option<String>,
+    pub(crate) model: Option<String>,
     /// What the model predicts: epsilon, v_prediction (SD 2.x 768-px models) or sample. A
     /// single file does not say; its default is diffusers' (v_prediction for SD 2.x but
     /// inpainting, else epsilon). With a folder, it overrides the scheduler config.
     #[arg(long)]
-    prediction_type: Option<String>,
+    pub(crate) prediction_type: Option<String>,
     /// With a repo id: the branch, tag or commit to use.
     #[arg(long)]
-    revision: Option<String>,
+    pub(crate) revision: Option<String>,
     /// The text prompt (Stable Diffusion models). An empty prompt is valid.
     #[arg(long)]
-    prompt: Option<String>,
+    pub(crate) prompt: Option<String>,
     /// What the image should not look like (used when guidance is on).
     #[arg(long)]
-    negative_prompt: Option<String>,
+    pub(crate) negative_prompt: Option<String>,
     /// Classifier-free guidance scale; 1 or less turns guidance off (one UNet pass per step).
     /// LCM-distilled UNets embed it instead (one pass per step always; default 8.5 for a
     /// LatentConsistencyModelPipeline folder, as diffusers).
     #[arg(long, default_value_t = 7.5)]
-    guidance_scale: f64,
+    pub(crate) guidance_scale: f64,
     /// Guidance rescale (Lin et al. 2023), 0 to 1; helps zero-terminal-SNR models.
     #[arg(long, default_value_t = 0.0)]
-    guidance_rescale: f64,
+    pub(crate) guidance_rescale: f64,
     /// Image width in pixels, a multiple of 8 (default: the UNet's sample_size × 8).
     #[arg(long)]
-    width: Option<usize>,
+    pub(crate) width: Option<usize>,
     /// Image height in pixels, a multiple of 8 (default: the UNet's sample_size × 8).
     #[arg(long)]
-    height: Option<usize>,
+    pub(crate) height: Option<usize>,
     /// Use an earlier CLIP layer as diffusers' clip_skip does (1 = the penultimate layer,
     /// which AUTOMATIC1111 calls "Clip skip: 2").
     #[arg(long)]
-    clip_skip: Option<usize>,
+    pub(crate) clip_skip: Option<usize>,
     /// How prompts are read: `diffusers` (truncated to CLIP's 77 tokens, with a warning) or
     /// `a1111`, the AUTOMATIC1111 web UI's: weights ((word) ×1.1, [word] ÷1.1, (word:1.3)),
     /// BREAK, and prompts of any length in 75-token chunks.
     #[arg(long, default_value = "diffusers", value_parser = PromptSyntax::NAMES)]
-    prompt_syntax: String,
+    pub(crate) prompt_syntax: String,
     /// A LoRA to fuse into the UNet and text encoder: a .safetensors file in the diffusers/PEFT,
     /// kohya or diffusers attention-processor format, with an optional weight (default 1;
     /// negative weights subtract). Repeatable: LoRAs stack, in order.
     #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
-    lora: Vec<String>,
+    pub(crate) lora: Vec<String>,
     /// Where `<lora:NAME:WEIGHT>` tags in the prompt (--prompt-syntax a1111; also
     /// `<lora:NAME:TE_WEIGHT:UNET_WEIGHT>`) find NAME.safetensors.
     #[arg(long, value_name = "DIR")]
-    lora_dir: Option<PathBuf>,
+    pub(crate) lora_dir: Option<PathBuf>,
     /// Replace the model's VAE with this autoencoder folder: an AutoencoderKL (e.g. an fp16-fixed
     /// or fine-tuned VAE) or an AutoencoderTiny (TAESD: a fraction of the decode time), as
     /// diffusers' `vae=`; or a repo id (madebyollin/taesd) already in the Hugging Face cache.
     /// Its latent channels must match the UNet's.
     #[arg(long, value_name = "DIR")]
-    vae: Option<PathBuf>,
+    pub(crate) vae: Option<PathBuf>,
     /// Encode and decode in overlapping tiles, blended (diffusers' `enable_tiling()`: tiles of
     /// the VAE's sample_size, 1/4 overlap; TAESD: 512-pixel tiles): large images in bounded
     /// memory, at the cost of slightly different pixels.
     #[arg(long)]
-    vae_tiling: bool,
+    pub(crate) vae_tiling: bool,
     /// Decode a batch one image at a time (diffusers' `enable_slicing()`): less memory for
     /// --num-images, the same images.
     #[arg(long)]
-    vae_slicing: bool,
+    pub(crate) vae_slicing: bool,
     /// Weight precision: f32, f16 or bf16. On the CPU, bf16 halves the weights' memory and
     /// runs the matrix products about twice as fast (bf16 products, f32 sums; activations,
     /// norms and softmax stay f32); f16 is computed as bf16 there, the faster of the two.
     #[arg(long, default_value = "f32")]
-    dtype: String,
+    pub(crate) dtype: String,
     /// Sampler to use instead of the folder's own (see `diffuse schedulers`).
     #[arg(long)]
-    scheduler: Option<String>,
+    pub(crate) scheduler: Option<String>,
     /// Override a scheduler config key, as KEY=VALUE with VALUE a JSON literal or a bare
     /// string (e.g. timestep_spacing=trailing, rescale_betas_zero_snr=true). Repeatable.
     #[arg(long = "scheduler-config", value_name = "KEY=VALUE")]
-    scheduler_config: Vec<String>,
+    pub(crate) scheduler_config: Vec<String>,
     /// Number of denoising steps (default 4 for a LatentConsistencyModelPipeline folder or an
     /// LCM-distilled single file).
     #[arg(long, default_value_t = 50)]
-    steps: usize,
+    pub(crate) steps: usize,
     /// Random seed (as torch.manual_seed); chosen at random and printed when omitted.
     #[arg(long)]
-    seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     /// DDIM's eta (0 is deterministic, 1 is DDPM-like) and TCD's gamma (default 0.3,
     /// TCDScheduler.step's own; 0 otherwise). Other schedulers ignore it.
     #[arg(long)]
-    eta: Option<f64>,
+    pub(crate) eta: Option<f64>,
     /// Class to generate, for class-conditional pixel-space models.
     #[arg(long)]
-    class_label: Option<i64>,
+    pub(crate) class_label: Option<i64>,
     /// Number of images, drawn as one batch from one generator as diffusers draws them.
     /// With more than one, files are named FILE-0.png, FILE-1.png, ...
     #[arg(long, default_value_t = 1)]
-    num_images: usize,
+    pub(crate) num_images: usize,
     #[command(flatten)]
-    start: StartArgs,
+    pub(crate) start: StartArgs,
     /// Load the `.VARIANT.safetensors` weight files (e.g. fp16).
     #[arg(long)]
-    variant: Option<String>,
+    pub(crate) variant: Option<String>,
     /// No progress bar or summary on stderr.
     #[arg(long)]
-    quiet: bool,
+    pub(crate) quiet: bool,
     /// Output PNG path.
     #[arg(long)]
-    output: PathBuf,
+    pub(crate) output: PathBuf,
     /// Write a live preview to this PNG after every denoising step (replaced atomically): the
     /// x₀ the model predicts at that step, decoded by --preview-vae (or the model's own VAE);
     /// the batch side by side.
     #[arg(long, value_name = "FILE.png")]
-    preview: Option<PathBuf>,
+    pub(crate) preview: Option<PathBuf>,
     /// The autoencoder folder that decodes previews: a TAESD (AutoencoderTiny) costs little per
     /// step. Default: the model's VAE (or --vae).
     #[arg(long, value_name = "DIR", requires = "preview")]
-    preview_vae: Option<PathBuf>,
+    pub(crate) preview_vae: Option<PathBuf>,
     /// Make an image again from the parameters in its PNG (written by diffuse or the
     /// AUTOMATIC1111 web UI), with the same model; flags given here win over the PNG's.
     #[arg(long, value_name = "FILE.png")]
-    from: Option<PathBuf>,
+    pub(crate) from: Option<PathBuf>,
     /// With --from, download the image's model when it is missing from the Hugging Face cache
     /// (without it, a picture never starts a download; a --model given here always may).
     #[arg(long)]
-    allow_download: bool,
+    pub(crate) allow_download: bool,
 }
 
 fn check_output(output: &Path) -> Result<()> {
@@ -217,7 +217,7 @@ fn output_path(output: &Path, count: usize, index: usize) -> PathBuf {
     output.with_file_name(format!("{stem}-{index}.png"))
 }
 
-fn random_seed() -> u64 {
+pub(crate) fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
@@ -338,80 +338,16 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
     // Without --eta, the scheduler's own default (0, or TCD's gamma 0.3).
     let default_eta: f64;
     let (samples, scheduler, summary) = if text_conditioned {
-        let dtype = parse_dtype(&args.dtype, &device)?;
         if args.class_label.is_some() {
             bail!("--class-label is for class-conditional pixel-space models; this is a Stable Diffusion model");
         }
         let quiet = args.quiet;
         let start_from = args.start.load(&device, &mut |w| if !quiet { eprintln!("warning: {w}") })?;
-        let scheduler_name = args.scheduler.as_deref();
         let loras = loras::resolve(&args, &mut |warning| if !quiet { eprintln!("warning: {warning}") })?;
-        let mut pipeline = if single_file {
-            let prediction_type = args.prediction_type.as_deref();
-            StableDiffusionPipeline::load_single_file_with_loras(
-                &model_path,
-                prediction_type,
-                scheduler_name,
-                &overrides,
-                &loras.specs,
-                &device,
-                dtype,
-            )?
-        } else {
-            let variant = args.variant.as_deref();
-            StableDiffusionPipeline::load_with_loras(&model_path, scheduler_name, &overrides, variant, &loras.specs, &device, dtype)?
-        };
-        if let Some(vae) = &args.vae {
-            let dir = resolve_autoencoder("--vae", vae)?;
-            pipeline.replace_vae(&dir, None).with_context(|| format!("--vae {}", vae.display()))?;
-        }
-        if let Some(preview) = &args.preview {
-            let vae = match &args.preview_vae {
-                Some(spec) => {
-                    let dir = resolve_autoencoder("--preview-vae", spec)?;
-                    Some(pipeline.load_vae(&dir, None).with_context(|| format!("--preview-vae {}", spec.display()))?)
-                }
-                None => None,
-            };
-            pipeline.preview = Some(StepPreview { vae, sink: preview_sink(preview.clone()) });
-        }
-        if args.vae_tiling {
-            pipeline.enable_vae_tiling();
-        }
-        if args.vae_slicing {
-            pipeline.enable_vae_slicing();
-        }
+        let mut pipeline = load_pipeline(&args, &model_path, single_file, &overrides, &loras, &device)?;
         loras::report(&pipeline.loras, args.quiet);
         lora_entries = loras::infotext_entries(&loras, args.quiet);
-        if let Start::Latents { latents, metadata } = &start_from {
-            let (height, width) = start::latents_size(latents, &pipeline, args.height, args.width, args.num_images)?;
-            (args.height, args.width) = (Some(height), Some(width));
-            args.prompt = args.prompt.take().or_else(|| metadata.get("prompt").cloned());
-            let note = start::inversion_mismatch(metadata, args.steps, args.guidance_scale, &pipeline.scheduler.class_name);
-            if let Some(note) = note.filter(|_| !quiet) {
-                eprintln!("warning: {note}");
-            }
-        }
-        default_eta = pipeline.scheduler.scheduler.default_eta();
-        let options = TextToImageOptions {
-            prompt: args.prompt.clone().unwrap_or_default(),
-            negative_prompt: args.negative_prompt.clone(),
-            num_inference_steps: args.steps,
-            guidance_scale: args.guidance_scale,
-            guidance_rescale: args.guidance_rescale,
-            num_images_per_prompt: args.num_images,
-            height: args.height,
-            width: args.width,
-            eta: args.eta.unwrap_or(default_eta),
-            clip_skip: args.clip_skip,
-            prompt_syntax: args.prompt_syntax.parse()?,
-        };
-        start_from.validate(&pipeline, &options, &mut |w| if !quiet { eprintln!("warning: {w}") })?;
-        if !args.quiet {
-            eprintln!("seed: {seed}");
-        }
         let bar = progress_bar(args.steps, args.quiet);
-        let mut times = PhaseTimes::default();
         let mut on_step = |i: usize, n: usize| {
             bar.set_length(n as u64);
             bar.set_position(i as u64);
@@ -421,16 +357,10 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
                 bar.suspend(|| eprintln!("warning: {warning}"));
             }
         };
-        let images = start_from.generate(&mut pipeline, &options, &mut generator, &mut on_step, &mut warn, &mut times)?;
+        let ran = run_pipeline(&mut args, &mut pipeline, &start_from, seed, &mut on_step, &mut warn)?;
         bar.finish_and_clear();
-        let summary = format!(
-            "text encoding {:.2}s, denoising {:.2}s ({:.2} it/s), decoding {:.2}s",
-            times.text_encoding,
-            times.denoising,
-            args.steps as f64 / times.denoising.max(1e-9),
-            times.decoding
-        );
-        (images, (pipeline.scheduler.class_name.clone(), pipeline.scheduler.config.clone()), summary)
+        default_eta = ran.default_eta;
+        (ran.samples, ran.scheduler, ran.summary)
     } else {
         if args.prompt.is_some() || args.negative_prompt.is_some() {
             bail!("--prompt needs a Stable Diffusion folder (text_encoder/, vae/); {model} is a pixel-space model");
@@ -463,30 +393,16 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
         bar.finish_and_clear();
         (samples, (pipeline.scheduler.class_name.clone(), pipeline.scheduler.config.clone()), String::new())
     };
-    let images = to_uint8_images(&samples)?;
-    let made = parameters::Made {
-        seed,
-        scheduler_class: scheduler.0,
-        scheduler_config: scheduler.1,
-        scheduler_overrides: overrides,
-        eta: args.eta.unwrap_or(default_eta),
-        default_eta,
-        text_conditioned,
-        width: images[0].0,
-        height: images[0].1,
-        batch_size: images.len(),
-        model_hash: parameters::finish_hash(hashing, recalled.as_ref(), args.quiet),
-        loras: lora_entries,
-    };
+    let model_hash = parameters::finish_hash(hashing, recalled.as_ref(), args.quiet);
+    let labelled = label(&args, &samples, seed, scheduler, overrides, default_eta, text_conditioned, model_hash, lora_entries)?;
     let indices: Vec<usize> = match keep {
         Some(index) => vec![index],
-        None => (0..images.len()).collect(),
+        None => (0..labelled.len()).collect(),
     };
     for (i, index) in indices.into_iter().enumerate() {
-        let (width, height, channels, pixels) = &images[index];
-        let text = parameters::infotext(&args, &made, index);
+        let ((width, height, channels, pixels), text) = &labelled[index];
         let path = output_path(&args.output, written, i);
-        write_png(&path, *width, *height, *channels, pixels, &[("parameters", text)])?;
+        write_png(&path, *width, *height, *channels, pixels, &[("parameters", text.clone())])?;
         outln!("{}", path.display());
     }
     if !args.quiet {
@@ -498,4 +414,171 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Loads the Stable Diffusion pipeline a run asks for: the model (folder or single file) with
+/// its scheduler, overrides and LoRAs, `--vae`, `--preview` and the VAE options.
+pub(crate) fn load_pipeline(
+    args: &GenerateArgs,
+    model_path: &Path,
+    single_file: bool,
+    overrides: &[(String, serde_json::Value)],
+    loras: &loras::Loras,
+    device: &Device,
+) -> Result<StableDiffusionPipeline> {
+    let dtype = parse_dtype(&args.dtype, device)?;
+    let scheduler_name = args.scheduler.as_deref();
+    let mut pipeline = if single_file {
+        let prediction_type = args.prediction_type.as_deref();
+        StableDiffusionPipeline::load_single_file_with_loras(model_path, prediction_type, scheduler_name, overrides, &loras.specs, device, dtype)?
+    } else {
+        let variant = args.variant.as_deref();
+        StableDiffusionPipeline::load_with_loras(model_path, scheduler_name, overrides, variant, &loras.specs, device, dtype)?
+    };
+    if let Some(vae) = &args.vae {
+        let dir = resolve_autoencoder("--vae", vae)?;
+        pipeline.replace_vae(&dir, None).with_context(|| format!("--vae {}", vae.display()))?;
+    }
+    if let Some(preview) = &args.preview {
+        let vae = match &args.preview_vae {
+            Some(spec) => {
+                let dir = resolve_autoencoder("--preview-vae", spec)?;
+                Some(pipeline.load_vae(&dir, None).with_context(|| format!("--preview-vae {}", spec.display()))?)
+            }
+            None => None,
+        };
+        pipeline.preview = Some(StepPreview { vae, sink: preview_sink(preview.clone()) });
+    }
+    if args.vae_tiling {
+        pipeline.enable_vae_tiling();
+    }
+    if args.vae_slicing {
+        pipeline.enable_vae_slicing();
+    }
+    Ok(pipeline)
+}
+
+/// The scheduler [`load_pipeline`] would build for `args` (its `--scheduler` and `overrides`),
+/// new and unused: a loaded pipeline given it runs as one loaded for these arguments.
+pub(crate) fn fresh_scheduler(
+    args: &GenerateArgs,
+    model_path: &Path,
+    single_file: bool,
+    overrides: &[(String, serde_json::Value)],
+) -> Result<diffuse::pipelines::ResolvedScheduler> {
+    let name = args.scheduler.as_deref();
+    Ok(if single_file {
+        let file = diffuse::loading::single_file::SingleFile::open(model_path)?;
+        let config = file.scheduler_config(args.prediction_type.as_deref())?;
+        diffuse::pipelines::scheduler_from_config(config, &model_path.join("scheduler"), name, overrides)?
+    } else {
+        diffuse::pipelines::resolve_scheduler(&model_path.join("scheduler"), name, overrides)?
+    })
+}
+
+/// What one run of a Stable Diffusion pipeline made.
+pub(crate) struct Ran {
+    /// Images `[N, 3, H, W]` in about [-1, 1].
+    pub samples: Tensor,
+    /// The scheduler's class and effective config.
+    pub scheduler: (String, serde_json::Map<String, serde_json::Value>),
+    pub default_eta: f64,
+    pub summary: String,
+}
+
+/// One text-to-image, image-to-image or inpainting run on a loaded pipeline, as `diffuse
+/// generate` and `diffuse serve` both run it (`args` may be completed from `--latents`).
+pub(crate) fn run_pipeline(
+    args: &mut GenerateArgs,
+    pipeline: &mut StableDiffusionPipeline,
+    start_from: &Start,
+    seed: u64,
+    on_step: &mut dyn FnMut(usize, usize),
+    warn: &mut dyn FnMut(String),
+) -> Result<Ran> {
+    let quiet = args.quiet;
+    let mut generator = TorchGenerator::new(seed);
+    if let Start::Latents { latents, metadata } = start_from {
+        let (height, width) = start::latents_size(latents, pipeline, args.height, args.width, args.num_images)?;
+        (args.height, args.width) = (Some(height), Some(width));
+        args.prompt = args.prompt.take().or_else(|| metadata.get("prompt").cloned());
+        let note = start::inversion_mismatch(metadata, args.steps, args.guidance_scale, &pipeline.scheduler.class_name);
+        if let Some(note) = note.filter(|_| !quiet) {
+            eprintln!("warning: {note}");
+        }
+    }
+    // Without --eta, the scheduler's own default (0, or TCD's gamma 0.3).
+    let default_eta = pipeline.scheduler.scheduler.default_eta();
+    let options = TextToImageOptions {
+        prompt: args.prompt.clone().unwrap_or_default(),
+        negative_prompt: args.negative_prompt.clone(),
+        num_inference_steps: args.steps,
+        guidance_scale: args.guidance_scale,
+        guidance_rescale: args.guidance_rescale,
+        num_images_per_prompt: args.num_images,
+        height: args.height,
+        width: args.width,
+        eta: args.eta.unwrap_or(default_eta),
+        clip_skip: args.clip_skip,
+        prompt_syntax: args.prompt_syntax.parse()?,
+    };
+    start_from.validate(pipeline, &options, warn)?;
+    if !quiet {
+        eprintln!("seed: {seed}");
+    }
+    let mut times = PhaseTimes::default();
+    let samples = start_from.generate(pipeline, &options, &mut generator, on_step, warn, &mut times)?;
+    let summary = format!(
+        "text encoding {:.2}s, denoising {:.2}s ({:.2} it/s), decoding {:.2}s",
+        times.text_encoding,
+        times.denoising,
+        args.steps as f64 / times.denoising.max(1e-9),
+        times.decoding
+    );
+    Ok(Ran { samples, scheduler: (pipeline.scheduler.class_name.clone(), pipeline.scheduler.config.clone()), default_eta, summary })
+}
+
+/// One image as 8-bit pixels: (width, height, channels, bytes).
+pub(crate) type Pixels = (usize, usize, usize, Vec<u8>);
+
+/// A run's images as 8-bit pixels, each with the infotext its PNG carries.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn label(
+    args: &GenerateArgs,
+    samples: &Tensor,
+    seed: u64,
+    scheduler: (String, serde_json::Map<String, serde_json::Value>),
+    overrides: Vec<(String, serde_json::Value)>,
+    default_eta: f64,
+    text_conditioned: bool,
+    model_hash: Option<String>,
+    loras: Vec<(String, String)>,
+) -> Result<Vec<(Pixels, String)>> {
+    let images = to_uint8_images(samples)?;
+    let made = parameters::Made {
+        seed,
+        scheduler_class: scheduler.0,
+        scheduler_config: scheduler.1,
+        scheduler_overrides: overrides,
+        eta: args.eta.unwrap_or(default_eta),
+        default_eta,
+        text_conditioned,
+        width: images[0].0,
+        height: images[0].1,
+        batch_size: images.len(),
+        model_hash,
+        loras,
+    };
+    Ok(images.into_iter().enumerate().map(|(index, image)| (image, parameters::infotext(args, &made, index))).collect())
+}
+
+/// The arguments `diffuse generate --output out.png` runs with (every default as the command
+/// line's), for callers that fill them in themselves.
+pub(crate) fn default_args() -> GenerateArgs {
+    #[derive(clap::Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: GenerateArgs,
+    }
+    <Wrapper as clap::Parser>::parse_from(["diffuse", "--output", "out.png"]).args
 }

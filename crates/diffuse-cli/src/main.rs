@@ -33,6 +33,7 @@ mod evaluate;
 mod generate;
 mod info;
 mod invert;
+mod serve;
 mod start;
 mod train;
 
@@ -87,6 +88,9 @@ enum Command {
     /// how often it draws the prompted class, and the Fréchet distance to the test set
     /// (--train-classifier trains that classifier first).
     Evaluate(Box<evaluate::EvaluateArgs>),
+    /// Serve models over HTTP: the AUTOMATIC1111 and OpenAI image APIs, a job API with
+    /// progress events and cancellation, and a web page at `/`.
+    Serve(Box<serve::ServeArgs>),
 }
 
 /// glibc hands blocks of 32 MB and more straight back to the kernel when they are freed, so
@@ -120,6 +124,7 @@ fn main() {
         Command::Invert(args) => invert::run(*args),
         Command::Train(args) => train::run(*args),
         Command::Evaluate(args) => evaluate::run(*args),
+        Command::Serve(args) => serve::run(*args),
         Command::Schedulers => {
             for (name, class, _, description) in SCHEDULER_NAMES {
                 outln!("{name:<16} {description} [{class}]");

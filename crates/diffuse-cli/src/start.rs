@@ -79,19 +79,26 @@ impl StartArgs {
         }
         let image = Image8::load_rgb(image_path)?;
         let mask = match &self.mask {
-            Some(path) => {
-                let mask = Image8::load_rgb(path)?;
-                if (mask.width, mask.height) != (image.width, image.height) {
-                    warn(format!(
-                        "the mask is {}x{} and the image {}x{}: both are resized to the output size, as diffusers does",
-                        mask.width, mask.height, image.width, image.height
-                    ));
-                }
-                Some(mask)
-            }
+            Some(path) => Some(Image8::load_rgb(path)?),
             None => None,
         };
-        Ok(Start::Image { image, mask, strength })
+        Ok(Start::from_images(image, mask, strength, warn))
+    }
+}
+
+impl Start {
+    /// Image-to-image (or inpainting, with a mask) from images already decoded; `warn` hears
+    /// about a mask of another size than the image.
+    pub fn from_images(image: Image8, mask: Option<Image8>, strength: f64, warn: &mut dyn FnMut(String)) -> Start {
+        if let Some(mask) = &mask {
+            if (mask.width, mask.height) != (image.width, image.height) {
+                warn(format!(
+                    "the mask is {}x{} and the image {}x{}: both are resized to the output size, as diffusers does",
+                    mask.width, mask.height, image.width, image.height
+                ));
+            }
+        }
+        Start::Image { image, mask, strength }
     }
 }
 

@@ -24,6 +24,10 @@ pub enum Error {
     /// A value the caller gave that cannot be used (steps 0, an unknown name, ...).
     #[error("{0}")]
     InvalidInput(String),
+
+    /// The run was stopped through its interrupt flag (`StableDiffusionPipeline::interrupt`).
+    #[error("interrupted")]
+    Interrupted,
 }
 
 /// A candle error's message on one line, without the backtrace candle attaches when

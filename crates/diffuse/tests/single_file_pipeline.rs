@@ -135,6 +135,8 @@ fn lcm_single_file_runs_as_latent_consistency_model_pipeline() {
     assert_eq!(file.config(Component::Unet)["time_cond_proj_dim"], 32);
     assert_eq!(pipeline_class_name(&path).as_deref(), Some("LatentConsistencyModelPipeline"));
     assert_eq!(pipeline_class_name(&checkpoint()).as_deref(), Some("StableDiffusionPipeline"));
+    let pipeline = StableDiffusionPipeline::load_single_file(&path, None, None, &[], &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(pipeline.pipeline_class, "LatentConsistencyModelPipeline");
     for name in ["sd1_lcm_single_file_4_steps", "sd1_lcm_single_file_3_steps_guidance_2"] {
         check_file_against_diffusers(name, &path);
     }

@@ -20,12 +20,12 @@ use diffuse::prompts::PromptSyntax;
 use super::GenerateArgs;
 
 /// AUTOMATIC1111's infotext key.
-pub(super) const HASHES_KEY: &str = "Lora hashes";
+pub(crate) const HASHES_KEY: &str = "Lora hashes";
 /// diffuse's record of `--lora` LoRAs and their weights.
-pub(super) const WEIGHTS_KEY: &str = "Diffuse loras";
+pub(crate) const WEIGHTS_KEY: &str = "Diffuse loras";
 
 /// The LoRAs of a run: `--lora` flags first, then the prompt's tags.
-pub(super) struct Loras {
+pub(crate) struct Loras {
     pub specs: Vec<LoraSpec>,
     /// How many of `specs` come from `--lora` (the rest from the prompt).
     pub from_flags: usize,
@@ -33,7 +33,7 @@ pub(super) struct Loras {
 
 /// The run's LoRAs; tags of other extra networks, or tags the prompt syntax does not read, are
 /// named in warnings.
-pub(super) fn resolve(args: &GenerateArgs, warn: &mut dyn FnMut(String)) -> Result<Loras> {
+pub(crate) fn resolve(args: &GenerateArgs, warn: &mut dyn FnMut(String)) -> Result<Loras> {
     let mut specs = args.lora.iter().map(|arg| LoraSpec::parse(arg)).collect::<diffuse::Result<Vec<_>>>()?;
     let from_flags = specs.len();
     let (_, tags) = parse_prompt(args.prompt.as_deref().unwrap_or_default());
@@ -58,7 +58,7 @@ pub(super) fn resolve(args: &GenerateArgs, warn: &mut dyn FnMut(String)) -> Resu
 }
 
 /// What was fused, one line per LoRA, and the layers that were not.
-pub(super) fn report(applied: &[AppliedLora], quiet: bool) {
+pub(crate) fn report(applied: &[AppliedLora], quiet: bool) {
     if quiet {
         return;
     }
@@ -69,7 +69,7 @@ pub(super) fn report(applied: &[AppliedLora], quiet: bool) {
 
 /// The infotext entries of a run's LoRAs (`Lora hashes` names a LoRA whose hash cannot be
 /// computed without one, with a warning).
-pub(super) fn infotext_entries(loras: &Loras, quiet: bool) -> Vec<(String, String)> {
+pub(crate) fn infotext_entries(loras: &Loras, quiet: bool) -> Vec<(String, String)> {
     let mut hashes = Vec::new();
     for spec in &loras.specs {
         match lora_hash(&spec.path) {
@@ -105,7 +105,7 @@ fn entries(value: &str) -> Vec<(String, String)> {
 
 /// `--from`: the recorded `--lora` LoRAs as `--lora-dir/NAME.safetensors:WEIGHT` (when
 /// `--lora` is not given).
-pub(super) fn recall(args: &mut GenerateArgs, params: &GenerationParameters, lora_given: bool, image: &Path) -> Result<()> {
+pub(crate) fn recall(args: &mut GenerateArgs, params: &GenerationParameters, lora_given: bool, image: &Path) -> Result<()> {
     let Some((_, recorded)) = params.extra.iter().find(|(key, _)| key == WEIGHTS_KEY) else { return Ok(()) };
     if lora_given {
         return Ok(());
@@ -129,7 +129,7 @@ pub(super) fn recall(args: &mut GenerateArgs, params: &GenerationParameters, lor
 /// `--from`: warnings for LoRAs whose hash is not the one the image records, and whether
 /// every recorded hash belongs to a LoRA of this run (else `Lora hashes` stays among the
 /// settings `--from` ignores).
-pub(super) fn check_hashes(recorded: &GenerationParameters, loras: &Loras, quiet: bool) -> bool {
+pub(crate) fn check_hashes(recorded: &GenerationParameters, loras: &Loras, quiet: bool) -> bool {
     let Some((_, value)) = recorded.extra.iter().find(|(key, _)| key == HASHES_KEY) else { return true };
     let mut all_found = true;
     for (name, hash) in entries(value) {

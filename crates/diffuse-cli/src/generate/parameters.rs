@@ -35,7 +35,7 @@ use serde_json::{Map, Value};
 use super::{loras, GenerateArgs};
 
 /// What a run used beyond its flags, for the infotext.
-pub(super) struct Made {
+pub(crate) struct Made {
     pub seed: u64,
     pub scheduler_class: String,
     pub scheduler_config: Map<String, Value>,
@@ -61,7 +61,7 @@ const VAE_KEY: &str = "VAE";
 const VAE_TILING_KEY: &str = "VAE tiling";
 
 /// The infotext of image `index` of a run.
-pub(super) fn infotext(args: &GenerateArgs, made: &Made, index: usize) -> String {
+pub(crate) fn infotext(args: &GenerateArgs, made: &Made, index: usize) -> String {
     let (sampler, schedule_type) = a1111_sampler(&made.scheduler_class, &made.scheduler_config);
     let scheduler = args
         .scheduler
@@ -118,7 +118,7 @@ fn canonical_dtype(name: &str) -> Option<String> {
 
 /// The `Model` name: a local checkpoint's file stem or folder name (as A1111 names its
 /// checkpoints; never the path), or the Hugging Face repo id as given.
-fn model_name(spec: &str) -> String {
+pub(crate) fn model_name(spec: &str) -> String {
     let path = Path::new(spec);
     if !path.exists() {
         return spec.to_string();
@@ -140,14 +140,14 @@ fn hash_cache() -> Option<PathBuf> {
 
 /// Hashes the model on another thread while the pipeline loads and runs (gigabytes of UNet
 /// weights take seconds the first time; the result is cached).
-pub(super) fn hash_in_background(model: &Path, variant: Option<String>) -> JoinHandle<Result<String>> {
+pub(crate) fn hash_in_background(model: &Path, variant: Option<String>) -> JoinHandle<Result<String>> {
     let model = model.to_path_buf();
     std::thread::spawn(move || Ok(model_hash(&model, variant.as_deref(), hash_cache().as_deref())?))
 }
 
 /// The model hash, or `None` with a warning when it could not be computed (the image is still
 /// written, without `Model hash`). Warns too when `--from`'s image was made with another model.
-pub(super) fn finish_hash(job: JoinHandle<Result<String>>, recalled: Option<&Recalled>, quiet: bool) -> Option<String> {
+pub(crate) fn finish_hash(job: JoinHandle<Result<String>>, recalled: Option<&Recalled>, quiet: bool) -> Option<String> {
     let hash = match job.join() {
         Ok(Ok(hash)) => Some(hash),
         Ok(Err(e)) => {
@@ -167,7 +167,7 @@ pub(super) fn finish_hash(job: JoinHandle<Result<String>>, recalled: Option<&Rec
 }
 
 /// What `--from` read.
-pub(super) struct Recalled {
+pub(crate) struct Recalled {
     pub params: GenerationParameters,
     /// The image's position in the batch it was drawn in: only that image is written.
     pub keep: Option<usize>,
@@ -176,7 +176,7 @@ pub(super) struct Recalled {
 }
 
 /// Fills `args` from the `--from` PNG's infotext (flags given on the command line win).
-pub(super) fn recall(args: &mut GenerateArgs, matches: Option<&ArgMatches>) -> Result<Option<Recalled>> {
+pub(crate) fn recall(args: &mut GenerateArgs, matches: Option<&ArgMatches>) -> Result<Option<Recalled>> {
     let Some(path) = args.from.clone() else {
         return Ok(None);
     };

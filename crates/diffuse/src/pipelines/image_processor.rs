@@ -23,10 +23,25 @@ impl Image8 {
     /// orientation (`ImageOps.exif_transpose`), then `convert("RGB")` (gray is replicated,
     /// alpha is dropped).
     pub fn load_rgb(path: &Path) -> Result<Self> {
-        use image::ImageDecoder;
-        let cannot = |reason: String| Error::invalid(format!("{}: cannot decode the image: {reason}", path.display()));
         let reader = image::ImageReader::open(path).map_err(|e| Error::io(path, e))?;
         let reader = reader.with_guessed_format().map_err(|e| Error::io(path, e))?;
+        Self::decode_rgb_from(reader, &path.display().to_string())
+    }
+
+    /// [`Self::load_rgb`] for an image file's bytes held in memory (PNG or JPEG, told by its
+    /// content); `name` names it in errors.
+    pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<Self> {
+        let reader = image::ImageReader::new(std::io::Cursor::new(bytes));
+        let reader = reader.with_guessed_format().map_err(|e| Error::invalid(format!("{name}: cannot read the image: {e}")))?;
+        if reader.format().is_none() {
+            return Err(Error::invalid(format!("{name}: cannot decode the image: not a PNG or JPEG file")));
+        }
+        Self::decode_rgb_from(reader, name)
+    }
+
+    fn decode_rgb_from<R: std::io::BufRead + std::io::Seek>(reader: image::ImageReader<R>, name: &str) -> Result<Self> {
+        use image::ImageDecoder;
+        let cannot = |reason: String| Error::invalid(format!("{name}: cannot decode the image: {reason}"));
         let mut decoder = reader.into_decoder().map_err(|e| cannot(e.to_string()))?;
         let orientation = decoder.orientation().map_err(|e| cannot(e.to_string()))?;
         let mut decoded = image::DynamicImage::from_decoder(decoder).map_err(|e| cannot(e.to_string()))?;

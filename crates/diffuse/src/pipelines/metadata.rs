@@ -515,6 +515,16 @@ const A1111_SCHEDULES: &[&str] = &[
     "Turbo",
 ];
 
+/// The AUTOMATIC1111 sampler names [`scheduler_from_a1111`] maps, with the diffuse scheduler
+/// each one runs.
+pub fn a1111_sampler_names() -> Vec<(&'static str, &'static str)> {
+    A1111_SAMPLERS.iter().map(|s| (s.a1111, s.diffuse)).collect()
+}
+
+/// The AUTOMATIC1111 schedule types that have a diffusers equivalent (for the samplers that
+/// take one): the ones [`scheduler_from_a1111`] can map.
+pub const A1111_MAPPED_SCHEDULES: &[&str] = &["Automatic", "Uniform", "Karras", "Exponential", "Beta"];
+
 /// The config flag that selects a schedule type, for schedulers with `sigma_flags`.
 fn schedule_flag(schedule: &str) -> Option<&'static str> {
     match schedule.to_ascii_lowercase().as_str() {
@@ -612,8 +622,17 @@ pub fn scheduler_from_a1111(sampler: &str, schedule_type: Option<&str>) -> Resul
 /// when the text is not Latin-1), before or after the image data; `None` when there is none.
 pub fn read_png_parameters(path: &Path) -> Result<Option<String>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let not_png = |e: png::DecodingError| Error::invalid(format!("{}: not a readable PNG file ({e})", path.display()));
-    let mut reader = png::Decoder::new(BufReader::new(file)).read_info().map_err(not_png)?;
+    png_parameters_from(BufReader::new(file), &path.display().to_string())
+}
+
+/// [`read_png_parameters`] for a PNG's bytes held in memory; `name` names it in errors.
+pub fn png_parameters(bytes: &[u8], name: &str) -> Result<Option<String>> {
+    png_parameters_from(std::io::Cursor::new(bytes), name)
+}
+
+fn png_parameters_from<R: std::io::BufRead + std::io::Seek>(input: R, name: &str) -> Result<Option<String>> {
+    let not_png = |e: png::DecodingError| Error::invalid(format!("{name}: not a readable PNG file ({e})"));
+    let mut reader = png::Decoder::new(input).read_info().map_err(not_png)?;
     if let Some(text) = parameters_chunk(reader.info()).map_err(not_png)? {
         return Ok(Some(text));
     }

@@ -142,9 +142,34 @@ pub fn write_png(path: &Path, width: usize, height: usize, channels: usize, pixe
         4 => png_color::Rgba,
         c => return Err(Error::invalid(format!("cannot write a {c}-channel image as PNG"))),
     };
+    crate::files::write_streamed_atomically(path, |file| encode_png_to(file, path, width, height, color, pixels, text))
+}
+
+/// [`write_png`]'s file, in memory: the PNG's bytes.
+pub fn encode_png(width: usize, height: usize, channels: usize, pixels: &[u8], text: &[(&str, String)]) -> Result<Vec<u8>> {
+    let color = match channels {
+        1 => png_color::Grayscale,
+        3 => png_color::Rgb,
+        4 => png_color::Rgba,
+        c => return Err(Error::invalid(format!("cannot write a {c}-channel image as PNG"))),
+    };
+    let mut bytes = Vec::new();
+    encode_png_to(&mut bytes, Path::new("(in memory)"), width, height, color, pixels, text)?;
+    Ok(bytes)
+}
+
+fn encode_png_to<W: std::io::Write>(
+    out: W,
+    path: &Path,
+    width: usize,
+    height: usize,
+    color: png_color,
+    pixels: &[u8],
+    text: &[(&str, String)],
+) -> Result<()> {
     let failed = |e: png::EncodingError| Error::io(path, std::io::Error::other(e));
-    crate::files::write_streamed_atomically(path, |file| {
-        let mut encoder = png::Encoder::new(file, width as u32, height as u32);
+    {
+        let mut encoder = png::Encoder::new(out, width as u32, height as u32);
         encoder.set_color(color);
         encoder.set_depth(png::BitDepth::Eight);
         for (key, value) in text {
@@ -157,7 +182,7 @@ pub fn write_png(path: &Path, width: usize, height: usize, channels: usize, pixe
         let mut writer = encoder.write_header().map_err(failed)?;
         writer.write_image_data(pixels).map_err(failed)?;
         writer.finish().map_err(failed)
-    })
+    }
 }
 
 use png::ColorType as png_color;

@@ -5,6 +5,8 @@
 //! VAE's latent space; the VAE decodes the result.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -44,9 +46,13 @@ pub struct StableDiffusionPipeline {
     /// Live previews: after each denoising step, the current x₀ prediction decoded.
     pub preview: Option<StepPreview>,
     /// The pipeline class the folder's `model_index.json` names (StableDiffusionPipeline when
-    /// it names none): a LatentConsistencyModelPipeline runs image-to-image as
+    /// it names none; for a single file, what its UNet makes it): a
+    /// LatentConsistencyModelPipeline runs image-to-image as
     /// LatentConsistencyModelImg2ImgPipeline does.
     pub pipeline_class: String,
+    /// A flag another thread may set to stop a run: checked before each denoising step and
+    /// before decoding, so a run ends with [`Error::Interrupted`] within one step.
+    pub interrupt: Option<Arc<AtomicBool>>,
 }
 
 /// What the sampling loop does for a live preview after each step: the x₀ the model predicts
@@ -272,7 +278,8 @@ impl StableDiffusionPipeline {
         let scheduler_config = file.scheduler_config(prediction_type)?;
         // An LCM-distilled UNet samples with LCMScheduler, as a LatentConsistencyModelPipeline
         // folder's scheduler config says; the file has none of its own.
-        let scheduler_name = scheduler_name.or(file.config(Component::Unet).contains_key("time_cond_proj_dim").then_some("lcm"));
+        let lcm = file.config(Component::Unet).contains_key("time_cond_proj_dim");
+        let scheduler_name = scheduler_name.or(lcm.then_some("lcm"));
         let components = Components {
             tokenizer: builtin_clip_tokenizer(file.family())?,
             text_encoder: model(&file, Component::TextEncoder, dtype, device)?,
@@ -305,6 +312,9 @@ impl StableDiffusionPipeline {
             other => other,
         })?;
         pipeline.loras = loras.finish()?;
+        if lcm {
+            pipeline.pipeline_class = "LatentConsistencyModelPipeline".to_string();
+        }
         Ok(pipeline)
     }
 
@@ -340,6 +350,7 @@ impl StableDiffusionPipeline {
             loras: Vec::new(),
             preview: None,
             pipeline_class: "StableDiffusionPipeline".to_string(),
+            interrupt: None,
         })
     }
 
@@ -591,9 +602,10 @@ impl StableDiffusionPipeline {
             Some(dim) => Some(get_guidance_scale_embedding(options.guidance_scale - 1.0, batch, dim, &self.device)?),
             None => None,
         };
-        let scheduler = &mut self.scheduler.scheduler;
         let embeddings = embeddings.to_dtype(activation_dtype)?;
         for (i, &t) in timesteps.iter().enumerate() {
+            self.check_interrupt()?;
+            let scheduler = &mut self.scheduler.scheduler;
             let model_input = if do_guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let model_input = scheduler.scale_model_input(&model_input, t)?;
             let model_input = match &extra_channels {
@@ -631,7 +643,16 @@ impl StableDiffusionPipeline {
             }
             on_step(i + 1, timesteps.len());
         }
+        self.check_interrupt()?;
         Ok(latents)
+    }
+
+    /// `Err(Error::Interrupted)` when the [`Self::interrupt`] flag is set.
+    pub fn check_interrupt(&self) -> Result<()> {
+        match &self.interrupt {
+            Some(flag) if flag.load(Ordering::Relaxed) => Err(Error::Interrupted),
+            _ => Ok(()),
+        }
     }
 
     /// The whole text-to-image run: images `[N, 3, H, W]` in about [-1, 1].
