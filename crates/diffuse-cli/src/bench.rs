@@ -246,7 +246,7 @@ fn run_training(args: &BenchArgs, kind: &str, device: &Device) -> Result<()> {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let device = Device::Cpu;
+    let device = crate::device();
     if args.profile {
         diffuse::ops::profile::enable();
     }

@@ -127,7 +127,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("--save-images {}", dir.display()))?;
     }
     let data = FashionMnist::locate(&args.data).context("--data")?;
-    let device = Device::Cpu;
+    let device = crate::device();
 
     // The model is loaded first, so that a wrong path is told before any training.
     let pipeline = match &args.model {

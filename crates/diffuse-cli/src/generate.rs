@@ -286,7 +286,7 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
         .iter()
         .map(|s| parse_override(s).with_context(|| "--scheduler-config".to_string()))
         .collect::<Result<Vec<_>>>()?;
-    let device = Device::Cpu;
+    let device = crate::device();
     if args.model.is_none() {
         let dir = diffuse::default_model::materialize(&diffuse::default_model::cache_root())?;
         args.model = Some(dir.display().to_string());

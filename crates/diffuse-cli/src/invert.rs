@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use diffuse::loading::config::parse_override;
 use diffuse::pipelines::image_processor::Image8;
 use diffuse::pipelines::inversion::save_latents;
@@ -88,7 +87,7 @@ pub fn run(args: InvertArgs) -> Result<()> {
         .map(|s| parse_override(s).with_context(|| "--scheduler-config".to_string()))
         .collect::<Result<Vec<_>>>()?;
     let image = Image8::load_rgb(&args.image)?;
-    let device = Device::Cpu;
+    let device = crate::device();
     let dtype = parse_dtype(&args.dtype, &device)?;
     let model_path = diffuse::loading::hub::resolve_model(&args.model, args.revision.as_deref(), args.variant.as_deref())?;
     let start = Instant::now();

@@ -52,6 +52,18 @@ struct Cli {
     /// Threads for every kernel, in one pool (default: one per core).
     #[arg(long, global = true, value_parser = parse_threads)]
     threads: Option<usize>,
+    /// Where models run: cpu (the project's own kernels), cuda, cuda:N, metal or metal:N (a
+    /// build with the `cuda` or `metal` feature; candle's tensor operations).
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
+}
+
+/// The device `--device` named (set once, before the subcommand runs).
+static DEVICE: std::sync::OnceLock<candle_core::Device> = std::sync::OnceLock::new();
+
+/// The device every subcommand runs its models on.
+pub(crate) fn device() -> candle_core::Device {
+    DEVICE.get().cloned().unwrap_or(candle_core::Device::Cpu)
 }
 
 fn parse_threads(value: &str) -> Result<usize, String> {
@@ -114,6 +126,15 @@ fn main() {
     if let Some(threads) = cli.threads {
         if let Err(e) = diffuse::ops::set_threads(threads) {
             eprintln!("error: --threads: {e}");
+            std::process::exit(1);
+        }
+    }
+    match diffuse::device::parse(&cli.device) {
+        Ok(device) => {
+            let _ = DEVICE.set(device);
+        }
+        Err(e) => {
+            eprintln!("error: --device: {e}");
             std::process::exit(1);
         }
     }

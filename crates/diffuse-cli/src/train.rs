@@ -618,7 +618,7 @@ fn build_task(args: &TrainArgs, dataset: &mut dyn Dataset, device: &Device) -> R
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    let device = Device::Cpu;
+    let device = crate::device();
     let lr_schedule = LrSchedule::parse(&args.lr_schedule)?;
     let ema = (args.ema_decay > 0.0).then_some(EmaConfig {
         decay: args.ema_decay,

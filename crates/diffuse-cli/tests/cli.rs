@@ -214,6 +214,32 @@ fn bf16_runs_on_the_cpu() {
     assert!(parameters.contains("Dtype: bf16"), "{parameters}");
 }
 
+/// `--device` on every subcommand: `cpu` gives the same image as no flag; a GPU this build
+/// has no backend for, an unknown name or a bad number is one clear line.
+#[test]
+fn device_is_chosen_by_name() {
+    let dir = scratch("device");
+    let model = fixtures().join("sd/sd1");
+    let run = |extra: &[&str], name: &str| {
+        let out = dir.join(name);
+        let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "a cat", "--steps", "2", "--seed", "1", "--output"];
+        args.push(out.to_str().unwrap());
+        args.extend_from_slice(extra);
+        let (ok, _, stderr) = diffuse(&args);
+        assert!(ok, "{extra:?}: {stderr}");
+        decode_png(&out).0
+    };
+    assert_eq!(run(&[], "default.png"), run(&["--device", "cpu"], "cpu.png"));
+    let out = dir.join("x.png");
+    let out = out.to_str().unwrap();
+    if !cfg!(feature = "cuda") {
+        assert_fails_with(&["--device", "cuda:0", "generate", "--prompt", "x", "--output", out], "no CUDA support (build it with `--features cuda`)");
+    }
+    assert_fails_with(&["generate", "--device", "tpu", "--prompt", "x", "--output", out], "device `tpu` is not one of cpu, cuda");
+    assert_fails_with(&["schedulers", "--device", "cuda:x"], "`x` is not a device number");
+    assert_fails_with(&["bench", "--device", "metal:1"], "device `metal:1`");
+}
+
 #[test]
 fn text_to_image_bad_input() {
     let dir = scratch("sd-bad");

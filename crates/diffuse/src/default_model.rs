@@ -5,6 +5,10 @@
 //! folder and no network: on first use they are written, each to a temporary name and
 //! renamed, into a cache folder named after their hash, and loaded from there like any
 //! diffusers folder.
+//!
+//! The files (21 MB) come with the default-on `builtin-model` feature; a library user who does
+//! not need the model can leave them out (`default-features = false`), and [`materialize`]
+//! then says so.
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +19,7 @@ use crate::{Error, Result};
 /// The model's name (its folder's name, as the PNG metadata records it).
 pub const NAME: &str = "fashion-mnist";
 
+#[cfg(feature = "builtin-model")]
 macro_rules! model_file {
     ($path:literal) => {
         ($path, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/fashion-mnist/", $path)) as &[u8])
@@ -22,6 +27,7 @@ macro_rules! model_file {
 }
 
 /// Every file of the pipeline folder, by its path in the folder.
+#[cfg(feature = "builtin-model")]
 static FILES: &[(&str, &[u8])] = &[
     model_file!("model_index.json"),
     model_file!("scheduler/scheduler_config.json"),
@@ -47,9 +53,18 @@ pub fn cache_root() -> PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join("diffuse"))
 }
 
+/// Without the `builtin-model` feature there are no files to write.
+#[cfg(not(feature = "builtin-model"))]
+static FILES: &[(&str, &[u8])] = &[];
+
 /// The pipeline folder under `root` (`builtin/HASH/fashion-mnist/`), written if it is not
 /// there complete.
 pub fn materialize(root: &Path) -> Result<PathBuf> {
+    if FILES.is_empty() {
+        return Err(Error::invalid(
+            "this build of diffuse has no built-in model (its `builtin-model` feature is off): give a model folder",
+        ));
+    }
     let mut hasher = Sha256::new();
     for (path, bytes) in FILES {
         hasher.update(path.as_bytes());

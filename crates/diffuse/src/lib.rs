@@ -5,7 +5,8 @@
 //! [`pipelines`] (text-to-image, image-to-image, inpainting, inversion, pixel-space sampling) ←
 //! [`training`] ← [`evaluation`], with [`schedulers`], [`loading`] (folders, the Hugging Face
 //! cache, single-file checkpoints) and [`tokenizers`] beside the models, and [`error`],
-//! [`files`], [`rng`] (PyTorch's CPU generator, bit for bit) and [`configs`] under everything.
+//! [`files`], [`rng`] (PyTorch's CPU generator, bit for bit), [`configs`] and [`device`]
+//! (devices by name: `cpu`, `cuda:N`, `metal`) under everything.
 //!
 //! Text to image with the built-in model, as diffusers'
 //! `StableDiffusionPipeline.from_pretrained(folder)(prompt)` (more in `examples/`):
@@ -33,6 +34,7 @@
 
 pub mod configs;
 pub mod default_model;
+pub mod device;
 pub mod error;
 pub mod evaluation;
 pub mod files;

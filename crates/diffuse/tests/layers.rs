@@ -3,8 +3,8 @@
 //!
 //! `ops` ← `models` ← `pipelines` ← `training` ← `evaluation`, with `schedulers`, `loading`
 //! and `tokenizers` beside the models (never importing them or anything above), `lora` and
-//! `prompts` between the models and the pipelines, and `error`, `files`, `rng` and `configs` at
-//! the bottom, for everyone. A new top-level module must be given its place in [`LAYERS`].
+//! `prompts` between the models and the pipelines, and `error`, `files`, `rng`, `configs` and
+//! `device` at the bottom, for everyone. A new top-level module must be given its place in [`LAYERS`].
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -16,6 +16,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("files", &["error"]),
     ("rng", &["error"]),
     ("configs", &["error"]),
+    ("device", &["error"]),
     ("default_model", &["error", "files"]),
     ("ops", &["error"]),
     ("loading", &["error", "files", "configs"]),

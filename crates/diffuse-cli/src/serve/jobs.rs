@@ -11,7 +11,6 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Result};
-use candle_core::Device;
 use diffuse::pipelines::encode_png;
 use diffuse::pipelines::image_processor::Image8;
 use diffuse::lora::LoraSpec;
@@ -376,7 +375,7 @@ impl Shared {
     /// all are loaded, or with the first that failed.
     pub fn start(specs: &[String], options: ServeOptions) -> Result<Arc<Self>> {
         let ServeOptions { limits, api_key, lora_dir, dtype, preview, preview_vae } = options;
-        generate::parse_dtype(&dtype, &Device::Cpu).map_err(|e| anyhow!("{}", e.to_string().replace("--dtype", "serve --dtype")))?;
+        generate::parse_dtype(&dtype, &crate::device()).map_err(|e| anyhow!("{}", e.to_string().replace("--dtype", "serve --dtype")))?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (shared_tx, shared_rx) = std::sync::mpsc::channel::<Arc<Shared>>();
         let shared_rx = Arc::new(Mutex::new(shared_rx));
@@ -671,7 +670,7 @@ fn load_model(spec: &str, dtype: &str) -> Result<(ModelInfo, StableDiffusionPipe
     args.model = Some(infotext_name.clone());
     args.dtype = dtype.to_string();
     let no_loras = loras::Loras { specs: Vec::new(), from_flags: 0 };
-    let pipeline = generate::load_pipeline(&args, &path, single_file, &[], &no_loras, &Device::Cpu)?;
+    let pipeline = generate::load_pipeline(&args, &path, single_file, &[], &no_loras, &crate::device())?;
     let hash = parameters::finish_hash(hashing, None, false);
     let default_size = pipeline.default_size();
     let lcm = pipeline.pipeline_class == "LatentConsistencyModelPipeline";
@@ -810,7 +809,7 @@ fn run_iteration(worker: &mut Worker, shared: &Shared, job: &Arc<Job>, iteration
         if worker.with_loras.as_ref().map(|(k, _)| k) != Some(&key) {
             // One LoRA pipeline at a time: the old one goes before the new one loads.
             worker.with_loras = None;
-            let pipeline = generate::load_pipeline(&args, &info.path, info.single_file, &overrides, &loras, &Device::Cpu)?;
+            let pipeline = generate::load_pipeline(&args, &info.path, info.single_file, &overrides, &loras, &crate::device())?;
             worker.with_loras = Some((key, pipeline));
         }
         &mut worker.with_loras.as_mut().expect("just loaded").1
