@@ -1,10 +1,19 @@
-"""End to end, process start to PNG: a guided SD 1.5 text-to-image run in PyTorch + diffusers
-and in `diffuse generate`, on a full-size SD 1.5 pipeline with random weights (written once by
-this script into --folder in diffusers' layout, real CLIP vocabulary), the same seed, size,
-steps and thread count. Also reports each side's bf16-vs-f32 PSNR on that image.
+"""End to end, process start to PNG: an SD 1.5 text-to-image run in PyTorch + diffusers and in
+`diffuse generate`, on a full-size SD 1.5 pipeline with random weights (written once by this
+script into --folder in diffusers' layout, real CLIP vocabulary), the same seed, size, steps and
+thread count. Also reports each side's bf16-vs-f32 PSNR on that image.
+
+Recipes (--recipes):
+  guided          --steps guided PNDM steps (guidance 7.5): two UNet passes a step.
+  lcm-lora        LCM-LoRA's: a random rank-64 LoRA on LCM-LoRA's layers (attention, feed-forward,
+                  resnets, samplers), fused as it loads on both sides, LCMScheduler, 4 steps,
+                  guidance 1 (one UNet pass a step).
+  lcm-lora-taesd  the same, decoded by a random full-size TAESD (AutoencoderTiny) as `vae=`.
+  turbo           SDXL-Turbo's recipe on SD 1.5: 1 trailing Euler-ancestral step, guidance 0.
 
     python tools/bench/end_to_end.py --diffuse target/release/diffuse --steps 20 --dtypes bf16
     python tools/bench/end_to_end.py --diffuse target/release/diffuse --steps 8 --dtypes f32 bf16 --psnr
+    python tools/bench/end_to_end.py --recipes lcm-lora lcm-lora-taesd turbo --dtypes f32 bf16
 
 Each run is its own process (timed from its start, peak RSS from the OS); the PyTorch side runs
 tools/bench/end_to_end.py --pytorch-run, which imports torch and diffusers inside the timing.
@@ -65,6 +74,35 @@ def write_folder(folder):
         json.dump(index, f, indent=1)
 
 
+# LCM-LoRA's layers (latent-consistency/lcm-lora-sdv1-5's adapter config).
+LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+                    "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+def write_lcm_lora(folder):
+    """A random rank-64 LoRA on LCM-LoRA's layers, in diffusers' PEFT format."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=64, lora_alpha=64, target_modules=LCM_LORA_TARGETS, init_lora_weights="gaussian"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1e-3)
+    StableDiffusionPipeline.save_lora_weights(os.path.join(folder, "lcm-lora"), unet_lora_layers=get_peft_model_state_dict(unet))
+
+
+def write_taesd(folder):
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(2)
+    AutoencoderTiny().save_pretrained(os.path.join(folder, "taesd"))
+
+
 def pytorch_run(args):
     import torch
     from diffusers import StableDiffusionPipeline
@@ -72,10 +110,39 @@ def pytorch_run(args):
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     pipe = StableDiffusionPipeline.from_pretrained(args.folder, torch_dtype=dtype, safety_checker=None)
+    steps, guidance = args.steps, 7.5
+    if args.recipe.startswith("lcm-lora"):
+        from diffusers import LCMScheduler
+
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        pipe.load_lora_weights(os.path.join(args.folder, "lcm-lora"))
+        pipe.fuse_lora()
+        steps, guidance = 4, 1.0
+        if args.recipe == "lcm-lora-taesd":
+            from diffusers import AutoencoderTiny
+
+            pipe.vae = AutoencoderTiny.from_pretrained(os.path.join(args.folder, "taesd"), torch_dtype=dtype)
+    elif args.recipe == "turbo":
+        from diffusers import EulerAncestralDiscreteScheduler
+
+        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+        steps, guidance = 1, 0.0
     with torch.inference_mode():
-        image = pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size,
+        image = pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=args.size, width=args.size,
                      generator=torch.Generator("cpu").manual_seed(args.seed)).images[0]
     image.save(args.output)
+
+
+def diffuse_flags(args, recipe):
+    if recipe == "guided":
+        return ["--steps", str(args.steps), "--guidance-scale", "7.5"]
+    if recipe.startswith("lcm-lora"):
+        flags = ["--scheduler", "lcm", "--steps", "4", "--guidance-scale", "1",
+                 "--lora", os.path.join(args.folder, "lcm-lora", "pytorch_lora_weights.safetensors")]
+        return flags + (["--vae", os.path.join(args.folder, "taesd")] if recipe == "lcm-lora-taesd" else [])
+    if recipe == "turbo":
+        return ["--scheduler", "euler-ancestral", "--scheduler-config", "timestep_spacing=trailing", "--steps", "1", "--guidance-scale", "0"]
+    raise SystemExit(f"unknown recipe {recipe}")
 
 
 def timed(command, env):
@@ -105,6 +172,9 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtypes", nargs="+", default=["bf16"])
     p.add_argument("--sides", nargs="+", default=["pytorch", "diffuse"])
+    p.add_argument("--recipes", nargs="+", default=["guided"], choices=["guided", "lcm-lora", "lcm-lora-taesd", "turbo"])
+    p.add_argument("--repeat", type=int, default=1, help="runs of each (recipe, dtype, side), interleaved")
+    p.add_argument("--recipe", default="guided", help=argparse.SUPPRESS)
     p.add_argument("--psnr", action="store_true", help="also the bf16-vs-f32 PSNR of each side (needs both dtypes)")
     p.add_argument("--pytorch-run", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -114,26 +184,37 @@ def main():
         return pytorch_run(args)
     if not os.path.exists(os.path.join(args.folder, "model_index.json")):
         write_folder(args.folder)
+    if any(r.startswith("lcm-lora") for r in args.recipes) and not os.path.isdir(os.path.join(args.folder, "lcm-lora")):
+        write_lcm_lora(args.folder)
+    if "lcm-lora-taesd" in args.recipes and not os.path.isdir(os.path.join(args.folder, "taesd")):
+        write_taesd(args.folder)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), RAYON_NUM_THREADS=str(args.threads))
     outputs = {}
-    for dtype in args.dtypes:
-        for side in args.sides:
-            out = f"/tmp/end-to-end-{side}-{dtype}.png"
-            if side == "pytorch":
-                command = [sys.executable, __file__, "--pytorch-run", "--folder", args.folder, "--dtype", dtype, "--steps", str(args.steps),
-                           "--size", str(args.size), "--seed", str(args.seed), "--threads", str(args.threads), "--output", out]
-            else:
-                command = [args.diffuse, "--threads", str(args.threads), "generate", "--model", args.folder, "--prompt", PROMPT,
-                           "--steps", str(args.steps), "--guidance-scale", "7.5", "--width", str(args.size), "--height", str(args.size),
-                           "--seed", str(args.seed), "--dtype", dtype, "--output", out]
-            seconds, _ = timed(command, env)
-            # ru_maxrss of children is the largest so far; measure each run's own with /usr/bin/time where needed.
-            print(f"{side:8} {dtype:5} {args.size}x{args.size} {args.steps} steps, {args.threads} threads: {seconds:.1f} s", flush=True)
-            outputs[(side, dtype)] = out
+    for _ in range(args.repeat):
+        for recipe in args.recipes:
+            for dtype in args.dtypes:
+                for side in args.sides:
+                    out = f"/tmp/end-to-end-{recipe}-{side}-{dtype}.png"
+                    if side == "pytorch":
+                        command = [sys.executable, __file__, "--pytorch-run", "--recipe", recipe, "--folder", args.folder, "--dtype", dtype,
+                                   "--steps", str(args.steps), "--size", str(args.size), "--seed", str(args.seed), "--threads", str(args.threads),
+                                   "--output", out]
+                    else:
+                        command = [args.diffuse, "--threads", str(args.threads), "generate", "--model", args.folder, "--prompt", PROMPT,
+                                   "--width", str(args.size), "--height", str(args.size), "--seed", str(args.seed), "--dtype", dtype,
+                                   "--output", out, *diffuse_flags(args, recipe)]
+                    seconds, _ = timed(command, env)
+                    print(f"{recipe:14} {side:8} {dtype:5} {args.size}x{args.size}, {args.threads} threads: {seconds:.1f} s", flush=True)
+                    outputs[(recipe, side, dtype)] = out
+        for recipe in args.recipes:
+            for dtype in args.dtypes:
+                if (recipe, "pytorch", dtype) in outputs and (recipe, "diffuse", dtype) in outputs:
+                    print(f"{recipe:14} {dtype:5} diffuse vs PyTorch PSNR: {psnr(outputs[(recipe, 'diffuse', dtype)], outputs[(recipe, 'pytorch', dtype)]):.2f} dB")
     if args.psnr:
-        for side in args.sides:
-            if (side, "f32") in outputs and (side, "bf16") in outputs:
-                print(f"{side:8} bf16 vs f32 PSNR: {psnr(outputs[(side, 'bf16')], outputs[(side, 'f32')]):.2f} dB")
+        for recipe in args.recipes:
+            for side in args.sides:
+                if (recipe, side, "f32") in outputs and (recipe, side, "bf16") in outputs:
+                    print(f"{recipe:14} {side:8} bf16 vs f32 PSNR: {psnr(outputs[(recipe, side, 'bf16')], outputs[(recipe, side, 'f32')]):.2f} dB")
 
 
 if __name__ == "__main__":

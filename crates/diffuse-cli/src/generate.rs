@@ -111,7 +111,8 @@ pub struct GenerateArgs {
     /// string (e.g. timestep_spacing=trailing, rescale_betas_zero_snr=true). Repeatable.
     #[arg(long = "scheduler-config", value_name = "KEY=VALUE")]
     pub(crate) scheduler_config: Vec<String>,
-    /// Number of denoising steps (default 4 for a LatentConsistencyModelPipeline folder).
+    /// Number of denoising steps (default 4 for a LatentConsistencyModelPipeline folder or an
+    /// LCM-distilled single file).
     #[arg(long, default_value_t = 50)]
     pub(crate) steps: usize,
     /// Random seed (as torch.manual_seed); chosen at random and printed when omitted.
@@ -312,9 +313,9 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
     if single_file && args.variant.is_some() {
         bail!("--variant selects weight files in a diffusers folder; {model} is a single checkpoint file");
     }
-    // LatentConsistencyModelPipeline folders run with that pipeline's defaults where neither
-    // the command line nor --from says otherwise.
-    if !single_file && recalled.is_none() && pipeline_class_name(&model_path).as_deref() == Some("LatentConsistencyModelPipeline") {
+    // LatentConsistencyModelPipeline folders (and single files of an LCM-distilled UNet) run
+    // with that pipeline's defaults where neither the command line nor --from says otherwise.
+    if recalled.is_none() && pipeline_class_name(&model_path).as_deref() == Some("LatentConsistencyModelPipeline") {
         let given = |id: &str| matches.and_then(|m| m.value_source(id)) == Some(clap::parser::ValueSource::CommandLine);
         if !given("steps") {
             args.steps = LCM_PIPELINE_DEFAULTS.0;
@@ -467,8 +468,11 @@ pub(crate) fn fresh_scheduler(
 ) -> Result<diffuse::pipelines::ResolvedScheduler> {
     let name = args.scheduler.as_deref();
     Ok(if single_file {
-        let file = diffuse::loading::single_file::SingleFile::open(model_path)?;
+        use diffuse::loading::single_file::{Component, SingleFile};
+        let file = SingleFile::open(model_path)?;
         let config = file.scheduler_config(args.prediction_type.as_deref())?;
+        // As loading it does: an LCM-distilled UNet samples with LCMScheduler by default.
+        let name = name.or(file.config(Component::Unet).contains_key("time_cond_proj_dim").then_some("lcm"));
         diffuse::pipelines::scheduler_from_config(config, &model_path.join("scheduler"), name, overrides)?
     } else {
         diffuse::pipelines::resolve_scheduler(&model_path.join("scheduler"), name, overrides)?

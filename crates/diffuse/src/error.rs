@@ -30,8 +30,17 @@ pub enum Error {
     Interrupted,
 }
 
-fn first_line(e: &candle_core::Error) -> String {
-    e.to_string().lines().next().unwrap_or_default().trim_end().to_string()
+/// A candle error's message on one line, without the backtrace candle attaches when
+/// RUST_BACKTRACE is set: that backtrace is never formatted (resolving its symbols reads the
+/// binary's debug information, hundreds of MB, for a message nobody asked to see).
+pub(crate) fn first_line(e: &candle_core::Error) -> String {
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } => first_line(inner),
+        E::Context { inner, context } => format!("{context}: {}", first_line(inner)),
+        E::WithPath { inner, path } => format!("{}: {}", path.display(), first_line(inner)),
+        other => other.to_string().lines().next().unwrap_or_default().trim_end().to_string(),
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -41,12 +41,18 @@ pub fn set_threads(threads: usize) -> Result<()> {
         .map_err(|e| crate::Error::invalid(format!("cannot set {threads} threads: {e} (the thread pool already runs)")))
 }
 
+/// Whether tensors on `device` run on the project's CPU kernels: on the CPU, unless
+/// `DIFFUSE_ISA=tensor` sends it down candle's tensor operations, the path other devices take.
+pub fn uses_kernels(device: &candle_core::Device) -> bool {
+    device.is_cpu() && gemm::kernels_enabled()
+}
+
 /// The type a model's weights are kept in when `requested` on `device`: on the CPU, f16 is
 /// kept as bf16, since the CPU kernels compute in bf16 or f32 and bf16 is the faster of the
 /// two (f16's three extra mantissa bits are rounded away when the model loads); otherwise
 /// the request.
 pub fn weight_dtype(requested: DType, device: &candle_core::Device) -> DType {
-    if device.is_cpu() && requested == DType::F16 {
+    if uses_kernels(device) && requested == DType::F16 {
         DType::BF16
     } else {
         requested
@@ -60,7 +66,7 @@ pub fn weight_dtype(requested: DType, device: &candle_core::Device) -> DType {
 pub fn activation_dtype(weights: DType, device: &candle_core::Device) -> DType {
     match weights {
         DType::F64 => DType::F64,
-        _ if device.is_cpu() => DType::F32,
+        _ if uses_kernels(device) => DType::F32,
         other => other,
     }
 }
@@ -73,7 +79,7 @@ pub fn activation_dtype(weights: DType, device: &candle_core::Device) -> DType {
 pub fn conv2d(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     let _timer = profile::timer("conv2d");
     let weight = &cpu_half_as_bf16(input, weight)?;
-    if input.device().is_cpu() && input.dtype() == DType::F32 {
+    if uses_kernels(input.device()) && input.dtype() == DType::F32 {
         let tracked = input.track_op() || weight.track_op() || bias.is_some_and(|b| b.track_op());
         if !tracked && matches!(weight.dtype(), DType::F32 | DType::BF16) {
             // Inference: the bias is added as the product is written, not in another pass.
@@ -81,7 +87,7 @@ pub fn conv2d(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: us
             return Ok(input.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &conv::Conv2d { stride, padding, bias })?);
         }
     }
-    if input.device().is_cpu() && input.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+    if uses_kernels(input.device()) && input.dtype() == DType::F32 && weight.dtype() == DType::F32 {
         let output = input.contiguous()?.apply_op2(&weight.contiguous()?, conv::Conv2d { stride, padding, bias: None })?;
         return add_channel_bias(output, bias);
     }
@@ -91,7 +97,7 @@ pub fn conv2d(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: us
 /// An f16 `weight` meeting an f32 `input` on the CPU (a model not loaded through
 /// [`weight_dtype`]) as bf16, the type the kernels read; any other weight as it is.
 fn cpu_half_as_bf16(input: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    if input.device().is_cpu() && input.dtype() == DType::F32 && weight.dtype() == DType::F16 {
+    if uses_kernels(input.device()) && input.dtype() == DType::F32 && weight.dtype() == DType::F16 {
         return Ok(weight.to_dtype(DType::BF16)?);
     }
     Ok(weight.clone())
@@ -115,7 +121,7 @@ pub fn linear(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<
     let out_features = weight.dim(0)?;
     let rows = input.elem_count() / in_features.max(1);
     let flat = input.reshape((rows, in_features))?;
-    let on_kernel = input.device().is_cpu()
+    let on_kernel = uses_kernels(input.device())
         && input.dtype() == DType::F32
         && matches!(weight.dtype(), DType::F32 | DType::BF16)
         && !input.track_op()
@@ -152,7 +158,7 @@ impl PackedLinearWeight {
     /// The packed form of a contiguous bf16 CPU weight; `None` for any other weight (other
     /// types and devices keep the tensor).
     pub fn new(weight: &Tensor) -> Result<Option<Self>> {
-        if !weight.device().is_cpu() || weight.dtype() != DType::BF16 || weight.rank() != 2 {
+        if !uses_kernels(weight.device()) || weight.dtype() != DType::BF16 || weight.rank() != 2 {
             return Ok(None);
         }
         let (out_features, in_features) = weight.dims2()?;
@@ -288,7 +294,7 @@ pub fn group_norm(input: &Tensor, num_groups: usize, weight: &Tensor, bias: &Ten
 pub fn group_norm_silu(input: &Tensor, num_groups: usize, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let _timer = profile::timer("group_norm + silu");
     let tracked = input.track_op() || weight.track_op() || bias.track_op();
-    if tracked || !input.device().is_cpu() || input.dtype() == DType::F64 {
+    if tracked || !uses_kernels(input.device()) || input.dtype() == DType::F64 {
         return silu(&group_norm_then(input, num_groups, weight, bias, eps, false)?);
     }
     group_norm_then(input, num_groups, weight, bias, eps, true)
@@ -311,7 +317,7 @@ fn group_norm_then(input: &Tensor, num_groups: usize, weight: &Tensor, bias: &Te
         );
     }
     let dtype = input.dtype();
-    if input.device().is_cpu() && dtype != DType::F64 {
+    if uses_kernels(input.device()) && dtype != DType::F64 {
         let f32_contiguous = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
         let (input, weight, bias) = (f32_contiguous(input)?, f32_contiguous(weight)?, f32_contiguous(bias)?);
         let output = if silu {
@@ -559,7 +565,7 @@ fn attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, mask: Opt
 /// shared by every head. `None` where it does not apply.
 fn flash_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, mask: Option<&Tensor>, precision: Precision) -> Result<Option<Tensor>> {
     let tracked = query.track_op() || key.track_op() || value.track_op() || mask.is_some_and(|m| m.track_op());
-    if !query.device().is_cpu() || tracked || query.dtype() == DType::F64 || query.rank() != 4 {
+    if !uses_kernels(query.device()) || tracked || query.dtype() == DType::F64 || query.rank() != 4 {
         return Ok(None);
     }
     let (batch, heads, queries, head_dim) = query.dims4()?;
@@ -702,7 +708,7 @@ pub fn upsample_nearest2d(input: &Tensor, height: usize, width: usize) -> Result
 /// `torch.nn.functional.silu`: `x * sigmoid(x)`.
 pub fn silu(input: &Tensor) -> Result<Tensor> {
     let _timer = profile::timer("silu");
-    if input.device().is_cpu() && input.dtype() == DType::F32 && !input.track_op() {
+    if uses_kernels(input.device()) && input.dtype() == DType::F32 && !input.track_op() {
         return Ok(input.contiguous()?.apply_op1_no_bwd(&SiluCpu)?);
     }
     Ok(input.silu()?)
@@ -729,7 +735,7 @@ impl candle_core::CustomOp1 for SiluCpu {
 /// GELU. One fused, threaded pass on the CPU for inference.
 pub fn geglu(projected: &Tensor) -> Result<Tensor> {
     let _timer = profile::timer("geglu");
-    if projected.device().is_cpu() && projected.dtype() == DType::F32 && !projected.track_op() {
+    if uses_kernels(projected.device()) && projected.dtype() == DType::F32 && !projected.track_op() {
         return Ok(projected.contiguous()?.apply_op1_no_bwd(&GegluCpu)?);
     }
     let chunks = projected.chunk(2, D::Minus1)?;

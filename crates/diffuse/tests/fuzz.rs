@@ -16,6 +16,7 @@
 //! (`DIFFUSE_FUZZ_SEED=N` draws other inputs; one target: add its name as a test filter.)
 //! An input that fails is written to `target/tmp/fuzz-failures/TARGET/`; fix the library, then
 //! commit the input to `tests/fuzz_corpus/TARGET/`, which `the_corpus_replays` runs every time.
+//! `DIFFUSE_FUZZ_BACKTRACE=1` also prints where the case was when it went over a bound.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::{BTreeMap, HashMap};
@@ -125,6 +126,9 @@ fn report_and_abort(what: &str) -> ! {
     let target = CURRENT_TARGET.try_lock().map(|t| *t).unwrap_or("unknown");
     let saved = save_failure(target, &input);
     eprintln!("fuzz target `{target}`: a case {what}; its input is {}", saved.display());
+    if std::env::var_os("DIFFUSE_FUZZ_BACKTRACE").is_some() {
+        eprintln!("{}", std::backtrace::Backtrace::force_capture());
+    }
     std::process::abort();
 }
 

@@ -11,12 +11,12 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use diffuse::loading::single_file::{Component, SingleFile};
-use diffuse::pipelines::stable_diffusion::{PhaseTimes, StableDiffusionPipeline, TextToImageOptions};
+use diffuse::pipelines::stable_diffusion::{pipeline_class_name, PhaseTimes, StableDiffusionPipeline, TextToImageOptions};
 use diffuse::pipelines::to_uint8_images;
 use diffuse::rng::TorchGenerator;
 use serde_json::Value;
@@ -88,29 +88,57 @@ fn scheduler_name(class: &str) -> Option<&'static str> {
 /// folder's (which must be the same pixels).
 fn check_case(name: &str) {
     let case = read_json(&fixtures().join("cases").join(format!("{name}.json")));
-    let expected = load_tensors(&fixtures().join("cases").join(format!("{name}.safetensors")));
-    let scheduler = case["scheduler"].as_str().and_then(scheduler_name);
-    let device = Device::Cpu;
-
     let pipeline_name = case["pipeline"].as_str().unwrap();
     let folder = fixtures().join(pipeline_name);
     let file = if folder.is_dir() { folder.join("model.safetensors") } else { fixtures().join(format!("{pipeline_name}.safetensors")) };
-    let mut from_file = StableDiffusionPipeline::load_single_file(&file, None, scheduler, &[], &device, DType::F32).unwrap();
-    assert_eq!(from_file.scheduler.class_name, case["scheduler_class"].as_str().unwrap());
-    let file_images = generate(&mut from_file, &case);
+    let file_images = check_file_against_diffusers(name, &file);
     if folder.is_dir() {
-        let mut from_folder = StableDiffusionPipeline::load(&folder, scheduler, &[], None, &device, DType::F32).unwrap();
+        let scheduler = case["scheduler"].as_str().and_then(scheduler_name);
+        let mut from_folder = StableDiffusionPipeline::load(&folder, scheduler, &[], None, &Device::Cpu, DType::F32).unwrap();
         let folder_images = generate(&mut from_folder, &case);
         let difference = (&folder_images - &file_images).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(difference, 0.0, "{name}: the single file's image differs from the folder's");
     }
+}
 
+/// Case `name` generated from the single file `file` (with the scheduler it chooses itself
+/// unless the case names one) against diffusers' image; returns the image.
+fn check_file_against_diffusers(name: &str, file: &Path) -> Tensor {
+    let case = read_json(&fixtures().join("cases").join(format!("{name}.json")));
+    let expected = load_tensors(&fixtures().join("cases").join(format!("{name}.safetensors")));
+    let scheduler = case.get("scheduler").and_then(Value::as_str).and_then(scheduler_name);
+    let mut from_file = StableDiffusionPipeline::load_single_file(file, None, scheduler, &[], &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(from_file.scheduler.class_name, case["scheduler_class"].as_str().unwrap());
+    let file_images = generate(&mut from_file, &case);
     let float = ((file_images.clone() / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap().permute((0, 2, 3, 1)).unwrap();
     assert_close(&float, &expected["images_float"], FLOAT_TOLERANCE, &format!("{name}: float images"));
     let actual: Vec<u8> = to_uint8_images(&file_images).unwrap().into_iter().flat_map(|(_, _, _, p)| p).collect();
     let reference = expected["images"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
     let psnr = psnr_u8(&actual, &reference);
     assert!(psnr >= MIN_PSNR_DB, "{name}: PSNR {psnr:.1} dB < {MIN_PSNR_DB} dB");
+    file_images
+}
+
+/// An LCM-distilled UNet in a single file (tools/fixtures/single_file_lcm.py: sd1_pipeline's
+/// file plus `time_embedding.cond_proj`, the name diffusers' conversion script keeps for the
+/// layer LDM never had) runs as diffusers' LatentConsistencyModelPipeline: LCMScheduler unless
+/// told otherwise, the guidance scale embedded, one UNet pass per step.
+#[test]
+fn lcm_single_file_runs_as_latent_consistency_model_pipeline() {
+    let dir = std::env::temp_dir().join(format!("diffuse-lcm-single-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("lcm.safetensors");
+    let mut tensors = candle_core::safetensors::load(checkpoint(), &Device::Cpu).unwrap();
+    tensors.extend(candle_core::safetensors::load(fixtures().join("lcm_cond_proj.safetensors"), &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let file = SingleFile::open(&path).unwrap();
+    assert_eq!(file.config(Component::Unet)["time_cond_proj_dim"], 32);
+    assert_eq!(pipeline_class_name(&path).as_deref(), Some("LatentConsistencyModelPipeline"));
+    assert_eq!(pipeline_class_name(&checkpoint()).as_deref(), Some("StableDiffusionPipeline"));
+    for name in ["sd1_lcm_single_file_4_steps", "sd1_lcm_single_file_3_steps_guidance_2"] {
+        check_file_against_diffusers(name, &path);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -91,6 +91,7 @@ impl MappedTensors {
         let file = &self.files[entry.file];
         let shape = Shape::from(entry.shape.as_slice());
         let in_file = |e: String| candle_core::Error::Msg(format!("{}: tensor `{name}`: {e}", file.path.display()));
+        let in_file_candle = |e: candle_core::Error| in_file(crate::error::first_line(&e));
         #[cfg(unix)]
         let tensor = {
             use std::os::unix::fs::FileExt;
@@ -100,7 +101,7 @@ impl MappedTensors {
         };
         #[cfg(not(unix))]
         let tensor = convert(&file.mmap[entry.start..entry.end], entry.dtype, dtype, shape, device);
-        tensor.map_err(|e| in_file(e.to_string()))
+        tensor.map_err(in_file_candle)
     }
 }
 

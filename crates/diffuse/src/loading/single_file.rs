@@ -760,6 +760,12 @@ fn recognise_unet(
             .insert("projection_class_embeddings_input_dim".into(), json!(file.dim(&name("label_emb.0.0.weight"), 1)?));
     }
 
+    // An LCM-distilled UNet embeds the guidance scale (time_embedding.cond_proj): the LDM layout
+    // never had that layer, so diffusers' conversion script keeps its diffusers name.
+    if let Some(cond_proj) = LCM_COND_PROJ.iter().map(|k| name(&format!("{k}weight"))).find(|k| file.shapes.contains_key(k)) {
+        config.insert("time_cond_proj_dim".into(), json!(file.dim(&cond_proj, 1)?));
+    }
+
     let weights = map_component(file, p, "UNet", used, |rest, _| match unet_name(rest, per_level) {
         Some(name) => Renamed::To(name),
         None => Renamed::Unknown,
@@ -767,10 +773,16 @@ fn recognise_unet(
     Ok((config, weights, cross_attention_dim, in_channels))
 }
 
+/// Where single files keep an LCM UNet's guidance embedding (diffusers' name, and the LDM-style
+/// name some converters give it).
+const LCM_COND_PROJ: [&str; 2] = ["time_embedding.cond_proj.", "time_embed.cond_proj."];
+
 /// The diffusers name of one UNet tensor (`rest` without the prefix), as convert_ldm_unet_checkpoint
 /// places it; `per_level` is layers_per_block + 1.
 fn unet_name(rest: &str, per_level: usize) -> Option<String> {
-    const TOP: [(&str, &str); 7] = [
+    const TOP: [(&str, &str); 9] = [
+        (LCM_COND_PROJ[0], "time_embedding.cond_proj."),
+        (LCM_COND_PROJ[1], "time_embedding.cond_proj."),
         ("time_embed.0.", "time_embedding.linear_1."),
         ("time_embed.2.", "time_embedding.linear_2."),
         ("input_blocks.0.0.", "conv_in."),

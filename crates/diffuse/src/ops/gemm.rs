@@ -6,7 +6,8 @@
 //! The micro-kernel is chosen at run time from what the CPU offers ([`Isa`]): AVX-512 FMA,
 //! AVX2 + FMA, or portable code that the compiler vectorises for the baseline. The
 //! environment variable `DIFFUSE_ISA` (`avx512`, `avx2`, `portable`) forces a lower level, so
-//! that every path can be tested on a machine that has the higher ones.
+//! that every path can be tested on a machine that has the higher ones; `DIFFUSE_ISA=tensor`
+//! turns the kernels off (see [`kernels_enabled`]).
 //!
 //! `B` reaches the driver through [`PackB`], so a convolution can write its im2col patches
 //! straight into the panels (an implicit GEMM: no full column buffer); an operand used many
@@ -82,12 +83,23 @@ impl Isa {
     }
 }
 
+/// Whether the project's CPU kernels run at all. `DIFFUSE_ISA=tensor` turns them off: the CPU
+/// then takes candle's tensor operations, the path every other device (CUDA, Metal) takes, so
+/// that path is tested against diffusers on machines without a GPU.
+pub fn kernels_enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("DIFFUSE_ISA").as_deref() != Ok("tensor"))
+}
+
 /// The level in use: the best this CPU supports, or the lower one `DIFFUSE_ISA` asks for.
 pub fn isa() -> Isa {
     static CHOSEN: OnceLock<Isa> = OnceLock::new();
     *CHOSEN.get_or_init(|| {
         let best = Isa::all_supported().into_iter().max().unwrap_or(Isa::Portable);
         let Ok(requested) = std::env::var("DIFFUSE_ISA") else { return best };
+        if requested == "tensor" {
+            return best; // no kernel runs (kernels_enabled); tests of the kernels still may
+        }
         match Isa::ALL.into_iter().find(|isa| isa.name() == requested) {
             Some(isa) if isa.is_supported() => isa,
             Some(isa) => {
@@ -95,7 +107,7 @@ pub fn isa() -> Isa {
                 best
             }
             None => {
-                eprintln!("DIFFUSE_ISA={requested}: not one of portable, avx2, avx512, avx512bf16; using {}", best.name());
+                eprintln!("DIFFUSE_ISA={requested}: not one of portable, avx2, avx512, avx512bf16, tensor; using {}", best.name());
                 best
             }
         }

@@ -114,6 +114,24 @@ pub fn to_uint8_images(images: &Tensor) -> Result<Vec<(usize, usize, usize, Vec<
         .collect())
 }
 
+/// The pipelines' images (`[N, C, H, W]` in about [-1, 1]) as `image` crate RGB images, rounded
+/// as [`to_uint8_images`] rounds (a gray image's one channel is repeated).
+pub fn to_rgb_images(images: &Tensor) -> Result<Vec<image::RgbImage>> {
+    to_uint8_images(images)?
+        .into_iter()
+        .map(|(width, height, channels, pixels)| {
+            let rgb = match channels {
+                3 => pixels,
+                1 => pixels.iter().flat_map(|&v| [v; 3]).collect(),
+                c => return Err(Error::invalid(format!("a {c}-channel image is not RGB or gray"))),
+            };
+            // The buffer is exactly width × height × 3 bytes by construction.
+            image::RgbImage::from_raw(width as u32, height as u32, rgb)
+                .ok_or_else(|| Error::invalid(format!("a {width}×{height} image does not fit its buffer")))
+        })
+        .collect()
+}
+
 /// Writes an 8-bit PNG (gray, RGB or RGBA by channel count) with text chunks (`tEXt`, or `iTXt`
 /// for text that is not Latin-1, as Pillow and so AUTOMATIC1111 write them), first to a
 /// temporary name beside the target and then renamed, so a failure never leaves a partial file.
@@ -169,3 +187,26 @@ fn encode_png_to<W: std::io::Write>(
 
 use png::ColorType as png_color;
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// RGB images keep their bytes; a gray one is repeated over three channels.
+    #[test]
+    fn rgb_images_are_the_uint8_images() {
+        let device = Device::Cpu;
+        let rgb = Tensor::arange(0f32, 24f32, &device).unwrap().affine(1.0 / 12.0, -1.0).unwrap().reshape((2, 3, 2, 2)).unwrap();
+        let bytes = to_uint8_images(&rgb).unwrap();
+        for (image, (width, height, _, pixels)) in to_rgb_images(&rgb).unwrap().iter().zip(&bytes) {
+            assert_eq!((image.width() as usize, image.height() as usize), (*width, *height));
+            assert_eq!(image.as_raw(), pixels);
+        }
+        let gray = rgb.narrow(1, 0, 1).unwrap();
+        let gray_bytes = &to_uint8_images(&gray).unwrap()[0].3;
+        let image = &to_rgb_images(&gray).unwrap()[0];
+        assert!(image.pixels().zip(gray_bytes).all(|(p, &v)| p.0 == [v, v, v]));
+        assert!(to_rgb_images(&Tensor::zeros((1, 2, 2, 2), DType::F32, &device).unwrap()).is_err());
+    }
+}

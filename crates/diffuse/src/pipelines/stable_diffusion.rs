@@ -129,8 +129,14 @@ pub fn is_stable_diffusion_folder(model_dir: &Path) -> bool {
 }
 
 /// The pipeline class a folder's `model_index.json` names (`StableDiffusionPipeline`,
-/// `LatentConsistencyModelPipeline`, ...), if it has a readable one.
+/// `LatentConsistencyModelPipeline`, ...), if it has a readable one; for a single-file
+/// checkpoint, the class its tensors make it (an LCM-distilled UNet: LatentConsistencyModelPipeline).
 pub fn pipeline_class_name(model_dir: &Path) -> Option<String> {
+    if model_dir.is_file() {
+        let file = SingleFile::open(model_dir).ok()?;
+        let lcm = file.config(Component::Unet).contains_key("time_cond_proj_dim");
+        return Some(if lcm { "LatentConsistencyModelPipeline" } else { "StableDiffusionPipeline" }.to_string());
+    }
     let index = read_json_object(&model_dir.join("model_index.json")).ok()?;
     index.get("_class_name")?.as_str().map(str::to_string)
 }
@@ -269,6 +275,9 @@ impl StableDiffusionPipeline {
             Ok((config, file.var_builder(component, dtype, device), file.path().to_path_buf()))
         }
         let scheduler_config = file.scheduler_config(prediction_type)?;
+        // An LCM-distilled UNet samples with LCMScheduler, as a LatentConsistencyModelPipeline
+        // folder's scheduler config says; the file has none of its own.
+        let scheduler_name = scheduler_name.or(file.config(Component::Unet).contains_key("time_cond_proj_dim").then_some("lcm"));
         let components = Components {
             tokenizer: builtin_clip_tokenizer(file.family())?,
             text_encoder: model(&file, Component::TextEncoder, dtype, device)?,
