@@ -640,3 +640,31 @@ fn models_loras_and_previews() {
     response.body_mut().as_reader().read_to_string(&mut text).unwrap();
     assert_eq!(text.lines().filter(|l| *l == "event: preview").count(), 4, "{text}");
 }
+
+/// Single-file checkpoints: the scheduler a request names is built from the file's own config,
+/// and an LCM-distilled file runs with LCMScheduler, 4 steps and guidance 8.5 unless the request
+/// says otherwise, as `diffuse generate` runs it. (At 64x64: the fixture's own size is 512.)
+#[test]
+fn single_file_checkpoints() {
+    use candle_core::Device;
+    let dir = scratch("single-file");
+    let checkpoint = fixtures().join("single_file/sd1_pipeline/model.safetensors");
+    let lcm = dir.join("lcm.safetensors");
+    let mut tensors = candle_core::safetensors::load(&checkpoint, &Device::Cpu).unwrap();
+    tensors.extend(candle_core::safetensors::load(fixtures().join("single_file/lcm_cond_proj.safetensors"), &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&tensors, &lcm).unwrap();
+    let server = Server::start("single-file", &["--model", checkpoint.to_str().unwrap(), "--model", lcm.to_str().unwrap()]);
+
+    let (status, body, _) = post(&server.url("/sdapi/v1/txt2img"), &json!({ "prompt": "a cat", "steps": 3, "seed": 4, "cfg_scale": 7.5, "sampler_name": "Euler", "width": 64, "height": 64 }), None);
+    assert_eq!(status, 200, "{body}");
+    let made = generate(&dir, &["--model", checkpoint.to_str().unwrap(), "--prompt", "a cat", "--steps", "3", "--seed", "4", "--scheduler", "euler", "--prompt-syntax", "a1111", "--width", "64", "--height", "64"], 1);
+    assert_eq!(decode_png(&unb64(body["images"][0].as_str().unwrap())), decode_png(&made[0]));
+
+    let (status, created, _) = post(&server.url("/v1/jobs"), &json!({ "model": "lcm", "prompt": "a cat", "seed": 2, "width": 64, "height": 64 }), None);
+    assert_eq!(status, 202, "{created}");
+    let job = wait_done(&server, created["id"].as_str().unwrap());
+    let made = generate(&dir, &["--model", lcm.to_str().unwrap(), "--prompt", "a cat", "--seed", "2", "--width", "64", "--height", "64"], 1);
+    let (pixels, text) = decode_png(&unb64(job["images"][0]["png"].as_str().unwrap()));
+    assert_eq!((pixels, text.clone()), decode_png(&made[0]));
+    assert!(text.unwrap().contains("Steps: 4, Sampler: LCM"));
+}

@@ -216,3 +216,50 @@ fn previews_decode_each_steps_predicted_original() {
         }
     }
 }
+
+/// The interrupt flag: set before a run, the run ends with `Error::Interrupted` before its first
+/// step; set from the step callback, it ends at the next step; cleared, the pipeline runs as
+/// before (the same image as a pipeline that never had a flag).
+#[test]
+fn interrupt_flag_stops_a_run_within_a_step() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let model = fixtures_dir().join("sd").join("sd1");
+    let mut pipeline = StableDiffusionPipeline::load(&model, Some("ddim"), &[], None, &Device::Cpu, DType::F32).unwrap();
+    let options = TextToImageOptions { prompt: "a cat".into(), num_inference_steps: 6, ..TextToImageOptions::default() };
+    let run = |pipeline: &mut StableDiffusionPipeline, stop_at: Option<usize>, flag: &Arc<AtomicBool>| {
+        let mut steps = 0;
+        let result = pipeline.generate(
+            &options,
+            &mut TorchGenerator::new(0),
+            &mut |step, _| {
+                steps = step;
+                if Some(step) == stop_at {
+                    flag.store(true, Ordering::Relaxed);
+                }
+            },
+            &mut |_| {},
+            &mut PhaseTimes::default(),
+        );
+        (result, steps)
+    };
+    let flag = Arc::new(AtomicBool::new(false));
+    let (plain, _) = run(&mut pipeline, None, &flag);
+    let plain = to_uint8_images(&plain.unwrap()).unwrap();
+
+    pipeline.interrupt = Some(flag.clone());
+    flag.store(true, Ordering::Relaxed);
+    let (result, steps) = run(&mut pipeline, None, &flag);
+    assert!(matches!(result, Err(diffuse::Error::Interrupted)), "{:?}", result.err());
+    assert_eq!(steps, 0);
+
+    flag.store(false, Ordering::Relaxed);
+    let (result, steps) = run(&mut pipeline, Some(2), &flag);
+    assert!(matches!(result, Err(diffuse::Error::Interrupted)));
+    assert_eq!(steps, 2, "the run stops at the step after the flag is set");
+
+    flag.store(false, Ordering::Relaxed);
+    let (again, steps) = run(&mut pipeline, None, &flag);
+    assert_eq!(steps, 6);
+    assert_eq!(to_uint8_images(&again.unwrap()).unwrap(), plain);
+}

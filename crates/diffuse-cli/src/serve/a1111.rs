@@ -165,10 +165,22 @@ fn request_from(shared: &Shared, raw: Value, img2img: bool) -> Result<(GenerateR
             }
         }
     }
-    // Plumbing fields diffuse honours as they are: images are sent, nothing is saved.
-    const HONOURED: &[&str] = &["send_images", "do_not_save_samples", "do_not_save_grid"];
+    // Plumbing fields diffuse honours as they are: images are sent, nothing is saved, override
+    // settings never outlive the request.
+    const HONOURED: &[&str] = &["send_images", "do_not_save_samples", "do_not_save_grid", "override_settings_restore_afterwards"];
+    // The hires fix's fields mean nothing unless it is on.
+    let hires = parsed.extra.get("enable_hr").is_some_and(asks_for_something);
+    let off = |key: &str, value: &Value| {
+        (!hires && (key.starts_with("hr_") || key.starts_with("firstphase_")))
+            // k-diffusion's noise settings at their defaults.
+            || (key == "s_noise" && value.as_f64() == Some(1.0))
+            || (key == "s_tmax" && value.as_f64().is_some_and(|v| v.is_infinite()))
+    };
+    if !img2img && !hires {
+        ignored.retain(|field| field != "denoising_strength");
+    }
     for (key, value) in &parsed.extra {
-        if asks_for_something(value) && !HONOURED.contains(&key.as_str()) {
+        if asks_for_something(value) && !HONOURED.contains(&key.as_str()) && !off(key, value) {
             ignored.push(key.clone());
         }
     }

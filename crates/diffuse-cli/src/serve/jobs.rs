@@ -673,7 +673,8 @@ fn load_model(spec: &str, dtype: &str) -> Result<(ModelInfo, StableDiffusionPipe
     let pipeline = generate::load_pipeline(&args, &path, single_file, &[], &no_loras, &crate::device())?;
     let hash = parameters::finish_hash(hashing, None, false);
     let default_size = pipeline.default_size();
-    let lcm = pipeline.pipeline_class == "LatentConsistencyModelPipeline";
+    // As `diffuse generate` decides it (a folder's model_index.json, a single file's UNet).
+    let lcm = diffuse::pipelines::stable_diffusion::pipeline_class_name(&path).as_deref() == Some("LatentConsistencyModelPipeline");
     Ok((ModelInfo { name, spec: spec.to_string(), path, single_file, hash, default_size, infotext_name, lcm }, pipeline))
 }
 
