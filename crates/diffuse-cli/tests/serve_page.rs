@@ -1,7 +1,7 @@
 //! The web page of `diffuse serve` in a real headless Chromium, driven through chromedriver
 //! with the W3C WebDriver protocol (plain HTTP and JSON, spoken here with ureq): the page
 //! loads, a generation through its form gives `diffuse generate`'s image, the progress bar
-//! moves, cancel stops the job, `/?api_key=KEY` works.
+//! moves and the live preview shows, cancel stops the job, `/?api_key=KEY` works.
 //!
 //! Where no Chromium or chromedriver is installed (Debian: `apt-get install chromium
 //! chromium-driver`; or set CHROME_BIN and CHROMEDRIVER) each test says so and returns.
@@ -346,8 +346,8 @@ fn page_with_api_key() {
     assert_eq!(browser.text("#status"), "");
 }
 
-/// A long run: the bar moves while it runs, Cancel stops it within a few steps, the page is
-/// ready again and the gallery stays empty.
+/// A long run with live previews: the bar moves and the preview shows while it runs, Cancel
+/// stops it within a few steps, the page is ready again and the gallery stays empty.
 #[test]
 fn page_cancels_a_long_run() {
     let Some((chromedriver, chromium)) = installed() else { return };
@@ -362,6 +362,7 @@ fn page_cancels_a_long_run() {
     browser.type_into("input#steps", "900");
     browser.type_into("input#seed", "1");
     browser.click("select#sampler option[value='DDIM']");
+    browser.click("input#preview");
     browser.click("button#generate");
     let bar = browser.wait("the bar moves", Duration::from_secs(60), |b| {
         assert!(!b.text("#status").starts_with("failed"), "{}", b.text("#status"));
@@ -371,10 +372,15 @@ fn page_cancels_a_long_run() {
     assert_eq!(bar[1], 900);
     assert!(browser.text("#status").starts_with("step "), "{}", browser.text("#status"));
     assert!(browser.enabled("button#cancel") && !browser.enabled("button#generate"));
+    // The live preview shows the step's image.
+    let live = browser.wait("a live preview", Duration::from_secs(30), |b| b.displayed("img#live").then(|| b.find("img#live")));
+    let preview = unb64(browser.attribute(&live, "src").unwrap().strip_prefix("data:image/png;base64,").expect("a data: URL"));
+    assert!(!decode_png(&preview).0.is_empty());
     browser.click("button#cancel");
     browser.wait("the page says cancelled", Duration::from_secs(15), |b| (b.text("#status") == "cancelled").then_some(()));
     assert!(browser.enabled("button#generate") && !browser.enabled("button#cancel"));
     assert!(browser.find_all("#gallery img").is_empty());
+    assert!(!browser.displayed("img#live"), "the preview stays after the cancel");
 
     let (_, jobs) = get(&server.url("/v1/jobs"), None);
     let jobs = jobs["jobs"].as_array().unwrap();
