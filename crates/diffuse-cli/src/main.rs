@@ -103,6 +103,9 @@ enum Command {
     /// Serve models over HTTP: the AUTOMATIC1111 and OpenAI image APIs, a job API with
     /// progress events and cancellation, and a web page at `/`.
     Serve(Box<serve::ServeArgs>),
+    /// Run jobs from a `diffuse serve --queue redis://...` job queue: loads its models once and
+    /// runs their jobs until SIGTERM (the job it runs is finished first).
+    Worker(Box<serve::WorkerArgs>),
 }
 
 /// glibc hands blocks of 32 MB and more straight back to the kernel when they are freed, so
@@ -146,6 +149,7 @@ fn main() {
         Command::Train(args) => train::run(*args),
         Command::Evaluate(args) => evaluate::run(*args),
         Command::Serve(args) => serve::run(*args),
+        Command::Worker(args) => serve::run_worker(*args),
         Command::Schedulers => {
             for (name, class, _, description) in SCHEDULER_NAMES {
                 outln!("{name:<16} {description} [{class}]");

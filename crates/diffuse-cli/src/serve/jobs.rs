@@ -267,6 +267,21 @@ pub struct Job {
     state: Mutex<JobState>,
     /// The number of events, bumped after each one (subscribers wait on it).
     pub events: watch::Sender<usize>,
+    /// Where a Redis worker sends each event on (redis_queue.rs); it answers whether the job
+    /// was cancelled meanwhile.
+    pub sink: Option<Sink>,
+}
+
+/// An event's onward path: (name, data) → whether the job is to be cancelled.
+pub type Sink = Box<dyn Fn(&str, &Value) -> bool + Send + Sync>;
+
+/// How a model's worker thread takes its jobs.
+#[derive(Clone)]
+pub enum Mode {
+    /// From this process's own queue.
+    Local,
+    /// From a Redis stream (`diffuse worker`, `diffuse serve --queue ... --model M`).
+    Redis(Arc<super::redis_queue::WorkerConfig>),
 }
 
 impl Job {
@@ -274,7 +289,13 @@ impl Job {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn push_event(&self, state: &mut JobState, name: &'static str, data: Value) {
+    pub(super) fn push_event(&self, state: &mut JobState, name: &'static str, data: Value) {
+        if let Some(sink) = &self.sink {
+            if sink(name, &data) {
+                self.cancelled.store(true, Ordering::SeqCst);
+                self.interrupt.store(true, Ordering::SeqCst);
+            }
+        }
         state.events.push((name, data));
         self.events.send_replace(state.events.len());
     }
@@ -299,7 +320,7 @@ impl Job {
         self.push_event(&mut state, "preview", data);
     }
 
-    fn drop_preview_image(&self, state: &mut JobState) {
+    pub(super) fn drop_preview_image(&self, state: &mut JobState) {
         if let Some(index) = state.preview_event.take() {
             if let Some(map) = state.events.get_mut(index).and_then(|(_, data)| data.as_object_mut()) {
                 map.remove("png");
@@ -341,6 +362,43 @@ impl Job {
     }
 }
 
+
+impl Job {
+    /// A job not yet queued (`sink`: where a Redis worker sends its events).
+    pub(super) fn new(id: String, request: GenerateRequest, origin: Origin, sink: Option<Sink>) -> Job {
+        let (events, _) = watch::channel(0);
+        Job {
+            id,
+            origin,
+            request,
+            created: SystemTime::now(),
+            cancelled: AtomicBool::new(false),
+            skip: AtomicBool::new(false),
+            interrupt: Arc::new(AtomicBool::new(false)),
+            state: Mutex::new(JobState {
+                status: Status::Queued,
+                step: 0,
+                steps: 0,
+                iteration: 0,
+                it_per_s: 0.0,
+                started: None,
+                finished: None,
+                images: Vec::new(),
+                error: None,
+                invalid: false,
+                warnings: Vec::new(),
+                events: Vec::new(),
+                skipped: 0,
+                preview: None,
+                preview_event: None,
+                delivered: false,
+            }),
+            events,
+            sink,
+        }
+    }
+}
+
 struct Queue {
     waiting: VecDeque<Arc<Job>>,
     /// Per model: whether its worker is running a job.
@@ -374,6 +432,11 @@ impl Shared {
     /// Loads every model on its own worker thread (which then runs its jobs) and returns once
     /// all are loaded, or with the first that failed.
     pub fn start(specs: &[String], options: ServeOptions) -> Result<Arc<Self>> {
+        Self::start_with(specs, options, Mode::Local)
+    }
+
+    /// As `start`, each model's thread taking its jobs as `mode` says.
+    pub fn start_with(specs: &[String], options: ServeOptions, mode: Mode) -> Result<Arc<Self>> {
         let ServeOptions { limits, api_key, lora_dir, dtype, preview, preview_vae } = options;
         generate::parse_dtype(&dtype, &crate::device()).map_err(|e| anyhow!("{}", e.to_string().replace("--dtype", "serve --dtype")))?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -383,6 +446,7 @@ impl Shared {
         for (index, spec) in specs.iter().enumerate() {
             let (spec, dtype, ready, shared_rx) = (spec.clone(), dtype.clone(), ready_tx.clone(), shared_rx.clone());
             let preview_vae = preview_vae.clone();
+            let mode = mode.clone();
             let handle = std::thread::Builder::new().name(format!("model-{index}")).spawn(move || {
                 let loaded = load_model(&spec, &dtype).and_then(|(info, pipeline)| {
                     let vae = match &preview_vae {
@@ -406,7 +470,10 @@ impl Shared {
                     Ok(shared) => shared,
                     Err(_) => return,
                 };
-                worker(index, pipeline, shared);
+                match mode {
+                    Mode::Local => worker(index, pipeline, shared),
+                    Mode::Redis(config) => super::redis_queue::work(index, pipeline, shared, config),
+                }
             })?;
             handles.push(handle);
         }
@@ -422,8 +489,17 @@ impl Shared {
                 bail!("two --model arguments have the name `{}`: requests could not tell them apart", model.name);
             }
         }
+        let shared = Self::new(models, limits, api_key, lora_dir, dtype, preview);
+        for _ in 0..shared.models.len() {
+            shared_tx.send(shared.clone())?;
+        }
+        Ok(shared)
+    }
+
+    /// The shared state over models that run elsewhere (or are about to run here).
+    pub(super) fn new(models: Vec<ModelInfo>, limits: Limits, api_key: Option<String>, lora_dir: Option<PathBuf>, dtype: String, preview: bool) -> Arc<Self> {
         let count = models.len();
-        let shared = Arc::new(Shared {
+        Arc::new(Shared {
             models,
             default_model: AtomicUsize::new(0),
             limits,
@@ -436,11 +512,7 @@ impl Shared {
             jobs: Mutex::new(HashMap::new()),
             finished: Mutex::new(VecDeque::new()),
             counter: AtomicU64::new(0),
-        });
-        for _ in 0..count {
-            shared_tx.send(shared.clone())?;
-        }
-        Ok(shared)
+        })
     }
 
     fn queue(&self) -> MutexGuard<'_, Queue> {
@@ -479,35 +551,7 @@ impl Shared {
             return Err(self.retry_after(&queue));
         }
         let id = self.new_id();
-        let (events, _) = watch::channel(0);
-        let job = Arc::new(Job {
-            id: id.clone(),
-            origin,
-            request,
-            created: SystemTime::now(),
-            cancelled: AtomicBool::new(false),
-            skip: AtomicBool::new(false),
-            interrupt: Arc::new(AtomicBool::new(false)),
-            state: Mutex::new(JobState {
-                status: Status::Queued,
-                step: 0,
-                steps: 0,
-                iteration: 0,
-                it_per_s: 0.0,
-                started: None,
-                finished: None,
-                images: Vec::new(),
-                error: None,
-                invalid: false,
-                warnings: Vec::new(),
-                events: Vec::new(),
-                skipped: 0,
-                preview: None,
-                preview_event: None,
-                delivered: false,
-            }),
-            events,
-        });
+        let job = Arc::new(Job::new(id.clone(), request, origin, None));
         let position = queue.waiting.iter().filter(|j| j.request.model == model).count();
         {
             let mut state = job.state();
@@ -519,6 +563,7 @@ impl Shared {
         self.wake.notify_all();
         Ok(job)
     }
+
 
     /// A guess at when a place frees up: the running jobs' remaining steps at their speed.
     fn retry_after(&self, _queue: &Queue) -> u64 {
@@ -540,7 +585,7 @@ impl Shared {
         }
     }
 
-    fn new_id(&self) -> String {
+    pub(super) fn new_id(&self) -> String {
         use std::hash::{BuildHasher, Hasher};
         let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
         hasher.write_u64(self.counter.fetch_add(1, Ordering::Relaxed));
@@ -561,6 +606,11 @@ impl Shared {
             }
         }
         None
+    }
+
+    /// Whether shutdown has begun.
+    pub(super) fn shutting_down(&self) -> bool {
+        self.queue().shutting_down
     }
 
     /// Jobs waiting, over all models.
@@ -613,7 +663,7 @@ impl Shared {
         lines
     }
 
-    fn remember_finished(&self, id: &str) {
+    pub(super) fn remember_finished(&self, id: &str) {
         let mut finished = self.finished.lock().unwrap_or_else(|e| e.into_inner());
         finished.push_back(id.to_string());
         while finished.len() > KEEP_FINISHED {
@@ -624,7 +674,7 @@ impl Shared {
     }
 
     /// The next job for `model`, waiting for one; `None` at shutdown.
-    fn next_job(&self, model: usize) -> Option<Arc<Job>> {
+    pub(super) fn next_job(&self, model: usize) -> Option<Arc<Job>> {
         let mut queue = self.queue();
         queue.busy[model] = false;
         loop {
@@ -681,10 +731,10 @@ fn load_model(spec: &str, dtype: &str) -> Result<(ModelInfo, StableDiffusionPipe
 /// What a model's worker thread holds: its pipeline, the autoencoder that decodes previews,
 /// and the last pipeline loaded with a request's LoRAs (kept for the next request that asks
 /// for the same ones).
-struct Worker {
-    pipeline: StableDiffusionPipeline,
-    preview_vae: Option<Autoencoder>,
-    with_loras: Option<(Vec<String>, StableDiffusionPipeline)>,
+pub(super) struct Worker {
+    pub(super) pipeline: StableDiffusionPipeline,
+    pub(super) preview_vae: Option<Autoencoder>,
+    pub(super) with_loras: Option<(Vec<String>, StableDiffusionPipeline)>,
 }
 
 /// What makes two LoRA lists the same: their files (and when these last changed) and weights.
@@ -710,7 +760,7 @@ fn worker(model: usize, mut worker: Worker, shared: Arc<Shared>) {
     }
 }
 
-fn run_job(pipeline: &mut Worker, shared: &Shared, job: &Arc<Job>) {
+pub(super) fn run_job(pipeline: &mut Worker, shared: &Shared, job: &Arc<Job>) {
     let info = &shared.models[job.request.model];
     {
         let mut state = job.state();

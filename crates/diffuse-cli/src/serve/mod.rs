@@ -18,6 +18,7 @@ mod jobs;
 mod native;
 mod openai;
 mod page;
+mod redis_queue;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,7 +29,8 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 
-use jobs::{Limits, ServeOptions, Shared};
+use jobs::{Limits, Mode, ServeOptions, Shared};
+use redis_queue::WorkerConfig;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -77,6 +79,95 @@ pub struct ServeArgs {
     /// the model's VAE.
     #[arg(long, value_name = "DIR")]
     pub preview_vae: Option<PathBuf>,
+    /// Keep the job queue in Redis (redis://HOST[:PORT]/) for `diffuse worker` processes on
+    /// any machine to run. The server then runs no model itself unless --model is also given
+    /// (it then works for that queue too), and serves the models the workers registered
+    /// (waiting at start until one has).
+    #[arg(long, value_name = "URL")]
+    pub queue: Option<String>,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+}
+
+/// Settings of the job queue in Redis.
+#[derive(clap::Args, Clone)]
+pub struct RedisArgs {
+    /// With --queue: a job whose worker has not been heard of for this long (it died) is taken
+    /// over by another worker and run again.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    pub claim_after_secs: f64,
+    /// With --queue: how long a job's events and images stay in Redis.
+    #[arg(long, default_value_t = 86400, value_name = "SECONDS")]
+    pub result_ttl_secs: u64,
+}
+
+impl RedisArgs {
+    fn config(&self, url: &str) -> Result<Arc<WorkerConfig>> {
+        if !(self.claim_after_secs > 0.0 && self.claim_after_secs.is_finite()) || self.result_ttl_secs == 0 {
+            bail!("--claim-after-secs and --result-ttl-secs must be more than 0");
+        }
+        Ok(Arc::new(WorkerConfig {
+            url: url.to_string(),
+            claim_after: std::time::Duration::from_secs_f64(self.claim_after_secs),
+            ttl_secs: self.result_ttl_secs,
+        }))
+    }
+}
+
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    /// The Redis job queue of a `diffuse serve --queue` (redis://HOST[:PORT]/).
+    #[arg(long, value_name = "URL")]
+    pub queue: String,
+    /// A model to load and run jobs for (as `serve --model`); repeatable. Default: the
+    /// built-in model.
+    #[arg(long = "model", value_name = "M")]
+    pub models: Vec<String>,
+    /// Where `<lora:NAME:WEIGHT>` prompt tags find NAME.safetensors.
+    #[arg(long, value_name = "DIR")]
+    pub lora_dir: Option<PathBuf>,
+    /// Weight precision of the loaded models: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// The autoencoder folder that decodes previews for jobs that ask for them.
+    #[arg(long, value_name = "DIR")]
+    pub preview_vae: Option<PathBuf>,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+}
+
+/// `diffuse worker`: loads its models once, runs their jobs from Redis until SIGTERM or
+/// Ctrl-C, then finishes the job it runs (at most a minute; past that the job is left to
+/// another worker) and exits.
+pub fn run_worker(args: WorkerArgs) -> Result<()> {
+    let specs = if args.models.is_empty() { vec!["builtin".to_string()] } else { args.models.clone() };
+    let config = args.redis.config(&args.queue)?;
+    redis_queue::connect(&args.queue)?;
+    let options = ServeOptions {
+        limits: Limits { max_queue: 0, max_size: usize::MAX, max_steps: usize::MAX, max_images: usize::MAX, max_body: 0 },
+        api_key: None,
+        lora_dir: args.lora_dir.clone(),
+        dtype: args.dtype.clone(),
+        preview: false,
+        preview_vae: args.preview_vae.clone(),
+    };
+    let shared = Shared::start_with(&specs, options, Mode::Redis(config))?;
+    redis_queue::register(&args.queue, &shared.models)?;
+    let names: Vec<&str> = shared.models.iter().map(|m| m.name.as_str()).collect();
+    outln!("worker ready: {} from {}", names.join(", "), args.queue);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(wait_for_signal());
+    eprintln!("stopping: finishing the running jobs");
+    redis_queue::STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    while redis_queue::RUNNING.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            eprintln!("a job still runs after 60 s; leaving it to another worker");
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(())
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -103,12 +194,58 @@ pub fn run(args: ServeArgs) -> Result<()> {
         preview: args.preview,
         preview_vae: args.preview_vae.clone(),
     };
-    let shared = Shared::start(&specs, options)?;
+    let shared = match &args.queue {
+        None => Shared::start(&specs, options)?,
+        Some(url) => {
+            let config = args.redis.config(url)?;
+            redis_queue::connect(url)?;
+            if !args.models.is_empty() {
+                let limits = options.limits.clone();
+                let local = Shared::start_with(&specs, options, Mode::Redis(config.clone()))?;
+                redis_queue::register(url, &local.models)?;
+                // Its threads hold it; it lives as long as the process.
+                std::mem::forget(local);
+                let options = ServeOptions { limits, api_key: args.api_key.clone(), lora_dir: args.lora_dir.clone(), dtype: args.dtype.clone(), preview: args.preview, preview_vae: None };
+                front_end(url, options, &config)?
+            } else {
+                front_end(url, options, &config)?
+            }
+        }
+    };
     if !host.is_loopback() && args.api_key.is_none() {
         eprintln!("warning: listening on {host} without --api-key: anyone who can reach this address can use the server");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(serve(shared, SocketAddr::new(host, args.port)))
+}
+
+/// The shared state over the models registered in Redis, whose jobs go there.
+fn front_end(url: &str, options: ServeOptions, config: &WorkerConfig) -> Result<Arc<Shared>> {
+    let models = redis_queue::registered_models(url)?;
+    let shared = Shared::new(models, options.limits, options.api_key, options.lora_dir, options.dtype, options.preview);
+    redis_queue::start_front_end(shared.clone(), url.to_string(), config.ttl_secs)?;
+    Ok(shared)
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
 }
 
 /// Every route, over the shared state.
@@ -170,6 +307,7 @@ async fn shutdown_signal(shared: Arc<Shared>) {
         _ = terminate => {},
     }
     eprintln!("shutting down");
+    redis_queue::STOP.store(true, std::sync::atomic::Ordering::SeqCst);
     for line in shared.shut_down() {
         eprintln!("{line}");
     }

@@ -1,0 +1,548 @@
+//! The job queue in Redis: `diffuse serve --queue redis://HOST/` puts jobs there and
+//! `diffuse worker --queue redis://HOST/ --model M` runs them, on any number of machines.
+//!
+//! - `diffuse:models` (hash): each worker's models, name → ModelInfo as JSON; the front end
+//!   serves the models registered when it starts.
+//! - `diffuse:jobs:{model}` (stream, consumer group `workers`): one entry per job (`id`,
+//!   `request` as JSON). A worker reads with XREADGROUP and acknowledges with XACK once the
+//!   job's end is stored; while it runs a job it re-claims the entry now and then, so the
+//!   entry stays fresh. An entry idle longer than `--claim-after-secs` (its worker died) is
+//!   taken over by another worker with XAUTOCLAIM and run again: no job is lost.
+//! - `diffuse:job:{id}:events` (stream): the job's events (`name`, `data` as JSON), as the
+//!   local queue records them; the front end follows it and mirrors it into its own job, so
+//!   every route answers as with local models.
+//! - `diffuse:job:{id}:cancel`: set by the front end (DELETE, interrupt); checked each step.
+//! - `diffuse:job:{id}:done`: set with SET NX in one script with the final event and the
+//!   XACK, so a job ends exactly once even when two workers ran it.
+//!
+//! Every job key expires after the result TTL.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use base64::Engine;
+use diffuse::pipelines::image_processor::Image8;
+use redis::streams::{StreamAutoClaimReply, StreamReadReply};
+use serde_json::{json, Value};
+
+use super::jobs::{self, GenerateRequest, ImageOut, InitImage, Job, ModelInfo, Origin, Shared, Status, Worker};
+
+const GROUP: &str = "workers";
+const MODELS: &str = "diffuse:models";
+
+/// A Redis worker's settings.
+pub struct WorkerConfig {
+    pub url: String,
+    /// How long a job's entry may sit unacknowledged and untouched before another worker takes it.
+    pub claim_after: Duration,
+    /// How long a job's keys (events, result) live.
+    pub ttl_secs: u64,
+}
+
+/// Set at SIGTERM: workers take no new job, finish the one they run, and stop.
+pub static STOP: AtomicBool = AtomicBool::new(false);
+/// Worker threads still running.
+pub static RUNNING: AtomicUsize = AtomicUsize::new(0);
+
+fn jobs_key(model: &str) -> String {
+    format!("diffuse:jobs:{model}")
+}
+fn events_key(id: &str) -> String {
+    format!("diffuse:job:{id}:events")
+}
+fn cancel_key(id: &str) -> String {
+    format!("diffuse:job:{id}:cancel")
+}
+fn done_key(id: &str) -> String {
+    format!("diffuse:job:{id}:done")
+}
+
+pub fn connect(url: &str) -> Result<redis::Connection> {
+    let client = redis::Client::open(url).with_context(|| format!("--queue {url}"))?;
+    client.get_connection_with_timeout(Duration::from_secs(5)).with_context(|| format!("cannot reach Redis at {url}"))
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+fn unb64(text: &str) -> Result<Vec<u8>> {
+    Ok(base64::engine::general_purpose::STANDARD.decode(text)?)
+}
+
+fn model_json(info: &ModelInfo) -> Value {
+    json!({
+        "name": info.name, "spec": info.spec, "path": info.path, "single_file": info.single_file,
+        "hash": info.hash, "default_size": [info.default_size.0, info.default_size.1],
+        "infotext_name": info.infotext_name, "lcm": info.lcm,
+    })
+}
+
+fn model_from_json(value: &Value) -> Result<ModelInfo> {
+    let text = |key: &str| value[key].as_str().map(str::to_string).ok_or_else(|| anyhow!("model record without {key}"));
+    Ok(ModelInfo {
+        name: text("name")?,
+        spec: text("spec")?,
+        path: PathBuf::from(text("path")?),
+        single_file: value["single_file"].as_bool().unwrap_or(false),
+        hash: value["hash"].as_str().map(str::to_string),
+        default_size: (
+            value["default_size"][0].as_u64().unwrap_or(512) as usize,
+            value["default_size"][1].as_u64().unwrap_or(512) as usize,
+        ),
+        infotext_name: text("infotext_name")?,
+        lcm: value["lcm"].as_bool().unwrap_or(false),
+    })
+}
+
+/// Records this process's models for front ends.
+pub fn register(url: &str, models: &[ModelInfo]) -> Result<()> {
+    let mut con = connect(url)?;
+    for info in models {
+        let _: () = redis::cmd("HSET").arg(MODELS).arg(&info.name).arg(model_json(info).to_string()).query(&mut con)?;
+        ensure_group(&mut con, &jobs_key(&info.name))?;
+    }
+    Ok(())
+}
+
+fn ensure_group(con: &mut redis::Connection, stream: &str) -> Result<()> {
+    let created: redis::RedisResult<()> = redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(GROUP).arg("0").arg("MKSTREAM").query(con);
+    match created {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+/// The models workers registered, waiting until there is one; sorted by name.
+pub fn registered_models(url: &str) -> Result<Vec<ModelInfo>> {
+    let mut con = connect(url)?;
+    let mut said = false;
+    loop {
+        let records: HashMap<String, String> = redis::cmd("HGETALL").arg(MODELS).query(&mut con)?;
+        if !records.is_empty() {
+            let mut models = records.values().map(|r| model_from_json(&serde_json::from_str(r)?)).collect::<Result<Vec<_>>>()?;
+            models.sort_by(|a, b| a.name.cmp(&b.name));
+            return Ok(models);
+        }
+        if !said {
+            eprintln!("waiting for a `diffuse worker` to register a model at {url}");
+            said = true;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn image_json(image: &Image8) -> Value {
+    json!({ "width": image.width, "height": image.height, "channels": image.channels, "pixels": b64(&image.pixels) })
+}
+
+fn image_from_json(value: &Value) -> Result<Image8> {
+    let size = |key: &str| value[key].as_u64().map(|v| v as usize).ok_or_else(|| anyhow!("image without {key}"));
+    Ok(Image8 { width: size("width")?, height: size("height")?, channels: size("channels")?, pixels: unb64(value["pixels"].as_str().unwrap_or(""))? })
+}
+
+/// A request as a job entry carries it (the model by name).
+pub fn request_json(request: &GenerateRequest, model: &str) -> Value {
+    json!({
+        "model": model,
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "steps": request.steps,
+        "guidance_scale": request.guidance_scale,
+        "guidance_rescale": request.guidance_rescale,
+        "width": request.width,
+        "height": request.height,
+        "seed": request.seed,
+        "scheduler": request.scheduler,
+        "scheduler_config": request.scheduler_config.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
+        "eta": request.eta,
+        "clip_skip": request.clip_skip,
+        "prompt_syntax": request.prompt_syntax,
+        "batch_size": request.batch_size,
+        "iterations": request.iterations,
+        "init": request.init.as_ref().map(|init| json!({
+            "image": image_json(&init.image),
+            "mask": init.mask.as_ref().map(image_json),
+            "strength": init.strength,
+        })),
+        "notes": request.notes,
+        "ignored_fields": request.ignored_fields,
+        "preview": request.preview,
+    })
+}
+
+/// A job entry's request, for the local model `model`.
+pub fn request_from_json(value: &Value, model: usize) -> Result<GenerateRequest> {
+    let size = |key: &str| value[key].as_u64().map(|v| v as usize);
+    let strings = |key: &str| value[key].as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default();
+    let init = match &value["init"] {
+        Value::Null => None,
+        init => Some(InitImage {
+            image: image_from_json(&init["image"])?,
+            mask: match &init["mask"] {
+                Value::Null => None,
+                mask => Some(image_from_json(mask)?),
+            },
+            strength: init["strength"].as_f64().unwrap_or(0.75),
+        }),
+    };
+    Ok(GenerateRequest {
+        model,
+        prompt: value["prompt"].as_str().unwrap_or("").to_string(),
+        negative_prompt: value["negative_prompt"].as_str().map(str::to_string),
+        steps: size("steps").ok_or_else(|| anyhow!("request without steps"))?,
+        guidance_scale: value["guidance_scale"].as_f64().unwrap_or(7.5),
+        guidance_rescale: value["guidance_rescale"].as_f64().unwrap_or(0.0),
+        width: size("width"),
+        height: size("height"),
+        seed: value["seed"].as_u64().ok_or_else(|| anyhow!("request without seed"))?,
+        scheduler: value["scheduler"].as_str().map(str::to_string),
+        scheduler_config: value["scheduler_config"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|kv| Some((kv[0].as_str()?.to_string(), kv[1].clone()))).collect())
+            .unwrap_or_default(),
+        eta: value["eta"].as_f64(),
+        clip_skip: size("clip_skip"),
+        prompt_syntax: value["prompt_syntax"].as_str().unwrap_or("diffusers").to_string(),
+        batch_size: size("batch_size").unwrap_or(1),
+        iterations: size("iterations").unwrap_or(1),
+        init,
+        notes: strings("notes"),
+        ignored_fields: strings("ignored_fields"),
+        preview: value["preview"].as_bool().unwrap_or(false),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The worker side.
+
+/// The end of a job, stored once: the done key (SET NX), the final event, the XACK. A job that
+/// another worker already ended is only acknowledged. Returns 1 when this call ended it.
+const FINISH: &str = r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  redis.call('XADD', KEYS[2], '*', 'name', ARGV[3], 'data', ARGV[4])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+  redis.call('XACK', KEYS[3], ARGV[5], ARGV[6])
+  return 1
+end
+redis.call('XACK', KEYS[3], ARGV[5], ARGV[6])
+return 0
+"#;
+
+/// A model's worker thread under Redis: takes its jobs (abandoned ones first) until STOP.
+pub(super) fn work(index: usize, mut worker: Worker, shared: Arc<Shared>, config: Arc<WorkerConfig>) {
+    RUNNING.fetch_add(1, Ordering::SeqCst);
+    let name = shared.models[index].name.clone();
+    let consumer = format!("{}-{}-{}", hostname(), std::process::id(), index);
+    let mut failures = 0u32;
+    while !STOP.load(Ordering::SeqCst) && !shared.shutting_down() {
+        match work_once(index, &mut worker, &shared, &config, &name, &consumer) {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                eprintln!("worker {consumer}: {e:#}");
+                std::thread::sleep(Duration::from_millis(500 * u64::from(failures.min(10))));
+            }
+        }
+    }
+    RUNNING.fetch_sub(1, Ordering::SeqCst);
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".to_string())
+}
+
+/// Connects, then runs jobs as they come; returns on a Redis error (after which it reconnects).
+fn work_once(index: usize, worker: &mut Worker, shared: &Arc<Shared>, config: &WorkerConfig, name: &str, consumer: &str) -> Result<()> {
+    let mut con = connect(&config.url)?;
+    let stream = jobs_key(name);
+    ensure_group(&mut con, &stream)?;
+    let min_idle = config.claim_after.as_millis() as u64;
+    while !STOP.load(Ordering::SeqCst) && !shared.shutting_down() {
+        let claimed: StreamAutoClaimReply =
+            redis::cmd("XAUTOCLAIM").arg(&stream).arg(GROUP).arg(consumer).arg(min_idle).arg("0-0").arg("COUNT").arg(1).query(&mut con)?;
+        let entry = match claimed.claimed.into_iter().next() {
+            Some(entry) => {
+                eprintln!("worker {consumer}: took over abandoned entry {}", entry.id);
+                Some(entry)
+            }
+            None => {
+                let read: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(GROUP)
+                    .arg(consumer)
+                    .arg("COUNT")
+                    .arg(1)
+                    .arg("BLOCK")
+                    .arg(500)
+                    .arg("STREAMS")
+                    .arg(&stream)
+                    .arg(">")
+                    .query(&mut con)?;
+                read.and_then(|r| r.keys.into_iter().next()).and_then(|k| k.ids.into_iter().next())
+            }
+        };
+        let Some(entry) = entry else { continue };
+        let id: Option<String> = entry.get("id");
+        let request: Option<String> = entry.get("request");
+        let (Some(id), Some(request)) = (id, request) else {
+            let _: () = redis::cmd("XACK").arg(&stream).arg(GROUP).arg(&entry.id).query(&mut con)?;
+            continue;
+        };
+        run_entry(index, worker, shared, config, &mut con, &stream, consumer, &entry.id, &id, &request)?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_entry(
+    index: usize,
+    worker: &mut Worker,
+    shared: &Arc<Shared>,
+    config: &WorkerConfig,
+    con: &mut redis::Connection,
+    stream: &str,
+    consumer: &str,
+    entry: &str,
+    id: &str,
+    request: &str,
+) -> Result<()> {
+    let ttl = config.ttl_secs;
+    let finish = |con: &mut redis::Connection, name: &str, data: &Value| -> Result<bool> {
+        let ended: i64 = redis::Script::new(FINISH)
+            .key(done_key(id))
+            .key(events_key(id))
+            .key(stream)
+            .arg(consumer)
+            .arg(ttl)
+            .arg(name)
+            .arg(data.to_string())
+            .arg(GROUP)
+            .arg(entry)
+            .invoke(con)?;
+        Ok(ended == 1)
+    };
+    let done: bool = redis::cmd("EXISTS").arg(done_key(id)).query(con)?;
+    if done {
+        let _: () = redis::cmd("XACK").arg(stream).arg(GROUP).arg(entry).query(con)?;
+        return Ok(());
+    }
+    let request = match serde_json::from_str(request).map_err(anyhow::Error::from).and_then(|r| request_from_json(&r, index)) {
+        Ok(request) => request,
+        Err(e) => {
+            finish(con, "failed", &json!({ "error": format!("the job's request did not parse: {e:#}") }))?;
+            return Ok(());
+        }
+    };
+    let cancelled: bool = redis::cmd("EXISTS").arg(cancel_key(id)).query(con)?;
+    if cancelled {
+        finish(con, "cancelled", &json!({ "images": 0 }))?;
+        return Ok(());
+    }
+    eprintln!("worker {consumer}: running job {id}");
+    // Events go out on their own connection; each step also looks for the cancel key.
+    let events = Mutex::new(connect(&config.url)?);
+    let (events_stream, cancel) = (events_key(id), cancel_key(id));
+    let sink: jobs::Sink = Box::new(move |name: &str, data: &Value| {
+        if matches!(name, "done" | "failed" | "cancelled" | "queued") {
+            return false;
+        }
+        let mut con = events.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pipe = redis::pipe();
+        pipe.cmd("XADD").arg(&events_stream).arg("*").arg("name").arg(name).arg("data").arg(data.to_string()).ignore();
+        pipe.cmd("EXPIRE").arg(&events_stream).arg(ttl).ignore();
+        pipe.cmd("EXISTS").arg(&cancel);
+        match pipe.query::<(bool,)>(&mut *con) {
+            Ok((cancelled,)) => cancelled,
+            Err(e) => {
+                eprintln!("job {}: {e}", events_stream);
+                false
+            }
+        }
+    });
+    let job = Arc::new(Job::new(id.to_string(), request, Origin::Native, Some(sink)));
+    // Keeps the entry fresh while the job runs (XCLAIM by its own consumer resets its idle time).
+    let running = Arc::new(AtomicBool::new(true));
+    let heartbeat = {
+        let (running, url, stream, consumer, entry) = (running.clone(), config.url.clone(), stream.to_string(), consumer.to_string(), entry.to_string());
+        let every = (config.claim_after / 4).max(Duration::from_millis(50));
+        std::thread::spawn(move || {
+            let Ok(mut con) = connect(&url) else { return };
+            let mut last = Instant::now();
+            while running.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+                if last.elapsed() >= every {
+                    let _: redis::RedisResult<redis::Value> =
+                        redis::cmd("XCLAIM").arg(&stream).arg(GROUP).arg(&consumer).arg(0).arg(&entry).arg("JUSTID").query(&mut con);
+                    last = Instant::now();
+                }
+            }
+        })
+    };
+    jobs::run_job(worker, shared, &job);
+    worker.pipeline.interrupt = None;
+    if let Some((_, pipeline)) = &mut worker.with_loras {
+        pipeline.interrupt = None;
+    }
+    running.store(false, Ordering::SeqCst);
+    let _ = heartbeat.join();
+    let (name, mut data, warnings) = {
+        let state = job.state();
+        let (name, data) = state.events.last().cloned().unwrap_or(("failed", json!({ "error": "the job made no events" })));
+        (name, data, state.warnings.clone())
+    };
+    if let Some(map) = data.as_object_mut() {
+        map.insert("warnings".to_string(), json!(warnings));
+    }
+    if finish(con, name, &data)? {
+        eprintln!("worker {consumer}: job {id} {name}");
+    } else {
+        eprintln!("worker {consumer}: job {id} had already been ended by another worker");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The front end's side.
+
+/// Starts the front end's threads: one per model that moves its queued jobs into Redis, and
+/// one per job in Redis that mirrors its events into the local job.
+pub fn start_front_end(shared: Arc<Shared>, url: String, ttl_secs: u64) -> Result<()> {
+    connect(&url)?;
+    for model in 0..shared.models.len() {
+        let (shared, url) = (shared.clone(), url.clone());
+        std::thread::Builder::new().name(format!("queue-{model}")).spawn(move || {
+            while let Some(job) = shared.next_job(model) {
+                let (shared, url) = (shared.clone(), url.clone());
+                std::thread::spawn(move || {
+                    if let Err(e) = follow(&shared, &url, &job, ttl_secs) {
+                        let mut state = job.state();
+                        if !state.status.finished() {
+                            state.status = Status::Failed;
+                            state.finished = Some(Instant::now());
+                            let error = format!("the job queue in Redis: {e:#}");
+                            state.error = Some(error.clone());
+                            job.push_event(&mut state, "failed", json!({ "error": error }));
+                        }
+                        drop(state);
+                        shared.remember_finished(&job.id);
+                    }
+                });
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// Puts a job into Redis and mirrors its events until it ends.
+fn follow(shared: &Shared, url: &str, job: &Arc<Job>, ttl: u64) -> Result<()> {
+    let mut con = connect(url)?;
+    let model = &shared.models[job.request.model].name;
+    let _: String = redis::cmd("XADD")
+        .arg(jobs_key(model))
+        .arg("*")
+        .arg("id")
+        .arg(&job.id)
+        .arg("request")
+        .arg(request_json(&job.request, model).to_string())
+        .query(&mut con)?;
+    let mut last = "0-0".to_string();
+    let mut cancel_sent = false;
+    loop {
+        if !cancel_sent && job.cancelled.load(Ordering::SeqCst) {
+            let _: () = redis::cmd("SET").arg(cancel_key(&job.id)).arg(1).arg("EX").arg(ttl).query(&mut con)?;
+            cancel_sent = true;
+        }
+        let read: Option<StreamReadReply> =
+            redis::cmd("XREAD").arg("COUNT").arg(64).arg("BLOCK").arg(250).arg("STREAMS").arg(events_key(&job.id)).arg(&last).query(&mut con)?;
+        for entry in read.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+            last = entry.id.clone();
+            let name: String = entry.get("name").unwrap_or_default();
+            let data: String = entry.get("data").unwrap_or_default();
+            let data: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+            if mirror(job, &name, data) {
+                shared.remember_finished(&job.id);
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// One event from Redis into the local job; true when it ended the job.
+fn mirror(job: &Job, name: &str, data: Value) -> bool {
+    let mut state = job.state();
+    let name: &'static str = match name {
+        "started" => {
+            // Also a restart, when another worker took the job over.
+            state.status = Status::Running;
+            state.started.get_or_insert_with(Instant::now);
+            state.step = 0;
+            state.iteration = 0;
+            "started"
+        }
+        "step" => {
+            state.step = data["step"].as_u64().unwrap_or(0) as usize;
+            state.steps = data["steps"].as_u64().unwrap_or(0) as usize;
+            state.iteration = (data["iteration"].as_u64().unwrap_or(1) as usize).saturating_sub(1);
+            state.it_per_s = data["it_per_s"].as_f64().unwrap_or(0.0);
+            "step"
+        }
+        "preview" => {
+            job.drop_preview_image(&mut state);
+            state.preview = data["png"].as_str().and_then(|p| unb64(p).ok());
+            "preview"
+        }
+        "skipped" => {
+            state.skipped += 1;
+            "skipped"
+        }
+        "done" | "failed" | "cancelled" => {
+            job.drop_preview_image(&mut state);
+            state.finished = Some(Instant::now());
+            state.warnings = data["warnings"].as_array().map(|a| a.iter().filter_map(|w| w.as_str().map(str::to_string)).collect()).unwrap_or_default();
+            let mut data = data;
+            if let Some(map) = data.as_object_mut() {
+                map.remove("warnings");
+            }
+            let name = match name {
+                "done" => {
+                    state.status = Status::Done;
+                    state.images = data["images"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|i| {
+                                    Some(ImageOut {
+                                        png: unb64(i["png"].as_str()?).ok()?,
+                                        infotext: i["infotext"].as_str()?.to_string(),
+                                        seed: i["seed"].as_u64()?,
+                                        width: i["width"].as_u64()? as usize,
+                                        height: i["height"].as_u64()? as usize,
+                                    })
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    "done"
+                }
+                "failed" => {
+                    state.status = Status::Failed;
+                    state.error = Some(data["error"].as_str().unwrap_or("failed").to_string());
+                    "failed"
+                }
+                _ => {
+                    state.status = Status::Cancelled;
+                    "cancelled"
+                }
+            };
+            job.push_event(&mut state, name, data);
+            return true;
+        }
+        _ => return false,
+    };
+    job.push_event(&mut state, name, data);
+    false
+}
