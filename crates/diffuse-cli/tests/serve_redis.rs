@@ -1,0 +1,170 @@
+//! `diffuse serve --queue redis://...` with two `diffuse worker` processes, against a real
+//! `redis-server` on loopback: one worker is killed (SIGKILL) in the middle of a job, and every
+//! job still ends exactly once, none lost, its image the one `diffuse generate` makes.
+//! Skipped (with the reason printed) where `redis-server` is not installed.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::*;
+
+/// A child process killed (and reaped) when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli").args(["-h", "127.0.0.1", "-p", &port.to_string()]).args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn start_worker(url: &str, stderr: &Path) -> Killed {
+    let child = Command::new(env!("CARGO_BIN_EXE_diffuse"))
+        .args(["worker", "--queue", url, "--model", "builtin", "--claim-after-secs", "1"])
+        .env("DIFFUSE_CACHE_DIR", cache_dir())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(stderr).unwrap())
+        .spawn()
+        .unwrap();
+    Killed(child)
+}
+
+/// Waits (bounded) until `check` says yes.
+fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn jobs_survive_a_killed_worker_and_end_exactly_once() {
+    let installed = Command::new("redis-server").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    let cli = Command::new("redis-cli").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    if !installed || !cli {
+        println!("skipped: redis-server or redis-cli is not installed (Debian package redis-server)");
+        return;
+    }
+    let started = Instant::now();
+    let dir = scratch("redis");
+    let port = free_port();
+    let _redis = Killed(
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("redis-server", Duration::from_secs(10), || redis_cli(port, &["PING"]).trim() == "PONG");
+    let url = format!("redis://127.0.0.1:{port}/");
+
+    // The built-in model, made once before the workers race to make it.
+    let expected = generate(&dir, &["--prompt", "a sneaker", "--steps", "30", "--seed", "11"]);
+
+    let stderr = [dir.join("worker-0.txt"), dir.join("worker-1.txt")];
+    let mut workers = vec![Some(start_worker(&url, &stderr[0])), Some(start_worker(&url, &stderr[1]))];
+    let server = Server::start("redis", &["--queue", &url, "--claim-after-secs", "1"]);
+
+    // Several jobs, long enough (30 steps) that one is surely caught mid-run.
+    let mut ids = Vec::new();
+    for (k, prompt) in ["a sneaker", "a bag", "a shirt", "a boot", "a dress"].iter().enumerate() {
+        let seed = if k == 0 { 11 } else { 100 + k };
+        let (status, body, _) = post(&server.url("/v1/jobs"), &json!({ "prompt": prompt, "steps": 30, "seed": seed }), None);
+        assert_eq!(status, 202, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+
+    // Both workers load their model; one is killed when it is a few steps into a job.
+    let running_on = |w: usize| -> Option<String> {
+        let text = std::fs::read_to_string(&stderr[w]).unwrap_or_default();
+        let last = text.lines().filter(|l| l.contains(": running job ")).last()?.rsplit(' ').next()?.to_string();
+        (!text.contains(&format!("job {last} done"))).then_some(last)
+    };
+    let mut victim = None;
+    wait_until("a worker a few steps into a job", Duration::from_secs(30), || {
+        for w in 0..2 {
+            if let Some(id) = running_on(w) {
+                let (_, job) = get(&server.url(&format!("/v1/jobs/{id}")), None);
+                if job["status"] == "running" && job["step"].as_u64().unwrap_or(0) >= 3 {
+                    victim = Some((w, id));
+                    return true;
+                }
+            }
+        }
+        false
+    });
+    let (killed, killed_job) = victim.unwrap();
+    let mut child = workers[killed].take().unwrap();
+    child.0.kill().unwrap(); // SIGKILL
+    child.0.wait().unwrap();
+    println!("killed worker {killed} during job {killed_job}");
+
+    // Every job ends, done, within the bound.
+    let mut jobs: HashMap<String, Value> = HashMap::new();
+    wait_until("every job to end", Duration::from_secs(40), || {
+        for id in &ids {
+            if !jobs.contains_key(id) {
+                let (status, job) = get(&server.url(&format!("/v1/jobs/{id}")), None);
+                assert_eq!(status, 200, "job {id} lost: {job}");
+                let state = job["status"].as_str().unwrap_or("").to_string();
+                assert!(state == "queued" || state == "running" || state == "done", "job {id}: {job}");
+                if state == "done" {
+                    jobs.insert(id.clone(), job);
+                }
+            }
+        }
+        jobs.len() == ids.len()
+    });
+
+    // Exactly once: one end in each job's event stream, one done key; the killed job started twice.
+    for id in &ids {
+        let events = redis_cli(port, &["XRANGE", &format!("diffuse:job:{id}:events"), "-", "+"]);
+        let ends = events.lines().filter(|l| matches!(l.trim(), "done" | "failed" | "cancelled")).count();
+        assert_eq!(ends, 1, "job {id} ended {ends} times");
+        assert_eq!(redis_cli(port, &["EXISTS", &format!("diffuse:job:{id}:done")]).trim(), "1");
+        let starts = events.lines().filter(|l| l.trim() == "started").count();
+        if *id == killed_job {
+            assert_eq!(starts, 2, "the killed worker's job was taken over and run again");
+        }
+        assert_eq!(jobs[id]["images"].as_array().map(Vec::len), Some(1), "{}", jobs[id]);
+    }
+    // Nothing left pending in the consumer group.
+    let pending = redis_cli(port, &["XPENDING", "diffuse:jobs:builtin", "workers"]);
+    assert_eq!(pending.lines().next().map(str::trim), Some("0"), "{pending}");
+
+    // The image made through Redis is `diffuse generate`'s, pixel for pixel (and infotext).
+    let served = unb64(jobs[&ids[0]]["images"][0]["png"].as_str().unwrap());
+    let (served_pixels, served_text) = decode_png(&served);
+    let (made_pixels, made_text) = decode_png(&expected);
+    assert_eq!(served_pixels, made_pixels);
+    assert_eq!(served_text, made_text);
+
+    // The surviving worker stops at SIGTERM.
+    let survivor = workers[1 - killed].take().unwrap();
+    let pid = survivor.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let mut survivor = survivor;
+    wait_until("the worker to stop at SIGTERM", Duration::from_secs(10), || survivor.0.try_wait().unwrap().is_some());
+    drop(server);
+    println!("redis test took {:.1} s", started.elapsed().as_secs_f64());
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
