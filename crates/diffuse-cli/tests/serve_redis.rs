@@ -158,6 +158,26 @@ fn jobs_survive_a_killed_worker_and_end_exactly_once() {
     assert_eq!(served_pixels, made_pixels);
     assert_eq!(served_text, made_text);
 
+    // DELETE reaches a job running on a worker elsewhere: it stops within a step or so.
+    let (status, body, _) = post(&server.url("/v1/jobs"), &json!({ "prompt": "a coat", "steps": 150, "seed": 5 }), None);
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    let job_url = server.url(&format!("/v1/jobs/{id}"));
+    wait_until("the long job to run", Duration::from_secs(15), || {
+        let (_, job) = get(&job_url, None);
+        job["status"] == "running" && job["step"].as_u64().unwrap_or(0) >= 2
+    });
+    let (status, body) = delete(&job_url);
+    assert_eq!(status, 200, "{body}");
+    let mut last = Value::Null;
+    wait_until("the cancel to reach the worker", Duration::from_secs(10), || {
+        last = get(&job_url, None).1;
+        last["status"] == "cancelled"
+    });
+    assert!(last["step"].as_u64().unwrap_or(0) < 150, "{last}");
+    let events = redis_cli(port, &["XRANGE", &format!("diffuse:job:{id}:events"), "-", "+"]);
+    assert_eq!(events.lines().filter(|l| l.trim() == "cancelled").count(), 1);
+
     // The surviving worker stops at SIGTERM.
     let survivor = workers[1 - killed].take().unwrap();
     let pid = survivor.0.id().to_string();
