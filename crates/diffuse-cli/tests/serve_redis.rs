@@ -167,6 +167,15 @@ fn jobs_survive_a_killed_worker_and_end_exactly_once() {
         let (_, job) = get(&job_url, None);
         job["status"] == "running" && job["step"].as_u64().unwrap_or(0) >= 2
     });
+    // One queued behind it ends as cancelled at once, never started.
+    let (status, body, _) = post(&server.url("/v1/jobs"), &json!({ "prompt": "a hat", "steps": 2, "seed": 6 }), None);
+    assert_eq!(status, 202, "{body}");
+    let queued = body["id"].as_str().unwrap().to_string();
+    let queued_url = server.url(&format!("/v1/jobs/{queued}"));
+    assert_eq!(get(&queued_url, None).1["status"], "queued");
+    let (status, body) = delete(&queued_url);
+    assert_eq!(status, 200, "{body}");
+    wait_until("the queued job to end as cancelled", Duration::from_secs(5), || get(&queued_url, None).1["status"] == "cancelled");
     let (status, body) = delete(&job_url);
     assert_eq!(status, 200, "{body}");
     let mut last = Value::Null;
@@ -177,6 +186,9 @@ fn jobs_survive_a_killed_worker_and_end_exactly_once() {
     assert!(last["step"].as_u64().unwrap_or(0) < 150, "{last}");
     let events = redis_cli(port, &["XRANGE", &format!("diffuse:job:{id}:events"), "-", "+"]);
     assert_eq!(events.lines().filter(|l| l.trim() == "cancelled").count(), 1);
+    let events = redis_cli(port, &["XRANGE", &format!("diffuse:job:{queued}:events"), "-", "+"]);
+    assert_eq!(events.lines().filter(|l| l.trim() == "cancelled").count(), 1, "{events}");
+    assert_eq!(events.lines().filter(|l| l.trim() == "started").count(), 0, "{events}");
 
     // The surviving worker stops at SIGTERM.
     let survivor = workers[1 - killed].take().unwrap();

@@ -232,6 +232,24 @@ redis.call('XACK', KEYS[3], ARGV[5], ARGV[6])
 return 0
 "#;
 
+/// Ends job `id` (entry `entry` of `stream`) with its final event, unless it has ended
+/// already; acknowledges the entry either way. True when this call ended it.
+#[allow(clippy::too_many_arguments)]
+fn finish(con: &mut redis::Connection, id: &str, stream: &str, entry: &str, by: &str, ttl: u64, name: &str, data: &Value) -> Result<bool> {
+    let ended: i64 = redis::Script::new(FINISH)
+        .key(done_key(id))
+        .key(events_key(id))
+        .key(stream)
+        .arg(by)
+        .arg(ttl)
+        .arg(name)
+        .arg(data.to_string())
+        .arg(GROUP)
+        .arg(entry)
+        .invoke(con)?;
+    Ok(ended == 1)
+}
+
 /// A model's worker thread under Redis: takes its jobs (abandoned ones first) until STOP.
 pub(super) fn work(index: usize, mut worker: Worker, shared: Arc<Shared>, config: Arc<WorkerConfig>) {
     RUNNING.fetch_add(1, Ordering::SeqCst);
@@ -311,20 +329,7 @@ fn run_entry(
     request: &str,
 ) -> Result<()> {
     let ttl = config.ttl_secs;
-    let finish = |con: &mut redis::Connection, name: &str, data: &Value| -> Result<bool> {
-        let ended: i64 = redis::Script::new(FINISH)
-            .key(done_key(id))
-            .key(events_key(id))
-            .key(stream)
-            .arg(consumer)
-            .arg(ttl)
-            .arg(name)
-            .arg(data.to_string())
-            .arg(GROUP)
-            .arg(entry)
-            .invoke(con)?;
-        Ok(ended == 1)
-    };
+    let finish = |con: &mut redis::Connection, name: &str, data: &Value| finish(con, id, stream, entry, consumer, ttl, name, data);
     let done: bool = redis::cmd("EXISTS").arg(done_key(id)).query(con)?;
     if done {
         let _: () = redis::cmd("XACK").arg(stream).arg(GROUP).arg(entry).query(con)?;
@@ -389,13 +394,16 @@ fn run_entry(
     }
     running.store(false, Ordering::SeqCst);
     let _ = heartbeat.join();
-    let (name, mut data, warnings) = {
+    let (name, mut data, warnings, invalid) = {
         let state = job.state();
         let (name, data) = state.events.last().cloned().unwrap_or(("failed", json!({ "error": "the job made no events" })));
-        (name, data, state.warnings.clone())
+        (name, data, state.warnings.clone(), state.invalid)
     };
     if let Some(map) = data.as_object_mut() {
         map.insert("warnings".to_string(), json!(warnings));
+        if name == "failed" {
+            map.insert("invalid".to_string(), json!(invalid));
+        }
     }
     if finish(con, name, &data)? {
         eprintln!("worker {consumer}: job {id} {name}");
@@ -441,8 +449,9 @@ pub fn start_front_end(shared: Arc<Shared>, url: String, ttl_secs: u64) -> Resul
 fn follow(shared: &Shared, url: &str, job: &Arc<Job>, ttl: u64) -> Result<()> {
     let mut con = connect(url)?;
     let model = &shared.models[job.request.model].name;
-    let _: String = redis::cmd("XADD")
-        .arg(jobs_key(model))
+    let stream = jobs_key(model);
+    let entry: String = redis::cmd("XADD")
+        .arg(&stream)
         .arg("*")
         .arg("id")
         .arg(&job.id)
@@ -455,6 +464,11 @@ fn follow(shared: &Shared, url: &str, job: &Arc<Job>, ttl: u64) -> Result<()> {
         if !cancel_sent && job.cancelled.load(Ordering::SeqCst) {
             let _: () = redis::cmd("SET").arg(cancel_key(&job.id)).arg(1).arg("EX").arg(ttl).query(&mut con)?;
             cancel_sent = true;
+            // A job no worker has started ends here and now (a worker that takes it later
+            // finds it ended; one that started it meanwhile stops at its next step).
+            if job.status() == Status::Queued {
+                finish(&mut con, &job.id, &stream, &entry, "front end", ttl, "cancelled", &json!({ "images": 0 }))?;
+            }
         }
         let read: Option<StreamReadReply> =
             redis::cmd("XREAD").arg("COUNT").arg(64).arg("BLOCK").arg(250).arg("STREAMS").arg(events_key(&job.id)).arg(&last).query(&mut con)?;
@@ -530,6 +544,10 @@ fn mirror(job: &Job, name: &str, data: Value) -> bool {
                 }
                 "failed" => {
                     state.status = Status::Failed;
+                    state.invalid = data["invalid"].as_bool().unwrap_or(false);
+                    if let Some(map) = data.as_object_mut() {
+                        map.remove("invalid");
+                    }
                     state.error = Some(data["error"].as_str().unwrap_or("failed").to_string());
                     "failed"
                 }
