@@ -423,6 +423,8 @@ pub struct Shared {
     /// Finished jobs in the order they finished (the oldest are forgotten past a bound).
     finished: Mutex<VecDeque<String>>,
     counter: AtomicU64,
+    /// The jobs run elsewhere (`serve --queue`): waiting means not started by any worker yet.
+    pub(super) remote: AtomicBool,
 }
 
 /// How many finished jobs are kept for GET /v1/jobs/{id}.
@@ -512,6 +514,7 @@ impl Shared {
             jobs: Mutex::new(HashMap::new()),
             finished: Mutex::new(VecDeque::new()),
             counter: AtomicU64::new(0),
+            remote: AtomicBool::new(false),
         })
     }
 
@@ -546,8 +549,15 @@ impl Shared {
     pub fn submit(&self, request: GenerateRequest, origin: Origin) -> std::result::Result<Arc<Job>, u64> {
         let mut queue = self.queue();
         let model = request.model;
-        let idle = !queue.busy[model] && !queue.waiting.iter().any(|j| j.request.model == model);
-        if queue.shutting_down || (!idle && queue.waiting.len() >= self.limits.max_queue) {
+        let (idle, waiting) = if self.remote.load(Ordering::Relaxed) {
+            // Jobs in Redis: those no worker has started wait.
+            let statuses: Vec<(usize, Status)> = self.all_jobs().iter().map(|j| (j.request.model, j.status())).collect();
+            let idle = !statuses.iter().any(|(m, s)| *m == model && !s.finished());
+            (idle, statuses.iter().filter(|(_, s)| *s == Status::Queued).count())
+        } else {
+            (!queue.busy[model] && !queue.waiting.iter().any(|j| j.request.model == model), queue.waiting.len())
+        };
+        if queue.shutting_down || (!idle && waiting >= self.limits.max_queue) {
             return Err(self.retry_after(&queue));
         }
         let id = self.new_id();

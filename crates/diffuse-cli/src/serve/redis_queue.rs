@@ -420,6 +420,7 @@ fn run_entry(
 /// one per job in Redis that mirrors its events into the local job.
 pub fn start_front_end(shared: Arc<Shared>, url: String, ttl_secs: u64) -> Result<()> {
     connect(&url)?;
+    shared.remote.store(true, Ordering::Relaxed);
     for model in 0..shared.models.len() {
         let (shared, url) = (shared.clone(), url.clone());
         std::thread::Builder::new().name(format!("queue-{model}")).spawn(move || {
