@@ -200,3 +200,20 @@ fn jobs_survive_a_killed_worker_and_end_exactly_once() {
     println!("redis test took {:.1} s", started.elapsed().as_secs_f64());
     assert!(started.elapsed() < Duration::from_secs(60));
 }
+
+/// Without a reachable Redis, `worker` and `serve --queue` stop at once with a one-line error
+/// (needs no redis-server); `serve --help` says what --queue does.
+#[test]
+fn an_unreachable_queue_is_a_clear_error() {
+    let url = format!("redis://127.0.0.1:{}/", free_port());
+    for args in [vec!["worker", "--queue", &url], vec!["serve", "--port", "0", "--queue", &url], vec!["worker", "--queue", "not-a-url"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_diffuse")).args(&args).env("DIFFUSE_CACHE_DIR", cache_dir()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr.starts_with("error: ") && stderr.contains("--queue") || stderr.contains("cannot reach Redis"), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
+    let help = Command::new(env!("CARGO_BIN_EXE_diffuse")).args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).replace('\n', " ");
+    assert!(help.contains("--queue") && help.contains("runs no model itself unless --model"), "{help}");
+}
