@@ -150,6 +150,7 @@ fn jobs_survive_a_killed_worker_and_end_exactly_once() {
     // Nothing left pending in the consumer group.
     let pending = redis_cli(port, &["XPENDING", "diffuse:jobs:builtin", "workers"]);
     assert_eq!(pending.lines().next().map(str::trim), Some("0"), "{pending}");
+    assert_eq!(redis_cli(port, &["XLEN", "diffuse:jobs:builtin"]).trim(), "0", "ended jobs leave the stream");
 
     // The image made through Redis is `diffuse generate`'s, pixel for pixel (and infotext).
     let served = unb64(jobs[&ids[0]]["images"][0]["png"].as_str().unwrap());

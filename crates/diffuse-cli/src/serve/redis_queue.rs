@@ -13,7 +13,7 @@
 //!   every route answers as with local models.
 //! - `diffuse:job:{id}:cancel`: set by the front end (DELETE, interrupt); checked each step.
 //! - `diffuse:job:{id}:done`: set with SET NX in one script with the final event and the
-//!   XACK, so a job ends exactly once even when two workers ran it.
+//!   XACK (and XDEL of the entry), so a job ends exactly once even when two workers ran it.
 //!
 //! Every job key expires after the result TTL.
 
@@ -219,17 +219,19 @@ pub fn request_from_json(value: &Value, model: usize) -> Result<GenerateRequest>
 // ---------------------------------------------------------------------------------------------
 // The worker side.
 
-/// The end of a job, stored once: the done key (SET NX), the final event, the XACK. A job that
-/// another worker already ended is only acknowledged. Returns 1 when this call ended it.
+/// The end of a job, stored once: the done key (SET NX), the final event, the XACK, and the
+/// entry deleted from the stream (which so does not grow without end). A job that another
+/// worker already ended is only acknowledged. Returns 1 when this call ended it.
 const FINISH: &str = r#"
+local ended = 0
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
   redis.call('XADD', KEYS[2], '*', 'name', ARGV[3], 'data', ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[2])
-  redis.call('XACK', KEYS[3], ARGV[5], ARGV[6])
-  return 1
+  ended = 1
 end
 redis.call('XACK', KEYS[3], ARGV[5], ARGV[6])
-return 0
+redis.call('XDEL', KEYS[3], ARGV[6])
+return ended
 "#;
 
 /// Ends job `id` (entry `entry` of `stream`) with its final event, unless it has ended
@@ -307,7 +309,9 @@ fn work_once(index: usize, worker: &mut Worker, shared: &Arc<Shared>, config: &W
         let id: Option<String> = entry.get("id");
         let request: Option<String> = entry.get("request");
         let (Some(id), Some(request)) = (id, request) else {
+            eprintln!("worker {consumer}: entry {} is not a job; dropped", entry.id);
             let _: () = redis::cmd("XACK").arg(&stream).arg(GROUP).arg(&entry.id).query(&mut con)?;
+            let _: () = redis::cmd("XDEL").arg(&stream).arg(&entry.id).query(&mut con)?;
             continue;
         };
         run_entry(index, worker, shared, config, &mut con, &stream, consumer, &entry.id, &id, &request)?;
@@ -333,6 +337,7 @@ fn run_entry(
     let done: bool = redis::cmd("EXISTS").arg(done_key(id)).query(con)?;
     if done {
         let _: () = redis::cmd("XACK").arg(stream).arg(GROUP).arg(entry).query(con)?;
+        let _: () = redis::cmd("XDEL").arg(stream).arg(entry).query(con)?;
         return Ok(());
     }
     let request = match serde_json::from_str(request).map_err(anyhow::Error::from).and_then(|r| request_from_json(&r, index)) {
