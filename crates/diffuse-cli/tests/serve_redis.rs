@@ -116,7 +116,9 @@ fn jobs_survive_a_killed_worker_and_end_exactly_once() {
     let mut child = workers[killed].take().unwrap();
     child.0.kill().unwrap(); // SIGKILL
     child.0.wait().unwrap();
-    println!("killed worker {killed} during job {killed_job}");
+    let killed_at = Instant::now();
+    let killed_step = get(&server.url(&format!("/v1/jobs/{killed_job}")), None).1["step"].clone();
+    println!("killed worker {killed} during job {killed_job} (at step {killed_step})");
 
     // Every job ends, done, within the bound.
     let mut jobs: HashMap<String, Value> = HashMap::new();
@@ -134,6 +136,8 @@ fn jobs_survive_a_killed_worker_and_end_exactly_once() {
         }
         jobs.len() == ids.len()
     });
+
+    println!("all {} jobs done {:.1} s after the kill", ids.len(), killed_at.elapsed().as_secs_f64());
 
     // Exactly once: one end in each job's event stream, one done key; the killed job started twice.
     for id in &ids {
