@@ -195,12 +195,20 @@ fn jobs_survive_a_killed_worker_and_end_exactly_once() {
     assert_eq!(events.lines().filter(|l| l.trim() == "cancelled").count(), 1, "{events}");
     assert_eq!(events.lines().filter(|l| l.trim() == "started").count(), 0, "{events}");
 
-    // The surviving worker stops at SIGTERM.
-    let survivor = workers[1 - killed].take().unwrap();
+    // SIGTERM in the middle of a job: the surviving worker finishes it, then stops.
+    let (status, body, _) = post(&server.url("/v1/jobs"), &json!({ "prompt": "a skirt", "steps": 30, "seed": 8 }), None);
+    assert_eq!(status, 202, "{body}");
+    let last_url = server.url(&format!("/v1/jobs/{}", body["id"].as_str().unwrap()));
+    wait_until("the last job to run", Duration::from_secs(15), || {
+        let (_, job) = get(&last_url, None);
+        job["status"] == "running" && job["step"].as_u64().unwrap_or(0) >= 2
+    });
+    let mut survivor = workers[1 - killed].take().unwrap();
     let pid = survivor.0.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let mut survivor = survivor;
-    wait_until("the worker to stop at SIGTERM", Duration::from_secs(10), || survivor.0.try_wait().unwrap().is_some());
+    wait_until("the worker to stop at SIGTERM", Duration::from_secs(15), || survivor.0.try_wait().unwrap().is_some());
+    // The job the worker ran at SIGTERM was finished first (its end reaches the front end soon after).
+    wait_until("the last job's end", Duration::from_secs(5), || get(&last_url, None).1["status"] == "done");
     drop(server);
     println!("redis test took {:.1} s", started.elapsed().as_secs_f64());
     assert!(started.elapsed() < Duration::from_secs(60));

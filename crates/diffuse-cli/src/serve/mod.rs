@@ -8,6 +8,8 @@
 //! - openai.rs: OpenAI's `/v1/images/*` and `/v1/models`;
 //! - page.rs: the web page at `/`;
 //! - http.rs: errors as JSON, request bodies, base64 images, the API key.
+//! - redis_queue.rs: `--queue redis://...` and `diffuse worker`: the queue in Redis, for
+//!   workers on any number of machines.
 //!
 //! An image made here is the image `diffuse generate` makes with the same parameters: the
 //! worker runs generate.rs's own functions on a loaded pipeline.
