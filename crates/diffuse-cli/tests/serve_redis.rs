@@ -164,7 +164,7 @@ fn jobs_survive_a_killed_worker_and_end_exactly_once() {
     assert_eq!(served_text, made_text);
 
     // DELETE reaches a job running on a worker elsewhere: it stops within a step or so.
-    let (status, body, _) = post(&server.url("/v1/jobs"), &json!({ "prompt": "a coat", "steps": 150, "seed": 5 }), None);
+    let (status, body, _) = post(&server.url("/v1/jobs"), &json!({ "prompt": "a coat", "steps": 150, "seed": 5, "preview": true }), None);
     assert_eq!(status, 202, "{body}");
     let id = body["id"].as_str().unwrap().to_string();
     let job_url = server.url(&format!("/v1/jobs/{id}"));
@@ -189,6 +189,14 @@ fn jobs_survive_a_killed_worker_and_end_exactly_once() {
         last["status"] == "cancelled"
     });
     assert!(last["step"].as_u64().unwrap_or(0) < 150, "{last}");
+    // Its events, replayed by the front end, as a local job's: previews too.
+    let mut response = agent().get(&server.url(&format!("/v1/jobs/{id}/events"))).call().unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut response.body_mut().as_reader(), &mut text).unwrap();
+    let names: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
+    assert_eq!(names.first(), Some(&"queued"), "{names:?}");
+    assert_eq!(names.last(), Some(&"cancelled"), "{names:?}");
+    assert!(names.contains(&"started") && names.contains(&"step") && names.contains(&"preview"), "{names:?}");
     let events = redis_cli(port, &["XRANGE", &format!("diffuse:job:{id}:events"), "-", "+"]);
     assert_eq!(events.lines().filter(|l| l.trim() == "cancelled").count(), 1);
     let events = redis_cli(port, &["XRANGE", &format!("diffuse:job:{queued}:events"), "-", "+"]);

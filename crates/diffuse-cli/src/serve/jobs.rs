@@ -310,7 +310,7 @@ impl Job {
     }
 
     /// A new live preview: the latest keeps its image, the one before drops it.
-    fn set_preview(&self, step: usize, png: Vec<u8>) {
+    pub(super) fn set_preview(&self, step: usize, png: Vec<u8>) {
         use base64::Engine;
         let mut state = self.state();
         self.drop_preview_image(&mut state);

@@ -12,6 +12,8 @@
 //!   local queue records them; the front end follows it and mirrors it into its own job, so
 //!   every route answers as with local models.
 //! - `diffuse:job:{id}:cancel`: set by the front end (DELETE, interrupt); checked each step.
+//! - `diffuse:job:{id}:preview`: the latest live preview (its `preview` event carries only the
+//!   step, so the stream does not keep every preview's image).
 //! - `diffuse:job:{id}:done`: set with SET NX in one script with the final event and the
 //!   XACK (and XDEL of the entry), so a job ends exactly once even when two workers ran it.
 //!
@@ -56,6 +58,9 @@ fn events_key(id: &str) -> String {
 }
 fn cancel_key(id: &str) -> String {
     format!("diffuse:job:{id}:cancel")
+}
+fn preview_key(id: &str) -> String {
+    format!("diffuse:job:{id}:preview")
 }
 fn done_key(id: &str) -> String {
     format!("diffuse:job:{id}:done")
@@ -355,14 +360,21 @@ fn run_entry(
     eprintln!("worker {consumer}: running job {id}");
     // Events go out on their own connection; each step also looks for the cancel key.
     let events = Mutex::new(connect(&config.url)?);
-    let (events_stream, cancel) = (events_key(id), cancel_key(id));
+    let (events_stream, cancel, preview) = (events_key(id), cancel_key(id), preview_key(id));
     let sink: jobs::Sink = Box::new(move |name: &str, data: &Value| {
         if matches!(name, "done" | "failed" | "cancelled" | "queued") {
             return false;
         }
         let mut con = events.lock().unwrap_or_else(|e| e.into_inner());
         let mut pipe = redis::pipe();
-        pipe.cmd("XADD").arg(&events_stream).arg("*").arg("name").arg(name).arg("data").arg(data.to_string()).ignore();
+        if name == "preview" {
+            // Only the latest preview's image is kept (in its own key); the event says its step.
+            pipe.cmd("SET").arg(&preview).arg(data.to_string()).arg("EX").arg(ttl).ignore();
+            let step = json!({ "step": data["step"] });
+            pipe.cmd("XADD").arg(&events_stream).arg("*").arg("name").arg(name).arg("data").arg(step.to_string()).ignore();
+        } else {
+            pipe.cmd("XADD").arg(&events_stream).arg("*").arg("name").arg(name).arg("data").arg(data.to_string()).ignore();
+        }
         pipe.cmd("EXPIRE").arg(&events_stream).arg(ttl).ignore();
         pipe.cmd("EXISTS").arg(&cancel);
         match pipe.query::<(bool,)>(&mut *con) {
@@ -410,6 +422,7 @@ fn run_entry(
             map.insert("invalid".to_string(), json!(invalid));
         }
     }
+    let _: () = redis::cmd("DEL").arg(preview_key(id)).query(con)?;
     if finish(con, name, &data)? {
         eprintln!("worker {consumer}: job {id} {name}");
     } else {
@@ -482,7 +495,14 @@ fn follow(shared: &Shared, url: &str, job: &Arc<Job>, ttl: u64) -> Result<()> {
             last = entry.id.clone();
             let name: String = entry.get("name").unwrap_or_default();
             let data: String = entry.get("data").unwrap_or_default();
-            let data: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+            let mut data: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+            if name == "preview" {
+                // The latest preview's image (a later one may have replaced this step's).
+                let latest: Option<String> = redis::cmd("GET").arg(preview_key(&job.id)).query(&mut con)?;
+                if let Some(latest) = latest.and_then(|l| serde_json::from_str::<Value>(&l).ok()) {
+                    data = latest;
+                }
+            }
             if mirror(job, &name, data) {
                 shared.remember_finished(&job.id);
                 return Ok(());
@@ -511,9 +531,11 @@ fn mirror(job: &Job, name: &str, data: Value) -> bool {
             "step"
         }
         "preview" => {
-            job.drop_preview_image(&mut state);
-            state.preview = data["png"].as_str().and_then(|p| unb64(p).ok());
-            "preview"
+            drop(state);
+            if let Some(png) = data["png"].as_str().and_then(|p| unb64(p).ok()) {
+                job.set_preview(data["step"].as_u64().unwrap_or(0) as usize, png);
+            }
+            return false;
         }
         "skipped" => {
             state.skipped += 1;
