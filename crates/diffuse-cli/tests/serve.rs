@@ -442,7 +442,7 @@ fn bad_input_names_the_field() {
     // (curl says "Failed sending data"). Either is the refusal; anything else is not.
     match agent().post(&txt2img).header("Content-Type", "application/json").send(vec![b' '; 2 << 20]) {
         Ok(response) => {
-            let (status, answer, _) = answer(Ok(response));
+            let (status, answer, _) = crate::answer(Ok(response));
             assert_eq!((status, answer["error"]["param"].as_str()), (413, Some("body")), "{answer}");
         }
         Err(ureq::Error::Io(e)) => {
