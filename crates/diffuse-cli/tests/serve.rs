@@ -1,143 +1,16 @@
 //! `diffuse serve` as clients use it: the real binary on the built-in model, on a free port,
 //! driven over HTTP. Images must be the ones `diffuse generate` makes, pixel for pixel.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use serde_json::{json, Value};
 
-fn cache_dir() -> PathBuf {
-    std::env::temp_dir().join(format!("diffuse-serve-test-{}-cache", std::process::id()))
-}
+mod support;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("diffuse-serve-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A running `diffuse serve --port 0`, killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-    stderr: PathBuf,
-}
-
-impl Server {
-    fn start(name: &str, args: &[&str]) -> Server {
-        let stderr = scratch(&format!("server-{name}")).join("stderr.txt");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_diffuse"))
-            .args(["serve", "--port", "0"])
-            .args(args)
-            .env("DIFFUSE_CACHE_DIR", cache_dir())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if stdout.read_line(&mut line).unwrap() == 0 {
-                panic!("the server ended before listening: {}", std::fs::read_to_string(&stderr).unwrap_or_default());
-            }
-            if let Some(address) = line.trim().strip_prefix("listening on ") {
-                return Server { child, base: address.to_string(), stderr };
-            }
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(120))).build().into()
-}
-
-/// (status, JSON body, Retry-After).
-fn answer(response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> (u16, Value, Option<String>) {
-    let mut response = response.unwrap();
-    let status = response.status().as_u16();
-    let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
-    let text = response.body_mut().with_config().limit(200 << 20).read_to_string().unwrap();
-    let body = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
-    (status, body, retry_after)
-}
-
-fn post(url: &str, body: &Value, auth: Option<&str>) -> (u16, Value, Option<String>) {
-    let mut request = agent().post(url).header("Content-Type", "application/json");
-    if let Some(auth) = auth {
-        request = request.header("Authorization", auth);
-    }
-    answer(request.send(body.to_string()))
-}
-
-fn post_raw(url: &str, body: Vec<u8>, content_type: &str) -> (u16, Value, Option<String>) {
-    answer(agent().post(url).header("Content-Type", content_type).send(body))
-}
-
-fn get(url: &str, auth: Option<&str>) -> (u16, Value) {
-    let mut request = agent().get(url);
-    if let Some(auth) = auth {
-        request = request.header("Authorization", auth);
-    }
-    let (status, body, _) = answer(request.call());
-    (status, body)
-}
-
-fn delete(url: &str) -> (u16, Value) {
-    let (status, body, _) = answer(agent().delete(url).call());
-    (status, body)
-}
-
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-fn unb64(text: &str) -> Vec<u8> {
-    base64::engine::general_purpose::STANDARD.decode(text).unwrap()
-}
-
-/// A PNG's pixels and its `parameters` text.
-fn decode_png(bytes: &[u8]) -> (Vec<u8>, Option<String>) {
-    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    buf.truncate(info.buffer_size());
-    let text = reader.info().uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters").map(|t| t.text.clone());
-    (buf, text)
-}
-
-/// `diffuse generate` with these flags; the PNGs it wrote.
-fn generate(dir: &Path, args: &[&str], count: usize) -> Vec<Vec<u8>> {
-    let output = dir.join("generated.png");
-    let out = Command::new(env!("CARGO_BIN_EXE_diffuse"))
-        .arg("generate")
-        .args(args)
-        .args(["--quiet", "--output", output.to_str().unwrap()])
-        .env("DIFFUSE_CACHE_DIR", cache_dir())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "generate failed: {}", String::from_utf8_lossy(&out.stderr));
-    if count == 1 {
-        return vec![std::fs::read(&output).unwrap()];
-    }
-    (0..count).map(|i| std::fs::read(dir.join(format!("generated-{i}.png"))).unwrap()).collect()
-}
+use support::*;
 
 /// txt2img and img2img give `diffuse generate`'s images and infotexts; png-info reads them
 /// back; `generate --from` on a served PNG makes it again.
@@ -160,7 +33,7 @@ fn a1111_images_are_generate_images() {
     assert_eq!(body["parameters"]["prompt"], request["prompt"]);
     let images: Vec<Vec<u8>> = body["images"].as_array().unwrap().iter().map(|i| unb64(i.as_str().unwrap())).collect();
     assert_eq!(images.len(), 2);
-    let expected = generate(
+    let expected = generate_images(
         &dir,
         &[
             "--prompt", "a photo of a (sneaker:1.2)", "--negative-prompt", "blurry", "--steps", "6", "--seed", "7",
@@ -186,7 +59,7 @@ fn a1111_images_are_generate_images() {
     // `generate --from` the served PNG (image 1 of its batch) makes it again.
     let served = dir.join("served.png");
     std::fs::write(&served, &images[1]).unwrap();
-    let again = generate(&dir, &["--from", served.to_str().unwrap()], 1);
+    let again = generate_images(&dir, &["--from", served.to_str().unwrap()], 1);
     assert_eq!(decode_png(&again[0]).0, decode_png(&images[1]).0);
 
     // seed -1: a random seed, the real one in info and in the infotext.
@@ -207,7 +80,7 @@ fn a1111_images_are_generate_images() {
     assert_eq!(status, 200, "{body}");
     assert!(body["parameters"]["init_images"].is_null(), "the echo leaves the images out");
     let served = unb64(body["images"][0].as_str().unwrap());
-    let made = generate(
+    let made = generate_images(
         &dir,
         &["--prompt", "a bag", "--steps", "6", "--seed", "3", "--scheduler", "ddim", "--strength", "0.5", "--prompt-syntax", "a1111", "--init-image", init.to_str().unwrap()],
         1,
@@ -260,7 +133,7 @@ fn job_lifecycle_and_event_replay() {
     let (pixels, text) = decode_png(&png);
     assert!(text.unwrap().contains("Seed: 3,"));
     let dir = scratch("jobs");
-    let made = generate(&dir, &["--prompt", "an ankle boot", "--steps", "5", "--seed", "3", "--scheduler", "ddim"], 1);
+    let made = generate_images(&dir, &["--prompt", "an ankle boot", "--steps", "5", "--seed", "3", "--scheduler", "ddim"], 1);
     assert_eq!(pixels, decode_png(&made[0]).0);
 
     // The events, replayed from the start after the job ended.
@@ -442,7 +315,7 @@ fn bad_input_names_the_field() {
     // (curl says "Failed sending data"). Either is the refusal; anything else is not.
     match agent().post(&txt2img).header("Content-Type", "application/json").send(vec![b' '; 2 << 20]) {
         Ok(response) => {
-            let (status, answer, _) = crate::answer(Ok(response));
+            let (status, answer, _) = support::answer(Ok(response));
             assert_eq!((status, answer["error"]["param"].as_str()), (413, Some("body")), "{answer}");
         }
         Err(ureq::Error::Io(e)) => {
@@ -467,7 +340,7 @@ fn openai_images() {
     let data = body["data"].as_array().unwrap();
     assert_eq!(data.len(), 2);
     let dir = scratch("openai");
-    let made = generate(&dir, &["--prompt", "a shirt", "--num-images", "2", "--seed", "5", "--steps", "4", "--width", "32", "--height", "32"], 2);
+    let made = generate_images(&dir, &["--prompt", "a shirt", "--num-images", "2", "--seed", "5", "--steps", "4", "--width", "32", "--height", "32"], 2);
     for (served, made) in data.iter().zip(&made) {
         assert_eq!(decode_png(&unb64(served["b64_json"].as_str().unwrap())).0, decode_png(made).0);
     }
@@ -625,7 +498,7 @@ fn models_loras_and_previews() {
         let (status, body, _) = post(&server.url("/sdapi/v1/txt2img"), &request, None);
         assert_eq!(status, 200, "{body}");
         let served = unb64(body["images"][0].as_str().unwrap());
-        let made = generate(
+        let made = generate_images(
             &dir,
             &["--model", sd1.to_str().unwrap(), "--prompt", prompt, "--steps", "4", "--seed", "0", "--prompt-syntax", "a1111", "--lora-dir", loras.to_str().unwrap()],
             1,
@@ -636,7 +509,7 @@ fn models_loras_and_previews() {
     // Without the tag: the model as loaded, not the LoRA pipeline.
     let (status, body, _) = post(&server.url("/sdapi/v1/txt2img"), &json!({ "prompt": "a photo of a cat", "steps": 4, "seed": 0, "cfg_scale": 7.5, "override_settings": { "sd_model_checkpoint": "sd1" } }), None);
     assert_eq!(status, 200, "{body}");
-    let made = generate(&dir, &["--model", sd1.to_str().unwrap(), "--prompt", "a photo of a cat", "--steps", "4", "--seed", "0", "--prompt-syntax", "a1111"], 1);
+    let made = generate_images(&dir, &["--model", sd1.to_str().unwrap(), "--prompt", "a photo of a cat", "--steps", "4", "--seed", "0", "--prompt-syntax", "a1111"], 1);
     assert_eq!(decode_png(&unb64(body["images"][0].as_str().unwrap())), decode_png(&made[0]));
 
     // sd_model_checkpoint makes sd1 the default.
@@ -645,7 +518,7 @@ fn models_loras_and_previews() {
     let (_, created, _) = post(&server.url("/v1/jobs"), &json!({ "prompt": "a photo of a cat", "steps": 4, "seed": 0, "scheduler": "ddim", "preview": true }), None);
     let job = wait_done(&server, created["id"].as_str().unwrap());
     assert_eq!(job["model"], "sd1");
-    let made = generate(&dir, &["--model", sd1.to_str().unwrap(), "--prompt", "a photo of a cat", "--steps", "4", "--seed", "0", "--scheduler", "ddim"], 1);
+    let made = generate_images(&dir, &["--model", sd1.to_str().unwrap(), "--prompt", "a photo of a cat", "--steps", "4", "--seed", "0", "--scheduler", "ddim"], 1);
     assert_eq!(decode_png(&unb64(job["images"][0]["png"].as_str().unwrap())), decode_png(&made[0]), "a preview changes nothing");
     let mut response = agent().get(&server.url(&format!("/v1/jobs/{}/events", job["id"].as_str().unwrap()))).call().unwrap();
     let mut text = String::new();
@@ -669,13 +542,13 @@ fn single_file_checkpoints() {
 
     let (status, body, _) = post(&server.url("/sdapi/v1/txt2img"), &json!({ "prompt": "a cat", "steps": 3, "seed": 4, "cfg_scale": 7.5, "sampler_name": "Euler", "width": 64, "height": 64 }), None);
     assert_eq!(status, 200, "{body}");
-    let made = generate(&dir, &["--model", checkpoint.to_str().unwrap(), "--prompt", "a cat", "--steps", "3", "--seed", "4", "--scheduler", "euler", "--prompt-syntax", "a1111", "--width", "64", "--height", "64"], 1);
+    let made = generate_images(&dir, &["--model", checkpoint.to_str().unwrap(), "--prompt", "a cat", "--steps", "3", "--seed", "4", "--scheduler", "euler", "--prompt-syntax", "a1111", "--width", "64", "--height", "64"], 1);
     assert_eq!(decode_png(&unb64(body["images"][0].as_str().unwrap())), decode_png(&made[0]));
 
     let (status, created, _) = post(&server.url("/v1/jobs"), &json!({ "model": "lcm", "prompt": "a cat", "seed": 2, "width": 64, "height": 64 }), None);
     assert_eq!(status, 202, "{created}");
     let job = wait_done(&server, created["id"].as_str().unwrap());
-    let made = generate(&dir, &["--model", lcm.to_str().unwrap(), "--prompt", "a cat", "--seed", "2", "--width", "64", "--height", "64"], 1);
+    let made = generate_images(&dir, &["--model", lcm.to_str().unwrap(), "--prompt", "a cat", "--seed", "2", "--width", "64", "--height", "64"], 1);
     let (pixels, text) = decode_png(&unb64(job["images"][0]["png"].as_str().unwrap()));
     assert_eq!((pixels, text.clone()), decode_png(&made[0]));
     assert!(text.unwrap().contains("Steps: 4, Sampler: LCM"));

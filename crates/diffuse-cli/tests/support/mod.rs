@@ -1,5 +1,5 @@
-//! What the `diffuse serve` tests beyond serve.rs share (serve_page.rs, serve_load.rs): the
-//! real binary on a free port, a blocking HTTP client, PNG decoding, `diffuse generate`.
+//! What the `diffuse serve` tests share (serve.rs, serve_page.rs, serve_load.rs,
+//! serve_redis.rs): the real binary on a free port, a blocking HTTP client, PNG decoding, `diffuse generate`.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -98,6 +98,10 @@ pub fn post(url: &str, body: &Value, auth: Option<&str>) -> (u16, Value, Option<
     answer(request.send(body.to_string()))
 }
 
+pub fn post_raw(url: &str, body: Vec<u8>, content_type: &str) -> (u16, Value, Option<String>) {
+    answer(agent().post(url).header("Content-Type", content_type).send(body))
+}
+
 pub fn get(url: &str, auth: Option<&str>) -> (u16, Value) {
     let mut request = agent().get(url);
     if let Some(auth) = auth {
@@ -110,6 +114,10 @@ pub fn get(url: &str, auth: Option<&str>) -> (u16, Value) {
 pub fn delete(url: &str) -> (u16, Value) {
     let (status, body, _) = answer(agent().delete(url).call());
     (status, body)
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 pub fn unb64(text: &str) -> Vec<u8> {
@@ -129,6 +137,11 @@ pub fn decode_png(bytes: &[u8]) -> (Vec<u8>, Option<String>) {
 
 /// `diffuse generate` with these flags; the PNG it wrote.
 pub fn generate(dir: &Path, args: &[&str]) -> Vec<u8> {
+    generate_images(dir, args, 1).swap_remove(0)
+}
+
+/// `diffuse generate` with these flags, making `count` images; the PNGs it wrote.
+pub fn generate_images(dir: &Path, args: &[&str], count: usize) -> Vec<Vec<u8>> {
     let output = dir.join("generated.png");
     let out = Command::new(env!("CARGO_BIN_EXE_diffuse"))
         .arg("generate")
@@ -138,5 +151,8 @@ pub fn generate(dir: &Path, args: &[&str]) -> Vec<u8> {
         .output()
         .unwrap();
     assert!(out.status.success(), "generate failed: {}", String::from_utf8_lossy(&out.stderr));
-    std::fs::read(&output).unwrap()
+    if count == 1 {
+        return vec![std::fs::read(&output).unwrap()];
+    }
+    (0..count).map(|i| std::fs::read(dir.join(format!("generated-{i}.png"))).unwrap()).collect()
 }
