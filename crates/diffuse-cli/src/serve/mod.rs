@@ -229,6 +229,7 @@ fn front_end(url: &str, options: ServeOptions, config: &WorkerConfig) -> Result<
     Ok(shared)
 }
 
+/// Ctrl-C, or SIGTERM on Unix.
 async fn wait_for_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -290,24 +291,7 @@ async fn serve(shared: Arc<Shared>, address: SocketAddr) -> Result<()> {
 /// Ctrl-C or SIGTERM: every job is cancelled (each named on stderr), open requests end, and
 /// the process exits (after at most a few seconds, whatever clients do).
 async fn shutdown_signal(shared: Arc<Shared>) {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
-    }
+    wait_for_signal().await;
     eprintln!("shutting down");
     redis_queue::STOP.store(true, std::sync::atomic::Ordering::SeqCst);
     for line in shared.shut_down() {
