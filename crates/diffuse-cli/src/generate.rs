@@ -468,12 +468,8 @@ pub(crate) fn fresh_scheduler(
 ) -> Result<diffuse::pipelines::ResolvedScheduler> {
     let name = args.scheduler.as_deref();
     Ok(if single_file {
-        use diffuse::loading::single_file::{Component, SingleFile};
-        let file = SingleFile::open(model_path)?;
-        let config = file.scheduler_config(args.prediction_type.as_deref())?;
-        // As loading it does: an LCM-distilled UNet samples with LCMScheduler by default.
-        let name = name.or(file.config(Component::Unet).contains_key("time_cond_proj_dim").then_some("lcm"));
-        diffuse::pipelines::scheduler_from_config(config, &model_path.join("scheduler"), name, overrides)?
+        let file = diffuse::loading::single_file::SingleFile::open(model_path)?;
+        diffuse::pipelines::stable_diffusion::single_file_scheduler(&file, args.prediction_type.as_deref(), name, overrides)?
     } else {
         diffuse::pipelines::resolve_scheduler(&model_path.join("scheduler"), name, overrides)?
     })

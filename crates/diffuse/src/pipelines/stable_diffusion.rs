@@ -135,11 +135,29 @@ pub fn is_stable_diffusion_folder(model_dir: &Path) -> bool {
 pub fn pipeline_class_name(model_dir: &Path) -> Option<String> {
     if model_dir.is_file() {
         let file = SingleFile::open(model_dir).ok()?;
-        let lcm = file.config(Component::Unet).contains_key("time_cond_proj_dim");
-        return Some(if lcm { "LatentConsistencyModelPipeline" } else { "StableDiffusionPipeline" }.to_string());
+        return Some(if is_lcm_single_file(&file) { "LatentConsistencyModelPipeline" } else { "StableDiffusionPipeline" }.to_string());
     }
     let index = read_json_object(&model_dir.join("model_index.json")).ok()?;
     index.get("_class_name")?.as_str().map(str::to_string)
+}
+
+/// Whether a single file's UNet is LCM-distilled (it has `time_embedding.cond_proj`).
+fn is_lcm_single_file(file: &SingleFile) -> bool {
+    file.config(Component::Unet).contains_key("time_cond_proj_dim")
+}
+
+/// The scheduler a single file's pipeline samples with: `scheduler_name` (or, by default, the
+/// family's own; LCMScheduler for an LCM-distilled UNet, as a LatentConsistencyModelPipeline
+/// folder's config says, since the file has none of its own), configured from the family's
+/// scheduler config with `prediction_type` and the overrides.
+pub fn single_file_scheduler(
+    file: &SingleFile,
+    prediction_type: Option<&str>,
+    scheduler_name: Option<&str>,
+    overrides: &[(String, Value)],
+) -> Result<ResolvedScheduler> {
+    let name = scheduler_name.or(is_lcm_single_file(file).then_some("lcm"));
+    scheduler_from_config(file.scheduler_config(prediction_type)?, &file.path().join("scheduler"), name, overrides)
 }
 
 /// LatentConsistencyModelPipeline's `__call__` defaults: (num_inference_steps, guidance_scale).
@@ -275,11 +293,7 @@ impl StableDiffusionPipeline {
             let config = parse_config(file.config(component), &file.path().join(component.folder()))?;
             Ok((config, file.var_builder(component, dtype, device), file.path().to_path_buf()))
         }
-        let scheduler_config = file.scheduler_config(prediction_type)?;
-        // An LCM-distilled UNet samples with LCMScheduler, as a LatentConsistencyModelPipeline
-        // folder's scheduler config says; the file has none of its own.
-        let lcm = file.config(Component::Unet).contains_key("time_cond_proj_dim");
-        let scheduler_name = scheduler_name.or(lcm.then_some("lcm"));
+        let lcm = is_lcm_single_file(&file);
         let components = Components {
             tokenizer: builtin_clip_tokenizer(file.family())?,
             text_encoder: model(&file, Component::TextEncoder, dtype, device)?,
@@ -288,12 +302,7 @@ impl StableDiffusionPipeline {
                 let (config, weights, file) = model::<AutoencoderKLConfig>(&file, Component::Vae, dtype, device)?;
                 (AutoencoderConfig::Kl(config), weights, file)
             },
-            scheduler: scheduler_from_config(
-                scheduler_config,
-                &path.join("scheduler"),
-                scheduler_name,
-                scheduler_overrides,
-            )?,
+            scheduler: single_file_scheduler(&file, prediction_type, scheduler_name, scheduler_overrides)?,
         };
         // A config the models refuse can only be one whose shapes were read from the file and
         // whose other values are the family's: say so, about the file.
