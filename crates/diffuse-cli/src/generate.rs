@@ -520,6 +520,7 @@ pub(crate) fn run_pipeline(
         eta: args.eta.unwrap_or(default_eta),
         clip_skip: args.clip_skip,
         prompt_syntax: args.prompt_syntax.parse()?,
+        ..Default::default()
     };
     start_from.validate(pipeline, &options, warn)?;
     if !quiet {

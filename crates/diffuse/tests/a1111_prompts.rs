@@ -32,7 +32,7 @@ fn options(prompt: &str, negative: Option<&str>, syntax: PromptSyntax) -> TextTo
 }
 
 fn encode(pipeline: &StableDiffusionPipeline, options: &TextToImageOptions) -> Tensor {
-    pipeline.encode_prompt(options, &mut |_| {}).unwrap()
+    pipeline.encode_prompt(options, &mut |_| {}).unwrap().hidden
 }
 
 fn max_abs_difference(a: &Tensor, b: &Tensor) -> f32 {
@@ -197,7 +197,7 @@ fn the_shorter_prompt_is_padded_with_empty_chunks() {
     // diffusers' syntax truncates instead, and says so.
     let mut warnings = Vec::new();
     let truncated = pipeline.encode_prompt(&options(&long, None, PromptSyntax::Diffusers), &mut |w| warnings.push(w)).unwrap();
-    assert_eq!(truncated.dims(), [2, 77, 16]);
+    assert_eq!(truncated.hidden.dims(), [2, 77, 16]);
     assert!(warnings.iter().any(|w| w.contains("truncated")), "{warnings:?}");
 }
 

@@ -2,7 +2,9 @@
 //! `CLIPTextModel` (transformers/models/clip/modeling_clip.py). Token and position
 //! embeddings, pre-norm encoder layers with causal self-attention and a quick_gelu (SD 1.x)
 //! or gelu (SD 2.x, OpenCLIP) MLP, and a final layer norm. Every layer's hidden state is
-//! returned so that `clip_skip` can pick an earlier one, as diffusers does.
+//! returned so that `clip_skip` can pick an earlier one, as diffusers does. A folder whose
+//! weights have `text_projection` is `CLIPTextModelWithProjection` (SDXL's second encoder):
+//! its pooled output, projected, is SDXL's `text_embeds`.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -149,6 +151,8 @@ pub struct ClipTextModel {
     position_embedding: Tensor,
     layers: Vec<ClipEncoderLayer>,
     final_layer_norm: LayerNorm,
+    /// `CLIPTextModelWithProjection`'s `text_projection` (no bias), when the weights have it.
+    text_projection: Option<Linear>,
     pub config: ClipTextConfig,
 }
 
@@ -169,6 +173,16 @@ impl ClipTextModel {
                 config.hidden_size, config.num_attention_heads
             )));
         }
+        // CLIPTextModelWithProjection keeps its projection beside `text_model`, at the top.
+        let text_projection = match vb.contains_tensor("text_projection.weight") {
+            true => {
+                let Some(projection_dim) = config.projection_dim else {
+                    return Err(Error::invalid("the weights have `text_projection`, but the config has no projection_dim"));
+                };
+                Some(Linear::new(vb.pp("text_projection"), config.hidden_size, projection_dim, false)?)
+            }
+            false => None,
+        };
         let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };
         let embeddings = vb.pp("embeddings");
         let token_embedding = embeddings.get((config.vocab_size, config.hidden_size), "token_embedding.weight")?;
@@ -178,7 +192,7 @@ impl ClipTextModel {
             .map(|i| ClipEncoderLayer::new(vb.pp(format!("encoder.layers.{i}")), config, activation))
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = LayerNorm::new(vb.pp("final_layer_norm"), config.hidden_size, config.layer_norm_eps)?;
-        Ok(ClipTextModel { token_embedding, position_embedding, layers, final_layer_norm, config: config.clone() })
+        Ok(ClipTextModel { token_embedding, position_embedding, layers, final_layer_norm, text_projection, config: config.clone() })
     }
 
     pub fn device(&self) -> &Device {
@@ -244,6 +258,44 @@ impl ClipTextModel {
             // hidden_states holds the embeddings and then one output per layer.
             Some(skip) => self.final_layer_norm.forward(&output.hidden_states[layers - skip]),
         }
+    }
+}
+
+impl ClipTextModel {
+    /// Whether this is a `CLIPTextModelWithProjection` (it has `text_projection`).
+    pub fn has_projection(&self) -> bool {
+        self.text_projection.is_some()
+    }
+
+    /// What SDXL's pipelines take from each text encoder: `hidden_states[-(clip_skip + 2)]`
+    /// (the penultimate layer by default; no final layer norm), and, from a
+    /// `CLIPTextModelWithProjection`, the pooled output projected (`text_embeds`, `[B,
+    /// projection_dim]`): the final-normed state at the first end-of-text token (the largest
+    /// id, as transformers finds it), through `text_projection`.
+    pub fn encode_penultimate(&self, input_ids: &Tensor, clip_skip: Option<usize>) -> Result<(Tensor, Option<Tensor>)> {
+        let layers = self.layers.len();
+        let skip = clip_skip.unwrap_or(0);
+        if skip >= layers.max(1) {
+            return Err(Error::invalid(format!(
+                "clip skip {skip} is too large for a text encoder with {layers} layers (at most {})",
+                layers.saturating_sub(1)
+            )));
+        }
+        let output = self.forward(input_ids)?;
+        // hidden_states has layers + 1 entries; [-(skip + 2)] is index layers - 1 - skip.
+        let hidden = output.hidden_states[layers - 1 - skip].clone();
+        let pooled = match &self.text_projection {
+            None => None,
+            Some(projection) => {
+                let (batch, _) = input_ids.dims2()?;
+                let eos = input_ids.to_dtype(DType::F32)?.argmax(1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+                let rows = (0..batch)
+                    .map(|b| output.last_hidden_state.get(b)?.get(eos[b] as usize))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Some(projection.forward(&Tensor::stack(&rows, 0)?)?)
+            }
+        };
+        Ok((hidden, pooled))
     }
 }
 

@@ -1,10 +1,11 @@
-//! `UNet2DConditionModel`, the text-conditioned latent UNet of Stable Diffusion 1.x and 2.x;
+//! `UNet2DConditionModel`, the text-conditioned latent UNet of Stable Diffusion 1.x, 2.x and XL;
 //! port of diffusers/models/unets/unet_2d_condition.py.
 //!
 //! Every argument of diffusers' `__init__` is a config field with its default. The ones that
-//! only other model families use (SDXL's added embeddings, Kandinsky's projections, LCM's
-//! timestep conditioning, GLIGEN, dual cross-attention, class embeddings other than a plain
-//! `num_class_embeds` table) are parsed and refused with an error naming the key when set.
+//! only other model families use (Kandinsky's projections and added embeddings, GLIGEN, dual
+//! cross-attention, class embeddings other than a plain `num_class_embeds` table) are parsed
+//! and refused with an error naming the key when set. SDXL's `addition_embed_type = "text_time"`
+//! (the pooled text embedding and the size/crop ids, added to the time embedding) is built.
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
@@ -104,7 +105,7 @@ pub struct UNet2DConditionModelConfig {
     pub use_linear_projection: bool,
     /// Refused if set; `num_class_embeds` alone gives a class-embedding table.
     pub class_embed_type: Option<String>,
-    /// Refused if set (SDXL, Kandinsky).
+    /// `text_time` (SDXL: [`AddedConditions`]); the other kinds (Kandinsky's) are refused.
     pub addition_embed_type: Option<String>,
     pub addition_time_embed_dim: Option<usize>,
     pub num_class_embeds: Option<usize>,
@@ -119,7 +120,7 @@ pub struct UNet2DConditionModelConfig {
     pub time_embedding_dim: Option<usize>,
     pub time_embedding_act_fn: Option<String>,
     pub timestep_post_act: Option<String>,
-    /// Refused if set (LCM's guidance embedding).
+    /// LCM's guidance embedding (`time_embedding.cond_proj`).
     pub time_cond_proj_dim: Option<usize>,
     pub conv_in_kernel: usize,
     pub conv_out_kernel: usize,
@@ -222,8 +223,9 @@ impl UNet2DConditionModelConfig {
                 &format!("`{kind}` (only a plain `num_class_embeds` table, with class_embed_type null,)"),
             );
         }
-        if let Some(kind) = &self.addition_embed_type {
-            return refuse("addition_embed_type", &format!("`{kind}`"));
+        match self.addition_embed_type.as_deref() {
+            None | Some("text_time") => {}
+            Some(kind) => return refuse("addition_embed_type", &format!("`{kind}` (only `text_time`, SDXL's)")),
         }
         if self.dual_cross_attention {
             return refuse("dual_cross_attention", "dual cross-attention");
@@ -305,6 +307,56 @@ impl UpBlock {
     }
 }
 
+/// SDXL's extra conditioning (`added_cond_kwargs` of addition_embed_type `text_time`): the
+/// pooled, projected embedding of the second text encoder `[B, projection_dim]` and the
+/// micro-conditioning ids `[B, n]` (original size, crop top-left, then target size or the
+/// aesthetic score).
+#[derive(Debug, Clone)]
+pub struct AddedConditions {
+    pub text_embeds: Tensor,
+    pub time_ids: Tensor,
+}
+
+/// `add_time_proj` and `add_embedding` of a `text_time` UNet.
+#[derive(Debug, Clone)]
+struct TextTimeEmbedding {
+    time_proj: Timesteps,
+    embedding: TimestepEmbedding,
+    /// `projection_class_embeddings_input_dim`: text embedding width + ids × time-proj width.
+    input_dim: usize,
+    time_embed_dim: usize,
+}
+
+impl TextTimeEmbedding {
+    /// `aug_emb = add_embedding(concat(text_embeds, flatten(add_time_proj(time_ids))))`.
+    fn forward(&self, added: &AddedConditions, batch: usize, dtype: DType) -> Result<Tensor> {
+        let (text_batch, text_dim) = added.text_embeds.dims2().map_err(|_| {
+            Error::invalid(format!("text_embeds should be [batch, width], got {:?}", added.text_embeds.dims()))
+        })?;
+        let (ids_batch, num_ids) = added.time_ids.dims2().map_err(|_| {
+            Error::invalid(format!("time_ids should be [batch, n], got {:?}", added.time_ids.dims()))
+        })?;
+        if text_batch != batch || ids_batch != batch {
+            bail!("text_embeds ({text_batch}) and time_ids ({ids_batch}) must have the sample's batch size {batch}");
+        }
+        let passed = text_dim + num_ids * self.time_embed_dim;
+        if passed != self.input_dim {
+            bail!(
+                "the UNet expects an added time embedding vector of length {} (projection_class_embeddings_input_dim), \
+                 but {text_dim} (pooled text embedding) + {num_ids} time ids × {} (addition_time_embed_dim) = {passed} \
+                 were given: check the text encoder's projection_dim and whether the model takes a target size or an \
+                 aesthetic score (requires_aesthetics_score)",
+                self.input_dim,
+                self.time_embed_dim
+            );
+        }
+        let time_embeds = self.time_proj.forward(&added.time_ids.to_dtype(DType::F32)?.flatten_all()?)?;
+        let time_embeds = time_embeds.reshape((batch, num_ids * self.time_embed_dim))?;
+        let add_embeds = Tensor::cat(&[added.text_embeds.to_dtype(DType::F32)?, time_embeds], 1)?.to_dtype(dtype)?;
+        self.embedding.forward(&add_embeds, None, None)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
     config: UNet2DConditionModelConfig,
@@ -312,6 +364,7 @@ pub struct UNet2DConditionModel {
     time_proj: TimeProjection,
     time_embedding: TimestepEmbedding,
     class_embedding: Option<Embedding>,
+    add_embedding: Option<TextTimeEmbedding>,
     time_embed_act: Option<Activation>,
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlock>,
@@ -425,6 +478,28 @@ impl UNet2DConditionModel {
         let class_embedding = match config.num_class_embeds {
             Some(num_class_embeds) => Some(Embedding::new(vb.pp("class_embedding"), num_class_embeds, time_embed_dim)?),
             None => None,
+        };
+        let add_embedding = match config.addition_embed_type.as_deref() {
+            Some("text_time") => {
+                let missing = |key: &str| config_error(key, "must be set when addition_embed_type is `text_time`");
+                let time_dim = config.addition_time_embed_dim.ok_or_else(|| missing("addition_time_embed_dim"))?;
+                let input_dim =
+                    config.projection_class_embeddings_input_dim.ok_or_else(|| missing("projection_class_embeddings_input_dim"))?;
+                let embedding = TimestepEmbedding::new(
+                    vb.pp("add_embedding"),
+                    input_dim,
+                    time_embed_dim,
+                    // diffusers builds it with TimestepEmbedding's own default (SiLU), not `act_fn`.
+                    &TimestepEmbeddingConfig::default(),
+                )?;
+                Some(TextTimeEmbedding {
+                    time_proj: Timesteps::new(time_dim, config.flip_sin_to_cos, config.freq_shift),
+                    embedding,
+                    input_dim,
+                    time_embed_dim: time_dim,
+                })
+            }
+            _ => None,
         };
 
         let cross_args = |i: usize, only_cross_attention: bool| CrossAttnArgs {
@@ -563,6 +638,7 @@ impl UNet2DConditionModel {
             time_proj,
             time_embedding,
             class_embedding,
+            add_embedding,
             time_embed_act,
             down_blocks,
             mid_block,
@@ -613,7 +689,20 @@ impl UNet2DConditionModel {
         class_labels: Option<&Tensor>,
         timestep_cond: Option<&Tensor>,
     ) -> Result<Tensor> {
-        self.predict(sample, timesteps, encoder_hidden_states, class_labels, timestep_cond, None)
+        self.predict(sample, timesteps, encoder_hidden_states, class_labels, timestep_cond, None, None)
+    }
+
+    /// The full forward pass: [`Self::forward_with_conditions`] with SDXL's `added_cond_kwargs`
+    /// (required by `addition_embed_type = "text_time"` UNets, refused by others).
+    pub fn forward_with_added_conditions(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        timestep_cond: Option<&Tensor>,
+        added: Option<&AddedConditions>,
+    ) -> Result<Tensor> {
+        self.predict(sample, timesteps, encoder_hidden_states, None, timestep_cond, added, None)
     }
 
     /// [`Self::forward`] in training, with peft's `lora_dropout` on the inputs of the LoRA
@@ -625,7 +714,7 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         lora_dropout: Option<&LoraDropout>,
     ) -> Result<Tensor> {
-        self.predict(sample, timesteps, encoder_hidden_states, None, None, lora_dropout)
+        self.predict(sample, timesteps, encoder_hidden_states, None, None, None, lora_dropout)
     }
 
     fn predict(
@@ -635,6 +724,7 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         class_labels: Option<&Tensor>,
         timestep_cond: Option<&Tensor>,
+        added: Option<&AddedConditions>,
         lora_dropout: Option<&LoraDropout>,
     ) -> Result<Tensor> {
         let (batch, channels, height, width) = sample.dims4()?;
@@ -682,6 +772,14 @@ impl UNet2DConditionModel {
             }
             (Some(_), None) => bail!("class_labels should be provided when num_class_embeds > 0"),
             (None, Some(_)) => bail!("class labels were given, but this UNet has no class embedding (num_class_embeds)"),
+            (None, None) => {}
+        }
+        match (&self.add_embedding, added) {
+            (Some(add_embedding), Some(added)) => emb = (emb + add_embedding.forward(added, batch, sample.dtype())?)?,
+            (Some(_), None) => bail!(
+                "this UNet has addition_embed_type `text_time` (SDXL): it needs the pooled text embedding and the time ids"
+            ),
+            (None, Some(_)) => bail!("added conditions (text_embeds, time_ids) were given, but this UNet has no addition_embed_type"),
             (None, None) => {}
         }
         if let Some(activation) = &self.time_embed_act {

@@ -9,7 +9,9 @@
 use candle_core::{DType, Tensor};
 
 use crate::pipelines::image_processor::{Image8, VaeImageProcessor};
-use crate::pipelines::stable_diffusion::{DenoiseLoop, PhaseTimes, StableDiffusionPipeline, TextToImageOptions};
+use crate::pipelines::stable_diffusion::{
+    DenoiseLoop, PhaseTimes, PromptEmbeddings, StableDiffusionPipeline, TextToImageOptions, TimeIdsFor,
+};
 use crate::rng::TorchGenerator;
 use crate::schedulers::Scheduler;
 use crate::{Error, Result};
@@ -32,6 +34,20 @@ pub fn strength_timesteps(scheduler: &mut dyn Scheduler, num_inference_steps: us
     let init_timestep = denoising_steps(num_inference_steps, strength);
     let t_start = num_inference_steps - init_timestep;
     let begin = (t_start * scheduler.order()).min(scheduler.timesteps().len());
+    scheduler.set_begin_index(begin);
+    scheduler.timesteps()[begin..].to_vec()
+}
+
+/// SDXL's `get_timesteps` with `denoising_start`: the steps below the cutoff timestep (one
+/// more for a second-order scheduler when that count is even, so that no step is cut between
+/// its two model calls), and the scheduler told where it starts.
+pub fn denoising_start_timesteps(scheduler: &mut dyn Scheduler, cutoff: f64) -> Vec<f64> {
+    let all = scheduler.timesteps().len();
+    let mut count = scheduler.timesteps().iter().filter(|&&t| t < cutoff).count();
+    if scheduler.order() == 2 && count.is_multiple_of(2) {
+        count += 1;
+    }
+    let begin = all.saturating_sub(count);
     scheduler.set_begin_index(begin);
     scheduler.timesteps()[begin..].to_vec()
 }
@@ -141,32 +157,115 @@ impl StableDiffusionPipeline {
         &mut self,
         options: &TextToImageOptions,
         condition: &ImageCondition,
-        embeddings: &Tensor,
+        embeddings: &PromptEmbeddings,
         generator: &mut TorchGenerator,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
         let processor = VaeImageProcessor::new(self.vae_scale_factor());
         let image = processor.preprocess(condition.image, options.height, options.width, &self.device)?;
+        let timesteps = self.image_to_image_timesteps(options, condition.strength)?;
+        let batch = options.num_images_per_prompt;
+        let init_latents = self.encode_image_latents(&image, generator)?.repeat((batch, 1, 1, 1))?;
+        self.denoise_init_latents(options, init_latents, timesteps, embeddings, generator, on_step)
+    }
+
+    /// The timesteps image-to-image runs: LCM's scheduler applies `strength` itself; SDXL's
+    /// `denoising_start` starts at a fraction of the schedule; otherwise `strength` keeps the
+    /// schedule's tail.
+    fn image_to_image_timesteps(&mut self, options: &TextToImageOptions, strength: f64) -> Result<Vec<f64>> {
+        let cutoff = options.denoising_start.map(|start| self.timestep_cutoff(start)).transpose()?;
         let lcm = self.lcm_image_to_image();
         let scheduler = &mut self.scheduler.scheduler;
         let timesteps = if lcm {
-            scheduler.set_timesteps_with_strength(options.num_inference_steps, condition.strength)?;
+            scheduler.set_timesteps_with_strength(options.num_inference_steps, strength)?;
             scheduler.timesteps().to_vec()
         } else {
             scheduler.set_timesteps(options.num_inference_steps)?;
-            strength_timesteps(scheduler.as_mut(), options.num_inference_steps, condition.strength)
+            match cutoff {
+                Some(cutoff) => denoising_start_timesteps(scheduler.as_mut(), cutoff),
+                None => strength_timesteps(scheduler.as_mut(), options.num_inference_steps, strength),
+            }
         };
-        let Some(&first) = timesteps.first() else {
-            return Err(Error::invalid(format!("strength {} leaves no timestep to denoise", condition.strength)));
+        if timesteps.is_empty() {
+            return Err(Error::invalid(match options.denoising_start {
+                Some(start) => format!("denoising start {start} leaves no timestep to denoise"),
+                None => format!("strength {strength} leaves no timestep to denoise"),
+            }));
+        }
+        Ok(timesteps)
+    }
+
+    /// `prepare_latents` after the VAE (noise drawn and added at the first timestep, unless
+    /// `denoising_start` says the latents are already partly denoised), then the loop with
+    /// SDXL's `denoising_end`.
+    fn denoise_init_latents(
+        &mut self,
+        options: &TextToImageOptions,
+        init_latents: Tensor,
+        mut timesteps: Vec<f64>,
+        embeddings: &PromptEmbeddings,
+        generator: &mut TorchGenerator,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let latents = match options.denoising_start {
+            Some(_) => init_latents,
+            None => {
+                let noise = generator.randn_tensor(init_latents.dims(), &self.device)?;
+                let latent_timestep = vec![timesteps[0]; init_latents.dim(0)?];
+                self.scheduler.scheduler.add_noise(&init_latents, &noise, &latent_timestep)?
+            }
         };
-        let batch = options.num_images_per_prompt;
-        let latent_timestep = vec![first; batch];
-
-        let init_latents = self.encode_image_latents(&image, generator)?.repeat((batch, 1, 1, 1))?;
-        let noise = generator.randn_tensor(init_latents.dims(), &self.device)?;
-        let latents = self.scheduler.scheduler.add_noise(&init_latents, &noise, &latent_timestep)?;
-
-        let run = DenoiseLoop { latents, timesteps, embeddings, extra_channels: None };
+        if let Some(end) = options.denoising_end {
+            if options.denoising_start.is_some_and(|start| start >= end) {
+                return Err(Error::invalid(format!(
+                    "the denoising start ({}) must be below the denoising end ({end})",
+                    options.denoising_start.unwrap_or_default()
+                )));
+            }
+            let cutoff = self.timestep_cutoff(end)?;
+            timesteps.retain(|&t| t >= cutoff);
+        }
+        let run = DenoiseLoop { latents, timesteps, embeddings, extra_channels: None, time_ids_for: TimeIdsFor::Image };
         self.denoise_loop(run, options, &mut |_, latents, _| Ok(latents), generator, on_step)
+    }
+
+    /// The refiner's half of an SDXL base + refiner ensemble: image-to-image from the base's
+    /// final latents `[N, 4, h, w]` (which it takes as they are: no VAE, no noise), starting at
+    /// `options.denoising_start`; images `[N, 3, H, W]` in about [-1, 1].
+    pub fn refine_latents(
+        &mut self,
+        options: &TextToImageOptions,
+        latents: &Tensor,
+        generator: &mut TorchGenerator,
+        on_step: &mut dyn FnMut(usize, usize),
+        warn: &mut dyn FnMut(String),
+        times: &mut PhaseTimes,
+    ) -> Result<Tensor> {
+        if options.denoising_start.is_none() {
+            return Err(Error::invalid("refining latents needs a denoising start (the fraction of the schedule the base ran)"));
+        }
+        let (batch, channels, height, width) = latents.dims4()?;
+        if channels != self.unet_config.in_channels || batch != options.num_images_per_prompt {
+            return Err(Error::invalid(format!(
+                "the latents to refine have shape {:?}; this refiner takes [{}, {}, h, w]",
+                latents.dims(),
+                options.num_images_per_prompt,
+                self.unet_config.in_channels
+            )));
+        }
+        let factor = self.vae_scale_factor();
+        let options = TextToImageOptions { height: Some(height * factor), width: Some(width * factor), ..options.clone() };
+        self.validate(&options)?;
+        let start = std::time::Instant::now();
+        let embeddings = self.encode_prompt(&options, warn)?;
+        times.text_encoding = start.elapsed().as_secs_f64();
+        let start = std::time::Instant::now();
+        let timesteps = self.image_to_image_timesteps(&options, 1.0)?;
+        let latents = self.denoise_init_latents(&options, latents.to_dtype(DType::F32)?, timesteps, &embeddings, generator, on_step)?;
+        times.denoising = start.elapsed().as_secs_f64();
+        let start = std::time::Instant::now();
+        let images = self.decode_latents(&latents)?;
+        times.decoding = start.elapsed().as_secs_f64();
+        Ok(images)
     }
 }

@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor};
 
 use crate::pipelines::image_processor::{Image8, VaeImageProcessor};
 use crate::pipelines::img2img::{strength_timesteps, ImageCondition};
-use crate::pipelines::stable_diffusion::{DenoiseLoop, StableDiffusionPipeline, TextToImageOptions};
+use crate::pipelines::stable_diffusion::{DenoiseLoop, PromptEmbeddings, StableDiffusionPipeline, TextToImageOptions, TimeIdsFor};
 use crate::rng::TorchGenerator;
 use crate::schedulers::Scheduler;
 use crate::Result;
@@ -24,7 +24,7 @@ impl StableDiffusionPipeline {
         options: &TextToImageOptions,
         condition: &ImageCondition,
         mask: &Image8,
-        embeddings: &Tensor,
+        embeddings: &PromptEmbeddings,
         generator: &mut TorchGenerator,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
@@ -87,7 +87,7 @@ impl StableDiffusionPipeline {
             let kept = init_latents_proper.broadcast_mul(&mask.affine(-1.0, 1.0)?)?;
             Ok((kept + latents.broadcast_mul(&mask)?)?)
         };
-        let run = DenoiseLoop { latents, timesteps, embeddings, extra_channels };
+        let run = DenoiseLoop { latents, timesteps, embeddings, extra_channels, time_ids_for: TimeIdsFor::Image };
         self.denoise_loop(run, options, &mut blend, generator, on_step)
     }
 }

@@ -16,7 +16,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use crate::pipelines::image_processor::{Image8, VaeImageProcessor};
-use crate::pipelines::stable_diffusion::{DenoiseLoop, StableDiffusionPipeline, TextToImageOptions};
+use crate::pipelines::stable_diffusion::{DenoiseLoop, StableDiffusionPipeline, TextToImageOptions, TimeIdsFor};
 use crate::rng::TorchGenerator;
 use crate::schedulers;
 use crate::{Error, Result};
@@ -55,7 +55,13 @@ impl StableDiffusionPipeline {
         let timesteps = inverse.timesteps().to_vec();
         // Run the shared loop with the inverse scheduler in place of the pipeline's own.
         let forward = std::mem::replace(&mut self.scheduler.scheduler, inverse);
-        let run = DenoiseLoop { latents, timesteps, embeddings: &embeddings, extra_channels: None };
+        let run = DenoiseLoop {
+            latents,
+            timesteps,
+            embeddings: &embeddings,
+            extra_channels: None,
+            time_ids_for: TimeIdsFor::TextToImage,
+        };
         let result = self.denoise_loop(run, &options, &mut |_, latents, _| Ok(latents), generator, on_step);
         self.scheduler.scheduler = forward;
         result

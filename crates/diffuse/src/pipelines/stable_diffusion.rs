@@ -1,8 +1,11 @@
 //! Text-to-image latent diffusion: diffusers' StableDiffusionPipeline
-//! (diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion.py). The prompt (and the
-//! negative prompt) go through the CLIP tokenizer and text encoder; classifier-free guidance
-//! batches [unconditional, conditional] into one UNet pass; the scheduler loop runs in the
-//! VAE's latent space; the VAE decodes the result.
+//! (diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion.py), and for SDXL folders
+//! StableDiffusionXLPipeline (diffusers/pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl.py).
+//! The prompt (and the negative prompt) go through the CLIP tokenizer and text encoder (SDXL:
+//! both encoders' penultimate layers, concatenated, and the second one's pooled projection);
+//! classifier-free guidance batches [unconditional, conditional] into one UNet pass; the
+//! scheduler loop runs in the VAE's latent space (SDXL's UNet also takes the pooled embedding
+//! and the size/crop ids); the VAE decodes the result.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +21,7 @@ use crate::loading::weights::{find_weight_files, var_builder};
 use crate::lora::{AppliedLora, LoraSet, LoraSpec, Target};
 use crate::models::autoencoder_kl::AutoencoderKLConfig;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
-use crate::models::unet_2d_condition::{PerBlock, UNet2DConditionModel, UNet2DConditionModelConfig};
+use crate::models::unet_2d_condition::{AddedConditions, PerBlock, UNet2DConditionModel, UNet2DConditionModelConfig};
 use crate::pipelines::autoencoder::{Autoencoder, AutoencoderConfig};
 use crate::pipelines::{resolve_scheduler, scheduler_from_config, ResolvedScheduler};
 use crate::prompts::{a1111, extra_networks, PromptSyntax};
@@ -29,8 +32,17 @@ use crate::tokenizers::clip::ClipTokenizer;
 use crate::{ops, Error, Result};
 
 pub struct StableDiffusionPipeline {
+    /// The first (for SD 1.x/2.x the only) text encoder and its tokenizer. An SDXL refiner has
+    /// only OpenCLIP bigG, diffusers' `text_encoder_2`: it is kept here.
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
+    /// SDXL base's second text encoder (`CLIPTextModelWithProjection`) and its tokenizer.
+    pub text_encoder_2: Option<(ClipTokenizer, ClipTextModel)>,
+    /// SDXL's `model_index.json` settings (false for other pipelines): no negative prompt
+    /// means zero negative embeddings (`force_zeros_for_empty_prompt`), and the time ids end
+    /// with the aesthetic score rather than the target size (`requires_aesthetics_score`).
+    pub force_zeros_for_empty_prompt: bool,
+    pub requires_aesthetics_score: bool,
     pub unet: UNet2DConditionModel,
     pub unet_config: UNet2DConditionModelConfig,
     /// The folder's AutoencoderKL, or the autoencoder `replace_vae` put in its place.
@@ -85,6 +97,27 @@ pub struct TextToImageOptions {
     pub clip_skip: Option<usize>,
     /// How the prompts are read: diffusers' (truncated to 77 tokens) or AUTOMATIC1111's.
     pub prompt_syntax: PromptSyntax,
+    /// SDXL: the prompts for the second text encoder (default: `prompt`, `negative_prompt`).
+    pub prompt_2: Option<String>,
+    pub negative_prompt_2: Option<String>,
+    /// SDXL's micro-conditioning, each (height, width) or (top, left): the size the training
+    /// image had (default: the output size), where it was cropped, the size aimed at (default:
+    /// the output size), and their negative counterparts.
+    pub original_size: Option<(usize, usize)>,
+    pub crops_coords_top_left: (usize, usize),
+    pub target_size: Option<(usize, usize)>,
+    pub negative_original_size: Option<(usize, usize)>,
+    pub negative_crops_coords_top_left: (usize, usize),
+    pub negative_target_size: Option<(usize, usize)>,
+    /// The SDXL refiner's aesthetic conditioning (`requires_aesthetics_score`): 6.0 and 2.5.
+    pub aesthetic_score: f64,
+    pub negative_aesthetic_score: f64,
+    /// Stop after this fraction of the schedule, in (0, 1) (the SDXL base of a base + refiner
+    /// ensemble, whose latents the refiner then takes with `denoising_start`).
+    pub denoising_end: Option<f64>,
+    /// Image-to-image: start at this fraction of the schedule instead of where `strength`
+    /// says, and add no noise to the init latents (the refiner of an ensemble).
+    pub denoising_start: Option<f64>,
 }
 
 impl Default for TextToImageOptions {
@@ -101,8 +134,39 @@ impl Default for TextToImageOptions {
             eta: 0.0,
             clip_skip: None,
             prompt_syntax: PromptSyntax::Diffusers,
+            prompt_2: None,
+            negative_prompt_2: None,
+            original_size: None,
+            crops_coords_top_left: (0, 0),
+            target_size: None,
+            negative_original_size: None,
+            negative_crops_coords_top_left: (0, 0),
+            negative_target_size: None,
+            aesthetic_score: 6.0,
+            negative_aesthetic_score: 2.5,
+            denoising_end: None,
+            denoising_start: None,
         }
     }
+}
+
+/// A prompt's conditioning: the text encoder's hidden states `[N, T, cross_attention_dim]`
+/// and, for SDXL, the pooled projected embedding `[N, projection_dim]`; with guidance, the
+/// negative rows first (`[negative; positive]`).
+#[derive(Clone, Debug)]
+pub struct PromptEmbeddings {
+    pub hidden: Tensor,
+    pub pooled: Option<Tensor>,
+}
+
+/// Which of diffusers' SDXL pipelines the time ids follow: text-to-image's negative ids are the
+/// positive ones unless both negative sizes are given; image-to-image's and inpainting's
+/// default each negative size to the positive one (and, with `requires_aesthetics_score`, end
+/// with the aesthetic scores).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeIdsFor {
+    TextToImage,
+    Image,
 }
 
 /// Time spent in each phase of one generation, for the CLI's summary line.
@@ -120,8 +184,10 @@ pub struct PhaseTimes {
 pub struct DenoiseLoop<'a> {
     pub latents: Tensor,
     pub timesteps: Vec<f64>,
-    pub embeddings: &'a Tensor,
+    pub embeddings: &'a PromptEmbeddings,
     pub extra_channels: Option<Tensor>,
+    /// Which pipeline's SDXL time ids the loop conditions on (ignored for other UNets).
+    pub time_ids_for: TimeIdsFor,
 }
 
 /// Whether a folder looks like a Stable Diffusion pipeline rather than a pixel-space one.
@@ -163,6 +229,14 @@ pub fn single_file_scheduler(
 /// LatentConsistencyModelPipeline's `__call__` defaults: (num_inference_steps, guidance_scale).
 pub const LCM_PIPELINE_DEFAULTS: (usize, f64) = (4, 8.5);
 
+/// The SDXL pipelines' `__call__` defaults: (num_inference_steps, guidance_scale).
+pub const SDXL_PIPELINE_DEFAULTS: (usize, f64) = (50, 5.0);
+
+/// Whether a pipeline class is one of diffusers' SDXL pipelines.
+pub fn is_xl_pipeline_class(class: &str) -> bool {
+    class.starts_with("StableDiffusionXL")
+}
+
 fn load_component_config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T> {
     let path = dir.join("config.json");
     parse_config(&read_json_object(&path)?, &path)
@@ -173,6 +247,8 @@ fn load_component_config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T
 pub struct Components {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: (ClipTextConfig, VarBuilder<'static>, PathBuf),
+    /// SDXL base's second text encoder, with its tokenizer.
+    pub text_encoder_2: Option<(ClipTokenizer, (ClipTextConfig, VarBuilder<'static>, PathBuf))>,
     pub unet: (UNet2DConditionModelConfig, VarBuilder<'static>, PathBuf),
     pub vae: (AutoencoderConfig, VarBuilder<'static>, PathBuf),
     pub scheduler: ResolvedScheduler,
@@ -220,13 +296,25 @@ impl StableDiffusionPipeline {
     ) -> Result<Self> {
         let dtype = ops::weight_dtype(dtype, device);
         let loras = LoraSet::open(loras)?;
-        for component in ["tokenizer", "text_encoder", "unet", "vae", "scheduler"] {
-            if !model_dir.join(component).is_dir() {
+        // An SDXL refiner has only the second text encoder; it is then the first one here.
+        let has = |component: &str| model_dir.join(component).is_dir();
+        let second_only = !has("text_encoder") && has("text_encoder_2");
+        let (first_tokenizer, first_encoder) =
+            if second_only { ("tokenizer_2", "text_encoder_2") } else { ("tokenizer", "text_encoder") };
+        for component in [first_tokenizer, first_encoder, "unet", "vae", "scheduler"] {
+            if !has(component) {
                 return Err(Error::invalid(format!(
                     "{}: not a Stable Diffusion pipeline folder: the `{component}/` component is missing",
                     model_dir.display()
                 )));
             }
+        }
+        if !second_only && has("text_encoder_2") != has("tokenizer_2") {
+            let missing = if has("text_encoder_2") { "tokenizer_2" } else { "text_encoder_2" };
+            return Err(Error::invalid(format!(
+                "{}: an SDXL pipeline folder needs both `text_encoder_2/` and `tokenizer_2/`; `{missing}/` is missing",
+                model_dir.display()
+            )));
         }
         // Each model: its folder's config.json and weight files (the first one named in errors).
         let model = |folder: &str, stem: &str| {
@@ -234,13 +322,22 @@ impl StableDiffusionPipeline {
             let files = find_weight_files(&dir, stem, variant)?;
             Ok::<_, Error>((dir, files[0].clone(), var_builder(&files, dtype, device)?))
         };
-        let (te_dir, te_file, te_weights) = model("text_encoder", "model")?;
+        let (te_dir, te_file, te_weights) = model(first_encoder, "model")?;
         let (unet_dir, unet_file, unet_weights) = model("unet", "diffusion_pytorch_model")?;
         let (vae_dir, vae_file, vae_weights) = model("vae", "diffusion_pytorch_model")?;
         let vae_config = vae_dir.join("config.json");
+        let text_encoder_2 = match !second_only && has("text_encoder_2") {
+            true => {
+                let (dir, file, weights) = model("text_encoder_2", "model")?;
+                let tokenizer = ClipTokenizer::from_folder(model_dir.join("tokenizer_2"))?;
+                Some((tokenizer, (load_component_config(&dir)?, weights, file)))
+            }
+            false => None,
+        };
         let components = Components {
-            tokenizer: ClipTokenizer::from_folder(model_dir.join("tokenizer"))?,
+            tokenizer: ClipTokenizer::from_folder(model_dir.join(first_tokenizer))?,
             text_encoder: (load_component_config(&te_dir)?, te_weights, te_file),
+            text_encoder_2,
             unet: (load_component_config(&unet_dir)?, unet_weights, unet_file),
             // An AutoencoderKL, or whichever autoencoder the config names (a folder may ship TAESD).
             vae: (AutoencoderConfig::from_json(&read_json_object(&vae_config)?, &vae_config)?, vae_weights, vae_file),
@@ -250,6 +347,13 @@ impl StableDiffusionPipeline {
         pipeline.loras = loras.finish()?;
         if let Some(class) = pipeline_class_name(model_dir) {
             pipeline.pipeline_class = class;
+        }
+        if pipeline.is_xl() {
+            // The SDXL pipelines' registered config, with their defaults.
+            let index = read_json_object(&model_dir.join("model_index.json")).unwrap_or_default();
+            let flag = |key: &str, default: bool| index.get(key).and_then(Value::as_bool).unwrap_or(default);
+            pipeline.force_zeros_for_empty_prompt = flag("force_zeros_for_empty_prompt", true);
+            pipeline.requires_aesthetics_score = flag("requires_aesthetics_score", false);
         }
         Ok(pipeline)
     }
@@ -297,6 +401,7 @@ impl StableDiffusionPipeline {
         let components = Components {
             tokenizer: builtin_clip_tokenizer(file.family())?,
             text_encoder: model(&file, Component::TextEncoder, dtype, device)?,
+            text_encoder_2: None,
             unet: model(&file, Component::Unet, dtype, device)?,
             vae: {
                 let (config, weights, file) = model::<AutoencoderKLConfig>(&file, Component::Vae, dtype, device)?;
@@ -330,25 +435,43 @@ impl StableDiffusionPipeline {
     /// Builds the models from their configs and weights and checks that they fit together;
     /// `origin` (the folder or the file) is kept as `model_dir`.
     pub fn from_components(components: Components, origin: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        let Components { tokenizer, text_encoder, unet, vae, scheduler } = components;
+        let Components { tokenizer, text_encoder, text_encoder_2, unet, vae, scheduler } = components;
         let (te_config, te_weights, te_file) = text_encoder;
         let text_encoder = ClipTextModel::new(te_weights, &te_config).map_err(|e| e.in_weights_file(&te_file))?;
+        let text_encoder_2 = match text_encoder_2 {
+            Some((tokenizer, (config, weights, file))) => {
+                Some((tokenizer, ClipTextModel::new(weights, &config).map_err(|e| e.in_weights_file(&file))?))
+            }
+            None => None,
+        };
         let (unet_config, unet_weights, unet_file) = unet;
         let unet = UNet2DConditionModel::new(unet_weights, &unet_config).map_err(|e| e.in_weights_file(&unet_file))?;
         let (vae_config, vae_weights, vae_file) = vae;
         let vae = Autoencoder::new(vae_weights, &vae_config).map_err(|e| e.in_weights_file(&vae_file))?;
 
-        if unet_config.cross_attention_dim != te_config.hidden_size {
+        // SDXL concatenates both encoders' hidden states.
+        let text_width = te_config.hidden_size + text_encoder_2.as_ref().map_or(0, |(_, model)| model.config.hidden_size);
+        if unet_config.cross_attention_dim != text_width {
             return Err(Error::invalid(format!(
-                "{}: the UNet's cross_attention_dim ({}) does not match the text encoder's hidden_size ({})",
+                "{}: the UNet's cross_attention_dim ({}) does not match the text encoders' hidden_size ({text_width})",
                 origin.display(),
                 unet_config.cross_attention_dim,
-                te_config.hidden_size
+            )));
+        }
+        let xl = unet_config.addition_embed_type.as_deref() == Some("text_time");
+        if xl && !text_encoder_2.as_ref().map_or(text_encoder.has_projection(), |(_, model)| model.has_projection()) {
+            return Err(Error::invalid(format!(
+                "{}: this SDXL UNet needs a pooled text embedding, but the (last) text encoder has no `text_projection` \
+                 (it must be a CLIPTextModelWithProjection)",
+                origin.display()
             )));
         }
         Ok(StableDiffusionPipeline {
             tokenizer,
             text_encoder,
+            text_encoder_2,
+            force_zeros_for_empty_prompt: false,
+            requires_aesthetics_score: false,
             unet,
             unet_config,
             vae,
@@ -389,6 +512,12 @@ impl StableDiffusionPipeline {
             )));
         }
         Ok(vae)
+    }
+
+    /// Whether this is an SDXL pipeline: its UNet takes the pooled text embedding and the
+    /// size/crop time ids (`addition_embed_type = "text_time"`).
+    pub fn is_xl(&self) -> bool {
+        self.unet_config.addition_embed_type.as_deref() == Some("text_time")
     }
 
     /// Whether the UNet runs twice per step (unconditional and conditional, batched): guidance
@@ -486,31 +615,121 @@ impl StableDiffusionPipeline {
             }
         }
         self.scheduler.scheduler.check_eta(options.eta)?;
+        for (name, fraction) in [("denoising end", options.denoising_end), ("denoising start", options.denoising_start)] {
+            if let Some(fraction) = fraction.filter(|f| !(*f > 0.0 && *f < 1.0)) {
+                return Err(Error::invalid(format!("the {name} must be between 0 and 1 (exclusive), got {fraction}")));
+            }
+        }
+        if self.is_xl() {
+            self.check_time_ids_width()?;
+        }
         Ok((height, width))
     }
 
-    /// Encodes one prompt to `[1, 77, hidden]` (A1111's syntax: `[1, 77 · chunks, hidden]`);
-    /// also says whether it was truncated.
-    fn encode_text(&self, prompt: &str, clip_skip: Option<usize>, syntax: PromptSyntax) -> Result<(Tensor, bool)> {
-        if syntax == PromptSyntax::A1111 {
-            return Ok((a1111::encode_prompt(&self.tokenizer, &self.text_encoder, prompt, clip_skip)?, false));
+    /// SDXL: the pooled embedding and the time ids this pipeline makes must fill the UNet's
+    /// `add_embedding` input (`projection_class_embeddings_input_dim`), as diffusers'
+    /// `_get_add_time_ids` checks; a refiner's UNet takes 5 ids (the aesthetic score in place
+    /// of the target size), a base's 6.
+    fn check_time_ids_width(&self) -> Result<()> {
+        let config = &self.unet_config;
+        let encoder = self.text_encoder_2.as_ref().map_or(&self.text_encoder, |(_, model)| model);
+        let (Some(time_dim), Some(expected), Some(projection_dim)) =
+            (config.addition_time_embed_dim, config.projection_class_embeddings_input_dim, encoder.config.projection_dim)
+        else {
+            return Ok(());
+        };
+        let ids = if self.requires_aesthetics_score { 5 } else { 6 };
+        let passed = projection_dim + ids * time_dim;
+        if passed == expected {
+            return Ok(());
         }
-        let encoding = self.tokenizer.encode(prompt)?;
-        let ids = Tensor::from_vec(encoding.input_ids.clone(), (1, encoding.input_ids.len()), &self.device)?;
-        Ok((self.text_encoder.encode(&ids, clip_skip)?, encoding.was_truncated()))
+        let hint = match (expected.checked_sub(passed), passed.checked_sub(expected)) {
+            (Some(more), _) if more == time_dim => " (the UNet takes one more id: set `requires_aesthetics_score` in model_index.json?)",
+            (_, Some(fewer)) if fewer == time_dim => " (the UNet takes one id fewer: unset `requires_aesthetics_score`?)",
+            _ => "",
+        };
+        Err(Error::invalid(format!(
+            "{}: the UNet's projection_class_embeddings_input_dim is {expected}, but the text encoder's projection_dim \
+             {projection_dim} + {ids} time ids × addition_time_embed_dim {time_dim} = {passed}{hint}",
+            self.model_dir.display()
+        )))
+    }
+
+    /// The text encoders and their tokenizers, in diffusers' order (SDXL base: CLIP-L, then
+    /// OpenCLIP bigG).
+    fn text_encoders(&self) -> Vec<(&ClipTokenizer, &ClipTextModel)> {
+        let mut encoders = vec![(&self.tokenizer, &self.text_encoder)];
+        encoders.extend(self.text_encoder_2.as_ref().map(|(tokenizer, model)| (tokenizer, model)));
+        encoders
+    }
+
+    /// Encodes one prompt (`prompt_2` for the second SDXL encoder) to `[1, 77, hidden]`
+    /// (A1111's syntax: `[1, 77 · chunks, hidden]`) and, for SDXL, the pooled projection; also
+    /// says whether it was truncated. SD 1.x/2.x: the last layer (or clip skip's, through the
+    /// final norm); SDXL: each encoder's `hidden_states[-(clip_skip + 2)]`, concatenated.
+    fn encode_text(
+        &self,
+        prompt: &str,
+        prompt_2: &str,
+        clip_skip: Option<usize>,
+        syntax: PromptSyntax,
+    ) -> Result<(Tensor, Option<Tensor>, bool)> {
+        if !self.is_xl() {
+            if syntax == PromptSyntax::A1111 {
+                return Ok((a1111::encode_prompt(&self.tokenizer, &self.text_encoder, prompt, clip_skip)?, None, false));
+            }
+            let encoding = self.tokenizer.encode(prompt)?;
+            let ids = Tensor::from_vec(encoding.input_ids.clone(), (1, encoding.input_ids.len()), &self.device)?;
+            return Ok((self.text_encoder.encode(&ids, clip_skip)?, None, encoding.was_truncated()));
+        }
+        // diffusers zips [prompt, prompt_2] with the encoders: a refiner's one encoder gets `prompt`.
+        let encoders = self.text_encoders();
+        if syntax == PromptSyntax::A1111 {
+            if prompt != prompt_2 && encoders.len() > 1 {
+                let (first, _) = a1111::encode_prompt_xl(&encoders[..1], prompt, clip_skip)?;
+                let (second, pooled) = a1111::encode_prompt_xl(&encoders[1..], prompt_2, clip_skip)?;
+                if first.dim(1)? != second.dim(1)? {
+                    return Err(Error::invalid(format!(
+                        "with AUTOMATIC1111 prompt syntax, the prompt and the second prompt must fill as many 75-token \
+                         chunks ({} and {} tokens' worth)",
+                        first.dim(1)?,
+                        second.dim(1)?
+                    )));
+                }
+                return Ok((Tensor::cat(&[first, second], 2)?, pooled, false));
+            }
+            let (hidden, pooled) = a1111::encode_prompt_xl(&encoders, prompt, clip_skip)?;
+            return Ok((hidden, pooled, false));
+        }
+        let (mut hidden, mut pooled, mut truncated) = (Vec::new(), None, false);
+        for ((tokenizer, text_encoder), text) in encoders.into_iter().zip([prompt, prompt_2]) {
+            let encoding = tokenizer.encode(text)?;
+            truncated |= encoding.was_truncated();
+            let ids = Tensor::from_vec(encoding.input_ids.clone(), (1, encoding.input_ids.len()), &self.device)?;
+            let (states, projected) = text_encoder.encode_penultimate(&ids, clip_skip)?;
+            hidden.push(states);
+            // The first encoder with a projection gives the pooled embedding, as in diffusers.
+            pooled = pooled.or(projected);
+        }
+        Ok((Tensor::cat(&hidden, 2)?, pooled, truncated))
     }
 
     /// diffusers' `encode_prompt`: the prompt's embeddings (with clip skip) and, with guidance,
-    /// the negative (or empty) prompt's from the last layer, each repeated per image; returned
-    /// stacked as `[negative; positive]` when guidance is on.
-    pub fn encode_prompt(&self, options: &TextToImageOptions, warn: &mut dyn FnMut(String)) -> Result<Tensor> {
+    /// the negative (or empty) prompt's (SD: the last layer; SDXL: the penultimate, or zeros when
+    /// there is no negative prompt and the folder says `force_zeros_for_empty_prompt`), each
+    /// repeated per image; stacked as `[negative; positive]` when guidance is on.
+    pub fn encode_prompt(&self, options: &TextToImageOptions, warn: &mut dyn FnMut(String)) -> Result<PromptEmbeddings> {
         let syntax = options.prompt_syntax;
         // AUTOMATIC1111 cuts `<lora:...>` tags out of the prompt (the caller loads the LoRAs).
-        let prompt = match syntax {
-            PromptSyntax::A1111 => extra_networks::parse_prompt(&options.prompt).0,
-            PromptSyntax::Diffusers => options.prompt.clone(),
+        let strip = |prompt: &str| match syntax {
+            PromptSyntax::A1111 => extra_networks::parse_prompt(prompt).0,
+            PromptSyntax::Diffusers => prompt.to_string(),
         };
-        let (prompt_embeds, truncated) = self.encode_text(&prompt, options.clip_skip, syntax)?;
+        // Python's `prompt_2 or prompt`: an empty second prompt is no second prompt.
+        let or_first = |second: &Option<String>, first: &str| second.as_deref().filter(|s| !s.is_empty()).map_or(first.to_string(), strip);
+        let prompt = strip(&options.prompt);
+        let prompt_2 = or_first(&options.prompt_2, &prompt);
+        let (prompt_embeds, pooled, truncated) = self.encode_text(&prompt, &prompt_2, options.clip_skip, syntax)?;
         if truncated {
             warn(format!(
                 "the prompt was truncated to CLIP's {} tokens, as diffusers does",
@@ -518,32 +737,112 @@ impl StableDiffusionPipeline {
             ));
         }
         let n = options.num_images_per_prompt;
+        let repeat = |hidden: Tensor, pooled: Option<Tensor>| -> Result<(Tensor, Option<Tensor>)> {
+            Ok((hidden.repeat((n, 1, 1))?, pooled.map(|p| p.repeat((n, 1))).transpose()?))
+        };
         if !self.do_classifier_free_guidance(options) {
             if options.negative_prompt.is_some() && self.unet_config.time_cond_proj_dim.is_some() {
                 warn("the negative prompt is ignored: this LCM-distilled UNet embeds the guidance scale and runs without classifier-free guidance".to_string());
             }
-            return Ok(prompt_embeds.repeat((n, 1, 1))?);
+            let (hidden, pooled) = repeat(prompt_embeds, pooled)?;
+            return Ok(PromptEmbeddings { hidden, pooled });
         }
-        let (negative_embeds, truncated) =
-            self.encode_text(options.negative_prompt.as_deref().unwrap_or(""), None, syntax)?;
-        if truncated {
-            warn("the negative prompt was truncated to CLIP's token limit".to_string());
-        }
+        let (negative_embeds, negative_pooled) = if self.is_xl() && options.negative_prompt.is_none() && self.force_zeros_for_empty_prompt {
+            (prompt_embeds.zeros_like()?, pooled.as_ref().map(Tensor::zeros_like).transpose()?)
+        } else {
+            let negative = options.negative_prompt.as_deref().map(strip).unwrap_or_default();
+            let negative_2 = or_first(&options.negative_prompt_2, &negative);
+            let (embeds, pooled, truncated) = self.encode_text(&negative, &negative_2, None, syntax)?;
+            if truncated {
+                warn("the negative prompt was truncated to CLIP's token limit".to_string());
+            }
+            (embeds, pooled)
+        };
         // A1111 prompts of different lengths: the shorter gets the empty prompt's chunks.
         let (prompt_embeds, negative_embeds) = a1111::pad_to_same_length(
             prompt_embeds,
             negative_embeds,
-            || Ok(self.encode_text("", options.clip_skip, syntax)?.0),
-            || Ok(self.encode_text("", None, syntax)?.0),
+            || Ok(self.encode_text("", "", options.clip_skip, syntax)?.0),
+            || Ok(self.encode_text("", "", None, syntax)?.0),
         )?;
-        Ok(Tensor::cat(&[negative_embeds.repeat((n, 1, 1))?, prompt_embeds.repeat((n, 1, 1))?], 0)?)
+        let (negative, negative_pooled) = repeat(negative_embeds, negative_pooled)?;
+        let (positive, pooled) = repeat(prompt_embeds, pooled)?;
+        let pooled = match (negative_pooled, pooled) {
+            (Some(negative), Some(positive)) => Some(Tensor::cat(&[negative, positive], 0)?),
+            _ => None,
+        };
+        Ok(PromptEmbeddings { hidden: Tensor::cat(&[negative, positive], 0)?, pooled })
+    }
+
+    /// SDXL's `added_cond_kwargs` for a loop over `batch` latents of an image `height`×`width`
+    /// (`None` for other UNets): the pooled embeddings and the time ids, original size + crop
+    /// top-left + target size (or + aesthetic score for a refiner), the negative ones first
+    /// with guidance, as `kind`'s pipeline builds them.
+    pub fn added_conditions(
+        &self,
+        options: &TextToImageOptions,
+        embeddings: &PromptEmbeddings,
+        (height, width): (usize, usize),
+        batch: usize,
+        kind: TimeIdsFor,
+    ) -> Result<Option<AddedConditions>> {
+        if !self.is_xl() {
+            return Ok(None);
+        }
+        let Some(text_embeds) = embeddings.pooled.clone() else {
+            return Err(Error::invalid("this SDXL UNet needs the pooled text embedding, and none was computed"));
+        };
+        let pair = |(a, b): (usize, usize)| [a as f32, b as f32];
+        let original = options.original_size.unwrap_or((height, width));
+        let target = options.target_size.unwrap_or((height, width));
+        let crops = options.crops_coords_top_left;
+        let ids = |original, crops, last: &[f32]| -> Vec<f32> { [&pair(original)[..], &pair(crops)[..], last].concat() };
+        let (positive, negative) = match (kind, self.requires_aesthetics_score) {
+            (TimeIdsFor::Image, true) => (
+                ids(original, crops, &[options.aesthetic_score as f32]),
+                ids(
+                    options.negative_original_size.unwrap_or(original),
+                    options.negative_crops_coords_top_left,
+                    &[options.negative_aesthetic_score as f32],
+                ),
+            ),
+            // (Image-to-image's negative ids take the positive crop: diffusers' own choice.)
+            (TimeIdsFor::Image, false) => (
+                ids(original, crops, &pair(target)),
+                ids(
+                    options.negative_original_size.unwrap_or(original),
+                    crops,
+                    &pair(options.negative_target_size.unwrap_or(target)),
+                ),
+            ),
+            (TimeIdsFor::TextToImage, _) => {
+                let positive = ids(original, crops, &pair(target));
+                let negative = match (options.negative_original_size, options.negative_target_size) {
+                    (Some(negative_original), Some(negative_target)) => {
+                        ids(negative_original, options.negative_crops_coords_top_left, &pair(negative_target))
+                    }
+                    _ => positive.clone(),
+                };
+                (positive, negative)
+            }
+        };
+        let row = |values: &[f32]| Tensor::from_vec(values.to_vec(), (1, values.len()), &self.device);
+        let do_guidance = self.do_classifier_free_guidance(options);
+        let time_ids = match (do_guidance, kind) {
+            (false, _) => row(&positive)?.repeat((batch, 1))?,
+            // Text-to-image concatenates [negative, positive] and then repeats the pair per
+            // image, so with several images the rows alternate (unlike the embeddings): as diffusers.
+            (true, TimeIdsFor::TextToImage) => Tensor::cat(&[row(&negative)?, row(&positive)?], 0)?.repeat((batch, 1))?,
+            (true, TimeIdsFor::Image) => Tensor::cat(&[row(&negative)?.repeat((batch, 1))?, row(&positive)?.repeat((batch, 1))?], 0)?,
+        };
+        Ok(Some(AddedConditions { text_embeds, time_ids }))
     }
 
     /// Runs text-to-image; returns the final latents `[N, 4, H/8, W/8]`.
     pub fn denoise(
         &mut self,
         options: &TextToImageOptions,
-        embeddings: &Tensor,
+        embeddings: &PromptEmbeddings,
         generator: &mut TorchGenerator,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
@@ -555,7 +854,7 @@ impl StableDiffusionPipeline {
     pub fn denoise_from(
         &mut self,
         options: &TextToImageOptions,
-        embeddings: &Tensor,
+        embeddings: &PromptEmbeddings,
         initial_latents: Option<&Tensor>,
         generator: &mut TorchGenerator,
         on_step: &mut dyn FnMut(usize, usize),
@@ -574,14 +873,38 @@ impl StableDiffusionPipeline {
             None => generator.randn_tensor(&shape, &self.device)?,
         };
         let latents = (latents * scheduler.init_noise_sigma())?;
-        let timesteps = scheduler.timesteps().to_vec();
-        let run = DenoiseLoop { latents, timesteps, embeddings, extra_channels: None };
+        let mut timesteps = scheduler.timesteps().to_vec();
+        if let Some(end) = options.denoising_end {
+            let cutoff = self.timestep_cutoff(end)?;
+            timesteps.retain(|&t| t >= cutoff);
+        }
+        let run = DenoiseLoop { latents, timesteps, embeddings, extra_channels: None, time_ids_for: TimeIdsFor::TextToImage };
         self.denoise_loop(run, options, &mut |_, latents, _| Ok(latents), generator, on_step)
     }
 
+    /// diffusers' `discrete_timestep_cutoff` for `denoising_end` / `denoising_start` = `fraction`
+    /// of the schedule: `int(round(T − fraction × T))` with T the training timesteps.
+    pub fn timestep_cutoff(&self, fraction: f64) -> Result<f64> {
+        if !(fraction > 0.0 && fraction < 1.0) {
+            return Err(Error::invalid(format!("the denoising start or end must be between 0 and 1 (exclusive), got {fraction}")));
+        }
+        let train_steps = self.scheduler.config.get("num_train_timesteps").and_then(Value::as_f64).unwrap_or(1000.0);
+        // Python's round() rounds halves to even.
+        Ok((train_steps - fraction * train_steps).round_ties_even())
+    }
+
     /// Text-to-image needs a UNet that takes the latents alone (an inpainting UNet also takes a
-    /// mask and the masked image's latents).
+    /// mask and the masked image's latents), and a pipeline that starts from noise (an SDXL
+    /// refiner refines an image).
     pub fn check_text_to_image_unet(&self) -> Result<()> {
+        if self.requires_aesthetics_score || self.pipeline_class == "StableDiffusionXLImg2ImgPipeline" {
+            return Err(Error::invalid(format!(
+                "{} is an SDXL refiner ({}): it refines an image rather than making one from noise; give it an init \
+                 image, or use it as the refiner of an SDXL base",
+                self.model_dir.display(),
+                self.pipeline_class
+            )));
+        }
         let (in_channels, latent_channels) = (self.unet_config.in_channels, self.vae.latent_channels());
         if in_channels != latent_channels {
             return Err(Error::invalid(format!(
@@ -603,15 +926,18 @@ impl StableDiffusionPipeline {
         generator: &mut TorchGenerator,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
-        let DenoiseLoop { mut latents, timesteps, embeddings, extra_channels } = run;
+        let DenoiseLoop { mut latents, timesteps, embeddings, extra_channels, time_ids_for } = run;
         let do_guidance = self.do_classifier_free_guidance(options);
         let activation_dtype = self.activation_dtype();
-        let batch = latents.dim(0)?;
+        let (batch, _, latent_height, latent_width) = latents.dims4()?;
+        let factor = self.vae_scale_factor();
+        let image_size = (latent_height * factor, latent_width * factor);
+        let added = self.added_conditions(options, embeddings, image_size, batch, time_ids_for)?;
         let timestep_cond = match self.unet_config.time_cond_proj_dim {
             Some(dim) => Some(get_guidance_scale_embedding(options.guidance_scale - 1.0, batch, dim, &self.device)?),
             None => None,
         };
-        let embeddings = embeddings.to_dtype(activation_dtype)?;
+        let embeddings = embeddings.hidden.to_dtype(activation_dtype)?;
         for (i, &t) in timesteps.iter().enumerate() {
             self.check_interrupt()?;
             let scheduler = &mut self.scheduler.scheduler;
@@ -625,7 +951,13 @@ impl StableDiffusionPipeline {
             let t_batch = Tensor::from_vec(vec![t as f32; n], n, &self.device)?;
             let noise_pred = self
                 .unet
-                .forward_with_conditions(&model_input.to_dtype(activation_dtype)?, &t_batch, &embeddings, None, timestep_cond.as_ref())?
+                .forward_with_added_conditions(
+                    &model_input.to_dtype(activation_dtype)?,
+                    &t_batch,
+                    &embeddings,
+                    timestep_cond.as_ref(),
+                    added.as_ref(),
+                )?
                 .to_dtype(DType::F32)?;
             let noise_pred = if do_guidance {
                 let uncond = noise_pred.narrow(0, 0, batch)?;

@@ -366,6 +366,36 @@ pub fn encode_prompt(
     encode_chunks(tokenizer, text_encoder, &chunks, clip_skip)
 }
 
+/// A prompt's embeddings for SDXL as the A1111 UI makes them: the same chunks through each
+/// encoder (`hidden_states[-(clip_skip + 2)]`, as diffusers' SDXL pipelines take them), each
+/// chunk's emphasis applied, concatenated along the sequence and then across the encoders
+/// (`[1, 77 · chunks, Σ hidden]`); and the pooled projection of the first chunk from the
+/// encoder that has one (A1111 takes `zs[0].pooled`).
+pub fn encode_prompt_xl(
+    encoders: &[(&ClipTokenizer, &ClipTextModel)],
+    prompt: &str,
+    clip_skip: Option<usize>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let parsed = parse_prompt_attention(prompt)?;
+    let mut per_encoder = Vec::with_capacity(encoders.len());
+    let mut pooled = None;
+    for (tokenizer, text_encoder) in encoders {
+        let (chunks, _) = chunk_prompt(&parsed, ChunkTokens::of(tokenizer)?, |text| tokenizer.tokenize(text))?;
+        let mut encoded = Vec::with_capacity(chunks.len());
+        for (i, chunk) in chunks.iter().enumerate() {
+            let ids = chunk_input_ids(chunk, tokenizer.eos_token_id(), tokenizer.pad_token_id());
+            let ids = Tensor::from_vec(ids, (1, CHUNK_LENGTH + 2), text_encoder.device())?;
+            let (z, chunk_pooled) = text_encoder.encode_penultimate(&ids, clip_skip)?;
+            if i == 0 && pooled.is_none() {
+                pooled = chunk_pooled;
+            }
+            encoded.push(apply_emphasis(&z, &chunk.multipliers)?);
+        }
+        per_encoder.push(Tensor::cat(&encoded, 1)?);
+    }
+    Ok((Tensor::cat(&per_encoder, 2)?, pooled))
+}
+
 /// The chunks through the text encoder and the emphasis, concatenated along the sequence.
 pub fn encode_chunks(
     tokenizer: &ClipTokenizer,

@@ -470,6 +470,7 @@ impl TextToImageTask {
         let components = Components {
             tokenizer: self.tokenizer.clone(),
             text_encoder: (self.config.text_encoder.config().clone(), te_weights, te_file),
+            text_encoder_2: None,
             unet: (self.config.unet.clone(), unet_weights, unet_file),
             vae: (AutoencoderConfig::Kl(self.config.vae.config.clone()), vae_weights, vae_file),
             scheduler: self.sample_scheduler()?,
@@ -548,6 +549,7 @@ impl TextToImageTask {
         let components = Components {
             tokenizer: self.tokenizer.clone(),
             text_encoder,
+            text_encoder_2: None,
             unet: (self.config.unet.clone(), trained.pp("unet"), origin.clone()),
             vae: (AutoencoderConfig::Kl(self.config.vae.config.clone()), var_builder(&vae_files, DType::F32, &self.device)?, vae_files[0].clone()),
             scheduler: self.sample_scheduler()?,
