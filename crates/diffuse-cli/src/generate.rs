@@ -5,6 +5,7 @@
 
 pub(crate) mod loras;
 pub(crate) mod parameters;
+pub(crate) mod xl;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -16,8 +17,8 @@ use clap::ArgMatches;
 use diffuse::loading::config::parse_override;
 use diffuse::pipelines::pixel::{PixelOptions, PixelPipeline};
 use diffuse::pipelines::stable_diffusion::{
-    is_stable_diffusion_folder, pipeline_class_name, PhaseTimes, PreviewSink, StableDiffusionPipeline, StepPreview, TextToImageOptions,
-    LCM_PIPELINE_DEFAULTS,
+    is_stable_diffusion_folder, is_xl_pipeline_class, pipeline_class_name, PhaseTimes, PreviewSink, StableDiffusionPipeline,
+    StepPreview, TextToImageOptions, LCM_PIPELINE_DEFAULTS, SDXL_PIPELINE_DEFAULTS,
 };
 use diffuse::pipelines::{to_uint8_images, write_png};
 use diffuse::prompts::PromptSyntax;
@@ -54,7 +55,7 @@ pub struct GenerateArgs {
     pub(crate) negative_prompt: Option<String>,
     /// Classifier-free guidance scale; 1 or less turns guidance off (one UNet pass per step).
     /// LCM-distilled UNets embed it instead (one pass per step always; default 8.5 for a
-    /// LatentConsistencyModelPipeline folder, as diffusers).
+    /// LatentConsistencyModelPipeline folder, as diffusers). Default 5 for SDXL folders.
     #[arg(long, default_value_t = 7.5)]
     pub(crate) guidance_scale: f64,
     /// Guidance rescale (Lin et al. 2023), 0 to 1; helps zero-terminal-SNR models.
@@ -131,6 +132,8 @@ pub struct GenerateArgs {
     pub(crate) num_images: usize,
     #[command(flatten)]
     pub(crate) start: StartArgs,
+    #[command(flatten)]
+    pub(crate) xl: xl::XlArgs,
     /// Load the `.VARIANT.safetensors` weight files (e.g. fp16).
     #[arg(long)]
     pub(crate) variant: Option<String>,
@@ -315,13 +318,24 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
     }
     // LatentConsistencyModelPipeline folders (and single files of an LCM-distilled UNet) run
     // with that pipeline's defaults where neither the command line nor --from says otherwise.
-    if recalled.is_none() && pipeline_class_name(&model_path).as_deref() == Some("LatentConsistencyModelPipeline") {
-        let given = |id: &str| matches.and_then(|m| m.value_source(id)) == Some(clap::parser::ValueSource::CommandLine);
+    let class = pipeline_class_name(&model_path);
+    let given = |id: &str| matches.and_then(|m| m.value_source(id)) == Some(clap::parser::ValueSource::CommandLine);
+    if recalled.is_none() && class.as_deref() == Some("LatentConsistencyModelPipeline") {
         if !given("steps") {
             args.steps = LCM_PIPELINE_DEFAULTS.0;
         }
         if !given("guidance_scale") {
             args.guidance_scale = LCM_PIPELINE_DEFAULTS.1;
+        }
+    }
+    // The SDXL pipelines' defaults: guidance 5, strength 0.3 (image-to-image) or 0.9999
+    // (inpainting).
+    if recalled.is_none() && class.as_deref().is_some_and(is_xl_pipeline_class) {
+        if !given("guidance_scale") {
+            args.guidance_scale = SDXL_PIPELINE_DEFAULTS.1;
+        }
+        if args.start.init_image.is_some() && args.start.strength.is_none() {
+            args.start.strength = Some(if args.start.mask.is_some() { 0.9999 } else { 0.3 });
         }
     }
     // A scheduler override for every model (so that the image's metadata records it); a single
@@ -522,12 +536,34 @@ pub(crate) fn run_pipeline(
         prompt_syntax: args.prompt_syntax.parse()?,
         ..Default::default()
     };
+    args.xl.check(pipeline)?;
+    let mut options = options;
+    args.xl.apply(&mut options);
     start_from.validate(pipeline, &options, warn)?;
+    let mut refiner = match &args.xl.refiner {
+        Some(_) if !matches!(start_from, Start::Noise) => {
+            bail!("--refiner finishes a text-to-image run; to refine an image, give the refiner as --model with --init-image")
+        }
+        Some(spec) => Some(load_refiner(args, spec, &pipeline.device).with_context(|| format!("--refiner {spec}"))?),
+        None => None,
+    };
     if !quiet {
         eprintln!("seed: {seed}");
     }
     let mut times = PhaseTimes::default();
-    let samples = start_from.generate(pipeline, &options, &mut generator, on_step, warn, &mut times)?;
+    let samples = match refiner.as_mut() {
+        Some(refiner) => diffuse::pipelines::img2img::generate_with_refiner(
+            pipeline,
+            refiner,
+            &options,
+            args.xl.refiner_switch,
+            &mut generator,
+            on_step,
+            warn,
+            &mut times,
+        )?,
+        None => start_from.generate(pipeline, &options, &mut generator, on_step, warn, &mut times)?,
+    };
     let summary = format!(
         "text encoding {:.2}s, denoising {:.2}s ({:.2} it/s), decoding {:.2}s",
         times.text_encoding,
@@ -536,6 +572,24 @@ pub(crate) fn run_pipeline(
         times.decoding
     );
     Ok(Ran { samples, scheduler: (pipeline.scheduler.class_name.clone(), pipeline.scheduler.config.clone()), default_eta, summary })
+}
+
+/// The SDXL refiner `--refiner` names (a folder, single file or repo id), with the run's
+/// dtype, variant, scheduler and overrides.
+fn load_refiner(args: &GenerateArgs, spec: &str, device: &Device) -> Result<StableDiffusionPipeline> {
+    let path = diffuse::loading::hub::resolve_model(spec, None, args.variant.as_deref())?;
+    let dtype = parse_dtype(&args.dtype, device)?;
+    let overrides = args.scheduler_config.iter().map(|s| parse_override(s)).collect::<diffuse::Result<Vec<_>>>()?;
+    let scheduler = args.scheduler.as_deref();
+    let refiner = if path.is_file() {
+        StableDiffusionPipeline::load_single_file(&path, args.prediction_type.as_deref(), scheduler, &overrides, device, dtype)?
+    } else {
+        StableDiffusionPipeline::load(&path, scheduler, &overrides, args.variant.as_deref(), device, dtype)?
+    };
+    if !refiner.is_xl() {
+        bail!("{spec} is not an SDXL model (its UNet has no addition_embed_type `text_time`)");
+    }
+    Ok(refiner)
 }
 
 /// One image as 8-bit pixels: (width, height, channels, bytes).

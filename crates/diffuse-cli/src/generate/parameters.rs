@@ -102,6 +102,7 @@ pub(crate) fn infotext(args: &GenerateArgs, made: &Made, index: usize) -> String
         .chain(args.vae.as_deref().map(|vae| (VAE_KEY.to_string(), model_name(&vae.display().to_string()))))
         .chain(args.vae_tiling.then(|| (VAE_TILING_KEY.to_string(), "true".to_string())))
         .chain(made.loras.iter().cloned())
+        .chain(args.xl.infotext_entries())
         .collect(),
     }
     .to_infotext()
@@ -289,6 +290,8 @@ pub(crate) fn recall(args: &mut GenerateArgs, matches: Option<&ArgMatches>) -> R
         eprintln!("warning: --from: the image was decoded by the VAE `{vae}`; give its folder with --vae to decode as it was");
     }
 
+    args.xl.recall(&params, &given, &path)?;
+
     // The LoRAs: `--lora` ones from --lora-dir, tags from the prompt; their hashes checked.
     loras::recall(args, &params, given("lora"), &path)?;
     let loras_found = loras::resolve(args, &mut |_| {}).is_ok_and(|loras| loras::check_hashes(&params, &loras, args.quiet));
@@ -297,7 +300,7 @@ pub(crate) fn recall(args: &mut GenerateArgs, matches: Option<&ArgMatches>) -> R
         .iter()
         .map(|(key, _)| key.as_str())
         .filter(|&key| {
-            let known = [PROMPT_SYNTAX_KEY, VAE_KEY, VAE_TILING_KEY, loras::WEIGHTS_KEY].contains(&key);
+            let known = [PROMPT_SYNTAX_KEY, VAE_KEY, VAE_TILING_KEY, loras::WEIGHTS_KEY].contains(&key) || super::xl::KEYS.contains(&key);
             !(known || (key == loras::HASHES_KEY && loras_found))
         })
         .collect();

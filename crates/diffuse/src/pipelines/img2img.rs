@@ -269,3 +269,35 @@ impl StableDiffusionPipeline {
         Ok(images)
     }
 }
+
+/// SDXL's base + refiner ensemble (diffusers' "ensemble of expert denoisers"): the base runs
+/// text-to-image for the first `switch` of the schedule (`denoising_end`), and the refiner
+/// takes its latents from there (`denoising_start`), with the one generator; images `[N, 3, H,
+/// W]` in about [-1, 1], decoded by the refiner's VAE.
+pub fn generate_with_refiner(
+    base: &mut StableDiffusionPipeline,
+    refiner: &mut StableDiffusionPipeline,
+    options: &TextToImageOptions,
+    switch: f64,
+    generator: &mut TorchGenerator,
+    on_step: &mut dyn FnMut(usize, usize),
+    warn: &mut dyn FnMut(String),
+    times: &mut PhaseTimes,
+) -> Result<Tensor> {
+    if !base.is_xl() || !refiner.is_xl() {
+        return Err(Error::invalid("a refiner works with an SDXL base and an SDXL refiner (UNets with addition_embed_type `text_time`)"));
+    }
+    let base_options = TextToImageOptions { denoising_end: Some(switch), denoising_start: None, ..options.clone() };
+    base.validate(&base_options)?;
+    let start = std::time::Instant::now();
+    let embeddings = base.encode_prompt(&base_options, warn)?;
+    let base_encoding = start.elapsed().as_secs_f64();
+    let start = std::time::Instant::now();
+    let latents = base.denoise(&base_options, &embeddings, generator, on_step)?;
+    let base_denoising = start.elapsed().as_secs_f64();
+    let refiner_options = TextToImageOptions { denoising_end: None, denoising_start: Some(switch), ..options.clone() };
+    let images = refiner.refine_latents(&refiner_options, &latents, generator, on_step, warn, times)?;
+    times.text_encoding += base_encoding;
+    times.denoising += base_denoising;
+    Ok(images)
+}
