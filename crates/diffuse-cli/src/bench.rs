@@ -25,7 +25,7 @@ use serde_json::{Map, Value};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// A standard config with random weights: sd15 or sd21.
+    /// A standard config with random weights: sd15, sd21, sdxl (base) or sdxl-refiner.
     #[arg(long, default_value = "sd15", conflicts_with = "model")]
     config: String,
     /// A Stable Diffusion folder to benchmark instead of a standard config.
@@ -79,6 +79,9 @@ impl Source {
                 let text = match component {
                     "unet" => family.unet,
                     "vae" => family.vae,
+                    "text_encoder_2" => family
+                        .text_encoder_2
+                        .ok_or_else(|| anyhow::anyhow!("{} has no second text encoder", family.name))?,
                     _ => family.text_encoder,
                 };
                 Ok((diffuse::configs::parse(text), PathBuf::from(format!("{}/{component}/config.json", family.name))))
@@ -294,15 +297,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
 
     if wanted("text") {
-        let (map, origin) = source.config("text_encoder")?;
-        let config: ClipTextConfig = parse_config(&map, &origin)?;
-        let model = ClipTextModel::new(source.weights("text_encoder", "model", dtype, &device)?, &config)?;
-        let ids = Tensor::zeros((args.batch, config.max_position_embeddings), DType::U32, &device)?;
-        let times = time(args.runs, || {
-            model.forward(&ids)?;
-            Ok(())
-        })?;
-        report(&format!("text encoder, batch {}", args.batch), &times, args.profile);
+        // SDXL has two encoders (a refiner folder only the second).
+        let encoders = match &source {
+            Source::Family(family) => {
+                if family.text_encoder_2.is_some() { vec!["text_encoder", "text_encoder_2"] } else { vec!["text_encoder"] }
+            }
+            Source::Folder(dir) => ["text_encoder", "text_encoder_2"].into_iter().filter(|c| dir.join(c).is_dir()).collect(),
+        };
+        for component in encoders {
+            let (map, origin) = source.config(component)?;
+            let config: ClipTextConfig = parse_config(&map, &origin)?;
+            let model = ClipTextModel::new(source.weights(component, "model", dtype, &device)?, &config)?;
+            let ids = Tensor::zeros((args.batch, config.max_position_embeddings), DType::U32, &device)?;
+            let times = time(args.runs, || {
+                model.forward(&ids)?;
+                Ok(())
+            })?;
+            report(&format!("{}, batch {}", component.replace('_', " "), args.batch), &times, args.profile);
+        }
     }
     if wanted("unet") {
         let (map, origin) = source.config("unet")?;
@@ -311,8 +323,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let sample = Tensor::randn(0f32, 1f32, (args.batch, config.in_channels, latent, latent), &device)?.to_dtype(activations)?;
         let text = Tensor::randn(0f32, 1f32, (args.batch, 77, config.cross_attention_dim), &device)?.to_dtype(activations)?;
         let t = Tensor::full(500f32, args.batch, &device)?;
+        // SDXL's pooled embedding and time ids: only their total width matters for the time,
+        // so two ids and the rest as the text embedding.
+        let added = match (config.addition_time_embed_dim, config.projection_class_embeddings_input_dim) {
+            (Some(time_dim), Some(input_dim)) if config.addition_embed_type.as_deref() == Some("text_time") => {
+                let text_dim = input_dim.checked_sub(2 * time_dim).filter(|&d| d > 0).ok_or_else(|| {
+                    anyhow::anyhow!("projection_class_embeddings_input_dim {input_dim} is too small for addition_time_embed_dim {time_dim}")
+                })?;
+                Some(diffuse::models::unet_2d_condition::AddedConditions {
+                    text_embeds: Tensor::randn(0f32, 1f32, (args.batch, text_dim), &device)?,
+                    time_ids: Tensor::full(1024f32, (args.batch, 2), &device)?,
+                })
+            }
+            _ => None,
+        };
         let times = time(args.runs, || {
-            model.forward(&sample, &t, &text)?;
+            model.forward_with_added_conditions(&sample, &t, &text, None, added.as_ref())?;
             Ok(())
         })?;
         report(&format!("UNet step, batch {}, latents {latent}x{latent}", args.batch), &times, args.profile);

@@ -1,6 +1,7 @@
 //! The component configs of the Stable Diffusion families diffuse knows without a model folder
-//! (stable-diffusion-v1-5 and stable-diffusion-2-1, as their hub repositories have them): for
-//! single-file checkpoints, whose weights do not say everything, and for benchmarks.
+//! (stable-diffusion-v1-5, stable-diffusion-2-1, stable-diffusion-xl-base-1.0 and
+//! stable-diffusion-xl-refiner-1.0, as their hub repositories have them): for single-file
+//! checkpoints, whose weights do not say everything, and for benchmarks.
 
 use serde_json::{Map, Value};
 
@@ -11,7 +12,10 @@ pub struct FamilyConfigs {
     pub name: &'static str,
     pub unet: &'static str,
     pub vae: &'static str,
+    /// The first text encoder (the SDXL refiner's only one, OpenCLIP bigG, is this).
     pub text_encoder: &'static str,
+    /// SDXL base's second text encoder (OpenCLIP bigG with its projection).
+    pub text_encoder_2: Option<&'static str>,
     pub scheduler: &'static str,
 }
 
@@ -20,6 +24,7 @@ pub const SD15: FamilyConfigs = FamilyConfigs {
     unet: include_str!("../configs/sd15/unet/config.json"),
     vae: include_str!("../configs/sd15/vae/config.json"),
     text_encoder: include_str!("../configs/sd15/text_encoder/config.json"),
+    text_encoder_2: None,
     scheduler: include_str!("../configs/sd15/scheduler/scheduler_config.json"),
 };
 
@@ -28,15 +33,36 @@ pub const SD21: FamilyConfigs = FamilyConfigs {
     unet: include_str!("../configs/sd21/unet/config.json"),
     vae: include_str!("../configs/sd21/vae/config.json"),
     text_encoder: include_str!("../configs/sd21/text_encoder/config.json"),
+    text_encoder_2: None,
     scheduler: include_str!("../configs/sd21/scheduler/scheduler_config.json"),
 };
 
-/// The family named `name` (`sd15`, `sd21`).
+pub const SDXL: FamilyConfigs = FamilyConfigs {
+    name: "sdxl",
+    unet: include_str!("../configs/sdxl/unet/config.json"),
+    vae: include_str!("../configs/sdxl/vae/config.json"),
+    text_encoder: include_str!("../configs/sdxl/text_encoder/config.json"),
+    text_encoder_2: Some(include_str!("../configs/sdxl/text_encoder_2/config.json")),
+    scheduler: include_str!("../configs/sdxl/scheduler/scheduler_config.json"),
+};
+
+pub const SDXL_REFINER: FamilyConfigs = FamilyConfigs {
+    name: "sdxl-refiner",
+    unet: include_str!("../configs/sdxl_refiner/unet/config.json"),
+    vae: include_str!("../configs/sdxl_refiner/vae/config.json"),
+    text_encoder: include_str!("../configs/sdxl_refiner/text_encoder_2/config.json"),
+    text_encoder_2: None,
+    scheduler: include_str!("../configs/sdxl_refiner/scheduler/scheduler_config.json"),
+};
+
+/// The family named `name` (`sd15`, `sd21`, `sdxl`, `sdxl-refiner`).
 pub fn family(name: &str) -> Result<&'static FamilyConfigs> {
     match name {
         "sd15" => Ok(&SD15),
         "sd21" => Ok(&SD21),
-        other => Err(Error::invalid(format!("unknown model family `{other}`: known are sd15, sd21"))),
+        "sdxl" => Ok(&SDXL),
+        "sdxl-refiner" => Ok(&SDXL_REFINER),
+        other => Err(Error::invalid(format!("unknown model family `{other}`: known are sd15, sd21, sdxl, sdxl-refiner"))),
     }
 }
 

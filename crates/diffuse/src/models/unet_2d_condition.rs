@@ -58,6 +58,10 @@ fn deserialize_cross_attention_dim<'de, D: Deserializer<'de>>(deserializer: D) -
     }
 }
 
+fn null_as_false<'de, D: Deserializer<'de>>(deserializer: D) -> std::result::Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(deserializer)?.unwrap_or(false))
+}
+
 fn default_cross_attention_dim() -> usize {
     1280
 }
@@ -109,6 +113,8 @@ pub struct UNet2DConditionModelConfig {
     pub addition_embed_type: Option<String>,
     pub addition_time_embed_dim: Option<usize>,
     pub num_class_embeds: Option<usize>,
+    /// SDXL's configs say `null`, which diffusers reads as false.
+    #[serde(deserialize_with = "null_as_false")]
     pub upcast_attention: bool,
     pub resnet_time_scale_shift: String,
     /// Only used by block types we do not build.
