@@ -18,6 +18,7 @@ use diffuse::loading::config::parse_override;
 use diffuse::pipelines::image_processor::Image8;
 use diffuse::pipelines::img2img::{generate_with_refiner, ImageCondition};
 use diffuse::pipelines::stable_diffusion::{PhaseTimes, StableDiffusionPipeline, TextToImageOptions, TimeIdsFor};
+use diffuse::lora::LoraSpec;
 use diffuse::pipelines::to_uint8_images;
 use diffuse::rng::TorchGenerator;
 use serde_json::Value;
@@ -41,8 +42,18 @@ fn overrides(meta: &Value) -> Vec<(String, Value)> {
 }
 
 fn load(model: &str, scheduler: Option<&str>, overrides: &[(String, Value)]) -> StableDiffusionPipeline {
-    StableDiffusionPipeline::load(&dir().join(model), scheduler, overrides, None, &Device::Cpu, DType::F32)
+    load_with_loras(model, scheduler, overrides, &[])
+}
+
+fn load_with_loras(model: &str, scheduler: Option<&str>, overrides: &[(String, Value)], loras: &[LoraSpec]) -> StableDiffusionPipeline {
+    StableDiffusionPipeline::load_with_loras(&dir().join(model), scheduler, overrides, None, loras, &Device::Cpu, DType::F32)
         .unwrap_or_else(|e| panic!("{model}: {e}"))
+}
+
+/// The case's `loras`: [[path, scale], ...], relative to fixtures/sdxl.
+fn loras(meta: &Value) -> Vec<LoraSpec> {
+    let Some(list) = meta.get("loras").and_then(Value::as_array) else { return Vec::new() };
+    list.iter().map(|entry| LoraSpec::new(dir().join(entry[0].as_str().unwrap()), entry[1].as_f64().unwrap())).collect()
 }
 
 /// (height, width) or (top, left) from a JSON pair.
@@ -96,7 +107,7 @@ fn run_case(case: &str) {
     let meta = meta(case);
     let expected = load_tensors(&dir().join("cases").join(format!("{case}.safetensors")));
     let overrides = overrides(&meta);
-    let mut pipeline = load(meta["model"].as_str().unwrap(), meta["scheduler"].as_str(), &overrides);
+    let mut pipeline = load_with_loras(meta["model"].as_str().unwrap(), meta["scheduler"].as_str(), &overrides, &loras(&meta));
     assert_eq!(pipeline.scheduler.class_name, meta["scheduler_class"].as_str().unwrap(), "{case}: scheduler class");
     let options = options(&meta);
     let mut generator = TorchGenerator::new(meta["seed"].as_u64().unwrap());
@@ -206,5 +217,25 @@ fn refiner_image_to_image() {
 fn base_and_refiner_ensemble() {
     for case in cases_with_prefix("ensemble_") {
         run_case(&case);
+    }
+}
+
+/// diffusers/PEFT and kohya LoRAs (`unet`, `text_encoder`, `text_encoder_2`; kohya's UNet layers
+/// under SGM block names, `lora_te1_`, `lora_te2_`), fused as `fuse_lora` fuses them.
+#[test]
+fn peft_and_kohya_loras() {
+    for case in cases_with_prefix("lora_").into_iter().filter(|c| !c.ends_with("_single_file")) {
+        run_case(&case);
+    }
+}
+
+/// An SD 1.x LoRA on SDXL is refused, naming the layer whose shape does not fit.
+#[test]
+fn an_sd1_lora_is_refused_on_sdxl() {
+    for file in ["peft_a", "kohya_a"] {
+        let spec = LoraSpec::new(fixtures_dir().join("lora").join(format!("{file}.safetensors")), 1.0);
+        let result = StableDiffusionPipeline::load_with_loras(&dir().join("base"), None, &[], None, &[spec], &Device::Cpu, DType::F32);
+        let message = result.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("another shape") && message.contains("another architecture"), "{file}: {message}");
     }
 }

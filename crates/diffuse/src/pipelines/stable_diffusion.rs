@@ -262,8 +262,14 @@ impl Components {
             PerBlock::One(n) => Some(*n),
             PerBlock::List(list) => list.first().copied().filter(|first| list.iter().all(|n| n == first)),
         };
+        // An SDXL refiner's only text encoder is diffusers' `text_encoder_2`.
+        let xl = self.unet.0.addition_embed_type.as_deref() == Some("text_time");
+        let first = if xl && self.text_encoder_2.is_none() { Target::TextEncoder2 } else { Target::TextEncoder };
         self.unet.1 = loras.fuse_into(Target::Unet, self.unet.1, layers_per_block)?;
-        self.text_encoder.1 = loras.fuse_into(Target::TextEncoder, self.text_encoder.1, None)?;
+        self.text_encoder.1 = loras.fuse_into(first, self.text_encoder.1, None)?;
+        if let Some((_, (_, weights, _))) = self.text_encoder_2.as_mut() {
+            *weights = loras.fuse_into(Target::TextEncoder2, weights.clone(), None)?;
+        }
         Ok(self)
     }
 }
