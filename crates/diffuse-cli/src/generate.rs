@@ -538,7 +538,7 @@ pub(crate) fn run_pipeline(
     };
     args.xl.check(pipeline)?;
     let mut options = options;
-    args.xl.apply(&mut options);
+    args.xl.apply(&mut options)?;
     start_from.validate(pipeline, &options, warn)?;
     let mut refiner = match &args.xl.refiner {
         Some(_) if !matches!(start_from, Start::Noise) => {
