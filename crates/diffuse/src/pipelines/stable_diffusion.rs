@@ -453,6 +453,7 @@ impl StableDiffusionPipeline {
         let (unet_config, unet_weights, unet_file) = unet;
         let unet = UNet2DConditionModel::new(unet_weights, &unet_config).map_err(|e| e.in_weights_file(&unet_file))?;
         let (vae_config, vae_weights, vae_file) = vae;
+        let vae_weights = vae_weights.set_dtype(vae_config.runs_in(dtype));
         let vae = Autoencoder::new(vae_weights, &vae_config).map_err(|e| e.in_weights_file(&vae_file))?;
 
         // SDXL concatenates both encoders' hidden states.
@@ -985,7 +986,7 @@ impl StableDiffusionPipeline {
             latents = after_step(i, latents, scheduler.as_ref())?;
             if let (Some(preview), Some(x0)) = (self.preview.as_mut(), predicted_original) {
                 let vae = preview.vae.as_ref().unwrap_or(&self.vae);
-                let images = decode_with(vae, &x0, activation_dtype)?;
+                let images = decode_with(vae, &x0, vae.runs_in(activation_dtype))?;
                 (preview.sink)(i + 1, &images)?;
             }
             on_step(i + 1, timesteps.len());
@@ -1039,7 +1040,13 @@ impl StableDiffusionPipeline {
 
     /// `vae.decode(latents / scaling_factor + shift_factor)`, as diffusers' pipelines do.
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
-        decode_with(&self.vae, latents, self.activation_dtype())
+        decode_with(&self.vae, latents, self.vae_dtype())
+    }
+
+    /// The type the VAE runs in: the activations' type, or f32 for a `force_upcast` VAE in an
+    /// f16 pipeline.
+    pub fn vae_dtype(&self) -> DType {
+        self.vae.runs_in(self.activation_dtype())
     }
 }
 
