@@ -239,3 +239,36 @@ fn an_sd1_lora_is_refused_on_sdxl() {
         assert!(message.contains("another shape") && message.contains("another architecture"), "{file}: {message}");
     }
 }
+
+/// AUTOMATIC1111's prompt syntax on SDXL: a plain prompt of one chunk gives exactly diffusers'
+/// embeddings (both encoders, pooled too); a long prompt is encoded in 77-token chunks by
+/// both encoders, side by side; weights change the embeddings but not the pooled one (A1111
+/// pools the first chunk as encoded, before the emphasis).
+#[test]
+fn a1111_prompt_syntax_on_sdxl() {
+    use diffuse::prompts::PromptSyntax;
+    let pipeline = load("base", None, &[]);
+    let encode = |prompt: &str, syntax| {
+        let options = TextToImageOptions {
+            prompt: prompt.to_string(),
+            negative_prompt: Some("blurry".to_string()),
+            prompt_syntax: syntax,
+            guidance_scale: 5.0,
+            ..TextToImageOptions::default()
+        };
+        pipeline.encode_prompt(&options, &mut |_| {}).unwrap()
+    };
+    let diffusers = encode("a photo of a cat", PromptSyntax::Diffusers);
+    let a1111 = encode("a photo of a cat", PromptSyntax::A1111);
+    assert_close(&a1111.hidden, &diffusers.hidden, 1e-5, "plain prompt, hidden states");
+    assert_close(a1111.pooled.as_ref().unwrap(), diffusers.pooled.as_ref().unwrap(), 1e-6, "plain prompt, pooled");
+
+    let weighted = encode("a photo of a (cat:1.4)", PromptSyntax::A1111);
+    assert!(max_relative_error(&to_vec_f32(&weighted.hidden), &to_vec_f32(&a1111.hidden)) > 1e-3, "weights change the embeddings");
+    assert_close(weighted.pooled.as_ref().unwrap(), a1111.pooled.as_ref().unwrap(), 1e-6, "weights leave the pooled embedding");
+
+    let long = vec!["a very detailed painting of a cat"; 20].join(", ");
+    let long = encode(&long, PromptSyntax::A1111);
+    let (batch, tokens, width) = long.hidden.dims3().unwrap();
+    assert!((batch, width) == (2, 40) && tokens > 77 && tokens % 77 == 0, "chunks of 77, both encoders' widths: {:?}", long.hidden.dims());
+}
