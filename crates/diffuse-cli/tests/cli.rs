@@ -611,7 +611,7 @@ fn image_flags_bad_input() {
     run(&["--strength", "0.5"], "--strength needs --init-image");
     run(&["--init-image", init_s, "--strength", "1.5"], "--strength must be in [0, 1], got 1.5");
     run(&["--init-image", init_s, "--strength=-0.2"], "--strength must be in [0, 1]");
-    run(&["--init-image", init_s, "--strength", "0.1"], "--strength 0.1 with 8 steps runs no denoising step");
+    run(&["--init-image", init_s, "--strength", "0.1"], "strength 0.1 with 8 steps runs no denoising step");
     run(&["--init-image", init_s, "--mask", mask_s, "--strength", "0.05"], "runs no denoising step");
     run(&["--init-image", init_s, "--width", "60"], "multiples of 8");
     run(&["--init-image", init_s, "--latents", bad_s], "two different starting points");

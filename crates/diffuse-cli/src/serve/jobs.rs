@@ -859,8 +859,8 @@ fn run_iteration(worker: &mut Worker, shared: &Shared, job: &Arc<Job>, iteration
     let mut warnings = Vec::new();
     let mut warn = |warning: String| warnings.push(warning);
     let start = match &request.init {
-        Some(init) => Start::from_images(init.image.clone(), init.mask.clone(), init.strength, &mut warn),
-        None => Start::Noise,
+        Some(init) => Start::image(init.image.clone(), init.mask.clone(), init.strength),
+        None => Start::noise(),
     };
     let loras = loras::resolve(&args, &mut warn)?;
     let pipeline = if loras.specs.is_empty() {
