@@ -26,7 +26,7 @@ use serde_json::{json, Map, Value};
 
 use super::http::{decode_image, parse_json, ApiError};
 use super::jobs::{image_json, GenerateRequest, InitImage, Job, Origin, Shared, Status};
-use crate::generate::loras;
+use crate::generate::{self, loras};
 
 /// A job as `diffuse generate`'s flags name its settings.
 #[derive(Deserialize)]
@@ -153,6 +153,7 @@ pub fn check(shared: &Shared, request: &GenerateRequest, param: &dyn Fn(&'static
             ));
         }
     }
+    check_schedule(shared, request, param)?;
     let syntax: PromptSyntax =
         request.prompt_syntax.parse().map_err(|e: diffuse::Error| ApiError::invalid(param("prompt_syntax"), e.to_string()))?;
     if syntax == PromptSyntax::A1111 {
@@ -166,6 +167,39 @@ pub fn check(shared: &Shared, request: &GenerateRequest, param: &dyn Fn(&'static
     let args = request.args(&shared.models[request.model], shared.lora_dir.as_deref(), &shared.dtype, 0);
     loras::resolve(&args, &mut |_| {}).map_err(|e| ApiError::invalid(param("prompt"), format!("{e:#}")))?;
     Ok(())
+}
+
+/// Whether the scheduler the job would run can schedule its steps: the library's own checks
+/// (`set_timesteps`: at least one step, no more than the training timesteps, LCM's distillation
+/// schedule), run on the scheduler the worker would build for this request, before it is
+/// queued. A model whose files are not on this machine (a Redis worker's elsewhere) is left to
+/// its worker, whose failure the job then reports.
+fn check_schedule(shared: &Shared, request: &GenerateRequest, param: &dyn Fn(&'static str) -> &'static str) -> Result<(), ApiError> {
+    let info = &shared.models[request.model];
+    if !info.path.exists() {
+        return Ok(());
+    }
+    let args = request.args(info, shared.lora_dir.as_deref(), &shared.dtype, 0);
+    let field = if request.scheduler_config.is_empty() { param("scheduler") } else { "scheduler_config" };
+    let refused = |e: anyhow::Error, field: &str| {
+        let invalid = e.chain().any(|c| matches!(c.downcast_ref::<diffuse::Error>(), Some(diffuse::Error::InvalidInput(_) | diffuse::Error::Config { .. })));
+        if invalid {
+            ApiError::invalid(field, format!("{e:#}"))
+        } else {
+            ApiError::internal(format!("cannot build the scheduler to check the request: {e:#}"))
+        }
+    };
+    let mut resolved = generate::fresh_scheduler(&args, &info.path, info.single_file, &request.scheduler_config).map_err(|e| refused(e, field))?;
+    // LCM's image-to-image applies strength in set_timesteps (as its pipeline runs it).
+    let lcm_image_to_image = info.lcm && resolved.class_name == "LCMScheduler" && request.init.as_ref().is_some_and(|init| init.mask.is_none());
+    let scheduled = match &request.init {
+        Some(init) if lcm_image_to_image => resolved.scheduler.set_timesteps_with_strength(request.steps, init.strength),
+        _ => resolved.scheduler.set_timesteps(request.steps),
+    };
+    scheduled.map_err(|e| {
+        let steps = param("steps");
+        ApiError::invalid(steps, format!("{steps}: {e}"))
+    })
 }
 
 fn same_name(name: &'static str) -> &'static str {
