@@ -315,7 +315,8 @@ pub async fn img2img(State(shared): State<Arc<Shared>>, body: Result<Bytes, Byte
 pub async fn progress(State(shared): State<Arc<Shared>>) -> Json<Value> {
     let jobs = shared.all_jobs();
     let running: Vec<&Arc<Job>> = jobs.iter().filter(|j| j.status() == Status::Running).collect();
-    let job_count = running.len() + shared.waiting();
+    // Running and waiting (here or, with --queue, in Redis, not yet started by a worker).
+    let job_count = jobs.iter().filter(|j| !j.status().finished()).count();
     let Some(job) = running.first() else {
         return Json(json!({
             "progress": 0.0,

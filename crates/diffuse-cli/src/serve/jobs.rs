@@ -623,11 +623,6 @@ impl Shared {
         self.queue().shutting_down
     }
 
-    /// Jobs waiting, over all models.
-    pub fn waiting(&self) -> usize {
-        self.queue().waiting.len()
-    }
-
     /// Cancels one job: a waiting one leaves the queue, a running one stops within a step.
     /// Returns the status it had.
     pub fn cancel(&self, job: &Arc<Job>) -> Status {
