@@ -53,28 +53,35 @@ fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn jobs_survive_a_killed_worker_and_end_exactly_once() {
+/// A `redis-server` on a free loopback port (its files in `dir`), once it answers: the
+/// process and the port; `None` (with the reason printed) where it is not installed.
+fn start_redis(dir: &Path) -> Option<(Killed, u16)> {
     let installed = Command::new("redis-server").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
     let cli = Command::new("redis-cli").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
     if !installed || !cli {
         println!("skipped: redis-server or redis-cli is not installed (Debian package redis-server)");
-        return;
+        return None;
     }
-    let started = Instant::now();
-    let dir = scratch("redis");
     let port = free_port();
-    let _redis = Killed(
+    let redis = Killed(
         Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
-            .arg(&dir)
+            .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
     wait_until("redis-server", Duration::from_secs(10), || redis_cli(port, &["PING"]).trim() == "PONG");
+    Some((redis, port))
+}
+
+#[test]
+fn jobs_survive_a_killed_worker_and_end_exactly_once() {
+    let started = Instant::now();
+    let dir = scratch("redis");
+    let Some((_redis, port)) = start_redis(&dir) else { return };
     let url = format!("redis://127.0.0.1:{port}/");
 
     // The built-in model, made once before the workers race to make it.
@@ -228,6 +235,84 @@ fn jobs_survive_a_killed_worker_and_end_exactly_once() {
     drop(server);
     println!("redis test took {:.1} s", started.elapsed().as_secs_f64());
     assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+/// A1111's skip and interrupt reach jobs running on a Redis worker as they reach local ones;
+/// any front end over the same Redis answers for any job (status, events, DELETE), and the
+/// A1111 progress counts the jobs waiting in Redis.
+#[test]
+fn skip_interrupt_and_jobs_from_any_front_end() {
+    let dir = scratch("redis-fronts");
+    let Some((_redis, port)) = start_redis(&dir) else { return };
+    let url = format!("redis://127.0.0.1:{port}/");
+    let _worker = start_worker(&url, &dir.join("worker.txt"));
+    let a = Server::start("redis-a", &["--queue", &url, "--max-steps", "2000"]);
+    let b = Server::start("redis-b", &["--queue", &url, "--max-steps", "2000"]);
+    let running_job = |server: &Server| -> Option<Value> {
+        let (_, jobs) = get(&server.url("/v1/jobs"), None);
+        jobs["jobs"].as_array()?.iter().find(|j| j["status"] == "running" && j["step"].as_u64().unwrap_or(0) >= 2).cloned()
+    };
+
+    // Skip: the running batch is dropped on the worker, the next one is made.
+    let txt2img = a.url("/sdapi/v1/txt2img");
+    let client = std::thread::spawn(move || post(&txt2img, &json!({ "prompt": "a bag", "steps": 400, "n_iter": 2, "seed": 5, "sampler_name": "DDIM" }), None));
+    wait_until("the A1111 job to run", Duration::from_secs(30), || running_job(&a).is_some());
+    let (_, progress) = get(&a.url("/sdapi/v1/progress"), None);
+    assert_eq!(progress["state"]["job_count"], 1, "{progress}");
+    let (status, answer, _) = post(&a.url("/sdapi/v1/skip"), &json!({}), None);
+    assert_eq!((status, answer["skipped"].as_array().map(Vec::len)), (200, Some(1)), "{answer}");
+    let (status, body, _) = client.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+    assert_eq!((info["skipped_iterations"].as_u64(), info["interrupted"].as_bool()), (Some(1), Some(false)), "{info}");
+    assert_eq!(info["all_seeds"], json!([6]), "the second batch, seed + batch_size");
+
+    // Interrupt: the job stops on the worker; the waiting client gets 200, `interrupted`.
+    let txt2img = a.url("/sdapi/v1/txt2img");
+    let client = std::thread::spawn(move || post(&txt2img, &json!({ "prompt": "a bag", "steps": 900, "n_iter": 2, "sampler_name": "DDIM" }), None));
+    wait_until("the A1111 job to run", Duration::from_secs(30), || running_job(&a).is_some());
+    let (status, answer, _) = post(&a.url("/sdapi/v1/interrupt"), &json!({}), None);
+    assert_eq!((status, answer["interrupted"].as_array().map(Vec::len)), (200, Some(1)), "{answer}");
+    let stopped = Instant::now();
+    let (status, body, _) = client.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(stopped.elapsed() < Duration::from_secs(10));
+    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["interrupted"], true, "{info}");
+
+    // A job queued through A, read through B: done, with A's images; its events replayed.
+    let (status, created, _) = post(&a.url("/v1/jobs"), &json!({ "prompt": "a shirt", "steps": 5, "seed": 3 }), None);
+    assert_eq!(status, 202, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    wait_until("the job to be done on A", Duration::from_secs(30), || get(&a.url(&format!("/v1/jobs/{id}")), None).1["status"] == "done");
+    let (status, on_b) = get(&b.url(&format!("/v1/jobs/{id}")), None);
+    assert_eq!(status, 200, "{on_b}");
+    assert_eq!(on_b["status"], "done", "{on_b}");
+    let on_a = get(&a.url(&format!("/v1/jobs/{id}")), None).1;
+    assert_eq!(on_b["images"], on_a["images"]);
+    assert_eq!((on_b["seed"].as_u64(), on_b["created"].as_f64()), (Some(3), on_a["created"].as_f64()));
+    let mut response = agent().get(&b.url(&format!("/v1/jobs/{id}/events"))).call().unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut response.body_mut().as_reader(), &mut text).unwrap();
+    let names: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
+    assert_eq!((names.first(), names.last()), (Some(&"queued"), Some(&"done")), "{names:?}");
+    assert!(names.contains(&"started") && names.contains(&"step"), "{names:?}");
+    assert_eq!(get(&b.url("/v1/jobs/0123456789abcdef"), None).0, 404);
+
+    // A long job queued through A, followed and cancelled through B.
+    let (status, created, _) = post(&a.url("/v1/jobs"), &json!({ "prompt": "a coat", "steps": 900, "scheduler": "ddim" }), None);
+    assert_eq!(status, 202, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    let on_b = b.url(&format!("/v1/jobs/{id}"));
+    wait_until("B to see the job run", Duration::from_secs(30), || {
+        let (_, job) = get(&on_b, None);
+        job["status"] == "running" && job["step"].as_u64().unwrap_or(0) >= 2
+    });
+    let (status, answer) = delete(&on_b);
+    assert_eq!(status, 200, "{answer}");
+    wait_until("A to see the job cancelled", Duration::from_secs(10), || get(&a.url(&format!("/v1/jobs/{id}")), None).1["status"] == "cancelled");
+    let (_, job) = get(&on_b, None);
+    assert_eq!(job["status"], "cancelled", "{job}");
 }
 
 /// Without a reachable Redis, `worker` and `serve --queue` stop at once with a one-line error

@@ -373,8 +373,7 @@ pub async fn interrupt(State(shared): State<Arc<Shared>>) -> Json<Value> {
 pub async fn skip(State(shared): State<Arc<Shared>>) -> Json<Value> {
     let jobs = running_a1111_jobs(&shared);
     for job in &jobs {
-        job.skip.store(true, Ordering::SeqCst);
-        job.interrupt.store(true, Ordering::SeqCst);
+        shared.skip(job);
     }
     Json(json!({ "skipped": jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>() }))
 }

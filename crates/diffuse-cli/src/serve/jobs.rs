@@ -268,12 +268,20 @@ pub struct Job {
     /// The number of events, bumped after each one (subscribers wait on it).
     pub events: watch::Sender<usize>,
     /// Where a Redis worker sends each event on (redis_queue.rs); it answers whether the job
-    /// was cancelled meanwhile.
+    /// was cancelled or skipped meanwhile.
     pub sink: Option<Sink>,
 }
 
-/// An event's onward path: (name, data) → whether the job is to be cancelled.
-pub type Sink = Box<dyn Fn(&str, &Value) -> bool + Send + Sync>;
+/// What a job's onward path answers to an event: stop the job, or skip its iteration
+/// `skip_iteration` (from 1; a skip meant for an earlier iteration is stale).
+#[derive(Default)]
+pub struct Control {
+    pub cancel: bool,
+    pub skip_iteration: Option<usize>,
+}
+
+/// An event's onward path: (name, data) → what the job is to do.
+pub type Sink = Box<dyn Fn(&str, &Value) -> Control + Send + Sync>;
 
 /// How a model's worker thread takes its jobs.
 #[derive(Clone)]
@@ -291,8 +299,13 @@ impl Job {
 
     pub(super) fn push_event(&self, state: &mut JobState, name: &'static str, data: Value) {
         if let Some(sink) = &self.sink {
-            if sink(name, &data) {
+            let control = sink(name, &data);
+            if control.cancel {
                 self.cancelled.store(true, Ordering::SeqCst);
+                self.interrupt.store(true, Ordering::SeqCst);
+            }
+            if control.skip_iteration == Some(state.iteration + 1) {
+                self.skip.store(true, Ordering::SeqCst);
                 self.interrupt.store(true, Ordering::SeqCst);
             }
         }
@@ -425,6 +438,9 @@ pub struct Shared {
     counter: AtomicU64,
     /// The jobs run elsewhere (`serve --queue`): waiting means not started by any worker yet.
     pub(super) remote: AtomicBool,
+    /// With `serve --queue`: the Redis URL and the result TTL (jobs other front ends queued
+    /// are looked up there).
+    pub(super) redis: std::sync::OnceLock<(String, u64)>,
 }
 
 /// How many finished jobs are kept for GET /v1/jobs/{id}.
@@ -515,6 +531,7 @@ impl Shared {
             finished: Mutex::new(VecDeque::new()),
             counter: AtomicU64::new(0),
             remote: AtomicBool::new(false),
+            redis: std::sync::OnceLock::new(),
         })
     }
 
@@ -644,6 +661,26 @@ impl Shared {
             self.remember_finished(&job.id);
         }
         status
+    }
+
+    /// A1111's skip: the job's running iteration stops within a step and the next one starts
+    /// (a job on a Redis worker is told through Redis, redis_queue.rs).
+    pub fn skip(&self, job: &Job) {
+        job.skip.store(true, Ordering::SeqCst);
+        job.interrupt.store(true, Ordering::SeqCst);
+    }
+
+    /// Records a job queued elsewhere (another front end's, read from Redis); the one
+    /// already recorded under its id if another request was first.
+    pub(super) fn adopt(&self, job: Arc<Job>) -> (Arc<Job>, bool) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        match jobs.get(&job.id) {
+            Some(known) => (known.clone(), false),
+            None => {
+                jobs.insert(job.id.clone(), job.clone());
+                (job, true)
+            }
+        }
     }
 
     /// Shutdown: no new jobs; every job cancelled. Returns a line per job that was cut short.

@@ -336,13 +336,27 @@ pub fn job_json(shared: &Shared, job: &Job) -> Value {
     body
 }
 
-fn find(shared: &Shared, id: &str) -> Result<Arc<Job>, ApiError> {
-    shared.job(id).ok_or_else(|| ApiError::not_found(format!("no job `{id}` (finished jobs are kept for a while, then forgotten)")))
+/// The job `id`: one this server knows, or (with --queue) one another front end queued,
+/// looked up in Redis.
+async fn find(shared: &Arc<Shared>, id: &str) -> Result<Arc<Job>, ApiError> {
+    if let Some(job) = shared.job(id) {
+        return Ok(job);
+    }
+    let not_found = || ApiError::not_found(format!("no job `{id}` (finished jobs are kept for a while, then forgotten)"));
+    if shared.redis.get().is_none() {
+        return Err(not_found());
+    }
+    let (looking, wanted) = (shared.clone(), id.to_string());
+    let found = tokio::task::spawn_blocking(move || super::redis_queue::attach(&looking, &wanted))
+        .await
+        .map_err(|e| ApiError::internal(format!("the job lookup failed: {e}")))?
+        .map_err(|e| ApiError::internal(format!("cannot look job {id} up in Redis: {e:#}")))?;
+    found.ok_or_else(not_found)
 }
 
 /// GET /v1/jobs/{id}.
 pub async fn status(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let job = find(&shared, &id)?;
+    let job = find(&shared, &id).await?;
     Ok(Json(job_json(&shared, &job)))
 }
 
@@ -364,7 +378,7 @@ pub async fn list(State(shared): State<Arc<Shared>>) -> Json<Value> {
 
 /// DELETE /v1/jobs/{id}: cancels that job (a running one within one step).
 pub async fn cancel(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let job = find(&shared, &id)?;
+    let job = find(&shared, &id).await?;
     let before = job.status();
     if matches!(before, Status::Done | Status::Failed) {
         return Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("job {id} has already finished ({})", before.name())));
@@ -379,7 +393,7 @@ pub async fn events(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let job = find(&shared, &id)?;
+    let job = find(&shared, &id).await?;
     let watcher = job.subscribe();
     let stream = futures_util::stream::unfold((job, watcher, 0usize, false), |(job, mut watcher, next, ended)| async move {
         if ended {

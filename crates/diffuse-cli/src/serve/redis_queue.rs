@@ -11,7 +11,11 @@
 //! - `diffuse:job:{id}:events` (stream): the job's events (`name`, `data` as JSON), as the
 //!   local queue records them; the front end follows it and mirrors it into its own job, so
 //!   every route answers as with local models.
+//! - `diffuse:job:{id}`: the job as the front end queued it (`request`, `model`, `origin`,
+//!   `created`, its stream `entry`), so that any front end answers for it (GET, events, DELETE).
 //! - `diffuse:job:{id}:cancel`: set by the front end (DELETE, interrupt); checked each step.
+//! - `diffuse:job:{id}:skip`: set by the front end (A1111's skip) to the iteration to skip
+//!   (from 1); taken (GETDEL) by the worker at its next event.
 //! - `diffuse:job:{id}:preview`: the latest live preview (its `preview` event carries only the
 //!   step, so the stream does not keep every preview's image).
 //! - `diffuse:job:{id}:done`: set with SET NX in one script with the final event and the
@@ -64,6 +68,12 @@ fn preview_key(id: &str) -> String {
 }
 fn done_key(id: &str) -> String {
     format!("diffuse:job:{id}:done")
+}
+fn skip_key(id: &str) -> String {
+    format!("diffuse:job:{id}:skip")
+}
+fn record_key(id: &str) -> String {
+    format!("diffuse:job:{id}")
 }
 
 pub fn connect(url: &str) -> Result<redis::Connection> {
@@ -360,10 +370,10 @@ fn run_entry(
     eprintln!("worker {consumer}: running job {id}");
     // Events go out on their own connection; each step also looks for the cancel key.
     let events = Mutex::new(connect(&config.url)?);
-    let (events_stream, cancel, preview) = (events_key(id), cancel_key(id), preview_key(id));
+    let (events_stream, cancel, skip, preview) = (events_key(id), cancel_key(id), skip_key(id), preview_key(id));
     let sink: jobs::Sink = Box::new(move |name: &str, data: &Value| {
         if matches!(name, "done" | "failed" | "cancelled" | "queued") {
-            return false;
+            return jobs::Control::default();
         }
         let mut con = events.lock().unwrap_or_else(|e| e.into_inner());
         let mut pipe = redis::pipe();
@@ -377,11 +387,12 @@ fn run_entry(
         }
         pipe.cmd("EXPIRE").arg(&events_stream).arg(ttl).ignore();
         pipe.cmd("EXISTS").arg(&cancel);
-        match pipe.query::<(bool,)>(&mut *con) {
-            Ok((cancelled,)) => cancelled,
+        pipe.cmd("GETDEL").arg(&skip);
+        match pipe.query::<(bool, Option<usize>)>(&mut *con) {
+            Ok((cancel, skip_iteration)) => jobs::Control { cancel, skip_iteration },
             Err(e) => {
                 eprintln!("job {}: {e}", events_stream);
-                false
+                jobs::Control::default()
             }
         }
     });
@@ -411,15 +422,22 @@ fn run_entry(
     }
     running.store(false, Ordering::SeqCst);
     let _ = heartbeat.join();
-    let (name, mut data, warnings, invalid) = {
+    let (name, mut data, warnings, invalid, images) = {
         let state = job.state();
         let (name, data) = state.events.last().cloned().unwrap_or(("failed", json!({ "error": "the job made no events" })));
-        (name, data, state.warnings.clone(), state.invalid)
+        (name, data, state.warnings.clone(), state.invalid, state.images.iter().map(jobs::image_json).collect::<Vec<_>>())
     };
     if let Some(map) = data.as_object_mut() {
         map.insert("warnings".to_string(), json!(warnings));
-        if name == "failed" {
-            map.insert("invalid".to_string(), json!(invalid));
+        match name {
+            "failed" => {
+                map.insert("invalid".to_string(), json!(invalid));
+            }
+            // An interrupted job's images of the iterations it finished (A1111 answers with them).
+            "cancelled" => {
+                map.insert("images".to_string(), json!(images));
+            }
+            _ => {}
         }
     }
     let _: () = redis::cmd("DEL").arg(preview_key(id)).query(con)?;
@@ -439,6 +457,7 @@ fn run_entry(
 pub fn start_front_end(shared: Arc<Shared>, url: String, ttl_secs: u64) -> Result<()> {
     connect(&url)?;
     shared.remote.store(true, Ordering::Relaxed);
+    let _ = shared.redis.set((url.clone(), ttl_secs));
     for model in 0..shared.models.len() {
         let (shared, url) = (shared.clone(), url.clone());
         std::thread::Builder::new().name(format!("queue-{model}")).spawn(move || {
@@ -446,16 +465,7 @@ pub fn start_front_end(shared: Arc<Shared>, url: String, ttl_secs: u64) -> Resul
                 let (shared, url) = (shared.clone(), url.clone());
                 std::thread::spawn(move || {
                     if let Err(e) = follow(&shared, &url, &job, ttl_secs) {
-                        let mut state = job.state();
-                        if !state.status.finished() {
-                            state.status = Status::Failed;
-                            state.finished = Some(Instant::now());
-                            let error = format!("the job queue in Redis: {e:#}");
-                            state.error = Some(error.clone());
-                            job.push_event(&mut state, "failed", json!({ "error": error }));
-                        }
-                        drop(state);
-                        shared.remember_finished(&job.id);
+                        fail(&shared, &job, &e);
                     }
                 });
             }
@@ -464,51 +474,143 @@ pub fn start_front_end(shared: Arc<Shared>, url: String, ttl_secs: u64) -> Resul
     Ok(())
 }
 
-/// Puts a job into Redis and mirrors its events until it ends.
+fn origin_name(origin: Origin) -> &'static str {
+    match origin {
+        Origin::Native => "native",
+        Origin::A1111 => "a1111",
+        Origin::OpenAi => "openai",
+    }
+}
+
+/// Puts a job into Redis (its entry in the model's stream, and its record for other front
+/// ends) and mirrors its events until it ends.
 fn follow(shared: &Shared, url: &str, job: &Arc<Job>, ttl: u64) -> Result<()> {
     let mut con = connect(url)?;
     let model = &shared.models[job.request.model].name;
     let stream = jobs_key(model);
-    let entry: String = redis::cmd("XADD")
-        .arg(&stream)
-        .arg("*")
-        .arg("id")
-        .arg(&job.id)
-        .arg("request")
-        .arg(request_json(&job.request, model).to_string())
-        .query(&mut con)?;
+    let request = request_json(&job.request, model);
+    let entry: String = redis::cmd("XADD").arg(&stream).arg("*").arg("id").arg(&job.id).arg("request").arg(request.to_string()).query(&mut con)?;
+    let created = job.created.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default();
+    let record = json!({ "request": request, "model": model, "origin": origin_name(job.origin), "created": created, "entry": entry });
+    let _: () = redis::cmd("SET").arg(record_key(&job.id)).arg(record.to_string()).arg("EX").arg(ttl).query(&mut con)?;
     let mut last = "0-0".to_string();
+    follow_events(shared, &mut con, job, &stream, &entry, &mut last, ttl, true)?;
+    Ok(())
+}
+
+/// Mirrors a job's events from Redis into the local job (from after `last`), and passes its
+/// cancel and skip on; until the job ends (`wait`), or until the events in Redis now are read.
+/// True when the job has ended.
+#[allow(clippy::too_many_arguments)]
+fn follow_events(shared: &Shared, con: &mut redis::Connection, job: &Arc<Job>, stream: &str, entry: &str, last: &mut String, ttl: u64, wait: bool) -> Result<bool> {
     let mut cancel_sent = false;
+    let mut skip_sent = None;
     loop {
         if !cancel_sent && job.cancelled.load(Ordering::SeqCst) {
-            let _: () = redis::cmd("SET").arg(cancel_key(&job.id)).arg(1).arg("EX").arg(ttl).query(&mut con)?;
+            let _: () = redis::cmd("SET").arg(cancel_key(&job.id)).arg(1).arg("EX").arg(ttl).query(con)?;
             cancel_sent = true;
             // A job no worker has started ends here and now (a worker that takes it later
             // finds it ended; one that started it meanwhile stops at its next step).
             if job.status() == Status::Queued {
-                finish(&mut con, &job.id, &stream, &entry, "front end", ttl, "cancelled", &json!({ "images": 0 }))?;
+                finish(con, &job.id, stream, entry, "front end", ttl, "cancelled", &json!({ "images": 0 }))?;
             }
         }
-        let read: Option<StreamReadReply> =
-            redis::cmd("XREAD").arg("COUNT").arg(64).arg("BLOCK").arg(250).arg("STREAMS").arg(events_key(&job.id)).arg(&last).query(&mut con)?;
+        // A skip names the iteration it was meant for, so a late one skips nothing else.
+        let iteration = job.state().iteration + 1;
+        if job.skip.load(Ordering::SeqCst) && skip_sent != Some(iteration) {
+            let _: () = redis::cmd("SET").arg(skip_key(&job.id)).arg(iteration).arg("EX").arg(ttl).query(con)?;
+            skip_sent = Some(iteration);
+        }
+        let block = if wait { 250 } else { 0 };
+        let mut read = redis::cmd("XREAD");
+        read.arg("COUNT").arg(64);
+        if wait {
+            read.arg("BLOCK").arg(block);
+        }
+        let read: Option<StreamReadReply> = read.arg("STREAMS").arg(events_key(&job.id)).arg(&*last).query(con)?;
+        let mut any = false;
         for entry in read.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
-            last = entry.id.clone();
+            any = true;
+            *last = entry.id.clone();
             let name: String = entry.get("name").unwrap_or_default();
             let data: String = entry.get("data").unwrap_or_default();
             let mut data: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
             if name == "preview" {
                 // The latest preview's image (a later one may have replaced this step's).
-                let latest: Option<String> = redis::cmd("GET").arg(preview_key(&job.id)).query(&mut con)?;
+                let latest: Option<String> = redis::cmd("GET").arg(preview_key(&job.id)).query(con)?;
                 if let Some(latest) = latest.and_then(|l| serde_json::from_str::<Value>(&l).ok()) {
                     data = latest;
                 }
             }
             if mirror(job, &name, data) {
                 shared.remember_finished(&job.id);
-                return Ok(());
+                return Ok(true);
             }
         }
+        if !wait && !any {
+            return Ok(false);
+        }
     }
+}
+
+/// A job this front end does not know, looked up in Redis (another front end queued it): its
+/// events so far mirrored into a new local job, which a thread then follows until it ends.
+/// `None` when Redis has no such job (or it has expired).
+pub(super) fn attach(shared: &Arc<Shared>, id: &str) -> Result<Option<Arc<Job>>> {
+    let Some((url, ttl)) = shared.redis.get().cloned() else { return Ok(None) };
+    let mut con = connect(&url)?;
+    let record: Option<String> = redis::cmd("GET").arg(record_key(id)).query(&mut con)?;
+    let Some(record) = record else { return Ok(None) };
+    let record: Value = serde_json::from_str(&record)?;
+    let model_name = record["model"].as_str().unwrap_or_default();
+    let model = shared
+        .models
+        .iter()
+        .position(|m| m.name == model_name)
+        .ok_or_else(|| anyhow!("job {id} is for the model `{model_name}`, which this server does not serve"))?;
+    let request = request_from_json(&record["request"], model)?;
+    let origin = match record["origin"].as_str() {
+        Some("a1111") => Origin::A1111,
+        Some("openai") => Origin::OpenAi,
+        _ => Origin::Native,
+    };
+    let mut job = Job::new(id.to_string(), request, origin, None);
+    if let Some(created) = record["created"].as_f64().filter(|c| c.is_finite() && *c >= 0.0) {
+        job.created = std::time::UNIX_EPOCH + Duration::from_secs_f64(created);
+    }
+    let job = Arc::new(job);
+    {
+        let mut state = job.state();
+        job.push_event(&mut state, "queued", json!({ "id": id }));
+    }
+    let (stream, entry) = (jobs_key(model_name), record["entry"].as_str().unwrap_or("0-0").to_string());
+    let mut last = "0-0".to_string();
+    let ended = follow_events(shared, &mut con, &job, &stream, &entry, &mut last, ttl, false)?;
+    let (job, new) = shared.adopt(job);
+    if new && !ended {
+        let (shared, job) = (shared.clone(), job.clone());
+        std::thread::spawn(move || {
+            let followed = connect(&url).and_then(|mut con| follow_events(&shared, &mut con, &job, &stream, &entry, &mut last, ttl, true));
+            if let Err(e) = followed {
+                fail(&shared, &job, &e);
+            }
+        });
+    }
+    Ok(Some(job))
+}
+
+/// A job whose mirror from Redis broke: it fails (unless it has ended).
+fn fail(shared: &Shared, job: &Job, e: &anyhow::Error) {
+    let mut state = job.state();
+    if !state.status.finished() {
+        state.status = Status::Failed;
+        state.finished = Some(Instant::now());
+        let error = format!("the job queue in Redis: {e:#}");
+        state.error = Some(error.clone());
+        job.push_event(&mut state, "failed", json!({ "error": error }));
+    }
+    drop(state);
+    shared.remember_finished(&job.id);
 }
 
 /// One event from Redis into the local job; true when it ended the job.
@@ -539,6 +641,7 @@ fn mirror(job: &Job, name: &str, data: Value) -> bool {
         }
         "skipped" => {
             state.skipped += 1;
+            job.skip.store(false, Ordering::SeqCst);
             "skipped"
         }
         "done" | "failed" | "cancelled" => {
@@ -549,25 +652,26 @@ fn mirror(job: &Job, name: &str, data: Value) -> bool {
             if let Some(map) = data.as_object_mut() {
                 map.remove("warnings");
             }
+            // A done job's images, and an interrupted one's so far.
+            state.images = data["images"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|i| {
+                            Some(ImageOut {
+                                png: unb64(i["png"].as_str()?).ok()?,
+                                infotext: i["infotext"].as_str()?.to_string(),
+                                seed: i["seed"].as_u64()?,
+                                width: i["width"].as_u64()? as usize,
+                                height: i["height"].as_u64()? as usize,
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             let name = match name {
                 "done" => {
                     state.status = Status::Done;
-                    state.images = data["images"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|i| {
-                                    Some(ImageOut {
-                                        png: unb64(i["png"].as_str()?).ok()?,
-                                        infotext: i["infotext"].as_str()?.to_string(),
-                                        seed: i["seed"].as_u64()?,
-                                        width: i["width"].as_u64()? as usize,
-                                        height: i["height"].as_u64()? as usize,
-                                    })
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default();
                     "done"
                 }
                 "failed" => {
@@ -581,6 +685,8 @@ fn mirror(job: &Job, name: &str, data: Value) -> bool {
                 }
                 _ => {
                     state.status = Status::Cancelled;
+                    // As a local job's cancelled event: the number of images it has.
+                    data = json!({ "images": state.images.len() });
                     "cancelled"
                 }
             };
