@@ -34,8 +34,12 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
 }
 
 fn start_worker(url: &str, stderr: &Path) -> Killed {
+    start_worker_for(url, stderr, "builtin")
+}
+
+fn start_worker_for(url: &str, stderr: &Path, model: &str) -> Killed {
     let child = Command::new(env!("CARGO_BIN_EXE_diffuse"))
-        .args(["worker", "--queue", url, "--model", "builtin", "--claim-after-secs", "1"])
+        .args(["worker", "--queue", url, "--model", model, "--claim-after-secs", "1"])
         .env("DIFFUSE_CACHE_DIR", cache_dir())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(stderr).unwrap())
@@ -313,6 +317,28 @@ fn skip_interrupt_and_jobs_from_any_front_end() {
     wait_until("A to see the job cancelled", Duration::from_secs(10), || get(&a.url(&format!("/v1/jobs/{id}")), None).1["status"] == "cancelled");
     let (_, job) = get(&on_b, None);
     assert_eq!(job["status"], "cancelled", "{job}");
+
+    // A worker started later with another model: the front ends serve it from then on, and
+    // stop listing it once no worker serves it.
+    let listed = |server: &Server| -> Vec<String> {
+        let (_, models) = get(&server.url("/v1/models"), None);
+        models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(listed(&a), ["builtin"]);
+    let sd1 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../diffuse/tests/fixtures/sd/sd1");
+    let mut late = start_worker_for(&url, &dir.join("worker-sd1.txt"), sd1.to_str().unwrap());
+    wait_until("both front ends to list sd1", Duration::from_secs(30), || listed(&a) == ["builtin", "sd1"] && listed(&b) == ["builtin", "sd1"]);
+    let (_, sd_models) = get(&b.url("/sdapi/v1/sd-models"), None);
+    assert!(sd_models.as_array().unwrap().iter().any(|m| m["model_name"] == "sd1"), "{sd_models}");
+    let (status, created, _) = post(&b.url("/v1/jobs"), &json!({ "model": "sd1", "prompt": "a cat", "steps": 2, "seed": 1 }), None);
+    assert_eq!(status, 202, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    wait_until("the sd1 job to be done", Duration::from_secs(30), || get(&b.url(&format!("/v1/jobs/{id}")), None).1["status"] == "done");
+    late.0.kill().unwrap(); // SIGKILL: it says nothing more
+    late.0.wait().unwrap();
+    wait_until("sd1 to be dropped", Duration::from_secs(20), || listed(&a) == ["builtin"]);
+    let (status, refused, _) = post(&a.url("/v1/jobs"), &json!({ "model": "sd1", "prompt": "a cat", "steps": 2 }), None);
+    assert_eq!((status, refused["error"]["param"].as_str()), (422, Some("model")), "{refused}");
 }
 
 /// Without a reachable Redis, `worker` and `serve --queue` stop at once with a one-line error

@@ -164,7 +164,7 @@ pub fn check(shared: &Shared, request: &GenerateRequest, param: &dyn Fn(&'static
         }
     }
     // `<lora:...>` tags name files that must exist.
-    let args = request.args(&shared.models[request.model], shared.lora_dir.as_deref(), &shared.dtype, 0);
+    let args = request.args(&shared.model(request.model), shared.lora_dir.as_deref(), &shared.dtype, 0);
     loras::resolve(&args, &mut |_| {}).map_err(|e| ApiError::invalid(param("prompt"), format!("{e:#}")))?;
     Ok(())
 }
@@ -175,11 +175,11 @@ pub fn check(shared: &Shared, request: &GenerateRequest, param: &dyn Fn(&'static
 /// queued. A model whose files are not on this machine (a Redis worker's elsewhere) is left to
 /// its worker, whose failure the job then reports.
 fn check_schedule(shared: &Shared, request: &GenerateRequest, param: &dyn Fn(&'static str) -> &'static str) -> Result<(), ApiError> {
-    let info = &shared.models[request.model];
+    let info = shared.model(request.model);
     if !info.path.exists() {
         return Ok(());
     }
-    let args = request.args(info, shared.lora_dir.as_deref(), &shared.dtype, 0);
+    let args = request.args(&info, shared.lora_dir.as_deref(), &shared.dtype, 0);
     let field = if request.scheduler_config.is_empty() { param("scheduler") } else { "scheduler_config" };
     let refused = |e: anyhow::Error, field: &str| {
         let invalid = e.chain().any(|c| matches!(c.downcast_ref::<diffuse::Error>(), Some(diffuse::Error::InvalidInput(_) | diffuse::Error::Config { .. })));
@@ -217,7 +217,7 @@ pub fn enqueue(shared: &Shared, request: GenerateRequest, origin: Origin) -> Res
 /// The model a request names (`model` field), or the default.
 pub fn model_index(shared: &Shared, name: Option<&str>, param: &str) -> Result<usize, ApiError> {
     shared.find_model(name).ok_or_else(|| {
-        let names: Vec<&str> = shared.models.iter().map(|m| m.name.as_str()).collect();
+        let names: Vec<String> = shared.models().into_iter().map(|(_, m)| m.name.clone()).collect();
         ApiError::invalid(param, format!("no model `{}` is loaded; loaded: {}", name.unwrap_or_default(), names.join(", ")))
     })
 }
@@ -294,7 +294,7 @@ pub async fn submit(State(shared): State<Arc<Shared>>, body: Result<Bytes, Bytes
 /// A job as GET /v1/jobs/{id} answers.
 pub fn job_json(shared: &Shared, job: &Job) -> Value {
     let state = job.state();
-    let model = &shared.models[job.request.model];
+    let model = shared.model(job.request.model);
     let mut body = json!({
         "id": job.id,
         "status": state.status.name(),

@@ -1,8 +1,11 @@
 //! The job queue in Redis: `diffuse serve --queue redis://HOST/` puts jobs there and
 //! `diffuse worker --queue redis://HOST/ --model M` runs them, on any number of machines.
 //!
-//! - `diffuse:models` (hash): each worker's models, name → ModelInfo as JSON; the front end
-//!   serves the models registered when it starts.
+//! - `diffuse:models` (hash): each worker's models, name → ModelInfo as JSON.
+//! - `diffuse:models:alive` (sorted set): model name → until when (Redis's clock, in ms) a
+//!   worker serves it; each worker pushes that on every few seconds while it runs. A front
+//!   end reads the live set every second: a model a worker registers later is served from
+//!   then on, and one no worker has served for a while is no longer listed or accepted.
 //! - `diffuse:jobs:{model}` (stream, consumer group `workers`): one entry per job (`id`,
 //!   `request` as JSON). A worker reads with XREADGROUP and acknowledges with XACK once the
 //!   job's end is stored; while it runs a job it re-claims the entry now and then, so the
@@ -39,6 +42,27 @@ use super::jobs::{self, GenerateRequest, ImageOut, InitImage, Job, ModelInfo, Or
 
 const GROUP: &str = "workers";
 const MODELS: &str = "diffuse:models";
+const ALIVE: &str = "diffuse:models:alive";
+/// How often a worker says its models are served, and how long each saying lasts.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+const ALIVE_FOR: Duration = Duration::from_secs(10);
+
+/// Marks models (ARGV[2..]) served until Redis's now + ARGV[1] ms (a later mark is kept).
+const MARK_ALIVE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'GT', now + tonumber(ARGV[1]), ARGV[i])
+end
+return now
+"#;
+
+/// The models some worker serves now.
+const LIVE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+"#;
 
 /// A Redis worker's settings.
 pub struct WorkerConfig {
@@ -113,13 +137,43 @@ fn model_from_json(value: &Value) -> Result<ModelInfo> {
     })
 }
 
-/// Records this process's models for front ends.
-pub fn register(url: &str, models: &[ModelInfo]) -> Result<()> {
+/// Records this process's models for front ends, and keeps saying they are served (a
+/// thread, until STOP).
+pub fn register(url: &str, shared: &Shared) -> Result<()> {
     let mut con = connect(url)?;
-    for info in models {
-        let _: () = redis::cmd("HSET").arg(MODELS).arg(&info.name).arg(model_json(info).to_string()).query(&mut con)?;
+    let mut names = Vec::new();
+    for (_, info) in shared.models() {
+        let _: () = redis::cmd("HSET").arg(MODELS).arg(&info.name).arg(model_json(&info).to_string()).query(&mut con)?;
         ensure_group(&mut con, &jobs_key(&info.name))?;
+        names.push(info.name.clone());
     }
+    let mark = move |con: &mut redis::Connection| -> redis::RedisResult<i64> {
+        let script = redis::Script::new(MARK_ALIVE);
+        let mut invocation = script.key(ALIVE);
+        invocation.arg(ALIVE_FOR.as_millis() as u64);
+        for name in &names {
+            invocation.arg(name);
+        }
+        invocation.invoke(con)
+    };
+    mark(&mut con)?;
+    let url = url.to_string();
+    std::thread::Builder::new().name("heartbeat".into()).spawn(move || {
+        let mut last = Instant::now();
+        while !STOP.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(50));
+            if last.elapsed() < HEARTBEAT {
+                continue;
+            }
+            last = Instant::now();
+            if let Err(e) = mark(&mut con) {
+                eprintln!("cannot tell Redis the models are served: {e}");
+                if let Ok(new) = connect(&url) {
+                    con = new;
+                }
+            }
+        }
+    })?;
     Ok(())
 }
 
@@ -131,15 +185,26 @@ fn ensure_group(con: &mut redis::Connection, stream: &str) -> Result<()> {
     }
 }
 
-/// The models workers registered, waiting until there is one; sorted by name.
+/// The models live workers serve now, sorted by name.
+fn live_models(con: &mut redis::Connection) -> Result<Vec<ModelInfo>> {
+    let live: Vec<String> = redis::Script::new(LIVE).key(ALIVE).invoke(con)?;
+    let records: HashMap<String, String> = redis::cmd("HGETALL").arg(MODELS).query(con)?;
+    let mut models = records
+        .iter()
+        .filter(|(name, _)| live.contains(name))
+        .map(|(_, r)| model_from_json(&serde_json::from_str(r)?))
+        .collect::<Result<Vec<_>>>()?;
+    models.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(models)
+}
+
+/// The models live workers serve, waiting until there is one; sorted by name.
 pub fn registered_models(url: &str) -> Result<Vec<ModelInfo>> {
     let mut con = connect(url)?;
     let mut said = false;
     loop {
-        let records: HashMap<String, String> = redis::cmd("HGETALL").arg(MODELS).query(&mut con)?;
-        if !records.is_empty() {
-            let mut models = records.values().map(|r| model_from_json(&serde_json::from_str(r)?)).collect::<Result<Vec<_>>>()?;
-            models.sort_by(|a, b| a.name.cmp(&b.name));
+        let models = live_models(&mut con)?;
+        if !models.is_empty() {
             return Ok(models);
         }
         if !said {
@@ -270,7 +335,7 @@ fn finish(con: &mut redis::Connection, id: &str, stream: &str, entry: &str, by: 
 /// A model's worker thread under Redis: takes its jobs (abandoned ones first) until STOP.
 pub(super) fn work(index: usize, mut worker: Worker, shared: Arc<Shared>, config: Arc<WorkerConfig>) {
     RUNNING.fetch_add(1, Ordering::SeqCst);
-    let name = shared.models[index].name.clone();
+    let name = shared.model(index).name.clone();
     let consumer = format!("{}-{}-{}", hostname(), std::process::id(), index);
     let mut failures = 0u32;
     while !STOP.load(Ordering::SeqCst) && !shared.shutting_down() {
@@ -458,19 +523,53 @@ pub fn start_front_end(shared: Arc<Shared>, url: String, ttl_secs: u64) -> Resul
     connect(&url)?;
     shared.remote.store(true, Ordering::Relaxed);
     let _ = shared.redis.set((url.clone(), ttl_secs));
-    for model in 0..shared.models.len() {
-        let (shared, url) = (shared.clone(), url.clone());
-        std::thread::Builder::new().name(format!("queue-{model}")).spawn(move || {
-            while let Some(job) = shared.next_job(model) {
-                let (shared, url) = (shared.clone(), url.clone());
-                std::thread::spawn(move || {
-                    if let Err(e) = follow(&shared, &url, &job, ttl_secs) {
-                        fail(&shared, &job, &e);
-                    }
-                });
-            }
-        })?;
+    for model in 0..shared.model_count() {
+        hand_over(&shared, &url, ttl_secs, model)?;
     }
+    // The live models, read again every second: new ones get their thread.
+    let (refreshing, url) = (shared.clone(), url.clone());
+    std::thread::Builder::new().name("models".into()).spawn(move || {
+        let shared = refreshing;
+        let mut con = None;
+        while !shared.shutting_down() {
+            std::thread::sleep(Duration::from_secs(1));
+            if con.is_none() {
+                con = connect(&url).ok();
+            }
+            let Some(connection) = con.as_mut() else { continue };
+            match live_models(connection) {
+                Ok(models) => {
+                    for model in shared.set_models(models) {
+                        eprintln!("model {} registered by a worker: served from now on", shared.model(model).name);
+                        if let Err(e) = hand_over(&shared, &url, ttl_secs, model) {
+                            eprintln!("cannot start the queue of model {}: {e}", shared.model(model).name);
+                        }
+                    }
+                }
+                Err(e) => {
+                    eprintln!("cannot read the models from Redis: {e:#}");
+                    con = None;
+                }
+            }
+        }
+    })?;
+    Ok(())
+}
+
+/// The thread that moves model `model`'s queued jobs into Redis (and one per job that
+/// follows it there).
+fn hand_over(shared: &Arc<Shared>, url: &str, ttl_secs: u64, model: usize) -> Result<()> {
+    let (shared, url) = (shared.clone(), url.to_string());
+    std::thread::Builder::new().name(format!("queue-{model}")).spawn(move || {
+        while let Some(job) = shared.next_job(model) {
+            let (shared, url) = (shared.clone(), url.clone());
+            std::thread::spawn(move || {
+                if let Err(e) = follow(&shared, &url, &job, ttl_secs) {
+                    fail(&shared, &job, &e);
+                }
+            });
+        }
+    })?;
     Ok(())
 }
 
@@ -486,7 +585,7 @@ fn origin_name(origin: Origin) -> &'static str {
 /// ends) and mirrors its events until it ends.
 fn follow(shared: &Shared, url: &str, job: &Arc<Job>, ttl: u64) -> Result<()> {
     let mut con = connect(url)?;
-    let model = &shared.models[job.request.model].name;
+    let model = &shared.model(job.request.model).name;
     let stream = jobs_key(model);
     let request = request_json(&job.request, model);
     let entry: String = redis::cmd("XADD").arg(&stream).arg("*").arg("id").arg(&job.id).arg("request").arg(request.to_string()).query(&mut con)?;
@@ -563,10 +662,8 @@ pub(super) fn attach(shared: &Arc<Shared>, id: &str) -> Result<Option<Arc<Job>>>
     let Some(record) = record else { return Ok(None) };
     let record: Value = serde_json::from_str(&record)?;
     let model_name = record["model"].as_str().unwrap_or_default();
-    let model = shared
-        .models
-        .iter()
-        .position(|m| m.name == model_name)
+    let model = (0..shared.model_count())
+        .find(|i| shared.model(*i).name == model_name)
         .ok_or_else(|| anyhow!("job {id} is for the model `{model_name}`, which this server does not serve"))?;
     let request = request_from_json(&record["request"], model)?;
     let origin = match record["origin"].as_str() {
