@@ -81,6 +81,14 @@ fn start_redis(dir: &Path) -> Option<(Killed, u16)> {
     Some((redis, port))
 }
 
+/// Waits (bounded) until the job at `job_url` runs, two steps in.
+fn wait_running_at(job_url: &str, what: &str, limit: Duration) {
+    wait_until(what, limit, || {
+        let (_, job) = get(job_url, None);
+        job["status"] == "running" && job["step"].as_u64().unwrap_or(0) >= 2
+    });
+}
+
 #[test]
 fn jobs_survive_a_killed_worker_and_end_exactly_once() {
     let started = Instant::now();
@@ -179,10 +187,7 @@ fn jobs_survive_a_killed_worker_and_end_exactly_once() {
     assert_eq!(status, 202, "{body}");
     let id = body["id"].as_str().unwrap().to_string();
     let job_url = server.url(&format!("/v1/jobs/{id}"));
-    wait_until("the long job to run", Duration::from_secs(15), || {
-        let (_, job) = get(&job_url, None);
-        job["status"] == "running" && job["step"].as_u64().unwrap_or(0) >= 2
-    });
+    wait_running_at(&job_url, "the long job to run", Duration::from_secs(15));
     // One queued behind it ends as cancelled at once, never started.
     let (status, body, _) = post(&server.url("/v1/jobs"), &json!({ "prompt": "a hat", "steps": 2, "seed": 6 }), None);
     assert_eq!(status, 202, "{body}");
@@ -226,10 +231,7 @@ fn jobs_survive_a_killed_worker_and_end_exactly_once() {
     let (status, body, _) = post(&server.url("/v1/jobs"), &json!({ "prompt": "a skirt", "steps": 30, "seed": 8 }), None);
     assert_eq!(status, 202, "{body}");
     let last_url = server.url(&format!("/v1/jobs/{}", body["id"].as_str().unwrap()));
-    wait_until("the last job to run", Duration::from_secs(15), || {
-        let (_, job) = get(&last_url, None);
-        job["status"] == "running" && job["step"].as_u64().unwrap_or(0) >= 2
-    });
+    wait_running_at(&last_url, "the last job to run", Duration::from_secs(15));
     let mut survivor = workers[1 - killed].take().unwrap();
     // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
     assert_eq!(unsafe { libc::kill(survivor.0.id() as libc::pid_t, libc::SIGTERM) }, 0);
@@ -258,18 +260,11 @@ fn skip_interrupt_and_jobs_from_any_front_end() {
     };
 
     // Skip: the running batch is dropped on the worker, the next one is made.
-    let txt2img = a.url("/sdapi/v1/txt2img");
-    let client = std::thread::spawn(move || post(&txt2img, &json!({ "prompt": "a bag", "steps": 400, "n_iter": 2, "seed": 5, "sampler_name": "DDIM" }), None));
-    wait_until("the A1111 job to run", Duration::from_secs(30), || running_job(&a).is_some());
-    let (_, progress) = get(&a.url("/sdapi/v1/progress"), None);
-    assert_eq!(progress["state"]["job_count"], 1, "{progress}");
-    let (status, answer, _) = post(&a.url("/sdapi/v1/skip"), &json!({}), None);
-    assert_eq!((status, answer["skipped"].as_array().map(Vec::len)), (200, Some(1)), "{answer}");
-    let (status, body, _) = client.join().unwrap();
-    assert_eq!(status, 200, "{body}");
-    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
-    assert_eq!((info["skipped_iterations"].as_u64(), info["interrupted"].as_bool()), (Some(1), Some(false)), "{info}");
-    assert_eq!(info["all_seeds"], json!([6]), "the second batch, seed + batch_size");
+    check_a1111_skip(&a, 400, || {
+        wait_until("the A1111 job to run", Duration::from_secs(30), || running_job(&a).is_some());
+        let (_, progress) = get(&a.url("/sdapi/v1/progress"), None);
+        assert_eq!(progress["state"]["job_count"], 1, "{progress}");
+    });
 
     // Interrupt: the job stops on the worker; the waiting client gets 200, `interrupted`.
     let txt2img = a.url("/sdapi/v1/txt2img");
@@ -308,10 +303,7 @@ fn skip_interrupt_and_jobs_from_any_front_end() {
     assert_eq!(status, 202, "{created}");
     let id = created["id"].as_str().unwrap().to_string();
     let on_b = b.url(&format!("/v1/jobs/{id}"));
-    wait_until("B to see the job run", Duration::from_secs(30), || {
-        let (_, job) = get(&on_b, None);
-        job["status"] == "running" && job["step"].as_u64().unwrap_or(0) >= 2
-    });
+    wait_running_at(&on_b, "B to see the job run", Duration::from_secs(30));
     let (status, answer) = delete(&on_b);
     assert_eq!(status, 200, "{answer}");
     wait_until("A to see the job cancelled", Duration::from_secs(10), || get(&a.url(&format!("/v1/jobs/{id}")), None).1["status"] == "cancelled");
