@@ -725,7 +725,13 @@ fn mirror(job: &Job, name: &str, data: Value) -> bool {
         "step" => {
             state.step = data["step"].as_u64().unwrap_or(0) as usize;
             state.steps = data["steps"].as_u64().unwrap_or(0) as usize;
-            state.iteration = (data["iteration"].as_u64().unwrap_or(1) as usize).saturating_sub(1);
+            let iteration = (data["iteration"].as_u64().unwrap_or(1) as usize).saturating_sub(1);
+            if iteration != state.iteration {
+                // A skip not taken before its iteration ended is dropped, as on a local model
+                // (it never skips the next one).
+                job.skip.store(false, Ordering::SeqCst);
+            }
+            state.iteration = iteration;
             state.it_per_s = data["it_per_s"].as_f64().unwrap_or(0.0);
             "step"
         }
