@@ -537,22 +537,23 @@ pub fn start_front_end(shared: Arc<Shared>, url: String, ttl_secs: u64) -> Resul
                 con = connect(&url).ok();
             }
             let Some(connection) = con.as_mut() else { continue };
-            match live_models(connection) {
-                Ok(models) => {
-                    for model in shared.set_models(models) {
-                        eprintln!("model {} registered by a worker: served from now on", shared.model(model).name);
-                        if let Err(e) = hand_over(&shared, &url, ttl_secs, model) {
-                            eprintln!("cannot start the queue of model {}: {e}", shared.model(model).name);
-                        }
-                    }
-                }
-                Err(e) => {
-                    eprintln!("cannot read the models from Redis: {e:#}");
-                    con = None;
-                }
+            if let Err(e) = refresh_models(&shared, connection, &url, ttl_secs) {
+                eprintln!("cannot read the models from Redis: {e:#}");
+                con = None;
             }
         }
     })?;
+    Ok(())
+}
+
+/// Reads the live models from Redis into the front end's registry; a new one gets its queue.
+fn refresh_models(shared: &Arc<Shared>, con: &mut redis::Connection, url: &str, ttl_secs: u64) -> Result<()> {
+    for model in shared.set_models(live_models(con)?) {
+        eprintln!("model {} registered by a worker: served from now on", shared.model(model).name);
+        if let Err(e) = hand_over(shared, url, ttl_secs, model) {
+            eprintln!("cannot start the queue of model {}: {e}", shared.model(model).name);
+        }
+    }
     Ok(())
 }
 
@@ -662,8 +663,12 @@ pub(super) fn attach(shared: &Arc<Shared>, id: &str) -> Result<Option<Arc<Job>>>
     let Some(record) = record else { return Ok(None) };
     let record: Value = serde_json::from_str(&record)?;
     let model_name = record["model"].as_str().unwrap_or_default();
-    let model = (0..shared.model_count())
-        .find(|i| shared.model(*i).name == model_name)
+    let find = || (0..shared.model_count()).find(|i| shared.model(*i).name == model_name);
+    if find().is_none() {
+        // A model registered since this front end last looked.
+        refresh_models(shared, &mut con, &url, ttl)?;
+    }
+    let model = find()
         .ok_or_else(|| anyhow!("job {id} is for the model `{model_name}`, which this server does not serve"))?;
     let request = request_from_json(&record["request"], model)?;
     let origin = match record["origin"].as_str() {
