@@ -439,10 +439,9 @@ pub struct Shared {
     /// Finished jobs in the order they finished (the oldest are forgotten past a bound).
     finished: Mutex<VecDeque<String>>,
     counter: AtomicU64,
-    /// The jobs run elsewhere (`serve --queue`): waiting means not started by any worker yet.
-    pub(super) remote: AtomicBool,
-    /// With `serve --queue`: the Redis URL and the result TTL (jobs other front ends queued
-    /// are looked up there).
+    /// With `serve --queue`: the Redis URL and the result TTL. The jobs then run elsewhere
+    /// (waiting means not started by any worker yet), and jobs other front ends queued are
+    /// looked up there.
     pub(super) redis: std::sync::OnceLock<(String, u64)>,
 }
 
@@ -538,7 +537,6 @@ impl Shared {
             jobs: Mutex::new(HashMap::new()),
             finished: Mutex::new(VecDeque::new()),
             counter: AtomicU64::new(0),
-            remote: AtomicBool::new(false),
             redis: std::sync::OnceLock::new(),
         })
     }
@@ -619,7 +617,7 @@ impl Shared {
     pub fn submit(&self, request: GenerateRequest, origin: Origin) -> std::result::Result<Arc<Job>, u64> {
         let mut queue = self.queue();
         let model = request.model;
-        let (idle, waiting) = if self.remote.load(Ordering::Relaxed) {
+        let (idle, waiting) = if self.redis.get().is_some() {
             // Jobs in Redis: those no worker has started wait.
             let statuses: Vec<(usize, Status)> = self.all_jobs().iter().map(|j| (j.request.model, j.status())).collect();
             let idle = !statuses.iter().any(|(m, s)| *m == model && !s.finished());

@@ -521,7 +521,6 @@ fn run_entry(
 /// one per job in Redis that mirrors its events into the local job.
 pub fn start_front_end(shared: Arc<Shared>, url: String, ttl_secs: u64) -> Result<()> {
     connect(&url)?;
-    shared.remote.store(true, Ordering::Relaxed);
     let _ = shared.redis.set((url.clone(), ttl_secs));
     for model in 0..shared.model_count() {
         hand_over(&shared, &url, ttl_secs, model)?;
