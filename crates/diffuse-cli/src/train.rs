@@ -21,7 +21,7 @@ use diffuse::training::pixel::{
 use diffuse::lora::adapters::{self as lora_adapters, AdapterConfig};
 use diffuse::training::text_to_image::{
     self, frozen_text_encoder, resolve_text_encoder_config, ClassPrompts, FrozenVae, LoraTraining, TextSampleSettings,
-    TextToImageTask, TextToImageTrainingConfig, DEFAULT_TEMPLATES,
+    TextToImageTask, TextToImageTrainingConfig, SecondTextEncoder, DEFAULT_TEMPLATES,
 };
 use diffuse::training::{train, Hooks, TrainConfig, TrainingTask};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -544,12 +544,18 @@ fn build_task(args: &TrainArgs, dataset: &mut dyn Dataset, device: &Device) -> R
                 (None, Some(base), None) => resolve_text_encoder_config(&base.join("text_encoder/config.json").display().to_string())?,
                 (None, None, _) => resolve_text_encoder_config(&args.text_encoder_config)?,
             };
+            // An SDXL base: its second text encoder, frozen (LoRA training only).
+            let text_encoder_2 = base.as_deref().map(SecondTextEncoder::of_base).transpose()?.flatten();
+            if text_encoder_2.is_some() && lora.is_none() {
+                bail!("--base {}: an SDXL base is trained with LoRA adapters only: give --lora-rank", args.base.as_deref().unwrap_or_default());
+            }
+            let text_width = text_encoder.config().hidden_size + text_encoder_2.as_ref().map_or(0, |te| te.config.hidden_size);
             let base_unet_config = base.as_ref().map(|b| b.join("unet/config.json").display().to_string());
             let (unet_json, unet) = text_to_image::resolve_unet_config(
                 args.model_config.as_deref().or(base_unet_config.as_deref()).unwrap_or("unet-small"),
                 &vae,
                 size,
-                text_encoder.config().hidden_size,
+                text_width,
             )?;
             let class_prompts = match &args.class_names {
                 Some(names) => {
@@ -586,6 +592,7 @@ fn build_task(args: &TrainArgs, dataset: &mut dyn Dataset, device: &Device) -> R
                 unet_json,
                 unet,
                 text_encoder,
+                text_encoder_2,
                 vae,
                 noise: noise_schedule(args),
                 prediction_type,

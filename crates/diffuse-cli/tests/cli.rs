@@ -1653,3 +1653,62 @@ fn sdxl_bad_input() {
         "projection_class_embeddings_input_dim",
     );
 }
+
+/// A LoRA trained on an SDXL base (both text encoders frozen, the UNet conditioned on the
+/// pooled embedding and each example's size and crop): written in both formats, loaded by
+/// `generate`, and changing the image; an SDXL base without --lora-rank is refused.
+#[test]
+fn train_a_lora_on_an_sdxl_base() {
+    let dir = scratch("train-sdxl-lora");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut metadata = String::new();
+    for index in 0..4u32 {
+        // 80×64 images: fitted to 64×64, so the time ids carry a crop.
+        let file = std::fs::File::create(data.join(format!("{index}.png"))).unwrap();
+        let mut encoder = png::Encoder::new(file, 80, 64);
+        encoder.set_color(png::ColorType::Rgb);
+        let pixels: Vec<u8> = (0..80 * 64 * 3).map(|i| if (i / 3 % 80 < 40) == (index % 2 == 0) { 200 } else { 20 }).collect();
+        encoder.write_header().unwrap().write_image_data(&pixels).unwrap();
+        let side = if index % 2 == 0 { "left" } else { "right" };
+        metadata.push_str(&format!("{{\"file_name\": \"{index}.png\", \"text\": \"bright on the {side}\"}}\n"));
+    }
+    std::fs::write(data.join("metadata.jsonl"), metadata).unwrap();
+    let base = fixtures().join("sdxl/base");
+    let (base_s, data_s) = (base.to_str().unwrap(), data.to_str().unwrap());
+    let out = dir.join("xl-style");
+    let (ok, _, stderr) = diffuse(&[
+        "train", "--base", base_s, "--lora-rank", "2", "--lora-targets", "attention,text-encoder", "--data", data_s, "--output",
+        out.to_str().unwrap(), "--resolution", "64", "--image-fit", "resize", "--steps", "3", "--batch-size", "2", "--lr", "1e-2",
+        "--warmup", "1", "--checkpoint-every", "0", "--sample-steps", "2", "--quiet",
+    ]);
+    assert!(ok, "{stderr}");
+    let (diffusers_file, kohya_file) = (out.join("pytorch_lora_weights.safetensors"), out.join("xl-style.safetensors"));
+    assert!(diffusers_file.is_file() && kohya_file.is_file());
+    let keys = |file: &Path| -> Vec<String> { candle_core::safetensors::load(file, &candle_core::Device::Cpu).unwrap().into_keys().collect() };
+    assert!(keys(&diffusers_file).iter().any(|k| k.starts_with("text_encoder_2.")), "the second encoder's adapters are saved");
+    assert!(keys(&kohya_file).iter().any(|k| k.starts_with("lora_te2_")), "kohya's name for the second encoder");
+
+    let image = |lora: Option<&Path>, name: &str| {
+        let png = dir.join(name);
+        let mut args = vec!["generate", "--model", base_s, "--prompt", "bright on the left", "--steps", "3", "--seed", "1", "--output"];
+        args.push(png.to_str().unwrap());
+        let lora_s = lora.map(|l| l.to_str().unwrap().to_string());
+        if let Some(lora) = &lora_s {
+            args.extend(["--lora", lora.as_str()]);
+        }
+        let (ok, _, stderr) = diffuse(&args);
+        assert!(ok, "{stderr}");
+        decode_png(&png).0
+    };
+    let with_lora = image(Some(&diffusers_file), "a.png");
+    assert_eq!(with_lora, image(Some(&kohya_file), "b.png"), "both formats make the same image");
+    assert_ne!(with_lora, image(None, "c.png"), "the trained LoRA changes the image");
+
+    let refused = dir.join("refused");
+    assert_fails_with(
+        &["train", "--base", base_s, "--data", data_s, "--output", refused.to_str().unwrap(), "--steps", "2", "--resolution", "64", "--image-fit", "resize", "--quiet"],
+        "LoRA adapters only",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

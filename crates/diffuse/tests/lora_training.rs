@@ -243,6 +243,7 @@ fn lora_config(text_encoder: bool) -> TextToImageTrainingConfig {
         unet_json,
         unet,
         text_encoder: frozen_text_encoder(&sd1().join("text_encoder")).unwrap(),
+        text_encoder_2: None,
         vae,
         noise: NoiseSchedule { num_train_timesteps: 1000, beta_schedule: "scaled_linear".into(), beta_start: 0.00085, beta_end: 0.012 },
         prediction_type: PredictionType::Epsilon,

@@ -143,6 +143,7 @@ fn text_to_image_config(vae_dir: &Path) -> TextToImageTrainingConfig {
         unet_json,
         unet,
         text_encoder,
+        text_encoder_2: None,
         vae,
         noise: NoiseSchedule { num_train_timesteps: 1000, beta_schedule: "scaled_linear".into(), beta_start: 0.00085, beta_end: 0.012 },
         prediction_type: PredictionType::Epsilon,

@@ -273,6 +273,25 @@ impl ClipTextModel {
     /// projection_dim]`): the final-normed state at the first end-of-text token (the largest
     /// id, as transformers finds it), through `text_projection`.
     pub fn encode_penultimate(&self, input_ids: &Tensor, clip_skip: Option<usize>) -> Result<(Tensor, Option<Tensor>)> {
+        self.encode_penultimate_inner(input_ids, clip_skip, None)
+    }
+
+    /// [`Self::encode_penultimate`] in training (no clip skip), with peft's `lora_dropout` on
+    /// the inputs of the LoRA branches that training gave the layers.
+    pub fn encode_penultimate_with_lora_dropout(
+        &self,
+        input_ids: &Tensor,
+        lora_dropout: Option<&LoraDropout>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        self.encode_penultimate_inner(input_ids, None, lora_dropout)
+    }
+
+    fn encode_penultimate_inner(
+        &self,
+        input_ids: &Tensor,
+        clip_skip: Option<usize>,
+        lora_dropout: Option<&LoraDropout>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let layers = self.layers.len();
         let skip = clip_skip.unwrap_or(0);
         if skip >= layers.max(1) {
@@ -281,7 +300,7 @@ impl ClipTextModel {
                 layers.saturating_sub(1)
             )));
         }
-        let output = self.forward(input_ids)?;
+        let output = self.forward_with_lora_dropout(input_ids, lora_dropout)?;
         // hidden_states has layers + 1 entries; [-(skip + 2)] is index layers - 1 - skip.
         let hidden = output.hidden_states[layers - 1 - skip].clone();
         let pooled = match &self.text_projection {

@@ -711,16 +711,17 @@ impl UNet2DConditionModel {
         self.predict(sample, timesteps, encoder_hidden_states, None, timestep_cond, added, None)
     }
 
-    /// [`Self::forward`] in training, with peft's `lora_dropout` on the inputs of the LoRA
-    /// branches that training gave the layers.
+    /// [`Self::forward`] in training, with SDXL's added conditioning where the UNet takes it,
+    /// and peft's `lora_dropout` on the inputs of the LoRA branches that training gave the layers.
     pub fn forward_with_lora_dropout(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
         encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditions>,
         lora_dropout: Option<&LoraDropout>,
     ) -> Result<Tensor> {
-        self.predict(sample, timesteps, encoder_hidden_states, None, None, None, lora_dropout)
+        self.predict(sample, timesteps, encoder_hidden_states, None, None, added, lora_dropout)
     }
 
     fn predict(

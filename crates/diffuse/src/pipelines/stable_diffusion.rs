@@ -354,13 +354,7 @@ impl StableDiffusionPipeline {
         if let Some(class) = pipeline_class_name(model_dir) {
             pipeline.pipeline_class = class;
         }
-        if pipeline.is_xl() {
-            // The SDXL pipelines' registered config, with their defaults.
-            let index = read_json_object(&model_dir.join("model_index.json")).unwrap_or_default();
-            let flag = |key: &str, default: bool| index.get(key).and_then(Value::as_bool).unwrap_or(default);
-            pipeline.force_zeros_for_empty_prompt = flag("force_zeros_for_empty_prompt", true);
-            pipeline.requires_aesthetics_score = flag("requires_aesthetics_score", false);
-        }
+        pipeline.apply_model_index(model_dir);
         Ok(pipeline)
     }
 
@@ -519,6 +513,18 @@ impl StableDiffusionPipeline {
             )));
         }
         Ok(vae)
+    }
+
+    /// Takes an SDXL folder's registered pipeline settings from its `model_index.json`
+    /// (`force_zeros_for_empty_prompt`, default true; `requires_aesthetics_score`, default
+    /// false); other pipelines have none.
+    pub fn apply_model_index(&mut self, model_dir: &Path) {
+        if self.is_xl() {
+            let index = read_json_object(&model_dir.join("model_index.json")).unwrap_or_default();
+            let flag = |key: &str, default: bool| index.get(key).and_then(Value::as_bool).unwrap_or(default);
+            self.force_zeros_for_empty_prompt = flag("force_zeros_for_empty_prompt", true);
+            self.requires_aesthetics_score = flag("requires_aesthetics_score", false);
+        }
     }
 
     /// Whether this is an SDXL pipeline: its UNet takes the pooled text embedding and the

@@ -585,12 +585,8 @@ fn fit_size(image: RawImage, spec: &ImageSpec, name: &str) -> Result<RawImage> {
             Ok(RawImage { width, height, channels: c, pixels })
         }
         ImageFit::Resize => {
-            // The shorter side to the target's larger side, then the centre crop.
-            let scale = (width as f64 / image.width as f64).max(height as f64 / image.height as f64);
-            let new_width = ((image.width as f64 * scale).round() as usize).max(width);
-            let new_height = ((image.height as f64 * scale).round() as usize).max(height);
+            let ((new_width, new_height), (top, left)) = resize_and_crop(image.width, image.height, spec);
             let resized = resize_bilinear(&image, new_width, new_height, name)?;
-            let (left, top) = ((new_width - width) / 2, (new_height - height) / 2);
             let c = image.channels;
             let mut pixels = Vec::with_capacity(width * height * c);
             for row in top..top + height {
@@ -598,6 +594,26 @@ fn fit_size(image: RawImage, spec: &ImageSpec, name: &str) -> Result<RawImage> {
             }
             Ok(RawImage { width, height, channels: c, pixels })
         }
+    }
+}
+
+/// `ImageFit::Resize` of a `width`×`height` image to `spec`'s size: the shorter side to the
+/// target's larger side, then the centre crop. Returns the resized (width, height) and the
+/// crop's (top, left).
+fn resize_and_crop(width: usize, height: usize, spec: &ImageSpec) -> ((usize, usize), (usize, usize)) {
+    let scale = (spec.width as f64 / width as f64).max(spec.height as f64 / height as f64);
+    let new_width = ((width as f64 * scale).round() as usize).max(spec.width);
+    let new_height = ((height as f64 * scale).round() as usize).max(spec.height);
+    ((new_width, new_height), ((new_height - spec.height) / 2, (new_width - spec.width) / 2))
+}
+
+/// Where the model's image was cut from the resized one, (top, left): SDXL's
+/// `crops_coords_top_left` for an example of `width`×`height` ((0, 0) unless it was resized
+/// and cropped).
+pub fn crop_top_left(width: usize, height: usize, spec: &ImageSpec) -> (usize, usize) {
+    match spec.fit {
+        ImageFit::Resize if (width, height) != (spec.width, spec.height) => resize_and_crop(width, height, spec).1,
+        _ => (0, 0),
     }
 }
 
@@ -651,6 +667,11 @@ pub struct Batch {
     pub images: Tensor,
     pub labels: Option<Vec<u32>>,
     pub captions: Option<Vec<String>>,
+    /// Each example's size before it was fitted to the model's, (height, width), and where it
+    /// was cropped, (top, left): SDXL's micro-conditioning, as diffusers' SDXL training scripts
+    /// record them.
+    pub original_sizes: Vec<(usize, usize)>,
+    pub crops_top_left: Vec<(usize, usize)>,
 }
 
 /// SplitMix64: a strong 64-bit mix, used to derive each epoch's order and each flip from
@@ -759,10 +780,14 @@ impl DataLoader {
         }
         let mut labels = Vec::with_capacity(batch_size);
         let mut captions = Vec::with_capacity(batch_size);
+        let (mut original_sizes, mut crops_top_left) = (Vec::with_capacity(batch_size), Vec::with_capacity(batch_size));
         for _ in 0..batch_size {
             let (index, flip) = self.advance();
             let example = self.dataset.get(index)?;
             values.extend(prepare(&example, &spec, flip)?);
+            let (width, height) = (example.image.width, example.image.height);
+            original_sizes.push((height, width));
+            crops_top_left.push(crop_top_left(width, height, &spec));
             if let Some(label) = example.label {
                 labels.push(label as u32);
             }
@@ -775,6 +800,8 @@ impl DataLoader {
             images,
             labels: (labels.len() == batch_size).then_some(labels),
             captions: (captions.len() == batch_size).then_some(captions),
+            original_sizes,
+            crops_top_left,
         })
     }
 }

@@ -26,7 +26,7 @@ use crate::loading::config::{parse_config, read_json_object};
 use crate::loading::weights::{find_weight_files, var_builder};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
-use crate::models::unet_2d_condition::{UNet2DConditionModel, UNet2DConditionModelConfig};
+use crate::models::unet_2d_condition::{AddedConditions, UNet2DConditionModel, UNet2DConditionModelConfig};
 use crate::models::LoraDropout;
 use crate::pipelines::autoencoder::AutoencoderConfig;
 use crate::pipelines::stable_diffusion::{Components, PhaseTimes, StableDiffusionPipeline, TextToImageOptions};
@@ -166,6 +166,28 @@ pub fn resolve_text_encoder_config(name: &str) -> Result<TextEncoderSource> {
     Ok(TextEncoderSource::Train { json, config })
 }
 
+/// SDXL's second text encoder (OpenCLIP bigG with its projection), frozen: the base's
+/// `text_encoder_2/` and the tokenizer that pads with `!` from `tokenizer_2/`.
+#[derive(Debug, Clone)]
+pub struct SecondTextEncoder {
+    pub dir: PathBuf,
+    pub tokenizer_dir: PathBuf,
+    pub config: ClipTextConfig,
+}
+
+impl SecondTextEncoder {
+    /// The base folder's second text encoder, when it has one (an SDXL base).
+    pub fn of_base(base: &Path) -> Result<Option<Self>> {
+        let dir = base.join("text_encoder_2");
+        if !dir.is_dir() {
+            return Ok(None);
+        }
+        let path = dir.join("config.json");
+        let config: ClipTextConfig = parse_config(&read_json_object(&path)?, &path)?;
+        Ok(Some(Self { dir, tokenizer_dir: base.join("tokenizer_2"), config }))
+    }
+}
+
 /// A frozen text encoder folder (`config.json`, `model.safetensors`).
 pub fn frozen_text_encoder(dir: &Path) -> Result<TextEncoderSource> {
     let path = dir.join("config.json");
@@ -255,6 +277,8 @@ pub struct TextToImageTrainingConfig {
     pub unet_json: Map<String, Value>,
     pub unet: UNet2DConditionModelConfig,
     pub text_encoder: TextEncoderSource,
+    /// An SDXL base's second text encoder (LoRA training only).
+    pub text_encoder_2: Option<SecondTextEncoder>,
     pub vae: FrozenVae,
     pub noise: NoiseSchedule,
     pub prediction_type: PredictionType,
@@ -288,10 +312,14 @@ pub struct LoraTraining {
 }
 
 impl LoraTraining {
-    fn configs(&self) -> BTreeMap<Target, AdapterConfig> {
+    /// The adapters per model; an SDXL base's text-encoder adapters go on both encoders.
+    fn configs(&self, xl: bool) -> BTreeMap<Target, AdapterConfig> {
         let mut configs = BTreeMap::from([(Target::Unet, self.unet.clone())]);
         if let Some(te) = &self.text_encoder {
             configs.insert(Target::TextEncoder, te.clone());
+            if xl {
+                configs.insert(Target::TextEncoder2, te.clone());
+            }
         }
         configs
     }
@@ -317,6 +345,8 @@ pub struct TextToImageTask {
     tokenizer: ClipTokenizer,
     unet: UNet2DConditionModel,
     text_encoder: ClipTextModel,
+    /// An SDXL base's second encoder and its tokenizer.
+    text_encoder_2: Option<(ClipTokenizer, ClipTextModel)>,
     vae: AutoencoderKL,
     objective: DiffusionObjective,
     scheduler_config: Map<String, Value>,
@@ -338,12 +368,16 @@ impl TextToImageTask {
         if !(0.0..1.0).contains(&config.caption_dropout) {
             bail!("--caption-dropout must be in [0, 1), got {}", config.caption_dropout);
         }
-        if config.unet.cross_attention_dim != config.text_encoder.config().hidden_size {
+        // SDXL's UNet attends to both encoders' hidden states side by side.
+        let text_width = config.text_encoder.config().hidden_size + config.text_encoder_2.as_ref().map_or(0, |te| te.config.hidden_size);
+        if config.unet.cross_attention_dim != text_width {
             bail!(
-                "the UNet's cross_attention_dim ({}) does not match the text encoder's hidden_size ({})",
+                "the UNet's cross_attention_dim ({}) does not match the text encoders' hidden_size ({text_width})",
                 config.unet.cross_attention_dim,
-                config.text_encoder.config().hidden_size
             );
+        }
+        if config.text_encoder_2.is_some() && config.lora.is_none() {
+            bail!("an SDXL base is trained with LoRA adapters only (give a LoRA rank)");
         }
         if config.sampling.prompts.is_empty() || config.sampling.count == 0 || config.sampling.steps == 0 {
             bail!("sample grids need at least one prompt, one image and one step");
@@ -352,14 +386,14 @@ impl TextToImageTask {
         let objective = training_objective(&config.noise, config.prediction_type, LossKind::Mse, config.snr_gamma, config.timestep_sampling)?;
         let vae = config.vae.model(device)?;
         let tokenizer = builtin_clip_tokenizer(Family::StableDiffusion1)?;
-        let (unet, text_encoder, varmap, adapters) = match &config.lora {
+        let (unet, text_encoder, text_encoder_2, varmap, adapters) = match &config.lora {
             Some(lora) => {
-                let (unet, text_encoder, adapters) = Self::adapted_models(&config, lora, init_seed, device)?;
-                (unet, text_encoder, adapters.varmap().clone(), Some(adapters))
+                let (unet, text_encoder, text_encoder_2, adapters) = Self::adapted_models(&config, lora, init_seed, device)?;
+                (unet, text_encoder, text_encoder_2, adapters.varmap().clone(), Some(adapters))
             }
             None => {
                 let (unet, text_encoder, varmap) = Self::trained_models(&config, device)?;
-                (unet, text_encoder, varmap, None)
+                (unet, text_encoder, None, varmap, None)
             }
         };
         let parameters = Parameters::from_varmap(&varmap)?;
@@ -385,6 +419,7 @@ impl TextToImageTask {
             tokenizer,
             unet,
             text_encoder,
+            text_encoder_2,
             vae,
             objective,
             scheduler_config,
@@ -417,7 +452,7 @@ impl TextToImageTask {
         lora: &LoraTraining,
         init_seed: u64,
         device: &Device,
-    ) -> Result<(UNet2DConditionModel, ClipTextModel, Adapters)> {
+    ) -> Result<(UNet2DConditionModel, ClipTextModel, Option<(ClipTokenizer, ClipTextModel)>, Adapters)> {
         let base = config.base.as_deref().ok_or_else(|| Error::invalid("LoRA training needs a base model (--base)"))?;
         if !(0.0..1.0).contains(&lora.dropout) {
             bail!("--lora-dropout must be in [0, 1), got {}", lora.dropout);
@@ -439,14 +474,29 @@ impl TextToImageTask {
         if let Some(te_lora) = &lora.text_encoder {
             check_adapted(&adapters, Target::TextEncoder, te_lora)?;
         }
-        Ok((unet, text_encoder, adapters))
+        let text_encoder_2 = match &config.text_encoder_2 {
+            Some(second) => {
+                let files = find_weight_files(&second.dir, "model", None)?;
+                let mut weights = var_builder(&files, DType::F32, device)?;
+                if let Some(te_lora) = &lora.text_encoder {
+                    weights = adapters.wrap(Target::TextEncoder2, te_lora, weights)?;
+                }
+                let model = ClipTextModel::new(weights, &second.config).map_err(|e| e.in_weights_file(&files[0]))?;
+                if let Some(te_lora) = &lora.text_encoder {
+                    check_adapted(&adapters, Target::TextEncoder2, te_lora)?;
+                }
+                Some((ClipTokenizer::from_folder(&second.tokenizer_dir)?, model))
+            }
+            None => None,
+        };
+        Ok((unet, text_encoder, text_encoder_2, adapters))
     }
 
     /// The LoRA that `weights` (the adapters' matrices by parameter name) make.
     pub fn trained_lora(&self, weights: &HashMap<String, Tensor>) -> Result<Option<TrainedLora>> {
         match (&self.config.lora, &self.adapters) {
             (Some(lora), Some(adapters)) => {
-                let mut trained = TrainedLora::from_tensors(&adapters.layers(), lora.configs(), weights)?;
+                let mut trained = TrainedLora::from_tensors(&adapters.layers(), lora.configs(self.text_encoder_2.is_some()), weights)?;
                 trained.dropout = lora.dropout;
                 Ok(Some(trained))
             }
@@ -467,15 +517,23 @@ impl TextToImageTask {
         let (te_weights, te_file) = model("text_encoder", "model")?;
         let (unet_weights, unet_file) = model("unet", "diffusion_pytorch_model")?;
         let (vae_weights, vae_file) = model("vae", "diffusion_pytorch_model")?;
+        let text_encoder_2 = match (&self.config.text_encoder_2, &self.text_encoder_2) {
+            (Some(second), Some((tokenizer, _))) => {
+                let (weights, file) = model("text_encoder_2", "model")?;
+                Some((tokenizer.clone(), (second.config.clone(), weights, file)))
+            }
+            _ => None,
+        };
         let components = Components {
             tokenizer: self.tokenizer.clone(),
             text_encoder: (self.config.text_encoder.config().clone(), te_weights, te_file),
-            text_encoder_2: None,
+            text_encoder_2,
             unet: (self.config.unet.clone(), unet_weights, unet_file),
             vae: (AutoencoderConfig::Kl(self.config.vae.config.clone()), vae_weights, vae_file),
             scheduler: self.sample_scheduler()?,
         };
-        let pipeline = StableDiffusionPipeline::from_components(components.with_loras(&loras)?, base, &self.device, DType::F32)?;
+        let mut pipeline = StableDiffusionPipeline::from_components(components.with_loras(&loras)?, base, &self.device, DType::F32)?;
+        pipeline.apply_model_index(base);
         loras.finish()?;
         Ok(pipeline)
     }
@@ -504,22 +562,47 @@ impl TextToImageTask {
     }
 
     /// The prompt embeddings `[B, 77, hidden]` (the text encoder's last layer, as Stable
-    /// Diffusion conditions on it).
-    fn encode(&self, captions: &[String], lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
-        let encodings = self.tokenizer.encode_batch(captions)?;
-        let ids = input_ids_tensor(&encodings, &self.device)?;
-        let hidden = self.text_encoder.forward_with_lora_dropout(&ids, lora_dropout)?.last_hidden_state;
+    /// Diffusion conditions on it); for an SDXL base both encoders' penultimate layers side
+    /// by side and the second one's pooled projection `[B, projection_dim]`, as diffusers'
+    /// train_text_to_image_lora_sdxl.py encodes them.
+    fn encode(&self, captions: &[String], lora_dropout: Option<&LoraDropout>) -> Result<(Tensor, Option<Tensor>)> {
         // A frozen encoder needs no gradient, unless it carries adapters being trained.
         let trained = matches!(self.config.text_encoder, TextEncoderSource::Train { .. })
             || self.config.lora.as_ref().is_some_and(|lora| lora.text_encoder.is_some());
-        Ok(if trained { hidden } else { hidden.detach() })
+        let detach = |t: Tensor| if trained { t } else { t.detach() };
+        let ids = |tokenizer: &ClipTokenizer| input_ids_tensor(&tokenizer.encode_batch(captions)?, &self.device);
+        let Some((tokenizer_2, text_encoder_2)) = &self.text_encoder_2 else {
+            let hidden = self.text_encoder.forward_with_lora_dropout(&ids(&self.tokenizer)?, lora_dropout)?.last_hidden_state;
+            return Ok((detach(hidden), None));
+        };
+        let (first, _) = self.text_encoder.encode_penultimate_with_lora_dropout(&ids(&self.tokenizer)?, lora_dropout)?;
+        let (second, pooled) = text_encoder_2.encode_penultimate_with_lora_dropout(&ids(tokenizer_2)?, lora_dropout)?;
+        let pooled = pooled.ok_or_else(|| Error::invalid("the second text encoder has no text_projection"))?;
+        Ok((detach(Tensor::cat(&[first, second], 2)?), Some(detach(pooled))))
+    }
+
+    /// SDXL's time ids for a batch: each example's original size and crop, and the training
+    /// size, as diffusers' `compute_time_ids`.
+    fn time_ids(&self, batch: &Batch) -> Result<Tensor> {
+        let (_, _, height, width) = batch.images.dims4()?;
+        let rows: Vec<f32> = batch
+            .original_sizes
+            .iter()
+            .zip(&batch.crops_top_left)
+            .flat_map(|(&(oh, ow), &(top, left))| [oh, ow, top, left, height, width].map(|v| v as f32))
+            .collect();
+        Ok(Tensor::from_vec(rows, (batch.original_sizes.len(), 6), &self.device)?)
     }
 
     /// The batch's loss, LoRA dropout (if any) drawn from `masks`.
     fn loss_with_masks(&mut self, batch: &Batch, generator: &mut TorchGenerator, masks: &mut TorchGenerator) -> Result<ObjectiveOutput> {
         let captions = self.captions(batch, generator)?;
         let dropout = self.config.lora.as_ref().map_or(0.0, |lora| lora.dropout);
-        let embeddings = self.encode(&captions, LoraDropout::new(dropout, masks).as_ref())?;
+        let (embeddings, pooled) = self.encode(&captions, LoraDropout::new(dropout, masks).as_ref())?;
+        let added = match pooled {
+            Some(text_embeds) => Some(AddedConditions { text_embeds, time_ids: self.time_ids(batch)? }),
+            None => None,
+        };
         let vae_config = &self.config.vae.config;
         let mut latents = self.vae.encode(&batch.images)?.sample(generator)?.detach();
         if let Some(shift) = vae_config.shift_factor {
@@ -528,7 +611,9 @@ impl TextToImageTask {
         let latents = (latents * vae_config.scaling_factor)?;
         let unet = &self.unet;
         let lora_dropout = LoraDropout::new(dropout, masks);
-        self.objective.loss(&latents, generator, &mut |x_t, t| unet.forward_with_lora_dropout(x_t, t, &embeddings, lora_dropout.as_ref()))
+        self.objective.loss(&latents, generator, &mut |x_t, t| {
+            unet.forward_with_lora_dropout(x_t, t, &embeddings, added.as_ref(), lora_dropout.as_ref())
+        })
     }
 
     /// A pipeline over the given weights, sampling with the sample grids' scheduler.
@@ -582,6 +667,9 @@ impl TrainingTask for TextToImageTask {
         map.insert("caption_dropout".into(), json!(self.config.caption_dropout));
         if let Some(base) = &self.config.base {
             map.insert("base".into(), json!(base.display().to_string()));
+        }
+        if let Some(second) = &self.config.text_encoder_2 {
+            map.insert("text_encoder_2".into(), json!(format!("frozen: {}", second.dir.display())));
         }
         if let Some(lora) = &self.config.lora {
             let adapter = |c: &AdapterConfig| json!({"r": c.rank, "lora_alpha": c.alpha, "target_modules": c.target_modules});
