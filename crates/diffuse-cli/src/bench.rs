@@ -326,7 +326,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         // SDXL's pooled embedding and time ids: only their total width matters for the time,
         // so two ids and the rest as the text embedding.
         let added = match (config.addition_time_embed_dim, config.projection_class_embeddings_input_dim) {
-            (Some(time_dim), Some(input_dim)) if config.addition_embed_type.as_deref() == Some("text_time") => {
+            (Some(time_dim), Some(input_dim)) if config.takes_text_time() => {
                 let text_dim = input_dim.checked_sub(2 * time_dim).filter(|&d| d > 0).ok_or_else(|| {
                     anyhow::anyhow!("projection_class_embeddings_input_dim {input_dim} is too small for addition_time_embed_dim {time_dim}")
                 })?;

@@ -205,6 +205,12 @@ impl UNet2DConditionModelConfig {
         self.sample_size.map(|size| size.height_width()).unwrap_or((64, 64))
     }
 
+    /// Whether the UNet takes SDXL's added conditioning (`addition_embed_type = "text_time"`):
+    /// the pooled text embedding and the size/crop time ids.
+    pub fn takes_text_time(&self) -> bool {
+        self.addition_embed_type.as_deref() == Some("text_time")
+    }
+
     /// Refuses the settings of other model families that we do not implement.
     fn check_supported(&self) -> Result<()> {
         let refuse = |key: &str, what: &str| Err(config_error(key, format!("{what} is not supported")));

@@ -263,7 +263,7 @@ impl Components {
             PerBlock::List(list) => list.first().copied().filter(|first| list.iter().all(|n| n == first)),
         };
         // An SDXL refiner's only text encoder is diffusers' `text_encoder_2`.
-        let xl = self.unet.0.addition_embed_type.as_deref() == Some("text_time");
+        let xl = self.unet.0.takes_text_time();
         let first = if xl && self.text_encoder_2.is_none() { Target::TextEncoder2 } else { Target::TextEncoder };
         self.unet.1 = loras.fuse_into(Target::Unet, self.unet.1, layers_per_block)?;
         self.text_encoder.1 = loras.fuse_into(first, self.text_encoder.1, None)?;
@@ -459,8 +459,8 @@ impl StableDiffusionPipeline {
                 unet_config.cross_attention_dim,
             )));
         }
-        let xl = unet_config.addition_embed_type.as_deref() == Some("text_time");
-        if xl && !text_encoder_2.as_ref().map_or(text_encoder.has_projection(), |(_, model)| model.has_projection()) {
+        let pooled_encoder = text_encoder_2.as_ref().map_or(&text_encoder, |(_, model)| model);
+        if unet_config.takes_text_time() && !pooled_encoder.has_projection() {
             return Err(Error::invalid(format!(
                 "{}: this SDXL UNet needs a pooled text embedding, but the (last) text encoder has no `text_projection` \
                  (it must be a CLIPTextModelWithProjection)",
@@ -530,7 +530,7 @@ impl StableDiffusionPipeline {
     /// Whether this is an SDXL pipeline: its UNet takes the pooled text embedding and the
     /// size/crop time ids (`addition_embed_type = "text_time"`).
     pub fn is_xl(&self) -> bool {
-        self.unet_config.addition_embed_type.as_deref() == Some("text_time")
+        self.unet_config.takes_text_time()
     }
 
     /// Whether the UNet runs twice per step (unconditional and conditional, batched): guidance
