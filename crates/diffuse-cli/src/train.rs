@@ -551,12 +551,16 @@ fn build_task(args: &TrainArgs, dataset: &mut dyn Dataset, device: &Device) -> R
             }
             let text_width = text_encoder.config().hidden_size + text_encoder_2.as_ref().map_or(0, |te| te.config.hidden_size);
             let base_unet_config = base.as_ref().map(|b| b.join("unet/config.json").display().to_string());
-            let (unet_json, unet) = text_to_image::resolve_unet_config(
-                args.model_config.as_deref().or(base_unet_config.as_deref()).unwrap_or("unet-small"),
-                &vae,
-                size,
-                text_width,
-            )?;
+            let (unet_json, unet) = match (&base, &lora, &args.model_config) {
+                // Adapters train at the data's size, whatever size the base makes by default.
+                (Some(base), Some(_), None) => text_to_image::base_unet_config_for_lora(base, &vae, size, text_width)?,
+                _ => text_to_image::resolve_unet_config(
+                    args.model_config.as_deref().or(base_unet_config.as_deref()).unwrap_or("unet-small"),
+                    &vae,
+                    size,
+                    text_width,
+                )?,
+            };
             let class_prompts = match &args.class_names {
                 Some(names) => {
                     let list = if names == "fashion-mnist" { FASHION_MNIST_CLASS_NAMES } else { names.as_str() };

@@ -236,7 +236,34 @@ pub fn resolve_unet_config(
     image_size: usize,
     cross_attention_dim: usize,
 ) -> Result<(Map<String, Value>, UNet2DConditionModelConfig)> {
-    let (mut map, origin) = preset_or_file(model_config, UNET_PRESETS, "--model-config")?;
+    let (map, origin) = preset_or_file(model_config, UNET_PRESETS, "--model-config")?;
+    check_unet_config(map, &origin, vae, image_size, cross_attention_dim)
+}
+
+/// The frozen base UNet's config for LoRA training at `image_size`: as [`resolve_unet_config`],
+/// but the base's `sample_size` (the size it makes by default) need not be the training size:
+/// adapters are trained at whatever size the data has (an SDXL base at 512², say).
+pub fn base_unet_config_for_lora(
+    base: &Path,
+    vae: &FrozenVae,
+    image_size: usize,
+    cross_attention_dim: usize,
+) -> Result<(Map<String, Value>, UNet2DConditionModelConfig)> {
+    let path = base.join("unet").join("config.json");
+    let mut map = read_json_object(&path)?;
+    map.remove("sample_size");
+    check_unet_config(map, &path.display().to_string(), vae, image_size, cross_attention_dim)
+}
+
+/// Fills in and checks the keys the VAE, the data and the text encoder decide.
+fn check_unet_config(
+    mut map: Map<String, Value>,
+    origin: &str,
+    vae: &FrozenVae,
+    image_size: usize,
+    cross_attention_dim: usize,
+) -> Result<(Map<String, Value>, UNet2DConditionModelConfig)> {
+    let origin = origin.to_string();
     let factor = vae.scale_factor();
     if image_size == 0 || !image_size.is_multiple_of(factor) {
         bail!("the image size {image_size} is not a multiple of the autoencoder's scale factor {factor}");
