@@ -11,11 +11,16 @@ Recipes (--recipes):
   lcm-lora-taesd  the same, decoded by a random full-size TAESD (AutoencoderTiny) as `vae=`.
   turbo           SDXL-Turbo's recipe on SD 1.5: 1 trailing Euler-ancestral step, guidance 0.
 
+--family sdxl: the same for a full-size SDXL base with random weights (stored in bf16, 7 GB;
+StableDiffusionXLPipeline, guidance 5, EulerDiscrete, default 1024x1024; recipe guided only).
+
     python tools/bench/end_to_end.py --diffuse target/release/diffuse --steps 20 --dtypes bf16
     python tools/bench/end_to_end.py --diffuse target/release/diffuse --steps 8 --dtypes f32 bf16 --psnr
     python tools/bench/end_to_end.py --recipes lcm-lora lcm-lora-taesd turbo --dtypes f32 bf16
+    python tools/bench/end_to_end.py --family sdxl --folder /work/sdxl-random --steps 4 --dtypes bf16
 
-Each run is its own process (timed from its start, peak RSS from the OS); the PyTorch side runs
+Each run is its own process (timed from its start; its peak RSS from the OS, through a small
+wrapper process of its own); the PyTorch side runs
 tools/bench/end_to_end.py --pytorch-run, which imports torch and diffusers inside the timing.
 """
 
@@ -31,14 +36,54 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..", "..")
-CONFIGS = os.path.join(ROOT, "crates", "diffuse", "configs", "sd15")
+CONFIGS = os.path.join(ROOT, "crates", "diffuse", "configs")
 VOCAB = os.path.join(ROOT, "crates", "diffuse", "tests", "fixtures", "tokenizer", "sd15")
 PROMPT = "a watercolor painting of a fox in the snow"
 
 
-def config(component, name="config.json"):
-    with open(os.path.join(CONFIGS, component, name)) as f:
+def config(component, name="config.json", family="sd15"):
+    with open(os.path.join(CONFIGS, family, component, name)) as f:
         return {k: v for k, v in json.load(f).items() if not k.startswith("_") and k != "architectures"}
+
+
+def write_sdxl_folder(folder):
+    """A full-size SDXL base with random weights, in bf16 (7 GB rather than 14)."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    os.makedirs(folder, exist_ok=True)
+    sdxl = lambda component: config(component, family="sdxl")
+    models = {
+        "unet": lambda: UNet2DConditionModel(**sdxl("unet")),
+        "vae": lambda: AutoencoderKL(**sdxl("vae")),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**sdxl("text_encoder"))),
+        "text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**sdxl("text_encoder_2"))),
+    }
+    for name, make in models.items():
+        if not os.path.isdir(os.path.join(folder, name)):
+            make().to(torch.bfloat16).save_pretrained(os.path.join(folder, name))
+    scheduler = config("scheduler", "scheduler_config.json", family="sdxl")
+    EulerDiscreteScheduler.from_config(scheduler).save_pretrained(os.path.join(folder, "scheduler"))
+    # tokenizer_2 pads with "!", as SD 2.x's tokenizer config says.
+    for name, special in [("tokenizer", "sd15"), ("tokenizer_2", "sd21")]:
+        shutil.copytree(VOCAB, os.path.join(folder, name), dirs_exist_ok=True)
+        for file in ["special_tokens_map.json", "tokenizer_config.json"]:
+            shutil.copy(os.path.join(CONFIGS, special, "tokenizer", file), os.path.join(folder, name, file))
+    index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "force_zeros_for_empty_prompt": True,
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    }
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=1)
 
 
 def write_folder(folder):
@@ -105,12 +150,15 @@ def write_taesd(folder):
 
 def pytorch_run(args):
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(args.folder, torch_dtype=dtype, safety_checker=None)
-    steps, guidance = args.steps, 7.5
+    if args.family == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_pretrained(args.folder, torch_dtype=dtype)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(args.folder, torch_dtype=dtype, safety_checker=None)
+    steps, guidance = args.steps, 5.0 if args.family == "sdxl" else 7.5
     if args.recipe.startswith("lcm-lora"):
         from diffusers import LCMScheduler
 
@@ -135,7 +183,7 @@ def pytorch_run(args):
 
 def diffuse_flags(args, recipe):
     if recipe == "guided":
-        return ["--steps", str(args.steps), "--guidance-scale", "7.5"]
+        return ["--steps", str(args.steps), "--guidance-scale", "5" if args.family == "sdxl" else "7.5"]
     if recipe.startswith("lcm-lora"):
         flags = ["--scheduler", "lcm", "--steps", "4", "--guidance-scale", "1",
                  "--lora", os.path.join(args.folder, "lcm-lora", "pytorch_lora_weights.safetensors")]
@@ -145,11 +193,17 @@ def diffuse_flags(args, recipe):
     raise SystemExit(f"unknown recipe {recipe}")
 
 
+# Runs a command and prints its peak RSS in KB: a process of its own per run, since the OS
+# reports the largest of all children a process waited for.
+PEAK_RSS = "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+
+
 def timed(command, env):
+    """Seconds from the command's start to its end, and its peak RSS in GB."""
     start = time.perf_counter()
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = subprocess.run([sys.executable, "-c", PEAK_RSS, *command], check=True, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
+    return seconds, int(out.stdout.strip()) / 1024**2
 
 
 def psnr(a_path, b_path):
@@ -164,10 +218,11 @@ def psnr(a_path, b_path):
 
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--family", default="sd15", choices=["sd15", "sdxl"])
     p.add_argument("--folder", default="/tmp/sd15-random")
     p.add_argument("--diffuse", default=os.path.join(ROOT, "target", "release", "diffuse"))
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--size", type=int, help="default 512 (SDXL: 1024)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtypes", nargs="+", default=["bf16"])
@@ -180,10 +235,13 @@ def main():
     p.add_argument("--dtype", help=argparse.SUPPRESS)
     p.add_argument("--output", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.size = args.size or (1024 if args.family == "sdxl" else 512)
     if args.pytorch_run:
         return pytorch_run(args)
+    if args.family == "sdxl" and args.recipes != ["guided"]:
+        raise SystemExit("--family sdxl runs the guided recipe only")
     if not os.path.exists(os.path.join(args.folder, "model_index.json")):
-        write_folder(args.folder)
+        (write_sdxl_folder if args.family == "sdxl" else write_folder)(args.folder)
     if any(r.startswith("lcm-lora") for r in args.recipes) and not os.path.isdir(os.path.join(args.folder, "lcm-lora")):
         write_lcm_lora(args.folder)
     if "lcm-lora-taesd" in args.recipes and not os.path.isdir(os.path.join(args.folder, "taesd")):
@@ -196,15 +254,15 @@ def main():
                 for side in args.sides:
                     out = f"/tmp/end-to-end-{recipe}-{side}-{dtype}.png"
                     if side == "pytorch":
-                        command = [sys.executable, __file__, "--pytorch-run", "--recipe", recipe, "--folder", args.folder, "--dtype", dtype,
+                        command = [sys.executable, __file__, "--pytorch-run", "--family", args.family, "--recipe", recipe, "--folder", args.folder, "--dtype", dtype,
                                    "--steps", str(args.steps), "--size", str(args.size), "--seed", str(args.seed), "--threads", str(args.threads),
                                    "--output", out]
                     else:
                         command = [args.diffuse, "--threads", str(args.threads), "generate", "--model", args.folder, "--prompt", PROMPT,
                                    "--width", str(args.size), "--height", str(args.size), "--seed", str(args.seed), "--dtype", dtype,
                                    "--output", out, *diffuse_flags(args, recipe)]
-                    seconds, _ = timed(command, env)
-                    print(f"{recipe:14} {side:8} {dtype:5} {args.size}x{args.size}, {args.threads} threads: {seconds:.1f} s", flush=True)
+                    seconds, peak_gb = timed(command, env)
+                    print(f"{recipe:14} {side:8} {dtype:5} {args.size}x{args.size}, {args.threads} threads: {seconds:.1f} s, peak RSS {peak_gb:.2f} GB", flush=True)
                     outputs[(recipe, side, dtype)] = out
         for recipe in args.recipes:
             for dtype in args.dtypes:

@@ -26,6 +26,8 @@ use diffuse::rng::TorchGenerator;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::start::{self, Start, StartArgs};
+use diffuse::pipelines::generation::{Flow, GenerationRequest, StartFrom};
+use diffuse::pipelines::img2img::generate_with_refiner;
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -356,7 +358,7 @@ pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
             bail!("--class-label is for class-conditional pixel-space models; this is a Stable Diffusion model");
         }
         let quiet = args.quiet;
-        let start_from = args.start.load(&device, &mut |w| if !quiet { eprintln!("warning: {w}") })?;
+        let start_from = args.start.load(&device)?;
         let loras = loras::resolve(&args, &mut |warning| if !quiet { eprintln!("warning: {warning}") })?;
         let mut pipeline = load_pipeline(&args, &model_path, single_file, &overrides, &loras, &device)?;
         loras::report(&pipeline.loras, args.quiet);
@@ -510,8 +512,8 @@ pub(crate) fn run_pipeline(
     warn: &mut dyn FnMut(String),
 ) -> Result<Ran> {
     let quiet = args.quiet;
-    let mut generator = TorchGenerator::new(seed);
-    if let Start::Latents { latents, metadata } = start_from {
+    if let StartFrom::Latents(latents) = &start_from.from {
+        let metadata = &start_from.inversion;
         let (height, width) = start::latents_size(latents, pipeline, args.height, args.width, args.num_images)?;
         (args.height, args.width) = (Some(height), Some(width));
         args.prompt = args.prompt.take().or_else(|| metadata.get("prompt").cloned());
@@ -538,10 +540,11 @@ pub(crate) fn run_pipeline(
     };
     args.xl.check(pipeline)?;
     let mut options = options;
-    args.xl.apply(&mut options);
-    start_from.validate(pipeline, &options, warn)?;
+    args.xl.apply(&mut options)?;
+    let request = GenerationRequest { options, seed, start: start_from.from.clone() };
+    pipeline.validate_request(&request, warn)?;
     let mut refiner = match &args.xl.refiner {
-        Some(_) if !matches!(start_from, Start::Noise) => {
+        Some(_) if !matches!(request.start, StartFrom::Noise) => {
             bail!("--refiner finishes a text-to-image run; to refine an image, give the refiner as --model with --init-image")
         }
         Some(spec) => Some(load_refiner(args, spec, &pipeline.device).with_context(|| format!("--refiner {spec}"))?),
@@ -550,19 +553,21 @@ pub(crate) fn run_pipeline(
     if !quiet {
         eprintln!("seed: {seed}");
     }
-    let mut times = PhaseTimes::default();
-    let samples = match refiner.as_mut() {
-        Some(refiner) => diffuse::pipelines::img2img::generate_with_refiner(
-            pipeline,
-            refiner,
-            &options,
-            args.xl.refiner_switch,
-            &mut generator,
-            on_step,
-            warn,
-            &mut times,
-        )?,
-        None => start_from.generate(pipeline, &options, &mut generator, on_step, warn, &mut times)?,
+    let (samples, times) = match refiner.as_mut() {
+        Some(refiner) => {
+            let mut generator = TorchGenerator::new(seed);
+            let mut times = PhaseTimes::default();
+            let switch = args.xl.refiner_switch;
+            let samples = generate_with_refiner(pipeline, refiner, &request.options, switch, &mut generator, on_step, warn, &mut times)?;
+            (samples, times)
+        }
+        None => {
+            let generated = pipeline.run(&request, &mut |i, n| {
+                on_step(i, n);
+                Flow::Continue
+            }, warn)?;
+            (generated.samples, generated.times)
+        }
     };
     let summary = format!(
         "text encoding {:.2}s, denoising {:.2}s ({:.2} it/s), decoding {:.2}s",

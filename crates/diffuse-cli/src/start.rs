@@ -7,11 +7,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
+use diffuse::pipelines::generation::StartFrom;
 use diffuse::pipelines::image_processor::Image8;
-use diffuse::pipelines::img2img::ImageCondition;
 use diffuse::pipelines::inversion::load_latents;
-use diffuse::pipelines::stable_diffusion::{PhaseTimes, StableDiffusionPipeline, TextToImageOptions};
-use diffuse::rng::TorchGenerator;
+use diffuse::pipelines::stable_diffusion::StableDiffusionPipeline;
 
 #[derive(clap::Args, Default)]
 pub struct StartArgs {
@@ -35,11 +34,11 @@ pub struct StartArgs {
     pub latents: Option<PathBuf>,
 }
 
-/// Where the sampling loop starts.
-pub enum Start {
-    Noise,
-    Image { image: Image8, mask: Option<Image8>, strength: f64 },
-    Latents { latents: Tensor, metadata: HashMap<String, String> },
+/// Where the sampling loop starts (the library's [`StartFrom`]), and for latents from `diffuse
+/// invert` what the inversion recorded with them.
+pub struct Start {
+    pub from: StartFrom,
+    pub inversion: HashMap<String, String>,
 }
 
 impl StartArgs {
@@ -55,8 +54,8 @@ impl StartArgs {
     }
 
     /// Checks the combination and reads the files (the image, mask or latents), naming the
-    /// file that cannot be read; `warn` hears about a mask of another size than the image.
-    pub fn load(&self, device: &Device, warn: &mut dyn FnMut(String)) -> Result<Start> {
+    /// file that cannot be read.
+    pub fn load(&self, device: &Device) -> Result<Start> {
         if self.mask.is_some() && self.init_image.is_none() {
             bail!("--mask needs --init-image: the image to inpaint");
         }
@@ -67,11 +66,11 @@ impl StartArgs {
             if self.init_image.is_some() {
                 bail!("--latents and --init-image are two different starting points: give one");
             }
-            let (latents, metadata) = load_latents(path, device)?;
-            return Ok(Start::Latents { latents, metadata });
+            let (latents, inversion) = load_latents(path, device)?;
+            return Ok(Start { from: StartFrom::Latents(latents), inversion });
         }
         let Some(image_path) = &self.init_image else {
-            return Ok(Start::Noise);
+            return Ok(Start::noise());
         };
         let strength = self.effective_strength().unwrap_or(0.8);
         if !(0.0..=1.0).contains(&strength) {
@@ -82,79 +81,19 @@ impl StartArgs {
             Some(path) => Some(Image8::load_rgb(path)?),
             None => None,
         };
-        Ok(Start::from_images(image, mask, strength, warn))
+        Ok(Start::image(image, mask, strength))
     }
 }
 
 impl Start {
-    /// Image-to-image (or inpainting, with a mask) from images already decoded; `warn` hears
-    /// about a mask of another size than the image.
-    pub fn from_images(image: Image8, mask: Option<Image8>, strength: f64, warn: &mut dyn FnMut(String)) -> Start {
-        if let Some(mask) = &mask {
-            if (mask.width, mask.height) != (image.width, image.height) {
-                warn(format!(
-                    "the mask is {}x{} and the image {}x{}: both are resized to the output size, as diffusers does",
-                    mask.width, mask.height, image.width, image.height
-                ));
-            }
-        }
-        Start::Image { image, mask, strength }
-    }
-}
-
-impl Start {
-    fn condition(&self) -> Option<ImageCondition<'_>> {
-        match self {
-            Start::Image { image, mask, strength } => Some(ImageCondition { image, mask: mask.as_ref(), strength: *strength }),
-            _ => None,
-        }
+    /// Text-to-image from noise.
+    pub fn noise() -> Start {
+        Start { from: StartFrom::Noise, inversion: HashMap::new() }
     }
 
-    /// Checks the request against the loaded pipeline. Inpainting without --width/--height
-    /// runs at the model's default size as diffusers does; `warn` hears when that changes
-    /// the image's shape.
-    pub fn validate(&self, pipeline: &StableDiffusionPipeline, options: &TextToImageOptions, warn: &mut dyn FnMut(String)) -> Result<()> {
-        let Some(condition) = self.condition() else {
-            pipeline.validate(options)?;
-            pipeline.check_text_to_image_unet()?;
-            return Ok(());
-        };
-        let (steps, strength) = (options.num_inference_steps, condition.strength);
-        // LCM's image-to-image schedules strength itself (its scheduler refuses what it cannot).
-        let lcm = condition.mask.is_none() && pipeline.lcm_image_to_image();
-        if !lcm && steps > 0 && ((steps as f64 * strength) as usize).min(steps) == 0 {
-            bail!("--strength {strength} with {steps} steps runs no denoising step (it runs int(steps × strength) steps)");
-        }
-        let (height, width) = pipeline.validate_image_request(options, &condition)?;
-        let image = condition.image;
-        let image_size = (image.height - image.height % 8, image.width - image.width % 8);
-        if condition.mask.is_some() && options.height.is_none() && options.width.is_none() && image_size != (height, width) {
-            warn(format!(
-                "inpainting at the model's {width}x{height}, as diffusers does; the image is {}x{} (give --width/--height to keep its shape)",
-                image.width, image.height
-            ));
-        }
-        Ok(())
-    }
-
-    /// Runs the pipeline from this starting point: images `[N, 3, H, W]`.
-    pub fn generate(
-        &self,
-        pipeline: &mut StableDiffusionPipeline,
-        options: &TextToImageOptions,
-        generator: &mut TorchGenerator,
-        on_step: &mut dyn FnMut(usize, usize),
-        warn: &mut dyn FnMut(String),
-        times: &mut PhaseTimes,
-    ) -> Result<Tensor> {
-        if let Some(condition) = self.condition() {
-            return Ok(pipeline.generate_from_image(options, &condition, generator, on_step, warn, times)?);
-        }
-        let latents = match self {
-            Start::Latents { latents, .. } => Some(latents),
-            _ => None,
-        };
-        Ok(pipeline.generate_from(options, latents, generator, on_step, warn, times)?)
+    /// Image-to-image (or inpainting, with a mask) from images already decoded.
+    pub fn image(image: Image8, mask: Option<Image8>, strength: f64) -> Start {
+        Start { from: StartFrom::Image { image, mask, strength }, inversion: HashMap::new() }
     }
 }
 

@@ -611,7 +611,7 @@ fn image_flags_bad_input() {
     run(&["--strength", "0.5"], "--strength needs --init-image");
     run(&["--init-image", init_s, "--strength", "1.5"], "--strength must be in [0, 1], got 1.5");
     run(&["--init-image", init_s, "--strength=-0.2"], "--strength must be in [0, 1]");
-    run(&["--init-image", init_s, "--strength", "0.1"], "--strength 0.1 with 8 steps runs no denoising step");
+    run(&["--init-image", init_s, "--strength", "0.1"], "strength 0.1 with 8 steps runs no denoising step");
     run(&["--init-image", init_s, "--mask", mask_s, "--strength", "0.05"], "runs no denoising step");
     run(&["--init-image", init_s, "--width", "60"], "multiples of 8");
     run(&["--init-image", init_s, "--latents", bad_s], "two different starting points");
@@ -1554,4 +1554,102 @@ fn help_says_what_each_subcommand_does() {
     assert!(about("evaluate").contains("--train-classifier"));
     let (_, train_help, _) = diffuse(&["train", "--help"]);
     assert!(train_help.contains("StableDiffusionPipeline (text-to-image), or the LoRA files"), "--output: {train_help}");
+}
+
+/// SDXL through the CLI: micro-conditioning flags give diffusers' image, the PNG records them
+/// and `--from` makes the same file again; `--refiner` runs diffusers' base + refiner
+/// ensemble; the refiner alone refines an init image (default guidance 5 as the SDXL folders').
+#[test]
+fn sdxl_flags_match_diffusers_and_are_recorded() {
+    let dir = scratch("sdxl");
+    let sdxl = fixtures().join("sdxl");
+    let base = sdxl.join("base");
+    let base_s = base.to_str().unwrap();
+    let out = dir.join("micro.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", base_s, "--prompt", "a photo of a cat", "--steps", "8", "--seed", "5", "--width", "64",
+        "--height", "48", "--original-size", "128x96", "--crops-coords-top-left", "8,16", "--target-size", "56x40",
+        "--quiet", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let (pixels, _) = decode_png(&out);
+    let psnr = psnr_against(&pixels, &sdxl.join("cases/base_micro_conditioning.safetensors"));
+    assert!(psnr >= 40.0, "PSNR {psnr:.1} dB");
+    let text = info(&out);
+    for part in ["CFG scale: 5,", r#"Original size: 128x96, Target size: 56x40, Crop top left: "8,16""#] {
+        assert!(text.contains(part), "{part} missing from {text}");
+    }
+    let again = dir.join("again.png");
+    let (ok, _, stderr) = diffuse(&["generate", "--from", out.to_str().unwrap(), "--model", base_s, "--quiet", "--output", again.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&again).unwrap(), "--from must make the same SDXL image");
+
+    // The ensemble: the base runs half the schedule, the refiner the rest, one generator.
+    let refined = dir.join("refined.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", base_s, "--refiner", sdxl.join("refiner").to_str().unwrap(), "--refiner-switch", "0.5",
+        "--prompt", "a photo of a cat", "--negative-prompt", "blurry", "--scheduler", "euler-ancestral", "--steps", "10",
+        "--seed", "27", "--width", "64", "--height", "48", "--quiet", "--output", refined.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let (pixels, _) = decode_png(&refined);
+    let psnr = psnr_against(&pixels, &sdxl.join("cases/ensemble_euler_a_negative.safetensors"));
+    assert!(psnr >= 40.0, "ensemble PSNR {psnr:.1} dB");
+    assert!(info(&refined).contains("Refiner: refiner, Refiner switch at: 0.5"), "{}", info(&refined));
+
+    // The refiner on its own: image-to-image with its aesthetic scores.
+    let refiner_out = dir.join("refiner.png");
+    let (ok, _, stderr) = diffuse(&[
+        "generate", "--model", sdxl.join("refiner").to_str().unwrap(), "--init-image", sdxl.join("inputs/init_64x48.png").to_str().unwrap(),
+        "--strength", "0.8", "--prompt", "a photo of a cat", "--aesthetic-score", "8.5", "--negative-aesthetic-score", "1",
+        "--negative-prompt", "blurry", "--steps", "10", "--seed", "25", "--quiet", "--output", refiner_out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let (pixels, _) = decode_png(&refiner_out);
+    let psnr = psnr_against(&pixels, &sdxl.join("cases/refiner_aesthetic.safetensors"));
+    assert!(psnr >= 40.0, "refiner PSNR {psnr:.1} dB");
+}
+
+#[test]
+fn sdxl_bad_input() {
+    let dir = scratch("sdxl-bad");
+    let sdxl = fixtures().join("sdxl");
+    let base = sdxl.join("base");
+    let out = dir.join("out.png");
+    let out_s = out.to_str().unwrap();
+    let base_s = base.to_str().unwrap();
+    let generate = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = ["generate", "--steps", "2", "--output", out_s].iter().map(|s| s.to_string()).collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let check = |extra: &[&str], needle: &str| {
+        let args = generate(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_fails_with(&args, needle);
+        assert!(!out.exists(), "no output for {extra:?}");
+    };
+    // The refiner makes no image from noise.
+    check(&["--model", sdxl.join("refiner").to_str().unwrap()], "SDXL refiner");
+    // SDXL flags on an SD 1.x model.
+    check(&["--model", fixtures().join("sd/sd1").to_str().unwrap(), "--prompt-2", "x"], "are for SDXL models");
+    check(&["--model", base_s, "--original-size", "64"], "WIDTHxHEIGHT");
+    check(&["--model", base_s, "--crops-coords-top-left", "a,b"], "TOP,LEFT");
+    check(&["--model", base_s, "--refiner", base_s, "--refiner-switch", "1.5"], "--refiner-switch must be between 0 and 1");
+    check(&["--model", base_s, "--width", "60", "--height", "48"], "multiples of 8");
+    check(&["--model", base_s, "--refiner", fixtures().join("sd/sd1").to_str().unwrap()], "not an SDXL model");
+    // A folder whose UNet takes other time ids than the pipeline makes (a refiner's UNet in a
+    // folder that does not say requires_aesthetics_score).
+    let broken = dir.join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    for component in ["scheduler", "text_encoder_2", "tokenizer_2", "unet", "vae"] {
+        std::os::unix::fs::symlink(sdxl.join("refiner").join(component).canonicalize().unwrap(), broken.join(component)).unwrap();
+    }
+    let index = std::fs::read_to_string(sdxl.join("refiner/model_index.json")).unwrap();
+    let index = index.replace("\"requires_aesthetics_score\": true", "\"requires_aesthetics_score\": false");
+    std::fs::write(broken.join("model_index.json"), index).unwrap();
+    check(
+        &["--model", broken.to_str().unwrap(), "--init-image", sdxl.join("inputs/init_64x48.png").to_str().unwrap(), "--strength", "0.8"],
+        "projection_class_embeddings_input_dim",
+    );
 }

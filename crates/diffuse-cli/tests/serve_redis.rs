@@ -34,8 +34,12 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
 }
 
 fn start_worker(url: &str, stderr: &Path) -> Killed {
+    start_worker_for(url, stderr, "builtin")
+}
+
+fn start_worker_for(url: &str, stderr: &Path, model: &str) -> Killed {
     let child = Command::new(env!("CARGO_BIN_EXE_diffuse"))
-        .args(["worker", "--queue", url, "--model", "builtin", "--claim-after-secs", "1"])
+        .args(["worker", "--queue", url, "--model", model, "--claim-after-secs", "1"])
         .env("DIFFUSE_CACHE_DIR", cache_dir())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(stderr).unwrap())
@@ -53,28 +57,43 @@ fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn jobs_survive_a_killed_worker_and_end_exactly_once() {
+/// A `redis-server` on a free loopback port (its files in `dir`), once it answers: the
+/// process and the port; `None` (with the reason printed) where it is not installed.
+fn start_redis(dir: &Path) -> Option<(Killed, u16)> {
     let installed = Command::new("redis-server").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
     let cli = Command::new("redis-cli").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
     if !installed || !cli {
         println!("skipped: redis-server or redis-cli is not installed (Debian package redis-server)");
-        return;
+        return None;
     }
-    let started = Instant::now();
-    let dir = scratch("redis");
     let port = free_port();
-    let _redis = Killed(
+    let redis = Killed(
         Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
-            .arg(&dir)
+            .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
     wait_until("redis-server", Duration::from_secs(10), || redis_cli(port, &["PING"]).trim() == "PONG");
+    Some((redis, port))
+}
+
+/// Waits (bounded) until the job at `job_url` runs, two steps in.
+fn wait_running_at(job_url: &str, what: &str, limit: Duration) {
+    wait_until(what, limit, || {
+        let (_, job) = get(job_url, None);
+        job["status"] == "running" && job["step"].as_u64().unwrap_or(0) >= 2
+    });
+}
+
+#[test]
+fn jobs_survive_a_killed_worker_and_end_exactly_once() {
+    let started = Instant::now();
+    let dir = scratch("redis");
+    let Some((_redis, port)) = start_redis(&dir) else { return };
     let url = format!("redis://127.0.0.1:{port}/");
 
     // The built-in model, made once before the workers race to make it.
@@ -168,10 +187,7 @@ fn jobs_survive_a_killed_worker_and_end_exactly_once() {
     assert_eq!(status, 202, "{body}");
     let id = body["id"].as_str().unwrap().to_string();
     let job_url = server.url(&format!("/v1/jobs/{id}"));
-    wait_until("the long job to run", Duration::from_secs(15), || {
-        let (_, job) = get(&job_url, None);
-        job["status"] == "running" && job["step"].as_u64().unwrap_or(0) >= 2
-    });
+    wait_running_at(&job_url, "the long job to run", Duration::from_secs(15));
     // One queued behind it ends as cancelled at once, never started.
     let (status, body, _) = post(&server.url("/v1/jobs"), &json!({ "prompt": "a hat", "steps": 2, "seed": 6 }), None);
     assert_eq!(status, 202, "{body}");
@@ -215,10 +231,7 @@ fn jobs_survive_a_killed_worker_and_end_exactly_once() {
     let (status, body, _) = post(&server.url("/v1/jobs"), &json!({ "prompt": "a skirt", "steps": 30, "seed": 8 }), None);
     assert_eq!(status, 202, "{body}");
     let last_url = server.url(&format!("/v1/jobs/{}", body["id"].as_str().unwrap()));
-    wait_until("the last job to run", Duration::from_secs(15), || {
-        let (_, job) = get(&last_url, None);
-        job["status"] == "running" && job["step"].as_u64().unwrap_or(0) >= 2
-    });
+    wait_running_at(&last_url, "the last job to run", Duration::from_secs(15));
     let mut survivor = workers[1 - killed].take().unwrap();
     // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
     assert_eq!(unsafe { libc::kill(survivor.0.id() as libc::pid_t, libc::SIGTERM) }, 0);
@@ -228,6 +241,96 @@ fn jobs_survive_a_killed_worker_and_end_exactly_once() {
     drop(server);
     println!("redis test took {:.1} s", started.elapsed().as_secs_f64());
     assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+/// A1111's skip and interrupt reach jobs running on a Redis worker as they reach local ones;
+/// any front end over the same Redis answers for any job (status, events, DELETE), and the
+/// A1111 progress counts the jobs waiting in Redis.
+#[test]
+fn skip_interrupt_and_jobs_from_any_front_end() {
+    let dir = scratch("redis-fronts");
+    let Some((_redis, port)) = start_redis(&dir) else { return };
+    let url = format!("redis://127.0.0.1:{port}/");
+    let _worker = start_worker(&url, &dir.join("worker.txt"));
+    let a = Server::start("redis-a", &["--queue", &url, "--max-steps", "2000"]);
+    let b = Server::start("redis-b", &["--queue", &url, "--max-steps", "2000"]);
+    let running_job = |server: &Server| -> Option<Value> {
+        let (_, jobs) = get(&server.url("/v1/jobs"), None);
+        jobs["jobs"].as_array()?.iter().find(|j| j["status"] == "running" && j["step"].as_u64().unwrap_or(0) >= 2).cloned()
+    };
+
+    // Skip: the running batch is dropped on the worker, the next one is made.
+    check_a1111_skip(&a, 400, || {
+        wait_until("the A1111 job to run", Duration::from_secs(30), || running_job(&a).is_some());
+        let (_, progress) = get(&a.url("/sdapi/v1/progress"), None);
+        assert_eq!(progress["state"]["job_count"], 1, "{progress}");
+    });
+
+    // Interrupt: the job stops on the worker; the waiting client gets 200, `interrupted`.
+    let txt2img = a.url("/sdapi/v1/txt2img");
+    let client = std::thread::spawn(move || post(&txt2img, &json!({ "prompt": "a bag", "steps": 900, "n_iter": 2, "sampler_name": "DDIM" }), None));
+    wait_until("the A1111 job to run", Duration::from_secs(30), || running_job(&a).is_some());
+    let (status, answer, _) = post(&a.url("/sdapi/v1/interrupt"), &json!({}), None);
+    assert_eq!((status, answer["interrupted"].as_array().map(Vec::len)), (200, Some(1)), "{answer}");
+    let stopped = Instant::now();
+    let (status, body, _) = client.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(stopped.elapsed() < Duration::from_secs(10));
+    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["interrupted"], true, "{info}");
+
+    // A job queued through A, read through B: done, with A's images; its events replayed.
+    let (status, created, _) = post(&a.url("/v1/jobs"), &json!({ "prompt": "a shirt", "steps": 5, "seed": 3 }), None);
+    assert_eq!(status, 202, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    wait_until("the job to be done on A", Duration::from_secs(30), || get(&a.url(&format!("/v1/jobs/{id}")), None).1["status"] == "done");
+    let (status, on_b) = get(&b.url(&format!("/v1/jobs/{id}")), None);
+    assert_eq!(status, 200, "{on_b}");
+    assert_eq!(on_b["status"], "done", "{on_b}");
+    let on_a = get(&a.url(&format!("/v1/jobs/{id}")), None).1;
+    assert_eq!(on_b["images"], on_a["images"]);
+    assert_eq!((on_b["seed"].as_u64(), on_b["created"].as_f64()), (Some(3), on_a["created"].as_f64()));
+    let mut response = agent().get(&b.url(&format!("/v1/jobs/{id}/events"))).call().unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut response.body_mut().as_reader(), &mut text).unwrap();
+    let names: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
+    assert_eq!((names.first(), names.last()), (Some(&"queued"), Some(&"done")), "{names:?}");
+    assert!(names.contains(&"started") && names.contains(&"step"), "{names:?}");
+    assert_eq!(get(&b.url("/v1/jobs/0123456789abcdef"), None).0, 404);
+
+    // A long job queued through A, followed and cancelled through B.
+    let (status, created, _) = post(&a.url("/v1/jobs"), &json!({ "prompt": "a coat", "steps": 900, "scheduler": "ddim" }), None);
+    assert_eq!(status, 202, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    let on_b = b.url(&format!("/v1/jobs/{id}"));
+    wait_running_at(&on_b, "B to see the job run", Duration::from_secs(30));
+    let (status, answer) = delete(&on_b);
+    assert_eq!(status, 200, "{answer}");
+    wait_until("A to see the job cancelled", Duration::from_secs(10), || get(&a.url(&format!("/v1/jobs/{id}")), None).1["status"] == "cancelled");
+    let (_, job) = get(&on_b, None);
+    assert_eq!(job["status"], "cancelled", "{job}");
+
+    // A worker started later with another model: the front ends serve it from then on, and
+    // stop listing it once no worker serves it.
+    let listed = |server: &Server| -> Vec<String> {
+        let (_, models) = get(&server.url("/v1/models"), None);
+        models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(listed(&a), ["builtin"]);
+    let sd1 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../diffuse/tests/fixtures/sd/sd1");
+    let mut late = start_worker_for(&url, &dir.join("worker-sd1.txt"), sd1.to_str().unwrap());
+    wait_until("both front ends to list sd1", Duration::from_secs(30), || listed(&a) == ["builtin", "sd1"] && listed(&b) == ["builtin", "sd1"]);
+    let (_, sd_models) = get(&b.url("/sdapi/v1/sd-models"), None);
+    assert!(sd_models.as_array().unwrap().iter().any(|m| m["model_name"] == "sd1"), "{sd_models}");
+    let (status, created, _) = post(&b.url("/v1/jobs"), &json!({ "model": "sd1", "prompt": "a cat", "steps": 2, "seed": 1 }), None);
+    assert_eq!(status, 202, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    wait_until("the sd1 job to be done", Duration::from_secs(30), || get(&b.url(&format!("/v1/jobs/{id}")), None).1["status"] == "done");
+    late.0.kill().unwrap(); // SIGKILL: it says nothing more
+    late.0.wait().unwrap();
+    wait_until("sd1 to be dropped", Duration::from_secs(20), || listed(&a) == ["builtin"]);
+    let (status, refused, _) = post(&a.url("/v1/jobs"), &json!({ "model": "sd1", "prompt": "a cat", "steps": 2 }), None);
+    assert_eq!((status, refused["error"]["param"].as_str()), (422, Some("model")), "{refused}");
 }
 
 /// Without a reachable Redis, `worker` and `serve --queue` stop at once with a one-line error

@@ -9,25 +9,26 @@
 //! (devices by name: `cpu`, `cuda:N`, `metal`) under everything.
 //!
 //! Text to image with the built-in model, as diffusers'
-//! `StableDiffusionPipeline.from_pretrained(folder)(prompt)` (more in `examples/`):
+//! `StableDiffusionPipeline.from_pretrained(folder)(prompt)` ([`pipelines::generation`]; more in
+//! `examples/`):
 //!
 //! ```no_run
-//! use candle_core::{DType, Device};
-//! use diffuse::pipelines::stable_diffusion::{PhaseTimes, StableDiffusionPipeline, TextToImageOptions};
-//! use diffuse::rng::TorchGenerator;
+//! use diffuse::pipelines::generation::{Flow, GenerationRequest, LoadOptions, StartFrom};
+//! use diffuse::pipelines::stable_diffusion::{StableDiffusionPipeline, TextToImageOptions};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // A folder, a single .safetensors file or a repo id in the Hugging Face cache.
 //! let folder = diffuse::default_model::materialize(&diffuse::default_model::cache_root())?;
-//! let mut pipeline = StableDiffusionPipeline::load(&folder, None, &[], None, &Device::Cpu, DType::F32)?;
-//! let options = TextToImageOptions { prompt: "a photo of a sneaker".into(), ..Default::default() };
-//! let images = pipeline.generate(
-//!     &options,
-//!     &mut TorchGenerator::new(42),
-//!     &mut |step, steps| eprintln!("step {step}/{steps}"),
-//!     &mut |warning| eprintln!("warning: {warning}"),
-//!     &mut PhaseTimes::default(),
-//! )?;
-//! diffuse::pipelines::to_rgb_images(&images)?[0].save("sneaker.png")?;
+//! let mut pipeline = StableDiffusionPipeline::from_pretrained(&folder.to_string_lossy(), &LoadOptions::default())?;
+//! let request = GenerationRequest {
+//!     options: TextToImageOptions { prompt: "a photo of a sneaker".into(), ..Default::default() },
+//!     seed: 42, // torch.Generator("cpu").manual_seed(42)
+//!     start: StartFrom::Noise, // or an init image (and mask), or latents
+//! };
+//! // After every step; Flow::Stop ends the run with Error::Interrupted.
+//! let mut on_step = |step, steps| { eprintln!("step {step}/{steps}"); Flow::Continue };
+//! let generated = pipeline.run(&request, &mut on_step, &mut |warning| eprintln!("warning: {warning}"))?;
+//! generated.images[0].save("sneaker.png")?; // image::RgbImage
 //! # Ok(())
 //! # }
 //! ```

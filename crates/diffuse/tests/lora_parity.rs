@@ -297,7 +297,7 @@ fn a_lora_for_another_architecture_says_how_much_matched() {
         ],
     );
     let message = load_error(&[LoraSpec::new(&sdxl, 1.0)]);
-    assert_contains(&message, &["sdxl.safetensors", "none of its 2 LoRA layers matches", "another architecture", "SDXL's second text encoder"]);
+    assert_contains(&message, &["sdxl.safetensors", "none of its 3 LoRA layers matches", "another architecture", "SDXL's second text encoder"]);
 
     // Nothing is applied half-way: a good LoRA beside a bad one fails the whole load.
     let message = load_error(&[LoraSpec::new(lora("peft_a"), 1.0), LoraSpec::new(&sdxl, 1.0)]);

@@ -263,3 +263,39 @@ fn interrupt_flag_stops_a_run_within_a_step() {
     assert_eq!(steps, 6);
     assert_eq!(to_uint8_images(&again.unwrap()).unwrap(), plain);
 }
+
+/// The one-call API: `from_pretrained` + `run` give the same image as the parity case, report
+/// every step, and a callback's `Flow::Stop` ends the run with `Error::Interrupted` at once.
+#[test]
+fn run_gives_the_image_and_stops_when_asked() {
+    use diffuse::pipelines::generation::{Flow, GenerationRequest, LoadOptions, StartFrom};
+    let model = fixtures_dir().join("sd").join("sd1");
+    let load = LoadOptions { scheduler: Some("euler".into()), ..LoadOptions::default() };
+    let mut pipeline = StableDiffusionPipeline::from_pretrained(&model.to_string_lossy(), &load).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("sd/cases/sd1_negative.json")).unwrap()).unwrap();
+    let request = GenerationRequest {
+        options: TextToImageOptions {
+            prompt: meta["prompt"].as_str().unwrap().into(),
+            negative_prompt: meta["negative_prompt"].as_str().map(str::to_string),
+            num_inference_steps: meta["steps"].as_u64().unwrap() as usize,
+            guidance_scale: meta["guidance_scale"].as_f64().unwrap(),
+            ..Default::default()
+        },
+        seed: meta["seed"].as_u64().unwrap(),
+        start: StartFrom::Noise,
+    };
+    let mut steps_seen = Vec::new();
+    let generated = pipeline.run(&request, &mut |step, _| { steps_seen.push(step); Flow::Continue }, &mut |_| {}).unwrap();
+    assert_eq!(steps_seen, (1..=request.options.num_inference_steps).collect::<Vec<_>>());
+    let expected = load_tensors(&fixtures_dir().join("sd/cases/sd1_negative.safetensors"));
+    let actual: Vec<u8> = generated.images.iter().flat_map(|image| image.as_raw().iter().copied()).collect();
+    let psnr = psnr_u8(&actual, &expected["images"].flatten_all().unwrap().to_vec1::<u8>().unwrap());
+    assert!(psnr >= MIN_PSNR_DB, "PSNR {psnr:.1} dB");
+
+    let mut calls = 0;
+    let stopped = pipeline.run(&request, &mut |_, _| { calls += 1; if calls == 2 { Flow::Stop } else { Flow::Continue } }, &mut |_| {});
+    assert!(matches!(stopped, Err(diffuse::Error::Interrupted)), "{:?}", stopped.err());
+    assert_eq!(calls, 2, "no step after Stop");
+    assert!(pipeline.interrupt.is_none(), "the run's own flag is gone afterwards");
+}

@@ -20,6 +20,7 @@ use diffuse::loading::config::parse_override;
 use diffuse::loading::single_file::{recognise, Component, Family, SingleFile};
 use diffuse::pipelines::image_processor::Image8;
 use diffuse::pipelines::img2img::{generate_with_refiner, ImageCondition};
+use diffuse::lora::LoraSpec;
 use diffuse::pipelines::stable_diffusion::{
     pipeline_class_name, PhaseTimes, StableDiffusionPipeline, TextToImageOptions, TimeIdsFor,
 };
@@ -45,13 +46,18 @@ fn overrides(meta: &Value) -> Vec<(String, Value)> {
         .unwrap_or_default()
 }
 
+fn load(model: &str, config: Option<&str>, scheduler: Option<&str>, overrides: &[(String, Value)]) -> StableDiffusionPipeline {
+    load_with_loras(model, config, scheduler, overrides, &[])
+}
+
 /// A folder, or a single file with the configs of the folder `config` (diffusers'
 /// `from_single_file(file, config=folder)`: the tiny models' heads and norm groups are not SDXL's).
-fn load(
+fn load_with_loras(
     model: &str,
     config: Option<&str>,
     scheduler: Option<&str>,
     overrides: &[(String, Value)],
+    loras: &[LoraSpec],
 ) -> StableDiffusionPipeline {
     let path = dir().join(model);
     let (device, dtype) = (&Device::Cpu, DType::F32);
@@ -61,11 +67,17 @@ fn load(
             Some(config) => file.with_folder_configs(&dir().join(config)).unwrap_or_else(|e| panic!("{model}: {e}")),
             None => file,
         };
-        StableDiffusionPipeline::from_single_file(file, None, scheduler, overrides, &[], device, dtype)
+        StableDiffusionPipeline::from_single_file(file, None, scheduler, overrides, loras, device, dtype)
     } else {
-        StableDiffusionPipeline::load(&path, scheduler, overrides, None, device, dtype)
+        StableDiffusionPipeline::load_with_loras(&path, scheduler, overrides, None, loras, device, dtype)
     };
     loaded.unwrap_or_else(|e| panic!("{model}: {e}"))
+}
+
+/// The case's `loras`: [[path, scale], ...], relative to fixtures/sdxl.
+fn loras(meta: &Value) -> Vec<LoraSpec> {
+    let Some(list) = meta.get("loras").and_then(Value::as_array) else { return Vec::new() };
+    list.iter().map(|entry| LoraSpec::new(dir().join(entry[0].as_str().unwrap()), entry[1].as_f64().unwrap())).collect()
 }
 
 /// (height, width) or (top, left) from a JSON pair.
@@ -119,8 +131,8 @@ fn run_case(case: &str) {
     let meta = meta(case);
     let expected = load_tensors(&dir().join("cases").join(format!("{case}.safetensors")));
     let overrides = overrides(&meta);
-    let mut pipeline =
-        load(meta["model"].as_str().unwrap(), meta["config"].as_str(), meta["scheduler"].as_str(), &overrides);
+    let model = meta["model"].as_str().unwrap();
+    let mut pipeline = load_with_loras(model, meta["config"].as_str(), meta["scheduler"].as_str(), &overrides, &loras(&meta));
     assert_eq!(pipeline.scheduler.class_name, meta["scheduler_class"].as_str().unwrap(), "{case}: scheduler class");
     let options = options(&meta);
     let mut generator = TorchGenerator::new(meta["seed"].as_u64().unwrap());
@@ -414,4 +426,57 @@ fn malformed_single_files_are_refused() {
         .collect();
     base.extend(extra);
     refused(&base, &["model.diffusion_model.output_blocks.0.1", "8 transformer blocks"]);
+}
+
+/// diffusers/PEFT and kohya LoRAs (`unet`, `text_encoder`, `text_encoder_2`; kohya's UNet layers
+/// under SGM block names, `lora_te1_`, `lora_te2_`), fused as `fuse_lora` fuses them.
+#[test]
+fn peft_and_kohya_loras() {
+    for case in cases_with_prefix("lora_") {
+        run_case(&case);
+    }
+}
+
+/// An SD 1.x LoRA on SDXL is refused, naming the layer whose shape does not fit.
+#[test]
+fn an_sd1_lora_is_refused_on_sdxl() {
+    for file in ["peft_a", "kohya_a"] {
+        let spec = LoraSpec::new(fixtures_dir().join("lora").join(format!("{file}.safetensors")), 1.0);
+        let result = StableDiffusionPipeline::load_with_loras(&dir().join("base"), None, &[], None, &[spec], &Device::Cpu, DType::F32);
+        let message = result.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("another shape") && message.contains("another architecture"), "{file}: {message}");
+    }
+}
+
+/// AUTOMATIC1111's prompt syntax on SDXL: a plain prompt of one chunk gives exactly diffusers'
+/// embeddings (both encoders, pooled too); a long prompt is encoded in 77-token chunks by
+/// both encoders, side by side; weights change the embeddings but not the pooled one (A1111
+/// pools the first chunk as encoded, before the emphasis).
+#[test]
+fn a1111_prompt_syntax_on_sdxl() {
+    use diffuse::prompts::PromptSyntax;
+    let pipeline = load("base", None, None, &[]);
+    let encode = |prompt: &str, syntax| {
+        let options = TextToImageOptions {
+            prompt: prompt.to_string(),
+            negative_prompt: Some("blurry".to_string()),
+            prompt_syntax: syntax,
+            guidance_scale: 5.0,
+            ..TextToImageOptions::default()
+        };
+        pipeline.encode_prompt(&options, &mut |_| {}).unwrap()
+    };
+    let diffusers = encode("a photo of a cat", PromptSyntax::Diffusers);
+    let a1111 = encode("a photo of a cat", PromptSyntax::A1111);
+    assert_close(&a1111.hidden, &diffusers.hidden, 1e-5, "plain prompt, hidden states");
+    assert_close(a1111.pooled.as_ref().unwrap(), diffusers.pooled.as_ref().unwrap(), 1e-6, "plain prompt, pooled");
+
+    let weighted = encode("a photo of a (cat:1.4)", PromptSyntax::A1111);
+    assert!(max_relative_error(&to_vec_f32(&weighted.hidden), &to_vec_f32(&a1111.hidden)) > 1e-3, "weights change the embeddings");
+    assert_close(weighted.pooled.as_ref().unwrap(), a1111.pooled.as_ref().unwrap(), 1e-6, "weights leave the pooled embedding");
+
+    let long = vec!["a very detailed painting of a cat"; 20].join(", ");
+    let long = encode(&long, PromptSyntax::A1111);
+    let (batch, tokens, width) = long.hidden.dims3().unwrap();
+    assert!((batch, width) == (2, 40) && tokens > 77 && tokens % 77 == 0, "chunks of 77, both encoders' widths: {:?}", long.hidden.dims());
 }

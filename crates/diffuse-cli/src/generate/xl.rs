@@ -18,25 +18,25 @@ pub struct XlArgs {
     pub(crate) negative_prompt_2: Option<String>,
     /// SDXL micro-conditioning: the size the model is told the training image had (default:
     /// the output size). Smaller sizes look like upscaled small images.
-    #[arg(long, value_name = "WxH", value_parser = parse_size)]
-    pub(crate) original_size: Option<(usize, usize)>,
+    #[arg(long, value_name = "WxH")]
+    pub(crate) original_size: Option<String>,
     /// SDXL micro-conditioning: the size aimed at (default: the output size).
-    #[arg(long, value_name = "WxH", value_parser = parse_size)]
-    pub(crate) target_size: Option<(usize, usize)>,
+    #[arg(long, value_name = "WxH")]
+    pub(crate) target_size: Option<String>,
     /// SDXL micro-conditioning: the top-left corner of the crop the model is told the training
     /// image was cut at (default 0,0: centred, uncropped subjects).
-    #[arg(long, value_name = "TOP,LEFT", value_parser = parse_coords)]
-    pub(crate) crops_coords_top_left: Option<(usize, usize)>,
+    #[arg(long, value_name = "TOP,LEFT")]
+    pub(crate) crops_coords_top_left: Option<String>,
     /// SDXL: the original size the negative conditioning is told (with --negative-target-size;
     /// e.g. 512x512 steers away from low-resolution images).
-    #[arg(long, value_name = "WxH", value_parser = parse_size)]
-    pub(crate) negative_original_size: Option<(usize, usize)>,
+    #[arg(long, value_name = "WxH")]
+    pub(crate) negative_original_size: Option<String>,
     /// SDXL: the target size of the negative conditioning.
-    #[arg(long, value_name = "WxH", value_parser = parse_size)]
-    pub(crate) negative_target_size: Option<(usize, usize)>,
+    #[arg(long, value_name = "WxH")]
+    pub(crate) negative_target_size: Option<String>,
     /// SDXL: the crop corner of the negative conditioning (default 0,0).
-    #[arg(long, value_name = "TOP,LEFT", value_parser = parse_coords)]
-    pub(crate) negative_crops_coords_top_left: Option<(usize, usize)>,
+    #[arg(long, value_name = "TOP,LEFT")]
+    pub(crate) negative_crops_coords_top_left: Option<String>,
     /// The SDXL refiner's aesthetic conditioning (a refiner folder, or --refiner): default 6.0.
     #[arg(long)]
     pub(crate) aesthetic_score: Option<f64>,
@@ -140,22 +140,40 @@ impl XlArgs {
                 bail!("{flag} must be a finite number");
             }
         }
-        Ok(())
+        self.micro_conditioning().map(|_| ())
     }
 
-    /// The options these flags set.
-    pub(crate) fn apply(&self, options: &mut TextToImageOptions) {
+    /// The sizes and crops as diffusers takes them, each (height, width) or (top, left), in
+    /// the order original, crop, target, and the negative ones; an error names the flag.
+    fn micro_conditioning(&self) -> Result<[Option<(usize, usize)>; 6]> {
+        let parse = |flag: &str, value: &Option<String>, parser: fn(&str) -> std::result::Result<(usize, usize), String>| {
+            value.as_deref().map(|text| parser(text).map_err(|why| anyhow::anyhow!("--{flag} {why}"))).transpose()
+        };
+        Ok([
+            parse("original-size", &self.original_size, parse_size)?,
+            parse("crops-coords-top-left", &self.crops_coords_top_left, parse_coords)?,
+            parse("target-size", &self.target_size, parse_size)?,
+            parse("negative-original-size", &self.negative_original_size, parse_size)?,
+            parse("negative-crops-coords-top-left", &self.negative_crops_coords_top_left, parse_coords)?,
+            parse("negative-target-size", &self.negative_target_size, parse_size)?,
+        ])
+    }
+
+    /// The options these flags set (after [`Self::check`]).
+    pub(crate) fn apply(&self, options: &mut TextToImageOptions) -> Result<()> {
         let defaults = TextToImageOptions::default();
+        let [original, crop, target, negative_original, negative_crop, negative_target] = self.micro_conditioning()?;
         options.prompt_2 = self.prompt_2.clone();
         options.negative_prompt_2 = self.negative_prompt_2.clone();
-        options.original_size = self.original_size;
-        options.target_size = self.target_size;
-        options.crops_coords_top_left = self.crops_coords_top_left.unwrap_or_default();
-        options.negative_original_size = self.negative_original_size;
-        options.negative_target_size = self.negative_target_size;
-        options.negative_crops_coords_top_left = self.negative_crops_coords_top_left.unwrap_or_default();
+        options.original_size = original;
+        options.target_size = target;
+        options.crops_coords_top_left = crop.unwrap_or_default();
+        options.negative_original_size = negative_original;
+        options.negative_target_size = negative_target;
+        options.negative_crops_coords_top_left = negative_crop.unwrap_or_default();
         options.aesthetic_score = self.aesthetic_score.unwrap_or(defaults.aesthetic_score);
         options.negative_aesthetic_score = self.negative_aesthetic_score.unwrap_or(defaults.negative_aesthetic_score);
+        Ok(())
     }
 
     /// The infotext entries for what was given (the refiner by its name, as A1111 records it).
@@ -168,12 +186,15 @@ impl XlArgs {
         };
         push(PROMPT_2, self.prompt_2.clone());
         push(NEGATIVE_PROMPT_2, self.negative_prompt_2.clone());
-        push(ORIGINAL_SIZE, self.original_size.map(show_size));
-        push(TARGET_SIZE, self.target_size.map(show_size));
-        push(CROP, self.crops_coords_top_left.map(show_coords));
-        push(NEGATIVE_ORIGINAL_SIZE, self.negative_original_size.map(show_size));
-        push(NEGATIVE_TARGET_SIZE, self.negative_target_size.map(show_size));
-        push(NEGATIVE_CROP, self.negative_crops_coords_top_left.map(show_coords));
+        // (Checked before the run: what does not parse is not recorded.)
+        let [original, crop, target, negative_original, negative_crop, negative_target] =
+            self.micro_conditioning().unwrap_or_default();
+        push(ORIGINAL_SIZE, original.map(show_size));
+        push(TARGET_SIZE, target.map(show_size));
+        push(CROP, crop.map(show_coords));
+        push(NEGATIVE_ORIGINAL_SIZE, negative_original.map(show_size));
+        push(NEGATIVE_TARGET_SIZE, negative_target.map(show_size));
+        push(NEGATIVE_CROP, negative_crop.map(show_coords));
         push(AESTHETIC_SCORE, self.aesthetic_score.map(|v| v.to_string()));
         push(NEGATIVE_AESTHETIC_SCORE, self.negative_aesthetic_score.map(|v| v.to_string()));
         push(REFINER, self.refiner.as_deref().map(super::parameters::model_name));
@@ -186,12 +207,11 @@ impl XlArgs {
     pub(crate) fn recall(&mut self, params: &GenerationParameters, given: &dyn Fn(&str) -> bool, png: &Path) -> Result<()> {
         let recorded = |key: &str| params.extra.iter().find(|(k, _)| k == key).map(|(_, value)| value.clone());
         let context = |key: &str| format!("--from {}: `{key}`", png.display());
-        let size = |key: &str| -> Result<Option<(usize, usize)>> {
-            recorded(key).map(|v| parse_size(&v).map_err(anyhow::Error::msg).with_context(|| context(key))).transpose()
+        let checked = |key: &str, parser: fn(&str) -> std::result::Result<(usize, usize), String>| -> Result<Option<String>> {
+            recorded(key).map(|v| parser(&v).map(|_| v).map_err(anyhow::Error::msg).with_context(|| context(key))).transpose()
         };
-        let coords = |key: &str| -> Result<Option<(usize, usize)>> {
-            recorded(key).map(|v| parse_coords(&v).map_err(anyhow::Error::msg).with_context(|| context(key))).transpose()
-        };
+        let size = |key: &str| checked(key, parse_size);
+        let coords = |key: &str| checked(key, parse_coords);
         let number = |key: &str| -> Result<Option<f64>> {
             recorded(key).map(|v| v.trim().parse::<f64>().with_context(|| context(key))).transpose()
         };

@@ -85,7 +85,7 @@ fn request_from(shared: &Shared, raw: Value, img2img: bool) -> Result<(GenerateR
     request.prompt_syntax = "a1111".to_string();
     request.prompt = parsed.prompt.unwrap_or_default();
     request.negative_prompt = parsed.negative_prompt.filter(|n| !n.is_empty());
-    let lcm = shared.models[model].lcm;
+    let lcm = shared.model(model).lcm;
     request.steps = whole("steps", parsed.steps, request.steps, 0)?;
     request.guidance_scale = parsed.cfg_scale.unwrap_or(if lcm { request.guidance_scale } else { 7.0 });
     request.width = parsed.width.map(|w| whole("width", Some(w), 0, 0)).transpose()?;
@@ -250,7 +250,7 @@ async fn generate(shared: Arc<Shared>, body: Result<Bytes, BytesRejection>, img2
     let job = run_to_end(&shared, request, Origin::A1111).await?;
     let state = job.state();
     let request = &job.request;
-    let model = &shared.models[request.model];
+    let model = shared.model(request.model);
     let images: Vec<String> = state.images.iter().map(|i| i.base64()).collect();
     let seeds: Vec<u64> = state.images.iter().map(|i| i.seed).collect();
     let infotexts: Vec<&str> = state.images.iter().map(|i| i.infotext.as_str()).collect();
@@ -315,7 +315,8 @@ pub async fn img2img(State(shared): State<Arc<Shared>>, body: Result<Bytes, Byte
 pub async fn progress(State(shared): State<Arc<Shared>>) -> Json<Value> {
     let jobs = shared.all_jobs();
     let running: Vec<&Arc<Job>> = jobs.iter().filter(|j| j.status() == Status::Running).collect();
-    let job_count = running.len() + shared.waiting();
+    // Running and waiting (here or, with --queue, in Redis, not yet started by a worker).
+    let job_count = jobs.iter().filter(|j| !j.status().finished()).count();
     let Some(job) = running.first() else {
         return Json(json!({
             "progress": 0.0,
@@ -372,8 +373,7 @@ pub async fn interrupt(State(shared): State<Arc<Shared>>) -> Json<Value> {
 pub async fn skip(State(shared): State<Arc<Shared>>) -> Json<Value> {
     let jobs = running_a1111_jobs(&shared);
     for job in &jobs {
-        job.skip.store(true, Ordering::SeqCst);
-        job.interrupt.store(true, Ordering::SeqCst);
+        shared.skip(job);
     }
     Json(json!({ "skipped": jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>() }))
 }
@@ -397,9 +397,9 @@ pub async fn schedulers() -> Json<Value> {
 pub async fn sd_models(State(shared): State<Arc<Shared>>) -> Json<Value> {
     Json(
         shared
-            .models
+            .models()
             .iter()
-            .map(|m| json!({ "title": m.title(), "model_name": m.name, "hash": m.hash, "sha256": null, "filename": m.path, "config": null }))
+            .map(|(_, m)| json!({ "title": m.title(), "model_name": m.name, "hash": m.hash, "sha256": null, "filename": m.path, "config": null }))
             .collect(),
     )
 }
@@ -429,7 +429,9 @@ pub async fn scripts() -> Json<Value> {
 
 /// GET /sdapi/v1/options: the settings diffuse has.
 pub async fn options(State(shared): State<Arc<Shared>>) -> Json<Value> {
-    let model = &shared.models[shared.default_model.load(Ordering::Relaxed)];
+    let Some(model) = shared.find_model(None).map(|i| shared.model(i)) else {
+        return Json(json!({ "sd_model_checkpoint": null, "CLIP_stop_at_last_layers": 1, "eta_ddim": 0.0, "samples_format": "png" }));
+    };
     Json(json!({
         "sd_model_checkpoint": model.title(),
         "sd_checkpoint_hash": model.hash,

@@ -125,7 +125,7 @@ impl GenerateRequest {
     /// own steps and guidance, as generate gives it).
     pub fn new(shared: &Shared, model: usize) -> Self {
         let defaults = generate::default_args();
-        let lcm = shared.models[model].lcm;
+        let lcm = shared.model(model).lcm;
         GenerateRequest {
             model,
             prompt: String::new(),
@@ -268,12 +268,20 @@ pub struct Job {
     /// The number of events, bumped after each one (subscribers wait on it).
     pub events: watch::Sender<usize>,
     /// Where a Redis worker sends each event on (redis_queue.rs); it answers whether the job
-    /// was cancelled meanwhile.
+    /// was cancelled or skipped meanwhile.
     pub sink: Option<Sink>,
 }
 
-/// An event's onward path: (name, data) → whether the job is to be cancelled.
-pub type Sink = Box<dyn Fn(&str, &Value) -> bool + Send + Sync>;
+/// What a job's onward path answers to an event: stop the job, or skip its iteration
+/// `skip_iteration` (from 1; a skip meant for an earlier iteration is stale).
+#[derive(Default)]
+pub struct Control {
+    pub cancel: bool,
+    pub skip_iteration: Option<usize>,
+}
+
+/// An event's onward path: (name, data) → what the job is to do.
+pub type Sink = Box<dyn Fn(&str, &Value) -> Control + Send + Sync>;
 
 /// How a model's worker thread takes its jobs.
 #[derive(Clone)]
@@ -291,8 +299,13 @@ impl Job {
 
     pub(super) fn push_event(&self, state: &mut JobState, name: &'static str, data: Value) {
         if let Some(sink) = &self.sink {
-            if sink(name, &data) {
+            let control = sink(name, &data);
+            if control.cancel {
                 self.cancelled.store(true, Ordering::SeqCst);
+                self.interrupt.store(true, Ordering::SeqCst);
+            }
+            if control.skip_iteration == Some(state.iteration + 1) {
+                self.skip.store(true, Ordering::SeqCst);
                 self.interrupt.store(true, Ordering::SeqCst);
             }
         }
@@ -408,7 +421,10 @@ struct Queue {
 
 /// What every request handler and worker shares.
 pub struct Shared {
-    pub models: Vec<ModelInfo>,
+    /// Every model this server has served, by index (only added to: a job keeps its index);
+    /// with `--queue`, models workers register later are added, and those no worker serves
+    /// any longer are not live.
+    models: std::sync::RwLock<Models>,
     /// The model requests get when they name none (A1111's `sd_model_checkpoint`).
     pub default_model: AtomicUsize,
     pub limits: Limits,
@@ -423,8 +439,15 @@ pub struct Shared {
     /// Finished jobs in the order they finished (the oldest are forgotten past a bound).
     finished: Mutex<VecDeque<String>>,
     counter: AtomicU64,
-    /// The jobs run elsewhere (`serve --queue`): waiting means not started by any worker yet.
-    pub(super) remote: AtomicBool,
+    /// With `serve --queue`: the Redis URL and the result TTL. The jobs then run elsewhere
+    /// (waiting means not started by any worker yet), and jobs other front ends queued are
+    /// looked up there.
+    pub(super) redis: std::sync::OnceLock<(String, u64)>,
+}
+
+struct Models {
+    list: Vec<Arc<ModelInfo>>,
+    live: Vec<bool>,
 }
 
 /// How many finished jobs are kept for GET /v1/jobs/{id}.
@@ -492,7 +515,7 @@ impl Shared {
             }
         }
         let shared = Self::new(models, limits, api_key, lora_dir, dtype, preview);
-        for _ in 0..shared.models.len() {
+        for _ in 0..shared.model_count() {
             shared_tx.send(shared.clone())?;
         }
         Ok(shared)
@@ -502,7 +525,7 @@ impl Shared {
     pub(super) fn new(models: Vec<ModelInfo>, limits: Limits, api_key: Option<String>, lora_dir: Option<PathBuf>, dtype: String, preview: bool) -> Arc<Self> {
         let count = models.len();
         Arc::new(Shared {
-            models,
+            models: std::sync::RwLock::new(Models { live: vec![true; count], list: models.into_iter().map(Arc::new).collect() }),
             default_model: AtomicUsize::new(0),
             limits,
             api_key,
@@ -514,8 +537,49 @@ impl Shared {
             jobs: Mutex::new(HashMap::new()),
             finished: Mutex::new(VecDeque::new()),
             counter: AtomicU64::new(0),
-            remote: AtomicBool::new(false),
+            redis: std::sync::OnceLock::new(),
         })
+    }
+
+    fn registry(&self) -> std::sync::RwLockReadGuard<'_, Models> {
+        self.models.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The model of index `index` (a job's, or one `find_model` gave).
+    pub fn model(&self, index: usize) -> Arc<ModelInfo> {
+        self.registry().list[index].clone()
+    }
+
+    /// How many models the server has had (live or not).
+    pub fn model_count(&self) -> usize {
+        self.registry().list.len()
+    }
+
+    /// The models served now, with their index.
+    pub fn models(&self) -> Vec<(usize, Arc<ModelInfo>)> {
+        let registry = self.registry();
+        registry.list.iter().enumerate().filter(|(i, _)| registry.live[*i]).map(|(i, m)| (i, m.clone())).collect()
+    }
+
+    /// The models served now, as they are (with `--queue`: those a live worker registered).
+    /// New ones are added (their index returned); the others are live or not as `served` says.
+    pub(super) fn set_models(&self, served: Vec<ModelInfo>) -> Vec<usize> {
+        let mut added = Vec::new();
+        let mut registry = self.models.write().unwrap_or_else(|e| e.into_inner());
+        let live: Vec<bool> = registry.list.iter().map(|m| served.iter().any(|s| s.name == m.name)).collect();
+        registry.live = live;
+        for info in served {
+            if !registry.list.iter().any(|m| m.name == info.name) {
+                registry.list.push(Arc::new(info));
+                registry.live.push(true);
+                added.push(registry.list.len() - 1);
+            }
+        }
+        if !added.is_empty() {
+            let count = registry.list.len();
+            self.queue().busy.resize(count, false);
+        }
+        added
     }
 
     fn queue(&self) -> MutexGuard<'_, Queue> {
@@ -525,13 +589,17 @@ impl Shared {
     /// The model a request names: by name, `--model` spec, A1111 title (`name [hash]`) or
     /// hash; `None` for the default one.
     pub fn find_model(&self, name: Option<&str>) -> Option<usize> {
+        let models = self.models();
         let Some(name) = name.map(str::trim).filter(|n| !n.is_empty()) else {
-            return Some(self.default_model.load(Ordering::Relaxed));
+            // The default, or (no worker serving it any longer) the first model served.
+            let default = self.default_model.load(Ordering::Relaxed);
+            return models.iter().map(|(i, _)| *i).find(|i| *i == default).or_else(|| models.first().map(|(i, _)| *i));
         };
         let bare = name.split(" [").next().unwrap_or(name);
-        self.models.iter().position(|m| {
-            m.name == name || m.spec == name || m.title() == name || m.name == bare || m.hash.as_deref() == Some(name)
-        })
+        models
+            .iter()
+            .find(|(_, m)| m.name == name || m.spec == name || m.title() == name || m.name == bare || m.hash.as_deref() == Some(name))
+            .map(|(i, _)| *i)
     }
 
     pub fn job(&self, id: &str) -> Option<Arc<Job>> {
@@ -549,7 +617,7 @@ impl Shared {
     pub fn submit(&self, request: GenerateRequest, origin: Origin) -> std::result::Result<Arc<Job>, u64> {
         let mut queue = self.queue();
         let model = request.model;
-        let (idle, waiting) = if self.remote.load(Ordering::Relaxed) {
+        let (idle, waiting) = if self.redis.get().is_some() {
             // Jobs in Redis: those no worker has started wait.
             let statuses: Vec<(usize, Status)> = self.all_jobs().iter().map(|j| (j.request.model, j.status())).collect();
             let idle = !statuses.iter().any(|(m, s)| *m == model && !s.finished());
@@ -623,11 +691,6 @@ impl Shared {
         self.queue().shutting_down
     }
 
-    /// Jobs waiting, over all models.
-    pub fn waiting(&self) -> usize {
-        self.queue().waiting.len()
-    }
-
     /// Cancels one job: a waiting one leaves the queue, a running one stops within a step.
     /// Returns the status it had.
     pub fn cancel(&self, job: &Arc<Job>) -> Status {
@@ -649,6 +712,26 @@ impl Shared {
             self.remember_finished(&job.id);
         }
         status
+    }
+
+    /// A1111's skip: the job's running iteration stops within a step and the next one starts
+    /// (a job on a Redis worker is told through Redis, redis_queue.rs).
+    pub fn skip(&self, job: &Job) {
+        job.skip.store(true, Ordering::SeqCst);
+        job.interrupt.store(true, Ordering::SeqCst);
+    }
+
+    /// Records a job queued elsewhere (another front end's, read from Redis); the one
+    /// already recorded under its id if another request was first.
+    pub(super) fn adopt(&self, job: Arc<Job>) -> (Arc<Job>, bool) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        match jobs.get(&job.id) {
+            Some(known) => (known.clone(), false),
+            None => {
+                jobs.insert(job.id.clone(), job.clone());
+                (job, true)
+            }
+        }
     }
 
     /// Shutdown: no new jobs; every job cancelled. Returns a line per job that was cut short.
@@ -771,7 +854,7 @@ fn worker(model: usize, mut worker: Worker, shared: Arc<Shared>) {
 }
 
 pub(super) fn run_job(pipeline: &mut Worker, shared: &Shared, job: &Arc<Job>) {
-    let info = &shared.models[job.request.model];
+    let info = shared.model(job.request.model);
     {
         let mut state = job.state();
         if state.status != Status::Queued {
@@ -852,15 +935,15 @@ pub fn image_json(image: &ImageOut) -> Value {
 /// scheduler, as loading gives), or on one loaded with the prompt's LoRAs.
 fn run_iteration(worker: &mut Worker, shared: &Shared, job: &Arc<Job>, iteration: usize) -> Result<Vec<ImageOut>> {
     let request = &job.request;
-    let info = &shared.models[request.model];
-    let mut args = request.args(info, shared.lora_dir.as_deref(), &shared.dtype, iteration);
+    let info = shared.model(request.model);
+    let mut args = request.args(&info, shared.lora_dir.as_deref(), &shared.dtype, iteration);
     let seed = request.seed_of(iteration);
     let overrides = request.scheduler_config.clone();
     let mut warnings = Vec::new();
     let mut warn = |warning: String| warnings.push(warning);
     let start = match &request.init {
-        Some(init) => Start::from_images(init.image.clone(), init.mask.clone(), init.strength, &mut warn),
-        None => Start::Noise,
+        Some(init) => Start::image(init.image.clone(), init.mask.clone(), init.strength),
+        None => Start::noise(),
     };
     let loras = loras::resolve(&args, &mut warn)?;
     let pipeline = if loras.specs.is_empty() {

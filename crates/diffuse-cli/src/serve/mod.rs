@@ -154,8 +154,8 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
         preview_vae: args.preview_vae.clone(),
     };
     let shared = Shared::start_with(&specs, options, Mode::Redis(config))?;
-    redis_queue::register(&args.queue, &shared.models)?;
-    let names: Vec<&str> = shared.models.iter().map(|m| m.name.as_str()).collect();
+    redis_queue::register(&args.queue, &shared)?;
+    let names: Vec<String> = shared.models().into_iter().map(|(_, m)| m.name.clone()).collect();
     outln!("worker ready: {} from {}", names.join(", "), args.queue);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(wait_for_signal());
@@ -204,7 +204,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             if !args.models.is_empty() {
                 let limits = options.limits.clone();
                 let local = Shared::start_with(&specs, options, Mode::Redis(config.clone()))?;
-                redis_queue::register(url, &local.models)?;
+                redis_queue::register(url, &local)?;
                 // Its threads hold it; it lives as long as the process.
                 std::mem::forget(local);
                 let options = ServeOptions { limits, api_key: args.api_key.clone(), lora_dir: args.lora_dir.clone(), dtype: args.dtype.clone(), preview: args.preview, preview_vae: None };
@@ -280,7 +280,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
 async fn serve(shared: Arc<Shared>, address: SocketAddr) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(address).await.with_context(|| format!("cannot listen on {address}"))?;
     let local = listener.local_addr()?;
-    let names: Vec<&str> = shared.models.iter().map(|m| m.name.as_str()).collect();
+    let names: Vec<String> = shared.models().into_iter().map(|(_, m)| m.name.clone()).collect();
     eprintln!("models loaded: {}", names.join(", "));
     outln!("listening on http://{local}");
     let app = router(shared.clone());

@@ -26,7 +26,7 @@ use serde_json::{json, Map, Value};
 
 use super::http::{decode_image, parse_json, ApiError};
 use super::jobs::{image_json, GenerateRequest, InitImage, Job, Origin, Shared, Status};
-use crate::generate::loras;
+use crate::generate::{self, loras};
 
 /// A job as `diffuse generate`'s flags name its settings.
 #[derive(Deserialize)]
@@ -153,6 +153,7 @@ pub fn check(shared: &Shared, request: &GenerateRequest, param: &dyn Fn(&'static
             ));
         }
     }
+    check_schedule(shared, request, param)?;
     let syntax: PromptSyntax =
         request.prompt_syntax.parse().map_err(|e: diffuse::Error| ApiError::invalid(param("prompt_syntax"), e.to_string()))?;
     if syntax == PromptSyntax::A1111 {
@@ -163,9 +164,42 @@ pub fn check(shared: &Shared, request: &GenerateRequest, param: &dyn Fn(&'static
         }
     }
     // `<lora:...>` tags name files that must exist.
-    let args = request.args(&shared.models[request.model], shared.lora_dir.as_deref(), &shared.dtype, 0);
+    let args = request.args(&shared.model(request.model), shared.lora_dir.as_deref(), &shared.dtype, 0);
     loras::resolve(&args, &mut |_| {}).map_err(|e| ApiError::invalid(param("prompt"), format!("{e:#}")))?;
     Ok(())
+}
+
+/// Whether the scheduler the job would run can schedule its steps: the library's own checks
+/// (`set_timesteps`: at least one step, no more than the training timesteps, LCM's distillation
+/// schedule), run on the scheduler the worker would build for this request, before it is
+/// queued. A model whose files are not on this machine (a Redis worker's elsewhere) is left to
+/// its worker, whose failure the job then reports.
+fn check_schedule(shared: &Shared, request: &GenerateRequest, param: &dyn Fn(&'static str) -> &'static str) -> Result<(), ApiError> {
+    let info = shared.model(request.model);
+    if !info.path.exists() {
+        return Ok(());
+    }
+    let args = request.args(&info, shared.lora_dir.as_deref(), &shared.dtype, 0);
+    let field = if request.scheduler_config.is_empty() { param("scheduler") } else { "scheduler_config" };
+    let refused = |e: anyhow::Error, field: &str| {
+        let invalid = e.chain().any(|c| matches!(c.downcast_ref::<diffuse::Error>(), Some(diffuse::Error::InvalidInput(_) | diffuse::Error::Config { .. })));
+        if invalid {
+            ApiError::invalid(field, format!("{e:#}"))
+        } else {
+            ApiError::internal(format!("cannot build the scheduler to check the request: {e:#}"))
+        }
+    };
+    let mut resolved = generate::fresh_scheduler(&args, &info.path, info.single_file, &request.scheduler_config).map_err(|e| refused(e, field))?;
+    // LCM's image-to-image applies strength in set_timesteps (as its pipeline runs it).
+    let lcm_image_to_image = info.lcm && resolved.class_name == "LCMScheduler" && request.init.as_ref().is_some_and(|init| init.mask.is_none());
+    let scheduled = match &request.init {
+        Some(init) if lcm_image_to_image => resolved.scheduler.set_timesteps_with_strength(request.steps, init.strength),
+        _ => resolved.scheduler.set_timesteps(request.steps),
+    };
+    scheduled.map_err(|e| {
+        let steps = param("steps");
+        ApiError::invalid(steps, format!("{steps}: {e}"))
+    })
 }
 
 fn same_name(name: &'static str) -> &'static str {
@@ -183,7 +217,7 @@ pub fn enqueue(shared: &Shared, request: GenerateRequest, origin: Origin) -> Res
 /// The model a request names (`model` field), or the default.
 pub fn model_index(shared: &Shared, name: Option<&str>, param: &str) -> Result<usize, ApiError> {
     shared.find_model(name).ok_or_else(|| {
-        let names: Vec<&str> = shared.models.iter().map(|m| m.name.as_str()).collect();
+        let names: Vec<String> = shared.models().into_iter().map(|(_, m)| m.name.clone()).collect();
         ApiError::invalid(param, format!("no model `{}` is loaded; loaded: {}", name.unwrap_or_default(), names.join(", ")))
     })
 }
@@ -260,7 +294,7 @@ pub async fn submit(State(shared): State<Arc<Shared>>, body: Result<Bytes, Bytes
 /// A job as GET /v1/jobs/{id} answers.
 pub fn job_json(shared: &Shared, job: &Job) -> Value {
     let state = job.state();
-    let model = &shared.models[job.request.model];
+    let model = shared.model(job.request.model);
     let mut body = json!({
         "id": job.id,
         "status": state.status.name(),
@@ -302,13 +336,27 @@ pub fn job_json(shared: &Shared, job: &Job) -> Value {
     body
 }
 
-fn find(shared: &Shared, id: &str) -> Result<Arc<Job>, ApiError> {
-    shared.job(id).ok_or_else(|| ApiError::not_found(format!("no job `{id}` (finished jobs are kept for a while, then forgotten)")))
+/// The job `id`: one this server knows, or (with --queue) one another front end queued,
+/// looked up in Redis.
+async fn find(shared: &Arc<Shared>, id: &str) -> Result<Arc<Job>, ApiError> {
+    if let Some(job) = shared.job(id) {
+        return Ok(job);
+    }
+    let not_found = || ApiError::not_found(format!("no job `{id}` (finished jobs are kept for a while, then forgotten)"));
+    if shared.redis.get().is_none() {
+        return Err(not_found());
+    }
+    let (looking, wanted) = (shared.clone(), id.to_string());
+    let found = tokio::task::spawn_blocking(move || super::redis_queue::attach(&looking, &wanted))
+        .await
+        .map_err(|e| ApiError::internal(format!("the job lookup failed: {e}")))?
+        .map_err(|e| ApiError::internal(format!("cannot look job {id} up in Redis: {e:#}")))?;
+    found.ok_or_else(not_found)
 }
 
 /// GET /v1/jobs/{id}.
 pub async fn status(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let job = find(&shared, &id)?;
+    let job = find(&shared, &id).await?;
     Ok(Json(job_json(&shared, &job)))
 }
 
@@ -330,7 +378,7 @@ pub async fn list(State(shared): State<Arc<Shared>>) -> Json<Value> {
 
 /// DELETE /v1/jobs/{id}: cancels that job (a running one within one step).
 pub async fn cancel(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let job = find(&shared, &id)?;
+    let job = find(&shared, &id).await?;
     let before = job.status();
     if matches!(before, Status::Done | Status::Failed) {
         return Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("job {id} has already finished ({})", before.name())));
@@ -345,7 +393,7 @@ pub async fn events(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let job = find(&shared, &id)?;
+    let job = find(&shared, &id).await?;
     let watcher = job.subscribe();
     let stream = futures_util::stream::unfold((job, watcher, 0usize, false), |(job, mut watcher, next, ended)| async move {
         if ended {

@@ -186,6 +186,6 @@ pub async fn edits(State(shared): State<Arc<Shared>>, multipart: Result<Multipar
 
 /// GET /v1/models: the loaded models.
 pub async fn models(State(shared): State<Arc<Shared>>) -> Json<Value> {
-    let data: Vec<Value> = shared.models.iter().map(|m| json!({ "id": m.name, "object": "model", "created": 0, "owned_by": "diffuse", "width": m.default_size.1, "height": m.default_size.0, "title": m.title() })).collect();
+    let data: Vec<Value> = shared.models().iter().map(|(_, m)| json!({ "id": m.name, "object": "model", "created": 0, "owned_by": "diffuse", "width": m.default_size.1, "height": m.default_size.0, "title": m.title() })).collect();
     Json(json!({ "object": "list", "data": data }))
 }

@@ -1,8 +1,11 @@
 //! The job queue in Redis: `diffuse serve --queue redis://HOST/` puts jobs there and
 //! `diffuse worker --queue redis://HOST/ --model M` runs them, on any number of machines.
 //!
-//! - `diffuse:models` (hash): each worker's models, name → ModelInfo as JSON; the front end
-//!   serves the models registered when it starts.
+//! - `diffuse:models` (hash): each worker's models, name → ModelInfo as JSON.
+//! - `diffuse:models:alive` (sorted set): model name → until when (Redis's clock, in ms) a
+//!   worker serves it; each worker pushes that on every few seconds while it runs. A front
+//!   end reads the live set every second: a model a worker registers later is served from
+//!   then on, and one no worker has served for a while is no longer listed or accepted.
 //! - `diffuse:jobs:{model}` (stream, consumer group `workers`): one entry per job (`id`,
 //!   `request` as JSON). A worker reads with XREADGROUP and acknowledges with XACK once the
 //!   job's end is stored; while it runs a job it re-claims the entry now and then, so the
@@ -11,7 +14,11 @@
 //! - `diffuse:job:{id}:events` (stream): the job's events (`name`, `data` as JSON), as the
 //!   local queue records them; the front end follows it and mirrors it into its own job, so
 //!   every route answers as with local models.
+//! - `diffuse:job:{id}`: the job as the front end queued it (`request`, `model`, `origin`,
+//!   `created`, its stream `entry`), so that any front end answers for it (GET, events, DELETE).
 //! - `diffuse:job:{id}:cancel`: set by the front end (DELETE, interrupt); checked each step.
+//! - `diffuse:job:{id}:skip`: set by the front end (A1111's skip) to the iteration to skip
+//!   (from 1); taken (GETDEL) by the worker at its next event.
 //! - `diffuse:job:{id}:preview`: the latest live preview (its `preview` event carries only the
 //!   step, so the stream does not keep every preview's image).
 //! - `diffuse:job:{id}:done`: set with SET NX in one script with the final event and the
@@ -35,6 +42,27 @@ use super::jobs::{self, GenerateRequest, ImageOut, InitImage, Job, ModelInfo, Or
 
 const GROUP: &str = "workers";
 const MODELS: &str = "diffuse:models";
+const ALIVE: &str = "diffuse:models:alive";
+/// How often a worker says its models are served, and how long each saying lasts.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+const ALIVE_FOR: Duration = Duration::from_secs(10);
+
+/// Marks models (ARGV[2..]) served until Redis's now + ARGV[1] ms (a later mark is kept).
+const MARK_ALIVE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'GT', now + tonumber(ARGV[1]), ARGV[i])
+end
+return now
+"#;
+
+/// The models some worker serves now.
+const LIVE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+"#;
 
 /// A Redis worker's settings.
 pub struct WorkerConfig {
@@ -64,6 +92,12 @@ fn preview_key(id: &str) -> String {
 }
 fn done_key(id: &str) -> String {
     format!("diffuse:job:{id}:done")
+}
+fn skip_key(id: &str) -> String {
+    format!("diffuse:job:{id}:skip")
+}
+fn record_key(id: &str) -> String {
+    format!("diffuse:job:{id}")
 }
 
 pub fn connect(url: &str) -> Result<redis::Connection> {
@@ -103,13 +137,43 @@ fn model_from_json(value: &Value) -> Result<ModelInfo> {
     })
 }
 
-/// Records this process's models for front ends.
-pub fn register(url: &str, models: &[ModelInfo]) -> Result<()> {
+/// Records this process's models for front ends, and keeps saying they are served (a
+/// thread, until STOP).
+pub fn register(url: &str, shared: &Shared) -> Result<()> {
     let mut con = connect(url)?;
-    for info in models {
-        let _: () = redis::cmd("HSET").arg(MODELS).arg(&info.name).arg(model_json(info).to_string()).query(&mut con)?;
+    let mut names = Vec::new();
+    for (_, info) in shared.models() {
+        let _: () = redis::cmd("HSET").arg(MODELS).arg(&info.name).arg(model_json(&info).to_string()).query(&mut con)?;
         ensure_group(&mut con, &jobs_key(&info.name))?;
+        names.push(info.name.clone());
     }
+    let mark = move |con: &mut redis::Connection| -> redis::RedisResult<i64> {
+        let script = redis::Script::new(MARK_ALIVE);
+        let mut invocation = script.key(ALIVE);
+        invocation.arg(ALIVE_FOR.as_millis() as u64);
+        for name in &names {
+            invocation.arg(name);
+        }
+        invocation.invoke(con)
+    };
+    mark(&mut con)?;
+    let url = url.to_string();
+    std::thread::Builder::new().name("heartbeat".into()).spawn(move || {
+        let mut last = Instant::now();
+        while !STOP.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(50));
+            if last.elapsed() < HEARTBEAT {
+                continue;
+            }
+            last = Instant::now();
+            if let Err(e) = mark(&mut con) {
+                eprintln!("cannot tell Redis the models are served: {e}");
+                if let Ok(new) = connect(&url) {
+                    con = new;
+                }
+            }
+        }
+    })?;
     Ok(())
 }
 
@@ -121,15 +185,26 @@ fn ensure_group(con: &mut redis::Connection, stream: &str) -> Result<()> {
     }
 }
 
-/// The models workers registered, waiting until there is one; sorted by name.
+/// The models live workers serve now, sorted by name.
+fn live_models(con: &mut redis::Connection) -> Result<Vec<ModelInfo>> {
+    let live: Vec<String> = redis::Script::new(LIVE).key(ALIVE).invoke(con)?;
+    let records: HashMap<String, String> = redis::cmd("HGETALL").arg(MODELS).query(con)?;
+    let mut models = records
+        .iter()
+        .filter(|(name, _)| live.contains(name))
+        .map(|(_, r)| model_from_json(&serde_json::from_str(r)?))
+        .collect::<Result<Vec<_>>>()?;
+    models.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(models)
+}
+
+/// The models live workers serve, waiting until there is one; sorted by name.
 pub fn registered_models(url: &str) -> Result<Vec<ModelInfo>> {
     let mut con = connect(url)?;
     let mut said = false;
     loop {
-        let records: HashMap<String, String> = redis::cmd("HGETALL").arg(MODELS).query(&mut con)?;
-        if !records.is_empty() {
-            let mut models = records.values().map(|r| model_from_json(&serde_json::from_str(r)?)).collect::<Result<Vec<_>>>()?;
-            models.sort_by(|a, b| a.name.cmp(&b.name));
+        let models = live_models(&mut con)?;
+        if !models.is_empty() {
             return Ok(models);
         }
         if !said {
@@ -260,7 +335,7 @@ fn finish(con: &mut redis::Connection, id: &str, stream: &str, entry: &str, by: 
 /// A model's worker thread under Redis: takes its jobs (abandoned ones first) until STOP.
 pub(super) fn work(index: usize, mut worker: Worker, shared: Arc<Shared>, config: Arc<WorkerConfig>) {
     RUNNING.fetch_add(1, Ordering::SeqCst);
-    let name = shared.models[index].name.clone();
+    let name = shared.model(index).name.clone();
     let consumer = format!("{}-{}-{}", hostname(), std::process::id(), index);
     let mut failures = 0u32;
     while !STOP.load(Ordering::SeqCst) && !shared.shutting_down() {
@@ -360,10 +435,10 @@ fn run_entry(
     eprintln!("worker {consumer}: running job {id}");
     // Events go out on their own connection; each step also looks for the cancel key.
     let events = Mutex::new(connect(&config.url)?);
-    let (events_stream, cancel, preview) = (events_key(id), cancel_key(id), preview_key(id));
+    let (events_stream, cancel, skip, preview) = (events_key(id), cancel_key(id), skip_key(id), preview_key(id));
     let sink: jobs::Sink = Box::new(move |name: &str, data: &Value| {
         if matches!(name, "done" | "failed" | "cancelled" | "queued") {
-            return false;
+            return jobs::Control::default();
         }
         let mut con = events.lock().unwrap_or_else(|e| e.into_inner());
         let mut pipe = redis::pipe();
@@ -377,11 +452,12 @@ fn run_entry(
         }
         pipe.cmd("EXPIRE").arg(&events_stream).arg(ttl).ignore();
         pipe.cmd("EXISTS").arg(&cancel);
-        match pipe.query::<(bool,)>(&mut *con) {
-            Ok((cancelled,)) => cancelled,
+        pipe.cmd("GETDEL").arg(&skip);
+        match pipe.query::<(bool, Option<usize>)>(&mut *con) {
+            Ok((cancel, skip_iteration)) => jobs::Control { cancel, skip_iteration },
             Err(e) => {
                 eprintln!("job {}: {e}", events_stream);
-                false
+                jobs::Control::default()
             }
         }
     });
@@ -411,15 +487,22 @@ fn run_entry(
     }
     running.store(false, Ordering::SeqCst);
     let _ = heartbeat.join();
-    let (name, mut data, warnings, invalid) = {
+    let (name, mut data, warnings, invalid, images) = {
         let state = job.state();
         let (name, data) = state.events.last().cloned().unwrap_or(("failed", json!({ "error": "the job made no events" })));
-        (name, data, state.warnings.clone(), state.invalid)
+        (name, data, state.warnings.clone(), state.invalid, state.images.iter().map(jobs::image_json).collect::<Vec<_>>())
     };
     if let Some(map) = data.as_object_mut() {
         map.insert("warnings".to_string(), json!(warnings));
-        if name == "failed" {
-            map.insert("invalid".to_string(), json!(invalid));
+        match name {
+            "failed" => {
+                map.insert("invalid".to_string(), json!(invalid));
+            }
+            // An interrupted job's images of the iterations it finished (A1111 answers with them).
+            "cancelled" => {
+                map.insert("images".to_string(), json!(images));
+            }
+            _ => {}
         }
     }
     let _: () = redis::cmd("DEL").arg(preview_key(id)).query(con)?;
@@ -438,77 +521,197 @@ fn run_entry(
 /// one per job in Redis that mirrors its events into the local job.
 pub fn start_front_end(shared: Arc<Shared>, url: String, ttl_secs: u64) -> Result<()> {
     connect(&url)?;
-    shared.remote.store(true, Ordering::Relaxed);
-    for model in 0..shared.models.len() {
-        let (shared, url) = (shared.clone(), url.clone());
-        std::thread::Builder::new().name(format!("queue-{model}")).spawn(move || {
-            while let Some(job) = shared.next_job(model) {
-                let (shared, url) = (shared.clone(), url.clone());
-                std::thread::spawn(move || {
-                    if let Err(e) = follow(&shared, &url, &job, ttl_secs) {
-                        let mut state = job.state();
-                        if !state.status.finished() {
-                            state.status = Status::Failed;
-                            state.finished = Some(Instant::now());
-                            let error = format!("the job queue in Redis: {e:#}");
-                            state.error = Some(error.clone());
-                            job.push_event(&mut state, "failed", json!({ "error": error }));
-                        }
-                        drop(state);
-                        shared.remember_finished(&job.id);
-                    }
-                });
+    let _ = shared.redis.set((url.clone(), ttl_secs));
+    for model in 0..shared.model_count() {
+        hand_over(&shared, &url, ttl_secs, model)?;
+    }
+    // The live models, read again every second: new ones get their thread.
+    let (refreshing, url) = (shared.clone(), url.clone());
+    std::thread::Builder::new().name("models".into()).spawn(move || {
+        let shared = refreshing;
+        let mut con = None;
+        while !shared.shutting_down() {
+            std::thread::sleep(Duration::from_secs(1));
+            if con.is_none() {
+                con = connect(&url).ok();
             }
-        })?;
+            let Some(connection) = con.as_mut() else { continue };
+            if let Err(e) = refresh_models(&shared, connection, &url, ttl_secs) {
+                eprintln!("cannot read the models from Redis: {e:#}");
+                con = None;
+            }
+        }
+    })?;
+    Ok(())
+}
+
+/// Reads the live models from Redis into the front end's registry; a new one gets its queue.
+fn refresh_models(shared: &Arc<Shared>, con: &mut redis::Connection, url: &str, ttl_secs: u64) -> Result<()> {
+    for model in shared.set_models(live_models(con)?) {
+        eprintln!("model {} registered by a worker: served from now on", shared.model(model).name);
+        if let Err(e) = hand_over(shared, url, ttl_secs, model) {
+            eprintln!("cannot start the queue of model {}: {e}", shared.model(model).name);
+        }
     }
     Ok(())
 }
 
-/// Puts a job into Redis and mirrors its events until it ends.
+/// The thread that moves model `model`'s queued jobs into Redis (and one per job that
+/// follows it there).
+fn hand_over(shared: &Arc<Shared>, url: &str, ttl_secs: u64, model: usize) -> Result<()> {
+    let (shared, url) = (shared.clone(), url.to_string());
+    std::thread::Builder::new().name(format!("queue-{model}")).spawn(move || {
+        while let Some(job) = shared.next_job(model) {
+            let (shared, url) = (shared.clone(), url.clone());
+            std::thread::spawn(move || {
+                if let Err(e) = follow(&shared, &url, &job, ttl_secs) {
+                    fail(&shared, &job, &e);
+                }
+            });
+        }
+    })?;
+    Ok(())
+}
+
+fn origin_name(origin: Origin) -> &'static str {
+    match origin {
+        Origin::Native => "native",
+        Origin::A1111 => "a1111",
+        Origin::OpenAi => "openai",
+    }
+}
+
+/// Puts a job into Redis (its entry in the model's stream, and its record for other front
+/// ends) and mirrors its events until it ends.
 fn follow(shared: &Shared, url: &str, job: &Arc<Job>, ttl: u64) -> Result<()> {
     let mut con = connect(url)?;
-    let model = &shared.models[job.request.model].name;
+    let model = &shared.model(job.request.model).name;
     let stream = jobs_key(model);
-    let entry: String = redis::cmd("XADD")
-        .arg(&stream)
-        .arg("*")
-        .arg("id")
-        .arg(&job.id)
-        .arg("request")
-        .arg(request_json(&job.request, model).to_string())
-        .query(&mut con)?;
+    let request = request_json(&job.request, model);
+    let entry: String = redis::cmd("XADD").arg(&stream).arg("*").arg("id").arg(&job.id).arg("request").arg(request.to_string()).query(&mut con)?;
+    let created = job.created.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default();
+    let record = json!({ "request": request, "model": model, "origin": origin_name(job.origin), "created": created, "entry": entry });
+    let _: () = redis::cmd("SET").arg(record_key(&job.id)).arg(record.to_string()).arg("EX").arg(ttl).query(&mut con)?;
     let mut last = "0-0".to_string();
+    follow_events(shared, &mut con, job, &stream, &entry, &mut last, ttl, true)?;
+    Ok(())
+}
+
+/// Mirrors a job's events from Redis into the local job (from after `last`), and passes its
+/// cancel and skip on; until the job ends (`wait`), or until the events in Redis now are read.
+/// True when the job has ended.
+#[allow(clippy::too_many_arguments)]
+fn follow_events(shared: &Shared, con: &mut redis::Connection, job: &Arc<Job>, stream: &str, entry: &str, last: &mut String, ttl: u64, wait: bool) -> Result<bool> {
     let mut cancel_sent = false;
+    let mut skip_sent = None;
     loop {
         if !cancel_sent && job.cancelled.load(Ordering::SeqCst) {
-            let _: () = redis::cmd("SET").arg(cancel_key(&job.id)).arg(1).arg("EX").arg(ttl).query(&mut con)?;
+            let _: () = redis::cmd("SET").arg(cancel_key(&job.id)).arg(1).arg("EX").arg(ttl).query(con)?;
             cancel_sent = true;
             // A job no worker has started ends here and now (a worker that takes it later
             // finds it ended; one that started it meanwhile stops at its next step).
             if job.status() == Status::Queued {
-                finish(&mut con, &job.id, &stream, &entry, "front end", ttl, "cancelled", &json!({ "images": 0 }))?;
+                finish(con, &job.id, stream, entry, "front end", ttl, "cancelled", &json!({ "images": 0 }))?;
             }
         }
-        let read: Option<StreamReadReply> =
-            redis::cmd("XREAD").arg("COUNT").arg(64).arg("BLOCK").arg(250).arg("STREAMS").arg(events_key(&job.id)).arg(&last).query(&mut con)?;
+        // A skip names the iteration it was meant for, so a late one skips nothing else.
+        let iteration = job.state().iteration + 1;
+        if job.skip.load(Ordering::SeqCst) && skip_sent != Some(iteration) {
+            let _: () = redis::cmd("SET").arg(skip_key(&job.id)).arg(iteration).arg("EX").arg(ttl).query(con)?;
+            skip_sent = Some(iteration);
+        }
+        let block = if wait { 250 } else { 0 };
+        let mut read = redis::cmd("XREAD");
+        read.arg("COUNT").arg(64);
+        if wait {
+            read.arg("BLOCK").arg(block);
+        }
+        let read: Option<StreamReadReply> = read.arg("STREAMS").arg(events_key(&job.id)).arg(&*last).query(con)?;
+        let mut any = false;
         for entry in read.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
-            last = entry.id.clone();
+            any = true;
+            *last = entry.id.clone();
             let name: String = entry.get("name").unwrap_or_default();
             let data: String = entry.get("data").unwrap_or_default();
             let mut data: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
             if name == "preview" {
                 // The latest preview's image (a later one may have replaced this step's).
-                let latest: Option<String> = redis::cmd("GET").arg(preview_key(&job.id)).query(&mut con)?;
+                let latest: Option<String> = redis::cmd("GET").arg(preview_key(&job.id)).query(con)?;
                 if let Some(latest) = latest.and_then(|l| serde_json::from_str::<Value>(&l).ok()) {
                     data = latest;
                 }
             }
             if mirror(job, &name, data) {
                 shared.remember_finished(&job.id);
-                return Ok(());
+                return Ok(true);
             }
         }
+        if !wait && !any {
+            return Ok(false);
+        }
     }
+}
+
+/// A job this front end does not know, looked up in Redis (another front end queued it): its
+/// events so far mirrored into a new local job, which a thread then follows until it ends.
+/// `None` when Redis has no such job (or it has expired).
+pub(super) fn attach(shared: &Arc<Shared>, id: &str) -> Result<Option<Arc<Job>>> {
+    let Some((url, ttl)) = shared.redis.get().cloned() else { return Ok(None) };
+    let mut con = connect(&url)?;
+    let record: Option<String> = redis::cmd("GET").arg(record_key(id)).query(&mut con)?;
+    let Some(record) = record else { return Ok(None) };
+    let record: Value = serde_json::from_str(&record)?;
+    let model_name = record["model"].as_str().unwrap_or_default();
+    let find = || (0..shared.model_count()).find(|i| shared.model(*i).name == model_name);
+    if find().is_none() {
+        // A model registered since this front end last looked.
+        refresh_models(shared, &mut con, &url, ttl)?;
+    }
+    let model = find()
+        .ok_or_else(|| anyhow!("job {id} is for the model `{model_name}`, which this server does not serve"))?;
+    let request = request_from_json(&record["request"], model)?;
+    let origin = match record["origin"].as_str() {
+        Some("a1111") => Origin::A1111,
+        Some("openai") => Origin::OpenAi,
+        _ => Origin::Native,
+    };
+    let mut job = Job::new(id.to_string(), request, origin, None);
+    if let Some(created) = record["created"].as_f64().filter(|c| c.is_finite() && *c >= 0.0) {
+        job.created = std::time::UNIX_EPOCH + Duration::from_secs_f64(created);
+    }
+    let job = Arc::new(job);
+    {
+        let mut state = job.state();
+        job.push_event(&mut state, "queued", json!({ "id": id }));
+    }
+    let (stream, entry) = (jobs_key(model_name), record["entry"].as_str().unwrap_or("0-0").to_string());
+    let mut last = "0-0".to_string();
+    let ended = follow_events(shared, &mut con, &job, &stream, &entry, &mut last, ttl, false)?;
+    let (job, new) = shared.adopt(job);
+    if new && !ended {
+        let (shared, job) = (shared.clone(), job.clone());
+        std::thread::spawn(move || {
+            let followed = connect(&url).and_then(|mut con| follow_events(&shared, &mut con, &job, &stream, &entry, &mut last, ttl, true));
+            if let Err(e) = followed {
+                fail(&shared, &job, &e);
+            }
+        });
+    }
+    Ok(Some(job))
+}
+
+/// A job whose mirror from Redis broke: it fails (unless it has ended).
+fn fail(shared: &Shared, job: &Job, e: &anyhow::Error) {
+    let mut state = job.state();
+    if !state.status.finished() {
+        state.status = Status::Failed;
+        state.finished = Some(Instant::now());
+        let error = format!("the job queue in Redis: {e:#}");
+        state.error = Some(error.clone());
+        job.push_event(&mut state, "failed", json!({ "error": error }));
+    }
+    drop(state);
+    shared.remember_finished(&job.id);
 }
 
 /// One event from Redis into the local job; true when it ended the job.
@@ -526,7 +729,13 @@ fn mirror(job: &Job, name: &str, data: Value) -> bool {
         "step" => {
             state.step = data["step"].as_u64().unwrap_or(0) as usize;
             state.steps = data["steps"].as_u64().unwrap_or(0) as usize;
-            state.iteration = (data["iteration"].as_u64().unwrap_or(1) as usize).saturating_sub(1);
+            let iteration = (data["iteration"].as_u64().unwrap_or(1) as usize).saturating_sub(1);
+            if iteration != state.iteration {
+                // A skip not taken before its iteration ended is dropped, as on a local model
+                // (it never skips the next one).
+                job.skip.store(false, Ordering::SeqCst);
+            }
+            state.iteration = iteration;
             state.it_per_s = data["it_per_s"].as_f64().unwrap_or(0.0);
             "step"
         }
@@ -539,6 +748,7 @@ fn mirror(job: &Job, name: &str, data: Value) -> bool {
         }
         "skipped" => {
             state.skipped += 1;
+            job.skip.store(false, Ordering::SeqCst);
             "skipped"
         }
         "done" | "failed" | "cancelled" => {
@@ -549,25 +759,26 @@ fn mirror(job: &Job, name: &str, data: Value) -> bool {
             if let Some(map) = data.as_object_mut() {
                 map.remove("warnings");
             }
+            // A done job's images, and an interrupted one's so far.
+            state.images = data["images"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|i| {
+                            Some(ImageOut {
+                                png: unb64(i["png"].as_str()?).ok()?,
+                                infotext: i["infotext"].as_str()?.to_string(),
+                                seed: i["seed"].as_u64()?,
+                                width: i["width"].as_u64()? as usize,
+                                height: i["height"].as_u64()? as usize,
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             let name = match name {
                 "done" => {
                     state.status = Status::Done;
-                    state.images = data["images"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|i| {
-                                    Some(ImageOut {
-                                        png: unb64(i["png"].as_str()?).ok()?,
-                                        infotext: i["infotext"].as_str()?.to_string(),
-                                        seed: i["seed"].as_u64()?,
-                                        width: i["width"].as_u64()? as usize,
-                                        height: i["height"].as_u64()? as usize,
-                                    })
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default();
                     "done"
                 }
                 "failed" => {
@@ -581,6 +792,8 @@ fn mirror(job: &Job, name: &str, data: Value) -> bool {
                 }
                 _ => {
                     state.status = Status::Cancelled;
+                    // As a local job's cancelled event: the number of images it has.
+                    data = json!({ "images": state.images.len() });
                     "cancelled"
                 }
             };

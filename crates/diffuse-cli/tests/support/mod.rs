@@ -135,6 +135,23 @@ pub fn decode_png(bytes: &[u8]) -> (Vec<u8>, Option<String>) {
     (buf, text)
 }
 
+/// A1111's skip on a txt2img of two batches of `steps` DDIM steps (seed 5), sent once
+/// `running` has returned (it waits until the job runs): the first batch is dropped, the
+/// second (seed 6) is made and answered.
+pub fn check_a1111_skip(server: &Server, steps: u64, running: impl FnOnce()) {
+    let url = server.url("/sdapi/v1/txt2img");
+    let body = serde_json::json!({ "prompt": "a bag", "steps": steps, "n_iter": 2, "seed": 5, "sampler_name": "DDIM" });
+    let client = std::thread::spawn(move || post(&url, &body, None));
+    running();
+    let (status, answer, _) = post(&server.url("/sdapi/v1/skip"), &serde_json::json!({}), None);
+    assert_eq!((status, answer["skipped"].as_array().map(Vec::len)), (200, Some(1)), "{answer}");
+    let (status, body, _) = client.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+    assert_eq!((info["skipped_iterations"].as_u64(), info["interrupted"].as_bool()), (Some(1), Some(false)), "{info}");
+    assert_eq!(info["all_seeds"], serde_json::json!([6]), "the second batch, seed + batch_size");
+}
+
 /// `diffuse generate` with these flags; the PNG it wrote.
 pub fn generate(dir: &Path, args: &[&str]) -> Vec<u8> {
     generate_images(dir, args, 1).swap_remove(0)

@@ -176,7 +176,7 @@ impl AdapterBackend {
     /// have the prefix, transformers 5 writes none; diffusers' LoRA keys follow the latter).
     fn file_module<'n>(&self, module: &'n str) -> &'n str {
         match self.target {
-            Target::TextEncoder => module.strip_prefix("text_model.").unwrap_or(module),
+            Target::TextEncoder | Target::TextEncoder2 => module.strip_prefix("text_model.").unwrap_or(module),
             Target::Unet => module,
         }
     }

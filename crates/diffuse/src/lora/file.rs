@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{Map, Value};
 
-use super::keys::{parse_key, Format, KeyMeaning, Owner, Part, Target};
+use super::keys::{parse_key, Format, KeyMeaning, Part, Target};
 use crate::{Error, Result};
 
 /// One adapted layer: `W += scale · weight · up @ down` (reshaped to W's shape).
@@ -86,7 +86,6 @@ struct AdapterConfig {
     use_rslora: bool,
 }
 
-pub(crate) const SKIPPED_ELSEWHERE: &str = "layers of a model Stable Diffusion 1.x/2.x does not have (SDXL's second text encoder)";
 
 impl LoraFile {
     /// Reads and checks a LoRA `.safetensors` file: a corrupt or truncated file, a layer with
@@ -143,13 +142,9 @@ impl LoraFile {
         let mut pieces: BTreeMap<(Target, String), Pieces> = BTreeMap::new();
         for key in names {
             let (target, module, part) = match parse_key(&key) {
-                KeyMeaning::Tensor { owner: Owner::Model(target), module, part, format } => {
+                KeyMeaning::Tensor { owner: target, module, part, format } => {
                     formats.insert(format);
                     (target, module, part)
-                }
-                KeyMeaning::Tensor { owner: Owner::Other(_), .. } => {
-                    skipped.entry(SKIPPED_ELSEWHERE).or_default().push(key);
-                    continue;
                 }
                 KeyMeaning::Skipped(reason) => {
                     skipped.entry(reason).or_default().push(key);

@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-use super::file::{LoraFile, SKIPPED_ELSEWHERE};
+use super::file::LoraFile;
 use super::keys::{lookup_name, model_lookup_name, Format, Target};
 use super::LoraSpec;
 use crate::{Error, Result};
@@ -172,7 +172,7 @@ impl LoraSet {
             let count = |target: Target| {
                 file.layers.iter().zip(usage).filter(|(l, u)| l.target == target && matches!(u, Usage::Applied(_))).count()
             };
-            let (unet_layers, text_encoder_layers) = (count(Target::Unet), count(Target::TextEncoder));
+            let (unet_layers, text_encoder_layers) = (count(Target::Unet), count(Target::TextEncoder) + count(Target::TextEncoder2));
             if let Some((layer, Usage::Ambiguous(a, b))) =
                 file.layers.iter().zip(usage).find(|(_, u)| matches!(u, Usage::Ambiguous(..)))
             {
@@ -199,7 +199,10 @@ impl LoraSet {
                 )));
             }
             if unet_layers + text_encoder_layers == 0 {
-                let sdxl = if file.skipped.contains_key(SKIPPED_ELSEWHERE) { " (it has SDXL's second text encoder)" } else { "" };
+                let sdxl = match file.layers.iter().any(|layer| layer.target == Target::TextEncoder2) {
+                    true => " (it has SDXL's second text encoder)",
+                    false => "",
+                };
                 return Err(fail(format!(
                     "none of its {layers} LoRA layers matches a layer of this model's UNet or text encoder (e.g. `{}`): \
                      this is a LoRA for another architecture{sdxl}",

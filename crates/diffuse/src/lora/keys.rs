@@ -25,24 +25,29 @@
 pub enum Target {
     Unet,
     TextEncoder,
+    /// SDXL's second text encoder (OpenCLIP bigG; the refiner's only one).
+    TextEncoder2,
 }
 
 impl Target {
-    pub const ALL: [Target; 2] = [Target::Unet, Target::TextEncoder];
+    pub const ALL: [Target; 3] = [Target::Unet, Target::TextEncoder, Target::TextEncoder2];
 
-    /// The key prefix of diffusers' `save_lora_weights` (`unet.`, `text_encoder.` without the dot).
+    /// The key prefix of diffusers' `save_lora_weights` (`unet.`, `text_encoder.`,
+    /// `text_encoder_2.` without the dot).
     pub fn diffusers_prefix(self) -> &'static str {
         match self {
             Target::Unet => "unet",
             Target::TextEncoder => "text_encoder",
+            Target::TextEncoder2 => "text_encoder_2",
         }
     }
 
-    /// kohya's layer-name prefix.
+    /// kohya's layer-name prefix (SDXL files name the first encoder `lora_te1_`, also read).
     pub fn kohya_prefix(self) -> &'static str {
         match self {
             Target::Unet => "lora_unet_",
             Target::TextEncoder => "lora_te_",
+            Target::TextEncoder2 => "lora_te2_",
         }
     }
 
@@ -50,7 +55,13 @@ impl Target {
         match self {
             Target::Unet => "UNet",
             Target::TextEncoder => "text encoder",
+            Target::TextEncoder2 => "second text encoder",
         }
+    }
+
+    /// Whether this is one of the CLIP text encoders.
+    pub fn is_text_encoder(self) -> bool {
+        self != Target::Unet
     }
 }
 
@@ -87,20 +98,12 @@ impl Format {
     }
 }
 
-/// Where a key belongs.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Owner {
-    Model(Target),
-    /// A model Stable Diffusion 1.x/2.x does not have (SDXL's `text_encoder_2`): never applied.
-    Other(&'static str),
-}
-
 /// What one key of a LoRA file is.
 #[derive(Clone, Debug, PartialEq)]
 pub enum KeyMeaning {
     /// One tensor of the layer `module`: a diffusers module path (`down_blocks.0....to_q`) for
     /// the dotted formats, kohya's flat name (`down_blocks_0_..._to_q`) for kohya's.
-    Tensor { owner: Owner, module: String, part: Part, format: Format },
+    Tensor { owner: Target, module: String, part: Part, format: Format },
     /// Not a LoRA tensor diffuse applies; the reason.
     Skipped(&'static str),
 }
@@ -114,11 +117,11 @@ pub const UNKNOWN: &str = "names that are no LoRA tensor diffuse knows";
 pub fn parse_key(key: &str) -> KeyMeaning {
     // kohya: `lora_unet_<flat>.<part>`; lora_te1_ is SDXL's first text encoder, which diffusers
     // loads into `text_encoder` as it does lora_te_.
-    const KOHYA: [(&str, Owner); 4] = [
-        ("lora_unet_", Owner::Model(Target::Unet)),
-        ("lora_te_", Owner::Model(Target::TextEncoder)),
-        ("lora_te1_", Owner::Model(Target::TextEncoder)),
-        ("lora_te2_", Owner::Other("text_encoder_2")),
+    const KOHYA: [(&str, Target); 4] = [
+        ("lora_unet_", Target::Unet),
+        ("lora_te_", Target::TextEncoder),
+        ("lora_te1_", Target::TextEncoder),
+        ("lora_te2_", Target::TextEncoder2),
     ];
     for (prefix, owner) in KOHYA {
         let Some(rest) = key.strip_prefix(prefix) else { continue };
@@ -139,17 +142,17 @@ pub fn parse_key(key: &str) -> KeyMeaning {
     // The dotted formats: `unet.` / `text_encoder.`; keys without a prefix are UNet attention
     // processors as `unet.save_attn_procs` wrote them.
     let (owner, rest) = if let Some(rest) = key.strip_prefix("unet.") {
-        (Owner::Model(Target::Unet), rest)
+        (Target::Unet, rest)
     } else if let Some(rest) = key.strip_prefix("text_encoder.") {
-        (Owner::Model(Target::TextEncoder), rest)
-    } else if key.starts_with("text_encoder_2.") {
-        (Owner::Other("text_encoder_2"), key)
+        (Target::TextEncoder, rest)
+    } else if let Some(rest) = key.strip_prefix("text_encoder_2.") {
+        (Target::TextEncoder2, rest)
     } else {
-        (Owner::Model(Target::Unet), key)
+        (Target::Unet, key)
     };
     // KEYS_TO_ALWAYS_REPLACE: attention processors sit beside the projections they adapt.
     let rest = rest.replace(".processor.", ".");
-    let tensor = |module: &str, part, format| KeyMeaning::Tensor { owner: owner.clone(), module: module.to_string(), part, format };
+    let tensor = |module: &str, part, format| KeyMeaning::Tensor { owner, module: module.to_string(), part, format };
 
     if rest.ends_with(".lora_magnitude_vector") || rest.contains(".lora_magnitude_vector.") {
         return KeyMeaning::Skipped(DORA);
@@ -168,7 +171,7 @@ pub fn parse_key(key: &str) -> KeyMeaning {
     }
     // diffusers' attention processors (DIFFUSERS_OLD_TO_PEFT, UNET_TO_DIFFUSERS): `to_q_lora`
     // adapts the UNet's `to_q` and the text encoder's `q_proj`.
-    let text_encoder = owner == Owner::Model(Target::TextEncoder);
+    let text_encoder = owner.is_text_encoder();
     for (processor, unet_module, text_module) in [
         ("to_q_lora", "to_q", "q_proj"),
         ("to_k_lora", "to_k", "k_proj"),
@@ -208,7 +211,7 @@ pub fn flat(name: &str) -> String {
 pub fn model_lookup_name(target: Target, module: &str) -> String {
     let name = flat(module);
     match target {
-        Target::TextEncoder => name.strip_prefix("text_model_").unwrap_or(&name).to_string(),
+        Target::TextEncoder | Target::TextEncoder2 => name.strip_prefix("text_model_").unwrap_or(&name).to_string(),
         Target::Unet => name,
     }
 }
@@ -230,7 +233,7 @@ pub fn lookup_name(target: Target, name: &str, layers_per_block: Option<usize>) 
 /// under `text_model.` as the hub's CLIP checkpoints name them, as kohya does).
 pub fn kohya_name(target: Target, module: &str) -> String {
     let module = match target {
-        Target::TextEncoder if !module.starts_with("text_model.") => format!("text_model.{module}"),
+        Target::TextEncoder | Target::TextEncoder2 if !module.starts_with("text_model.") => format!("text_model.{module}"),
         _ => module.to_string(),
     };
     format!("{}{}", target.kohya_prefix(), flat(&module))
@@ -334,7 +337,7 @@ pub fn ldm_unet_to_diffusers(flat_name: &str, layers_per_block: usize) -> Option
 mod tests {
     use super::*;
 
-    fn tensor(key: &str) -> (Owner, String, Part, Format) {
+    fn tensor(key: &str) -> (Target, String, Part, Format) {
         match parse_key(key) {
             KeyMeaning::Tensor { owner, module, part, format } => (owner, module, part, format),
             other => panic!("{key}: {other:?}"),
@@ -343,8 +346,8 @@ mod tests {
 
     #[test]
     fn every_format_names_the_same_layer() {
-        let unet = Owner::Model(Target::Unet);
-        let text = Owner::Model(Target::TextEncoder);
+        let unet = Target::Unet;
+        let text = Target::TextEncoder;
         let attn = "down_blocks.0.attentions.0.transformer_blocks.0.attn1";
         assert_eq!(tensor(&format!("unet.{attn}.to_q.lora_A.weight")), (unet.clone(), format!("{attn}.to_q"), Part::Down, Format::Peft));
         assert_eq!(tensor(&format!("unet.{attn}.to_q.lora_B.default.weight")).2, Part::Up);
@@ -362,7 +365,8 @@ mod tests {
             lookup_name(Target::TextEncoder, "encoder.layers.0.self_attn.q_proj", None),
             lookup_name(Target::TextEncoder, "text_model.encoder.layers.0.self_attn.q_proj", None)
         );
-        assert_eq!(tensor("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight").0, Owner::Other("text_encoder_2"));
+        assert_eq!(tensor("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight").0, Target::TextEncoder2);
+        assert_eq!(tensor("text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight").0, Target::TextEncoder2);
         assert_eq!(parse_key("lora_unet_x.hada_w1_a"), KeyMeaning::Skipped(LYCORIS));
         assert_eq!(parse_key("lora_unet_x.dora_scale"), KeyMeaning::Skipped(DORA));
         assert_eq!(parse_key("unet.x.lora_B.bias"), KeyMeaning::Skipped(LORA_BIAS));

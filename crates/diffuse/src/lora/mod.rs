@@ -56,7 +56,7 @@ impl LoraSpec {
     pub fn weight(&self, target: Target) -> f64 {
         match target {
             Target::Unet => self.unet_weight,
-            Target::TextEncoder => self.text_encoder_weight,
+            Target::TextEncoder | Target::TextEncoder2 => self.text_encoder_weight,
         }
     }
 

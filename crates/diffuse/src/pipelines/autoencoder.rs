@@ -54,11 +54,31 @@ impl AutoencoderConfig {
         }
     }
 
+
+    /// The type an autoencoder of this config runs in for a pipeline in `dtype`: f32 when its
+    /// config says `force_upcast` and the pipeline is in f16, which such VAEs overflow (SDXL's),
+    /// as diffusers' SDXL pipelines upcast them; else `dtype`.
+    pub fn runs_in(&self, dtype: DType) -> DType {
+        match self {
+            Self::Kl(config) => kl_runs_in(config, dtype),
+            Self::Tiny(_) => dtype,
+        }
+    }
+
     pub fn latent_channels(&self) -> usize {
         match self {
             Self::Kl(config) => config.latent_channels,
             Self::Tiny(config) => config.latent_channels,
         }
+    }
+}
+
+/// f32 for a `force_upcast` AutoencoderKL in an f16 pipeline, else `dtype`.
+fn kl_runs_in(config: &AutoencoderKLConfig, dtype: DType) -> DType {
+    if config.force_upcast && dtype == DType::F16 {
+        DType::F32
+    } else {
+        dtype
     }
 }
 
@@ -101,7 +121,7 @@ impl Autoencoder {
         let config = AutoencoderConfig::from_json(&map, &config_path)?;
         let files = find_weight_files(dir, "diffusion_pytorch_model", variant)?;
         let file: PathBuf = files[0].clone();
-        Self::new(var_builder(&files, dtype, device)?, &config).map_err(|e| e.in_weights_file(&file))
+        Self::new(var_builder(&files, config.runs_in(dtype), device)?, &config).map_err(|e| e.in_weights_file(&file))
     }
 
     pub fn class_name(&self) -> &'static str {
@@ -110,6 +130,15 @@ impl Autoencoder {
             Self::Tiny(_) => "AutoencoderTiny",
         }
     }
+
+    /// The type this autoencoder runs in for a pipeline in `dtype` ([`AutoencoderConfig::runs_in`]).
+    pub fn runs_in(&self, dtype: DType) -> DType {
+        match self {
+            Self::Kl(model) => kl_runs_in(model.config(), dtype),
+            Self::Tiny(_) => dtype,
+        }
+    }
+
 
     pub fn latent_channels(&self) -> usize {
         match self {
@@ -209,5 +238,21 @@ impl Autoencoder {
             Self::Kl(vae) => vae.decode(z),
             Self::Tiny(vae) => vae.decode(z),
         }
+    }
+}
+
+#[cfg(test)]
+mod upcast_tests {
+    use super::*;
+
+    /// SDXL's VAE (force_upcast) runs in f32 under an f16 pipeline, as diffusers upcasts it;
+    /// bf16 and f32 pipelines, and VAEs without the flag (the fp16-fix VAE), keep their type.
+    #[test]
+    fn force_upcast_vaes_run_in_f32_under_f16() {
+        let kl = |force_upcast| AutoencoderConfig::Kl(AutoencoderKLConfig { force_upcast, ..AutoencoderKLConfig::default() });
+        assert_eq!(kl(true).runs_in(DType::F16), DType::F32);
+        assert_eq!(kl(true).runs_in(DType::BF16), DType::BF16);
+        assert_eq!(kl(true).runs_in(DType::F32), DType::F32);
+        assert_eq!(kl(false).runs_in(DType::F16), DType::F16);
     }
 }

@@ -119,7 +119,7 @@ impl StableDiffusionPipeline {
     /// sampled from the generator, a tiny one's latents as they are), for one image
     /// `[1, 3, H, W]`; float32 latents.
     pub fn encode_image_latents(&self, image: &Tensor, generator: &mut TorchGenerator) -> Result<Tensor> {
-        let latents = self.vae.encode_latents(&image.to_dtype(self.activation_dtype())?, generator)?.to_dtype(DType::F32)?;
+        let latents = self.vae.encode_latents(&image.to_dtype(self.vae_dtype())?, generator)?.to_dtype(DType::F32)?;
         Ok((latents * self.vae.scaling_factor())?)
     }
 

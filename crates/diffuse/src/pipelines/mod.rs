@@ -1,6 +1,7 @@
 //! Pipelines: the denoising loops of diffusers' pipelines, and turning their output into images.
 
 pub mod autoencoder;
+pub mod generation;
 pub mod image_processor;
 pub mod img2img;
 pub mod inpaint;

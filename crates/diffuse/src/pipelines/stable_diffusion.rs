@@ -275,8 +275,14 @@ impl Components {
             PerBlock::One(n) => Some(*n),
             PerBlock::List(list) => list.first().copied().filter(|first| list.iter().all(|n| n == first)),
         };
+        // An SDXL refiner's only text encoder is diffusers' `text_encoder_2`.
+        let xl = self.unet.0.addition_embed_type.as_deref() == Some("text_time");
+        let first = if xl && self.text_encoder_2.is_none() { Target::TextEncoder2 } else { Target::TextEncoder };
         self.unet.1 = loras.fuse_into(Target::Unet, self.unet.1, layers_per_block)?;
-        self.text_encoder.1 = loras.fuse_into(Target::TextEncoder, self.text_encoder.1, None)?;
+        self.text_encoder.1 = loras.fuse_into(first, self.text_encoder.1, None)?;
+        if let Some((_, (_, weights, _))) = self.text_encoder_2.as_mut() {
+            *weights = loras.fuse_into(Target::TextEncoder2, weights.clone(), None)?;
+        }
         Ok(self)
     }
 }
@@ -503,6 +509,7 @@ impl StableDiffusionPipeline {
         let (unet_config, unet_weights, unet_file) = unet;
         let unet = UNet2DConditionModel::new(unet_weights, &unet_config).map_err(|e| e.in_weights_file(&unet_file))?;
         let (vae_config, vae_weights, vae_file) = vae;
+        let vae_weights = vae_weights.set_dtype(vae_config.runs_in(dtype));
         let vae = Autoencoder::new(vae_weights, &vae_config).map_err(|e| e.in_weights_file(&vae_file))?;
 
         // SDXL concatenates both encoders' hidden states.
@@ -1035,7 +1042,7 @@ impl StableDiffusionPipeline {
             latents = after_step(i, latents, scheduler.as_ref())?;
             if let (Some(preview), Some(x0)) = (self.preview.as_mut(), predicted_original) {
                 let vae = preview.vae.as_ref().unwrap_or(&self.vae);
-                let images = decode_with(vae, &x0, activation_dtype)?;
+                let images = decode_with(vae, &x0, vae.runs_in(activation_dtype))?;
                 (preview.sink)(i + 1, &images)?;
             }
             on_step(i + 1, timesteps.len());
@@ -1089,7 +1096,13 @@ impl StableDiffusionPipeline {
 
     /// `vae.decode(latents / scaling_factor + shift_factor)`, as diffusers' pipelines do.
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
-        decode_with(&self.vae, latents, self.activation_dtype())
+        decode_with(&self.vae, latents, self.vae_dtype())
+    }
+
+    /// The type the VAE runs in: the activations' type, or f32 for a `force_upcast` VAE in an
+    /// f16 pipeline.
+    pub fn vae_dtype(&self) -> DType {
+        self.vae.runs_in(self.activation_dtype())
     }
 }
 
