@@ -308,10 +308,12 @@ fn single_files_hold_the_folders_weights() {
 /// rest is SDXL's (heads of 64 channels, 32 norm groups...).
 #[test]
 fn single_file_configs_from_shapes() {
-    let keys: [(Component, &[&str]); 4] = [
+    const CLIP_KEYS: &[&str] =
+        &["vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings", "hidden_act"];
+    let keys: [(Component, Vec<&str>); 4] = [
         (
             Component::Unet,
-            &[
+            vec![
                 "in_channels",
                 "out_channels",
                 "block_out_channels",
@@ -329,7 +331,7 @@ fn single_file_configs_from_shapes() {
         ),
         (
             Component::Vae,
-            &[
+            vec![
                 "in_channels",
                 "out_channels",
                 "latent_channels",
@@ -339,29 +341,8 @@ fn single_file_configs_from_shapes() {
                 "force_upcast",
             ],
         ),
-        (
-            Component::TextEncoder,
-            &[
-                "vocab_size",
-                "hidden_size",
-                "num_hidden_layers",
-                "intermediate_size",
-                "max_position_embeddings",
-                "hidden_act",
-            ],
-        ),
-        (
-            Component::TextEncoder2,
-            &[
-                "vocab_size",
-                "hidden_size",
-                "num_hidden_layers",
-                "intermediate_size",
-                "max_position_embeddings",
-                "hidden_act",
-                "projection_dim",
-            ],
-        ),
+        (Component::TextEncoder, CLIP_KEYS.to_vec()),
+        (Component::TextEncoder2, [CLIP_KEYS, &["projection_dim"]].concat()),
     ];
     for name in ["base", "refiner"] {
         let file = SingleFile::open(single_file(name)).unwrap();
@@ -373,7 +354,7 @@ fn single_file_configs_from_shapes() {
             let folder: Value =
                 serde_json::from_str(&std::fs::read_to_string(dir().join(name).join(sub).join("config.json")).unwrap())
                     .unwrap();
-            for key in *keys {
+            for key in keys {
                 let derived = file.config(*component).get(*key).cloned().unwrap_or(Value::Null);
                 assert_eq!(derived, folder[*key], "{name} {sub}: {key}");
             }
