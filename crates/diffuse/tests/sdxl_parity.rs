@@ -6,7 +6,9 @@
 //! vocabulary. Every scheduler, guidance on and off, negative and second prompts, the empty
 //! prompt (zeroed negative embeddings), micro-conditioning, clip skip, batches, image-to-image,
 //! inpainting, the refiner, and the base + refiner ensemble: PSNR ≥ 40 dB. The prompt
-//! embeddings, time ids and one UNet pass are also compared alone.
+//! embeddings, time ids and one UNet pass are also compared alone. The base and refiner as
+//! single files in the SGM layout (tools/fixtures/sdxl_single_file_lora.py) give the folders'
+//! weights and images.
 
 mod common;
 
@@ -15,10 +17,13 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use diffuse::loading::config::parse_override;
+use diffuse::loading::single_file::{recognise, Component, Family, SingleFile};
 use diffuse::pipelines::image_processor::Image8;
 use diffuse::pipelines::img2img::{generate_with_refiner, ImageCondition};
-use diffuse::pipelines::stable_diffusion::{PhaseTimes, StableDiffusionPipeline, TextToImageOptions, TimeIdsFor};
 use diffuse::lora::LoraSpec;
+use diffuse::pipelines::stable_diffusion::{
+    pipeline_class_name, PhaseTimes, StableDiffusionPipeline, TextToImageOptions, TimeIdsFor,
+};
 use diffuse::pipelines::to_uint8_images;
 use diffuse::rng::TorchGenerator;
 use serde_json::Value;
@@ -41,13 +46,32 @@ fn overrides(meta: &Value) -> Vec<(String, Value)> {
         .unwrap_or_default()
 }
 
-fn load(model: &str, scheduler: Option<&str>, overrides: &[(String, Value)]) -> StableDiffusionPipeline {
-    load_with_loras(model, scheduler, overrides, &[])
+fn load(model: &str, config: Option<&str>, scheduler: Option<&str>, overrides: &[(String, Value)]) -> StableDiffusionPipeline {
+    load_with_loras(model, config, scheduler, overrides, &[])
 }
 
-fn load_with_loras(model: &str, scheduler: Option<&str>, overrides: &[(String, Value)], loras: &[LoraSpec]) -> StableDiffusionPipeline {
-    StableDiffusionPipeline::load_with_loras(&dir().join(model), scheduler, overrides, None, loras, &Device::Cpu, DType::F32)
-        .unwrap_or_else(|e| panic!("{model}: {e}"))
+/// A folder, or a single file with the configs of the folder `config` (diffusers'
+/// `from_single_file(file, config=folder)`: the tiny models' heads and norm groups are not SDXL's).
+fn load_with_loras(
+    model: &str,
+    config: Option<&str>,
+    scheduler: Option<&str>,
+    overrides: &[(String, Value)],
+    loras: &[LoraSpec],
+) -> StableDiffusionPipeline {
+    let path = dir().join(model);
+    let (device, dtype) = (&Device::Cpu, DType::F32);
+    let loaded = if path.is_file() {
+        let file = SingleFile::open(&path).unwrap_or_else(|e| panic!("{model}: {e}"));
+        let file = match config {
+            Some(config) => file.with_folder_configs(&dir().join(config)).unwrap_or_else(|e| panic!("{model}: {e}")),
+            None => file,
+        };
+        StableDiffusionPipeline::from_single_file(file, None, scheduler, overrides, loras, device, dtype)
+    } else {
+        StableDiffusionPipeline::load_with_loras(&path, scheduler, overrides, None, loras, device, dtype)
+    };
+    loaded.unwrap_or_else(|e| panic!("{model}: {e}"))
 }
 
 /// The case's `loras`: [[path, scale], ...], relative to fixtures/sdxl.
@@ -107,7 +131,8 @@ fn run_case(case: &str) {
     let meta = meta(case);
     let expected = load_tensors(&dir().join("cases").join(format!("{case}.safetensors")));
     let overrides = overrides(&meta);
-    let mut pipeline = load_with_loras(meta["model"].as_str().unwrap(), meta["scheduler"].as_str(), &overrides, &loras(&meta));
+    let model = meta["model"].as_str().unwrap();
+    let mut pipeline = load_with_loras(model, meta["config"].as_str(), meta["scheduler"].as_str(), &overrides, &loras(&meta));
     assert_eq!(pipeline.scheduler.class_name, meta["scheduler_class"].as_str().unwrap(), "{case}: scheduler class");
     let options = options(&meta);
     let mut generator = TorchGenerator::new(meta["seed"].as_u64().unwrap());
@@ -121,7 +146,8 @@ fn run_case(case: &str) {
             pipeline.generate_from_image(&options, &condition, &mut generator, &mut on_step, &mut warn, &mut times)
         }
         "ensemble" => {
-            let mut refiner = load(meta["refiner"].as_str().unwrap(), meta["refiner_scheduler"].as_str(), &overrides);
+            let mut refiner =
+                load(meta["refiner"].as_str().unwrap(), None, meta["refiner_scheduler"].as_str(), &overrides);
             let switch = meta["denoising_end"].as_f64().unwrap();
             assert_eq!(meta["denoising_start"].as_f64(), Some(switch));
             generate_with_refiner(&mut pipeline, &mut refiner, &options, switch, &mut generator, &mut on_step, &mut warn, &mut times)
@@ -152,7 +178,7 @@ fn prompt_embeddings_time_ids_and_unet_match_diffusers() {
     let all: Value = serde_json::from_str(&std::fs::read_to_string(dir().join("intermediates.json")).unwrap()).unwrap();
     for (name, info) in all.as_object().unwrap() {
         let meta = meta(info["case"].as_str().unwrap());
-        let pipeline = load(info["model"].as_str().unwrap(), None, &[]);
+        let pipeline = load(info["model"].as_str().unwrap(), None, None, &[]);
         let options = TextToImageOptions {
             height: info["height"].as_u64().map(|v| v as usize),
             width: info["width"].as_u64().map(|v| v as usize),
@@ -220,11 +246,174 @@ fn base_and_refiner_ensemble() {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Single files
+// ---------------------------------------------------------------------------------------------
+
+fn single_file(name: &str) -> std::path::PathBuf {
+    dir().join("single_file").join(format!("{name}.safetensors"))
+}
+
+/// The base and refiner files render their folders' images (diffusers' from_single_file with
+/// config=folder), as the pipeline classes diffusers gives them.
+#[test]
+fn single_file_base_and_refiner() {
+    for (case, class, force_zeros, aesthetics) in [
+        ("single_file_base", "StableDiffusionXLPipeline", true, false),
+        ("single_file_refiner", "StableDiffusionXLImg2ImgPipeline", false, true),
+    ] {
+        let meta = meta(case);
+        assert_eq!(meta["pipeline_class"], class);
+        let pipeline = load(meta["model"].as_str().unwrap(), meta["config"].as_str(), None, &[]);
+        assert_eq!(pipeline.pipeline_class, class, "{case}");
+        assert_eq!(
+            (pipeline.force_zeros_for_empty_prompt, pipeline.requires_aesthetics_score),
+            (force_zeros, aesthetics),
+            "{case}"
+        );
+        assert_eq!(pipeline_class_name(&dir().join(meta["model"].as_str().unwrap())).as_deref(), Some(class));
+        run_case(case);
+    }
+}
+
+/// Every tensor of the folders comes out of the single files under its diffusers name with the
+/// same values (the refiner's only text encoder is the folder's text_encoder_2).
+#[test]
+fn single_files_hold_the_folders_weights() {
+    for (name, folder, family) in
+        [("base", "base", Family::StableDiffusionXL), ("refiner", "refiner", Family::StableDiffusionXLRefiner)]
+    {
+        let file = SingleFile::open(single_file(name)).unwrap();
+        assert_eq!(file.family(), family);
+        let components = [Component::Unet, Component::Vae, Component::TextEncoder, Component::TextEncoder2];
+        for component in components.into_iter().filter(|&c| file.recognised().has(c)) {
+            let sub = file.recognised().folder(component);
+            let stem = if sub.starts_with("text_encoder") { "model" } else { "diffusion_pytorch_model" };
+            let expected = load_tensors(&dir().join(folder).join(sub).join(format!("{stem}.safetensors")));
+            let actual = file.load(component, &Device::Cpu).unwrap();
+            let mut missing: Vec<&String> = expected.keys().filter(|k| !actual.contains_key(*k)).collect();
+            let mut extra: Vec<&String> = actual.keys().filter(|k| !expected.contains_key(*k)).collect();
+            missing.sort();
+            extra.sort();
+            assert!(missing.is_empty() && extra.is_empty(), "{name} {sub}: missing {missing:?}, extra {extra:?}");
+            for (key, tensor) in &expected {
+                assert_eq!(actual[key].dims(), tensor.dims(), "{name} {sub}: {key} shape");
+                assert_close(&actual[key], tensor, 0.0, &format!("{name} {sub}: {key}"));
+            }
+        }
+    }
+}
+
+/// From the tensors alone (no config folder), every value the shapes show is the folder's; the
+/// rest is SDXL's (heads of 64 channels, 32 norm groups...).
+#[test]
+fn single_file_configs_from_shapes() {
+    const CLIP_KEYS: &[&str] =
+        &["vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings", "hidden_act"];
+    let keys: [(Component, Vec<&str>); 4] = [
+        (
+            Component::Unet,
+            vec![
+                "in_channels",
+                "out_channels",
+                "block_out_channels",
+                "layers_per_block",
+                "down_block_types",
+                "up_block_types",
+                "cross_attention_dim",
+                "transformer_layers_per_block",
+                "projection_class_embeddings_input_dim",
+                "addition_time_embed_dim",
+                "addition_embed_type",
+                "use_linear_projection",
+                "class_embed_type",
+            ],
+        ),
+        (
+            Component::Vae,
+            vec![
+                "in_channels",
+                "out_channels",
+                "latent_channels",
+                "block_out_channels",
+                "layers_per_block",
+                "scaling_factor",
+                "force_upcast",
+            ],
+        ),
+        (Component::TextEncoder, CLIP_KEYS.to_vec()),
+        (Component::TextEncoder2, [CLIP_KEYS, &["projection_dim"]].concat()),
+    ];
+    for name in ["base", "refiner"] {
+        let file = SingleFile::open(single_file(name)).unwrap();
+        for (component, keys) in &keys {
+            if !file.recognised().has(*component) {
+                continue;
+            }
+            let sub = file.recognised().folder(*component);
+            let folder: Value =
+                serde_json::from_str(&std::fs::read_to_string(dir().join(name).join(sub).join("config.json")).unwrap())
+                    .unwrap();
+            for key in keys {
+                let derived = file.config(*component).get(*key).cloned().unwrap_or(Value::Null);
+                assert_eq!(derived, folder[*key], "{name} {sub}: {key}");
+            }
+        }
+        let scheduler = file.scheduler_config(None).unwrap();
+        assert_eq!(scheduler["_class_name"], "EulerDiscreteScheduler");
+        assert_eq!(scheduler["prediction_type"], "epsilon");
+    }
+}
+
+fn shapes(name: &str) -> std::collections::BTreeMap<String, Vec<usize>> {
+    load_tensors(&single_file(name)).into_iter().map(|(k, t)| (k, t.dims().to_vec())).collect()
+}
+
+/// A malformed SDXL file is refused naming the file and the tensor, without a panic.
+#[test]
+fn malformed_single_files_are_refused() {
+    let origin = std::path::Path::new("broken.safetensors");
+    let refused = |shapes: &std::collections::BTreeMap<String, Vec<usize>>, expected: &[&str]| {
+        let message = recognise(shapes, origin).unwrap_err().to_string();
+        assert!(message.contains("broken.safetensors"), "{message}");
+        for part in expected {
+            assert!(message.contains(part), "expected {part:?} in: {message}");
+        }
+    };
+    // The base without its CLIP ViT-L.
+    let mut base = shapes("base");
+    base.retain(|k, _| !k.starts_with("conditioner.embedders.0."));
+    refused(&base, &["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"]);
+    // An added embedding whose width is not the pooled embedding and 6 time ids.
+    let mut base = shapes("base");
+    base.get_mut("model.diffusion_model.label_emb.0.0.weight").unwrap()[1] += 1;
+    refused(&base, &["model.diffusion_model.label_emb.0.0.weight", "6 time ids"]);
+    // A refiner without its added embedding.
+    let mut refiner = shapes("refiner");
+    refiner.retain(|k, _| !k.starts_with("model.diffusion_model.label_emb."));
+    refused(&refiner, &["model.diffusion_model.label_emb.0.0.weight"]);
+    // bigG's projection of the wrong shape.
+    let mut refiner = shapes("refiner");
+    refiner.get_mut("conditioner.embedders.0.model.text_projection").unwrap()[0] += 1;
+    refused(&refiner, &["conditioner.embedders.0.model.text_projection"]);
+    // One attention deeper than its level.
+    let mut base = shapes("base");
+    let extra: Vec<(String, Vec<usize>)> = base
+        .iter()
+        .filter_map(|(k, v)| {
+            let rest = k.strip_prefix("model.diffusion_model.output_blocks.0.1.transformer_blocks.0.")?;
+            Some((format!("model.diffusion_model.output_blocks.0.1.transformer_blocks.7.{rest}"), v.clone()))
+        })
+        .collect();
+    base.extend(extra);
+    refused(&base, &["model.diffusion_model.output_blocks.0.1", "8 transformer blocks"]);
+}
+
 /// diffusers/PEFT and kohya LoRAs (`unet`, `text_encoder`, `text_encoder_2`; kohya's UNet layers
 /// under SGM block names, `lora_te1_`, `lora_te2_`), fused as `fuse_lora` fuses them.
 #[test]
 fn peft_and_kohya_loras() {
-    for case in cases_with_prefix("lora_").into_iter().filter(|c| !c.ends_with("_single_file")) {
+    for case in cases_with_prefix("lora_") {
         run_case(&case);
     }
 }
@@ -247,7 +436,7 @@ fn an_sd1_lora_is_refused_on_sdxl() {
 #[test]
 fn a1111_prompt_syntax_on_sdxl() {
     use diffuse::prompts::PromptSyntax;
-    let pipeline = load("base", None, &[]);
+    let pipeline = load("base", None, None, &[]);
     let encode = |prompt: &str, syntax| {
         let options = TextToImageOptions {
             prompt: prompt.to_string(),

@@ -1,11 +1,16 @@
-//! Single-file Stable Diffusion 1.x / 2.x checkpoints (the original LDM key names) read as
-//! diffusers components: port of diffusers/loaders/single_file_utils.py
+//! Single-file Stable Diffusion 1.x / 2.x checkpoints (the original LDM key names) and SDXL
+//! base / refiner ones (Stability's SGM layout: `conditioner.embedders.N.*` text encoders, the
+//! UNet's `label_emb` as the added text-time embedding) read as diffusers components: port of
+//! diffusers/loaders/single_file_utils.py
 //! (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`,
 //! `convert_open_clip_checkpoint`, `_legacy_load_scheduler`).
 //!
 //! diffusers takes the configs of a single file from the hub repository of the model type it
 //! infers (`fetch_diffusers_config`); we start from the same configs, committed under
-//! `configs/{sd15,sd21}`, and set every value the tensor shapes show. What the weights cannot
+//! `configs/{sd15,sd21,sdxl,sdxl_refiner}`, and set every value the tensor shapes show. A
+//! checkpoint whose other values differ (a test-size model) can take its configs from a
+//! diffusers folder instead, as diffusers' `from_single_file(config=folder)` does
+//! ([`SingleFile::with_folder_configs`]). What the weights cannot
 //! show is taken from the family: SD 1.x uses 8 heads, SD 2.x heads of 64 channels; OpenCLIP's
 //! last layer is not used by SD 2.x (it reads the penultimate one), so its text encoder has one
 //! layer fewer than the file; v-prediction (SD 2.x at 768 px) is the caller's to say.
@@ -25,6 +30,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use serde_json::{json, Map, Value};
 
+use crate::loading::config::read_json_object;
 use crate::loading::mapped::MappedTensors;
 use crate::{Error, Result};
 
@@ -33,6 +39,11 @@ const UNET_PREFIX: &str = "model.diffusion_model.";
 const VAE_PREFIXES: [&str; 2] = ["first_stage_model.", "vae."];
 const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+// SDXL's text encoders (single_file_utils.py: convert_ldm_clip_checkpoint's and
+// convert_open_clip_checkpoint's SGM prefixes).
+const SDXL_CLIP_PREFIX: &str = "conditioner.embedders.0.transformer.";
+const SDXL_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.1.model.";
+const SDXL_REFINER_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.0.model.";
 
 /// Which Stable Diffusion generation a checkpoint is, by its text encoder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +52,46 @@ pub enum Family {
     StableDiffusion1,
     /// SD 2.x: OpenCLIP ViT-H/14 text encoder (`cond_stage_model.model.*`).
     StableDiffusion2,
+    /// SDXL base: CLIP ViT-L (`conditioner.embedders.0.transformer.*`) and OpenCLIP bigG with
+    /// its projection (`conditioner.embedders.1.model.*`).
+    StableDiffusionXL,
+    /// SDXL refiner: OpenCLIP bigG alone (`conditioner.embedders.0.model.*`).
+    StableDiffusionXLRefiner,
+}
+
+impl Family {
+    /// The configs diffusers falls back to for this family (its hub repository's).
+    pub fn configs(self) -> &'static FamilyConfigs {
+        match self {
+            Family::StableDiffusion1 => &SD15,
+            Family::StableDiffusion2 => &SD21,
+            Family::StableDiffusionXL => &SDXL,
+            Family::StableDiffusionXLRefiner => &SDXL_REFINER,
+        }
+    }
+
+    pub fn is_xl(self) -> bool {
+        matches!(self, Family::StableDiffusionXL | Family::StableDiffusionXLRefiner)
+    }
+
+    /// The model whose configs the family's are, for messages.
+    pub fn model_name(self) -> &'static str {
+        match self {
+            Family::StableDiffusion1 => "Stable Diffusion 1.5",
+            Family::StableDiffusion2 => "Stable Diffusion 2.1",
+            Family::StableDiffusionXL => "Stable Diffusion XL base 1.0",
+            Family::StableDiffusionXLRefiner => "Stable Diffusion XL refiner 1.0",
+        }
+    }
+
+    /// The diffusers pipeline class of the family's hub repository.
+    pub fn pipeline_class(self) -> &'static str {
+        match self {
+            Family::StableDiffusion1 | Family::StableDiffusion2 => "StableDiffusionPipeline",
+            Family::StableDiffusionXL => "StableDiffusionXLPipeline",
+            Family::StableDiffusionXLRefiner => "StableDiffusionXLImg2ImgPipeline",
+        }
+    }
 }
 
 /// The diffusers components a checkpoint holds.
@@ -48,18 +99,24 @@ pub enum Family {
 pub enum Component {
     Unet,
     Vae,
+    /// The first (for the SDXL refiner, the only) text encoder.
     TextEncoder,
+    /// SDXL base's second text encoder (OpenCLIP bigG with its projection).
+    TextEncoder2,
 }
 
 impl Component {
+    /// The components every family has.
     pub const ALL: [Component; 3] = [Component::Unet, Component::Vae, Component::TextEncoder];
 
-    /// The diffusers folder name (`unet`, `vae`, `text_encoder`).
+    /// The diffusers folder name (`unet`, `vae`, `text_encoder`, `text_encoder_2`); the SDXL
+    /// refiner's text encoder is in `text_encoder_2` ([`Recognised::folder`]).
     pub fn folder(self) -> &'static str {
         match self {
             Component::Unet => "unet",
             Component::Vae => "vae",
             Component::TextEncoder => "text_encoder",
+            Component::TextEncoder2 => "text_encoder_2",
         }
     }
 }
@@ -75,6 +132,8 @@ pub enum Transform {
         start: usize,
         len: usize,
     },
+    /// A 2-D tensor transposed (OpenCLIP's `text_projection`, applied as `x @ p`).
+    Transpose,
 }
 
 /// Where one diffusers tensor comes from.
@@ -98,6 +157,12 @@ pub struct Recognised {
     unet: (Map<String, Value>, WeightMap),
     vae: (Map<String, Value>, WeightMap),
     text_encoder: (Map<String, Value>, WeightMap),
+    /// SDXL base's second text encoder (empty for the other families).
+    text_encoder_2: (Map<String, Value>, WeightMap),
+    /// A scheduler config from a diffusers folder ([`SingleFile::with_folder_configs`]).
+    scheduler: Option<Map<String, Value>>,
+    /// The diffusers folder the configs come from, if not the family's.
+    pub config_folder: Option<PathBuf>,
     /// Tensors of the file no component uses (DDPM buffers, EMA copies, OpenCLIP's unused layer...).
     pub ignored: Vec<String>,
 }
@@ -113,47 +178,72 @@ impl Recognised {
         &self.component(component).1
     }
 
+    /// Whether the checkpoint has this component (only SDXL base has `TextEncoder2`).
+    pub fn has(&self, component: Component) -> bool {
+        component != Component::TextEncoder2 || self.family == Family::StableDiffusionXL
+    }
+
+    /// The component's folder in a diffusers pipeline of this family.
+    pub fn folder(&self, component: Component) -> &'static str {
+        match (self.family, component) {
+            (Family::StableDiffusionXLRefiner, Component::TextEncoder) => "text_encoder_2",
+            _ => component.folder(),
+        }
+    }
+
     fn component(&self, component: Component) -> &(Map<String, Value>, WeightMap) {
         match component {
             Component::Unet => &self.unet,
             Component::Vae => &self.vae,
             Component::TextEncoder => &self.text_encoder,
+            Component::TextEncoder2 => &self.text_encoder_2,
         }
     }
 
-    /// The scheduler config diffusers gives a single file: SD 1.x's PNDM or SD 2.x's DDIM
-    /// settings. `prediction_type` is not visible in the weights: by default `epsilon`, except
-    /// `v_prediction` for non-inpainting SD 2.x (the 768-px models; SD 2.x base and other
-    /// epsilon-trained SD 2 checkpoints must say `epsilon`), as `_legacy_load_scheduler` does.
+    fn component_mut(&mut self, component: Component) -> &mut (Map<String, Value>, WeightMap) {
+        match component {
+            Component::Unet => &mut self.unet,
+            Component::Vae => &mut self.vae,
+            Component::TextEncoder => &mut self.text_encoder,
+            Component::TextEncoder2 => &mut self.text_encoder_2,
+        }
+    }
+
+    /// The scheduler config diffusers gives a single file: SD 1.x's PNDM, SD 2.x's DDIM or
+    /// SDXL's Euler settings (or the config folder's). `prediction_type` is not visible in the
+    /// weights: by default `epsilon`, except `v_prediction` for non-inpainting SD 2.x (the
+    /// 768-px models; SD 2.x base and other epsilon-trained SD 2 checkpoints must say
+    /// `epsilon`), as `_legacy_load_scheduler` does.
     pub fn scheduler_config(&self, prediction_type: Option<&str>) -> Result<Map<String, Value>> {
-        let (text, default) = match self.family {
-            Family::StableDiffusion1 => (SD15_SCHEDULER, "epsilon"),
-            Family::StableDiffusion2 if self.inpainting => (SD21_SCHEDULER, "epsilon"),
-            Family::StableDiffusion2 => (SD21_SCHEDULER, "v_prediction"),
+        let default = match self.family {
+            Family::StableDiffusion2 if !self.inpainting => "v_prediction",
+            _ => "epsilon",
         };
-        let prediction_type = prediction_type.unwrap_or(default);
+        let folder_default = self.scheduler.as_ref().and_then(|c| c.get("prediction_type")?.as_str());
+        let prediction_type = prediction_type.or(folder_default).unwrap_or(default);
         if !["epsilon", "v_prediction", "sample"].contains(&prediction_type) {
             return Err(Error::invalid(format!(
                 "prediction_type `{prediction_type}` is not one of epsilon, v_prediction, sample"
             )));
         }
-        let mut config = base_config(text, "scheduler/scheduler_config.json")?;
+        let mut config = match &self.scheduler {
+            Some(config) => config.clone(),
+            None => base_config(self.family.configs().scheduler, "scheduler/scheduler_config.json")?,
+        };
         config.insert("prediction_type".into(), json!(prediction_type));
         Ok(config)
     }
 }
 
 // The configs of the hub repositories diffusers falls back to (stable-diffusion-v1-5,
-// stable-diffusion-2-1), committed with the crate.
-use crate::configs::{SD15, SD21};
-const SD15_UNET: &str = SD15.unet;
-const SD15_VAE: &str = SD15.vae;
-const SD15_TEXT_ENCODER: &str = SD15.text_encoder;
-const SD15_SCHEDULER: &str = SD15.scheduler;
-const SD21_UNET: &str = SD21.unet;
-const SD21_VAE: &str = SD21.vae;
-const SD21_TEXT_ENCODER: &str = SD21.text_encoder;
-const SD21_SCHEDULER: &str = SD21.scheduler;
+// stable-diffusion-2-1, stable-diffusion-xl-base-1.0, stable-diffusion-xl-refiner-1.0),
+// committed with the crate.
+use crate::configs::{FamilyConfigs, SD15, SD21, SDXL, SDXL_REFINER};
+
+/// A family's built-in config for one component, named `{family}/{folder}/config.json` in errors.
+fn family_config(family: Family, text: &str, folder: &str) -> Result<Map<String, Value>> {
+    base_config(text, &format!("{}/{folder}/config.json", family.configs().name))
+}
 
 fn base_config(text: &str, name: &str) -> Result<Map<String, Value>> {
     match serde_json::from_str(text) {
@@ -205,6 +295,28 @@ impl SingleFile {
         self.recognised.scheduler_config(prediction_type)
     }
 
+    /// Takes every component's config (and the scheduler's) from a diffusers pipeline folder
+    /// of this architecture rather than from the family's, as diffusers'
+    /// `from_single_file(file, config=folder)` does: for checkpoints whose heads, norm groups
+    /// or other values the weights cannot show are not the family's. The weights still come
+    /// from the file, under the names its shapes gave them.
+    pub fn with_folder_configs(mut self, folder: &Path) -> Result<Self> {
+        let mut recognised = (*self.recognised).clone();
+        let components = [Component::Unet, Component::Vae, Component::TextEncoder, Component::TextEncoder2];
+        for component in components {
+            if !recognised.has(component) {
+                continue;
+            }
+            let path = folder.join(recognised.folder(component)).join("config.json");
+            let config = read_json_object(&path)?;
+            recognised.component_mut(component).0 = config;
+        }
+        recognised.scheduler = Some(read_json_object(&folder.join("scheduler").join("scheduler_config.json"))?);
+        recognised.config_folder = Some(folder.to_path_buf());
+        self.recognised = Arc::new(recognised);
+        Ok(self)
+    }
+
     /// A `VarBuilder` over one component under its diffusers names. Each weight is read from
     /// the mapped file when asked for, so the checkpoint is never held in memory twice.
     pub fn var_builder(&self, component: Component, dtype: DType, device: &Device) -> VarBuilder<'static> {
@@ -231,6 +343,7 @@ fn load_source(tensors: &MappedTensors, source: &Source, dtype: DType, device: &
         Transform::Identity => Ok(tensor),
         Transform::ConvToLinear => tensor.reshape(source.shape.as_slice()),
         Transform::Rows { start, len } => tensor.narrow(0, start, len)?.contiguous(),
+        Transform::Transpose => tensor.t()?.contiguous(),
     }
 }
 
@@ -331,26 +444,34 @@ fn refuse_pickle(path: &Path) -> Result<()> {
 // Recognition
 // ---------------------------------------------------------------------------------------------
 
-/// Recognises an LDM-layout SD 1.x / 2.x checkpoint from its tensor names and shapes, and maps
-/// every tensor to its diffusers name. `origin` names the file in errors.
+/// Recognises an LDM-layout SD 1.x / 2.x checkpoint or an SGM-layout SDXL base / refiner one
+/// from its tensor names and shapes, and maps every tensor to its diffusers name. `origin`
+/// names the file in errors.
 pub fn recognise(shapes: &BTreeMap<String, Vec<usize>>, origin: &Path) -> Result<Recognised> {
     let file = Tensors { shapes, origin };
     let unet_conv_in = format!("{UNET_PREFIX}input_blocks.0.0.weight");
     if !shapes.contains_key(&unet_conv_in) {
         return Err(file.error(format!(
-            "no tensor matches {unet_conv_in}: not a Stable Diffusion 1.x/2.x checkpoint in the \
-             original (LDM) layout{}. Its tensors start with: {}",
+            "no tensor matches {unet_conv_in}: not a Stable Diffusion 1.x/2.x/XL checkpoint in the \
+             original (LDM/SGM) layout{}. Its tensors start with: {}",
             file.hint(),
             file.top_level_prefixes()
         )));
     }
     let mut used = BTreeSet::new();
 
-    let (family, text_encoder_config, text_encoder_weights, hidden_size) = recognise_text_encoder(&file, &mut used)?;
-    let (unet_config, unet_weights, cross_attention_dim, in_channels) = recognise_unet(&file, family, &mut used)?;
+    let (family, encoders) = recognise_text_encoders(&file, &mut used)?;
+    // SDXL concatenates both encoders' hidden states; its pooled embedding is the last one's projection.
+    let hidden_size = encoders.iter().try_fold(0usize, |sum, e| sum.checked_add(e.hidden_size));
+    let hidden_size = hidden_size.ok_or_else(|| file.error("the text encoders' widths overflow".to_string()))?;
+    let pooled_dim = encoders.last().and_then(|e| e.projection_dim);
+    let (unet_config, unet_weights, cross_attention_dim, in_channels) =
+        recognise_unet(&file, family, pooled_dim, &mut used)?;
     if cross_attention_dim != hidden_size {
+        let widths: Vec<String> = encoders.iter().map(|e| e.hidden_size.to_string()).collect();
         return Err(file.error(format!(
-            "the UNet's cross-attention takes {cross_attention_dim} channels but the text encoder gives {hidden_size}"
+            "the UNet's cross-attention takes {cross_attention_dim} channels but the text encoder(s) give {hidden_size} ({})",
+            widths.join(" + ")
         )));
     }
     let inpainting = in_channels == 9;
@@ -362,12 +483,18 @@ pub fn recognise(shapes: &BTreeMap<String, Vec<usize>>, origin: &Path) -> Result
         unet_config.insert("sample_size".into(), json!(64));
     }
     let ignored = shapes.keys().filter(|name| !used.contains(name.as_str())).cloned().collect();
+    let mut encoders = encoders.into_iter().map(|e| (e.config, e.weights));
+    let text_encoder = encoders.next().unwrap_or_default();
+    let text_encoder_2 = encoders.next().unwrap_or_default();
     Ok(Recognised {
         family,
         inpainting,
         unet: (unet_config, unet_weights),
         vae: (vae_config, vae_weights),
-        text_encoder: (text_encoder_config, text_encoder_weights),
+        text_encoder,
+        text_encoder_2,
+        scheduler: None,
+        config_folder: None,
         ignored,
     })
 }
@@ -426,9 +553,7 @@ impl Tensors<'_> {
 
     fn hint(&self) -> &'static str {
         let any = |p: &str| self.shapes.keys().any(|k| k.starts_with(p));
-        if any("conditioner.embedders.") {
-            " (it looks like SDXL, which is not supported)"
-        } else if any("down_blocks.") || any("text_model.") || any("encoder.down_blocks.") {
+        if any("down_blocks.") || any("text_model.") || any("encoder.down_blocks.") {
             " (it looks like one component of a diffusers folder: load the folder instead)"
         } else {
             ""
@@ -489,6 +614,7 @@ fn map_component(
                 Transform::Identity => shape.to_vec(),
                 Transform::ConvToLinear => shape.iter().take(2).copied().collect(),
                 Transform::Rows { len, .. } => std::iter::once(*len).chain(shape.iter().skip(1).copied()).collect(),
+                Transform::Transpose => shape.iter().rev().copied().collect(),
             };
             let source = Source { ldm_name: ldm_name.clone(), transform, shape };
             if let Some(previous) = weights.insert(name.clone(), source) {
@@ -499,7 +625,7 @@ fn map_component(
     }
     if !unplaced.is_empty() {
         return Err(file.error(format!(
-            "{} tensor(s) under {prefix} do not fit a Stable Diffusion 1.x/2.x {what}: {}",
+            "{} tensor(s) under {prefix} do not fit a Stable Diffusion {what}: {}",
             unplaced.len(),
             some_names(&unplaced)
         )));
@@ -519,33 +645,90 @@ enum Renamed {
 // Text encoders
 // ---------------------------------------------------------------------------------------------
 
-/// Family, config, weights and hidden size of the text encoder.
-fn recognise_text_encoder(
-    file: &Tensors,
-    used: &mut BTreeSet<String>,
-) -> Result<(Family, Map<String, Value>, WeightMap, usize)> {
+/// One text encoder of the file: its config, weights, width and (for a
+/// CLIPTextModelWithProjection) projection width.
+struct Encoder {
+    config: Map<String, Value>,
+    weights: WeightMap,
+    hidden_size: usize,
+    projection_dim: Option<usize>,
+}
+
+/// The family and the text encoders (in diffusers' order), by where their token embeddings are:
+/// single_file_utils.py's CHECKPOINT_KEY_NAMES look for a later layer, which a test-size model
+/// may not have.
+fn recognise_text_encoders(file: &Tensors, used: &mut BTreeSet<String>) -> Result<(Family, Vec<Encoder>)> {
+    let has = |key: String| file.shapes.contains_key(&key).then_some(key);
+    let clip = |prefix: &str| has(format!("{prefix}text_model.embeddings.token_embedding.weight"));
+    let open_clip = |prefix: &str| has(format!("{prefix}token_embedding.weight"));
+    let sdxl_second = open_clip(SDXL_OPEN_CLIP_PREFIX);
+    if clip(SDXL_CLIP_PREFIX).is_some() || sdxl_second.is_some() {
+        let family = Family::StableDiffusionXL;
+        let configs = family.configs();
+        let Some(second) = configs.text_encoder_2 else {
+            return Err(file.error("no built-in config for SDXL's second text encoder".to_string()));
+        };
+        if sdxl_second.is_none() || clip(SDXL_CLIP_PREFIX).is_none() {
+            let (found, missing) = match sdxl_second {
+                Some(_) => (
+                    format!("{SDXL_OPEN_CLIP_PREFIX}* (OpenCLIP bigG)"),
+                    format!("{SDXL_CLIP_PREFIX}text_model.embeddings.token_embedding.weight (CLIP ViT-L)"),
+                ),
+                None => (
+                    format!("{SDXL_CLIP_PREFIX}* (CLIP ViT-L)"),
+                    format!("{SDXL_OPEN_CLIP_PREFIX}token_embedding.weight (OpenCLIP bigG)"),
+                ),
+            };
+            return Err(file.error(format!(
+                "an SDXL base checkpoint has both text encoders: it has {found} but no tensor matches {missing}"
+            )));
+        }
+        let first = recognise_clip(file, used, SDXL_CLIP_PREFIX, family, configs.text_encoder)?;
+        let second = recognise_open_clip(file, used, SDXL_OPEN_CLIP_PREFIX, family, second)?;
+        return Ok((family, vec![first, second]));
+    }
+    if open_clip(SDXL_REFINER_OPEN_CLIP_PREFIX).is_some() {
+        let family = Family::StableDiffusionXLRefiner;
+        let encoder =
+            recognise_open_clip(file, used, SDXL_REFINER_OPEN_CLIP_PREFIX, family, family.configs().text_encoder)?;
+        return Ok((family, vec![encoder]));
+    }
+    if let Some((name, _)) = file.shapes.iter().find(|(k, _)| k.starts_with("conditioner.embedders.")) {
+        return Err(file.error(format!(
+            "{name}: an SGM-layout (SDXL) text encoder, but neither {SDXL_CLIP_PREFIX}text_model.* with \
+             {SDXL_OPEN_CLIP_PREFIX}* (SDXL base) nor {SDXL_REFINER_OPEN_CLIP_PREFIX}* alone (SDXL refiner)"
+        )));
+    }
     let clip_tokens = format!("{CLIP_PREFIX}text_model.embeddings.token_embedding.weight");
     let open_clip_tokens = format!("{OPEN_CLIP_PREFIX}token_embedding.weight");
     if file.shapes.contains_key(&clip_tokens) {
-        recognise_clip(file, used)
+        let family = Family::StableDiffusion1;
+        Ok((family, vec![recognise_clip(file, used, CLIP_PREFIX, family, family.configs().text_encoder)?]))
     } else if file.shapes.contains_key(&open_clip_tokens) {
-        recognise_open_clip(file, used)
+        let family = Family::StableDiffusion2;
+        Ok((family, vec![recognise_open_clip(file, used, OPEN_CLIP_PREFIX, family, family.configs().text_encoder)?]))
     } else {
-        Err(file
-            .error(format!("no text encoder: no tensor matches {clip_tokens} (SD 1.x) or {open_clip_tokens} (SD 2.x)")))
+        Err(file.error(format!(
+            "no text encoder: no tensor matches {clip_tokens} (SD 1.x), {open_clip_tokens} (SD 2.x), \
+             {SDXL_CLIP_PREFIX}text_model.embeddings.token_embedding.weight (SDXL base) or \
+             {SDXL_REFINER_OPEN_CLIP_PREFIX}token_embedding.weight (SDXL refiner)"
+        )))
     }
 }
 
-/// SD 1.x: transformers' CLIPTextModel under `cond_stage_model.transformer.`, names unchanged
-/// (convert_ldm_clip_checkpoint strips the prefix).
+/// transformers' CLIPTextModel under `prefix` (SD 1.x's `cond_stage_model.transformer.`,
+/// SDXL's `conditioner.embedders.0.transformer.`), names unchanged (convert_ldm_clip_checkpoint
+/// strips the prefix).
 fn recognise_clip(
     file: &Tensors,
     used: &mut BTreeSet<String>,
-) -> Result<(Family, Map<String, Value>, WeightMap, usize)> {
-    let p = CLIP_PREFIX;
+    p: &str,
+    family: Family,
+    config: &str,
+) -> Result<Encoder> {
     let tokens = format!("{p}text_model.embeddings.token_embedding.weight");
     let hidden_size = file.dim(&tokens, 1)?;
-    let mut config = base_config(SD15_TEXT_ENCODER, "sd15/text_encoder/config.json")?;
+    let mut config = family_config(family, config, "text_encoder")?;
     config.insert("vocab_size".into(), json!(file.dim(&tokens, 0)?));
     config.insert("hidden_size".into(), json!(hidden_size));
     config.insert("num_attention_heads".into(), json!(heads_of_64(hidden_size, "the CLIP text encoder", file)?));
@@ -568,26 +751,33 @@ fn recognise_clip(
             Renamed::Unknown
         }
     })?;
-    Ok((Family::StableDiffusion1, config, weights, hidden_size))
+    Ok(Encoder { config, weights, hidden_size, projection_dim: None })
 }
 
-/// SD 2.x: OpenCLIP under `cond_stage_model.model.` (convert_open_clip_checkpoint). The last
-/// transformer layer is left out: SD 2.x conditions on the penultimate layer's output.
+/// OpenCLIP under `p` (convert_open_clip_checkpoint): SD 2.x's ViT-H, whose last transformer
+/// layer is left out (SD 2.x conditions on the penultimate layer's output), or SDXL's bigG,
+/// every layer kept and with its `text_projection` (stored as `x @ p`: transposed for
+/// CLIPTextModelWithProjection's linear layer).
 fn recognise_open_clip(
     file: &Tensors,
     used: &mut BTreeSet<String>,
-) -> Result<(Family, Map<String, Value>, WeightMap, usize)> {
-    let p = OPEN_CLIP_PREFIX;
+    p: &str,
+    family: Family,
+    config: &str,
+) -> Result<Encoder> {
+    let xl = family.is_xl();
     let tokens = format!("{p}token_embedding.weight");
     let hidden_size = file.dim(&tokens, 1)?;
     let layers_in_file = file.count(&format!("{p}transformer.resblocks."));
-    if layers_in_file < 2 {
+    let layers = if xl { layers_in_file } else { layers_in_file.saturating_sub(1) };
+    if layers == 0 {
         return Err(file.error(format!(
-            "the OpenCLIP text encoder has {layers_in_file} layers under {p}transformer.resblocks.; SD 2.x uses all but the last, so it needs at least 2"
+            "the OpenCLIP text encoder has {layers_in_file} layers under {p}transformer.resblocks.{}",
+            if xl { "" } else { "; SD 2.x uses all but the last, so it needs at least 2" }
         )));
     }
-    let layers = layers_in_file - 1;
-    let mut config = base_config(SD21_TEXT_ENCODER, "sd21/text_encoder/config.json")?;
+    let folder = if family == Family::StableDiffusionXL { "text_encoder_2" } else { "text_encoder" };
+    let mut config = family_config(family, config, folder)?;
     config.insert("vocab_size".into(), json!(file.dim(&tokens, 0)?));
     config.insert("hidden_size".into(), json!(hidden_size));
     config.insert("num_attention_heads".into(), json!(heads_of_64(hidden_size, "the OpenCLIP text encoder", file)?));
@@ -597,6 +787,23 @@ fn recognise_open_clip(
         "intermediate_size".into(),
         json!(file.dim(&format!("{p}transformer.resblocks.0.mlp.c_fc.weight"), 0)?),
     );
+    let projection_dim = if xl {
+        let name = format!("{p}text_projection");
+        let shape = file.shape(&name)?;
+        match shape {
+            [rows, columns] if *rows == hidden_size => Some(*columns),
+            _ => {
+                return Err(file.error(format!(
+                    "{name} has shape {shape:?}, expected [{hidden_size}, projection_dim] (hidden_size {hidden_size} from {tokens})"
+                )))
+            }
+        }
+    } else {
+        None
+    };
+    if let Some(projection_dim) = projection_dim {
+        config.insert("projection_dim".into(), json!(projection_dim));
+    }
 
     let mut bad_in_proj = None;
     let weights = map_component(file, p, "OpenCLIP text encoder", used, |rest, shape| {
@@ -606,6 +813,10 @@ fn recognise_open_clip(
             "positional_embedding" => return to("embeddings.position_embedding.weight"),
             "ln_final.weight" => return to("final_layer_norm.weight"),
             "ln_final.bias" => return to("final_layer_norm.bias"),
+            // single_file_utils.py: convert_open_clip_checkpoint transposes `text_projection`.
+            "text_projection" if xl => {
+                return Renamed::Transformed(vec![("text_projection.weight".to_string(), Transform::Transpose)])
+            }
             // CLIP's contrastive head and OpenCLIP's causal mask buffer: not part of CLIPTextModel.
             "text_projection" | "logit_scale" | "attn_mask" => return Renamed::Skip,
             _ => {}
@@ -622,7 +833,9 @@ fn recognise_open_clip(
             Some(("ln_2", param)) => format!("layer_norm2.{param}"),
             Some(("mlp", "c_fc.weight" | "c_fc.bias")) => tail.replace("c_fc", "fc1"),
             Some(("mlp", "c_proj.weight" | "c_proj.bias")) => tail.replace("c_proj", "fc2"),
-            Some(("attn", "out_proj.weight" | "out_proj.bias")) => format!("self_attn.{}", &tail[5..]),
+            Some(("attn", "out_proj.weight" | "out_proj.bias")) => {
+                format!("self_attn.{}", &tail[5..])
+            }
             Some(("attn", fused @ ("in_proj_weight" | "in_proj_bias"))) => {
                 // Fused [q; k; v] rows, each `hidden_size` long.
                 if shape.first() != Some(&(3 * hidden_size)) {
@@ -648,7 +861,7 @@ fn recognise_open_clip(
     if let Some(message) = bad_in_proj {
         return Err(file.error(message));
     }
-    Ok((Family::StableDiffusion2, config, weights?, hidden_size))
+    Ok(Encoder { config, weights: weights?, hidden_size, projection_dim })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -668,10 +881,12 @@ fn unet_resnet(tail: &str) -> Option<String> {
     RENAMES.iter().find_map(|(ldm, diffusers)| tail.strip_prefix(ldm).map(|param| format!("{diffusers}{param}")))
 }
 
-/// Config, weights, cross-attention width and input channels of the UNet.
+/// Config, weights, cross-attention width and input channels of the UNet. `pooled_dim` is the
+/// width of SDXL's pooled text embedding (the last text encoder's projection).
 fn recognise_unet(
     file: &Tensors,
     family: Family,
+    pooled_dim: Option<usize>,
     used: &mut BTreeSet<String>,
 ) -> Result<(Map<String, Value>, WeightMap, usize, usize)> {
     let p = UNET_PREFIX;
@@ -691,7 +906,7 @@ fn recognise_unet(
     if output_blocks == 0 || !output_blocks.is_multiple_of(levels) || per_level < 2 || input_blocks != output_blocks {
         return Err(file.error(format!(
             "the UNet's {input_blocks} input blocks, {output_blocks} output blocks and {} downsamplers \
-             (input_blocks.N.0.op) do not make the levels of an SD 1.x/2.x UNet",
+             (input_blocks.N.0.op) do not make the levels of a Stable Diffusion UNet",
             downsamplers.len()
         )));
     }
@@ -719,17 +934,21 @@ fn recognise_unet(
     }
     let to_k = name("middle_block.1.transformer_blocks.0.attn2.to_k.weight");
     let cross_attention_dim = file.dim(&to_k, 1)?;
-    // SD 2.x projects into the transformer with a linear layer, SD 1.x with a 1x1 conv.
+    // SD 2.x and SDXL project into the transformer with a linear layer, SD 1.x with a 1x1 conv.
     let use_linear_projection = file.shape(&name("middle_block.1.proj_in.weight"))?.len() == 2;
-    if let Some(deeper) = file.shapes.keys().find(|k| k.starts_with(p) && k.contains(".transformer_blocks.1.")) {
-        return Err(file.error(format!("{deeper}: more than one transformer block per attention is not SD 1.x/2.x")));
+    if !family.is_xl() {
+        if let Some(deeper) = file.shapes.keys().find(|k| k.starts_with(p) && k.contains(".transformer_blocks.1.")) {
+            return Err(
+                file.error(format!("{deeper}: more than one transformer block per attention is not SD 1.x/2.x"))
+            );
+        }
     }
 
-    let (text, origin) = match family {
-        Family::StableDiffusion1 => (SD15_UNET, "sd15/unet/config.json"),
-        Family::StableDiffusion2 => (SD21_UNET, "sd21/unet/config.json"),
-    };
-    let mut config = base_config(text, origin)?;
+    let mut config = family_config(family, family.configs().unet, "unet")?;
+    if family.is_xl() {
+        let transformer_layers = transformer_depths(file, &config, levels, per_level, &down_block_types)?;
+        config.insert("transformer_layers_per_block".into(), transformer_layers);
+    }
     config.insert("in_channels".into(), json!(in_channels));
     config.insert("out_channels".into(), json!(file.dim(&name("out.2.weight"), 0)?));
     config.insert("block_out_channels".into(), json!(block_out_channels));
@@ -743,7 +962,7 @@ fn recognise_unet(
     // diffusers' `attention_head_dim` is the number of heads here (a historical misnomer).
     let heads = match family {
         Family::StableDiffusion1 => json!(8),
-        Family::StableDiffusion2 => {
+        Family::StableDiffusion2 | Family::StableDiffusionXL | Family::StableDiffusionXLRefiner => {
             let heads: Result<Vec<usize>> =
                 block_out_channels.iter().map(|&c| heads_of_64(c, "a UNet level", file)).collect();
             json!(heads?)
@@ -754,7 +973,11 @@ fn recognise_unet(
     if file.shapes.contains_key(&name("label_emb.weight")) {
         config.insert("num_class_embeds".into(), json!(file.dim(&name("label_emb.weight"), 0)?));
     }
-    if file.shapes.contains_key(&name("label_emb.0.0.weight")) {
+    if family.is_xl() {
+        let (input_dim, time_embed_dim) = added_embedding_dims(file, family, pooled_dim)?;
+        config.insert("projection_class_embeddings_input_dim".into(), json!(input_dim));
+        config.insert("addition_time_embed_dim".into(), json!(time_embed_dim));
+    } else if file.shapes.contains_key(&name("label_emb.0.0.weight")) {
         config.insert("class_embed_type".into(), json!("projection"));
         config
             .insert("projection_class_embeddings_input_dim".into(), json!(file.dim(&name("label_emb.0.0.weight"), 1)?));
@@ -766,7 +989,7 @@ fn recognise_unet(
         config.insert("time_cond_proj_dim".into(), json!(file.dim(&cond_proj, 1)?));
     }
 
-    let weights = map_component(file, p, "UNet", used, |rest, _| match unet_name(rest, per_level) {
+    let weights = map_component(file, p, "UNet", used, |rest, _| match unet_name(rest, per_level, family.is_xl()) {
         Some(name) => Renamed::To(name),
         None => Renamed::Unknown,
     })?;
@@ -777,9 +1000,92 @@ fn recognise_unet(
 /// name some converters give it).
 const LCM_COND_PROJ: [&str; 2] = ["time_embedding.cond_proj.", "time_embed.cond_proj."];
 
+/// SDXL's `transformer_layers_per_block`, from how many `transformer_blocks.N` each attention
+/// holds: the family's form (a number for the refiner, a list per level for the base), a level
+/// without attention as 1 but for the last, whose value the mid block takes (diffusers builds
+/// it with `transformer_layers_per_block[-1]`; the up blocks take the list reversed). Every
+/// attention must hold its level's number.
+fn transformer_depths(
+    file: &Tensors,
+    family_config: &Map<String, Value>,
+    levels: usize,
+    per_level: usize,
+    down_block_types: &[&str],
+) -> Result<Value> {
+    let p = UNET_PREFIX;
+    let depth = |block: &str| file.count(&format!("{p}{block}.1.transformer_blocks."));
+    let mid = depth("middle_block");
+    let attention = |level: usize| down_block_types.get(level).is_some_and(|t| t.starts_with("CrossAttn"));
+    let down: Vec<Option<usize>> = (0..levels)
+        .map(|level| attention(level).then(|| depth(&format!("input_blocks.{}", 1 + level * per_level))))
+        .collect();
+    let list: Vec<usize> =
+        down.iter().enumerate().map(|(level, d)| d.unwrap_or(if level + 1 == levels { mid } else { 1 })).collect();
+    let expect = |block: String, expected: usize| -> Result<()> {
+        let found = depth(&block);
+        if found != 0 && found != expected {
+            return Err(file.error(format!(
+                "{p}{block}.1 has {found} transformer blocks where its level has {expected} \
+                 (diffusers' transformer_layers_per_block gives each level one number, the mid block the last level's)"
+            )));
+        }
+        Ok(())
+    };
+    expect("middle_block".to_string(), list[levels - 1])?;
+    for level in 0..levels {
+        for layer in 0..per_level - 1 {
+            expect(format!("input_blocks.{}", 1 + level * per_level + layer), list[level])?;
+        }
+        // Output level `level` mirrors input level `levels - 1 - level`.
+        for layer in 0..per_level {
+            expect(format!("output_blocks.{}", level * per_level + layer), list[levels - 1 - level])?;
+        }
+    }
+    let uniform = down.iter().flatten().all(|&d| d == mid);
+    let family_number = family_config.get("transformer_layers_per_block").is_some_and(Value::is_u64);
+    Ok(if uniform && family_number { json!(mid) } else { json!(list) })
+}
+
+/// SDXL's added text-time embedding (`label_emb.0.0` = add_embedding.linear_1): its input width
+/// (projection_class_embeddings_input_dim) is the pooled text embedding and 6 time ids (the
+/// refiner: 5, the aesthetic score for the target size) of `addition_time_embed_dim` each.
+fn added_embedding_dims(file: &Tensors, family: Family, pooled_dim: Option<usize>) -> Result<(usize, usize)> {
+    let linear_1 = format!("{UNET_PREFIX}label_emb.0.0.weight");
+    let input_dim = file.dim(&linear_1, 1)?;
+    let Some(pooled_dim) = pooled_dim else {
+        return Err(file.error(format!("{linear_1}: an SDXL UNet needs a text encoder with a text_projection")));
+    };
+    let ids = if family == Family::StableDiffusionXLRefiner { 5 } else { 6 };
+    match input_dim.checked_sub(pooled_dim) {
+        Some(time_width) if time_width > 0 && time_width % ids == 0 => Ok((input_dim, time_width / ids)),
+        _ => Err(file.error(format!(
+            "{linear_1} takes {input_dim} inputs, which is not the pooled text embedding ({pooled_dim}, the \
+             text_projection's width) and {ids} time ids of one width{}",
+            if family == Family::StableDiffusionXLRefiner {
+                " (an SDXL refiner: 5 ids, with the aesthetic score)"
+            } else {
+                " (an SDXL base: 6 ids)"
+            }
+        ))),
+    }
+}
+
 /// The diffusers name of one UNet tensor (`rest` without the prefix), as convert_ldm_unet_checkpoint
-/// places it; `per_level` is layers_per_block + 1.
-fn unet_name(rest: &str, per_level: usize) -> Option<String> {
+/// places it; `per_level` is layers_per_block + 1. SDXL's `label_emb.0` is its added text-time
+/// embedding, other models' a class embedding.
+fn unet_name(rest: &str, per_level: usize, xl: bool) -> Option<String> {
+    if xl {
+        // single_file_utils.py: convert_ldm_unet_checkpoint maps label_emb.0.{0,2} to add_embedding.linear_{1,2}.
+        if let Some(param) = rest.strip_prefix("label_emb.0.0.") {
+            return Some(format!("add_embedding.linear_1.{param}"));
+        }
+        if let Some(param) = rest.strip_prefix("label_emb.0.2.") {
+            return Some(format!("add_embedding.linear_2.{param}"));
+        }
+        if rest.starts_with("label_emb.") {
+            return None;
+        }
+    }
     const TOP: [(&str, &str); 9] = [
         (LCM_COND_PROJ[0], "time_embedding.cond_proj."),
         (LCM_COND_PROJ[1], "time_embedding.cond_proj."),
@@ -868,11 +1174,7 @@ fn recognise_vae(
     let block_out_channels: Result<Vec<usize>> =
         (0..levels).map(|i| file.dim(&name(&format!("encoder.down.{i}.block.0.conv1.weight")), 0)).collect();
 
-    let (text, origin) = match family {
-        Family::StableDiffusion1 => (SD15_VAE, "sd15/vae/config.json"),
-        Family::StableDiffusion2 => (SD21_VAE, "sd21/vae/config.json"),
-    };
-    let mut config = base_config(text, origin)?;
+    let mut config = family_config(family, family.configs().vae, "vae")?;
     config.insert("in_channels".into(), json!(file.dim(&name("encoder.conv_in.weight"), 1)?));
     config.insert("out_channels".into(), json!(file.dim(&name("decoder.conv_out.weight"), 0)?));
     config.insert("latent_channels".into(), json!(file.dim(&name("decoder.conv_in.weight"), 1)?));

@@ -197,11 +197,12 @@ pub fn is_stable_diffusion_folder(model_dir: &Path) -> bool {
 
 /// The pipeline class a folder's `model_index.json` names (`StableDiffusionPipeline`,
 /// `LatentConsistencyModelPipeline`, ...), if it has a readable one; for a single-file
-/// checkpoint, the class its tensors make it (an LCM-distilled UNet: LatentConsistencyModelPipeline).
+/// checkpoint, the class its tensors make it (an LCM-distilled SD UNet:
+/// LatentConsistencyModelPipeline; SDXL: StableDiffusionXLPipeline, the refiner
+/// StableDiffusionXLImg2ImgPipeline).
 pub fn pipeline_class_name(model_dir: &Path) -> Option<String> {
     if model_dir.is_file() {
-        let file = SingleFile::open(model_dir).ok()?;
-        return Some(if is_lcm_single_file(&file) { "LatentConsistencyModelPipeline" } else { "StableDiffusionPipeline" }.to_string());
+        return Some(single_file_pipeline_class(&SingleFile::open(model_dir).ok()?).to_string());
     }
     let index = read_json_object(&model_dir.join("model_index.json")).ok()?;
     index.get("_class_name")?.as_str().map(str::to_string)
@@ -209,7 +210,19 @@ pub fn pipeline_class_name(model_dir: &Path) -> Option<String> {
 
 /// Whether a single file's UNet is LCM-distilled (it has `time_embedding.cond_proj`).
 fn is_lcm_single_file(file: &SingleFile) -> bool {
-    file.config(Component::Unet).contains_key("time_cond_proj_dim")
+    file.config(Component::Unet).get("time_cond_proj_dim").is_some_and(|v| !v.is_null())
+}
+
+/// The pipeline class a single file runs as: its family's, but LatentConsistencyModelPipeline
+/// for an LCM-distilled SD 1.x/2.x UNet (an LCM SDXL UNet stays in the SDXL pipeline, with the
+/// LCM scheduler).
+fn single_file_pipeline_class(file: &SingleFile) -> &'static str {
+    match file.family() {
+        Family::StableDiffusion1 | Family::StableDiffusion2 if is_lcm_single_file(file) => {
+            "LatentConsistencyModelPipeline"
+        }
+        family => family.pipeline_class(),
+    }
 }
 
 /// The scheduler a single file's pipeline samples with: `scheduler_name` (or, by default, the
@@ -384,9 +397,29 @@ impl StableDiffusionPipeline {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        let file = SingleFile::open(path)?;
+        Self::from_single_file(file, prediction_type, scheduler_name, scheduler_overrides, loras, device, dtype)
+    }
+
+    /// The pipeline of an opened single file (its configs the family's, or a folder's:
+    /// [`SingleFile::with_folder_configs`]), with the family's built-in tokenizers (CLIP-L's
+    /// padding with `<|endoftext|>`, OpenCLIP's with `!`) and its diffusers pipeline class; for
+    /// SDXL, `force_zeros_for_empty_prompt` and `requires_aesthetics_score` as the family's hub
+    /// model_index.json (or the config folder's) registers them, which `from_single_file` reads.
+    pub fn from_single_file(
+        file: SingleFile,
+        prediction_type: Option<&str>,
+        scheduler_name: Option<&str>,
+        scheduler_overrides: &[(String, Value)],
+        loras: &[LoraSpec],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let dtype = ops::weight_dtype(dtype, device);
         let loras = LoraSet::open(loras)?;
-        let file = SingleFile::open(path)?;
+        let path = file.path().to_path_buf();
+        let path = path.as_path();
+        let family = file.family();
         // Each model: its derived config (errors name it as the file's `unet`, ...), and its weights.
         fn model<C: serde::de::DeserializeOwned>(
             file: &SingleFile,
@@ -394,14 +427,27 @@ impl StableDiffusionPipeline {
             dtype: DType,
             device: &Device,
         ) -> Result<(C, VarBuilder<'static>, PathBuf)> {
-            let config = parse_config(file.config(component), &file.path().join(component.folder()))?;
+            let folder = file.recognised().folder(component);
+            let origin = match &file.recognised().config_folder {
+                Some(config_folder) => config_folder.join(folder).join("config.json"),
+                None => file.path().join(folder),
+            };
+            let config = parse_config(file.config(component), &origin)?;
             Ok((config, file.var_builder(component, dtype, device), file.path().to_path_buf()))
         }
-        let lcm = is_lcm_single_file(&file);
+        let class = single_file_pipeline_class(&file);
+        let text_encoder_2 = match file.recognised().has(Component::TextEncoder2) {
+            // OpenCLIP bigG: the SD 2.x tokenizer (padding with `!`), as SDXL's tokenizer_2.
+            true => Some((
+                builtin_clip_tokenizer(Family::StableDiffusion2)?,
+                model(&file, Component::TextEncoder2, dtype, device)?,
+            )),
+            false => None,
+        };
         let components = Components {
-            tokenizer: builtin_clip_tokenizer(file.family())?,
+            tokenizer: builtin_clip_tokenizer(family)?,
             text_encoder: model(&file, Component::TextEncoder, dtype, device)?,
-            text_encoder_2: None,
+            text_encoder_2,
             unet: model(&file, Component::Unet, dtype, device)?,
             vae: {
                 let (config, weights, file) = model::<AutoencoderKLConfig>(&file, Component::Vae, dtype, device)?;
@@ -410,26 +456,39 @@ impl StableDiffusionPipeline {
             scheduler: single_file_scheduler(&file, prediction_type, scheduler_name, scheduler_overrides)?,
         };
         // A config the models refuse can only be one whose shapes were read from the file and
-        // whose other values are the family's: say so, about the file.
-        let mut pipeline = Self::from_components(components.with_loras(&loras)?, path, device, dtype).map_err(|e| match e {
-            Error::Config { message, .. } | Error::InvalidInput(message) => Error::weights(
-                path,
-                format!(
-                    "the models worked out from this checkpoint cannot be built (its configs are those of \
-                     {} but for what the tensor shapes show): {message}",
-                    match file.family() {
-                        Family::StableDiffusion1 => "Stable Diffusion 1.5",
-                        Family::StableDiffusion2 => "Stable Diffusion 2.1",
-                    }
+        // whose other values are the family's (or the config folder's): say so, about the file.
+        let configs = match &file.recognised().config_folder {
+            Some(folder) => format!("its configs are those of {}", folder.display()),
+            None => format!("its configs are those of {} but for what the tensor shapes show", family.model_name()),
+        };
+        let mut pipeline =
+            Self::from_components(components.with_loras(&loras)?, path, device, dtype).map_err(|e| match e {
+                Error::Config { message, .. } | Error::InvalidInput(message) => Error::weights(
+                    path,
+                    format!("the models worked out from this checkpoint cannot be built ({configs}): {message}"),
                 ),
-            ),
-            other => other,
-        })?;
+                other => other,
+            })?;
         pipeline.loras = loras.finish()?;
-        if lcm {
-            pipeline.pipeline_class = "LatentConsistencyModelPipeline".to_string();
+        pipeline.pipeline_class = class.to_string();
+        // The SDXL pipelines' registered config, as the family's hub model_index.json (or the
+        // config folder's) has it: from_single_file reads it from the config repository.
+        if family.is_xl() {
+            let index =
+                file.recognised().config_folder.as_ref().map(|f| f.join("model_index.json")).unwrap_or_default();
+            let refiner = family == Family::StableDiffusionXLRefiner;
+            pipeline.set_xl_flags(&index, (!refiner, refiner));
         }
         Ok(pipeline)
+    }
+
+    /// Sets `force_zeros_for_empty_prompt` and `requires_aesthetics_score` from a
+    /// `model_index.json`, each `default` where it does not say.
+    fn set_xl_flags(&mut self, model_index: &Path, default: (bool, bool)) {
+        let index = read_json_object(model_index).unwrap_or_default();
+        let flag = |key: &str, default: bool| index.get(key).and_then(Value::as_bool).unwrap_or(default);
+        self.force_zeros_for_empty_prompt = flag("force_zeros_for_empty_prompt", default.0);
+        self.requires_aesthetics_score = flag("requires_aesthetics_score", default.1);
     }
 
     /// Builds the models from their configs and weights and checks that they fit together;
@@ -520,10 +579,7 @@ impl StableDiffusionPipeline {
     /// false); other pipelines have none.
     pub fn apply_model_index(&mut self, model_dir: &Path) {
         if self.is_xl() {
-            let index = read_json_object(&model_dir.join("model_index.json")).unwrap_or_default();
-            let flag = |key: &str, default: bool| index.get(key).and_then(Value::as_bool).unwrap_or(default);
-            self.force_zeros_for_empty_prompt = flag("force_zeros_for_empty_prompt", true);
-            self.requires_aesthetics_score = flag("requires_aesthetics_score", false);
+            self.set_xl_flags(&model_dir.join("model_index.json"), (true, false));
         }
     }
 

@@ -28,11 +28,18 @@ const SD15_SPECIAL_TOKENS_MAP: &str = include_str!("../../configs/sd15/tokenizer
 const SD21_TOKENIZER_CONFIG: &str = include_str!("../../configs/sd21/tokenizer/tokenizer_config.json");
 const SD21_SPECIAL_TOKENS_MAP: &str = include_str!("../../configs/sd21/tokenizer/special_tokens_map.json");
 
-/// The tokenizer a family's hub repository has (stable-diffusion-v1-5, stable-diffusion-2-1).
+/// The tokenizer of a family's (first) text encoder as its hub repository has it
+/// (stable-diffusion-v1-5, stable-diffusion-2-1; SDXL base's `tokenizer/` is SD 1.5's, padding
+/// with `<|endoftext|>`, and the refiner's `tokenizer_2/`, like the base's, SD 2.1's, padding
+/// with `!`).
 pub fn builtin_clip_tokenizer(family: Family) -> Result<ClipTokenizer> {
     let (name, config, special_tokens_map) = match family {
-        Family::StableDiffusion1 => ("sd15", SD15_TOKENIZER_CONFIG, SD15_SPECIAL_TOKENS_MAP),
-        Family::StableDiffusion2 => ("sd21", SD21_TOKENIZER_CONFIG, SD21_SPECIAL_TOKENS_MAP),
+        Family::StableDiffusion1 | Family::StableDiffusionXL => {
+            ("sd15", SD15_TOKENIZER_CONFIG, SD15_SPECIAL_TOKENS_MAP)
+        }
+        Family::StableDiffusion2 | Family::StableDiffusionXLRefiner => {
+            ("sd21", SD21_TOKENIZER_CONFIG, SD21_SPECIAL_TOKENS_MAP)
+        }
     };
     let origin = Path::new("<built-in>").join(name).join("tokenizer");
     let merges_text = builtin_merges_text()?;
