@@ -939,3 +939,48 @@ mod hf_hub_download {
         assert!(error.contains("downloading it failed") && error.contains("404"), "{error}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// SDXL from the cache
+
+/// Every file under `dir` (symlinks followed), as paths relative to it.
+fn files_under(dir: &Path, prefix: &str, out: &mut Vec<(String, Vec<u8>)>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = format!("{prefix}{}", path.file_name().unwrap().to_str().unwrap());
+        if path.is_dir() {
+            files_under(&path, &format!("{name}/"), out);
+        } else {
+            out.push((name, std::fs::read(&path).unwrap()));
+        }
+    }
+}
+
+/// An SDXL base as a repo in the cache (the fixture's files as blobs): resolved by repo id
+/// offline, it loads as an SDXL pipeline with both text encoders; and diffusers' selection of
+/// files to download takes the second encoder and tokenizer with the rest.
+#[test]
+fn an_sdxl_repo_in_the_cache_loads_with_both_text_encoders() {
+    let dir = TempDir::new("sdxl");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sdxl/base");
+    let mut files = Vec::new();
+    files_under(&fixture, "", &mut files);
+    for (name, data) in &files {
+        put_file(&dir.0, "org/sdxl", C0, name, data);
+    }
+    put_ref(&dir.0, "org/sdxl", "main", C0);
+    let path = resolve_model_with("org/sdxl", None, None, &offline_env(&dir.0), None).unwrap();
+    assert_eq!(path, snapshot(&dir.0, "org/sdxl", C0));
+    let pipeline =
+        diffuse::pipelines::stable_diffusion::StableDiffusionPipeline::load(&path, None, &[], None, &candle_core::Device::Cpu, candle_core::DType::F32)
+            .unwrap();
+    assert!(pipeline.is_xl() && pipeline.text_encoder_2.is_some() && pipeline.force_zeros_for_empty_prompt);
+    assert_eq!(pipeline.pipeline_class, "StableDiffusionXLPipeline");
+
+    let index: Map<String, Value> = serde_json::from_slice(&std::fs::read(fixture.join("model_index.json")).unwrap()).unwrap();
+    let names: Vec<&str> = files.iter().map(|(name, _)| name.as_str()).collect();
+    let selected = pipeline_files("org/sdxl", &index, &names.iter().map(|n| n.to_string()).collect::<Vec<_>>(), None).unwrap();
+    for needed in ["text_encoder_2/model.safetensors", "text_encoder_2/config.json", "tokenizer_2/vocab.json", "tokenizer_2/merges.txt"] {
+        assert!(selected.iter().any(|s| s == needed), "{needed} not in {selected:?}");
+    }
+}
