@@ -160,15 +160,7 @@ fn run_case(case: &str) {
 }
 
 fn cases_with_prefix(prefix: &str) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir().join("cases"))
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter_map(|f| f.strip_suffix(".json").map(str::to_string))
-        .filter(|n| n.starts_with(prefix))
-        .collect();
-    names.sort();
-    assert!(!names.is_empty(), "no cases start with {prefix}");
-    names
+    case_names(&dir().join("cases"), prefix)
 }
 
 /// encode_prompt's four outputs, the time ids, and one UNet pass on a fixed input.

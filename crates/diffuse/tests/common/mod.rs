@@ -10,6 +10,20 @@ pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
 }
 
+/// The names of the cases in `cases_dir` (their `.json` files' stems) that start with
+/// `prefix`, sorted; there must be one at least.
+pub fn case_names(cases_dir: &Path, prefix: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(cases_dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", cases_dir.display()))
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|f| f.strip_suffix(".json").map(str::to_string))
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    names.sort();
+    assert!(!names.is_empty(), "no cases start with {prefix} in {}", cases_dir.display());
+    names
+}
+
 pub fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
