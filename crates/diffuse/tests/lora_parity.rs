@@ -15,13 +15,10 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use diffuse::lora::{lora_hash, LoraFile, LoraSpec};
 use diffuse::pipelines::stable_diffusion::{PhaseTimes, StableDiffusionPipeline, TextToImageOptions};
-use diffuse::pipelines::to_uint8_images;
 use diffuse::prompts::PromptSyntax;
 use diffuse::rng::TorchGenerator;
 use serde_json::Value;
 
-const MIN_PSNR_DB: f64 = 40.0;
-const FLOAT_TOLERANCE: f64 = 2e-3;
 
 fn lora_dir() -> PathBuf {
     fixtures_dir().join("lora")
@@ -88,17 +85,8 @@ fn generate(pipeline: &mut StableDiffusionPipeline, meta: &Value, syntax: Prompt
     pipeline.generate(&options, &mut generator, &mut |_, _| {}, &mut |_| {}, &mut PhaseTimes::default()).unwrap()
 }
 
-fn psnr_of(images: &Tensor, expected: &HashMap<String, Tensor>) -> f64 {
-    let actual: Vec<u8> = to_uint8_images(images).unwrap().into_iter().flat_map(|(_, _, _, p)| p).collect();
-    psnr_u8(&actual, &expected["images"].flatten_all().unwrap().to_vec1::<u8>().unwrap())
-}
-
 fn check(images: &Tensor, expected: &HashMap<String, Tensor>, what: &str) {
-    // diffusers' float output is (x / 2 + 0.5).clamp(0, 1), laid out [N, H, W, C].
-    let float = ((images.clone() / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap().permute((0, 2, 3, 1)).unwrap();
-    assert_close(&float, &expected["images_float"], FLOAT_TOLERANCE, &format!("{what}: float images"));
-    let psnr = psnr_of(images, expected);
-    assert!(psnr >= MIN_PSNR_DB, "{what}: PSNR {psnr:.1} dB < {MIN_PSNR_DB} dB");
+    assert_images_match(images, expected, what);
 }
 
 /// Runs a case with its own LoRAs, then with each `same_as` file in place of the first LoRA.
@@ -119,7 +107,7 @@ fn run_case(name: &str) -> Vec<StableDiffusionPipeline> {
         check(&images, &expected, &what);
         // The image must be the LoRA's, not the base model's.
         if !loras.is_empty() && meta.get("model").is_none() {
-            let psnr = psnr_of(&images, &case("base").1);
+            let psnr = images_psnr(&images, &case("base").1);
             assert!(psnr < 30.0, "{what}: the image is the base model's ({psnr:.1} dB)");
         }
         pipelines.push(pipeline);

@@ -14,8 +14,6 @@ use diffuse::pipelines::stable_diffusion::{PhaseTimes, StableDiffusionPipeline, 
 use diffuse::pipelines::to_uint8_images;
 use diffuse::rng::TorchGenerator;
 
-const MIN_PSNR_DB: f64 = 40.0;
-const FLOAT_TOLERANCE: f64 = 2e-3;
 
 fn run_case(case: &str) {
     let dir = fixtures_dir().join("sd");
@@ -62,14 +60,7 @@ fn run_case(case: &str) {
     if case.contains("long_prompt") {
         assert!(warnings.iter().any(|w| w.contains("truncated")), "{case}: expected a truncation warning");
     }
-    // diffusers' float output is (x / 2 + 0.5).clamp(0, 1), laid out [N, H, W, C].
-    let float = ((images.clone() / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap().permute((0, 2, 3, 1)).unwrap();
-    assert_close(&float, &expected["images_float"], FLOAT_TOLERANCE, &format!("{case}: float images"));
-    let bytes = to_uint8_images(&images).unwrap();
-    let actual: Vec<u8> = bytes.iter().flat_map(|(_, _, _, p)| p.iter().copied()).collect();
-    let reference = expected["images"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
-    let psnr = psnr_u8(&actual, &reference);
-    assert!(psnr >= MIN_PSNR_DB, "{case}: PSNR {psnr:.1} dB < {MIN_PSNR_DB} dB");
+    assert_images_match(&images, &expected, case);
 }
 
 fn cases_with_prefix(prefix: &str) -> Vec<String> {

@@ -63,6 +63,28 @@ pub fn assert_close(actual: &Tensor, expected: &Tensor, tolerance: f64, what: &s
     assert!(err <= tolerance, "{what}: relative error {err:.3e} > {tolerance:.1e}");
 }
 
+/// The project's bar for whole pipelines against diffusers: PSNR on the 8-bit images.
+pub const MIN_PSNR_DB: f64 = 40.0;
+/// ... and the float images' agreement (several UNet, VAE and text-encoder passes in f32).
+pub const FLOAT_TOLERANCE: f64 = 2e-3;
+
+/// A pipeline's images `[N, 3, H, W]` in about [-1, 1] against a case's `images` (diffusers'
+/// uint8 output, `[N, H, W, 3]`) and `images_float` (its float output, (x / 2 + 0.5).clamp(0,
+/// 1)): PSNR ≥ [`MIN_PSNR_DB`] and floats within [`FLOAT_TOLERANCE`]. Returns the PSNR.
+pub fn assert_images_match(images: &Tensor, expected: &HashMap<String, Tensor>, what: &str) -> f64 {
+    let psnr = images_psnr(images, expected);
+    assert!(psnr >= MIN_PSNR_DB, "{what}: PSNR {psnr:.1} dB < {MIN_PSNR_DB} dB");
+    let float = ((images.clone() / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap().permute((0, 2, 3, 1)).unwrap();
+    assert_close(&float, &expected["images_float"], FLOAT_TOLERANCE, &format!("{what}: float images"));
+    psnr
+}
+
+/// The PSNR of a pipeline's images against a case's uint8 `images`.
+pub fn images_psnr(images: &Tensor, expected: &HashMap<String, Tensor>) -> f64 {
+    let actual: Vec<u8> = diffuse::pipelines::to_uint8_images(images).unwrap().into_iter().flat_map(|(_, _, _, p)| p).collect();
+    psnr_u8(&actual, &expected["images"].flatten_all().unwrap().to_vec1::<u8>().unwrap())
+}
+
 /// PSNR in dB between two 8-bit images given as bytes.
 pub fn psnr_u8(a: &[u8], b: &[u8]) -> f64 {
     assert_eq!(a.len(), b.len());
