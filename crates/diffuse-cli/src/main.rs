@@ -62,6 +62,16 @@ struct Cli {
 static DEVICE: std::sync::OnceLock<candle_core::Device> = std::sync::OnceLock::new();
 
 /// The device every subcommand runs its models on.
+/// A library error whose mentions of the library's own arguments (`` `steps` ``) are replaced
+/// by the flags that set them (`--steps`), so that the message names what the user typed.
+pub(crate) fn name_flags(error: anyhow::Error, flags: &[(&str, &str)]) -> anyhow::Error {
+    let mut message = format!("{error:#}");
+    for (name, flag) in flags {
+        message = message.replace(name, flag);
+    }
+    anyhow::anyhow!(message)
+}
+
 pub(crate) fn device() -> candle_core::Device {
     DEVICE.get().cloned().unwrap_or(candle_core::Device::Cpu)
 }

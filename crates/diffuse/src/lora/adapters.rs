@@ -54,10 +54,10 @@ impl AdapterConfig {
 
     pub fn validate(&self) -> Result<()> {
         if self.rank == 0 {
-            bail!("--lora-rank must be at least 1");
+            bail!("`rank` must be at least 1");
         }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
-            bail!("--lora-alpha must be a finite number above 0, got {}", self.alpha);
+            bail!("`alpha` must be a finite number above 0, got {}", self.alpha);
         }
         if self.target_modules.is_empty() {
             bail!("no LoRA target modules");
@@ -257,7 +257,7 @@ pub fn check_adapted(adapters: &Adapters, target: Target, config: &AdapterConfig
     let count = adapters.count(target);
     if count == 0 {
         return Err(Error::invalid(format!(
-            "--lora-targets {}: no linear or convolution layer of the {} has such a name (e.g. to_q, to_k, to_v, to_out.0, \
+            "`target_modules` {}: no linear or convolution layer of the {} has such a name (e.g. to_q, to_k, to_v, to_out.0, \
              conv1 in the UNet, q_proj, k_proj, v_proj, out_proj in the text encoder)",
             config.target_modules.join(","),
             target.label()

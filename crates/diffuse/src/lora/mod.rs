@@ -68,9 +68,9 @@ impl LoraSpec {
         }
         let Some((file, weight)) = arg.rsplit_once(':') else { return Ok(LoraSpec::new(arg, 1.0)) };
         if file.is_empty() {
-            return Err(Error::invalid(format!("--lora {arg}: no file before the weight")));
+            return Err(Error::invalid(format!("`{arg}`: no file before the weight")));
         }
-        let weight = parse_weight(weight).map_err(|why| Error::invalid(format!("--lora {arg}: the weight `{weight}` {why}")))?;
+        let weight = parse_weight(weight).map_err(|why| Error::invalid(format!("`{arg}`: the weight `{weight}` {why}")))?;
         Ok(LoraSpec::new(file, weight))
     }
 
@@ -99,7 +99,7 @@ impl LoraSpec {
         if tag.positional.len() > 3 || tag.named.contains_key("dyn") {
             return Err(bad("dyn_dim (rank truncation) is not supported by diffuse".into()));
         }
-        let dir = lora_dir.ok_or_else(|| bad("LoRAs named in the prompt are looked up in --lora-dir, which is not given".into()))?;
+        let dir = lora_dir.ok_or_else(|| bad("LoRAs named in the prompt are looked up in `lora_dir`, which is not given".into()))?;
         let path = path_in_dir(dir, name).map_err(|e| bad(e.to_string()))?;
         if !path.is_file() {
             return Err(bad(format!("{} does not exist", path.display())));

@@ -77,7 +77,7 @@ pub struct AutoencoderTrainingConfig {
 /// The AutoencoderKL config for training from a preset or a file, with the data's channels and
 /// size filled in (a stated value that contradicts the data is refused, naming the key).
 pub fn resolve_vae_config(model_config: &str, channels: usize, size: usize) -> Result<(Map<String, Value>, AutoencoderKLConfig)> {
-    let (mut map, origin) = preset_or_file(model_config, PRESETS, "--model-config")?;
+    let (mut map, origin) = preset_or_file(model_config, PRESETS, "`model_config`")?;
     require_key(&mut map, &origin, "in_channels", json!(channels), "the data")?;
     require_key(&mut map, &origin, "out_channels", json!(channels), "the data")?;
     require_key(&mut map, &origin, "sample_size", json!(size), "the data")?;
@@ -104,7 +104,7 @@ pub struct AutoencoderTask {
 impl AutoencoderTask {
     pub fn new(config: AutoencoderTrainingConfig, reference_images: Tensor, init_seed: u64, device: &Device) -> Result<Self> {
         if !(config.kl_weight.is_finite() && config.kl_weight >= 0.0) {
-            bail!("--kl-weight must be a finite number ≥ 0, got {}", config.kl_weight);
+            bail!("`kl_weight` must be a finite number ≥ 0, got {}", config.kl_weight);
         }
         let varmap = VarMap::new();
         let vae = AutoencoderKL::new(VarBuilder::from_varmap(&varmap, DType::F32, device), &config.vae)?;

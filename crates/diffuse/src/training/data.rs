@@ -566,13 +566,13 @@ fn fit_size(image: RawImage, spec: &ImageSpec, name: &str) -> Result<RawImage> {
     }
     match spec.fit {
         ImageFit::Exact => bail!(
-            "{name}: the image is {}×{}, the model takes {width}×{height} (use --image-fit pad or resize to convert)",
+            "{name}: the image is {}×{}, the model takes {width}×{height} (use `ImageFit::Pad` or `ImageFit::Resize` to convert)",
             image.width,
             image.height
         ),
         ImageFit::Pad => {
             if image.width > width || image.height > height {
-                bail!("{name}: the image is {}×{}, larger than the model's {width}×{height}, so it cannot be padded (use --image-fit resize)", image.width, image.height);
+                bail!("{name}: the image is {}×{}, larger than the model's {width}×{height}, so it cannot be padded (use `ImageFit::Resize`)", image.width, image.height);
             }
             let (left, top) = ((width - image.width) / 2, (height - image.height) / 2);
             let c = image.channels;

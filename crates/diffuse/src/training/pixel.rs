@@ -141,7 +141,7 @@ pub struct UNetRequest {
 /// `sample_size` and `num_class_embeds` where the config does not state them, and a stated
 /// value that contradicts them is refused naming the key.
 pub fn resolve_unet_config(model_config: &str, request: &UNetRequest) -> Result<UNet2DModelConfig> {
-    let (mut map, origin) = preset_or_file(model_config, PRESETS, "--model-config")?;
+    let (mut map, origin) = preset_or_file(model_config, PRESETS, "`model_config`")?;
     let refuse = |key: &str, stated: &Value, wanted: &Value, why: &str| -> Error {
         Error::invalid(format!("{origin}: `{key}` is {stated}, but {why} needs {wanted}"))
     };
@@ -164,10 +164,10 @@ pub fn resolve_unet_config(model_config: &str, request: &UNetRequest) -> Result<
     let num_class_embeds = request.num_classes.map(|n| n + usize::from(request.class_dropout > 0.0));
     match (stated(&map, "num_class_embeds"), num_class_embeds) {
         (Some(value), Some(wanted)) if value != json!(wanted) => {
-            return Err(refuse("num_class_embeds", &value, &json!(wanted), "class-conditional training on this data (its classes, plus a null class with --class-dropout)"));
+            return Err(refuse("num_class_embeds", &value, &json!(wanted), "class-conditional training on this data (its classes, plus a null class with `class_dropout`)"));
         }
         (Some(value), None) => {
-            bail!("{origin}: `num_class_embeds` is {value}: the model is class-conditional; pass --class-conditional (and data with labels)")
+            bail!("{origin}: `num_class_embeds` is {value}: the model is class-conditional; set `num_classes` (and use data with labels)")
         }
         (_, wanted) => {
             map.insert("num_class_embeds".into(), json!(wanted));
@@ -194,7 +194,7 @@ fn check_trainable(config: &UNet2DModelConfig) -> Result<()> {
     let factor = 1usize << config.down_block_types.len().saturating_sub(1);
     if height == 0 || width == 0 || !height.is_multiple_of(factor) || !width.is_multiple_of(factor) {
         bail!(
-            "`sample_size` {height}×{width} must be a multiple of {factor} for {} resolution levels (pad the data with --resolution and --image-fit pad)",
+            "`sample_size` {height}×{width} must be a multiple of {factor} for {} resolution levels (pad the data to such a size with `ImageFit::Pad`)",
             config.down_block_types.len()
         );
     }
@@ -298,10 +298,10 @@ impl PixelTask {
             bail!("the UNet's out_channels is {}, the objective needs {expected_out}", config.unet.out_channels);
         }
         if !(0.0..1.0).contains(&config.class_dropout) {
-            bail!("--class-dropout must be in [0, 1), got {}", config.class_dropout);
+            bail!("`class_dropout` must be in [0, 1), got {}", config.class_dropout);
         }
         if config.class_dropout > 0.0 && config.num_classes.is_none() {
-            bail!("--class-dropout needs class-conditional training (--class-conditional)");
+            bail!("`class_dropout` needs class-conditional training (`num_classes`)");
         }
         let wanted_embeds = config.num_classes.map(|n| n + usize::from(config.class_dropout > 0.0));
         if config.unet.num_class_embeds != wanted_embeds {

@@ -155,8 +155,8 @@ impl TextEncoderSource {
 
 /// A trained text encoder's config from a preset or a file, over SD 1.5's (so that the
 /// exported config.json is complete for transformers).
-pub fn resolve_text_encoder_config(name: &str) -> Result<TextEncoderSource> {
-    let (stated, origin) = preset_or_file(name, TEXT_ENCODER_PRESETS, "--text-encoder-config")?;
+pub fn resolve_text_encoder_config(text_encoder_config: &str) -> Result<TextEncoderSource> {
+    let (stated, origin) = preset_or_file(text_encoder_config, TEXT_ENCODER_PRESETS, "`text_encoder_config`")?;
     let mut json = crate::configs::parse(crate::configs::SD15.text_encoder);
     json.extend(stated);
     let config: ClipTextConfig = parse_config(&json, Path::new(&origin))?;
@@ -214,7 +214,7 @@ pub fn resolve_unet_config(
     image_size: usize,
     cross_attention_dim: usize,
 ) -> Result<(Map<String, Value>, UNet2DConditionModelConfig)> {
-    let (mut map, origin) = preset_or_file(model_config, UNET_PRESETS, "--model-config")?;
+    let (mut map, origin) = preset_or_file(model_config, UNET_PRESETS, "`model_config`")?;
     let factor = vae.scale_factor();
     if image_size == 0 || !image_size.is_multiple_of(factor) {
         bail!("the image size {image_size} is not a multiple of the autoencoder's scale factor {factor}");
@@ -336,7 +336,7 @@ impl TextToImageTask {
     /// Loads the frozen models.
     pub fn new(config: TextToImageTrainingConfig, init_seed: u64, device: &Device) -> Result<Self> {
         if !(0.0..1.0).contains(&config.caption_dropout) {
-            bail!("--caption-dropout must be in [0, 1), got {}", config.caption_dropout);
+            bail!("`caption_dropout` must be in [0, 1), got {}", config.caption_dropout);
         }
         if config.unet.cross_attention_dim != config.text_encoder.config().hidden_size {
             bail!(
@@ -418,9 +418,9 @@ impl TextToImageTask {
         init_seed: u64,
         device: &Device,
     ) -> Result<(UNet2DConditionModel, ClipTextModel, Adapters)> {
-        let base = config.base.as_deref().ok_or_else(|| Error::invalid("LoRA training needs a base model (--base)"))?;
+        let base = config.base.as_deref().ok_or_else(|| Error::invalid("LoRA training needs a base model (`base`)"))?;
         if !(0.0..1.0).contains(&lora.dropout) {
-            bail!("--lora-dropout must be in [0, 1), got {}", lora.dropout);
+            bail!("the LoRA `dropout` must be in [0, 1), got {}", lora.dropout);
         }
         let adapters = Adapters::new(init_seed);
         let unet_files = find_weight_files(&base.join("unet"), "diffusion_pytorch_model", None)?;
@@ -495,7 +495,7 @@ impl TextToImageTask {
             let caption = match (&batch.captions, &batch.labels, &self.config.class_prompts) {
                 (Some(captions), _, _) => captions[index].clone(),
                 (None, Some(labels), Some(prompts)) => prompts.caption(labels[index] as usize, draws[1], draws[2])?,
-                (None, Some(_), None) => bail!("the data has labels but no captions: give the class names (--class-names)"),
+                (None, Some(_), None) => bail!("the data has labels but no captions: give the class names (`class_prompts`)"),
                 (None, None, _) => bail!("text-to-image training needs captions (metadata.jsonl or .txt files) or labels with class names"),
             };
             captions.push(if (draws[0] as f64) < self.config.caption_dropout { String::new() } else { caption });
