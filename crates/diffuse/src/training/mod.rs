@@ -60,6 +60,7 @@ pub trait TrainingTask {
         Ok((Value::Null, HashMap::new()))
     }
 
+    /// Restores what [`TrainingTask::state`] saved.
     fn load_state(&mut self, _state: &Value, _tensors: &HashMap<String, Tensor>) -> Result<()> {
         Ok(())
     }
@@ -75,15 +76,21 @@ pub trait TrainingTask {
 /// The loop's settings.
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
+    /// The run's folder: checkpoints, samples, the loss log and the export.
     pub output_dir: PathBuf,
     /// Optimizer steps to reach (counting those of a resumed run).
     pub steps: usize,
+    /// Examples per micro-batch.
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
+    /// The peak learning rate.
     pub learning_rate: f64,
+    /// Steps of linear warm-up from 0.
     pub warmup_steps: usize,
+    /// The learning rate after the warm-up.
     pub lr_schedule: LrSchedule,
+    /// The optimizer's hyper-parameters.
     pub adamw: AdamWConfig,
     /// Clip the global gradient norm to this.
     pub grad_clip: Option<f64>,
@@ -140,10 +147,15 @@ impl TrainConfig {
 /// What the progress callback sees after each optimizer step.
 #[derive(Debug, Clone)]
 pub struct Progress {
+    /// Optimizer steps done.
     pub step: usize,
+    /// The step the run ends at.
     pub total_steps: usize,
+    /// This step's loss (mean over its micro-batches).
     pub loss: f32,
+    /// The learning rate this step used.
     pub learning_rate: f64,
+    /// The global gradient norm before clipping.
     pub grad_norm: f32,
     /// Optimizer steps per second in this run so far.
     pub steps_per_second: f64,
@@ -157,6 +169,7 @@ pub type OnProgress<'a> = dyn FnMut(&Progress) -> ControlFlow<()> + 'a;
 
 /// Callbacks and the file writer the loop uses; the defaults do nothing and write to disk.
 pub struct Hooks<'a> {
+    /// After each optimizer step.
     pub on_progress: Box<OnProgress<'a>>,
     /// Notices: checkpoints and sample grids written, resuming, and the like.
     pub on_message: Box<dyn FnMut(&str) + 'a>,

@@ -56,9 +56,13 @@ pub const PRESETS: &[(&str, &str, &str)] = &[
 /// The training noise schedule, as `DDPMScheduler`'s config keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NoiseSchedule {
+    /// Timesteps of the schedule. Default: 1000.
     pub num_train_timesteps: usize,
+    /// `linear`, `scaled_linear` or `squaredcos_cap_v2`. Default: `linear`.
     pub beta_schedule: String,
+    /// The first beta. Default: 0.0001.
     pub beta_start: f64,
+    /// The last beta. Default: 0.02.
     pub beta_end: f64,
 }
 
@@ -72,12 +76,14 @@ impl Default for NoiseSchedule {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TimestepSampling {
+    /// Every timestep equally often (diffusers' training scripts).
     Uniform,
     /// improved-diffusion's `loss-second-moment` sampler.
     LossAware,
 }
 
 impl TimestepSampling {
+    /// Parses `uniform` or `loss-aware` (also `loss-second-moment`).
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "uniform" => Ok(Self::Uniform),
@@ -92,9 +98,11 @@ impl TimestepSampling {
 pub struct SampleSettings {
     /// Images per grid (unconditional), or per class row (class-conditional, at most 10 rows).
     pub count: usize,
+    /// Inference steps per grid.
     pub steps: usize,
     /// A `diffuse schedulers` name.
     pub scheduler: String,
+    /// Seeds the grids' noise, the same at every write.
     pub seed: u64,
 }
 
@@ -107,17 +115,24 @@ impl Default for SampleSettings {
 /// Everything the pixel-space kind needs besides the loop's settings.
 #[derive(Debug, Clone)]
 pub struct PixelTrainingConfig {
+    /// The UNet's architecture.
     pub unet: UNet2DModelConfig,
+    /// The training noise schedule.
     pub noise: NoiseSchedule,
+    /// What the UNet predicts.
     pub prediction_type: PredictionType,
+    /// The loss.
     pub loss: LossKind,
+    /// How timesteps are drawn.
     pub timestep_sampling: TimestepSampling,
+    /// Min-SNR weighting with this gamma; `None` weighs timesteps equally.
     pub snr_gamma: Option<f64>,
     /// Class-conditional training: the number of classes (labels 0..n).
     pub num_classes: Option<usize>,
     /// The probability of replacing a label by the null class `num_classes` (which the UNet
     /// then has an embedding for), for classifier-free guidance.
     pub class_dropout: f64,
+    /// The sample grids.
     pub sampling: SampleSettings,
 }
 
@@ -126,11 +141,13 @@ pub struct PixelTrainingConfig {
 pub struct UNetRequest {
     /// The data's channels (1 gray, 3 colour) and size (height, width).
     pub data_channels: usize,
+    /// The data's (height, width).
     pub data_size: (usize, usize),
     /// `--resolution`: a square sample size that overrides the data's.
     pub resolution: Option<usize>,
     /// Class-conditional with this many classes.
     pub num_classes: Option<usize>,
+    /// The label-dropout probability, which adds a null class.
     pub class_dropout: f64,
     /// The hybrid loss: the UNet predicts a variance too.
     pub learned_variance: bool,
@@ -322,14 +339,17 @@ impl PixelTask {
         Ok(Self { config, parameters, unet, objective, scheduler_config, device: device.clone(), _varmap: varmap })
     }
 
+    /// The task's settings.
     pub fn config(&self) -> &PixelTrainingConfig {
         &self.config
     }
 
+    /// The UNet being trained.
     pub fn unet(&self) -> &UNet2DModel {
         &self.unet
     }
 
+    /// The objective the loss comes from.
     pub fn objective(&self) -> &DiffusionObjective {
         &self.objective
     }

@@ -100,7 +100,9 @@ pub fn with_article(name: &str) -> String {
 /// synonyms drawn as often) and the templates they are put into.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClassPrompts {
+    /// Per class, its names; the first is the main one.
     pub names: Vec<Vec<String>>,
+    /// Caption templates: `{a}` is the name with its article, `{}` the bare name.
     pub templates: Vec<String>,
 }
 
@@ -141,11 +143,24 @@ impl ClassPrompts {
 /// The text encoder: trained with the UNet, or loaded from a folder and frozen.
 #[derive(Debug, Clone)]
 pub enum TextEncoderSource {
-    Train { json: Map<String, Value>, config: ClipTextConfig },
-    Frozen { dir: PathBuf, config: ClipTextConfig },
+    /// A fresh `CLIPTextModel` trained with the UNet.
+    Train {
+        /// Its config as transformers keys (what is exported).
+        json: Map<String, Value>,
+        /// The parsed `json`.
+        config: ClipTextConfig,
+    },
+    /// A trained `CLIPTextModel` loaded from `dir` and kept frozen.
+    Frozen {
+        /// The folder with `config.json` and `model.safetensors`.
+        dir: PathBuf,
+        /// Its config.
+        config: ClipTextConfig,
+    },
 }
 
 impl TextEncoderSource {
+    /// The text encoder's architecture.
     pub fn config(&self) -> &ClipTextConfig {
         match self {
             Self::Train { config, .. } | Self::Frozen { config, .. } => config,
@@ -177,12 +192,16 @@ pub fn frozen_text_encoder(dir: &Path) -> Result<TextEncoderSource> {
 /// `diffusion_pytorch_model.safetensors` (or a pipeline folder's `vae/`).
 #[derive(Debug, Clone)]
 pub struct FrozenVae {
+    /// The folder with `config.json` and the weights.
     pub dir: PathBuf,
+    /// The config as diffusers keys.
     pub json: Map<String, Value>,
+    /// The parsed config.
     pub config: AutoencoderKLConfig,
 }
 
 impl FrozenVae {
+    /// Reads the autoencoder's config from `dir` (or `dir/vae`).
     pub fn open(dir: &Path) -> Result<Self> {
         let dir = if !dir.join("config.json").is_file() && dir.join("vae/config.json").is_file() { dir.join("vae") } else { dir.to_path_buf() };
         let path = dir.join("config.json");
@@ -242,28 +261,40 @@ pub struct TextSampleSettings {
     pub prompts: Vec<String>,
     /// Images per prompt.
     pub count: usize,
+    /// Inference steps per grid.
     pub steps: usize,
+    /// The guidance scale of classifier-free guidance.
     pub guidance_scale: f64,
     /// A `diffuse schedulers` name.
     pub scheduler: String,
+    /// Seeds the grids' noise, the same at every write.
     pub seed: u64,
 }
 
 /// Everything the text-to-image kind needs besides the loop's settings.
 #[derive(Debug, Clone)]
 pub struct TextToImageTrainingConfig {
+    /// The UNet's config as diffusers keys (what is exported).
     pub unet_json: Map<String, Value>,
+    /// The parsed `unet_json`.
     pub unet: UNet2DConditionModelConfig,
+    /// The text encoder, trained or frozen.
     pub text_encoder: TextEncoderSource,
+    /// The frozen autoencoder the latents come from.
     pub vae: FrozenVae,
+    /// The training noise schedule.
     pub noise: NoiseSchedule,
+    /// What the UNet predicts.
     pub prediction_type: PredictionType,
+    /// How timesteps are drawn.
     pub timestep_sampling: TimestepSampling,
+    /// Min-SNR weighting with this gamma; `None` weighs timesteps equally.
     pub snr_gamma: Option<f64>,
     /// The probability of training on the empty prompt instead of the caption.
     pub caption_dropout: f64,
     /// Captions for labelled data without captions.
     pub class_prompts: Option<ClassPrompts>,
+    /// The sample grids.
     pub sampling: TextSampleSettings,
     /// The weights' type in the exported pipeline.
     pub export_dtype: DType,
@@ -278,6 +309,7 @@ pub struct TextToImageTrainingConfig {
 /// What LoRA training adapts, and how the result is written.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraTraining {
+    /// Adapters on the UNet.
     pub unet: AdapterConfig,
     /// Adapters on the (frozen) text encoder too.
     pub text_encoder: Option<AdapterConfig>,
