@@ -48,10 +48,12 @@ pub struct AdapterConfig {
 }
 
 impl AdapterConfig {
+    /// A config with these target module names.
     pub fn new(rank: usize, alpha: f64, target_modules: &[&str]) -> Self {
         Self { rank, alpha, target_modules: target_modules.iter().map(|t| t.to_string()).collect() }
     }
 
+    /// Errors on a rank of 0, a non-positive or non-finite alpha, or no target modules.
     pub fn validate(&self) -> Result<()> {
         if self.rank == 0 {
             bail!("`rank` must be at least 1");
@@ -80,12 +82,14 @@ impl AdapterConfig {
 /// A layer that got an adapter.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdaptedLayer {
+    /// The model the layer is in.
     pub target: Target,
     /// The module path as diffusers names it in LoRA files (the text encoder's without
     /// `text_model.`, as transformers 5 and diffusers' `save_lora_weights` write it).
     pub module: String,
     /// The input side: `in`, or `in · k · k` for a convolution.
     pub in_features: usize,
+    /// The output side: the layer's output features (channels for a convolution).
     pub out_features: usize,
 }
 

@@ -37,11 +37,14 @@ use crate::{Error, Result};
 /// component), AUTOMATIC1111's `<lora:name:te_multiplier:unet_multiplier>`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraSpec {
+    /// The LoRA file (`.safetensors`).
     pub path: PathBuf,
     /// The name the LoRA goes by in metadata (AUTOMATIC1111's `Lora hashes`): the prompt tag's
     /// name, else the file's stem.
     pub name: String,
+    /// The multiplier on the UNet's layers.
     pub unet_weight: f64,
+    /// The multiplier on the text encoders' layers.
     pub text_encoder_weight: f64,
 }
 
@@ -53,6 +56,7 @@ impl LoraSpec {
         LoraSpec { path, name, unet_weight: weight, text_encoder_weight: weight }
     }
 
+    /// The multiplier for `target`'s layers.
     pub fn weight(&self, target: Target) -> f64 {
         match target {
             Target::Unet => self.unet_weight,
