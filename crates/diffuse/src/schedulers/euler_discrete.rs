@@ -34,9 +34,9 @@ pub struct EulerDiscreteSchedulerConfig {
     pub prediction_type: String,
     /// `linear` (interpolate sigma at the spaced timesteps) or `log_linear`.
     pub interpolation_type: String,
-    /// Karras et al. 2022 sigmas (rho = 7) in place of the training ones. Default: `Some(false)`.
+    /// Karras et al. 2022 sigmas (rho = 7) in place of the training ones. Default: `false`.
     pub use_karras_sigmas: Option<bool>,
-    /// Sigmas evenly spaced in log sigma. Default: `Some(false)`.
+    /// Sigmas evenly spaced in log sigma. Default: `false`.
     pub use_exponential_sigmas: Option<bool>,
     /// Sigmas at the quantiles of Beta(0.6, 0.6) (Lee et al. 2024); refused here.
     pub use_beta_sigmas: Option<bool>,

@@ -33,9 +33,9 @@ pub struct HeunDiscreteSchedulerConfig {
     /// What the model predicts: `epsilon` (the noise), `sample` (x0) or `v_prediction`. Default:
     /// `epsilon`.
     pub prediction_type: String,
-    /// Karras et al. 2022 sigmas (rho = 7) in place of the training ones. Default: `Some(false)`.
+    /// Karras et al. 2022 sigmas (rho = 7) in place of the training ones. Default: `false`.
     pub use_karras_sigmas: Option<bool>,
-    /// Sigmas evenly spaced in log sigma. Default: `Some(false)`.
+    /// Sigmas evenly spaced in log sigma. Default: `false`.
     pub use_exponential_sigmas: Option<bool>,
     /// Sigmas at the quantiles of Beta(0.6, 0.6) (Lee et al. 2024); refused here.
     pub use_beta_sigmas: Option<bool>,

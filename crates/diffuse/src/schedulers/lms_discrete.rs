@@ -34,9 +34,9 @@ pub struct LMSDiscreteSchedulerConfig {
     pub beta_schedule: String,
     /// Betas given outright, in place of the schedule. Default: none.
     pub trained_betas: Option<Vec<f64>>,
-    /// Karras et al. 2022 sigmas (rho = 7) in place of the training ones. Default: `Some(false)`.
+    /// Karras et al. 2022 sigmas (rho = 7) in place of the training ones. Default: `false`.
     pub use_karras_sigmas: Option<bool>,
-    /// Sigmas evenly spaced in log sigma. Default: `Some(false)`.
+    /// Sigmas evenly spaced in log sigma. Default: `false`.
     pub use_exponential_sigmas: Option<bool>,
     /// Sigmas at the quantiles of Beta(0.6, 0.6) (Lee et al. 2024); refused here.
     pub use_beta_sigmas: Option<bool>,
