@@ -72,6 +72,17 @@ pub(crate) fn name_flags(error: anyhow::Error, flags: &[(&str, &str)]) -> anyhow
     anyhow::anyhow!(message)
 }
 
+/// [`name_flags`] for an error that must stay a [`diffuse::Error`] of its kind (`serve` answers
+/// an invalid input differently from a failure).
+pub(crate) fn name_flags_in(error: diffuse::Error, flags: &[(&str, &str)]) -> diffuse::Error {
+    match error {
+        diffuse::Error::InvalidInput(message) => {
+            diffuse::Error::InvalidInput(flags.iter().fold(message, |message, (name, flag)| message.replace(name, flag)))
+        }
+        other => other,
+    }
+}
+
 pub(crate) fn device() -> candle_core::Device {
     DEVICE.get().cloned().unwrap_or(candle_core::Device::Cpu)
 }

@@ -49,7 +49,7 @@ pub(crate) fn resolve(args: &GenerateArgs, warn: &mut dyn FnMut(String)) -> Resu
     }
     for tag in &tags {
         if tag.is_lora() {
-            specs.push(LoraSpec::from_tag(tag, args.lora_dir.as_deref()).map_err(|e| crate::name_flags(e.into(), &[("`lora_dir`", "--lora-dir")]))?);
+            specs.push(LoraSpec::from_tag(tag, args.lora_dir.as_deref()).map_err(|e| crate::name_flags_in(e, &[("`lora_dir`", "--lora-dir")]))?);
         } else {
             warn(format!("the prompt's {} is cut out and ignored: diffuse applies LoRAs only", tag.text));
         }
