@@ -61,7 +61,6 @@ struct Cli {
 /// The device `--device` named (set once, before the subcommand runs).
 static DEVICE: std::sync::OnceLock<candle_core::Device> = std::sync::OnceLock::new();
 
-/// The device every subcommand runs its models on.
 /// A library error whose mentions of the library's own arguments (`` `steps` ``) are replaced
 /// by the flags that set them (`--steps`), so that the message names what the user typed.
 pub(crate) fn name_flags(error: anyhow::Error, flags: &[(&str, &str)]) -> anyhow::Error {
@@ -83,6 +82,7 @@ pub(crate) fn name_flags_in(error: diffuse::Error, flags: &[(&str, &str)]) -> di
     }
 }
 
+/// The device every subcommand runs its models on.
 pub(crate) fn device() -> candle_core::Device {
     DEVICE.get().cloned().unwrap_or(candle_core::Device::Cpu)
 }
