@@ -6,7 +6,7 @@
 //! - [`keys`]: what each key of a file names, and the names writers use ([`keys::kohya_name`],
 //!   [`keys::peft_key`]). Layers are matched by their flat name (`.` -> `_`), the form kohya
 //!   names them in, so one rule serves every format and reverses for saving.
-//! - [`file`]: one file read and checked (pairs, ranks, alphas, adapter configs, scales).
+//! - [`file`](mod@file): one file read and checked (pairs, ranks, alphas, adapter configs, scales).
 //! - [`fuse`]: [`LoraSet`], a `VarBuilder` wrapper that adds each LoRA's delta to a weight when
 //!   the model reads it, and the report of what was applied.
 //!

@@ -1,6 +1,6 @@
 // Port of diffusers/schedulers/scheduling_dpmsolver_multistep.py (diffusers 0.42.1).
-//! Multistep DPM-Solver (Lu et al. 2022, https://arxiv.org/abs/2206.00927) and DPM-Solver++
-//! (Lu et al. 2022, https://arxiv.org/abs/2211.01095), ODE and SDE variants, orders 1 to 3.
+//! Multistep DPM-Solver (Lu et al. 2022, <https://arxiv.org/abs/2206.00927>) and DPM-Solver++
+//! (Lu et al. 2022, <https://arxiv.org/abs/2211.01095>), ODE and SDE variants, orders 1 to 3.
 //!
 //! DPM-Solver++ integrates the data prediction x0(x_t); DPM-Solver the noise prediction. Each
 //! step converts the model output to that quantity, keeps the last `solver_order` of them and

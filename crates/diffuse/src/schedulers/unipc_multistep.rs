@@ -1,5 +1,5 @@
 // Port of diffusers/schedulers/scheduling_unipc_multistep.py (diffusers 0.42.1).
-//! UniPC (Zhao et al. 2023, https://arxiv.org/abs/2302.04867): a multistep predictor (UniP)
+//! UniPC (Zhao et al. 2023, <https://arxiv.org/abs/2302.04867>): a multistep predictor (UniP)
 //! and corrector (UniC) sharing one model evaluation per step, with the B(h) variants bh1/bh2.
 //!
 //! Each step first corrects the sample the previous predictor produced, using the model
