@@ -61,6 +61,27 @@ struct Cli {
 /// The device `--device` named (set once, before the subcommand runs).
 static DEVICE: std::sync::OnceLock<candle_core::Device> = std::sync::OnceLock::new();
 
+/// A library error whose mentions of the library's own arguments (`` `steps` ``) are replaced
+/// by the flags that set them (`--steps`), so that the message names what the user typed.
+pub(crate) fn name_flags(error: anyhow::Error, flags: &[(&str, &str)]) -> anyhow::Error {
+    let mut message = format!("{error:#}");
+    for (name, flag) in flags {
+        message = message.replace(name, flag);
+    }
+    anyhow::anyhow!(message)
+}
+
+/// [`name_flags`] for an error that must stay a [`diffuse::Error`] of its kind (`serve` answers
+/// an invalid input differently from a failure).
+pub(crate) fn name_flags_in(error: diffuse::Error, flags: &[(&str, &str)]) -> diffuse::Error {
+    match error {
+        diffuse::Error::InvalidInput(message) => {
+            diffuse::Error::InvalidInput(flags.iter().fold(message, |message, (name, flag)| message.replace(name, flag)))
+        }
+        other => other,
+    }
+}
+
 /// The device every subcommand runs its models on.
 pub(crate) fn device() -> candle_core::Device {
     DEVICE.get().cloned().unwrap_or(candle_core::Device::Cpu)

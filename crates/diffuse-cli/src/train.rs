@@ -628,7 +628,41 @@ fn build_task(args: &TrainArgs, dataset: &mut dyn Dataset, device: &Device) -> R
     }
 }
 
+/// The library's names, in its error messages, for the settings these flags set; longer
+/// phrases first.
+const FLAGS: &[(&str, &str)] = &[
+    ("`steps`", "--steps"),
+    ("`batch_size`", "--batch-size"),
+    ("`grad_accum`", "--grad-accum"),
+    ("`grad_clip`", "--grad-clip"),
+    ("`sample_every`", "--sample-every"),
+    ("`resume`", "--resume"),
+    ("`output_dir`", "--output"),
+    ("drop the `ema` config", "drop the EMA options"),
+    ("has no `ema` config", "has none (--ema-decay 0?)"),
+    ("`model_config`", "--model-config"),
+    ("`text_encoder_config`", "--text-encoder-config"),
+    ("`caption_dropout`", "--caption-dropout"),
+    ("(`base`)", "(--base)"),
+    ("the LoRA `dropout`", "--lora-dropout"),
+    ("(`class_prompts`)", "(--class-names)"),
+    ("`kl_weight`", "--kl-weight"),
+    ("`class_dropout`", "--class-dropout"),
+    ("set `num_classes` (and use data", "pass --class-conditional (and data"),
+    ("(`num_classes`)", "(--class-conditional)"),
+    ("`ImageFit::Pad` or `ImageFit::Resize`", "--image-fit pad or resize"),
+    ("`ImageFit::Resize`", "--image-fit resize"),
+    ("to such a size with `ImageFit::Pad`", "with --resolution and --image-fit pad"),
+    ("`rank`", "--lora-rank"),
+    ("`alpha`", "--lora-alpha"),
+    ("`target_modules`", "--lora-targets"),
+];
+
 pub fn run(args: TrainArgs) -> Result<()> {
+    run_training(args).map_err(|e| crate::name_flags(e, FLAGS))
+}
+
+fn run_training(args: TrainArgs) -> Result<()> {
     let device = crate::device();
     let lr_schedule = LrSchedule::parse(&args.lr_schedule)?;
     let ema = (args.ema_decay > 0.0).then_some(EmaConfig {

@@ -9,16 +9,21 @@ use crate::{Error, Result};
 
 /// A family's `config.json` texts.
 pub struct FamilyConfigs {
+    /// The family's short name (`sd15`, `sd21`, `sdxl`, `sdxl-refiner`).
     pub name: &'static str,
+    /// The UNet's `config.json`.
     pub unet: &'static str,
+    /// The VAE's `config.json`.
     pub vae: &'static str,
     /// The first text encoder (the SDXL refiner's only one, OpenCLIP bigG, is this).
     pub text_encoder: &'static str,
     /// SDXL base's second text encoder (OpenCLIP bigG with its projection).
     pub text_encoder_2: Option<&'static str>,
+    /// The scheduler's `scheduler_config.json`.
     pub scheduler: &'static str,
 }
 
+/// Stable Diffusion 1.5 (`stable-diffusion-v1-5`).
 pub const SD15: FamilyConfigs = FamilyConfigs {
     name: "sd15",
     unet: include_str!("../configs/sd15/unet/config.json"),
@@ -28,6 +33,7 @@ pub const SD15: FamilyConfigs = FamilyConfigs {
     scheduler: include_str!("../configs/sd15/scheduler/scheduler_config.json"),
 };
 
+/// Stable Diffusion 2.1 (`stabilityai/stable-diffusion-2-1`, 768 px, v-prediction).
 pub const SD21: FamilyConfigs = FamilyConfigs {
     name: "sd21",
     unet: include_str!("../configs/sd21/unet/config.json"),
@@ -37,6 +43,7 @@ pub const SD21: FamilyConfigs = FamilyConfigs {
     scheduler: include_str!("../configs/sd21/scheduler/scheduler_config.json"),
 };
 
+/// Stable Diffusion XL base 1.0.
 pub const SDXL: FamilyConfigs = FamilyConfigs {
     name: "sdxl",
     unet: include_str!("../configs/sdxl/unet/config.json"),
@@ -46,6 +53,7 @@ pub const SDXL: FamilyConfigs = FamilyConfigs {
     scheduler: include_str!("../configs/sdxl/scheduler/scheduler_config.json"),
 };
 
+/// Stable Diffusion XL refiner 1.0.
 pub const SDXL_REFINER: FamilyConfigs = FamilyConfigs {
     name: "sdxl-refiner",
     unet: include_str!("../configs/sdxl_refiner/unet/config.json"),

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+/// Every error the library returns.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A tensor operation failed; shown without the backtrace candle attaches when
@@ -11,15 +12,30 @@ pub enum Error {
 
     /// (The cause is part of the message, not a `source`, so that error chains print it once.)
     #[error("{}: {cause}", path.display())]
-    Io { path: PathBuf, cause: std::io::Error },
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// What the system said.
+        cause: std::io::Error,
+    },
 
     /// A config file (or override) whose key is missing, mistyped or out of range.
     #[error("{}: {message}", path.display())]
-    Config { path: PathBuf, message: String },
+    Config {
+        /// The config file (or what stands for it, e.g. `preset tiny`).
+        path: PathBuf,
+        /// What is wrong, naming the key.
+        message: String,
+    },
 
     /// A weights file that is missing a tensor, holds one of the wrong shape, or is corrupt.
     #[error("{}: {message}", path.display())]
-    Weights { path: PathBuf, message: String },
+    Weights {
+        /// The weights file.
+        path: PathBuf,
+        /// What is wrong, naming the tensor.
+        message: String,
+    },
 
     /// A value the caller gave that cannot be used (steps 0, an unknown name, ...).
     #[error("{0}")]
@@ -43,18 +59,23 @@ pub(crate) fn first_line(e: &candle_core::Error) -> String {
     }
 }
 
+/// The library's `Result`, with [`Error`] by default.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// An [`Error::Io`] on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), cause: source }
     }
+    /// An [`Error::Config`] in `path`.
     pub fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Error::Config { path: path.into(), message: message.into() }
     }
+    /// An [`Error::Weights`] in `path`.
     pub fn weights(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Error::Weights { path: path.into(), message: message.into() }
     }
+    /// An [`Error::InvalidInput`].
     pub fn invalid(message: impl Into<String>) -> Self {
         Error::InvalidInput(message.into())
     }

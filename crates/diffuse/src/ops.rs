@@ -514,7 +514,9 @@ pub fn scaled_dot_product_attention(query: &Tensor, key: &Tensor, value: &Tensor
 /// loaded in bf16 computes its attention's products in bf16 too, as PyTorch does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
+    /// f32 products.
     F32,
+    /// Products of bf16-rounded inputs, accumulated in f32.
     Bf16,
 }
 

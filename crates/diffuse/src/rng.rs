@@ -32,6 +32,7 @@ pub struct Mt19937 {
 }
 
 impl Mt19937 {
+    /// std::mt19937 seeded with `seed`.
     pub fn new(seed: u32) -> Self {
         let mut state = Box::new([0u32; MT_N]);
         state[0] = seed;
@@ -53,6 +54,7 @@ impl Mt19937 {
         self.index = 0;
     }
 
+    /// The next 32-bit output.
     pub fn next_u32(&mut self) -> u32 {
         if self.index >= MT_N {
             self.twist();
@@ -98,10 +100,12 @@ pub struct TorchGenerator {
 }
 
 impl TorchGenerator {
+    /// `torch.Generator("cpu").manual_seed(seed)` (the MT19937 engine takes the low 32 bits).
     pub fn new(seed: u64) -> Self {
         TorchGenerator { engine: Mt19937::new(seed as u32), seed, next_double_normal: None }
     }
 
+    /// The seed it was made with.
     pub fn seed(&self) -> u64 {
         self.seed
     }
@@ -116,6 +120,7 @@ impl TorchGenerator {
         }
     }
 
+    /// Continues the stream of a [`TorchGenerator::state`] snapshot; errors on a malformed one.
     pub fn from_state(state: &TorchGeneratorState) -> Result<Self> {
         let words: Box<[u32; MT_N]> = match state.mt.clone().into_boxed_slice().try_into() {
             Ok(words) => words,

@@ -364,7 +364,7 @@ fn lora_arguments() {
     let (_, tags) = diffuse::prompts::extra_networks::parse_prompt("<lora:kohya_a:x> <lora:nowhere> <lora:kohya_a:1:dyn=4> <lora:kohya_a:te=0.3>");
     assert_contains(&LoraSpec::from_tag(&tags[0], Some(&lora_dir())).unwrap_err().to_string(), &["<lora:kohya_a:x>", "`x` is not a number"]);
     assert_contains(&LoraSpec::from_tag(&tags[1], Some(&lora_dir())).unwrap_err().to_string(), &["nowhere.safetensors does not exist"]);
-    assert_contains(&LoraSpec::from_tag(&tags[1], None).unwrap_err().to_string(), &["--lora-dir"]);
+    assert_contains(&LoraSpec::from_tag(&tags[1], None).unwrap_err().to_string(), &["`lora_dir`"]);
     assert_contains(&LoraSpec::from_tag(&tags[2], Some(&lora_dir())).unwrap_err().to_string(), &["dyn_dim"]);
     let named = LoraSpec::from_tag(&tags[3], Some(&lora_dir())).unwrap();
     assert_eq!((named.text_encoder_weight, named.unet_weight), (0.3, 0.3));

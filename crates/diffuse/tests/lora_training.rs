@@ -201,7 +201,7 @@ fn targets_match_as_peft_matches_them() {
     // A rank of 0 or a bad alpha is refused.
     assert!(Adapters::new(0).wrap(Target::Unet, &AdapterConfig::new(0, 1.0, UNET_ATTENTION), weights("unet", "diffusion_pytorch_model")).is_err());
     let error = AdapterConfig::new(4, f64::NAN, UNET_ATTENTION).validate().unwrap_err().to_string();
-    assert!(error.contains("--lora-alpha"), "{error}");
+    assert!(error.contains("`alpha`"), "{error}");
 }
 
 /// 64×64 RGB images of two kinds with captions: a bright square on the left or on the right.
@@ -365,7 +365,7 @@ fn lora_dropout_resumes_exactly() {
     assert!(header_text(&dir.join("whole").join(DIFFUSERS_FILE_NAME)).contains(r#"\"unet.lora_dropout\": 0.25"#));
     let mut bad = lora_config(false);
     bad.lora.as_mut().unwrap().dropout = 1.0;
-    assert!(TextToImageTask::new(bad, 0, &Device::Cpu).err().unwrap().to_string().contains("--lora-dropout"));
+    assert!(TextToImageTask::new(bad, 0, &Device::Cpu).err().unwrap().to_string().contains("`dropout`"));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

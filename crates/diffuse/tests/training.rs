@@ -804,9 +804,9 @@ fn resume_after_a_stop_is_exact() {
     let stopped = run(&mut new_task(), &mut pattern_loader(30, 5, true), &config(&parts), Some(7)).unwrap();
     assert!(stopped.stopped && stopped.step == 7);
     assert!(checkpoint::latest(&parts.join("checkpoints")).unwrap().unwrap().ends_with("checkpoint-0000004"));
-    // Without --resume, a folder holding a run is not overwritten.
+    // Without `resume`, a folder holding a run is not overwritten.
     let error = run(&mut new_task(), &mut pattern_loader(30, 5, true), &config(&parts), None).unwrap_err().to_string();
-    assert!(error.contains("--resume"), "{error}");
+    assert!(error.contains("`resume`"), "{error}");
     let resumed = run(&mut new_task(), &mut pattern_loader(30, 5, true), &TrainConfig { resume: true, ..config(&parts) }, None).unwrap();
     assert_eq!(resumed.losses.first().map(|l| l.0), Some(5), "resumed after the checkpoint of step 4");
     for ((name, a), (_, b)) in run_files(&whole).iter().zip(run_files(&parts)) {
@@ -899,10 +899,10 @@ fn bad_settings_are_refused() {
     };
     check(TrainConfig { learning_rate: 0.0, ..base.clone() }, "learning rate");
     check(TrainConfig { learning_rate: f64::NAN, ..base.clone() }, "learning rate");
-    check(TrainConfig { steps: 0, ..base.clone() }, "--steps");
-    check(TrainConfig { batch_size: 0, ..base.clone() }, "--batch-size");
-    check(TrainConfig { grad_accum: 0, ..base.clone() }, "--grad-accum");
-    check(TrainConfig { grad_clip: Some(f64::NAN), ..base.clone() }, "--grad-clip");
+    check(TrainConfig { steps: 0, ..base.clone() }, "`steps`");
+    check(TrainConfig { batch_size: 0, ..base.clone() }, "`batch_size`");
+    check(TrainConfig { grad_accum: 0, ..base.clone() }, "`grad_accum`");
+    check(TrainConfig { grad_clip: Some(f64::NAN), ..base.clone() }, "`grad_clip`");
     check(TrainConfig { ema: Some(EmaConfig { decay: 1.5, ..EmaConfig::default() }), ..base.clone() }, "EMA decay");
     check(TrainConfig { adamw: AdamWConfig { beta2: 1.0, ..AdamWConfig::default() }, ..base.clone() }, "beta2");
     // Resuming where there is nothing to resume.
@@ -913,7 +913,7 @@ fn bad_settings_are_refused() {
     let error = PixelTask::new(pixel_config(tiny_unet_config(1, 8, None), LossKind::Hybrid { vlb_weight: 0.001 }, None, 0.0), 0, &Device::Cpu).err().unwrap().to_string();
     assert!(error.contains("out_channels"), "{error}");
     let error = PixelTask::new(pixel_config(tiny_unet_config(1, 8, None), LossKind::Mse, None, 0.1), 0, &Device::Cpu).err().unwrap().to_string();
-    assert!(error.contains("--class-dropout"), "{error}");
+    assert!(error.contains("`class_dropout`"), "{error}");
     let error = PixelTask::new(pixel_config(tiny_unet_config(1, 5, None), LossKind::Mse, None, 0.0), 0, &Device::Cpu).err().unwrap().to_string();
     assert!(error.contains("multiple of 2"), "{error}");
     let error = PixelTask::new(pixel_config(UNet2DModelConfig { dropout: 0.1, ..tiny_unet_config(1, 8, None) }, LossKind::Mse, None, 0.0), 0, &Device::Cpu).err().unwrap().to_string();

@@ -34,7 +34,7 @@ pub(crate) struct Loras {
 /// The run's LoRAs; tags of other extra networks, or tags the prompt syntax does not read, are
 /// named in warnings.
 pub(crate) fn resolve(args: &GenerateArgs, warn: &mut dyn FnMut(String)) -> Result<Loras> {
-    let mut specs = args.lora.iter().map(|arg| LoraSpec::parse(arg)).collect::<diffuse::Result<Vec<_>>>()?;
+    let mut specs = args.lora.iter().map(|arg| LoraSpec::parse(arg)).collect::<diffuse::Result<Vec<_>>>().context("--lora")?;
     let from_flags = specs.len();
     let (_, tags) = parse_prompt(args.prompt.as_deref().unwrap_or_default());
     let syntax: PromptSyntax = args.prompt_syntax.parse()?;
@@ -49,7 +49,7 @@ pub(crate) fn resolve(args: &GenerateArgs, warn: &mut dyn FnMut(String)) -> Resu
     }
     for tag in &tags {
         if tag.is_lora() {
-            specs.push(LoraSpec::from_tag(tag, args.lora_dir.as_deref())?);
+            specs.push(LoraSpec::from_tag(tag, args.lora_dir.as_deref()).map_err(|e| crate::name_flags_in(e, &[("`lora_dir`", "--lora-dir")]))?);
         } else {
             warn(format!("the prompt's {} is cut out and ignored: diffuse applies LoRAs only", tag.text));
         }

@@ -28,7 +28,9 @@ use crate::training::optimizer::{AdamW, AdamWConfig, LearningRate, LrSchedule};
 use crate::training::params::Parameters;
 use crate::{bail, Error, Result};
 
+/// The classifier folder's config file.
 pub const CONFIG_FILE: &str = "config.json";
+/// The classifier folder's weights file.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 
 /// The classifier's layout.
@@ -37,10 +39,13 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub struct ClassifierConfig {
     /// Images are `image_size × image_size`.
     pub image_size: usize,
+    /// Image channels (1: grayscale).
     pub in_channels: usize,
     /// The output channels of each convolution block (each halves the image size).
     pub block_channels: Vec<usize>,
+    /// Width of the feature vector.
     pub feature_dim: usize,
+    /// Classes of the logits.
     pub num_classes: usize,
 }
 
@@ -90,7 +95,9 @@ impl ClassifierConfig {
     }
 }
 
+/// The classifier's layers (see the module docs).
 pub struct Classifier {
+    /// Its layout.
     pub config: ClassifierConfig,
     blocks: Vec<Conv2d>,
     features: Linear,
@@ -149,11 +156,14 @@ impl Classifier {
 /// How many images of each class were classified correctly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Accuracy {
+    /// Per class, the images classified correctly.
     pub correct: Vec<usize>,
+    /// Per class, the images seen.
     pub total: Vec<usize>,
 }
 
 impl Accuracy {
+    /// Zero counts for `num_classes` classes.
     pub fn new(num_classes: usize) -> Self {
         Self { correct: vec![0; num_classes], total: vec![0; num_classes] }
     }
@@ -181,11 +191,14 @@ impl Accuracy {
 pub struct Classified {
     /// `count × feature_dim`, row-major.
     pub features: Vec<f32>,
+    /// The predicted class of each image.
     pub predictions: Vec<usize>,
+    /// The true class of each image.
     pub labels: Vec<usize>,
 }
 
 impl Classified {
+    /// The per-class counts of correct predictions.
     pub fn accuracy(&self, num_classes: usize) -> Accuracy {
         let mut accuracy = Accuracy::new(num_classes);
         for (&label, &predicted) in self.labels.iter().zip(&self.predictions) {
@@ -232,12 +245,16 @@ pub fn classify_dataset(
 /// How the classifier is trained.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassifierTraining {
+    /// Passes over the training set. Default: 6.
     pub epochs: usize,
+    /// Images per optimizer step. Default: 64.
     pub batch_size: usize,
     /// AdamW's peak learning rate, reached after `warmup_steps` and then decayed to 0 along a
     /// half cosine.
     pub learning_rate: f64,
+    /// Steps of linear warm-up. Default: 100.
     pub warmup_steps: usize,
+    /// AdamW's weight decay. Default: 1e-2.
     pub weight_decay: f64,
     /// Seeds the initial weights (PyTorch's default initialisation) and the data order.
     pub seed: u64,
@@ -252,9 +269,13 @@ impl Default for ClassifierTraining {
 /// What the progress callback sees after each optimizer step.
 #[derive(Debug, Clone, Copy)]
 pub struct TrainingProgress {
+    /// Optimizer steps done.
     pub step: usize,
+    /// The run's optimizer steps.
     pub total_steps: usize,
+    /// The current epoch, from 0.
     pub epoch: usize,
+    /// This step's loss (cross-entropy).
     pub loss: f32,
 }
 

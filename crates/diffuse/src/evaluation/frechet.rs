@@ -18,9 +18,11 @@ use crate::{bail, Result};
 /// The mean and covariance of a set of feature vectors.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FeatureStatistics {
+    /// Width of the feature vectors.
     pub dim: usize,
     /// How many feature vectors the statistics come from.
     pub count: usize,
+    /// The mean feature vector.
     pub mean: Vec<f64>,
     /// `dim × dim`, row-major: the unbiased covariance (divided by `count - 1`), as `np.cov`.
     pub covariance: Vec<f64>,

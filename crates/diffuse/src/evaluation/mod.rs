@@ -68,9 +68,13 @@ pub fn class_prompt(template: &str, word: &str) -> Result<String> {
 /// The four IDX files of Fashion-MNIST (each gzipped or not).
 #[derive(Debug, Clone)]
 pub struct FashionMnist {
+    /// The training images (`train-images-idx3-ubyte[.gz]`).
     pub train_images: PathBuf,
+    /// The training labels (`train-labels-idx1-ubyte[.gz]`).
     pub train_labels: PathBuf,
+    /// The test images (`t10k-images-idx3-ubyte[.gz]`).
     pub test_images: PathBuf,
+    /// The test labels (`t10k-labels-idx1-ubyte[.gz]`).
     pub test_labels: PathBuf,
 }
 
@@ -104,10 +108,12 @@ impl FashionMnist {
         })
     }
 
+    /// The 60,000 training images with their labels.
     pub fn train(&self) -> Result<IdxDataset> {
         IdxDataset::open(&self.train_images, Some(&self.train_labels), &idx_cache_dir())
     }
 
+    /// The 10,000 test images with their labels.
     pub fn test(&self) -> Result<IdxDataset> {
         IdxDataset::open(&self.test_images, Some(&self.test_labels), &idx_cache_dir())
     }
@@ -121,13 +127,17 @@ pub fn idx_cache_dir() -> PathBuf {
 /// How the images are generated.
 #[derive(Debug, Clone)]
 pub struct GenerationSettings {
+    /// Images generated per class.
     pub per_class: usize,
     /// Images per pipeline run (the last one of a class may be smaller).
     pub batch_size: usize,
+    /// The prompt with `{name}` (the class word) or `{a}` (it with its article).
     pub prompt_template: String,
     /// One word per class, in label order.
     pub prompt_words: Vec<String>,
+    /// Denoising steps per image.
     pub num_inference_steps: usize,
+    /// The classifier-free guidance scale.
     pub guidance_scale: f64,
 }
 
@@ -204,7 +214,9 @@ pub fn generate_class_images(
 /// One class's results.
 #[derive(Debug, Clone, Serialize)]
 pub struct ClassReport {
+    /// The class's name.
     pub name: String,
+    /// The prompt its images were generated from.
     pub prompt: String,
     /// The classifier's accuracy on this class's real test images.
     pub test_accuracy: f64,
@@ -217,14 +229,21 @@ pub struct ClassReport {
 /// The evaluation's results.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvaluationReport {
+    /// The model evaluated, as given.
     pub model: String,
+    /// The scheduler used.
     pub scheduler: String,
+    /// Denoising steps per image.
     pub num_inference_steps: usize,
+    /// The classifier-free guidance scale.
     pub guidance_scale: f64,
+    /// The prompt template.
     pub prompt_template: String,
+    /// Images generated per class.
     pub per_class: usize,
     /// The generated images' size, and whether it had to be resized to the classifier's.
     pub generated_size: (usize, usize),
+    /// Whether the generated images were resized to the classifier's size.
     pub resized: bool,
     /// The classifier's accuracy on the real test images.
     pub classifier_test_accuracy: f64,
@@ -232,8 +251,11 @@ pub struct EvaluationReport {
     pub generated_accuracy: f64,
     /// `generated_accuracy / classifier_test_accuracy`.
     pub ratio: f64,
+    /// The `ratio` needed to pass ([`PASS_RATIO`]).
     pub pass_ratio: f64,
+    /// Whether `ratio` reaches `pass_ratio`.
     pub passed: bool,
+    /// Each class's results, in label order.
     pub classes: Vec<ClassReport>,
     /// Rows: prompted class; columns: the class the classifier saw.
     pub generated_confusion: Vec<Vec<usize>>,
@@ -243,21 +265,29 @@ pub struct EvaluationReport {
     /// The same between a class-balanced training subset of as many images and the test set:
     /// the distance a model that drew real images would get.
     pub frechet_train_test: f64,
+    /// Images generated.
     pub num_generated: usize,
+    /// Real test images classified.
     pub num_test: usize,
+    /// Training images in the Fréchet reference subset.
     pub num_train_subset: usize,
 }
 
 /// What the evaluation is busy with, for progress display.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
+    /// Classifying the real test images.
     ClassifyingTest,
+    /// Classifying the training subset.
     ClassifyingTrain,
+    /// Generating the images.
     Generating,
+    /// Classifying the generated images.
     ClassifyingGenerated,
 }
 
 impl Stage {
+    /// The stage in words, for progress lines.
     pub fn describe(&self) -> &'static str {
         match self {
             Stage::ClassifyingTest => "classifying the test set",

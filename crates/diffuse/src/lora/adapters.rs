@@ -48,16 +48,18 @@ pub struct AdapterConfig {
 }
 
 impl AdapterConfig {
+    /// A config with these target module names.
     pub fn new(rank: usize, alpha: f64, target_modules: &[&str]) -> Self {
         Self { rank, alpha, target_modules: target_modules.iter().map(|t| t.to_string()).collect() }
     }
 
+    /// Errors on a rank of 0, a non-positive or non-finite alpha, or no target modules.
     pub fn validate(&self) -> Result<()> {
         if self.rank == 0 {
-            bail!("--lora-rank must be at least 1");
+            bail!("`rank` must be at least 1");
         }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
-            bail!("--lora-alpha must be a finite number above 0, got {}", self.alpha);
+            bail!("`alpha` must be a finite number above 0, got {}", self.alpha);
         }
         if self.target_modules.is_empty() {
             bail!("no LoRA target modules");
@@ -80,12 +82,14 @@ impl AdapterConfig {
 /// A layer that got an adapter.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdaptedLayer {
+    /// The model the layer is in.
     pub target: Target,
     /// The module path as diffusers names it in LoRA files (the text encoder's without
     /// `text_model.`, as transformers 5 and diffusers' `save_lora_weights` write it).
     pub module: String,
     /// The input side: `in`, or `in · k · k` for a convolution.
     pub in_features: usize,
+    /// The output side: the layer's output features (channels for a convolution).
     pub out_features: usize,
 }
 
@@ -257,7 +261,7 @@ pub fn check_adapted(adapters: &Adapters, target: Target, config: &AdapterConfig
     let count = adapters.count(target);
     if count == 0 {
         return Err(Error::invalid(format!(
-            "--lora-targets {}: no linear or convolution layer of the {} has such a name (e.g. to_q, to_k, to_v, to_out.0, \
+            "`target_modules` {}: no linear or convolution layer of the {} has such a name (e.g. to_q, to_k, to_v, to_out.0, \
              conv1 in the UNet, q_proj, k_proj, v_proj, out_proj in the text encoder)",
             config.target_modules.join(","),
             target.label()

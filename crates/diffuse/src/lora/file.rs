@@ -25,6 +25,7 @@ use crate::{Error, Result};
 /// One adapted layer: `W += scale · weight · up @ down` (reshaped to W's shape).
 #[derive(Clone, Debug)]
 pub struct LoraLayer {
+    /// The model the layer is in.
     pub target: Target,
     /// The layer as the file names it: a diffusers module path, or kohya's flat name.
     pub module: String,
@@ -32,6 +33,7 @@ pub struct LoraLayer {
     pub down: Tensor,
     /// `[out, rank]` or `[out, rank, 1, 1]`; f32 on the CPU.
     pub up: Tensor,
+    /// r, the adapter's rank.
     pub rank: usize,
     /// alpha / rank (or what the adapter config says), before the user's weight.
     pub scale: f64,
@@ -58,9 +60,11 @@ impl LoraLayer {
 /// A LoRA file, read and checked.
 #[derive(Clone, Debug)]
 pub struct LoraFile {
+    /// The file read.
     pub path: PathBuf,
     /// The naming conventions its keys follow.
     pub formats: BTreeSet<Format>,
+    /// The adapted layers.
     pub layers: Vec<LoraLayer>,
     /// Keys that are no LoRA tensor of an SD 1.x/2.x model, grouped by why.
     pub skipped: BTreeMap<&'static str, Vec<String>>,

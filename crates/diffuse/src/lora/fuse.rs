@@ -53,10 +53,13 @@ pub struct LoraSet {
 /// What one LoRA did to a pipeline.
 #[derive(Clone, Debug)]
 pub struct AppliedLora {
+    /// The LoRA and its weights.
     pub spec: LoraSpec,
+    /// The key formats the file uses.
     pub formats: Vec<Format>,
     /// Layers fused into the UNet and into the text encoder.
     pub unet_layers: usize,
+    /// Layers fused into the text encoder(s).
     pub text_encoder_layers: usize,
     /// LoRA layers (the file's names) that match no layer of this model.
     pub unused_layers: Vec<String>,
@@ -64,6 +67,7 @@ pub struct AppliedLora {
     pub skipped: BTreeMap<&'static str, Vec<String>>,
     /// Every key of the file, and those of the unused layers.
     pub key_count: usize,
+    /// The keys of the unused layers.
     pub unused_keys: Vec<String>,
 }
 
@@ -120,6 +124,7 @@ impl LoraSet {
         LoraSet { shared: Arc::new(Shared { loras, usage: Mutex::new(usage) }) }
     }
 
+    /// Whether the set holds no LoRA.
     pub fn is_empty(&self) -> bool {
         self.shared.loras.is_empty()
     }

@@ -23,13 +23,16 @@
 /// A Stable Diffusion model a LoRA adapts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Target {
+    /// The UNet.
     Unet,
+    /// The (first) CLIP text encoder.
     TextEncoder,
     /// SDXL's second text encoder (OpenCLIP bigG; the refiner's only one).
     TextEncoder2,
 }
 
 impl Target {
+    /// Every target, in order.
     pub const ALL: [Target; 3] = [Target::Unet, Target::TextEncoder, Target::TextEncoder2];
 
     /// The key prefix of diffusers' `save_lora_weights` (`unet.`, `text_encoder.`,
@@ -51,6 +54,7 @@ impl Target {
         }
     }
 
+    /// The model's name in messages.
     pub fn label(self) -> &'static str {
         match self {
             Target::Unet => "UNet",
@@ -89,6 +93,7 @@ pub enum Format {
 }
 
 impl Format {
+    /// The format's name in messages.
     pub fn label(self) -> &'static str {
         match self {
             Format::Peft => "diffusers/PEFT",
@@ -103,14 +108,27 @@ impl Format {
 pub enum KeyMeaning {
     /// One tensor of the layer `module`: a diffusers module path (`down_blocks.0....to_q`) for
     /// the dotted formats, kohya's flat name (`down_blocks_0_..._to_q`) for kohya's.
-    Tensor { owner: Target, module: String, part: Part, format: Format },
+    Tensor {
+        /// The model the layer is in.
+        owner: Target,
+        /// The layer's name.
+        module: String,
+        /// Which of the layer's tensors.
+        part: Part,
+        /// The naming convention the key follows.
+        format: Format,
+    },
     /// Not a LoRA tensor diffuse applies; the reason.
     Skipped(&'static str),
 }
 
+/// Why DoRA tensors are skipped.
 pub const DORA: &str = "DoRA magnitudes (dora_scale / lora_magnitude_vector), which diffuse does not apply";
+/// Why LyCORIS tensors are skipped.
 pub const LYCORIS: &str = "LyCORIS layers other than LoRA (LoHa hada_*, LoKr lokr_*, Tucker lora_mid, full diff), which diffuse does not apply";
+/// Why LoRA biases are skipped.
 pub const LORA_BIAS: &str = "LoRA biases (peft's lora_bias), which diffuse does not apply";
+/// Why unrecognised keys are skipped.
 pub const UNKNOWN: &str = "names that are no LoRA tensor diffuse knows";
 
 /// What a key of a LoRA file is.

@@ -6,7 +6,7 @@
 //! - [`keys`]: what each key of a file names, and the names writers use ([`keys::kohya_name`],
 //!   [`keys::peft_key`]). Layers are matched by their flat name (`.` -> `_`), the form kohya
 //!   names them in, so one rule serves every format and reverses for saving.
-//! - [`file`]: one file read and checked (pairs, ranks, alphas, adapter configs, scales).
+//! - [`file`](mod@file): one file read and checked (pairs, ranks, alphas, adapter configs, scales).
 //! - [`fuse`]: [`LoraSet`], a `VarBuilder` wrapper that adds each LoRA's delta to a weight when
 //!   the model reads it, and the report of what was applied.
 //!
@@ -37,11 +37,14 @@ use crate::{Error, Result};
 /// component), AUTOMATIC1111's `<lora:name:te_multiplier:unet_multiplier>`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraSpec {
+    /// The LoRA file (`.safetensors`).
     pub path: PathBuf,
     /// The name the LoRA goes by in metadata (AUTOMATIC1111's `Lora hashes`): the prompt tag's
     /// name, else the file's stem.
     pub name: String,
+    /// The multiplier on the UNet's layers.
     pub unet_weight: f64,
+    /// The multiplier on the text encoders' layers.
     pub text_encoder_weight: f64,
 }
 
@@ -53,6 +56,7 @@ impl LoraSpec {
         LoraSpec { path, name, unet_weight: weight, text_encoder_weight: weight }
     }
 
+    /// The multiplier for `target`'s layers.
     pub fn weight(&self, target: Target) -> f64 {
         match target {
             Target::Unet => self.unet_weight,
@@ -68,9 +72,9 @@ impl LoraSpec {
         }
         let Some((file, weight)) = arg.rsplit_once(':') else { return Ok(LoraSpec::new(arg, 1.0)) };
         if file.is_empty() {
-            return Err(Error::invalid(format!("--lora {arg}: no file before the weight")));
+            return Err(Error::invalid(format!("`{arg}`: no file before the weight")));
         }
-        let weight = parse_weight(weight).map_err(|why| Error::invalid(format!("--lora {arg}: the weight `{weight}` {why}")))?;
+        let weight = parse_weight(weight).map_err(|why| Error::invalid(format!("`{arg}`: the weight `{weight}` {why}")))?;
         Ok(LoraSpec::new(file, weight))
     }
 
@@ -99,7 +103,7 @@ impl LoraSpec {
         if tag.positional.len() > 3 || tag.named.contains_key("dyn") {
             return Err(bad("dyn_dim (rank truncation) is not supported by diffuse".into()));
         }
-        let dir = lora_dir.ok_or_else(|| bad("LoRAs named in the prompt are looked up in --lora-dir, which is not given".into()))?;
+        let dir = lora_dir.ok_or_else(|| bad("LoRAs named in the prompt are looked up in `lora_dir`, which is not given".into()))?;
         let path = path_in_dir(dir, name).map_err(|e| bad(e.to_string()))?;
         if !path.is_file() {
             return Err(bad(format!("{} does not exist", path.display())));

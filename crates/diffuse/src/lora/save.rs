@@ -29,6 +29,7 @@ pub const DIFFUSERS_FILE_NAME: &str = "pytorch_lora_weights.safetensors";
 /// One trained layer: `W += alpha/r · up @ down`.
 #[derive(Clone, Debug)]
 pub struct TrainedLayer {
+    /// The model the layer is in.
     pub target: Target,
     /// diffusers' module path (the text encoder's without `text_model.`).
     pub module: String,
@@ -41,7 +42,9 @@ pub struct TrainedLayer {
 /// A trained LoRA: its layers and each model's adapter config.
 #[derive(Clone, Debug)]
 pub struct TrainedLora {
+    /// The layers, in the order they are written.
     pub layers: Vec<TrainedLayer>,
+    /// Each adapted model's `r`, `lora_alpha` and target modules.
     pub configs: BTreeMap<Target, AdapterConfig>,
     /// peft's `lora_dropout` it was trained with (recorded, not applied at inference).
     pub dropout: f64,

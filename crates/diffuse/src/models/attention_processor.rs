@@ -16,10 +16,13 @@ use crate::{bail, ops, Result};
 /// [`AttentionConfig::new`].
 #[derive(Debug, Clone)]
 pub struct AttentionConfig {
+    /// Width of the queries' input (the features).
     pub query_dim: usize,
     /// The width of the context attended to; `None` for self-attention (`query_dim`).
     pub cross_attention_dim: Option<usize>,
+    /// Attention heads.
     pub heads: usize,
+    /// Width of each head.
     pub dim_head: usize,
     /// Bias on the query/key/value projections.
     pub bias: bool,
@@ -30,10 +33,15 @@ pub struct AttentionConfig {
     pub upcast_attention: bool,
     /// Groups of the group norm applied to the input first, if any.
     pub norm_num_groups: Option<usize>,
+    /// Bias on `to_out.0`.
     pub out_bias: bool,
+    /// Scale scores by 1/sqrt(`dim_head`).
     pub scale_qk: bool,
+    /// The group norm's epsilon.
     pub eps: f64,
+    /// The output is divided by this.
     pub rescale_output_factor: f64,
+    /// Add the input to the output.
     pub residual_connection: bool,
     /// Output width; defaults to `query_dim` (and then `heads * dim_head` is the inner width).
     pub out_dim: Option<usize>,
@@ -61,6 +69,8 @@ impl AttentionConfig {
     }
 }
 
+/// diffusers' `Attention` (models/attention_processor.py) with `AttnProcessor2_0`: multi-head
+/// scaled dot-product attention over the features or a context.
 #[derive(Debug, Clone)]
 pub struct Attention {
     group_norm: Option<GroupNorm>,
@@ -75,6 +85,8 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// Loads the weights under `vb` (diffusers' parameter names); errors name a missing tensor or a
+    /// wrong shape.
     pub fn new(vb: VarBuilder, config: &AttentionConfig) -> Result<Self> {
         if config.heads == 0 {
             bail!("{}: attention with 0 heads (is attention_head_dim larger than the channel count?)", vb.prefix());

@@ -16,27 +16,42 @@ use crate::{bail, Error, Result};
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct AutoencoderKLConfig {
+    /// Image channels of the input. Default: `3`.
     pub in_channels: usize,
+    /// Image channels of the output. Default: `3`.
     pub out_channels: usize,
+    /// The down blocks' class names, one per resolution level.
     pub down_block_types: Vec<String>,
+    /// The up blocks' class names, one per resolution level.
     pub up_block_types: Vec<String>,
+    /// Channels of each resolution level.
     pub block_out_channels: Vec<usize>,
+    /// Resnets per down block (up blocks have one more). Default: `1`.
     pub layers_per_block: usize,
+    /// The activation (diffusers' `get_activation` name). Default: `silu`.
     pub act_fn: String,
+    /// Channels of the latents. Default: `4`.
     pub latent_channels: usize,
+    /// Groups of the group norms. Default: `32`.
     pub norm_num_groups: usize,
+    /// The size, in pixels (latents for a UNet), the model was trained at.
     pub sample_size: SampleSize,
     /// Latents are multiplied by this before the denoiser sees them (pipelines divide by it
     /// before decoding).
     pub scaling_factor: f64,
     /// Subtracted from latents before scaling (SD3, Flux); `None` for Stable Diffusion 1/2.
     pub shift_factor: Option<f64>,
+    /// Per-channel latent means (SDXL-style normalisation); unused by Stable Diffusion 1/2.
     pub latents_mean: Option<Vec<f64>>,
+    /// Per-channel latent standard deviations, beside `latents_mean`.
     pub latents_std: Option<Vec<f64>>,
     /// Whether pipelines must run this VAE in f32 even when the rest is half precision.
     pub force_upcast: bool,
+    /// Whether there is a `quant_conv` (1×1) after the encoder. Default: `true`.
     pub use_quant_conv: bool,
+    /// Whether there is a `post_quant_conv` (1×1) before the decoder. Default: `true`.
     pub use_post_quant_conv: bool,
+    /// Whether the mid block has its attention layer. Default: `true`.
     pub mid_block_add_attention: bool,
 }
 
@@ -73,6 +88,8 @@ fn config_error(error: Error) -> Error {
     }
 }
 
+/// diffusers' `AutoencoderKL`: the VAE that maps images `[B, 3, H, W]` in [-1, 1] to latents `[B,
+/// latent_channels, H / 8, W / 8]` (for SD's four levels) and back.
 #[derive(Debug, Clone)]
 pub struct AutoencoderKL {
     config: AutoencoderKLConfig,
@@ -89,10 +106,13 @@ pub struct AutoencoderKL {
     pub tile_sample_min_size: usize,
     /// `int(sample_size / 2 ** (len(block_out_channels) - 1))`.
     pub tile_latent_min_size: usize,
+    /// The fraction of a tile that overlaps its neighbour and is blended (0.25).
     pub tile_overlap_factor: f64,
 }
 
 impl AutoencoderKL {
+    /// Loads the weights under `vb` (diffusers' parameter names); errors name a missing tensor or a
+    /// wrong shape. Errors on config values it does not support.
     pub fn new(vb: VarBuilder, config: &AutoencoderKLConfig) -> Result<Self> {
         let act_fn = Activation::from_name(&config.act_fn)
             .map_err(|e| config_error(Error::invalid(format!("key `act_fn`: {e}"))))?;
@@ -162,6 +182,7 @@ impl AutoencoderKL {
         self.use_slicing = true;
     }
 
+    /// The config the model was built from.
     pub fn config(&self) -> &AutoencoderKLConfig {
         &self.config
     }

@@ -15,19 +15,32 @@ use crate::{bail, ops, Error, Result};
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct AutoencoderTinyConfig {
+    /// Image channels of the input. Default: `3`.
     pub in_channels: usize,
+    /// Image channels of the output. Default: `3`.
     pub out_channels: usize,
+    /// Channels of each encoder level.
     pub encoder_block_out_channels: Vec<usize>,
+    /// Channels of each decoder level.
     pub decoder_block_out_channels: Vec<usize>,
+    /// The activation (diffusers' `get_activation` name). Default: `relu`.
     pub act_fn: String,
+    /// The decoder's upsampling mode (`nearest`). Default: `nearest`.
     pub upsample_fn: String,
+    /// Channels of the latents. Default: `4`.
     pub latent_channels: usize,
+    /// The decoder's upsampling factor per level. Default: `2`.
     pub upsampling_scaling_factor: usize,
+    /// Blocks per encoder level.
     pub num_encoder_blocks: Vec<usize>,
+    /// Blocks per decoder level.
     pub num_decoder_blocks: Vec<usize>,
     /// `scale_latents` / `unscale_latents` (latents ↔ [0, 1] bytes); no pipeline uses them.
     pub latent_magnitude: f64,
+    /// The shift of `scale_latents` / `unscale_latents`. Default: `0.5`.
     pub latent_shift: f64,
+    /// Whether pipelines must run this VAE in f32 even when the rest is half precision. Default:
+    /// `false`.
     pub force_upcast: bool,
     /// 1: TAESD's latents are already the denoiser's (the KL VAE's × 0.18215).
     pub scaling_factor: f64,
@@ -155,6 +168,7 @@ impl EncoderTiny {
         Ok(Self { layers })
     }
 
+    /// Encodes images `[B, C, H, W]` in [-1, 1] to latents `[B, latent_channels, H / 8, W / 8]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         run_layers(&self.layers, ((x + 1.0)? / 2.0)?)
     }
@@ -193,6 +207,7 @@ impl DecoderTiny {
         Ok(Self { layers })
     }
 
+    /// Decodes latents `[B, latent_channels, h, w]` to images `[B, C, 8h, 8w]` in [-1, 1].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = ((x / 3.0)?.tanh()? * 3.0)?;
         let x = run_layers(&self.layers, x)?;
@@ -208,6 +223,7 @@ fn config_error(error: Error) -> Error {
     }
 }
 
+/// diffusers' `AutoencoderTiny` (TAESD): a small, fast stand-in for the KL VAE, used for previews.
 #[derive(Debug, Clone)]
 pub struct AutoencoderTiny {
     config: AutoencoderTinyConfig,
@@ -219,6 +235,7 @@ pub struct AutoencoderTiny {
     pub use_tiling: bool,
     /// `2 ** out_channels` (8), diffusers' stand-in for the encoder's downscaling.
     pub spatial_scale_factor: usize,
+    /// The fraction of a tile that overlaps its neighbour and is blended (0.25).
     pub tile_overlap_factor: f64,
     /// 512 pixels.
     pub tile_sample_min_size: usize,
@@ -227,6 +244,8 @@ pub struct AutoencoderTiny {
 }
 
 impl AutoencoderTiny {
+    /// Loads the weights under `vb` (diffusers' parameter names); errors name a missing tensor or a
+    /// wrong shape. Errors on config values it does not support.
     pub fn new(vb: VarBuilder, config: &AutoencoderTinyConfig) -> Result<Self> {
         check_config(config).map_err(config_error)?;
         let act_fn = Activation::from_name(&config.act_fn)
@@ -258,6 +277,7 @@ impl AutoencoderTiny {
         self.use_slicing = true;
     }
 
+    /// The config the model was built from.
     pub fn config(&self) -> &AutoencoderTinyConfig {
         &self.config
     }

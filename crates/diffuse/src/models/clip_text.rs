@@ -18,17 +18,30 @@ use crate::{Error, Result};
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default)]
 pub struct ClipTextConfig {
+    /// Tokens in the vocabulary. Default: `49408`.
     pub vocab_size: usize,
+    /// Width of the hidden states (and of the output embeddings). Default: `512`.
     pub hidden_size: usize,
+    /// Width of the MLPs' hidden layer. Default: `2048`.
     pub intermediate_size: usize,
+    /// Width of the text projection (`CLIPTextModelWithProjection`). Default: `512`.
     pub projection_dim: Option<usize>,
+    /// Transformer layers. Default: `12`.
     pub num_hidden_layers: usize,
+    /// Attention heads per layer. Default: `8`.
     pub num_attention_heads: usize,
+    /// The longest token sequence (77). Default: `77`.
     pub max_position_embeddings: usize,
+    /// The MLPs' activation: `quick_gelu` or `gelu`. Default: `quick_gelu`.
     pub hidden_act: String,
+    /// The layer norms' epsilon. Default: `1e-5`.
     pub layer_norm_eps: f64,
+    /// The padding token's id. Default: `1`.
     pub pad_token_id: Option<i64>,
+    /// The start-of-text token's id. Default: `49406`.
     pub bos_token_id: Option<i64>,
+    /// The end-of-text token's id (transformers' default 2 means "the highest id"). Default:
+    /// `49407`.
     pub eos_token_id: Option<i64>,
 }
 
@@ -153,6 +166,7 @@ pub struct ClipTextModel {
     final_layer_norm: LayerNorm,
     /// `CLIPTextModelWithProjection`'s `text_projection` (no bias), when the weights have it.
     text_projection: Option<Linear>,
+    /// The config the model was built from.
     pub config: ClipTextConfig,
 }
 
@@ -165,6 +179,8 @@ pub struct ClipTextOutput {
 }
 
 impl ClipTextModel {
+    /// Loads the weights under `vb` (diffusers' parameter names); errors name a missing tensor or a
+    /// wrong shape. Errors on config values it does not support.
     pub fn new(vb: VarBuilder, config: &ClipTextConfig) -> Result<Self> {
         let activation = Activation::parse(&config.hidden_act)?;
         if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
@@ -195,10 +211,12 @@ impl ClipTextModel {
         Ok(ClipTextModel { token_embedding, position_embedding, layers, final_layer_norm, text_projection, config: config.clone() })
     }
 
+    /// The device the weights are on.
     pub fn device(&self) -> &Device {
         self.token_embedding.device()
     }
 
+    /// The type the weights are kept in.
     pub fn dtype(&self) -> DType {
         self.token_embedding.dtype()
     }

@@ -42,17 +42,23 @@ pub fn get_timestep_embedding(
 /// `Timesteps`: [`get_timestep_embedding`] with fixed settings (max_period 10000).
 #[derive(Debug, Clone)]
 pub struct Timesteps {
+    /// Width of the embedding.
     pub num_channels: usize,
+    /// Cosines before sines.
     pub flip_sin_to_cos: bool,
+    /// Shifts the frequency exponent's denominator (1 or 0).
     pub downscale_freq_shift: f64,
+    /// Multiplies the embedding.
     pub scale: f64,
 }
 
 impl Timesteps {
+    /// The projection with `scale` 1.
     pub fn new(num_channels: usize, flip_sin_to_cos: bool, downscale_freq_shift: f64) -> Self {
         Self { num_channels, flip_sin_to_cos, downscale_freq_shift, scale: 1.0 }
     }
 
+    /// Embeds `timesteps` `[B]` as `[B, num_channels]`.
     pub fn forward(&self, timesteps: &Tensor) -> Result<Tensor> {
         get_timestep_embedding(
             timesteps,
@@ -75,6 +81,8 @@ pub struct GaussianFourierProjection {
 }
 
 impl GaussianFourierProjection {
+    /// Loads the frequencies `weight` `[embedding_size]`; `log` embeds log(sigma) rather than
+    /// sigma.
     pub fn new(vb: VarBuilder, embedding_size: usize, log: bool, flip_sin_to_cos: bool) -> Result<Self> {
         Ok(Self { weight: vb.get(embedding_size, "weight")?, log, flip_sin_to_cos })
     }
@@ -94,10 +102,15 @@ impl GaussianFourierProjection {
 /// `TimestepEmbedding`'s options beyond its input and output sizes, with diffusers' defaults.
 #[derive(Debug, Clone)]
 pub struct TimestepEmbeddingConfig {
+    /// The activation between the two linears.
     pub act_fn: Activation,
+    /// Width of the output (default: the hidden width).
     pub out_dim: Option<usize>,
+    /// An activation after the second linear.
     pub post_act_fn: Option<Activation>,
+    /// Width of an extra condition projected and added to the input (LCM's guidance embedding).
     pub cond_proj_dim: Option<usize>,
+    /// Bias on both linears.
     pub sample_proj_bias: bool,
 }
 
@@ -119,6 +132,7 @@ pub struct TimestepEmbedding {
 }
 
 impl TimestepEmbedding {
+    /// Loads `linear_1` (`in_channels` to `time_embed_dim`) and `linear_2` under `vb`.
     pub fn new(vb: VarBuilder, in_channels: usize, time_embed_dim: usize, config: &TimestepEmbeddingConfig) -> Result<Self> {
         let linear_1 = Linear::new(vb.pp("linear_1"), in_channels, time_embed_dim, config.sample_proj_bias)?;
         let cond_proj = match config.cond_proj_dim {
@@ -130,6 +144,8 @@ impl TimestepEmbedding {
         Ok(Self { linear_1, cond_proj, act: config.act_fn, linear_2, post_act: config.post_act_fn })
     }
 
+    /// Maps the projected timesteps `sample` `[B, in_channels]` (plus the projected `condition`,
+    /// when the model has `cond_proj`) to `[B, out_dim]`.
     pub fn forward(&self, sample: &Tensor, condition: Option<&Tensor>, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         let sample = match (condition, &self.cond_proj) {
             (Some(condition), Some(cond_proj)) => (sample + cond_proj.forward_with_lora_dropout(condition, lora_dropout)?)?,

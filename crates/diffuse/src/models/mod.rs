@@ -52,6 +52,7 @@ impl Conv2d {
         Ok(Self { weight, bias, stride, padding, lora })
     }
 
+    /// `input` `[B, C_in, H, W]` to `[B, C_out, H', W']`.
     pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
         self.forward_with_lora_dropout(input, None)
     }
@@ -148,6 +149,7 @@ impl Linear {
         }
     }
 
+    /// `input` `[..., in_features]` to `[..., out_features]`.
     pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
         self.forward_with_lora_dropout(input, None)
     }
@@ -207,6 +209,8 @@ pub struct GroupNorm {
 }
 
 impl GroupNorm {
+    /// Loads `weight` and `bias` `[num_channels]`; errors unless `num_groups` divides
+    /// `num_channels`.
     pub fn new(vb: VarBuilder, num_groups: usize, num_channels: usize, eps: f64) -> Result<Self> {
         if num_groups == 0 || !num_channels.is_multiple_of(num_groups) {
             return Err(Error::invalid(format!(
@@ -220,6 +224,7 @@ impl GroupNorm {
         Ok(Self { weight, bias, num_groups, eps })
     }
 
+    /// Normalises `input` `[B, C, ...]` over each group of channels.
     pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
         ops::group_norm(input, self.num_groups, &self.weight, &self.bias, self.eps)
     }
@@ -242,10 +247,12 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// Loads `weight` and `bias` `[normalized_shape]`.
     pub fn new(vb: VarBuilder, normalized_shape: usize, eps: f64) -> Result<Self> {
         Ok(Self { weight: vb.get(normalized_shape, "weight")?, bias: vb.get(normalized_shape, "bias")?, eps })
     }
 
+    /// Normalises `input` over its last dimension.
     pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
         ops::layer_norm(input, &self.weight, &self.bias, self.eps)
     }
@@ -258,6 +265,7 @@ pub struct Embedding {
 }
 
 impl Embedding {
+    /// Loads `weight` `[num_embeddings, embedding_dim]`.
     pub fn new(vb: VarBuilder, num_embeddings: usize, embedding_dim: usize) -> Result<Self> {
         Ok(Self { weight: vb.get((num_embeddings, embedding_dim), "weight")? })
     }
@@ -285,9 +293,13 @@ impl Embedding {
 /// diffusers' `get_activation` (models/activations.py): the activation named by `act_fn`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
+    /// x · sigmoid(x) (`silu`, `swish`).
     Silu,
+    /// x · tanh(softplus(x)).
     Mish,
+    /// The exact (erf) GELU.
     Gelu,
+    /// max(x, 0).
     Relu,
 }
 
@@ -307,6 +319,7 @@ impl Activation {
         })
     }
 
+    /// Applies the activation elementwise.
     pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Activation::Silu => ops::silu(input)?,

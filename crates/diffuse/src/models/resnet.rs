@@ -20,6 +20,7 @@ pub enum TimeEmbeddingNorm {
 }
 
 impl TimeEmbeddingNorm {
+    /// Parses `resnet_time_scale_shift`: `default` or `scale_shift`.
     pub fn from_name(name: &str) -> Result<Self> {
         match name {
             "default" => Ok(TimeEmbeddingNorm::Default),
@@ -43,24 +44,35 @@ pub enum ResampleKernel {
 /// `ResnetBlock2D`'s arguments, with diffusers' defaults from [`ResnetBlock2DConfig::new`].
 #[derive(Debug, Clone)]
 pub struct ResnetBlock2DConfig {
+    /// Channels of the input.
     pub in_channels: usize,
     /// Defaults to `in_channels`.
     pub out_channels: Option<usize>,
     /// `None` for blocks without time conditioning (autoencoders).
     pub temb_channels: Option<usize>,
+    /// Groups of the first group norm.
     pub groups: usize,
     /// Defaults to `groups`.
     pub groups_out: Option<usize>,
+    /// The group norms' epsilon.
     pub eps: f64,
+    /// The activation.
     pub non_linearity: Activation,
+    /// Skip the activation before the time projection.
     pub skip_time_act: bool,
+    /// How the time embedding is applied.
     pub time_embedding_norm: TimeEmbeddingNorm,
+    /// The resampling filter for `up` / `down`.
     pub kernel: ResampleKernel,
+    /// The output is divided by this.
     pub output_scale_factor: f64,
     /// Defaults to "the block changes the channel count".
     pub use_in_shortcut: Option<bool>,
+    /// Upsample ×2 inside the block.
     pub up: bool,
+    /// Downsample ×2 inside the block.
     pub down: bool,
+    /// Bias on the 1×1 shortcut convolution.
     pub conv_shortcut_bias: bool,
     /// Defaults to `out_channels`.
     pub conv_2d_out_channels: Option<usize>,
@@ -127,6 +139,8 @@ pub struct ResnetBlock2D {
 }
 
 impl ResnetBlock2D {
+    /// Loads the weights under `vb` (diffusers' parameter names); errors name a missing tensor or a
+    /// wrong shape.
     pub fn new(vb: VarBuilder, config: &ResnetBlock2DConfig) -> Result<Self> {
         let in_channels = config.in_channels;
         let out_channels = config.out_channels.unwrap_or(in_channels);
@@ -174,6 +188,8 @@ impl ResnetBlock2D {
         })
     }
 
+    /// Runs the block on `input_tensor` `[B, C_in, H, W]`, conditioned on the time embedding `temb`
+    /// `[B, temb_channels]`: `[B, C_out, H', W']`.
     pub fn forward(&self, input_tensor: &Tensor, temb: Option<&Tensor>, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         // Intermediates are reassigned, not rebound with `let` (which would keep each alive
         // to the end): in a 512×512 VAE decoder they are hundreds of MB each.
@@ -238,12 +254,15 @@ pub struct Upsample2D {
 }
 
 impl Upsample2D {
+    /// Loads `conv` under `vb` when `use_conv`.
     pub fn new(vb: VarBuilder, channels: usize, use_conv: bool, out_channels: Option<usize>) -> Result<Self> {
         let out_channels = out_channels.unwrap_or(channels);
         let conv = if use_conv { Some(Conv2d::new(vb.pp("conv"), channels, out_channels, 3, 1, 1, true)?) } else { None };
         Ok(Self { conv })
     }
 
+    /// Doubles `[B, C, H, W]` to `[B, C_out, 2H, 2W]`, or to `output_size` when given (to match a
+    /// skip connection of odd size).
     pub fn forward(&self, hidden_states: &Tensor, output_size: Option<(usize, usize)>, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         let hidden_states = upsample_nearest(hidden_states, output_size)?;
         match &self.conv {
@@ -262,6 +281,7 @@ pub struct Downsample2D {
 }
 
 impl Downsample2D {
+    /// Loads `conv` under `vb` when `use_conv`; pooling cannot change the channel count.
     pub fn new(vb: VarBuilder, channels: usize, use_conv: bool, out_channels: Option<usize>, padding: usize) -> Result<Self> {
         let out_channels = out_channels.unwrap_or(channels);
         let conv = if use_conv {
@@ -275,6 +295,7 @@ impl Downsample2D {
         Ok(Self { conv, padding })
     }
 
+    /// Halves `[B, C, H, W]` to `[B, C_out, H / 2, W / 2]`.
     pub fn forward(&self, hidden_states: &Tensor, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         match &self.conv {
             Some(conv) => {
@@ -352,6 +373,7 @@ pub fn downsample_2d(input: &Tensor, kernel: &[f32], factor: usize, gain: f32) -
 pub struct FirUpsample2D;
 
 impl FirUpsample2D {
+    /// Doubles `[B, C, H, W]` to `[B, C, 2H, 2W]` with the FIR kernel.
     pub fn forward(&self, hidden_states: &Tensor) -> Result<Tensor> {
         upsample_2d(hidden_states, &FIR_KERNEL, 2, 1.0)
     }
@@ -362,6 +384,7 @@ impl FirUpsample2D {
 pub struct FirDownsample2D;
 
 impl FirDownsample2D {
+    /// Halves `[B, C, H, W]` to `[B, C, H / 2, W / 2]` with the FIR kernel.
     pub fn forward(&self, hidden_states: &Tensor) -> Result<Tensor> {
         downsample_2d(hidden_states, &FIR_KERNEL, 2, 1.0)
     }

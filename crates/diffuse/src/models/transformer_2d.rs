@@ -39,6 +39,7 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
+    /// Loads `net.0` (to `mult * dim`) and `net.2` (to `dim_out`, default `dim`) under `vb`.
     pub fn new(vb: VarBuilder, dim: usize, dim_out: Option<usize>, mult: usize, bias: bool) -> Result<Self> {
         let inner_dim = dim * mult;
         let vb = vb.pp("net");
@@ -47,6 +48,7 @@ impl FeedForward {
         Ok(Self { geglu, proj_out })
     }
 
+    /// `[B, N, dim]` to `[B, N, dim_out]`.
     pub fn forward(&self, hidden_states: &Tensor, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         self.proj_out.forward_with_lora_dropout(&self.geglu.forward(hidden_states, lora_dropout)?, lora_dropout)
     }
@@ -56,13 +58,17 @@ impl FeedForward {
 /// set, with diffusers' defaults from [`Transformer2DModelConfig::new`].
 #[derive(Debug, Clone)]
 pub struct Transformer2DModelConfig {
+    /// Attention heads.
     pub num_attention_heads: usize,
+    /// Width of each head.
     pub attention_head_dim: usize,
+    /// Channels of the input feature map.
     pub in_channels: usize,
     /// Defaults to `in_channels`.
     pub out_channels: Option<usize>,
     /// The number of `BasicTransformerBlock`s.
     pub num_layers: usize,
+    /// Groups of the input group norm.
     pub norm_num_groups: usize,
     /// The width of the context (text embeddings); `None` means no cross-attention.
     pub cross_attention_dim: Option<usize>,
@@ -74,6 +80,7 @@ pub struct Transformer2DModelConfig {
     pub only_cross_attention: bool,
     /// The second attention is self-attention too.
     pub double_self_attention: bool,
+    /// Compute attention scores in f32.
     pub upcast_attention: bool,
     /// The layer norms' epsilon.
     pub norm_eps: f64,
@@ -116,6 +123,7 @@ pub struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
+    /// Loads a block of width `dim` under `vb`.
     pub fn new(vb: VarBuilder, dim: usize, config: &Transformer2DModelConfig) -> Result<Self> {
         let attention = |cross_attention_dim: Option<usize>| AttentionConfig {
             heads: config.num_attention_heads,
@@ -180,6 +188,8 @@ pub struct Transformer2DModel {
 }
 
 impl Transformer2DModel {
+    /// Loads the weights under `vb` (diffusers' parameter names); errors name a missing tensor or a
+    /// wrong shape. Errors on zero heads or head width.
     pub fn new(vb: VarBuilder, config: &Transformer2DModelConfig) -> Result<Self> {
         if config.num_attention_heads == 0 || config.attention_head_dim == 0 {
             bail!(

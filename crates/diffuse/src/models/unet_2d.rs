@@ -15,7 +15,9 @@ use crate::{bail, ops, Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum SampleSize {
+    /// A square of this side.
     Square(usize),
+    /// `[height, width]`.
     HeightWidth([usize; 2]),
 }
 
@@ -33,34 +35,61 @@ impl SampleSize {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct UNet2DModelConfig {
+    /// The size, in pixels, the model was trained at.
     pub sample_size: Option<SampleSize>,
+    /// Channels of the input. Default: `3`.
     pub in_channels: usize,
+    /// Channels of the output. Default: `3`.
     pub out_channels: usize,
+    /// Map the input from [0, 1] to [-1, 1] first. Default: `false`.
     pub center_input_sample: bool,
     /// `positional`, `fourier` or `learned`.
     pub time_embedding_type: String,
+    /// Width of the time embedding (default: 4 × `block_out_channels[0]`).
     pub time_embedding_dim: Option<usize>,
+    /// The sinusoidal timestep projection's `downscale_freq_shift`. Default: `0.0`.
     pub freq_shift: f64,
+    /// Cosines before sines in the timestep projection. Default: `true`.
     pub flip_sin_to_cos: bool,
+    /// The down blocks' class names, one per resolution level.
     pub down_block_types: Vec<String>,
+    /// The mid block's class name (`None`: no mid block). Default: `UNetMidBlock2D`.
     pub mid_block_type: Option<String>,
+    /// The up blocks' class names, one per resolution level.
     pub up_block_types: Vec<String>,
+    /// Channels of each resolution level.
     pub block_out_channels: Vec<usize>,
+    /// Resnets per down block (up blocks have one more). Default: `2`.
     pub layers_per_block: usize,
+    /// The mid block resnets' `output_scale_factor`. Default: `1.0`.
     pub mid_block_scale_factor: f64,
+    /// Padding of the downsampling convolutions. Default: `1`.
     pub downsample_padding: usize,
+    /// How resolution is halved: `conv` or `resnet`. Default: `conv`.
     pub downsample_type: String,
+    /// How resolution is doubled: `conv` or `resnet`. Default: `conv`.
     pub upsample_type: String,
+    /// Dropout probability (training only; 0 at inference). Default: `0.0`.
     pub dropout: f64,
+    /// The activation (diffusers' `get_activation` name). Default: `silu`.
     pub act_fn: String,
+    /// Width of each attention head. Default: `8`.
     pub attention_head_dim: Option<usize>,
+    /// Groups of the group norms. Default: `32`.
     pub norm_num_groups: usize,
+    /// Groups of the attention group norms (default: `norm_num_groups`).
     pub attn_norm_num_groups: Option<usize>,
+    /// The norms' epsilon. Default: `1e-5`.
     pub norm_eps: f64,
+    /// How resnets take the time embedding: `default` (added) or `scale_shift`. Default: `default`.
     pub resnet_time_scale_shift: String,
+    /// Whether the mid block has attention. Default: `true`.
     pub add_attention: bool,
+    /// How class labels are embedded (`None`: a lookup table when `num_class_embeds` is set).
     pub class_embed_type: Option<String>,
+    /// Classes of the class-label embedding (class-conditional models).
     pub num_class_embeds: Option<usize>,
+    /// For `time_embedding_type` `learned`: the embedding table's size.
     pub num_train_timesteps: Option<usize>,
 }
 
@@ -134,6 +163,7 @@ enum ClassEmbedding {
     Identity,
 }
 
+/// diffusers' `UNet2DModel`: the unconditional (or class-conditional) pixel-space denoiser of DDPM.
 #[derive(Debug, Clone)]
 pub struct UNet2DModel {
     config: UNet2DModelConfig,
@@ -149,6 +179,8 @@ pub struct UNet2DModel {
 }
 
 impl UNet2DModel {
+    /// Loads the weights under `vb` (diffusers' parameter names); errors name a missing tensor or a
+    /// wrong shape. Errors on config values it does not support.
     pub fn new(vb: VarBuilder, config: &UNet2DModelConfig) -> Result<Self> {
         let block_out_channels = &config.block_out_channels;
         if config.down_block_types.len() != config.up_block_types.len() {
@@ -328,6 +360,7 @@ impl UNet2DModel {
         })
     }
 
+    /// The config the model was built from.
     pub fn config(&self) -> &UNet2DModelConfig {
         &self.config
     }

@@ -41,21 +41,33 @@ impl ResampleType {
 /// down blocks and vice versa).
 #[derive(Debug, Clone)]
 pub struct BlockArgs {
+    /// Resnets (and attentions) in the block.
     pub num_layers: usize,
+    /// Channels of the input.
     pub in_channels: usize,
+    /// Channels of the output.
     pub out_channels: usize,
     /// Up blocks only: the channels coming from the block below.
     pub prev_output_channel: usize,
+    /// Width of the time embedding (`None`: no time conditioning).
     pub temb_channels: Option<usize>,
     /// `add_downsample` for down blocks, `add_upsample` for up blocks.
     pub add_resample: bool,
+    /// The resnets' group-norm epsilon.
     pub resnet_eps: f64,
+    /// The resnets' activation.
     pub resnet_act_fn: Activation,
+    /// The resnets' group-norm groups.
     pub resnet_groups: usize,
+    /// Width of each attention head (`None`: one head).
     pub attention_head_dim: Option<usize>,
+    /// Padding of the downsampling convolution.
     pub downsample_padding: usize,
+    /// How the resnets take the time embedding.
     pub resnet_time_scale_shift: TimeEmbeddingNorm,
+    /// Skip the activation before the time projection.
     pub resnet_skip_time_act: bool,
+    /// The resnets' `output_scale_factor`.
     pub resnet_out_scale_factor: f64,
     /// `downsample_type` for down blocks, `upsample_type` for up blocks.
     pub resample_type: ResampleType,
@@ -166,9 +178,13 @@ pub fn get_up_block(vb: VarBuilder, block_type: &str, args: &BlockArgs) -> Resul
 /// A down block of any supported type.
 #[derive(Debug, Clone)]
 pub enum DownBlock {
+    /// `DownBlock2D`.
     Down(DownBlock2D),
+    /// `AttnDownBlock2D`.
     AttnDown(AttnDownBlock2D),
+    /// `ResnetDownsampleBlock2D`.
     ResnetDownsample(ResnetDownsampleBlock2D),
+    /// `SkipDownBlock2D`.
     Skip(SkipDownBlock2D),
 }
 
@@ -195,9 +211,13 @@ impl DownBlock {
 /// An up block of any supported type.
 #[derive(Debug, Clone)]
 pub enum UpBlock {
+    /// `UpBlock2D`.
     Up(UpBlock2D),
+    /// `AttnUpBlock2D`.
     AttnUp(AttnUpBlock2D),
+    /// `ResnetUpsampleBlock2D`.
     ResnetUpsample(ResnetUpsampleBlock2D),
+    /// `SkipUpBlock2D`.
     Skip(SkipUpBlock2D),
 }
 
@@ -234,20 +254,28 @@ impl UpBlock {
 /// `UNetMidBlock2D`'s arguments, as `UNet2DModel` passes them.
 #[derive(Debug, Clone)]
 pub struct MidBlockArgs {
+    /// Channels of the input.
     pub in_channels: usize,
+    /// Width of the time embedding (`None`: no time conditioning).
     pub temb_channels: Option<usize>,
+    /// Resnets (and attentions) in the block.
     pub num_layers: usize,
+    /// The resnets' group-norm epsilon.
     pub resnet_eps: f64,
+    /// How the resnets take the time embedding.
     pub resnet_time_scale_shift: TimeEmbeddingNorm,
+    /// The resnets' activation.
     pub resnet_act_fn: Activation,
     /// `None` means `min(in_channels / 4, 32)`.
     pub resnet_groups: Option<usize>,
     /// `None` means `resnet_groups` with the default time conditioning, and no group norm in
     /// the attention with `scale_shift`.
     pub attn_groups: Option<usize>,
+    /// Whether the block has attention between its resnets.
     pub add_attention: bool,
     /// `None` means one head over all channels.
     pub attention_head_dim: Option<usize>,
+    /// The output is divided by this.
     pub output_scale_factor: f64,
 }
 
@@ -259,6 +287,7 @@ pub struct UNetMidBlock2D {
 }
 
 impl UNetMidBlock2D {
+    /// diffusers' `UNetMidBlock2D` from `args`, loading the weights under `vb`.
     pub fn new(vb: VarBuilder, args: &MidBlockArgs) -> Result<Self> {
         let channels = args.in_channels;
         let resnet_groups = args.resnet_groups.unwrap_or_else(|| (channels / 4).min(32));
@@ -296,6 +325,8 @@ impl UNetMidBlock2D {
         Ok(Self { resnets, attentions })
     }
 
+    /// Runs the block on `hidden_states` `[B, C, H, W]` with the time embedding `temb` `[B, T]`;
+    /// the shape is kept.
     pub fn forward(&self, hidden_states: &Tensor, temb: Option<&Tensor>, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         let mut hidden_states = self.resnets[0].forward(hidden_states, temb, lora_dropout)?;
         for (attention, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
@@ -316,6 +347,7 @@ pub struct DownBlock2D {
 }
 
 impl DownBlock2D {
+    /// diffusers' `DownBlock2D` from `args`, loading the weights under `vb`.
     pub fn new(vb: VarBuilder, args: &BlockArgs) -> Result<Self> {
         let mut resnets = Vec::with_capacity(args.num_layers);
         for i in 0..args.num_layers {
@@ -332,6 +364,8 @@ impl DownBlock2D {
         Ok(Self { resnets, downsampler })
     }
 
+    /// Runs the block on `hidden_states` `[B, C, H, W]` with the time embedding `temb` `[B, T]`:
+    /// the output and the skip states the matching up block takes.
     pub fn forward(&self, hidden_states: &Tensor, temb: Option<&Tensor>, lora_dropout: Option<&LoraDropout>) -> Result<(Tensor, Vec<Tensor>)> {
         let mut output_states = Vec::with_capacity(self.resnets.len() + 1);
         let mut hidden_states = resnets_forward(&self.resnets, hidden_states, temb, &mut output_states, lora_dropout)?;
@@ -359,6 +393,7 @@ pub struct AttnDownBlock2D {
 }
 
 impl AttnDownBlock2D {
+    /// diffusers' `AttnDownBlock2D` from `args`, loading the weights under `vb`.
     pub fn new(vb: VarBuilder, args: &BlockArgs) -> Result<Self> {
         let mut resnets = Vec::with_capacity(args.num_layers);
         let mut attentions = Vec::with_capacity(args.num_layers);
@@ -396,6 +431,8 @@ impl AttnDownBlock2D {
         Ok(Self { resnets, attentions, downsampler })
     }
 
+    /// Runs the block on `hidden_states` `[B, C, H, W]` with the time embedding `temb` `[B, T]`:
+    /// the output and the skip states the matching up block takes.
     pub fn forward(&self, hidden_states: &Tensor, temb: Option<&Tensor>) -> Result<(Tensor, Vec<Tensor>)> {
         let mut output_states = Vec::with_capacity(self.resnets.len() + 1);
         let mut hidden_states = hidden_states.clone();
@@ -423,6 +460,7 @@ pub struct ResnetDownsampleBlock2D {
 }
 
 impl ResnetDownsampleBlock2D {
+    /// diffusers' `ResnetDownsampleBlock2D` from `args`, loading the weights under `vb`.
     pub fn new(vb: VarBuilder, args: &BlockArgs) -> Result<Self> {
         let output_scale_factor = args.resnet_out_scale_factor;
         let mut resnets = Vec::with_capacity(args.num_layers);
@@ -447,6 +485,8 @@ impl ResnetDownsampleBlock2D {
         Ok(Self { resnets, downsampler })
     }
 
+    /// Runs the block on `hidden_states` `[B, C, H, W]` with the time embedding `temb` `[B, T]`:
+    /// the output and the skip states the matching up block takes.
     pub fn forward(&self, hidden_states: &Tensor, temb: Option<&Tensor>) -> Result<(Tensor, Vec<Tensor>)> {
         let mut output_states = Vec::with_capacity(self.resnets.len() + 1);
         let mut hidden_states = resnets_forward(&self.resnets, hidden_states, temb, &mut output_states, None)?;
@@ -474,6 +514,8 @@ pub struct SkipDownBlock2D {
 }
 
 impl SkipDownBlock2D {
+    /// diffusers' `SkipDownBlock2D` from `args`, loading the weights under `vb`. `with_attention`
+    /// makes it `AttnSkipDownBlock2D`.
     pub fn new(vb: VarBuilder, args: &BlockArgs, with_attention: bool) -> Result<Self> {
         let output_scale_factor = std::f64::consts::SQRT_2;
         let out_channels = args.out_channels;
@@ -516,6 +558,9 @@ impl SkipDownBlock2D {
         Ok(Self { resnets, attentions, resnet_down, downsampler: FirDownsample2D, skip_conv })
     }
 
+    /// Runs the block on `hidden_states` `[B, C, H, W]` with the time embedding `temb` `[B, T]`:
+    /// the output and the skip states the matching up block takes. `skip_sample` is the
+    /// image-resolution skip path, downsampled and returned.
     pub fn forward(
         &self,
         hidden_states: &Tensor,
@@ -590,6 +635,7 @@ pub struct UpBlock2D {
 }
 
 impl UpBlock2D {
+    /// diffusers' `UpBlock2D` from `args`, loading the weights under `vb`.
     pub fn new(vb: VarBuilder, args: &BlockArgs) -> Result<Self> {
         let mut resnets = Vec::with_capacity(args.num_layers);
         for i in 0..args.num_layers {
@@ -639,6 +685,7 @@ pub struct AttnUpBlock2D {
 }
 
 impl AttnUpBlock2D {
+    /// diffusers' `AttnUpBlock2D` from `args`, loading the weights under `vb`.
     pub fn new(vb: VarBuilder, args: &BlockArgs) -> Result<Self> {
         let mut resnets = Vec::with_capacity(args.num_layers);
         let mut attentions = Vec::with_capacity(args.num_layers);
@@ -670,6 +717,8 @@ impl AttnUpBlock2D {
         Ok(Self { resnets, attentions, upsampler })
     }
 
+    /// Runs the block on `hidden_states` `[B, C, H, W]`, concatenating the down blocks' skip states
+    /// `res_hidden_states` (last first) before each resnet.
     pub fn forward(&self, hidden_states: &Tensor, res_hidden_states: &[Tensor], temb: Option<&Tensor>) -> Result<Tensor> {
         let hidden_states = up_resnets_forward(&self.resnets, hidden_states, res_hidden_states, temb, None, |i, h| {
             self.attentions[i].forward(&h, None, None)
@@ -691,6 +740,7 @@ pub struct ResnetUpsampleBlock2D {
 }
 
 impl ResnetUpsampleBlock2D {
+    /// diffusers' `ResnetUpsampleBlock2D` from `args`, loading the weights under `vb`.
     pub fn new(vb: VarBuilder, args: &BlockArgs) -> Result<Self> {
         let output_scale_factor = args.resnet_out_scale_factor;
         let mut resnets = Vec::with_capacity(args.num_layers);
@@ -715,6 +765,8 @@ impl ResnetUpsampleBlock2D {
         Ok(Self { resnets, upsampler })
     }
 
+    /// Runs the block on `hidden_states` `[B, C, H, W]`, concatenating the down blocks' skip states
+    /// `res_hidden_states` (last first) before each resnet.
     pub fn forward(&self, hidden_states: &Tensor, res_hidden_states: &[Tensor], temb: Option<&Tensor>) -> Result<Tensor> {
         let hidden_states = up_resnets_forward(&self.resnets, hidden_states, res_hidden_states, temb, None, |_, h| Ok(h))?;
         match &self.upsampler {
@@ -739,6 +791,8 @@ pub struct SkipUpBlock2D {
 }
 
 impl SkipUpBlock2D {
+    /// diffusers' `SkipUpBlock2D` from `args`, loading the weights under `vb`. `with_attention`
+    /// makes it `AttnSkipUpBlock2D`.
     pub fn new(vb: VarBuilder, args: &BlockArgs, with_attention: bool) -> Result<Self> {
         let output_scale_factor = std::f64::consts::SQRT_2;
         let out_channels = args.out_channels;
@@ -788,6 +842,9 @@ impl SkipUpBlock2D {
         Ok(Self { resnets, attention, upsampler: FirUpsample2D, resnet_up, skip_norm, skip_conv })
     }
 
+    /// Runs the block on `hidden_states` `[B, C, H, W]`, concatenating the down blocks' skip states
+    /// `res_hidden_states` (last first) before each resnet. `skip_sample` is the image-resolution
+    /// skip path, upsampled and returned with this block's contribution added.
     pub fn forward(
         &self,
         hidden_states: &Tensor,
@@ -826,8 +883,11 @@ pub struct CrossAttnArgs {
     pub num_attention_heads: usize,
     /// The width of the context (text embeddings).
     pub cross_attention_dim: usize,
+    /// Linear layers instead of 1×1 convolutions around the transformers (SD 2.x).
     pub use_linear_projection: bool,
+    /// The transformers' first attention attends to the context only.
     pub only_cross_attention: bool,
+    /// Compute attention scores in f32.
     pub upcast_attention: bool,
 }
 
@@ -864,6 +924,7 @@ pub struct CrossAttnDownBlock2D {
 }
 
 impl CrossAttnDownBlock2D {
+    /// diffusers' `CrossAttnDownBlock2D` from `args`, loading the weights under `vb`.
     pub fn new(vb: VarBuilder, args: &BlockArgs, cross: &CrossAttnArgs) -> Result<Self> {
         let mut resnets = Vec::with_capacity(args.num_layers);
         let mut attentions = Vec::with_capacity(args.num_layers);
@@ -922,6 +983,7 @@ pub struct UNetMidBlock2DCrossAttn {
 }
 
 impl UNetMidBlock2DCrossAttn {
+    /// diffusers' `UNetMidBlock2DCrossAttn` from `args`, loading the weights under `vb`.
     pub fn new(vb: VarBuilder, args: &MidBlockArgs, cross: &CrossAttnArgs) -> Result<Self> {
         let channels = args.in_channels;
         let resnet_groups = args.resnet_groups.unwrap_or_else(|| (channels / 4).min(32));
@@ -943,6 +1005,8 @@ impl UNetMidBlock2DCrossAttn {
         Ok(Self { resnets, attentions })
     }
 
+    /// Runs the block on `hidden_states` `[B, C, H, W]` with the time embedding `temb` and the
+    /// context `encoder_hidden_states` `[B, N, cross_attention_dim]`; the shape is kept.
     pub fn forward(
         &self,
         hidden_states: &Tensor,
@@ -976,6 +1040,7 @@ pub struct CrossAttnUpBlock2D {
 }
 
 impl CrossAttnUpBlock2D {
+    /// diffusers' `CrossAttnUpBlock2D` from `args`, loading the weights under `vb`.
     pub fn new(vb: VarBuilder, args: &BlockArgs, cross: &CrossAttnArgs) -> Result<Self> {
         let mut resnets = Vec::with_capacity(args.num_layers);
         let mut attentions = Vec::with_capacity(args.num_layers);

@@ -25,7 +25,9 @@ use crate::{bail, Error, Result};
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
 pub enum PerBlock<T> {
+    /// The same value for every block.
     One(T),
+    /// One value per down block (reversed for the up blocks).
     List(Vec<T>),
 }
 
@@ -71,32 +73,53 @@ fn default_cross_attention_dim() -> usize {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct UNet2DConditionModelConfig {
+    /// The size, in latent pixels, the model was trained at (64 for SD 1.x).
     pub sample_size: Option<SampleSize>,
+    /// Channels of the input. Default: `4`.
     pub in_channels: usize,
+    /// Channels of the output. Default: `4`.
     pub out_channels: usize,
+    /// Map the input from [0, 1] to [-1, 1] first. Default: `false`.
     pub center_input_sample: bool,
+    /// Cosines before sines in the timestep projection. Default: `true`.
     pub flip_sin_to_cos: bool,
+    /// The sinusoidal timestep projection's `downscale_freq_shift`. Default: `0.0`.
     pub freq_shift: f64,
+    /// The down blocks' class names, one per resolution level.
     pub down_block_types: Vec<String>,
+    /// The mid block's class name (`None`: no mid block). Default: `UNetMidBlock2DCrossAttn`.
     pub mid_block_type: Option<String>,
+    /// The up blocks' class names, one per resolution level.
     pub up_block_types: Vec<String>,
+    /// Whether each block's first attention attends to the context only (one value or one per
+    /// block).
     pub only_cross_attention: PerBlock<bool>,
+    /// Channels of each resolution level.
     pub block_out_channels: Vec<usize>,
+    /// Resnets per down block, one value or one per block (up blocks have one more).
     pub layers_per_block: PerBlock<usize>,
+    /// Padding of the downsampling convolutions. Default: `1`.
     pub downsample_padding: usize,
+    /// The mid block resnets' `output_scale_factor`. Default: `1.0`.
     pub mid_block_scale_factor: f64,
+    /// Dropout probability (training only; 0 at inference). Default: `0.0`.
     pub dropout: f64,
+    /// The activation (diffusers' `get_activation` name). Default: `silu`.
     pub act_fn: String,
     /// `None` (no output normalisation) is not supported.
     pub norm_num_groups: Option<usize>,
+    /// The norms' epsilon. Default: `1e-5`.
     pub norm_eps: f64,
+    /// Width of the context, the text encoder's hidden states (768 for SD 1.x, 1024 for SD 2.x).
     #[serde(deserialize_with = "deserialize_cross_attention_dim", default = "default_cross_attention_dim")]
     pub cross_attention_dim: usize,
+    /// Transformer blocks in each attention layer (SDXL: more in deeper levels).
     pub transformer_layers_per_block: PerBlock<usize>,
     /// Refused if set (asymmetric UNets).
     pub reverse_transformer_layers_per_block: Option<serde_json::Value>,
     /// Refused if set (Kandinsky / IP-adapter style context projections).
     pub encoder_hid_dim: Option<usize>,
+    /// How `encoder_hid_dim` projects the context (`text_proj`, ...); `None` for SD.
     pub encoder_hid_dim_type: Option<String>,
     /// Despite its name, the number of attention heads of the cross-attention blocks (see
     /// diffusers issue 2011): each head has `block_out_channels[i] / attention_head_dim[i]`
@@ -106,16 +129,21 @@ pub struct UNet2DConditionModelConfig {
     pub num_attention_heads: Option<PerBlock<usize>>,
     /// Refused if true (versatile diffusion).
     pub dual_cross_attention: bool,
+    /// Linear layers instead of 1×1 convolutions around the transformers (SD 2.x). Default:
+    /// `false`.
     pub use_linear_projection: bool,
     /// Refused if set; `num_class_embeds` alone gives a class-embedding table.
     pub class_embed_type: Option<String>,
     /// `text_time` (SDXL: [`AddedConditions`]); the other kinds (Kandinsky's) are refused.
     pub addition_embed_type: Option<String>,
+    /// Width of each projected SDXL micro-conditioning value (`add_time_proj`).
     pub addition_time_embed_dim: Option<usize>,
+    /// Classes of the class-label embedding (class-conditional models).
     pub num_class_embeds: Option<usize>,
     /// SDXL's configs say `null`, which diffusers reads as false.
     #[serde(deserialize_with = "null_as_false")]
     pub upcast_attention: bool,
+    /// How resnets take the time embedding: `default` (added) or `scale_shift`. Default: `default`.
     pub resnet_time_scale_shift: String,
     /// Only used by block types we do not build.
     pub resnet_skip_time_act: bool,
@@ -123,13 +151,19 @@ pub struct UNet2DConditionModelConfig {
     pub resnet_out_scale_factor: f64,
     /// `positional` or `fourier`.
     pub time_embedding_type: String,
+    /// Width of the time embedding (default: 4 × `block_out_channels[0]`).
     pub time_embedding_dim: Option<usize>,
+    /// An activation applied to the time embedding before the resnets.
     pub time_embedding_act_fn: Option<String>,
+    /// An activation after the time embedding MLP.
     pub timestep_post_act: Option<String>,
     /// LCM's guidance embedding (`time_embedding.cond_proj`).
     pub time_cond_proj_dim: Option<usize>,
+    /// Kernel size of `conv_in`. Default: `3`.
     pub conv_in_kernel: usize,
+    /// Kernel size of `conv_out`. Default: `3`.
     pub conv_out_kernel: usize,
+    /// Input width of the `projection` class embedding (SDXL: text_embeds + time_ids).
     pub projection_class_embeddings_input_dim: Option<usize>,
     /// Only `default` (`gated` is GLIGEN).
     pub attention_type: String,
@@ -139,6 +173,7 @@ pub struct UNet2DConditionModelConfig {
     pub mid_block_only_cross_attention: Option<bool>,
     /// Only used by the simple cross-attention blocks, which we do not build.
     pub cross_attention_norm: Option<String>,
+    /// Heads of the `text` addition embedding's attention pooling. Default: `64`.
     pub addition_embed_type_num_heads: usize,
 }
 
@@ -325,7 +360,9 @@ impl UpBlock {
 /// aesthetic score).
 #[derive(Debug, Clone)]
 pub struct AddedConditions {
+    /// The pooled text embedding `[B, projection_dim]`.
     pub text_embeds: Tensor,
+    /// The micro-conditioning ids `[B, n]`.
     pub time_ids: Tensor,
 }
 
@@ -369,6 +406,8 @@ impl TextTimeEmbedding {
     }
 }
 
+/// diffusers' `UNet2DConditionModel`: the text-conditioned latent denoiser of Stable Diffusion 1.x,
+/// 2.x and SDXL.
 #[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
     config: UNet2DConditionModelConfig,
@@ -389,6 +428,8 @@ pub struct UNet2DConditionModel {
 }
 
 impl UNet2DConditionModel {
+    /// Loads the weights under `vb` (diffusers' parameter names); errors name a missing tensor or a
+    /// wrong shape. Errors on config values it does not support.
     pub fn new(vb: VarBuilder, config: &UNet2DConditionModelConfig) -> Result<Self> {
         config.check_supported()?;
         let block_out_channels = &config.block_out_channels;
@@ -662,6 +703,7 @@ impl UNet2DConditionModel {
         })
     }
 
+    /// The config the model was built from.
     pub fn config(&self) -> &UNet2DConditionModelConfig {
         &self.config
     }

@@ -152,16 +152,24 @@ fn check_blocks(types_key: &str, block_types: &[String], block_out_channels: &[u
 /// `Encoder`'s arguments.
 #[derive(Debug, Clone)]
 pub struct EncoderConfig {
+    /// Image channels.
     pub in_channels: usize,
     /// Latent channels; the convolution produces twice as many with `double_z` (mean and
     /// log-variance).
     pub out_channels: usize,
+    /// The down blocks' class names, one per resolution level.
     pub down_block_types: Vec<String>,
+    /// Channels of each resolution level.
     pub block_out_channels: Vec<usize>,
+    /// Resnets per down block (up blocks have one more).
     pub layers_per_block: usize,
+    /// Groups of the group norms.
     pub norm_num_groups: usize,
+    /// The activation (diffusers' `get_activation` name).
     pub act_fn: Activation,
+    /// Output mean and log-variance (twice `out_channels`).
     pub double_z: bool,
+    /// Whether the mid block has its attention layer.
     pub mid_block_add_attention: bool,
 }
 
@@ -237,13 +245,19 @@ impl Encoder {
 pub struct DecoderConfig {
     /// Latent channels.
     pub in_channels: usize,
+    /// Image channels.
     pub out_channels: usize,
+    /// The up blocks' class names, one per resolution level.
     pub up_block_types: Vec<String>,
+    /// Channels of each resolution level.
     pub block_out_channels: Vec<usize>,
     /// Each up block has one resnet more than this.
     pub layers_per_block: usize,
+    /// Groups of the group norms.
     pub norm_num_groups: usize,
+    /// The activation (diffusers' `get_activation` name).
     pub act_fn: Activation,
+    /// Whether the mid block has its attention layer.
     pub mid_block_add_attention: bool,
 }
 
@@ -339,6 +353,7 @@ impl DiagonalGaussianDistribution {
         Ok(Self { mean, logvar, std })
     }
 
+    /// The mean `[B, C, h, w]`: the latents diffusers' `latent_dist.mode()` gives.
     pub fn mean(&self) -> &Tensor {
         &self.mean
     }

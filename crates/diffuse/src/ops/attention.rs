@@ -24,9 +24,13 @@ const _: () = assert!(KEY_BLOCK % 12 == 0);
 /// rows, `keys` keys and `head_dim` features.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionDims {
+    /// Independent problems (batch × heads).
     pub heads: usize,
+    /// Query rows per problem.
     pub queries: usize,
+    /// Keys (and values) per problem.
     pub keys: usize,
+    /// Features per query, key and value.
     pub head_dim: usize,
 }
 

@@ -23,21 +23,32 @@ const COLUMN_BUDGET: usize = 4 << 20;
 /// The sizes of one convolution (groups of 1, square stride and padding, no dilation).
 #[derive(Debug, Clone, Copy)]
 pub struct Geometry {
+    /// B, images in the batch.
     pub batch: usize,
+    /// C_in, the input's channels.
     pub in_channels: usize,
+    /// H, the input's rows.
     pub height: usize,
+    /// W, the input's columns.
     pub width: usize,
+    /// C_out, the output's channels.
     pub out_channels: usize,
+    /// The kernel's rows.
     pub kernel_h: usize,
+    /// The kernel's columns.
     pub kernel_w: usize,
+    /// The step between kernel positions, both ways.
     pub stride: usize,
+    /// Zeros added on every side.
     pub padding: usize,
 }
 
 impl Geometry {
+    /// Rows of the output.
     pub fn out_height(&self) -> usize {
         (self.height + 2 * self.padding - self.kernel_h) / self.stride + 1
     }
+    /// Columns of the output.
     pub fn out_width(&self) -> usize {
         (self.width + 2 * self.padding - self.kernel_w) / self.stride + 1
     }
@@ -372,7 +383,9 @@ fn geometry(input: &Layout, weight: &Layout, stride: usize, padding: usize) -> c
 
 /// The convolution as a candle op with its backward pass: `input.apply_op2(weight, Conv2d)`.
 pub struct Conv2d {
+    /// The step between kernel positions, both ways.
     pub stride: usize,
+    /// Zeros added on every side.
     pub padding: usize,
     /// Added as the output is written (inference: the backward pass gives the bias no
     /// gradient, so training adds it outside the op).

@@ -148,10 +148,12 @@ impl<'a> MatRef<'a> {
         Self { data: self.data, rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride }
     }
 
+    /// Rows of the view.
     pub fn rows(&self) -> usize {
         self.rows
     }
 
+    /// Columns of the view.
     pub fn cols(&self) -> usize {
         self.cols
     }
@@ -173,6 +175,7 @@ impl<'a> MatRef<'a> {
 pub trait PackB: Sync {
     /// `(k, n)`.
     fn dims(&self) -> (usize, usize);
+    /// Writes the panels for columns `n0..n0 + nc` and depth `k0..k0 + kc` into `out`.
     fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [f32]);
 
     /// The panels for this block: packed into `scratch` (grown as needed), or borrowed where
@@ -268,6 +271,7 @@ pub struct PackedA {
 }
 
 impl PackedA {
+    /// Packs `a` for the running CPU's kernel.
     pub fn new(a: &MatRef) -> Self {
         Self::with_isa(a, isa())
     }
@@ -367,8 +371,11 @@ impl PackedB {
 
 /// Columns `first..first + len` of a `B`, as a `B` of its own (starting at a panel).
 pub struct Columns<'a, B: PackB> {
+    /// The whole `B`.
     pub inner: &'a B,
+    /// The first column taken.
     pub first: usize,
+    /// Columns taken.
     pub len: usize,
 }
 
@@ -390,7 +397,9 @@ impl<B: PackB> PackB for Columns<'_, B> {
 /// packed once.
 #[derive(Clone, Copy)]
 pub enum ASource<'a> {
+    /// A strided view, packed block by block as it is used.
     View(MatRef<'a>),
+    /// Panels packed once.
     Packed(&'a PackedA),
     /// A row-major matrix (column stride 1) that the micro-kernel reads where it lies, a row
     /// per register row: nothing is copied but a last partial panel. For a convolution's

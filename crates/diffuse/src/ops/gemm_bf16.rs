@@ -193,7 +193,9 @@ impl PackBPairs for PackedBPairs {
 /// An f32 `B` ([`PackB`]: a view, a convolution's patches), packed one f32 panel at a time
 /// into a scratch panel that stays in cache, then rounded into pairs (vectorised for `isa`).
 pub struct RoundedB<'a, B: PackB> {
+    /// The f32 source.
     pub source: &'a B,
+    /// The instruction set the rounding is vectorised for.
     pub isa: Isa,
 }
 

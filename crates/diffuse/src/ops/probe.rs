@@ -15,7 +15,9 @@ use super::gemm_bf16::{self, ABf16, Bf16Matrix, RoundedB};
 /// One kernel's measured rate.
 #[derive(Debug, Clone)]
 pub struct Rate {
+    /// The kernel's name.
     pub name: String,
+    /// Its measured rate, in GFLOP/s.
     pub gflops: f64,
     /// The measured peak of the instructions it runs on (f32 FMA, or the bf16 dot product).
     pub peak_gflops: f64,

@@ -16,6 +16,7 @@ pub fn enable() {
     ENABLED.store(true, Ordering::Relaxed);
 }
 
+/// Clears the totals.
 pub fn reset() {
     if let Ok(mut totals) = TOTALS.lock() {
         totals.clear();
@@ -35,6 +36,7 @@ pub struct Timer {
     start: Option<Instant>,
 }
 
+/// A timer that records under `name` when dropped (a no-op while profiling is off).
 pub fn timer(name: &'static str) -> Timer {
     Timer { name, start: ENABLED.load(Ordering::Relaxed).then(Instant::now) }
 }

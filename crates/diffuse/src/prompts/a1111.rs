@@ -218,20 +218,25 @@ fn push_text(res: &mut Vec<(String, f64)>, text: &str) {
 /// One chunk of a prompt: BOS, 75 token slots (EOS-padded), EOS, and each token's weight.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PromptChunk {
+    /// The 77 token ids.
     pub tokens: Vec<u32>,
+    /// Each token's weight (1 for BOS, EOS and padding).
     pub multipliers: Vec<f64>,
 }
 
 /// The tokens chunking needs to know.
 #[derive(Clone, Copy, Debug)]
 pub struct ChunkTokens {
+    /// The start-of-text token.
     pub bos: u32,
+    /// The end-of-text (and padding) token.
     pub eos: u32,
     /// `,</w>`, where chunks prefer to break.
     pub comma: Option<u32>,
 }
 
 impl ChunkTokens {
+    /// Reads the tokens from `tokenizer`.
     pub fn of(tokenizer: &ClipTokenizer) -> Result<Self> {
         let comma = tokenizer.tokenize(",")?;
         Ok(ChunkTokens {

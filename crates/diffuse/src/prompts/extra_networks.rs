@@ -13,6 +13,7 @@ pub struct ExtraNetworkTag {
     pub kind: String,
     /// The arguments that are not `key=value`, in order (the first is the network's name).
     pub positional: Vec<String>,
+    /// The `key=value` arguments (`te=`, `unet=`, ...).
     pub named: BTreeMap<String, String>,
     /// The tag as written, for messages.
     pub text: String,

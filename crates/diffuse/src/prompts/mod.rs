@@ -17,8 +17,10 @@ pub enum PromptSyntax {
 }
 
 impl PromptSyntax {
+    /// The names [`PromptSyntax::name`] gives, for help and errors.
     pub const NAMES: [&'static str; 2] = ["diffusers", "a1111"];
 
+    /// The syntax's name: `diffusers` or `a1111`.
     pub fn name(self) -> &'static str {
         match self {
             PromptSyntax::Diffusers => "diffusers",

@@ -21,20 +21,42 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct DdimSchedulerConfig {
+    /// Timesteps of the training noise schedule. Default: `1000`.
     pub num_train_timesteps: usize,
+    /// The noise schedule's first beta. Default: `0.0001`.
     pub beta_start: f64,
+    /// The noise schedule's last beta. Default: `0.02`.
     pub beta_end: f64,
+    /// How the betas go from `beta_start` to `beta_end`: `linear`, `scaled_linear` (linear in
+    /// sqrt(beta), Stable Diffusion's) or `squaredcos_cap_v2` (the cosine schedule). Default:
+    /// `linear`.
     pub beta_schedule: String,
+    /// Betas given outright, in place of the schedule. Default: none.
     pub trained_betas: Option<Vec<f64>>,
+    /// Clip the predicted x0 to [-`clip_sample_range`, `clip_sample_range`]. Default: `true`.
     pub clip_sample: bool,
+    /// Take alpha_bar = 1 for the step after the last (else the first training alpha_bar). Default:
+    /// `true`.
     pub set_alpha_to_one: bool,
+    /// Added to every inference timestep (1 in SD 1.x configs). Default: `0`.
     pub steps_offset: usize,
+    /// What the model predicts: `epsilon` (the noise), `sample` (x0) or `v_prediction`. Default:
+    /// `epsilon`.
     pub prediction_type: PredictionType,
+    /// Imagen's dynamic thresholding of the predicted x0 (pixel-space models only). Default:
+    /// `false`.
     pub thresholding: bool,
+    /// The quantile of |x0| at which dynamic thresholding clips. Default: `0.995`.
     pub dynamic_thresholding_ratio: f64,
+    /// The bound `clip_sample` clips to. Default: `1.0`.
     pub clip_sample_range: f64,
+    /// The largest threshold of dynamic thresholding. Default: `1.0`.
     pub sample_max_value: f64,
+    /// How inference timesteps are picked from the training ones: `leading`, `trailing` or
+    /// `linspace` (Lin et al. 2023, table 2). Default: `leading`.
     pub timestep_spacing: String,
+    /// Rescale the betas to zero terminal SNR (Lin et al. 2023); meant for `v_prediction` models.
+    /// Default: `false`.
     pub rescale_betas_zero_snr: bool,
 }
 
@@ -60,6 +82,7 @@ impl Default for DdimSchedulerConfig {
     }
 }
 
+/// diffusers' `DDIMScheduler`, built from a [`DdimSchedulerConfig`].
 pub struct DdimScheduler {
     config: DdimSchedulerConfig,
     alphas_cumprod: Vec<f32>,
@@ -70,6 +93,7 @@ pub struct DdimScheduler {
 }
 
 impl DdimScheduler {
+    /// Builds the scheduler; errors on config values it does not support.
     pub fn new(config: DdimSchedulerConfig) -> Result<Self> {
         check_spacing(&config.timestep_spacing)?;
         if config.thresholding {
@@ -90,10 +114,13 @@ impl DdimScheduler {
         Ok(DdimScheduler { config, alphas_cumprod, final_alpha_cumprod, timesteps, num_inference_steps: None })
     }
 
+    /// Builds the scheduler from `scheduler_config.json`'s keys (unknown keys ignored, as diffusers
+    /// does); `origin` names the file in errors.
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
         Self::new(parse_config(map, origin)?).map_err(|e| e.in_config_file(origin))
     }
 
+    /// The config the scheduler was built from.
     pub fn config(&self) -> &DdimSchedulerConfig {
         &self.config
     }

@@ -40,20 +40,41 @@ pub enum VarianceType {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct DdpmSchedulerConfig {
+    /// Timesteps of the training noise schedule. Default: `1000`.
     pub num_train_timesteps: usize,
+    /// The noise schedule's first beta. Default: `0.0001`.
     pub beta_start: f64,
+    /// The noise schedule's last beta. Default: `0.02`.
     pub beta_end: f64,
+    /// How the betas go from `beta_start` to `beta_end`: `linear`, `scaled_linear` (linear in
+    /// sqrt(beta), Stable Diffusion's) or `squaredcos_cap_v2` (the cosine schedule). Default:
+    /// `linear`.
     pub beta_schedule: String,
+    /// Betas given outright, in place of the schedule. Default: none.
     pub trained_betas: Option<Vec<f64>>,
+    /// The variance of each reverse step. Default: `fixed_small`.
     pub variance_type: VarianceType,
+    /// Clip the predicted x0 to [-`clip_sample_range`, `clip_sample_range`]. Default: `true`.
     pub clip_sample: bool,
+    /// What the model predicts: `epsilon` (the noise), `sample` (x0) or `v_prediction`. Default:
+    /// `epsilon`.
     pub prediction_type: PredictionType,
+    /// Imagen's dynamic thresholding of the predicted x0 (pixel-space models only). Default:
+    /// `false`.
     pub thresholding: bool,
+    /// The quantile of |x0| at which dynamic thresholding clips. Default: `0.995`.
     pub dynamic_thresholding_ratio: f64,
+    /// The bound `clip_sample` clips to. Default: `1.0`.
     pub clip_sample_range: f64,
+    /// The largest threshold of dynamic thresholding. Default: `1.0`.
     pub sample_max_value: f64,
+    /// How inference timesteps are picked from the training ones: `leading`, `trailing` or
+    /// `linspace` (Lin et al. 2023, table 2). Default: `leading`.
     pub timestep_spacing: String,
+    /// Added to every inference timestep (1 in SD 1.x configs). Default: `0`.
     pub steps_offset: usize,
+    /// Rescale the betas to zero terminal SNR (Lin et al. 2023); meant for `v_prediction` models.
+    /// Default: `false`.
     pub rescale_betas_zero_snr: bool,
 }
 
@@ -79,6 +100,7 @@ impl Default for DdpmSchedulerConfig {
     }
 }
 
+/// diffusers' `DDPMScheduler`, built from a [`DdpmSchedulerConfig`].
 pub struct DdpmScheduler {
     config: DdpmSchedulerConfig,
     alphas_cumprod: Vec<f32>,
@@ -89,6 +111,7 @@ pub struct DdpmScheduler {
 }
 
 impl DdpmScheduler {
+    /// Builds the scheduler; errors on config values it does not support.
     pub fn new(config: DdpmSchedulerConfig) -> Result<Self> {
         check_spacing(&config.timestep_spacing)?;
         if config.thresholding {
@@ -108,10 +131,13 @@ impl DdpmScheduler {
         Ok(DdpmScheduler { config, alphas_cumprod, timesteps, num_inference_steps: None, custom_timesteps: false })
     }
 
+    /// Builds the scheduler from `scheduler_config.json`'s keys (unknown keys ignored, as diffusers
+    /// does); `origin` names the file in errors.
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
         Self::new(parse_config(map, origin)?).map_err(|e| e.in_config_file(origin))
     }
 
+    /// The config the scheduler was built from.
     pub fn config(&self) -> &DdpmSchedulerConfig {
         &self.config
     }

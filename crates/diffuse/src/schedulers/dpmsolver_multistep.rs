@@ -1,6 +1,6 @@
 // Port of diffusers/schedulers/scheduling_dpmsolver_multistep.py (diffusers 0.42.1).
-//! Multistep DPM-Solver (Lu et al. 2022, https://arxiv.org/abs/2206.00927) and DPM-Solver++
-//! (Lu et al. 2022, https://arxiv.org/abs/2211.01095), ODE and SDE variants, orders 1 to 3.
+//! Multistep DPM-Solver (Lu et al. 2022, <https://arxiv.org/abs/2206.00927>) and DPM-Solver++
+//! (Lu et al. 2022, <https://arxiv.org/abs/2211.01095>), ODE and SDE variants, orders 1 to 3.
 //!
 //! DPM-Solver++ integrates the data prediction x0(x_t); DPM-Solver the noise prediction. Each
 //! step converts the model output to that quantity, keeps the last `solver_order` of them and
@@ -26,39 +26,78 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct DpmSolverMultistepSchedulerConfig {
+    /// Timesteps of the training noise schedule. Default: `1000`.
     pub num_train_timesteps: usize,
+    /// The noise schedule's first beta. Default: `0.0001`.
     pub beta_start: f64,
+    /// The noise schedule's last beta. Default: `0.02`.
     pub beta_end: f64,
+    /// How the betas go from `beta_start` to `beta_end`: `linear`, `scaled_linear` (linear in
+    /// sqrt(beta), Stable Diffusion's) or `squaredcos_cap_v2` (the cosine schedule). Default:
+    /// `linear`.
     pub beta_schedule: String,
+    /// Betas given outright, in place of the schedule. Default: none.
     pub trained_betas: Option<Vec<f64>>,
+    /// The order of the multistep solver (2 for guided sampling, 3 for unguided). Default: `2`.
     pub solver_order: usize,
+    /// What the model predicts: `epsilon` (the noise), `sample` (x0) or `v_prediction`. Default:
+    /// `epsilon`.
     pub prediction_type: String,
+    /// Imagen's dynamic thresholding of the predicted x0 (pixel-space models only). Default:
+    /// `false`.
     pub thresholding: bool,
+    /// The quantile of |x0| at which dynamic thresholding clips. Default: `0.995`.
     pub dynamic_thresholding_ratio: f64,
+    /// The largest threshold of dynamic thresholding. Default: `1.0`.
     pub sample_max_value: f64,
+    /// The algorithm: `dpmsolver++` (on x0), `dpmsolver` (on the noise), `sde-dpmsolver++` or
+    /// `sde-dpmsolver` (stochastic); `deis` runs as `dpmsolver++`. Default: `dpmsolver++`.
     pub algorithm_type: String,
+    /// The second-order update: `midpoint` or `heun` (`logrho`, `bh1`, `bh2` run as `midpoint`).
+    /// Default: `midpoint`.
     pub solver_type: String,
+    /// Use lower orders for the last steps (stabler below about 15 steps). Default: `true`.
     pub lower_order_final: bool,
+    /// Make the last step first-order (Euler). Default: `false`.
     pub euler_at_final: bool,
+    /// Karras et al. 2022 sigmas (rho = 7) in place of the training ones. Default: `false`.
     pub use_karras_sigmas: bool,
+    /// Sigmas evenly spaced in log sigma. Default: `false`.
     pub use_exponential_sigmas: bool,
+    /// Sigmas at the quantiles of Beta(0.6, 0.6) (Lee et al. 2024); refused here.
     pub use_beta_sigmas: bool,
+    /// Timesteps evenly spaced in log-SNR lambda (Lu et al., DPM-Solver++). Default: `false`.
     pub use_lu_lambdas: bool,
+    /// Flow-matching sigmas; refused here.
     pub use_flow_sigmas: bool,
+    /// The shift of flow-matching sigmas. Default: `1.0`.
     pub flow_shift: f64,
+    /// The sigma after the last step: `zero`, or `sigma_min` (the smallest training sigma).
+    /// Default: `zero`.
     pub final_sigmas_type: String,
+    /// Timesteps whose log-SNR lambda is below this are skipped (-5.1 for cosine schedules).
+    /// Default: `f64::NEG_INFINITY`.
     pub lambda_min_clipped: f64,
     /// `learned`/`learned_range` models output the variance too (the channels after the
     /// first 3); any other value (a DDPM config's `fixed_small`) means no variance output.
     pub variance_type: Option<String>,
+    /// How inference timesteps are picked from the training ones: `leading`, `trailing` or
+    /// `linspace` (Lin et al. 2023, table 2). Default: `linspace`.
     pub timestep_spacing: String,
+    /// Added to every inference timestep (1 in SD 1.x configs). Default: `0`.
     pub steps_offset: usize,
+    /// Rescale the betas to zero terminal SNR (Lin et al. 2023); meant for `v_prediction` models.
+    /// Default: `false`.
     pub rescale_betas_zero_snr: bool,
+    /// Resolution-dependent shifting (flow models); refused here.
     pub use_dynamic_shifting: bool,
+    /// How dynamic shifting shifts: `exponential` or `linear`. Default: `exponential`.
     pub time_shift_type: String,
     /// Not parameters of this class, but diffusers keeps them when the config comes from a
     /// scheduler that has them (Euler, UniPC), and its Karras/exponential sigmas then use them.
     pub sigma_min: Option<f64>,
+    /// The largest sigma of Karras, exponential and beta sigmas (default: the training schedule's).
+    /// Default: none.
     pub sigma_max: Option<f64>,
 }
 
@@ -123,6 +162,7 @@ enum SolverType {
     Heun,
 }
 
+/// diffusers' `DPMSolverMultistepScheduler`, built from a [`DpmSolverMultistepSchedulerConfig`].
 pub struct DpmSolverMultistepScheduler {
     config: DpmSolverMultistepSchedulerConfig,
     algorithm: Algorithm,
@@ -141,6 +181,7 @@ pub struct DpmSolverMultistepScheduler {
 }
 
 impl DpmSolverMultistepScheduler {
+    /// Builds the scheduler; errors on config values it does not support.
     pub fn new(config: DpmSolverMultistepSchedulerConfig) -> Result<Self> {
         if config.thresholding {
             check_thresholding(config.dynamic_thresholding_ratio, config.sample_max_value)?;
@@ -223,10 +264,13 @@ impl DpmSolverMultistepScheduler {
         })
     }
 
+    /// Builds the scheduler from `scheduler_config.json`'s keys (unknown keys ignored, as diffusers
+    /// does); `origin` names the file in errors.
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
         Self::new(parse_config(map, origin)?).map_err(|e| e.in_config_file(origin))
     }
 
+    /// The config the scheduler was built from.
     pub fn config(&self) -> &DpmSolverMultistepSchedulerConfig {
         &self.config
     }
@@ -236,6 +280,7 @@ impl DpmSolverMultistepScheduler {
         &self.schedule.sigmas
     }
 
+    /// alpha_bar_t of every training timestep, in float32 (diffusers' `alphas_cumprod`).
     pub fn alphas_cumprod(&self) -> &[f32] {
         &self.alphas_cumprod
     }

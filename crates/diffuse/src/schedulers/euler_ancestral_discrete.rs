@@ -19,14 +19,28 @@ use crate::{Error, Result};
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default)]
 pub struct EulerAncestralDiscreteSchedulerConfig {
+    /// Timesteps of the training noise schedule. Default: `1000`.
     pub num_train_timesteps: usize,
+    /// The noise schedule's first beta. Default: `0.0001`.
     pub beta_start: f64,
+    /// The noise schedule's last beta. Default: `0.02`.
     pub beta_end: f64,
+    /// How the betas go from `beta_start` to `beta_end`: `linear`, `scaled_linear` (linear in
+    /// sqrt(beta), Stable Diffusion's) or `squaredcos_cap_v2` (the cosine schedule). Default:
+    /// `linear`.
     pub beta_schedule: String,
+    /// Betas given outright, in place of the schedule. Default: none.
     pub trained_betas: Option<Vec<f64>>,
+    /// What the model predicts: `epsilon` (the noise), `sample` (x0) or `v_prediction`. Default:
+    /// `epsilon`.
     pub prediction_type: String,
+    /// How inference timesteps are picked from the training ones: `leading`, `trailing` or
+    /// `linspace` (Lin et al. 2023, table 2). Default: `linspace`.
     pub timestep_spacing: String,
+    /// Added to every inference timestep (1 in SD 1.x configs). Default: `0`.
     pub steps_offset: usize,
+    /// Rescale the betas to zero terminal SNR (Lin et al. 2023); meant for `v_prediction` models.
+    /// Default: `false`.
     pub rescale_betas_zero_snr: bool,
 }
 
@@ -46,6 +60,8 @@ impl Default for EulerAncestralDiscreteSchedulerConfig {
     }
 }
 
+/// diffusers' `EulerAncestralDiscreteScheduler`, built from a
+/// [`EulerAncestralDiscreteSchedulerConfig`].
 pub struct EulerAncestralDiscreteScheduler {
     config: EulerAncestralDiscreteSchedulerConfig,
     prediction_type: PredictionType,
@@ -56,6 +72,7 @@ pub struct EulerAncestralDiscreteScheduler {
 }
 
 impl EulerAncestralDiscreteScheduler {
+    /// Builds the scheduler; errors on config values it does not support.
     pub fn new(config: EulerAncestralDiscreteSchedulerConfig) -> Result<Self> {
         let prediction_type = PredictionType::parse(&config.prediction_type)?;
         if prediction_type == PredictionType::Sample {
@@ -88,10 +105,13 @@ impl EulerAncestralDiscreteScheduler {
         })
     }
 
+    /// Builds the scheduler from `scheduler_config.json`'s keys (unknown keys ignored, as diffusers
+    /// does); `origin` names the file in errors.
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
         Self::new(parse_config(map, origin)?).map_err(|e| e.in_config_file(origin))
     }
 
+    /// The config the scheduler was built from.
     pub fn config(&self) -> &EulerAncestralDiscreteSchedulerConfig {
         &self.config
     }
@@ -101,6 +121,7 @@ impl EulerAncestralDiscreteScheduler {
         &self.schedule.sigmas
     }
 
+    /// alpha_bar_t of every training timestep, in float32 (diffusers' `alphas_cumprod`).
     pub fn alphas_cumprod(&self) -> &[f32] {
         &self.alphas_cumprod
     }

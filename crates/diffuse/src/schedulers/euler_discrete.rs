@@ -17,24 +17,43 @@ use crate::{Error, Result};
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default)]
 pub struct EulerDiscreteSchedulerConfig {
+    /// Timesteps of the training noise schedule. Default: `1000`.
     pub num_train_timesteps: usize,
+    /// The noise schedule's first beta. Default: `0.0001`.
     pub beta_start: f64,
+    /// The noise schedule's last beta. Default: `0.02`.
     pub beta_end: f64,
+    /// How the betas go from `beta_start` to `beta_end`: `linear`, `scaled_linear` (linear in
+    /// sqrt(beta), Stable Diffusion's) or `squaredcos_cap_v2` (the cosine schedule). Default:
+    /// `linear`.
     pub beta_schedule: String,
+    /// Betas given outright, in place of the schedule. Default: none.
     pub trained_betas: Option<Vec<f64>>,
+    /// What the model predicts: `epsilon` (the noise), `sample` (x0) or `v_prediction`. Default:
+    /// `epsilon`.
     pub prediction_type: String,
     /// `linear` (interpolate sigma at the spaced timesteps) or `log_linear`.
     pub interpolation_type: String,
+    /// Karras et al. 2022 sigmas (rho = 7) in place of the training ones. Default: `false`.
     pub use_karras_sigmas: Option<bool>,
+    /// Sigmas evenly spaced in log sigma. Default: `false`.
     pub use_exponential_sigmas: Option<bool>,
+    /// Sigmas at the quantiles of Beta(0.6, 0.6) (Lee et al. 2024); refused here.
     pub use_beta_sigmas: Option<bool>,
     /// Bounds of the Karras/exponential sigmas; by default the ends of the interpolated ones.
     pub sigma_min: Option<f64>,
+    /// The largest sigma of Karras, exponential and beta sigmas (default: the training schedule's).
+    /// Default: none.
     pub sigma_max: Option<f64>,
+    /// How inference timesteps are picked from the training ones: `leading`, `trailing` or
+    /// `linspace` (Lin et al. 2023, table 2). Default: `linspace`.
     pub timestep_spacing: String,
     /// `discrete`, or `continuous`, which with v-prediction gives the model 0.25 * ln(sigma).
     pub timestep_type: String,
+    /// Added to every inference timestep (1 in SD 1.x configs). Default: `0`.
     pub steps_offset: usize,
+    /// Rescale the betas to zero terminal SNR (Lin et al. 2023); meant for `v_prediction` models.
+    /// Default: `false`.
     pub rescale_betas_zero_snr: bool,
     /// The sigma after the last step: `zero`, or `sigma_min` (the first training sigma).
     pub final_sigmas_type: String,
@@ -70,9 +89,13 @@ impl Default for EulerDiscreteSchedulerConfig {
 /// (no churn) is the deterministic sampler; no noise is drawn then.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Churn {
+    /// The churn amount, spread over the steps; 0 (the default) turns churn off.
     pub s_churn: f64,
+    /// The smallest sigma that is churned.
     pub s_tmin: f64,
+    /// The largest sigma that is churned.
     pub s_tmax: f64,
+    /// The scale of the added noise (1 by default).
     pub s_noise: f64,
 }
 
@@ -88,6 +111,7 @@ enum Interpolation {
     LogLinear,
 }
 
+/// diffusers' `EulerDiscreteScheduler`, built from a [`EulerDiscreteSchedulerConfig`].
 pub struct EulerDiscreteScheduler {
     config: EulerDiscreteSchedulerConfig,
     prediction_type: PredictionType,
@@ -104,6 +128,7 @@ pub struct EulerDiscreteScheduler {
 }
 
 impl EulerDiscreteScheduler {
+    /// Builds the scheduler; errors on config values it does not support.
     pub fn new(config: EulerDiscreteSchedulerConfig) -> Result<Self> {
         // diffusers still accepts the old name of `sample` here.
         let prediction_type = match config.prediction_type.as_str() {
@@ -166,10 +191,13 @@ impl EulerDiscreteScheduler {
         })
     }
 
+    /// Builds the scheduler from `scheduler_config.json`'s keys (unknown keys ignored, as diffusers
+    /// does); `origin` names the file in errors.
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
         Self::new(parse_config(map, origin)?).map_err(|e| e.in_config_file(origin))
     }
 
+    /// The config the scheduler was built from.
     pub fn config(&self) -> &EulerDiscreteSchedulerConfig {
         &self.config
     }
@@ -179,6 +207,7 @@ impl EulerDiscreteScheduler {
         &self.schedule.sigmas
     }
 
+    /// alpha_bar_t of every training timestep, in float32 (diffusers' `alphas_cumprod`).
     pub fn alphas_cumprod(&self) -> &[f32] {
         &self.alphas_cumprod
     }

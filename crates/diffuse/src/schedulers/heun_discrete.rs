@@ -20,23 +20,39 @@ use crate::Result;
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default)]
 pub struct HeunDiscreteSchedulerConfig {
+    /// Timesteps of the training noise schedule. Default: `1000`.
     pub num_train_timesteps: usize,
+    /// The noise schedule's first beta. Default: `0.00085`.
     pub beta_start: f64,
+    /// The noise schedule's last beta. Default: `0.012`.
     pub beta_end: f64,
     /// `linear`, `scaled_linear`, `squaredcos_cap_v2` or `exp`.
     pub beta_schedule: String,
+    /// Betas given outright, in place of the schedule. Default: none.
     pub trained_betas: Option<Vec<f64>>,
+    /// What the model predicts: `epsilon` (the noise), `sample` (x0) or `v_prediction`. Default:
+    /// `epsilon`.
     pub prediction_type: String,
+    /// Karras et al. 2022 sigmas (rho = 7) in place of the training ones. Default: `false`.
     pub use_karras_sigmas: Option<bool>,
+    /// Sigmas evenly spaced in log sigma. Default: `false`.
     pub use_exponential_sigmas: Option<bool>,
+    /// Sigmas at the quantiles of Beta(0.6, 0.6) (Lee et al. 2024); refused here.
     pub use_beta_sigmas: Option<bool>,
+    /// Clip the predicted x0 to [-`clip_sample_range`, `clip_sample_range`]. Default: `false`.
     pub clip_sample: bool,
+    /// The bound `clip_sample` clips to. Default: `1.0`.
     pub clip_sample_range: f64,
+    /// How inference timesteps are picked from the training ones: `leading`, `trailing` or
+    /// `linspace` (Lin et al. 2023, table 2). Default: `linspace`.
     pub timestep_spacing: String,
+    /// Added to every inference timestep (1 in SD 1.x configs). Default: `0`.
     pub steps_offset: usize,
     /// Not Heun's own keys: diffusers keeps those of another scheduler's config
     /// (EulerDiscrete's) and its Karras/exponential sigmas use them as bounds when set.
     pub sigma_min: Option<f64>,
+    /// The largest sigma of Karras, exponential and beta sigmas (default: the training schedule's).
+    /// Default: none.
     pub sigma_max: Option<f64>,
 }
 
@@ -69,6 +85,7 @@ struct FirstOrderState {
     sample: Tensor,
 }
 
+/// diffusers' `HeunDiscreteScheduler`, built from a [`HeunDiscreteSchedulerConfig`].
 pub struct HeunDiscreteScheduler {
     config: HeunDiscreteSchedulerConfig,
     prediction_type: PredictionType,
@@ -83,6 +100,7 @@ pub struct HeunDiscreteScheduler {
 }
 
 impl HeunDiscreteScheduler {
+    /// Builds the scheduler; errors on config values it does not support.
     pub fn new(config: HeunDiscreteSchedulerConfig) -> Result<Self> {
         let prediction_type = PredictionType::parse(&config.prediction_type)?;
         let sigma_schedule = SigmaSchedule::from_flags(
@@ -115,10 +133,13 @@ impl HeunDiscreteScheduler {
         Ok(scheduler)
     }
 
+    /// Builds the scheduler from `scheduler_config.json`'s keys (unknown keys ignored, as diffusers
+    /// does); `origin` names the file in errors.
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
         Self::new(parse_config(map, origin)?).map_err(|e| e.in_config_file(origin))
     }
 
+    /// The config the scheduler was built from.
     pub fn config(&self) -> &HeunDiscreteSchedulerConfig {
         &self.config
     }
@@ -128,6 +149,7 @@ impl HeunDiscreteScheduler {
         &self.schedule.sigmas
     }
 
+    /// alpha_bar_t of every training timestep, in float32 (diffusers' `alphas_cumprod`).
     pub fn alphas_cumprod(&self) -> &[f32] {
         &self.alphas_cumprod
     }

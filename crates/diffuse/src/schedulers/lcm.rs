@@ -23,22 +23,46 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct LcmSchedulerConfig {
+    /// Timesteps of the training noise schedule. Default: `1000`.
     pub num_train_timesteps: usize,
+    /// The noise schedule's first beta. Default: `0.00085`.
     pub beta_start: f64,
+    /// The noise schedule's last beta. Default: `0.012`.
     pub beta_end: f64,
+    /// How the betas go from `beta_start` to `beta_end`: `linear`, `scaled_linear` (linear in
+    /// sqrt(beta), Stable Diffusion's) or `squaredcos_cap_v2` (the cosine schedule). Default:
+    /// `scaled_linear`.
     pub beta_schedule: String,
+    /// Betas given outright, in place of the schedule. Default: none.
     pub trained_betas: Option<Vec<f64>>,
+    /// Steps of the distillation schedule from which inference timesteps are drawn. Default: `50`.
     pub original_inference_steps: usize,
+    /// Clip the predicted x0 to [-`clip_sample_range`, `clip_sample_range`]. Default: `false`.
     pub clip_sample: bool,
+    /// The bound `clip_sample` clips to. Default: `1.0`.
     pub clip_sample_range: f64,
+    /// Take alpha_bar = 1 for the step after the last (else the first training alpha_bar). Default:
+    /// `true`.
     pub set_alpha_to_one: bool,
+    /// Added to every inference timestep (1 in SD 1.x configs). Default: `0`.
     pub steps_offset: usize,
+    /// What the model predicts: `epsilon` (the noise), `sample` (x0) or `v_prediction`. Default:
+    /// `epsilon`.
     pub prediction_type: PredictionType,
+    /// Imagen's dynamic thresholding of the predicted x0 (pixel-space models only). Default:
+    /// `false`.
     pub thresholding: bool,
+    /// The quantile of |x0| at which dynamic thresholding clips. Default: `0.995`.
     pub dynamic_thresholding_ratio: f64,
+    /// The largest threshold of dynamic thresholding. Default: `1.0`.
     pub sample_max_value: f64,
+    /// How inference timesteps are picked from the training ones: `leading`, `trailing` or
+    /// `linspace` (Lin et al. 2023, table 2). Default: `leading`.
     pub timestep_spacing: String,
+    /// Scales t in the boundary-condition scalings c_skip and c_out. Default: `10.0`.
     pub timestep_scaling: f64,
+    /// Rescale the betas to zero terminal SNR (Lin et al. 2023); meant for `v_prediction` models.
+    /// Default: `false`.
     pub rescale_betas_zero_snr: bool,
 }
 
@@ -90,10 +114,13 @@ impl LcmSchedulerConfig {
 /// One step's results: the next sample, and the model's x_0 estimate after the boundary
 /// condition (`denoised`; TCD's `pred_noised_sample`), for previews.
 pub struct ConsistencyStepOutput {
+    /// The sample for the next step.
     pub prev_sample: Tensor,
+    /// The consistency function's estimate of x0 at this step.
     pub denoised: Tensor,
 }
 
+/// diffusers' `LCMScheduler`, built from a [`LcmSchedulerConfig`].
 pub struct LcmScheduler {
     config: LcmSchedulerConfig,
     alphas_cumprod: Vec<f32>,
@@ -102,20 +129,25 @@ pub struct LcmScheduler {
 }
 
 impl LcmScheduler {
+    /// Builds the scheduler; errors on config values it does not support.
     pub fn new(config: LcmSchedulerConfig) -> Result<Self> {
         let alphas_cumprod = config.alphas_cumprod()?;
         let schedule = Schedule::new(training_timesteps(config.num_train_timesteps), Vec::new());
         Ok(LcmScheduler { config, alphas_cumprod, schedule, num_inference_steps: None })
     }
 
+    /// Builds the scheduler from `scheduler_config.json`'s keys (unknown keys ignored, as diffusers
+    /// does); `origin` names the file in errors.
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
         Self::new(parse_config(map, origin)?).map_err(|e| e.in_config_file(origin))
     }
 
+    /// The config the scheduler was built from.
     pub fn config(&self) -> &LcmSchedulerConfig {
         &self.config
     }
 
+    /// alpha_bar_t of every training timestep, in float32 (diffusers' `alphas_cumprod`).
     pub fn alphas_cumprod(&self) -> &[f32] {
         &self.alphas_cumprod
     }

@@ -22,20 +22,37 @@ pub const DEFAULT_ORDER: usize = 4;
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default)]
 pub struct LMSDiscreteSchedulerConfig {
+    /// Timesteps of the training noise schedule. Default: `1000`.
     pub num_train_timesteps: usize,
+    /// The noise schedule's first beta. Default: `0.0001`.
     pub beta_start: f64,
+    /// The noise schedule's last beta. Default: `0.02`.
     pub beta_end: f64,
+    /// How the betas go from `beta_start` to `beta_end`: `linear`, `scaled_linear` (linear in
+    /// sqrt(beta), Stable Diffusion's) or `squaredcos_cap_v2` (the cosine schedule). Default:
+    /// `linear`.
     pub beta_schedule: String,
+    /// Betas given outright, in place of the schedule. Default: none.
     pub trained_betas: Option<Vec<f64>>,
+    /// Karras et al. 2022 sigmas (rho = 7) in place of the training ones. Default: `false`.
     pub use_karras_sigmas: Option<bool>,
+    /// Sigmas evenly spaced in log sigma. Default: `false`.
     pub use_exponential_sigmas: Option<bool>,
+    /// Sigmas at the quantiles of Beta(0.6, 0.6) (Lee et al. 2024); refused here.
     pub use_beta_sigmas: Option<bool>,
+    /// What the model predicts: `epsilon` (the noise), `sample` (x0) or `v_prediction`. Default:
+    /// `epsilon`.
     pub prediction_type: String,
+    /// How inference timesteps are picked from the training ones: `leading`, `trailing` or
+    /// `linspace` (Lin et al. 2023, table 2). Default: `linspace`.
     pub timestep_spacing: String,
+    /// Added to every inference timestep (1 in SD 1.x configs). Default: `0`.
     pub steps_offset: usize,
     /// Not LMS's own keys: diffusers keeps those of another scheduler's config (EulerDiscrete's)
     /// and its exponential sigmas use them as bounds when set. Its Karras sigmas do not.
     pub sigma_min: Option<f64>,
+    /// The largest sigma of Karras, exponential and beta sigmas (default: the training schedule's).
+    /// Default: none.
     pub sigma_max: Option<f64>,
 }
 
@@ -59,6 +76,7 @@ impl Default for LMSDiscreteSchedulerConfig {
     }
 }
 
+/// diffusers' `LMSDiscreteScheduler`, built from a [`LMSDiscreteSchedulerConfig`].
 pub struct LMSDiscreteScheduler {
     config: LMSDiscreteSchedulerConfig,
     prediction_type: PredictionType,
@@ -72,6 +90,7 @@ pub struct LMSDiscreteScheduler {
 }
 
 impl LMSDiscreteScheduler {
+    /// Builds the scheduler; errors on config values it does not support.
     pub fn new(config: LMSDiscreteSchedulerConfig) -> Result<Self> {
         let prediction_type = PredictionType::parse(&config.prediction_type)?;
         let sigma_schedule = SigmaSchedule::from_flags(
@@ -104,10 +123,13 @@ impl LMSDiscreteScheduler {
         Ok(scheduler)
     }
 
+    /// Builds the scheduler from `scheduler_config.json`'s keys (unknown keys ignored, as diffusers
+    /// does); `origin` names the file in errors.
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
         Self::new(parse_config(map, origin)?).map_err(|e| e.in_config_file(origin))
     }
 
+    /// The config the scheduler was built from.
     pub fn config(&self) -> &LMSDiscreteSchedulerConfig {
         &self.config
     }
@@ -117,6 +139,7 @@ impl LMSDiscreteScheduler {
         &self.schedule.sigmas
     }
 
+    /// alpha_bar_t of every training timestep, in float32 (diffusers' `alphas_cumprod`).
     pub fn alphas_cumprod(&self) -> &[f32] {
         &self.alphas_cumprod
     }

@@ -22,15 +22,31 @@ const PNDM_ORDER: usize = 4;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct PndmSchedulerConfig {
+    /// Timesteps of the training noise schedule. Default: `1000`.
     pub num_train_timesteps: usize,
+    /// The noise schedule's first beta. Default: `0.0001`.
     pub beta_start: f64,
+    /// The noise schedule's last beta. Default: `0.02`.
     pub beta_end: f64,
+    /// How the betas go from `beta_start` to `beta_end`: `linear`, `scaled_linear` (linear in
+    /// sqrt(beta), Stable Diffusion's) or `squaredcos_cap_v2` (the cosine schedule). Default:
+    /// `linear`.
     pub beta_schedule: String,
+    /// Betas given outright, in place of the schedule. Default: none.
     pub trained_betas: Option<Vec<f64>>,
+    /// Skip PNDM's Runge-Kutta warm-up, as PLMS and Stable Diffusion's configs do. Default:
+    /// `false`.
     pub skip_prk_steps: bool,
+    /// Take alpha_bar = 1 for the step after the last (else the first training alpha_bar). Default:
+    /// `false`.
     pub set_alpha_to_one: bool,
+    /// What the model predicts: `epsilon` (the noise), `sample` (x0) or `v_prediction`. Default:
+    /// `epsilon`.
     pub prediction_type: PredictionType,
+    /// How inference timesteps are picked from the training ones: `leading`, `trailing` or
+    /// `linspace` (Lin et al. 2023, table 2). Default: `leading`.
     pub timestep_spacing: String,
+    /// Added to every inference timestep (1 in SD 1.x configs). Default: `0`.
     pub steps_offset: usize,
 }
 
@@ -51,6 +67,7 @@ impl Default for PndmSchedulerConfig {
     }
 }
 
+/// diffusers' `PNDMScheduler`, built from a [`PndmSchedulerConfig`].
 pub struct PndmScheduler {
     config: PndmSchedulerConfig,
     alphas_cumprod: Vec<f32>,
@@ -72,6 +89,7 @@ pub struct PndmScheduler {
 }
 
 impl PndmScheduler {
+    /// Builds the scheduler; errors on config values it does not support.
     pub fn new(config: PndmSchedulerConfig) -> Result<Self> {
         super::spacing::check_spacing(&config.timestep_spacing)?;
         if config.prediction_type == PredictionType::Sample {
@@ -104,10 +122,13 @@ impl PndmScheduler {
         })
     }
 
+    /// Builds the scheduler from `scheduler_config.json`'s keys (unknown keys ignored, as diffusers
+    /// does); `origin` names the file in errors.
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
         Self::new(parse_config(map, origin)?).map_err(|e| e.in_config_file(origin))
     }
 
+    /// The config the scheduler was built from.
     pub fn config(&self) -> &PndmSchedulerConfig {
         &self.config
     }

@@ -129,6 +129,8 @@ pub enum SigmaSchedule {
 }
 
 impl SigmaSchedule {
+    /// The schedule that diffusers' `use_karras_sigmas`, `use_exponential_sigmas` and
+    /// `use_beta_sigmas` select; more than one set, or `use_beta_sigmas` (not ported), is an error.
     pub fn from_flags(use_karras_sigmas: bool, use_exponential_sigmas: bool, use_beta_sigmas: bool) -> Result<Self> {
         if [use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas].iter().filter(|&&b| b).count() > 1 {
             return Err(Error::invalid(

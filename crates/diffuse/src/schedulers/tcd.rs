@@ -24,6 +24,7 @@ pub type TcdSchedulerConfig = LcmSchedulerConfig;
 /// TCDScheduler.step's own default gamma, used when none is given.
 pub const DEFAULT_ETA: f64 = 0.3;
 
+/// diffusers' `TCDScheduler`, built from a [`TcdSchedulerConfig`].
 pub struct TcdScheduler {
     config: TcdSchedulerConfig,
     alphas_cumprod: Vec<f32>,
@@ -32,20 +33,25 @@ pub struct TcdScheduler {
 }
 
 impl TcdScheduler {
+    /// Builds the scheduler; errors on config values it does not support.
     pub fn new(config: TcdSchedulerConfig) -> Result<Self> {
         let alphas_cumprod = config.alphas_cumprod()?;
         let schedule = Schedule::new(training_timesteps(config.num_train_timesteps), Vec::new());
         Ok(TcdScheduler { config, alphas_cumprod, schedule, num_inference_steps: None })
     }
 
+    /// Builds the scheduler from `scheduler_config.json`'s keys (unknown keys ignored, as diffusers
+    /// does); `origin` names the file in errors.
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
         Self::new(parse_config(map, origin)?).map_err(|e| e.in_config_file(origin))
     }
 
+    /// The config the scheduler was built from.
     pub fn config(&self) -> &TcdSchedulerConfig {
         &self.config
     }
 
+    /// alpha_bar_t of every training timestep, in float32 (diffusers' `alphas_cumprod`).
     pub fn alphas_cumprod(&self) -> &[f32] {
         &self.alphas_cumprod
     }

@@ -1,5 +1,5 @@
 // Port of diffusers/schedulers/scheduling_unipc_multistep.py (diffusers 0.42.1).
-//! UniPC (Zhao et al. 2023, https://arxiv.org/abs/2302.04867): a multistep predictor (UniP)
+//! UniPC (Zhao et al. 2023, <https://arxiv.org/abs/2302.04867>): a multistep predictor (UniP)
 //! and corrector (UniC) sharing one model evaluation per step, with the B(h) variants bh1/bh2.
 //!
 //! Each step first corrects the sample the previous predictor produced, using the model
@@ -25,34 +25,70 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct UniPcMultistepSchedulerConfig {
+    /// Timesteps of the training noise schedule. Default: `1000`.
     pub num_train_timesteps: usize,
+    /// The noise schedule's first beta. Default: `0.0001`.
     pub beta_start: f64,
+    /// The noise schedule's last beta. Default: `0.02`.
     pub beta_end: f64,
+    /// How the betas go from `beta_start` to `beta_end`: `linear`, `scaled_linear` (linear in
+    /// sqrt(beta), Stable Diffusion's) or `squaredcos_cap_v2` (the cosine schedule). Default:
+    /// `linear`.
     pub beta_schedule: String,
+    /// Betas given outright, in place of the schedule. Default: none.
     pub trained_betas: Option<Vec<f64>>,
+    /// The order of the multistep solver (2 for guided sampling, 3 for unguided). Default: `2`.
     pub solver_order: usize,
+    /// What the model predicts: `epsilon` (the noise), `sample` (x0) or `v_prediction`. Default:
+    /// `epsilon`.
     pub prediction_type: String,
+    /// Imagen's dynamic thresholding of the predicted x0 (pixel-space models only). Default:
+    /// `false`.
     pub thresholding: bool,
+    /// The quantile of |x0| at which dynamic thresholding clips. Default: `0.995`.
     pub dynamic_thresholding_ratio: f64,
+    /// The largest threshold of dynamic thresholding. Default: `1.0`.
     pub sample_max_value: f64,
+    /// Work with the data prediction x0 (UniPC's default) rather than the noise. Default: `true`.
     pub predict_x0: bool,
+    /// UniPC's B(h): `bh1` (for few steps, unguided) or `bh2` (guided). Default: `bh2`.
     pub solver_type: String,
+    /// Use lower orders for the last steps (stabler below about 15 steps). Default: `true`.
     pub lower_order_final: bool,
     /// Steps (0-based) after which the corrector is skipped.
     pub disable_corrector: Vec<i64>,
+    /// Karras et al. 2022 sigmas (rho = 7) in place of the training ones. Default: `false`.
     pub use_karras_sigmas: bool,
+    /// Sigmas evenly spaced in log sigma. Default: `false`.
     pub use_exponential_sigmas: bool,
+    /// Sigmas at the quantiles of Beta(0.6, 0.6) (Lee et al. 2024); refused here.
     pub use_beta_sigmas: bool,
+    /// Flow-matching sigmas; refused here.
     pub use_flow_sigmas: bool,
+    /// The shift of flow-matching sigmas. Default: `1.0`.
     pub flow_shift: f64,
+    /// How inference timesteps are picked from the training ones: `leading`, `trailing` or
+    /// `linspace` (Lin et al. 2023, table 2). Default: `linspace`.
     pub timestep_spacing: String,
+    /// Added to every inference timestep (1 in SD 1.x configs). Default: `0`.
     pub steps_offset: usize,
+    /// The sigma after the last step: `zero`, or `sigma_min` (the smallest training sigma).
+    /// Default: `zero`.
     pub final_sigmas_type: String,
+    /// Rescale the betas to zero terminal SNR (Lin et al. 2023); meant for `v_prediction` models.
+    /// Default: `false`.
     pub rescale_betas_zero_snr: bool,
+    /// Resolution-dependent shifting (flow models); refused here.
     pub use_dynamic_shifting: bool,
+    /// How dynamic shifting shifts: `exponential` or `linear`. Default: `exponential`.
     pub time_shift_type: String,
+    /// The smallest sigma of Karras, exponential and beta sigmas (default: the training
+    /// schedule's). Default: none.
     pub sigma_min: Option<f64>,
+    /// The largest sigma of Karras, exponential and beta sigmas (default: the training schedule's).
+    /// Default: none.
     pub sigma_max: Option<f64>,
+    /// Stretches shifted sigmas so that the last one is this value. Default: none.
     pub shift_terminal: Option<f64>,
 }
 
@@ -98,6 +134,7 @@ enum SolverType {
     Bh2,
 }
 
+/// diffusers' `UniPCMultistepScheduler`, built from a [`UniPcMultistepSchedulerConfig`].
 pub struct UniPcMultistepScheduler {
     config: UniPcMultistepSchedulerConfig,
     solver_type: SolverType,
@@ -117,6 +154,7 @@ pub struct UniPcMultistepScheduler {
 }
 
 impl UniPcMultistepScheduler {
+    /// Builds the scheduler; errors on config values it does not support.
     pub fn new(config: UniPcMultistepSchedulerConfig) -> Result<Self> {
         if config.thresholding {
             check_thresholding(config.dynamic_thresholding_ratio, config.sample_max_value)?;
@@ -175,10 +213,13 @@ impl UniPcMultistepScheduler {
         })
     }
 
+    /// Builds the scheduler from `scheduler_config.json`'s keys (unknown keys ignored, as diffusers
+    /// does); `origin` names the file in errors.
     pub fn from_config(map: &Map<String, Value>, origin: &Path) -> Result<Self> {
         Self::new(parse_config(map, origin)?).map_err(|e| e.in_config_file(origin))
     }
 
+    /// The config the scheduler was built from.
     pub fn config(&self) -> &UniPcMultistepSchedulerConfig {
         &self.config
     }
@@ -188,6 +229,7 @@ impl UniPcMultistepScheduler {
         &self.schedule.sigmas
     }
 
+    /// alpha_bar_t of every training timestep, in float32 (diffusers' `alphas_cumprod`).
     pub fn alphas_cumprod(&self) -> &[f32] {
         &self.alphas_cumprod
     }

@@ -251,6 +251,7 @@ pub struct ClipEncoding {
 }
 
 impl ClipEncoding {
+    /// Whether the prompt was longer than the model takes.
     pub fn was_truncated(&self) -> bool {
         !self.truncated_ids.is_empty()
     }
@@ -369,12 +370,15 @@ impl ClipTokenizer {
         })
     }
 
+    /// The start-of-text token `<|startoftext|>`.
     pub fn bos_token_id(&self) -> u32 {
         self.bos_token_id
     }
+    /// The end-of-text token `<|endoftext|>`.
     pub fn eos_token_id(&self) -> u32 {
         self.eos_token_id
     }
+    /// The padding token (the EOS for SD 1.x's tokenizer, `!` for SD 2.x's).
     pub fn pad_token_id(&self) -> u32 {
         self.pad_token_id
     }

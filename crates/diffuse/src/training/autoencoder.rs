@@ -47,10 +47,12 @@ pub const PRESETS: &[(&str, &str, &str)] = &[
 pub enum ReconstructionLoss {
     /// Latent diffusion's choice.
     L1,
+    /// The mean squared error.
     Mse,
 }
 
 impl ReconstructionLoss {
+    /// Parses `l1` or `mse`.
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "l1" => Ok(Self::L1),
@@ -65,7 +67,9 @@ impl ReconstructionLoss {
 pub struct AutoencoderTrainingConfig {
     /// The config as diffusers keys (what is exported), and parsed.
     pub vae_json: Map<String, Value>,
+    /// The parsed `vae_json`.
     pub vae: AutoencoderKLConfig,
+    /// How reconstructions are scored.
     pub reconstruction: ReconstructionLoss,
     /// The KL term's weight relative to the reconstruction term, both summed over an image's
     /// values as latent diffusion does (its configs use 1e-6).
@@ -77,7 +81,7 @@ pub struct AutoencoderTrainingConfig {
 /// The AutoencoderKL config for training from a preset or a file, with the data's channels and
 /// size filled in (a stated value that contradicts the data is refused, naming the key).
 pub fn resolve_vae_config(model_config: &str, channels: usize, size: usize) -> Result<(Map<String, Value>, AutoencoderKLConfig)> {
-    let (mut map, origin) = preset_or_file(model_config, PRESETS, "--model-config")?;
+    let (mut map, origin) = preset_or_file(model_config, PRESETS, "`model_config`")?;
     require_key(&mut map, &origin, "in_channels", json!(channels), "the data")?;
     require_key(&mut map, &origin, "out_channels", json!(channels), "the data")?;
     require_key(&mut map, &origin, "sample_size", json!(size), "the data")?;
@@ -102,9 +106,12 @@ pub struct AutoencoderTask {
 }
 
 impl AutoencoderTask {
+    /// A fresh `AutoencoderKL` on trainable variables (initialised from `init_seed`);
+    /// `reference_images` `[N, C, H, W]` in [-1, 1] are what export measures the latents' scale on.
+    /// Errors on a negative or non-finite `kl_weight`.
     pub fn new(config: AutoencoderTrainingConfig, reference_images: Tensor, init_seed: u64, device: &Device) -> Result<Self> {
         if !(config.kl_weight.is_finite() && config.kl_weight >= 0.0) {
-            bail!("--kl-weight must be a finite number ≥ 0, got {}", config.kl_weight);
+            bail!("`kl_weight` must be a finite number ≥ 0, got {}", config.kl_weight);
         }
         let varmap = VarMap::new();
         let vae = AutoencoderKL::new(VarBuilder::from_varmap(&varmap, DType::F32, device), &config.vae)?;

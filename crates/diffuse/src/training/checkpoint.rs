@@ -32,14 +32,18 @@ use crate::files::{sync_dir, write_atomically_with};
 /// Optimizer state beyond the moments (which are tensors).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct OptimizerState {
+    /// Updates made (torch's `state["step"]`).
     pub step: u64,
+    /// The hyper-parameters the moments were built with.
     pub config: AdamWConfig,
 }
 
 /// EMA state beyond the shadow weights.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EmaState {
+    /// The `step` calls made (`EMAModel.optimization_step`).
     pub optimization_step: u64,
+    /// The settings the average was built with.
     pub config: EmaConfig,
 }
 
@@ -50,11 +54,17 @@ pub struct CheckpointState {
     pub step: u64,
     /// The settings a resumed run must share (model config, objective, noise schedule).
     pub identity: Map<String, Value>,
+    /// The training generator's state, for the next draws.
     pub generator: TorchGeneratorState,
+    /// Where the data loader was.
     pub data_position: DataPosition,
+    /// The dataset's size, which a resumed run must match.
     pub dataset_len: usize,
+    /// The learning-rate schedule of the run.
     pub learning_rate: LearningRate,
+    /// AdamW's step count and settings.
     pub optimizer: OptimizerState,
+    /// The EMA's state, when the run keeps one.
     pub ema: Option<EmaState>,
     /// The task's own small state.
     pub task: Value,
@@ -63,11 +73,14 @@ pub struct CheckpointState {
 /// A checkpoint in memory: its state and named tensor sets (`model`, `ema`, `optimizer`,
 /// `task`), each one safetensors file.
 pub struct Checkpoint {
+    /// Everything but the tensors (`state.json`).
     pub state: CheckpointState,
+    /// The tensor sets by name, each from its own safetensors file.
     pub tensors: Vec<(String, HashMap<String, Tensor>)>,
 }
 
 impl Checkpoint {
+    /// The tensor set called `name`, if the checkpoint has one.
     pub fn tensors(&self, name: &str) -> Option<&HashMap<String, Tensor>> {
         self.tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t)
     }

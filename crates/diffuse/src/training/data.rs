@@ -21,17 +21,24 @@ use crate::{bail, Error, Result};
 /// 3 RGB, 4 RGBA), rows top to bottom.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawImage {
+    /// Pixels per row.
     pub width: usize,
+    /// Rows.
     pub height: usize,
+    /// Values per pixel (1 to 4).
     pub channels: usize,
+    /// `height × width × channels` bytes.
     pub pixels: Vec<u8>,
 }
 
 /// One training example as a dataset returns it.
 #[derive(Debug, Clone)]
 pub struct Example {
+    /// The image as stored.
     pub image: RawImage,
+    /// The class label, when the data has labels.
     pub label: Option<usize>,
+    /// The caption, when the data has captions.
     pub caption: Option<String>,
     /// What to call the example in errors (a file name, or `FILE[index]`).
     pub name: String,
@@ -39,7 +46,9 @@ pub struct Example {
 
 /// A source of examples with random access.
 pub trait Dataset: Send {
+    /// The number of examples.
     fn len(&self) -> usize;
+    /// Whether there are no examples.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -60,7 +69,9 @@ pub trait Dataset: Send {
 /// The header of an IDX file: the element type code and the dimensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdxHeader {
+    /// The element type (0x08: unsigned bytes).
     pub type_code: u8,
+    /// The dimensions, outermost first.
     pub dims: Vec<usize>,
 }
 
@@ -82,10 +93,12 @@ impl IdxHeader {
         Ok(Self { type_code: magic[2], dims })
     }
 
+    /// The header's size in bytes.
     pub fn len(&self) -> usize {
         4 + 4 * self.dims.len()
     }
 
+    /// Never: a header has at least its magic.
     pub fn is_empty(&self) -> bool {
         false
     }
@@ -519,6 +532,7 @@ pub enum ImageFit {
 }
 
 impl ImageFit {
+    /// Parses `exact`, `pad` or `resize`.
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "exact" => Ok(Self::Exact),
@@ -532,9 +546,13 @@ impl ImageFit {
 /// What the model takes: channels (1 or 3), height and width, and how images are fitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageSpec {
+    /// 1 (gray) or 3 (RGB).
     pub channels: usize,
+    /// Rows of the model's input.
     pub height: usize,
+    /// Columns of the model's input.
     pub width: usize,
+    /// How images of another size are fitted.
     pub fit: ImageFit,
 }
 
@@ -566,13 +584,13 @@ fn fit_size(image: RawImage, spec: &ImageSpec, name: &str) -> Result<RawImage> {
     }
     match spec.fit {
         ImageFit::Exact => bail!(
-            "{name}: the image is {}×{}, the model takes {width}×{height} (use --image-fit pad or resize to convert)",
+            "{name}: the image is {}×{}, the model takes {width}×{height} (use `ImageFit::Pad` or `ImageFit::Resize` to convert)",
             image.width,
             image.height
         ),
         ImageFit::Pad => {
             if image.width > width || image.height > height {
-                bail!("{name}: the image is {}×{}, larger than the model's {width}×{height}, so it cannot be padded (use --image-fit resize)", image.width, image.height);
+                bail!("{name}: the image is {}×{}, larger than the model's {width}×{height}, so it cannot be padded (use `ImageFit::Resize`)", image.width, image.height);
             }
             let (left, top) = ((width - image.width) / 2, (height - image.height) / 2);
             let c = image.channels;
@@ -657,7 +675,9 @@ pub fn prepare(example: &Example, spec: &ImageSpec, flip: bool) -> Result<Vec<f3
 /// Where the loader is in the data: the epoch and how many examples of it were used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct DataPosition {
+    /// Epochs completed.
     pub epoch: u64,
+    /// Examples of the current epoch already used.
     pub index: u64,
 }
 
@@ -665,7 +685,9 @@ pub struct DataPosition {
 pub struct Batch {
     /// `[B, C, H, W]` in [-1, 1].
     pub images: Tensor,
+    /// Class labels, one per image, when the data has them.
     pub labels: Option<Vec<u32>>,
+    /// Captions, one per image, when the data has them.
     pub captions: Option<Vec<String>>,
     /// Each example's size before it was fitted to the model's, (height, width), and where it
     /// was cropped, (top, left): SDXL's micro-conditioning, as diffusers' SDXL training scripts
@@ -722,22 +744,27 @@ impl DataLoader {
         Ok(Self { dataset, spec, seed, random_flip, position: DataPosition::default(), order })
     }
 
+    /// The dataset read from.
     pub fn dataset(&self) -> &dyn Dataset {
         self.dataset.as_ref()
     }
 
+    /// What images are fitted to.
     pub fn spec(&self) -> &ImageSpec {
         &self.spec
     }
 
+    /// The number of examples.
     pub fn len(&self) -> usize {
         self.dataset.len()
     }
 
+    /// Whether there are no examples.
     pub fn is_empty(&self) -> bool {
         self.dataset.is_empty()
     }
 
+    /// Where the loader is, for checkpoints.
     pub fn position(&self) -> DataPosition {
         self.position
     }

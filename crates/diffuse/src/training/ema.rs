@@ -8,12 +8,15 @@ use crate::{bail, Result};
 pub struct EmaConfig {
     /// The largest decay (`decay`).
     pub decay: f64,
+    /// The smallest decay (`min_decay`).
     pub min_decay: f64,
     /// Optimization steps before the average starts moving (until then it copies the weights).
     pub update_after_step: u64,
     /// crowsonkb's warm-up `1 - (1 + step / inv_gamma)^-power` instead of `(1 + step) / (10 + step)`.
     pub use_ema_warmup: bool,
+    /// The warm-up's `inv_gamma`.
     pub inv_gamma: f64,
+    /// The warm-up's `power`.
     pub power: f64,
 }
 
@@ -24,6 +27,7 @@ impl Default for EmaConfig {
 }
 
 impl EmaConfig {
+    /// Errors on a decay outside [0, 1] or a non-positive `inv_gamma` or `power`.
     pub fn validate(&self) -> Result<()> {
         if !(0.0..=1.0).contains(&self.decay) {
             bail!("the EMA decay must be in [0, 1], got {}", self.decay);
@@ -58,8 +62,11 @@ impl EmaConfig {
 
 /// The shadow weights and the count of `step` calls.
 pub struct Ema {
+    /// The average's settings.
     pub config: EmaConfig,
+    /// The `step` calls made.
     pub optimization_step: u64,
+    /// The averaged weights, one vector per parameter.
     pub shadow: Vec<Vec<f32>>,
 }
 

@@ -63,7 +63,8 @@ pub fn write_model_folder(
 }
 
 /// A model config for training: `name` is one of `presets` (name, description, JSON) or a
-/// diffusers `config.json`. Returns the keys and where they came from (for messages).
+/// diffusers `config.json`. Returns the keys and where they came from (for messages); `what`
+/// names the argument `name` came from in the error when it is neither.
 pub fn preset_or_file(name: &str, presets: &[(&str, &str, &str)], what: &str) -> Result<(Map<String, Value>, String)> {
     match presets.iter().find(|(preset, ..)| *preset == name) {
         Some((preset, _, text)) => match serde_json::from_str::<Value>(text) {

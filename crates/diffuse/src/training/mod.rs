@@ -60,6 +60,7 @@ pub trait TrainingTask {
         Ok((Value::Null, HashMap::new()))
     }
 
+    /// Restores what [`TrainingTask::state`] saved.
     fn load_state(&mut self, _state: &Value, _tensors: &HashMap<String, Tensor>) -> Result<()> {
         Ok(())
     }
@@ -75,15 +76,21 @@ pub trait TrainingTask {
 /// The loop's settings.
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
+    /// The run's folder: checkpoints, samples, the loss log and the export.
     pub output_dir: PathBuf,
     /// Optimizer steps to reach (counting those of a resumed run).
     pub steps: usize,
+    /// Examples per micro-batch.
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
+    /// The peak learning rate.
     pub learning_rate: f64,
+    /// Steps of linear warm-up from 0.
     pub warmup_steps: usize,
+    /// The learning rate after the warm-up.
     pub lr_schedule: LrSchedule,
+    /// The optimizer's hyper-parameters.
     pub adamw: AdamWConfig,
     /// Clip the global gradient norm to this.
     pub grad_clip: Option<f64>,
@@ -108,26 +115,26 @@ impl TrainConfig {
     /// Checks every setting before any work is done.
     pub fn validate(&self) -> Result<()> {
         if self.steps == 0 {
-            bail!("--steps must be at least 1");
+            bail!("`steps` must be at least 1");
         }
         if self.batch_size == 0 {
-            bail!("--batch-size must be at least 1");
+            bail!("`batch_size` must be at least 1");
         }
         if self.grad_accum == 0 {
-            bail!("--grad-accum must be at least 1");
+            bail!("`grad_accum` must be at least 1");
         }
         LearningRate::new(self.learning_rate, self.warmup_steps, self.steps, self.lr_schedule)?;
         self.adamw.validate()?;
         if let Some(clip) = self.grad_clip {
             if !(clip.is_finite() && clip > 0.0) {
-                bail!("--grad-clip must be a finite number above 0, got {clip}");
+                bail!("`grad_clip` must be a finite number above 0, got {clip}");
             }
         }
         if let Some(ema) = &self.ema {
             ema.validate()?;
         }
         if self.sample_every == Some(0) {
-            bail!("--sample-every must be at least 1");
+            bail!("`sample_every` must be at least 1");
         }
         Ok(())
     }
@@ -140,10 +147,15 @@ impl TrainConfig {
 /// What the progress callback sees after each optimizer step.
 #[derive(Debug, Clone)]
 pub struct Progress {
+    /// Optimizer steps done.
     pub step: usize,
+    /// The step the run ends at.
     pub total_steps: usize,
+    /// This step's loss (mean over its micro-batches).
     pub loss: f32,
+    /// The learning rate this step used.
     pub learning_rate: f64,
+    /// The global gradient norm before clipping.
     pub grad_norm: f32,
     /// Optimizer steps per second in this run so far.
     pub steps_per_second: f64,
@@ -157,6 +169,7 @@ pub type OnProgress<'a> = dyn FnMut(&Progress) -> ControlFlow<()> + 'a;
 
 /// Callbacks and the file writer the loop uses; the defaults do nothing and write to disk.
 pub struct Hooks<'a> {
+    /// After each optimizer step.
     pub on_progress: Box<OnProgress<'a>>,
     /// Notices: checkpoints and sample grids written, resuming, and the like.
     pub on_message: Box<dyn FnMut(&str) + 'a>,
@@ -247,7 +260,7 @@ pub fn train(task: &mut dyn TrainingTask, loader: &mut DataLoader, config: &Trai
     let mut all_losses: Vec<(u64, f32)>;
     let mut run = if config.resume {
         let Some(dir) = checkpoint::latest(&checkpoints_dir)? else {
-            bail!("--resume: {} holds no checkpoint to resume", config.output_dir.display());
+            bail!("`resume`: {} holds no checkpoint to resume", config.output_dir.display());
         };
         let saved = checkpoint::load(&dir)?;
         let state = resume_state(task, loader, config, &saved, &dir)?;
@@ -263,7 +276,7 @@ pub fn train(task: &mut dyn TrainingTask, loader: &mut DataLoader, config: &Trai
     } else {
         if let Some(dir) = checkpoint::latest(&checkpoints_dir)? {
             bail!(
-                "{} already holds a run's checkpoints ({}): pass --resume to continue it, or choose another --output",
+                "{} already holds a run's checkpoints ({}): set `resume` to continue it, or choose another `output_dir`",
                 config.output_dir.display(),
                 dir.display()
             );
@@ -279,7 +292,7 @@ pub fn train(task: &mut dyn TrainingTask, loader: &mut DataLoader, config: &Trai
         }
     };
     if run.step >= config.steps {
-        (hooks.on_message)(&format!("the checkpoint is at step {}, --steps is {}: nothing to train", run.step, config.steps));
+        (hooks.on_message)(&format!("the checkpoint is at step {}, `steps` is {}: nothing to train", run.step, config.steps));
     }
 
     let mut csv = std::fs::OpenOptions::new().append(true).open(&csv_path).map_err(|e| Error::io(&csv_path, e))?;
@@ -448,14 +461,14 @@ fn resume_state(
     let differences = checkpoint::identity_differences(&saved.state.identity, &task.identity());
     if !differences.is_empty() {
         bail!(
-            "--resume: {} was trained with different settings; refusing to continue ({})",
+            "`resume`: {} was trained with different settings; refusing to continue ({})",
             dir.display(),
             differences.join("; ")
         );
     }
     if saved.state.dataset_len != loader.len() {
         bail!(
-            "--resume: {} was trained on {} examples, the data now has {}; refusing to continue",
+            "`resume`: {} was trained on {} examples, the data now has {}; refusing to continue",
             dir.display(),
             saved.state.dataset_len,
             loader.len()
@@ -487,8 +500,8 @@ fn resume_state(
             shadow: parameters.values_from_named_tensors(required("ema")?, &origin("ema"))?,
         }),
         (None, None) => None,
-        (Some(_), None) => bail!("--resume: {} was trained without an EMA; drop the EMA options or start a new run", dir.display()),
-        (None, Some(_)) => bail!("--resume: {} keeps an EMA of the weights; this run has none (--ema-decay 0?)", dir.display()),
+        (Some(_), None) => bail!("`resume`: {} was trained without an EMA; drop the `ema` config or start a new run", dir.display()),
+        (None, Some(_)) => bail!("`resume`: {} keeps an EMA of the weights; this run has no `ema` config", dir.display()),
     };
     let empty = HashMap::new();
     task.load_state(&saved.state.task, saved.tensors("task").unwrap_or(&empty))?;

@@ -69,6 +69,7 @@ pub fn mean_flat(tensor: &Tensor) -> Result<Tensor> {
 /// does with numpy) and looked up as f32 (`_extract_into_tensor`).
 #[derive(Debug, Clone)]
 pub struct PosteriorCoefficients {
+    /// T, the number of training timesteps.
     pub num_timesteps: usize,
     log_betas: Vec<f64>,
     sqrt_alphas_cumprod: Vec<f64>,
@@ -81,6 +82,7 @@ pub struct PosteriorCoefficients {
 }
 
 impl PosteriorCoefficients {
+    /// The coefficients of a schedule of `betas`; errors on fewer than two.
     pub fn new(betas: &[f32]) -> Result<Self> {
         if betas.len() < 2 {
             bail!("the VLB needs at least 2 timesteps, got {}", betas.len());
@@ -192,7 +194,10 @@ impl PosteriorCoefficients {
 #[derive(Debug, Clone)]
 pub enum TimestepSampler {
     /// `torch.randint(0, T, (B,))`, as diffusers' training scripts draw them.
-    Uniform { num_timesteps: usize },
+    Uniform {
+        /// T, the number of training timesteps.
+        num_timesteps: usize,
+    },
     /// Importance sampling by the root mean square of recent losses per timestep.
     LossSecondMoment(LossSecondMomentResampler),
 }
@@ -222,15 +227,21 @@ impl TimestepSampler {
 /// root mean square of their losses, mixed with `uniform_prob` of the uniform distribution.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LossSecondMomentResampler {
+    /// T, the number of training timesteps.
     pub num_timesteps: usize,
+    /// Losses kept per timestep.
     pub history_per_term: usize,
+    /// The share of the uniform distribution in the mix.
     pub uniform_prob: f64,
     /// `[num_timesteps × history_per_term]`, row-major.
     pub loss_history: Vec<f64>,
+    /// Losses recorded per timestep (up to `history_per_term`).
     pub loss_counts: Vec<usize>,
 }
 
 impl LossSecondMomentResampler {
+    /// A sampler with no losses recorded yet (it samples uniformly until every timestep has its
+    /// history).
     pub fn new(num_timesteps: usize, history_per_term: usize, uniform_prob: f64) -> Self {
         Self {
             num_timesteps,
@@ -362,17 +373,25 @@ pub enum LossKind {
     /// L_simple + vlb_weight · T · L_t (improved-diffusion's `RESCALED_MSE` with learned
     /// variance is vlb_weight = 0.001), for models predicting a learned-range variance in
     /// their second half of channels.
-    Hybrid { vlb_weight: f64 },
+    Hybrid {
+        /// The VLB term's weight.
+        vlb_weight: f64,
+    },
 }
 
 /// Everything that turns clean samples and a model into a loss.
 pub struct DiffusionObjective {
+    /// What the model predicts, hence the regression target.
     pub prediction_type: PredictionType,
+    /// The loss on that target.
     pub loss: LossKind,
+    /// Min-SNR weighting (Hang et al. 2023) with this gamma; `None` weighs timesteps equally.
     pub snr_gamma: Option<f64>,
     /// The scheduler's alpha_bar (f32, as `add_noise` uses it).
     pub alphas_cumprod: Vec<f32>,
+    /// For the hybrid loss's VLB term.
     pub posterior: PosteriorCoefficients,
+    /// How timesteps are drawn.
     pub timestep_sampler: TimestepSampler,
 }
 
@@ -382,10 +401,13 @@ pub struct ObjectiveOutput {
     pub loss: Tensor,
     /// Each example's loss before importance weighting (what loss-aware sampling records).
     pub per_example: Vec<f64>,
+    /// The timestep of each example.
     pub timesteps: Vec<usize>,
 }
 
 impl DiffusionObjective {
+    /// Errors on a non-positive or non-finite `snr_gamma`, on `snr_gamma` with the hybrid loss,
+    /// on a negative VLB weight, or on fewer than two betas.
     pub fn new(
         prediction_type: PredictionType,
         loss: LossKind,

@@ -12,9 +12,13 @@ use crate::{bail, Result};
 /// `torch.optim.AdamW`'s hyper-parameters, with its defaults.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamWConfig {
+    /// The first moment's decay. Default: 0.9.
     pub beta1: f64,
+    /// The second moment's decay. Default: 0.999.
     pub beta2: f64,
+    /// Added to the denominator. Default: 1e-8.
     pub eps: f64,
+    /// Decoupled weight decay. Default: 1e-2.
     pub weight_decay: f64,
 }
 
@@ -25,6 +29,7 @@ impl Default for AdamWConfig {
 }
 
 impl AdamWConfig {
+    /// Errors on betas outside [0, 1) or a negative or non-finite `eps` or `weight_decay`.
     pub fn validate(&self) -> Result<()> {
         for (name, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&beta) {
@@ -43,10 +48,13 @@ impl AdamWConfig {
 
 /// AdamW's state: the step count and both moment estimates of every parameter.
 pub struct AdamW {
+    /// The hyper-parameters.
     pub config: AdamWConfig,
     /// The number of updates made (torch's `state["step"]`, the same for every parameter).
     pub step: u64,
+    /// The first moments (`exp_avg`), one vector per parameter.
     pub exp_avg: Vec<Vec<f32>>,
+    /// The second moments (`exp_avg_sq`), one vector per parameter.
     pub exp_avg_sq: Vec<Vec<f32>>,
 }
 
@@ -154,6 +162,7 @@ pub enum LrSchedule {
 }
 
 impl LrSchedule {
+    /// Parses `constant` (or `constant_with_warmup`) or `cosine`.
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "constant" | "constant_with_warmup" => Ok(Self::Constant),
@@ -168,13 +177,18 @@ impl LrSchedule {
 /// learning rate 0, as in diffusers' training scripts).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LearningRate {
+    /// The peak learning rate.
     pub base: f64,
+    /// Steps of linear warm-up from 0.
     pub warmup_steps: usize,
+    /// The run's optimizer steps (where the cosine reaches 0).
     pub total_steps: usize,
+    /// The shape after the warm-up.
     pub schedule: LrSchedule,
 }
 
 impl LearningRate {
+    /// Errors unless `base` is finite and above 0.
     pub fn new(base: f64, warmup_steps: usize, total_steps: usize, schedule: LrSchedule) -> Result<Self> {
         if base.is_nan() || base <= 0.0 || base.is_infinite() {
             bail!("the learning rate must be a finite number above 0, got {base}");
@@ -205,11 +219,14 @@ impl LearningRate {
 /// Gradients summed over the micro-batches of one optimizer step (each micro-batch's loss
 /// divided by their number, as accelerate's gradient accumulation does).
 pub struct GradAccumulator {
+    /// The summed gradients, one vector per parameter.
     pub grads: Vec<Vec<f32>>,
+    /// Micro-batches added so far.
     pub micro_batches: usize,
 }
 
 impl GradAccumulator {
+    /// Zeroed gradients for parameters of `sizes` values.
     pub fn new(sizes: &[usize]) -> Self {
         Self { grads: sizes.iter().map(|&n| vec![0.0; n]).collect(), micro_batches: 0 }
     }

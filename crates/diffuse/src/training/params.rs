@@ -32,18 +32,22 @@ impl Parameters {
         Ok(Self { names, vars })
     }
 
+    /// The parameters' names, in order.
     pub fn names(&self) -> &[String] {
         &self.names
     }
 
+    /// The parameters, in the order of `names`.
     pub fn vars(&self) -> &[Var] {
         &self.vars
     }
 
+    /// The number of parameters (tensors).
     pub fn len(&self) -> usize {
         self.vars.len()
     }
 
+    /// Whether there are no parameters.
     pub fn is_empty(&self) -> bool {
         self.vars.is_empty()
     }

@@ -56,9 +56,13 @@ pub const PRESETS: &[(&str, &str, &str)] = &[
 /// The training noise schedule, as `DDPMScheduler`'s config keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NoiseSchedule {
+    /// Timesteps of the schedule. Default: 1000.
     pub num_train_timesteps: usize,
+    /// `linear`, `scaled_linear` or `squaredcos_cap_v2`. Default: `linear`.
     pub beta_schedule: String,
+    /// The first beta. Default: 0.0001.
     pub beta_start: f64,
+    /// The last beta. Default: 0.02.
     pub beta_end: f64,
 }
 
@@ -72,12 +76,14 @@ impl Default for NoiseSchedule {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TimestepSampling {
+    /// Every timestep equally often (diffusers' training scripts).
     Uniform,
     /// improved-diffusion's `loss-second-moment` sampler.
     LossAware,
 }
 
 impl TimestepSampling {
+    /// Parses `uniform` or `loss-aware` (also `loss-second-moment`).
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "uniform" => Ok(Self::Uniform),
@@ -92,9 +98,11 @@ impl TimestepSampling {
 pub struct SampleSettings {
     /// Images per grid (unconditional), or per class row (class-conditional, at most 10 rows).
     pub count: usize,
+    /// Inference steps per grid.
     pub steps: usize,
     /// A `diffuse schedulers` name.
     pub scheduler: String,
+    /// Seeds the grids' noise, the same at every write.
     pub seed: u64,
 }
 
@@ -107,17 +115,24 @@ impl Default for SampleSettings {
 /// Everything the pixel-space kind needs besides the loop's settings.
 #[derive(Debug, Clone)]
 pub struct PixelTrainingConfig {
+    /// The UNet's architecture.
     pub unet: UNet2DModelConfig,
+    /// The training noise schedule.
     pub noise: NoiseSchedule,
+    /// What the UNet predicts.
     pub prediction_type: PredictionType,
+    /// The loss.
     pub loss: LossKind,
+    /// How timesteps are drawn.
     pub timestep_sampling: TimestepSampling,
+    /// Min-SNR weighting with this gamma; `None` weighs timesteps equally.
     pub snr_gamma: Option<f64>,
     /// Class-conditional training: the number of classes (labels 0..n).
     pub num_classes: Option<usize>,
     /// The probability of replacing a label by the null class `num_classes` (which the UNet
     /// then has an embedding for), for classifier-free guidance.
     pub class_dropout: f64,
+    /// The sample grids.
     pub sampling: SampleSettings,
 }
 
@@ -126,11 +141,13 @@ pub struct PixelTrainingConfig {
 pub struct UNetRequest {
     /// The data's channels (1 gray, 3 colour) and size (height, width).
     pub data_channels: usize,
+    /// The data's (height, width).
     pub data_size: (usize, usize),
     /// `--resolution`: a square sample size that overrides the data's.
     pub resolution: Option<usize>,
     /// Class-conditional with this many classes.
     pub num_classes: Option<usize>,
+    /// The label-dropout probability, which adds a null class.
     pub class_dropout: f64,
     /// The hybrid loss: the UNet predicts a variance too.
     pub learned_variance: bool,
@@ -141,7 +158,7 @@ pub struct UNetRequest {
 /// `sample_size` and `num_class_embeds` where the config does not state them, and a stated
 /// value that contradicts them is refused naming the key.
 pub fn resolve_unet_config(model_config: &str, request: &UNetRequest) -> Result<UNet2DModelConfig> {
-    let (mut map, origin) = preset_or_file(model_config, PRESETS, "--model-config")?;
+    let (mut map, origin) = preset_or_file(model_config, PRESETS, "`model_config`")?;
     let refuse = |key: &str, stated: &Value, wanted: &Value, why: &str| -> Error {
         Error::invalid(format!("{origin}: `{key}` is {stated}, but {why} needs {wanted}"))
     };
@@ -164,10 +181,10 @@ pub fn resolve_unet_config(model_config: &str, request: &UNetRequest) -> Result<
     let num_class_embeds = request.num_classes.map(|n| n + usize::from(request.class_dropout > 0.0));
     match (stated(&map, "num_class_embeds"), num_class_embeds) {
         (Some(value), Some(wanted)) if value != json!(wanted) => {
-            return Err(refuse("num_class_embeds", &value, &json!(wanted), "class-conditional training on this data (its classes, plus a null class with --class-dropout)"));
+            return Err(refuse("num_class_embeds", &value, &json!(wanted), "class-conditional training on this data (its classes, plus a null class with `class_dropout`)"));
         }
         (Some(value), None) => {
-            bail!("{origin}: `num_class_embeds` is {value}: the model is class-conditional; pass --class-conditional (and data with labels)")
+            bail!("{origin}: `num_class_embeds` is {value}: the model is class-conditional; set `num_classes` (and use data with labels)")
         }
         (_, wanted) => {
             map.insert("num_class_embeds".into(), json!(wanted));
@@ -194,7 +211,7 @@ fn check_trainable(config: &UNet2DModelConfig) -> Result<()> {
     let factor = 1usize << config.down_block_types.len().saturating_sub(1);
     if height == 0 || width == 0 || !height.is_multiple_of(factor) || !width.is_multiple_of(factor) {
         bail!(
-            "`sample_size` {height}×{width} must be a multiple of {factor} for {} resolution levels (pad the data with --resolution and --image-fit pad)",
+            "`sample_size` {height}×{width} must be a multiple of {factor} for {} resolution levels (pad the data to such a size with `ImageFit::Pad`)",
             config.down_block_types.len()
         );
     }
@@ -298,10 +315,10 @@ impl PixelTask {
             bail!("the UNet's out_channels is {}, the objective needs {expected_out}", config.unet.out_channels);
         }
         if !(0.0..1.0).contains(&config.class_dropout) {
-            bail!("--class-dropout must be in [0, 1), got {}", config.class_dropout);
+            bail!("`class_dropout` must be in [0, 1), got {}", config.class_dropout);
         }
         if config.class_dropout > 0.0 && config.num_classes.is_none() {
-            bail!("--class-dropout needs class-conditional training (--class-conditional)");
+            bail!("`class_dropout` needs class-conditional training (`num_classes`)");
         }
         let wanted_embeds = config.num_classes.map(|n| n + usize::from(config.class_dropout > 0.0));
         if config.unet.num_class_embeds != wanted_embeds {
@@ -322,14 +339,17 @@ impl PixelTask {
         Ok(Self { config, parameters, unet, objective, scheduler_config, device: device.clone(), _varmap: varmap })
     }
 
+    /// The task's settings.
     pub fn config(&self) -> &PixelTrainingConfig {
         &self.config
     }
 
+    /// The UNet being trained.
     pub fn unet(&self) -> &UNet2DModel {
         &self.unet
     }
 
+    /// The objective the loss comes from.
     pub fn objective(&self) -> &DiffusionObjective {
         &self.objective
     }

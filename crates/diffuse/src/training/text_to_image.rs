@@ -100,7 +100,9 @@ pub fn with_article(name: &str) -> String {
 /// synonyms drawn as often) and the templates they are put into.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClassPrompts {
+    /// Per class, its names; the first is the main one.
     pub names: Vec<Vec<String>>,
+    /// Caption templates: `{a}` is the name with its article, `{}` the bare name.
     pub templates: Vec<String>,
 }
 
@@ -141,11 +143,24 @@ impl ClassPrompts {
 /// The text encoder: trained with the UNet, or loaded from a folder and frozen.
 #[derive(Debug, Clone)]
 pub enum TextEncoderSource {
-    Train { json: Map<String, Value>, config: ClipTextConfig },
-    Frozen { dir: PathBuf, config: ClipTextConfig },
+    /// A fresh `CLIPTextModel` trained with the UNet.
+    Train {
+        /// Its config as transformers keys (what is exported).
+        json: Map<String, Value>,
+        /// The parsed `json`.
+        config: ClipTextConfig,
+    },
+    /// A trained `CLIPTextModel` loaded from `dir` and kept frozen.
+    Frozen {
+        /// The folder with `config.json` and `model.safetensors`.
+        dir: PathBuf,
+        /// Its config.
+        config: ClipTextConfig,
+    },
 }
 
 impl TextEncoderSource {
+    /// The text encoder's architecture.
     pub fn config(&self) -> &ClipTextConfig {
         match self {
             Self::Train { config, .. } | Self::Frozen { config, .. } => config,
@@ -155,8 +170,8 @@ impl TextEncoderSource {
 
 /// A trained text encoder's config from a preset or a file, over SD 1.5's (so that the
 /// exported config.json is complete for transformers).
-pub fn resolve_text_encoder_config(name: &str) -> Result<TextEncoderSource> {
-    let (stated, origin) = preset_or_file(name, TEXT_ENCODER_PRESETS, "--text-encoder-config")?;
+pub fn resolve_text_encoder_config(text_encoder_config: &str) -> Result<TextEncoderSource> {
+    let (stated, origin) = preset_or_file(text_encoder_config, TEXT_ENCODER_PRESETS, "`text_encoder_config`")?;
     let mut json = crate::configs::parse(crate::configs::SD15.text_encoder);
     json.extend(stated);
     let config: ClipTextConfig = parse_config(&json, Path::new(&origin))?;
@@ -199,12 +214,16 @@ pub fn frozen_text_encoder(dir: &Path) -> Result<TextEncoderSource> {
 /// `diffusion_pytorch_model.safetensors` (or a pipeline folder's `vae/`).
 #[derive(Debug, Clone)]
 pub struct FrozenVae {
+    /// The folder with `config.json` and the weights.
     pub dir: PathBuf,
+    /// The config as diffusers keys.
     pub json: Map<String, Value>,
+    /// The parsed config.
     pub config: AutoencoderKLConfig,
 }
 
 impl FrozenVae {
+    /// Reads the autoencoder's config from `dir` (or `dir/vae`).
     pub fn open(dir: &Path) -> Result<Self> {
         let dir = if !dir.join("config.json").is_file() && dir.join("vae/config.json").is_file() { dir.join("vae") } else { dir.to_path_buf() };
         let path = dir.join("config.json");
@@ -236,7 +255,7 @@ pub fn resolve_unet_config(
     image_size: usize,
     cross_attention_dim: usize,
 ) -> Result<(Map<String, Value>, UNet2DConditionModelConfig)> {
-    let (map, origin) = preset_or_file(model_config, UNET_PRESETS, "--model-config")?;
+    let (map, origin) = preset_or_file(model_config, UNET_PRESETS, "`model_config`")?;
     check_unet_config(map, &origin, vae, image_size, cross_attention_dim)
 }
 
@@ -291,30 +310,42 @@ pub struct TextSampleSettings {
     pub prompts: Vec<String>,
     /// Images per prompt.
     pub count: usize,
+    /// Inference steps per grid.
     pub steps: usize,
+    /// The guidance scale of classifier-free guidance.
     pub guidance_scale: f64,
     /// A `diffuse schedulers` name.
     pub scheduler: String,
+    /// Seeds the grids' noise, the same at every write.
     pub seed: u64,
 }
 
 /// Everything the text-to-image kind needs besides the loop's settings.
 #[derive(Debug, Clone)]
 pub struct TextToImageTrainingConfig {
+    /// The UNet's config as diffusers keys (what is exported).
     pub unet_json: Map<String, Value>,
+    /// The parsed `unet_json`.
     pub unet: UNet2DConditionModelConfig,
+    /// The text encoder, trained or frozen.
     pub text_encoder: TextEncoderSource,
     /// An SDXL base's second text encoder (LoRA training only).
     pub text_encoder_2: Option<SecondTextEncoder>,
+    /// The frozen autoencoder the latents come from.
     pub vae: FrozenVae,
+    /// The training noise schedule.
     pub noise: NoiseSchedule,
+    /// What the UNet predicts.
     pub prediction_type: PredictionType,
+    /// How timesteps are drawn.
     pub timestep_sampling: TimestepSampling,
+    /// Min-SNR weighting with this gamma; `None` weighs timesteps equally.
     pub snr_gamma: Option<f64>,
     /// The probability of training on the empty prompt instead of the caption.
     pub caption_dropout: f64,
     /// Captions for labelled data without captions.
     pub class_prompts: Option<ClassPrompts>,
+    /// The sample grids.
     pub sampling: TextSampleSettings,
     /// The weights' type in the exported pipeline.
     pub export_dtype: DType,
@@ -329,6 +360,7 @@ pub struct TextToImageTrainingConfig {
 /// What LoRA training adapts, and how the result is written.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraTraining {
+    /// Adapters on the UNet.
     pub unet: AdapterConfig,
     /// Adapters on the (frozen) text encoder too.
     pub text_encoder: Option<AdapterConfig>,
@@ -393,7 +425,7 @@ impl TextToImageTask {
     /// Loads the frozen models.
     pub fn new(config: TextToImageTrainingConfig, init_seed: u64, device: &Device) -> Result<Self> {
         if !(0.0..1.0).contains(&config.caption_dropout) {
-            bail!("--caption-dropout must be in [0, 1), got {}", config.caption_dropout);
+            bail!("`caption_dropout` must be in [0, 1), got {}", config.caption_dropout);
         }
         // SDXL's UNet attends to both encoders' hidden states side by side.
         let text_width = config.text_encoder.config().hidden_size + config.text_encoder_2.as_ref().map_or(0, |te| te.config.hidden_size);
@@ -480,9 +512,9 @@ impl TextToImageTask {
         init_seed: u64,
         device: &Device,
     ) -> Result<(UNet2DConditionModel, ClipTextModel, Option<(ClipTokenizer, ClipTextModel)>, Adapters)> {
-        let base = config.base.as_deref().ok_or_else(|| Error::invalid("LoRA training needs a base model (--base)"))?;
+        let base = config.base.as_deref().ok_or_else(|| Error::invalid("LoRA training needs a base model (`base`)"))?;
         if !(0.0..1.0).contains(&lora.dropout) {
-            bail!("--lora-dropout must be in [0, 1), got {}", lora.dropout);
+            bail!("the LoRA `dropout` must be in [0, 1), got {}", lora.dropout);
         }
         let adapters = Adapters::new(init_seed);
         let unet_files = find_weight_files(&base.join("unet"), "diffusion_pytorch_model", None)?;
@@ -580,7 +612,7 @@ impl TextToImageTask {
             let caption = match (&batch.captions, &batch.labels, &self.config.class_prompts) {
                 (Some(captions), _, _) => captions[index].clone(),
                 (None, Some(labels), Some(prompts)) => prompts.caption(labels[index] as usize, draws[1], draws[2])?,
-                (None, Some(_), None) => bail!("the data has labels but no captions: give the class names (--class-names)"),
+                (None, Some(_), None) => bail!("the data has labels but no captions: give the class names (`class_prompts`)"),
                 (None, None, _) => bail!("text-to-image training needs captions (metadata.jsonl or .txt files) or labels with class names"),
             };
             captions.push(if (draws[0] as f64) < self.config.caption_dropout { String::new() } else { caption });
