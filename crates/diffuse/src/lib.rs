@@ -33,6 +33,8 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod configs;
 pub mod default_model;
 pub mod device;

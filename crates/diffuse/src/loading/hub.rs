@@ -67,6 +67,8 @@ pub struct HubEnv {
 }
 
 impl HubEnv {
+    /// The environment of this process (`std::env::var`), `~` falling back to the password
+    /// database's home when `HOME` is unset.
     pub fn from_process() -> Self {
         HubEnv { vars: Box::new(|name| std::env::var(name).ok()), home_fallback: std::env::home_dir() }
     }
@@ -272,6 +274,8 @@ fn is_safe_repo_path(path: &str) -> bool {
         && Path::new(path).components().all(|c| matches!(c, Component::Normal(_)))
 }
 
+/// Whether `revision` is a full commit hash: 40 lowercase hex digits (huggingface_hub's
+/// `REGEX_COMMIT_HASH`), used as the snapshot folder's name with no ref to read.
 pub fn is_commit_hash(revision: &str) -> bool {
     revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
@@ -287,17 +291,23 @@ pub fn repo_folder_name(repo_id: &str) -> String {
 /// Where a revision of a repo is in the cache, or which step of the lookup found nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CacheLookup {
+    /// The revision's snapshot folder exists.
     Found {
+        /// The full commit hash the revision resolves to.
         commit: String,
+        /// `snapshots/{commit}` in the repo's cache folder.
         snapshot: PathBuf,
     },
     /// `revision` is a name and `refs/{revision}` does not exist (nor, maybe, the repo folder).
     NoRef {
+        /// The `refs/{revision}` file that was looked for.
         ref_path: PathBuf,
     },
     /// The commit is known but `snapshots/{commit}` does not exist.
     NoSnapshot {
+        /// The commit the ref (or the revision itself) names.
         commit: String,
+        /// The `snapshots/{commit}` folder that was looked for.
         snapshot: PathBuf,
     },
 }
@@ -574,7 +584,9 @@ fn shards_named_in_index(path: &Path) -> Result<BTreeSet<String>> {
 /// A repo's files at one commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RepoListing {
+    /// The full commit hash the revision resolved to (the Hub's `sha`).
     pub commit: String,
+    /// Every file's path in the repo, relative to its root (the Hub's `siblings[].rfilename`).
     pub files: Vec<String>,
 }
 

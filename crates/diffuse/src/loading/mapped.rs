@@ -71,6 +71,7 @@ impl MappedTensors {
         self.entries.iter().map(|(name, entry)| (name.as_str(), entry.shape.as_slice()))
     }
 
+    /// Whether the files hold a tensor named `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
     }

@@ -70,6 +70,8 @@ impl Family {
         }
     }
 
+    /// Whether the family is SDXL (base or refiner): two-encoder or bigG conditioning and the SDXL
+    /// UNet's added time ids.
     pub fn is_xl(self) -> bool {
         matches!(self, Family::StableDiffusionXL | Family::StableDiffusionXLRefiner)
     }
@@ -97,7 +99,9 @@ impl Family {
 /// The diffusers components a checkpoint holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Component {
+    /// The UNet (`UNet2DConditionModel`; LDM `model.diffusion_model.*`).
     Unet,
+    /// The VAE (`AutoencoderKL`; LDM `first_stage_model.*`).
     Vae,
     /// The first (for the SDXL refiner, the only) text encoder.
     TextEncoder,
@@ -124,12 +128,15 @@ impl Component {
 /// What is done to an LDM tensor to give the diffusers one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Transform {
+    /// The tensor as it is.
     Identity,
     /// A 1x1 convolution weight `[out, in, 1, 1]` used as a linear one `[out, in]`.
     ConvToLinear,
     /// Rows `start..start + len` of a fused q/k/v projection (OpenCLIP's `in_proj_*`).
     Rows {
+        /// The first row.
         start: usize,
+        /// The number of rows.
         len: usize,
     },
     /// A 2-D tensor transposed (OpenCLIP's `text_projection`, applied as `x @ p`).
@@ -139,7 +146,9 @@ pub enum Transform {
 /// Where one diffusers tensor comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Source {
+    /// The tensor's name in the checkpoint (original LDM naming).
     pub ldm_name: String,
+    /// What is done to it to give the diffusers tensor.
     pub transform: Transform,
     /// The diffusers shape (after the transform).
     pub shape: Vec<usize>,
@@ -151,6 +160,7 @@ pub type WeightMap = BTreeMap<String, Source>;
 /// A checkpoint's architecture and name mapping, worked out from tensor names and shapes alone.
 #[derive(Clone, Debug)]
 pub struct Recognised {
+    /// Which model family the tensors make it.
     pub family: Family,
     /// A 9-channel UNet input (latents, mask, masked-image latents).
     pub inpainting: bool,
@@ -275,22 +285,27 @@ impl SingleFile {
         Ok(Self { path: path.to_path_buf(), tensors: Arc::new(tensors), recognised: Arc::new(recognised) })
     }
 
+    /// The checkpoint file.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// What the file was recognised as: family, configs and weight maps.
     pub fn recognised(&self) -> &Recognised {
         &self.recognised
     }
 
+    /// The checkpoint's model family.
     pub fn family(&self) -> Family {
         self.recognised.family
     }
 
+    /// The component's diffusers `config.json`, as an object ([`Recognised::config`]).
     pub fn config(&self, component: Component) -> &Map<String, Value> {
         self.recognised.config(component)
     }
 
+    /// The scheduler config diffusers gives this file ([`Recognised::scheduler_config`]).
     pub fn scheduler_config(&self, prediction_type: Option<&str>) -> Result<Map<String, Value>> {
         self.recognised.scheduler_config(prediction_type)
     }

@@ -22,7 +22,9 @@ pub const SUPPORTED_AUTOENCODERS: &[&str] = &["AutoencoderKL", "AutoencoderTiny"
 /// An autoencoder's config, of whichever class its `config.json` names.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AutoencoderConfig {
+    /// An `AutoencoderKL` config (the Stable Diffusion VAEs).
     Kl(AutoencoderKLConfig),
+    /// An `AutoencoderTiny` config (TAESD).
     Tiny(AutoencoderTinyConfig),
 }
 
@@ -47,6 +49,7 @@ impl AutoencoderConfig {
         }
     }
 
+    /// The diffusers class name: `AutoencoderKL` or `AutoencoderTiny`.
     pub fn class_name(&self) -> &'static str {
         match self {
             Self::Kl(_) => "AutoencoderKL",
@@ -65,6 +68,8 @@ impl AutoencoderConfig {
         }
     }
 
+    /// Channels of the latents `[N, C, h, w]` the autoencoder encodes to (`latent_channels`: 4 for
+    /// SD 1.x/2.x and SDXL).
     pub fn latent_channels(&self) -> usize {
         match self {
             Self::Kl(config) => config.latent_channels,
@@ -87,11 +92,14 @@ fn kl_runs_in(config: &AutoencoderKLConfig, dtype: DType) -> DType {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Autoencoder {
+    /// diffusers' `AutoencoderKL`.
     Kl(AutoencoderKL),
+    /// diffusers' `AutoencoderTiny` (TAESD).
     Tiny(AutoencoderTiny),
 }
 
 impl Autoencoder {
+    /// Builds the autoencoder of `config`'s class from the weights in `vb` (diffusers' names).
     pub fn new(vb: VarBuilder, config: &AutoencoderConfig) -> Result<Self> {
         Ok(match config {
             AutoencoderConfig::Kl(config) => Self::Kl(AutoencoderKL::new(vb, config)?),
@@ -124,6 +132,7 @@ impl Autoencoder {
         Self::new(var_builder(&files, config.runs_in(dtype), device)?, &config).map_err(|e| e.in_weights_file(&file))
     }
 
+    /// The diffusers class name: `AutoencoderKL` or `AutoencoderTiny`.
     pub fn class_name(&self) -> &'static str {
         match self {
             Self::Kl(_) => "AutoencoderKL",
@@ -140,6 +149,8 @@ impl Autoencoder {
     }
 
 
+    /// Channels of the latents `[N, C, h, w]` the autoencoder encodes to (its config's
+    /// `latent_channels`).
     pub fn latent_channels(&self) -> usize {
         match self {
             Self::Kl(vae) => vae.config().latent_channels,

@@ -40,6 +40,7 @@ use crate::{Error, Result};
 /// arguments).
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
+    /// The device the models are loaded on and run on (diffusers' `.to(device)`).
     pub device: Device,
     /// The weights' type (f16 on the CPU is kept as bf16; activations stay f32 there).
     pub dtype: DType,
@@ -79,7 +80,16 @@ pub enum StartFrom {
     /// Text-to-image, from the generator's noise.
     Noise,
     /// Image-to-image, or inpainting with a mask (white is repainted); `strength` in [0, 1].
-    Image { image: Image8, mask: Option<Image8>, strength: f64 },
+    Image {
+        /// The init image (diffusers' `image`); the output has its size unless the options give
+        /// one.
+        image: Image8,
+        /// The inpainting mask (diffusers' `mask_image`): white is repainted, black kept.
+        mask: Option<Image8>,
+        /// How much of the schedule is run (diffusers' `strength`): 0 keeps the image, 1
+        /// repaints it from noise.
+        strength: f64,
+    },
     /// Given latents `[N, C, h, w]` (e.g. DDIM-inverted ones), as diffusers' `latents=`.
     Latents(Tensor),
 }
@@ -97,14 +107,18 @@ impl StartFrom {
 /// `torch.Generator("cpu").manual_seed(seed)` the run draws from, and where it starts.
 #[derive(Clone, Debug)]
 pub struct GenerationRequest {
+    /// The prompt, size, steps, guidance and the rest of diffusers' `__call__` arguments.
     pub options: TextToImageOptions,
+    /// The seed of the generator (diffusers' `generator=torch.Generator("cpu").manual_seed(seed)`).
     pub seed: u64,
+    /// What the sampling loop starts from: noise, an init image (and mask), or latents.
     pub start: StartFrom,
 }
 
 /// What a step callback tells the run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Flow {
+    /// Go on to the next step.
     Continue,
     /// End the run now: it returns [`Error::Interrupted`] without finishing the step loop.
     Stop,
@@ -116,6 +130,7 @@ pub struct Generated {
     pub images: Vec<image::RgbImage>,
     /// The same images as a tensor `[N, 3, H, W]` in about [-1, 1].
     pub samples: Tensor,
+    /// Seconds spent encoding the prompts, denoising and decoding.
     pub times: PhaseTimes,
 }
 

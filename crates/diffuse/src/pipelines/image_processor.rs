@@ -12,9 +12,13 @@ use crate::{Error, Result};
 /// An 8-bit image with interleaved channels (1 = PIL's "L", 3 = "RGB"), row-major.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Image8 {
+    /// Width in pixels.
     pub width: usize,
+    /// Height in pixels.
     pub height: usize,
+    /// Channels per pixel: 1 (gray) or 3 (RGB).
     pub channels: usize,
+    /// `height × width × channels` bytes, row by row, channels interleaved.
     pub pixels: Vec<u8>,
 }
 
@@ -105,10 +109,13 @@ impl Image8 {
 /// (resize, grayscale, binarise at 0.5, no normalisation).
 #[derive(Clone, Copy, Debug)]
 pub struct VaeImageProcessor {
+    /// Pixels per latent element (diffusers' `vae_scale_factor`, 8 for Stable Diffusion): images
+    /// are resized to multiples of it.
     pub vae_scale_factor: usize,
 }
 
 impl VaeImageProcessor {
+    /// A processor for a VAE with this scale factor.
     pub fn new(vae_scale_factor: usize) -> Self {
         VaeImageProcessor { vae_scale_factor }
     }

@@ -48,9 +48,11 @@ use crate::{Error, Result};
 /// `None` (or empty): the CLI's defaults apply to them.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct GenerationParameters {
+    /// The prompt (possibly several lines).
     pub prompt: String,
     /// Empty when there is none (A1111 writes no `Negative prompt:` line then).
     pub negative_prompt: String,
+    /// Denoising steps (`Steps`; diffusers' `num_inference_steps`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<usize>,
     /// A1111's sampler name (`Euler a`, `DPM++ 2M`; older files: `DPM++ 2M Karras`).
@@ -62,14 +64,20 @@ pub struct GenerationParameters {
     /// Classifier-free guidance scale.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cfg_scale: Option<f64>,
+    /// The seed (`Seed`) of the generator the image was drawn from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// Image width in pixels (`Size: WxH`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub width: Option<usize>,
+    /// Image height in pixels (`Size: WxH`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub height: Option<usize>,
+    /// `Model hash`: the first 10 hex digits of the SHA-256 of the checkpoint file (or of a
+    /// folder's UNet weights; see [`model_hash`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model_hash: Option<String>,
+    /// `Model`: the model's name (a checkpoint's file stem, a folder's name, or a repo id).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     /// Image-to-image strength.
@@ -81,13 +89,16 @@ pub struct GenerationParameters {
     /// DDIM's eta (`Eta DDIM`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eta: Option<f64>,
+    /// diffusers' `guidance_rescale` (`Guidance rescale`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guidance_rescale: Option<f64>,
+    /// The class a class-conditional pixel model was asked for (`Class label`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub class_label: Option<i64>,
     /// How many images were drawn together, and which of them this is (0-based).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<usize>,
+    /// Which image of the batch this is, 0-based (`Batch pos`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_position: Option<usize>,
     /// diffuse's scheduler name (`dpm++2m-karras`; see `SCHEDULER_NAMES`).
@@ -102,6 +113,7 @@ pub struct GenerationParameters {
     /// The compute dtype when it is not f32.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dtype: Option<String>,
+    /// The program that wrote the image (`Version`, e.g. `diffuse 0.1.0`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
     /// Every other `Key: value` pair, in order (A1111 settings diffuse has no use for, or keys
@@ -252,7 +264,9 @@ pub fn parse_infotext(text: &str) -> Result<GenerationParameters> {
 /// An infotext taken apart, before any value is interpreted.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct InfotextParts {
+    /// The prompt: the lines before the `Negative prompt:` line and the parameters.
     pub prompt: String,
+    /// The text after `Negative prompt:` (empty when there is none).
     pub negative_prompt: String,
     /// The `Key: value` pairs in order, unquoted.
     pub pairs: Vec<(String, String)>,

@@ -48,8 +48,12 @@ pub const SCHEDULER_NAMES: &[(&str, &str, &[(&str, &str)], &str)] = &[
 
 /// A scheduler resolved from a model folder, an optional name and `KEY=VALUE` overrides.
 pub struct ResolvedScheduler {
+    /// The scheduler, configured and ready for `set_timesteps`.
     pub scheduler: Box<dyn Scheduler>,
+    /// Its diffusers class name (`EulerDiscreteScheduler`, ...).
     pub class_name: String,
+    /// The config it was built from, overrides applied (as its `scheduler_config.json` would hold
+    /// it).
     pub config: Map<String, Value>,
 }
 

@@ -15,20 +15,33 @@ use crate::pipelines::{resolve_scheduler, ResolvedScheduler};
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
 
+/// A pixel-space pipeline (diffusers' DDPMPipeline / DDIMPipeline): a `UNet2DModel` and a
+/// scheduler, sampling images directly without a VAE.
 pub struct PixelPipeline {
+    /// The denoising UNet (`unet/`).
     pub unet: UNet2DModel,
+    /// The UNet's config (`unet/config.json`).
     pub unet_config: UNet2DModelConfig,
+    /// The scheduler (`scheduler/`, or the one named at load).
     pub scheduler: ResolvedScheduler,
+    /// The folder the pipeline was loaded from.
     pub model_dir: PathBuf,
+    /// The device the UNet runs on.
     pub device: Device,
 }
 
 /// What one call generates.
 #[derive(Clone, Debug)]
 pub struct PixelOptions {
+    /// Denoising steps (diffusers' `num_inference_steps`).
     pub num_inference_steps: usize,
+    /// Images generated at once (diffusers' `batch_size`).
     pub num_images: usize,
+    /// DDIM's eta (diffusers' `eta`): 0 is deterministic DDIM, 1 DDPM-like noise (TCD's gamma);
+    /// schedulers without one ignore it.
     pub eta: f64,
+    /// The class to generate, for a UNet with class embeddings (`class_labels`); `None` for an
+    /// unconditional one.
     pub class_label: Option<i64>,
 }
 

@@ -31,10 +31,15 @@ use crate::tokenizers::builtin::builtin_clip_tokenizer;
 use crate::tokenizers::clip::ClipTokenizer;
 use crate::{ops, Error, Result};
 
+/// A latent text-to-image pipeline: diffusers' StableDiffusionPipeline (SD 1.x/2.x),
+/// StableDiffusionXLPipeline (base and refiner) and LatentConsistencyModelPipeline; image-to-image
+/// and inpainting run on the same components.
 pub struct StableDiffusionPipeline {
     /// The first (for SD 1.x/2.x the only) text encoder and its tokenizer. An SDXL refiner has
     /// only OpenCLIP bigG, diffusers' `text_encoder_2`: it is kept here.
     pub tokenizer: ClipTokenizer,
+    /// The first text encoder (CLIP ViT-L for SD 1.x and SDXL base, OpenCLIP ViT-H for SD 2.x; for
+    /// the SDXL refiner, OpenCLIP bigG).
     pub text_encoder: ClipTextModel,
     /// SDXL base's second text encoder (`CLIPTextModelWithProjection`) and its tokenizer.
     pub text_encoder_2: Option<(ClipTokenizer, ClipTextModel)>,
@@ -42,13 +47,20 @@ pub struct StableDiffusionPipeline {
     /// means zero negative embeddings (`force_zeros_for_empty_prompt`), and the time ids end
     /// with the aesthetic score rather than the target size (`requires_aesthetics_score`).
     pub force_zeros_for_empty_prompt: bool,
+    /// SDXL refiner: condition on aesthetic scores instead of the target size (see
+    /// `force_zeros_for_empty_prompt`).
     pub requires_aesthetics_score: bool,
+    /// The denoising UNet (`UNet2DConditionModel`).
     pub unet: UNet2DConditionModel,
+    /// The UNet's config (`unet/config.json`, or the single file's).
     pub unet_config: UNet2DConditionModelConfig,
     /// The folder's AutoencoderKL, or the autoencoder `replace_vae` put in its place.
     pub vae: Autoencoder,
+    /// The scheduler, resolved from `scheduler/` or the name given at load.
     pub scheduler: ResolvedScheduler,
+    /// Where the pipeline was loaded from: the diffusers folder or the single checkpoint file.
     pub model_dir: PathBuf,
+    /// The device the models run on.
     pub device: Device,
     /// The type the weights are kept in (f16 requested on the CPU is kept as bf16:
     /// [`ops::weight_dtype`]); activations are in [`Self::activation_dtype`].
@@ -73,7 +85,9 @@ pub struct StableDiffusionPipeline {
 /// is the pipeline's own VAE), handed to `sink` with the step number as images `[N, 3, H, W]`
 /// in about [-1, 1].
 pub struct StepPreview {
+    /// The autoencoder that decodes the previews (a TAESD, say); `None` uses the pipeline's VAE.
     pub vae: Option<Autoencoder>,
+    /// Called after each step with the step number and the decoded preview.
     pub sink: PreviewSink,
 }
 
@@ -83,34 +97,56 @@ pub type PreviewSink = Box<dyn FnMut(usize, &Tensor) -> Result<()>>;
 /// One text-to-image request, with diffusers' defaults where it has them.
 #[derive(Clone, Debug)]
 pub struct TextToImageOptions {
+    /// The prompt (diffusers' `prompt`).
     pub prompt: String,
+    /// What to steer away from (diffusers' `negative_prompt`); `None` is the empty prompt (zeros
+    /// for SDXL with `force_zeros_for_empty_prompt`).
     pub negative_prompt: Option<String>,
+    /// Denoising steps (diffusers' `num_inference_steps`, default 50).
     pub num_inference_steps: usize,
+    /// Classifier-free guidance scale (diffusers' `guidance_scale`, default 7.5); guidance is used
+    /// when it is above 1 (and the UNet is not guidance-distilled).
     pub guidance_scale: f64,
+    /// diffusers' `guidance_rescale` (Lin et al. 2023, section 3.4), in [0, 1]: 0 (default) is
+    /// plain guidance.
     pub guidance_rescale: f64,
+    /// Images per prompt (diffusers' `num_images_per_prompt`).
     pub num_images_per_prompt: usize,
+    /// Output height in pixels, a multiple of 8 (default: the UNet's `sample_size` × the VAE scale
+    /// factor).
     pub height: Option<usize>,
+    /// Output width in pixels, a multiple of 8 (default: as for `height`).
     pub width: Option<usize>,
     /// DDIM's eta and TCD's gamma. diffusers' pipelines pass theirs (default 0) to TCD as
     /// well; `Scheduler::default_eta` is TCD's own default (0.3), which the CLI uses.
     pub eta: f64,
+    /// diffusers' `clip_skip`: the number of final CLIP layers skipped (1 = the penultimate layer's
+    /// output); `None` skips none.
     pub clip_skip: Option<usize>,
     /// How the prompts are read: diffusers' (truncated to 77 tokens) or AUTOMATIC1111's.
     pub prompt_syntax: PromptSyntax,
     /// SDXL: the prompts for the second text encoder (default: `prompt`, `negative_prompt`).
     pub prompt_2: Option<String>,
+    /// SDXL: the negative prompt for the second text encoder (diffusers' `negative_prompt_2`).
     pub negative_prompt_2: Option<String>,
     /// SDXL's micro-conditioning, each (height, width) or (top, left): the size the training
     /// image had (default: the output size), where it was cropped, the size aimed at (default:
     /// the output size), and their negative counterparts.
     pub original_size: Option<(usize, usize)>,
+    /// SDXL's `crops_coords_top_left`, (top, left) in pixels (default (0, 0)).
     pub crops_coords_top_left: (usize, usize),
+    /// SDXL's `target_size`, (height, width) in pixels (default: the output size).
     pub target_size: Option<(usize, usize)>,
+    /// SDXL's `negative_original_size`, (height, width) in pixels.
     pub negative_original_size: Option<(usize, usize)>,
+    /// SDXL's `negative_crops_coords_top_left`, (top, left) in pixels (default (0, 0)).
     pub negative_crops_coords_top_left: (usize, usize),
+    /// SDXL's `negative_target_size`, (height, width) in pixels.
     pub negative_target_size: Option<(usize, usize)>,
     /// The SDXL refiner's aesthetic conditioning (`requires_aesthetics_score`): 6.0 and 2.5.
     pub aesthetic_score: f64,
+    /// The SDXL refiner's `negative_aesthetic_score` (default 2.5); `aesthetic_score` is the
+    /// positive one.
     pub negative_aesthetic_score: f64,
     /// Stop after this fraction of the schedule, in (0, 1) (the SDXL base of a base + refiner
     /// ensemble, whose latents the refiner then takes with `denoising_start`).
@@ -155,7 +191,10 @@ impl Default for TextToImageOptions {
 /// negative rows first (`[negative; positive]`).
 #[derive(Clone, Debug)]
 pub struct PromptEmbeddings {
+    /// The text encoder's hidden states `[N, T, cross_attention_dim]` (diffusers' `prompt_embeds`).
     pub hidden: Tensor,
+    /// SDXL: the pooled projected embedding `[N, projection_dim]` (diffusers'
+    /// `pooled_prompt_embeds`).
     pub pooled: Option<Tensor>,
 }
 
@@ -165,15 +204,20 @@ pub struct PromptEmbeddings {
 /// with the aesthetic scores).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TimeIdsFor {
+    /// StableDiffusionXLPipeline's.
     TextToImage,
+    /// StableDiffusionXLImg2ImgPipeline's and StableDiffusionXLInpaintPipeline's.
     Image,
 }
 
 /// Time spent in each phase of one generation, for the CLI's summary line.
 #[derive(Clone, Debug, Default)]
 pub struct PhaseTimes {
+    /// Seconds encoding the prompts.
     pub text_encoding: f64,
+    /// Seconds in the denoising loop.
     pub denoising: f64,
+    /// Seconds decoding the latents with the VAE.
     pub decoding: f64,
 }
 
@@ -182,9 +226,14 @@ pub struct PhaseTimes {
 /// embeddings, and extra UNet input channels (9-channel inpainting: mask and masked-image
 /// latents, already doubled for guidance).
 pub struct DenoiseLoop<'a> {
+    /// The initial latents `[N, C, h, w]` (h, w: the image size over the VAE scale factor).
     pub latents: Tensor,
+    /// The timesteps to visit, in order.
     pub timesteps: Vec<f64>,
+    /// The prompt embeddings the UNet is conditioned on.
     pub embeddings: &'a PromptEmbeddings,
+    /// Extra UNet input channels, concatenated after the latents (9-channel inpainting: mask and
+    /// masked-image latents, `[N, 5, h, w]`, doubled to `2N` rows with guidance), or `None`.
     pub extra_channels: Option<Tensor>,
     /// Which pipeline's SDXL time ids the loop conditions on (ignored for other UNets).
     pub time_ids_for: TimeIdsFor,
@@ -258,12 +307,17 @@ fn load_component_config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T
 /// What a pipeline is built from, wherever it comes from (a diffusers folder, a single file):
 /// each model's config, its weights, and the file that errors about those weights name.
 pub struct Components {
+    /// The first text encoder's tokenizer.
     pub tokenizer: ClipTokenizer,
+    /// The first text encoder: config, weights, and the file errors about them name.
     pub text_encoder: (ClipTextConfig, VarBuilder<'static>, PathBuf),
     /// SDXL base's second text encoder, with its tokenizer.
     pub text_encoder_2: Option<(ClipTokenizer, (ClipTextConfig, VarBuilder<'static>, PathBuf))>,
+    /// The UNet: config, weights, and the file errors about them name.
     pub unet: (UNet2DConditionModelConfig, VarBuilder<'static>, PathBuf),
+    /// The autoencoder: config, weights, and the file errors about them name.
     pub vae: (AutoencoderConfig, VarBuilder<'static>, PathBuf),
+    /// The scheduler the pipeline samples with.
     pub scheduler: ResolvedScheduler,
 }
 

@@ -693,6 +693,7 @@ pub struct Batch {
     /// was cropped, (top, left): SDXL's micro-conditioning, as diffusers' SDXL training scripts
     /// record them.
     pub original_sizes: Vec<(usize, usize)>,
+    /// Where each example was cropped, (top, left) in pixels (SDXL's `crops_coords_top_left`).
     pub crops_top_left: Vec<(usize, usize)>,
 }
 

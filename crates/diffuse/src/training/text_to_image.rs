@@ -185,8 +185,11 @@ pub fn resolve_text_encoder_config(text_encoder_config: &str) -> Result<TextEnco
 /// `text_encoder_2/` and the tokenizer that pads with `!` from `tokenizer_2/`.
 #[derive(Debug, Clone)]
 pub struct SecondTextEncoder {
+    /// The base model's `text_encoder_2/` folder.
     pub dir: PathBuf,
+    /// The `tokenizer_2/` folder.
     pub tokenizer_dir: PathBuf,
+    /// The encoder's config (`text_encoder_2/config.json`).
     pub config: ClipTextConfig,
 }
 
