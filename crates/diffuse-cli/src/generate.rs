@@ -542,7 +542,8 @@ pub(crate) fn run_pipeline(
     let mut options = options;
     args.xl.apply(&mut options)?;
     let request = GenerationRequest { options, seed, start: start_from.from.clone() };
-    pipeline.validate_request(&request, warn)?;
+    // Checked before a refiner is loaded; its warnings come once, from `run` (which checks again).
+    pipeline.validate_request(&request, &mut |_| {})?;
     let mut refiner = match &args.xl.refiner {
         Some(_) if !matches!(request.start, StartFrom::Noise) => {
             bail!("--refiner finishes a text-to-image run; to refine an image, give the refiner as --model with --init-image")

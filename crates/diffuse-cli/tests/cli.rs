@@ -337,6 +337,7 @@ fn image_to_image_and_inpainting_match_diffusers() {
     assert!(ok, "{stderr}");
     assert!(stderr.contains("the mask is 40x24 and the image 71x53"), "{stderr}");
     assert!(stderr.contains("inpainting at the model's 64x64"), "{stderr}");
+    assert_eq!(stderr.matches("the mask is 40x24").count(), 1, "each warning once: {stderr}");
     let (pixels, text) = decode_png(&out);
     let psnr = psnr_against(&pixels, &cases.join("inpaint9_resized_image.safetensors"));
     assert!(psnr >= 40.0, "inpainting PSNR {psnr}");
