@@ -270,8 +270,24 @@ pub(crate) fn parse_dtype(name: &str, device: &Device) -> Result<DType> {
     Ok(dtype)
 }
 
+/// The library's names, in its error messages, for the settings these flags set.
+pub(crate) const FLAGS: &[(&str, &str)] = &[
+    ("`num_images_per_prompt`", "--num-images"),
+    ("`num_images`", "--num-images"),
+    ("`num_inference_steps`", "--steps"),
+    ("`eta`", "--eta"),
+    ("`class_label`", "--class-label"),
+    ("choose a diffuse scheduler instead", "choose one with --scheduler"),
+    ("drop the variant", "drop --variant"),
+    ("give a local folder instead of the repo id", "give --model a local folder"),
+];
+
 /// `matches` (the subcommand's parsed arguments) tells `--from` which flags were given.
-pub fn run(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
+pub fn run(args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
+    generate(args, matches).map_err(|e| crate::name_flags(e, FLAGS))
+}
+
+fn generate(mut args: GenerateArgs, matches: Option<&ArgMatches>) -> Result<()> {
     let recalled = parameters::recall(&mut args, matches)?;
     let keep = recalled.as_ref().and_then(|r| r.keep);
     // The numbers first (--from may have set them): the pipeline checks that the batch fits.

@@ -70,6 +70,10 @@ pub struct InvertArgs {
 }
 
 pub fn run(args: InvertArgs) -> Result<()> {
+    invert(args).map_err(|e| crate::name_flags(e, crate::generate::FLAGS))
+}
+
+fn invert(args: InvertArgs) -> Result<()> {
     let output = &args.output;
     if output.extension().and_then(|e| e.to_str()).map(|e| e.eq_ignore_ascii_case("safetensors")) != Some(true) {
         bail!("--output {} must end in .safetensors", output.display());

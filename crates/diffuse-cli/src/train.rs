@@ -5,25 +5,20 @@
 
 use std::io::IsTerminal;
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
 use diffuse::schedulers::PredictionType;
-use diffuse::training::data::{guess_idx_labels_path, prepare, Captions, DataLoader, Dataset, IdxDataset, ImageFit, ImageFolderDataset, ImageSpec};
+use diffuse::training::autoencoder::{self, ReconstructionLoss};
+use diffuse::training::data::ImageFit;
 use diffuse::training::ema::EmaConfig;
 use diffuse::training::objectives::LossKind;
 use diffuse::training::optimizer::{AdamWConfig, LrSchedule};
-use diffuse::training::autoencoder::{self, resolve_vae_config, AutoencoderTask, AutoencoderTrainingConfig, ReconstructionLoss};
-use diffuse::training::pixel::{
-    resolve_unet_config, NoiseSchedule, PixelTask, PixelTrainingConfig, SampleSettings, TimestepSampling, UNetRequest, PRESETS,
-};
-use diffuse::lora::adapters::{self as lora_adapters, AdapterConfig};
-use diffuse::training::text_to_image::{
-    self, frozen_text_encoder, resolve_text_encoder_config, ClassPrompts, FrozenVae, LoraTraining, TextSampleSettings,
-    TextToImageTask, TextToImageTrainingConfig, SecondTextEncoder, DEFAULT_TEMPLATES,
-};
-use diffuse::training::{train, Hooks, TrainConfig, TrainingTask};
+use diffuse::training::pixel::{SampleSettings, TimestepSampling, PRESETS};
+use diffuse::training::recipe::{AutoencoderRecipe, LoraRecipe, ModelKind, PixelRecipe, TextToImageRecipe, TrainingRecipe};
+use diffuse::training::text_to_image;
+use diffuse::training::{Hooks, TrainConfig};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// What `diffuse train` trains.
@@ -296,106 +291,44 @@ fn presets_help() -> String {
     text
 }
 
-/// Fashion-MNIST's classes in label order, as prompt words (the first of each is its main name).
-pub const FASHION_MNIST_CLASS_NAMES: &str = "t-shirt|top|tee|t-shirt top,trouser|trousers|pants,pullover|sweater|jumper,\
-dress,coat|jacket,sandal|sandals,shirt|button-up shirt,sneaker|sneakers|running shoe,bag|handbag,ankle boot|boot|boots";
-
 /// `--kind`, or what --base and --lora-rank imply.
-fn effective_kind(args: &TrainArgs) -> Result<Kind> {
+fn effective_kind(args: &TrainArgs) -> Result<ModelKind> {
     let wants_base = args.base.is_some() || args.lora_rank.is_some();
-    match args.kind {
+    let kind = match args.kind {
         Some(kind) if wants_base && kind != Kind::TextToImage => {
             bail!("--base and --lora-rank are for --kind text-to-image, not {kind:?}")
         }
-        Some(kind) => Ok(kind),
-        None if wants_base => Ok(Kind::TextToImage),
-        None => Ok(Kind::Pixel),
-    }
-}
-
-/// `--base`: `builtin` (the built-in model), a pipeline folder, or a repo id in the cache.
-fn resolve_base(spec: &str) -> Result<PathBuf> {
-    let dir = if spec == "builtin" || (spec == diffuse::default_model::NAME && !Path::new(spec).exists()) {
-        diffuse::default_model::materialize(&diffuse::default_model::cache_root())?
-    } else {
-        diffuse::loading::hub::resolve_model(spec, None, None).with_context(|| format!("--base {spec}"))?
+        Some(kind) => kind,
+        None if wants_base => Kind::TextToImage,
+        None => Kind::Pixel,
     };
-    for component in ["unet", "vae", "text_encoder"] {
-        if !dir.join(component).is_dir() {
-            bail!("--base {spec}: {} is not a StableDiffusionPipeline folder (no {component}/)", dir.display());
-        }
-    }
-    Ok(dir)
+    Ok(match kind {
+        Kind::Pixel => ModelKind::Pixel,
+        Kind::Autoencoder => ModelKind::Autoencoder,
+        Kind::TextToImage => ModelKind::TextToImage,
+    })
 }
 
-/// The LoRA settings from --lora-rank, --lora-alpha, --lora-targets and --lora-name.
-fn lora_training(args: &TrainArgs) -> Result<Option<LoraTraining>> {
+/// The LoRA settings from --lora-rank, --lora-alpha, --lora-dropout, --lora-targets and
+/// --lora-name.
+fn lora_recipe(args: &TrainArgs) -> Result<Option<LoraRecipe>> {
     let Some(rank) = args.lora_rank else {
         if args.lora_alpha.is_some() || args.lora_name.is_some() || args.lora_dropout != 0.0 {
             bail!("--lora-alpha, --lora-dropout and --lora-name need --lora-rank");
         }
         return Ok(None);
     };
-    if args.base.is_none() {
-        bail!("--lora-rank needs --base, the model the adapters are trained on");
-    }
-    let alpha = args.lora_alpha.unwrap_or(rank as f64);
-    let (mut unet, mut text_encoder) = (Vec::new(), Vec::new());
-    for item in args.lora_targets.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-        match item {
-            "attention" => unet.extend(lora_adapters::UNET_ATTENTION.iter().map(|t| t.to_string())),
-            "cross-attention" => unet.extend(lora_adapters::UNET_CROSS_ATTENTION.iter().map(|t| t.to_string())),
-            "feed-forward" => unet.extend(lora_adapters::UNET_FEED_FORWARD.iter().map(|t| t.to_string())),
-            "resnets" => unet.extend(lora_adapters::UNET_RESNETS.iter().map(|t| t.to_string())),
-            "text-encoder" => text_encoder.extend(lora_adapters::TEXT_ENCODER_ATTENTION.iter().map(|t| t.to_string())),
-            other => match other.strip_prefix("te:") {
-                Some(name) => text_encoder.push(name.to_string()),
-                None => unet.push(other.to_string()),
-            },
-        }
-    }
-    if unet.is_empty() {
-        bail!("--lora-targets {}: no UNet layers (add `attention` or module names)", args.lora_targets);
-    }
-    let unet = AdapterConfig { rank, alpha, target_modules: unet };
-    unet.validate()?;
-    let text_encoder = (!text_encoder.is_empty()).then(|| AdapterConfig { rank, alpha, target_modules: text_encoder });
     let name = match &args.lora_name {
         Some(name) => name.clone(),
         None => args.output.file_name().map(|n| n.to_string_lossy().into_owned()).filter(|n| !n.is_empty()).unwrap_or_else(|| "lora".into()),
     };
-    if name.contains(['/', '\\']) || name.is_empty() {
-        bail!("--lora-name {name}: a file name without folders");
-    }
-    if !(0.0..1.0).contains(&args.lora_dropout) {
-        bail!("--lora-dropout must be in [0, 1), got {}", args.lora_dropout);
-    }
-    Ok(Some(LoraTraining { unet, text_encoder, kohya_file_name: format!("{name}.safetensors"), dropout: args.lora_dropout }))
-}
-
-/// Opens `--data`: an image folder, or an IDX images file with its labels.
-fn open_dataset(args: &TrainArgs, cache_dir: &Path) -> Result<Box<dyn Dataset>> {
-    // Text-to-image needs captions, or labels that --class-names turns into captions.
-    let kind = effective_kind(args)?;
-    let wants_labels = args.class_conditional || (kind == Kind::TextToImage && args.class_names.is_some());
-    if args.data.is_dir() {
-        if args.labels.is_some() {
-            bail!("--labels is for IDX data; an image folder's labels are its sub-folder names");
-        }
-        let captions = if kind == Kind::TextToImage && args.class_names.is_none() { Captions::Required } else { Captions::Ignore };
-        return Ok(Box::new(ImageFolderDataset::open(&args.data, captions, wants_labels)?));
-    }
-    if !args.data.is_file() {
-        bail!("--data {}: no such file or folder", args.data.display());
-    }
-    let labels = match (&args.labels, wants_labels) {
-        (Some(labels), _) => Some(labels.clone()),
-        (None, true) => Some(guess_idx_labels_path(&args.data).with_context(|| {
-            format!("no labels file found beside {} (pass --labels)", args.data.display())
-        })?),
-        (None, false) => None,
-    };
-    Ok(Box::new(IdxDataset::open(&args.data, labels.as_deref(), cache_dir)?))
+    Ok(Some(LoraRecipe {
+        rank,
+        alpha: args.lora_alpha,
+        dropout: args.lora_dropout,
+        targets: args.lora_targets.split(',').map(str::to_string).collect(),
+        name,
+    }))
 }
 
 fn parse_dtype(name: &str) -> Result<DType> {
@@ -406,226 +339,64 @@ fn parse_dtype(name: &str) -> Result<DType> {
     }
 }
 
-/// The first `count` examples of the dataset, prepared as the model sees them: `[N, C, H, W]`.
-fn first_images(dataset: &mut dyn Dataset, spec: &ImageSpec, count: usize, device: &Device) -> Result<Tensor> {
-    let count = count.min(dataset.len()).max(1);
-    let mut values = Vec::with_capacity(count * spec.channels * spec.height * spec.width);
-    for index in 0..count {
-        values.extend(prepare(&dataset.get(index)?, spec, false)?);
+/// The library's recipe from the flags.
+fn recipe(args: &TrainArgs) -> Result<TrainingRecipe> {
+    let kind = effective_kind(args)?;
+    let mut recipe = TrainingRecipe::new(kind, &args.data);
+    recipe.labels = args.labels.clone();
+    recipe.model_config = args.model_config.clone();
+    recipe.channels = args.channels;
+    recipe.resolution = args.resolution;
+    recipe.image_fit = ImageFit::parse(&args.image_fit)?;
+    recipe.random_flip = args.random_flip;
+    recipe.noise.num_train_timesteps = args.num_train_timesteps;
+    if let Some(schedule) = &args.beta_schedule {
+        recipe.noise.beta_schedule = schedule.clone();
     }
-    Ok(Tensor::from_vec(values, (count, spec.channels, spec.height, spec.width), device)?)
-}
-
-/// The noise schedule: the flags, else the kind's defaults.
-fn noise_schedule(args: &TrainArgs) -> NoiseSchedule {
-    let (schedule, start, end) = match effective_kind(args).unwrap_or(Kind::Pixel) {
-        Kind::TextToImage => ("scaled_linear", 0.00085, 0.012),
-        _ => ("linear", 0.0001, 0.02),
+    recipe.noise.beta_start = args.beta_start.unwrap_or(recipe.noise.beta_start);
+    recipe.noise.beta_end = args.beta_end.unwrap_or(recipe.noise.beta_end);
+    recipe.prediction_type = PredictionType::parse(&args.prediction_type).context("--prediction-type")?;
+    recipe.timestep_sampling = TimestepSampling::parse(&args.timestep_sampling)?;
+    recipe.snr_gamma = args.snr_gamma;
+    recipe.sampling = SampleSettings { count: args.sample_count, steps: args.sample_steps, scheduler: args.sample_scheduler.clone(), seed: args.seed };
+    recipe.export_dtype = parse_dtype(&args.export_dtype)?;
+    recipe.seed = args.seed;
+    recipe.pixel = PixelRecipe {
+        loss: match args.loss.as_str() {
+            "mse" => LossKind::Mse,
+            "hybrid" => LossKind::Hybrid { vlb_weight: args.vlb_weight },
+            other => bail!("--loss {other} is not one of mse, hybrid"),
+        },
+        class_conditional: args.class_conditional,
+        class_dropout: args.class_dropout,
     };
-    NoiseSchedule {
-        num_train_timesteps: args.num_train_timesteps,
-        beta_schedule: args.beta_schedule.clone().unwrap_or_else(|| schedule.to_string()),
-        beta_start: args.beta_start.unwrap_or(start),
-        beta_end: args.beta_end.unwrap_or(end),
-    }
-}
-
-/// Builds the model kind's task and the image spec its data is prepared to.
-fn build_task(args: &TrainArgs, dataset: &mut dyn Dataset, device: &Device) -> Result<(Box<dyn TrainingTask>, ImageSpec, String)> {
-    let prediction_type = PredictionType::parse(&args.prediction_type).context("--prediction-type")?;
-    let timestep_sampling = TimestepSampling::parse(&args.timestep_sampling)?;
-    let image_fit = ImageFit::parse(&args.image_fit)?;
-    let first = dataset.get(0)?;
-    let data_channels = args.channels.unwrap_or(if first.image.channels <= 2 { 1 } else { 3 });
-    if data_channels != 1 && data_channels != 3 {
-        bail!("--channels {data_channels}: must be 1 (gray) or 3 (RGB)");
-    }
-    // Every kind but pixel trains at a square size: --resolution, or the data's (square) size.
-    let square_size = || -> Result<usize> {
-        match args.resolution {
-            Some(size) => Ok(size),
-            None if first.image.width == first.image.height => Ok(first.image.width),
-            None => bail!("the images are {}×{}: pass --resolution (and --image-fit)", first.image.width, first.image.height),
-        }
+    recipe.autoencoder =
+        AutoencoderRecipe { reconstruction: ReconstructionLoss::parse(&args.reconstruction_loss)?, kl_weight: args.kl_weight };
+    let prompt_templates = match &args.prompt_templates {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--prompt-templates {}", path.display()))?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect(),
+        ),
+        None => None,
     };
-    let check_scheduler = |name: &str| -> Result<()> {
-        diffuse::pipelines::SCHEDULER_NAMES
-            .iter()
-            .find(|(known, ..)| *known == name)
-            .map(|_| ())
-            .with_context(|| format!("--sample-scheduler {name}: not a scheduler name (see `diffuse schedulers`)"))
+    recipe.text_to_image = TextToImageRecipe {
+        base: args.base.clone(),
+        lora: lora_recipe(args)?,
+        vae: args.vae.clone(),
+        text_encoder: args.text_encoder.clone(),
+        text_encoder_config: args.text_encoder_config.clone(),
+        caption_dropout: args.caption_dropout,
+        class_names: args.class_names.as_deref().map(text_to_image::class_names),
+        prompt_templates,
+        sample_prompts: args.sample_prompts.clone(),
+        sample_guidance_scale: args.sample_guidance_scale,
     };
-    match effective_kind(args)? {
-        Kind::Pixel => {
-            let loss = match args.loss.as_str() {
-                "mse" => LossKind::Mse,
-                "hybrid" => LossKind::Hybrid { vlb_weight: args.vlb_weight },
-                other => bail!("--loss {other} is not one of mse, hybrid"),
-            };
-            let num_classes = match (args.class_conditional, dataset.num_classes()) {
-                (true, Some(n)) => Some(n),
-                (true, None) => bail!("--class-conditional: {} has no labels", dataset.describe()),
-                (false, _) => None,
-            };
-            let request = UNetRequest {
-                data_channels,
-                data_size: (first.image.height, first.image.width),
-                resolution: args.resolution,
-                num_classes,
-                class_dropout: args.class_dropout,
-                learned_variance: matches!(loss, LossKind::Hybrid { .. }),
-            };
-            let unet = resolve_unet_config(args.model_config.as_deref().unwrap_or("small"), &request)?;
-            let (height, width) = unet.sample_size.map(|s| s.height_width()).unwrap_or((first.image.height, first.image.width));
-            let spec = ImageSpec { channels: unet.in_channels, height, width, fit: image_fit };
-            check_scheduler(&args.sample_scheduler)?;
-            let pixel = PixelTrainingConfig {
-                unet,
-                noise: noise_schedule(args),
-                prediction_type,
-                loss,
-                timestep_sampling,
-                snr_gamma: args.snr_gamma,
-                num_classes,
-                class_dropout: args.class_dropout,
-                sampling: SampleSettings { count: args.sample_count, steps: args.sample_steps, scheduler: args.sample_scheduler.clone(), seed: args.seed },
-            };
-            let task = PixelTask::new(pixel, args.seed, device)?;
-            let description = format!(
-                "UNet2DModel, {} parameters, {}×{}×{}{}",
-                task.parameters().num_values(),
-                spec.channels,
-                spec.height,
-                spec.width,
-                num_classes.map(|n| format!(", {n} classes")).unwrap_or_default()
-            );
-            Ok((Box::new(task), spec, description))
-        }
-        Kind::Autoencoder => {
-            let size = square_size()?;
-            let (vae_json, vae) = resolve_vae_config(args.model_config.as_deref().unwrap_or("vae-small"), data_channels, size)?;
-            let spec = ImageSpec { channels: data_channels, height: size, width: size, fit: image_fit };
-            let reference = first_images(dataset, &spec, args.sample_count, device)?;
-            let latent_size = size >> vae.block_out_channels.len().saturating_sub(1);
-            let latent_channels = vae.latent_channels;
-            let config = AutoencoderTrainingConfig {
-                vae_json,
-                vae,
-                reconstruction: ReconstructionLoss::parse(&args.reconstruction_loss)?,
-                kl_weight: args.kl_weight,
-                export_dtype: parse_dtype(&args.export_dtype)?,
-            };
-            let task = AutoencoderTask::new(config, reference, args.seed, device)?;
-            let description = format!(
-                "AutoencoderKL, {} parameters, {data_channels}×{size}×{size} → {latent_channels}×{latent_size}×{latent_size}",
-                task.parameters().num_values(),
-            );
-            Ok((Box::new(task), spec, description))
-        }
-        Kind::TextToImage => {
-            let base = args.base.as_deref().map(resolve_base).transpose()?;
-            let lora = lora_training(args)?;
-            let vae_dir = match (&args.vae, &base) {
-                (Some(dir), _) => dir.clone(),
-                (None, Some(base)) => base.join("vae"),
-                (None, None) => bail!("--kind text-to-image needs --vae (a trained autoencoder folder) or --base (a pipeline)"),
-            };
-            let vae = FrozenVae::open(&vae_dir)?;
-            let size = square_size()?;
-            let spec = ImageSpec { channels: vae.config.in_channels, height: size, width: size, fit: image_fit };
-            if let Some(channels) = args.channels {
-                if channels != vae.config.in_channels {
-                    bail!("--channels {channels}, but the autoencoder takes {} channels", vae.config.in_channels);
-                }
-            }
-            let text_encoder = match (&args.text_encoder, &base, &lora) {
-                (Some(dir), _, _) => frozen_text_encoder(dir)?,
-                (None, Some(base), Some(_)) => frozen_text_encoder(&base.join("text_encoder"))?,
-                (None, Some(base), None) => resolve_text_encoder_config(&base.join("text_encoder/config.json").display().to_string())?,
-                (None, None, _) => resolve_text_encoder_config(&args.text_encoder_config)?,
-            };
-            // An SDXL base: its second text encoder, frozen (LoRA training only).
-            let text_encoder_2 = base.as_deref().map(SecondTextEncoder::of_base).transpose()?.flatten();
-            if text_encoder_2.is_some() && lora.is_none() {
-                bail!("--base {}: an SDXL base is trained with LoRA adapters only: give --lora-rank", args.base.as_deref().unwrap_or_default());
-            }
-            let text_width = text_encoder.config().hidden_size + text_encoder_2.as_ref().map_or(0, |te| te.config.hidden_size);
-            let base_unet_config = base.as_ref().map(|b| b.join("unet/config.json").display().to_string());
-            let (unet_json, unet) = match (&base, &lora, &args.model_config) {
-                // Adapters train at the data's size, whatever size the base makes by default.
-                (Some(base), Some(_), None) => text_to_image::base_unet_config_for_lora(base, &vae, size, text_width)?,
-                _ => text_to_image::resolve_unet_config(
-                    args.model_config.as_deref().or(base_unet_config.as_deref()).unwrap_or("unet-small"),
-                    &vae,
-                    size,
-                    text_width,
-                )?,
-            };
-            let class_prompts = match &args.class_names {
-                Some(names) => {
-                    let list = if names == "fashion-mnist" { FASHION_MNIST_CLASS_NAMES } else { names.as_str() };
-                    let names: Vec<String> = list.split(',').map(str::to_string).collect();
-                    if let Some(n) = dataset.num_classes() {
-                        if n > names.len() {
-                            bail!("--class-names gives {} names, the data has {n} classes", names.len());
-                        }
-                    }
-                    let templates = match &args.prompt_templates {
-                        Some(path) => std::fs::read_to_string(path)
-                            .with_context(|| format!("--prompt-templates {}", path.display()))?
-                            .lines()
-                            .map(str::trim)
-                            .filter(|l| !l.is_empty())
-                            .map(str::to_string)
-                            .collect(),
-                        None => DEFAULT_TEMPLATES.iter().map(|t| t.to_string()).collect(),
-                    };
-                    Some(ClassPrompts::new(&names, templates).context("--class-names / --prompt-templates")?)
-                }
-                None => None,
-            };
-            let prompts = if !args.sample_prompts.is_empty() {
-                args.sample_prompts.clone()
-            } else if let Some(class_prompts) = &class_prompts {
-                class_prompts.main_prompts()
-            } else {
-                (0..dataset.len().min(4)).map(|i| Ok(dataset.get(i)?.caption.unwrap_or_default())).collect::<Result<Vec<_>>>()?
-            };
-            check_scheduler(&args.sample_scheduler)?;
-            let config = TextToImageTrainingConfig {
-                unet_json,
-                unet,
-                text_encoder,
-                text_encoder_2,
-                vae,
-                noise: noise_schedule(args),
-                prediction_type,
-                timestep_sampling,
-                snr_gamma: args.snr_gamma,
-                caption_dropout: args.caption_dropout,
-                class_prompts,
-                sampling: TextSampleSettings {
-                    prompts,
-                    count: args.sample_count,
-                    steps: args.sample_steps,
-                    guidance_scale: args.sample_guidance_scale,
-                    scheduler: args.sample_scheduler.clone(),
-                    seed: args.seed,
-                },
-                export_dtype: parse_dtype(&args.export_dtype)?,
-                base: base.clone(),
-                lora,
-            };
-            let task = TextToImageTask::new(config, args.seed, device)?;
-            let what = match (&base, args.lora_rank) {
-                (Some(base), Some(rank)) => format!("LoRA (rank {rank}) on {}", base.display()),
-                (Some(base), None) => format!("UNet2DConditionModel + CLIPTextModel fine-tuned from {}", base.display()),
-                (None, _) => "UNet2DConditionModel + CLIPTextModel".to_string(),
-            };
-            let description = format!("{what}, {} trained parameters, images {size}×{size}", task.parameters().num_values());
-            Ok((Box::new(task), spec, description))
-        }
-    }
+    Ok(recipe)
 }
 
 /// The library's names, in its error messages, for the settings these flags set; longer
@@ -643,7 +414,6 @@ const FLAGS: &[(&str, &str)] = &[
     ("`model_config`", "--model-config"),
     ("`text_encoder_config`", "--text-encoder-config"),
     ("`caption_dropout`", "--caption-dropout"),
-    ("(`base`)", "(--base)"),
     ("the LoRA `dropout`", "--lora-dropout"),
     ("(`class_prompts`)", "(--class-names)"),
     ("`kl_weight`", "--kl-weight"),
@@ -653,6 +423,23 @@ const FLAGS: &[(&str, &str)] = &[
     ("`ImageFit::Pad` or `ImageFit::Resize`", "--image-fit pad or resize"),
     ("`ImageFit::Resize`", "--image-fit resize"),
     ("to such a size with `ImageFit::Pad`", "with --resolution and --image-fit pad"),
+    ("`lora` needs `base`", "--lora-rank needs --base"),
+    ("set `lora`", "give --lora-rank"),
+    ("(`base`)", "(--base)"),
+    ("`base`", "--base"),
+    ("LoRA `targets`", "--lora-targets"),
+    ("LoRA `name`", "--lora-name"),
+    ("the samples' `scheduler`", "--sample-scheduler"),
+    ("`class_conditional`", "--class-conditional"),
+    ("`class_names` / `prompt_templates`", "--class-names / --prompt-templates"),
+    ("`class_names`", "--class-names"),
+    ("set `resolution` (and `image_fit`)", "pass --resolution (and --image-fit)"),
+    ("set `labels`", "pass --labels"),
+    ("`labels`", "--labels"),
+    ("`data`", "--data"),
+    ("`vae`", "--vae"),
+    ("`channels`", "--channels"),
+    ("text-to-image training needs", "--kind text-to-image needs"),
     ("`rank`", "--lora-rank"),
     ("`alpha`", "--lora-alpha"),
     ("`target_modules`", "--lora-targets"),
@@ -692,25 +479,7 @@ fn run_training(args: TrainArgs) -> Result<()> {
         seed: args.seed.wrapping_add(1),
         resume: args.resume,
     };
-    // Everything that can be checked without the data is checked before reading it.
-    config.validate()?;
-    effective_kind(&args)?;
-    lora_training(&args)?;
-    PredictionType::parse(&args.prediction_type).context("--prediction-type")?;
-    parse_dtype(&args.export_dtype)?;
-    if args.output.exists() && !args.output.is_dir() {
-        bail!("--output {}: exists and is not a folder", args.output.display());
-    }
-    std::fs::create_dir_all(&args.output).with_context(|| format!("--output {}", args.output.display()))?;
-
-    let mut dataset = open_dataset(&args, &args.output.join("data-cache"))?;
-    if dataset.is_empty() {
-        bail!("{}: the dataset is empty", dataset.describe());
-    }
-    let description = dataset.describe();
-    let (mut task, spec, model_description) = build_task(&args, dataset.as_mut(), &device)?;
-    let mut loader = DataLoader::new(dataset, spec, args.seed, args.random_flip)?;
-
+    let recipe = recipe(&args)?;
     let quiet = args.quiet;
     let bar = ProgressBar::new(args.steps as u64);
     bar.set_draw_target(if quiet || !std::io::stderr().is_terminal() { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() });
@@ -720,8 +489,6 @@ fn run_training(args: TrainArgs) -> Result<()> {
             bar.suspend(|| eprintln!("{text}"));
         }
     };
-    notice(&format!("data: {description}"));
-    notice(&format!("model: {model_description}"));
     let mut hooks = Hooks {
         on_progress: Box::new(|progress| {
             bar.set_position(progress.step as u64);
@@ -742,7 +509,7 @@ fn run_training(args: TrainArgs) -> Result<()> {
         diffuse::ops::profile::enable();
     }
     let started = std::time::Instant::now();
-    let summary = train(task.as_mut(), &mut loader, &config, &mut hooks)?;
+    let summary = diffuse::training::recipe::run(&recipe, &config, &mut hooks, &device)?;
     drop(hooks);
     bar.finish_and_clear();
     if args.profile {

@@ -960,3 +960,63 @@ fn conv2d_backward_matches_candle() {
         }
     }
 }
+
+/// The library's training recipe: `diffuse train`'s defaults, errors that name the recipe's
+/// fields, and a whole run (data → exported DDPMPipeline) through the progress callback,
+/// which can stop it.
+#[test]
+fn a_training_recipe_runs_and_names_its_fields_in_errors() {
+    use diffuse::training::recipe::{run, LoraRecipe, ModelKind, TrainingRecipe};
+    let dir = std::env::temp_dir().join(format!("diffuse-recipe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..4u32 {
+        image::GrayImage::from_fn(8, 8, |x, y| image::Luma([((x * 31 + y * 7 + i * 50) % 256) as u8])).save(data.join(format!("{i}.png"))).unwrap();
+    }
+    let pixel = TrainingRecipe::new(ModelKind::Pixel, &data);
+    assert_eq!((pixel.noise.beta_schedule.as_str(), pixel.noise.beta_end), ("linear", 0.02));
+    let text = TrainingRecipe::new(ModelKind::TextToImage, &data);
+    assert_eq!((text.noise.beta_schedule.as_str(), text.noise.beta_end), ("scaled_linear", 0.012));
+
+    let refused = |recipe: &TrainingRecipe, needle: &str| {
+        let message = recipe.validate().unwrap_err().to_string();
+        assert!(message.contains(needle), "{needle}: {message}");
+    };
+    let mut lora = text.clone();
+    lora.text_to_image.lora = Some(LoraRecipe::new(4));
+    refused(&lora, "`lora` needs `base`");
+    lora.text_to_image.base = Some("somewhere".into());
+    lora.text_to_image.lora.as_mut().unwrap().dropout = 1.0;
+    refused(&lora, "the LoRA `dropout` must be in [0, 1)");
+    lora.text_to_image.lora = Some(LoraRecipe { targets: vec!["text-encoder".into()], ..LoraRecipe::new(4) });
+    refused(&lora, "LoRA `targets` text-encoder: no UNet layers");
+    refused(&TrainingRecipe { channels: Some(2), ..pixel.clone() }, "`channels` 2");
+    let mut scheduler = pixel.clone();
+    scheduler.sampling.scheduler = "nope".into();
+    refused(&scheduler, "the samples' `scheduler` nope");
+    let missing = TrainingRecipe::new(ModelKind::Pixel, dir.join("missing"));
+    let error = missing.open_dataset(&dir).err().unwrap().to_string();
+    assert!(error.contains("`data`") && error.contains("no such file or folder"), "{error}");
+
+    let mut recipe = pixel;
+    recipe.model_config = Some("tiny".into());
+    recipe.sampling.count = 2;
+    recipe.sampling.steps = 2;
+    let config = TrainConfig { steps: 3, batch_size: 2, warmup_steps: 1, checkpoint_every: 1, ..TrainConfig::new(dir.join("out")) };
+    assert_eq!((config.adamw.beta1, config.ema.as_ref().map(|e| e.power)), (0.95, Some(0.75)));
+    let mut messages = Vec::new();
+    let mut hooks = Hooks {
+        on_progress: Box::new(|p| if p.step == 2 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }),
+        on_message: Box::new(|text| messages.push(text.to_string())),
+        ..Hooks::default()
+    };
+    let stopped = run(&recipe, &config, &mut hooks, &Device::Cpu).unwrap();
+    assert!(stopped.stopped && stopped.step == 2 && stopped.exported.is_none());
+    let finished = run(&recipe, &TrainConfig { resume: true, ..config.clone() }, &mut Hooks::default(), &Device::Cpu).unwrap();
+    assert_eq!(finished.exported.as_deref(), Some(dir.join("out").as_path()));
+    assert!(dir.join("out/unet/config.json").is_file() && dir.join("out/model_index.json").is_file());
+    drop(hooks);
+    assert!(messages.iter().any(|m| m.starts_with("model: UNet2DModel")), "{messages:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -87,7 +87,7 @@ pub fn map_sampler(request: &mut GenerateRequest, sampler: &str, schedule: Optio
         Err(e) => {
             // The sampler alone maps: the schedule type is what has no equivalent.
             let param = if schedule.is_some() && scheduler_from_a1111(sampler, Some("Automatic")).is_ok() { schedule_param } else { sampler_param };
-            return Err(ApiError::invalid(param, e.to_string().replace("; choose one with --scheduler", "")));
+            return Err(ApiError::invalid(param, e.to_string()));
         }
     };
     request.scheduler = Some(name);

@@ -779,7 +779,7 @@ fn cannot_download_advice(repo_id: &str, revision: &str, offline: bool) -> Strin
     if !offline {
         format!(
             "This diffuse was built without the `download` feature, so it cannot download; \
-             download it with {command}, or give --model a local folder."
+             download it with {command}, or give a local folder instead of the repo id."
         )
     } else {
         format!(

@@ -36,7 +36,7 @@ pub fn find_weight_files(folder: &Path, stem: &str, variant: Option<&str>) -> Re
         }
     }
     if let Some(v) = variant {
-        message.push_str(&format!(" (variant `{v}`; drop --variant to use the full-precision files)"));
+        message.push_str(&format!(" (variant `{v}`; drop the variant to use the full-precision files)"));
     }
     Err(Error::weights(folder, message))
 }

@@ -38,7 +38,7 @@ impl StableDiffusionPipeline {
         warn: &mut dyn FnMut(String),
     ) -> Result<Tensor> {
         if options.num_images_per_prompt != 1 {
-            return Err(Error::invalid("inversion takes one image: --num-images must be 1"));
+            return Err(Error::invalid("inversion takes one image: `num_images_per_prompt` must be 1"));
         }
         let processor = VaeImageProcessor::new(self.vae_scale_factor());
         let (height, width) = processor.default_height_width(image, options.height, options.width)?;

@@ -607,7 +607,7 @@ pub fn scheduler_from_a1111(sampler: &str, schedule_type: Option<&str>) -> Resul
     let entry = A1111_SAMPLERS.iter().find(|s| s.a1111.eq_ignore_ascii_case(base)).ok_or_else(|| {
         let known: Vec<&str> = A1111_SAMPLERS.iter().map(|s| s.a1111).collect();
         Error::invalid(format!(
-            "the AUTOMATIC1111 sampler `{sampler}` has no diffuse equivalent (diffuse maps {}); choose one with --scheduler",
+            "the AUTOMATIC1111 sampler `{sampler}` has no diffuse equivalent (diffuse maps {}); choose a diffuse scheduler instead",
             known.join(", ")
         ))
     })?;
@@ -623,7 +623,7 @@ pub fn scheduler_from_a1111(sampler: &str, schedule_type: Option<&str>) -> Resul
     match schedule_flag(&schedule) {
         Some(flag) if entry.sigma_flags => Ok((entry.diffuse.to_string(), vec![(flag.to_string(), Value::Bool(true))])),
         _ => Err(Error::invalid(format!(
-            "the AUTOMATIC1111 sampler `{}` with the `{schedule}` schedule has no diffuse equivalent; choose one with --scheduler",
+            "the AUTOMATIC1111 sampler `{}` with the `{schedule}` schedule has no diffuse equivalent; choose a diffuse scheduler instead",
             entry.a1111
         ))),
     }

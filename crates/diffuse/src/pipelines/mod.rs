@@ -43,7 +43,7 @@ pub const SCHEDULER_NAMES: &[(&str, &str, &[(&str, &str)], &str)] = &[
     ),
     ("unipc", "UniPCMultistepScheduler", &[], "UniPC predictor-corrector (Zhao et al. 2023)"),
     ("lcm", "LCMScheduler", &[], "Latent consistency sampling in 1-8 steps, for LCM models and LCM-LoRA (Luo et al. 2023)"),
-    ("tcd", "TCDScheduler", &[], "Trajectory consistency sampling; gamma is --eta, 0.3 by default (Zheng et al. 2024)"),
+    ("tcd", "TCDScheduler", &[], "Trajectory consistency sampling; gamma is eta, 0.3 by default (Zheng et al. 2024)"),
 ];
 
 /// A scheduler resolved from a model folder, an optional name and `KEY=VALUE` overrides.

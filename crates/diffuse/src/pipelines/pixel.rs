@@ -76,10 +76,10 @@ impl PixelPipeline {
     /// Checks options before any work is done, so bad input fails fast.
     pub fn validate(&self, options: &PixelOptions) -> Result<()> {
         if options.num_inference_steps == 0 {
-            return Err(Error::invalid("--steps must be at least 1"));
+            return Err(Error::invalid("`num_inference_steps` must be at least 1"));
         }
         if options.num_images == 0 {
-            return Err(Error::invalid("--num-images must be at least 1"));
+            return Err(Error::invalid("`num_images` must be at least 1"));
         }
         // The batch's samples, counted without overflow before anything is allocated.
         let (height, width) = self.unet_config.sample_size.map(|s| s.height_width()).unwrap_or((1, 1));
@@ -88,21 +88,21 @@ impl PixelPipeline {
             .try_fold(options.num_images, |product, &n| product.checked_mul(n));
         if bytes.is_none_or(|bytes| bytes as u64 > 16 << 30) {
             return Err(Error::invalid(format!(
-                "--num-images {} is too large for this machine's memory ({}x{width}x{height} samples)",
+                "`num_images` {} is too large for this machine's memory ({}x{width}x{height} samples)",
                 options.num_images, self.unet_config.in_channels
             )));
         }
         if !options.eta.is_finite() || options.eta < 0.0 {
-            return Err(Error::invalid(format!("--eta must be a finite number ≥ 0, got {}", options.eta)));
+            return Err(Error::invalid(format!("`eta` must be a finite number ≥ 0, got {}", options.eta)));
         }
         self.scheduler.scheduler.check_eta(options.eta)?;
         match (options.class_label, self.unet_config.num_class_embeds) {
             (Some(label), Some(n)) if label < 0 || label as usize >= n => Err(Error::invalid(format!(
-                "--class-label {label} is out of range: this model has {n} classes (0..{})",
+                "`class_label` {label} is out of range: this model has {n} classes (0..{})",
                 n - 1
             ))),
             (Some(_), None) if self.unet_config.class_embed_type.is_none() => Err(Error::invalid(
-                "--class-label given, but this model is unconditional (its UNet has no num_class_embeds)",
+                "`class_label` given, but this model is unconditional (its UNet has no num_class_embeds)",
             )),
             _ => Ok(()),
         }

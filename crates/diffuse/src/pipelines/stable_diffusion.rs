@@ -697,7 +697,7 @@ impl StableDiffusionPipeline {
             return Err(Error::invalid(format!("width and height must be positive multiples of 8, got {width}x{height}")));
         }
         if options.num_images_per_prompt == 0 {
-            return Err(Error::invalid("--num-images must be at least 1"));
+            return Err(Error::invalid("`num_images_per_prompt` must be at least 1"));
         }
         // Self-attention scores grow with the square of the latent pixel count: refuse sizes
         // whose largest score matrix alone could not fit in memory, before allocating anything.
@@ -716,7 +716,7 @@ impl StableDiffusionPipeline {
             )));
         }
         if options.num_inference_steps == 0 {
-            return Err(Error::invalid("--steps must be at least 1"));
+            return Err(Error::invalid("`num_inference_steps` must be at least 1"));
         }
         let layers = self.text_encoder.config.num_hidden_layers;
         if let Some(skip) = options.clip_skip.filter(|&skip| skip >= layers) {

@@ -20,6 +20,7 @@ pub mod optimizer;
 pub mod params;
 pub mod pixel;
 pub mod plot;
+pub mod recipe;
 pub mod text_to_image;
 
 use std::collections::HashMap;
@@ -112,6 +113,31 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// `diffuse train`'s defaults, writing into `output_dir`: 10,000 steps of batch 16, AdamW
+    /// (β 0.95, 0.999, ε 1e-8, weight decay 1e-6) at 1e-4 after 500 warm-up steps with a cosine
+    /// decay, gradients clipped to norm 1, an EMA up to 0.9999, a checkpoint every 1,000 steps
+    /// (3 kept), no sample grids before the end, seed 1 (`diffuse train --seed 0`'s).
+    pub fn new(output_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            output_dir: output_dir.into(),
+            steps: 10_000,
+            batch_size: 16,
+            grad_accum: 1,
+            learning_rate: 1e-4,
+            warmup_steps: 500,
+            lr_schedule: LrSchedule::Cosine,
+            adamw: AdamWConfig { beta1: 0.95, beta2: 0.999, eps: 1e-8, weight_decay: 1e-6 },
+            grad_clip: Some(1.0),
+            ema: Some(EmaConfig { power: 0.75, ..EmaConfig::default() }),
+            checkpoint_every: 1000,
+            keep_checkpoints: 3,
+            sample_every: None,
+            sample_at_start: false,
+            seed: 1,
+            resume: false,
+        }
+    }
+
     /// Checks every setting before any work is done.
     pub fn validate(&self) -> Result<()> {
         if self.steps == 0 {

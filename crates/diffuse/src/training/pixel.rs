@@ -72,6 +72,13 @@ impl Default for NoiseSchedule {
     }
 }
 
+impl NoiseSchedule {
+    /// Stable Diffusion's: `scaled_linear` from 0.00085 to 0.012 over 1000 timesteps.
+    pub fn stable_diffusion() -> Self {
+        Self { num_train_timesteps: 1000, beta_schedule: "scaled_linear".into(), beta_start: 0.00085, beta_end: 0.012 }
+    }
+}
+
 /// How training timesteps are drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

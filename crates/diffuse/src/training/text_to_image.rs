@@ -73,6 +73,18 @@ pub const TEXT_ENCODER_PRESETS: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// Fashion-MNIST's classes in label order, as prompt words, synonyms joined by `|` (the first
+/// of each is its main name).
+pub const FASHION_MNIST_CLASS_NAMES: &str = "t-shirt|top|tee|t-shirt top,trouser|trousers|pants,pullover|sweater|jumper,\
+dress,coat|jacket,sandal|sandals,shirt|button-up shirt,sneaker|sneakers|running shoe,bag|handbag,ankle boot|boot|boots";
+
+/// Class names from a comma-separated list (synonyms joined by `|`), or `fashion-mnist` for
+/// [`FASHION_MNIST_CLASS_NAMES`].
+pub fn class_names(list: &str) -> Vec<String> {
+    let list = if list == "fashion-mnist" { FASHION_MNIST_CLASS_NAMES } else { list };
+    list.split(',').map(str::to_string).collect()
+}
+
 /// Prompt templates for captions made from class names: `{a}` is the name with its article
 /// ("an ankle boot"), `{}` the bare name.
 pub const DEFAULT_TEMPLATES: &[&str] = &[
