@@ -16,6 +16,7 @@ use gemm_bf16::{ABf16, Bf16Matrix, TransposedWeight};
 
 pub mod attention;
 pub mod conv;
+mod fused;
 pub mod gemm;
 pub mod gemm_bf16;
 pub mod probe;
@@ -445,40 +446,56 @@ impl CustomOp3 for GroupNormCpu {
         let spatial: usize = dims[2..].iter().product();
         let channels_per_group = channels / self.num_groups;
         let group_len = channels_per_group * spatial;
-        let flat = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
-        let (x, g, weight_values) = (flat(input)?, flat(grad_output)?, flat(weight)?);
-        let mut grad_input = vec![0f32; x.len()];
+        let grad_output = grad_output.to_dtype(DType::F32)?.contiguous()?;
+        let mut grad_input = vec![0f32; input.elem_count()];
         let mut grad_weight = vec![0f64; channels];
         let mut grad_bias = vec![0f64; channels];
         if group_len > 0 {
-            for (index, ((x, g), grad_x)) in
-                x.chunks_exact(group_len).zip(g.chunks_exact(group_len)).zip(grad_input.chunks_exact_mut(group_len)).enumerate()
-            {
-                let (mean, inverse_std) = self.statistics(x);
-                let first_channel = (index % self.num_groups) * channels_per_group;
-                let (mut sum_h, mut sum_h_xhat) = (0f64, 0f64);
-                for (offset, (x, g)) in x.chunks_exact(spatial).zip(g.chunks_exact(spatial)).enumerate() {
-                    let channel = first_channel + offset;
-                    let (mut sum_g, mut sum_g_xhat) = (0f64, 0f64);
-                    for (&x, &g) in x.iter().zip(g) {
-                        let x_hat = (x as f64 - mean) * inverse_std;
-                        sum_g += g as f64;
-                        sum_g_xhat += g as f64 * x_hat;
-                    }
-                    grad_bias[channel] += sum_g;
-                    grad_weight[channel] += sum_g_xhat;
-                    sum_h += sum_g * weight_values[channel] as f64;
-                    sum_h_xhat += sum_g_xhat * weight_values[channel] as f64;
-                }
-                let (mean_h, mean_h_xhat) = (sum_h / group_len as f64, sum_h_xhat / group_len as f64);
-                for (offset, ((x, g), grad_x)) in
-                    x.chunks_exact(spatial).zip(g.chunks_exact(spatial)).zip(grad_x.chunks_exact_mut(spatial)).enumerate()
-                {
-                    let w = weight_values[first_channel + offset] as f64;
-                    for ((&x, &g), out) in x.iter().zip(g).zip(grad_x.iter_mut()) {
-                        let x_hat = (x as f64 - mean) * inverse_std;
-                        *out = (inverse_std * (g as f64 * w - mean_h - x_hat * mean_h_xhat)) as f32;
-                    }
+            // Groups are independent: one task each, returning its channels' sums, which the
+            // batch's groups of the same channels then add up.
+            let sums: Vec<(usize, Vec<f64>, Vec<f64>)> = fused::with_slices(&[input, &grad_output, weight], "group-norm backward", |s| {
+                let (x, g, weight_values) = (s[0], s[1], s[2]);
+                Ok(grad_input
+                    .par_chunks_exact_mut(group_len)
+                    .zip(x.par_chunks_exact(group_len))
+                    .zip(g.par_chunks_exact(group_len))
+                    .enumerate()
+                    .map(|(index, ((grad_x, x), g))| {
+                        let (mean, inverse_std) = self.statistics(x);
+                        let first_channel = (index % self.num_groups) * channels_per_group;
+                        let (mut sum_weight, mut sum_bias) = (vec![0f64; channels_per_group], vec![0f64; channels_per_group]);
+                        let (mut sum_h, mut sum_h_xhat) = (0f64, 0f64);
+                        for (offset, (x, g)) in x.chunks_exact(spatial).zip(g.chunks_exact(spatial)).enumerate() {
+                            let (mut sum_g, mut sum_g_xhat) = (0f64, 0f64);
+                            for (&x, &g) in x.iter().zip(g) {
+                                let x_hat = (x as f64 - mean) * inverse_std;
+                                sum_g += g as f64;
+                                sum_g_xhat += g as f64 * x_hat;
+                            }
+                            sum_bias[offset] = sum_g;
+                            sum_weight[offset] = sum_g_xhat;
+                            let w = weight_values[first_channel + offset] as f64;
+                            sum_h += sum_g * w;
+                            sum_h_xhat += sum_g_xhat * w;
+                        }
+                        let (mean_h, mean_h_xhat) = (sum_h / group_len as f64, sum_h_xhat / group_len as f64);
+                        for (offset, ((x, g), grad_x)) in
+                            x.chunks_exact(spatial).zip(g.chunks_exact(spatial)).zip(grad_x.chunks_exact_mut(spatial)).enumerate()
+                        {
+                            let w = weight_values[first_channel + offset] as f64;
+                            for ((&x, &g), out) in x.iter().zip(g).zip(grad_x.iter_mut()) {
+                                let x_hat = (x as f64 - mean) * inverse_std;
+                                *out = (inverse_std * (g as f64 * w - mean_h - x_hat * mean_h_xhat)) as f32;
+                            }
+                        }
+                        (first_channel, sum_weight, sum_bias)
+                    })
+                    .collect())
+            })?;
+            for (first_channel, sum_weight, sum_bias) in sums {
+                for (offset, (w, b)) in sum_weight.into_iter().zip(sum_bias).enumerate() {
+                    grad_weight[first_channel + offset] += w;
+                    grad_bias[first_channel + offset] += b;
                 }
             }
         }
@@ -642,7 +659,7 @@ fn attention_in_blocks(
         }
         // candle's fused softmax has no backward pass; when gradients are tracked, ours does.
         let probabilities = if scores.track_op() {
-            scores.apply_op1(SoftmaxLastDim)?
+            softmax_last_dim_trainable(&scores)?
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
         };
@@ -650,6 +667,11 @@ fn attention_in_blocks(
     }
     let output = if outputs.len() == 1 { outputs.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(&outputs, rank - 2)? };
     Ok(output.to_dtype(dtype)?)
+}
+
+/// Softmax over the last dimension with a backward pass (candle's fused softmax has none).
+fn softmax_last_dim_trainable(scores: &Tensor) -> candle_core::Result<Tensor> {
+    scores.contiguous()?.apply_op1(SoftmaxLastDim)
 }
 
 /// Softmax over the last dimension of contiguous f32 or f64 input, as candle's
@@ -685,7 +707,11 @@ impl candle_core::CustomOp1 for SoftmaxLastDim {
             }};
         }
         let output = match storage {
-            CpuStorage::F32(data) => CpuStorage::F32(softmax!(data, f32)),
+            CpuStorage::F32(data) => {
+                let mut output = data[start..end].to_vec();
+                fused::softmax_rows_in_place(&mut output, row_len);
+                CpuStorage::F32(output)
+            }
             CpuStorage::F64(data) => CpuStorage::F64(softmax!(data, f64)),
             _ => candle_core::bail!("softmax: only f32 and f64 are supported"),
         };
@@ -693,6 +719,9 @@ impl candle_core::CustomOp1 for SoftmaxLastDim {
     }
 
     fn bwd(&self, _input: &Tensor, output: &Tensor, grad_output: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if output.dtype() == DType::F32 && output.device().is_cpu() {
+            return Ok(Some(output.apply_op2_no_bwd(&grad_output.contiguous()?, &fused::SoftmaxBackward)?));
+        }
         let dot = (grad_output * output)?.sum_keepdim(D::Minus1)?;
         Ok(Some((grad_output.broadcast_sub(&dot)? * output)?))
     }
@@ -707,76 +736,45 @@ pub fn upsample_nearest2d(input: &Tensor, height: usize, width: usize) -> Result
     Ok(input.upsample_nearest2d(height, width)?)
 }
 
-/// `torch.nn.functional.silu`: `x * sigmoid(x)`.
+/// `torch.nn.functional.silu`: `x * sigmoid(x)`; on the CPU in f32 one vectorised, threaded
+/// pass, with a fused backward pass for training.
 pub fn silu(input: &Tensor) -> Result<Tensor> {
     let _timer = profile::timer("silu");
-    if uses_kernels(input.device()) && input.dtype() == DType::F32 && !input.track_op() {
-        return Ok(input.contiguous()?.apply_op1_no_bwd(&SiluCpu)?);
+    if uses_kernels(input.device()) && input.dtype() == DType::F32 {
+        let input = input.contiguous()?;
+        return Ok(if input.track_op() { input.apply_op1(fused::Silu)? } else { input.apply_op1_no_bwd(&fused::Silu)? });
     }
     Ok(input.silu()?)
 }
 
-/// [`silu`] on the CPU for inference: vectorised, over all threads.
-struct SiluCpu;
-
-impl candle_core::CustomOp1 for SiluCpu {
-    fn name(&self) -> &'static str {
-        "silu-vectorised"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let mut output = contiguous_f32(storage, layout, "silu input")?.to_vec();
-        let isa = gemm::isa();
-        output.par_chunks_mut(1 << 14).for_each(|chunk| vector::silu_in_place(isa, chunk));
-        Ok((CpuStorage::F32(output), layout.shape().clone()))
-    }
-}
-
 /// diffusers' `GEGLU` after its projection: `projected` (`[..., 2·D]`) is split into a value
 /// and a gate half, and the result (`[..., D]`) is `value · gelu(gate)` with the exact (erf)
-/// GELU. One fused, threaded pass on the CPU for inference.
+/// GELU. On the CPU in f32 one fused, threaded pass, with a fused backward pass for training.
 pub fn geglu(projected: &Tensor) -> Result<Tensor> {
     let _timer = profile::timer("geglu");
-    if uses_kernels(projected.device()) && projected.dtype() == DType::F32 && !projected.track_op() {
-        return Ok(projected.contiguous()?.apply_op1_no_bwd(&GegluCpu)?);
+    if uses_kernels(projected.device()) && projected.dtype() == DType::F32 {
+        let projected = projected.contiguous()?;
+        return Ok(if projected.track_op() { projected.apply_op1(fused::Geglu)? } else { projected.apply_op1_no_bwd(&fused::Geglu)? });
     }
     let chunks = projected.chunk(2, D::Minus1)?;
     Ok((&chunks[0] * chunks[1].gelu_erf()?)?)
 }
 
-struct GegluCpu;
-
-impl candle_core::CustomOp1 for GegluCpu {
-    fn name(&self) -> &'static str {
-        "geglu"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let projected = contiguous_f32(storage, layout, "geglu input")?;
-        let mut dims = layout.dims().to_vec();
-        let Some(last) = dims.last_mut().filter(|d| **d % 2 == 0) else {
-            candle_core::bail!("geglu: the last dimension of {:?} is not even", layout.dims());
-        };
-        *last /= 2;
-        let width = *last;
-        let mut output = vec![0f32; projected.len() / 2];
-        if width > 0 {
-            let isa = gemm::isa();
-            let rows_per_task = (1 << 14) / width + 1;
-            output.par_chunks_mut(rows_per_task * width).zip(projected.par_chunks(rows_per_task * 2 * width)).for_each(|(out, input)| {
-                for (out, input) in out.chunks_exact_mut(width).zip(input.chunks_exact(2 * width)) {
-                    vector::geglu_rows(isa, input, out);
-                }
-            });
-        }
-        Ok((CpuStorage::F32(output), Shape::from(dims)))
-    }
-}
-
 /// `torch.nn.functional.layer_norm` over the last dimension with affine `weight` and `bias`;
 /// statistics in f32 (mean, then the mean squared deviation), as PyTorch does.
+///
+/// On the CPU with f32 input, one threaded pass (statistics in f64) with a fused backward
+/// pass for training; elsewhere, tensor operations.
 pub fn layer_norm(input: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let _timer = profile::timer("layer_norm");
+    let width = input.dims().last().copied().unwrap_or(0);
+    if uses_kernels(input.device()) && input.dtype() == DType::F32 && weight.dims() == [width] && bias.dims() == [width] {
+        let f32_contiguous = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
+        let (input, weight, bias) = (input.contiguous()?, f32_contiguous(weight)?, f32_contiguous(bias)?);
+        let op = fused::LayerNorm { eps };
+        let tracked = input.track_op() || weight.track_op() || bias.track_op();
+        return Ok(if tracked { input.apply_op3(&weight, &bias, op)? } else { input.apply_op3_no_bwd(&weight, &bias, &op)? });
+    }
     let dtype = input.dtype();
     let compute = statistics_dtype(dtype);
     let x = input.to_dtype(compute)?;

@@ -127,6 +127,35 @@ pub(crate) fn geglu_rows(isa: Isa, projected: &[f32], out: &mut [f32]) {
     })
 }
 
+/// SiLU's backward pass: `out = g · s · (1 + x · (1 - s))` with `s = sigmoid(x)`, the
+/// derivative of `x · s` times the output's gradient `g`.
+pub(crate) fn silu_backward(isa: Isa, x: &[f32], g: &[f32], out: &mut [f32]) {
+    dispatch!(isa, fn silu_backward(x: &[f32], g: &[f32], out: &mut [f32]) -> () {
+        for ((out, &x), &g) in out.iter_mut().zip(x).zip(g) {
+            let s = 1.0 / (1.0 + exp(-x));
+            *out = g * s * (1.0 + x * (1.0 - s));
+        }
+    })
+}
+
+/// GEGLU's backward pass for one row: with `[value | gate]` = `projected` and the output's
+/// gradient `g`, `out = [g · gelu(gate) | g · value · gelu'(gate)]`, where
+/// `gelu'(x) = Φ(x) + x · φ(x)` (Φ, φ: the normal CDF and density).
+pub(crate) fn geglu_backward_rows(isa: Isa, projected: &[f32], g: &[f32], out: &mut [f32]) {
+    dispatch!(isa, fn geglu_backward(projected: &[f32], g: &[f32], out: &mut [f32]) -> () {
+        const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+        let width = g.len();
+        let (value, gate) = projected.split_at(width);
+        let (grad_value, grad_gate) = out.split_at_mut(width);
+        for ((((dv, dg), &v), &x), &g) in grad_value.iter_mut().zip(grad_gate.iter_mut()).zip(value).zip(gate).zip(g) {
+            let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+            let density = FRAC_1_SQRT_2PI * exp(-0.5 * x * x);
+            *dv = g * x * cdf;
+            *dg = g * v * (cdf + x * density);
+        }
+    })
+}
+
 /// `x` rounded to the nearest bf16 (ties to even) in the high half of the result (NaN stays
 /// a quiet NaN), in 32-bit lane arithmetic that vectorises.
 #[inline(always)]
@@ -233,6 +262,34 @@ mod tests {
             for (&x, &y) in inputs.iter().zip(&values) {
                 let want = x as f64 / (1.0 + (-x as f64).exp());
                 assert!((y as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "{isa:?} silu({x}) = {y}, want {want}");
+            }
+        }
+    }
+
+    /// The backward passes of SiLU and GEGLU against their derivatives in f64, at every level.
+    #[test]
+    fn silu_and_geglu_gradients_match_the_derivatives_at_every_level() {
+        let width = 300;
+        let x: Vec<f32> = (0..2 * width).map(|i| (i as f32 - 300.0) * 0.031).collect();
+        let g: Vec<f32> = (0..2 * width).map(|i| ((i * 7) % 11) as f32 * 0.3 - 1.5).collect();
+        let phi = |x: f64| 0.5 * (1.0 + libm_erf(x / std::f64::consts::SQRT_2));
+        let density = |x: f64| (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        for isa in Isa::all_supported() {
+            let mut out = vec![0f32; 2 * width];
+            silu_backward(isa, &x, &g, &mut out);
+            for ((&x, &g), &y) in x.iter().zip(&g).zip(&out) {
+                let (x, g) = (x as f64, g as f64);
+                let s = 1.0 / (1.0 + (-x).exp());
+                let want = g * s * (1.0 + x * (1.0 - s));
+                assert!((y as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "{isa:?} silu'({x}): {y} vs {want}");
+            }
+            geglu_backward_rows(isa, &x, &g[..width], &mut out);
+            for j in 0..width {
+                let (v, gate, g) = (x[j] as f64, x[width + j] as f64, g[j] as f64);
+                let (want_value, want_gate) = (g * gate * phi(gate), g * v * (phi(gate) + gate * density(gate)));
+                for (got, want) in [(out[j], want_value), (out[width + j], want_gate)] {
+                    assert!((got as f64 - want).abs() <= 2e-6 * (1.0 + want.abs()), "{isa:?} geglu' at {j}: {got} vs {want}");
+                }
             }
         }
     }

@@ -1,0 +1,394 @@
+//! Fused, threaded CPU passes with their own backward passes: SiLU, GEGLU, LayerNorm and the
+//! softmax of attention. Each replaces a chain of candle operations (each a pass over memory
+//! into a fresh allocation, most of them on one thread) by one pass forward and one backward,
+//! which is most of what a training step spends outside convolutions and matrix products.
+//! Inference takes the same forward passes without recording them.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::{contiguous_f32, gemm, vector};
+
+/// Elements per task of the element-wise passes: enough to amortise a task, few enough that
+/// any layer's activations split over all threads.
+const CHUNK: usize = 1 << 14;
+
+/// Rows per task for rows of `width` elements: about [`CHUNK`] elements, at least one row.
+fn rows_per_task(width: usize) -> usize {
+    (CHUNK / width.max(1)).max(1)
+}
+
+/// Runs `f` on the contiguous f32 data of CPU tensors (a backward pass's operands).
+pub(super) fn with_slices<R>(tensors: &[&Tensor], what: &str, f: impl FnOnce(&[&[f32]]) -> candle_core::Result<R>) -> candle_core::Result<R> {
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        match &**storage {
+            Storage::Cpu(storage) => slices.push(contiguous_f32(storage, layout, what)?),
+            _ => candle_core::bail!("{what}: expected CPU tensors"),
+        }
+    }
+    f(&slices)
+}
+
+/// `x · sigmoid(x)`, vectorised over all threads.
+pub(super) struct Silu;
+
+impl CustomOp1 for Silu {
+    fn name(&self) -> &'static str {
+        "silu-fused"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let mut output = contiguous_f32(storage, layout, "silu input")?.to_vec();
+        let isa = gemm::isa();
+        output.par_chunks_mut(CHUNK).for_each(|chunk| vector::silu_in_place(isa, chunk));
+        Ok((CpuStorage::F32(output), layout.shape().clone()))
+    }
+
+    fn bwd(&self, input: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(input.apply_op2_no_bwd(&grad_output.contiguous()?, &SiluBackward)?))
+    }
+}
+
+/// [`Silu`]'s input gradient from its input and its output's gradient.
+struct SiluBackward;
+
+impl CustomOp2 for SiluBackward {
+    fn name(&self) -> &'static str {
+        "silu-backward"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout, g: &CpuStorage, g_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, g) = (contiguous_f32(x, x_layout, "silu input")?, contiguous_f32(g, g_layout, "silu gradient")?);
+        if x.len() != g.len() {
+            candle_core::bail!("silu backward: {} inputs, {} gradients", x.len(), g.len());
+        }
+        let mut output = vec![0f32; x.len()];
+        let isa = gemm::isa();
+        output.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).zip(g.par_chunks(CHUNK)).for_each(|((out, x), g)| {
+            vector::silu_backward(isa, x, g, out);
+        });
+        Ok((CpuStorage::F32(output), x_layout.shape().clone()))
+    }
+}
+
+/// diffusers' `GEGLU` after its projection: `[..., 2·D]` → `[..., D]`, `value · gelu(gate)`.
+pub(super) struct Geglu;
+
+/// The output width of GEGLU on `dims`: half the last dimension, which must be even.
+fn geglu_width(dims: &[usize]) -> candle_core::Result<usize> {
+    match dims.last() {
+        Some(&last) if last % 2 == 0 => Ok(last / 2),
+        _ => candle_core::bail!("geglu: the last dimension of {dims:?} is not even"),
+    }
+}
+
+impl CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "geglu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let projected = contiguous_f32(storage, layout, "geglu input")?;
+        let width = geglu_width(layout.dims())?;
+        let mut dims = layout.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = width;
+        }
+        let mut output = vec![0f32; projected.len() / 2];
+        if width > 0 {
+            let isa = gemm::isa();
+            let rows = rows_per_task(width);
+            output.par_chunks_mut(rows * width).zip(projected.par_chunks(rows * 2 * width)).for_each(|(out, input)| {
+                for (out, input) in out.chunks_exact_mut(width).zip(input.chunks_exact(2 * width)) {
+                    vector::geglu_rows(isa, input, out);
+                }
+            });
+        }
+        Ok((CpuStorage::F32(output), Shape::from(dims)))
+    }
+
+    fn bwd(&self, input: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(input.apply_op2_no_bwd(&grad_output.contiguous()?, &GegluBackward)?))
+    }
+}
+
+/// [`Geglu`]'s input gradient (`[..., 2·D]`) from its input and its output's gradient.
+struct GegluBackward;
+
+impl CustomOp2 for GegluBackward {
+    fn name(&self) -> &'static str {
+        "geglu-backward"
+    }
+
+    fn cpu_fwd(&self, p: &CpuStorage, p_layout: &Layout, g: &CpuStorage, g_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (projected, g) = (contiguous_f32(p, p_layout, "geglu input")?, contiguous_f32(g, g_layout, "geglu gradient")?);
+        let width = geglu_width(p_layout.dims())?;
+        if g.len() * 2 != projected.len() {
+            candle_core::bail!("geglu backward: {} inputs, {} gradients", projected.len(), g.len());
+        }
+        let mut output = vec![0f32; projected.len()];
+        if width > 0 {
+            let isa = gemm::isa();
+            let rows = rows_per_task(width);
+            output.par_chunks_mut(rows * 2 * width).zip(projected.par_chunks(rows * 2 * width)).zip(g.par_chunks(rows * width)).for_each(
+                |((out, projected), g)| {
+                    for ((out, projected), g) in out.chunks_exact_mut(2 * width).zip(projected.chunks_exact(2 * width)).zip(g.chunks_exact(width)) {
+                        vector::geglu_backward_rows(isa, projected, g, out);
+                    }
+                },
+            );
+        }
+        Ok((CpuStorage::F32(output), p_layout.shape().clone()))
+    }
+}
+
+/// `torch.nn.functional.layer_norm` over the last dimension with affine weight and bias, on
+/// contiguous f32 operands; each row's mean and variance in f64 (the mean first, then the
+/// mean squared deviation).
+pub(super) struct LayerNorm {
+    /// Added to the variance.
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// A row's mean and 1/sqrt(variance + eps).
+    fn statistics(&self, row: &[f32]) -> (f64, f64) {
+        let len = row.len() as f64;
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / len;
+        let variance = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len;
+        (mean, 1.0 / (variance + self.eps).sqrt())
+    }
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        input: &CpuStorage,
+        input_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let input = contiguous_f32(input, input_layout, "layer-norm input")?;
+        let weight = contiguous_f32(weight, weight_layout, "layer-norm weight")?;
+        let bias = contiguous_f32(bias, bias_layout, "layer-norm bias")?;
+        let width = input_layout.dims().last().copied().unwrap_or(0);
+        if weight.len() != width || bias.len() != width {
+            candle_core::bail!("layer-norm: weight {} and bias {} do not match rows of {width}", weight.len(), bias.len());
+        }
+        let mut output = vec![0f32; input.len()];
+        if width > 0 {
+            let rows = rows_per_task(width);
+            output.par_chunks_mut(rows * width).zip(input.par_chunks(rows * width)).for_each(|(out, input)| {
+                for (out, row) in out.chunks_exact_mut(width).zip(input.chunks_exact(width)) {
+                    let (mean, inverse_std) = self.statistics(row);
+                    let (mean, inverse_std) = (mean as f32, inverse_std as f32);
+                    for (((out, &x), &w), &b) in out.iter_mut().zip(row).zip(weight).zip(bias) {
+                        *out = (x - mean) * inverse_std * w + b;
+                    }
+                }
+            });
+        }
+        Ok((CpuStorage::F32(output), input_layout.shape().clone()))
+    }
+
+    /// With x̂ = (x - mean) · inverse_std per row and g the output's gradient:
+    /// ∂bias = Σ g, ∂weight = Σ g·x̂ (over the rows), and with h = g·weight,
+    /// ∂x = inverse_std · (h - mean(h) - x̂ · mean(h·x̂)), the means over the row.
+    fn bwd(
+        &self,
+        input: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _output: &Tensor,
+        grad_output: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad_output = grad_output.contiguous()?;
+        let width = input.dims().last().copied().unwrap_or(0);
+        let (grad_input, grad_weight, grad_bias) = with_slices(&[input, weight, &grad_output], "layer-norm backward", |s| {
+            let (x, weight, g) = (s[0], s[1], s[2]);
+            let mut grad_input = vec![0f32; x.len()];
+            if width == 0 {
+                return Ok((grad_input, vec![0f64; 0], vec![0f64; 0]));
+            }
+            let rows = rows_per_task(width);
+            // Each task sums ∂weight and ∂bias over its rows; the tasks' sums are then added.
+            let (grad_weight, grad_bias) = grad_input
+                .par_chunks_mut(rows * width)
+                .zip(x.par_chunks(rows * width))
+                .zip(g.par_chunks(rows * width))
+                .map(|((grad_x, x), g)| {
+                    let (mut grad_weight, mut grad_bias) = (vec![0f64; width], vec![0f64; width]);
+                    let mut x_hat = vec![0f32; width];
+                    for ((grad_x, x), g) in grad_x.chunks_exact_mut(width).zip(x.chunks_exact(width)).zip(g.chunks_exact(width)) {
+                        let (mean, inverse_std) = self.statistics(x);
+                        let (mut sum_h, mut sum_h_xhat) = (0f64, 0f64);
+                        for (j, (&x, &g)) in x.iter().zip(g).enumerate() {
+                            let xh = ((x as f64 - mean) * inverse_std) as f32;
+                            x_hat[j] = xh;
+                            let h = (g * weight[j]) as f64;
+                            sum_h += h;
+                            sum_h_xhat += h * xh as f64;
+                            grad_weight[j] += (g * xh) as f64;
+                            grad_bias[j] += g as f64;
+                        }
+                        let (mean_h, mean_h_xhat) = ((sum_h / width as f64) as f32, (sum_h_xhat / width as f64) as f32);
+                        let inverse_std = inverse_std as f32;
+                        for (((out, &g), &w), &xh) in grad_x.iter_mut().zip(g).zip(weight).zip(&x_hat) {
+                            *out = inverse_std * (g * w - mean_h - xh * mean_h_xhat);
+                        }
+                    }
+                    (grad_weight, grad_bias)
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                // In task order, so that the sums do not depend on the threads' timing.
+                .fold((vec![0f64; width], vec![0f64; width]), |(mut wa, mut ba), (wb, bb)| {
+                    wa.iter_mut().zip(wb).for_each(|(a, b)| *a += b);
+                    ba.iter_mut().zip(bb).for_each(|(a, b)| *a += b);
+                    (wa, ba)
+                });
+            Ok((grad_input, grad_weight, grad_bias))
+        })?;
+        let device = input.device();
+        let to_f32 = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
+        Ok((
+            Some(Tensor::from_vec(grad_input, input.shape(), device)?),
+            Some(Tensor::from_vec(to_f32(grad_weight), width, device)?),
+            Some(Tensor::from_vec(to_f32(grad_bias), width, device)?),
+        ))
+    }
+}
+
+/// The softmax's input gradient over the last dimension, `y · (g - Σ g·y)` per row, from its
+/// output `y` and the output's gradient `g`.
+pub(super) struct SoftmaxBackward;
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "softmax-backward"
+    }
+
+    fn cpu_fwd(&self, y: &CpuStorage, y_layout: &Layout, g: &CpuStorage, g_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (y, g) = (contiguous_f32(y, y_layout, "softmax output")?, contiguous_f32(g, g_layout, "softmax gradient")?);
+        if y.len() != g.len() {
+            candle_core::bail!("softmax backward: {} outputs, {} gradients", y.len(), g.len());
+        }
+        let width = y_layout.dims().last().copied().unwrap_or(0);
+        let mut output = vec![0f32; y.len()];
+        if width > 0 {
+            let rows = rows_per_task(width);
+            output.par_chunks_mut(rows * width).zip(y.par_chunks(rows * width)).zip(g.par_chunks(rows * width)).for_each(|((out, y), g)| {
+                for ((out, y), g) in out.chunks_exact_mut(width).zip(y.chunks_exact(width)).zip(g.chunks_exact(width)) {
+                    let dot: f32 = y.iter().zip(g).map(|(&y, &g)| y * g).sum();
+                    for ((out, &y), &g) in out.iter_mut().zip(y).zip(g) {
+                        *out = y * (g - dot);
+                    }
+                }
+            });
+        }
+        Ok((CpuStorage::F32(output), y_layout.shape().clone()))
+    }
+}
+
+/// Softmax over the last dimension of contiguous f32 rows, in place, threaded over rows.
+pub(super) fn softmax_rows_in_place(values: &mut [f32], width: usize) {
+    if width == 0 {
+        return;
+    }
+    values.par_chunks_mut(rows_per_task(width) * width).for_each(|rows| {
+        for row in rows.chunks_exact_mut(width) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for value in row.iter_mut() {
+                *value = (*value - max).exp();
+                sum += *value;
+            }
+            for value in row.iter_mut() {
+                *value /= sum;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor, Var, D};
+
+    use super::*;
+
+    fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap() as f32
+    }
+
+    /// Each fused pass and its backward pass against candle's operations, in f64, on odd
+    /// shapes (rows shorter and longer than a task, a single row, one element).
+    #[test]
+    fn fused_passes_and_their_gradients_match_candle() -> candle_core::Result<()> {
+        let device = Device::Cpu;
+        for dims in [vec![3usize, 5, 6], vec![1, 1, 2], vec![2, 9000], vec![4100, 4]] {
+            let x = Tensor::randn(0f64, 1.5, dims.as_slice(), &device)?;
+            let weight = Tensor::randn(0f64, 1.0, *dims.last().unwrap(), &device)?;
+            let bias = Tensor::randn(0f64, 1.0, *dims.last().unwrap(), &device)?;
+            let probe = Tensor::randn(0f64, 1.0, dims.as_slice(), &device)?;
+            let half = {
+                let mut d = dims.clone();
+                *d.last_mut().unwrap() /= 2;
+                Tensor::randn(0f64, 1.0, d, &device)?
+            };
+            // Σ probe·f(x): its gradient is f's backward pass applied to `probe`.
+            let check = |name: &str, f_fused: &dyn Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>,
+                         f_reference: &dyn Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>,
+                         probe: &Tensor|
+             -> candle_core::Result<()> {
+                let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>, dtype: DType| {
+                    let vars = [&x, &weight, &bias].map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap());
+                    let out = f(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor())?;
+                    let grads = (out.to_dtype(DType::F64)? * probe)?.sum_all()?.backward()?;
+                    let grad = |v: &Var| grads.get(v.as_tensor()).map(|g| g.to_dtype(DType::F64).unwrap());
+                    Ok::<_, candle_core::Error>((out.to_dtype(DType::F64)?, vars.iter().map(grad).collect::<Vec<_>>()))
+                };
+                let (out, grads) = run(f_fused, DType::F32)?;
+                let (want, want_grads) = run(f_reference, DType::F64)?;
+                let scale = want.abs()?.max_all()?.to_scalar::<f64>()?.max(1.0) as f32;
+                assert!(max_difference(&out, &want) < 1e-5 * scale, "{name} {dims:?}: output");
+                for (i, (got, want)) in grads.iter().zip(&want_grads).enumerate() {
+                    match (got, want) {
+                        (Some(got), Some(want)) => {
+                            let scale = want.abs()?.max_all()?.to_scalar::<f64>()?.max(1.0) as f32;
+                            let difference = max_difference(got, want);
+                            assert!(difference < 2e-5 * scale, "{name} {dims:?}: gradient {i} differs by {difference}");
+                        }
+                        (None, None) => {}
+                        _ => panic!("{name} {dims:?}: gradient {i} present on one side only"),
+                    }
+                }
+                Ok(())
+            };
+            check("silu", &|x, _, _| x.apply_op1(Silu), &|x, _, _| x.silu(), &probe)?;
+            check("geglu", &|x, _, _| x.apply_op1(Geglu), &|x, _, _| {
+                let chunks = x.chunk(2, D::Minus1)?;
+                &chunks[0] * chunks[1].gelu_erf()?
+            }, &half)?;
+            check("layer_norm", &|x, w, b| x.apply_op3(w, b, LayerNorm { eps: 1e-5 }), &|x, w, b| {
+                let size = x.dim(D::Minus1)? as f64;
+                let mean = (x.sum_keepdim(D::Minus1)? / size)?;
+                let centered = x.broadcast_sub(&mean)?;
+                let variance = (centered.sqr()?.sum_keepdim(D::Minus1)? / size)?;
+                centered.broadcast_div(&(variance + 1e-5)?.sqrt()?)?.broadcast_mul(w)?.broadcast_add(b)
+            }, &probe)?;
+            check("softmax", &|x, _, _| super::super::softmax_last_dim_trainable(x), &|x, _, _| {
+                let exp = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?.exp()?;
+                exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+            }, &probe)?;
+        }
+        Ok(())
+    }
+}
