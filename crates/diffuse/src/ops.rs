@@ -90,7 +90,10 @@ pub fn conv2d(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: us
     }
     if uses_kernels(input.device()) && input.dtype() == DType::F32 && weight.dtype() == DType::F32 {
         let output = input.contiguous()?.apply_op2(&weight.contiguous()?, conv::Conv2d { stride, padding, bias: None })?;
-        return add_channel_bias(output, bias);
+        return match bias {
+            Some(bias) if bias.dtype() == DType::F32 => Ok(output.apply_op2(&bias.contiguous()?, fused::ChannelBias)?),
+            _ => add_channel_bias(output, bias),
+        };
     }
     add_channel_bias(input.conv2d(weight, padding, stride, 1, 1)?, bias)
 }
@@ -113,7 +116,8 @@ fn add_channel_bias(output: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 
 /// `torch.nn.functional.linear`: `input` is `[..., in]`, `weight` is `[out, in]`, `bias` is `[out]`.
 /// On the CPU, for inference, an f32 input runs on the packed GEMM kernels with an f32 weight,
-/// and on the bf16 ones with a bf16 weight.
+/// and on the bf16 ones with a bf16 weight; for training (f32, gradients tracked) on the f32
+/// kernels with their own backward pass.
 pub fn linear(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let _timer = profile::timer("linear");
     let weight = &cpu_half_as_bf16(input, weight)?;
@@ -127,10 +131,22 @@ pub fn linear(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<
         && matches!(weight.dtype(), DType::F32 | DType::BF16)
         && !input.track_op()
         && !weight.track_op();
+    let tracked = input.track_op() || weight.track_op() || bias.is_some_and(|b| b.track_op());
+    let trainable = tracked
+        && uses_kernels(input.device())
+        && input.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && bias.is_none_or(|b| b.dtype() == DType::F32);
     let output = if on_kernel && !bias.is_some_and(|b| b.track_op()) {
         // The bias is added as the product is written, not in another pass.
         let bias = bias.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()?;
         flat.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &LinearCpu { bias })?
+    } else if trainable {
+        let (flat, weight) = (flat.contiguous()?, weight.contiguous()?);
+        match bias {
+            Some(bias) => flat.apply_op3(&weight, &bias.contiguous()?, fused::Linear)?,
+            None => flat.apply_op2(&weight, fused::Linear)?,
+        }
     } else {
         let output = flat.matmul(&weight.t()?)?;
         match bias {
@@ -224,8 +240,8 @@ impl candle_core::CustomOp1 for LinearPackedCpu {
     }
 }
 
-/// `input[rows, in] · weight[out, in]ᵀ (+ bias)` on the packed GEMM kernels (inference only:
-/// no backward pass; training goes through candle's matmul).
+/// `input[rows, in] · weight[out, in]ᵀ (+ bias)` on the packed GEMM kernels, for inference
+/// (training's is `fused::Linear`).
 struct LinearCpu {
     bias: Option<Vec<f32>>,
 }

@@ -318,6 +318,175 @@ pub(super) fn softmax_rows_in_place(values: &mut [f32], width: usize) {
     });
 }
 
+/// A linear layer for training on the f32 GEMM kernels: `input[rows, in] · weight[out, in]ᵀ`
+/// (+ `bias[out]` as the third operand). Its backward pass computes `∂input = G·weight`,
+/// `∂weight = Gᵀ·input` and `∂bias = Σ_rows G` on the same kernels, each only for an operand
+/// that needs it (a LoRA's frozen base weight gets none).
+pub(super) struct Linear;
+
+impl Linear {
+    fn forward(input: &CpuStorage, input_layout: &Layout, weight: &CpuStorage, weight_layout: &Layout, bias: Option<&[f32]>) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, in_features) = input_layout.shape().dims2()?;
+        let (out_features, weight_in) = weight_layout.shape().dims2()?;
+        if weight_in != in_features || bias.is_some_and(|b| b.len() != out_features) {
+            candle_core::bail!("linear: input {:?}, weight {:?} and bias do not match", input_layout.dims(), weight_layout.dims());
+        }
+        let (x, w) = (contiguous_f32(input, input_layout, "linear input")?, contiguous_f32(weight, weight_layout, "linear weight")?);
+        let (Some(x), Some(w)) = (gemm::MatRef::row_major(x, rows, in_features), gemm::MatRef::row_major(w, out_features, in_features)) else {
+            candle_core::bail!("linear: an operand's size does not match its shape");
+        };
+        let mut output = vec![0f32; rows * out_features];
+        let init = bias.map_or(gemm::Init::Overwrite, gemm::Init::ColumnBias);
+        gemm::gemm(&mut output, out_features, gemm::ASource::View(x), &w.t(), init, true);
+        Ok((CpuStorage::F32(output), Shape::from((rows, out_features))))
+    }
+
+    fn backward(input: &Tensor, weight: &Tensor, grad_output: &Tensor, with_bias: bool) -> candle_core::Result<[Option<Tensor>; 3]> {
+        let grad_output = grad_output.contiguous()?;
+        let (rows, in_features) = input.dims2()?;
+        let out_features = weight.dim(0)?;
+        let (grad_input, grad_weight, grad_bias) = with_slices(&[input, weight, &grad_output], "linear backward", |s| {
+            let matrix = |data, rows, cols| gemm::MatRef::row_major(data, rows, cols).ok_or_else(|| candle_core::Error::Msg("linear backward: operand sizes".into()));
+            let (x, w, g) = (matrix(s[0], rows, in_features)?, matrix(s[1], out_features, in_features)?, matrix(s[2], rows, out_features)?);
+            let grad_input = input.track_op().then(|| {
+                let mut grad = vec![0f32; rows * in_features];
+                gemm::gemm(&mut grad, in_features, gemm::ASource::View(g), &w, gemm::Init::Overwrite, true);
+                grad
+            });
+            let grad_weight = weight.track_op().then(|| {
+                let mut grad = vec![0f32; out_features * in_features];
+                gemm::gemm(&mut grad, in_features, gemm::ASource::View(g.t()), &x, gemm::Init::Overwrite, true);
+                grad
+            });
+            let grad_bias = with_bias.then(|| column_sums(s[2], out_features));
+            Ok((grad_input, grad_weight, grad_bias))
+        })?;
+        let device = input.device();
+        Ok([
+            grad_input.map(|g| Tensor::from_vec(g, (rows, in_features), device)).transpose()?,
+            grad_weight.map(|g| Tensor::from_vec(g, (out_features, in_features), device)).transpose()?,
+            grad_bias.map(|g| Tensor::from_vec(g, out_features, device)).transpose()?,
+        ])
+    }
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "linear-trainable"
+    }
+
+    fn cpu_fwd(&self, input: &CpuStorage, input_layout: &Layout, weight: &CpuStorage, weight_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Self::forward(input, input_layout, weight, weight_layout, None)
+    }
+
+    fn bwd(&self, input: &Tensor, weight: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let [grad_input, grad_weight, _] = Self::backward(input, weight, grad_output, false)?;
+        Ok((grad_input, grad_weight))
+    }
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "linear-trainable"
+    }
+
+    fn cpu_fwd(
+        &self,
+        input: &CpuStorage,
+        input_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Self::forward(input, input_layout, weight, weight_layout, Some(contiguous_f32(bias, bias_layout, "linear bias")?))
+    }
+
+    fn bwd(
+        &self,
+        input: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _output: &Tensor,
+        grad_output: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [grad_input, grad_weight, grad_bias] = Self::backward(input, weight, grad_output, bias.track_op())?;
+        Ok((grad_input, grad_weight, grad_bias))
+    }
+}
+
+/// The sums of each column of a row-major matrix `width` wide, in f64, threaded over row
+/// blocks whose sums are added in block order (the same result whatever the threads).
+fn column_sums(values: &[f32], width: usize) -> Vec<f32> {
+    if width == 0 {
+        return Vec::new();
+    }
+    let partial: Vec<Vec<f64>> = values
+        .par_chunks(rows_per_task(width) * width)
+        .map(|rows| {
+            let mut sums = vec![0f64; width];
+            for row in rows.chunks_exact(width) {
+                sums.iter_mut().zip(row).for_each(|(s, &v)| *s += v as f64);
+            }
+            sums
+        })
+        .collect();
+    let mut sums = vec![0f64; width];
+    for part in partial {
+        sums.iter_mut().zip(part).for_each(|(s, p)| *s += p);
+    }
+    sums.into_iter().map(|s| s as f32).collect()
+}
+
+/// A convolution's bias for training: `output[n, c, ...] + bias[c]`, whose backward pass
+/// passes the gradient through and sums it per channel, in one threaded pass.
+pub(super) struct ChannelBias;
+
+impl CustomOp2 for ChannelBias {
+    fn name(&self) -> &'static str {
+        "channel-bias"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout, bias: &CpuStorage, bias_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, bias) = (contiguous_f32(x, x_layout, "convolution output")?, contiguous_f32(bias, bias_layout, "convolution bias")?);
+        let dims = x_layout.dims();
+        let plane: usize = dims.get(2..).map_or(1, |d| d.iter().product());
+        if dims.len() < 2 || dims[1] != bias.len() {
+            candle_core::bail!("channel bias: {} values for a tensor of shape {dims:?}", bias.len());
+        }
+        let mut output = x.to_vec();
+        if plane > 0 {
+            let channels = bias.len();
+            output.par_chunks_mut(plane).enumerate().for_each(|(index, plane)| {
+                let b = bias[index % channels];
+                plane.iter_mut().for_each(|v| *v += b);
+            });
+        }
+        Ok((CpuStorage::F32(output), x_layout.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, bias: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad_bias = if bias.track_op() {
+            let grad_output = grad_output.contiguous()?;
+            let channels = bias.elem_count();
+            let plane: usize = x.dims().get(2..).map_or(1, |d| d.iter().product());
+            let sums = with_slices(&[&grad_output], "channel bias backward", |s| {
+                // Per (image, channel) plane in parallel, then per channel in plane order.
+                let planes: Vec<f64> = if plane == 0 { Vec::new() } else { s[0].par_chunks(plane).map(|p| p.iter().map(|&v| v as f64).sum()).collect() };
+                let mut sums = vec![0f64; channels];
+                for (index, value) in planes.into_iter().enumerate() {
+                    sums[index % channels] += value;
+                }
+                Ok(sums.into_iter().map(|s| s as f32).collect::<Vec<f32>>())
+            })?;
+            Some(Tensor::from_vec(sums, channels, bias.device())?)
+        } else {
+            None
+        };
+        Ok((x.track_op().then(|| grad_output.clone()), grad_bias))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{DType, Device, Tensor, Var, D};
@@ -384,11 +553,50 @@ mod tests {
                 let variance = (centered.sqr()?.sum_keepdim(D::Minus1)? / size)?;
                 centered.broadcast_div(&(variance + 1e-5)?.sqrt()?)?.broadcast_mul(w)?.broadcast_add(b)
             }, &probe)?;
+            let rows = x.elem_count() / dims.last().unwrap();
+            let flat = |t: &Tensor| t.reshape((rows, *dims.last().unwrap())).unwrap();
+            let features = Tensor::randn(0f64, 1.0, (7, *dims.last().unwrap()), &device)?;
+            let out_probe = Tensor::randn(0f64, 1.0, (rows, 7), &device)?;
+            // The weight and bias of the linear layer: `weight` and `bias` above cut to 7 outputs.
+            let linear_weight = |w: &Tensor, d: DType| features.to_dtype(d).unwrap().broadcast_mul(&w.unsqueeze(0).unwrap()).unwrap();
+            check("linear", &|x, w, b| flat(x).apply_op3(&linear_weight(w, DType::F32), &b.narrow(0, 0, 7.min(b.elem_count()))?.pad_with_zeros(0, 0, 7usize.saturating_sub(b.elem_count()))?, Linear), &|x, w, b| {
+                flat(x).matmul(&linear_weight(w, DType::F64).t()?)?.broadcast_add(&b.narrow(0, 0, 7.min(b.elem_count()))?.pad_with_zeros(0, 0, 7usize.saturating_sub(b.elem_count()))?)
+            }, &out_probe)?;
+            check("linear without bias", &|x, w, _| flat(x).apply_op2(&linear_weight(w, DType::F32), Linear), &|x, w, _| {
+                flat(x).matmul(&linear_weight(w, DType::F64).t()?)
+            }, &out_probe)?;
             check("softmax", &|x, _, _| super::super::softmax_last_dim_trainable(x), &|x, _, _| {
                 let exp = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?.exp()?;
                 exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
             }, &probe)?;
         }
+        Ok(())
+    }
+
+    /// The convolution bias's pass and its gradients, and a linear layer whose weight is
+    /// frozen (a LoRA's base): no gradient for it, the input's as candle computes it.
+    #[test]
+    fn channel_bias_and_a_frozen_linear_weight() -> candle_core::Result<()> {
+        let device = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5, 4, 3), &device)?)?;
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 1.0, 5, &device)?)?;
+        let probe = Tensor::randn(0f32, 1.0, (3, 5, 4, 3), &device)?;
+        let grads = |out: Tensor| (out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let fused = grads(x.as_tensor().apply_op2(bias.as_tensor(), ChannelBias)?);
+        let reference = grads(x.as_tensor().broadcast_add(&bias.as_tensor().reshape((1, 5, 1, 1))?)?);
+        for var in [&x, &bias] {
+            let (got, want) = (fused.get(var.as_tensor()).unwrap(), reference.get(var.as_tensor()).unwrap());
+            assert!(max_difference(&got.to_dtype(DType::F64)?, &want.to_dtype(DType::F64)?) < 1e-5);
+        }
+        let input = Var::from_tensor(&Tensor::randn(0f32, 1.0, (9, 6), &device)?)?;
+        let frozen = Tensor::randn(0f32, 1.0, (4, 6), &device)?;
+        let probe = Tensor::randn(0f32, 1.0, (9, 4), &device)?;
+        let grads = |out: Tensor| (out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let fused = grads(input.as_tensor().apply_op2(&frozen, Linear)?);
+        let reference = grads(input.as_tensor().matmul(&frozen.t()?)?);
+        let (got, want) = (fused.get(input.as_tensor()).unwrap(), reference.get(input.as_tensor()).unwrap());
+        assert!(max_difference(&got.to_dtype(DType::F64)?, &want.to_dtype(DType::F64)?) < 1e-5);
+        assert!(fused.get(&frozen).is_none());
         Ok(())
     }
 }
