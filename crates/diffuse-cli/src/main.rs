@@ -147,11 +147,9 @@ fn main() {
     keep_freed_memory_for_reuse();
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    if let Some(threads) = cli.threads {
-        if let Err(e) = diffuse::ops::set_threads(threads) {
-            eprintln!("error: --threads: {e}");
-            std::process::exit(1);
-        }
+    if let Err(e) = diffuse::ops::init_threads(cli.threads) {
+        eprintln!("error: --threads: {e}");
+        std::process::exit(1);
     }
     match diffuse::device::parse(&cli.device) {
         Ok(device) => {
