@@ -65,8 +65,9 @@ impl Conv2d {
             // peft's lora.Conv2d: A has the layer's kernel, stride and padding, B is 1×1.
             Some(lora) => {
                 let input = LoraDropout::apply(lora_dropout, input)?;
-                let update = ops::conv2d(&ops::conv2d(&input, &lora.down, None, self.stride, self.padding)?, &lora.up, None, 1, 0)?;
-                Ok((output + (update * lora.scale)?)?)
+                // The scale goes on the small up matrix, not on the layer's whole output.
+                let update = ops::conv2d(&ops::conv2d(&input, &lora.down, None, self.stride, self.padding)?, &(&lora.up * lora.scale)?, None, 1, 0)?;
+                Ok((output + update)?)
             }
         }
     }
@@ -164,8 +165,9 @@ impl Linear {
             None => Ok(output),
             Some(lora) => {
                 let input = LoraDropout::apply(lora_dropout, input)?;
-                let update = ops::linear(&ops::linear(&input, &lora.down, None)?, &lora.up, None)?;
-                Ok((output + (update * lora.scale)?)?)
+                // The scale goes on the small up matrix, not on the layer's whole output.
+                let update = ops::linear(&ops::linear(&input, &lora.down, None)?, &(&lora.up * lora.scale)?, None)?;
+                Ok((output + update)?)
             }
         }
     }

@@ -415,8 +415,9 @@ impl CustomOp2 for Conv2d {
     }
 
     fn bwd(&self, input: &Tensor, weight: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        // An input that needs no gradient (the images) gets none: that product is skipped.
-        let input_needs_grad = input.track_op();
+        // An operand that needs no gradient (the images; a LoRA's frozen base kernel) gets
+        // none: that product is skipped.
+        let (input_needs_grad, weight_needs_grad) = (input.track_op(), weight.track_op());
         let grad_output = grad_output.detach().contiguous()?;
         let (input, weight) = (input.detach(), weight.detach());
         let grad_input = if input_needs_grad {
@@ -424,8 +425,12 @@ impl CustomOp2 for Conv2d {
         } else {
             None
         };
-        let grad_weight = input.apply_op2_no_bwd(&grad_output, &GradWeight { stride: self.stride, padding: self.padding, weight_dims: weight.dims().to_vec() })?;
-        Ok((grad_input, Some(grad_weight)))
+        let grad_weight = if weight_needs_grad {
+            Some(input.apply_op2_no_bwd(&grad_output, &GradWeight { stride: self.stride, padding: self.padding, weight_dims: weight.dims().to_vec() })?)
+        } else {
+            None
+        };
+        Ok((grad_input, grad_weight))
     }
 }
 
