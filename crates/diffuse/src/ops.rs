@@ -612,11 +612,18 @@ fn attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, mask: Opt
     attention_in_blocks(query, key, value, scale, mask, MAX_SCORE_BYTES)
 }
 
-/// The CPU flash-attention kernel (ops/attention.rs) where it applies: inference (no gradient
-/// tracked), f32/f16/bf16 computed in f32, rank-4 operands, and no mask or one `[L, S]` mask
-/// shared by every head. `None` where it does not apply.
+/// The CPU attention kernels where they apply: for inference (no gradient tracked) the flash
+/// kernel (ops/attention.rs), f32/f16/bf16 computed in f32, rank-4 operands, and no mask or
+/// one `[L, S]` mask shared by every head; for training, f32 rank-4 operands without a mask,
+/// the kernel with a backward pass (`fused::Attention`). `None` where neither applies.
 fn flash_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, mask: Option<&Tensor>, precision: Precision) -> Result<Option<Tensor>> {
     let tracked = query.track_op() || key.track_op() || value.track_op() || mask.is_some_and(|m| m.track_op());
+    // Training without a mask: the f32 kernels with their own backward pass.
+    let trainable = [query, key, value].iter().all(|t| t.dtype() == DType::F32 && t.rank() == 4);
+    if tracked && trainable && mask.is_none() && uses_kernels(query.device()) {
+        let (query, key, value) = (query.contiguous()?, key.contiguous()?, value.contiguous()?);
+        return Ok(Some(query.apply_op3(&key, &value, fused::Attention { scale: scale as f32 })?));
+    }
     if !uses_kernels(query.device()) || tracked || query.dtype() == DType::F64 || query.rank() != 4 {
         return Ok(None);
     }
@@ -870,9 +877,12 @@ mod tests {
         let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
         let flash = flash_attention(&half(&q), &half(&k), &half(&v), 0.3, None, Precision::F32)?.expect("applies");
         assert_eq!(flash.dtype(), DType::F16);
-        // A tracked operand (training) takes candle's differentiable path.
+        // A tracked operand (training) takes the trainable kernel without a mask, candle's
+        // differentiable path with one.
         let var = candle_core::Var::from_tensor(&q)?;
-        assert!(flash_attention(var.as_tensor(), &k, &v, 0.3, None, Precision::F32)?.is_none());
+        let trained = flash_attention(var.as_tensor(), &k, &v, 0.3, None, Precision::F32)?.expect("the training kernel applies");
+        assert!(max_difference(&trained, &attention_in_blocks(&q, &k, &v, 0.3, None, MAX_SCORE_BYTES)?) < 1e-5);
+        assert!(flash_attention(var.as_tensor(), &k, &v, 0.3, Some(&mask), Precision::F32)?.is_none());
         Ok(())
     }
 

@@ -487,6 +487,116 @@ impl CustomOp2 for ChannelBias {
     }
 }
 
+/// Attention for training, `softmax(Q·Kᵀ·scale)·V` without a mask: Q `[B, H, L, D]`, K and V
+/// `[B, H, S, D]`, contiguous f32, one (batch, head) slice per task on the f32 GEMM kernels.
+/// Its backward pass recomputes each slice's probabilities P (as FlashAttention's does, so
+/// that nothing of size L×S is kept between the passes), then `∂V = Pᵀ·G`, `∂P = G·Vᵀ`,
+/// `∂S = P ∘ (∂P − rowsum(∂P ∘ P))·scale`, `∂Q = ∂S·K`, `∂K = ∂Sᵀ·Q`.
+pub(super) struct Attention {
+    /// The scores' scale, usually `1/sqrt(D)`.
+    pub scale: f32,
+}
+
+/// The shapes of one attention call: (slices, L, S, D).
+fn attention_dims(q: &[usize], k: &[usize], v: &[usize]) -> candle_core::Result<(usize, usize, usize, usize)> {
+    match (q, k, v) {
+        ([b, h, l, d], [kb, kh, s, kd], [vb, vh, vs, vd]) if (b, h, d) == (kb, kh, kd) && (b, h, s, d) == (vb, vh, vs, vd) => Ok((b * h, *l, *s, *d)),
+        _ => candle_core::bail!("attention: query {q:?}, key {k:?} and value {v:?} do not fit"),
+    }
+}
+
+impl Attention {
+    /// One slice's probabilities `softmax(q·kᵀ·scale)` into `p` (`L×S`).
+    fn probabilities(&self, q: gemm::MatRef, k: gemm::MatRef, p: &mut [f32]) {
+        let keys = k.rows();
+        gemm::gemm(p, keys, gemm::ASource::View(q), &k.t(), gemm::Init::Overwrite, false);
+        for row in p.chunks_exact_mut(keys.max(1)) {
+            let max = row.iter().map(|&v| v * self.scale).fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for value in row.iter_mut() {
+                *value = (*value * self.scale - max).exp();
+                sum += *value;
+            }
+            row.iter_mut().for_each(|v| *v /= sum);
+        }
+    }
+}
+
+/// A row-major `rows × cols` view of `data` (callers size it).
+fn view(data: &[f32], rows: usize, cols: usize) -> gemm::MatRef<'_> {
+    gemm::MatRef::row_major(data, rows, cols).unwrap_or_else(|| unreachable!("attention: {rows}×{cols} view of {} values", data.len()))
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention-trainable"
+    }
+
+    fn cpu_fwd(&self, q: &CpuStorage, q_layout: &Layout, k: &CpuStorage, k_layout: &Layout, v: &CpuStorage, v_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (slices, rows, keys, depth) = attention_dims(q_layout.dims(), k_layout.dims(), v_layout.dims())?;
+        let (q, k, v) = (contiguous_f32(q, q_layout, "query")?, contiguous_f32(k, k_layout, "key")?, contiguous_f32(v, v_layout, "value")?);
+        let mut output = vec![0f32; slices * rows * depth];
+        if rows * depth > 0 {
+            output.par_chunks_mut(rows * depth).enumerate().for_each(|(slice, out)| {
+                let q = view(&q[slice * rows * depth..][..rows * depth], rows, depth);
+                let (k, v) = (&k[slice * keys * depth..][..keys * depth], &v[slice * keys * depth..][..keys * depth]);
+                let mut p = vec![0f32; rows * keys];
+                self.probabilities(q, view(k, keys, depth), &mut p);
+                gemm::gemm(out, depth, gemm::ASource::View(view(&p, rows, keys)), &view(v, keys, depth), gemm::Init::Overwrite, false);
+            });
+        }
+        Ok((CpuStorage::F32(output), q_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _output: &Tensor,
+        grad_output: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad_output = grad_output.contiguous()?;
+        let (slices, rows, keys, depth) = attention_dims(q.dims(), k.dims(), v.dims())?;
+        let (mut grad_q, mut grad_k, mut grad_v) = (vec![0f32; slices * rows * depth], vec![0f32; slices * keys * depth], vec![0f32; slices * keys * depth]);
+        with_slices(&[q, k, v, &grad_output], "attention backward", |s| {
+            let (q, k, v, g) = (s[0], s[1], s[2], s[3]);
+            if rows * depth == 0 || keys * depth == 0 {
+                return Ok(());
+            }
+            grad_q.par_chunks_mut(rows * depth).zip(grad_k.par_chunks_mut(keys * depth)).zip(grad_v.par_chunks_mut(keys * depth)).enumerate().for_each(
+                |(slice, ((grad_q, grad_k), grad_v))| {
+                    let q = view(&q[slice * rows * depth..][..rows * depth], rows, depth);
+                    let g = view(&g[slice * rows * depth..][..rows * depth], rows, depth);
+                    let k = view(&k[slice * keys * depth..][..keys * depth], keys, depth);
+                    let v = view(&v[slice * keys * depth..][..keys * depth], keys, depth);
+                    let mut p = vec![0f32; rows * keys];
+                    self.probabilities(q, k, &mut p);
+                    gemm::gemm(grad_v, depth, gemm::ASource::View(view(&p, rows, keys).t()), &g, gemm::Init::Overwrite, false);
+                    let mut grad_scores = vec![0f32; rows * keys];
+                    gemm::gemm(&mut grad_scores, keys, gemm::ASource::View(g), &v.t(), gemm::Init::Overwrite, false);
+                    for (grad_row, p_row) in grad_scores.chunks_exact_mut(keys).zip(p.chunks_exact(keys)) {
+                        let dot: f32 = grad_row.iter().zip(p_row).map(|(&d, &p)| d * p).sum();
+                        for (d, &p) in grad_row.iter_mut().zip(p_row) {
+                            *d = p * (*d - dot) * self.scale;
+                        }
+                    }
+                    let grad_scores = view(&grad_scores, rows, keys);
+                    gemm::gemm(grad_q, depth, gemm::ASource::View(grad_scores), &k, gemm::Init::Overwrite, false);
+                    gemm::gemm(grad_k, depth, gemm::ASource::View(grad_scores.t()), &q, gemm::Init::Overwrite, false);
+                },
+            );
+            Ok(())
+        })?;
+        let tensor = |values, like: &Tensor| Tensor::from_vec(values, like.shape(), like.device());
+        Ok((
+            q.track_op().then(|| tensor(grad_q, q)).transpose()?,
+            k.track_op().then(|| tensor(grad_k, k)).transpose()?,
+            v.track_op().then(|| tensor(grad_v, v)).transpose()?,
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{DType, Device, Tensor, Var, D};
@@ -597,6 +707,31 @@ mod tests {
         let (got, want) = (fused.get(input.as_tensor()).unwrap(), reference.get(input.as_tensor()).unwrap());
         assert!(max_difference(&got.to_dtype(DType::F64)?, &want.to_dtype(DType::F64)?) < 1e-5);
         assert!(fused.get(&frozen).is_none());
+        Ok(())
+    }
+
+    /// Training's attention and its gradients against candle's score-matrix path, on odd
+    /// shapes (one query, more keys than queries, fewer).
+    #[test]
+    fn attention_and_its_gradients_match_candle() -> candle_core::Result<()> {
+        let device = Device::Cpu;
+        for (l, s, d) in [(5usize, 7usize, 4usize), (1, 3, 8), (33, 9, 5)] {
+            let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, l, d), &device)?)?;
+            let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, s, d), &device)?)?;
+            let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, s, d), &device)?)?;
+            let probe = Tensor::randn(0f32, 1.0, (2, 3, l, d), &device)?;
+            let grads = |out: Tensor| (out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let scale = 0.37;
+            let fused = grads(q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), Attention { scale: scale as f32 })?);
+            let scores = (q.as_tensor().matmul(&k.as_tensor().t()?)? * scale)?;
+            let exp = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?)?.exp()?;
+            let reference = grads(exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?.matmul(v.as_tensor())?);
+            for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+                let (got, want) = (fused.get(var.as_tensor()).unwrap(), reference.get(var.as_tensor()).unwrap());
+                let difference = max_difference(&got.to_dtype(DType::F64)?, &want.to_dtype(DType::F64)?);
+                assert!(difference < 1e-5, "{l}×{s}×{d}: ∂{name} differs by {difference}");
+            }
+        }
         Ok(())
     }
 }
