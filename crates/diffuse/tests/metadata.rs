@@ -223,7 +223,7 @@ fn a1111_samplers_map_to_diffuse_schedulers() {
         ("Euler SGM Uniform", None, "`SGM Uniform` schedule"),
     ] {
         let err = scheduler_from_a1111(sampler, schedule).unwrap_err().to_string();
-        assert!(err.contains(needle) && err.contains("--scheduler"), "{err}");
+        assert!(err.contains(needle) && err.contains("choose a diffuse scheduler instead"), "{err}");
     }
 
     // Written and read back, every scheduler name (and the schedule flags) resolves to the
