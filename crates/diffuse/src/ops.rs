@@ -178,6 +178,29 @@ pub fn linear(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<
     Ok(output.reshape(out_dims)?)
 }
 
+/// A frozen linear layer with a LoRA branch beside it, `linear(input, weight, bias) + scale ·
+/// linear(linear(input, down), up)`, as one op with one backward pass where the training
+/// kernels apply (the CPU, f32, a frozen weight and bias); `None` elsewhere, where the caller
+/// builds the branch from [`linear`]s.
+pub fn linear_with_lora(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, down: &Tensor, up: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    let _timer = profile::timer("linear + lora");
+    let f32_operands = [input, weight, down, up].iter().all(|t| t.dtype() == DType::F32) && bias.is_none_or(|b| b.dtype() == DType::F32);
+    let frozen = !weight.track_op() && !bias.is_some_and(|b| b.track_op());
+    if !uses_kernels(input.device()) || !f32_operands || !frozen || weight.rank() != 2 {
+        return Ok(None);
+    }
+    let dims = input.dims();
+    let in_features = *dims.last().ok_or_else(|| crate::Error::invalid("linear: input has rank 0"))?;
+    let flat = input.reshape((input.elem_count() / in_features.max(1), in_features))?.contiguous()?;
+    let op = fused::LoraLinear { weight: weight.contiguous()?, bias: bias.map(|b| b.contiguous()).transpose()?, scale: scale as f32 };
+    let output = flat.apply_op3(&down.contiguous()?, &up.contiguous()?, op)?;
+    let mut out_dims = dims.to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = weight.dim(0)?;
+    }
+    Ok(Some(output.reshape(out_dims)?))
+}
+
 /// A linear layer's bf16 weight (`[out, in]`) packed once, when the model loads, into the
 /// panels the bf16 GEMM reads (`Wᵀ`, pairs along the input features), so that no call repacks
 /// it: for the few rows of a text encoder or a time embedding, packing was most of the work.

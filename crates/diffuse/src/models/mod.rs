@@ -157,6 +157,11 @@ impl Linear {
 
     /// [`Self::forward`], with `lora_dropout` on the LoRA branch's input (training).
     pub fn forward_with_lora_dropout(&self, input: &Tensor, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
+        if let (Some(lora), LinearWeight::Tensor(weight), None) = (&self.lora, &self.weight, lora_dropout) {
+            if let Some(output) = ops::linear_with_lora(input, weight, self.bias.as_ref(), &lora.down, &lora.up, lora.scale)? {
+                return Ok(output);
+            }
+        }
         let output = match &self.weight {
             LinearWeight::Tensor(weight) => ops::linear(input, weight, self.bias.as_ref())?,
             LinearWeight::PackedBf16(packed) => ops::linear_packed(input, packed, self.bias.as_ref())?,

@@ -438,6 +438,94 @@ fn column_sums(values: &[f32], width: usize) -> Vec<f32> {
     sums.into_iter().map(|s| s as f32).collect()
 }
 
+/// A frozen linear layer with its LoRA branch, for training:
+/// `y = x·Wᵀ + b + scale · (x·Aᵀ)·Bᵀ` in one op over `x` (`[rows, in]`), `A` (`[r, in]`) and
+/// `B` (`[out, r]`), with W and b held here (frozen: no gradient). The backward pass computes
+/// `∂x = G·W + ∂H·A`, `∂A = ∂Hᵀ·x` and `∂B = scale · Gᵀ·H` with `H = x·Aᵀ` and
+/// `∂H = scale · G·B`, so that the branch costs no activation-sized temporaries but `H`.
+pub(super) struct LoraLinear {
+    /// The frozen weight, `[out, in]`, contiguous f32.
+    pub weight: Tensor,
+    /// The frozen bias, `[out]`, contiguous f32.
+    pub bias: Option<Tensor>,
+    /// alpha / r.
+    pub scale: f32,
+}
+
+impl LoraLinear {
+    /// (rows, in, r, out) of the operands, checked against the frozen weight.
+    fn dims(&self, x: &[usize], a: &[usize], b: &[usize]) -> candle_core::Result<(usize, usize, usize, usize)> {
+        let (out, weight_in) = self.weight.dims2()?;
+        match (x, a, b) {
+            ([rows, n], [r, an], [bo, br]) if n == an && an == &weight_in && r == br && bo == &out => Ok((*rows, *n, *r, out)),
+            _ => candle_core::bail!("lora linear: input {x:?}, A {a:?} and B {b:?} do not fit the weight {:?}", self.weight.dims()),
+        }
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout, a: &CpuStorage, a_layout: &Layout, b: &CpuStorage, b_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, inputs, rank, outputs) = self.dims(x_layout.dims(), a_layout.dims(), b_layout.dims())?;
+        let (x, a, b) = (contiguous_f32(x, x_layout, "lora input")?, contiguous_f32(a, a_layout, "lora A")?, contiguous_f32(b, b_layout, "lora B")?);
+        let frozen: Vec<&Tensor> = std::iter::once(&self.weight).chain(&self.bias).collect();
+        let mut output = vec![0f32; rows * outputs];
+        with_slices(&frozen, "lora linear weight", |s| {
+            let (x, w) = (view(x, rows, inputs), view(s[0], outputs, inputs));
+            let init = s.get(1).map_or(gemm::Init::Overwrite, |bias| gemm::Init::ColumnBias(bias));
+            gemm::gemm(&mut output, outputs, gemm::ASource::View(x), &w.t(), init, true);
+            // H = x·Aᵀ, scaled, then y += H·Bᵀ.
+            let mut h = vec![0f32; rows * rank];
+            gemm::gemm(&mut h, rank, gemm::ASource::View(x), &view(a, rank, inputs).t(), gemm::Init::Overwrite, true);
+            h.iter_mut().for_each(|v| *v *= self.scale);
+            gemm::gemm(&mut output, outputs, gemm::ASource::View(view(&h, rows, rank)), &view(b, outputs, rank).t(), gemm::Init::Accumulate, true);
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(output), Shape::from((rows, outputs))))
+    }
+
+    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad_output = grad_output.contiguous()?;
+        let (rows, inputs, rank, outputs) = self.dims(x.dims(), a.dims(), b.dims())?;
+        let input_needs_grad = x.track_op();
+        let (grad_x, grad_a, grad_b) = with_slices(&[x, a, b, &grad_output, &self.weight], "lora linear backward", |s| {
+            let (x, a, b, g, w) = (view(s[0], rows, inputs), view(s[1], rank, inputs), view(s[2], outputs, rank), view(s[3], rows, outputs), view(s[4], outputs, inputs));
+            let product = |c: &mut [f32], ldc, left, right: &gemm::MatRef, init| gemm::gemm(c, ldc, gemm::ASource::View(left), right, init, true);
+            let mut h = vec![0f32; rows * rank];
+            product(&mut h, rank, x, &a.t(), gemm::Init::Overwrite);
+            let mut grad_h = vec![0f32; rows * rank];
+            product(&mut grad_h, rank, g, &b, gemm::Init::Overwrite);
+            grad_h.iter_mut().for_each(|v| *v *= self.scale);
+            let grad_h = view(&grad_h, rows, rank);
+            let grad_b = {
+                let mut grad = vec![0f32; outputs * rank];
+                product(&mut grad, rank, g.t(), &view(&h, rows, rank), gemm::Init::Overwrite);
+                grad.iter_mut().for_each(|v| *v *= self.scale);
+                grad
+            };
+            let mut grad_a = vec![0f32; rank * inputs];
+            product(&mut grad_a, inputs, grad_h.t(), &x, gemm::Init::Overwrite);
+            // The input's gradient is the big product: only when the input needs one.
+            let grad_x = input_needs_grad.then(|| {
+                let mut grad_x = vec![0f32; rows * inputs];
+                product(&mut grad_x, inputs, g, &w, gemm::Init::Overwrite);
+                product(&mut grad_x, inputs, grad_h, &a, gemm::Init::Accumulate);
+                grad_x
+            });
+            Ok((grad_x, grad_a, grad_b))
+        })?;
+        let tensor = |values, like: &Tensor| Tensor::from_vec(values, like.shape(), like.device());
+        Ok((
+            grad_x.map(|grad| tensor(grad, x)).transpose()?,
+            a.track_op().then(|| tensor(grad_a, a)).transpose()?,
+            b.track_op().then(|| tensor(grad_b, b)).transpose()?,
+        ))
+    }
+}
+
 /// A convolution's bias for training: `output[n, c, ...] + bias[c]`, whose backward pass
 /// passes the gradient through and sums it per channel, in one threaded pass.
 pub(super) struct ChannelBias;
@@ -730,6 +818,36 @@ mod tests {
                 let (got, want) = (fused.get(var.as_tensor()).unwrap(), reference.get(var.as_tensor()).unwrap());
                 let difference = max_difference(&got.to_dtype(DType::F64)?, &want.to_dtype(DType::F64)?);
                 assert!(difference < 1e-5, "{l}×{s}×{d}: ∂{name} differs by {difference}");
+            }
+        }
+        Ok(())
+    }
+
+    /// A frozen linear layer with its LoRA branch in one op, against the branch built from
+    /// candle's operations: the output and the gradients of the input, A and B.
+    #[test]
+    fn lora_linear_matches_the_unfused_branch() -> candle_core::Result<()> {
+        let device = Device::Cpu;
+        for (rows, inputs, rank, outputs, with_bias) in [(9usize, 6usize, 2usize, 5usize, true), (1, 3, 1, 4, false), (70, 33, 8, 17, true)] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, inputs), &device)?)?;
+            let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rank, inputs), &device)?)?;
+            let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, (outputs, rank), &device)?)?;
+            let weight = Tensor::randn(0f32, 1.0, (outputs, inputs), &device)?;
+            let bias = with_bias.then(|| Tensor::randn(0f32, 1.0, outputs, &device)).transpose()?;
+            let probe = Tensor::randn(0f32, 1.0, (rows, outputs), &device)?;
+            let grads = |out: Tensor| (out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let op = LoraLinear { weight: weight.clone(), bias: bias.clone(), scale: 0.7 };
+            let fused_out = x.as_tensor().apply_op3(a.as_tensor(), b.as_tensor(), op)?;
+            let mut reference_out = (x.as_tensor().matmul(&weight.t()?)? + (x.as_tensor().matmul(&a.as_tensor().t()?)?.matmul(&b.as_tensor().t()?)? * 0.7)?)?;
+            if let Some(bias) = &bias {
+                reference_out = reference_out.broadcast_add(bias)?;
+            }
+            assert!(max_difference(&fused_out.to_dtype(DType::F64)?, &reference_out.to_dtype(DType::F64)?) < 1e-4);
+            let (fused, reference) = (grads(fused_out), grads(reference_out));
+            for (name, var) in [("x", &x), ("A", &a), ("B", &b)] {
+                let (got, want) = (fused.get(var.as_tensor()).unwrap(), reference.get(var.as_tensor()).unwrap());
+                let difference = max_difference(&got.to_dtype(DType::F64)?, &want.to_dtype(DType::F64)?);
+                assert!(difference < 1e-4, "{rows}×{inputs}, rank {rank}: ∂{name} differs by {difference}");
             }
         }
         Ok(())
