@@ -569,10 +569,7 @@ impl GroupNormCpu {
     /// A group's mean and 1/sqrt(variance + eps), in f64 (the mean first, then the mean
     /// squared deviation).
     fn statistics(&self, group: &[f32]) -> (f64, f64) {
-        let len = group.len() as f64;
-        let mean = group.iter().map(|&v| v as f64).sum::<f64>() / len;
-        let variance = group.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len;
-        (mean, 1.0 / (variance + self.eps).sqrt())
+        fused::mean_and_inverse_std(group, self.eps)
     }
 }
 

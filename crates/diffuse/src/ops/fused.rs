@@ -155,11 +155,17 @@ pub(super) struct LayerNorm {
 impl LayerNorm {
     /// A row's mean and 1/sqrt(variance + eps).
     fn statistics(&self, row: &[f32]) -> (f64, f64) {
-        let len = row.len() as f64;
-        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / len;
-        let variance = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len;
-        (mean, 1.0 / (variance + self.eps).sqrt())
+        mean_and_inverse_std(row, self.eps)
     }
+}
+
+/// The mean of `values` and 1/sqrt(variance + eps), in f64: the mean first, then the mean
+/// squared deviation (as PyTorch's norms compute them).
+pub(super) fn mean_and_inverse_std(values: &[f32], eps: f64) -> (f64, f64) {
+    let len = values.len() as f64;
+    let mean = values.iter().map(|&v| v as f64).sum::<f64>() / len;
+    let variance = values.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len;
+    (mean, 1.0 / (variance + eps).sqrt())
 }
 
 impl CustomOp3 for LayerNorm {
