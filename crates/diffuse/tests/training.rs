@@ -1020,3 +1020,54 @@ fn a_training_recipe_runs_and_names_its_fields_in_errors() {
     assert!(messages.iter().any(|m| m.starts_with("model: UNet2DModel")), "{messages:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every fused training pass (ops/fused.rs) and its backward pass against PyTorch's autograd
+/// (tools/fixtures/fused_backward.py, float64): the output and the gradient of every input, in
+/// f32, through the library's public `ops` functions (so with `DIFFUSE_ISA=tensor` the same
+/// checks hold candle's tensor-operation path, the one other devices take).
+#[test]
+fn fused_backward_passes_match_pytorch() {
+    use diffuse::ops;
+    let fixture = load_tensors(&fixtures_dir().join("training/fused_backward.safetensors"));
+    let get = |name: &str| fixture.get(name).unwrap_or_else(|| panic!("fixture lacks {name}")).to_dtype(DType::F32).unwrap();
+    type Forward<'a> = dyn Fn(&HashMap<&str, Tensor>) -> diffuse::Result<Tensor> + 'a;
+    let check = |op: &str, trained: &[&str], frozen: &[&str], forward: &Forward<'_>| {
+        let vars: Vec<Var> = trained.iter().map(|n| Var::from_tensor(&get(&format!("{op}.{n}"))).unwrap()).collect();
+        let mut inputs: HashMap<&str, Tensor> = trained.iter().zip(&vars).map(|(n, v)| (*n, v.as_tensor().clone())).collect();
+        inputs.extend(frozen.iter().map(|n| (*n, get(&format!("{op}.{n}")))));
+        let out = forward(&inputs).unwrap();
+        let close = |what: &str, got: &Tensor, want: &Tensor| {
+            let (got, want) = (to_vec_f32(got), to_vec_f32(want));
+            assert_eq!(got.len(), want.len(), "{op} {what}: size");
+            let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+            let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+            assert!(worst <= 2e-5 * scale, "{op} {what}: off by {worst} (scale {scale})");
+        };
+        close("output", &out, &get(&format!("{op}.out")));
+        let grads = (out * get(&format!("{op}.probe"))).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, var) in trained.iter().zip(&vars) {
+            let grad = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{op}: no gradient for {name}"));
+            close(&format!("∂{name}"), grad, &get(&format!("{op}.grad_{name}")));
+        }
+    };
+    check("silu", &["x"], &[], &|t| ops::silu(&t["x"]));
+    check("geglu", &["x"], &[], &|t| ops::geglu(&t["x"]));
+    check("layer_norm", &["x", "weight", "bias"], &[], &|t| ops::layer_norm(&t["x"], &t["weight"], &t["bias"], 1e-5));
+    check("group_norm", &["x", "weight", "bias"], &[], &|t| ops::group_norm(&t["x"], 3, &t["weight"], &t["bias"], 1e-6));
+    check("linear", &["x", "weight", "bias"], &[], &|t| ops::linear(&t["x"], &t["weight"], Some(&t["bias"])));
+    check("lora_linear", &["x", "a", "b"], &["weight", "bias"], &|t| {
+        let (x, weight, bias, a, b) = (&t["x"], &t["weight"], &t["bias"], &t["a"], &t["b"]);
+        match ops::linear_with_lora(x, weight, Some(bias), a, b, 0.75)? {
+            Some(output) => Ok(output),
+            // Other devices build the branch from linear layers.
+            None => Ok((ops::linear(x, weight, Some(bias))? + (ops::linear(&ops::linear(x, a, None)?, b, None)? * 0.75)?)?),
+        }
+    });
+    // A 1×1 identity convolution, then the per-channel bias.
+    let identity = Tensor::eye(5, DType::F32, &Device::Cpu).unwrap().reshape((5, 5, 1, 1)).unwrap();
+    check("conv_bias", &["x", "bias"], &[], &|t| ops::conv2d(&t["x"], &identity, Some(&t["bias"]), 1, 0));
+    check("attention", &["q", "k", "v"], &[], &|t| ops::scaled_dot_product_attention(&t["q"], &t["k"], &t["v"], None));
+    // The masked path (candle's products, the trainable softmax), with a mask that changes nothing.
+    let zeros = Tensor::zeros((17, 11), DType::F32, &Device::Cpu).unwrap();
+    check("attention", &["q", "k", "v"], &[], &|t| ops::masked_attention(&t["q"], &t["k"], &t["v"], 8f64.powf(-0.5), &zeros));
+}
