@@ -641,8 +641,11 @@ fn flash_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, mas
     // Training without a mask: the f32 kernels with their own backward pass.
     let trainable = [query, key, value].iter().all(|t| t.dtype() == DType::F32 && t.rank() == 4);
     if tracked && trainable && mask.is_none() && uses_kernels(query.device()) {
-        let (query, key, value) = (query.contiguous()?, key.contiguous()?, value.contiguous()?);
-        return Ok(Some(query.apply_op3(&key, &value, fused::Attention { scale: scale as f32 })?));
+        // Operands are read in place when their last dimension is contiguous (the heads split
+        // off a projection by a transpose); the output comes back as [B, L, H, D], transposed.
+        let in_place = |t: &Tensor| -> Result<Tensor> { Ok(if t.stride()[3] == 1 { t.clone() } else { t.contiguous()? }) };
+        let (query, key, value) = (in_place(query)?, in_place(key)?, in_place(value)?);
+        return Ok(Some(query.apply_op3(&key, &value, fused::Attention { scale: scale as f32 })?.transpose(1, 2)?));
     }
     if !uses_kernels(query.device()) || tracked || query.dtype() == DType::F64 || query.rank() != 4 {
         return Ok(None);

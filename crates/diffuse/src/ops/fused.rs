@@ -582,25 +582,59 @@ impl CustomOp2 for ChannelBias {
 }
 
 /// Attention for training, `softmax(Q·Kᵀ·scale)·V` without a mask: Q `[B, H, L, D]`, K and V
-/// `[B, H, S, D]`, contiguous f32, one (batch, head) slice per task on the f32 GEMM kernels.
-/// Its backward pass recomputes each slice's probabilities P (as FlashAttention's does, so
-/// that nothing of size L×S is kept between the passes), then `∂V = Pᵀ·G`, `∂P = G·Vᵀ`,
+/// `[B, H, S, D]` in any layout whose last dimension is contiguous (the heads split off a
+/// `[B, L, H·D]` projection by a transpose are read where they lie, not copied), f32, on the
+/// GEMM kernels, one batch element per task. The output is `[B, L, H, D]` in memory (the
+/// caller sees its `[B, H, L, D]` transpose), which is what merging the heads back reads.
+/// The backward pass recomputes each head's probabilities P (as FlashAttention's does, so that
+/// nothing of size L×S is kept between the passes), then `∂V = Pᵀ·G`, `∂P = G·Vᵀ`,
 /// `∂S = P ∘ (∂P − rowsum(∂P ∘ P))·scale`, `∂Q = ∂S·K`, `∂K = ∂Sᵀ·Q`.
 pub(super) struct Attention {
     /// The scores' scale, usually `1/sqrt(D)`.
     pub scale: f32,
 }
 
-/// The shapes of one attention call: (slices, L, S, D).
-fn attention_dims(q: &[usize], k: &[usize], v: &[usize]) -> candle_core::Result<(usize, usize, usize, usize)> {
+/// The shapes of one attention call: (B, H, L, S, D).
+fn attention_dims(q: &[usize], k: &[usize], v: &[usize]) -> candle_core::Result<(usize, usize, usize, usize, usize)> {
     match (q, k, v) {
-        ([b, h, l, d], [kb, kh, s, kd], [vb, vh, vs, vd]) if (b, h, d) == (kb, kh, kd) && (b, h, s, d) == (vb, vh, vs, vd) => Ok((b * h, *l, *s, *d)),
+        ([b, h, l, d], [kb, kh, s, kd], [vb, vh, vs, vd]) if (b, h, d) == (kb, kh, kd) && (b, h, s, d) == (vb, vh, vs, vd) => Ok((*b, *h, *l, *s, *d)),
         _ => candle_core::bail!("attention: query {q:?}, key {k:?} and value {v:?} do not fit"),
     }
 }
 
+/// A `[B, H, rows, D]` operand as its storage and strides, for per-(batch, head) views.
+#[derive(Clone, Copy)]
+struct Heads<'a> {
+    data: &'a [f32],
+    start: usize,
+    stride: [usize; 4],
+    rows: usize,
+    depth: usize,
+}
+
+impl<'a> Heads<'a> {
+    fn new(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<Self> {
+        let (CpuStorage::F32(data), [_, _, rows, depth], &[s0, s1, s2, s3]) = (storage, layout.dims(), layout.stride()) else {
+            candle_core::bail!("attention: the {what} is not a rank-4 f32 tensor");
+        };
+        if s3 != 1 && *depth > 1 {
+            candle_core::bail!("attention: the {what}'s last dimension is not contiguous");
+        }
+        Ok(Self { data, start: layout.start_offset(), stride: [s0, s1, s2, 1], rows: *rows, depth: *depth })
+    }
+
+    /// The `rows × D` matrix of batch element `b`, head `h` (bounds checked by `MatRef::new`).
+    fn at(&self, b: usize, h: usize) -> candle_core::Result<gemm::MatRef<'a>> {
+        let offset = self.start + b * self.stride[0] + h * self.stride[1];
+        self.data
+            .get(offset..)
+            .and_then(|data| gemm::MatRef::new(data, self.rows, self.depth, self.stride[2], 1))
+            .ok_or_else(|| candle_core::Error::Msg("attention: an operand's layout does not match its storage".into()))
+    }
+}
+
 impl Attention {
-    /// One slice's probabilities `softmax(q·kᵀ·scale)` into `p` (`L×S`).
+    /// One head's probabilities `softmax(q·kᵀ·scale)` into `p` (`L×S`).
     fn probabilities(&self, q: gemm::MatRef, k: gemm::MatRef, p: &mut [f32]) {
         let keys = k.rows();
         gemm::gemm(p, keys, gemm::ASource::View(q), &k.t(), gemm::Init::Overwrite, false);
@@ -621,25 +655,34 @@ fn view(data: &[f32], rows: usize, cols: usize) -> gemm::MatRef<'_> {
     gemm::MatRef::row_major(data, rows, cols).unwrap_or_else(|| unreachable!("attention: {rows}×{cols} view of {} values", data.len()))
 }
 
+/// Runs `f` for each batch element in parallel, the first error kept.
+fn for_each_batch<T: Send>(items: Vec<T>, f: impl Fn(usize, T) -> candle_core::Result<()> + Sync) -> candle_core::Result<()> {
+    let errors: Vec<candle_core::Error> = items.into_par_iter().enumerate().filter_map(|(b, item)| f(b, item).err()).collect();
+    errors.into_iter().next().map_or(Ok(()), Err)
+}
+
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "attention-trainable"
     }
 
     fn cpu_fwd(&self, q: &CpuStorage, q_layout: &Layout, k: &CpuStorage, k_layout: &Layout, v: &CpuStorage, v_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (slices, rows, keys, depth) = attention_dims(q_layout.dims(), k_layout.dims(), v_layout.dims())?;
-        let (q, k, v) = (contiguous_f32(q, q_layout, "query")?, contiguous_f32(k, k_layout, "key")?, contiguous_f32(v, v_layout, "value")?);
-        let mut output = vec![0f32; slices * rows * depth];
-        if rows * depth > 0 {
-            output.par_chunks_mut(rows * depth).enumerate().for_each(|(slice, out)| {
-                let q = view(&q[slice * rows * depth..][..rows * depth], rows, depth);
-                let (k, v) = (&k[slice * keys * depth..][..keys * depth], &v[slice * keys * depth..][..keys * depth]);
+        let (batch, heads, rows, keys, depth) = attention_dims(q_layout.dims(), k_layout.dims(), v_layout.dims())?;
+        let (q, k, v) = (Heads::new(q, q_layout, "query")?, Heads::new(k, k_layout, "key")?, Heads::new(v, v_layout, "value")?);
+        let width = heads * depth;
+        let mut output = vec![0f32; batch * rows * width];
+        if rows * width > 0 {
+            for_each_batch(output.chunks_mut(rows * width).collect(), |b, out: &mut [f32]| {
                 let mut p = vec![0f32; rows * keys];
-                self.probabilities(q, view(k, keys, depth), &mut p);
-                gemm::gemm(out, depth, gemm::ASource::View(view(&p, rows, keys)), &view(v, keys, depth), gemm::Init::Overwrite, false);
-            });
+                for h in 0..heads {
+                    self.probabilities(q.at(b, h)?, k.at(b, h)?, &mut p);
+                    // Head h's rows of the [L, H·D] block: every H·D values from h·D.
+                    gemm::gemm(&mut out[h * depth..], width, gemm::ASource::View(view(&p, rows, keys)), &v.at(b, h)?, gemm::Init::Overwrite, false);
+                }
+                Ok(())
+            })?;
         }
-        Ok((CpuStorage::F32(output), q_layout.shape().clone()))
+        Ok((CpuStorage::F32(output), Shape::from((batch, rows, heads, depth))))
     }
 
     fn bwd(
@@ -650,43 +693,52 @@ impl CustomOp3 for Attention {
         _output: &Tensor,
         grad_output: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (batch, heads, rows, keys, depth) = attention_dims(q.dims(), k.dims(), v.dims())?;
+        let width = heads * depth;
+        // The output's gradient, [B, L, H, D] as the output is laid out.
         let grad_output = grad_output.contiguous()?;
-        let (slices, rows, keys, depth) = attention_dims(q.dims(), k.dims(), v.dims())?;
-        let (mut grad_q, mut grad_k, mut grad_v) = (vec![0f32; slices * rows * depth], vec![0f32; slices * keys * depth], vec![0f32; slices * keys * depth]);
-        with_slices(&[q, k, v, &grad_output], "attention backward", |s| {
-            let (q, k, v, g) = (s[0], s[1], s[2], s[3]);
-            if rows * depth == 0 || keys * depth == 0 {
-                return Ok(());
-            }
-            grad_q.par_chunks_mut(rows * depth).zip(grad_k.par_chunks_mut(keys * depth)).zip(grad_v.par_chunks_mut(keys * depth)).enumerate().for_each(
-                |(slice, ((grad_q, grad_k), grad_v))| {
-                    let q = view(&q[slice * rows * depth..][..rows * depth], rows, depth);
-                    let g = view(&g[slice * rows * depth..][..rows * depth], rows, depth);
-                    let k = view(&k[slice * keys * depth..][..keys * depth], keys, depth);
-                    let v = view(&v[slice * keys * depth..][..keys * depth], keys, depth);
-                    let mut p = vec![0f32; rows * keys];
-                    self.probabilities(q, k, &mut p);
-                    gemm::gemm(grad_v, depth, gemm::ASource::View(view(&p, rows, keys).t()), &g, gemm::Init::Overwrite, false);
-                    let mut grad_scores = vec![0f32; rows * keys];
-                    gemm::gemm(&mut grad_scores, keys, gemm::ASource::View(g), &v.t(), gemm::Init::Overwrite, false);
-                    for (grad_row, p_row) in grad_scores.chunks_exact_mut(keys).zip(p.chunks_exact(keys)) {
-                        let dot: f32 = grad_row.iter().zip(p_row).map(|(&d, &p)| d * p).sum();
-                        for (d, &p) in grad_row.iter_mut().zip(p_row) {
-                            *d = p * (*d - dot) * self.scale;
+        let (mut grad_q, mut grad_k, mut grad_v) = (vec![0f32; batch * rows * width], vec![0f32; batch * keys * width], vec![0f32; batch * keys * width]);
+        if rows * width > 0 && keys * width > 0 {
+            let guards = [q, k, v].map(|t| t.storage_and_layout());
+            let cpu = |i: usize| match &*guards[i].0 {
+                candle_core::Storage::Cpu(storage) => Ok(storage),
+                _ => Err(candle_core::Error::Msg("attention backward: expected CPU tensors".into())),
+            };
+            let (q, k, v) = (Heads::new(cpu(0)?, guards[0].1, "query")?, Heads::new(cpu(1)?, guards[1].1, "key")?, Heads::new(cpu(2)?, guards[2].1, "value")?);
+            with_slices(&[&grad_output], "attention backward", |s| {
+                let g_all = s[0];
+                let chunks = grad_q.chunks_mut(rows * width).zip(grad_k.chunks_mut(keys * width)).zip(grad_v.chunks_mut(keys * width)).collect();
+                for_each_batch(chunks, |b, ((grad_q, grad_k), grad_v): ((&mut [f32], &mut [f32]), &mut [f32])| {
+                    let g_block = &g_all[b * rows * width..][..rows * width];
+                    let (mut p, mut grad_scores) = (vec![0f32; rows * keys], vec![0f32; rows * keys]);
+                    for h in 0..heads {
+                        let (qh, kh, vh) = (q.at(b, h)?, k.at(b, h)?, v.at(b, h)?);
+                        let g = gemm::MatRef::new(&g_block[h * depth..], rows, depth, width, 1)
+                            .ok_or_else(|| candle_core::Error::Msg("attention backward: gradient size".into()))?;
+                        self.probabilities(qh, kh, &mut p);
+                        let (into, ldc) = (h * depth, width);
+                        gemm::gemm(&mut grad_v[into..], ldc, gemm::ASource::View(view(&p, rows, keys).t()), &g, gemm::Init::Overwrite, false);
+                        gemm::gemm(&mut grad_scores, keys, gemm::ASource::View(g), &vh.t(), gemm::Init::Overwrite, false);
+                        for (grad_row, p_row) in grad_scores.chunks_exact_mut(keys).zip(p.chunks_exact(keys)) {
+                            let dot: f32 = grad_row.iter().zip(p_row).map(|(&d, &p)| d * p).sum();
+                            for (d, &p) in grad_row.iter_mut().zip(p_row) {
+                                *d = p * (*d - dot) * self.scale;
+                            }
                         }
+                        let scores = view(&grad_scores, rows, keys);
+                        gemm::gemm(&mut grad_q[into..], ldc, gemm::ASource::View(scores), &kh, gemm::Init::Overwrite, false);
+                        gemm::gemm(&mut grad_k[into..], ldc, gemm::ASource::View(scores.t()), &qh, gemm::Init::Overwrite, false);
                     }
-                    let grad_scores = view(&grad_scores, rows, keys);
-                    gemm::gemm(grad_q, depth, gemm::ASource::View(grad_scores), &k, gemm::Init::Overwrite, false);
-                    gemm::gemm(grad_k, depth, gemm::ASource::View(grad_scores.t()), &q, gemm::Init::Overwrite, false);
-                },
-            );
-            Ok(())
-        })?;
-        let tensor = |values, like: &Tensor| Tensor::from_vec(values, like.shape(), like.device());
+                    Ok(())
+                })
+            })?;
+        }
+        // Laid out [B, rows, H, D]; handed back as the [B, H, rows, D] the operands have.
+        let tensor = |values, rows, like: &Tensor| Tensor::from_vec(values, (batch, rows, heads, depth), like.device())?.transpose(1, 2);
         Ok((
-            q.track_op().then(|| tensor(grad_q, q)).transpose()?,
-            k.track_op().then(|| tensor(grad_k, k)).transpose()?,
-            v.track_op().then(|| tensor(grad_v, v)).transpose()?,
+            q.track_op().then(|| tensor(grad_q, rows, q)).transpose()?,
+            k.track_op().then(|| tensor(grad_k, keys, k)).transpose()?,
+            v.track_op().then(|| tensor(grad_v, keys, v)).transpose()?,
         ))
     }
 }
@@ -816,7 +868,7 @@ mod tests {
             let probe = Tensor::randn(0f32, 1.0, (2, 3, l, d), &device)?;
             let grads = |out: Tensor| (out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             let scale = 0.37;
-            let fused = grads(q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), Attention { scale: scale as f32 })?);
+            let fused = grads(q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), Attention { scale: scale as f32 })?.transpose(1, 2)?);
             let scores = (q.as_tensor().matmul(&k.as_tensor().t()?)? * scale)?;
             let exp = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?)?.exp()?;
             let reference = grads(exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?.matmul(v.as_tensor())?);
@@ -825,6 +877,20 @@ mod tests {
                 let difference = max_difference(&got.to_dtype(DType::F64)?, &want.to_dtype(DType::F64)?);
                 assert!(difference < 1e-5, "{l}×{s}×{d}: ∂{name} differs by {difference}");
             }
+        }
+        // Heads split off `[B, L, H, D]` projections by a transpose, read where they lie.
+        let base = |rows| Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, rows, 3, 5), &device).unwrap()).unwrap();
+        let (q, k, v) = (base(6), base(4), base(4));
+        let heads = |var: &Var| var.as_tensor().transpose(1, 2).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (2, 3, 6, 5), &device)?;
+        let grads = |out: Tensor| (out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let fused = grads(heads(&q).apply_op3(&heads(&k), &heads(&v), Attention { scale: 0.4 })?.transpose(1, 2)?);
+        let scores = (heads(&q).contiguous()?.matmul(&heads(&k).contiguous()?.t()?)? * 0.4)?;
+        let exp = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?)?.exp()?;
+        let reference = grads(exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?.matmul(&heads(&v).contiguous()?)?);
+        for var in [&q, &k, &v] {
+            let (got, want) = (fused.get(var.as_tensor()).unwrap(), reference.get(var.as_tensor()).unwrap());
+            assert!(max_difference(&got.to_dtype(DType::F64)?, &want.to_dtype(DType::F64)?) < 1e-5, "strided heads");
         }
         Ok(())
     }
