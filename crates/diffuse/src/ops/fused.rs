@@ -635,9 +635,9 @@ impl<'a> Heads<'a> {
 
 impl Attention {
     /// One head's probabilities `softmax(q·kᵀ·scale)` into `p` (`L×S`).
-    fn probabilities(&self, q: gemm::MatRef, k: gemm::MatRef, p: &mut [f32]) {
+    fn probabilities(&self, q: gemm::MatRef, k: gemm::MatRef, p: &mut [f32], parallel: bool) {
         let keys = k.rows();
-        gemm::gemm(p, keys, gemm::ASource::View(q), &k.t(), gemm::Init::Overwrite, false);
+        gemm::gemm(p, keys, gemm::ASource::View(q), &k.t(), gemm::Init::Overwrite, parallel);
         for row in p.chunks_exact_mut(keys.max(1)) {
             let max = row.iter().map(|&v| v * self.scale).fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
@@ -671,13 +671,15 @@ impl CustomOp3 for Attention {
         let (q, k, v) = (Heads::new(q, q_layout, "query")?, Heads::new(k, k_layout, "key")?, Heads::new(v, v_layout, "value")?);
         let width = heads * depth;
         let mut output = vec![0f32; batch * rows * width];
+        // Fewer batch elements than threads (batch-1 fine-tuning): the products share the rest.
+        let parallel = batch < rayon::current_num_threads();
         if rows * width > 0 {
             for_each_batch(output.chunks_mut(rows * width).collect(), |b, out: &mut [f32]| {
                 let mut p = vec![0f32; rows * keys];
                 for h in 0..heads {
-                    self.probabilities(q.at(b, h)?, k.at(b, h)?, &mut p);
+                    self.probabilities(q.at(b, h)?, k.at(b, h)?, &mut p, parallel);
                     // Head h's rows of the [L, H·D] block: every H·D values from h·D.
-                    gemm::gemm(&mut out[h * depth..], width, gemm::ASource::View(view(&p, rows, keys)), &v.at(b, h)?, gemm::Init::Overwrite, false);
+                    gemm::gemm(&mut out[h * depth..], width, gemm::ASource::View(view(&p, rows, keys)), &v.at(b, h)?, gemm::Init::Overwrite, parallel);
                 }
                 Ok(())
             })?;
@@ -698,6 +700,7 @@ impl CustomOp3 for Attention {
         // The output's gradient, [B, L, H, D] as the output is laid out.
         let grad_output = grad_output.contiguous()?;
         let (mut grad_q, mut grad_k, mut grad_v) = (vec![0f32; batch * rows * width], vec![0f32; batch * keys * width], vec![0f32; batch * keys * width]);
+        let parallel = batch < rayon::current_num_threads();
         if rows * width > 0 && keys * width > 0 {
             let guards = [q, k, v].map(|t| t.storage_and_layout());
             let cpu = |i: usize| match &*guards[i].0 {
@@ -715,10 +718,10 @@ impl CustomOp3 for Attention {
                         let (qh, kh, vh) = (q.at(b, h)?, k.at(b, h)?, v.at(b, h)?);
                         let g = gemm::MatRef::new(&g_block[h * depth..], rows, depth, width, 1)
                             .ok_or_else(|| candle_core::Error::Msg("attention backward: gradient size".into()))?;
-                        self.probabilities(qh, kh, &mut p);
+                        self.probabilities(qh, kh, &mut p, parallel);
                         let (into, ldc) = (h * depth, width);
-                        gemm::gemm(&mut grad_v[into..], ldc, gemm::ASource::View(view(&p, rows, keys).t()), &g, gemm::Init::Overwrite, false);
-                        gemm::gemm(&mut grad_scores, keys, gemm::ASource::View(g), &vh.t(), gemm::Init::Overwrite, false);
+                        gemm::gemm(&mut grad_v[into..], ldc, gemm::ASource::View(view(&p, rows, keys).t()), &g, gemm::Init::Overwrite, parallel);
+                        gemm::gemm(&mut grad_scores, keys, gemm::ASource::View(g), &vh.t(), gemm::Init::Overwrite, parallel);
                         for (grad_row, p_row) in grad_scores.chunks_exact_mut(keys).zip(p.chunks_exact(keys)) {
                             let dot: f32 = grad_row.iter().zip(p_row).map(|(&d, &p)| d * p).sum();
                             for (d, &p) in grad_row.iter_mut().zip(p_row) {
@@ -726,8 +729,8 @@ impl CustomOp3 for Attention {
                             }
                         }
                         let scores = view(&grad_scores, rows, keys);
-                        gemm::gemm(&mut grad_q[into..], ldc, gemm::ASource::View(scores), &kh, gemm::Init::Overwrite, false);
-                        gemm::gemm(&mut grad_k[into..], ldc, gemm::ASource::View(scores.t()), &qh, gemm::Init::Overwrite, false);
+                        gemm::gemm(&mut grad_q[into..], ldc, gemm::ASource::View(scores), &kh, gemm::Init::Overwrite, parallel);
+                        gemm::gemm(&mut grad_k[into..], ldc, gemm::ASource::View(scores.t()), &qh, gemm::Init::Overwrite, parallel);
                     }
                     Ok(())
                 })
@@ -861,11 +864,12 @@ mod tests {
     #[test]
     fn attention_and_its_gradients_match_candle() -> candle_core::Result<()> {
         let device = Device::Cpu;
-        for (l, s, d) in [(5usize, 7usize, 4usize), (1, 3, 8), (33, 9, 5)] {
-            let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, l, d), &device)?)?;
-            let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, s, d), &device)?)?;
-            let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, s, d), &device)?)?;
-            let probe = Tensor::randn(0f32, 1.0, (2, 3, l, d), &device)?;
+        // Batch 1 also takes the path whose products are threaded.
+        for (n, l, s, d) in [(2usize, 5usize, 7usize, 4usize), (2, 1, 3, 8), (2, 33, 9, 5), (1, 40, 30, 6)] {
+            let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, 3, l, d), &device)?)?;
+            let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, 3, s, d), &device)?)?;
+            let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, 3, s, d), &device)?)?;
+            let probe = Tensor::randn(0f32, 1.0, (n, 3, l, d), &device)?;
             let grads = |out: Tensor| (out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             let scale = 0.37;
             let fused = grads(q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), Attention { scale: scale as f32 })?.transpose(1, 2)?);
