@@ -292,6 +292,10 @@ impl candle_core::CustomOp2 for LinearCpu {
     }
 
     fn cpu_fwd(&self, input: &CpuStorage, input_layout: &Layout, weight: &CpuStorage, weight_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::BF16(data) = weight else {
+            // An f32 weight: the product training's linear layer makes.
+            return fused::Linear::forward(input, input_layout, weight, weight_layout, self.bias.as_deref());
+        };
         let (rows, in_features) = input_layout.shape().dims2()?;
         let (out_features, weight_in) = weight_layout.shape().dims2()?;
         if weight_in != in_features {
@@ -306,20 +310,12 @@ impl candle_core::CustomOp2 for LinearCpu {
         let Some(x) = gemm::MatRef::row_major(input, rows, in_features) else {
             candle_core::bail!("linear: the input's size does not match its shape");
         };
-        if let CpuStorage::BF16(data) = weight {
-            // A model loaded in bf16: bf16 products, f32 sums.
-            let weight = weight_layout.contiguous_offsets().and_then(|(start, end)| Bf16Matrix::new(&data[start..end], out_features, in_features));
-            let Some(weight) = weight else {
-                candle_core::bail!("linear: the bf16 weight is not contiguous or does not match its shape");
-            };
-            gemm_bf16::gemm_bf16(&mut output, out_features, ABf16::F32(x), &TransposedWeight(weight), init, true);
-        } else {
-            let weight = contiguous_f32(weight, weight_layout, "linear weight")?;
-            let Some(w) = gemm::MatRef::row_major(weight, out_features, in_features) else {
-                candle_core::bail!("linear: the weight's size does not match its shape");
-            };
-            gemm::gemm(&mut output, out_features, gemm::ASource::View(x), &w.t(), init, true);
-        }
+        // A model loaded in bf16: bf16 products, f32 sums.
+        let weight = weight_layout.contiguous_offsets().and_then(|(start, end)| Bf16Matrix::new(&data[start..end], out_features, in_features));
+        let Some(weight) = weight else {
+            candle_core::bail!("linear: the bf16 weight is not contiguous or does not match its shape");
+        };
+        gemm_bf16::gemm_bf16(&mut output, out_features, ABf16::F32(x), &TransposedWeight(weight), init, true);
         Ok((CpuStorage::F32(output), Shape::from((rows, out_features))))
     }
 }

@@ -293,10 +293,7 @@ impl CustomOp2 for SoftmaxBackward {
             let rows = rows_per_task(width);
             output.par_chunks_mut(rows * width).zip(y.par_chunks(rows * width)).zip(g.par_chunks(rows * width)).for_each(|((out, y), g)| {
                 for ((out, y), g) in out.chunks_exact_mut(width).zip(y.chunks_exact(width)).zip(g.chunks_exact(width)) {
-                    let dot: f32 = y.iter().zip(g).map(|(&y, &g)| y * g).sum();
-                    for ((out, &y), &g) in out.iter_mut().zip(y).zip(g) {
-                        *out = y * (g - dot);
-                    }
+                    softmax_backward_row(y, g, out, 1.0);
                 }
             });
         }
@@ -310,18 +307,28 @@ pub(super) fn softmax_rows_in_place(values: &mut [f32], width: usize) {
         return;
     }
     values.par_chunks_mut(rows_per_task(width) * width).for_each(|rows| {
-        for row in rows.chunks_exact_mut(width) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for value in row.iter_mut() {
-                *value = (*value - max).exp();
-                sum += *value;
-            }
-            for value in row.iter_mut() {
-                *value /= sum;
-            }
-        }
+        rows.chunks_exact_mut(width).for_each(|row| softmax_row(row, 1.0));
     });
+}
+
+/// `softmax(scale · row)` in place: subtract the maximum, exponentiate, divide by the sum.
+fn softmax_row(row: &mut [f32], scale: f32) {
+    let max = row.iter().map(|&v| v * scale).fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for value in row.iter_mut() {
+        *value = (*value * scale - max).exp();
+        sum += *value;
+    }
+    row.iter_mut().for_each(|v| *v /= sum);
+}
+
+/// The softmax's backward pass for one row: `out = scale · y · (g - Σ g·y)` from its output
+/// `y` and the output's gradient `g` (`scale` carries a scaling applied before the softmax).
+fn softmax_backward_row(y: &[f32], g: &[f32], out: &mut [f32], scale: f32) {
+    let dot: f32 = y.iter().zip(g).map(|(&y, &g)| y * g).sum();
+    for ((out, &y), &g) in out.iter_mut().zip(y).zip(g) {
+        *out = y * (g - dot) * scale;
+    }
 }
 
 /// A linear layer for training on the f32 GEMM kernels: `input[rows, in] · weight[out, in]ᵀ`
@@ -331,7 +338,8 @@ pub(super) fn softmax_rows_in_place(values: &mut [f32], width: usize) {
 pub(super) struct Linear;
 
 impl Linear {
-    fn forward(input: &CpuStorage, input_layout: &Layout, weight: &CpuStorage, weight_layout: &Layout, bias: Option<&[f32]>) -> candle_core::Result<(CpuStorage, Shape)> {
+    /// `input · weightᵀ (+ bias)` on contiguous f32 operands (also inference's f32 product).
+    pub(super) fn forward(input: &CpuStorage, input_layout: &Layout, weight: &CpuStorage, weight_layout: &Layout, bias: Option<&[f32]>) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, in_features) = input_layout.shape().dims2()?;
         let (out_features, weight_in) = weight_layout.shape().dims2()?;
         if weight_in != in_features || bias.is_some_and(|b| b.len() != out_features) {
@@ -638,15 +646,7 @@ impl Attention {
     fn probabilities(&self, q: gemm::MatRef, k: gemm::MatRef, p: &mut [f32], parallel: bool) {
         let keys = k.rows();
         gemm::gemm(p, keys, gemm::ASource::View(q), &k.t(), gemm::Init::Overwrite, parallel);
-        for row in p.chunks_exact_mut(keys.max(1)) {
-            let max = row.iter().map(|&v| v * self.scale).fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for value in row.iter_mut() {
-                *value = (*value * self.scale - max).exp();
-                sum += *value;
-            }
-            row.iter_mut().for_each(|v| *v /= sum);
-        }
+        p.chunks_exact_mut(keys.max(1)).for_each(|row| softmax_row(row, self.scale));
     }
 }
 
@@ -713,7 +713,7 @@ impl CustomOp3 for Attention {
                 let chunks = grad_q.chunks_mut(rows * width).zip(grad_k.chunks_mut(keys * width)).zip(grad_v.chunks_mut(keys * width)).collect();
                 for_each_batch(chunks, |b, ((grad_q, grad_k), grad_v): ((&mut [f32], &mut [f32]), &mut [f32])| {
                     let g_block = &g_all[b * rows * width..][..rows * width];
-                    let (mut p, mut grad_scores) = (vec![0f32; rows * keys], vec![0f32; rows * keys]);
+                    let (mut p, mut grad_p, mut grad_scores) = (vec![0f32; rows * keys], vec![0f32; rows * keys], vec![0f32; rows * keys]);
                     for h in 0..heads {
                         let (qh, kh, vh) = (q.at(b, h)?, k.at(b, h)?, v.at(b, h)?);
                         let g = gemm::MatRef::new(&g_block[h * depth..], rows, depth, width, 1)
@@ -721,12 +721,9 @@ impl CustomOp3 for Attention {
                         self.probabilities(qh, kh, &mut p, parallel);
                         let (into, ldc) = (h * depth, width);
                         gemm::gemm(&mut grad_v[into..], ldc, gemm::ASource::View(view(&p, rows, keys).t()), &g, gemm::Init::Overwrite, parallel);
-                        gemm::gemm(&mut grad_scores, keys, gemm::ASource::View(g), &vh.t(), gemm::Init::Overwrite, parallel);
-                        for (grad_row, p_row) in grad_scores.chunks_exact_mut(keys).zip(p.chunks_exact(keys)) {
-                            let dot: f32 = grad_row.iter().zip(p_row).map(|(&d, &p)| d * p).sum();
-                            for (d, &p) in grad_row.iter_mut().zip(p_row) {
-                                *d = p * (*d - dot) * self.scale;
-                            }
+                        gemm::gemm(&mut grad_p, keys, gemm::ASource::View(g), &vh.t(), gemm::Init::Overwrite, parallel);
+                        for ((out, p_row), grad_row) in grad_scores.chunks_exact_mut(keys).zip(p.chunks_exact(keys)).zip(grad_p.chunks_exact(keys)) {
+                            softmax_backward_row(p_row, grad_row, out, self.scale);
                         }
                         let scores = view(&grad_scores, rows, keys);
                         gemm::gemm(&mut grad_q[into..], ldc, gemm::ASource::View(scores), &kh, gemm::Init::Overwrite, parallel);
