@@ -280,7 +280,11 @@ impl TrainingRecipe {
                 bail!("`channels` {channels}: must be 1 (gray) or 3 (RGB)");
             }
         }
-        check_scheduler(&self.sampling.scheduler)
+        // The autoencoder's samples are reconstructions: no scheduler.
+        match self.kind {
+            ModelKind::Autoencoder => Ok(()),
+            _ => check_scheduler(&self.sampling.scheduler),
+        }
     }
 
     /// Opens `data`: an image folder, or an IDX images file (decompressed into `cache_dir` when
