@@ -16,6 +16,7 @@ use gemm_bf16::{ABf16, Bf16Matrix, TransposedWeight};
 
 pub mod attention;
 pub mod conv;
+mod conv_direct;
 mod fused;
 pub mod gemm;
 pub mod gemm_bf16;

@@ -4,16 +4,19 @@
 //! Forward, per image, `output[C_out, positions] = weight · col`: the kernel
 //! `[C_out, C_in·kh·kw]` is read in place by the micro-kernel, and the input patches (`col`)
 //! are written straight into the GEMM's panels, block by block (an implicit GEMM: no column
-//! buffer). The backward pass is the same algebra transposed, with a column buffer of a band
-//! of rows: `grad_weight += grad_output · colᵀ`, `grad_col = weightᵀ · grad_output` (`weightᵀ`
-//! packed once per call), scattered back to the input (col2im). Images are spread over the threads when there are enough of them;
-//! otherwise each product uses every thread.
+//! buffer). Stride-1 convolutions over wide enough rows skip the patches altogether and read
+//! zero-padded copies of the input's planes where they lie (`ops::conv_direct`). The backward
+//! pass is the same algebra transposed, with a column buffer of a band of rows:
+//! `grad_weight += grad_output · colᵀ`, `grad_col = weightᵀ · grad_output` (`weightᵀ` packed
+//! once per call), scattered back to the input (col2im). Images are spread over the threads
+//! when there are enough of them; otherwise each product uses every thread.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use half::bf16;
 
+use super::conv_direct;
 use super::gemm::{self, ASource, Columns, Init, MatRef, PackB, PackedA};
 use super::gemm_bf16::{gemm_bf16, ABf16, Bf16Matrix, RoundedB};
 
@@ -233,6 +236,11 @@ impl PackB for Patches<'_> {
 pub fn forward(g: &Geometry, input: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let (out_hw, k) = (g.out_height() * g.out_width(), g.patch_len());
     assert!(weight.len() == g.out_channels * k, "conv2d: operand sizes");
+    if conv_direct::suits(g, false) {
+        let isa = gemm::isa();
+        let panels = conv_direct::pack_kernel(g, weight, isa.tile().0);
+        return forward_with(g, input, bias, |out, image, _, parallel| conv_direct::forward_image(isa, g, image, &panels, bias, out, parallel));
+    }
     // The kernel is read where it lies: packing it per call costs as much as it saves.
     let kernel = MatRef::row_major(weight, g.out_channels, k).expect("sizes checked");
     forward_with(g, input, bias, |out, image, init, parallel| {
@@ -252,6 +260,11 @@ pub fn forward(g: &Geometry, input: &[f32], weight: &[f32], bias: Option<&[f32]>
 pub fn forward_bf16(g: &Geometry, input: &[f32], weight: &[bf16], bias: Option<&[f32]>) -> Vec<f32> {
     let (out_hw, k) = (g.out_height() * g.out_width(), g.patch_len());
     let kernel = Bf16Matrix::new(weight, g.out_channels, k).expect("conv2d: operand sizes");
+    if conv_direct::suits(g, true) {
+        let isa = gemm::isa();
+        let panels = conv_direct::pack_kernel_bf16(g, weight, isa.tile().0);
+        return forward_with(g, input, bias, |out, image, _, parallel| conv_direct::forward_image_bf16(isa, g, image, &panels, bias, out, parallel));
+    }
     forward_with(g, input, bias, |out, image, init, parallel| {
         if g.is_pointwise() {
             let image = MatRef::row_major(image, k, out_hw).expect("sizes checked");
@@ -573,6 +586,47 @@ mod tests {
             for (i, (a, b)) in got.iter().zip(reference(&g, &round(&input), &round(&weight))).enumerate() {
                 let want = b + bias[(i / plane) % g.out_channels] as f64;
                 assert!((*a as f64 - want).abs() < 1e-4, "{g:?}: {a} vs {want}");
+            }
+        }
+    }
+
+    /// The direct path (`conv_direct`) at every level this CPU has, f32 and bf16, on one thread
+    /// and on all: widths of 1, odd channel counts, partial panels, no input channel, several
+    /// depth blocks (300 channels), padding
+    /// 0 to 2, kernels 1×1 to 5×5.
+    #[test]
+    fn direct_path_matches_the_definition_at_every_level() {
+        use super::super::gemm::Isa;
+        let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect() };
+        // batch, c_in, h, w, c_out, k, padding
+        let cases = [(2, 3, 7, 5, 4, 3, 1), (1, 5, 9, 33, 13, 3, 1), (1, 1, 1, 1, 2, 1, 0), (1, 4, 6, 3, 25, 3, 2), (1, 6, 5, 40, 7, 5, 2), (2, 2, 4, 4, 3, 1, 0), (1, 7, 3, 70, 12, 3, 0), (1, 0, 3, 3, 2, 3, 1), (1, 300, 3, 4, 13, 3, 1)];
+        for isa in Isa::all_supported() {
+            for (batch, in_channels, height, width, out_channels, k, padding) in cases {
+                let g = Geometry { batch, in_channels, height, width, out_channels, kernel_h: k, kernel_w: k, stride: 1, padding };
+                let input = values(g.batch * g.input_len(), 1);
+                let weight = values(g.out_channels * g.patch_len(), 2);
+                let bias = values(g.out_channels, 7);
+                let weight16: Vec<bf16> = weight.iter().map(|&x| bf16::from_f32(x)).collect();
+                let panels = conv_direct::pack_kernel(&g, &weight, isa.tile().0);
+                let panels16 = conv_direct::pack_kernel_bf16(&g, &weight16, isa.tile().0);
+                let plane = g.out_height() * g.out_width();
+                for (bf16_path, want) in [(false, reference(&g, &input, &weight)), (true, reference(&g, &round(&input), &round(&weight)))] {
+                    for parallel in [false, true] {
+                        let mut got = vec![f32::NAN; g.batch * g.output_len()];
+                        for (b, out) in got.chunks_exact_mut(g.output_len().max(1)).enumerate() {
+                            let image = &input[b * g.input_len()..(b + 1) * g.input_len()];
+                            if bf16_path {
+                                conv_direct::forward_image_bf16(isa, &g, image, &panels16, Some(&bias), out, parallel);
+                            } else {
+                                conv_direct::forward_image(isa, &g, image, &panels, Some(&bias), out, parallel);
+                            }
+                        }
+                        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                            let want = b + bias[(i / plane) % g.out_channels] as f64;
+                            assert!((*a as f64 - want).abs() < 1e-4, "{isa:?} bf16 {bf16_path} {g:?} at {i}: {a} vs {want}");
+                        }
+                    }
+                }
             }
         }
     }

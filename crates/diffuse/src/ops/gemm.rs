@@ -665,46 +665,89 @@ pub(crate) fn store_tile(c: &COut, i: usize, j: usize, height: usize, width: usi
     }
 }
 
+/// How a micro-kernel walks `B`: `taps.len()` runs of `steps` rows; row `r` of run `t` starts
+/// `taps[t] + r·ldb` values after `b`'s start, and `A`'s depth index runs on through all runs
+/// (`t·steps + r`). A packed panel is one run of `kc` rows `nr` apart ([`BWalk::panel`]); a
+/// stride-1 convolution reads its zero-padded input planes where they lie, one run per kernel
+/// position (`ops::conv_direct`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BWalk<'t> {
+    pub(crate) taps: &'t [usize],
+    pub(crate) steps: usize,
+    pub(crate) ldb: usize,
+}
+
+impl BWalk<'_> {
+    /// A packed panel: `kc` rows of `nr` values.
+    pub(crate) fn panel(kc: usize, nr: usize) -> BWalk<'static> {
+        BWalk { taps: &[0], steps: kc, ldb: nr }
+    }
+
+    /// `A`'s depth: every run's rows.
+    pub(crate) fn depth(&self) -> usize {
+        self.taps.len() * self.steps
+    }
+
+    /// How many values of `b` a tile `nr` wide reads: `b` must hold at least these.
+    pub(crate) fn extent(&self, nr: usize) -> usize {
+        match self.taps.iter().max() {
+            Some(&last) if self.steps > 0 => last + (self.steps - 1) * self.ldb + nr,
+            _ => 0,
+        }
+    }
+}
+
 /// `tile[MR × NR] = a_panel[kc × MR]ᵀ · b_panel[kc × NR]`, row-major, for the ISA's tile.
 fn micro_kernel(isa: Isa, kc: usize, a: &[f32], b: &[f32], tile: &mut [f32]) {
-    let (mr, nr) = isa.tile();
-    assert!(a.len() >= kc * mr && b.len() >= kc * nr && tile.len() >= mr * nr);
     // Element (p, i) of the panel is a[p·MR + i].
-    run_kernel::<false>(isa, kc, a, 0, b, tile)
+    walk_kernel(isa, BWalk::panel(kc, isa.tile().1), a, b, tile)
 }
 
 /// The same product with `A`'s MR rows read in place: element (p, i) is `a[i·lda + p]`.
 fn micro_kernel_in_place(isa: Isa, kc: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32]) {
     let (mr, nr) = isa.tile();
     assert!(kc > 0 && a.len() >= (mr - 1) * lda + kc && b.len() >= kc * nr && tile.len() >= mr * nr);
-    run_kernel::<true>(isa, kc, a, lda, b, tile)
+    run_kernel::<true>(isa, BWalk::panel(kc, nr), a, lda, b, tile)
+}
+
+/// `tile[MR × NR] = A · B` with `A` a packed panel (element (p, i) at `a[p·MR + i]`, `p` over
+/// the walk's whole depth) and `B` read as `walk` says.
+pub(crate) fn walk_kernel(isa: Isa, walk: BWalk, a: &[f32], b: &[f32], tile: &mut [f32]) {
+    let (mr, nr) = isa.tile();
+    assert!(a.len() >= walk.depth() * mr && b.len() >= walk.extent(nr) && tile.len() >= mr * nr);
+    run_kernel::<false>(isa, walk, a, 0, b, tile)
 }
 
 /// Callers have checked that `a` holds the panel (packed, or MR rows `lda` apart when
-/// `IN_PLACE`), `b` `kc` rows of NR and `tile` MR × NR values.
-fn run_kernel<const IN_PLACE: bool>(isa: Isa, kc: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32]) {
+/// `IN_PLACE`), `b` the walk's extent and `tile` MR × NR values.
+fn run_kernel<const IN_PLACE: bool>(isa: Isa, walk: BWalk, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32]) {
     match isa {
         // SAFETY: the ISA was checked to be supported before it was chosen (`isa()` and
         // `PackedA::new` only pick supported levels), and the callers' assertions guarantee
         // that the kernel's reads of `a` and `b` and its writes of MR × NR to `tile` stay
         // inside the slices.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::kernel_avx512::<12, 2, IN_PLACE>(kc, a.as_ptr(), lda, b.as_ptr(), tile.as_mut_ptr()) },
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::kernel_avx512::<12, 2, IN_PLACE>(walk, a.as_ptr(), lda, b.as_ptr(), tile.as_mut_ptr()) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { x86::kernel_avx2::<6, 2, IN_PLACE>(kc, a.as_ptr(), lda, b.as_ptr(), tile.as_mut_ptr()) },
-        _ => kernel_portable::<4, 16, IN_PLACE>(kc, a, lda, b, tile),
+        Isa::Avx2 => unsafe { x86::kernel_avx2::<6, 2, IN_PLACE>(walk, a.as_ptr(), lda, b.as_ptr(), tile.as_mut_ptr()) },
+        _ => kernel_portable::<4, 16, IN_PLACE>(walk, a, lda, b, tile),
     }
 }
 
-fn kernel_portable<const MR: usize, const NR: usize, const IN_PLACE: bool>(kc: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32]) {
+fn kernel_portable<const MR: usize, const NR: usize, const IN_PLACE: bool>(walk: BWalk, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32]) {
     let mut acc = [[0f32; NR]; MR];
-    for (p, b) in b.chunks_exact(NR).take(kc).enumerate() {
-        for (i, acc_row) in acc.iter_mut().enumerate() {
-            let a = if IN_PLACE { a[i * lda + p] } else { a[p * MR + i] };
-            for (acc, &b) in acc_row.iter_mut().zip(b) {
-                *acc = a.mul_add(b, *acc);
+    let mut p = 0;
+    for &tap in walk.taps {
+        for r in 0..walk.steps {
+            let b = &b[tap + r * walk.ldb..tap + r * walk.ldb + NR];
+            for (i, acc_row) in acc.iter_mut().enumerate() {
+                let a = if IN_PLACE { a[i * lda + p] } else { a[p * MR + i] };
+                for (acc, &b) in acc_row.iter_mut().zip(b) {
+                    *acc = a.mul_add(b, *acc);
+                }
             }
+            p += 1;
         }
     }
     for (row, acc_row) in tile.chunks_exact_mut(NR).zip(&acc) {
@@ -717,30 +760,38 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// AVX-512 micro-kernel: `MR` rows × `NV` vectors of 16 columns. `A`'s element (p, i) is
-    /// `a[p·MR + i]` (a packed panel) or, when `IN_PLACE`, `a[i·lda + p]`.
+    /// `a[p·MR + i]` (a packed panel) or, when `IN_PLACE`, `a[i·lda + p]`; `B` is walked as
+    /// [`super::BWalk`] says.
     ///
     /// # Safety
-    /// The CPU supports AVX-512F; `a` has those `kc × MR` elements readable, `b` `kc · NV · 16`
-    /// values, `tile` room for `MR · NV · 16`.
+    /// The CPU supports AVX-512F; `a` has those `depth × MR` elements readable, `b` the walk's
+    /// extent for `NV · 16` columns, `tile` room for `MR · NV · 16`.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn kernel_avx512<const MR: usize, const NV: usize, const IN_PLACE: bool>(
-        kc: usize,
+        walk: super::BWalk,
         a: *const f32,
         lda: usize,
         b: *const f32,
         tile: *mut f32,
     ) {
         let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-        for p in 0..kc {
-            let mut bv = [_mm512_setzero_ps(); NV];
-            for (v, bv) in bv.iter_mut().enumerate() {
-                *bv = _mm512_loadu_ps(b.add((p * NV + v) * 16));
-            }
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*a.add(if IN_PLACE { i * lda + p } else { p * MR + i }));
-                for v in 0..NV {
-                    acc[v] = _mm512_fmadd_ps(av, bv[v], acc[v]);
+        let mut p = 0;
+        for &tap in walk.taps {
+            // `wrapping_add`: the row pointer may step past `b` after its last read.
+            let mut row = b.wrapping_add(tap);
+            for _ in 0..walk.steps {
+                let mut bv = [_mm512_setzero_ps(); NV];
+                for (v, bv) in bv.iter_mut().enumerate() {
+                    *bv = _mm512_loadu_ps(row.add(v * 16));
                 }
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*a.add(if IN_PLACE { i * lda + p } else { p * MR + i }));
+                    for v in 0..NV {
+                        acc[v] = _mm512_fmadd_ps(av, bv[v], acc[v]);
+                    }
+                }
+                p += 1;
+                row = row.wrapping_add(walk.ldb);
             }
         }
         for (i, acc) in acc.iter().enumerate() {
@@ -750,31 +801,37 @@ mod x86 {
         }
     }
 
-    /// AVX2 + FMA micro-kernel: `MR` rows × `NV` vectors of 8 columns, `A` addressed as in
-    /// [`kernel_avx512`].
+    /// AVX2 + FMA micro-kernel: `MR` rows × `NV` vectors of 8 columns, `A` and `B` addressed
+    /// as in [`kernel_avx512`].
     ///
     /// # Safety
-    /// The CPU supports AVX2 and FMA; `a` has those `kc × MR` elements readable, `b`
-    /// `kc · NV · 8` values, `tile` room for `MR · NV · 8`.
+    /// The CPU supports AVX2 and FMA; `a` has those `depth × MR` elements readable, `b` the
+    /// walk's extent for `NV · 8` columns, `tile` room for `MR · NV · 8`.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn kernel_avx2<const MR: usize, const NV: usize, const IN_PLACE: bool>(
-        kc: usize,
+        walk: super::BWalk,
         a: *const f32,
         lda: usize,
         b: *const f32,
         tile: *mut f32,
     ) {
         let mut acc = [[_mm256_setzero_ps(); NV]; MR];
-        for p in 0..kc {
-            let mut bv = [_mm256_setzero_ps(); NV];
-            for (v, bv) in bv.iter_mut().enumerate() {
-                *bv = _mm256_loadu_ps(b.add((p * NV + v) * 8));
-            }
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let av = _mm256_set1_ps(*a.add(if IN_PLACE { i * lda + p } else { p * MR + i }));
-                for v in 0..NV {
-                    acc[v] = _mm256_fmadd_ps(av, bv[v], acc[v]);
+        let mut p = 0;
+        for &tap in walk.taps {
+            let mut row = b.wrapping_add(tap);
+            for _ in 0..walk.steps {
+                let mut bv = [_mm256_setzero_ps(); NV];
+                for (v, bv) in bv.iter_mut().enumerate() {
+                    *bv = _mm256_loadu_ps(row.add(v * 8));
                 }
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let av = _mm256_set1_ps(*a.add(if IN_PLACE { i * lda + p } else { p * MR + i }));
+                    for v in 0..NV {
+                        acc[v] = _mm256_fmadd_ps(av, bv[v], acc[v]);
+                    }
+                }
+                p += 1;
+                row = row.wrapping_add(walk.ldb);
             }
         }
         for (i, acc) in acc.iter().enumerate() {

@@ -12,7 +12,7 @@
 
 use half::bf16;
 
-use super::gemm::{self, COut, Init, Isa, PackB};
+use super::gemm::{self, BWalk, COut, Init, Isa, PackB};
 use super::vector;
 
 /// Panel depth in values (256 pairs): a `B` panel of 32 columns is 32 KiB, as in f32.
@@ -351,16 +351,16 @@ fn gemm_bf16_block(isa: Isa, c: COut, m0: usize, n_first: usize, a: ABf16, b: &i
                                 // `start` inside the weight (a `u32` read at an even element of
                                 // a bf16 slice, unaligned reads), `b_panel` holds `pairs · nr`
                                 // words, `tile` MR × NR values.
-                                unsafe { run_kernel::<true>(isa, pairs, w.data[start..].as_ptr().cast(), lda, b_panel, tile) }
+                                unsafe { run_kernel::<true>(isa, BWalk::panel(pairs, nr), w.data[start..].as_ptr().cast(), lda, b_panel, tile) }
                             }
                             Some(_) => {
                                 // SAFETY: the packed panel holds `pairs · mr` words.
-                                unsafe { run_kernel::<false>(isa, pairs, a_panels.as_ptr(), 0, b_panel, tile) }
+                                unsafe { run_kernel::<false>(isa, BWalk::panel(pairs, nr), a_panels.as_ptr(), 0, b_panel, tile) }
                             }
                             None => {
                                 let a_panel = &a_panels[ip * pairs * mr..(ip + 1) * pairs * mr];
                                 // SAFETY: as above.
-                                unsafe { run_kernel::<false>(isa, pairs, a_panel.as_ptr(), 0, b_panel, tile) }
+                                unsafe { run_kernel::<false>(isa, BWalk::panel(pairs, nr), a_panel.as_ptr(), 0, b_panel, tile) }
                             }
                         }
                         gemm::store_tile(&c, i, j, height, width, tile, nr, init, k0 == 0);
@@ -371,28 +371,37 @@ fn gemm_bf16_block(isa: Isa, c: COut, m0: usize, n_first: usize, a: ABf16, b: &i
     }
 }
 
-/// `tile[MR × NR] = A · B` over `pairs` pair steps of the ISA's tile: `b` holds `pairs · NR`
-/// words; `A`'s word (q, i) is `a[q·MR + i]` (a packed panel) or, when `IN_PLACE`,
-/// `a[i·lda + q]` (read unaligned).
+/// `tile[MR × NR] = A · B` over the pair steps of `walk` (see [`BWalk`]) for the ISA's tile:
+/// `A`'s word (p, i) is `a[p·MR + i]` (a packed panel) or, when `IN_PLACE`, `a[i·lda + p]`
+/// (read unaligned), `p` running over the walk's whole depth.
 ///
 /// # Safety
-/// `a` must have those words readable, `b.len() ≥ pairs · NR` and `tile.len() ≥ MR · NR`
-/// (checked here for `b` and `tile`).
-unsafe fn run_kernel<const IN_PLACE: bool>(isa: Isa, pairs: usize, a: *const u32, lda: usize, b: &[u32], tile: &mut [f32]) {
+/// `a` must have those words readable, `b.len() ≥ walk.extent(NR)` and
+/// `tile.len() ≥ MR · NR` (checked here for `b` and `tile`).
+unsafe fn run_kernel<const IN_PLACE: bool>(isa: Isa, walk: BWalk, a: *const u32, lda: usize, b: &[u32], tile: &mut [f32]) {
     let (mr, nr) = isa.tile();
-    assert!(b.len() >= pairs * nr && tile.len() >= mr * nr);
+    assert!(b.len() >= walk.extent(nr) && tile.len() >= mr * nr);
     match isa {
         // SAFETY (all arms): the ISA was checked to be supported before it was chosen
         // (`gemm::isa()`, `Isa::all_supported()` in tests); the reads of `a` are the caller's
         // contract, those of `b` and the writes of `tile` were asserted above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Bf16 => unsafe { x86::kernel_avx512bf16::<12, 2, IN_PLACE>(pairs, a, lda, b.as_ptr(), tile.as_mut_ptr()) },
+        Isa::Avx512Bf16 => unsafe { x86::kernel_avx512bf16::<12, 2, IN_PLACE>(walk, a, lda, b.as_ptr(), tile.as_mut_ptr()) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::kernel_avx512::<12, 2, IN_PLACE>(pairs, a, lda, b.as_ptr(), tile.as_mut_ptr()) },
+        Isa::Avx512 => unsafe { x86::kernel_avx512::<12, 2, IN_PLACE>(walk, a, lda, b.as_ptr(), tile.as_mut_ptr()) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { x86::kernel_avx2::<6, 2, IN_PLACE>(pairs, a, lda, b.as_ptr(), tile.as_mut_ptr()) },
-        _ => unsafe { kernel_portable::<4, 16, IN_PLACE>(pairs, a, lda, b, tile) },
+        Isa::Avx2 => unsafe { x86::kernel_avx2::<6, 2, IN_PLACE>(walk, a, lda, b.as_ptr(), tile.as_mut_ptr()) },
+        _ => unsafe { kernel_portable::<4, 16, IN_PLACE>(walk, a, lda, b, tile) },
     }
+}
+
+/// `tile[MR × NR] = A · B` with `A` a packed panel (word (p, i) at `a[p·MR + i]`, `p` over the
+/// walk's whole depth) and `B` read as `walk` says.
+pub(crate) fn walk_kernel(isa: Isa, walk: BWalk, a: &[u32], b: &[u32], tile: &mut [f32]) {
+    let (mr, _) = isa.tile();
+    assert!(a.len() >= walk.depth() * mr, "gemm_bf16: A panel too short");
+    // SAFETY: the assertion keeps the reads of `a` inside it; `run_kernel` checks `b` and `tile`.
+    unsafe { run_kernel::<false>(isa, walk, a.as_ptr(), 0, b, tile) }
 }
 
 /// The two bf16 values of a pair word, widened to f32: (even, odd).
@@ -403,17 +412,22 @@ fn widen(word: u32) -> (f32, f32) {
 
 /// # Safety
 /// As [`run_kernel`] for the `4 × 16` tile.
-unsafe fn kernel_portable<const MR: usize, const NR: usize, const IN_PLACE: bool>(pairs: usize, a: *const u32, lda: usize, b: &[u32], tile: &mut [f32]) {
+unsafe fn kernel_portable<const MR: usize, const NR: usize, const IN_PLACE: bool>(walk: BWalk, a: *const u32, lda: usize, b: &[u32], tile: &mut [f32]) {
     let mut acc = [[0f32; NR]; MR];
-    for (q, b) in b.chunks_exact(NR).take(pairs).enumerate() {
-        for (i, acc_row) in acc.iter_mut().enumerate() {
-            // SAFETY: the caller's contract on `a`.
-            let (a_even, a_odd) = widen(unsafe { a.add(if IN_PLACE { i * lda + q } else { q * MR + i }).read_unaligned() });
-            for (acc, &word) in acc_row.iter_mut().zip(b) {
-                let (b_even, b_odd) = widen(word);
-                // vdpbf16ps's order: the odd products first.
-                *acc = a_even.mul_add(b_even, a_odd.mul_add(b_odd, *acc));
+    let mut q = 0;
+    for &tap in walk.taps {
+        for r in 0..walk.steps {
+            let b = &b[tap + r * walk.ldb..tap + r * walk.ldb + NR];
+            for (i, acc_row) in acc.iter_mut().enumerate() {
+                // SAFETY: the caller's contract on `a`.
+                let (a_even, a_odd) = widen(unsafe { a.add(if IN_PLACE { i * lda + q } else { q * MR + i }).read_unaligned() });
+                for (acc, &word) in acc_row.iter_mut().zip(b) {
+                    let (b_even, b_odd) = widen(word);
+                    // vdpbf16ps's order: the odd products first.
+                    *acc = a_even.mul_add(b_even, a_odd.mul_add(b_odd, *acc));
+                }
             }
+            q += 1;
         }
     }
     for (row, acc_row) in tile.chunks_exact_mut(NR).zip(&acc) {
@@ -425,33 +439,43 @@ unsafe fn kernel_portable<const MR: usize, const NR: usize, const IN_PLACE: bool
 mod x86 {
     use std::arch::x86_64::*;
 
+    use super::BWalk;
+
     /// `vdpbf16ps` micro-kernel: `MR` rows × `NV` vectors of 16 columns, each instruction
     /// adding a pair step's two products per lane.
     ///
     /// # Safety
     /// The CPU supports AVX512F and AVX512-BF16; `a` has the words of [`super::run_kernel`]
-    /// readable, `b` `pairs · NV · 16` words, `tile` room for `MR · NV · 16` values.
+    /// readable, `b` the walk's extent for `NV · 16` columns, `tile` room for `MR · NV · 16`
+    /// values.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn kernel_avx512bf16<const MR: usize, const NV: usize, const IN_PLACE: bool>(
-        pairs: usize,
+        walk: BWalk,
         a: *const u32,
         lda: usize,
         b: *const u32,
         tile: *mut f32,
     ) {
         let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-        for q in 0..pairs {
-            let mut bv = [_mm512_setzero_si512(); NV];
-            for (v, bv) in bv.iter_mut().enumerate() {
-                *bv = _mm512_loadu_si512(b.add((q * NV + v) * 16).cast());
-            }
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let word = a.add(if IN_PLACE { i * lda + q } else { q * MR + i }).read_unaligned();
-                // SAFETY: __m512i and __m512bh are both 64-byte vectors of plain bits.
-                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(word as i32));
-                for v in 0..NV {
-                    acc[v] = _mm512_dpbf16_ps(acc[v], av, std::mem::transmute::<__m512i, __m512bh>(bv[v]));
+        let mut q = 0;
+        for &tap in walk.taps {
+            // `wrapping_add`: the row pointer may step past `b` after its last read.
+            let mut row = b.wrapping_add(tap);
+            for _ in 0..walk.steps {
+                let mut bv = [_mm512_setzero_si512(); NV];
+                for (v, bv) in bv.iter_mut().enumerate() {
+                    *bv = _mm512_loadu_si512(row.add(v * 16).cast());
                 }
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let word = a.add(if IN_PLACE { i * lda + q } else { q * MR + i }).read_unaligned();
+                    // SAFETY: __m512i and __m512bh are both 64-byte vectors of plain bits.
+                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(word as i32));
+                    for v in 0..NV {
+                        acc[v] = _mm512_dpbf16_ps(acc[v], av, std::mem::transmute::<__m512i, __m512bh>(bv[v]));
+                    }
+                }
+                q += 1;
+                row = row.wrapping_add(walk.ldb);
             }
         }
         for (i, acc) in acc.iter().enumerate() {
@@ -468,7 +492,7 @@ mod x86 {
     /// The CPU supports AVX512F; otherwise as [`kernel_avx512bf16`].
     #[target_feature(enable = "avx512f")]
     pub unsafe fn kernel_avx512<const MR: usize, const NV: usize, const IN_PLACE: bool>(
-        pairs: usize,
+        walk: BWalk,
         a: *const u32,
         lda: usize,
         b: *const u32,
@@ -476,20 +500,26 @@ mod x86 {
     ) {
         let high = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
         let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-        for q in 0..pairs {
-            let (mut even, mut odd) = ([_mm512_setzero_ps(); NV], [_mm512_setzero_ps(); NV]);
-            for v in 0..NV {
-                let words = _mm512_loadu_si512(b.add((q * NV + v) * 16).cast());
-                even[v] = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(words));
-                odd[v] = _mm512_castsi512_ps(_mm512_and_si512(words, high));
-            }
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let word = a.add(if IN_PLACE { i * lda + q } else { q * MR + i }).read_unaligned();
-                let (a_even, a_odd) = super::widen(word);
-                let (a_even, a_odd) = (_mm512_set1_ps(a_even), _mm512_set1_ps(a_odd));
+        let mut q = 0;
+        for &tap in walk.taps {
+            let mut row = b.wrapping_add(tap);
+            for _ in 0..walk.steps {
+                let (mut even, mut odd) = ([_mm512_setzero_ps(); NV], [_mm512_setzero_ps(); NV]);
                 for v in 0..NV {
-                    acc[v] = _mm512_fmadd_ps(a_even, even[v], _mm512_fmadd_ps(a_odd, odd[v], acc[v]));
+                    let words = _mm512_loadu_si512(row.add(v * 16).cast());
+                    even[v] = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(words));
+                    odd[v] = _mm512_castsi512_ps(_mm512_and_si512(words, high));
                 }
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let word = a.add(if IN_PLACE { i * lda + q } else { q * MR + i }).read_unaligned();
+                    let (a_even, a_odd) = super::widen(word);
+                    let (a_even, a_odd) = (_mm512_set1_ps(a_even), _mm512_set1_ps(a_odd));
+                    for v in 0..NV {
+                        acc[v] = _mm512_fmadd_ps(a_even, even[v], _mm512_fmadd_ps(a_odd, odd[v], acc[v]));
+                    }
+                }
+                q += 1;
+                row = row.wrapping_add(walk.ldb);
             }
         }
         for (i, acc) in acc.iter().enumerate() {
@@ -502,11 +532,11 @@ mod x86 {
     /// AVX2 + FMA micro-kernel on widened pairs: `MR` rows × `NV` vectors of 8 columns.
     ///
     /// # Safety
-    /// The CPU supports AVX2 and FMA; `b` has `pairs · NV · 8` words, `tile` room for
-    /// `MR · NV · 8` values; `a` as [`kernel_avx512bf16`].
+    /// The CPU supports AVX2 and FMA; `b` has the walk's extent for `NV · 8` columns, `tile`
+    /// room for `MR · NV · 8` values; `a` as [`kernel_avx512bf16`].
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn kernel_avx2<const MR: usize, const NV: usize, const IN_PLACE: bool>(
-        pairs: usize,
+        walk: BWalk,
         a: *const u32,
         lda: usize,
         b: *const u32,
@@ -514,20 +544,26 @@ mod x86 {
     ) {
         let high = _mm256_set1_epi32(0xFFFF_0000_u32 as i32);
         let mut acc = [[_mm256_setzero_ps(); NV]; MR];
-        for q in 0..pairs {
-            let (mut even, mut odd) = ([_mm256_setzero_ps(); NV], [_mm256_setzero_ps(); NV]);
-            for v in 0..NV {
-                let words = _mm256_loadu_si256(b.add((q * NV + v) * 8).cast());
-                even[v] = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(words));
-                odd[v] = _mm256_castsi256_ps(_mm256_and_si256(words, high));
-            }
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let word = a.add(if IN_PLACE { i * lda + q } else { q * MR + i }).read_unaligned();
-                let (a_even, a_odd) = super::widen(word);
-                let (a_even, a_odd) = (_mm256_set1_ps(a_even), _mm256_set1_ps(a_odd));
+        let mut q = 0;
+        for &tap in walk.taps {
+            let mut row = b.wrapping_add(tap);
+            for _ in 0..walk.steps {
+                let (mut even, mut odd) = ([_mm256_setzero_ps(); NV], [_mm256_setzero_ps(); NV]);
                 for v in 0..NV {
-                    acc[v] = _mm256_fmadd_ps(a_even, even[v], _mm256_fmadd_ps(a_odd, odd[v], acc[v]));
+                    let words = _mm256_loadu_si256(row.add(v * 8).cast());
+                    even[v] = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(words));
+                    odd[v] = _mm256_castsi256_ps(_mm256_and_si256(words, high));
                 }
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let word = a.add(if IN_PLACE { i * lda + q } else { q * MR + i }).read_unaligned();
+                    let (a_even, a_odd) = super::widen(word);
+                    let (a_even, a_odd) = (_mm256_set1_ps(a_even), _mm256_set1_ps(a_odd));
+                    for v in 0..NV {
+                        acc[v] = _mm256_fmadd_ps(a_even, even[v], _mm256_fmadd_ps(a_odd, odd[v], acc[v]));
+                    }
+                }
+                q += 1;
+                row = row.wrapping_add(walk.ldb);
             }
         }
         for (i, acc) in acc.iter().enumerate() {

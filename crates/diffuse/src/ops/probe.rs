@@ -151,15 +151,17 @@ pub fn rates(runs: usize) -> Vec<Rate> {
     let seconds = timed(runs, || gemm_bf16::gemm_bf16(&mut c, n, ABf16::Weight(a16), &RoundedB::new(&b_view), Init::Overwrite, true));
     rates.push(Rate { name: "gemm bf16 2048³ (B rounded as packed)".into(), gflops: 2.0 * (m * k * n) as f64 / seconds / 1e9, peak_gflops: peak_bf16 });
 
-    for (channels, side) in [(320, 64), (640, 32), (1280, 16)] {
-        let g = Geometry { batch: 2, in_channels: channels, height: side, width: side, out_channels: channels, kernel_h: 3, kernel_w: 3, stride: 1, padding: 1 };
-        let (input, weight) = (values(2 * channels * side * side), values(channels * channels * 9));
+    // The UNet's (batch 2) and the VAE decoder's (batch 1) shapes at 512×512, and a UNet 1×1.
+    for (channels, side, batch, k) in [(320, 64, 2, 3), (640, 32, 2, 3), (1280, 16, 2, 3), (512, 64, 1, 3), (512, 128, 1, 3), (256, 256, 1, 3), (128, 512, 1, 3), (320, 64, 2, 1)] {
+        let g = Geometry { batch, in_channels: channels, height: side, width: side, out_channels: channels, kernel_h: k, kernel_w: k, stride: 1, padding: k / 2 };
+        let (input, weight) = (values(batch * channels * side * side), values(channels * channels * k * k));
+        let flops = 2.0 * (batch * channels * side * side * channels * k * k) as f64;
+        let name = format!("{k}×{k} {channels}→{channels} at {side}×{side}, batch {batch}");
         let seconds = timed(runs, || conv::forward(&g, &input, &weight, None));
-        let flops = 2.0 * (2 * channels * side * side * channels * 9) as f64;
-        rates.push(Rate { name: format!("conv 3×3 {channels}→{channels} at {side}×{side}, batch 2"), gflops: flops / seconds / 1e9, peak_gflops: peak });
+        rates.push(Rate { name: format!("conv {name}"), gflops: flops / seconds / 1e9, peak_gflops: peak });
         let weight: Vec<half::bf16> = weight.iter().map(|&v| half::bf16::from_f32(v)).collect();
         let seconds = timed(runs, || conv::forward_bf16(&g, &input, &weight, None));
-        rates.push(Rate { name: format!("conv bf16 3×3 {channels}→{channels} at {side}×{side}, batch 2"), gflops: flops / seconds / 1e9, peak_gflops: peak_bf16 });
+        rates.push(Rate { name: format!("conv bf16 {name}"), gflops: flops / seconds / 1e9, peak_gflops: peak_bf16 });
     }
 
     for (queries, keys, head_dim) in [(4096, 4096, 40), (4096, 77, 40), (1024, 1024, 80)] {

@@ -1,0 +1,247 @@
+//! Stride-1 convolution read where the input lies. Each image's channels are copied once into
+//! zero-padded planes, flattened with the padded row length `wp`, and output position `(y, x)`
+//! becomes column `y·wp + x` of the product. Kernel position `(ky, kx)` then reads every output
+//! column's input at the same offset `ky·wp + kx`, so `B`'s row for one channel and one kernel
+//! position is a contiguous run of a plane: the micro-kernel walks the planes in place
+//! ([`BWalk`], one run per kernel position) and nothing is packed per block, where the implicit
+//! GEMM of `ops::conv` writes every patch into panels (a fifth of a VAE decode's time). The
+//! `kw - 1` columns at the end of each padded row are computed and dropped.
+//!
+//! In bf16 a plane holds a channel pair (one `u32` per position: channels `2c` and `2c + 1`),
+//! the layout `vdpbf16ps` reads; the kernel is packed in the same order.
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::conv::Geometry;
+use super::gemm::{self, BWalk, COut, Isa};
+use super::gemm_bf16;
+use super::vector;
+
+/// Bytes of input planes that one block of output columns reads, kept in L2 while every row
+/// panel of the kernel passes over them.
+const BLOCK_BYTES: usize = 512 << 10;
+/// Planes (channels, or channel pairs in bf16) per depth block: a row panel's share of the
+/// kernel for one block (9 · 128 · 12 words = 54 KiB at 3×3) stays near L1, and the block's
+/// runs of one column panel (52 KiB) too. Later blocks add to the output.
+const STEPS: usize = 128;
+
+/// The depth blocks of `steps` planes: `(first plane, planes)`.
+fn depth_blocks(steps: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..steps).step_by(STEPS).map(move |first| (first, STEPS.min(steps - first)))
+}
+
+/// Whether the direct path suits `g`: stride 1 and rows wide enough that the dropped columns
+/// cost less than packing patches does. Measured on SD 1.5's shapes (`diffuse bench
+/// --kernels`): in bf16, where the patches' rounding makes packing dearer, from 32 columns
+/// (640 channels at 32×32: 1.1–1.2× the packed rate); in f32 from 64; at 16×16 with 1,280
+/// channels the packed path is faster in both (0.7×), its panels shared by many output rows;
+/// so is a 1×1 convolution, whose input is its own column matrix (0.85×).
+pub(super) fn suits(g: &Geometry, bf16: bool) -> bool {
+    let padded_width = g.width + 2 * g.padding;
+    let dropped_share = if bf16 { 16 } else { 32 };
+    g.stride == 1 && g.kernel_w > 1 && g.kernel_w <= padded_width && g.kernel_h <= g.height + 2 * g.padding && (g.kernel_w - 1) * dropped_share <= padded_width
+}
+
+/// Where the padded planes put things.
+struct Plan {
+    /// Padded row length.
+    wp: usize,
+    /// Words per plane: the padded rows, then slack that a tile past the last column reads.
+    plane: usize,
+    /// Product columns: the output's rows at the padded length.
+    columns: usize,
+    /// Offset of each kernel position `(ky, kx)` in a plane, row-major.
+    taps: Vec<usize>,
+}
+
+impl Plan {
+    fn new(g: &Geometry, nr: usize) -> Self {
+        let (wp, hp) = (g.width + 2 * g.padding, g.height + 2 * g.padding);
+        // The last tile starts below `columns` and reads nr words from its taps' offsets, the
+        // largest (kh - 1)·wp + kw - 1: hp·wp + kw + nr covers it.
+        let plane = hp * wp + g.kernel_w + nr;
+        let taps = (0..g.kernel_h).flat_map(|ky| (0..g.kernel_w).map(move |kx| ky * wp + kx)).collect();
+        Self { wp, plane, columns: g.out_height() * wp, taps }
+    }
+}
+
+/// The kernel `[C_out, C_in, kh, kw]` as the micro-kernel reads it: for each depth block of
+/// planes (see [`depth_blocks`]), row panels of `mr` output channels, each in the walk's order
+/// (kernel position, then plane), zero past `C_out`. `word(o, c, t)` is output channel `o`'s
+/// value for plane `c` at kernel position `t`.
+fn pack_panels<W: Copy + Default + Send>(g: &Geometry, planes: usize, mr: usize, word: impl Fn(usize, usize, usize) -> W + Sync) -> Vec<W> {
+    let taps = g.kernel_h * g.kernel_w;
+    let padded_rows = g.out_channels.div_ceil(mr) * mr;
+    let mut panels = vec![W::default(); padded_rows * taps * planes];
+    for (first, len) in depth_blocks(planes) {
+        let block = &mut panels[padded_rows * taps * first..padded_rows * taps * (first + len)];
+        block.par_chunks_mut(taps * len * mr).enumerate().for_each(|(p, panel)| {
+            for i in 0..mr.min(g.out_channels - p * mr) {
+                for t in 0..taps {
+                    for c in 0..len {
+                        panel[(t * len + c) * mr + i] = word(p * mr + i, first + c, t);
+                    }
+                }
+            }
+        });
+    }
+    panels
+}
+
+/// An f32 kernel packed for [`forward_image`] on a tile of `mr` rows.
+pub(super) fn pack_kernel(g: &Geometry, weight: &[f32], mr: usize) -> Vec<f32> {
+    let taps = g.kernel_h * g.kernel_w;
+    pack_panels(g, g.in_channels, mr, |o, c, t| weight[(o * g.in_channels + c) * taps + t])
+}
+
+/// A bf16 kernel packed for [`forward_image_bf16`]: a word holds channels `2q` and `2q + 1`
+/// (zero past `C_in`).
+pub(super) fn pack_kernel_bf16(g: &Geometry, weight: &[bf16], mr: usize) -> Vec<u32> {
+    let taps = g.kernel_h * g.kernel_w;
+    let at = |o: usize, c: usize, t: usize| if c < g.in_channels { weight[(o * g.in_channels + c) * taps + t].to_bits() as u32 } else { 0 };
+    pack_panels(g, g.in_channels.div_ceil(2), mr, |o, q, t| at(o, 2 * q, t) | at(o, 2 * q + 1, t) << 16)
+}
+
+/// One image's output `[C_out, H_out·W_out]` of `image` `[C_in, H, W]` and a kernel packed by
+/// [`pack_kernel`] for `isa`'s tile, plus `bias`.
+///
+/// Panics unless `g` [`suits`] the direct path and the slices match it.
+pub(super) fn forward_image(isa: Isa, g: &Geometry, image: &[f32], panels: &[f32], bias: Option<&[f32]>, out: &mut [f32], parallel: bool) {
+    let (_, nr) = isa.tile();
+    let plan = Plan::new(g, nr);
+    let mut planes = vec![0f32; g.in_channels * plan.plane];
+    let fill = |(c, plane): (usize, &mut [f32])| {
+        for (y, row) in image[c * g.height * g.width..][..g.height * g.width].chunks_exact(g.width.max(1)).enumerate() {
+            let start = (y + g.padding) * plan.wp + g.padding;
+            plane[start..start + g.width].copy_from_slice(row);
+        }
+    };
+    if parallel {
+        planes.par_chunks_mut(plan.plane).enumerate().for_each(fill);
+    } else {
+        planes.chunks_mut(plan.plane).enumerate().for_each(fill);
+    }
+    product(isa, g, &plan, g.in_channels, &planes, panels, bias, out, parallel, gemm::walk_kernel);
+}
+
+/// [`forward_image`] in bf16: the input rounded into channel-pair planes, a kernel packed by
+/// [`pack_kernel_bf16`], f32 sums.
+pub(super) fn forward_image_bf16(isa: Isa, g: &Geometry, image: &[f32], panels: &[u32], bias: Option<&[f32]>, out: &mut [f32], parallel: bool) {
+    let (_, nr) = isa.tile();
+    let plan = Plan::new(g, nr);
+    let (pairs, plane_len) = (g.in_channels.div_ceil(2), g.height * g.width);
+    let mut planes = vec![0u32; pairs * plan.plane];
+    let fill = |(q, plane): (usize, &mut [u32])| {
+        let even = &image[2 * q * plane_len..][..plane_len];
+        let odd = (2 * q + 1 < g.in_channels).then(|| &image[(2 * q + 1) * plane_len..][..plane_len]);
+        for y in 0..g.height {
+            let start = (y + g.padding) * plan.wp + g.padding;
+            let row = y * g.width..(y + 1) * g.width;
+            vector::round_pairs(isa, &even[row.clone()], odd.map(|odd| &odd[row]), &mut plane[start..start + g.width]);
+        }
+    };
+    if parallel {
+        planes.par_chunks_mut(plan.plane).enumerate().for_each(fill);
+    } else {
+        planes.chunks_mut(plan.plane).enumerate().for_each(fill);
+    }
+    product(isa, g, &plan, pairs, &planes, panels, bias, out, parallel, gemm_bf16::walk_kernel);
+}
+
+/// The product of the kernel's panels and the planes (`steps` planes, walked once per kernel
+/// position), its valid columns written to `out` with `bias`, shared over the threads by
+/// column ranges (or row ranges when there are too few columns).
+#[allow(clippy::too_many_arguments)]
+fn product<W: Copy + Sync>(
+    isa: Isa,
+    g: &Geometry,
+    plan: &Plan,
+    steps: usize,
+    planes: &[W],
+    panels: &[W],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    parallel: bool,
+    kernel: fn(Isa, BWalk, &[W], &[W], &mut [f32]),
+) {
+    let (mr, nr) = isa.tile();
+    let (out_w, out_len) = (g.out_width(), g.out_height() * g.out_width());
+    let depth = plan.taps.len() * steps;
+    assert!(planes.len() == steps * plan.plane && panels.len() == g.out_channels.div_ceil(mr) * mr * depth && out.len() == g.out_channels * out_len);
+    assert!(bias.is_none_or(|b| b.len() == g.out_channels), "conv2d: one bias per output channel");
+    if out.is_empty() {
+        return;
+    }
+    if depth == 0 {
+        // No input channels: the bias alone.
+        for (channel, out) in out.chunks_exact_mut(out_len).enumerate() {
+            out.fill(bias.map_or(0.0, |b| b[channel]));
+        }
+        return;
+    }
+    let c = COut::new(out, out_len, g.out_channels, out_len);
+    let (row_panels, column_panels) = (g.out_channels.div_ceil(mr), plan.columns.div_ceil(nr));
+    // Column panels per block, so that the planes' runs they read stay in L2.
+    let run_bytes = STEPS.min(steps) * g.kernel_h * nr * std::mem::size_of::<W>();
+    let block = (BLOCK_BYTES / run_bytes).clamp(1, 32);
+    let taps = plan.taps.len();
+    let share = |rows: std::ops::Range<usize>, columns: std::ops::Range<usize>| {
+        let mut tile = [0f32; 12 * 32];
+        for first_column in columns.clone().step_by(block) {
+            for (first, len) in depth_blocks(steps) {
+                let walk = BWalk { taps: &plan.taps, steps: len, ldb: plan.plane };
+                let block_panels = &panels[row_panels * mr * taps * first..];
+                for ip in rows.clone() {
+                    let a = &block_panels[ip * taps * len * mr..(ip + 1) * taps * len * mr];
+                    let height = mr.min(g.out_channels - ip * mr);
+                    for jp in first_column..(first_column + block).min(columns.end) {
+                        let j = jp * nr;
+                        kernel(isa, walk, a, &planes[first * plan.plane + j..], &mut tile[..mr * nr]);
+                        let columns = j..j + nr.min(plan.columns - j);
+                        store(&c, &tile[..mr * nr], nr, ip * mr, height, columns, plan.wp, out_w, if first == 0 { Some(bias) } else { None });
+                    }
+                }
+            }
+        }
+    };
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    if threads == 1 {
+        share(0..row_panels, 0..column_panels);
+    } else if column_panels >= threads {
+        let per_share = column_panels.div_ceil(threads);
+        (0..threads).into_par_iter().for_each(|t| share(0..row_panels, (t * per_share).min(column_panels)..((t + 1) * per_share).min(column_panels)));
+    } else {
+        let per_share = row_panels.div_ceil(threads);
+        (0..threads).into_par_iter().for_each(|t| share((t * per_share).min(row_panels)..((t + 1) * per_share).min(row_panels), 0..column_panels));
+    }
+}
+
+/// Writes rows `0..height` of `tile` (product columns `columns`) to output channels
+/// `i..i + height`, dropping the columns past the output's width in each padded row: the
+/// first depth block (`first: Some(bias)`) overwrites, later ones add.
+#[allow(clippy::too_many_arguments)]
+fn store(c: &COut, tile: &[f32], nr: usize, i: usize, height: usize, columns: std::ops::Range<usize>, wp: usize, out_w: usize, first: Option<Option<&[f32]>>) {
+    for (r, tile_row) in tile.chunks_exact(nr).take(height).enumerate() {
+        let mut n = columns.start;
+        while n < columns.end {
+            let (y, x) = (n / wp, n % wp);
+            let row_end = (n - x + wp).min(columns.end);
+            if x < out_w {
+                let len = (n - x + out_w).min(row_end) - n;
+                // SAFETY: the threads write disjoint column ranges of the product (or disjoint
+                // rows), hence disjoint output elements (see `COut`).
+                let dst = unsafe { c.row(i + r, y * out_w + x, len) };
+                let values = &tile_row[n - columns.start..n - columns.start + len];
+                match first {
+                    Some(bias) => {
+                        let offset = bias.map_or(0.0, |b| b[i + r]);
+                        dst.iter_mut().zip(values).for_each(|(d, &t)| *d = t + offset);
+                    }
+                    None => dst.iter_mut().zip(values).for_each(|(d, &t)| *d += t),
+                }
+            }
+            n = row_end;
+        }
+    }
+}
