@@ -16,7 +16,8 @@ pub(crate) fn exp(x: f32) -> f32 {
     // Round to nearest by adding and subtracting 1.5·2²³ (a plain `round` may become a libm
     // call, which does not vectorise).
     const ROUNDING: f32 = 12_582_912.0;
-    let n = (clamped * LOG2_E + ROUNDING) - ROUNDING;
+    let shifted = clamped * LOG2_E + ROUNDING;
+    let n = shifted - ROUNDING;
     let r = clamped - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_2e-3;
@@ -25,7 +26,10 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let y = p * r * r + r + 1.0;
-    let scaled = y * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2ⁿ from `shifted`'s low mantissa bits, which hold n (its ulp is 1 there): integer lane
+    // arithmetic, where `n as i32` would saturate lane by lane in scalar code.
+    let two_to_n = f32::from_bits(shifted.to_bits().wrapping_sub(ROUNDING.to_bits()).wrapping_add(127) << 23);
+    let scaled = y * two_to_n;
     if x < -87.3 {
         0.0
     } else {
