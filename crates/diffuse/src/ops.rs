@@ -494,6 +494,7 @@ impl CustomOp3 for GroupNormCpu {
         _output: &Tensor,
         grad_output: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _timer = profile::timer("group_norm backward");
         let dims = input.dims();
         let channels = dims[1];
         let spatial: usize = dims[2..].iter().product();
@@ -779,6 +780,7 @@ impl candle_core::CustomOp1 for SoftmaxLastDim {
     }
 
     fn bwd(&self, _input: &Tensor, output: &Tensor, grad_output: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _timer = profile::timer("softmax backward");
         if output.dtype() == DType::F32 && output.device().is_cpu() {
             return Ok(Some(output.apply_op2_no_bwd(&grad_output.contiguous()?, &fused::SoftmaxBackward)?));
         }

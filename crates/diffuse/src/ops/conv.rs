@@ -302,6 +302,11 @@ pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32]) -> Vec<
     if grad_input.is_empty() || out_hw == 0 {
         return grad_input;
     }
+    if let Some(transposed) = conv_direct::input_gradient_geometry(g).filter(|t| conv_direct::suits(t, false)) {
+        let isa = gemm::isa();
+        let panels = conv_direct::pack_kernel_for_input_gradient(g, &transposed, weight, isa.tile().0);
+        return forward_with(&transposed, grad_output, None, |out, image, _, parallel| conv_direct::forward_image(isa, &transposed, image, &panels, None, out, parallel));
+    }
     let kernel_t = PackedA::new(&MatRef::row_major(weight, g.out_channels, k).expect("sizes checked").t());
     let (images_parallel, product_parallel) = split(g.batch);
     for_each_image(images_parallel, &mut grad_input, g.input_len(), |b, grad_image| {
@@ -332,6 +337,9 @@ pub fn backward_weight(g: &Geometry, input: &[f32], grad_output: &[f32]) -> Vec<
     let weight_len = g.out_channels * k;
     if weight_len == 0 {
         return Vec::new();
+    }
+    if conv_direct::input_gradient_geometry(g).is_some() && conv_direct::suits(g, false) {
+        return conv_direct::kernel_gradient(g, input, grad_output);
     }
     let (images_parallel, product_parallel) = split(g.batch);
     // One partial sum per thread's share of the images, added at the end.
@@ -537,6 +545,9 @@ mod tests {
         (2, 5, 4, 4, 6, 1, 1, 0),
         (1, 3, 5, 5, 2, 1, 2, 0),
         (4, 2, 6, 7, 3, 3, 1, 0),
+        // Wide enough for the direct path, forward and (transposed) backward.
+        (2, 3, 5, 17, 4, 3, 1, 1),
+        (1, 2, 4, 20, 3, 3, 1, 0),
     ];
 
     fn geometries() -> impl Iterator<Item = Geometry> {

@@ -14,7 +14,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::conv::Geometry;
-use super::gemm::{self, BWalk, COut, Isa};
+use super::gemm::{self, ASource, BWalk, COut, Init, Isa, MatRef, PackedB};
 use super::gemm_bf16;
 use super::vector;
 
@@ -31,16 +31,22 @@ fn depth_blocks(steps: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..steps).step_by(STEPS).map(move |first| (first, STEPS.min(steps - first)))
 }
 
-/// Whether the direct path suits `g`: stride 1 and rows wide enough that the dropped columns
-/// cost less than packing patches does. Measured on SD 1.5's shapes (`diffuse bench
-/// --kernels`): in bf16, where the patches' rounding makes packing dearer, from 32 columns
-/// (640 channels at 32×32: 1.1–1.2× the packed rate); in f32 from 64; at 16×16 with 1,280
-/// channels the packed path is faster in both (0.7×), its panels shared by many output rows;
-/// so is a 1×1 convolution, whose input is its own column matrix (0.85×).
+/// Whether the direct path suits `g`: stride 1, a kernel wider than 1×1 (whose input is its own
+/// column matrix already: the packed path is 1.15× faster there), at most one dropped column
+/// in eight, and either few output channels or wide rows. The packed path's cost is packing the
+/// patches, shared by all output channels: measured on SD 1.5's and the training benchmark's
+/// shapes (`diffuse bench --kernels`), direct is 1.1–1.3× faster up to 256 output channels
+/// from 16×16 up, and, with more channels, from 32 columns in bf16 (whose patches are also
+/// rounded) and 64 in f32; below those (1,280 channels at 16×16) packing wins, 1.3×.
 pub(super) fn suits(g: &Geometry, bf16: bool) -> bool {
     let padded_width = g.width + 2 * g.padding;
-    let dropped_share = if bf16 { 16 } else { 32 };
-    g.stride == 1 && g.kernel_w > 1 && g.kernel_w <= padded_width && g.kernel_h <= g.height + 2 * g.padding && (g.kernel_w - 1) * dropped_share <= padded_width
+    let wide = padded_width >= if bf16 { 32 } else { 64 };
+    g.stride == 1
+        && g.kernel_w > 1
+        && g.kernel_w <= padded_width
+        && g.kernel_h <= g.height + 2 * g.padding
+        && (g.kernel_w - 1) * 8 <= padded_width
+        && (g.out_channels <= 256 || wide)
 }
 
 /// Where the padded planes put things.
@@ -103,6 +109,32 @@ pub(super) fn pack_kernel_bf16(g: &Geometry, weight: &[bf16], mr: usize) -> Vec<
     pack_panels(g, g.in_channels.div_ceil(2), mr, |o, q, t| at(o, 2 * q, t) | at(o, 2 * q + 1, t) << 16)
 }
 
+/// The geometry whose forward pass is `g`'s input gradient when `g` has stride 1 and a
+/// square kernel: the output's gradient convolved with the kernel flipped and its channels
+/// swapped, padded by `k - 1 - padding`. `None` for other convolutions.
+pub(super) fn input_gradient_geometry(g: &Geometry) -> Option<Geometry> {
+    let k = g.kernel_w;
+    (g.stride == 1 && g.kernel_h == k && g.padding < k).then(|| Geometry {
+        batch: g.batch,
+        in_channels: g.out_channels,
+        height: g.out_height(),
+        width: g.out_width(),
+        out_channels: g.in_channels,
+        kernel_h: k,
+        kernel_w: k,
+        stride: 1,
+        padding: k - 1 - g.padding,
+    })
+}
+
+/// `g`'s f32 kernel packed for [`forward_image`] on `transposed` ([`input_gradient_geometry`]).
+pub(super) fn pack_kernel_for_input_gradient(g: &Geometry, transposed: &Geometry, weight: &[f32], mr: usize) -> Vec<f32> {
+    let taps = g.kernel_h * g.kernel_w;
+    // Output channel `o` of the transposed convolution is input channel `o` of `g`; flipping
+    // both kernel axes reverses the flattened position.
+    pack_panels(transposed, g.out_channels, mr, |o, c, t| weight[(c * g.in_channels + o) * taps + taps - 1 - t])
+}
+
 /// One image's output `[C_out, H_out·W_out]` of `image` `[C_in, H, W]` and a kernel packed by
 /// [`pack_kernel`] for `isa`'s tile, plus `bias`.
 ///
@@ -111,6 +143,12 @@ pub(super) fn forward_image(isa: Isa, g: &Geometry, image: &[f32], panels: &[f32
     let (_, nr) = isa.tile();
     let plan = Plan::new(g, nr);
     let mut planes = vec![0f32; g.in_channels * plan.plane];
+    fill_planes(g, &plan, image, &mut planes, parallel);
+    product(isa, g, &plan, g.in_channels, &planes, panels, bias, out, parallel, gemm::walk_kernel);
+}
+
+/// Copies `image`'s channels into `planes` (zeroed before), one padded plane each.
+fn fill_planes(g: &Geometry, plan: &Plan, image: &[f32], planes: &mut [f32], parallel: bool) {
     let fill = |(c, plane): (usize, &mut [f32])| {
         for (y, row) in image[c * g.height * g.width..][..g.height * g.width].chunks_exact(g.width.max(1)).enumerate() {
             let start = (y + g.padding) * plan.wp + g.padding;
@@ -122,7 +160,59 @@ pub(super) fn forward_image(isa: Isa, g: &Geometry, image: &[f32], panels: &[f32
     } else {
         planes.chunks_mut(plan.plane).enumerate().for_each(fill);
     }
-    product(isa, g, &plan, g.in_channels, &planes, panels, bias, out, parallel, gemm::walk_kernel);
+}
+
+/// `g`'s kernel gradient, `Σ_images grad_output · patchesᵀ`, from the padded planes: for each
+/// kernel position `t`, `∂W_t [C_in × C_out] += P_t · Gᵀ`, where `P_t` is the planes read in
+/// place from `t`'s offset (rows one plane apart) and `Gᵀ` the output's gradient at the padded
+/// row length (zero in the dropped columns), packed once per image for all positions.
+/// Images are shared over the threads when there are enough of them, each share summing its
+/// own; otherwise the products use every thread.
+///
+/// Panics unless `g` [`suits`] the direct path in f32 and the slices match it.
+pub(super) fn kernel_gradient(g: &Geometry, input: &[f32], grad_output: &[f32]) -> Vec<f32> {
+    let isa = gemm::isa();
+    let plan = Plan::new(g, isa.tile().1);
+    let (taps, in_channels, out_channels) = (plan.taps.len(), g.in_channels, g.out_channels);
+    let (out_w, out_len) = (g.out_width(), g.out_height() * g.out_width());
+    let (input_len, output_len, per_tap) = (in_channels * g.height * g.width, out_channels * out_len, in_channels * out_channels);
+    assert!(input.len() == g.batch * input_len && grad_output.len() == g.batch * output_len, "conv2d: operand sizes");
+    let threads = rayon::current_num_threads();
+    let (shares, parallel) = if g.batch >= threads { (threads, false) } else { (1, true) };
+    let per_share = g.batch.div_ceil(shares).max(1);
+    let partials: Vec<Vec<f32>> = (0..shares)
+        .into_par_iter()
+        .map(|share| {
+            let mut sums = vec![0f32; taps * per_tap];
+            let mut planes = vec![0f32; in_channels * plan.plane];
+            let mut grad_rows = vec![0f32; out_channels * plan.columns];
+            for b in share * per_share..((share + 1) * per_share).min(g.batch) {
+                fill_planes(g, &plan, &input[b * input_len..][..input_len], &mut planes, parallel);
+                let grad = &grad_output[b * output_len..][..output_len];
+                for (padded, rows) in grad_rows.chunks_exact_mut(plan.columns).zip(grad.chunks_exact(out_len.max(1))) {
+                    for (padded, row) in padded.chunks_exact_mut(plan.wp).zip(rows.chunks_exact(out_w.max(1))) {
+                        padded[..out_w].copy_from_slice(row);
+                    }
+                }
+                let grad_t = MatRef::row_major(&grad_rows, out_channels, plan.columns).expect("sized").t();
+                let grad_t = PackedB::with_isa(&grad_t, isa);
+                for (t, &offset) in plan.taps.iter().enumerate() {
+                    let rows = MatRef::new(&planes[offset..], in_channels, plan.columns, plan.plane, 1).expect("inside the planes (see Plan)");
+                    gemm::gemm_with(isa, &mut sums[t * per_tap..(t + 1) * per_tap], out_channels, ASource::InPlace(rows), &grad_t, Init::Accumulate, parallel);
+                }
+            }
+            sums
+        })
+        .collect();
+    let mut grad = vec![0f32; out_channels * in_channels * taps];
+    for (o, filter) in grad.chunks_exact_mut(in_channels * taps).enumerate() {
+        for (c, positions) in filter.chunks_exact_mut(taps).enumerate() {
+            for (t, value) in positions.iter_mut().enumerate() {
+                *value = partials.iter().map(|sums| sums[t * per_tap + c * out_channels + o]).sum();
+            }
+        }
+    }
+    grad
 }
 
 /// [`forward_image`] in bf16: the input rounded into channel-pair planes, a kernel packed by

@@ -47,6 +47,7 @@ impl CustomOp1 for Silu {
     }
 
     fn bwd(&self, input: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _timer = super::profile::timer("silu backward");
         Ok(Some(input.apply_op2_no_bwd(&grad_output.contiguous()?, &SiluBackward)?))
     }
 }
@@ -110,6 +111,7 @@ impl CustomOp1 for Geglu {
     }
 
     fn bwd(&self, input: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _timer = super::profile::timer("geglu backward");
         Ok(Some(input.apply_op2_no_bwd(&grad_output.contiguous()?, &GegluBackward)?))
     }
 }
@@ -216,6 +218,7 @@ impl CustomOp3 for LayerNorm {
         _output: &Tensor,
         grad_output: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _timer = super::profile::timer("layer_norm backward");
         let grad_output = grad_output.contiguous()?;
         let width = input.dims().last().copied().unwrap_or(0);
         let (grad_input, grad_weight, grad_bias) = with_slices(&[input, weight, &grad_output], "layer-norm backward", |s| {
@@ -313,22 +316,13 @@ pub(super) fn softmax_rows_in_place(values: &mut [f32], width: usize) {
 
 /// `softmax(scale · row)` in place: subtract the maximum, exponentiate, divide by the sum.
 fn softmax_row(row: &mut [f32], scale: f32) {
-    let max = row.iter().map(|&v| v * scale).fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for value in row.iter_mut() {
-        *value = (*value * scale - max).exp();
-        sum += *value;
-    }
-    row.iter_mut().for_each(|v| *v /= sum);
+    vector::softmax_row(gemm::isa(), row, scale)
 }
 
 /// The softmax's backward pass for one row: `out = scale · y · (g - Σ g·y)` from its output
 /// `y` and the output's gradient `g` (`scale` carries a scaling applied before the softmax).
 fn softmax_backward_row(y: &[f32], g: &[f32], out: &mut [f32], scale: f32) {
-    let dot: f32 = y.iter().zip(g).map(|(&y, &g)| y * g).sum();
-    for ((out, &y), &g) in out.iter_mut().zip(y).zip(g) {
-        *out = y * (g - dot) * scale;
-    }
+    vector::softmax_backward_row(gemm::isa(), y, g, out, scale)
 }
 
 /// A linear layer for training on the f32 GEMM kernels: `input[rows, in] · weight[out, in]ᵀ`
@@ -394,6 +388,7 @@ impl CustomOp2 for Linear {
     }
 
     fn bwd(&self, input: &Tensor, weight: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let _timer = super::profile::timer("linear backward");
         let [grad_input, grad_weight, _] = Self::backward(input, weight, grad_output, false)?;
         Ok((grad_input, grad_weight))
     }
@@ -424,6 +419,7 @@ impl CustomOp3 for Linear {
         _output: &Tensor,
         grad_output: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _timer = super::profile::timer("linear backward");
         let [grad_input, grad_weight, grad_bias] = Self::backward(input, weight, grad_output, bias.track_op())?;
         Ok((grad_input, grad_weight, grad_bias))
     }
@@ -502,6 +498,7 @@ impl CustomOp3 for LoraLinear {
     }
 
     fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _timer = super::profile::timer("linear + lora backward");
         let grad_output = grad_output.contiguous()?;
         let (rows, inputs, rank, outputs) = self.dims(x.dims(), a.dims(), b.dims())?;
         let input_needs_grad = x.track_op();
@@ -568,6 +565,7 @@ impl CustomOp2 for ChannelBias {
     }
 
     fn bwd(&self, x: &Tensor, bias: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let _timer = super::profile::timer("conv bias backward");
         let grad_bias = if bias.track_op() {
             let grad_output = grad_output.contiguous()?;
             let channels = bias.elem_count();
@@ -695,6 +693,7 @@ impl CustomOp3 for Attention {
         _output: &Tensor,
         grad_output: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _timer = super::profile::timer("attention backward");
         let (batch, heads, rows, keys, depth) = attention_dims(q.dims(), k.dims(), v.dims())?;
         let width = heads * depth;
         // The output's gradient, [B, L, H, D] as the output is laid out.

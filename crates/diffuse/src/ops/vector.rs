@@ -105,6 +105,30 @@ pub(crate) fn online_softmax_columns(isa: Isa, scores_t: &mut [f32], max: &mut [
     })
 }
 
+/// `softmax(scale · row)` in place: subtract the maximum, exponentiate (vectorised), divide
+/// by the sum (added in order, as before).
+pub(crate) fn softmax_row(isa: Isa, row: &mut [f32], scale: f32) {
+    dispatch!(isa, fn softmax(row: &mut [f32], scale: f32) -> () {
+        let max = row.iter().map(|&v| v * scale).fold(f32::NEG_INFINITY, f32::max);
+        // A row of -inf (all masked) stays finite: exp(-inf - -inf) would be NaN.
+        let shift = if max == f32::NEG_INFINITY { 0.0 } else { max };
+        row.iter_mut().for_each(|v| *v = exp(*v * scale - shift));
+        let sum: f32 = row.iter().sum();
+        row.iter_mut().for_each(|v| *v /= sum);
+    })
+}
+
+/// The softmax's backward pass for one row: `out = scale · y · (g - Σ g·y)` from its output
+/// `y` and the output's gradient `g`.
+pub(crate) fn softmax_backward_row(isa: Isa, y: &[f32], g: &[f32], out: &mut [f32], scale: f32) {
+    dispatch!(isa, fn backward(y: &[f32], g: &[f32], out: &mut [f32], scale: f32) -> () {
+        let dot: f32 = y.iter().zip(g).map(|(&y, &g)| y * g).sum();
+        for ((out, &y), &g) in out.iter_mut().zip(y).zip(g) {
+            *out = y * (g - dot) * scale;
+        }
+    })
+}
+
 /// `erf(x)` to within 1.5e-7 (Abramowitz and Stegun 7.1.26), built on [`exp`].
 #[inline(always)]
 fn erf(x: f32) -> f32 {
