@@ -82,7 +82,7 @@ impl Activation {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             // x * sigmoid(1.702 x), OpenAI CLIP's approximation.
-            Activation::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
+            Activation::QuickGelu => ops::quick_gelu(x)?,
             // The exact erf form, as torch's nn.functional.gelu.
             Activation::Gelu => x.gelu_erf()?,
         })

@@ -52,6 +52,23 @@ impl CustomOp1 for Silu {
     }
 }
 
+/// CLIP's `quick_gelu` for inference, vectorised over all threads (no backward: training
+/// takes tensor operations).
+pub(super) struct QuickGelu;
+
+impl CustomOp1 for QuickGelu {
+    fn name(&self) -> &'static str {
+        "quick-gelu-fused"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let mut output = contiguous_f32(storage, layout, "quick_gelu input")?.to_vec();
+        let isa = gemm::isa();
+        output.par_chunks_mut(CHUNK).for_each(|chunk| vector::quick_gelu_in_place(isa, chunk));
+        Ok((CpuStorage::F32(output), layout.shape().clone()))
+    }
+}
+
 /// [`Silu`]'s input gradient from its input and its output's gradient.
 struct SiluBackward;
 

@@ -75,6 +75,15 @@ pub(crate) fn silu_in_place(isa: Isa, values: &mut [f32]) {
     })
 }
 
+/// OpenAI CLIP's `quick_gelu`, `x · sigmoid(1.702 x)`, in place, as `x / (1 + e^(-1.702 x))`.
+pub(crate) fn quick_gelu_in_place(isa: Isa, values: &mut [f32]) {
+    dispatch!(isa, fn quick_gelu(values: &mut [f32]) -> () {
+        for x in values.iter_mut() {
+            *x /= 1.0 + exp(-1.702 * *x);
+        }
+    })
+}
+
 /// One block of FlashAttention's online softmax over transposed scores (`keys × rows`, a row
 /// of `scores_t` per key): each column (query row) gets its new maximum over the block and
 /// the old one, its scores become `exp(score - maximum)`, its sum is rescaled and grows by
