@@ -213,10 +213,25 @@ impl PackB for MatRef<'_> {
             }
             if self.row_stride == 1 && self.col_stride != 1 {
                 // A transposed row-major matrix (a weight read as Wᵀ): each column is a
-                // contiguous run of the source, scattered into the panel with stride nr.
-                for j in 0..width {
+                // contiguous run of the source. Eight runs at a time, so that each panel row
+                // gets eight adjacent values per visit rather than one.
+                const RUNS: usize = 8;
+                let run = |j: usize| {
                     let start = (first + j) * self.col_stride + k0;
-                    for (kk, &value) in self.data[start..start + kc].iter().enumerate() {
+                    &self.data[start..start + kc]
+                };
+                let mut j = 0;
+                while j + RUNS <= width {
+                    let runs: [&[f32]; RUNS] = std::array::from_fn(|r| run(j + r));
+                    for (kk, row) in chunk.chunks_exact_mut(nr).take(kc).enumerate() {
+                        for (value, source) in row[j..j + RUNS].iter_mut().zip(&runs) {
+                            *value = source[kk];
+                        }
+                    }
+                    j += RUNS;
+                }
+                for j in j..width {
+                    for (kk, &value) in run(j).iter().enumerate() {
                         chunk[kk * nr + j] = value;
                     }
                 }
