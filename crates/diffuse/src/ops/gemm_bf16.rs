@@ -11,6 +11,7 @@
 //! product of two bf16 values is exact in f32.
 
 use half::bf16;
+use rayon::prelude::*;
 
 use super::gemm::{self, BWalk, COut, Init, Isa, PackB};
 use super::vector;
@@ -157,11 +158,11 @@ impl PackedBPairs {
         let (k, n) = b.dims();
         let padded = n.div_ceil(nr) * nr;
         let mut data = vec![0u32; padded * k.div_ceil(2)];
-        let mut scratch = Vec::new();
-        for k0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - k0);
-            b.pack_pairs(k0, kc, 0, n, nr, &mut data[k0 / 2 * padded..(k0 / 2 + kc.div_ceil(2)) * padded], &mut scratch);
-        }
+        // One task per depth block (a model's weights are packed as it loads: all threads).
+        data.par_chunks_mut((KC / 2 * padded).max(1)).enumerate().for_each_init(Vec::new, |scratch, (block, out)| {
+            let k0 = block * KC;
+            b.pack_pairs(k0, KC.min(k - k0), 0, n, nr, out, scratch);
+        });
         Self { nr, depth: k, cols: n, data }
     }
 
@@ -247,7 +248,24 @@ impl PackBPairs for TransposedWeight<'_> {
         for (panel, chunk) in out.chunks_exact_mut(pairs * nr).take(nc.div_ceil(nr)).enumerate() {
             let first = n0 + panel * nr;
             let width = nr.min(n0 + nc - first);
-            for j in 0..width {
+            // Eight rows at a time, so that each panel row gets eight adjacent words per visit.
+            const ROWS: usize = 8;
+            let mut j = 0;
+            if kc % 2 == 0 {
+                while j + ROWS <= width {
+                    let rows: [&[bf16]; ROWS] = std::array::from_fn(|r| {
+                        let start = (first + j + r) * self.0.cols + k0;
+                        &self.0.data[start..start + kc]
+                    });
+                    for (q, words) in chunk.chunks_exact_mut(nr).take(pairs).enumerate() {
+                        for (word, row) in words[j..j + ROWS].iter_mut().zip(&rows) {
+                            *word = row[2 * q].to_bits() as u32 | (row[2 * q + 1].to_bits() as u32) << 16;
+                        }
+                    }
+                    j += ROWS;
+                }
+            }
+            for j in j..width {
                 for (q, word) in self.0.row_pairs(first + j, k0, kc).enumerate() {
                     chunk[q * nr + j] = word;
                 }
