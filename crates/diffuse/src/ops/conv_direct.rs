@@ -49,26 +49,58 @@ pub(super) fn suits(g: &Geometry, bf16: bool) -> bool {
         && (g.out_channels <= 256 || wide)
 }
 
-/// Where the padded planes put things.
+/// Bytes of padded planes per band of output rows: a large image (the VAE's last blocks) is
+/// convolved a band at a time, so that its planes add little to the peak memory. (Tiny in the
+/// unit tests, so that their small images take several bands.)
+const PLANES_BYTES: usize = if cfg!(test) { 4 << 10 } else { 16 << 20 };
+
+/// Where the padded planes of one band of output rows put things.
 struct Plan {
     /// Padded row length.
     wp: usize,
-    /// Words per plane: the padded rows, then slack that a tile past the last column reads.
+    /// Words per plane: the band's padded input rows, then slack that a tile past the last
+    /// column reads.
     plane: usize,
-    /// Product columns: the output's rows at the padded length.
+    /// The band's first output row.
+    first_row: usize,
+    /// Product columns: the band's output rows at the padded length.
     columns: usize,
     /// Offset of each kernel position `(ky, kx)` in a plane, row-major.
     taps: Vec<usize>,
 }
 
 impl Plan {
-    fn new(g: &Geometry, nr: usize) -> Self {
-        let (wp, hp) = (g.width + 2 * g.padding, g.height + 2 * g.padding);
+    /// Output rows `first_row..first_row + rows`.
+    fn band(g: &Geometry, nr: usize, first_row: usize, rows: usize) -> Self {
+        let wp = g.width + 2 * g.padding;
         // The last tile starts below `columns` and reads nr words from its taps' offsets, the
-        // largest (kh - 1)·wp + kw - 1: hp·wp + kw + nr covers it.
-        let plane = hp * wp + g.kernel_w + nr;
+        // largest (kh - 1)·wp + kw - 1: (rows + kh - 1)·wp + kw + nr covers it.
+        let plane = (rows + g.kernel_h - 1) * wp + g.kernel_w + nr;
         let taps = (0..g.kernel_h).flat_map(|ky| (0..g.kernel_w).map(move |kx| ky * wp + kx)).collect();
-        Self { wp, plane, columns: g.out_height() * wp, taps }
+        Self { wp, plane, first_row, columns: rows * wp, taps }
+    }
+
+    /// The whole output.
+    fn new(g: &Geometry, nr: usize) -> Self {
+        Self::band(g, nr, 0, g.out_height())
+    }
+
+    /// The bands of output rows whose `planes` planes of `word_size` bytes stay within
+    /// [`PLANES_BYTES`] (one row at least).
+    fn bands(g: &Geometry, nr: usize, planes: usize, word_size: usize) -> impl Iterator<Item = Plan> + '_ {
+        let row_bytes = (planes * (g.width + 2 * g.padding) * word_size).max(1);
+        let rows = (PLANES_BYTES / row_bytes).saturating_sub(g.kernel_h).max(1);
+        (0..g.out_height()).step_by(rows).map(move |first| Plan::band(g, nr, first, rows.min(g.out_height() - first)))
+    }
+
+    /// The band's input rows, padding included.
+    fn padded_rows(&self, g: &Geometry) -> usize {
+        self.columns / self.wp + g.kernel_h - 1
+    }
+
+    /// The image row that plane row `r` holds, if it is inside the image (padding otherwise).
+    fn image_row(&self, g: &Geometry, r: usize) -> Option<usize> {
+        (self.first_row + r).checked_sub(g.padding).filter(|&y| y < g.height)
     }
 }
 
@@ -141,18 +173,25 @@ pub(super) fn pack_kernel_for_input_gradient(g: &Geometry, transposed: &Geometry
 /// Panics unless `g` [`suits`] the direct path and the slices match it.
 pub(super) fn forward_image(isa: Isa, g: &Geometry, image: &[f32], panels: &[f32], bias: Option<&[f32]>, out: &mut [f32], parallel: bool) {
     let (_, nr) = isa.tile();
-    let plan = Plan::new(g, nr);
-    let mut planes = vec![0f32; g.in_channels * plan.plane];
-    fill_planes(g, &plan, image, &mut planes, parallel);
-    product(isa, g, &plan, g.in_channels, &planes, panels, bias, out, parallel, gemm::walk_kernel);
+    let mut planes = Vec::new();
+    for plan in Plan::bands(g, nr, g.in_channels, 4) {
+        planes.clear();
+        planes.resize(g.in_channels * plan.plane, 0f32);
+        fill_planes(g, &plan, image, &mut planes, parallel);
+        product(isa, g, &plan, g.in_channels, &planes, panels, bias, out, parallel, gemm::walk_kernel);
+    }
 }
 
-/// Copies `image`'s channels into `planes` (zeroed before), one padded plane each.
+/// Copies the band's input rows of `image`'s channels into `planes` (zeroed before), one
+/// padded plane each.
 fn fill_planes(g: &Geometry, plan: &Plan, image: &[f32], planes: &mut [f32], parallel: bool) {
     let fill = |(c, plane): (usize, &mut [f32])| {
-        for (y, row) in image[c * g.height * g.width..][..g.height * g.width].chunks_exact(g.width.max(1)).enumerate() {
-            let start = (y + g.padding) * plan.wp + g.padding;
-            plane[start..start + g.width].copy_from_slice(row);
+        let channel = &image[c * g.height * g.width..][..g.height * g.width];
+        for r in 0..plan.padded_rows(g) {
+            if let Some(y) = plan.image_row(g, r) {
+                let start = r * plan.wp + g.padding;
+                plane[start..start + g.width].copy_from_slice(&channel[y * g.width..(y + 1) * g.width]);
+            }
         }
     };
     if parallel {
@@ -219,24 +258,29 @@ pub(super) fn kernel_gradient(g: &Geometry, input: &[f32], grad_output: &[f32]) 
 /// [`pack_kernel_bf16`], f32 sums.
 pub(super) fn forward_image_bf16(isa: Isa, g: &Geometry, image: &[f32], panels: &[u32], bias: Option<&[f32]>, out: &mut [f32], parallel: bool) {
     let (_, nr) = isa.tile();
-    let plan = Plan::new(g, nr);
     let (pairs, plane_len) = (g.in_channels.div_ceil(2), g.height * g.width);
-    let mut planes = vec![0u32; pairs * plan.plane];
-    let fill = |(q, plane): (usize, &mut [u32])| {
-        let even = &image[2 * q * plane_len..][..plane_len];
-        let odd = (2 * q + 1 < g.in_channels).then(|| &image[(2 * q + 1) * plane_len..][..plane_len]);
-        for y in 0..g.height {
-            let start = (y + g.padding) * plan.wp + g.padding;
-            let row = y * g.width..(y + 1) * g.width;
-            vector::round_pairs(isa, &even[row.clone()], odd.map(|odd| &odd[row]), &mut plane[start..start + g.width]);
+    let mut planes = Vec::new();
+    for plan in Plan::bands(g, nr, pairs, 4) {
+        planes.clear();
+        planes.resize(pairs * plan.plane, 0u32);
+        let fill = |(q, plane): (usize, &mut [u32])| {
+            let even = &image[2 * q * plane_len..][..plane_len];
+            let odd = (2 * q + 1 < g.in_channels).then(|| &image[(2 * q + 1) * plane_len..][..plane_len]);
+            for r in 0..plan.padded_rows(g) {
+                if let Some(y) = plan.image_row(g, r) {
+                    let start = r * plan.wp + g.padding;
+                    let row = y * g.width..(y + 1) * g.width;
+                    vector::round_pairs(isa, &even[row.clone()], odd.map(|odd| &odd[row]), &mut plane[start..start + g.width]);
+                }
+            }
+        };
+        if parallel {
+            planes.par_chunks_mut(plan.plane).enumerate().for_each(fill);
+        } else {
+            planes.chunks_mut(plan.plane).enumerate().for_each(fill);
         }
-    };
-    if parallel {
-        planes.par_chunks_mut(plan.plane).enumerate().for_each(fill);
-    } else {
-        planes.chunks_mut(plan.plane).enumerate().for_each(fill);
+        product(isa, g, &plan, pairs, &planes, panels, bias, out, parallel, gemm_bf16::walk_kernel);
     }
-    product(isa, g, &plan, pairs, &planes, panels, bias, out, parallel, gemm_bf16::walk_kernel);
 }
 
 /// The product of the kernel's panels and the planes (`steps` planes, walked once per kernel
@@ -289,7 +333,7 @@ fn product<W: Copy + Sync>(
                         let j = jp * nr;
                         kernel(isa, walk, a, &planes[first * plan.plane + j..], &mut tile[..mr * nr]);
                         let columns = j..j + nr.min(plan.columns - j);
-                        store(&c, &tile[..mr * nr], nr, ip * mr, height, columns, plan.wp, out_w, if first == 0 { Some(bias) } else { None });
+                        store(&c, &tile[..mr * nr], nr, ip * mr, height, columns, plan, out_w, if first == 0 { Some(bias) } else { None });
                     }
                 }
             }
@@ -307,15 +351,16 @@ fn product<W: Copy + Sync>(
     }
 }
 
-/// Writes rows `0..height` of `tile` (product columns `columns`) to output channels
-/// `i..i + height`, dropping the columns past the output's width in each padded row: the
+/// Writes rows `0..height` of `tile` (product columns `columns` of `plan`'s band) to output
+/// channels `i..i + height`, dropping the columns past the output's width in each padded row: the
 /// first depth block (`first: Some(bias)`) overwrites, later ones add.
 #[allow(clippy::too_many_arguments)]
-fn store(c: &COut, tile: &[f32], nr: usize, i: usize, height: usize, columns: std::ops::Range<usize>, wp: usize, out_w: usize, first: Option<Option<&[f32]>>) {
+fn store(c: &COut, tile: &[f32], nr: usize, i: usize, height: usize, columns: std::ops::Range<usize>, plan: &Plan, out_w: usize, first: Option<Option<&[f32]>>) {
+    let wp = plan.wp;
     for (r, tile_row) in tile.chunks_exact(nr).take(height).enumerate() {
         let mut n = columns.start;
         while n < columns.end {
-            let (y, x) = (n / wp, n % wp);
+            let (y, x) = (plan.first_row + n / wp, n % wp);
             let row_end = (n - x + wp).min(columns.end);
             if x < out_w {
                 let len = (n - x + out_w).min(row_end) - n;
