@@ -603,8 +603,7 @@ mod tests {
 
     /// The direct path (`conv_direct`) at every level this CPU has, f32 and bf16, on one thread
     /// and on all: widths of 1, odd channel counts, partial panels, no input channel, several
-    /// depth blocks (300 channels), padding
-    /// 0 to 2, kernels 1×1 to 5×5.
+    /// depth blocks (300 channels) and bands of rows, padding 0 to 2, kernels 1×1 to 5×5.
     #[test]
     fn direct_path_matches_the_definition_at_every_level() {
         use super::super::gemm::Isa;
