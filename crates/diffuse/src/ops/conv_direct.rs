@@ -185,12 +185,17 @@ pub(super) fn forward_image(isa: Isa, g: &Geometry, image: &[f32], panels: &[f32
 /// Copies the band's input rows of `image`'s channels into `planes` (zeroed before), one
 /// padded plane each.
 fn fill_planes(g: &Geometry, plan: &Plan, image: &[f32], planes: &mut [f32], parallel: bool) {
-    let fill = |(c, plane): (usize, &mut [f32])| {
-        let channel = &image[c * g.height * g.width..][..g.height * g.width];
+    fill_plane_rows(g, plan, planes, parallel, |c, y, row| row.copy_from_slice(&image[(c * g.height + y) * g.width..][..g.width]));
+}
+
+/// Writes each plane's rows that lie inside the image with `row(plane, image row, its place
+/// in the plane)`; the padding stays as it was (zero).
+fn fill_plane_rows<W: Send>(g: &Geometry, plan: &Plan, planes: &mut [W], parallel: bool, row: impl Fn(usize, usize, &mut [W]) + Sync) {
+    let fill = |(c, plane): (usize, &mut [W])| {
         for r in 0..plan.padded_rows(g) {
             if let Some(y) = plan.image_row(g, r) {
                 let start = r * plan.wp + g.padding;
-                plane[start..start + g.width].copy_from_slice(&channel[y * g.width..(y + 1) * g.width]);
+                row(c, y, &mut plane[start..start + g.width]);
             }
         }
     };
@@ -258,27 +263,16 @@ pub(super) fn kernel_gradient(g: &Geometry, input: &[f32], grad_output: &[f32]) 
 /// [`pack_kernel_bf16`], f32 sums.
 pub(super) fn forward_image_bf16(isa: Isa, g: &Geometry, image: &[f32], panels: &[u32], bias: Option<&[f32]>, out: &mut [f32], parallel: bool) {
     let (_, nr) = isa.tile();
-    let (pairs, plane_len) = (g.in_channels.div_ceil(2), g.height * g.width);
+    let pairs = g.in_channels.div_ceil(2);
     let mut planes = Vec::new();
     for plan in Plan::bands(g, nr, pairs, 4) {
         planes.clear();
         planes.resize(pairs * plan.plane, 0u32);
-        let fill = |(q, plane): (usize, &mut [u32])| {
-            let even = &image[2 * q * plane_len..][..plane_len];
-            let odd = (2 * q + 1 < g.in_channels).then(|| &image[(2 * q + 1) * plane_len..][..plane_len]);
-            for r in 0..plan.padded_rows(g) {
-                if let Some(y) = plan.image_row(g, r) {
-                    let start = r * plan.wp + g.padding;
-                    let row = y * g.width..(y + 1) * g.width;
-                    vector::round_pairs(isa, &even[row.clone()], odd.map(|odd| &odd[row]), &mut plane[start..start + g.width]);
-                }
-            }
-        };
-        if parallel {
-            planes.par_chunks_mut(plan.plane).enumerate().for_each(fill);
-        } else {
-            planes.chunks_mut(plan.plane).enumerate().for_each(fill);
-        }
+        fill_plane_rows(g, &plan, &mut planes, parallel, |q, y, words| {
+            // Channels 2q and 2q + 1 (zero past the last) at image row y.
+            let row_of = |c: usize| &image[(c * g.height + y) * g.width..][..g.width];
+            vector::round_pairs(isa, row_of(2 * q), (2 * q + 1 < g.in_channels).then(|| row_of(2 * q + 1)), words);
+        });
         product(isa, g, &plan, pairs, &planes, panels, bias, out, parallel, gemm_bf16::walk_kernel);
     }
 }
