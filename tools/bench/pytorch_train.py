@@ -4,6 +4,10 @@ backward, AdamW) of the same UNet, built from the config.json that `diffuse benc
 
     python tools/bench/pytorch_train.py --kind text-to-image --config unet.json --batch 64 --runs 5 --threads 2
 
+`--mixed-precision bf16` runs the forward pass and the loss under
+`torch.autocast("cpu", dtype=torch.bfloat16)`, as accelerate's `mixed_precision="bf16"` does
+(f32 weights and optimizer), beside `diffuse bench --train KIND --mixed-precision bf16`.
+
 Prints the median, min and max seconds per step after one warm-up, images per second, and the
 process's peak RSS.
 """
@@ -25,6 +29,7 @@ def main():
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -47,7 +52,8 @@ def main():
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.mse_loss(forward(), noise)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16"):
+            loss = torch.nn.functional.mse_loss(forward().float(), noise)
         loss.backward()
         optimizer.step()
 
@@ -60,7 +66,8 @@ def main():
     median = statistics.median(times)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
     parameters = sum(p.numel() for p in model.parameters())
-    print(f"pytorch {torch.__version__} train {args.kind}: {parameters} parameters, batch {b}, fp32, threads {args.threads}: "
+    precision = "fp32" if args.mixed_precision == "no" else "bf16 mixed"
+    print(f"pytorch {torch.__version__} train {args.kind}: {parameters} parameters, batch {b}, {precision}, threads {args.threads}: "
           f"median {median:.3f}s min {min(times):.3f}s max {max(times):.3f}s ({b / median:.1f} images/s) peak RSS {rss:.2f} GB")
 
 

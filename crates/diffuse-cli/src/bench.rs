@@ -10,6 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use diffuse::ops::Precision;
 use diffuse::loading::config::{parse_config, read_json_object};
 use diffuse::loading::weights::{find_weight_files, var_builder};
 use diffuse::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
@@ -59,6 +60,9 @@ pub struct BenchArgs {
     /// same model from it).
     #[arg(long)]
     save_config: Option<PathBuf>,
+    /// With --train: `no`, or `bf16` for mixed precision as `diffuse train --mixed-precision`.
+    #[arg(long, default_value = "no")]
+    mixed_precision: String,
     /// Measure the kernels instead: the CPU's peak multiply-add rate for the instruction set
     /// in use, and the GFLOP/s of the matrix product, convolution and attention kernels on SD
     /// 1.5's shapes at 512×512 (best of --runs).
@@ -215,21 +219,23 @@ fn training_bench(kind: &str, batch: usize, device: &Device) -> Result<TrainingB
 /// Times training steps: the loss, its gradients, and an AdamW update of every parameter (on
 /// the host, as `diffuse train` does).
 fn run_training(args: &BenchArgs, kind: &str, device: &Device) -> Result<()> {
+    let precision = crate::train::parse_mixed_precision(&args.mixed_precision)?;
     let bench = training_bench(kind, args.batch, device)?;
     if let Some(path) = &args.save_config {
         std::fs::write(path, serde_json::to_string_pretty(&Value::Object(bench.config.clone()))?)?;
     }
     let threads = candle_core::utils::get_num_threads();
     outln!(
-        "diffuse {} train {kind}: {} parameters, batch {}, f32, threads {threads}",
+        "diffuse {} train {kind}: {} parameters, batch {}, {}, threads {threads}",
         env!("CARGO_PKG_VERSION"),
         bench.parameters.num_values(),
-        args.batch
+        args.batch,
+        if precision == Precision::Bf16 { "bf16 mixed" } else { "f32" }
     );
     let mut optimizer = AdamW::new(AdamWConfig::default(), &bench.parameters.sizes());
     let mut values = bench.parameters.values()?;
     let times = time(args.runs, || {
-        let grads = (bench.loss)()?.backward()?;
+        let grads = diffuse::ops::with_training_precision(precision, || (bench.loss)())?.backward()?;
         let grads = bench
             .parameters
             .vars()

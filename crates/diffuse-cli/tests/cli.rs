@@ -1213,9 +1213,10 @@ fn train_writes_a_pipeline_that_generate_loads_and_resumes() {
     assert!(ok, "{stderr}");
     assert_eq!(decode_png(&image).0.len(), 64);
 
-    // Continued to 6 steps with --resume; without it the folder is refused.
+    // Continued to 6 steps with --resume (in bf16 mixed precision: the state is f32 either
+    // way); without it the folder is refused.
     assert_fails_with(&as_str(&train_args("6", &[])), "--resume");
-    let (ok, _, stderr) = diffuse(&as_str(&train_args("6", &["--resume"])));
+    let (ok, _, stderr) = diffuse(&as_str(&train_args("6", &["--resume", "--mixed-precision", "bf16"])));
     assert!(ok, "{stderr}");
     assert_eq!(std::fs::read_to_string(out.join("loss.csv")).unwrap().lines().count(), 7);
     // Another architecture cannot continue this run.
@@ -1245,6 +1246,8 @@ fn train_bad_input() {
     assert_fails_with(&with(&["--model-config", "tiny", "--resolution", "16"]), "use --image-fit pad or resize");
     assert_fails_with(&with(&["--class-dropout", "0.2"]), "--class-dropout");
     assert_fails_with(&with(&["--resume"]), "no checkpoint");
+    assert_fails_with(&with(&["--mixed-precision", "fp16"]), "use --mixed-precision bf16");
+    assert_fails_with(&with(&["--mixed-precision", "fp8"]), "--mixed-precision fp8 is not one of no, bf16");
     let missing = dir.join("nothing-here");
     assert_fails_with(&["train", "--data", missing.to_str().unwrap(), "--output", out, "--quiet"], "no such file or folder");
     let empty = dir.join("empty");

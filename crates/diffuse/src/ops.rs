@@ -103,11 +103,12 @@ pub fn conv2d(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: us
         if !tracked && matches!(weight.dtype(), DType::F32 | DType::BF16) {
             // Inference: the bias is added as the product is written, not in another pass.
             let bias = bias.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()?;
-            return Ok(input.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &conv::Conv2d { stride, padding, bias })?);
+            return Ok(input.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &conv::Conv2d { stride, padding, bias, precision: Precision::F32 })?);
         }
     }
     if uses_kernels(input.device()) && input.dtype() == DType::F32 && weight.dtype() == DType::F32 {
-        let output = input.contiguous()?.apply_op2(&weight.contiguous()?, conv::Conv2d { stride, padding, bias: None })?;
+        let op = conv::Conv2d { stride, padding, bias: None, precision: training_precision() };
+        let output = input.contiguous()?.apply_op2(&weight.contiguous()?, op)?;
         return match bias {
             Some(bias) if bias.dtype() == DType::F32 => Ok(output.apply_op2(&bias.contiguous()?, fused::ChannelBias)?),
             _ => add_channel_bias(output, bias),
@@ -161,9 +162,10 @@ pub fn linear(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<
         flat.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &LinearCpu { bias })?
     } else if trainable {
         let (flat, weight) = (flat.contiguous()?, weight.contiguous()?);
+        let op = fused::Linear { precision: training_precision() };
         match bias {
-            Some(bias) => flat.apply_op3(&weight, &bias.contiguous()?, fused::Linear)?,
-            None => flat.apply_op2(&weight, fused::Linear)?,
+            Some(bias) => flat.apply_op3(&weight, &bias.contiguous()?, op)?,
+            None => flat.apply_op2(&weight, op)?,
         }
     } else {
         let output = flat.matmul(&weight.t()?)?;
@@ -193,7 +195,12 @@ pub fn linear_with_lora(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, 
     let dims = input.dims();
     let in_features = *dims.last().ok_or_else(|| crate::Error::invalid("linear: input has rank 0"))?;
     let flat = input.reshape((input.elem_count() / in_features.max(1), in_features))?.contiguous()?;
-    let op = fused::LoraLinear { weight: weight.contiguous()?, bias: bias.map(|b| b.contiguous()).transpose()?, scale: scale as f32 };
+    let op = fused::LoraLinear {
+        weight: weight.contiguous()?,
+        bias: bias.map(|b| b.contiguous()).transpose()?,
+        scale: scale as f32,
+        precision: training_precision(),
+    };
     let output = flat.apply_op3(&down.contiguous()?, &up.contiguous()?, op)?;
     let mut out_dims = dims.to_vec();
     if let Some(last) = out_dims.last_mut() {
@@ -295,7 +302,7 @@ impl candle_core::CustomOp2 for LinearCpu {
     fn cpu_fwd(&self, input: &CpuStorage, input_layout: &Layout, weight: &CpuStorage, weight_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let CpuStorage::BF16(data) = weight else {
             // An f32 weight: the product training's linear layer makes.
-            return fused::Linear::forward(input, input_layout, weight, weight_layout, self.bias.as_deref());
+            return fused::Linear { precision: Precision::F32 }.forward(input, input_layout, weight, weight_layout, self.bias.as_deref());
         };
         let (rows, in_features) = input_layout.shape().dims2()?;
         let (out_features, weight_in) = weight_layout.shape().dims2()?;
@@ -610,6 +617,33 @@ impl Precision {
     }
 }
 
+thread_local! {
+    static TRAINING_PRECISION: std::cell::Cell<Precision> = const { std::cell::Cell::new(Precision::F32) };
+}
+
+/// Runs `f` with the products of the layers it trains (convolutions and linear layers whose
+/// gradients are tracked) in `precision`: bf16 mixed precision, the CPU kernels' counterpart of
+/// `torch.autocast("cpu", dtype=torch.bfloat16)` as accelerate's `mixed_precision="bf16"`
+/// applies it. The weights, their gradients and everything else (norms, softmax, element-wise
+/// work, the optimizer) stay f32; only the products' operands are rounded to bf16, with f32
+/// sums, in the forward pass and in the backward passes of the ops built inside `f`.
+/// Inference is unaffected (a bf16 model says so with its weights' type).
+pub fn with_training_precision<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
+    struct Restore(Precision);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            TRAINING_PRECISION.with(|p| p.set(self.0));
+        }
+    }
+    let _restore = Restore(TRAINING_PRECISION.with(|p| p.replace(precision)));
+    f()
+}
+
+/// The precision [`with_training_precision`] set on this thread (f32 outside it).
+fn training_precision() -> Precision {
+    TRAINING_PRECISION.with(|p| p.get())
+}
+
 /// [`scaled_dot_product_attention`] with its two products (on the CPU kernel) in `precision`;
 /// the softmax is f32 either way.
 pub fn scaled_dot_product_attention_in(query: &Tensor, key: &Tensor, value: &Tensor, scale: Option<f64>, precision: Precision) -> Result<Tensor> {
@@ -654,7 +688,7 @@ fn flash_attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64, mas
         // off a projection by a transpose); the output comes back as [B, L, H, D], transposed.
         let in_place = |t: &Tensor| -> Result<Tensor> { Ok(if t.stride()[3] == 1 { t.clone() } else { t.contiguous()? }) };
         let (query, key, value) = (in_place(query)?, in_place(key)?, in_place(value)?);
-        return Ok(Some(query.apply_op3(&key, &value, fused::Attention { scale: scale as f32 })?.transpose(1, 2)?));
+        return Ok(Some(query.apply_op3(&key, &value, fused::Attention { scale: scale as f32, precision: training_precision() })?.transpose(1, 2)?));
     }
     if !uses_kernels(query.device()) || tracked || query.dtype() == DType::F64 || query.rank() != 4 {
         return Ok(None);

@@ -8,6 +8,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use diffuse::ops::Precision;
 use diffuse::loading::config::{parse_config, read_json_object};
 use diffuse::loading::weights::{find_weight_files, var_builder};
 use diffuse::lora::adapters::{AdapterConfig, Adapters, TEXT_ENCODER_ATTENTION, UNET_ATTENTION, UNET_CROSS_ATTENTION, UNET_RESNETS};
@@ -281,6 +282,7 @@ fn train_config(output_dir: &Path, steps: usize) -> TrainConfig {
         sample_at_start: true,
         seed: 1,
         resume: false,
+        mixed_precision: Precision::F32,
     }
 }
 

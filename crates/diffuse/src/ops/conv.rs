@@ -18,7 +18,8 @@ use half::bf16;
 
 use super::conv_direct;
 use super::gemm::{self, ASource, Columns, Init, MatRef, PackB, PackedA};
-use super::gemm_bf16::{gemm_bf16, ABf16, Bf16Matrix, RoundedB};
+use super::gemm_bf16::{gemm_bf16, gemm_in, ABf16, Bf16Matrix, RoundedB};
+use super::Precision;
 
 /// The column buffer holds at most this many values (16 MiB): a band of output rows at a time.
 const COLUMN_BUDGET: usize = 4 << 20;
@@ -292,27 +293,56 @@ fn forward_with(g: &Geometry, input: &[f32], bias: Option<&[f32]>, product: impl
     output
 }
 
-/// The input's gradient: `weightᵀ · grad_output`, scattered back through col2im.
+/// The input's gradient: `weightᵀ · grad_output`, scattered back through col2im; the
+/// products in `precision` (f32 sums either way).
 ///
 /// Panics if the slices' lengths do not match the geometry.
-pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32]) -> Vec<f32> {
+pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32], precision: Precision) -> Vec<f32> {
     let (out_hw, k) = (g.out_height() * g.out_width(), g.patch_len());
     assert!(grad_output.len() == g.batch * g.output_len() && weight.len() == g.out_channels * k, "conv2d: operand sizes");
     let mut grad_input = vec![0f32; g.batch * g.input_len()];
     if grad_input.is_empty() || out_hw == 0 {
         return grad_input;
     }
-    if let Some(transposed) = conv_direct::input_gradient_geometry(g).filter(|t| conv_direct::suits(t, false)) {
+    let bf16 = precision == Precision::Bf16;
+    if let Some(transposed) = conv_direct::input_gradient_geometry(g).filter(|t| conv_direct::suits(t, bf16)) {
         let isa = gemm::isa();
-        let panels = conv_direct::pack_kernel_for_input_gradient(g, &transposed, weight, isa.tile().0);
+        let mr = isa.tile().0;
+        if bf16 {
+            let panels = conv_direct::pack_kernel_for_input_gradient_bf16(g, &transposed, weight, mr);
+            return forward_with(&transposed, grad_output, None, |out, image, _, parallel| {
+                conv_direct::forward_image_bf16(isa, &transposed, image, &panels, None, out, parallel)
+            });
+        }
+        let panels = conv_direct::pack_kernel_for_input_gradient(g, &transposed, weight, mr);
         return forward_with(&transposed, grad_output, None, |out, image, _, parallel| conv_direct::forward_image(isa, &transposed, image, &panels, None, out, parallel));
     }
-    let kernel_t = PackedA::new(&MatRef::row_major(weight, g.out_channels, k).expect("sizes checked").t());
+    // `weightᵀ` prepared once for every image and band: packed in f32, transposed and rounded
+    // in bf16 (read as a weight).
+    let kernel = MatRef::row_major(weight, g.out_channels, k).expect("sizes checked");
+    let kernel_t = match precision {
+        Precision::F32 => KernelT::F32(PackedA::new(&kernel.t())),
+        Precision::Bf16 => KernelT::Bf16((0..k * g.out_channels).map(|i| bf16::from_f32(weight[(i % g.out_channels) * k + i / g.out_channels])).collect()),
+    };
+    enum KernelT {
+        F32(PackedA),
+        Bf16(Vec<bf16>),
+    }
+    /// `c = weightᵀ · right`.
+    fn weight_t_times(kernel_t: &KernelT, out_channels: usize, c: &mut [f32], ldc: usize, right: &impl PackB, parallel: bool) {
+        match kernel_t {
+            KernelT::F32(packed) => gemm::gemm(c, ldc, ASource::Packed(packed), right, Init::Overwrite, parallel),
+            KernelT::Bf16(values) => {
+                let a = ABf16::Weight(Bf16Matrix::new(values, values.len() / out_channels.max(1), out_channels).expect("sized"));
+                gemm_bf16(c, ldc, a, &RoundedB::new(right), Init::Overwrite, parallel)
+            }
+        }
+    }
     let (images_parallel, product_parallel) = split(g.batch);
     for_each_image(images_parallel, &mut grad_input, g.input_len(), |b, grad_image| {
         let grad_out = MatRef::row_major(&grad_output[b * g.output_len()..(b + 1) * g.output_len()], g.out_channels, out_hw).expect("sizes checked");
         if g.is_pointwise() {
-            gemm::gemm(grad_image, out_hw, ASource::Packed(&kernel_t), &grad_out, Init::Overwrite, product_parallel);
+            weight_t_times(&kernel_t, g.out_channels, grad_image, out_hw, &grad_out, product_parallel);
             return;
         }
         let band_rows = g.band_rows();
@@ -321,17 +351,18 @@ pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32]) -> Vec<
             let rows = start..(start + band_rows).min(g.out_height());
             let band = rows.len() * g.out_width();
             let band_of_grad = Columns { inner: &grad_out, first: start * g.out_width(), len: band };
-            gemm::gemm(&mut col[..k * band], band, ASource::Packed(&kernel_t), &band_of_grad, Init::Overwrite, product_parallel);
+            weight_t_times(&kernel_t, g.out_channels, &mut col[..k * band], band, &band_of_grad, product_parallel);
             col2im(g, &col[..k * band], rows, grad_image);
         }
     });
     grad_input
 }
 
-/// The weight's gradient: `Σ_images grad_output · colᵀ`.
+/// The weight's gradient: `Σ_images grad_output · colᵀ`, the products in `precision` (f32
+/// sums either way).
 ///
 /// Panics if the slices' lengths do not match the geometry.
-pub fn backward_weight(g: &Geometry, input: &[f32], grad_output: &[f32]) -> Vec<f32> {
+pub fn backward_weight(g: &Geometry, input: &[f32], grad_output: &[f32], precision: Precision) -> Vec<f32> {
     let (out_hw, k) = (g.out_height() * g.out_width(), g.patch_len());
     assert!(input.len() == g.batch * g.input_len() && grad_output.len() == g.batch * g.output_len(), "conv2d: operand sizes");
     let weight_len = g.out_channels * k;
@@ -339,7 +370,7 @@ pub fn backward_weight(g: &Geometry, input: &[f32], grad_output: &[f32]) -> Vec<
         return Vec::new();
     }
     if conv_direct::input_gradient_geometry(g).is_some() && conv_direct::suits(g, false) {
-        return conv_direct::kernel_gradient(g, input, grad_output);
+        return conv_direct::kernel_gradient(g, input, grad_output, precision);
     }
     let (images_parallel, product_parallel) = split(g.batch);
     // One partial sum per thread's share of the images, added at the end.
@@ -355,7 +386,7 @@ pub fn backward_weight(g: &Geometry, input: &[f32], grad_output: &[f32]) -> Vec<
             if g.is_pointwise() {
                 let grad_view = MatRef::row_major(grad_out, g.out_channels, out_hw).expect("sizes checked");
                 let image_t = MatRef::row_major(image, k, out_hw).expect("sizes checked").t();
-                gemm::gemm(grad_weight, k, ASource::View(grad_view), &image_t, if first { Init::Overwrite } else { Init::Accumulate }, product_parallel);
+                gemm_in(precision, grad_weight, k, grad_view, &image_t, if first { Init::Overwrite } else { Init::Accumulate }, product_parallel);
                 first = false;
                 continue;
             }
@@ -367,7 +398,7 @@ pub fn backward_weight(g: &Geometry, input: &[f32], grad_output: &[f32]) -> Vec<
                 let offset = start * g.out_width();
                 let grad_view = MatRef::new(&grad_out[offset..], g.out_channels, band, out_hw, 1).expect("sizes checked");
                 let col_t = MatRef::row_major(&col[..k * band], k, band).expect("sizes checked").t();
-                gemm::gemm(grad_weight, k, ASource::View(grad_view), &col_t, if first { Init::Overwrite } else { Init::Accumulate }, product_parallel);
+                gemm_in(precision, grad_weight, k, grad_view, &col_t, if first { Init::Overwrite } else { Init::Accumulate }, product_parallel);
                 first = false;
             }
         }
@@ -411,6 +442,9 @@ pub struct Conv2d {
     /// Added as the output is written (inference: the backward pass gives the bias no
     /// gradient, so training adds it outside the op).
     pub bias: Option<Vec<f32>>,
+    /// The products of an f32 kernel: f32, or bf16 mixed precision (training; f32 sums and
+    /// gradients). A bf16 kernel (inference) computes in bf16 whatever this says.
+    pub precision: Precision,
 }
 
 impl CustomOp2 for Conv2d {
@@ -430,7 +464,13 @@ impl CustomOp2 for Conv2d {
                 Some((start, end)) => forward_bf16(&g, input, &data[start..end], self.bias.as_deref()),
                 None => candle_core::bail!("conv2d: the kernel is not contiguous"),
             },
-            _ => forward(&g, input, contiguous(weight, weight_layout, "kernel")?, self.bias.as_deref()),
+            _ => {
+                let weight = contiguous(weight, weight_layout, "kernel")?;
+                match self.precision {
+                    Precision::F32 => forward(&g, input, weight, self.bias.as_deref()),
+                    Precision::Bf16 => forward_bf16(&g, input, &weight.iter().map(|&w| bf16::from_f32(w)).collect::<Vec<_>>(), self.bias.as_deref()),
+                }
+            }
         };
         Ok((CpuStorage::F32(output), Shape::from((g.batch, g.out_channels, g.out_height(), g.out_width()))))
     }
@@ -442,12 +482,12 @@ impl CustomOp2 for Conv2d {
         let grad_output = grad_output.detach().contiguous()?;
         let (input, weight) = (input.detach(), weight.detach());
         let grad_input = if input_needs_grad {
-            Some(grad_output.apply_op2_no_bwd(&weight, &GradInput { stride: self.stride, padding: self.padding, input_dims: input.dims().to_vec() })?)
+            Some(grad_output.apply_op2_no_bwd(&weight, &GradInput { stride: self.stride, padding: self.padding, input_dims: input.dims().to_vec(), precision: self.precision })?)
         } else {
             None
         };
         let grad_weight = if weight_needs_grad {
-            Some(input.apply_op2_no_bwd(&grad_output, &GradWeight { stride: self.stride, padding: self.padding, weight_dims: weight.dims().to_vec() })?)
+            Some(input.apply_op2_no_bwd(&grad_output, &GradWeight { stride: self.stride, padding: self.padding, weight_dims: weight.dims().to_vec(), precision: self.precision })?)
         } else {
             None
         };
@@ -460,6 +500,7 @@ struct GradInput {
     stride: usize,
     padding: usize,
     input_dims: Vec<usize>,
+    precision: Precision,
 }
 
 impl CustomOp2 for GradInput {
@@ -471,7 +512,7 @@ impl CustomOp2 for GradInput {
         let _timer = super::profile::timer("conv2d backward (input)");
         let input_layout = Layout::contiguous(self.input_dims.as_slice());
         let g = geometry(&input_layout, weight_layout, self.stride, self.padding)?;
-        let values = backward_input(&g, contiguous(grad, grad_layout, "output gradient")?, contiguous(weight, weight_layout, "kernel")?);
+        let values = backward_input(&g, contiguous(grad, grad_layout, "output gradient")?, contiguous(weight, weight_layout, "kernel")?, self.precision);
         Ok((CpuStorage::F32(values), Shape::from(self.input_dims.as_slice())))
     }
 }
@@ -481,6 +522,7 @@ struct GradWeight {
     stride: usize,
     padding: usize,
     weight_dims: Vec<usize>,
+    precision: Precision,
 }
 
 impl CustomOp2 for GradWeight {
@@ -492,7 +534,7 @@ impl CustomOp2 for GradWeight {
         let _timer = super::profile::timer("conv2d backward (kernel)");
         let weight_layout = Layout::contiguous(self.weight_dims.as_slice());
         let g = geometry(input_layout, &weight_layout, self.stride, self.padding)?;
-        let values = backward_weight(&g, contiguous(input, input_layout, "input")?, contiguous(grad, grad_layout, "output gradient")?);
+        let values = backward_weight(&g, contiguous(input, input_layout, "input")?, contiguous(grad, grad_layout, "output gradient")?, self.precision);
         Ok((CpuStorage::F32(values), Shape::from(self.weight_dims.as_slice())))
     }
 }
@@ -641,16 +683,26 @@ mod tests {
         }
     }
 
-    /// The gradients of loss = Σ output · r against the definition (in f64).
+    /// The output and the gradients of loss = Σ output · r against the definition (in f64), in
+    /// f32 and in bf16 mixed precision, where the definition takes every product's operands
+    /// rounded to bf16 (the sums stay f32, so the tolerance is the same).
     #[test]
     fn gradients_match_the_definition() -> candle_core::Result<()> {
-        for g in geometries() {
+        let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect() };
+        for (g, precision) in geometries().into_iter().flat_map(|g| [(g, Precision::F32), (g, Precision::Bf16)]) {
             let dev = Device::Cpu;
             let (input, weight, r) = (values(g.batch * g.input_len(), 3), values(g.out_channels * g.patch_len(), 4), values(g.batch * g.output_len(), 5));
             let input_var = Var::from_vec(input.clone(), (g.batch, g.in_channels, g.height, g.width), &dev)?;
             let weight_var = Var::from_vec(weight.clone(), (g.out_channels, g.in_channels, g.kernel_h, g.kernel_w), &dev)?;
             let r_tensor = Tensor::from_vec(r.clone(), (g.batch, g.out_channels, g.out_height(), g.out_width()), &dev)?;
-            let output = input_var.as_tensor().apply_op2(weight_var.as_tensor(), Conv2d { stride: g.stride, padding: g.padding, bias: None })?;
+            let output = input_var.as_tensor().apply_op2(weight_var.as_tensor(), Conv2d { stride: g.stride, padding: g.padding, bias: None, precision })?;
+            let (input, weight, r) = match precision {
+                Precision::F32 => (input, weight, r),
+                Precision::Bf16 => (round(&input), round(&weight), round(&r)),
+            };
+            for (a, b) in output.flatten_all()?.to_vec1::<f32>()?.iter().zip(reference(&g, &input, &weight)) {
+                assert!((*a as f64 - b).abs() < 1e-5, "{g:?} {precision:?}: the output is {a}, the definition gives {b}");
+            }
             let grads = (output * r_tensor)?.sum_all()?.backward()?;
             let grad_input = grads.get(input_var.as_tensor()).expect("input gradient").flatten_all()?.to_vec1::<f32>()?;
             let grad_weight = grads.get(weight_var.as_tensor()).expect("kernel gradient").flatten_all()?.to_vec1::<f32>()?;
@@ -682,7 +734,7 @@ mod tests {
             }
             for (got, want, what) in [(&grad_input, &want_input, "input"), (&grad_weight, &want_weight, "kernel")] {
                 for (a, b) in got.iter().zip(want.iter()) {
-                    assert!((*a as f64 - b).abs() < 1e-5, "{g:?}: the {what} gradient is {a}, the definition gives {b}");
+                    assert!((*a as f64 - b).abs() < 1e-5, "{g:?} {precision:?}: the {what} gradient is {a}, the definition gives {b}");
                 }
             }
         }
@@ -695,7 +747,7 @@ mod tests {
         let dev = Device::Cpu;
         let input = Tensor::ones((1, 2, 4, 4), candle_core::DType::F32, &dev)?;
         let weight = Var::ones((3, 2, 3, 3), candle_core::DType::F32, &dev)?;
-        let grads = input.apply_op2(weight.as_tensor(), Conv2d { stride: 1, padding: 1, bias: None })?.sum_all()?.backward()?;
+        let grads = input.apply_op2(weight.as_tensor(), Conv2d { stride: 1, padding: 1, bias: None, precision: Precision::F32 })?.sum_all()?.backward()?;
         assert!(grads.get(&input).is_none());
         assert!(grads.get(weight.as_tensor()).is_some());
         Ok(())

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use super::conv::Geometry;
 use super::gemm::{self, ASource, BWalk, COut, Init, Isa, MatRef, PackedB};
 use super::gemm_bf16;
-use super::vector;
+use super::{vector, Precision};
 
 /// Bytes of input planes that one block of output columns reads, kept in L2 while every row
 /// panel of the kernel passes over them.
@@ -167,6 +167,16 @@ pub(super) fn pack_kernel_for_input_gradient(g: &Geometry, transposed: &Geometry
     pack_panels(transposed, g.out_channels, mr, |o, c, t| weight[(c * g.in_channels + o) * taps + taps - 1 - t])
 }
 
+/// [`pack_kernel_for_input_gradient`] rounded to bf16 for [`forward_image_bf16`] (mixed
+/// precision): a word holds the transposed convolution's input channels `2q` and `2q + 1`.
+pub(super) fn pack_kernel_for_input_gradient_bf16(g: &Geometry, transposed: &Geometry, weight: &[f32], mr: usize) -> Vec<u32> {
+    let taps = g.kernel_h * g.kernel_w;
+    let at = |o: usize, c: usize, t: usize| {
+        if c < g.out_channels { gemm_bf16::to_bf16_bits(weight[(c * g.in_channels + o) * taps + taps - 1 - t]) as u32 } else { 0 }
+    };
+    pack_panels(transposed, g.out_channels.div_ceil(2), mr, |o, q, t| at(o, 2 * q, t) | at(o, 2 * q + 1, t) << 16)
+}
+
 /// One image's output `[C_out, H_out·W_out]` of `image` `[C_in, H, W]` and a kernel packed by
 /// [`pack_kernel`] for `isa`'s tile, plus `bias`.
 ///
@@ -213,8 +223,10 @@ fn fill_plane_rows<W: Send>(g: &Geometry, plan: &Plan, planes: &mut [W], paralle
 /// Images are shared over the threads when there are enough of them, each share summing its
 /// own; otherwise the products use every thread.
 ///
+/// In bf16 (mixed precision) both operands are rounded as they are packed, the sums f32.
+///
 /// Panics unless `g` [`suits`] the direct path in f32 and the slices match it.
-pub(super) fn kernel_gradient(g: &Geometry, input: &[f32], grad_output: &[f32]) -> Vec<f32> {
+pub(super) fn kernel_gradient(g: &Geometry, input: &[f32], grad_output: &[f32], precision: Precision) -> Vec<f32> {
     let isa = gemm::isa();
     let plan = Plan::new(g, isa.tile().1);
     let (taps, in_channels, out_channels) = (plan.taps.len(), g.in_channels, g.out_channels);
@@ -239,10 +251,21 @@ pub(super) fn kernel_gradient(g: &Geometry, input: &[f32], grad_output: &[f32]) 
                     }
                 }
                 let grad_t = MatRef::row_major(&grad_rows, out_channels, plan.columns).expect("sized").t();
-                let grad_t = PackedB::with_isa(&grad_t, isa);
-                for (t, &offset) in plan.taps.iter().enumerate() {
-                    let rows = MatRef::new(&planes[offset..], in_channels, plan.columns, plan.plane, 1).expect("inside the planes (see Plan)");
-                    gemm::gemm_with(isa, &mut sums[t * per_tap..(t + 1) * per_tap], out_channels, ASource::InPlace(rows), &grad_t, Init::Accumulate, parallel);
+                let rows = |offset: usize| MatRef::new(&planes[offset..], in_channels, plan.columns, plan.plane, 1).expect("inside the planes (see Plan)");
+                match precision {
+                    Precision::F32 => {
+                        let grad_t = PackedB::with_isa(&grad_t, isa);
+                        for (t, &offset) in plan.taps.iter().enumerate() {
+                            gemm::gemm_with(isa, &mut sums[t * per_tap..(t + 1) * per_tap], out_channels, ASource::InPlace(rows(offset)), &grad_t, Init::Accumulate, parallel);
+                        }
+                    }
+                    Precision::Bf16 => {
+                        let grad_t = gemm_bf16::PackedBPairs::new(&gemm_bf16::RoundedB { source: &grad_t, isa }, isa);
+                        for (t, &offset) in plan.taps.iter().enumerate() {
+                            let a = gemm_bf16::ABf16::F32(rows(offset));
+                            gemm_bf16::gemm_bf16_with(isa, &mut sums[t * per_tap..(t + 1) * per_tap], out_channels, a, &grad_t, Init::Accumulate, parallel);
+                        }
+                    }
                 }
             }
             sums

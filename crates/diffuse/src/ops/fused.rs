@@ -7,7 +7,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous_f32, gemm, vector};
+use super::gemm_bf16::gemm_in;
+use super::{contiguous_f32, gemm, vector, Precision};
 
 /// Elements per task of the element-wise passes: enough to amortise a task, few enough that
 /// any layer's activations split over all threads.
@@ -352,15 +353,18 @@ fn softmax_backward_row(y: &[f32], g: &[f32], out: &mut [f32], scale: f32) {
     vector::softmax_backward_row(gemm::isa(), y, g, out, scale)
 }
 
-/// A linear layer for training on the f32 GEMM kernels: `input[rows, in] · weight[out, in]ᵀ`
-/// (+ `bias[out]` as the third operand). Its backward pass computes `∂input = G·weight`,
-/// `∂weight = Gᵀ·input` and `∂bias = Σ_rows G` on the same kernels, each only for an operand
-/// that needs it (a LoRA's frozen base weight gets none).
-pub(super) struct Linear;
+/// A linear layer for training on the GEMM kernels: `input[rows, in] · weight[out, in]ᵀ`
+/// (+ `bias[out]` as the third operand), the products in `precision`. Its backward pass
+/// computes `∂input = G·weight`, `∂weight = Gᵀ·input` and `∂bias = Σ_rows G` on the same
+/// kernels, each only for an operand that needs it (a LoRA's frozen base weight gets none).
+pub(super) struct Linear {
+    /// f32 products, or bf16 mixed precision (f32 sums and gradients).
+    pub precision: Precision,
+}
 
 impl Linear {
     /// `input · weightᵀ (+ bias)` on contiguous f32 operands (also inference's f32 product).
-    pub(super) fn forward(input: &CpuStorage, input_layout: &Layout, weight: &CpuStorage, weight_layout: &Layout, bias: Option<&[f32]>) -> candle_core::Result<(CpuStorage, Shape)> {
+    pub(super) fn forward(&self, input: &CpuStorage, input_layout: &Layout, weight: &CpuStorage, weight_layout: &Layout, bias: Option<&[f32]>) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, in_features) = input_layout.shape().dims2()?;
         let (out_features, weight_in) = weight_layout.shape().dims2()?;
         if weight_in != in_features || bias.is_some_and(|b| b.len() != out_features) {
@@ -372,11 +376,11 @@ impl Linear {
         };
         let mut output = vec![0f32; rows * out_features];
         let init = bias.map_or(gemm::Init::Overwrite, gemm::Init::ColumnBias);
-        gemm::gemm(&mut output, out_features, gemm::ASource::View(x), &w.t(), init, true);
+        gemm_in(self.precision, &mut output, out_features, x, &w.t(), init, true);
         Ok((CpuStorage::F32(output), Shape::from((rows, out_features))))
     }
 
-    fn backward(input: &Tensor, weight: &Tensor, grad_output: &Tensor, with_bias: bool) -> candle_core::Result<[Option<Tensor>; 3]> {
+    fn backward(&self, input: &Tensor, weight: &Tensor, grad_output: &Tensor, with_bias: bool) -> candle_core::Result<[Option<Tensor>; 3]> {
         let grad_output = grad_output.contiguous()?;
         let (rows, in_features) = input.dims2()?;
         let out_features = weight.dim(0)?;
@@ -385,12 +389,12 @@ impl Linear {
             let (x, w, g) = (matrix(s[0], rows, in_features)?, matrix(s[1], out_features, in_features)?, matrix(s[2], rows, out_features)?);
             let grad_input = input.track_op().then(|| {
                 let mut grad = vec![0f32; rows * in_features];
-                gemm::gemm(&mut grad, in_features, gemm::ASource::View(g), &w, gemm::Init::Overwrite, true);
+                gemm_in(self.precision, &mut grad, in_features, g, &w, gemm::Init::Overwrite, true);
                 grad
             });
             let grad_weight = weight.track_op().then(|| {
                 let mut grad = vec![0f32; out_features * in_features];
-                gemm::gemm(&mut grad, in_features, gemm::ASource::View(g.t()), &x, gemm::Init::Overwrite, true);
+                gemm_in(self.precision, &mut grad, in_features, g.t(), &x, gemm::Init::Overwrite, true);
                 grad
             });
             let grad_bias = with_bias.then(|| column_sums(s[2], out_features));
@@ -411,12 +415,12 @@ impl CustomOp2 for Linear {
     }
 
     fn cpu_fwd(&self, input: &CpuStorage, input_layout: &Layout, weight: &CpuStorage, weight_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        Self::forward(input, input_layout, weight, weight_layout, None)
+        self.forward(input, input_layout, weight, weight_layout, None)
     }
 
     fn bwd(&self, input: &Tensor, weight: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let _timer = super::profile::timer("linear backward");
-        let [grad_input, grad_weight, _] = Self::backward(input, weight, grad_output, false)?;
+        let [grad_input, grad_weight, _] = self.backward(input, weight, grad_output, false)?;
         Ok((grad_input, grad_weight))
     }
 }
@@ -435,7 +439,7 @@ impl CustomOp3 for Linear {
         bias: &CpuStorage,
         bias_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Self::forward(input, input_layout, weight, weight_layout, Some(contiguous_f32(bias, bias_layout, "linear bias")?))
+        self.forward(input, input_layout, weight, weight_layout, Some(contiguous_f32(bias, bias_layout, "linear bias")?))
     }
 
     fn bwd(
@@ -447,7 +451,7 @@ impl CustomOp3 for Linear {
         grad_output: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _timer = super::profile::timer("linear backward");
-        let [grad_input, grad_weight, grad_bias] = Self::backward(input, weight, grad_output, bias.track_op())?;
+        let [grad_input, grad_weight, grad_bias] = self.backward(input, weight, grad_output, bias.track_op())?;
         Ok((grad_input, grad_weight, grad_bias))
     }
 }
@@ -487,6 +491,8 @@ pub(super) struct LoraLinear {
     pub bias: Option<Tensor>,
     /// alpha / r.
     pub scale: f32,
+    /// f32 products, or bf16 mixed precision (f32 sums and gradients).
+    pub precision: Precision,
 }
 
 impl LoraLinear {
@@ -513,12 +519,12 @@ impl CustomOp3 for LoraLinear {
         with_slices(&frozen, "lora linear weight", |s| {
             let (x, w) = (view(x, rows, inputs), view(s[0], outputs, inputs));
             let init = s.get(1).map_or(gemm::Init::Overwrite, |bias| gemm::Init::ColumnBias(bias));
-            gemm::gemm(&mut output, outputs, gemm::ASource::View(x), &w.t(), init, true);
+            gemm_in(self.precision, &mut output, outputs, x, &w.t(), init, true);
             // H = x·Aᵀ, scaled, then y += H·Bᵀ.
             let mut h = vec![0f32; rows * rank];
-            gemm::gemm(&mut h, rank, gemm::ASource::View(x), &view(a, rank, inputs).t(), gemm::Init::Overwrite, true);
+            gemm_in(self.precision, &mut h, rank, x, &view(a, rank, inputs).t(), gemm::Init::Overwrite, true);
             h.iter_mut().for_each(|v| *v *= self.scale);
-            gemm::gemm(&mut output, outputs, gemm::ASource::View(view(&h, rows, rank)), &view(b, outputs, rank).t(), gemm::Init::Accumulate, true);
+            gemm_in(self.precision, &mut output, outputs, view(&h, rows, rank), &view(b, outputs, rank).t(), gemm::Init::Accumulate, true);
             Ok(())
         })?;
         Ok((CpuStorage::F32(output), Shape::from((rows, outputs))))
@@ -531,7 +537,7 @@ impl CustomOp3 for LoraLinear {
         let input_needs_grad = x.track_op();
         let (grad_x, grad_a, grad_b) = with_slices(&[x, a, b, &grad_output, &self.weight], "lora linear backward", |s| {
             let (x, a, b, g, w) = (view(s[0], rows, inputs), view(s[1], rank, inputs), view(s[2], outputs, rank), view(s[3], rows, outputs), view(s[4], outputs, inputs));
-            let product = |c: &mut [f32], ldc, left, right: &gemm::MatRef, init| gemm::gemm(c, ldc, gemm::ASource::View(left), right, init, true);
+            let product = |c: &mut [f32], ldc, left, right: &gemm::MatRef, init| gemm_in(self.precision, c, ldc, left, right, init, true);
             let mut h = vec![0f32; rows * rank];
             product(&mut h, rank, x, &a.t(), gemm::Init::Overwrite);
             let mut grad_h = vec![0f32; rows * rank];
@@ -625,6 +631,8 @@ impl CustomOp2 for ChannelBias {
 pub(super) struct Attention {
     /// The scores' scale, usually `1/sqrt(D)`.
     pub scale: f32,
+    /// f32 products, or bf16 mixed precision (the softmax is f32 either way).
+    pub precision: Precision,
 }
 
 /// The shapes of one attention call: (B, H, L, S, D).
@@ -670,7 +678,7 @@ impl Attention {
     /// One head's probabilities `softmax(q·kᵀ·scale)` into `p` (`L×S`).
     fn probabilities(&self, q: gemm::MatRef, k: gemm::MatRef, p: &mut [f32], parallel: bool) {
         let keys = k.rows();
-        gemm::gemm(p, keys, gemm::ASource::View(q), &k.t(), gemm::Init::Overwrite, parallel);
+        gemm_in(self.precision, p, keys, q, &k.t(), gemm::Init::Overwrite, parallel);
         p.chunks_exact_mut(keys.max(1)).for_each(|row| softmax_row(row, self.scale));
     }
 }
@@ -704,7 +712,7 @@ impl CustomOp3 for Attention {
                 for h in 0..heads {
                     self.probabilities(q.at(b, h)?, k.at(b, h)?, &mut p, parallel);
                     // Head h's rows of the [L, H·D] block: every H·D values from h·D.
-                    gemm::gemm(&mut out[h * depth..], width, gemm::ASource::View(view(&p, rows, keys)), &v.at(b, h)?, gemm::Init::Overwrite, parallel);
+                    gemm_in(self.precision, &mut out[h * depth..], width, view(&p, rows, keys), &v.at(b, h)?, gemm::Init::Overwrite, parallel);
                 }
                 Ok(())
             })?;
@@ -746,14 +754,14 @@ impl CustomOp3 for Attention {
                             .ok_or_else(|| candle_core::Error::Msg("attention backward: gradient size".into()))?;
                         self.probabilities(qh, kh, &mut p, parallel);
                         let (into, ldc) = (h * depth, width);
-                        gemm::gemm(&mut grad_v[into..], ldc, gemm::ASource::View(view(&p, rows, keys).t()), &g, gemm::Init::Overwrite, parallel);
-                        gemm::gemm(&mut grad_p, keys, gemm::ASource::View(g), &vh.t(), gemm::Init::Overwrite, parallel);
+                        gemm_in(self.precision, &mut grad_v[into..], ldc, view(&p, rows, keys).t(), &g, gemm::Init::Overwrite, parallel);
+                        gemm_in(self.precision, &mut grad_p, keys, g, &vh.t(), gemm::Init::Overwrite, parallel);
                         for ((out, p_row), grad_row) in grad_scores.chunks_exact_mut(keys).zip(p.chunks_exact(keys)).zip(grad_p.chunks_exact(keys)) {
                             softmax_backward_row(p_row, grad_row, out, self.scale);
                         }
                         let scores = view(&grad_scores, rows, keys);
-                        gemm::gemm(&mut grad_q[into..], ldc, gemm::ASource::View(scores), &kh, gemm::Init::Overwrite, parallel);
-                        gemm::gemm(&mut grad_k[into..], ldc, gemm::ASource::View(scores.t()), &qh, gemm::Init::Overwrite, parallel);
+                        gemm_in(self.precision, &mut grad_q[into..], ldc, scores, &kh, gemm::Init::Overwrite, parallel);
+                        gemm_in(self.precision, &mut grad_k[into..], ldc, scores.t(), &qh, gemm::Init::Overwrite, parallel);
                     }
                     Ok(())
                 })
@@ -841,10 +849,10 @@ mod tests {
             let out_probe = Tensor::randn(0f64, 1.0, (rows, 7), &device)?;
             // The weight and bias of the linear layer: `weight` and `bias` above cut to 7 outputs.
             let linear_weight = |w: &Tensor, d: DType| features.to_dtype(d).unwrap().broadcast_mul(&w.unsqueeze(0).unwrap()).unwrap();
-            check("linear", &|x, w, b| flat(x).apply_op3(&linear_weight(w, DType::F32), &b.narrow(0, 0, 7.min(b.elem_count()))?.pad_with_zeros(0, 0, 7usize.saturating_sub(b.elem_count()))?, Linear), &|x, w, b| {
+            check("linear", &|x, w, b| flat(x).apply_op3(&linear_weight(w, DType::F32), &b.narrow(0, 0, 7.min(b.elem_count()))?.pad_with_zeros(0, 0, 7usize.saturating_sub(b.elem_count()))?, Linear { precision: Precision::F32 }), &|x, w, b| {
                 flat(x).matmul(&linear_weight(w, DType::F64).t()?)?.broadcast_add(&b.narrow(0, 0, 7.min(b.elem_count()))?.pad_with_zeros(0, 0, 7usize.saturating_sub(b.elem_count()))?)
             }, &out_probe)?;
-            check("linear without bias", &|x, w, _| flat(x).apply_op2(&linear_weight(w, DType::F32), Linear), &|x, w, _| {
+            check("linear without bias", &|x, w, _| flat(x).apply_op2(&linear_weight(w, DType::F32), Linear { precision: Precision::F32 }), &|x, w, _| {
                 flat(x).matmul(&linear_weight(w, DType::F64).t()?)
             }, &out_probe)?;
             check("softmax", &|x, _, _| super::super::softmax_last_dim_trainable(x), &|x, _, _| {
@@ -874,7 +882,7 @@ mod tests {
         let frozen = Tensor::randn(0f32, 1.0, (4, 6), &device)?;
         let probe = Tensor::randn(0f32, 1.0, (9, 4), &device)?;
         let grads = |out: Tensor| (out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let fused = grads(input.as_tensor().apply_op2(&frozen, Linear)?);
+        let fused = grads(input.as_tensor().apply_op2(&frozen, Linear { precision: Precision::F32 })?);
         let reference = grads(input.as_tensor().matmul(&frozen.t()?)?);
         let (got, want) = (fused.get(input.as_tensor()).unwrap(), reference.get(input.as_tensor()).unwrap());
         assert!(max_difference(&got.to_dtype(DType::F64)?, &want.to_dtype(DType::F64)?) < 1e-5);
@@ -895,7 +903,7 @@ mod tests {
             let probe = Tensor::randn(0f32, 1.0, (n, 3, l, d), &device)?;
             let grads = |out: Tensor| (out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             let scale = 0.37;
-            let fused = grads(q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), Attention { scale: scale as f32 })?.transpose(1, 2)?);
+            let fused = grads(q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), Attention { scale: scale as f32, precision: Precision::F32 })?.transpose(1, 2)?);
             let scores = (q.as_tensor().matmul(&k.as_tensor().t()?)? * scale)?;
             let exp = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?)?.exp()?;
             let reference = grads(exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?.matmul(v.as_tensor())?);
@@ -911,7 +919,7 @@ mod tests {
         let heads = |var: &Var| var.as_tensor().transpose(1, 2).unwrap();
         let probe = Tensor::randn(0f32, 1.0, (2, 3, 6, 5), &device)?;
         let grads = |out: Tensor| (out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let fused = grads(heads(&q).apply_op3(&heads(&k), &heads(&v), Attention { scale: 0.4 })?.transpose(1, 2)?);
+        let fused = grads(heads(&q).apply_op3(&heads(&k), &heads(&v), Attention { scale: 0.4, precision: Precision::F32 })?.transpose(1, 2)?);
         let scores = (heads(&q).contiguous()?.matmul(&heads(&k).contiguous()?.t()?)? * 0.4)?;
         let exp = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?)?.exp()?;
         let reference = grads(exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?.matmul(&heads(&v).contiguous()?)?);
@@ -935,7 +943,7 @@ mod tests {
             let bias = with_bias.then(|| Tensor::randn(0f32, 1.0, outputs, &device)).transpose()?;
             let probe = Tensor::randn(0f32, 1.0, (rows, outputs), &device)?;
             let grads = |out: Tensor| (out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let op = LoraLinear { weight: weight.clone(), bias: bias.clone(), scale: 0.7 };
+            let op = LoraLinear { weight: weight.clone(), bias: bias.clone(), scale: 0.7, precision: Precision::F32 };
             let fused_out = x.as_tensor().apply_op3(a.as_tensor(), b.as_tensor(), op)?;
             let mut reference_out = (x.as_tensor().matmul(&weight.t()?)? + (x.as_tensor().matmul(&a.as_tensor().t()?)?.matmul(&b.as_tensor().t()?)? * 0.7)?)?;
             if let Some(bias) = &bias {
@@ -948,6 +956,65 @@ mod tests {
                 let difference = max_difference(&got.to_dtype(DType::F64)?, &want.to_dtype(DType::F64)?);
                 assert!(difference < 1e-4, "{rows}×{inputs}, rank {rank}: ∂{name} differs by {difference}");
             }
+        }
+        Ok(())
+    }
+
+    /// bf16 mixed precision: a linear layer's output and gradients are the f32 products of
+    /// its operands rounded to bf16 (checked exactly against candle's f32 matmul on rounded
+    /// operands); attention and a LoRA linear layer stay within bf16's precision of their f32
+    /// results and differ from them (the bf16 products ran).
+    #[test]
+    fn mixed_precision_rounds_the_products_operands() -> candle_core::Result<()> {
+        let device = Device::Cpu;
+        let round = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+        let difference = |a: &Tensor, b: &Tensor| max_difference(&a.to_dtype(DType::F64).unwrap(), &b.to_dtype(DType::F64).unwrap());
+        let relative = |got: &Tensor, want: &Tensor| difference(got, want) / want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let bf16 = Precision::Bf16;
+        for (rows, inputs, outputs) in [(9usize, 6usize, 5usize), (70, 33, 17), (1, 300, 3)] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, inputs), &device)?)?;
+            let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (outputs, inputs), &device)?)?;
+            let bias = Var::from_tensor(&Tensor::randn(0f32, 1.0, outputs, &device)?)?;
+            let probe = Tensor::randn(0f32, 1.0, (rows, outputs), &device)?;
+            let out = x.as_tensor().apply_op3(w.as_tensor(), bias.as_tensor(), Linear { precision: bf16 })?;
+            let want = round(x.as_tensor()).matmul(&round(w.as_tensor()).t()?)?.broadcast_add(bias.as_tensor())?;
+            assert!(difference(&out, &want) < 1e-5, "{rows}×{inputs}×{outputs}: output");
+            let grads = (out * &probe)?.sum_all()?.backward()?;
+            let want_x = round(&probe).matmul(&round(w.as_tensor()))?;
+            let want_w = round(&probe).t()?.matmul(&round(x.as_tensor()))?;
+            assert!(difference(grads.get(x.as_tensor()).unwrap(), &want_x) < 1e-5, "{rows}×{inputs}×{outputs}: ∂x");
+            assert!(difference(grads.get(w.as_tensor()).unwrap(), &want_w) < 1e-5, "{rows}×{inputs}×{outputs}: ∂W");
+            assert!(difference(grads.get(bias.as_tensor()).unwrap(), &probe.sum(0)?) < 1e-5, "{rows}×{inputs}×{outputs}: ∂b");
+        }
+        // Attention: all gradients near f32's, none equal to them.
+        let [q, k, v] = [(2usize, 3usize, 33usize, 8usize), (2, 3, 20, 8), (2, 3, 20, 8)].map(|dims| Var::from_tensor(&Tensor::randn(0f32, 1.0, dims, &device).unwrap()).unwrap());
+        let probe = Tensor::randn(0f32, 1.0, (2, 3, 33, 8), &device)?;
+        let run = |precision| {
+            let out = q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), Attention { scale: 0.35, precision }).unwrap().transpose(1, 2).unwrap();
+            (out.clone() * &probe).unwrap().sum_all().unwrap().backward().map(|g| (out, g)).unwrap()
+        };
+        let ((out32, grads32), (out16, grads16)) = (run(Precision::F32), run(bf16));
+        let mut pairs = vec![("output", out16, out32)];
+        for (name, var) in [("∂q", &q), ("∂k", &k), ("∂v", &v)] {
+            pairs.push((name, grads16.get(var.as_tensor()).unwrap().clone(), grads32.get(var.as_tensor()).unwrap().clone()));
+        }
+        // LoRA linear: the output and the gradients of x, A and B.
+        let [x, a, b] = [(40usize, 24usize), (4, 24), (12, 4)].map(|dims| Var::from_tensor(&Tensor::randn(0f32, 1.0, dims, &device).unwrap()).unwrap());
+        let weight = Tensor::randn(0f32, 1.0, (12, 24), &device)?;
+        let probe = Tensor::randn(0f32, 1.0, (40, 12), &device)?;
+        let run = |precision| {
+            let op = LoraLinear { weight: weight.clone(), bias: None, scale: 0.7, precision };
+            let out = x.as_tensor().apply_op3(a.as_tensor(), b.as_tensor(), op).unwrap();
+            (out.clone() * &probe).unwrap().sum_all().unwrap().backward().map(|g| (out, g)).unwrap()
+        };
+        let ((out32, grads32), (out16, grads16)) = (run(Precision::F32), run(bf16));
+        pairs.push(("lora output", out16, out32));
+        for (name, var) in [("lora ∂x", &x), ("lora ∂A", &a), ("lora ∂B", &b)] {
+            pairs.push((name, grads16.get(var.as_tensor()).unwrap().clone(), grads32.get(var.as_tensor()).unwrap().clone()));
+        }
+        for (name, got, want) in pairs {
+            let error = relative(&got, &want);
+            assert!(error < 3e-2 && error > 1e-6, "{name}: bf16 differs from f32 by {error} of its largest value");
         }
         Ok(())
     }

@@ -14,7 +14,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::gemm::{self, BWalk, COut, Init, Isa, PackB};
-use super::vector;
+use super::{vector, Precision};
 
 /// Panel depth in values (256 pairs): a `B` panel of 32 columns is 32 KiB, as in f32.
 const KC: usize = 512;
@@ -285,6 +285,16 @@ impl PackBPairs for TransposedWeight<'_> {
 /// Panics if the operands' dimensions disagree or `c` is too short: callers size them.
 pub fn gemm_bf16(c: &mut [f32], ldc: usize, a: ABf16, b: &impl PackBPairs, init: Init, parallel: bool) {
     gemm_bf16_with(gemm::isa(), c, ldc, a, b, init, parallel)
+}
+
+/// `C (+)= A·B` for f32 operands in `precision` (training's products, see
+/// [`super::with_training_precision`]): [`gemm::gemm`] with `A` packed as it is used, or
+/// [`gemm_bf16`] with both operands rounded to bf16 as they are packed.
+pub fn gemm_in(precision: Precision, c: &mut [f32], ldc: usize, a: gemm::MatRef, b: &impl PackB, init: Init, parallel: bool) {
+    match precision {
+        Precision::F32 => gemm::gemm(c, ldc, gemm::ASource::View(a), b, init, parallel),
+        Precision::Bf16 => gemm_bf16(c, ldc, ABf16::F32(a), &RoundedB::new(b), init, parallel),
+    }
 }
 
 /// [`gemm_bf16`] on the micro-kernel of `isa`.

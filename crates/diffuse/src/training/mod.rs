@@ -37,6 +37,7 @@ use self::data::{Batch, DataLoader};
 use self::ema::{Ema, EmaConfig};
 use self::optimizer::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig, GradAccumulator, LearningRate, LrSchedule};
 use self::params::Parameters;
+use crate::ops::Precision;
 use crate::rng::TorchGenerator;
 use crate::{bail, Error, Result};
 
@@ -110,6 +111,11 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Continue from the output folder's latest checkpoint.
     pub resume: bool,
+    /// The products of the forward and backward passes: f32, or bf16 mixed precision
+    /// (accelerate's `mixed_precision="bf16"`: bf16 operands, f32 sums; the weights, their
+    /// gradients, the optimizer, the checkpoints and the export stay f32). See
+    /// [`crate::ops::with_training_precision`].
+    pub mixed_precision: Precision,
 }
 
 impl TrainConfig {
@@ -135,6 +141,7 @@ impl TrainConfig {
             sample_at_start: false,
             seed: 1,
             resume: false,
+            mixed_precision: Precision::F32,
         }
     }
 
@@ -336,7 +343,7 @@ pub fn train(task: &mut dyn TrainingTask, loader: &mut DataLoader, config: &Trai
         let mut loss_sum = 0f64;
         for _ in 0..config.grad_accum {
             let batch = loader.next_batch(config.batch_size, &device)?;
-            let loss = task.loss(&batch, &mut run.generator)?;
+            let loss = crate::ops::with_training_precision(config.mixed_precision, || task.loss(&batch, &mut run.generator))?;
             let value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
             if !value.is_finite() {
                 return Err(diverged(&checkpoints_dir, step_number, &format!("the loss is {value}"))?);
