@@ -164,6 +164,13 @@ impl<'a> MatRef<'a> {
         (self.col_stride == 1 && i < self.rows && j0 + len <= self.cols).then(|| &self.data[start..start + len])
     }
 
+    /// Elements `i0..i0 + len` of column `j` as a slice, when the view's rows are contiguous
+    /// (a row-major matrix read transposed).
+    pub(crate) fn column_run(&self, i0: usize, j: usize, len: usize) -> Option<&'a [f32]> {
+        let start = i0 + j * self.col_stride;
+        (self.row_stride == 1 && j < self.cols && i0 + len <= self.rows).then(|| &self.data[start..start + len])
+    }
+
     pub(crate) fn at(&self, i: usize, j: usize) -> f32 {
         self.data[i * self.row_stride + j * self.col_stride]
     }

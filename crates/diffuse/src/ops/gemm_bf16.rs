@@ -91,6 +91,20 @@ impl ABf16<'_> {
         for (panel, chunk) in out.chunks_exact_mut(pairs * mr).take(mc.div_ceil(mr)).enumerate() {
             let first = m0 + panel * mr;
             let height = mr.min(m0 + mc - first);
+            if let ABf16::F32(a) = self {
+                if a.column_run(first, k0, height).is_some() {
+                    // A transposed view: each depth's panel rows are adjacent, so a pair's words
+                    // come from two runs, rounded together (vectorised).
+                    for (q, words) in chunk.chunks_exact_mut(mr).enumerate() {
+                        let k = k0 + 2 * q;
+                        let even = a.column_run(first, k, height).expect("a transposed view");
+                        let odd = (2 * q + 1 < kc).then(|| a.column_run(first, k + 1, height).expect("a transposed view"));
+                        vector::round_pairs(isa, even, odd, &mut words[..height]);
+                        words[height..].fill(0);
+                    }
+                    continue;
+                }
+            }
             for i in 0..height {
                 match self {
                     ABf16::Weight(w) => {
@@ -642,12 +656,15 @@ mod tests {
                     .collect();
                 let bias: Vec<f32> = (0..m.max(n)).map(|i| i as f32 * 0.5).collect();
                 let a_view = MatRef::row_major(&a32, m, k).unwrap();
+                // A stored transposed (k × m) and read as its transpose: the column-run packing.
+                let at32: Vec<f32> = (0..k * m).map(|pi| a32[pi % m * k + pi / m]).collect();
+                let a_transposed = MatRef::row_major(&at32, k, m).unwrap().t();
                 let b_view = MatRef::row_major(&b32, k, n).unwrap();
                 let a_weight = Bf16Matrix::new(&a16, m, k).unwrap();
                 let w = TransposedWeight(Bf16Matrix::new(&w16, n, k).unwrap());
                 let ldc = n + 3;
                 let packed = PackedBPairs::new(&w, isa);
-                for (case, parallel) in [(0, false), (1, true), (2, true), (3, false), (4, true)] {
+                for (case, parallel) in [(0, false), (1, true), (2, true), (3, false), (4, true), (5, true)] {
                     let mut c = vec![f32::NAN; m.max(1) * ldc];
                     let (init, bias_of): (Init, &dyn Fn(usize, usize) -> f64) = match case {
                         0 | 2 | 4 => (Init::RowBias(&bias), &|i, _| bias[i] as f64),
@@ -658,6 +675,7 @@ mod tests {
                         1 => gemm_bf16_with(isa, &mut c, ldc, ABf16::F32(a_view), &w, init, parallel),
                         2 => gemm_bf16_with(isa, &mut c, ldc, ABf16::Weight(a_weight), &w, init, parallel),
                         4 => gemm_bf16_with(isa, &mut c, ldc, ABf16::Weight(a_weight), &packed, init, parallel),
+                        5 => gemm_bf16_with(isa, &mut c, ldc, ABf16::F32(a_transposed), &w, init, parallel),
                         _ => gemm_bf16_with(isa, &mut c, ldc, ABf16::F32(a_view), &RoundedB { source: &b_view, isa }, init, parallel),
                     }
                     for i in 0..m {

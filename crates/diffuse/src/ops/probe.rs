@@ -11,6 +11,7 @@ use super::attention::{self, AttentionDims};
 use super::conv::{self, Geometry};
 use super::gemm::{self, ASource, Init, Isa, MatRef, PackedA};
 use super::gemm_bf16::{self, ABf16, Bf16Matrix, RoundedB};
+use super::Precision;
 
 /// One kernel's measured rate.
 #[derive(Debug, Clone)]
@@ -151,17 +152,30 @@ pub fn rates(runs: usize) -> Vec<Rate> {
     let seconds = timed(runs, || gemm_bf16::gemm_bf16(&mut c, n, ABf16::Weight(a16), &RoundedB::new(&b_view), Init::Overwrite, true));
     rates.push(Rate { name: "gemm bf16 2048³ (B rounded as packed)".into(), gflops: 2.0 * (m * k * n) as f64 / seconds / 1e9, peak_gflops: peak_bf16 });
 
-    // The UNet's (batch 2) and the VAE decoder's (batch 1) shapes at 512×512, and a UNet 1×1.
-    for (channels, side, batch, k) in [(320, 64, 2, 3), (640, 32, 2, 3), (1280, 16, 2, 3), (512, 64, 1, 3), (512, 128, 1, 3), (256, 256, 1, 3), (128, 512, 1, 3), (320, 64, 2, 1)] {
-        let g = Geometry { batch, in_channels: channels, height: side, width: side, out_channels: channels, kernel_h: k, kernel_w: k, stride: 1, padding: k / 2 };
-        let (input, weight) = (values(batch * channels * side * side), values(channels * channels * k * k));
-        let flops = 2.0 * (batch * channels * side * side * channels * k * k) as f64;
-        let name = format!("{k}×{k} {channels}→{channels} at {side}×{side}, batch {batch}");
+    // The UNet's (batch 2) and the VAE decoder's (batch 1) shapes at 512×512, and a UNet 1×1;
+    // then the training benchmark's pixel UNet (batch 64), with its backward passes.
+    let inference = [(320, 320, 64, 2, 3), (640, 640, 32, 2, 3), (1280, 1280, 16, 2, 3), (512, 512, 64, 1, 3), (512, 512, 128, 1, 3), (256, 256, 256, 1, 3), (128, 128, 512, 1, 3), (320, 320, 64, 2, 1)];
+    let training = [(64, 64, 32, 64, 3), (128, 128, 16, 64, 3), (256, 128, 16, 64, 3), (128, 128, 8, 64, 3)];
+    for (index, (in_channels, channels, side, batch, k)) in inference.into_iter().chain(training).enumerate() {
+        let g = Geometry { batch, in_channels, height: side, width: side, out_channels: channels, kernel_h: k, kernel_w: k, stride: 1, padding: k / 2 };
+        let (input, weight) = (values(batch * in_channels * side * side), values(channels * in_channels * k * k));
+        let flops = 2.0 * (batch * in_channels * side * side * channels * k * k) as f64;
+        let name = format!("{k}×{k} {in_channels}→{channels} at {side}×{side}, batch {batch}");
         let seconds = timed(runs, || conv::forward(&g, &input, &weight, None));
         rates.push(Rate { name: format!("conv {name}"), gflops: flops / seconds / 1e9, peak_gflops: peak });
-        let weight: Vec<half::bf16> = weight.iter().map(|&v| half::bf16::from_f32(v)).collect();
-        let seconds = timed(runs, || conv::forward_bf16(&g, &input, &weight, None));
+        let weight16: Vec<half::bf16> = weight.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let seconds = timed(runs, || conv::forward_bf16(&g, &input, &weight16, None));
         rates.push(Rate { name: format!("conv bf16 {name}"), gflops: flops / seconds / 1e9, peak_gflops: peak_bf16 });
+        if index < inference.len() {
+            continue;
+        }
+        let grad_output = values(batch * channels * side * side);
+        for (precision, label, peak) in [(Precision::F32, "", peak), (Precision::Bf16, " bf16", peak_bf16)] {
+            let seconds = timed(runs, || conv::backward_input(&g, &grad_output, &weight, precision));
+            rates.push(Rate { name: format!("conv{label} ∂input {name}"), gflops: flops / seconds / 1e9, peak_gflops: peak });
+            let seconds = timed(runs, || conv::backward_weight(&g, &input, &grad_output, precision));
+            rates.push(Rate { name: format!("conv{label} ∂kernel {name}"), gflops: flops / seconds / 1e9, peak_gflops: peak });
+        }
     }
 
     for (queries, keys, head_dim) in [(4096, 4096, 40), (4096, 77, 40), (1024, 1024, 80)] {
