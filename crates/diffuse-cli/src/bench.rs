@@ -161,10 +161,11 @@ fn report(what: &str, (times, warm_up): &(Vec<f64>, f64), profile: bool) {
         let runs = times.len() as f64 + 1.0;
         let total: f64 = times.iter().sum::<f64>() + warm_up;
         let mut accounted = 0.0;
-        for (name, time, calls) in diffuse::ops::profile::totals() {
+        for diffuse::ops::profile::Total { name, time, calls, flops } in diffuse::ops::profile::totals() {
             let seconds = time.as_secs_f64();
             accounted += seconds;
-            outln!("  {name:<30} {:>8.3}s per run {:>5.1}%  ({} calls per run)", seconds / runs, 100.0 * seconds / total, calls as f64 / runs);
+            let rate = if flops > 0.0 { format!(", {:.0} GFLOP/s", flops / seconds.max(1e-9) / 1e9) } else { String::new() };
+            outln!("  {name:<30} {:>8.3}s per run {:>5.1}%  ({} calls per run{rate})", seconds / runs, 100.0 * seconds / total, calls as f64 / runs);
         }
         outln!("  {:<30} {:>8.3}s per run {:>5.1}%", "other (element-wise, copies)", (total - accounted).max(0.0) / runs, 100.0 * (total - accounted).max(0.0) / total);
         diffuse::ops::profile::reset();

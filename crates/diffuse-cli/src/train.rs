@@ -535,9 +535,11 @@ fn run_training(args: TrainArgs) -> Result<()> {
         let total = started.elapsed().as_secs_f64();
         let mut accounted = 0.0;
         eprintln!("time per operation over {total:.1}s ({} steps):", summary.losses.len());
-        for (name, time, calls) in diffuse::ops::profile::totals() {
-            accounted += time.as_secs_f64();
-            eprintln!("  {name:<30} {:>8.2}s {:>5.1}%  ({calls} calls)", time.as_secs_f64(), 100.0 * time.as_secs_f64() / total);
+        for diffuse::ops::profile::Total { name, time, calls, flops } in diffuse::ops::profile::totals() {
+            let seconds = time.as_secs_f64();
+            accounted += seconds;
+            let rate = if flops > 0.0 { format!(", {:.0} GFLOP/s", flops / seconds.max(1e-9) / 1e9) } else { String::new() };
+            eprintln!("  {name:<30} {seconds:>8.2}s {:>5.1}%  ({calls} calls{rate})", 100.0 * seconds / total);
         }
         eprintln!("  {:<30} {:>8.2}s {:>5.1}%", "other", total - accounted, 100.0 * (total - accounted) / total);
     }

@@ -144,6 +144,7 @@ pub fn linear(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<
     let in_features = *dims.last().ok_or_else(|| crate::Error::invalid("linear: input has rank 0"))?;
     let out_features = weight.dim(0)?;
     let rows = input.elem_count() / in_features.max(1);
+    profile::count_flops("linear", 2.0 * (rows * in_features * out_features) as f64);
     let flat = input.reshape((rows, in_features))?;
     let on_kernel = uses_kernels(input.device())
         && input.dtype() == DType::F32
@@ -649,6 +650,8 @@ fn training_precision() -> Precision {
 pub fn scaled_dot_product_attention_in(query: &Tensor, key: &Tensor, value: &Tensor, scale: Option<f64>, precision: Precision) -> Result<Tensor> {
     let _timer = profile::timer("scaled_dot_product_attention");
     let head_dim = query.dim(D::Minus1)?;
+    // Two products of L × S × D per batch element and head.
+    profile::count_flops("scaled_dot_product_attention", 4.0 * (query.elem_count() * key.dim(D::Minus2)?) as f64);
     let scale = scale.unwrap_or(1.0 / (head_dim as f64).sqrt());
     if let Some(output) = flash_attention(query, key, value, scale, None, precision)? {
         return Ok(output);

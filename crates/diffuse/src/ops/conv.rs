@@ -48,6 +48,12 @@ pub struct Geometry {
 }
 
 impl Geometry {
+    /// The convolution's floating-point operations (a multiply-add counts two); each backward
+    /// product does as many.
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.batch * self.out_channels * self.out_height() * self.out_width() * self.patch_len()) as f64
+    }
+
     /// Rows of the output.
     pub fn out_height(&self) -> usize {
         (self.height + 2 * self.padding - self.kernel_h) / self.stride + 1
@@ -454,6 +460,7 @@ impl CustomOp2 for Conv2d {
 
     fn cpu_fwd(&self, input: &CpuStorage, input_layout: &Layout, weight: &CpuStorage, weight_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = geometry(input_layout, weight_layout, self.stride, self.padding)?;
+        super::profile::count_flops("conv2d", g.flops());
         if self.bias.as_ref().is_some_and(|b| b.len() != g.out_channels) {
             candle_core::bail!("conv2d: the bias does not have {} values", g.out_channels);
         }
@@ -512,6 +519,7 @@ impl CustomOp2 for GradInput {
         let _timer = super::profile::timer("conv2d backward (input)");
         let input_layout = Layout::contiguous(self.input_dims.as_slice());
         let g = geometry(&input_layout, weight_layout, self.stride, self.padding)?;
+        super::profile::count_flops("conv2d backward (input)", g.flops());
         let values = backward_input(&g, contiguous(grad, grad_layout, "output gradient")?, contiguous(weight, weight_layout, "kernel")?, self.precision);
         Ok((CpuStorage::F32(values), Shape::from(self.input_dims.as_slice())))
     }
@@ -534,6 +542,7 @@ impl CustomOp2 for GradWeight {
         let _timer = super::profile::timer("conv2d backward (kernel)");
         let weight_layout = Layout::contiguous(self.weight_dims.as_slice());
         let g = geometry(input_layout, &weight_layout, self.stride, self.padding)?;
+        super::profile::count_flops("conv2d backward (kernel)", g.flops());
         let values = backward_weight(&g, contiguous(input, input_layout, "input")?, contiguous(grad, grad_layout, "output gradient")?, self.precision);
         Ok((CpuStorage::F32(values), Shape::from(self.weight_dims.as_slice())))
     }

@@ -384,6 +384,8 @@ impl Linear {
         let grad_output = grad_output.contiguous()?;
         let (rows, in_features) = input.dims2()?;
         let out_features = weight.dim(0)?;
+        let products = usize::from(input.track_op()) + usize::from(weight.track_op());
+        super::profile::count_flops("linear backward", 2.0 * (products * rows * in_features * out_features) as f64);
         let (grad_input, grad_weight, grad_bias) = with_slices(&[input, weight, &grad_output], "linear backward", |s| {
             let matrix = |data, rows, cols| gemm::MatRef::row_major(data, rows, cols).ok_or_else(|| candle_core::Error::Msg("linear backward: operand sizes".into()));
             let (x, w, g) = (matrix(s[0], rows, in_features)?, matrix(s[1], out_features, in_features)?, matrix(s[2], rows, out_features)?);
@@ -730,6 +732,8 @@ impl CustomOp3 for Attention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _timer = super::profile::timer("attention backward");
         let (batch, heads, rows, keys, depth) = attention_dims(q.dims(), k.dims(), v.dims())?;
+        // Five products of L × S × D per batch element and head (the probabilities recomputed).
+        super::profile::count_flops("attention backward", 10.0 * (batch * heads * rows * keys * depth) as f64);
         let width = heads * depth;
         // The output's gradient, [B, L, H, D] as the output is laid out.
         let grad_output = grad_output.contiguous()?;

@@ -8,7 +8,20 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
-static TOTALS: Mutex<Vec<(&'static str, Duration, u64)>> = Mutex::new(Vec::new());
+static TOTALS: Mutex<Vec<Total>> = Mutex::new(Vec::new());
+
+/// One operation's totals.
+#[derive(Debug, Clone)]
+pub struct Total {
+    /// The operation.
+    pub name: &'static str,
+    /// Its wall-clock time.
+    pub time: Duration,
+    /// Its calls.
+    pub calls: u64,
+    /// The floating-point operations its products did (0 where not counted).
+    pub flops: f64,
+}
 
 /// Starts recording (and clears what was recorded).
 pub fn enable() {
@@ -23,11 +36,32 @@ pub fn reset() {
     }
 }
 
-/// (operation, total time, calls), most expensive first.
-pub fn totals() -> Vec<(&'static str, Duration, u64)> {
+/// Every operation's totals, most expensive first.
+pub fn totals() -> Vec<Total> {
     let mut totals = TOTALS.lock().map(|t| t.clone()).unwrap_or_default();
-    totals.sort_by(|a, b| b.1.cmp(&a.1));
+    totals.sort_by(|a, b| b.time.cmp(&a.time));
     totals
+}
+
+/// Adds `flops` floating-point operations to `name`'s total (its products' multiply-adds
+/// count two), when profiling is on: `--profile` shows GFLOP/s beside the time.
+pub fn count_flops(name: &'static str, flops: f64) {
+    if ENABLED.load(Ordering::Relaxed) {
+        update(name, |total| total.flops += flops);
+    }
+}
+
+fn update(name: &'static str, change: impl FnOnce(&mut Total)) {
+    if let Ok(mut totals) = TOTALS.lock() {
+        let index = match totals.iter().position(|total| total.name == name) {
+            Some(index) => index,
+            None => {
+                totals.push(Total { name, time: Duration::ZERO, calls: 0, flops: 0.0 });
+                totals.len() - 1
+            }
+        };
+        change(&mut totals[index]);
+    }
 }
 
 /// Records the time until it is dropped under `name`, when profiling is on.
@@ -45,14 +79,9 @@ impl Drop for Timer {
     fn drop(&mut self) {
         let Some(start) = self.start else { return };
         let elapsed = start.elapsed();
-        if let Ok(mut totals) = TOTALS.lock() {
-            match totals.iter_mut().find(|(name, ..)| *name == self.name) {
-                Some(entry) => {
-                    entry.1 += elapsed;
-                    entry.2 += 1;
-                }
-                None => totals.push((self.name, elapsed, 1)),
-            }
-        }
+        update(self.name, |total| {
+            total.time += elapsed;
+            total.calls += 1;
+        });
     }
 }

@@ -66,6 +66,53 @@ macro_rules! dispatch {
     }};
 }
 
+/// The scalars of one AdamW update, rounded to f32 where torch multiplies a float32 tensor by
+/// them (see `training::optimizer::AdamW::update`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamWScalars {
+    /// `1 - lr · weight_decay`, applied when `decay`.
+    pub decay_factor: f32,
+    pub decay: bool,
+    /// `1 - beta1`.
+    pub lerp_weight: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    pub bias_correction2_sqrt: f32,
+    pub eps: f32,
+    pub negative_step_size: f32,
+}
+
+/// AdamW's element-wise update of one parameter `p` with its gradient `g` and moments `m`,
+/// `v`, in place, in ATen's order and fused multiply-adds (so the same bits on every level:
+/// the fused multiply-add is exact, and so are the vector square root and division).
+pub(crate) fn adamw_in_place(isa: Isa, s: AdamWScalars, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+    dispatch!(isa, fn adamw(s: AdamWScalars, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) -> () {
+        // ATen's lerp: a fused multiply-add from the nearer end.
+        let near_start = s.lerp_weight.abs() < 0.5;
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            if s.decay {
+                *p *= s.decay_factor;
+            }
+            *m = if near_start { s.lerp_weight.mul_add(g - *m, *m) } else { (s.lerp_weight - 1.0).mul_add(g - *m, g) };
+            // addcmul: self + value * t1 * t2, the last multiply fused with the add.
+            *v = (s.one_minus_beta2 * g).mul_add(g, *v * s.beta2);
+            let denominator = v.sqrt() / s.bias_correction2_sqrt + s.eps;
+            // addcdiv: self + value * t1 / t2.
+            *p += s.negative_step_size * *m / denominator;
+        }
+    })
+}
+
+/// diffusers' `EMAModel.step` on one parameter: `shadow -= one_minus_decay · (shadow - param)`,
+/// three float32 operations as torch does them (nothing fused).
+pub(crate) fn ema_in_place(isa: Isa, one_minus_decay: f32, shadow: &mut [f32], param: &[f32]) {
+    dispatch!(isa, fn ema(one_minus_decay: f32, shadow: &mut [f32], param: &[f32]) -> () {
+        for (s, &p) in shadow.iter_mut().zip(param) {
+            *s -= one_minus_decay * (*s - p);
+        }
+    })
+}
+
 /// `x · sigmoid(x)` in place, as `x / (1 + e^-x)`.
 pub(crate) fn silu_in_place(isa: Isa, values: &mut [f32]) {
     dispatch!(isa, fn silu(values: &mut [f32]) -> () {
@@ -254,6 +301,37 @@ mod tests {
         }
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp(-100.0), 0.0);
+    }
+
+    /// The optimizer's passes give the same bits at every level as the scalar code (whose
+    /// fused multiply-adds are libm's `fmaf`), for both ends of the lerp, with and without decay.
+    #[test]
+    fn adamw_and_ema_are_the_same_at_every_level() {
+        let values = |seed: usize, n: usize| -> Vec<f32> { (0..n).map(|i| (((i * 7919 + seed * 104_729) % 2000) as f32 - 1000.0) * 1.3e-3).collect() };
+        let n = 333;
+        for (lerp_weight, decay) in [(0.1, true), (0.7, false)] {
+            let scalars = AdamWScalars {
+                decay_factor: 0.999_9,
+                decay,
+                lerp_weight,
+                beta2: 0.999,
+                one_minus_beta2: 1.0e-3,
+                bias_correction2_sqrt: 0.044_7,
+                eps: 1e-8,
+                negative_step_size: -1.0e-3,
+            };
+            let run = |isa: Isa| {
+                let (mut p, g, mut m, mut v) = (values(1, n), values(2, n), values(3, n), values(4, n).iter().map(|x| x * x).collect::<Vec<_>>());
+                adamw_in_place(isa, scalars, &mut p, &g, &mut m, &mut v);
+                let mut shadow = values(5, n);
+                ema_in_place(isa, 0.013, &mut shadow, &p);
+                [p, m, v, shadow].map(|x| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
+            };
+            let want = run(Isa::Portable);
+            for isa in Isa::all_supported() {
+                assert!(run(isa) == want, "{isa:?}, lerp weight {lerp_weight}");
+            }
+        }
     }
 
     #[test]

@@ -1,7 +1,12 @@
 //! The exponential moving average of the weights that training exports; port of diffusers'
 //! `EMAModel` (diffusers/training_utils.py): its decay schedule and its update.
 
+use rayon::prelude::*;
+
 use crate::{bail, Result};
+
+/// Elements per task of the update.
+const CHUNK: usize = 1 << 15;
 
 /// `EMAModel`'s options, with its defaults.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -83,14 +88,16 @@ impl Ema {
         }
         self.optimization_step += 1;
         let one_minus_decay = (1.0 - self.config.decay_at(self.optimization_step)) as f32;
-        for (shadow, param) in self.shadow.iter_mut().zip(params) {
+        for (shadow, param) in self.shadow.iter().zip(params) {
             if shadow.len() != param.len() {
                 bail!("EMA: a parameter of {} values for a shadow of {}", param.len(), shadow.len());
             }
-            for (s, &p) in shadow.iter_mut().zip(param) {
-                *s -= one_minus_decay * (*s - p);
-            }
         }
+        // In place, every parameter's chunks over all threads.
+        let isa = crate::ops::gemm::isa();
+        self.shadow.par_iter_mut().zip(params).for_each(|(shadow, param)| {
+            shadow.par_chunks_mut(CHUNK).zip(param.par_chunks(CHUNK)).for_each(|(s, p)| crate::ops::vector::ema_in_place(isa, one_minus_decay, s, p))
+        });
         Ok(())
     }
 }

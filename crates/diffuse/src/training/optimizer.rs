@@ -3,10 +3,13 @@
 //! CPU), `torch.nn.utils.clip_grad_norm_`, diffusers' learning-rate schedules
 //! (diffusers/optimization.py) and gradient accumulation.
 //!
-//! Everything works on host `f32` vectors, one per parameter, with the element-wise
-//! arithmetic in the order (and with the fused multiply-adds) of ATen's CPU kernels, so that
-//! an update is bit for bit what PyTorch computes.
+//! Everything works in place on host `f32` vectors, one per parameter, threaded and
+//! vectorised, with the element-wise arithmetic in the order (and with the fused multiply-adds)
+//! of ATen's CPU kernels, so that an update is bit for bit what PyTorch computes.
 
+use rayon::prelude::*;
+
+use crate::ops::vector::{self, AdamWScalars};
 use crate::{bail, Result};
 
 /// `torch.optim.AdamW`'s hyper-parameters, with its defaults.
@@ -88,47 +91,36 @@ impl AdamW {
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
         // torch keeps the step in a float32 tensor and reads it back as a Python float.
         let step = self.step as f32 as f64;
-        let decay_factor = (1.0 - lr * weight_decay) as f32;
-        let lerp_weight = (1.0 - beta1) as f32;
-        let beta2_f32 = beta2 as f32;
-        let one_minus_beta2 = (1.0 - beta2) as f32;
         let bias_correction1 = 1.0 - beta1.powf(step);
         let bias_correction2 = 1.0 - beta2.powf(step);
-        let step_size = lr / bias_correction1;
-        let bias_correction2_sqrt = bias_correction2.powf(0.5) as f32;
-        let eps = eps as f32;
-        let negative_step_size = (-step_size) as f32;
-        for (index, ((param, grad), (exp_avg, exp_avg_sq))) in
-            params.iter_mut().zip(grads).zip(self.exp_avg.iter_mut().zip(self.exp_avg_sq.iter_mut())).enumerate()
-        {
+        let scalars = AdamWScalars {
+            decay_factor: (1.0 - lr * weight_decay) as f32,
+            decay: weight_decay != 0.0,
+            lerp_weight: (1.0 - beta1) as f32,
+            beta2: beta2 as f32,
+            one_minus_beta2: (1.0 - beta2) as f32,
+            bias_correction2_sqrt: bias_correction2.powf(0.5) as f32,
+            eps: eps as f32,
+            negative_step_size: (-(lr / bias_correction1)) as f32,
+        };
+        for (index, ((param, grad), exp_avg)) in params.iter().zip(grads).zip(&self.exp_avg).enumerate() {
             if param.len() != grad.len() || param.len() != exp_avg.len() {
                 bail!("AdamW: parameter {index} has {} values, its gradient {}, its state {}", param.len(), grad.len(), exp_avg.len());
             }
-            for (((p, &g), m), v) in param.iter_mut().zip(grad).zip(exp_avg.iter_mut()).zip(exp_avg_sq.iter_mut()) {
-                if weight_decay != 0.0 {
-                    *p *= decay_factor;
-                }
-                *m = lerp(*m, g, lerp_weight);
-                // addcmul: self + value * t1 * t2, the last multiply fused with the add.
-                *v = (one_minus_beta2 * g).mul_add(g, *v * beta2_f32);
-                let denominator = v.sqrt() / bias_correction2_sqrt + eps;
-                // addcdiv: self + value * t1 / t2.
-                *p += negative_step_size * *m / denominator;
-            }
         }
+        // Element-wise: every parameter's chunks over all threads, the same bits whatever the split.
+        let isa = crate::ops::gemm::isa();
+        params.par_iter_mut().zip(grads).zip(self.exp_avg.par_iter_mut().zip(self.exp_avg_sq.par_iter_mut())).for_each(|((p, g), (m, v))| {
+            p.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK))).for_each(|((p, g), (m, v))| {
+                vector::adamw_in_place(isa, scalars, p, g, m, v)
+            })
+        });
         Ok(())
     }
 }
 
-/// ATen's `lerp` as its vectorised CPU kernel computes it: a fused multiply-add from the
-/// nearer end.
-fn lerp(start: f32, end: f32, weight: f32) -> f32 {
-    if weight.abs() < 0.5 {
-        weight.mul_add(end - start, start)
-    } else {
-        (weight - 1.0).mul_add(end - start, end)
-    }
-}
+/// Elements per task of the optimizer's element-wise passes.
+const CHUNK: usize = 1 << 15;
 
 /// `torch.nn.utils.clip_grad_norm_(parameters, max_norm)` (L2): the norm of all gradients
 /// together is returned; if it exceeds `max_norm`, every gradient is scaled by
@@ -137,18 +129,33 @@ fn lerp(start: f32, end: f32, weight: f32) -> f32 {
 pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f32 {
     let total_norm = global_grad_norm(grads);
     let clip_coef = (max_norm as f32 / (total_norm + 1e-6)).min(1.0);
-    for grad in grads.iter_mut() {
-        for g in grad.iter_mut() {
-            *g *= clip_coef;
-        }
-    }
+    grads.par_iter_mut().for_each(|grad| grad.par_chunks_mut(CHUNK).for_each(|chunk| chunk.iter_mut().for_each(|g| *g *= clip_coef)));
     total_norm
 }
 
 /// The L2 norm of all gradients together: the norm of the per-parameter norms.
 pub fn global_grad_norm(grads: &[Vec<f32>]) -> f32 {
-    let norms: Vec<f32> = grads.iter().map(|g| g.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt() as f32).collect();
+    let norms: Vec<f32> = grads.par_iter().map(|g| squared_sum(g).sqrt() as f32).collect();
     norms.iter().map(|&n| (n as f64) * (n as f64)).sum::<f64>().sqrt() as f32
+}
+
+/// Σ v² in f64, chunk by chunk in a fixed order (the same sum whatever the threads), eight
+/// independent sums per chunk so that the adds do not wait on each other.
+fn squared_sum(values: &[f32]) -> f64 {
+    let partial: Vec<f64> = values
+        .par_chunks(CHUNK)
+        .map(|chunk| {
+            let mut lanes = [0f64; 8];
+            let (groups, rest) = chunk.as_chunks::<8>();
+            for group in groups {
+                for (lane, &v) in lanes.iter_mut().zip(group) {
+                    *lane += (v as f64) * (v as f64);
+                }
+            }
+            lanes.iter().sum::<f64>() + rest.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()
+        })
+        .collect();
+    partial.iter().sum()
 }
 
 /// The shape of the learning rate over optimizer steps after the warm-up.
@@ -236,25 +243,23 @@ impl GradAccumulator {
         if grads.len() != self.grads.len() {
             bail!("{} gradients for {} parameters", grads.len(), self.grads.len());
         }
-        for (sum, grad) in self.grads.iter_mut().zip(grads) {
-            if let Some(grad) = grad {
-                if grad.len() != sum.len() {
-                    bail!("a gradient of {} values for a parameter of {}", grad.len(), sum.len());
-                }
-                for (s, &g) in sum.iter_mut().zip(grad) {
-                    *s += g;
-                }
+        for (sum, grad) in self.grads.iter().zip(grads) {
+            if let Some(grad) = grad.as_ref().filter(|g| g.len() != sum.len()) {
+                bail!("a gradient of {} values for a parameter of {}", grad.len(), sum.len());
             }
         }
+        self.grads.par_iter_mut().zip(grads).for_each(|(sum, grad)| {
+            if let Some(grad) = grad {
+                sum.par_chunks_mut(CHUNK).zip(grad.par_chunks(CHUNK)).for_each(|(sum, grad)| sum.iter_mut().zip(grad).for_each(|(s, &g)| *s += g));
+            }
+        });
         self.micro_batches += 1;
         Ok(())
     }
 
     /// Clears the sums for the next optimizer step.
     pub fn reset(&mut self) {
-        for grad in &mut self.grads {
-            grad.iter_mut().for_each(|g| *g = 0.0);
-        }
+        self.grads.par_iter_mut().for_each(|grad| grad.fill(0.0));
         self.micro_batches = 0;
     }
 }
