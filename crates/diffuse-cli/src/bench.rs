@@ -10,6 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use diffuse::ops::checkpoint::GradientCheckpointing;
 use diffuse::ops::Precision;
 use diffuse::loading::config::{parse_config, read_json_object};
 use diffuse::loading::weights::{find_weight_files, var_builder};
@@ -63,6 +64,9 @@ pub struct BenchArgs {
     /// With --train: `no`, or `bf16` for mixed precision as `diffuse train --mixed-precision`.
     #[arg(long, default_value = "no")]
     mixed_precision: String,
+    /// With --train: checkpoint the UNet's blocks, as `diffuse train --gradient-checkpointing`.
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Measure the kernels instead: the CPU's peak multiply-add rate for the instruction set
     /// in use, and the GFLOP/s of the matrix product, convolution and attention kernels on SD
     /// 1.5's shapes at 512×512 (best of --runs).
@@ -233,10 +237,17 @@ fn run_training(args: &BenchArgs, kind: &str, device: &Device) -> Result<()> {
         args.batch,
         if precision == Precision::Bf16 { "bf16 mixed" } else { "f32" }
     );
+    if args.gradient_checkpointing {
+        outln!("gradient checkpointing");
+    }
     let mut optimizer = AdamW::new(AdamWConfig::default(), &bench.parameters.sizes());
     let mut values = bench.parameters.values()?;
     let times = time(args.runs, || {
-        let grads = diffuse::ops::with_training_precision(precision, || (bench.loss)())?.backward()?;
+        let checkpointing = args.gradient_checkpointing.then(|| GradientCheckpointing::start(bench.parameters.vars()));
+        let mut grads = diffuse::ops::with_training_precision(precision, || (bench.loss)())?.backward()?;
+        if let Some(checkpointing) = &checkpointing {
+            checkpointing.add_gradients(&mut grads)?;
+        }
         let grads = bench
             .parameters
             .vars()

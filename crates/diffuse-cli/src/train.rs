@@ -138,6 +138,12 @@ pub struct TrainArgs {
     /// from f32's; resuming is exact either way.
     #[arg(long, default_value = "no")]
     mixed_precision: String,
+    /// Keep only the inputs of the UNet's resnets and attention blocks for the backward pass,
+    /// which runs each block again (diffusers' --gradient_checkpointing): activation memory of
+    /// about one block, a third more time per step, the same gradients. Not with
+    /// --lora-dropout (its masks would be drawn twice): those blocks run as usual.
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Condition on class labels (IDX labels, or an image folder's sub-folder names).
     #[arg(long)]
     class_conditional: bool,
@@ -497,6 +503,7 @@ fn run_training(args: TrainArgs) -> Result<()> {
         seed: args.seed.wrapping_add(1),
         resume: args.resume,
         mixed_precision: parse_mixed_precision(&args.mixed_precision)?,
+        gradient_checkpointing: args.gradient_checkpointing,
     };
     let recipe = recipe(&args)?;
     let quiet = args.quiet;

@@ -1213,10 +1213,10 @@ fn train_writes_a_pipeline_that_generate_loads_and_resumes() {
     assert!(ok, "{stderr}");
     assert_eq!(decode_png(&image).0.len(), 64);
 
-    // Continued to 6 steps with --resume (in bf16 mixed precision: the state is f32 either
-    // way); without it the folder is refused.
+    // Continued to 6 steps with --resume (in bf16 mixed precision with gradient checkpointing:
+    // the state is f32 either way); without it the folder is refused.
     assert_fails_with(&as_str(&train_args("6", &[])), "--resume");
-    let (ok, _, stderr) = diffuse(&as_str(&train_args("6", &["--resume", "--mixed-precision", "bf16"])));
+    let (ok, _, stderr) = diffuse(&as_str(&train_args("6", &["--resume", "--mixed-precision", "bf16", "--gradient-checkpointing"])));
     assert!(ok, "{stderr}");
     assert_eq!(std::fs::read_to_string(out.join("loss.csv")).unwrap().lines().count(), 7);
     // Another architecture cannot continue this run.

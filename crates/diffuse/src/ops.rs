@@ -15,6 +15,7 @@ use crate::Result;
 use gemm_bf16::{ABf16, Bf16Matrix, TransposedWeight};
 
 pub mod attention;
+pub mod checkpoint;
 pub mod conv;
 mod conv_direct;
 mod fused;

@@ -283,6 +283,7 @@ fn train_config(output_dir: &Path, steps: usize) -> TrainConfig {
         seed: 1,
         resume: false,
         mixed_precision: Precision::F32,
+        gradient_checkpointing: false,
     }
 }
 
@@ -346,6 +347,30 @@ fn lora_training_learns_resumes_exactly_and_exports_both_formats() {
     let kohya_format = image(&[LoraSpec::new(whole.join("squares.safetensors"), 1.0)]);
     assert!(max_relative_difference(&diffusers_format, &kohya_format) < 1e-6);
     assert!(max_relative_difference(&diffusers_format, &base) > 1e-3, "the LoRA changes the image");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Gradient checkpointing on a LoRA run (adapters in the UNet's attention and the text
+/// encoder, the base frozen: blocks whose inputs track no gradient run as usual): the same
+/// run as without it, up to the order in which gradient contributions are summed.
+#[test]
+fn gradient_checkpointing_gives_the_same_lora_run() {
+    let dir = scratch("checkpointing");
+    let settings = |name: &str, gradient_checkpointing| TrainConfig { sample_every: None, gradient_checkpointing, ..train_config(&dir.join(name), 4) };
+    let plain = run(&mut TextToImageTask::new(lora_config(true), 0, &Device::Cpu).unwrap(), &settings("plain", false), None);
+    let checkpointed = run(&mut TextToImageTask::new(lora_config(true), 0, &Device::Cpu).unwrap(), &settings("checkpointed", true), None);
+    assert_eq!(plain.losses[0], checkpointed.losses[0]);
+    for ((_, a), (_, b)) in plain.losses.iter().zip(&checkpointed.losses) {
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "losses {a} and {b}");
+    }
+    let weights = |name: &str| candle_core::safetensors::load(dir.join(name).join(DIFFUSERS_FILE_NAME), &Device::Cpu).unwrap();
+    let values = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (first, second) = (weights("plain"), weights("checkpointed"));
+    for (name, tensor) in &first {
+        for (x, y) in values(tensor).iter().zip(values(&second[name])) {
+            assert!((x - y).abs() <= 1e-5, "{name} is {x} and {y}");
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
