@@ -87,6 +87,8 @@ fn train_config(output_dir: &Path, steps: usize, learning_rate: f64) -> TrainCon
         sample_at_start: false,
         seed: 1,
         resume: false,
+        mixed_precision: diffuse::ops::Precision::F32,
+        gradient_checkpointing: false,
     }
 }
 

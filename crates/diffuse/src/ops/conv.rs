@@ -1,5 +1,6 @@
-//! 2-D convolution on the CPU in f32, forward and backward, on the packed GEMM kernels of
-//! `ops::gemm`, activations in NCHW.
+//! 2-D convolution on the CPU, forward and backward, on the packed GEMM kernels of `ops::gemm`
+//! (and `ops::gemm_bf16` for a bf16 model's kernels and for mixed-precision training),
+//! activations in NCHW, f32.
 //!
 //! Forward, per image, `output[C_out, positions] = weight · col`: the kernel
 //! `[C_out, C_in·kh·kw]` is read in place by the micro-kernel, and the input patches (`col`)
@@ -323,32 +324,12 @@ pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32], precisi
         let panels = conv_direct::pack_kernel_for_input_gradient(g, &transposed, weight, mr);
         return forward_with(&transposed, grad_output, None, |out, image, _, parallel| conv_direct::forward_image(isa, &transposed, image, &panels, None, out, parallel));
     }
-    // `weightᵀ` prepared once for every image and band: packed in f32, transposed and rounded
-    // in bf16 (read as a weight).
-    let kernel = MatRef::row_major(weight, g.out_channels, k).expect("sizes checked");
-    let kernel_t = match precision {
-        Precision::F32 => KernelT::F32(PackedA::new(&kernel.t())),
-        Precision::Bf16 => KernelT::Bf16((0..k * g.out_channels).map(|i| bf16::from_f32(weight[(i % g.out_channels) * k + i / g.out_channels])).collect()),
-    };
-    enum KernelT {
-        F32(PackedA),
-        Bf16(Vec<bf16>),
-    }
-    /// `c = weightᵀ · right`.
-    fn weight_t_times(kernel_t: &KernelT, out_channels: usize, c: &mut [f32], ldc: usize, right: &impl PackB, parallel: bool) {
-        match kernel_t {
-            KernelT::F32(packed) => gemm::gemm(c, ldc, ASource::Packed(packed), right, Init::Overwrite, parallel),
-            KernelT::Bf16(values) => {
-                let a = ABf16::Weight(Bf16Matrix::new(values, values.len() / out_channels.max(1), out_channels).expect("sized"));
-                gemm_bf16(c, ldc, a, &RoundedB::new(right), Init::Overwrite, parallel)
-            }
-        }
-    }
+    let kernel_t = TransposedKernel::new(weight, g.out_channels, k, precision);
     let (images_parallel, product_parallel) = split(g.batch);
     for_each_image(images_parallel, &mut grad_input, g.input_len(), |b, grad_image| {
         let grad_out = MatRef::row_major(&grad_output[b * g.output_len()..(b + 1) * g.output_len()], g.out_channels, out_hw).expect("sizes checked");
         if g.is_pointwise() {
-            weight_t_times(&kernel_t, g.out_channels, grad_image, out_hw, &grad_out, product_parallel);
+            kernel_t.times(grad_image, out_hw, &grad_out, product_parallel);
             return;
         }
         let band_rows = g.band_rows();
@@ -357,11 +338,41 @@ pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32], precisi
             let rows = start..(start + band_rows).min(g.out_height());
             let band = rows.len() * g.out_width();
             let band_of_grad = Columns { inner: &grad_out, first: start * g.out_width(), len: band };
-            weight_t_times(&kernel_t, g.out_channels, &mut col[..k * band], band, &band_of_grad, product_parallel);
+            kernel_t.times(&mut col[..k * band], band, &band_of_grad, product_parallel);
             col2im(g, &col[..k * band], rows, grad_image);
         }
     });
     grad_input
+}
+
+/// `weightᵀ` (`[C_in·kh·kw, C_out]`) prepared once for every image and band of an input
+/// gradient: packed in f32; transposed and rounded in bf16 (then read as a weight).
+enum TransposedKernel {
+    F32(PackedA),
+    Bf16 { values: Vec<bf16>, out_channels: usize },
+}
+
+impl TransposedKernel {
+    fn new(weight: &[f32], out_channels: usize, patch_len: usize, precision: Precision) -> Self {
+        match precision {
+            Precision::F32 => Self::F32(PackedA::new(&MatRef::row_major(weight, out_channels, patch_len).expect("sizes checked").t())),
+            Precision::Bf16 => Self::Bf16 {
+                values: (0..patch_len * out_channels).map(|i| bf16::from_f32(weight[(i % out_channels) * patch_len + i / out_channels])).collect(),
+                out_channels,
+            },
+        }
+    }
+
+    /// `c = weightᵀ · right`.
+    fn times(&self, c: &mut [f32], ldc: usize, right: &impl PackB, parallel: bool) {
+        match self {
+            Self::F32(packed) => gemm::gemm(c, ldc, ASource::Packed(packed), right, Init::Overwrite, parallel),
+            Self::Bf16 { values, out_channels } => {
+                let a = ABf16::Weight(Bf16Matrix::new(values, values.len() / out_channels.max(&1), *out_channels).expect("sized"));
+                gemm_bf16(c, ldc, a, &RoundedB::new(right), Init::Overwrite, parallel)
+            }
+        }
+    }
 }
 
 /// The weight's gradient: `Σ_images grad_output · colᵀ`, the products in `precision` (f32
