@@ -629,7 +629,8 @@ thread_local! {
 /// applies it. The weights, their gradients and everything else (norms, softmax, element-wise
 /// work, the optimizer) stay f32; only the products' operands are rounded to bf16, with f32
 /// sums, in the forward pass and in the backward passes of the ops built inside `f`.
-/// Inference is unaffected (a bf16 model says so with its weights' type).
+/// Inference is unaffected (a bf16 model says so with its weights' type), and so are other
+/// devices and `DIFFUSE_ISA=tensor` (candle's operations, f32).
 pub fn with_training_precision<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
     struct Restore(Precision);
     impl Drop for Restore {

@@ -858,7 +858,9 @@ fn mixed_precision_resumes_exactly_and_stays_near_f32() {
         assert_eq!(tensor.dtype(), DType::F32, "{name} is exported in f32");
         differing += to_vec_f32(tensor).iter().zip(to_vec_f32(&full[name])).filter(|(x, y)| *x != y).count();
     }
-    assert!(differing > 0, "bf16 mixed precision gave the f32 run's weights");
+    // Mixed precision is the CPU kernels' (`DIFFUSE_ISA=tensor`, candle's own operations, has
+    // no bf16 product: the run is f32's there).
+    assert_eq!(differing > 0, diffuse::ops::uses_kernels(&Device::Cpu), "bf16 mixed precision against the f32 run's weights");
     // The same training, step by step: each step's loss within 1 % of f32's.
     let losses = |dir: &Path| -> Vec<f64> {
         let text = std::fs::read_to_string(dir.join("loss.csv")).unwrap();

@@ -610,6 +610,9 @@ mod tests {
         // Wide enough for the direct path, forward and (transposed) backward.
         (2, 3, 5, 17, 4, 3, 1, 1),
         (1, 2, 4, 20, 3, 3, 1, 0),
+        // Even product columns and more input channels than a tile has rows: bf16 planes read
+        // in place by the kernel gradient.
+        (2, 14, 4, 18, 3, 3, 1, 1),
     ];
 
     fn geometries() -> impl Iterator<Item = Geometry> {

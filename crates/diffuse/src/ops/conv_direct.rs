@@ -75,7 +75,8 @@ impl Plan {
         let wp = g.width + 2 * g.padding;
         // The last tile starts below `columns` and reads nr words from its taps' offsets, the
         // largest (kh - 1)·wp + kw - 1: (rows + kh - 1)·wp + kw + nr covers it.
-        let plane = (rows + g.kernel_h - 1) * wp + g.kernel_w + nr;
+        // Even, so that bf16 planes start on a pair (read in place as one, see `kernel_gradient`).
+        let plane = ((rows + g.kernel_h - 1) * wp + g.kernel_w + nr).next_multiple_of(2);
         let taps = (0..g.kernel_h).flat_map(|ky| (0..g.kernel_w).map(move |kx| ky * wp + kx)).collect();
         Self { wp, plane, first_row, columns: rows * wp, taps }
     }
@@ -240,10 +241,22 @@ pub(super) fn kernel_gradient(g: &Geometry, input: &[f32], grad_output: &[f32], 
         .into_par_iter()
         .map(|share| {
             let mut sums = vec![0f32; taps * per_tap];
-            let mut planes = vec![0f32; in_channels * plan.plane];
+            // f32 planes, or in bf16 the same planes rounded (read in place as pairs along the
+            // columns: a tap's offset may be odd, each plane starts on a pair).
+            let (mut planes, mut planes16) = match precision {
+                Precision::F32 => (vec![0f32; in_channels * plan.plane], Vec::new()),
+                Precision::Bf16 => (Vec::new(), vec![bf16::ZERO; in_channels * plan.plane]),
+            };
             let mut grad_rows = vec![0f32; out_channels * plan.columns];
             for b in share * per_share..((share + 1) * per_share).min(g.batch) {
-                fill_planes(g, &plan, &input[b * input_len..][..input_len], &mut planes, parallel);
+                let image = &input[b * input_len..][..input_len];
+                match precision {
+                    Precision::F32 => fill_planes(g, &plan, image, &mut planes, parallel),
+                    Precision::Bf16 => fill_plane_rows(g, &plan, &mut planes16, parallel, |c, y, row| {
+                        let source = &image[(c * g.height + y) * g.width..][..g.width];
+                        row.iter_mut().zip(source).for_each(|(d, &s)| *d = bf16::from_bits(gemm_bf16::to_bf16_bits(s)));
+                    }),
+                }
                 let grad = &grad_output[b * output_len..][..output_len];
                 for (padded, rows) in grad_rows.chunks_exact_mut(plan.columns).zip(grad.chunks_exact(out_len.max(1))) {
                     for (padded, row) in padded.chunks_exact_mut(plan.wp).zip(rows.chunks_exact(out_w.max(1))) {
@@ -251,19 +264,19 @@ pub(super) fn kernel_gradient(g: &Geometry, input: &[f32], grad_output: &[f32], 
                     }
                 }
                 let grad_t = MatRef::row_major(&grad_rows, out_channels, plan.columns).expect("sized").t();
-                let rows = |offset: usize| MatRef::new(&planes[offset..], in_channels, plan.columns, plan.plane, 1).expect("inside the planes (see Plan)");
                 match precision {
                     Precision::F32 => {
                         let grad_t = PackedB::with_isa(&grad_t, isa);
                         for (t, &offset) in plan.taps.iter().enumerate() {
-                            gemm::gemm_with(isa, &mut sums[t * per_tap..(t + 1) * per_tap], out_channels, ASource::InPlace(rows(offset)), &grad_t, Init::Accumulate, parallel);
+                            let rows = MatRef::new(&planes[offset..], in_channels, plan.columns, plan.plane, 1).expect("inside the planes (see Plan)");
+                            gemm::gemm_with(isa, &mut sums[t * per_tap..(t + 1) * per_tap], out_channels, ASource::InPlace(rows), &grad_t, Init::Accumulate, parallel);
                         }
                     }
                     Precision::Bf16 => {
                         let grad_t = gemm_bf16::PackedBPairs::new(&gemm_bf16::RoundedB { source: &grad_t, isa }, isa);
                         for (t, &offset) in plan.taps.iter().enumerate() {
-                            let a = gemm_bf16::ABf16::F32(rows(offset));
-                            gemm_bf16::gemm_bf16_with(isa, &mut sums[t * per_tap..(t + 1) * per_tap], out_channels, a, &grad_t, Init::Accumulate, parallel);
+                            let rows = gemm_bf16::Bf16Matrix::strided(&planes16[offset..], in_channels, plan.columns, plan.plane).expect("inside the planes (see Plan)");
+                            gemm_bf16::gemm_bf16_with(isa, &mut sums[t * per_tap..(t + 1) * per_tap], out_channels, gemm_bf16::ABf16::Weight(rows), &grad_t, Init::Accumulate, parallel);
                         }
                     }
                 }

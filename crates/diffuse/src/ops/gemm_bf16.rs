@@ -44,23 +44,35 @@ fn pair_at(data: &[bf16], index: usize) -> u32 {
     even | odd << 16
 }
 
-/// A row-major bf16 matrix (`rows × cols`): a layer's weight.
+/// A row-major bf16 matrix (`rows × cols`, rows `row_stride` apart): a layer's weight, or
+/// bf16 planes read in place.
 #[derive(Debug, Clone, Copy)]
 pub struct Bf16Matrix<'a> {
     data: &'a [bf16],
     rows: usize,
     cols: usize,
+    row_stride: usize,
 }
 
 impl<'a> Bf16Matrix<'a> {
     /// The matrix, or `None` if `data` does not hold exactly `rows × cols` values.
     pub fn new(data: &'a [bf16], rows: usize, cols: usize) -> Option<Self> {
-        (rows.checked_mul(cols) == Some(data.len())).then_some(Self { data, rows, cols })
+        (rows.checked_mul(cols) == Some(data.len())).then_some(Self { data, rows, cols, row_stride: cols })
+    }
+
+    /// Rows of `cols` values `row_stride` apart from the start of `data`, or `None` if one
+    /// would run past its end.
+    pub fn strided(data: &'a [bf16], rows: usize, cols: usize, row_stride: usize) -> Option<Self> {
+        let end = match rows {
+            0 => 0,
+            _ => (rows - 1).checked_mul(row_stride)?.checked_add(cols)?,
+        };
+        (cols <= row_stride && end <= data.len()).then_some(Self { data, rows, cols, row_stride })
     }
 
     /// Row `i`, columns `k0..k0 + kc`, as pairs (the last one zero-padded when `kc` is odd).
     fn row_pairs(&self, i: usize, k0: usize, kc: usize) -> impl Iterator<Item = u32> + '_ {
-        let row = &self.data[i * self.cols + k0..i * self.cols + k0 + kc];
+        let row = &self.data[i * self.row_stride + k0..i * self.row_stride + k0 + kc];
         (0..kc).step_by(2).map(move |k| pair_at(row, k))
     }
 }
@@ -70,8 +82,9 @@ impl<'a> Bf16Matrix<'a> {
 pub enum ABf16<'a> {
     /// f32 values, rounded as they are packed (a linear layer's activations).
     F32(gemm::MatRef<'a>),
-    /// A bf16 weight, read where it lies when its rows hold whole pairs (an even number of
-    /// columns): a convolution's kernel. Otherwise it is packed block by block.
+    /// A bf16 matrix, read where it lies when its rows hold whole pairs (an even number of
+    /// columns, an even row stride): a convolution's kernel, bf16 planes. Otherwise it is
+    /// packed block by block.
     Weight(Bf16Matrix<'a>),
 }
 
@@ -268,7 +281,7 @@ impl PackBPairs for TransposedWeight<'_> {
             if kc % 2 == 0 {
                 while j + ROWS <= width {
                     let rows: [&[bf16]; ROWS] = std::array::from_fn(|r| {
-                        let start = (first + j + r) * self.0.cols + k0;
+                        let start = (first + j + r) * self.0.row_stride + k0;
                         &self.0.data[start..start + kc]
                     });
                     for (q, words) in chunk.chunks_exact_mut(nr).take(pairs).enumerate() {
@@ -353,7 +366,7 @@ fn gemm_bf16_block(isa: Isa, c: COut, m0: usize, n_first: usize, a: ABf16, b: &i
     }
     // A weight with whole pairs per row is read in place, but for a last partial panel.
     let in_place = match a {
-        ABf16::Weight(w) if w.cols % 2 == 0 => Some(w),
+        ABf16::Weight(w) if w.cols % 2 == 0 && w.row_stride % 2 == 0 => Some(w),
         _ => None,
     };
     let a_rows_packed = if in_place.is_some() { mr } else { MC.min(rows).div_ceil(mr) * mr };
@@ -386,9 +399,9 @@ fn gemm_bf16_block(isa: Isa, c: COut, m0: usize, n_first: usize, a: ABf16, b: &i
                         let tile = &mut tile[..mr * nr];
                         match in_place {
                             Some(w) if height == mr => {
-                                let start = (m0 + i) * w.cols + k0;
-                                let lda = w.cols / 2;
-                                assert!(w.data.len() >= start + (mr - 1) * w.cols + 2 * pairs, "gemm_bf16: A in place");
+                                let start = (m0 + i) * w.row_stride + k0;
+                                let lda = w.row_stride / 2;
+                                assert!(w.data.len() >= start + (mr - 1) * w.row_stride + 2 * pairs, "gemm_bf16: A in place");
                                 // SAFETY: the assertion keeps the MR rows of `pairs` words from
                                 // `start` inside the weight (a `u32` read at an even element of
                                 // a bf16 slice, unaligned reads), `b_panel` holds `pairs · nr`
