@@ -522,11 +522,12 @@ impl CustomOp3 for LoraLinear {
             let (x, w) = (view(x, rows, inputs), view(s[0], outputs, inputs));
             let init = s.get(1).map_or(gemm::Init::Overwrite, |bias| gemm::Init::ColumnBias(bias));
             gemm_in(self.precision, &mut output, outputs, x, &w.t(), init, true);
-            // H = x·Aᵀ, scaled, then y += H·Bᵀ.
-            let mut h = vec![0f32; rows * rank];
-            gemm_in(self.precision, &mut h, rank, x, &view(a, rank, inputs).t(), gemm::Init::Overwrite, true);
-            h.iter_mut().for_each(|v| *v *= self.scale);
-            gemm_in(self.precision, &mut output, outputs, view(&h, rows, rank), &view(b, outputs, rank).t(), gemm::Init::Accumulate, true);
+            // Hᵀ = A·xᵀ (rank rows by as many columns as x has rows: a product that fills the
+            // tiles, where H = x·Aᵀ would be `rank` columns wide), scaled, then y += H·Bᵀ.
+            let mut h_t = vec![0f32; rank * rows];
+            gemm_in(self.precision, &mut h_t, rows, view(a, rank, inputs), &x.t(), gemm::Init::Overwrite, true);
+            h_t.iter_mut().for_each(|v| *v *= self.scale);
+            gemm_in(self.precision, &mut output, outputs, view(&h_t, rank, rows).t(), &view(b, outputs, rank).t(), gemm::Init::Accumulate, true);
             Ok(())
         })?;
         Ok((CpuStorage::F32(output), Shape::from((rows, outputs))))
@@ -540,25 +541,27 @@ impl CustomOp3 for LoraLinear {
         let (grad_x, grad_a, grad_b) = with_slices(&[x, a, b, &grad_output, &self.weight], "lora linear backward", |s| {
             let (x, a, b, g, w) = (view(s[0], rows, inputs), view(s[1], rank, inputs), view(s[2], outputs, rank), view(s[3], rows, outputs), view(s[4], outputs, inputs));
             let product = |c: &mut [f32], ldc, left, right: &gemm::MatRef, init| gemm_in(self.precision, c, ldc, left, right, init, true);
-            let mut h = vec![0f32; rows * rank];
-            product(&mut h, rank, x, &a.t(), gemm::Init::Overwrite);
-            let mut grad_h = vec![0f32; rows * rank];
-            product(&mut grad_h, rank, g, &b, gemm::Init::Overwrite);
-            grad_h.iter_mut().for_each(|v| *v *= self.scale);
-            let grad_h = view(&grad_h, rows, rank);
+            // The rank-sized products transposed (`rank` rows, not `rank` columns; see the
+            // forward pass): Hᵀ = A·xᵀ, ∂Hᵀ = scale · Bᵀ·Gᵀ.
+            let mut h_t = vec![0f32; rank * rows];
+            product(&mut h_t, rows, a, &x.t(), gemm::Init::Overwrite);
+            let mut grad_h_t = vec![0f32; rank * rows];
+            product(&mut grad_h_t, rows, b.t(), &g.t(), gemm::Init::Overwrite);
+            grad_h_t.iter_mut().for_each(|v| *v *= self.scale);
+            let grad_h_t = view(&grad_h_t, rank, rows);
+            // ∂B = scale · Gᵀ·H, as its transpose Hᵀ·G.
             let grad_b = {
-                let mut grad = vec![0f32; outputs * rank];
-                product(&mut grad, rank, g.t(), &view(&h, rows, rank), gemm::Init::Overwrite);
-                grad.iter_mut().for_each(|v| *v *= self.scale);
-                grad
+                let mut grad_t = vec![0f32; rank * outputs];
+                product(&mut grad_t, outputs, view(&h_t, rank, rows), &g, gemm::Init::Overwrite);
+                (0..outputs * rank).map(|i| self.scale * grad_t[i % rank * outputs + i / rank]).collect::<Vec<f32>>()
             };
             let mut grad_a = vec![0f32; rank * inputs];
-            product(&mut grad_a, inputs, grad_h.t(), &x, gemm::Init::Overwrite);
+            product(&mut grad_a, inputs, grad_h_t, &x, gemm::Init::Overwrite);
             // The input's gradient is the big product: only when the input needs one.
             let grad_x = input_needs_grad.then(|| {
                 let mut grad_x = vec![0f32; rows * inputs];
                 product(&mut grad_x, inputs, g, &w, gemm::Init::Overwrite);
-                product(&mut grad_x, inputs, grad_h, &a, gemm::Init::Accumulate);
+                product(&mut grad_x, inputs, grad_h_t.t(), &a, gemm::Init::Accumulate);
                 grad_x
             });
             Ok((grad_x, grad_a, grad_b))
