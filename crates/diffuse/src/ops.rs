@@ -253,7 +253,9 @@ pub fn linear_packed(input: &Tensor, weight: &std::sync::Arc<PackedLinearWeight>
     if dims.last() != Some(&in_features) {
         crate::bail!("linear: input {dims:?} does not end in the weight's {in_features} input features");
     }
-    let flat = input.to_dtype(DType::F32)?.reshape((input.elem_count() / in_features.max(1), in_features))?;
+    let rows = input.elem_count() / in_features.max(1);
+    profile::count_flops("linear", 2.0 * (rows * in_features * out_features) as f64);
+    let flat = input.to_dtype(DType::F32)?.reshape((rows, in_features))?;
     let bias = bias.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()?;
     let output = flat.contiguous()?.apply_op1_no_bwd(&LinearPackedCpu { weight: weight.clone(), bias })?;
     let mut out_dims = dims.to_vec();
