@@ -6,7 +6,9 @@ backward, AdamW) of the same UNet, built from the config.json that `diffuse benc
 
 `--mixed-precision bf16` runs the forward pass and the loss under
 `torch.autocast("cpu", dtype=torch.bfloat16)`, as accelerate's `mixed_precision="bf16"` does
-(f32 weights and optimizer), beside `diffuse bench --train KIND --mixed-precision bf16`.
+(f32 weights and optimizer), beside `diffuse bench --train KIND --mixed-precision bf16`;
+`--gradient-checkpointing` calls the model's `enable_gradient_checkpointing()`, beside
+`diffuse bench --train KIND --gradient-checkpointing`.
 
 Prints the median, min and max seconds per step after one warm-up, images per second, and the
 process's peak RSS.
@@ -30,6 +32,7 @@ def main():
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -48,6 +51,8 @@ def main():
         labels = torch.tensor([i % 10 for i in range(b)])
         forward = lambda: model(sample, timesteps, class_labels=labels).sample
     model.train()
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
@@ -67,6 +72,8 @@ def main():
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
     parameters = sum(p.numel() for p in model.parameters())
     precision = "fp32" if args.mixed_precision == "no" else "bf16 mixed"
+    if args.gradient_checkpointing:
+        precision += ", gradient checkpointing"
     print(f"pytorch {torch.__version__} train {args.kind}: {parameters} parameters, batch {b}, {precision}, threads {args.threads}: "
           f"median {median:.3f}s min {min(times):.3f}s max {max(times):.3f}s ({b / median:.1f} images/s) peak RSS {rss:.2f} GB")
 
