@@ -140,7 +140,7 @@ pub struct TrainArgs {
     mixed_precision: String,
     /// Keep only the inputs of the UNet's resnets and attention blocks for the backward pass,
     /// which runs each block again (diffusers' --gradient_checkpointing): activation memory of
-    /// about one block, a third more time per step, the same gradients. Not with
+    /// about one block, a third more time per step, the same gradients up to rounding. Not with
     /// --lora-dropout (its masks would be drawn twice): those blocks run as usual.
     #[arg(long)]
     gradient_checkpointing: bool,

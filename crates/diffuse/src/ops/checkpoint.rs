@@ -8,7 +8,9 @@
 //! that the block reads: those are collected here, for the parameters the training step
 //! registered with [`GradientCheckpointing::start`], and added to the step's gradients by
 //! [`GradientCheckpointing::add_gradients`]. The blocks recompute bit for bit what they
-//! computed, so the gradients are exactly those of the same step without checkpointing.
+//! computed, so the loss is the same and the gradients are the same up to rounding: a block's
+//! inner contributions to its input's gradient arrive summed, in another order than without
+//! checkpointing (as with torch's).
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};

@@ -119,7 +119,7 @@ pub struct TrainConfig {
     pub mixed_precision: Precision,
     /// Keep only the inputs of the model's resnets and attention blocks for the backward pass,
     /// which runs each block again (diffusers' `--gradient_checkpointing`): less memory, about a
-    /// third more time, the same gradients. See [`crate::ops::checkpoint`].
+    /// third more time, the same gradients up to rounding. See [`crate::ops::checkpoint`].
     pub gradient_checkpointing: bool,
 }
 
