@@ -138,17 +138,10 @@ impl Attention {
     /// `encoder_hidden_states` (`[B, S, cross_attention_dim]`) is the context for
     /// cross-attention, or `None` for self-attention. The output has the input's shape.
     pub fn forward(&self, hidden_states: &Tensor, encoder_hidden_states: Option<&Tensor>, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
-        // Under gradient checkpointing only the inputs are kept (not with LoRA dropout, whose
-        // masks would be drawn again when the block runs a second time).
-        if lora_dropout.is_none() && ops::checkpoint::is_active() {
-            let block = self.clone();
-            let inputs: Vec<&Tensor> = std::iter::once(hidden_states).chain(encoder_hidden_states).collect();
-            return ops::checkpoint::checkpoint(&inputs, std::sync::Arc::new(move |x: &[Tensor]| block.forward_block(&x[0], x.get(1), None)));
-        }
-        self.forward_block(hidden_states, encoder_hidden_states, lora_dropout)
+        super::checkpointed(self, hidden_states, encoder_hidden_states, lora_dropout, Self::forward_block)
     }
 
-    /// [`Self::forward`] without checkpointing.
+    /// [`Self::forward`] without gradient checkpointing.
     fn forward_block(&self, hidden_states: &Tensor, encoder_hidden_states: Option<&Tensor>, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         let residual = hidden_states;
         let input_dims = hidden_states.dims().to_vec();

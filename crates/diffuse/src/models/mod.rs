@@ -178,6 +178,28 @@ impl Linear {
     }
 }
 
+/// A block's forward pass from its input and optional context, what the UNet's resnets
+/// (context: the time embedding) and attention blocks (context: the text) share.
+type BlockForward<B> = fn(&B, &Tensor, Option<&Tensor>, Option<&LoraDropout>) -> Result<Tensor>;
+
+/// `forward(block, input, context, lora_dropout)`, checkpointed under gradient checkpointing
+/// (`ops::checkpoint`: only the inputs kept, the block run again in the backward pass), except
+/// with LoRA dropout, whose masks would be drawn again when the block runs a second time.
+fn checkpointed<B: Clone + Send + Sync + 'static>(
+    block: &B,
+    input: &Tensor,
+    context: Option<&Tensor>,
+    lora_dropout: Option<&LoraDropout>,
+    forward: BlockForward<B>,
+) -> Result<Tensor> {
+    if lora_dropout.is_none() && ops::checkpoint::is_active() {
+        let block = block.clone();
+        let inputs: Vec<&Tensor> = std::iter::once(input).chain(context).collect();
+        return ops::checkpoint::checkpoint(&inputs, std::sync::Arc::new(move |x: &[Tensor]| forward(&block, &x[0], x.get(1), None)));
+    }
+    forward(block, input, context, lora_dropout)
+}
+
 /// peft's `lora_dropout` for one training forward pass, handed down explicitly to every layer
 /// that may carry a LoRA branch: each element of a branch's input is zeroed with probability
 /// `p` and the rest scaled by 1/(1 − p), the masks drawn from `generator` in the order the

@@ -191,17 +191,10 @@ impl ResnetBlock2D {
     /// Runs the block on `input_tensor` `[B, C_in, H, W]`, conditioned on the time embedding `temb`
     /// `[B, temb_channels]`: `[B, C_out, H', W']`.
     pub fn forward(&self, input_tensor: &Tensor, temb: Option<&Tensor>, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
-        // Under gradient checkpointing only the inputs are kept (not with LoRA dropout, whose
-        // masks would be drawn again when the block runs a second time).
-        if lora_dropout.is_none() && ops::checkpoint::is_active() {
-            let block = self.clone();
-            let inputs: Vec<&Tensor> = std::iter::once(input_tensor).chain(temb).collect();
-            return ops::checkpoint::checkpoint(&inputs, std::sync::Arc::new(move |x: &[Tensor]| block.forward_block(&x[0], x.get(1), None)));
-        }
-        self.forward_block(input_tensor, temb, lora_dropout)
+        super::checkpointed(self, input_tensor, temb, lora_dropout, Self::forward_block)
     }
 
-    /// [`Self::forward`] without checkpointing.
+    /// [`Self::forward`] without gradient checkpointing.
     fn forward_block(&self, input_tensor: &Tensor, temb: Option<&Tensor>, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         // Intermediates are reassigned, not rebound with `let` (which would keep each alive
         // to the end): in a 512×512 VAE decoder they are hundreds of MB each.

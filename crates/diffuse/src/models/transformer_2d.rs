@@ -10,7 +10,7 @@ use candle_nn::VarBuilder;
 
 use super::attention_processor::{Attention, AttentionConfig};
 use super::{Conv2d, GroupNorm, LayerNorm, Linear, LoraDropout};
-use crate::{bail, ops, Result};
+use crate::{bail, Result};
 
 /// `GEGLU`: a linear projection to twice the width, split into a value half and a gate half;
 /// the output is `value * gelu(gate)` with the exact (erf) GELU.
@@ -154,17 +154,10 @@ impl BasicTransformerBlock {
     /// `hidden_states` is `[B, L, dim]`; `encoder_hidden_states` is the context `[B, S, D]`
     /// (without one, the cross-attention attends to the features themselves, as in diffusers).
     pub fn forward(&self, hidden_states: &Tensor, encoder_hidden_states: Option<&Tensor>, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
-        // Under gradient checkpointing only the inputs are kept (not with LoRA dropout, whose
-        // masks would be drawn again when the block runs a second time).
-        if lora_dropout.is_none() && ops::checkpoint::is_active() {
-            let block = self.clone();
-            let inputs: Vec<&Tensor> = std::iter::once(hidden_states).chain(encoder_hidden_states).collect();
-            return ops::checkpoint::checkpoint(&inputs, std::sync::Arc::new(move |x: &[Tensor]| block.forward_block(&x[0], x.get(1), None)));
-        }
-        self.forward_block(hidden_states, encoder_hidden_states, lora_dropout)
+        super::checkpointed(self, hidden_states, encoder_hidden_states, lora_dropout, Self::forward_block)
     }
 
-    /// [`Self::forward`] without checkpointing.
+    /// [`Self::forward`] without gradient checkpointing.
     fn forward_block(&self, hidden_states: &Tensor, encoder_hidden_states: Option<&Tensor>, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         let norm_hidden_states = self.norm1.forward(hidden_states)?;
         let attn1_context = if self.only_cross_attention { encoder_hidden_states } else { None };
