@@ -128,7 +128,8 @@ pub struct TrainArgs {
     /// Text-to-image: the sample grids' guidance scale.
     #[arg(long, default_value_t = 4.0)]
     sample_guidance_scale: f64,
-    /// The exported weights' type: f32 or f16 (autoencoder and text-to-image).
+    /// The exported weights' type: f32, f16 or bf16 (autoencoder and text-to-image; the
+    /// checkpoints stay f32).
     #[arg(long, default_value = "f32")]
     export_dtype: String,
     /// `no`, or `bf16`: mixed precision as accelerate's `--mixed_precision bf16`. The
@@ -359,7 +360,8 @@ fn parse_dtype(name: &str) -> Result<DType> {
     match name {
         "f32" => Ok(DType::F32),
         "f16" => Ok(DType::F16),
-        other => bail!("--export-dtype {other} is not one of f32, f16"),
+        "bf16" => Ok(DType::BF16),
+        other => bail!("--export-dtype {other} is not one of f32, f16, bf16"),
     }
 }
 

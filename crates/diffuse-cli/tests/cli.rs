@@ -1325,12 +1325,17 @@ fn train_a_lora_and_generate_with_it() {
     let out_s = out.to_str().unwrap();
     let (ok, stdout, stderr) = diffuse(&[
         "train", "--base", sd1_s, "--lora-rank", "2", "--lora-targets", "attention,text-encoder", "--data", data_s, "--output", out_s,
-        "--steps", "4", "--batch-size", "2", "--lr", "1e-2", "--warmup", "1", "--checkpoint-every", "0", "--quiet",
+        "--steps", "4", "--batch-size", "2", "--lr", "1e-2", "--warmup", "1", "--checkpoint-every", "0", "--export-dtype", "bf16", "--quiet",
     ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("my-style"), "{stdout}");
     let (diffusers_file, kohya_file) = (out.join("pytorch_lora_weights.safetensors"), out.join("my-style.safetensors"));
     assert!(diffusers_file.is_file() && kohya_file.is_file() && !out.join("unet").exists());
+    // --export-dtype bf16: the adapters are stored in bf16 (the safetensors header says so).
+    let bytes = std::fs::read(&diffusers_file).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + header_len]).unwrap();
+    assert!(header.contains("\"dtype\":\"BF16\"") && !header.contains("\"dtype\":\"F32\""), "{header}");
 
     let image = |lora: &Path, name: &str| {
         let png = dir.join(name);

@@ -135,7 +135,7 @@ impl safetensors::View for &HostTensor {
     }
 }
 
-/// Serialises named f32 / f64 / u32 / i64 tensors as a safetensors file's bytes, with
+/// Serialises named f32 / f64 / f16 / bf16 / u32 / i64 tensors as a safetensors file's bytes, with
 /// `{"format": "pt"}` metadata as PyTorch writers add.
 pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
     safetensors_bytes_with_metadata(tensors, HashMap::new())
@@ -150,6 +150,7 @@ pub fn safetensors_bytes_with_metadata(tensors: &HashMap<String, Tensor>, mut me
             DType::F32 => (safetensors::Dtype::F32, flat.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
             DType::F64 => (safetensors::Dtype::F64, flat.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
             DType::F16 => (safetensors::Dtype::F16, flat.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::BF16 => (safetensors::Dtype::BF16, flat.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
             DType::U32 => (safetensors::Dtype::U32, flat.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
             DType::I64 => (safetensors::Dtype::I64, flat.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
             other => bail!("cannot write tensor {name} of type {other:?}"),

@@ -219,7 +219,7 @@ pub struct TrainingRecipe {
     /// The sample grids (count, steps, scheduler; their seed is `seed`). Default: 16 images,
     /// 50 DDIM steps.
     pub sampling: SampleSettings,
-    /// The exported weights' type, f32 or f16 (autoencoder and text-to-image). Default: f32.
+    /// The exported weights' type, f32, f16 or bf16 (autoencoder and text-to-image). Default: f32.
     pub export_dtype: DType,
     /// Seeds the initial weights, the data order and flips (the loop's draws have
     /// [`TrainConfig::seed`]).
@@ -272,8 +272,8 @@ impl TrainingRecipe {
             }
             lora.resolve()?;
         }
-        if !matches!(self.export_dtype, DType::F32 | DType::F16) {
-            bail!("`export_dtype` {:?} is not one of f32, f16", self.export_dtype);
+        if !matches!(self.export_dtype, DType::F32 | DType::F16 | DType::BF16) {
+            bail!("`export_dtype` {:?} is not one of f32, f16, bf16", self.export_dtype);
         }
         if let Some(channels) = self.channels {
             if channels != 1 && channels != 3 {
