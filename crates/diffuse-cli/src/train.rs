@@ -134,9 +134,9 @@ pub struct TrainArgs {
     export_dtype: String,
     /// `no`, or `bf16`: mixed precision as accelerate's `--mixed_precision bf16`. The
     /// convolutions', linear layers' and attention's products (forward and backward) take
-    /// bf16 operands with f32 sums; weights, gradients, norms, the optimizer, checkpoints and
-    /// the export stay f32. Faster on CPUs with AVX512-BF16 or AMX, results differ slightly
-    /// from f32's; resuming is exact either way.
+    /// bf16 operands with f32 sums; weights, gradients, norms, the optimizer and checkpoints
+    /// stay f32, and so does the export unless --export-dtype says otherwise. Faster on CPUs with
+    /// AVX512-BF16; results differ slightly from f32's; resuming is exact either way.
     #[arg(long, default_value = "no")]
     mixed_precision: String,
     /// Keep only the inputs of the UNet's resnets and attention blocks for the backward pass,

@@ -114,8 +114,8 @@ pub struct TrainConfig {
     pub resume: bool,
     /// The products of the forward and backward passes: f32, or bf16 mixed precision
     /// (accelerate's `mixed_precision="bf16"`: bf16 operands, f32 sums; the weights, their
-    /// gradients, the optimizer, the checkpoints and the export stay f32). See
-    /// [`crate::ops::with_training_precision`].
+    /// gradients, the optimizer and the checkpoints stay f32, the export is in the task's
+    /// export type). See [`crate::ops::with_training_precision`].
     pub mixed_precision: Precision,
     /// Keep only the inputs of the model's resnets and attention blocks for the backward pass,
     /// which runs each block again (diffusers' `--gradient_checkpointing`): less memory, about a
