@@ -277,6 +277,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         return run_training(&args, kind, &device);
     }
+    if args.mixed_precision != "no" || args.gradient_checkpointing {
+        bail!("--mixed-precision and --gradient-checkpointing are training options: add --train text-to-image|pixel");
+    }
     if args.kernels {
         let threads = candle_core::utils::get_num_threads();
         outln!("diffuse {} kernels {} threads {threads}", env!("CARGO_PKG_VERSION"), diffuse::ops::gemm::isa().name());

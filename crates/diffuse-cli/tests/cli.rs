@@ -1279,7 +1279,12 @@ fn bench_times_training_steps_and_saves_the_config() {
     assert!(stdout.contains("train text-to-image: 6133444 parameters") && stdout.contains("images/s"), "{stdout}");
     let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
     assert_eq!((saved["cross_attention_dim"].as_u64(), saved["sample_size"].as_u64()), (Some(64), Some(8)));
+    let (ok, stdout, stderr) = diffuse(&["bench", "--train", "text-to-image", "--batch", "1", "--runs", "1", "--mixed-precision", "bf16", "--gradient-checkpointing"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("bf16 mixed") && stdout.contains("gradient checkpointing") && stdout.contains("images/s"), "{stdout}");
     assert_fails_with(&["bench", "--train", "video", "--runs", "1"], "--train video is not one of text-to-image, pixel");
+    assert_fails_with(&["bench", "--mixed-precision", "bf16", "--runs", "1"], "add --train");
+    assert_fails_with(&["bench", "--train", "pixel", "--mixed-precision", "fp16", "--runs", "1"], "use --mixed-precision bf16");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
