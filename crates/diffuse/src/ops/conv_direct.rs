@@ -224,7 +224,8 @@ fn fill_plane_rows<W: Send>(g: &Geometry, plan: &Plan, planes: &mut [W], paralle
 /// Images are shared over the threads when there are enough of them, each share summing its
 /// own; otherwise the products use every thread.
 ///
-/// In bf16 (mixed precision) both operands are rounded as they are packed, the sums f32.
+/// In bf16 (mixed precision) the planes are rounded once per image and read in place as pairs
+/// along the columns, `Gᵀ` is rounded as it is packed; the sums are f32.
 ///
 /// Panics unless `g` [`suits`] the direct path in f32 and the slices match it.
 pub(super) fn kernel_gradient(g: &Geometry, input: &[f32], grad_output: &[f32], precision: Precision) -> Vec<f32> {
