@@ -86,13 +86,13 @@ impl Ema {
         if params.len() != self.shadow.len() {
             bail!("EMA: {} parameters for {} shadow tensors", params.len(), self.shadow.len());
         }
-        self.optimization_step += 1;
-        let one_minus_decay = (1.0 - self.config.decay_at(self.optimization_step)) as f32;
         for (shadow, param) in self.shadow.iter().zip(params) {
             if shadow.len() != param.len() {
                 bail!("EMA: a parameter of {} values for a shadow of {}", param.len(), shadow.len());
             }
         }
+        self.optimization_step += 1;
+        let one_minus_decay = (1.0 - self.config.decay_at(self.optimization_step)) as f32;
         // In place, every parameter's chunks over all threads.
         let isa = crate::ops::gemm::isa();
         self.shadow.par_iter_mut().zip(params).for_each(|(shadow, param)| {

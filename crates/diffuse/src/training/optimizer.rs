@@ -87,6 +87,21 @@ impl AdamW {
         if params.len() != self.exp_avg.len() || grads.len() != params.len() {
             bail!("AdamW: {} parameters and {} gradients for a state of {}", params.len(), grads.len(), self.exp_avg.len());
         }
+        if self.exp_avg_sq.len() != self.exp_avg.len() {
+            bail!("AdamW: {} first and {} second moments", self.exp_avg.len(), self.exp_avg_sq.len());
+        }
+        // Checked up front: the threaded pass below zips the slices, which would stop short.
+        for (index, ((param, grad), (exp_avg, exp_avg_sq))) in params.iter().zip(grads).zip(self.exp_avg.iter().zip(&self.exp_avg_sq)).enumerate() {
+            if param.len() != grad.len() || param.len() != exp_avg.len() || param.len() != exp_avg_sq.len() {
+                bail!(
+                    "AdamW: parameter {index} has {} values, its gradient {}, its state {} and {}",
+                    param.len(),
+                    grad.len(),
+                    exp_avg.len(),
+                    exp_avg_sq.len()
+                );
+            }
+        }
         self.step += 1;
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
         // torch keeps the step in a float32 tensor and reads it back as a Python float.
@@ -103,11 +118,6 @@ impl AdamW {
             eps: eps as f32,
             negative_step_size: (-(lr / bias_correction1)) as f32,
         };
-        for (index, ((param, grad), exp_avg)) in params.iter().zip(grads).zip(&self.exp_avg).enumerate() {
-            if param.len() != grad.len() || param.len() != exp_avg.len() {
-                bail!("AdamW: parameter {index} has {} values, its gradient {}, its state {}", param.len(), grad.len(), exp_avg.len());
-            }
-        }
         // Element-wise: every parameter's chunks over all threads, the same bits whatever the split.
         let isa = crate::ops::gemm::isa();
         params.par_iter_mut().zip(grads).zip(self.exp_avg.par_iter_mut().zip(self.exp_avg_sq.par_iter_mut())).for_each(|((p, g), (m, v))| {
@@ -261,5 +271,22 @@ impl GradAccumulator {
     pub fn reset(&mut self) {
         self.grads.par_iter_mut().for_each(|grad| grad.fill(0.0));
         self.micro_batches = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state that does not fit the parameters is refused before anything is updated.
+    #[test]
+    fn mismatched_state_is_refused() {
+        let mut optimizer = AdamW::new(AdamWConfig::default(), &[3, 2]);
+        optimizer.exp_avg_sq[1].pop();
+        let mut params = vec![vec![1.0; 3], vec![1.0; 2]];
+        let error = optimizer.update(&mut params, &[vec![0.5; 3], vec![0.5; 2]], 1e-3).unwrap_err().to_string();
+        assert!(error.contains("parameter 1 has 2 values, its gradient 2, its state 2 and 1"), "{error}");
+        assert_eq!(params, vec![vec![1.0; 3], vec![1.0; 2]]);
+        assert_eq!(optimizer.step, 0, "no step was counted");
     }
 }
