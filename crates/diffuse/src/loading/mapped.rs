@@ -135,9 +135,7 @@ fn convert(bytes: &[u8], from: safetensors::Dtype, to: DType, shape: Shape, devi
     let bf16_of = |b| bf16::from_le_bytes(b).to_f32();
     match (from, to) {
         (St::F32, DType::F32) => Tensor::from_vec(map(bytes, f32_of), shape, device),
-        // The kernels' rounding (half's, in integer lanes that vectorise: this conversion was most
-        // of an f32 checkpoint's loading time in bf16).
-        (St::F32, DType::BF16) => Tensor::from_vec(map(bytes, |b| bf16::from_bits(crate::ops::gemm_bf16::to_bf16_bits(f32_of(b)))), shape, device),
+        (St::F32, DType::BF16) => Tensor::from_vec(map(bytes, |b| bf16::from_bits(bf16_bits(u32::from_le_bytes(b)))), shape, device),
         (St::F32, DType::F16) => Tensor::from_vec(map(bytes, |b| f16::from_f32(f32_of(b))), shape, device),
         (St::F16, DType::F16) => Tensor::from_vec(map(bytes, f16::from_le_bytes), shape, device),
         (St::F16, DType::F32) => Tensor::from_vec(map(bytes, f16_of), shape, device),
@@ -146,6 +144,18 @@ fn convert(bytes: &[u8], from: safetensors::Dtype, to: DType, shape: Shape, devi
         (St::BF16, DType::F32) => Tensor::from_vec(map(bytes, bf16_of), shape, device),
         (St::BF16, DType::F16) => Tensor::from_vec(map(bytes, |b| f16::from_f32(bf16_of(b))), shape, device),
         _ => candle_via_raw(bytes, from, to, shape, device),
+    }
+}
+
+/// The bf16 nearest to the f32 with these bits (ties to even; NaN stays a quiet NaN), as
+/// `half`'s `bf16::from_f32`, in integer arithmetic that vectorises (the conversion of an f32
+/// checkpoint loaded in bf16 was most of its loading time).
+#[inline(always)]
+fn bf16_bits(bits: u32) -> u16 {
+    if bits & 0x7FFF_FFFF > 0x7F80_0000 {
+        ((bits >> 16) | 0x0040) as u16
+    } else {
+        (bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16) as u16
     }
 }
 

@@ -368,7 +368,7 @@ impl TransposedKernel {
         match self {
             Self::F32(packed) => gemm::gemm(c, ldc, ASource::Packed(packed), right, Init::Overwrite, parallel),
             Self::Bf16 { values, out_channels } => {
-                let a = ABf16::Weight(Bf16Matrix::new(values, values.len() / (*out_channels).max(1), *out_channels).expect("sized"));
+                let a = ABf16::Weight(Bf16Matrix::new(values, values.len() / out_channels.max(&1), *out_channels).expect("sized"));
                 gemm_bf16(c, ldc, a, &RoundedB::new(right), Init::Overwrite, parallel)
             }
         }
