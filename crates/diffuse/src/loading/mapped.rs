@@ -149,7 +149,8 @@ fn convert(bytes: &[u8], from: safetensors::Dtype, to: DType, shape: Shape, devi
 
 /// The bf16 nearest to the f32 with these bits (ties to even; NaN stays a quiet NaN), as
 /// `half`'s `bf16::from_f32`, in integer arithmetic that vectorises (the conversion of an f32
-/// checkpoint loaded in bf16 was most of its loading time).
+/// checkpoint loaded in bf16 was most of its loading time). `ops` has the same rounding for
+/// the kernels, but `loading` sits beside `ops` and may not import it (tests/layers.rs).
 #[inline(always)]
 fn bf16_bits(bits: u32) -> u16 {
     if bits & 0x7FFF_FFFF > 0x7F80_0000 {
