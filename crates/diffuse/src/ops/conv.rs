@@ -215,13 +215,17 @@ impl PackB for Patches<'_> {
                         let lo = x_lo.clamp(ox, ox + run);
                         let hi = x_hi.clamp(lo, ox + run);
                         let src = &plane[iy * g.width..(iy + 1) * g.width];
-                        let inside = &mut dst[lo - ox..hi - ox];
-                        let ix0 = lo * g.stride + kx - g.padding;
-                        if g.stride == 1 {
-                            inside.copy_from_slice(&src[ix0..ix0 + (hi - lo)]);
-                        } else {
-                            for (j, value) in inside.iter_mut().enumerate() {
-                                *value = src[ix0 + j * g.stride];
+                        // A run wholly in the padding has nothing inside (and `ix0` would
+                        // point past the row, or before it).
+                        if hi > lo {
+                            let inside = &mut dst[lo - ox..hi - ox];
+                            let ix0 = lo * g.stride + kx - g.padding;
+                            if g.stride == 1 {
+                                inside.copy_from_slice(&src[ix0..ix0 + (hi - lo)]);
+                            } else {
+                                for (j, value) in inside.iter_mut().enumerate() {
+                                    *value = src[ix0 + j * g.stride];
+                                }
                             }
                         }
                         dst[..lo - ox].fill(0.0);
@@ -774,6 +778,38 @@ mod tests {
         assert!(grads.get(&input).is_none());
         assert!(grads.get(weight.as_tensor()).is_some());
         Ok(())
+    }
+
+    /// The patches packed straight into panels equal im2col's column matrix for every panel
+    /// width the levels use and every split of the columns (a panel that starts or ends on an
+    /// output row's padding-only tail among them: kernel 4, padding 2).
+    #[test]
+    fn packed_patches_are_the_column_matrix() {
+        let cases = [(6, 4, 1, 2), (7, 3, 2, 1), (9, 3, 2, 0), (5, 3, 1, 0), (6, 1, 1, 1), (8, 5, 1, 2), (3, 3, 3, 2)];
+        for (size, kernel, stride, padding) in cases {
+            let g = Geometry { batch: 1, in_channels: 2, height: size, width: size + 1, out_channels: 1, kernel_h: kernel, kernel_w: kernel, stride, padding };
+            let image = values(g.input_len(), 9);
+            let (k, n) = (g.patch_len(), g.out_height() * g.out_width());
+            let mut col = vec![f32::NAN; k * n];
+            im2col(&g, &image, 0..g.out_height(), &mut col);
+            let patches = Patches { g: &g, image: &image };
+            for nr in [4, 8, 16, 32] {
+                for n0 in 0..n {
+                    let nc = n - n0;
+                    let mut panels = vec![f32::NAN; k * nc.div_ceil(nr) * nr];
+                    patches.pack(0, k, n0, nc, nr, &mut panels);
+                    for (p, panel) in panels.chunks_exact(k * nr).enumerate() {
+                        for kk in 0..k {
+                            for j in 0..nr {
+                                let column = n0 + p * nr + j;
+                                let want = if column < n { col[kk * n + column] } else { 0.0 };
+                                assert_eq!(panel[kk * nr + j], want, "{g:?} nr {nr} n0 {n0}: row {kk}, column {column}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
