@@ -586,6 +586,11 @@ mod x86 {
 
     /// AVX2 + FMA micro-kernel on widened pairs: `MR` rows × `NV` vectors of 8 columns.
     ///
+    /// Two passes over the walk, the odd products of every pair step and then the even ones:
+    /// AVX2 has 16 vector registers, which the `6 × 2` tile's accumulators, a `B` vector per
+    /// column group and an `A` broadcast fill; widening both halves of a step at once made the
+    /// compiler spill (38 % of the FMA peak), each half alone does not.
+    ///
     /// # Safety
     /// The CPU supports AVX2 and FMA; `b` has the walk's extent for `NV · 8` columns, `tile`
     /// room for `MR · NV · 8` values; `a` as [`kernel_avx512bf16`].
@@ -597,33 +602,65 @@ mod x86 {
         b: *const u32,
         tile: *mut f32,
     ) {
-        let high = _mm256_set1_epi32(0xFFFF_0000_u32 as i32);
         let mut acc = [[_mm256_setzero_ps(); NV]; MR];
+        half_pass::<MR, NV, IN_PLACE, false>(&mut acc, walk, a, lda, b);
+        half_pass::<MR, NV, IN_PLACE, true>(&mut acc, walk, a, lda, b);
+        for (i, acc) in acc.iter().enumerate() {
+            for (v, &acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(tile.add((i * NV + v) * 8), acc);
+            }
+        }
+    }
+
+    /// The 32-bit word at `p` in every lane, loaded by `vpbroadcastd` from memory (a load-port
+    /// operation). Written in `asm!` because the compiler, seeing a broadcast that is then
+    /// masked or shifted, moves the masking to a general register and broadcasts from there:
+    /// two more vector operations per row of the tile, which cost half the kernel's speed.
+    ///
+    /// # Safety
+    /// `p` points to 4 readable bytes (no alignment needed); the CPU supports AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn broadcast_word(p: *const u32) -> __m256i {
+        let words: __m256i;
+        // SAFETY: the caller's contract: 4 bytes at `p` are readable and AVX2 is available;
+        // the instruction only reads them and writes the output register.
+        unsafe { std::arch::asm!("vpbroadcastd {out}, dword ptr [{p}]", p = in(reg) p, out = out(ymm_reg) words, options(pure, readonly, nostack, preserves_flags)) };
+        words
+    }
+
+    /// Adds the products of one half of every pair (`EVEN`: the low bf16 of each word, widened
+    /// by a shift; else the high one, by a mask) to `acc`.
+    ///
+    /// # Safety
+    /// As [`kernel_avx2`].
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn half_pass<const MR: usize, const NV: usize, const IN_PLACE: bool, const EVEN: bool>(acc: &mut [[__m256; NV]; MR], walk: BWalk, a: *const u32, lda: usize, b: *const u32) {
+        let widen = |words: __m256i| {
+            if EVEN {
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(words))
+            } else {
+                _mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32(0xFFFF_0000_u32 as i32)))
+            }
+        };
         let mut q = 0;
         for &tap in walk.taps {
+            // `wrapping_add`: the row pointer may step past `b` after its last read.
             let mut row = b.wrapping_add(tap);
             for _ in 0..walk.steps {
-                let (mut even, mut odd) = ([_mm256_setzero_ps(); NV], [_mm256_setzero_ps(); NV]);
-                for v in 0..NV {
-                    let words = _mm256_loadu_si256(row.add(v * 8).cast());
-                    even[v] = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(words));
-                    odd[v] = _mm256_castsi256_ps(_mm256_and_si256(words, high));
+                let mut bv = [_mm256_setzero_ps(); NV];
+                for (v, bv) in bv.iter_mut().enumerate() {
+                    *bv = widen(_mm256_loadu_si256(row.add(v * 8).cast()));
                 }
                 for (i, acc) in acc.iter_mut().enumerate() {
-                    let word = a.add(if IN_PLACE { i * lda + q } else { q * MR + i }).read_unaligned();
-                    let (a_even, a_odd) = super::widen(word);
-                    let (a_even, a_odd) = (_mm256_set1_ps(a_even), _mm256_set1_ps(a_odd));
+                    let av = widen(broadcast_word(a.add(if IN_PLACE { i * lda + q } else { q * MR + i })));
                     for v in 0..NV {
-                        acc[v] = _mm256_fmadd_ps(a_even, even[v], _mm256_fmadd_ps(a_odd, odd[v], acc[v]));
+                        acc[v] = _mm256_fmadd_ps(av, bv[v], acc[v]);
                     }
                 }
                 q += 1;
                 row = row.wrapping_add(walk.ldb);
-            }
-        }
-        for (i, acc) in acc.iter().enumerate() {
-            for (v, &acc) in acc.iter().enumerate() {
-                _mm256_storeu_ps(tile.add((i * NV + v) * 8), acc);
             }
         }
     }
