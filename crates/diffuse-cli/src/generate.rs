@@ -102,9 +102,11 @@ pub struct GenerateArgs {
     /// --num-images, the same images.
     #[arg(long)]
     pub(crate) vae_slicing: bool,
-    /// Weight precision: f32, f16 or bf16. On the CPU, bf16 halves the weights' memory and
-    /// runs the matrix products about twice as fast (bf16 products, f32 sums; activations,
-    /// norms and softmax stay f32); f16 is computed as bf16 there, the faster of the two.
+    /// Weight precision: f32, f16 or bf16. On the CPU, bf16 halves the weights' memory (bf16
+    /// products, f32 sums; activations, norms and softmax stay f32) and, on a CPU with
+    /// AVX512-BF16, runs the matrix products about twice as fast as f32; without it the bf16
+    /// values are widened for f32 arithmetic, slower than f32. f16 is computed as whichever is
+    /// faster on this CPU: bf16 with AVX512-BF16, f32 otherwise.
     #[arg(long, default_value = "f32")]
     pub(crate) dtype: String,
     /// Sampler to use instead of the folder's own (see `diffuse schedulers`).
@@ -245,7 +247,8 @@ pub(crate) fn progress_bar(total: usize, quiet: bool) -> ProgressBar {
 }
 
 /// The weights' dtype, refused up front when this device cannot run it. The CPU runs all
-/// three: f32, and bf16 on its own kernels with f32 activations; f16 is kept as bf16 there.
+/// three: f32, and bf16 on its own kernels with f32 activations; f16 is kept as the faster
+/// of the two (`ops::weight_dtype`).
 pub(crate) fn parse_dtype(name: &str, device: &Device) -> Result<DType> {
     let dtype = match name {
         "f32" | "fp32" | "float32" => DType::F32,

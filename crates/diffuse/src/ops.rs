@@ -67,13 +67,19 @@ pub fn uses_kernels(device: &candle_core::Device) -> bool {
     device.is_cpu() && gemm::kernels_enabled()
 }
 
-/// The type a model's weights are kept in when `requested` on `device`: on the CPU, f16 is
-/// kept as bf16, since the CPU kernels compute in bf16 or f32 and bf16 is the faster of the
-/// two (f16's three extra mantissa bits are rounded away when the model loads); otherwise
-/// the request.
+/// The type a model's weights are kept in when `requested` on `device`. The CPU kernels
+/// compute in bf16 or f32, so f16 becomes the faster of the two on this CPU: bf16 where it has
+/// a bf16 dot product (AVX512-BF16: twice f32's products per instruction; f16's three extra
+/// mantissa bits are rounded away when the model loads), f32 elsewhere (without it, bf16
+/// values are widened to f32 in the kernel: on AVX2 a UNet step took 1.27× f32's time).
+/// Otherwise the request.
 pub fn weight_dtype(requested: DType, device: &candle_core::Device) -> DType {
     if uses_kernels(device) && requested == DType::F16 {
-        DType::BF16
+        if gemm::isa() >= gemm::Isa::Avx512Bf16 {
+            DType::BF16
+        } else {
+            DType::F32
+        }
     } else {
         requested
     }
@@ -98,7 +104,7 @@ pub fn activation_dtype(weights: DType, device: &candle_core::Device) -> DType {
 /// types and devices use candle's.
 pub fn conv2d(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     let _timer = profile::timer("conv2d");
-    let weight = &cpu_half_as_bf16(input, weight)?;
+    let weight = &cpu_half_for_kernels(input, weight)?;
     if uses_kernels(input.device()) && input.dtype() == DType::F32 {
         let tracked = input.track_op() || weight.track_op() || bias.is_some_and(|b| b.track_op());
         if !tracked && matches!(weight.dtype(), DType::F32 | DType::BF16) {
@@ -119,10 +125,10 @@ pub fn conv2d(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: us
 }
 
 /// An f16 `weight` meeting an f32 `input` on the CPU (a model not loaded through
-/// [`weight_dtype`]) as bf16, the type the kernels read; any other weight as it is.
-fn cpu_half_as_bf16(input: &Tensor, weight: &Tensor) -> Result<Tensor> {
+/// [`weight_dtype`]) in the type [`weight_dtype`] gives f16 there; any other weight as it is.
+fn cpu_half_for_kernels(input: &Tensor, weight: &Tensor) -> Result<Tensor> {
     if uses_kernels(input.device()) && input.dtype() == DType::F32 && weight.dtype() == DType::F16 {
-        return Ok(weight.to_dtype(DType::BF16)?);
+        return Ok(weight.to_dtype(weight_dtype(DType::F16, input.device()))?);
     }
     Ok(weight.clone())
 }
@@ -140,7 +146,7 @@ fn add_channel_bias(output: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 /// kernels with their own backward pass.
 pub fn linear(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let _timer = profile::timer("linear");
-    let weight = &cpu_half_as_bf16(input, weight)?;
+    let weight = &cpu_half_for_kernels(input, weight)?;
     let dims = input.dims();
     let in_features = *dims.last().ok_or_else(|| crate::Error::invalid("linear: input has rank 0"))?;
     let out_features = weight.dim(0)?;

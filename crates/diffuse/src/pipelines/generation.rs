@@ -42,7 +42,8 @@ use crate::{Error, Result};
 pub struct LoadOptions {
     /// The device the models are loaded on and run on (diffusers' `.to(device)`).
     pub device: Device,
-    /// The weights' type (f16 on the CPU is kept as bf16; activations stay f32 there).
+    /// The weights' type (f16 on the CPU is kept as bf16 or f32, whichever is faster there;
+    /// activations stay f32 there).
     pub dtype: DType,
     /// `.VARIANT.safetensors` weight files (`fp16`) of a folder.
     pub variant: Option<String>,

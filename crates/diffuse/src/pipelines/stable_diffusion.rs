@@ -62,8 +62,8 @@ pub struct StableDiffusionPipeline {
     pub model_dir: PathBuf,
     /// The device the models run on.
     pub device: Device,
-    /// The type the weights are kept in (f16 requested on the CPU is kept as bf16:
-    /// [`ops::weight_dtype`]); activations are in [`Self::activation_dtype`].
+    /// The type the weights are kept in (f16 requested on the CPU is kept as bf16 or f32,
+    /// the faster there: [`ops::weight_dtype`]); activations are in [`Self::activation_dtype`].
     pub dtype: DType,
     /// The LoRAs fused into the weights (`load_with_loras`), in the order given.
     pub loras: Vec<AppliedLora>,
