@@ -136,7 +136,8 @@ pub struct TrainArgs {
     /// convolutions', linear layers' and attention's products (forward and backward) take
     /// bf16 operands with f32 sums; weights, gradients, norms, the optimizer and checkpoints
     /// stay f32, and so does the export unless --export-dtype says otherwise. Faster on CPUs with
-    /// AVX512-BF16; results differ slightly from f32's; resuming is exact either way.
+    /// AVX512-BF16; slower than f32 without it (AVX2 widens bf16 values for f32 arithmetic);
+    /// results differ slightly from f32's; resuming is exact either way.
     #[arg(long, default_value = "no")]
     mixed_precision: String,
     /// Keep only the inputs of the UNet's resnets and attention blocks for the backward pass,
