@@ -189,8 +189,8 @@ fn text_to_image_matches_diffusers() {
     assert!(parameters.contains("CFG scale: 7.5") && parameters.contains("Seed: 3") && parameters.contains("Size: 64x64"), "{parameters}");
 }
 
-/// `--dtype bf16` (and f16, kept as the faster of bf16 and f32) runs on the CPU, close to the f32 image, and says so
-/// in the PNG.
+/// `--dtype bf16` (and f16, kept as the faster of bf16 and f32) runs on the CPU, close to the
+/// f32 image, and says so in the PNG.
 #[test]
 fn bf16_runs_on_the_cpu() {
     let dir = scratch("sd-bf16");

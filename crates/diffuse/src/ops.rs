@@ -71,7 +71,7 @@ pub fn uses_kernels(device: &candle_core::Device) -> bool {
 /// compute in bf16 or f32, so f16 becomes the faster of the two on this CPU: bf16 where it has
 /// a bf16 dot product (AVX512-BF16: twice f32's products per instruction; f16's three extra
 /// mantissa bits are rounded away when the model loads), f32 elsewhere (without it, bf16
-/// values are widened to f32 in the kernel: on AVX2 a UNet step took 1.27× f32's time).
+/// values are widened to f32 in the kernel: on AVX2 a UNet step took 1.3× f32's time).
 /// Otherwise the request.
 pub fn weight_dtype(requested: DType, device: &candle_core::Device) -> DType {
     if uses_kernels(device) && requested == DType::F16 {
