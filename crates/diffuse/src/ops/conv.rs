@@ -2,15 +2,20 @@
 //! (and `ops::gemm_bf16` for a bf16 model's kernels and for mixed-precision training),
 //! activations in NCHW, f32.
 //!
-//! Forward, per image, `output[C_out, positions] = weight · col`: the kernel
+//! Forward, per image (or group of images), `output[C_out, positions] = weight · col`: the kernel
 //! `[C_out, C_in·kh·kw]` is read in place by the micro-kernel, and the input patches (`col`)
 //! are written straight into the GEMM's panels, block by block (an implicit GEMM: no column
 //! buffer). Stride-1 convolutions over wide enough rows skip the patches altogether and read
 //! zero-padded copies of the input's planes where they lie (`ops::conv_direct`). The backward
 //! pass is the same algebra transposed, with a column buffer of a band of rows:
 //! `grad_weight += grad_output · colᵀ`, `grad_col = weightᵀ · grad_output` (`weightᵀ` packed
-//! once per call), scattered back to the input (col2im). Images are spread over the threads
-//! when there are enough of them; otherwise each product uses every thread.
+//! once per call), scattered back to the input (col2im); for wide stride-1 images the input's
+//! gradient is a direct forward convolution of the output's gradient instead (the kernel
+//! flipped, its channels swapped: `conv_direct::input_gradient_geometry`). Small images (a
+//! small UNet's 8×8 and 4×4 latents) are taken several at a time for the forward product and
+//! the kernel's gradient, their columns side by side, so that each product is wide and deep
+//! enough for the micro-kernel ([`GROUP_COLUMNS`]). Images, or groups of them, are spread over
+//! the threads when there are enough of them; otherwise each product uses every thread.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -24,6 +29,14 @@ use super::Precision;
 
 /// The column buffer holds at most this many values (16 MiB): a band of output rows at a time.
 const COLUMN_BUDGET: usize = 4 << 20;
+
+/// Output positions a product should have at least: images with fewer are convolved several
+/// at a time (forward, kernel gradient). The kernel gradient of one 8×8 image summed only 64
+/// products per pass over its tiles (text-to-image training step: kernel gradients 0.18 →
+/// 0.16 s on AVX2); a 4×4 image fills half of an AVX-512 tile's 32 columns. The input's
+/// gradient measured slower grouped (its col2im reads a wider column buffer), so it is not.
+/// (Small in the unit tests, so that they make groups of every size.)
+const GROUP_COLUMNS: usize = if cfg!(test) { 40 } else { 256 };
 
 /// The sizes of one convolution (groups of 1, square stride and padding, no dilation).
 #[derive(Debug, Clone, Copy)]
@@ -81,6 +94,13 @@ impl Geometry {
     fn band_rows(&self) -> usize {
         (COLUMN_BUDGET / (self.patch_len() * self.out_width()).max(1)).clamp(1, self.out_height())
     }
+    /// Images per product: enough for [`GROUP_COLUMNS`] output positions, as many as the
+    /// column buffer holds, 1 for larger images.
+    fn images_per_group(&self) -> usize {
+        let out_hw = (self.out_height() * self.out_width()).max(1);
+        let fit = COLUMN_BUDGET / (self.patch_len() * out_hw).max(1);
+        GROUP_COLUMNS.div_ceil(out_hw).min(fit).min(self.batch).max(1)
+    }
 }
 
 /// For kernel offset `k` (row or column), the output range whose input index
@@ -92,15 +112,16 @@ fn valid_range(k: usize, size: usize, out_size: usize, stride: usize, padding: u
     (first.min(end), end)
 }
 
-/// Writes the patches of output rows `rows` of one image into `col[patch_len, rows·W_out]`.
-fn im2col(g: &Geometry, image: &[f32], rows: std::ops::Range<usize>, col: &mut [f32]) {
+/// Writes the patches of output rows `rows` of one image into `col[patch_len, rows·W_out]`,
+/// whose rows are `ld` apart (`ld` ≥ `rows·W_out`: other images' patches may sit beside).
+fn im2col(g: &Geometry, image: &[f32], rows: std::ops::Range<usize>, col: &mut [f32], ld: usize) {
     let (out_w, band) = (g.out_width(), rows.len() * g.out_width());
     for c in 0..g.in_channels {
         let plane = &image[c * g.height * g.width..(c + 1) * g.height * g.width];
         for ky in 0..g.kernel_h {
             for kx in 0..g.kernel_w {
                 let row = (c * g.kernel_h + ky) * g.kernel_w + kx;
-                let dst = &mut col[row * band..(row + 1) * band];
+                let dst = &mut col[row * ld..row * ld + band];
                 let (x_lo, x_hi) = valid_range(kx, g.width, out_w, g.stride, g.padding);
                 for (i, oy) in rows.clone().enumerate() {
                     let out_row = &mut dst[i * out_w..(i + 1) * out_w];
@@ -128,15 +149,16 @@ fn im2col(g: &Geometry, image: &[f32], rows: std::ops::Range<usize>, col: &mut [
     }
 }
 
-/// The adjoint of [`im2col`]: adds `col[patch_len, rows·W_out]` into the image's gradient.
-fn col2im(g: &Geometry, col: &[f32], rows: std::ops::Range<usize>, image: &mut [f32]) {
+/// The adjoint of [`im2col`]: adds `col[patch_len, rows·W_out]` (rows `ld` apart) into the
+/// image's gradient.
+fn col2im(g: &Geometry, col: &[f32], ld: usize, rows: std::ops::Range<usize>, image: &mut [f32]) {
     let (out_w, band) = (g.out_width(), rows.len() * g.out_width());
     for c in 0..g.in_channels {
         let plane = &mut image[c * g.height * g.width..(c + 1) * g.height * g.width];
         for ky in 0..g.kernel_h {
             for kx in 0..g.kernel_w {
                 let row = (c * g.kernel_h + ky) * g.kernel_w + kx;
-                let src = &col[row * band..(row + 1) * band];
+                let src = &col[row * ld..row * ld + band];
                 let (x_lo, x_hi) = valid_range(kx, g.width, out_w, g.stride, g.padding);
                 if x_hi <= x_lo {
                     continue;
@@ -157,54 +179,83 @@ fn col2im(g: &Geometry, col: &[f32], rows: std::ops::Range<usize>, image: &mut [
     }
 }
 
-/// How work is split: over images (each product on one thread) when there are at least as
-/// many images as threads, else inside each product (`true` for the product's parallelism).
-fn split(batch: usize) -> (bool, bool) {
+/// How work is split: over groups of images (each product on one thread) when there are at
+/// least as many as threads, else inside each product (`true` for the product's parallelism).
+fn split(groups: usize) -> (bool, bool) {
     let threads = rayon::current_num_threads();
-    if batch >= threads || threads == 1 {
+    if groups >= threads || threads == 1 {
         (true, false)
     } else {
         (false, true)
     }
 }
 
-/// Runs `f(image index, image's output chunk)` for every image, in parallel when `parallel`.
-fn for_each_image(parallel: bool, output: &mut [f32], per_image: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+/// Runs `f(index, chunk)` for every `chunk_len` chunk of `output` (the last may be shorter),
+/// in parallel when `parallel`.
+fn for_each_chunk(parallel: bool, output: &mut [f32], chunk_len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     if parallel {
-        output.par_chunks_mut(per_image).enumerate().for_each(|(b, chunk)| f(b, chunk));
+        output.par_chunks_mut(chunk_len).enumerate().for_each(|(i, chunk)| f(i, chunk));
     } else {
-        output.chunks_mut(per_image).enumerate().for_each(|(b, chunk)| f(b, chunk));
+        output.chunks_mut(chunk_len).enumerate().for_each(|(i, chunk)| f(i, chunk));
     }
 }
 
-/// One image's patches as the `B` operand (`C_in·kh·kw × H_out·W_out`) of the forward
-/// product, written straight into the GEMM's panels: the column matrix never exists whole.
+/// `count` matrices `[rows, cols]` (one per image, one after the other) side by side:
+/// `[rows, count·cols]`.
+fn side_by_side(matrices: &[f32], count: usize, rows: usize, cols: usize) -> Vec<f32> {
+    let mut joined = vec![0f32; matrices.len()];
+    if rows * cols > 0 {
+        for (i, matrix) in matrices.chunks_exact(rows * cols).enumerate() {
+            for (r, row) in matrix.chunks_exact(cols).enumerate() {
+                joined[(r * count + i) * cols..][..cols].copy_from_slice(row);
+            }
+        }
+    }
+    joined
+}
+
+/// The inverse of [`side_by_side`]: `[rows, count·cols]` into `count` matrices `[rows, cols]`.
+fn split_apart(joined: &[f32], count: usize, rows: usize, cols: usize, matrices: &mut [f32]) {
+    if rows * cols > 0 {
+        for (i, matrix) in matrices.chunks_exact_mut(rows * cols).enumerate() {
+            for (r, row) in matrix.chunks_exact_mut(cols).enumerate() {
+                row.copy_from_slice(&joined[(r * count + i) * cols..][..cols]);
+            }
+        }
+    }
+}
+
+/// The patches of `count` consecutive images, side by side, as the `B` operand
+/// (`C_in·kh·kw × count·H_out·W_out`) of the forward product, written straight into the GEMM's
+/// panels: the column matrix never exists whole.
 struct Patches<'a> {
     g: &'a Geometry,
-    image: &'a [f32],
+    images: &'a [f32],
+    count: usize,
 }
 
 impl PackB for Patches<'_> {
     fn dims(&self) -> (usize, usize) {
-        (self.g.patch_len(), self.g.out_height() * self.g.out_width())
+        (self.g.patch_len(), self.count * self.g.out_height() * self.g.out_width())
     }
 
     fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [f32]) {
         let g = self.g;
-        let (out_w, plane_len) = (g.out_width(), g.height * g.width);
+        let (out_w, out_h, plane_len) = (g.out_width(), g.out_height(), g.height * g.width);
         for (panel, chunk) in out.chunks_exact_mut(kc * nr).take(nc.div_ceil(nr)).enumerate() {
             let first = n0 + panel * nr;
             let width = nr.min(n0 + nc - first);
             for (kk, row) in chunk.chunks_exact_mut(nr).enumerate() {
                 let k = k0 + kk;
                 let (c, ky, kx) = (k / (g.kernel_h * g.kernel_w), (k / g.kernel_w) % g.kernel_h, k % g.kernel_w);
-                let plane = &self.image[c * plane_len..(c + 1) * plane_len];
                 // Output columns x_lo..x_hi read inside the image, as in im2col.
                 let (x_lo, x_hi) = valid_range(kx, g.width, out_w, g.stride, g.padding);
-                let (mut oy, mut ox) = (first / out_w, first % out_w);
+                let (mut image, position) = (first / (out_h * out_w), first % (out_h * out_w));
+                let (mut oy, mut ox) = (position / out_w, position % out_w);
                 let mut done = 0;
                 // The panel's columns, one run per output row.
                 while done < width {
+                    let plane = &self.images[(image * g.in_channels + c) * plane_len..][..plane_len];
                     let run = (width - done).min(out_w - ox);
                     let dst = &mut row[done..done + run];
                     let iy = (oy * g.stride + ky).wrapping_sub(g.padding);
@@ -234,6 +285,9 @@ impl PackB for Patches<'_> {
                     done += run;
                     ox = 0;
                     oy += 1;
+                    if oy == out_h {
+                        (image, oy) = (image + 1, 0);
+                    }
                 }
                 row[width..].fill(0.0);
             }
@@ -251,16 +305,16 @@ pub fn forward(g: &Geometry, input: &[f32], weight: &[f32], bias: Option<&[f32]>
     if conv_direct::suits(g, false) {
         let isa = gemm::isa();
         let panels = conv_direct::pack_kernel(g, weight, isa.tile().0);
-        return forward_with(g, input, bias, |out, image, _, parallel| conv_direct::forward_image(isa, g, image, &panels, bias, out, parallel));
+        return forward_with(g, input, bias, 1, |out, image, _, _, parallel| conv_direct::forward_image(isa, g, image, &panels, bias, out, parallel));
     }
     // The kernel is read where it lies: packing it per call costs as much as it saves.
     let kernel = MatRef::row_major(weight, g.out_channels, k).expect("sizes checked");
-    forward_with(g, input, bias, |out, image, init, parallel| {
-        if g.is_pointwise() {
-            let image = MatRef::row_major(image, k, out_hw).expect("sizes checked");
+    forward_with(g, input, bias, g.images_per_group(), |out, images, count, init, parallel| {
+        if g.is_pointwise() && count == 1 {
+            let image = MatRef::row_major(images, k, out_hw).expect("sizes checked");
             gemm::gemm(out, out_hw, ASource::InPlace(kernel), &image, init, parallel);
         } else {
-            gemm::gemm(out, out_hw, ASource::InPlace(kernel), &Patches { g, image }, init, parallel);
+            gemm::gemm(out, count * out_hw, ASource::InPlace(kernel), &Patches { g, images, count }, init, parallel);
         }
     })
 }
@@ -275,21 +329,22 @@ pub fn forward_bf16(g: &Geometry, input: &[f32], weight: &[bf16], bias: Option<&
     if conv_direct::suits(g, true) {
         let isa = gemm::isa();
         let panels = conv_direct::pack_kernel_bf16(g, weight, isa.tile().0);
-        return forward_with(g, input, bias, |out, image, _, parallel| conv_direct::forward_image_bf16(isa, g, image, &panels, bias, out, parallel));
+        return forward_with(g, input, bias, 1, |out, image, _, _, parallel| conv_direct::forward_image_bf16(isa, g, image, &panels, bias, out, parallel));
     }
-    forward_with(g, input, bias, |out, image, init, parallel| {
-        if g.is_pointwise() {
-            let image = MatRef::row_major(image, k, out_hw).expect("sizes checked");
+    forward_with(g, input, bias, g.images_per_group(), |out, images, count, init, parallel| {
+        if g.is_pointwise() && count == 1 {
+            let image = MatRef::row_major(images, k, out_hw).expect("sizes checked");
             gemm_bf16(out, out_hw, ABf16::Weight(kernel), &RoundedB::new(&image), init, parallel);
         } else {
-            gemm_bf16(out, out_hw, ABf16::Weight(kernel), &RoundedB::new(&Patches { g, image }), init, parallel);
+            gemm_bf16(out, count * out_hw, ABf16::Weight(kernel), &RoundedB::new(&Patches { g, images, count }), init, parallel);
         }
     })
 }
 
-/// The output of `product(image's output, image, init, parallel)` for every image, spread
-/// over the threads as [`split`] says.
-fn forward_with(g: &Geometry, input: &[f32], bias: Option<&[f32]>, product: impl Fn(&mut [f32], &[f32], Init, bool) + Sync + Send) -> Vec<f32> {
+/// The output, `group` images at a time, spread over the threads as [`split`] says:
+/// `product(output, images, count, init, parallel)` writes the output of `count` consecutive
+/// images side by side (`[C_out, count·H_out·W_out]`; one image's is its own output).
+fn forward_with(g: &Geometry, input: &[f32], bias: Option<&[f32]>, group: usize, product: impl Fn(&mut [f32], &[f32], usize, Init, bool) + Sync + Send) -> Vec<f32> {
     assert!(input.len() == g.batch * g.input_len(), "conv2d: operand sizes");
     assert!(bias.is_none_or(|b| b.len() == g.out_channels), "conv2d: one bias per output channel");
     let init = bias.map_or(Init::Overwrite, Init::RowBias);
@@ -297,9 +352,18 @@ fn forward_with(g: &Geometry, input: &[f32], bias: Option<&[f32]>, product: impl
     if output.is_empty() {
         return output;
     }
-    let (images_parallel, product_parallel) = split(g.batch);
-    for_each_image(images_parallel, &mut output, g.output_len(), |b, out| {
-        product(out, &input[b * g.input_len()..(b + 1) * g.input_len()], init, product_parallel)
+    let (in_len, out_len, out_hw) = (g.input_len(), g.output_len(), g.out_height() * g.out_width());
+    let (groups_parallel, product_parallel) = split(g.batch.div_ceil(group));
+    for_each_chunk(groups_parallel, &mut output, group * out_len, |index, out| {
+        let (first, count) = (index * group, out.len() / out_len);
+        let images = &input[first * in_len..(first + count) * in_len];
+        if count == 1 {
+            product(out, images, 1, init, product_parallel);
+        } else {
+            let mut joined = vec![0f32; out.len()];
+            product(&mut joined, images, count, init, product_parallel);
+            split_apart(&joined, count, g.out_channels, out_hw, out);
+        }
     });
     output
 }
@@ -315,22 +379,19 @@ pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32], precisi
     if grad_input.is_empty() || out_hw == 0 {
         return grad_input;
     }
-    let bf16 = precision == Precision::Bf16;
-    if let Some(transposed) = conv_direct::input_gradient_geometry(g).filter(|t| conv_direct::suits(t, bf16)) {
-        let isa = gemm::isa();
-        let mr = isa.tile().0;
-        if bf16 {
-            let panels = conv_direct::pack_kernel_for_input_gradient_bf16(g, &transposed, weight, mr);
-            return forward_with(&transposed, grad_output, None, |out, image, _, parallel| {
-                conv_direct::forward_image_bf16(isa, &transposed, image, &panels, None, out, parallel)
-            });
-        }
-        let panels = conv_direct::pack_kernel_for_input_gradient(g, &transposed, weight, mr);
-        return forward_with(&transposed, grad_output, None, |out, image, _, parallel| conv_direct::forward_image(isa, &transposed, image, &panels, None, out, parallel));
+    if let Some(transposed) = conv_direct::input_gradient_geometry(g).filter(|t| conv_direct::suits(t, precision == Precision::Bf16)) {
+        // Stride 1 over wide rows: a direct forward convolution of the output's gradient, with
+        // no column buffer to scatter back. (Small images measured slower that way than
+        // through col2im.)
+        let kernel = conv_direct::input_gradient_kernel(g, weight);
+        return match precision {
+            Precision::F32 => forward(&transposed, grad_output, &kernel, None),
+            Precision::Bf16 => forward_bf16(&transposed, grad_output, &kernel.iter().map(|&w| bf16::from_f32(w)).collect::<Vec<_>>(), None),
+        };
     }
     let kernel_t = TransposedKernel::new(weight, g.out_channels, k, precision);
     let (images_parallel, product_parallel) = split(g.batch);
-    for_each_image(images_parallel, &mut grad_input, g.input_len(), |b, grad_image| {
+    for_each_chunk(images_parallel, &mut grad_input, g.input_len(), |b, grad_image| {
         let grad_out = MatRef::row_major(&grad_output[b * g.output_len()..(b + 1) * g.output_len()], g.out_channels, out_hw).expect("sizes checked");
         if g.is_pointwise() {
             kernel_t.times(grad_image, out_hw, &grad_out, product_parallel);
@@ -343,7 +404,7 @@ pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32], precisi
             let band = rows.len() * g.out_width();
             let band_of_grad = Columns { inner: &grad_out, first: start * g.out_width(), len: band };
             kernel_t.times(&mut col[..k * band], band, &band_of_grad, product_parallel);
-            col2im(g, &col[..k * band], rows, grad_image);
+            col2im(g, &col[..k * band], band, rows, grad_image);
         }
     });
     grad_input
@@ -393,17 +454,35 @@ pub fn backward_weight(g: &Geometry, input: &[f32], grad_output: &[f32], precisi
     if conv_direct::input_gradient_geometry(g).is_some() && conv_direct::suits(g, false) {
         return conv_direct::kernel_gradient(g, input, grad_output, precision);
     }
-    let (images_parallel, product_parallel) = split(g.batch);
-    // One partial sum per thread's share of the images, added at the end.
-    let shares = if images_parallel { rayon::current_num_threads().min(g.batch).max(1) } else { 1 };
-    let per_share = g.batch.div_ceil(shares);
+    let (in_len, out_len, group) = (g.input_len(), g.output_len(), g.images_per_group());
+    let groups = g.batch.div_ceil(group);
+    let (groups_parallel, product_parallel) = split(groups);
+    // One partial sum per thread's share of the groups, added at the end.
+    let shares = if groups_parallel { rayon::current_num_threads().min(groups).max(1) } else { 1 };
+    let per_share = groups.div_ceil(shares);
     let mut partials = vec![0f32; shares * weight_len];
-    for_each_image(images_parallel, &mut partials, weight_len, |share, grad_weight| {
-        let mut col = vec![0f32; if g.is_pointwise() { 0 } else { k * g.band_rows() * g.out_width() }];
+    for_each_chunk(groups_parallel, &mut partials, weight_len, |share, grad_weight| {
+        let mut col = Vec::new();
         let mut first = true;
-        for b in share * per_share..((share + 1) * per_share).min(g.batch) {
-            let image = &input[b * g.input_len()..(b + 1) * g.input_len()];
-            let grad_out = &grad_output[b * g.output_len()..(b + 1) * g.output_len()];
+        for index in share * per_share..((share + 1) * per_share).min(groups) {
+            let (b, count) = (index * group, group.min(g.batch - index * group));
+            if count > 1 {
+                // The images' output gradients side by side, and their patches likewise: one
+                // product as deep as all their positions.
+                let columns = count * out_hw;
+                let joined = side_by_side(&grad_output[b * out_len..(b + count) * out_len], count, g.out_channels, out_hw);
+                col.resize(k * columns, 0.0);
+                for (i, image) in input[b * in_len..(b + count) * in_len].chunks_exact(in_len).enumerate() {
+                    im2col(g, image, 0..g.out_height(), &mut col[i * out_hw..], columns);
+                }
+                let grad_view = MatRef::row_major(&joined, g.out_channels, columns).expect("sizes checked");
+                let col_t = MatRef::row_major(&col, k, columns).expect("sizes checked").t();
+                gemm_in(precision, grad_weight, k, grad_view, &col_t, if first { Init::Overwrite } else { Init::Accumulate }, product_parallel);
+                first = false;
+                continue;
+            }
+            let image = &input[b * in_len..(b + 1) * in_len];
+            let grad_out = &grad_output[b * out_len..(b + 1) * out_len];
             if g.is_pointwise() {
                 let grad_view = MatRef::row_major(grad_out, g.out_channels, out_hw).expect("sizes checked");
                 let image_t = MatRef::row_major(image, k, out_hw).expect("sizes checked").t();
@@ -412,10 +491,11 @@ pub fn backward_weight(g: &Geometry, input: &[f32], grad_output: &[f32], precisi
                 continue;
             }
             let band_rows = g.band_rows();
+            col.resize(k * band_rows * g.out_width(), 0.0);
             for start in (0..g.out_height()).step_by(band_rows) {
                 let rows = start..(start + band_rows).min(g.out_height());
                 let band = rows.len() * g.out_width();
-                im2col(g, image, rows, &mut col[..k * band]);
+                im2col(g, image, rows, &mut col[..k * band], band);
                 let offset = start * g.out_width();
                 let grad_view = MatRef::new(&grad_out[offset..], g.out_channels, band, out_hw, 1).expect("sizes checked");
                 let col_t = MatRef::row_major(&col[..k * band], k, band).expect("sizes checked").t();
@@ -617,6 +697,12 @@ mod tests {
         // Even product columns and more input channels than a tile has rows: bf16 planes read
         // in place by the kernel gradient.
         (2, 14, 4, 18, 3, 3, 1, 1),
+        // Small images, convolved several at a time (GROUP_COLUMNS is 40 in the tests):
+        // groups of 3 and 2, of 2 and 1; pointwise, of 2 and 1; no output channel.
+        (5, 3, 4, 4, 4, 3, 1, 1),
+        (3, 2, 5, 5, 3, 3, 1, 1),
+        (3, 5, 5, 5, 6, 1, 1, 0),
+        (3, 2, 4, 4, 0, 3, 1, 1),
     ];
 
     fn geometries() -> impl Iterator<Item = Geometry> {
@@ -780,19 +866,23 @@ mod tests {
         Ok(())
     }
 
-    /// The patches packed straight into panels equal im2col's column matrix for every panel
-    /// width the levels use and every split of the columns (a panel that starts or ends on an
-    /// output row's padding-only tail among them: kernel 4, padding 2).
+    /// The patches of three images packed straight into panels equal im2col's column matrices
+    /// side by side for every panel width the levels use and every split of the columns (a
+    /// panel that starts or ends on an output row's padding-only tail among them: kernel 4,
+    /// padding 2; panels across two images).
     #[test]
     fn packed_patches_are_the_column_matrix() {
         let cases = [(6, 4, 1, 2), (7, 3, 2, 1), (9, 3, 2, 0), (5, 3, 1, 0), (6, 1, 1, 1), (8, 5, 1, 2), (3, 3, 3, 2)];
         for (size, kernel, stride, padding) in cases {
-            let g = Geometry { batch: 1, in_channels: 2, height: size, width: size + 1, out_channels: 1, kernel_h: kernel, kernel_w: kernel, stride, padding };
-            let image = values(g.input_len(), 9);
-            let (k, n) = (g.patch_len(), g.out_height() * g.out_width());
+            let g = Geometry { batch: 3, in_channels: 2, height: size, width: size + 1, out_channels: 1, kernel_h: kernel, kernel_w: kernel, stride, padding };
+            let images = values(g.batch * g.input_len(), 9);
+            let (k, out_hw) = (g.patch_len(), g.out_height() * g.out_width());
+            let n = g.batch * out_hw;
             let mut col = vec![f32::NAN; k * n];
-            im2col(&g, &image, 0..g.out_height(), &mut col);
-            let patches = Patches { g: &g, image: &image };
+            for (i, image) in images.chunks_exact(g.input_len()).enumerate() {
+                im2col(&g, image, 0..g.out_height(), &mut col[i * out_hw..], n);
+            }
+            let patches = Patches { g: &g, images: &images, count: g.batch };
             for nr in [4, 8, 16, 32] {
                 for n0 in 0..n {
                     let nc = n - n0;
@@ -810,6 +900,15 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn small_images_are_grouped_up_to_the_column_target() {
+        let g = |batch, size| Geometry { batch, in_channels: 2, height: size, width: size, out_channels: 1, kernel_h: 3, kernel_w: 3, stride: 1, padding: 1 };
+        // 40 columns in the tests: 4×4 images three at a time, 5×5 two, 7×7 and larger one.
+        assert_eq!([g(5, 4), g(3, 5), g(4, 7), g(1, 4), g(0, 4)].map(|g| g.images_per_group()), [3, 2, 1, 1, 1]);
+        // No more than the column buffer holds.
+        assert_eq!(Geometry { in_channels: 1 << 20, ..g(8, 4) }.images_per_group(), 1);
     }
 
     #[test]

@@ -160,22 +160,18 @@ pub(super) fn input_gradient_geometry(g: &Geometry) -> Option<Geometry> {
     })
 }
 
-/// `g`'s f32 kernel packed for [`forward_image`] on `transposed` ([`input_gradient_geometry`]).
-pub(super) fn pack_kernel_for_input_gradient(g: &Geometry, transposed: &Geometry, weight: &[f32], mr: usize) -> Vec<f32> {
+/// The kernel (`[C_in, C_out, kh, kw]`) of the convolution [`input_gradient_geometry`] gives,
+/// from `g`'s (`[C_out, C_in, kh, kw]`): channels swapped, both kernel axes flipped.
+pub(super) fn input_gradient_kernel(g: &Geometry, weight: &[f32]) -> Vec<f32> {
     let taps = g.kernel_h * g.kernel_w;
-    // Output channel `o` of the transposed convolution is input channel `o` of `g`; flipping
-    // both kernel axes reverses the flattened position.
-    pack_panels(transposed, g.out_channels, mr, |o, c, t| weight[(c * g.in_channels + o) * taps + taps - 1 - t])
-}
-
-/// [`pack_kernel_for_input_gradient`] rounded to bf16 for [`forward_image_bf16`] (mixed
-/// precision): a word holds the transposed convolution's input channels `2q` and `2q + 1`.
-pub(super) fn pack_kernel_for_input_gradient_bf16(g: &Geometry, transposed: &Geometry, weight: &[f32], mr: usize) -> Vec<u32> {
-    let taps = g.kernel_h * g.kernel_w;
-    let at = |o: usize, c: usize, t: usize| {
-        if c < g.out_channels { gemm_bf16::to_bf16_bits(weight[(c * g.in_channels + o) * taps + taps - 1 - t]) as u32 } else { 0 }
-    };
-    pack_panels(transposed, g.out_channels.div_ceil(2), mr, |o, q, t| at(o, 2 * q, t) | at(o, 2 * q + 1, t) << 16)
+    let mut kernel = Vec::with_capacity(weight.len());
+    for o in 0..g.in_channels {
+        for c in 0..g.out_channels {
+            // Flipping both axes reverses the flattened position.
+            kernel.extend((0..taps).map(|t| weight[(c * g.in_channels + o) * taps + taps - 1 - t]));
+        }
+    }
+    kernel
 }
 
 /// One image's output `[C_out, H_out·W_out]` of `image` `[C_in, H, W]` and a kernel packed by

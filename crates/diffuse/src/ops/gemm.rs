@@ -174,6 +174,20 @@ impl<'a> MatRef<'a> {
     pub(crate) fn at(&self, i: usize, j: usize) -> f32 {
         self.data[i * self.row_stride + j * self.col_stride]
     }
+
+    /// Whether each row's elements are contiguous (the micro-kernel can read it in place).
+    pub(crate) fn rows_are_contiguous(&self) -> bool {
+        self.col_stride == 1
+    }
+
+    /// Columns `first..first + len` (in range) as a view of their own.
+    pub(crate) fn columns(self, first: usize, len: usize) -> Self {
+        assert!(first + len <= self.cols, "MatRef: columns out of range");
+        if len == 0 || self.rows == 0 {
+            return Self { cols: len, ..self };
+        }
+        Self { data: &self.data[first * self.col_stride..], cols: len, ..self }
+    }
 }
 
 /// A source of `B` (`k × n`) that can write its panels: for columns `n0..n0 + nc` and depth
@@ -415,6 +429,28 @@ impl<B: PackB> PackB for Columns<'_, B> {
     }
 }
 
+/// Rows `first..first + len` of a `B` (a range of the product's depth), as a `B` of its own.
+/// `first` is a multiple of [`KC`], so that a [`PackedB`]'s blocks stay whole.
+struct DepthRange<'a, B: PackB> {
+    inner: &'a B,
+    first: usize,
+    len: usize,
+}
+
+impl<B: PackB> PackB for DepthRange<'_, B> {
+    fn dims(&self) -> (usize, usize) {
+        (self.len, self.inner.dims().1)
+    }
+
+    fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [f32]) {
+        self.inner.pack(self.first + k0, kc, n0, nc, nr, out)
+    }
+
+    fn panels<'s>(&'s self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
+        self.inner.panels(self.first + k0, kc, n0, nc, nr, scratch)
+    }
+}
+
 /// Where `A` comes from: a strided view (packed block by block as it is used) or panels
 /// packed once.
 #[derive(Clone, Copy)]
@@ -425,7 +461,8 @@ pub enum ASource<'a> {
     Packed(&'a PackedA),
     /// A row-major matrix (column stride 1) that the micro-kernel reads where it lies, a row
     /// per register row: nothing is copied but a last partial panel. For a convolution's
-    /// kernel, whose packing per call would cost as much memory traffic as it saves.
+    /// kernel, or training's activations, whose packing per call would cost as much memory
+    /// traffic as it saves.
     InPlace(MatRef<'a>),
 }
 
@@ -465,7 +502,9 @@ impl Init<'_> {
 /// `C[m × n] (+)= A[m × k] · B[k × n]`, with `C` row-major with row stride `ldc`, its previous
 /// contents overwritten, accumulated into or offset by a bias as `init` says. When `parallel`,
 /// the rayon threads share `C` by column ranges if it is wider than tall (each packs only its
-/// part of `B`), else by row ranges.
+/// part of `B`), else by row ranges. A product with little output and much depth is split
+/// along the depth instead ([`depth_share`]), whether `parallel` or not, so that its sums are
+/// the same for any thread count.
 ///
 /// Panics if the operands' dimensions disagree or `c` is too short: callers size them.
 pub fn gemm(c: &mut [f32], ldc: usize, a: ASource, b: &impl PackB, init: Init, parallel: bool) {
@@ -494,6 +533,17 @@ pub(crate) fn gemm_with(isa: Isa, c: &mut [f32], ldc: usize, a: ASource, b: &imp
     if m == 0 || n == 0 {
         return;
     }
+    if let Some(per_share) = depth_share(m, n, k, KC).filter(|_| !matches!(a, ASource::Packed(_))) {
+        split_depth(c, ldc, (m, n, k), per_share, init, parallel, |first, len, out| {
+            let a = match a {
+                ASource::View(view) => ASource::View(view.columns(first, len)),
+                ASource::InPlace(view) => ASource::InPlace(view.columns(first, len)),
+                ASource::Packed(_) => unreachable!("a packed A is not split by depth"),
+            };
+            gemm_block(isa, COut::new(out, n, m, n), 0, a, &DepthRange { inner: b, first, len }, Init::Overwrite);
+        });
+        return;
+    }
     let (mr, nr) = isa.tile();
     for_each_share(COut::new(c, ldc, m, n), mr, nr, parallel, |part, m0, first, len| {
         if (first, len) == (0, n) {
@@ -502,6 +552,55 @@ pub(crate) fn gemm_with(isa: Isa, c: &mut [f32], ldc: usize, a: ASource, b: &imp
             gemm_block(isa, part, m0, a, &Columns { inner: b, first, len }, init.offset(m0, first));
         }
     });
+}
+
+/// Shares of the depth a product with little output and much depth is split into (a weight's
+/// gradient `Gᵀ·X` over thousands of rows): as many as the machines seen have cores, and
+/// fixed, so that the sums do not depend on the thread count.
+const DEPTH_SHARES: usize = 4;
+
+/// The depth of each share when a product is split along its depth ([`DEPTH_SHARES`]), or
+/// `None` when splitting the output is the better way. Split by rows or columns of the
+/// output, every thread would pack all of one operand, as much work as its share of the
+/// product when the depth is this long; split by depth, each packs its own part of both and
+/// the partial products (small: at most 4 Mi values together) are added at the end. The
+/// shares are whole depth blocks of `block` (the driver's `KC`).
+pub(crate) fn depth_share(m: usize, n: usize, k: usize, block: usize) -> Option<usize> {
+    if k < 2 * block || k < 4 * m.max(n) || m * n > (1 << 20) {
+        return None;
+    }
+    let shares = DEPTH_SHARES.min(k / block);
+    Some(k.div_ceil(shares).next_multiple_of(block))
+}
+
+/// `C (+)= A·B` (`m × n`, depth `k`) as partial products over `per_share` of the depth each,
+/// `partial(first, len, out)` writing the product of depth `first..first + len` into `out`
+/// (`m × n`, row-major); on all threads when `parallel`; added in share order and applied to
+/// `c` as `init` says.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn split_depth(c: &mut [f32], ldc: usize, (m, n, k): (usize, usize, usize), per_share: usize, init: Init, parallel: bool, partial: impl Fn(usize, usize, &mut [f32]) + Sync) {
+    let shares = k.div_ceil(per_share);
+    let mut partials = vec![0f32; shares * m * n];
+    let product = |(share, out): (usize, &mut [f32])| {
+        let first = share * per_share;
+        partial(first, per_share.min(k - first), out)
+    };
+    if parallel {
+        partials.par_chunks_mut(m * n).enumerate().for_each(product);
+    } else {
+        partials.chunks_mut(m * n).enumerate().for_each(product);
+    }
+    let (first, rest) = partials.split_at(m * n);
+    for i in 0..m {
+        let row = &mut c[i * ldc..i * ldc + n];
+        let sum = |j: usize| rest.chunks_exact(m * n).fold(first[i * n + j], |s, p| s + p[i * n + j]);
+        match init {
+            Init::Overwrite => row.iter_mut().enumerate().for_each(|(j, c)| *c = sum(j)),
+            Init::Accumulate => row.iter_mut().enumerate().for_each(|(j, c)| *c += sum(j)),
+            Init::RowBias(bias) => row.iter_mut().enumerate().for_each(|(j, c)| *c = bias[i] + sum(j)),
+            Init::ColumnBias(bias) => row.iter_mut().enumerate().for_each(|(j, c)| *c = bias[j] + sum(j)),
+        }
+    }
 }
 
 /// Splits a product into `c` (`m × n`, tiles of `mr × nr`) over the rayon threads when
@@ -557,13 +656,21 @@ impl COut {
 
     fn columns(self, first: usize, len: usize) -> Self {
         assert!(first + len <= self.cols);
-        // `wrapping_add` keeps this safe; the pointer is only dereferenced in `row`, in bounds.
+        // `wrapping_add` keeps this safe; the pointer is only dereferenced in `row`, or by a
+        // kernel through `tile_out`, in bounds.
         Self { ptr: self.ptr.wrapping_add(first), cols: len, ..self }
     }
 
     fn rows(self, first: usize, len: usize) -> Self {
         assert!(first + len <= self.rows);
         Self { ptr: self.ptr.wrapping_add(first * self.ldc), rows: len, ..self }
+    }
+
+    /// The `height × width` block at `(i, j)` as a micro-kernel's destination (panics unless it
+    /// lies inside). Writing through it has [`COut::row`]'s contract.
+    fn tile_out(&self, i: usize, j: usize, height: usize, width: usize, add: bool) -> TileOut {
+        assert!(height > 0 && i + height <= self.rows && j + width <= self.cols, "gemm: tile outside C");
+        TileOut { ptr: self.ptr.wrapping_add(i * self.ldc + j), ld: self.ldc, add }
     }
 
     /// Elements `j..j + width` of row `i`.
@@ -638,16 +745,40 @@ fn gemm_block(isa: Isa, c: COut, m0: usize, a: ASource, b: &impl PackB, init: In
                     for ip in 0..panels {
                         let i = i0 + ip * mr;
                         let height = mr.min(rows - i);
-                        let tile = &mut tile[..mr * nr];
-                        match a {
-                            ASource::InPlace(view) if height == mr => {
-                                let start = (m0 + i) * view.row_stride + k0;
-                                micro_kernel_in_place(isa, kc, &view.data[start..], view.row_stride, b_panel, tile);
+                        let panel_of_a = match a {
+                            ASource::InPlace(view) if height == mr => &view.data[(m0 + i) * view.row_stride + k0..],
+                            ASource::InPlace(_) => &a_block[..kc * mr],
+                            _ => &a_block[ip * kc * mr..(ip + 1) * kc * mr],
+                        };
+                        let lda = match a {
+                            ASource::InPlace(view) if height == mr => Some(view.row_stride),
+                            _ => None,
+                        };
+                        assert!(panel_of_a.len() >= lda.map_or(kc * mr, |lda| (mr - 1) * lda + kc) && b_panel.len() >= kc * nr, "gemm: panel sizes");
+                        // A whole tile of C whose sums need no bias is written (or added to)
+                        // where it lies; others go through the tile buffer.
+                        let direct = height == mr && width == nr && (k0 > 0 || matches!(init, Init::Overwrite | Init::Accumulate));
+                        let out = if direct {
+                            c.tile_out(i, j, mr, nr, k0 > 0 || matches!(init, Init::Accumulate))
+                        } else {
+                            TileOut::buffer(&mut tile, mr, nr)
+                        };
+                        let walk = BWalk::panel(kc, nr);
+                        // SAFETY: `isa` is supported (`gemm_with`'s callers choose it with
+                        // `isa()` or pack for it); the assertion keeps the kernel's reads inside
+                        // the panels (`A`'s MR rows `lda` apart in place); `out` is the tile
+                        // buffer or a whole `isa.tile()` tile of this thread's part of C
+                        // (`COut::tile_out` checks it is inside), which `A` and `B` cannot
+                        // overlap (C is borrowed mutably for the whole product).
+                        unsafe {
+                            match lda {
+                                Some(lda) => run_kernel::<true>(isa, walk, panel_of_a, lda, b_panel, out),
+                                None => run_kernel::<false>(isa, walk, panel_of_a, 0, b_panel, out),
                             }
-                            ASource::InPlace(_) => micro_kernel(isa, kc, &a_block[..kc * mr], b_panel, tile),
-                            _ => micro_kernel(isa, kc, &a_block[ip * kc * mr..(ip + 1) * kc * mr], b_panel, tile),
                         }
-                        store_tile(&c, i, j, height, width, tile, nr, init, k0 == 0);
+                        if !direct {
+                            store_tile(&c, i, j, height, width, &tile, nr, init, k0 == 0);
+                        }
                     }
                 }
             }
@@ -719,45 +850,59 @@ impl BWalk<'_> {
     }
 }
 
-/// `tile[MR × NR] = a_panel[kc × MR]ᵀ · b_panel[kc × NR]`, row-major, for the ISA's tile.
-fn micro_kernel(isa: Isa, kc: usize, a: &[f32], b: &[f32], tile: &mut [f32]) {
-    // Element (p, i) of the panel is a[p·MR + i].
-    walk_kernel(isa, BWalk::panel(kc, isa.tile().1), a, b, tile)
+/// Where a micro-kernel writes its `MR × NR` sums: rows `ld` apart from `ptr`, added to what
+/// is there when `add`. A tile buffer (`ld = NR`), or a full tile of `C` itself, which saves
+/// copying every tile through a buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct TileOut {
+    ptr: *mut f32,
+    ld: usize,
+    add: bool,
 }
 
-/// The same product with `A`'s MR rows read in place: element (p, i) is `a[i·lda + p]`.
-fn micro_kernel_in_place(isa: Isa, kc: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32]) {
-    let (mr, nr) = isa.tile();
-    assert!(kc > 0 && a.len() >= (mr - 1) * lda + kc && b.len() >= kc * nr && tile.len() >= mr * nr);
-    run_kernel::<true>(isa, BWalk::panel(kc, nr), a, lda, b, tile)
+impl TileOut {
+    /// A tile buffer of (at least) `mr × nr` values, overwritten.
+    fn buffer(tile: &mut [f32], mr: usize, nr: usize) -> Self {
+        assert!(tile.len() >= mr * nr, "gemm: tile buffer too small");
+        Self { ptr: tile.as_mut_ptr(), ld: nr, add: false }
+    }
 }
 
 /// `tile[MR × NR] = A · B` with `A` a packed panel (element (p, i) at `a[p·MR + i]`, `p` over
 /// the walk's whole depth) and `B` read as `walk` says.
 pub(crate) fn walk_kernel(isa: Isa, walk: BWalk, a: &[f32], b: &[f32], tile: &mut [f32]) {
     let (mr, nr) = isa.tile();
-    assert!(a.len() >= walk.depth() * mr && b.len() >= walk.extent(nr) && tile.len() >= mr * nr);
-    run_kernel::<false>(isa, walk, a, 0, b, tile)
+    assert!(a.len() >= walk.depth() * mr && b.len() >= walk.extent(nr));
+    // SAFETY: `a` and `b` hold what the kernel reads (the assertion), and the buffer the
+    // MR × NR it writes (`TileOut::buffer` checks).
+    unsafe { run_kernel::<false>(isa, walk, a, 0, b, TileOut::buffer(tile, mr, nr)) }
 }
 
-/// Callers have checked that `a` holds the panel (packed, or MR rows `lda` apart when
-/// `IN_PLACE`), `b` the walk's extent and `tile` MR × NR values.
-fn run_kernel<const IN_PLACE: bool>(isa: Isa, walk: BWalk, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32]) {
+/// The kernel of `isa` on `A` (a packed panel, or MR rows `lda` apart when `IN_PLACE`), `B`
+/// walked as `walk` says, into `out`.
+///
+/// # Safety
+/// `isa` is supported by this CPU; `a` holds the panel, `b` the walk's extent, and `out` is
+/// `MR × NR` values (`isa.tile()`) writable, and readable when it adds, that nothing else
+/// references during the call.
+unsafe fn run_kernel<const IN_PLACE: bool>(isa: Isa, walk: BWalk, a: &[f32], lda: usize, b: &[f32], out: TileOut) {
     match isa {
         // SAFETY: the ISA was checked to be supported before it was chosen (`isa()` and
-        // `PackedA::new` only pick supported levels), and the callers' assertions guarantee
-        // that the kernel's reads of `a` and `b` and its writes of MR × NR to `tile` stay
-        // inside the slices.
+        // `PackedA::new` only pick supported levels); the reads of `a` and `b` and the writes
+        // to `out` are the caller's contract.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::kernel_avx512::<12, 2, IN_PLACE>(walk, a.as_ptr(), lda, b.as_ptr(), tile.as_mut_ptr()) },
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::kernel_avx512::<12, 2, IN_PLACE>(walk, a.as_ptr(), lda, b.as_ptr(), out) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { x86::kernel_avx2::<6, 2, IN_PLACE>(walk, a.as_ptr(), lda, b.as_ptr(), tile.as_mut_ptr()) },
-        _ => kernel_portable::<4, 16, IN_PLACE>(walk, a, lda, b, tile),
+        Isa::Avx2 => unsafe { x86::kernel_avx2::<6, 2, IN_PLACE>(walk, a.as_ptr(), lda, b.as_ptr(), out) },
+        // SAFETY: as above.
+        _ => unsafe { kernel_portable::<4, 16, IN_PLACE>(walk, a, lda, b, out) },
     }
 }
 
-fn kernel_portable<const MR: usize, const NR: usize, const IN_PLACE: bool>(walk: BWalk, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32]) {
+/// # Safety
+/// As [`run_kernel`]'s `out`.
+unsafe fn kernel_portable<const MR: usize, const NR: usize, const IN_PLACE: bool>(walk: BWalk, a: &[f32], lda: usize, b: &[f32], out: TileOut) {
     let mut acc = [[0f32; NR]; MR];
     let mut p = 0;
     for &tap in walk.taps {
@@ -772,8 +917,14 @@ fn kernel_portable<const MR: usize, const NR: usize, const IN_PLACE: bool>(walk:
             p += 1;
         }
     }
-    for (row, acc_row) in tile.chunks_exact_mut(NR).zip(&acc) {
-        row.copy_from_slice(acc_row);
+    for (i, acc_row) in acc.iter().enumerate() {
+        // SAFETY: row `i` of `out`, NR values, exclusively the caller's (the contract).
+        let row = unsafe { std::slice::from_raw_parts_mut(out.ptr.add(i * out.ld), NR) };
+        if out.add {
+            row.iter_mut().zip(acc_row).for_each(|(c, s)| *c += s);
+        } else {
+            row.copy_from_slice(acc_row);
+        }
     }
 }
 
@@ -786,15 +937,16 @@ mod x86 {
     /// [`super::BWalk`] says.
     ///
     /// # Safety
-    /// The CPU supports AVX-512F; `a` has those `depth × MR` elements readable, `b` the walk's
-    /// extent for `NV · 16` columns, `tile` room for `MR · NV · 16`.
+    /// The CPU supports AVX-512F; `a` has the panel readable (`depth × MR` values, or MR rows
+    /// of `depth` values `lda` apart when `IN_PLACE`), `b` the walk's extent for `NV · 16`
+    /// columns, and `out` is `MR` rows of `NV · 16` values as [`super::run_kernel`] says.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn kernel_avx512<const MR: usize, const NV: usize, const IN_PLACE: bool>(
         walk: super::BWalk,
         a: *const f32,
         lda: usize,
         b: *const f32,
-        tile: *mut f32,
+        out: super::TileOut,
     ) {
         let mut acc = [[_mm512_setzero_ps(); NV]; MR];
         let mut p = 0;
@@ -818,7 +970,8 @@ mod x86 {
         }
         for (i, acc) in acc.iter().enumerate() {
             for (v, &acc) in acc.iter().enumerate() {
-                _mm512_storeu_ps(tile.add((i * NV + v) * 16), acc);
+                let at = out.ptr.add(i * out.ld + v * 16);
+                _mm512_storeu_ps(at, if out.add { _mm512_add_ps(_mm512_loadu_ps(at), acc) } else { acc });
             }
         }
     }
@@ -827,15 +980,16 @@ mod x86 {
     /// as in [`kernel_avx512`].
     ///
     /// # Safety
-    /// The CPU supports AVX2 and FMA; `a` has those `depth × MR` elements readable, `b` the
-    /// walk's extent for `NV · 8` columns, `tile` room for `MR · NV · 8`.
+    /// The CPU supports AVX2 and FMA; `a` has the panel readable (as for [`kernel_avx512`]),
+    /// `b` the walk's extent for `NV · 8` columns, and `out` is `MR` rows of `NV · 8` values as
+    /// [`super::run_kernel`] says.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn kernel_avx2<const MR: usize, const NV: usize, const IN_PLACE: bool>(
         walk: super::BWalk,
         a: *const f32,
         lda: usize,
         b: *const f32,
-        tile: *mut f32,
+        out: super::TileOut,
     ) {
         let mut acc = [[_mm256_setzero_ps(); NV]; MR];
         let mut p = 0;
@@ -858,7 +1012,8 @@ mod x86 {
         }
         for (i, acc) in acc.iter().enumerate() {
             for (v, &acc) in acc.iter().enumerate() {
-                _mm256_storeu_ps(tile.add((i * NV + v) * 8), acc);
+                let at = out.ptr.add(i * out.ld + v * 8);
+                _mm256_storeu_ps(at, if out.add { _mm256_add_ps(_mm256_loadu_ps(at), acc) } else { acc });
             }
         }
     }
@@ -911,10 +1066,17 @@ pub(crate) mod tests {
             (ASource::Packed(&packed_a), Init::ColumnBias(&column_bias), true, false),
             (ASource::InPlace(a), Init::RowBias(&row_bias), true, false),
             (ASource::InPlace(a), Init::Overwrite, false, true),
+            (ASource::View(a), Init::Accumulate, true, true),
+            (ASource::InPlace(a), Init::ColumnBias(&column_bias), true, true),
+            (ASource::InPlace(a), Init::Overwrite, true, false),
+            (ASource::View(a), Init::Accumulate, false, false),
         ] {
             {
                 let ldc = n + 3;
-                let mut c = vec![if matches!(init, Init::Accumulate) { 1.0 } else { f32::NAN }; m.max(1) * ldc];
+                // Accumulating into varied values (a direct add reading the wrong element of
+                // C shows), the padding past column n a sentinel that must stay.
+                let start = values(m.max(1) * ldc, 3);
+                let mut c: Vec<f32> = (0..m.max(1) * ldc).map(|x| if x % ldc >= n { 7.0 } else if matches!(init, Init::Accumulate) { start[x] } else { f32::NAN }).collect();
                 if packed {
                     gemm_with(isa, &mut c, ldc, source, &packed_b, init, parallel);
                 } else {
@@ -925,13 +1087,14 @@ pub(crate) mod tests {
                         let want = expected[i * n + j]
                             + match init {
                                 Init::Overwrite => 0.0,
-                                Init::Accumulate => 1.0,
+                                Init::Accumulate => start[i * ldc + j] as f64,
                                 Init::RowBias(bias) => bias[i] as f64,
                                 Init::ColumnBias(bias) => bias[j] as f64,
                             };
                         let got = c[i * ldc + j] as f64;
                         assert!((got - want).abs() <= 1e-4 * (1.0 + k as f64).sqrt(), "{isa:?} {m}x{k}x{n} ({i},{j}): {got} vs {want}");
                     }
+                    assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|&v| v == 7.0), "{isa:?} {m}x{k}x{n}: row {i}'s padding was written");
                 }
             }
         }
@@ -944,6 +1107,28 @@ pub(crate) mod tests {
                 check(m, k, n, isa);
             }
         }
+    }
+
+    /// A product with little output and much depth is split along the depth (shares of whole
+    /// depth blocks, the last one short): the same sums for every source of `A` but a packed
+    /// one (not split), every `init`, `B` packed once or not, on three threads and on one.
+    #[test]
+    fn depth_split_matches_f64_reference() {
+        // 1100 deep: four blocks and a bit, shares of two blocks.
+        assert_eq!(depth_share(9, 20, 1100, KC), Some(2 * KC));
+        assert_eq!(depth_share(9, 20, 4 * KC + 1, KC), Some(2 * KC));
+        assert_eq!(depth_share(9, 20, 40 * KC, KC), Some(10 * KC));
+        assert_eq!(depth_share(300, 20, 1100, KC), None);
+        assert_eq!(depth_share(9, 20, 2 * KC - 1, KC), None);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("a thread pool");
+        pool.install(|| {
+            for isa in Isa::all_supported() {
+                check(9, 1100, 20, isa);
+                check(1, 2 * KC, 40, isa);
+                // Whole tiles at every level, written where they lie in each share.
+                check(13, 1100, 40, isa);
+            }
+        });
     }
 
     #[test]

@@ -70,6 +70,15 @@ impl<'a> Bf16Matrix<'a> {
         (cols <= row_stride && end <= data.len()).then_some(Self { data, rows, cols, row_stride })
     }
 
+    /// Columns `first..first + len` (in range) as a matrix of their own.
+    fn columns(self, first: usize, len: usize) -> Self {
+        assert!(first + len <= self.cols, "Bf16Matrix: columns out of range");
+        if len == 0 || self.rows == 0 {
+            return Self { cols: len, ..self };
+        }
+        Self { data: &self.data[first..], cols: len, ..self }
+    }
+
     /// Row `i`, columns `k0..k0 + kc`, as pairs (the last one zero-padded when `kc` is odd).
     fn row_pairs(&self, i: usize, k0: usize, kc: usize) -> impl Iterator<Item = u32> + '_ {
         let row = &self.data[i * self.row_stride + k0..i * self.row_stride + k0 + kc];
@@ -165,6 +174,28 @@ pub trait PackBPairs: Sync {
         let len = nc.div_ceil(nr) * nr * kc.div_ceil(2);
         self.pack_pairs(k0, kc, n0, nc, nr, &mut buffer[..len], scratch);
         &buffer[..len]
+    }
+}
+
+/// Rows `first..first + len` of a `B` (a range of the product's depth), as a `B` of its own.
+/// `first` is a multiple of [`KC`], so that a [`PackedBPairs`]' blocks stay whole.
+struct DepthRange<'a, B: PackBPairs> {
+    inner: &'a B,
+    first: usize,
+    len: usize,
+}
+
+impl<B: PackBPairs> PackBPairs for DepthRange<'_, B> {
+    fn dims(&self) -> (usize, usize) {
+        (self.len, self.inner.dims().1)
+    }
+
+    fn pack_pairs(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [u32], scratch: &mut Vec<f32>) {
+        self.inner.pack_pairs(self.first + k0, kc, n0, nc, nr, out, scratch)
+    }
+
+    fn panels<'s>(&'s self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, buffer: &'s mut [u32], scratch: &mut Vec<f32>) -> &'s [u32] {
+        self.inner.panels(self.first + k0, kc, n0, nc, nr, buffer, scratch)
     }
 }
 
@@ -315,10 +346,13 @@ pub fn gemm_bf16(c: &mut [f32], ldc: usize, a: ABf16, b: &impl PackBPairs, init:
 }
 
 /// `C (+)= A·B` for f32 operands in `precision` (training's products, see
-/// [`super::with_training_precision`]): [`gemm::gemm`] with `A` packed as it is used, or
-/// [`gemm_bf16`] with both operands rounded to bf16 as they are packed.
+/// [`super::with_training_precision`]): [`gemm::gemm`] with `A` read in place when its rows
+/// are contiguous (packing it cost more than it saved: the products of a small model's layers
+/// are few `B` panels wide), else packed as it is used; or [`gemm_bf16`] with both operands
+/// rounded to bf16 as they are packed.
 pub fn gemm_in(precision: Precision, c: &mut [f32], ldc: usize, a: gemm::MatRef, b: &impl PackB, init: Init, parallel: bool) {
     match precision {
+        Precision::F32 if a.rows_are_contiguous() => gemm::gemm(c, ldc, gemm::ASource::InPlace(a), b, init, parallel),
         Precision::F32 => gemm::gemm(c, ldc, gemm::ASource::View(a), b, init, parallel),
         Precision::Bf16 => gemm_bf16(c, ldc, ABf16::F32(a), &RoundedB::new(b), init, parallel),
     }
@@ -335,6 +369,17 @@ pub(crate) fn gemm_bf16_with(isa: Isa, c: &mut [f32], ldc: usize, a: ABf16, b: &
         _ => {}
     }
     if m == 0 || n == 0 {
+        return;
+    }
+    // Little output, much depth: split along the depth, as `gemm::gemm` does.
+    if let Some(per_share) = gemm::depth_share(m, n, k, KC) {
+        gemm::split_depth(c, ldc, (m, n, k), per_share, init, parallel, |first, len, out| {
+            let a = match a {
+                ABf16::F32(view) => ABf16::F32(view.columns(first, len)),
+                ABf16::Weight(w) => ABf16::Weight(w.columns(first, len)),
+            };
+            gemm_bf16_block(isa, COut::new(out, n, m, n), 0, 0, a, &DepthRange { inner: b, first, len }, Init::Overwrite);
+        });
         return;
     }
     let (mr, nr) = isa.tile();
@@ -685,11 +730,13 @@ mod tests {
     }
 
     /// Every source pairing against an f64 product of the bf16-rounded operands, on odd
-    /// shapes (odd depths, partial tiles, one row, empty) at every level this CPU has.
+    /// shapes (odd depths, partial tiles, one row, empty; little output and much depth, split
+    /// along the depth, its last share odd) at every level this CPU has.
     #[test]
     fn gemm_bf16_matches_f64_reference_on_odd_shapes_at_every_level() {
+        assert_eq!(gemm::depth_share(9, 20, 1100, KC), Some(2 * KC));
         for isa in Isa::all_supported() {
-            for &(m, k, n) in &[(1, 1, 1), (0, 3, 4), (3, 0, 4), (5, 7, 0), (13, 300, 33), (25, 17, 65), (1, 513, 40), (241, 5, 31), (7, 1030, 1100), (12, 64, 32)] {
+            for &(m, k, n) in &[(1, 1, 1), (0, 3, 4), (3, 0, 4), (5, 7, 0), (13, 300, 33), (25, 17, 65), (1, 513, 40), (241, 5, 31), (7, 1030, 1100), (12, 64, 32), (9, 1100, 20), (3, 2 * KC + 1, 10)] {
                 let a32 = values(m * k, 1);
                 let b32 = values(k * n, 2);
                 let (a16, bt16) = (round(&a32), round(&b32));

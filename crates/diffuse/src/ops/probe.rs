@@ -153,9 +153,10 @@ pub fn rates(runs: usize) -> Vec<Rate> {
     rates.push(Rate { name: "gemm bf16 2048³ (B rounded as packed)".into(), gflops: 2.0 * (m * k * n) as f64 / seconds / 1e9, peak_gflops: peak_bf16 });
 
     // The UNet's (batch 2) and the VAE decoder's (batch 1) shapes at 512×512, and a UNet 1×1;
-    // then the training benchmark's pixel UNet (batch 64), with its backward passes.
+    // then the training benchmark's pixel UNet and text-to-image UNet (8×8 and 4×4 latents),
+    // batch 64, with their backward passes.
     let inference = [(320, 320, 64, 2, 3), (640, 640, 32, 2, 3), (1280, 1280, 16, 2, 3), (512, 512, 64, 1, 3), (512, 512, 128, 1, 3), (256, 256, 256, 1, 3), (128, 128, 512, 1, 3), (320, 320, 64, 2, 1)];
-    let training = [(64, 64, 32, 64, 3), (128, 128, 16, 64, 3), (256, 128, 16, 64, 3), (128, 128, 8, 64, 3)];
+    let training = [(64, 64, 32, 64, 3), (128, 128, 16, 64, 3), (256, 128, 16, 64, 3), (128, 128, 8, 64, 3), (64, 64, 8, 64, 3), (128, 128, 4, 64, 3)];
     for (index, (in_channels, channels, side, batch, k)) in inference.into_iter().chain(training).enumerate() {
         let g = Geometry { batch, in_channels, height: side, width: side, out_channels: channels, kernel_h: k, kernel_w: k, stride: 1, padding: k / 2 };
         let (input, weight) = (values(batch * in_channels * side * side), values(channels * in_channels * k * k));
