@@ -8,13 +8,15 @@ backward, AdamW) of the same UNet, built from the config.json that `diffuse benc
 `torch.autocast("cpu", dtype=torch.bfloat16)`, as accelerate's `mixed_precision="bf16"` does
 (f32 weights and optimizer), beside `diffuse bench --train KIND --mixed-precision bf16`;
 `--gradient-checkpointing` calls the model's `enable_gradient_checkpointing()`, beside
-`diffuse bench --train KIND --gradient-checkpointing`.
+`diffuse bench --train KIND --gradient-checkpointing`. `--profile` prints torch.profiler's
+per-operator table over the timed steps, beside `diffuse bench --train KIND --profile`.
 
 Prints the median, min and max seconds per step after one warm-up, images per second, and the
 process's peak RSS.
 """
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -33,6 +35,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print the per-operator profile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -64,10 +67,13 @@ def main():
 
     step()  # warm-up
     times = []
-    for _ in range(args.runs):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if args.profile else contextlib.nullcontext() as profiler:
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    if args.profile:
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
     median = statistics.median(times)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
     parameters = sum(p.numel() for p in model.parameters())
