@@ -347,9 +347,9 @@ pub fn gemm_bf16(c: &mut [f32], ldc: usize, a: ABf16, b: &impl PackBPairs, init:
 
 /// `C (+)= A·B` for f32 operands in `precision` (training's products, see
 /// [`super::with_training_precision`]): [`gemm::gemm`] with `A` read in place when its rows
-/// are contiguous (packing it cost more than it saved: the products of a small model's layers
-/// are few `B` panels wide), else packed as it is used; or [`gemm_bf16`] with both operands
-/// rounded to bf16 as they are packed.
+/// are contiguous (packing it per call costs about as much as it saves when the product is
+/// only a few `B` panels wide, as a small model's layers are), else packed as it is used; or
+/// [`gemm_bf16`] with both operands rounded to bf16 as they are packed.
 pub fn gemm_in(precision: Precision, c: &mut [f32], ldc: usize, a: gemm::MatRef, b: &impl PackB, init: Init, parallel: bool) {
     match precision {
         Precision::F32 if a.rows_are_contiguous() => gemm::gemm(c, ldc, gemm::ASource::InPlace(a), b, init, parallel),
