@@ -745,14 +745,11 @@ fn gemm_block(isa: Isa, c: COut, m0: usize, a: ASource, b: &impl PackB, init: In
                     for ip in 0..panels {
                         let i = i0 + ip * mr;
                         let height = mr.min(rows - i);
-                        let panel_of_a = match a {
-                            ASource::InPlace(view) if height == mr => &view.data[(m0 + i) * view.row_stride + k0..],
-                            ASource::InPlace(_) => &a_block[..kc * mr],
-                            _ => &a_block[ip * kc * mr..(ip + 1) * kc * mr],
-                        };
-                        let lda = match a {
-                            ASource::InPlace(view) if height == mr => Some(view.row_stride),
-                            _ => None,
+                        // `A`'s MR rows where they lie (`lda` apart), or a packed panel.
+                        let (panel_of_a, lda) = match a {
+                            ASource::InPlace(view) if height == mr => (&view.data[(m0 + i) * view.row_stride + k0..], Some(view.row_stride)),
+                            ASource::InPlace(_) => (&a_block[..kc * mr], None),
+                            _ => (&a_block[ip * kc * mr..(ip + 1) * kc * mr], None),
                         };
                         assert!(panel_of_a.len() >= lda.map_or(kc * mr, |lda| (mr - 1) * lda + kc) && b_panel.len() >= kc * nr, "gemm: panel sizes");
                         // A whole tile of C whose sums need no bias is written (or added to)
