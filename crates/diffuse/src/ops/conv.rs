@@ -14,11 +14,15 @@
 //! flipped, its channels swapped: `conv_direct::input_gradient_geometry`). Small images (a
 //! small UNet's 8×8 and 4×4 latents) are taken several at a time for the forward product and
 //! the kernel's gradient, their columns side by side, so that each product is wide and deep
-//! enough for the micro-kernel ([`GROUP_COLUMNS`]). Images, or groups of them, are spread over
-//! the threads when there are enough of them; otherwise each product uses every thread.
+//! enough for the micro-kernel ([`GROUP_COLUMNS`]), and their patches are read from padded
+//! copies of the images, where every patch value is a plain load ([`PaddedImages`]); their
+//! input gradient is added into a padded image the same way. Images, or groups of them, are
+//! spread over the threads when there are enough of them; otherwise each product uses every
+//! thread.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 use half::bf16;
 
@@ -31,12 +35,13 @@ use super::Precision;
 const COLUMN_BUDGET: usize = 4 << 20;
 
 /// Output positions a product should have at least: images with fewer are convolved several
-/// at a time (forward, kernel gradient). The kernel gradient of one 8×8 image summed only 64
-/// products per pass over its tiles (text-to-image training step: kernel gradients 0.18 →
-/// 0.16 s on AVX2); a 4×4 image fills half of an AVX-512 tile's 32 columns. The input's
-/// gradient measured slower grouped (0.13 → 0.15 s), so it is not.
+/// at a time (forward, kernel gradient), their patches read from padded copies. The kernel
+/// gradient of one 8×8 image summed only 64 products per pass over its tiles; a 4×4 image
+/// fills half of an AVX-512 tile's 32 columns; and at 512 columns a 128-channel 3×3 product
+/// over 4×4 images is wide enough not to be split along its depth (`gemm::depth_share`). The
+/// input's gradient measured slower grouped, so it is not.
 /// (Small in the unit tests, so that they make groups of every size.)
-const GROUP_COLUMNS: usize = if cfg!(test) { 40 } else { 256 };
+const GROUP_COLUMNS: usize = if cfg!(test) { 40 } else { 512 };
 
 /// The sizes of one convolution (groups of 1, square stride and padding, no dilation).
 #[derive(Debug, Clone, Copy)]
@@ -94,6 +99,11 @@ impl Geometry {
     fn band_rows(&self) -> usize {
         (COLUMN_BUDGET / (self.patch_len() * self.out_width()).max(1)).clamp(1, self.out_height())
     }
+    /// Whether an image has fewer output positions than a product should have columns: such
+    /// images are taken several at a time, and their patches read from padded copies.
+    fn has_small_images(&self) -> bool {
+        self.out_height() * self.out_width() < GROUP_COLUMNS
+    }
     /// Images per product: enough for [`GROUP_COLUMNS`] output positions, as many as the
     /// column buffer holds, 1 for larger images.
     fn images_per_group(&self) -> usize {
@@ -112,16 +122,15 @@ fn valid_range(k: usize, size: usize, out_size: usize, stride: usize, padding: u
     (first.min(end), end)
 }
 
-/// Writes the patches of output rows `rows` of one image into `col[patch_len, rows·W_out]`,
-/// whose rows are `ld` apart (`ld` ≥ `rows·W_out`: other images' patches may sit beside).
-fn im2col(g: &Geometry, image: &[f32], rows: std::ops::Range<usize>, col: &mut [f32], ld: usize) {
+/// Writes the patches of output rows `rows` of one image into `col[patch_len, rows·W_out]`.
+fn im2col(g: &Geometry, image: &[f32], rows: std::ops::Range<usize>, col: &mut [f32]) {
     let (out_w, band) = (g.out_width(), rows.len() * g.out_width());
     for c in 0..g.in_channels {
         let plane = &image[c * g.height * g.width..(c + 1) * g.height * g.width];
         for ky in 0..g.kernel_h {
             for kx in 0..g.kernel_w {
                 let row = (c * g.kernel_h + ky) * g.kernel_w + kx;
-                let dst = &mut col[row * ld..row * ld + band];
+                let dst = &mut col[row * band..(row + 1) * band];
                 let (x_lo, x_hi) = valid_range(kx, g.width, out_w, g.stride, g.padding);
                 for (i, oy) in rows.clone().enumerate() {
                     let out_row = &mut dst[i * out_w..(i + 1) * out_w];
@@ -224,13 +233,159 @@ fn split_apart(joined: &[f32], count: usize, rows: usize, cols: usize, matrices:
     }
 }
 
+/// Zero-padded copies of a few small images' planes (`[count, C_in, H + 2p, W + 2p]`), where
+/// the patch value of column `n` (image, output row, output column) and patch row `k`
+/// (channel, kernel row, kernel column) is one load at `column_offset(n) + row_offsets[k]`,
+/// with no test for the border. For small images the border tests and short copies of
+/// [`im2col`] cost more than the product itself (8×8 images: half of a forward convolution).
+#[derive(Clone)]
+struct PaddedImages {
+    planes: Vec<f32>,
+    count: usize,
+    /// Offset of patch row `k`'s first value: its channel's plane, kernel row and column.
+    row_offsets: Arc<[usize]>,
+    padded_width: usize,
+    /// Values per padded image.
+    image_len: usize,
+    out_width: usize,
+    /// Output positions per image (at least 1).
+    out_positions: usize,
+    stride: usize,
+}
+
+impl PaddedImages {
+    /// Zero planes for `count` images.
+    fn zeros(g: &Geometry, count: usize) -> Self {
+        let (hp, wp) = (g.height + 2 * g.padding, g.width + 2 * g.padding);
+        let mut row_offsets = Vec::with_capacity(g.patch_len());
+        for c in 0..g.in_channels {
+            for ky in 0..g.kernel_h {
+                row_offsets.extend((0..g.kernel_w).map(|kx| (c * hp + ky) * wp + kx));
+            }
+        }
+        let image_len = g.in_channels * hp * wp;
+        let out_positions = (g.out_height() * g.out_width()).max(1);
+        Self { planes: vec![0.0; count * image_len], count, row_offsets: row_offsets.into(), padded_width: wp, image_len, out_width: g.out_width(), out_positions, stride: g.stride }
+    }
+
+    /// Padded copies of `images` (`count` images `[C_in, H, W]`), with `self`'s offsets (so
+    /// that they are computed once per call, not per group of images).
+    fn holding(&self, g: &Geometry, images: &[f32], count: usize) -> Self {
+        let mut padded = Self { planes: vec![0.0; count * self.image_len], count, row_offsets: Arc::clone(&self.row_offsets), ..*self };
+        let (wp, plane_len) = (padded.padded_width, g.height * g.width);
+        if plane_len > 0 {
+            for (plane, planes) in images.chunks_exact(plane_len).zip(padded.planes.chunks_exact_mut((g.height + 2 * g.padding) * wp)) {
+                for (row, padded_row) in plane.chunks_exact(g.width).zip(planes[g.padding * wp..].chunks_exact_mut(wp)) {
+                    padded_row[g.padding..g.padding + g.width].copy_from_slice(row);
+                }
+            }
+        }
+        padded
+    }
+
+    /// Where column `n`'s patch starts in [`Self::planes`] (add a patch row's offset).
+    fn column_offset(&self, n: usize) -> usize {
+        let (image, position) = (n / self.out_positions, n % self.out_positions);
+        image * self.image_len + (position / self.out_width * self.padded_width + position % self.out_width) * self.stride
+    }
+
+    /// The offsets of columns `columns`.
+    fn column_offsets(&self, columns: std::ops::Range<usize>) -> Vec<usize> {
+        columns.map(|n| self.column_offset(n)).collect()
+    }
+
+    /// `dst[j] = planes[base + offsets[j]]`: one patch row at several columns (the base a row's
+    /// offset, the offsets columns'), or one column at several patch rows.
+    fn gather(&self, base: usize, offsets: &[usize], dst: &mut [f32]) {
+        let planes = &self.planes[base..];
+        for (value, &offset) in dst.iter_mut().zip(offsets) {
+            *value = planes[offset];
+        }
+    }
+
+    /// The adjoint of gathering one image's patches: adds `col[patch_len, H_out·W_out]` into
+    /// image 0's planes.
+    fn scatter_add(&mut self, col: &[f32]) {
+        let (out_w, wp, stride) = (self.out_width, self.padded_width, self.stride);
+        let out_h = self.out_positions / out_w.max(1);
+        for (row, &base) in col.chunks_exact(self.out_positions).zip(self.row_offsets.iter()) {
+            for (oy, values) in row.chunks_exact(out_w.max(1)).take(out_h).enumerate() {
+                let start = base + oy * stride * wp;
+                if stride == 1 {
+                    // A contiguous run: added a vector at a time.
+                    self.planes[start..start + out_w].iter_mut().zip(values).for_each(|(sum, value)| *sum += value);
+                } else {
+                    for (ox, value) in values.iter().enumerate() {
+                        self.planes[start + ox * stride] += value;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Image `index`'s planes without their padding, into `image` (`[C_in, H, W]`).
+    fn crop(&self, g: &Geometry, index: usize, image: &mut [f32]) {
+        let (wp, plane_len) = (self.padded_width, g.height * g.width);
+        if plane_len > 0 {
+            let planes = &self.planes[index * self.image_len..(index + 1) * self.image_len];
+            for (plane, padded) in image.chunks_exact_mut(plane_len).zip(planes.chunks_exact((g.height + 2 * g.padding) * wp)) {
+                for (row, padded_row) in plane.chunks_exact_mut(g.width).zip(padded[g.padding * wp..].chunks_exact(wp)) {
+                    row.copy_from_slice(&padded_row[g.padding..g.padding + g.width]);
+                }
+            }
+        }
+    }
+}
+
+/// Columns `dst..dst + len` of a panel whose values lie one after another from `src` (an
+/// output row of a stride-1 convolution).
+struct Run {
+    dst: usize,
+    src: usize,
+    len: usize,
+}
+
+impl Run {
+    /// The runs of consecutive `offsets`.
+    fn split(offsets: &[usize]) -> Vec<Run> {
+        let mut runs: Vec<Run> = Vec::new();
+        for (dst, &src) in offsets.iter().enumerate() {
+            match runs.last_mut() {
+                Some(run) if run.src + run.len == src => run.len += 1,
+                _ => runs.push(Run { dst, src, len: 1 }),
+            }
+        }
+        runs
+    }
+
+    /// Copies the run from `planes` into `row`; the common widths as whole vectors.
+    fn copy(&self, planes: &[f32], row: &mut [f32]) {
+        let (src, dst) = (&planes[self.src..], &mut row[self.dst..]);
+        match self.len {
+            4 => dst[..4].copy_from_slice(&src[..4]),
+            8 => dst[..8].copy_from_slice(&src[..8]),
+            16 => dst[..16].copy_from_slice(&src[..16]),
+            len => dst[..len].iter_mut().zip(&src[..len]).for_each(|(d, s)| *d = *s),
+        }
+    }
+}
+
 /// The patches of `count` consecutive images, side by side, as the `B` operand
 /// (`C_in·kh·kw × count·H_out·W_out`) of the forward product, written straight into the GEMM's
 /// panels: the column matrix never exists whole.
+/// Small images are read from padded copies ([`PaddedImages`]).
 struct Patches<'a> {
     g: &'a Geometry,
     images: &'a [f32],
     count: usize,
+    padded: Option<PaddedImages>,
+}
+
+impl<'a> Patches<'a> {
+    /// The patches of `images`, read from padded copies that share `offsets`' offsets if given.
+    fn new(g: &'a Geometry, images: &'a [f32], count: usize, offsets: Option<&PaddedImages>) -> Self {
+        Self { g, images, count, padded: offsets.map(|offsets| offsets.holding(g, images, count)) }
+    }
 }
 
 impl PackB for Patches<'_> {
@@ -240,6 +395,21 @@ impl PackB for Patches<'_> {
 
     fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [f32]) {
         let g = self.g;
+        if let Some(padded) = &self.padded {
+            for (panel, chunk) in out.chunks_exact_mut(kc * nr).take(nc.div_ceil(nr)).enumerate() {
+                let first = n0 + panel * nr;
+                let columns = padded.column_offsets(first..(first + nr).min(n0 + nc));
+                let runs = Run::split(&columns);
+                for (kk, row) in chunk.chunks_exact_mut(nr).enumerate() {
+                    let planes = &padded.planes[padded.row_offsets[k0 + kk]..];
+                    for run in &runs {
+                        run.copy(planes, row);
+                    }
+                    row[columns.len()..].fill(0.0);
+                }
+            }
+            return;
+        }
         let (out_w, out_h, plane_len) = (g.out_width(), g.out_height(), g.height * g.width);
         for (panel, chunk) in out.chunks_exact_mut(kc * nr).take(nc.div_ceil(nr)).enumerate() {
             let first = n0 + panel * nr;
@@ -294,6 +464,29 @@ impl PackB for Patches<'_> {
     }
 }
 
+/// The transposed patches of small images (`count·H_out·W_out × C_in·kh·kw`), the `B` operand
+/// of the kernel's gradient, packed straight from the padded images: no column buffer.
+struct TransposedPatches(PaddedImages);
+
+impl PackB for TransposedPatches {
+    fn dims(&self) -> (usize, usize) {
+        let images = &self.0;
+        (images.count * images.out_positions, images.row_offsets.len())
+    }
+
+    fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [f32]) {
+        let images = &self.0;
+        for (panel, chunk) in out.chunks_exact_mut(kc * nr).take(nc.div_ceil(nr)).enumerate() {
+            let first = n0 + panel * nr;
+            let rows = &images.row_offsets[first..(first + nr).min(n0 + nc)];
+            for (kk, row) in chunk.chunks_exact_mut(nr).enumerate() {
+                images.gather(images.column_offset(k0 + kk), rows, row);
+                row[rows.len()..].fill(0.0);
+            }
+        }
+    }
+}
+
 /// `output[N, C_out, H_out, W_out]` of `input[N, C_in, H, W]` and `weight[C_out, C_in, kh, kw]`.
 ///
 /// Panics if the slices' lengths do not match the geometry.
@@ -308,12 +501,13 @@ pub fn forward(g: &Geometry, input: &[f32], weight: &[f32], bias: Option<&[f32]>
     }
     // The kernel is read where it lies: packing it per call costs as much as it saves.
     let kernel = MatRef::row_major(weight, g.out_channels, k).expect("sizes checked");
+    let offsets = g.has_small_images().then(|| PaddedImages::zeros(g, 0));
     forward_with(g, input, bias, g.images_per_group(), |out, images, count, init, parallel| {
         if g.is_pointwise() && count == 1 {
             let image = MatRef::row_major(images, k, out_hw).expect("sizes checked");
             gemm::gemm(out, out_hw, ASource::InPlace(kernel), &image, init, parallel);
         } else {
-            gemm::gemm(out, count * out_hw, ASource::InPlace(kernel), &Patches { g, images, count }, init, parallel);
+            gemm::gemm(out, count * out_hw, ASource::InPlace(kernel), &Patches::new(g, images, count, offsets.as_ref()), init, parallel);
         }
     })
 }
@@ -330,12 +524,13 @@ pub fn forward_bf16(g: &Geometry, input: &[f32], weight: &[bf16], bias: Option<&
         let panels = conv_direct::pack_kernel_bf16(g, weight, isa.tile().0);
         return forward_with(g, input, bias, 1, |out, image, _, _, parallel| conv_direct::forward_image_bf16(isa, g, image, &panels, bias, out, parallel));
     }
+    let offsets = g.has_small_images().then(|| PaddedImages::zeros(g, 0));
     forward_with(g, input, bias, g.images_per_group(), |out, images, count, init, parallel| {
         if g.is_pointwise() && count == 1 {
             let image = MatRef::row_major(images, k, out_hw).expect("sizes checked");
             gemm_bf16(out, out_hw, ABf16::Weight(kernel), &RoundedB::new(&image), init, parallel);
         } else {
-            gemm_bf16(out, count * out_hw, ABf16::Weight(kernel), &RoundedB::new(&Patches { g, images, count }), init, parallel);
+            gemm_bf16(out, count * out_hw, ABf16::Weight(kernel), &RoundedB::new(&Patches::new(g, images, count, offsets.as_ref())), init, parallel);
         }
     })
 }
@@ -389,11 +584,21 @@ pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32], precisi
         };
     }
     let kernel_t = TransposedKernel::new(weight, g.out_channels, k, precision);
+    let zero_image = g.has_small_images().then(|| PaddedImages::zeros(g, 1));
     let (images_parallel, product_parallel) = split(g.batch);
     for_each_chunk(images_parallel, &mut grad_input, g.input_len(), |b, grad_image| {
         let grad_out = MatRef::row_major(&grad_output[b * g.output_len()..(b + 1) * g.output_len()], g.out_channels, out_hw).expect("sizes checked");
         if g.is_pointwise() {
             kernel_t.times(grad_image, out_hw, &grad_out, product_parallel);
+            return;
+        }
+        if let Some(zero_image) = &zero_image {
+            // Small images: the column matrix added into a padded image, then cropped.
+            let mut col = vec![0f32; k * out_hw];
+            kernel_t.times(&mut col, out_hw, &grad_out, product_parallel);
+            let mut padded = zero_image.clone();
+            padded.scatter_add(&col);
+            padded.crop(g, 0, grad_image);
             return;
         }
         let band_rows = g.band_rows();
@@ -460,22 +665,19 @@ pub fn backward_weight(g: &Geometry, input: &[f32], grad_output: &[f32], precisi
     let shares = if groups_parallel { rayon::current_num_threads().min(groups).max(1) } else { 1 };
     let per_share = groups.div_ceil(shares);
     let mut partials = vec![0f32; shares * weight_len];
+    let offsets = (group > 1).then(|| PaddedImages::zeros(g, 0));
     for_each_chunk(groups_parallel, &mut partials, weight_len, |share, grad_weight| {
         let mut col = Vec::new();
         let mut first = true;
         for index in share * per_share..((share + 1) * per_share).min(groups) {
             let (b, count) = (index * group, group.min(g.batch - index * group));
-            if count > 1 {
+            if let Some(offsets) = offsets.as_ref().filter(|_| count > 1) {
                 // The images' output gradients side by side, and their patches likewise: one
                 // product as deep as all their positions.
                 let columns = count * out_hw;
                 let joined = side_by_side(&grad_output[b * out_len..(b + count) * out_len], count, g.out_channels, out_hw);
-                col.resize(k * columns, 0.0);
-                for (i, image) in input[b * in_len..(b + count) * in_len].chunks_exact(in_len).enumerate() {
-                    im2col(g, image, 0..g.out_height(), &mut col[i * out_hw..], columns);
-                }
                 let grad_view = MatRef::row_major(&joined, g.out_channels, columns).expect("sizes checked");
-                let col_t = MatRef::row_major(&col, k, columns).expect("sizes checked").t();
+                let col_t = TransposedPatches(offsets.holding(g, &input[b * in_len..(b + count) * in_len], count));
                 gemm_in(precision, grad_weight, k, grad_view, &col_t, if first { Init::Overwrite } else { Init::Accumulate }, product_parallel);
                 first = false;
                 continue;
@@ -494,7 +696,7 @@ pub fn backward_weight(g: &Geometry, input: &[f32], grad_output: &[f32], precisi
             for start in (0..g.out_height()).step_by(band_rows) {
                 let rows = start..(start + band_rows).min(g.out_height());
                 let band = rows.len() * g.out_width();
-                im2col(g, image, rows, &mut col[..k * band], band);
+                im2col(g, image, rows, &mut col[..k * band]);
                 let offset = start * g.out_width();
                 let grad_view = MatRef::new(&grad_out[offset..], g.out_channels, band, out_hw, 1).expect("sizes checked");
                 let col_t = MatRef::row_major(&col[..k * band], k, band).expect("sizes checked").t();
@@ -702,6 +904,11 @@ mod tests {
         (3, 2, 5, 5, 3, 3, 1, 1),
         (3, 5, 5, 5, 6, 1, 1, 0),
         (3, 2, 4, 4, 0, 3, 1, 1),
+        // Images with enough positions for a product of their own, not direct (stride 2; rows
+        // too short for the kernel's dropped columns): patches packed from runs of the rows,
+        // input gradients scattered back by col2im.
+        (2, 3, 16, 14, 4, 3, 2, 1),
+        (2, 3, 7, 9, 4, 3, 1, 1),
     ];
 
     fn geometries() -> impl Iterator<Item = Geometry> {
@@ -865,7 +1072,8 @@ mod tests {
         Ok(())
     }
 
-    /// The patches of three images packed straight into panels equal im2col's column matrices
+    /// The patches of three images packed straight into panels (from runs of their rows, and
+    /// from padded copies) equal im2col's column matrices
     /// side by side for every panel width the levels use and every split of the columns (a
     /// panel that starts or ends on an output row's padding-only tail among them: kernel 4,
     /// padding 2; panels across two images).
@@ -877,12 +1085,14 @@ mod tests {
             let images = values(g.batch * g.input_len(), 9);
             let (k, out_hw) = (g.patch_len(), g.out_height() * g.out_width());
             let n = g.batch * out_hw;
-            let mut col = vec![f32::NAN; k * n];
-            for (i, image) in images.chunks_exact(g.input_len()).enumerate() {
-                im2col(&g, image, 0..g.out_height(), &mut col[i * out_hw..], n);
+            let mut cols = vec![f32::NAN; k * n];
+            for (image, col) in images.chunks_exact(g.input_len()).zip(cols.chunks_exact_mut(k * out_hw)) {
+                im2col(&g, image, 0..g.out_height(), col);
             }
-            let patches = Patches { g: &g, images: &images, count: g.batch };
-            for nr in [4, 8, 16, 32] {
+            let col = side_by_side(&cols, g.batch, k, out_hw);
+            let runs = Patches::new(&g, &images, g.batch, None);
+            let padded = Patches::new(&g, &images, g.batch, Some(&PaddedImages::zeros(&g, 0)));
+            for (patches, nr) in [&runs, &padded].into_iter().flat_map(|p| [4, 8, 16, 32].map(|nr| (p, nr))) {
                 for n0 in 0..n {
                     let nc = n - n0;
                     let mut panels = vec![f32::NAN; k * nc.div_ceil(nr) * nr];
