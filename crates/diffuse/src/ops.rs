@@ -360,12 +360,12 @@ pub fn group_norm(input: &Tensor, num_groups: usize, weight: &Tensor, bias: &Ten
 }
 
 /// [`group_norm`] followed by [`silu`], as every ResNet block and output head applies them:
-/// on the CPU for inference, one pass that writes each normalised channel and applies SiLU
-/// while it is still in cache.
+/// on the CPU, one pass that writes each normalised channel and applies SiLU while it is
+/// still in cache, and for training one backward pass through both (the norm's output is
+/// recomputed there, not kept).
 pub fn group_norm_silu(input: &Tensor, num_groups: usize, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let _timer = profile::timer("group_norm + silu");
-    let tracked = input.track_op() || weight.track_op() || bias.track_op();
-    if tracked || !uses_kernels(input.device()) || input.dtype() == DType::F64 {
+    if !uses_kernels(input.device()) || input.dtype() == DType::F64 {
         return silu(&group_norm_then(input, num_groups, weight, bias, eps, false)?);
     }
     group_norm_then(input, num_groups, weight, bias, eps, true)
@@ -391,11 +391,7 @@ fn group_norm_then(input: &Tensor, num_groups: usize, weight: &Tensor, bias: &Te
     if uses_kernels(input.device()) && dtype != DType::F64 {
         let f32_contiguous = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
         let (input, weight, bias) = (f32_contiguous(input)?, f32_contiguous(weight)?, f32_contiguous(bias)?);
-        let output = if silu {
-            input.apply_op3_no_bwd(&weight, &bias, &GroupNormCpu { num_groups, eps, silu })?
-        } else {
-            input.apply_op3(&weight, &bias, GroupNormCpu { num_groups, eps, silu })?
-        };
+        let output = input.apply_op3(&weight, &bias, GroupNormCpu { num_groups, eps, silu })?;
         return Ok(output.to_dtype(dtype)?);
     }
     group_norm_from_tensor_ops(input, num_groups, weight, bias, eps)
@@ -438,7 +434,7 @@ pub fn group_norm_from_tensor_ops(input: &Tensor, num_groups: usize, weight: &Te
 struct GroupNormCpu {
     num_groups: usize,
     eps: f64,
-    /// Apply SiLU to the output (inference only: the backward pass is the plain norm's).
+    /// Apply SiLU to the output (the backward pass then recomputes the norm's output).
     silu: bool,
 }
 
@@ -485,9 +481,7 @@ impl CustomOp3 for GroupNormCpu {
                 source.chunks_exact(spatial).zip(destination.chunks_exact_mut(spatial)).enumerate()
             {
                 let channel = first_channel + offset;
-                let scale = weight[channel] as f64 * inverse_std;
-                let shift = bias[channel] as f64 - mean * scale;
-                let (scale, shift) = (scale as f32, shift as f32);
+                let (scale, shift) = scale_and_shift(weight[channel], bias[channel], mean, inverse_std);
                 for (out, &x) in destination.iter_mut().zip(source) {
                     *out = x * scale + shift;
                 }
@@ -499,15 +493,17 @@ impl CustomOp3 for GroupNormCpu {
         Ok((CpuStorage::F32(output), input_layout.shape().clone()))
     }
 
-    /// With x̂ = (x - mean) · inverse_std per group and g the output's gradient:
-    /// ∂bias_c = Σ g, ∂weight_c = Σ g·x̂ (over the batch and the channel's positions), and
-    /// with h = g·weight_c, ∂x = inverse_std · (h - mean(h) - x̂ · mean(h·x̂)), the means
-    /// over the group. Sums in f64.
+    /// With x̂ = (x - mean) · inverse_std per group and d the normalised output's gradient
+    /// (the output's, `g`, or with SiLU applied after the norm, SiLU's backward pass of `g` at
+    /// the recomputed norm output): ∂bias_c = Σ d, ∂weight_c = Σ d·x̂ (over the batch and the
+    /// channel's positions), and with h = d·weight_c, ∂x = inverse_std · (h - mean(h) - x̂ ·
+    /// mean(h·x̂)), the means over the group: per channel `a·d + b·x + c`. Sums in f64, and
+    /// each group's passes stay in cache.
     fn bwd(
         &self,
         input: &Tensor,
         weight: &Tensor,
-        _bias: &Tensor,
+        bias: &Tensor,
         _output: &Tensor,
         grad_output: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -521,11 +517,12 @@ impl CustomOp3 for GroupNormCpu {
         let mut grad_input = vec![0f32; input.elem_count()];
         let mut grad_weight = vec![0f64; channels];
         let mut grad_bias = vec![0f64; channels];
+        let isa = gemm::isa();
         if group_len > 0 {
             // Groups are independent: one task each, returning its channels' sums, which the
             // batch's groups of the same channels then add up.
-            let sums: Vec<(usize, Vec<f64>, Vec<f64>)> = fused::with_slices(&[input, &grad_output, weight], "group-norm backward", |s| {
-                let (x, g, weight_values) = (s[0], s[1], s[2]);
+            let sums: Vec<(usize, Vec<f64>, Vec<f64>)> = fused::with_slices(&[input, &grad_output, weight, bias], "group-norm backward", |s| {
+                let (x, g, weight_values, bias_values) = (s[0], s[1], s[2], s[3]);
                 Ok(grad_input
                     .par_chunks_exact_mut(group_len)
                     .zip(x.par_chunks_exact(group_len))
@@ -536,38 +533,52 @@ impl CustomOp3 for GroupNormCpu {
                         let first_channel = (index % self.num_groups) * channels_per_group;
                         let (mut sum_weight, mut sum_bias) = (vec![0f64; channels_per_group], vec![0f64; channels_per_group]);
                         let (mut sum_h, mut sum_h_xhat) = (0f64, 0f64);
-                        for (offset, (x, g)) in x.chunks_exact(spatial).zip(g.chunks_exact(spatial)).enumerate() {
-                            // Eight running sums each, so that the f64 adds pipeline (as in
-                            // the statistics).
-                            let (mut lanes_g, mut lanes_g_xhat) = ([0f64; 8], [0f64; 8]);
-                            let ((x8, x_rest), (g8, g_rest)) = (x.as_chunks::<8>(), g.as_chunks::<8>());
-                            for (x, g) in x8.iter().zip(g8) {
+                        let mut normed = if self.silu { vec![0f32; spatial] } else { Vec::new() };
+                        for (offset, ((x, g), grad_x)) in x.chunks_exact(spatial).zip(g.chunks_exact(spatial)).zip(grad_x.chunks_exact_mut(spatial)).enumerate() {
+                            let channel = first_channel + offset;
+                            // d: the output's gradient, or SiLU's backward pass at the norm's
+                            // output (recomputed as the forward pass computed it), kept in
+                            // `grad_x` for the last pass.
+                            let d: &[f32] = if self.silu {
+                                let (scale, shift) = scale_and_shift(weight_values[channel], bias_values[channel], mean, inverse_std);
+                                normed.iter_mut().zip(x).for_each(|(y, &x)| *y = x * scale + shift);
+                                vector::silu_backward(isa, &normed, g, grad_x);
+                                grad_x
+                            } else {
+                                g
+                            };
+                            // Σ d and Σ d·x, in eight running sums each so that the f64 adds
+                            // pipeline; Σ d·x̂ = inverse_std · (Σ d·x - mean · Σ d).
+                            let (mut lanes_d, mut lanes_dx) = ([0f64; 8], [0f64; 8]);
+                            let ((x8, x_rest), (d8, d_rest)) = (x.as_chunks::<8>(), d.as_chunks::<8>());
+                            for (x, d) in x8.iter().zip(d8) {
                                 for lane in 0..8 {
-                                    let x_hat = (x[lane] as f64 - mean) * inverse_std;
-                                    lanes_g[lane] += g[lane] as f64;
-                                    lanes_g_xhat[lane] += g[lane] as f64 * x_hat;
+                                    lanes_d[lane] += d[lane] as f64;
+                                    lanes_dx[lane] += d[lane] as f64 * x[lane] as f64;
                                 }
                             }
-                            let (mut sum_g, mut sum_g_xhat) = (lanes_g.iter().sum::<f64>(), lanes_g_xhat.iter().sum::<f64>());
-                            for (&x, &g) in x_rest.iter().zip(g_rest) {
-                                let x_hat = (x as f64 - mean) * inverse_std;
-                                sum_g += g as f64;
-                                sum_g_xhat += g as f64 * x_hat;
+                            let (mut sum_d, mut sum_dx) = (lanes_d.iter().sum::<f64>(), lanes_dx.iter().sum::<f64>());
+                            for (&x, &d) in x_rest.iter().zip(d_rest) {
+                                sum_d += d as f64;
+                                sum_dx += d as f64 * x as f64;
                             }
-                            sum_bias[offset] = sum_g;
-                            sum_weight[offset] = sum_g_xhat;
-                            let w = weight_values[first_channel + offset] as f64;
-                            sum_h += sum_g * w;
-                            sum_h_xhat += sum_g_xhat * w;
+                            let sum_d_xhat = inverse_std * (sum_dx - mean * sum_d);
+                            sum_bias[offset] = sum_d;
+                            sum_weight[offset] = sum_d_xhat;
+                            let w = weight_values[channel] as f64;
+                            sum_h += sum_d * w;
+                            sum_h_xhat += sum_d_xhat * w;
                         }
                         let (mean_h, mean_h_xhat) = (sum_h / group_len as f64, sum_h_xhat / group_len as f64);
-                        for (offset, ((x, g), grad_x)) in
-                            x.chunks_exact(spatial).zip(g.chunks_exact(spatial)).zip(grad_x.chunks_exact_mut(spatial)).enumerate()
-                        {
-                            let w = weight_values[first_channel + offset] as f64;
-                            for ((&x, &g), out) in x.iter().zip(g).zip(grad_x.iter_mut()) {
-                                let x_hat = (x as f64 - mean) * inverse_std;
-                                *out = (inverse_std * (g as f64 * w - mean_h - x_hat * mean_h_xhat)) as f32;
+                        // ∂x = a·d + b·x + c, with a per channel.
+                        let b = (-inverse_std * inverse_std * mean_h_xhat) as f32;
+                        let c = (inverse_std * (mean * inverse_std * mean_h_xhat - mean_h)) as f32;
+                        for (offset, ((x, g), grad_x)) in x.chunks_exact(spatial).zip(g.chunks_exact(spatial)).zip(grad_x.chunks_exact_mut(spatial)).enumerate() {
+                            let a = (inverse_std * weight_values[first_channel + offset] as f64) as f32;
+                            if self.silu {
+                                grad_x.iter_mut().zip(x).for_each(|(d, &x)| *d = a * *d + (b * x + c));
+                            } else {
+                                grad_x.iter_mut().zip(x).zip(g).for_each(|((out, &x), &d)| *out = a * d + (b * x + c));
                             }
                         }
                         (first_channel, sum_weight, sum_bias)
@@ -589,6 +600,13 @@ impl CustomOp3 for GroupNormCpu {
             Some(Tensor::from_vec(to_f32(grad_bias), channels, device)?),
         ))
     }
+}
+
+/// A channel's normalisation and affine folded into one `x · scale + shift` (f32), as
+/// PyTorch's CPU kernel does: the forward pass and the backward pass's recomputation agree.
+fn scale_and_shift(weight: f32, bias: f32, mean: f64, inverse_std: f64) -> (f32, f32) {
+    let scale = weight as f64 * inverse_std;
+    (scale as f32, (bias as f64 - mean * scale) as f32)
 }
 
 impl GroupNormCpu {

@@ -1147,6 +1147,7 @@ fn fused_backward_passes_match_pytorch() {
     check("geglu", &["x"], &[], &|t| ops::geglu(&t["x"]));
     check("layer_norm", &["x", "weight", "bias"], &[], &|t| ops::layer_norm(&t["x"], &t["weight"], &t["bias"], 1e-5));
     check("group_norm", &["x", "weight", "bias"], &[], &|t| ops::group_norm(&t["x"], 3, &t["weight"], &t["bias"], 1e-6));
+    check("group_norm_silu", &["x", "weight", "bias"], &[], &|t| ops::group_norm_silu(&t["x"], 3, &t["weight"], &t["bias"], 1e-6));
     check("linear", &["x", "weight", "bias"], &[], &|t| ops::linear(&t["x"], &t["weight"], Some(&t["bias"])));
     check("lora_linear", &["x", "a", "b"], &["weight", "bias"], &|t| {
         let (x, weight, bias, a, b) = (&t["x"], &t["weight"], &t["bias"], &t["a"], &t["b"]);

@@ -153,7 +153,8 @@ impl Attention {
         let sequence = match input_dims.len() {
             4 => {
                 let (batch, channels, height, width) = normed.dims4()?;
-                normed.reshape((batch, channels, height * width))?.transpose(1, 2)?
+                // Contiguous once here, not in each of the three projections.
+                normed.reshape((batch, channels, height * width))?.transpose(1, 2)?.contiguous()?
             }
             3 => match &self.group_norm {
                 Some(group_norm) => group_norm.forward(&normed.transpose(1, 2)?)?.transpose(1, 2)?,
