@@ -476,11 +476,13 @@ impl PackB for TransposedPatches {
 
     fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [f32]) {
         let images = &self.0;
+        // The block's depth is output positions: their offsets once, not once per panel.
+        let positions = images.column_offsets(k0..k0 + kc);
         for (panel, chunk) in out.chunks_exact_mut(kc * nr).take(nc.div_ceil(nr)).enumerate() {
             let first = n0 + panel * nr;
             let rows = &images.row_offsets[first..(first + nr).min(n0 + nc)];
-            for (kk, row) in chunk.chunks_exact_mut(nr).enumerate() {
-                images.gather(images.column_offset(k0 + kk), rows, row);
+            for (row, &position) in chunk.chunks_exact_mut(nr).zip(&positions) {
+                images.gather(position, rows, row);
                 row[rows.len()..].fill(0.0);
             }
         }
