@@ -498,7 +498,7 @@ impl CustomOp3 for GroupNormCpu {
     /// the recomputed norm output): ∂bias_c = Σ d, ∂weight_c = Σ d·x̂ (over the batch and the
     /// channel's positions), and with h = d·weight_c, ∂x = inverse_std · (h - mean(h) - x̂ ·
     /// mean(h·x̂)), the means over the group: per channel `a·d + b·x + c`. Sums in f64, and
-    /// each group's passes stay in cache.
+    /// a small image's group stays in cache between the passes.
     fn bwd(
         &self,
         input: &Tensor,

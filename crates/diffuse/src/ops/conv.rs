@@ -104,8 +104,9 @@ impl Geometry {
     fn has_small_images(&self) -> bool {
         self.out_height() * self.out_width() < GROUP_COLUMNS
     }
-    /// Images per product: enough for [`GROUP_COLUMNS`] output positions, as many as the
-    /// column buffer holds, 1 for larger images.
+    /// Images per product: enough for [`GROUP_COLUMNS`] output positions, 1 for larger
+    /// images, and no more than [`COLUMN_BUDGET`] patch values (which bounds a group's padded
+    /// copies and its product's output, as it bounds the column buffer of larger images).
     fn images_per_group(&self) -> usize {
         let out_hw = (self.out_height() * self.out_width()).max(1);
         let fit = COLUMN_BUDGET / (self.patch_len() * out_hw).max(1);
@@ -346,16 +347,15 @@ struct Run {
 }
 
 impl Run {
-    /// The runs of consecutive `offsets`.
-    fn split(offsets: &[usize]) -> Vec<Run> {
-        let mut runs: Vec<Run> = Vec::new();
-        for (dst, &src) in offsets.iter().enumerate() {
+    /// The runs of consecutive `offsets`, into `runs` (cleared first).
+    fn split(offsets: impl Iterator<Item = usize>, runs: &mut Vec<Run>) {
+        runs.clear();
+        for (dst, src) in offsets.enumerate() {
             match runs.last_mut() {
                 Some(run) if run.src + run.len == src => run.len += 1,
                 _ => runs.push(Run { dst, src, len: 1 }),
             }
         }
-        runs
     }
 
     /// Copies the run from `planes` into `row`; the common widths as whole vectors.
@@ -396,16 +396,16 @@ impl PackB for Patches<'_> {
     fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [f32]) {
         let g = self.g;
         if let Some(padded) = &self.padded {
+            let mut runs = Vec::new();
             for (panel, chunk) in out.chunks_exact_mut(kc * nr).take(nc.div_ceil(nr)).enumerate() {
-                let first = n0 + panel * nr;
-                let columns = padded.column_offsets(first..(first + nr).min(n0 + nc));
-                let runs = Run::split(&columns);
+                let (first, end) = (n0 + panel * nr, (n0 + panel * nr + nr).min(n0 + nc));
+                Run::split((first..end).map(|n| padded.column_offset(n)), &mut runs);
                 for (kk, row) in chunk.chunks_exact_mut(nr).enumerate() {
                     let planes = &padded.planes[padded.row_offsets[k0 + kk]..];
                     for run in &runs {
                         run.copy(planes, row);
                     }
-                    row[columns.len()..].fill(0.0);
+                    row[end - first..].fill(0.0);
                 }
             }
             return;
@@ -564,8 +564,9 @@ fn forward_with(g: &Geometry, input: &[f32], bias: Option<&[f32]>, group: usize,
     output
 }
 
-/// The input's gradient: `weightᵀ · grad_output`, scattered back through col2im; the
-/// products in `precision` (f32 sums either way).
+/// The input's gradient: `weightᵀ · grad_output`, scattered back through col2im (small
+/// images: added into a padded image, then cropped); the products in `precision` (f32 sums
+/// either way).
 ///
 /// Panics if the slices' lengths do not match the geometry.
 pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32], precision: Precision) -> Vec<f32> {
@@ -586,7 +587,8 @@ pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32], precisi
         };
     }
     let kernel_t = TransposedKernel::new(weight, g.out_channels, k, precision);
-    let zero_image = g.has_small_images().then(|| PaddedImages::zeros(g, 1));
+    // Small images whose whole column matrix fits the budget; others go band by band.
+    let zero_image = (g.has_small_images() && g.band_rows() == g.out_height()).then(|| PaddedImages::zeros(g, 1));
     let (images_parallel, product_parallel) = split(g.batch);
     for_each_chunk(images_parallel, &mut grad_input, g.input_len(), |b, grad_image| {
         let grad_out = MatRef::row_major(&grad_output[b * g.output_len()..(b + 1) * g.output_len()], g.out_channels, out_hw).expect("sizes checked");
@@ -1075,10 +1077,10 @@ mod tests {
     }
 
     /// The patches of three images packed straight into panels (from runs of their rows, and
-    /// from padded copies) equal im2col's column matrices
-    /// side by side for every panel width the levels use and every split of the columns (a
-    /// panel that starts or ends on an output row's padding-only tail among them: kernel 4,
-    /// padding 2; panels across two images).
+    /// from padded copies) equal im2col's column matrices side by side for every panel width
+    /// the levels use and every split of the columns (a panel that starts or ends on an output
+    /// row's padding-only tail among them: kernel 4, padding 2; panels across two images); and
+    /// transposed, as the kernel gradient packs them.
     #[test]
     fn packed_patches_are_the_column_matrix() {
         let cases = [(6, 4, 1, 2), (7, 3, 2, 1), (9, 3, 2, 0), (5, 3, 1, 0), (6, 1, 1, 1), (8, 5, 1, 2), (3, 3, 3, 2)];
@@ -1110,6 +1112,26 @@ mod tests {
                     }
                 }
             }
+            // The transposed patches (the kernel gradient's `B`, `n × k`), for blocks that start
+            // inside the depth (positions) and inside the columns (patch rows).
+            let transposed = TransposedPatches(PaddedImages::zeros(&g, 0).holding(&g, &images, g.batch));
+            assert_eq!(transposed.dims(), (n, k));
+            for (nr, k0) in [4, 8, 16, 32].into_iter().flat_map(|nr| [0, 1, n / 2].map(|k0| (nr, k0))) {
+                for n0 in 0..k {
+                    let (kc, nc) = (n - k0, k - n0);
+                    let mut panels = vec![f32::NAN; kc * nc.div_ceil(nr) * nr];
+                    transposed.pack(k0, kc, n0, nc, nr, &mut panels);
+                    for (p, panel) in panels.chunks_exact(kc * nr).enumerate() {
+                        for kk in 0..kc {
+                            for j in 0..nr {
+                                let row = n0 + p * nr + j;
+                                let want = if row < k { col[row * n + k0 + kk] } else { 0.0 };
+                                assert_eq!(panel[kk * nr + j], want, "{g:?} nr {nr} k0 {k0} n0 {n0}: position {}, patch row {row}", k0 + kk);
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -1118,7 +1140,7 @@ mod tests {
         let g = |batch, size| Geometry { batch, in_channels: 2, height: size, width: size, out_channels: 1, kernel_h: 3, kernel_w: 3, stride: 1, padding: 1 };
         // 40 columns in the tests: 4×4 images three at a time, 5×5 two, 7×7 and larger one.
         assert_eq!([g(5, 4), g(3, 5), g(4, 7), g(1, 4), g(0, 4)].map(|g| g.images_per_group()), [3, 2, 1, 1, 1]);
-        // No more than the column buffer holds.
+        // No more than the budget of patch values.
         assert_eq!(Geometry { in_channels: 1 << 20, ..g(8, 4) }.images_per_group(), 1);
     }
 
