@@ -161,15 +161,36 @@ pub(crate) fn online_softmax_columns(isa: Isa, scores_t: &mut [f32], max: &mut [
     })
 }
 
-/// `softmax(scale · row)` in place: subtract the maximum, exponentiate (vectorised), divide
-/// by the sum (added in order, as before).
+/// Σ `term(i)` over `0..len` in eight running sums (lane `i % 8`), then the lanes in order and
+/// the tail: the compiler keeps the lanes in one vector, where a single running sum waits
+/// for each add in turn (floating-point addition is not reassociated for it).
+#[inline(always)]
+fn lane_sum(len: usize, term: impl Fn(usize) -> f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    for chunk in 0..len / 8 {
+        for (lane, sum) in lanes.iter_mut().enumerate() {
+            *sum += term(chunk * 8 + lane);
+        }
+    }
+    lanes.iter().sum::<f32>() + (len / 8 * 8..len).map(term).sum::<f32>()
+}
+
+/// `softmax(scale · row)` in place: subtract the maximum, exponentiate, divide by the sum, each
+/// pass vectorised (the maximum and the sum lane by lane).
 pub(crate) fn softmax_row(isa: Isa, row: &mut [f32], scale: f32) {
     dispatch!(isa, fn softmax(row: &mut [f32], scale: f32) -> () {
-        let max = row.iter().map(|&v| v * scale).fold(f32::NEG_INFINITY, f32::max);
+        let mut lanes = [f32::NEG_INFINITY; 8];
+        let (chunks, rest) = row.as_chunks::<8>();
+        for chunk in chunks {
+            for (lane, &v) in lanes.iter_mut().zip(chunk) {
+                *lane = lane.max(v * scale);
+            }
+        }
+        let max = lanes.into_iter().chain(rest.iter().map(|&v| v * scale)).fold(f32::NEG_INFINITY, f32::max);
         // A row of -inf (all masked) stays finite: exp(-inf - -inf) would be NaN.
         let shift = if max == f32::NEG_INFINITY { 0.0 } else { max };
         row.iter_mut().for_each(|v| *v = exp(*v * scale - shift));
-        let sum: f32 = row.iter().sum();
+        let sum = lane_sum(row.len(), |i| row[i]);
         row.iter_mut().for_each(|v| *v /= sum);
     })
 }
@@ -178,7 +199,7 @@ pub(crate) fn softmax_row(isa: Isa, row: &mut [f32], scale: f32) {
 /// `y` and the output's gradient `g`.
 pub(crate) fn softmax_backward_row(isa: Isa, y: &[f32], g: &[f32], out: &mut [f32], scale: f32) {
     dispatch!(isa, fn backward(y: &[f32], g: &[f32], out: &mut [f32], scale: f32) -> () {
-        let dot: f32 = y.iter().zip(g).map(|(&y, &g)| y * g).sum();
+        let dot = lane_sum(y.len().min(g.len()), |i| y[i] * g[i]);
         for ((out, &y), &g) in out.iter_mut().zip(y).zip(g) {
             *out = y * (g - dot) * scale;
         }
