@@ -676,8 +676,8 @@ pub fn backward_weight(g: &Geometry, input: &[f32], grad_output: &[f32], precisi
         for index in share * per_share..((share + 1) * per_share).min(groups) {
             let (b, count) = (index * group, group.min(g.batch - index * group));
             if let Some(offsets) = offsets.as_ref().filter(|_| count > 1) {
-                // The images' output gradients side by side, and their patches likewise: one
-                // product as deep as all their positions.
+                // The images' output gradients side by side, and their patches packed from
+                // padded copies: one product as deep as all their positions.
                 let columns = count * out_hw;
                 let joined = side_by_side(&grad_output[b * out_len..(b + count) * out_len], count, g.out_channels, out_hw);
                 let grad_view = MatRef::row_major(&joined, g.out_channels, columns).expect("sizes checked");
