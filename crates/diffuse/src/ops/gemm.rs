@@ -429,12 +429,13 @@ impl<B: PackB> PackB for Columns<'_, B> {
     }
 }
 
-/// Rows `first..first + len` of a `B` (a range of the product's depth), as a `B` of its own.
-/// `first` is a multiple of [`KC`], so that a [`PackedB`]'s blocks stay whole.
-struct DepthRange<'a, B: PackB> {
-    inner: &'a B,
-    first: usize,
-    len: usize,
+/// Rows `first..first + len` of a `B` (a range of the product's depth), as a `B` of its own,
+/// for the f32 products and (`gemm_bf16`) the bf16 ones. `first` is a multiple of the driver's
+/// depth block, so that a packed `B`'s blocks stay whole.
+pub(crate) struct DepthRange<'a, B> {
+    pub(crate) inner: &'a B,
+    pub(crate) first: usize,
+    pub(crate) len: usize,
 }
 
 impl<B: PackB> PackB for DepthRange<'_, B> {

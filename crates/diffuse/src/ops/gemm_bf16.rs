@@ -177,15 +177,7 @@ pub trait PackBPairs: Sync {
     }
 }
 
-/// Rows `first..first + len` of a `B` (a range of the product's depth), as a `B` of its own.
-/// `first` is a multiple of [`KC`], so that a [`PackedBPairs`]' blocks stay whole.
-struct DepthRange<'a, B: PackBPairs> {
-    inner: &'a B,
-    first: usize,
-    len: usize,
-}
-
-impl<B: PackBPairs> PackBPairs for DepthRange<'_, B> {
+impl<B: PackBPairs> PackBPairs for gemm::DepthRange<'_, B> {
     fn dims(&self) -> (usize, usize) {
         (self.len, self.inner.dims().1)
     }
@@ -378,7 +370,7 @@ pub(crate) fn gemm_bf16_with(isa: Isa, c: &mut [f32], ldc: usize, a: ABf16, b: &
                 ABf16::F32(view) => ABf16::F32(view.columns(first, len)),
                 ABf16::Weight(w) => ABf16::Weight(w.columns(first, len)),
             };
-            gemm_bf16_block(isa, COut::new(out, n, m, n), 0, 0, a, &DepthRange { inner: b, first, len }, Init::Overwrite);
+            gemm_bf16_block(isa, COut::new(out, n, m, n), 0, 0, a, &gemm::DepthRange { inner: b, first, len }, Init::Overwrite);
         });
         return;
     }
