@@ -902,6 +902,11 @@ mod tests {
         // Even product columns and more input channels than a tile has rows: bf16 planes read
         // in place by the kernel gradient.
         (2, 14, 4, 18, 3, 3, 1, 1),
+        // Outputs a whole number of tiles wide (16 and 32 columns), tiles starting at each
+        // row; more output channels than a tile has rows, and more input channels than one
+        // depth block (several bands in the tests).
+        (2, 3, 5, 32, 13, 3, 1, 1),
+        (1, 130, 3, 16, 7, 3, 1, 1),
         // Small images, convolved several at a time (GROUP_COLUMNS is 40 in the tests):
         // groups of 3 and 2, of 2 and 1; pointwise, of 2 and 1; no output channel.
         (5, 3, 4, 4, 4, 3, 1, 1),

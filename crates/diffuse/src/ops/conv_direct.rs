@@ -4,8 +4,10 @@
 //! column's input at the same offset `ky·wp + kx`, so `B`'s row for one channel and one kernel
 //! position is a contiguous run of a plane: the micro-kernel walks the planes in place
 //! ([`BWalk`], one run per kernel position) and nothing is packed per block, where the implicit
-//! GEMM of `ops::conv` writes every patch into panels (a fifth of a VAE decode's time). The
-//! `kw - 1` columns at the end of each padded row are computed and dropped.
+//! GEMM of `ops::conv` writes every patch into panels (a fifth of a VAE decode's time). When
+//! the output's width is a whole number of the micro-kernel's tiles, the tiles start at each
+//! output row and skip the `kw - 1` columns at the end of each padded row; otherwise those
+//! columns are computed and dropped ([`ColumnTiles`]).
 //!
 //! In bf16 a plane holds a channel pair (one `u32` per position: channels `2c` and `2c + 1`),
 //! the layout `vdpbf16ps` reads; the kernel is packed in the same order.
@@ -67,6 +69,8 @@ struct Plan {
     columns: usize,
     /// Offset of each kernel position `(ky, kx)` in a plane, row-major.
     taps: Vec<usize>,
+    /// The micro-kernel's tile width.
+    nr: usize,
 }
 
 impl Plan {
@@ -78,7 +82,7 @@ impl Plan {
         // Even, so that bf16 planes start on a pair (read in place as one, see `kernel_gradient`).
         let plane = ((rows + g.kernel_h - 1) * wp + g.kernel_w + nr).next_multiple_of(2);
         let taps = (0..g.kernel_h).flat_map(|ky| (0..g.kernel_w).map(move |kx| ky * wp + kx)).collect();
-        Self { wp, plane, first_row, columns: rows * wp, taps }
+        Self { wp, plane, first_row, columns: rows * wp, taps, nr }
     }
 
     /// The whole output.
@@ -327,6 +331,7 @@ fn product<W: Copy + Sync>(
     kernel: fn(Isa, BWalk, &[W], &[W], &mut [f32]),
 ) {
     let (mr, nr) = isa.tile();
+    assert_eq!(plan.nr, nr, "conv2d: planes laid out for another tile");
     let (out_w, out_len) = (g.out_width(), g.out_height() * g.out_width());
     let depth = plan.taps.len() * steps;
     assert!(planes.len() == steps * plan.plane && panels.len() == g.out_channels.div_ceil(mr) * mr * depth && out.len() == g.out_channels * out_len);
@@ -342,7 +347,8 @@ fn product<W: Copy + Sync>(
         return;
     }
     let c = COut::new(out, out_len, g.out_channels, out_len);
-    let (row_panels, column_panels) = (g.out_channels.div_ceil(mr), plan.columns.div_ceil(nr));
+    let tiles = ColumnTiles::new(plan, out_w, nr);
+    let (row_panels, column_panels) = (g.out_channels.div_ceil(mr), tiles.count(plan));
     // Column panels per block, so that the planes' runs they read stay in L2.
     let run_bytes = STEPS.min(steps) * g.kernel_h * nr * std::mem::size_of::<W>();
     let block = (BLOCK_BYTES / run_bytes).clamp(1, 32);
@@ -357,10 +363,16 @@ fn product<W: Copy + Sync>(
                     let a = &block_panels[ip * taps * len * mr..(ip + 1) * taps * len * mr];
                     let height = mr.min(g.out_channels - ip * mr);
                     for jp in first_column..(first_column + block).min(columns.end) {
-                        let j = jp * nr;
+                        let j = tiles.first_column(plan, jp);
                         kernel(isa, walk, a, &planes[first * plan.plane + j..], &mut tile[..mr * nr]);
-                        let columns = j..j + nr.min(plan.columns - j);
-                        store(&c, &tile[..mr * nr], nr, ip * mr, height, columns, plan, out_w, if first == 0 { Some(bias) } else { None });
+                        let first = if first == 0 { Some(bias) } else { None };
+                        match tiles {
+                            ColumnTiles::ByRow { per_row } => {
+                                let (y, x) = (plan.first_row + jp / per_row, jp % per_row * nr);
+                                store_run(&c, &tile[..mr * nr], nr, ip * mr, height, y * out_w + x, first);
+                            }
+                            ColumnTiles::Flat => store(&c, &tile[..mr * nr], nr, ip * mr, height, j..j + nr.min(plan.columns - j), plan, out_w, first),
+                        }
                     }
                 }
             }
@@ -375,6 +387,62 @@ fn product<W: Copy + Sync>(
     } else {
         let per_share = row_panels.div_ceil(threads);
         (0..threads).into_par_iter().for_each(|t| share((t * per_share).min(row_panels)..((t + 1) * per_share).min(row_panels), 0..column_panels));
+    }
+}
+
+/// How the product's columns fall into the micro-kernel's tiles of `nr`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ColumnTiles {
+    /// The output's width is `per_row` tiles: each output row starts a tile, so every column
+    /// computed is an output column (none of the `kw - 1` dropped ones, a ninth of a 16×16
+    /// image's) and each tile row is one run of the output.
+    ByRow { per_row: usize },
+    /// Tiles side by side over the padded rows, wherever those rows end (an output narrower
+    /// than a tile, or not a whole number of tiles wide); [`store`] drops the padding columns.
+    Flat,
+}
+
+impl ColumnTiles {
+    fn new(plan: &Plan, out_w: usize, nr: usize) -> Self {
+        if out_w >= nr && out_w.is_multiple_of(nr) && plan.wp >= out_w {
+            ColumnTiles::ByRow { per_row: out_w / nr }
+        } else {
+            ColumnTiles::Flat
+        }
+    }
+
+    /// Tiles in the band.
+    fn count(&self, plan: &Plan) -> usize {
+        match *self {
+            ColumnTiles::ByRow { per_row } => plan.columns / plan.wp * per_row,
+            ColumnTiles::Flat => plan.columns.div_ceil(plan.nr),
+        }
+    }
+
+    /// The product column where tile `index` starts.
+    fn first_column(&self, plan: &Plan, index: usize) -> usize {
+        match *self {
+            ColumnTiles::ByRow { per_row } => index / per_row * plan.wp + index % per_row * plan.nr,
+            ColumnTiles::Flat => index * plan.nr,
+        }
+    }
+}
+
+/// Writes rows `0..height` of `tile` to output channels `i..i + height`, each to the `nr`
+/// output positions from `at`: the first depth block (`first: Some(bias)`) overwrites, later
+/// ones add.
+fn store_run(c: &COut, tile: &[f32], nr: usize, i: usize, height: usize, at: usize, first: Option<Option<&[f32]>>) {
+    for (r, values) in tile.chunks_exact(nr).take(height).enumerate() {
+        // SAFETY: the threads write disjoint column ranges of the product (or disjoint rows),
+        // hence disjoint output elements (see `COut`).
+        let dst = unsafe { c.row(i + r, at, nr) };
+        match first {
+            Some(bias) => {
+                let offset = bias.map_or(0.0, |b| b[i + r]);
+                dst.iter_mut().zip(values).for_each(|(d, &t)| *d = t + offset);
+            }
+            None => dst.iter_mut().zip(values).for_each(|(d, &t)| *d += t),
+        }
     }
 }
 
