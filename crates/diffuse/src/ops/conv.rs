@@ -362,12 +362,20 @@ impl Run {
     fn copy(&self, planes: &[f32], row: &mut [f32]) {
         let (src, dst) = (&planes[self.src..], &mut row[self.dst..]);
         match self.len {
-            4 => dst[..4].copy_from_slice(&src[..4]),
-            8 => dst[..8].copy_from_slice(&src[..8]),
-            16 => dst[..16].copy_from_slice(&src[..16]),
-            len => dst[..len].iter_mut().zip(&src[..len]).for_each(|(d, s)| *d = *s),
+            4 => copy_fixed::<4>(src, dst),
+            8 => copy_fixed::<8>(src, dst),
+            16 => copy_fixed::<16>(src, dst),
+            len => dst[..len].copy_from_slice(&src[..len]),
         }
     }
+}
+
+/// The first `N` values of `src` into `dst`, as a few vector moves. Not inlined: inlined, LLVM
+/// merges the arms of [`Run::copy`] into one call to `memcpy` with the length as a variable,
+/// which cost as much as the copies (15 % of an 8×8 convolution).
+#[inline(never)]
+fn copy_fixed<const N: usize>(src: &[f32], dst: &mut [f32]) {
+    dst[..N].copy_from_slice(&src[..N]);
 }
 
 /// The patches of `count` consecutive images, side by side, as the `B` operand
