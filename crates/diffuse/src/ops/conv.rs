@@ -297,6 +297,7 @@ impl PaddedImages {
 
     /// `dst[j] = planes[base + offsets[j]]`: one patch row at several columns (the base a row's
     /// offset, the offsets columns'), or one column at several patch rows.
+    #[inline(always)]
     fn gather(&self, base: usize, offsets: &[usize], dst: &mut [f32]) {
         let planes = &self.planes[base..];
         for (value, &offset) in dst.iter_mut().zip(offsets) {
@@ -404,14 +405,22 @@ impl PackB for Patches<'_> {
     fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, out: &mut [f32]) {
         let g = self.g;
         if let Some(padded) = &self.padded {
-            let mut runs = Vec::new();
+            let (mut runs, mut offsets) = (Vec::new(), Vec::new());
             for (panel, chunk) in out.chunks_exact_mut(kc * nr).take(nc.div_ceil(nr)).enumerate() {
                 let (first, end) = (n0 + panel * nr, (n0 + panel * nr + nr).min(n0 + nc));
-                Run::split((first..end).map(|n| padded.column_offset(n)), &mut runs);
+                offsets.clear();
+                offsets.extend((first..end).map(|n| padded.column_offset(n)));
+                Run::split(offsets.iter().copied(), &mut runs);
+                // Runs shorter than 4 on average (a stride above 1): value by value.
+                let by_value = runs.len() * 4 > offsets.len();
                 for (kk, row) in chunk.chunks_exact_mut(nr).enumerate() {
-                    let planes = &padded.planes[padded.row_offsets[k0 + kk]..];
-                    for run in &runs {
-                        run.copy(planes, row);
+                    let base = padded.row_offsets[k0 + kk];
+                    if by_value {
+                        padded.gather(base, &offsets, row);
+                    } else {
+                        for run in &runs {
+                            run.copy(&padded.planes[base..], row);
+                        }
                     }
                     row[end - first..].fill(0.0);
                 }
