@@ -182,20 +182,7 @@ impl LayerNorm {
 /// The mean of `values` and 1/sqrt(variance + eps), in f64: the mean first, then the mean
 /// squared deviation (as PyTorch's norms compute them).
 pub(super) fn mean_and_inverse_std(values: &[f32], eps: f64) -> (f64, f64) {
-    // Eight running sums: one chain of f64 adds waits for each add in turn (a GroupNorm group
-    // of the VAE's last blocks is a million values), eight pipeline and vectorise.
-    fn sum(values: &[f32], term: impl Fn(f32) -> f64) -> f64 {
-        let mut lanes = [0f64; 8];
-        let (chunks, rest) = values.as_chunks::<8>();
-        for chunk in chunks {
-            lanes.iter_mut().zip(chunk).for_each(|(lane, &v)| *lane += term(v));
-        }
-        lanes.iter().sum::<f64>() + rest.iter().map(|&v| term(v)).sum::<f64>()
-    }
-    let len = values.len() as f64;
-    let mean = sum(values, |v| v as f64) / len;
-    let variance = sum(values, |v| (v as f64 - mean).powi(2)) / len;
-    (mean, 1.0 / (variance + eps).sqrt())
+    vector::mean_and_inverse_std(gemm::isa(), values, eps)
 }
 
 impl CustomOp3 for LayerNorm {
