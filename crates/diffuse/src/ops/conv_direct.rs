@@ -6,8 +6,9 @@
 //! ([`BWalk`], one run per kernel position) and nothing is packed per block, where the implicit
 //! GEMM of `ops::conv` writes every patch into panels (a fifth of a VAE decode's time). When
 //! the output's width is a whole number of the micro-kernel's tiles, the tiles start at each
-//! output row and skip the `kw - 1` columns at the end of each padded row; otherwise those
-//! columns are computed and dropped ([`ColumnTiles`]).
+//! output row and skip the columns at the end of each padded row that are no output position
+//! (one at 3×3: a row's right padding is the next row's left, see `Plan::row_length`);
+//! otherwise those columns are computed and dropped ([`ColumnTiles`]).
 //!
 //! In bf16 a plane holds a channel pair (one `u32` per position: channels `2c` and `2c + 1`),
 //! the layout `vdpbf16ps` reads; the kernel is packed in the same order.
@@ -82,13 +83,20 @@ struct Plan {
 impl Plan {
     /// Output rows `first_row..first_row + rows`.
     fn band(g: &Geometry, nr: usize, first_row: usize, rows: usize) -> Self {
-        let wp = g.width + 2 * g.padding;
+        let wp = Self::row_length(g);
         // The last tile starts below `columns` and reads nr words from its taps' offsets, the
         // largest (kh - 1)·wp + kw - 1: (rows + kh - 1)·wp + kw + nr covers it.
         // Even, so that bf16 planes start on a pair (read in place as one, see `kernel_gradient`).
         let plane = ((rows + g.kernel_h - 1) * wp + g.kernel_w + nr).next_multiple_of(2);
         let taps = (0..g.kernel_h).flat_map(|ky| (0..g.kernel_w).map(move |kx| ky * wp + kx)).collect();
         Self { wp, plane, first_row, columns: rows * wp, taps, nr }
+    }
+
+    /// The padded row length: a row's left padding, its values, and the next row's left
+    /// padding doubles as its right padding (both zeros), so `width + padding` (not `+ 2 ·
+    /// padding`) and one dropped column per row at 3×3, not two. Never shorter than an output row.
+    fn row_length(g: &Geometry) -> usize {
+        (g.width + g.padding).max(g.out_width())
     }
 
     /// The whole output.
@@ -99,7 +107,7 @@ impl Plan {
     /// The bands of output rows whose `planes` planes of `word_size` bytes stay within
     /// [`PLANES_BYTES`] (one row at least).
     fn bands(g: &Geometry, nr: usize, planes: usize, word_size: usize) -> impl Iterator<Item = Plan> + '_ {
-        let row_bytes = (planes * (g.width + 2 * g.padding) * word_size).max(1);
+        let row_bytes = (planes * Self::row_length(g) * word_size).max(1);
         let rows = (PLANES_BYTES / row_bytes).saturating_sub(g.kernel_h).max(1);
         (0..g.out_height()).step_by(rows).map(move |first| Plan::band(g, nr, first, rows.min(g.out_height() - first)))
     }
@@ -400,7 +408,7 @@ fn product<W: Copy + Sync>(
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum ColumnTiles {
     /// The output's width is `per_row` tiles: each output row starts a tile, so every column
-    /// computed is an output column (none of the `kw - 1` dropped ones, a ninth of a 16×16
+    /// computed is an output column (none of the dropped ones, one in 17 of a 16×16
     /// image's) and each tile row is one run of the output.
     ByRow { per_row: usize },
     /// Tiles side by side over the padded rows, wherever those rows end (an output narrower
