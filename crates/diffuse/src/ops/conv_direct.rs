@@ -379,13 +379,14 @@ fn product<W: Copy + Sync>(
                     for jp in first_column..(first_column + block).min(columns.end) {
                         let j = tiles.first_column(plan, jp);
                         kernel(isa, walk, a, &planes[first * plan.plane + j..], &mut tile[..mr * nr]);
-                        let first = if first == 0 { Some(bias) } else { None };
+                        // The first depth block writes the sums and the bias, later ones add.
+                        let first_block = (first == 0).then_some(bias);
                         match tiles {
                             ColumnTiles::ByRow { per_row } => {
                                 let (y, x) = (plan.first_row + jp / per_row, jp % per_row * nr);
-                                store_run(&c, &tile[..mr * nr], nr, ip * mr, height, y * out_w + x, first);
+                                store_run(&c, &tile[..mr * nr], nr, ip * mr, height, y * out_w + x, first_block);
                             }
-                            ColumnTiles::Flat => store(&c, &tile[..mr * nr], nr, ip * mr, height, j..j + nr.min(plan.columns - j), plan, out_w, first),
+                            ColumnTiles::Flat => store(&c, &tile[..mr * nr], nr, ip * mr, height, j..j + nr.min(plan.columns - j), plan, out_w, first_block),
                         }
                     }
                 }
