@@ -578,12 +578,13 @@ impl CustomOp2 for ChannelBias {
         if dims.len() < 2 || dims[1] != bias.len() {
             candle_core::bail!("channel bias: {} values for a tensor of shape {dims:?}", bias.len());
         }
-        let mut output = x.to_vec();
+        // One pass: each plane read once and written once with its channel's bias.
+        let mut output = vec![0f32; x.len()];
         if plane > 0 {
             let channels = bias.len();
-            output.par_chunks_mut(plane).enumerate().for_each(|(index, plane)| {
+            output.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(index, (out, plane))| {
                 let b = bias[index % channels];
-                plane.iter_mut().for_each(|v| *v += b);
+                out.iter_mut().zip(plane).for_each(|(o, &v)| *o = v + b);
             });
         }
         Ok((CpuStorage::F32(output), x_layout.shape().clone()))
@@ -597,7 +598,8 @@ impl CustomOp2 for ChannelBias {
             let plane: usize = x.dims().get(2..).map_or(1, |d| d.iter().product());
             let sums = with_slices(&[&grad_output], "channel bias backward", |s| {
                 // Per (image, channel) plane in parallel, then per channel in plane order.
-                let planes: Vec<f64> = if plane == 0 { Vec::new() } else { s[0].par_chunks(plane).map(|p| p.iter().map(|&v| v as f64).sum()).collect() };
+                let isa = gemm::isa();
+                let planes: Vec<f64> = if plane == 0 { Vec::new() } else { s[0].par_chunks(plane).map(|p| vector::sum_f64(isa, p)).collect() };
                 let mut sums = vec![0f64; channels];
                 for (index, value) in planes.into_iter().enumerate() {
                     sums[index % channels] += value;

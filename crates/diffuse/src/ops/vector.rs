@@ -66,24 +66,31 @@ macro_rules! dispatch {
     }};
 }
 
-/// The mean of `values` and 1/sqrt(variance + eps), in f64, two passes. Eight running sums:
-/// one chain of f64 adds waits for each add in turn (a GroupNorm group of the VAE's last blocks
-/// is a million values), eight pipeline and vectorise; every level adds the same lanes in the
-/// same order, so the result does not depend on the level.
+/// `Σ term(v)` over `values` in f64, in eight running sums: one chain of f64 adds waits for
+/// each add in turn, eight pipeline and vectorise. Inlined into the `dispatch!` copies, and every
+/// level adds the same lanes in the same order, so the result does not depend on the level.
+#[inline(always)]
+fn lane_sum_f64(values: &[f32], term: impl Fn(f32) -> f64) -> f64 {
+    let mut lanes = [0f64; 8];
+    let (chunks, rest) = values.as_chunks::<8>();
+    for chunk in chunks {
+        lanes.iter_mut().zip(chunk).for_each(|(lane, &v)| *lane += term(v));
+    }
+    lanes.iter().sum::<f64>() + rest.iter().map(|&v| term(v)).sum::<f64>()
+}
+
+/// `Σ values` in f64 ([`lane_sum_f64`]).
+pub(crate) fn sum_f64(isa: Isa, values: &[f32]) -> f64 {
+    dispatch!(isa, fn sum_f64(values: &[f32]) -> f64 { lane_sum_f64(values, |v| v as f64) })
+}
+
+/// The mean of `values` and 1/sqrt(variance + eps), in f64, two passes ([`lane_sum_f64`]; a
+/// GroupNorm group of the VAE's last blocks is a million values).
 pub(crate) fn mean_and_inverse_std(isa: Isa, values: &[f32], eps: f64) -> (f64, f64) {
     dispatch!(isa, fn mean_and_inverse_std(values: &[f32], eps: f64) -> (f64, f64) {
-        #[inline(always)]
-        fn sum(values: &[f32], term: impl Fn(f32) -> f64) -> f64 {
-            let mut lanes = [0f64; 8];
-            let (chunks, rest) = values.as_chunks::<8>();
-            for chunk in chunks {
-                lanes.iter_mut().zip(chunk).for_each(|(lane, &v)| *lane += term(v));
-            }
-            lanes.iter().sum::<f64>() + rest.iter().map(|&v| term(v)).sum::<f64>()
-        }
         let len = values.len() as f64;
-        let mean = sum(values, |v| v as f64) / len;
-        let variance = sum(values, |v| (v as f64 - mean).powi(2)) / len;
+        let mean = lane_sum_f64(values, |v| v as f64) / len;
+        let variance = lane_sum_f64(values, |v| (v as f64 - mean).powi(2)) / len;
         (mean, 1.0 / (variance + eps).sqrt())
     })
 }
