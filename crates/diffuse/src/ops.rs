@@ -28,8 +28,9 @@ pub(crate) mod vector;
 /// Makes every kernel run on one pool, rayon's global one, of `threads` threads (default: one
 /// per core, or `RAYON_NUM_THREADS`). candle's element-wise operations otherwise use a second
 /// pool of their own whose workers spin between operations: on a machine with few cores they
-/// take the cores the kernels run on (a training step was 15 % slower with it). They run on
-/// the calling thread instead, unless `CANDLE_NUM_THREADS` says otherwise. Call it once, at
+/// take the cores the kernels run on (a training step was 15 % slower with it). That pool is
+/// left without workers (unless `CANDLE_NUM_THREADS` says otherwise), and the vendored candle
+/// then shares its chunks over rayon's pool (vendor/candle-core/PATCHED.md). Call it once, at
 /// start-up, before any other thread exists (the CLI does).
 pub fn init_threads(threads: Option<usize>) -> Result<()> {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
