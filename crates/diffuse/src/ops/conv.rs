@@ -589,9 +589,8 @@ fn forward_with(g: &Geometry, input: &[f32], bias: Option<&[f32]>, group: usize,
 pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32], precision: Precision) -> Vec<f32> {
     let (out_hw, k) = (g.out_height() * g.out_width(), g.patch_len());
     assert!(grad_output.len() == g.batch * g.output_len() && weight.len() == g.out_channels * k, "conv2d: operand sizes");
-    let mut grad_input = vec![0f32; g.batch * g.input_len()];
-    if grad_input.is_empty() || out_hw == 0 {
-        return grad_input;
+    if g.batch * g.input_len() == 0 || out_hw == 0 {
+        return vec![0f32; g.batch * g.input_len()];
     }
     if let Some(transposed) = conv_direct::input_gradient_geometry(g).filter(|t| conv_direct::suits(t, precision == Precision::Bf16)) {
         // Stride 1 over wide rows: a direct forward convolution of the output's gradient, with
@@ -603,6 +602,7 @@ pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32], precisi
             Precision::Bf16 => forward_bf16(&transposed, grad_output, &kernel.iter().map(|&w| bf16::from_f32(w)).collect::<Vec<_>>(), None),
         };
     }
+    let mut grad_input = vec![0f32; g.batch * g.input_len()];
     let kernel_t = TransposedKernel::new(weight, g.out_channels, k, precision);
     // Small images whose whole column matrix fits the budget; others go band by band.
     let zero_image = (g.has_small_images() && g.band_rows() == g.out_height()).then(|| PaddedImages::zeros(g, 1));
@@ -676,7 +676,7 @@ pub fn backward_weight(g: &Geometry, input: &[f32], grad_output: &[f32], precisi
     if weight_len == 0 {
         return Vec::new();
     }
-    if conv_direct::input_gradient_geometry(g).is_some() && conv_direct::suits(g, false) {
+    if conv_direct::input_gradient_geometry(g).is_some() && conv_direct::suits_kernel_gradient(g, false) {
         return conv_direct::kernel_gradient(g, input, grad_output, precision);
     }
     let (in_len, out_len, group) = (g.input_len(), g.output_len(), g.images_per_group());

@@ -40,22 +40,34 @@ fn depth_blocks(steps: usize, mr: usize) -> impl Iterator<Item = (usize, usize)>
     (0..steps).step_by(per_block).map(move |first| (first, per_block.min(steps - first)))
 }
 
-/// Whether the direct path suits `g`: stride 1, a kernel wider than 1×1 (whose input is its own
-/// column matrix already: the packed path is 1.15× faster there), at most one dropped column
-/// in eight, and either few output channels or wide rows. The packed path's cost is packing the
-/// patches, shared by all output channels: measured on SD 1.5's and the training benchmark's
-/// shapes (`diffuse bench --kernels`), direct is 1.1–1.3× faster up to 256 output channels
-/// from 16×16 up, and, with more channels, from 32 columns in bf16 (whose patches are also
-/// rounded) and 64 in f32; below those (1,280 channels at 16×16) packing wins, 1.3×.
+/// Whether the direct path suits `g`'s forward pass (and so its input gradient, a forward
+/// convolution): what [`suits_kernel_gradient`] asks, or rows of at least two whole tiles of
+/// the micro-kernel (they start at each output row, see [`ColumnTiles`]): on AVX2's 16-column
+/// tiles, SD 1.5's 32×32 convolutions with 640 to 1,920 channels run 1.15–1.3× faster direct
+/// (Zen 2), where 16×16 ones with 1,280 channels still run 1.2× faster packed.
 pub(super) fn suits(g: &Geometry, bf16: bool) -> bool {
+    let (_, nr) = gemm::isa().tile();
+    suits_kernel_gradient(g, bf16) || (fits(g) && g.out_width() % nr == 0 && g.out_width() >= 2 * nr)
+}
+
+/// Whether the direct path suits `g`'s kernel gradient: [`fits`], and either few output
+/// channels or wide rows. The packed path's cost is packing the patches, shared by all output
+/// channels: measured on SD 1.5's and the training benchmark's shapes (`diffuse bench
+/// --kernels`), direct is 1.1–1.3× faster up to 256 output channels from 16×16 up, and, with
+/// more channels, from 32 columns in bf16 (whose patches are also rounded) and 64 in f32; below
+/// those (1,280 channels at 16×16) packing wins, 1.3×. (The kernel gradient with 640 channels
+/// at 32×32 runs 1.5× slower direct on AVX2, where the forward pass runs faster.)
+pub(super) fn suits_kernel_gradient(g: &Geometry, bf16: bool) -> bool {
+    let wide = g.width + 2 * g.padding >= if bf16 { 32 } else { 64 };
+    fits(g) && (g.out_channels <= 256 || wide)
+}
+
+/// Whether the direct path can run `g` at all, and cheaply: stride 1, a kernel wider than 1×1
+/// (whose input is its own column matrix already: the packed path is 1.15× faster there), and
+/// at most one dropped column in eight.
+fn fits(g: &Geometry) -> bool {
     let padded_width = g.width + 2 * g.padding;
-    let wide = padded_width >= if bf16 { 32 } else { 64 };
-    g.stride == 1
-        && g.kernel_w > 1
-        && g.kernel_w <= padded_width
-        && g.kernel_h <= g.height + 2 * g.padding
-        && (g.kernel_w - 1) * 8 <= padded_width
-        && (g.out_channels <= 256 || wide)
+    g.stride == 1 && g.kernel_w > 1 && g.kernel_w <= padded_width && g.kernel_h <= g.height + 2 * g.padding && (g.kernel_w - 1) * 8 <= padded_width
 }
 
 /// Bytes of padded planes per band of output rows: a large image (the VAE's last blocks) is
@@ -195,7 +207,7 @@ pub(super) fn input_gradient_kernel(g: &Geometry, weight: &[f32]) -> Vec<f32> {
 /// One image's output `[C_out, H_out·W_out]` of `image` `[C_in, H, W]` and a kernel packed by
 /// [`pack_kernel`] for `isa`'s tile, plus `bias`.
 ///
-/// Panics unless `g` [`suits`] the direct path and the slices match it.
+/// Panics unless `g` [`fits`] the direct path and the slices match it.
 pub(super) fn forward_image(isa: Isa, g: &Geometry, image: &[f32], panels: &[f32], bias: Option<&[f32]>, out: &mut [f32], parallel: bool) {
     let (_, nr) = isa.tile();
     let mut planes = Vec::new();
@@ -241,7 +253,7 @@ fn fill_plane_rows<W: Send>(g: &Geometry, plan: &Plan, planes: &mut [W], paralle
 /// In bf16 (mixed precision) the planes are rounded once per image and read in place as pairs
 /// along the columns, `Gᵀ` is rounded as it is packed; the sums are f32.
 ///
-/// Panics unless `g` [`suits`] the direct path in f32 and the slices match it.
+/// Panics unless `g` [`fits`] the direct path and the slices match it.
 pub(super) fn kernel_gradient(g: &Geometry, input: &[f32], grad_output: &[f32], precision: Precision) -> Vec<f32> {
     let isa = gemm::isa();
     let plan = Plan::new(g, isa.tile().1);
