@@ -295,8 +295,20 @@ fn pack_a(a: &MatRef, k0: usize, kc: usize, m0: usize, mc: usize, mr: usize, out
                     chunk[kk * mr + i] = value;
                 }
             }
-            for column in chunk.chunks_exact_mut(mr) {
-                column[height..].fill(0.0);
+            if height < mr {
+                for column in chunk.chunks_exact_mut(mr) {
+                    column[height..].fill(0.0);
+                }
+            }
+            continue;
+        }
+        if a.row_stride == 1 && height == mr {
+            // A transposed row-major matrix, a whole panel: `kc` runs of `mr` values.
+            let start = k0 * a.col_stride + first;
+            match mr {
+                6 => copy_runs::<6>(&a.data[start..], a.col_stride, chunk),
+                12 => copy_runs::<12>(&a.data[start..], a.col_stride, chunk),
+                _ => chunk.chunks_exact_mut(mr).enumerate().for_each(|(kk, column)| column.copy_from_slice(&a.data[start + kk * a.col_stride..][..mr])),
             }
             continue;
         }
@@ -1065,12 +1077,17 @@ pub(crate) mod tests {
 
     /// `A · B` at one level, with A packed once and as a view, B as a view and packed once,
     /// overwriting and accumulating, on one thread and on all.
-    fn check(m: usize, k: usize, n: usize, isa: Isa) {
+    /// With `transposed`, A is column-major and B row-major (each packing path's other branch).
+    fn check(m: usize, k: usize, n: usize, isa: Isa, transposed: bool) {
         let a_data = values(m * k + 3, 1);
         let b_data = values(k * n + 5, 2);
-        // A row-major with an offset; B read transposed from a column-major buffer.
-        let a = MatRef::new(&a_data[3..], m, k, k, 1).unwrap();
-        let b = MatRef::new(&b_data[5..], k, n, 1, k.max(1)).unwrap();
+        // A row-major with an offset; B read transposed from a column-major buffer (or the
+        // other way round).
+        let (a, b) = if transposed {
+            (MatRef::new(&a_data[3..], m, k, 1, m.max(1)).unwrap(), MatRef::new(&b_data[5..], k, n, n.max(1), 1).unwrap())
+        } else {
+            (MatRef::new(&a_data[3..], m, k, k, 1).unwrap(), MatRef::new(&b_data[5..], k, n, 1, k.max(1)).unwrap())
+        };
         let expected = reference(&a, &b);
         let packed_a = PackedA::with_isa(&a, isa);
         let packed_b = PackedB::with_isa(&b, isa);
@@ -1089,6 +1106,10 @@ pub(crate) mod tests {
             (ASource::InPlace(a), Init::Overwrite, true, false),
             (ASource::View(a), Init::Accumulate, false, false),
         ] {
+            // A is read in place only where it is row-major.
+            if transposed && matches!(source, ASource::InPlace(_)) {
+                continue;
+            }
             {
                 let ldc = n + 3;
                 // Accumulating into varied values (a direct add reading the wrong element of
@@ -1122,7 +1143,8 @@ pub(crate) mod tests {
     fn gemm_matches_f64_reference_on_odd_shapes_at_every_level() {
         for isa in Isa::all_supported() {
             for &(m, k, n) in &[(1, 1, 1), (0, 3, 4), (3, 0, 4), (5, 7, 0), (13, 300, 33), (25, 17, 65), (1, 513, 40), (241, 5, 31), (7, 260, 4100)] {
-                check(m, k, n, isa);
+                check(m, k, n, isa, false);
+                check(m, k, n, isa, true);
             }
         }
     }
@@ -1141,10 +1163,11 @@ pub(crate) mod tests {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("a thread pool");
         pool.install(|| {
             for isa in Isa::all_supported() {
-                check(9, 1100, 20, isa);
-                check(1, 2 * KC, 40, isa);
+                check(9, 1100, 20, isa, false);
+                check(1, 2 * KC, 40, isa, false);
                 // Whole tiles at every level, written where they lie in each share.
-                check(13, 1100, 40, isa);
+                check(13, 1100, 40, isa, false);
+                check(13, 1100, 40, isa, true);
             }
         });
     }
