@@ -204,8 +204,9 @@ fn lane_sum(len: usize, term: impl Fn(usize) -> f32) -> f32 {
     lanes.iter().sum::<f32>() + (len / 8 * 8..len).map(term).sum::<f32>()
 }
 
-/// `softmax(scale · row)` in place: subtract the maximum, exponentiate, divide by the sum, each
-/// pass vectorised (the maximum and the sum lane by lane).
+/// `softmax(scale · row)` in place: subtract the maximum, then exponentiate and sum in one
+/// pass, then multiply by the sum's inverse, each pass vectorised (the maximum and the sum lane
+/// by lane).
 pub(crate) fn softmax_row(isa: Isa, row: &mut [f32], scale: f32) {
     dispatch!(isa, fn softmax(row: &mut [f32], scale: f32) -> () {
         let mut lanes = [f32::NEG_INFINITY; 8];
@@ -218,9 +219,19 @@ pub(crate) fn softmax_row(isa: Isa, row: &mut [f32], scale: f32) {
         let max = lanes.into_iter().chain(rest.iter().map(|&v| v * scale)).fold(f32::NEG_INFINITY, f32::max);
         // A row of -inf (all masked) stays finite: exp(-inf - -inf) would be NaN.
         let shift = if max == f32::NEG_INFINITY { 0.0 } else { max };
-        row.iter_mut().for_each(|v| *v = exp(*v * scale - shift));
-        let sum = lane_sum(row.len(), |i| row[i]);
-        row.iter_mut().for_each(|v| *v /= sum);
+        // Exponentiate and sum in one pass, in the eight lanes `lane_sum` would use.
+        let mut lanes = [0f32; 8];
+        let (chunks, rest) = row.as_chunks_mut::<8>();
+        for chunk in chunks {
+            for (lane, v) in lanes.iter_mut().zip(chunk) {
+                *v = exp(*v * scale - shift);
+                *lane += *v;
+            }
+        }
+        rest.iter_mut().for_each(|v| *v = exp(*v * scale - shift));
+        let sum = lanes.iter().sum::<f32>() + rest.iter().sum::<f32>();
+        let inverse = 1.0 / sum;
+        row.iter_mut().for_each(|v| *v *= inverse);
     })
 }
 
