@@ -785,9 +785,9 @@ fn gemm_block(isa: Isa, c: COut, m0: usize, a: ASource, b: &impl PackB, init: In
                             _ => (&a_block[ip * kc * mr..(ip + 1) * kc * mr], None),
                         };
                         assert!(panel_of_a.len() >= lda.map_or(kc * mr, |lda| (mr - 1) * lda + kc) && b_panel.len() >= kc * nr, "gemm: panel sizes");
-                        // A whole tile of C whose sums need no bias is written (or added to)
-                        // where it lies; others go through the tile buffer.
-                        let direct = height == mr && width == nr && (k0 > 0 || matches!(init, Init::Overwrite | Init::Accumulate));
+                        // A whole tile of C is written (or added to) where it lies, a bias then
+                        // added to it while it is in L1; partial tiles go through the tile buffer.
+                        let direct = height == mr && width == nr;
                         let out = if direct {
                             c.tile_out(i, j, mr, nr, k0 > 0 || matches!(init, Init::Accumulate))
                         } else {
@@ -808,10 +808,27 @@ fn gemm_block(isa: Isa, c: COut, m0: usize, a: ASource, b: &impl PackB, init: In
                         }
                         if !direct {
                             store_tile(&c, i, j, height, width, &tile, nr, init, k0 == 0);
+                        } else if k0 == 0 {
+                            add_bias(&c, i, j, mr, nr, init);
                         }
                     }
                 }
             }
+        }
+    }
+}
+
+/// Adds `init`'s bias (if it has one) to the `height × width` block of `c` at `(i, j)`: a
+/// whole tile the kernel wrote where it lies. The sums are the same as the tile buffer's
+/// `bias + sum` (one rounded addition either way).
+fn add_bias(c: &COut, i: usize, j: usize, height: usize, width: usize, init: Init) {
+    for r in 0..height {
+        // SAFETY: `c` is this thread's part of C (see `COut`), written by no one else.
+        let row = unsafe { c.row(i + r, j, width) };
+        match init {
+            Init::RowBias(bias) => row.iter_mut().for_each(|c| *c += bias[i + r]),
+            Init::ColumnBias(bias) => row.iter_mut().zip(&bias[j..j + width]).for_each(|(c, b)| *c += b),
+            Init::Overwrite | Init::Accumulate => return,
         }
     }
 }
