@@ -222,12 +222,7 @@ impl PackB for MatRef<'_> {
             let width = nr.min(n0 + nc - first);
             if self.col_stride == 1 && width == nr {
                 // Row-major, a whole panel: `kc` runs of `nr` values, one row apart.
-                let start = k0 * self.row_stride + first;
-                match nr {
-                    16 => copy_runs::<16>(&self.data[start..], self.row_stride, chunk),
-                    32 => copy_runs::<32>(&self.data[start..], self.row_stride, chunk),
-                    _ => chunk.chunks_exact_mut(nr).enumerate().for_each(|(kk, row)| row.copy_from_slice(&self.data[start + kk * self.row_stride..][..nr])),
-                }
+                copy_runs(&self.data[k0 * self.row_stride + first..], self.row_stride, nr, chunk);
                 continue;
             }
             for (kk, row) in chunk.chunks_exact_mut(nr).enumerate() {
@@ -271,10 +266,22 @@ impl PackB for MatRef<'_> {
     }
 }
 
-/// `dst`'s rows of `N` values from `src`, one run of `N` every `stride` values. `N` fixed, so
-/// that each run is a few vector moves: with the width a variable, each was a call to `memmove`
-/// (a tenth of a 1×1 convolution's time).
-fn copy_runs<const N: usize>(src: &[f32], stride: usize, dst: &mut [f32]) {
+/// `dst`'s rows of `len` values from `src`, one run of `len` every `stride` values: a whole
+/// panel of a row-major `B` (`len` = NR) or of a column-major `A` (`len` = MR). The tiles'
+/// widths are copied as fixed runs, a few vector moves each: with the width a variable, each
+/// run was a call to `memmove` (a tenth of a 1×1 convolution's time).
+fn copy_runs(src: &[f32], stride: usize, len: usize, dst: &mut [f32]) {
+    match len {
+        6 => copy_fixed_runs::<6>(src, stride, dst),
+        12 => copy_fixed_runs::<12>(src, stride, dst),
+        16 => copy_fixed_runs::<16>(src, stride, dst),
+        32 => copy_fixed_runs::<32>(src, stride, dst),
+        _ => dst.chunks_exact_mut(len.max(1)).enumerate().for_each(|(k, row)| row.copy_from_slice(&src[k * stride..][..row.len()])),
+    }
+}
+
+/// [`copy_runs`] with the run's length fixed.
+fn copy_fixed_runs<const N: usize>(src: &[f32], stride: usize, dst: &mut [f32]) {
     for (k, row) in dst.chunks_exact_mut(N).enumerate() {
         let run: &[f32; N] = src[k * stride..][..N].try_into().expect("N values");
         row.copy_from_slice(run);
@@ -304,12 +311,7 @@ fn pack_a(a: &MatRef, k0: usize, kc: usize, m0: usize, mc: usize, mr: usize, out
         }
         if a.row_stride == 1 && height == mr {
             // A transposed row-major matrix, a whole panel: `kc` runs of `mr` values.
-            let start = k0 * a.col_stride + first;
-            match mr {
-                6 => copy_runs::<6>(&a.data[start..], a.col_stride, chunk),
-                12 => copy_runs::<12>(&a.data[start..], a.col_stride, chunk),
-                _ => chunk.chunks_exact_mut(mr).enumerate().for_each(|(kk, column)| column.copy_from_slice(&a.data[start + kk * a.col_stride..][..mr])),
-            }
+            copy_runs(&a.data[k0 * a.col_stride + first..], a.col_stride, mr, chunk);
             continue;
         }
         for (kk, column) in chunk.chunks_exact_mut(mr).enumerate() {
