@@ -17,6 +17,7 @@ use gemm_bf16::{ABf16, Bf16Matrix, TransposedWeight};
 pub mod attention;
 pub mod checkpoint;
 pub mod conv;
+mod conv_blocked;
 mod conv_direct;
 mod fused;
 pub mod gemm;
