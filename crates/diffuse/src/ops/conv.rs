@@ -596,7 +596,7 @@ pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32], precisi
     if g.batch * g.input_len() == 0 || out_hw == 0 {
         return vec![0f32; g.batch * g.input_len()];
     }
-    if let Some(transposed) = conv_direct::input_gradient_geometry(g).filter(|t| conv_direct::suits(t, precision == Precision::Bf16)) {
+    if let Some(transposed) = conv_direct::input_gradient_geometry(g).filter(|t| conv_direct::suits(t, precision == Precision::Bf16) || (precision == Precision::F32 && conv_blocked::suits(t, gemm::isa()))) {
         // Stride 1 over wide rows: a direct forward convolution of the output's gradient, with
         // no column buffer to scatter back. (Small images measured slower that way than
         // through col2im.)
@@ -928,6 +928,9 @@ mod tests {
         // depth block (several bands in the tests).
         (2, 3, 5, 32, 13, 3, 1, 1),
         (1, 130, 3, 16, 7, 3, 1, 1),
+        // Channel-blocked on AVX2 (8 channels or more, 64 positions or more), forward and
+        // (transposed) backward.
+        (2, 9, 9, 8, 10, 3, 1, 1),
         // Small images, convolved several at a time (GROUP_COLUMNS is 40 in the tests):
         // groups of 3 and 2, of 2 and 1; pointwise, of 2 and 1; no output channel.
         (5, 3, 4, 4, 4, 3, 1, 1),
@@ -1049,7 +1052,7 @@ mod tests {
         let cases = [(1, 8, 5, 7, 5, 3, 1), (3, 13, 9, 4, 33, 3, 1), (1, 16, 1, 1, 40, 3, 1), (1, 20, 6, 11, 64, 5, 2), (2, 9, 30, 17, 70, 3, 0), (1, 24, 40, 3, 7, 2, 0), (4, 300, 3, 4, 13, 3, 1), (1, 8, 70, 90, 3, 3, 1)];
         for (batch, in_channels, height, width, out_channels, k, padding) in cases {
             let g = Geometry { batch, in_channels, height, width, out_channels, kernel_h: k, kernel_w: k, stride: 1, padding };
-            assert!(conv_blocked::suits(&g, Isa::Avx2), "{g:?}");
+            assert!(conv_blocked::runs(&g, Isa::Avx2), "{g:?}");
             let input = values(g.batch * g.input_len(), 1);
             let weight = values(g.out_channels * g.patch_len(), 2);
             let bias = values(g.out_channels, 7);

@@ -34,18 +34,25 @@ const CHUNK: usize = 86 * POSITIONS;
 /// blocks) adds little to the peak memory. (Tiny in the unit tests: several bands.)
 const BAND_BYTES: usize = if cfg!(test) { 4 << 10 } else { 16 << 20 };
 
-/// Whether the blocked path runs `g` on `isa`: AVX2 (the only kernel so far), stride 1, a
-/// kernel wider than 1×1 (a 1×1 convolution is a plain GEMM), enough input channels to fill
-/// the blocks, and either large images or a kernel that stays in cache: every chunk of
-/// [`CHUNK`] positions reads all of its group's weights, so that small images with a large
-/// kernel wait on memory (SD 1.5's 1,280 channels at 16×16, 59 MB of kernel: 1.3× slower than
-/// the packed path; 640 at 32×32, 15 MB: even; 320 at 64×64 and the VAE's 128–512 channels
-/// at 64×64 to 512×512: 1.03–1.15× faster on Zen 2; a training batch's 64–256 channels at 8×8
-/// to 32×32: even to 1.1× faster).
+/// Whether the blocked path suits `g` on `isa`: it [`runs`] it, on images of 8×8 positions or
+/// more (at 4×4 the packed path, which takes several images per product, is 1.05× faster),
+/// and either large images or a kernel that stays in cache: every chunk of [`CHUNK`]
+/// positions reads all of its group's weights, so that small images with a large kernel wait
+/// on memory (SD 1.5's 1,280 channels at 16×16, 59 MB of kernel: 1.3× slower than the packed
+/// path; 640 at 32×32, 15 MB: even; 320 at 64×64 and the VAE's 128–512 channels at 64×64 to
+/// 512×512: 1.03–1.2× faster on Zen 2; a training batch's 64–256 channels at 8×8 to 32×32:
+/// even to 1.1× faster).
 pub(super) fn suits(g: &Geometry, isa: Isa) -> bool {
-    let fits = isa == Isa::Avx2 && g.stride == 1 && g.kernel_w > 1 && g.in_channels >= CHANNELS && g.kernel_w <= g.width + 2 * g.padding && g.kernel_h <= g.height + 2 * g.padding;
     let kernel_bytes = g.out_channels * g.in_channels * g.kernel_h * g.kernel_w * 4;
-    fits && (g.out_height() * g.out_width() >= 64 * 64 || kernel_bytes <= 4 << 20)
+    let positions = g.out_height() * g.out_width();
+    runs(g, isa) && positions >= 64 && (positions >= 64 * 64 || kernel_bytes <= 4 << 20)
+}
+
+/// Whether the blocked path can run `g` on `isa`: AVX2 (the only kernel so far) on a CPU that
+/// has it, stride 1, a kernel wider than 1×1 (a 1×1 convolution is a plain GEMM) that fits the
+/// padded image, and enough input channels to fill a block.
+pub(super) fn runs(g: &Geometry, isa: Isa) -> bool {
+    isa == Isa::Avx2 && isa.is_supported() && g.stride == 1 && g.kernel_w > 1 && g.in_channels >= CHANNELS && g.kernel_w <= g.width + 2 * g.padding && g.kernel_h <= g.height + 2 * g.padding
 }
 
 /// The kernel `[C_out, C_in, kh, kw]` as the micro-kernel reads it: for each group of 32 output
@@ -74,9 +81,9 @@ pub(super) fn pack_kernel(g: &Geometry, weight: &[f32]) -> Vec<f32> {
 /// [`pack_kernel`], plus `bias`. Images are shared over the threads when there are enough of
 /// them; otherwise each image's groups of output channels and rows are.
 ///
-/// Panics unless `g` [`suits`] the path on `isa` and the slices match it.
+/// Panics unless the path [`runs`] `g` on `isa` and the slices match it.
 pub(super) fn forward(isa: Isa, g: &Geometry, input: &[f32], packed: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-    assert!(suits(g, isa), "conv2d: the blocked path does not run {g:?}");
+    assert!(runs(g, isa), "conv2d: the blocked path does not run {g:?}");
     let (in_len, out_len) = (g.in_channels * g.height * g.width, g.out_channels * g.out_height() * g.out_width());
     assert!(input.len() == g.batch * in_len && bias.is_none_or(|b| b.len() == g.out_channels), "conv2d: operand sizes");
     assert_eq!(packed.len(), g.out_channels.div_ceil(OUT_CHANNELS) * g.in_channels.div_ceil(CHANNELS) * g.kernel_h * g.kernel_w * CHANNELS * OUT_CHANNELS);
@@ -255,12 +262,12 @@ fn block_product(isa: Isa, taps: &[usize], input: &[f32], starts: &[usize], weig
     );
     for (sums, starts) in sums.chunks_exact_mut(POSITIONS * OUT_CHANNELS).zip(starts.chunks_exact(POSITIONS)) {
         match isa {
-            // SAFETY: `suits` admits only AVX2, chosen because this CPU has it (`gemm::isa`);
+            // SAFETY: `runs` admits only AVX2, chosen because this CPU has it (`gemm::isa`);
             // the assertion covers every read (each position's 8 channels at each tap, the
             // block's weights) and write (3 positions' 32 sums).
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { x86::kernel_avx2(taps, std::array::from_fn(|j| input.as_ptr().add(starts[j])), weights.as_ptr(), sums.as_mut_ptr()) },
-            _ => unreachable!("the blocked path runs on AVX2 only (`suits`)"),
+            _ => unreachable!("the blocked path runs on AVX2 only (`runs`)"),
         }
     }
 }
