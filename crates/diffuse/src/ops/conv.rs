@@ -680,6 +680,9 @@ pub fn backward_weight(g: &Geometry, input: &[f32], grad_output: &[f32], precisi
     if weight_len == 0 {
         return Vec::new();
     }
+    if precision == Precision::F32 && conv_blocked::suits_kernel_gradient(g, gemm::isa()) {
+        return conv_blocked::kernel_gradient(gemm::isa(), g, input, grad_output);
+    }
     if conv_direct::input_gradient_geometry(g).is_some() && conv_direct::suits_kernel_gradient(g, false) {
         return conv_direct::kernel_gradient(g, input, grad_output, precision);
     }
@@ -1061,6 +1064,53 @@ mod tests {
             for (i, (a, b)) in got.iter().zip(reference(&g, &input, &weight)).enumerate() {
                 let want = b + bias[(i / plane) % g.out_channels] as f64;
                 assert!((*a as f64 - want).abs() < 1e-4, "{g:?} at {i}: {a} vs {want}");
+            }
+        }
+    }
+
+    /// The blocked kernel gradient against its definition (in f64): channel counts that fill
+    /// no block or group, a last call short of (kernel position, channel) pairs (2×2 and 5×5
+    /// kernels), images with more positions than a chunk, one image (threads over groups) and
+    /// several (threads over images).
+    #[test]
+    fn blocked_kernel_gradient_matches_the_definition() {
+        use super::super::gemm::Isa;
+        if !Isa::Avx2.is_supported() {
+            return;
+        }
+        // batch, c_in, h, w, c_out, k, padding
+        let cases = [(1, 8, 9, 8, 5, 3, 1), (3, 13, 8, 9, 33, 3, 1), (2, 20, 10, 11, 64, 5, 2), (1, 9, 30, 17, 70, 3, 0), (4, 24, 9, 9, 7, 2, 0), (2, 16, 16, 16, 32, 3, 1)];
+        for (batch, in_channels, height, width, out_channels, k, padding) in cases {
+            let g = Geometry { batch, in_channels, height, width, out_channels, kernel_h: k, kernel_w: k, stride: 1, padding };
+            assert!(conv_blocked::suits_kernel_gradient(&g, Isa::Avx2), "{g:?}");
+            let input = values(g.batch * g.input_len(), 1);
+            let grad_output = values(g.batch * g.output_len(), 3);
+            let got = conv_blocked::kernel_gradient(Isa::Avx2, &g, &input, &grad_output);
+            let (out_h, out_w) = (g.out_height(), g.out_width());
+            let mut want = vec![0f64; got.len()];
+            for b in 0..g.batch {
+                for o in 0..g.out_channels {
+                    for c in 0..g.in_channels {
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let mut sum = 0f64;
+                                for oy in 0..out_h {
+                                    for ox in 0..out_w {
+                                        let (y, x) = ((oy + ky).wrapping_sub(padding), (ox + kx).wrapping_sub(padding));
+                                        if y < height && x < width {
+                                            let grad = grad_output[((b * g.out_channels + o) * out_h + oy) * out_w + ox] as f64;
+                                            sum += grad * input[((b * in_channels + c) * height + y) * width + x] as f64;
+                                        }
+                                    }
+                                }
+                                want[((o * in_channels + c) * k + ky) * k + kx] += sum;
+                            }
+                        }
+                    }
+                }
+            }
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!((*a as f64 - b).abs() < 1e-3, "{g:?} at {i}: {a} vs {b}");
             }
         }
     }
