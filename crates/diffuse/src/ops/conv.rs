@@ -931,9 +931,9 @@ mod tests {
         // depth block (several bands in the tests).
         (2, 3, 5, 32, 13, 3, 1, 1),
         (1, 130, 3, 16, 7, 3, 1, 1),
-        // Channel-blocked on AVX2 (8 channels or more, 64 positions or more), forward and
-        // (transposed) backward.
-        (2, 9, 9, 8, 10, 3, 1, 1),
+        // Channel-blocked on AVX2 (8 input channels or more, output channels filling 3/4 of a
+        // group of 32, 64 positions or more), forward and backward.
+        (2, 24, 9, 8, 24, 3, 1, 1),
         // Small images, convolved several at a time (GROUP_COLUMNS is 40 in the tests):
         // groups of 3 and 2, of 2 and 1; pointwise, of 2 and 1; no output channel.
         (5, 3, 4, 4, 4, 3, 1, 1),
@@ -1052,7 +1052,7 @@ mod tests {
             return;
         }
         // batch, c_in, h, w, c_out, k, padding
-        let cases = [(1, 8, 5, 7, 5, 3, 1), (3, 13, 9, 4, 33, 3, 1), (1, 16, 1, 1, 40, 3, 1), (1, 20, 6, 11, 64, 5, 2), (2, 9, 30, 17, 70, 3, 0), (1, 24, 40, 3, 7, 2, 0), (4, 300, 3, 4, 13, 3, 1), (1, 8, 70, 90, 3, 3, 1)];
+        let cases = [(1, 8, 5, 7, 24, 3, 1), (3, 13, 9, 4, 56, 3, 1), (1, 16, 1, 1, 24, 3, 1), (1, 20, 6, 11, 64, 5, 2), (2, 9, 30, 17, 88, 3, 0), (1, 24, 40, 3, 30, 2, 0), (4, 300, 3, 4, 24, 3, 1), (1, 8, 70, 90, 32, 3, 1)];
         for (batch, in_channels, height, width, out_channels, k, padding) in cases {
             let g = Geometry { batch, in_channels, height, width, out_channels, kernel_h: k, kernel_w: k, stride: 1, padding };
             assert!(conv_blocked::runs(&g, Isa::Avx2), "{g:?}");
@@ -1079,7 +1079,7 @@ mod tests {
             return;
         }
         // batch, c_in, h, w, c_out, k, padding
-        let cases = [(1, 8, 9, 8, 5, 3, 1), (3, 13, 8, 9, 33, 3, 1), (2, 20, 10, 11, 64, 5, 2), (1, 9, 30, 17, 70, 3, 0), (4, 24, 9, 9, 7, 2, 0), (2, 16, 16, 16, 32, 3, 1)];
+        let cases = [(1, 8, 9, 8, 24, 3, 1), (3, 13, 8, 9, 56, 3, 1), (2, 20, 10, 11, 64, 5, 2), (1, 9, 30, 17, 88, 3, 0), (4, 24, 9, 9, 30, 2, 0), (2, 16, 16, 16, 32, 3, 1)];
         for (batch, in_channels, height, width, out_channels, k, padding) in cases {
             let g = Geometry { batch, in_channels, height, width, out_channels, kernel_h: k, kernel_w: k, stride: 1, padding };
             assert!(conv_blocked::suits_kernel_gradient(&g, Isa::Avx2), "{g:?}");

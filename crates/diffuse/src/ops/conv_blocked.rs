@@ -50,9 +50,12 @@ pub(super) fn suits(g: &Geometry, isa: Isa) -> bool {
 
 /// Whether the blocked path can run `g` on `isa`: AVX2 (the only kernel so far) on a CPU that
 /// has it, stride 1, a kernel wider than 1×1 (a 1×1 convolution is a plain GEMM) that fits the
-/// padded image, and enough input channels to fill a block.
+/// padded image, enough input channels to fill a block, and output channels that fill at least
+/// three quarters of their groups of 32 (a model's last convolution, to 1 channel, would
+/// compute 32).
 pub(super) fn runs(g: &Geometry, isa: Isa) -> bool {
-    isa == Isa::Avx2 && isa.is_supported() && g.stride == 1 && g.kernel_w > 1 && g.in_channels >= CHANNELS && g.kernel_w <= g.width + 2 * g.padding && g.kernel_h <= g.height + 2 * g.padding
+    let channels_fill_groups = g.out_channels * 4 >= g.out_channels.div_ceil(OUT_CHANNELS) * OUT_CHANNELS * 3;
+    isa == Isa::Avx2 && isa.is_supported() && g.stride == 1 && g.kernel_w > 1 && g.in_channels >= CHANNELS && channels_fill_groups && g.kernel_w <= g.width + 2 * g.padding && g.kernel_h <= g.height + 2 * g.padding
 }
 
 /// The kernel `[C_out, C_in, kh, kw]` as the micro-kernel reads it: for each group of 32 output
