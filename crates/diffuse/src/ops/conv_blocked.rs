@@ -82,7 +82,7 @@ pub(super) fn pack_kernel(g: &Geometry, weight: &[f32]) -> Vec<f32> {
 
 /// `output[N, C_out, H_out, W_out]` of `input[N, C_in, H, W]` and a kernel packed by
 /// [`pack_kernel`], plus `bias`. Images are shared over the threads when there are enough of
-/// them; otherwise each image's groups of output channels and rows are.
+/// them; otherwise each image's groups of output channels and ranges of positions are.
 ///
 /// Panics unless the path [`runs`] `g` on `isa` and the slices match it.
 pub(super) fn forward(isa: Isa, g: &Geometry, input: &[f32], packed: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
@@ -290,10 +290,10 @@ fn gradient_group(isa: Isa, g: &Geometry, blocked: &[f32], grad: &[f32], group: 
     let mut starts = vec![0usize; GRADIENT_CHUNK];
     for first in (0..positions).step_by(GRADIENT_CHUNK) {
         let len = GRADIENT_CHUNK.min(positions - first);
-        for (v, channels) in channels.clone().collect::<Vec<_>>().chunks(CHANNELS).enumerate() {
-            let sources: Vec<&[f32]> = channels.iter().map(|&o| &grad[o * positions + first..][..len]).collect();
-            let mut rows: Vec<&mut [f32]> = transposed.chunks_exact_mut(OUT_CHANNELS).take(len).map(|row| &mut row[v * CHANNELS..(v + 1) * CHANNELS]).collect();
-            read_transposed(isa, &sources, &mut rows);
+        for v in (channels.start..channels.end).step_by(CHANNELS) {
+            let count = (channels.end - v).min(CHANNELS);
+            let sources: [&[f32]; CHANNELS] = std::array::from_fn(|j| &grad[(v + j.min(count - 1)) * positions + first..][..len]);
+            read_transposed(isa, &sources[..count], &mut transposed[v - channels.start..], OUT_CHANNELS);
         }
         for (i, start) in starts[..len].iter_mut().enumerate() {
             let p = first + i;
@@ -357,9 +357,12 @@ fn fill_band(isa: Isa, g: &Geometry, image: &[f32], first_row: usize, rows: usiz
                 continue;
             };
             let inside = &mut row[g.padding * CHANNELS..(g.padding + g.width) * CHANNELS];
-            let sources: Vec<&[f32]> = (block * CHANNELS..(block * CHANNELS + CHANNELS).min(g.in_channels)).map(|c| &image[(c * g.height + y) * g.width..][..g.width]).collect();
-            let mut positions: Vec<&mut [f32]> = inside.chunks_exact_mut(CHANNELS).collect();
-            read_transposed(isa, &sources, &mut positions);
+            let channels = (g.in_channels - block * CHANNELS).min(CHANNELS);
+            let sources: [&[f32]; CHANNELS] = std::array::from_fn(|i| {
+                let c = block * CHANNELS + i.min(channels - 1);
+                &image[(c * g.height + y) * g.width..][..g.width]
+            });
+            read_transposed(isa, &sources[..channels], inside, CHANNELS);
         }
     };
     if parallel {
@@ -392,23 +395,26 @@ fn write_transposed(isa: Isa, values: &[f32], stride: usize, rows: &mut [&mut [f
     }
 }
 
-/// `positions[i][j] = sources[j][i]` for every source (at most 8) and position: rows of
-/// channels into positions of 8 channels (any past the sources' count keep their value).
-fn read_transposed(isa: Isa, sources: &[&[f32]], positions: &mut [&mut [f32]]) {
-    let len = positions.len();
-    assert!(sources.len() <= CHANNELS && sources.iter().all(|s| s.len() == len) && positions.iter().all(|p| p.len() == CHANNELS));
+/// `dst[i·stride + j] = sources[j][i]` for every source (at most 8, all as long) and index:
+/// rows of channels into positions of 8 channels `stride` apart (lanes past the sources'
+/// count keep their value), 8 × 8 blocks through registers.
+fn read_transposed(isa: Isa, sources: &[&[f32]], dst: &mut [f32], stride: usize) {
+    let len = sources.first().map_or(0, |s| s.len());
+    assert!(sources.len() <= CHANNELS && sources.iter().all(|s| s.len() == len) && stride >= CHANNELS && (len == 0 || dst.len() >= (len - 1) * stride + CHANNELS));
     let whole = if sources.len() == CHANNELS && isa == Isa::Avx2 { len / 8 * 8 } else { 0 };
     for i in (0..whole).step_by(8) {
-        // SAFETY: AVX2 is this CPU's; every source holds 8 values from `i` and every
-        // position 8 (the assertion, and `i + 8 <= len`); the positions are distinct slices.
+        let dst = dst[i * stride..].as_mut_ptr();
+        // SAFETY: AVX2 is this CPU's; every source holds 8 values from `i`, and `dst` 8 from
+        // each of `(i + k)·stride`, k < 8 (the assertion, and `i + 8 <= len`), runs that do
+        // not overlap (`stride >= 8`).
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            x86::transpose8(std::array::from_fn(|j| sources[j][i..].as_ptr()), std::array::from_fn(|k| positions[i + k].as_mut_ptr()))
+            x86::transpose8(std::array::from_fn(|j| sources[j][i..].as_ptr()), std::array::from_fn(|k| dst.add(k * stride)))
         };
     }
-    for (i, position) in positions.iter_mut().enumerate().skip(whole) {
+    for i in whole..len {
         for (j, source) in sources.iter().enumerate() {
-            position[j] = source[i];
+            dst[i * stride + j] = source[i];
         }
     }
 }
