@@ -757,7 +757,17 @@ fn geometry(input: &Layout, weight: &Layout, stride: usize, padding: usize) -> c
     if weight_in != in_channels {
         candle_core::bail!("conv2d: the input has {in_channels} channels, the kernel expects {weight_in}");
     }
-    if height + 2 * padding < kernel_h || width + 2 * padding < kernel_w || stride == 0 {
+    // The padded input's size bounds every buffer the paths make from it (padded planes,
+    // blocked copies): refuse one that could not be held, rather than overflow.
+    let padded = |size: usize| padding.checked_mul(2).and_then(|p| p.checked_add(size));
+    let (Some(padded_height), Some(padded_width)) = (padded(height), padded(width)) else {
+        candle_core::bail!("conv2d: padding {padding} makes the {height}×{width} input too large");
+    };
+    let padded_len = padded_height.checked_mul(padded_width).and_then(|n| n.checked_mul(in_channels.max(1))).and_then(|n| n.checked_mul(batch.max(1)));
+    if padded_len.is_none_or(|len| len > isize::MAX as usize / 8) {
+        candle_core::bail!("conv2d: padding {padding} makes the {height}×{width} input too large");
+    }
+    if padded_height < kernel_h || padded_width < kernel_w || stride == 0 {
         candle_core::bail!("conv2d: a {kernel_h}×{kernel_w} kernel does not fit a {height}×{width} input padded by {padding}");
     }
     Ok(Geometry { batch, in_channels, height, width, out_channels, kernel_h, kernel_w, stride, padding })
@@ -1169,6 +1179,20 @@ mod tests {
                     assert!((*a as f64 - b).abs() < 1e-5, "{g:?} {precision:?}: the {what} gradient is {a}, the definition gives {b}");
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// A padding that would make the padded input larger than memory is refused with its
+    /// value, not overflowed.
+    #[test]
+    fn absurd_padding_is_refused() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let input = Tensor::ones((1, 2, 4, 4), candle_core::DType::F32, &dev)?;
+        let weight = Tensor::ones((3, 2, 3, 3), candle_core::DType::F32, &dev)?;
+        for padding in [usize::MAX / 2, 1 << 40] {
+            let error = input.apply_op2_no_bwd(&weight, &Conv2d { stride: 1, padding, bias: None, precision: Precision::F32 }).expect_err("refused");
+            assert!(error.to_string().contains(&format!("padding {padding}")), "{error}");
         }
         Ok(())
     }
