@@ -10,9 +10,10 @@
 //! rows read zero-padded copies of the input's planes where they lie (`ops::conv_direct`). The backward
 //! pass is the same algebra transposed, with a column buffer of a band of rows:
 //! `grad_weight += grad_output · colᵀ`, `grad_col = weightᵀ · grad_output` (`weightᵀ` packed
-//! once per call), scattered back to the input (col2im); for wide stride-1 images the input's
-//! gradient is a direct forward convolution of the output's gradient instead (the kernel
-//! flipped, its channels swapped: `conv_direct::input_gradient_geometry`). Small images (a
+//! once per call), scattered back to the input (col2im); for stride-1 images that a direct path
+//! suits, the input's gradient is a forward convolution of the output's gradient instead (the
+//! kernel flipped, its channels swapped: `conv_direct::input_gradient_geometry`), and on AVX2
+//! the kernel's gradient is summed on the channel-blocked input (`conv_blocked`). Small images (a
 //! small UNet's 8×8 and 4×4 latents) are taken several at a time for the forward product and
 //! the kernel's gradient, their columns side by side, so that each product is wide and deep
 //! enough for the micro-kernel ([`GROUP_COLUMNS`]), and their patches are read from padded
@@ -597,9 +598,9 @@ pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32], precisi
         return vec![0f32; g.batch * g.input_len()];
     }
     if let Some(transposed) = conv_direct::input_gradient_geometry(g).filter(|t| conv_direct::suits(t, precision == Precision::Bf16) || (precision == Precision::F32 && conv_blocked::suits(t, gemm::isa()))) {
-        // Stride 1 over wide rows: a direct forward convolution of the output's gradient, with
-        // no column buffer to scatter back. (Small images measured slower that way than
-        // through col2im.)
+        // Stride 1, over wide rows or channel-blocked: a direct forward convolution of the
+        // output's gradient, with no column buffer to scatter back. (Small images measured
+        // slower that way than through col2im on the planes of `conv_direct`.)
         let kernel = conv_direct::input_gradient_kernel(g, weight);
         return match precision {
             Precision::F32 => forward(&transposed, grad_output, &kernel, None),
