@@ -445,6 +445,21 @@ mod x86 {
     use super::{CHANNELS, OUT_CHANNELS, POSITIONS};
     use std::arch::x86_64::*;
 
+    /// The step both kernels repeat, 12 multiply-adds: `acc[j][v] += b[j] · w[8v..8v + 8]` for
+    /// 3 broadcasts and 4 vectors loaded from `w`. (A macro, so that it compiles inside each
+    /// kernel's target features.)
+    macro_rules! multiply_add {
+        ($acc:ident, $b:expr, $w:expr) => {
+            let b: [__m256; POSITIONS] = $b;
+            for v in 0..4 {
+                let wv = _mm256_loadu_ps($w.add(v * 8));
+                for j in 0..POSITIONS {
+                    $acc[j][v] = _mm256_fmadd_ps(b[j], wv, $acc[j][v]);
+                }
+            }
+        };
+    }
+
     /// The AVX2 + FMA micro-kernel: 3 positions × 4 vectors of 8 output channels, summed over
     /// the taps and the block's 8 channels and added to `sums`.
     ///
@@ -467,15 +482,7 @@ mod x86 {
         for &tap in taps {
             let [x0, x1, x2] = inputs.map(|x| x.add(tap));
             for i in 0..channels {
-                let b0 = _mm256_broadcast_ss(&*x0.add(i));
-                let b1 = _mm256_broadcast_ss(&*x1.add(i));
-                let b2 = _mm256_broadcast_ss(&*x2.add(i));
-                for v in 0..4 {
-                    let wv = _mm256_loadu_ps(w.add(v * 8));
-                    acc[0][v] = _mm256_fmadd_ps(b0, wv, acc[0][v]);
-                    acc[1][v] = _mm256_fmadd_ps(b1, wv, acc[1][v]);
-                    acc[2][v] = _mm256_fmadd_ps(b2, wv, acc[2][v]);
-                }
+                multiply_add!(acc, [x0, x1, x2].map(|x| _mm256_broadcast_ss(&*x.add(i))), w);
                 w = w.add(OUT_CHANNELS);
             }
         }
@@ -534,15 +541,7 @@ mod x86 {
         let [o0, o1, o2] = offsets.map(|o| input.add(o));
         let mut g = grad;
         for &start in starts {
-            let b0 = _mm256_broadcast_ss(&*o0.add(start));
-            let b1 = _mm256_broadcast_ss(&*o1.add(start));
-            let b2 = _mm256_broadcast_ss(&*o2.add(start));
-            for v in 0..4 {
-                let gv = _mm256_loadu_ps(g.add(v * 8));
-                acc[0][v] = _mm256_fmadd_ps(b0, gv, acc[0][v]);
-                acc[1][v] = _mm256_fmadd_ps(b1, gv, acc[1][v]);
-                acc[2][v] = _mm256_fmadd_ps(b2, gv, acc[2][v]);
-            }
+            multiply_add!(acc, [o0, o1, o2].map(|x| _mm256_broadcast_ss(&*x.add(start))), g);
             g = g.add(OUT_CHANNELS);
         }
         for (j, acc) in acc.iter().enumerate() {
