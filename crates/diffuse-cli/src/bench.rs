@@ -172,6 +172,11 @@ fn report(what: &str, (times, warm_up): &(Vec<f64>, f64), profile: bool) {
             outln!("  {name:<30} {:>8.3}s per run {:>5.1}%  ({} calls per run{rate})", seconds / runs, 100.0 * seconds / total, calls as f64 / runs);
         }
         outln!("  {:<30} {:>8.3}s per run {:>5.1}%", "other (element-wise, copies)", (total - accounted).max(0.0) / runs, 100.0 * (total - accounted).max(0.0) / total);
+        let choices = diffuse::ops::profile::choices();
+        if !choices.is_empty() {
+            let listed: Vec<String> = choices.iter().map(|(name, calls)| format!("{name} {:.0}", *calls as f64 / runs)).collect();
+            outln!("  kernels chosen (calls per run): {}", listed.join(", "));
+        }
         diffuse::ops::profile::reset();
     }
 }

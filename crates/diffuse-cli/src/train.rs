@@ -552,6 +552,11 @@ fn run_training(args: TrainArgs) -> Result<()> {
             eprintln!("  {name:<30} {seconds:>8.2}s {:>5.1}%  ({calls} calls{rate})", 100.0 * seconds / total);
         }
         eprintln!("  {:<30} {:>8.2}s {:>5.1}%", "other", total - accounted, 100.0 * (total - accounted) / total);
+        let choices = diffuse::ops::profile::choices();
+        if !choices.is_empty() {
+            let listed: Vec<String> = choices.iter().map(|(name, calls)| format!("{name} {calls}")).collect();
+            eprintln!("  kernels chosen (calls): {}", listed.join(", "));
+        }
     }
     if let Some(dir) = summary.exported {
         outln!("{}", dir.display());

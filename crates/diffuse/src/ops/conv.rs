@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use half::bf16;
 
-use super::{conv_blocked, conv_direct};
+use super::{conv_blocked, conv_direct, profile};
 use super::gemm::{self, ASource, Columns, Init, MatRef, PackB, PackedA};
 use super::gemm_bf16::{gemm_bf16, gemm_in, ABf16, Bf16Matrix, RoundedB};
 use super::Precision;
@@ -513,13 +513,46 @@ impl PackB for TransposedPatches {
 /// Panics if the slices' lengths do not match the geometry.
 /// With `bias` (`[C_out]`), it is added as the product is written.
 pub fn forward(g: &Geometry, input: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    profile::count_choice(match path(g) {
+        Path::Blocked => "conv2d: blocked",
+        Path::Direct => "conv2d: direct",
+        Path::Packed => "conv2d: packed",
+    });
+    forward_on_path(g, input, weight, bias)
+}
+
+/// The ways a convolution (forward, or its input gradient as one) runs: `--profile` counts
+/// which one each call takes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Path {
+    /// `conv_blocked` (AVX2).
+    Blocked,
+    /// `conv_direct`'s planes.
+    Direct,
+    /// The implicit GEMM's packed patches.
+    Packed,
+}
+
+/// The path [`forward`] takes for `g` (f32).
+fn path(g: &Geometry) -> Path {
+    if conv_blocked::suits(g, gemm::isa()) {
+        Path::Blocked
+    } else if conv_direct::suits(g, false) {
+        Path::Direct
+    } else {
+        Path::Packed
+    }
+}
+
+/// [`forward`] without counting its path.
+fn forward_on_path(g: &Geometry, input: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let (out_hw, k) = (g.out_height() * g.out_width(), g.patch_len());
     assert!(weight.len() == g.out_channels * k, "conv2d: operand sizes");
     let isa = gemm::isa();
-    if conv_blocked::suits(g, isa) {
+    if path(g) == Path::Blocked {
         return conv_blocked::forward(isa, g, input, &conv_blocked::pack_kernel(g, weight), bias);
     }
-    if conv_direct::suits(g, false) {
+    if path(g) == Path::Direct {
         let panels = conv_direct::pack_kernel(g, weight, isa.tile().0);
         return forward_with(g, input, bias, 1, |out, image, _, _, parallel| conv_direct::forward_image(isa, g, image, &panels, bias, out, parallel));
     }
@@ -602,11 +635,16 @@ pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32], precisi
         // output's gradient, with no column buffer to scatter back. (Small images measured
         // slower that way than through col2im on the planes of `conv_direct`.)
         let kernel = conv_direct::input_gradient_kernel(g, weight);
+        profile::count_choice(match (precision, path(&transposed)) {
+            (Precision::F32, Path::Blocked) => "conv2d input gradient: blocked",
+            _ => "conv2d input gradient: direct",
+        });
         return match precision {
-            Precision::F32 => forward(&transposed, grad_output, &kernel, None),
+            Precision::F32 => forward_on_path(&transposed, grad_output, &kernel, None),
             Precision::Bf16 => forward_bf16(&transposed, grad_output, &kernel.iter().map(|&w| bf16::from_f32(w)).collect::<Vec<_>>(), None),
         };
     }
+    profile::count_choice("conv2d input gradient: packed");
     let mut grad_input = vec![0f32; g.batch * g.input_len()];
     let kernel_t = TransposedKernel::new(weight, g.out_channels, k, precision);
     // Small images whose whole column matrix fits the budget; others go band by band.
@@ -682,11 +720,14 @@ pub fn backward_weight(g: &Geometry, input: &[f32], grad_output: &[f32], precisi
         return Vec::new();
     }
     if precision == Precision::F32 && conv_blocked::suits_kernel_gradient(g, gemm::isa()) {
+        profile::count_choice("conv2d kernel gradient: blocked");
         return conv_blocked::kernel_gradient(gemm::isa(), g, input, grad_output);
     }
     if conv_direct::input_gradient_geometry(g).is_some() && conv_direct::suits_kernel_gradient(g, false) {
+        profile::count_choice("conv2d kernel gradient: direct");
         return conv_direct::kernel_gradient(g, input, grad_output, precision);
     }
+    profile::count_choice("conv2d kernel gradient: packed");
     let (in_len, out_len, group) = (g.input_len(), g.output_len(), g.images_per_group());
     let groups = g.batch.div_ceil(group);
     let (groups_parallel, product_parallel) = split(groups);

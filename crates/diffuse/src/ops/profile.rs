@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static TOTALS: Mutex<Vec<Total>> = Mutex::new(Vec::new());
+static CHOICES: Mutex<Vec<(&'static str, u64)>> = Mutex::new(Vec::new());
 
 /// One operation's totals.
 #[derive(Debug, Clone)]
@@ -34,6 +35,27 @@ pub fn reset() {
     if let Ok(mut totals) = TOTALS.lock() {
         totals.clear();
     }
+    if let Ok(mut choices) = CHOICES.lock() {
+        choices.clear();
+    }
+}
+
+/// Counts a call that ran on the kernel `name` (which of an operation's paths it took), when
+/// profiling is on: `--profile` lists the choices under its table.
+pub fn count_choice(name: &'static str) {
+    if ENABLED.load(Ordering::Relaxed) {
+        if let Ok(mut choices) = CHOICES.lock() {
+            match choices.iter_mut().find(|(choice, _)| *choice == name) {
+                Some((_, calls)) => *calls += 1,
+                None => choices.push((name, 1)),
+            }
+        }
+    }
+}
+
+/// Every kernel choice counted, with its calls, in the order first seen.
+pub fn choices() -> Vec<(&'static str, u64)> {
+    CHOICES.lock().map(|c| c.clone()).unwrap_or_default()
 }
 
 /// Every operation's totals, most expensive first.
