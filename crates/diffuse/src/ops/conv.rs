@@ -513,12 +513,13 @@ impl PackB for TransposedPatches {
 /// Panics if the slices' lengths do not match the geometry.
 /// With `bias` (`[C_out]`), it is added as the product is written.
 pub fn forward(g: &Geometry, input: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-    profile::count_choice(match path(g) {
+    let chosen = path(g);
+    profile::count_choice(match chosen {
         Path::Blocked => "conv2d: blocked",
         Path::Direct => "conv2d: direct",
         Path::Packed => "conv2d: packed",
     });
-    forward_on_path(g, input, weight, bias)
+    forward_on_path(g, chosen, input, weight, bias)
 }
 
 /// The ways a convolution (forward, or its input gradient as one) runs: `--profile` counts
@@ -544,17 +545,18 @@ fn path(g: &Geometry) -> Path {
     }
 }
 
-/// [`forward`] without counting its path.
-fn forward_on_path(g: &Geometry, input: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+/// [`forward`] on `path` (the one [`path`] chose for `g`), without counting it.
+fn forward_on_path(g: &Geometry, path: Path, input: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let (out_hw, k) = (g.out_height() * g.out_width(), g.patch_len());
     assert!(weight.len() == g.out_channels * k, "conv2d: operand sizes");
     let isa = gemm::isa();
-    if path(g) == Path::Blocked {
-        return conv_blocked::forward(isa, g, input, &conv_blocked::pack_kernel(g, weight), bias);
-    }
-    if path(g) == Path::Direct {
-        let panels = conv_direct::pack_kernel(g, weight, isa.tile().0);
-        return forward_with(g, input, bias, 1, |out, image, _, _, parallel| conv_direct::forward_image(isa, g, image, &panels, bias, out, parallel));
+    match path {
+        Path::Blocked => return conv_blocked::forward(isa, g, input, &conv_blocked::pack_kernel(g, weight), bias),
+        Path::Direct => {
+            let panels = conv_direct::pack_kernel(g, weight, isa.tile().0);
+            return forward_with(g, input, bias, 1, |out, image, _, _, parallel| conv_direct::forward_image(isa, g, image, &panels, bias, out, parallel));
+        }
+        Path::Packed => {}
     }
     // The kernel is read where it lies: packing it per call costs as much as it saves.
     let kernel = MatRef::row_major(weight, g.out_channels, k).expect("sizes checked");
@@ -630,17 +632,22 @@ pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32], precisi
     if g.batch * g.input_len() == 0 || out_hw == 0 {
         return vec![0f32; g.batch * g.input_len()];
     }
-    if let Some(transposed) = conv_direct::input_gradient_geometry(g).filter(|t| conv_direct::suits(t, precision == Precision::Bf16) || (precision == Precision::F32 && conv_blocked::suits(t, gemm::isa()))) {
-        // Stride 1, over wide rows or channel-blocked: a direct forward convolution of the
-        // output's gradient, with no column buffer to scatter back. (Small images measured
-        // slower that way than through col2im on the planes of `conv_direct`.)
+    // Stride 1, over wide rows or channel-blocked: a direct forward convolution of the output's
+    // gradient, with no column buffer to scatter back. (Small images measured slower that way
+    // than through col2im on the planes of `conv_direct`.)
+    let direct = conv_direct::input_gradient_geometry(g).and_then(|t| {
+        let chosen = match precision {
+            Precision::F32 => path(&t),
+            Precision::Bf16 if conv_direct::suits(&t, true) => Path::Direct,
+            Precision::Bf16 => Path::Packed,
+        };
+        (chosen != Path::Packed).then_some((t, chosen))
+    });
+    if let Some((transposed, chosen)) = direct {
         let kernel = conv_direct::input_gradient_kernel(g, weight);
-        profile::count_choice(match (precision, path(&transposed)) {
-            (Precision::F32, Path::Blocked) => "conv2d input gradient: blocked",
-            _ => "conv2d input gradient: direct",
-        });
+        profile::count_choice(if chosen == Path::Blocked { "conv2d input gradient: blocked" } else { "conv2d input gradient: direct" });
         return match precision {
-            Precision::F32 => forward_on_path(&transposed, grad_output, &kernel, None),
+            Precision::F32 => forward_on_path(&transposed, chosen, grad_output, &kernel, None),
             Precision::Bf16 => forward_bf16(&transposed, grad_output, &kernel.iter().map(|&w| bf16::from_f32(w)).collect::<Vec<_>>(), None),
         };
     }

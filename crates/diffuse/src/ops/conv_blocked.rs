@@ -169,11 +169,11 @@ fn forward_image(isa: Isa, g: &Geometry, image: &[f32], packed: &[f32], bias: Op
                 }
                 // The sums, transposed into the output's rows.
                 let at = first_row * out_w + first;
-                for (o, channels) in channels.clone().collect::<Vec<_>>().chunks(CHANNELS).enumerate() {
+                for first_channel in channels.clone().step_by(CHANNELS) {
                     // SAFETY: items write disjoint (channel group, position range) parts of
                     // the output.
-                    let mut rows = channels.iter().map(|&channel| unsafe { c.row(channel, at, len) }).collect::<Vec<_>>();
-                    write_transposed(isa, &sums[o * CHANNELS..], OUT_CHANNELS, &mut rows);
+                    let mut rows: Vec<&mut [f32]> = (first_channel..(first_channel + CHANNELS).min(channels.end)).map(|channel| unsafe { c.row(channel, at, len) }).collect();
+                    write_transposed(isa, &sums[first_channel - channels.start..], OUT_CHANNELS, &mut rows);
                 }
             }
         };
