@@ -10,6 +10,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
 use crate::Result;
 use gemm_bf16::{ABf16, Bf16Matrix, TransposedWeight};
@@ -393,7 +394,7 @@ fn group_norm_then(input: &Tensor, num_groups: usize, weight: &Tensor, bias: &Te
     if uses_kernels(input.device()) && dtype != DType::F64 {
         let f32_contiguous = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
         let (input, weight, bias) = (f32_contiguous(input)?, f32_contiguous(weight)?, f32_contiguous(bias)?);
-        let output = input.apply_op3(&weight, &bias, GroupNormCpu { num_groups, eps, silu })?;
+        let output = input.apply_op3(&weight, &bias, GroupNormCpu { num_groups, eps, silu, statistics: OnceLock::new() })?;
         return Ok(output.to_dtype(dtype)?);
     }
     group_norm_from_tensor_ops(input, num_groups, weight, bias, eps)
@@ -438,6 +439,9 @@ struct GroupNormCpu {
     eps: f64,
     /// Apply SiLU to the output (the backward pass then recomputes the norm's output).
     silu: bool,
+    /// Each (image, group)'s mean and 1/sqrt(variance + eps), kept by the forward pass for
+    /// the backward pass (which otherwise reads the input twice more to recompute them).
+    statistics: OnceLock<Vec<(f64, f64)>>,
 }
 
 impl CustomOp3 for GroupNormCpu {
@@ -476,22 +480,24 @@ impl CustomOp3 for GroupNormCpu {
             return Ok((CpuStorage::F32(output), input_layout.shape().clone()));
         }
         // Groups are independent: one task each, over all threads.
-        input.par_chunks_exact(group_len).zip(output.par_chunks_exact_mut(group_len)).enumerate().for_each(|(index, (source, destination))| {
-            let (mean, inverse_std) = self.statistics(source);
-            let first_channel = (index % self.num_groups) * channels_per_group;
-            for (offset, (source, destination)) in
-                source.chunks_exact(spatial).zip(destination.chunks_exact_mut(spatial)).enumerate()
-            {
-                let channel = first_channel + offset;
-                let (scale, shift) = scale_and_shift(weight[channel], bias[channel], mean, inverse_std);
-                for (out, &x) in destination.iter_mut().zip(source) {
-                    *out = x * scale + shift;
+        let statistics = input
+            .par_chunks_exact(group_len)
+            .zip(output.par_chunks_exact_mut(group_len))
+            .enumerate()
+            .with_min_len((1 << 14) / group_len + 1)
+            .map(|(index, (source, destination))| {
+                let (mean, inverse_std) = self.statistics(source);
+                let first_channel = (index % self.num_groups) * channels_per_group;
+                for (offset, (source, destination)) in source.chunks_exact(spatial).zip(destination.chunks_exact_mut(spatial)).enumerate() {
+                    let channel = first_channel + offset;
+                    let (scale, shift) = scale_and_shift(weight[channel], bias[channel], mean, inverse_std);
+                    vector::affine_then_silu(isa, source, scale, shift, self.silu, destination);
                 }
-                if self.silu {
-                    vector::silu_in_place(isa, destination);
-                }
-            }
-        });
+                (mean, inverse_std)
+            })
+            .collect();
+        // A second forward pass of the same op (none is made) would find them set: the same values.
+        let _ = self.statistics.set(statistics);
         Ok((CpuStorage::F32(output), input_layout.shape().clone()))
     }
 
@@ -521,21 +527,27 @@ impl CustomOp3 for GroupNormCpu {
         let mut grad_bias = vec![0f64; channels];
         let isa = gemm::isa();
         if group_len > 0 {
-            // Groups are independent: one task each, returning its channels' sums, which the
-            // batch's groups of the same channels then add up.
-            let sums: Vec<(usize, Vec<f64>, Vec<f64>)> = fused::with_slices(&[input, &grad_output, weight, bias], "group-norm backward", |s| {
+            // Groups are independent: each writes its channels' sums for its image, which the
+            // batch's images then add up in order. Tasks of 16 K values or more (an 8×8 image's
+            // group is a few hundred).
+            let (mut sums_weight, mut sums_bias) = (vec![0f64; dims[0] * channels], vec![0f64; dims[0] * channels]);
+            let min_groups = (1 << 14) / group_len + 1;
+            fused::with_slices(&[input, &grad_output, weight, bias], "group-norm backward", |s| {
                 let (x, g, weight_values, bias_values) = (s[0], s[1], s[2], s[3]);
-                Ok(grad_input
+                grad_input
                     .par_chunks_exact_mut(group_len)
                     .zip(x.par_chunks_exact(group_len))
                     .zip(g.par_chunks_exact(group_len))
+                    .zip(sums_weight.par_chunks_exact_mut(channels_per_group).zip(sums_bias.par_chunks_exact_mut(channels_per_group)))
                     .enumerate()
-                    .map(|(index, ((grad_x, x), g))| {
-                        let (mean, inverse_std) = self.statistics(x);
+                    .with_min_len(min_groups)
+                    .for_each(|(index, (((grad_x, x), g), (sum_weight, sum_bias)))| {
+                        let (mean, inverse_std) = match self.statistics.get() {
+                            Some(statistics) => statistics[index],
+                            None => self.statistics(x),
+                        };
                         let first_channel = (index % self.num_groups) * channels_per_group;
-                        let (mut sum_weight, mut sum_bias) = (vec![0f64; channels_per_group], vec![0f64; channels_per_group]);
                         let (mut sum_h, mut sum_h_xhat) = (0f64, 0f64);
-                        let mut normed = if self.silu { vec![0f32; spatial] } else { Vec::new() };
                         for (offset, ((x, g), grad_x)) in x.chunks_exact(spatial).zip(g.chunks_exact(spatial)).zip(grad_x.chunks_exact_mut(spatial)).enumerate() {
                             let channel = first_channel + offset;
                             // d: the output's gradient, or SiLU's backward pass at the norm's
@@ -543,27 +555,13 @@ impl CustomOp3 for GroupNormCpu {
                             // `grad_x` for the last pass.
                             let d: &[f32] = if self.silu {
                                 let (scale, shift) = scale_and_shift(weight_values[channel], bias_values[channel], mean, inverse_std);
-                                normed.iter_mut().zip(x).for_each(|(y, &x)| *y = x * scale + shift);
-                                vector::silu_backward(isa, &normed, g, grad_x);
+                                vector::silu_backward_at_affine(isa, x, scale, shift, g, grad_x);
                                 grad_x
                             } else {
                                 g
                             };
-                            // Σ d and Σ d·x, in eight running sums each so that the f64 adds
-                            // pipeline; Σ d·x̂ = inverse_std · (Σ d·x - mean · Σ d).
-                            let (mut lanes_d, mut lanes_dx) = ([0f64; 8], [0f64; 8]);
-                            let ((x8, x_rest), (d8, d_rest)) = (x.as_chunks::<8>(), d.as_chunks::<8>());
-                            for (x, d) in x8.iter().zip(d8) {
-                                for lane in 0..8 {
-                                    lanes_d[lane] += d[lane] as f64;
-                                    lanes_dx[lane] += d[lane] as f64 * x[lane] as f64;
-                                }
-                            }
-                            let (mut sum_d, mut sum_dx) = (lanes_d.iter().sum::<f64>(), lanes_dx.iter().sum::<f64>());
-                            for (&x, &d) in x_rest.iter().zip(d_rest) {
-                                sum_d += d as f64;
-                                sum_dx += d as f64 * x as f64;
-                            }
+                            // Σ d·x̂ = inverse_std · (Σ d·x - mean · Σ d).
+                            let (sum_d, sum_dx) = vector::sum_and_dot_f64(isa, d, x);
                             let sum_d_xhat = inverse_std * (sum_dx - mean * sum_d);
                             sum_bias[offset] = sum_d;
                             sum_weight[offset] = sum_d_xhat;
@@ -577,21 +575,14 @@ impl CustomOp3 for GroupNormCpu {
                         let c = (inverse_std * (mean * inverse_std * mean_h_xhat - mean_h)) as f32;
                         for (offset, ((x, g), grad_x)) in x.chunks_exact(spatial).zip(g.chunks_exact(spatial)).zip(grad_x.chunks_exact_mut(spatial)).enumerate() {
                             let a = (inverse_std * weight_values[first_channel + offset] as f64) as f32;
-                            if self.silu {
-                                grad_x.iter_mut().zip(x).for_each(|(d, &x)| *d = a * *d + (b * x + c));
-                            } else {
-                                grad_x.iter_mut().zip(x).zip(g).for_each(|((out, &x), &d)| *out = a * d + (b * x + c));
-                            }
+                            vector::group_norm_input_gradient(isa, a, b, c, x, (!self.silu).then_some(g), grad_x);
                         }
-                        (first_channel, sum_weight, sum_bias)
-                    })
-                    .collect())
+                    });
+                Ok(())
             })?;
-            for (first_channel, sum_weight, sum_bias) in sums {
-                for (offset, (w, b)) in sum_weight.into_iter().zip(sum_bias).enumerate() {
-                    grad_weight[first_channel + offset] += w;
-                    grad_bias[first_channel + offset] += b;
-                }
+            for (image_weight, image_bias) in sums_weight.chunks_exact(channels).zip(sums_bias.chunks_exact(channels)) {
+                grad_weight.iter_mut().zip(image_weight).for_each(|(sum, w)| *sum += w);
+                grad_bias.iter_mut().zip(image_bias).for_each(|(sum, b)| *sum += b);
             }
         }
         let device = input.device();

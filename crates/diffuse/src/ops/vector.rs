@@ -283,6 +283,64 @@ pub(crate) fn silu_backward(isa: Isa, x: &[f32], g: &[f32], out: &mut [f32]) {
     })
 }
 
+/// A GroupNorm channel's output, `out = x · scale + shift`, then SiLU when `silu`
+/// (`x · scale + shift` rounded before the add, as the backward pass recomputes it).
+pub(crate) fn affine_then_silu(isa: Isa, x: &[f32], scale: f32, shift: f32, silu: bool, out: &mut [f32]) {
+    dispatch!(isa, fn affine(x: &[f32], scale: f32, shift: f32, silu: bool, out: &mut [f32]) -> () {
+        for (out, &x) in out.iter_mut().zip(x) {
+            *out = x * scale + shift;
+        }
+        if silu {
+            for y in out.iter_mut() {
+                *y /= 1.0 + exp(-*y);
+            }
+        }
+    })
+}
+
+/// SiLU's backward pass at a GroupNorm channel's output `x · scale + shift` (recomputed as
+/// [`affine_then_silu`] computes it): `out = g · silu'(x · scale + shift)`.
+pub(crate) fn silu_backward_at_affine(isa: Isa, x: &[f32], scale: f32, shift: f32, g: &[f32], out: &mut [f32]) {
+    dispatch!(isa, fn silu_backward(x: &[f32], scale: f32, shift: f32, g: &[f32], out: &mut [f32]) -> () {
+        for ((out, &x), &g) in out.iter_mut().zip(x).zip(g) {
+            let y = x * scale + shift;
+            let s = 1.0 / (1.0 + exp(-y));
+            *out = g * s * (1.0 + y * (1.0 - s));
+        }
+    })
+}
+
+/// `(Σ d, Σ d·x)` in f64, eight running sums each ([`lane_sum_f64`]'s order on every level).
+pub(crate) fn sum_and_dot_f64(isa: Isa, d: &[f32], x: &[f32]) -> (f64, f64) {
+    dispatch!(isa, fn sum_and_dot(d: &[f32], x: &[f32]) -> (f64, f64) {
+        let (mut lanes_d, mut lanes_dx) = ([0f64; 8], [0f64; 8]);
+        let ((d8, d_rest), (x8, x_rest)) = (d.as_chunks::<8>(), x.as_chunks::<8>());
+        for (d, x) in d8.iter().zip(x8) {
+            for lane in 0..8 {
+                lanes_d[lane] += d[lane] as f64;
+                lanes_dx[lane] += d[lane] as f64 * x[lane] as f64;
+            }
+        }
+        let (mut sum_d, mut sum_dx) = (lanes_d.iter().sum::<f64>(), lanes_dx.iter().sum::<f64>());
+        for (&d, &x) in d_rest.iter().zip(x_rest) {
+            sum_d += d as f64;
+            sum_dx += d as f64 * x as f64;
+        }
+        (sum_d, sum_dx)
+    })
+}
+
+/// GroupNorm's input gradient for one channel, `out = a·d + (b·x + c)`, with `d` from
+/// `d`, or from `out` itself where it already holds it (`None`).
+pub(crate) fn group_norm_input_gradient(isa: Isa, a: f32, b: f32, c: f32, x: &[f32], d: Option<&[f32]>, out: &mut [f32]) {
+    dispatch!(isa, fn input_gradient(a: f32, b: f32, c: f32, x: &[f32], d: Option<&[f32]>, out: &mut [f32]) -> () {
+        match d {
+            Some(d) => out.iter_mut().zip(x).zip(d).for_each(|((out, &x), &d)| *out = a * d + (b * x + c)),
+            None => out.iter_mut().zip(x).for_each(|(d, &x)| *d = a * *d + (b * x + c)),
+        }
+    })
+}
+
 /// GEGLU's backward pass for one row: with `[value | gate]` = `projected` and the output's
 /// gradient `g`, `out = [g · gelu(gate) | g · value · gelu'(gate)]`, where
 /// `gelu'(x) = Φ(x) + x · φ(x)` (Φ, φ: the normal CDF and density).
