@@ -127,6 +127,26 @@ pub fn conv2d(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: us
     add_channel_bias(input.conv2d(weight, padding, stride, 1, 1)?, bias)
 }
 
+/// [`conv2d`] plus `image_bias[n, c]` (`[N, C_out]`) on every position of image `n`'s channel
+/// `c`, as a ResNet block adds its time embedding to its first convolution's output. For
+/// training on the CPU both biases are added in one pass (and their gradients summed in one);
+/// elsewhere it is a broadcast add after the convolution.
+pub fn conv2d_plus_image_bias(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, image_bias: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    let tracked = input.track_op() || weight.track_op() || bias.is_some_and(|b| b.track_op()) || image_bias.track_op();
+    let all_f32 = [Some(input), Some(weight), bias, Some(image_bias)].into_iter().flatten().all(|t| t.dtype() == DType::F32);
+    if tracked && all_f32 && uses_kernels(input.device()) && image_bias.dims() == [input.dim(0)?, weight.dim(0)?] {
+        let _timer = profile::timer("conv2d");
+        let op = conv::Conv2d { stride, padding, bias: None, precision: training_precision() };
+        let output = input.contiguous()?.apply_op2(&weight.contiguous()?, op)?;
+        let bias = match bias {
+            Some(bias) => bias.contiguous()?,
+            None => Tensor::zeros(weight.dim(0)?, DType::F32, weight.device())?,
+        };
+        return Ok(output.apply_op3(&bias, &image_bias.contiguous()?, fused::ChannelAndImageBias)?);
+    }
+    Ok(conv2d(input, weight, bias, stride, padding)?.broadcast_add(&image_bias.unsqueeze(2)?.unsqueeze(3)?)?)
+}
+
 /// An f16 `weight` meeting an f32 `input` on the CPU (a model not loaded through
 /// [`weight_dtype`]) in the type [`weight_dtype`] gives f16 there; any other weight as it is.
 fn cpu_half_for_kernels(input: &Tensor, weight: &Tensor) -> Result<Tensor> {

@@ -60,6 +60,19 @@ impl Conv2d {
     /// [`Self::forward`], with `lora_dropout` on the LoRA branch's input (training).
     pub fn forward_with_lora_dropout(&self, input: &Tensor, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         let output = ops::conv2d(input, &self.weight, self.bias.as_ref(), self.stride, self.padding)?;
+        self.plus_lora(input, output, lora_dropout)
+    }
+
+    /// [`Self::forward_with_lora_dropout`] plus `image_bias[n, c]` (`[B, C_out]`) on every
+    /// position of image `n`'s channel `c` (a ResNet block's time embedding), added with the
+    /// layer's bias.
+    pub fn forward_plus_image_bias(&self, input: &Tensor, image_bias: &Tensor, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
+        let output = ops::conv2d_plus_image_bias(input, &self.weight, self.bias.as_ref(), image_bias, self.stride, self.padding)?;
+        self.plus_lora(input, output, lora_dropout)
+    }
+
+    /// `output` plus the LoRA branch's update of `input`, if the layer has one.
+    fn plus_lora(&self, input: &Tensor, output: Tensor, lora_dropout: Option<&LoraDropout>) -> Result<Tensor> {
         match &self.lora {
             None => Ok(output),
             // peft's lora.Conv2d: A has the layer's kernel, stride and padding, B is 1×1.

@@ -206,12 +206,11 @@ impl ResnetBlock2D {
             }
             None => input_tensor.clone(),
         };
-        hidden_states = self.conv1.forward_with_lora_dropout(&hidden_states, lora_dropout)?;
-
+        // `[B, C]` (or `[B, 2C]` for scale and shift).
         let temb = match (&self.time_emb_proj, temb) {
             (Some(time_emb_proj), Some(temb)) => {
                 let temb = if self.skip_time_act { temb.clone() } else { self.nonlinearity.forward(temb)? };
-                Some(time_emb_proj.forward_with_lora_dropout(&temb, lora_dropout)?.unsqueeze(2)?.unsqueeze(3)?)
+                Some(time_emb_proj.forward_with_lora_dropout(&temb, lora_dropout)?)
             }
             (Some(_), None) => bail!("this resnet block is conditioned on a time embedding, but none was given"),
             (None, _) => None,
@@ -219,15 +218,19 @@ impl ResnetBlock2D {
 
         hidden_states = match self.time_embedding_norm {
             TimeEmbeddingNorm::Default => {
-                if let Some(temb) = &temb {
-                    hidden_states = hidden_states.broadcast_add(temb)?;
-                }
+                hidden_states = match &temb {
+                    // Added with conv1's bias, in the same pass.
+                    Some(temb) => self.conv1.forward_plus_image_bias(&hidden_states, temb, lora_dropout)?,
+                    None => self.conv1.forward_with_lora_dropout(&hidden_states, lora_dropout)?,
+                };
                 self.norm2.forward_then(&hidden_states, self.nonlinearity)?
             }
             TimeEmbeddingNorm::ScaleShift => {
+                hidden_states = self.conv1.forward_with_lora_dropout(&hidden_states, lora_dropout)?;
                 let Some(temb) = &temb else {
                     bail!("`temb` should not be None when `time_embedding_norm` is scale_shift");
                 };
+                let temb = temb.unsqueeze(2)?.unsqueeze(3)?;
                 let chunks = temb.chunk(2, 1)?;
                 let hidden_states = self.norm2.forward(&hidden_states)?;
                 let hidden_states = hidden_states.broadcast_mul(&(&chunks[0] + 1.0)?)?.broadcast_add(&chunks[1])?;

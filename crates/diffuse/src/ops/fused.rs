@@ -574,44 +574,92 @@ impl CustomOp2 for ChannelBias {
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout, bias: &CpuStorage, bias_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, bias) = (contiguous_f32(x, x_layout, "convolution output")?, contiguous_f32(bias, bias_layout, "convolution bias")?);
         let dims = x_layout.dims();
-        let plane: usize = dims.get(2..).map_or(1, |d| d.iter().product());
         if dims.len() < 2 || dims[1] != bias.len() {
             candle_core::bail!("channel bias: {} values for a tensor of shape {dims:?}", bias.len());
         }
-        // One pass: each plane read once and written once with its channel's bias.
-        let mut output = vec![0f32; x.len()];
-        if plane > 0 {
-            let channels = bias.len();
-            output.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(index, (out, plane))| {
-                let b = bias[index % channels];
-                out.iter_mut().zip(plane).for_each(|(o, &v)| *o = v + b);
-            });
-        }
-        Ok((CpuStorage::F32(output), x_layout.shape().clone()))
+        let channels = bias.len();
+        Ok((CpuStorage::F32(add_to_planes(x, dims, |index| (bias[index % channels], None))), x_layout.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, bias: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let _timer = super::profile::timer("conv bias backward");
         let grad_bias = if bias.track_op() {
-            let grad_output = grad_output.contiguous()?;
-            let channels = bias.elem_count();
-            let plane: usize = x.dims().get(2..).map_or(1, |d| d.iter().product());
-            let sums = with_slices(&[&grad_output], "channel bias backward", |s| {
-                // Per (image, channel) plane in parallel, then per channel in plane order.
-                let isa = gemm::isa();
-                let planes: Vec<f64> = if plane == 0 { Vec::new() } else { s[0].par_chunks(plane).map(|p| vector::sum_f64(isa, p)).collect() };
-                let mut sums = vec![0f64; channels];
-                for (index, value) in planes.into_iter().enumerate() {
-                    sums[index % channels] += value;
-                }
-                Ok(sums.into_iter().map(|s| s as f32).collect::<Vec<f32>>())
-            })?;
-            Some(Tensor::from_vec(sums, channels, bias.device())?)
+            let planes = plane_sums(grad_output, x.dims())?;
+            Some(Tensor::from_vec(channel_sums(&planes, bias.elem_count()), bias.elem_count(), bias.device())?)
         } else {
             None
         };
         Ok((x.track_op().then(|| grad_output.clone()), grad_bias))
     }
+}
+
+/// A convolution's bias and a bias per image and channel for training (a ResNet block's
+/// time embedding, added to its first convolution's output): `output[n, c, ...] + bias[c] +
+/// image_bias[n, c]`, in that order, in one pass; the backward pass sums each plane of the
+/// gradient once for both biases' gradients.
+pub(super) struct ChannelAndImageBias;
+
+impl CustomOp3 for ChannelAndImageBias {
+    fn name(&self) -> &'static str {
+        "channel-and-image-bias"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout, bias: &CpuStorage, bias_layout: &Layout, image_bias: &CpuStorage, image_bias_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(x, x_layout, "convolution output")?;
+        let bias = contiguous_f32(bias, bias_layout, "convolution bias")?;
+        let image_bias = contiguous_f32(image_bias, image_bias_layout, "per-image bias")?;
+        let dims = x_layout.dims();
+        if dims.len() < 2 || dims[1] != bias.len() || image_bias_layout.dims() != &dims[..2] {
+            candle_core::bail!("channel bias: {} and {:?} values for a tensor of shape {dims:?}", bias.len(), image_bias_layout.dims());
+        }
+        let channels = bias.len();
+        Ok((CpuStorage::F32(add_to_planes(x, dims, |index| (bias[index % channels], Some(image_bias[index])))), x_layout.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, bias: &Tensor, image_bias: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _timer = super::profile::timer("conv bias backward");
+        let planes = if bias.track_op() || image_bias.track_op() { plane_sums(grad_output, x.dims())? } else { Vec::new() };
+        let grad_bias = bias.track_op().then(|| Tensor::from_vec(channel_sums(&planes, bias.elem_count()), bias.elem_count(), bias.device())).transpose()?;
+        let grad_image_bias = image_bias
+            .track_op()
+            .then(|| Tensor::from_vec(planes.iter().map(|&s| s as f32).collect::<Vec<f32>>(), image_bias.shape(), image_bias.device()))
+            .transpose()?;
+        Ok((x.track_op().then(|| grad_output.clone()), grad_bias, grad_image_bias))
+    }
+}
+
+/// `x` (`dims`: `[N, C, ...]`) with each (image, channel) plane's biases added, `(x + b) + b2`
+/// with `(b, b2) = biases(n·C + c)`: each plane read once and written once, in parallel.
+fn add_to_planes(x: &[f32], dims: &[usize], biases: impl Fn(usize) -> (f32, Option<f32>) + Sync) -> Vec<f32> {
+    let plane: usize = dims.get(2..).map_or(1, |d| d.iter().product());
+    let mut output = vec![0f32; x.len()];
+    if plane > 0 {
+        output.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(index, (out, plane))| match biases(index) {
+            (b, None) => out.iter_mut().zip(plane).for_each(|(o, &v)| *o = v + b),
+            (b, Some(b2)) => out.iter_mut().zip(plane).for_each(|(o, &v)| *o = v + b + b2),
+        });
+    }
+    output
+}
+
+/// The sum of each (image, channel) plane of `grad` (shaped `dims`: `[N, C, ...]`), in f64,
+/// the planes in parallel.
+fn plane_sums(grad: &Tensor, dims: &[usize]) -> candle_core::Result<Vec<f64>> {
+    let grad = grad.contiguous()?;
+    let plane: usize = dims.get(2..).map_or(1, |d| d.iter().product());
+    with_slices(&[&grad], "channel bias backward", |s| {
+        let isa = gemm::isa();
+        Ok(if plane == 0 { vec![0f64; dims.iter().take(2).product()] } else { s[0].par_chunks(plane).map(|p| vector::sum_f64(isa, p)).collect() })
+    })
+}
+
+/// Each channel's sum over the images of per-plane sums (`[N, C]`), in image order, as f32.
+fn channel_sums(planes: &[f64], channels: usize) -> Vec<f32> {
+    let mut sums = vec![0f64; channels];
+    for (index, value) in planes.iter().enumerate() {
+        sums[index % channels] += value;
+    }
+    sums.into_iter().map(|s| s as f32).collect()
 }
 
 /// Attention for training, `softmax(Q·Kᵀ·scale)·V` without a mask: Q `[B, H, L, D]`, K and V
@@ -859,10 +907,10 @@ mod tests {
         Ok(())
     }
 
-    /// The convolution bias's pass and its gradients, and a linear layer whose weight is
+    /// The convolution biases' pass and their gradients, and a linear layer whose weight is
     /// frozen (a LoRA's base): no gradient for it, the input's as candle computes it.
     #[test]
-    fn channel_bias_and_a_frozen_linear_weight() -> candle_core::Result<()> {
+    fn channel_biases_and_a_frozen_linear_weight() -> candle_core::Result<()> {
         let device = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5, 4, 3), &device)?)?;
         let bias = Var::from_tensor(&Tensor::randn(0f32, 1.0, 5, &device)?)?;
@@ -874,6 +922,19 @@ mod tests {
             let (got, want) = (fused.get(var.as_tensor()).unwrap(), reference.get(var.as_tensor()).unwrap());
             assert!(max_difference(&got.to_dtype(DType::F64)?, &want.to_dtype(DType::F64)?) < 1e-5);
         }
+        // With a bias per image and channel beside it (a time embedding), the same values as
+        // two broadcast adds, and the gradients of all three operands.
+        let image_bias = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5), &device)?)?;
+        let output = x.as_tensor().apply_op3(bias.as_tensor(), image_bias.as_tensor(), ChannelAndImageBias)?;
+        let expected = x.as_tensor().broadcast_add(&bias.as_tensor().reshape((1, 5, 1, 1))?)?.broadcast_add(&image_bias.as_tensor().reshape((3, 5, 1, 1))?)?;
+        assert_eq!(max_difference(&output.to_dtype(DType::F64)?, &expected.to_dtype(DType::F64)?), 0.0);
+        let (fused, reference) = (grads(output), grads(expected));
+        for var in [&x, &bias, &image_bias] {
+            let (got, want) = (fused.get(var.as_tensor()).unwrap(), reference.get(var.as_tensor()).unwrap());
+            assert!(max_difference(&got.to_dtype(DType::F64)?, &want.to_dtype(DType::F64)?) < 1e-5);
+        }
+        let wrong = Tensor::zeros((2, 5), DType::F32, &device)?;
+        assert!(x.as_tensor().apply_op3(bias.as_tensor(), &wrong, ChannelAndImageBias).is_err());
         let input = Var::from_tensor(&Tensor::randn(0f32, 1.0, (9, 6), &device)?)?;
         let frozen = Tensor::randn(0f32, 1.0, (4, 6), &device)?;
         let probe = Tensor::randn(0f32, 1.0, (9, 4), &device)?;
