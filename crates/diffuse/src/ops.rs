@@ -878,8 +878,17 @@ impl candle_core::CustomOp1 for SoftmaxLastDim {
     }
 }
 
-/// `torch.nn.functional.interpolate(mode="nearest")` to `(height, width)`.
+/// `torch.nn.functional.interpolate(mode="nearest")` to `(height, width)`. On the CPU in f32,
+/// by whole factors, one threaded pass with a backward pass that sums each block; otherwise
+/// candle's.
 pub fn upsample_nearest2d(input: &Tensor, height: usize, width: usize) -> Result<Tensor> {
+    let (_, _, input_height, input_width) = input.dims4()?;
+    let whole = input_height > 0 && input_width > 0 && height.is_multiple_of(input_height) && width.is_multiple_of(input_width);
+    if whole && uses_kernels(input.device()) && input.dtype() == DType::F32 {
+        let op = fused::UpsampleNearest { scale_h: height / input_height, scale_w: width / input_width };
+        let input = input.contiguous()?;
+        return Ok(if input.track_op() { input.apply_op1(op)? } else { input.apply_op1_no_bwd(&op)? });
+    }
     // candle 0.11's backward pass of this op replaces its input's gradient instead of adding
     // to it, losing the gradient of the input's other uses (a resnet that upsamples its input
     // also normalises it). Upsampling a reshaped view, a node of its own (no copy), keeps them.

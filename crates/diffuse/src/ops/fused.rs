@@ -92,6 +92,65 @@ impl CustomOp2 for SiluBackward {
     }
 }
 
+/// Nearest-neighbour upsampling of `[N, C, H, W]` by whole factors (`F.interpolate(mode=
+/// "nearest")` to `[N, C, H·scale_h, W·scale_w]`), the planes over all threads; its backward
+/// pass sums each block of the gradient. (candle's backward pass is a grouped convolution,
+/// one small product per channel.)
+pub(super) struct UpsampleNearest {
+    pub scale_h: usize,
+    pub scale_w: usize,
+}
+
+impl CustomOp1 for UpsampleNearest {
+    fn name(&self) -> &'static str {
+        "upsample-nearest"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let input = contiguous_f32(storage, layout, "upsample input")?;
+        let (n, c, h, w) = layout.shape().dims4()?;
+        let (out_h, out_w) = (h * self.scale_h, w * self.scale_w);
+        let mut output = vec![0f32; n * c * out_h * out_w];
+        if h * w > 0 && self.scale_h * self.scale_w > 0 {
+            output.par_chunks_mut(out_h * out_w).zip(input.par_chunks(h * w)).for_each(|(out, plane)| {
+                for (row, out_rows) in plane.chunks_exact(w).zip(out.chunks_exact_mut(self.scale_h * out_w)) {
+                    let (first, rest) = out_rows.split_at_mut(out_w);
+                    for (out, &v) in first.chunks_exact_mut(self.scale_w).zip(row) {
+                        out.fill(v);
+                    }
+                    for copy in rest.chunks_exact_mut(out_w) {
+                        copy.copy_from_slice(first);
+                    }
+                }
+            });
+        }
+        Ok((CpuStorage::F32(output), Shape::from((n, c, out_h, out_w))))
+    }
+
+    fn bwd(&self, input: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (n, c, h, w) = input.dims4()?;
+        let out_w = w * self.scale_w;
+        let grad_output = grad_output.contiguous()?;
+        let grad = with_slices(&[&grad_output], "upsample backward", |s| {
+            let mut grad = vec![0f32; n * c * h * w];
+            if h * w > 0 && self.scale_h * self.scale_w > 0 {
+                // Each input value's gradient: its block's rows in order, each row's values in order.
+                grad.par_chunks_mut(h * w).zip(s[0].par_chunks(h * w * self.scale_h * self.scale_w)).for_each(|(grad, plane)| {
+                    for (row, block) in grad.chunks_exact_mut(w).zip(plane.chunks_exact(self.scale_h * out_w)) {
+                        for block_row in block.chunks_exact(out_w) {
+                            for (g, values) in row.iter_mut().zip(block_row.chunks_exact(self.scale_w)) {
+                                *g += values.iter().sum::<f32>();
+                            }
+                        }
+                    }
+                });
+            }
+            Ok(grad)
+        })?;
+        Ok(Some(Tensor::from_vec(grad, (n, c, h, w), input.device())?))
+    }
+}
+
 /// diffusers' `GEGLU` after its projection: `[..., 2·D]` → `[..., D]`, `value · gelu(gate)`.
 pub(super) struct Geglu;
 
@@ -944,6 +1003,27 @@ mod tests {
         let (got, want) = (fused.get(input.as_tensor()).unwrap(), reference.get(input.as_tensor()).unwrap());
         assert!(max_difference(&got.to_dtype(DType::F64)?, &want.to_dtype(DType::F64)?) < 1e-5);
         assert!(fused.get(&frozen).is_none());
+        Ok(())
+    }
+
+    /// Nearest upsampling by whole factors: candle's values, and the gradient of an input used
+    /// twice (as a ResNet block that upsamples its input also normalises it).
+    #[test]
+    fn upsampling_matches_candle() -> candle_core::Result<()> {
+        let device = Device::Cpu;
+        for (dims, scale_h, scale_w) in [((2usize, 3usize, 4usize, 5usize), 2usize, 2usize), ((1, 2, 1, 3), 3, 1), ((1, 1, 3, 2), 1, 4)] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, dims, &device)?)?;
+            let (h, w) = (dims.2 * scale_h, dims.3 * scale_w);
+            let probe = Tensor::randn(0f32, 1.0, (dims.0, dims.1, h, w), &device)?;
+            let ours = x.as_tensor().apply_op1(UpsampleNearest { scale_h, scale_w })?;
+            let reference = x.as_tensor().reshape(dims)?.upsample_nearest2d(h, w)?;
+            assert_eq!(max_difference(&ours.to_dtype(DType::F64)?, &reference.to_dtype(DType::F64)?), 0.0);
+            // The input's gradient: each block of the probe summed, plus 1 from its other use.
+            let grads = (ours * &probe)?.sum_all()?.add(&x.as_tensor().sum_all()?)?.backward()?;
+            let want = (probe.reshape((dims.0, dims.1, dims.2, scale_h, dims.3, scale_w))?.sum(5)?.sum(3)? + 1.0)?;
+            let got = grads.get(x.as_tensor()).unwrap();
+            assert!(max_difference(&got.to_dtype(DType::F64)?, &want.to_dtype(DType::F64)?) < 1e-5);
+        }
         Ok(())
     }
 
