@@ -118,10 +118,11 @@ pub fn conv2d(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: us
     }
     if uses_kernels(input.device()) && input.dtype() == DType::F32 && weight.dtype() == DType::F32 {
         let op = conv::Conv2d { stride, padding, bias: None, precision: training_precision() };
-        let output = input.contiguous()?.apply_op2(&weight.contiguous()?, op)?;
+        let (input, weight) = (input.contiguous()?, weight.contiguous()?);
         return match bias {
-            Some(bias) if bias.dtype() == DType::F32 => Ok(output.apply_op2(&bias.contiguous()?, fused::ChannelBias)?),
-            _ => add_channel_bias(output, bias),
+            // The bias as an operand of the op: added as the output is written.
+            Some(bias) if bias.dtype() == DType::F32 && bias.dims() == [weight.dim(0)?] => Ok(input.apply_op3(&weight, &bias.contiguous()?, op)?),
+            _ => add_channel_bias(input.apply_op2(&weight, op)?, bias),
         };
     }
     add_channel_bias(input.conv2d(weight, padding, stride, 1, 1)?, bias)

@@ -22,7 +22,7 @@
 //! spread over the threads when there are enough of them; otherwise each product uses every
 //! thread.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -822,50 +822,50 @@ fn geometry(input: &Layout, weight: &Layout, stride: usize, padding: usize) -> c
     Ok(Geometry { batch, in_channels, height, width, out_channels, kernel_h, kernel_w, stride, padding })
 }
 
-/// The convolution as a candle op with its backward pass: `input.apply_op2(weight, Conv2d)`.
+/// The convolution as a candle op with its backward pass: `input.apply_op2(weight, Conv2d)`,
+/// or with a bias that gets a gradient, `input.apply_op3(weight, bias, Conv2d)`.
 pub struct Conv2d {
     /// The step between kernel positions, both ways.
     pub stride: usize,
     /// Zeros added on every side.
     pub padding: usize,
-    /// Added as the output is written (inference: the backward pass gives the bias no
-    /// gradient, so training adds it outside the op).
+    /// Added as the output is written (inference; training passes its bias as the op's third
+    /// operand, which gets a gradient).
     pub bias: Option<Vec<f32>>,
     /// The products of an f32 kernel: f32, or bf16 mixed precision (training; f32 sums and
     /// gradients). A bf16 kernel (inference) computes in bf16 whatever this says.
     pub precision: Precision,
 }
 
-impl CustomOp2 for Conv2d {
-    fn name(&self) -> &'static str {
-        "conv2d-im2col-gemm"
-    }
-
-    fn cpu_fwd(&self, input: &CpuStorage, input_layout: &Layout, weight: &CpuStorage, weight_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+impl Conv2d {
+    /// The output, plus `bias` (or the op's own).
+    fn output(&self, input: &CpuStorage, input_layout: &Layout, weight: &CpuStorage, weight_layout: &Layout, bias: Option<&[f32]>) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = geometry(input_layout, weight_layout, self.stride, self.padding)?;
         super::profile::count_flops("conv2d", g.flops());
-        if self.bias.as_ref().is_some_and(|b| b.len() != g.out_channels) {
+        let bias = bias.or(self.bias.as_deref());
+        if bias.is_some_and(|b| b.len() != g.out_channels) {
             candle_core::bail!("conv2d: the bias does not have {} values", g.out_channels);
         }
         let input = contiguous(input, input_layout, "input")?;
         let output = match weight {
             // A bf16 kernel (a model loaded in bf16) runs on the bf16 products.
             CpuStorage::BF16(data) => match weight_layout.contiguous_offsets() {
-                Some((start, end)) => forward_bf16(&g, input, &data[start..end], self.bias.as_deref()),
+                Some((start, end)) => forward_bf16(&g, input, &data[start..end], bias),
                 None => candle_core::bail!("conv2d: the kernel is not contiguous"),
             },
             _ => {
                 let weight = contiguous(weight, weight_layout, "kernel")?;
                 match self.precision {
-                    Precision::F32 => forward(&g, input, weight, self.bias.as_deref()),
-                    Precision::Bf16 => forward_bf16(&g, input, &weight.iter().map(|&w| bf16::from_f32(w)).collect::<Vec<_>>(), self.bias.as_deref()),
+                    Precision::F32 => forward(&g, input, weight, bias),
+                    Precision::Bf16 => forward_bf16(&g, input, &weight.iter().map(|&w| bf16::from_f32(w)).collect::<Vec<_>>(), bias),
                 }
             }
         };
         Ok((CpuStorage::F32(output), Shape::from((g.batch, g.out_channels, g.out_height(), g.out_width()))))
     }
 
-    fn bwd(&self, input: &Tensor, weight: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    /// The input's and the kernel's gradients, each where the operand tracks one.
+    fn gradients(&self, input: &Tensor, weight: &Tensor, grad_output: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // An operand that needs no gradient (the images; a LoRA's frozen base kernel) gets
         // none: that product is skipped.
         let (input_needs_grad, weight_needs_grad) = (input.track_op(), weight.track_op());
@@ -882,6 +882,45 @@ impl CustomOp2 for Conv2d {
             None
         };
         Ok((grad_input, grad_weight))
+    }
+}
+
+impl CustomOp2 for Conv2d {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-gemm"
+    }
+
+    fn cpu_fwd(&self, input: &CpuStorage, input_layout: &Layout, weight: &CpuStorage, weight_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.output(input, input_layout, weight, weight_layout, None)
+    }
+
+    fn bwd(&self, input: &Tensor, weight: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        self.gradients(input, weight, grad_output)
+    }
+}
+
+/// Training's convolution with its bias as a third operand, `input.apply_op3(weight, bias,
+/// Conv2d)`: the bias is added as the output is written (not in a pass of its own), and its
+/// gradient is the output gradient's sum per channel.
+impl CustomOp3 for Conv2d {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-gemm-bias"
+    }
+
+    fn cpu_fwd(&self, input: &CpuStorage, input_layout: &Layout, weight: &CpuStorage, weight_layout: &Layout, bias: &CpuStorage, bias_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let bias = contiguous(bias, bias_layout, "bias")?;
+        self.output(input, input_layout, weight, weight_layout, Some(bias))
+    }
+
+    fn bwd(&self, input: &Tensor, weight: &Tensor, bias: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (grad_input, grad_weight) = self.gradients(input, weight, grad_output)?;
+        let grad_bias = if bias.track_op() {
+            let _timer = profile::timer("conv bias backward");
+            Some(super::fused::channel_bias_gradient(&grad_output.contiguous()?, bias)?)
+        } else {
+            None
+        };
+        Ok((grad_input, grad_weight, grad_bias))
     }
 }
 
@@ -1176,25 +1215,43 @@ mod tests {
 
     /// The output and the gradients of loss = Σ output · r against the definition (in f64), in
     /// f32 and in bf16 mixed precision, where the definition takes every product's operands
-    /// rounded to bf16 (the sums stay f32, so the tolerance is the same).
+    /// rounded to bf16 (the sums stay f32, so the tolerance is the same); without a bias and
+    /// with one (training's third operand, added as the output is written).
     #[test]
     fn gradients_match_the_definition() -> candle_core::Result<()> {
         let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect() };
-        for (g, precision) in geometries().into_iter().flat_map(|g| [(g, Precision::F32), (g, Precision::Bf16)]) {
+        let cases = geometries().into_iter().flat_map(|g| [(g, Precision::F32, false), (g, Precision::Bf16, false), (g, Precision::F32, true), (g, Precision::Bf16, true)]);
+        for (g, precision, with_bias) in cases {
             let dev = Device::Cpu;
             let (input, weight, r) = (values(g.batch * g.input_len(), 3), values(g.out_channels * g.patch_len(), 4), values(g.batch * g.output_len(), 5));
             let input_var = Var::from_vec(input.clone(), (g.batch, g.in_channels, g.height, g.width), &dev)?;
             let weight_var = Var::from_vec(weight.clone(), (g.out_channels, g.in_channels, g.kernel_h, g.kernel_w), &dev)?;
             let r_tensor = Tensor::from_vec(r.clone(), (g.batch, g.out_channels, g.out_height(), g.out_width()), &dev)?;
-            let output = input_var.as_tensor().apply_op2(weight_var.as_tensor(), Conv2d { stride: g.stride, padding: g.padding, bias: None, precision })?;
+            let bias = values(g.out_channels, 6);
+            let bias_var = Var::from_vec(bias.clone(), g.out_channels, &dev)?;
+            let op = Conv2d { stride: g.stride, padding: g.padding, bias: None, precision };
+            let output = match with_bias {
+                false => input_var.as_tensor().apply_op2(weight_var.as_tensor(), op)?,
+                true => input_var.as_tensor().apply_op3(weight_var.as_tensor(), bias_var.as_tensor(), op)?,
+            };
+            // The bias gradient: each channel's sum of the (unrounded) output gradient.
+            let plane = g.out_height() * g.out_width();
+            let bias_gradient: Vec<f64> = (0..g.out_channels).map(|o| (0..g.batch).flat_map(|b| &r[(b * g.out_channels + o) * plane..][..plane]).map(|&v| v as f64).sum()).collect();
             let (input, weight, r) = match precision {
                 Precision::F32 => (input, weight, r),
                 Precision::Bf16 => (round(&input), round(&weight), round(&r)),
             };
-            for (a, b) in output.flatten_all()?.to_vec1::<f32>()?.iter().zip(reference(&g, &input, &weight)) {
+            for (i, (a, b)) in output.flatten_all()?.to_vec1::<f32>()?.iter().zip(reference(&g, &input, &weight)).enumerate() {
+                let b = if with_bias { b + bias[(i / plane) % g.out_channels] as f64 } else { b };
                 assert!((*a as f64 - b).abs() < 1e-5, "{g:?} {precision:?}: the output is {a}, the definition gives {b}");
             }
             let grads = (output * r_tensor)?.sum_all()?.backward()?;
+            if with_bias {
+                let got = grads.get(bias_var.as_tensor()).expect("bias gradient").to_vec1::<f32>()?;
+                for (got, &want) in got.iter().zip(&bias_gradient) {
+                    assert!((*got as f64 - want).abs() < 1e-5, "{g:?} {precision:?}: the bias gradient is {got}, the definition gives {want}");
+                }
+            }
             let grad_input = grads.get(input_var.as_tensor()).expect("input gradient").flatten_all()?.to_vec1::<f32>()?;
             let grad_weight = grads.get(weight_var.as_tensor()).expect("kernel gradient").flatten_all()?.to_vec1::<f32>()?;
             let (mut want_input, mut want_weight) = (vec![0f64; input.len()], vec![0f64; weight.len()]);

@@ -621,37 +621,6 @@ impl CustomOp3 for LoraLinear {
     }
 }
 
-/// A convolution's bias for training: `output[n, c, ...] + bias[c]`, whose backward pass
-/// passes the gradient through and sums it per channel, in one threaded pass.
-pub(super) struct ChannelBias;
-
-impl CustomOp2 for ChannelBias {
-    fn name(&self) -> &'static str {
-        "channel-bias"
-    }
-
-    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout, bias: &CpuStorage, bias_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, bias) = (contiguous_f32(x, x_layout, "convolution output")?, contiguous_f32(bias, bias_layout, "convolution bias")?);
-        let dims = x_layout.dims();
-        if dims.len() < 2 || dims[1] != bias.len() {
-            candle_core::bail!("channel bias: {} values for a tensor of shape {dims:?}", bias.len());
-        }
-        let channels = bias.len();
-        Ok((CpuStorage::F32(add_to_planes(x, dims, |index| (bias[index % channels], None))), x_layout.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, bias: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let _timer = super::profile::timer("conv bias backward");
-        let grad_bias = if bias.track_op() {
-            let planes = plane_sums(grad_output, x.dims())?;
-            Some(Tensor::from_vec(channel_sums(&planes, bias.elem_count()), bias.elem_count(), bias.device())?)
-        } else {
-            None
-        };
-        Ok((x.track_op().then(|| grad_output.clone()), grad_bias))
-    }
-}
-
 /// A convolution's bias and a bias per image and channel for training (a ResNet block's
 /// time embedding, added to its first convolution's output): `output[n, c, ...] + bias[c] +
 /// image_bias[n, c]`, in that order, in one pass; the backward pass sums each plane of the
@@ -672,7 +641,7 @@ impl CustomOp3 for ChannelAndImageBias {
             candle_core::bail!("channel bias: {} and {:?} values for a tensor of shape {dims:?}", bias.len(), image_bias_layout.dims());
         }
         let channels = bias.len();
-        Ok((CpuStorage::F32(add_to_planes(x, dims, |index| (bias[index % channels], Some(image_bias[index])))), x_layout.shape().clone()))
+        Ok((CpuStorage::F32(add_to_planes(x, dims, |index| (bias[index % channels], image_bias[index]))), x_layout.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, bias: &Tensor, image_bias: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -689,13 +658,13 @@ impl CustomOp3 for ChannelAndImageBias {
 
 /// `x` (`dims`: `[N, C, ...]`) with each (image, channel) plane's biases added, `(x + b) + b2`
 /// with `(b, b2) = biases(n·C + c)`: each plane read once and written once, in parallel.
-fn add_to_planes(x: &[f32], dims: &[usize], biases: impl Fn(usize) -> (f32, Option<f32>) + Sync) -> Vec<f32> {
+fn add_to_planes(x: &[f32], dims: &[usize], biases: impl Fn(usize) -> (f32, f32) + Sync) -> Vec<f32> {
     let plane: usize = dims.get(2..).map_or(1, |d| d.iter().product());
     let mut output = vec![0f32; x.len()];
     if plane > 0 {
-        output.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(index, (out, plane))| match biases(index) {
-            (b, None) => out.iter_mut().zip(plane).for_each(|(o, &v)| *o = v + b),
-            (b, Some(b2)) => out.iter_mut().zip(plane).for_each(|(o, &v)| *o = v + b + b2),
+        output.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(index, (out, plane))| {
+            let (b, b2) = biases(index);
+            out.iter_mut().zip(plane).for_each(|(o, &v)| *o = v + b + b2);
         });
     }
     output
@@ -710,6 +679,14 @@ fn plane_sums(grad: &Tensor, dims: &[usize]) -> candle_core::Result<Vec<f64>> {
         let isa = gemm::isa();
         Ok(if plane == 0 { vec![0f64; dims.iter().take(2).product()] } else { s[0].par_chunks(plane).map(|p| vector::sum_f64(isa, p)).collect() })
     })
+}
+
+/// The gradient of a bias added to every position of each channel of a `[N, C, ...]`
+/// output, from the output's gradient: its sum per channel (per plane in f64, then over the
+/// images in order).
+pub(super) fn channel_bias_gradient(grad_output: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    let planes = plane_sums(grad_output, grad_output.dims())?;
+    Tensor::from_vec(channel_sums(&planes, bias.elem_count()), bias.elem_count(), bias.device())
 }
 
 /// Each channel's sum over the images of per-plane sums (`[N, C]`), in image order, as f32.
@@ -966,8 +943,9 @@ mod tests {
         Ok(())
     }
 
-    /// The convolution biases' pass and their gradients, and a linear layer whose weight is
-    /// frozen (a LoRA's base): no gradient for it, the input's as candle computes it.
+    /// A convolution's bias and a bias per image and channel (a time embedding), and a linear
+    /// layer whose weight is frozen (a LoRA's base): no gradient for it, the input's as candle
+    /// computes it.
     #[test]
     fn channel_biases_and_a_frozen_linear_weight() -> candle_core::Result<()> {
         let device = Device::Cpu;
@@ -975,14 +953,7 @@ mod tests {
         let bias = Var::from_tensor(&Tensor::randn(0f32, 1.0, 5, &device)?)?;
         let probe = Tensor::randn(0f32, 1.0, (3, 5, 4, 3), &device)?;
         let grads = |out: Tensor| (out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let fused = grads(x.as_tensor().apply_op2(bias.as_tensor(), ChannelBias)?);
-        let reference = grads(x.as_tensor().broadcast_add(&bias.as_tensor().reshape((1, 5, 1, 1))?)?);
-        for var in [&x, &bias] {
-            let (got, want) = (fused.get(var.as_tensor()).unwrap(), reference.get(var.as_tensor()).unwrap());
-            assert!(max_difference(&got.to_dtype(DType::F64)?, &want.to_dtype(DType::F64)?) < 1e-5);
-        }
-        // With a bias per image and channel beside it (a time embedding), the same values as
-        // two broadcast adds, and the gradients of all three operands.
+        // The same values as two broadcast adds, and the gradients of all three operands.
         let image_bias = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5), &device)?)?;
         let output = x.as_tensor().apply_op3(bias.as_tensor(), image_bias.as_tensor(), ChannelAndImageBias)?;
         let expected = x.as_tensor().broadcast_add(&bias.as_tensor().reshape((1, 5, 1, 1))?)?.broadcast_add(&image_bias.as_tensor().reshape((3, 5, 1, 1))?)?;
