@@ -9,7 +9,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("diffuse-cli-test-{}-{name}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("diffuse-cli-test-{name}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -30,7 +30,8 @@ fn copy_dir(from: &Path, to: &Path) {
 
 fn diffuse(args: &[&str]) -> (bool, String, String) {
     // Model hashes are cached under the test's temporary folder, not the user's cache.
-    let cache = std::env::temp_dir().join(format!("diffuse-cli-test-{}-cache", std::process::id()));
+    // (Per process: a fresh hash cache for each run of the tests.)
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("diffuse-cli-test-cache-{}", std::process::id()));
     let out = Command::new(env!("CARGO_BIN_EXE_diffuse")).args(args).env("DIFFUSE_CACHE_DIR", cache).output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }

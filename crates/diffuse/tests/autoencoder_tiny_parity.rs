@@ -143,7 +143,7 @@ fn replacing_the_vae_refuses_what_does_not_fit() {
     let error = pipeline.replace_vae(&taesd_dir().join("config.json"), None).unwrap_err().to_string();
     assert!(error.contains("not an autoencoder folder"), "{error}");
     // Other latent channels: both named.
-    let tmp = std::env::temp_dir().join(format!("diffuse-taesd-16-{}", std::process::id()));
+    let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("diffuse-taesd-16");
     std::fs::create_dir_all(&tmp).unwrap();
     let mut map = read_json_object(&taesd_dir().join("config.json")).unwrap();
     map.insert("latent_channels".into(), serde_json::json!(16));

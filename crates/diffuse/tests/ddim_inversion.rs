@@ -116,7 +116,7 @@ fn reconstruct(pipeline: &mut StableDiffusionPipeline, image: &Image8, steps: us
 
 #[test]
 fn reconstruction_error_is_first_order_in_the_step_size() {
-    let dir = std::env::temp_dir().join(format!("diffuse-inversion-{}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("diffuse-inversion");
     let _ = std::fs::remove_dir_all(&dir);
     scaled_output_copy(0.1, &dir);
     let mut pipeline = StableDiffusionPipeline::load(&dir, Some("ddim"), &[], None, &Device::Cpu, DType::F32).unwrap();
@@ -134,7 +134,7 @@ fn reconstruction_error_is_first_order_in_the_step_size() {
 
 #[test]
 fn latents_files_round_trip_and_bad_ones_are_refused() {
-    let dir = std::env::temp_dir().join(format!("diffuse-latents-{}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("diffuse-latents");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("x.safetensors");

@@ -94,7 +94,7 @@ fn synthetic_fashion_mnist(dir: &Path, num_classes: usize, train_per_class: usiz
 }
 
 fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("diffuse-evaluation-{name}-{}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("diffuse-evaluation-{name}"));
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }

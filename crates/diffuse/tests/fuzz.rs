@@ -258,7 +258,7 @@ fn fuzz(target: &'static str, default_cases: u32, strategy: impl Strategy<Value 
 
 /// A scratch folder per target, reused by every case.
 fn scratch(target: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("diffuse-fuzz-{}", std::process::id())).join(target);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("diffuse-fuzz").join(target);
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }

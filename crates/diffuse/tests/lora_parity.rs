@@ -215,7 +215,7 @@ fn lora_hash_is_automatic1111s() {
 // Bad input.
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("diffuse-lora-{}-{name}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("diffuse-lora-{name}"));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }

@@ -34,7 +34,7 @@ fn sd1() -> PathBuf {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("diffuse-lora-training-{name}-{}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("diffuse-lora-training-{name}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -192,7 +192,7 @@ fn targets_match_as_peft_matches_them() {
     let tensors: HashMap<String, Tensor> =
         adapters.varmap().data().lock().unwrap().iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
     let trained = TrainedLora::from_tensors(&adapters.layers(), BTreeMap::from([(Target::Unet, convs)]), &tensors).unwrap();
-    let kohya = std::env::temp_dir().join(format!("diffuse-lora-training-conv-{}.safetensors", std::process::id()));
+    let kohya = Path::new(env!("CARGO_TARGET_TMPDIR")).join("diffuse-lora-training-conv.safetensors");
     trained.write_kohya(&kohya, DType::F32).unwrap();
     let (fused, _) = fused_models(vec![LoraFile::open(&kohya).unwrap()]);
     let difference = max_relative_difference(&outputs(&fused, &te).0, &out);

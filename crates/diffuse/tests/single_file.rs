@@ -229,7 +229,7 @@ fn full_size_sd21_heads_and_layers() {
 // ---------------------------------------------------------------------------------------------
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("diffuse-single-file-{}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("diffuse-single-file");
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name)
 }

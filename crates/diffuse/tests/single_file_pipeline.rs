@@ -125,7 +125,7 @@ fn check_file_against_diffusers(name: &str, file: &Path) -> Tensor {
 /// told otherwise, the guidance scale embedded, one UNet pass per step.
 #[test]
 fn lcm_single_file_runs_as_latent_consistency_model_pipeline() {
-    let dir = std::env::temp_dir().join(format!("diffuse-lcm-single-file-{}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("diffuse-lcm-single-file");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("lcm.safetensors");
     let mut tensors = candle_core::safetensors::load(checkpoint(), &Device::Cpu).unwrap();
@@ -179,7 +179,7 @@ fn prediction_type_reaches_the_scheduler() {
 
 #[test]
 fn pickle_checkpoints_are_refused() {
-    let dir = std::env::temp_dir().join(format!("diffuse-single-file-pipeline-{}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("diffuse-single-file-pipeline");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("model.ckpt");
     std::fs::write(&path, b"PK\x03\x04 not really a zip").unwrap();

@@ -42,7 +42,7 @@ fn tensor_f64s(t: &Tensor) -> Vec<f64> {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("diffuse-training-test-{}-{name}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("diffuse-training-test-{name}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -1060,7 +1060,7 @@ fn conv2d_backward_matches_candle() {
 #[test]
 fn a_training_recipe_runs_and_names_its_fields_in_errors() {
     use diffuse::training::recipe::{run, LoraRecipe, ModelKind, TrainingRecipe};
-    let dir = std::env::temp_dir().join(format!("diffuse-recipe-{}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("diffuse-recipe");
     let _ = std::fs::remove_dir_all(&dir);
     let data = dir.join("data");
     std::fs::create_dir_all(&data).unwrap();

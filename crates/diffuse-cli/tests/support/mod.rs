@@ -11,11 +11,12 @@ use base64::Engine;
 use serde_json::Value;
 
 pub fn cache_dir() -> PathBuf {
-    std::env::temp_dir().join(format!("diffuse-serve-test-{}-cache", std::process::id()))
+    // Per process: a fresh hash cache for each run of the tests.
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("diffuse-serve-test-cache-{}", std::process::id()))
 }
 
 pub fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("diffuse-serve-test-{}-{name}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("diffuse-serve-test-{name}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
