@@ -500,7 +500,8 @@ impl CustomOp3 for GroupNormCpu {
         if group_len == 0 {
             return Ok((CpuStorage::F32(output), input_layout.shape().clone()));
         }
-        // Groups are independent: one task each, over all threads.
+        // Groups are independent: tasks of 16 K values or more (a small image's group is a few
+        // hundred), over all threads.
         let statistics = input
             .par_chunks_exact(group_len)
             .zip(output.par_chunks_exact_mut(group_len))
@@ -879,16 +880,16 @@ impl candle_core::CustomOp1 for SoftmaxLastDim {
     }
 }
 
-/// `torch.nn.functional.interpolate(mode="nearest")` to `(height, width)`. On the CPU in f32,
-/// by whole factors, one threaded pass with a backward pass that sums each block; otherwise
-/// candle's.
+/// `torch.nn.functional.interpolate(mode="nearest")` to `(height, width)`. For training on
+/// the CPU in f32, by whole factors, one threaded pass with a backward pass that sums each
+/// block; otherwise candle's. (At inference candle's pass is as fast, and a 512×512 VAE
+/// decode peaked 0.26 GB higher with the threaded one.)
 pub fn upsample_nearest2d(input: &Tensor, height: usize, width: usize) -> Result<Tensor> {
     let (_, _, input_height, input_width) = input.dims4()?;
     let whole = input_height > 0 && input_width > 0 && height.is_multiple_of(input_height) && width.is_multiple_of(input_width);
-    if whole && uses_kernels(input.device()) && input.dtype() == DType::F32 {
+    if whole && input.track_op() && uses_kernels(input.device()) && input.dtype() == DType::F32 {
         let op = fused::UpsampleNearest { scale_h: height / input_height, scale_w: width / input_width };
-        let input = input.contiguous()?;
-        return Ok(if input.track_op() { input.apply_op1(op)? } else { input.apply_op1_no_bwd(&op)? });
+        return Ok(input.contiguous()?.apply_op1(op)?);
     }
     // candle 0.11's backward pass of this op replaces its input's gradient instead of adding
     // to it, losing the gradient of the input's other uses (a resnet that upsamples its input

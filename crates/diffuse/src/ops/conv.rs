@@ -916,7 +916,7 @@ impl CustomOp3 for Conv2d {
         let (grad_input, grad_weight) = self.gradients(input, weight, grad_output)?;
         let grad_bias = if bias.track_op() {
             let _timer = profile::timer("conv bias backward");
-            Some(super::fused::channel_bias_gradient(&grad_output.contiguous()?, bias)?)
+            Some(super::fused::channel_bias_gradient(grad_output, bias)?)
         } else {
             None
         };

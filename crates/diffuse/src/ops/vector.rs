@@ -283,8 +283,8 @@ pub(crate) fn silu_backward(isa: Isa, x: &[f32], g: &[f32], out: &mut [f32]) {
     })
 }
 
-/// A GroupNorm channel's output, `out = x · scale + shift`, then SiLU when `silu`
-/// (`x · scale + shift` rounded before the add, as the backward pass recomputes it).
+/// A GroupNorm channel's output, `out = x · scale + shift`, then SiLU when `silu` (the same
+/// f32 operations as [`silu_backward_at_affine`] repeats to recompute it).
 pub(crate) fn affine_then_silu(isa: Isa, x: &[f32], scale: f32, shift: f32, silu: bool, out: &mut [f32]) {
     dispatch!(isa, fn affine(x: &[f32], scale: f32, shift: f32, silu: bool, out: &mut [f32]) -> () {
         for (out, &x) in out.iter_mut().zip(x) {
