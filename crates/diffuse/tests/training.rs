@@ -1164,4 +1164,11 @@ fn fused_backward_passes_match_pytorch() {
     // The masked path (candle's products, the trainable softmax), with a mask that changes nothing.
     let zeros = Tensor::zeros((17, 11), DType::F32, &Device::Cpu).unwrap();
     check("attention", &["q", "k", "v"], &[], &|t| ops::masked_attention(&t["q"], &t["k"], &t["v"], 8f64.powf(-0.5), &zeros));
+    // The convolution's own passes: channel-blocked (AVX2) and packed, bias as an operand.
+    check("conv_blocked", &["x", "weight", "bias"], &[], &|t| ops::conv2d(&t["x"], &t["weight"], Some(&t["bias"]), 1, 1));
+    check("conv_strided", &["x", "weight", "bias"], &[], &|t| ops::conv2d(&t["x"], &t["weight"], Some(&t["bias"]), 2, 1));
+    check("conv_image_bias", &["x", "weight", "bias", "image_bias"], &[], &|t| {
+        ops::conv2d_plus_image_bias(&t["x"], &t["weight"], Some(&t["bias"]), &t["image_bias"], 1, 1)
+    });
+    check("upsample_nearest", &["x"], &[], &|t| ops::upsample_nearest2d(&t["x"], 8, 10));
 }

@@ -268,11 +268,17 @@ impl Tensor {
                     } => {
                         // The output height for conv_transpose2d is:
                         // (i_h - 1) * stride - 2 * padding + dilation * (k_h - 1) + out_padding + 1
-                        let grad_h = grad.dim(2)?;
-                        let k_h = kernel.dim(2)?;
-                        let out_size =
-                            (grad_h - 1) * stride + dilation * (k_h - 1) + 1 - 2 * padding;
-                        let out_padding = arg.dim(2)? - out_size;
+                        // One output padding serves both sides: the larger one, then the
+                        // other side narrowed (a non-square input's sides can need different
+                        // ones; extra rows or columns leave the others' values unchanged).
+                        let out_padding = |dim: usize| -> Result<usize> {
+                            let out_size = (grad.dim(dim)? - 1) * stride
+                                + dilation * (kernel.dim(dim)? - 1)
+                                + 1
+                                - 2 * padding;
+                            Ok(arg.dim(dim)? - out_size)
+                        };
+                        let out_padding = out_padding(2)?.max(out_padding(3)?);
                         let grad_arg = grad.conv_transpose2d(
                             kernel,
                             *padding,
@@ -280,6 +286,9 @@ impl Tensor {
                             *stride,
                             *dilation,
                         )?;
+                        let grad_arg = grad_arg
+                            .narrow(2, 0, arg.dim(2)?)?
+                            .narrow(3, 0, arg.dim(3)?)?;
                         grads.accumulate(arg, &grad_arg)?;
 
                         let grad_kernel = arg
