@@ -644,8 +644,11 @@ pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32], precisi
         (chosen != Path::Packed).then_some((t, chosen))
     });
     if let Some((transposed, chosen)) = direct {
-        let kernel = conv_direct::input_gradient_kernel(g, weight);
         profile::count_choice(if chosen == Path::Blocked { "conv2d input gradient: blocked" } else { "conv2d input gradient: direct" });
+        if chosen == Path::Blocked {
+            return conv_blocked::forward(gemm::isa(), &transposed, grad_output, &conv_blocked::pack_input_gradient_kernel(g, weight), None);
+        }
+        let kernel = conv_direct::input_gradient_kernel(g, weight);
         return match precision {
             Precision::F32 => forward_on_path(&transposed, chosen, grad_output, &kernel, None),
             Precision::Bf16 => forward_bf16(&transposed, grad_output, &kernel.iter().map(|&w| bf16::from_f32(w)).collect::<Vec<_>>(), None),
@@ -1032,6 +1035,9 @@ mod tests {
         // Channel-blocked on AVX2 (8 input channels or more, output channels filling 3/4 of a
         // group of 32, 64 positions or more), forward and backward.
         (2, 24, 9, 8, 24, 3, 1, 1),
+        // Channel-blocked, several small images per run of positions on 2 threads (5, and a
+        // last run of 4).
+        (9, 9, 3, 5, 24, 3, 1, 1),
         // Small images, convolved several at a time (GROUP_COLUMNS is 40 in the tests):
         // groups of 3 and 2, of 2 and 1; pointwise, of 2 and 1; no output channel.
         (5, 3, 4, 4, 4, 3, 1, 1),
@@ -1142,7 +1148,8 @@ mod tests {
     /// The channel-blocked path (`conv_blocked`), where this CPU has its kernel: channel counts
     /// that fill no block or group, one position and widths that end mid-call, several bands
     /// of rows and blocks of channels, kernels 2×2 to 5×5, one image (threads over channels and
-    /// positions) and several (threads over images).
+    /// positions) and several (threads over images; small images several to a run of positions,
+    /// with a last run of fewer).
     #[test]
     fn blocked_path_matches_the_definition() {
         use super::super::gemm::Isa;
@@ -1150,8 +1157,10 @@ mod tests {
             return;
         }
         // batch, c_in, h, w, c_out, k, padding
-        let cases = [(1, 8, 5, 7, 24, 3, 1), (3, 13, 9, 4, 56, 3, 1), (1, 16, 1, 1, 24, 3, 1), (1, 20, 6, 11, 64, 5, 2), (2, 9, 30, 17, 88, 3, 0), (1, 24, 40, 3, 30, 2, 0), (4, 300, 3, 4, 24, 3, 1), (1, 8, 70, 90, 32, 3, 1)];
-        for (batch, in_channels, height, width, out_channels, k, padding) in cases {
+        let cases = [(1, 8, 5, 7, 24, 3, 1), (3, 13, 9, 4, 56, 3, 1), (1, 16, 1, 1, 24, 3, 1), (1, 20, 6, 11, 64, 5, 2), (2, 9, 30, 17, 88, 3, 0), (1, 24, 40, 3, 30, 2, 0), (4, 300, 3, 4, 24, 3, 1), (1, 8, 70, 90, 32, 3, 1), (37, 16, 4, 4, 48, 3, 1), (11, 9, 2, 3, 24, 2, 0)];
+        // On 2 threads whatever the machine: the threads decide how many images share a run.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        pool.install(|| for (batch, in_channels, height, width, out_channels, k, padding) in cases {
             let g = Geometry { batch, in_channels, height, width, out_channels, kernel_h: k, kernel_w: k, stride: 1, padding };
             assert!(conv_blocked::runs(&g, Isa::Avx2), "{g:?}");
             let input = values(g.batch * g.input_len(), 1);
@@ -1163,13 +1172,13 @@ mod tests {
                 let want = b + bias[(i / plane) % g.out_channels] as f64;
                 assert!((*a as f64 - want).abs() < 1e-4, "{g:?} at {i}: {a} vs {want}");
             }
-        }
+        });
     }
 
     /// The blocked kernel gradient against its definition (in f64): channel counts that fill
     /// no block or group, a last call short of (kernel position, channel) pairs (2×2 and 5×5
     /// kernels), images with more positions than a chunk, one image (threads over groups) and
-    /// several (threads over images).
+    /// several (threads over images; small images several to a chunk, a last one of fewer).
     #[test]
     fn blocked_kernel_gradient_matches_the_definition() {
         use super::super::gemm::Isa;
@@ -1177,8 +1186,10 @@ mod tests {
             return;
         }
         // batch, c_in, h, w, c_out, k, padding
-        let cases = [(1, 8, 9, 8, 24, 3, 1), (3, 13, 8, 9, 56, 3, 1), (2, 20, 10, 11, 64, 5, 2), (1, 9, 30, 17, 88, 3, 0), (4, 24, 9, 9, 30, 2, 0), (2, 16, 16, 16, 32, 3, 1)];
-        for (batch, in_channels, height, width, out_channels, k, padding) in cases {
+        let cases = [(1, 8, 9, 8, 24, 3, 1), (3, 13, 8, 9, 56, 3, 1), (2, 20, 10, 11, 64, 5, 2), (1, 9, 30, 17, 88, 3, 0), (4, 24, 9, 9, 30, 2, 0), (2, 16, 16, 16, 32, 3, 1), (37, 16, 4, 4, 48, 3, 1), (11, 9, 5, 3, 24, 2, 1)];
+        // On 2 threads whatever the machine: the threads decide how many images share a run.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        pool.install(|| for (batch, in_channels, height, width, out_channels, k, padding) in cases {
             let g = Geometry { batch, in_channels, height, width, out_channels, kernel_h: k, kernel_w: k, stride: 1, padding };
             assert!(conv_blocked::suits_kernel_gradient(&g, Isa::Avx2), "{g:?}");
             let input = values(g.batch * g.input_len(), 1);
@@ -1210,7 +1221,7 @@ mod tests {
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert!((*a as f64 - b).abs() < 1e-3, "{g:?} at {i}: {a} vs {b}");
             }
-        }
+        });
     }
 
     /// The output and the gradients of loss = Σ output · r against the definition (in f64), in

@@ -37,9 +37,9 @@ const CHUNK: usize = 86 * POSITIONS;
 /// blocks) adds little to the peak memory. (Tiny in the unit tests: several bands.)
 const BAND_BYTES: usize = if cfg!(test) { 4 << 10 } else { 16 << 20 };
 
-/// Whether the blocked path suits `g` on `isa`: it [`runs`] it, on images of 8×8 positions or
-/// more (at 4×4 the packed path, which takes several images per product, is 1.05× faster),
-/// and either large images or a kernel that stays in cache: every chunk of [`CHUNK`]
+/// Whether the blocked path suits `g` on `isa`: it [`runs`] it, over runs of 64 positions or
+/// more (an image of 8×8, or several small images walked as one run: a training batch's 128
+/// channels at 4×4 run 1.15× faster than on the packed path, Zen 2), and either large images or a kernel that stays in cache: every chunk of [`CHUNK`]
 /// positions reads all of its group's weights, so that small images with a large kernel wait
 /// on memory (SD 1.5's 1,280 channels at 16×16, 59 MB of kernel: 1.3× slower than the packed
 /// path; 640 at 32×32, 15 MB: even; 320 at 64×64 and the VAE's 128–512 channels at 64×64 to
@@ -48,7 +48,20 @@ const BAND_BYTES: usize = if cfg!(test) { 4 << 10 } else { 16 << 20 };
 pub(super) fn suits(g: &Geometry, isa: Isa) -> bool {
     let kernel_bytes = g.out_channels * g.in_channels * g.kernel_h * g.kernel_w * 4;
     let positions = g.out_height() * g.out_width();
-    runs(g, isa) && positions >= 64 && (positions >= 64 * 64 || kernel_bytes <= 4 << 20)
+    let chunk_positions = positions * images_per_item(g, rayon::current_num_threads());
+    runs(g, isa) && chunk_positions >= 64 && (positions >= 64 * 64 || kernel_bytes <= 4 << 20)
+}
+
+/// Images whose positions one work item of [`forward`] or [`kernel_gradient`] walks as one
+/// run, their blocked copies one after another in each block: small images (4×4, 8×8), so
+/// that a chunk of positions spans several and reads its weights once for all of them. At
+/// least one item per thread.
+fn images_per_item(g: &Geometry, threads: usize) -> usize {
+    let positions = g.out_height() * g.out_width();
+    if positions == 0 || 2 * positions > CHUNK || g.batch < threads {
+        return 1;
+    }
+    (CHUNK / positions).min(g.batch.div_ceil(threads.max(1))).max(1)
 }
 
 /// Whether the blocked path can run `g` on `isa`: AVX2 (the only kernel so far) on a CPU that
@@ -66,16 +79,33 @@ pub(super) fn runs(g: &Geometry, isa: Isa) -> bool {
 /// zero past `C_out` and `C_in`.
 pub(super) fn pack_kernel(g: &Geometry, weight: &[f32]) -> Vec<f32> {
     let taps = g.kernel_h * g.kernel_w;
+    assert_eq!(weight.len(), g.out_channels * g.in_channels * taps, "conv2d: kernel size");
+    pack_kernel_with(g, |o, c, t| weight[(o * g.in_channels + c) * taps + t])
+}
+
+/// [`pack_kernel`] for the input gradient of `g` (stride 1, square kernel): the forward
+/// convolution of `conv_direct::input_gradient_geometry(g)` whose kernel has `weight`'s
+/// channels swapped and both axes flipped, packed straight from `weight`.
+pub(super) fn pack_input_gradient_kernel(g: &Geometry, weight: &[f32]) -> Vec<f32> {
+    let transposed = super::conv_direct::input_gradient_geometry(g).expect("conv2d: a stride-1 square kernel");
+    let taps = g.kernel_h * g.kernel_w;
+    assert_eq!(weight.len(), g.out_channels * g.in_channels * taps, "conv2d: kernel size");
+    pack_kernel_with(&transposed, |c, o, t| weight[(o * g.in_channels + c) * taps + taps - 1 - t])
+}
+
+/// [`pack_kernel`]'s layout of the kernel whose value for output channel `o`, input channel
+/// `c` and kernel position `t` (row-major) is `value(o, c, t)`.
+fn pack_kernel_with(g: &Geometry, value: impl Fn(usize, usize, usize) -> f32 + Sync) -> Vec<f32> {
+    let taps = g.kernel_h * g.kernel_w;
     let blocks = g.in_channels.div_ceil(CHANNELS);
     let block_len = taps * CHANNELS * OUT_CHANNELS;
     let mut packed = vec![0f32; g.out_channels.div_ceil(OUT_CHANNELS) * blocks * block_len];
     packed.par_chunks_mut(blocks * block_len).enumerate().for_each(|(group, packed)| {
         for o in 0..OUT_CHANNELS.min(g.out_channels - group * OUT_CHANNELS) {
-            let filters = &weight[(group * OUT_CHANNELS + o) * g.in_channels * taps..][..g.in_channels * taps];
-            for (c, filter) in filters.chunks_exact(taps).enumerate() {
+            for c in 0..g.in_channels {
                 let block = &mut packed[c / CHANNELS * block_len..][..block_len];
-                for (t, &w) in filter.iter().enumerate() {
-                    block[(t * CHANNELS + c % CHANNELS) * OUT_CHANNELS + o] = w;
+                for t in 0..taps {
+                    block[(t * CHANNELS + c % CHANNELS) * OUT_CHANNELS + o] = value(group * OUT_CHANNELS + o, c, t);
                 }
             }
         }
@@ -98,7 +128,10 @@ pub(super) fn forward(isa: Isa, g: &Geometry, input: &[f32], packed: &[f32], bia
         return output;
     }
     // One blocked copy per thread, its padding zeroed once.
-    if g.batch >= rayon::current_num_threads() {
+    let per_item = images_per_item(g, rayon::current_num_threads());
+    if per_item > 1 {
+        output.par_chunks_mut(per_item * out_len).zip(input.par_chunks(per_item * in_len)).for_each_init(Vec::new, |blocked, (out, images)| forward_images(isa, g, images, packed, bias, out, blocked));
+    } else if g.batch >= rayon::current_num_threads() {
         output.par_chunks_mut(out_len).zip(input.par_chunks(in_len.max(1))).for_each_init(Vec::new, |blocked, (out, image)| forward_image(isa, g, image, packed, bias, out, blocked, false));
     } else {
         let mut blocked = Vec::new();
@@ -191,6 +224,88 @@ fn forward_image(isa: Isa, g: &Geometry, image: &[f32], packed: &[f32], bias: Op
     }
 }
 
+/// Several small images' outputs (`images.len() / in_len` of them, each `[C_out, H_out·W_out]`
+/// in `out`) on this thread: their blocked copies lie one after another in each block of
+/// `blocked`, so that a chunk's positions run on from one image into the next.
+fn forward_images(isa: Isa, g: &Geometry, images: &[f32], packed: &[f32], bias: Option<&[f32]>, out: &mut [f32], blocked: &mut Vec<f32>) {
+    let (out_w, positions) = (g.out_width(), g.out_height() * g.out_width());
+    let count = out.len() / (g.out_channels * positions);
+    let blocks = g.in_channels.div_ceil(CHANNELS);
+    let row_len = (g.width + 2 * g.padding) * CHANNELS;
+    let image_len = (g.height + 2 * g.padding) * row_len;
+    let block_len = count * image_len;
+    fill_images(isa, g, images, count, blocked);
+    let taps: Vec<usize> = (0..g.kernel_h).flat_map(|ky| (0..g.kernel_w).map(move |kx| ky * row_len + kx * CHANNELS)).collect();
+    let block_weights = taps.len() * CHANNELS * OUT_CHANNELS;
+    // The items' images are `C_out` rows of the output apiece.
+    let c = COut::new(out, positions, count * g.out_channels, positions);
+    let (mut sums, mut starts) = (vec![0f32; CHUNK * OUT_CHANNELS], vec![0usize; CHUNK]);
+    let total = count * positions;
+    // Chunks of equal length, as in `forward_image`.
+    let chunk = total.div_ceil(total.div_ceil(CHUNK)).next_multiple_of(POSITIONS);
+    for group in 0..g.out_channels.div_ceil(OUT_CHANNELS) {
+        let weights = &packed[group * blocks * block_weights..][..blocks * block_weights];
+        let channels = group * OUT_CHANNELS..(group * OUT_CHANNELS + OUT_CHANNELS).min(g.out_channels);
+        for first in (0..total).step_by(chunk) {
+            let len = chunk.min(total - first);
+            let sums = &mut sums[..len.next_multiple_of(POSITIONS) * OUT_CHANNELS];
+            for position in sums.chunks_exact_mut(OUT_CHANNELS) {
+                match bias {
+                    Some(bias) => position[..channels.len()].copy_from_slice(&bias[channels.clone()]),
+                    None => position.fill(0.0),
+                }
+            }
+            // Positions past the chunk's end repeat its last: summed, never written out.
+            for (i, start) in starts.iter_mut().enumerate() {
+                let p = first + i.min(len - 1);
+                let (image, at) = (p / positions, p % positions);
+                *start = image * image_len + at / out_w * row_len + at % out_w * CHANNELS;
+            }
+            let calls = len.div_ceil(POSITIONS) * POSITIONS;
+            for (index, weights) in weights.chunks(BLOCKS_PER_CALL * block_weights).enumerate() {
+                let input = &blocked[index * BLOCKS_PER_CALL * block_len..][..weights.len() / block_weights * block_len];
+                block_product(isa, &taps, input, block_len, &starts[..calls], weights, sums);
+            }
+            // The sums, transposed into each image's rows.
+            let mut p = first;
+            while p < first + len {
+                let (image, at) = (p / positions, p % positions);
+                let run = (positions - at).min(first + len - p);
+                for first_channel in channels.clone().step_by(CHANNELS) {
+                    let row = image * g.out_channels;
+                    // SAFETY: this thread holds the whole of `out`, and the rows are distinct.
+                    let mut rows: Vec<&mut [f32]> = (first_channel..(first_channel + CHANNELS).min(channels.end)).map(|channel| unsafe { c.row(row + channel, at, run) }).collect();
+                    write_transposed(isa, &sums[(p - first) * OUT_CHANNELS + first_channel - channels.start..], OUT_CHANNELS, &mut rows);
+                }
+                p += run;
+            }
+        }
+    }
+}
+
+/// `count` whole images (`images`) into `blocked`, their padded copies one after another in
+/// each block of 8 channels: `[C_in/8][count][H + 2·padding][W + 2·padding][8]`.
+fn fill_images(isa: Isa, g: &Geometry, images: &[f32], count: usize, blocked: &mut Vec<f32>) {
+    let row_len = (g.width + 2 * g.padding) * CHANNELS;
+    let image_len = (g.height + 2 * g.padding) * row_len;
+    let block_len = count * image_len;
+    let len = g.in_channels.div_ceil(CHANNELS) * block_len;
+    // Zeroed when made for this many images: the padding columns and the channels past
+    // `C_in` are never written.
+    if blocked.len() != len {
+        blocked.clear();
+        blocked.resize(len, 0.0);
+    }
+    let in_len = g.in_channels * g.height * g.width;
+    for (i, image) in images.chunks_exact(in_len).take(count).enumerate() {
+        for (block, blocked) in blocked.chunks_exact_mut(block_len).enumerate() {
+            for (r, row) in blocked[i * image_len..][..image_len].chunks_exact_mut(row_len).enumerate() {
+                fill_row(isa, g, image, block, r, row);
+            }
+        }
+    }
+}
+
 /// Output positions per pass of the kernel gradient's micro-kernel: the output gradient's
 /// chunk (`[positions][32]`, 24 KiB) stays in L1 while every input channel and kernel
 /// position passes over it.
@@ -201,12 +316,13 @@ const GRADIENT_CHUNK: usize = 192;
 const GRADIENT_IMAGE_BYTES: usize = 16 << 20;
 
 /// Whether the blocked path suits `g`'s kernel gradient: it [`runs`] it, an image's blocked
-/// copy is at most [`GRADIENT_IMAGE_BYTES`], and it has 64 positions or more. (On Zen 2, a
-/// training batch's 64–256 channels at 8×8 to 32×32 run 1.1–1.6× faster than on the planes
-/// of `conv_direct::kernel_gradient` or the packed path.)
+/// copy is at most [`GRADIENT_IMAGE_BYTES`], and its runs of positions (an image, or several
+/// small ones: [`images_per_item`]) are 64 or more. (On Zen 2, a training batch's 64–256
+/// channels at 8×8 to 32×32 run 1.1–1.6× faster than on the planes of
+/// `conv_direct::kernel_gradient` or the packed path; at 4×4, about as fast as the packed path.)
 pub(super) fn suits_kernel_gradient(g: &Geometry, isa: Isa) -> bool {
     let blocked_bytes = g.in_channels.div_ceil(CHANNELS) * CHANNELS * (g.height + 2 * g.padding) * (g.width + 2 * g.padding) * 4;
-    runs(g, isa) && g.out_height() * g.out_width() >= 64 && blocked_bytes <= GRADIENT_IMAGE_BYTES
+    runs(g, isa) && g.out_height() * g.out_width() * images_per_item(g, rayon::current_num_threads()) >= 64 && blocked_bytes <= GRADIENT_IMAGE_BYTES
 }
 
 /// `g`'s kernel gradient, `∂W[o][c][t] = Σ_images Σ_positions ∂out[o][position] ·
@@ -228,15 +344,18 @@ pub(super) fn kernel_gradient(isa: Isa, g: &Geometry, input: &[f32], grad_output
     let threads = rayon::current_num_threads();
     let sums = if g.batch >= threads {
         let per_share = g.batch.div_ceil(threads);
+        let per_item = images_per_item(g, threads);
         let partials: Vec<Vec<f32>> = (0..threads)
             .into_par_iter()
             .map(|share| {
                 let mut sums = vec![0f32; groups * group_len];
                 let mut blocked = Vec::new();
-                for b in share * per_share..((share + 1) * per_share).min(g.batch) {
-                    fill_band(isa, g, &input[b * in_len..][..in_len], 0, g.height + 2 * g.padding, blocked_for(g, &mut blocked), false);
+                let images = share * per_share..((share + 1) * per_share).min(g.batch);
+                for b in images.clone().step_by(per_item) {
+                    let count = per_item.min(images.end - b);
+                    fill_images(isa, g, &input[b * in_len..][..count * in_len], count, &mut blocked);
                     for (group, sums) in sums.chunks_exact_mut(group_len).enumerate() {
-                        gradient_group(isa, g, &blocked, &grad_output[b * out_len..][..out_len], group, sums);
+                        gradient_group(isa, g, &blocked, &grad_output[b * out_len..][..count * out_len], count, group, sums);
                     }
                 }
                 sums
@@ -253,7 +372,7 @@ pub(super) fn kernel_gradient(isa: Isa, g: &Geometry, input: &[f32], grad_output
         for b in 0..g.batch {
             fill_band(isa, g, &input[b * in_len..][..in_len], 0, g.height + 2 * g.padding, blocked_for(g, &mut blocked), true);
             let grad = &grad_output[b * out_len..][..out_len];
-            sums.par_chunks_mut(group_len).enumerate().for_each(|(group, sums)| gradient_group(isa, g, &blocked, grad, group, sums));
+            sums.par_chunks_mut(group_len).enumerate().for_each(|(group, sums)| gradient_group(isa, g, &blocked, grad, 1, group, sums));
         }
         sums
     };
@@ -279,31 +398,46 @@ fn blocked_for<'b>(g: &Geometry, blocked: &'b mut Vec<f32>) -> &'b mut [f32] {
     blocked
 }
 
-/// Adds one image's share of the kernel gradient for group `group` of output channels into
-/// `sums` (the group's part of [`pack_kernel`]'s layout), from its blocked input (one band)
-/// and its output gradient.
-fn gradient_group(isa: Isa, g: &Geometry, blocked: &[f32], grad: &[f32], group: usize, sums: &mut [f32]) {
+/// Adds `count` images' share of the kernel gradient for group `group` of output channels
+/// into `sums` (the group's part of [`pack_kernel`]'s layout), from their blocked input (one
+/// band each, one after another in each block, as [`fill_images`] lays them) and their output
+/// gradients (`grad`, one after another).
+#[allow(clippy::too_many_arguments)]
+fn gradient_group(isa: Isa, g: &Geometry, blocked: &[f32], grad: &[f32], count: usize, group: usize, sums: &mut [f32]) {
     let (out_w, positions) = (g.out_width(), g.out_height() * g.out_width());
     let row_len = (g.width + 2 * g.padding) * CHANNELS;
+    let image_len = (g.height + 2 * g.padding) * row_len;
     let blocks = g.in_channels.div_ceil(CHANNELS);
     let block_input = blocked.len() / blocks;
+    assert!(block_input >= count * image_len && grad.len() == count * g.out_channels * positions, "conv2d: blocked gradient operands");
     // The (kernel position, channel) pairs of a block in the packed order, 3 per call; a last
     // call short of pairs repeats one and sums it into `spare`.
     let pairs: Vec<usize> = (0..g.kernel_h).flat_map(|ky| (0..g.kernel_w).flat_map(move |kx| (0..CHANNELS).map(move |c| ky * row_len + kx * CHANNELS + c))).collect();
     let channels = group * OUT_CHANNELS..(group * OUT_CHANNELS + OUT_CHANNELS).min(g.out_channels);
+    let total = count * positions;
+    // Chunks of equal length.
+    let chunk = total.div_ceil(total.div_ceil(GRADIENT_CHUNK));
     // Zero past the last output channel (never written).
-    let mut transposed = vec![0f32; GRADIENT_CHUNK * OUT_CHANNELS];
-    let mut starts = vec![0usize; GRADIENT_CHUNK];
-    for first in (0..positions).step_by(GRADIENT_CHUNK) {
-        let len = GRADIENT_CHUNK.min(positions - first);
-        for v in (channels.start..channels.end).step_by(CHANNELS) {
-            let count = (channels.end - v).min(CHANNELS);
-            let sources: [&[f32]; CHANNELS] = std::array::from_fn(|j| &grad[(v + j.min(count - 1)) * positions + first..][..len]);
-            read_transposed(isa, &sources[..count], &mut transposed[v - channels.start..], OUT_CHANNELS);
+    let mut transposed = vec![0f32; chunk * OUT_CHANNELS];
+    let mut starts = vec![0usize; chunk];
+    for first in (0..total).step_by(chunk) {
+        let len = chunk.min(total - first);
+        // The chunk's output gradient, transposed image by image.
+        let mut p = first;
+        while p < first + len {
+            let (image, at) = (p / positions, p % positions);
+            let run = (positions - at).min(first + len - p);
+            let grad = &grad[image * g.out_channels * positions..];
+            for v in (channels.start..channels.end).step_by(CHANNELS) {
+                let filled = (channels.end - v).min(CHANNELS);
+                let sources: [&[f32]; CHANNELS] = std::array::from_fn(|j| &grad[(v + j.min(filled - 1)) * positions + at..][..run]);
+                read_transposed(isa, &sources[..filled], &mut transposed[(p - first) * OUT_CHANNELS + v - channels.start..], OUT_CHANNELS);
+            }
+            p += run;
         }
         for (i, start) in starts[..len].iter_mut().enumerate() {
-            let p = first + i;
-            *start = p / out_w * row_len + p % out_w * CHANNELS;
+            let (image, at) = ((first + i) / positions, (first + i) % positions);
+            *start = image * image_len + at / out_w * row_len + at % out_w * CHANNELS;
         }
         let (starts, grad) = (Starts::new(&starts[..len]), &transposed[..len * OUT_CHANNELS]);
         for (block, sums) in sums.chunks_exact_mut(pairs.len() * OUT_CHANNELS).enumerate() {
@@ -357,18 +491,7 @@ fn fill_band(isa: Isa, g: &Geometry, image: &[f32], first_row: usize, rows: usiz
     let block_len = blocked.len() / g.in_channels.div_ceil(CHANNELS);
     let fill = |(block, blocked): (usize, &mut [f32])| {
         for r in 0..rows {
-            let row = &mut blocked[r * row_len..(r + 1) * row_len];
-            let Some(y) = (first_row + r).checked_sub(g.padding).filter(|&y| y < g.height) else {
-                row.fill(0.0);
-                continue;
-            };
-            let inside = &mut row[g.padding * CHANNELS..(g.padding + g.width) * CHANNELS];
-            let channels = (g.in_channels - block * CHANNELS).min(CHANNELS);
-            let sources: [&[f32]; CHANNELS] = std::array::from_fn(|i| {
-                let c = block * CHANNELS + i.min(channels - 1);
-                &image[(c * g.height + y) * g.width..][..g.width]
-            });
-            read_transposed(isa, &sources[..channels], inside, CHANNELS);
+            fill_row(isa, g, image, block, first_row + r, &mut blocked[r * row_len..(r + 1) * row_len]);
         }
     };
     if parallel {
@@ -376,6 +499,22 @@ fn fill_band(isa: Isa, g: &Geometry, image: &[f32], first_row: usize, rows: usiz
     } else {
         blocked.chunks_mut(block_len).enumerate().for_each(fill);
     }
+}
+
+/// Row `padded_row` of the padded image (zero outside the image), block `block` of its
+/// channels, into `row` (`(W + 2·padding) · 8` values; the padding columns are left as they are).
+fn fill_row(isa: Isa, g: &Geometry, image: &[f32], block: usize, padded_row: usize, row: &mut [f32]) {
+    let Some(y) = padded_row.checked_sub(g.padding).filter(|&y| y < g.height) else {
+        row.fill(0.0);
+        return;
+    };
+    let inside = &mut row[g.padding * CHANNELS..(g.padding + g.width) * CHANNELS];
+    let channels = (g.in_channels - block * CHANNELS).min(CHANNELS);
+    let sources: [&[f32]; CHANNELS] = std::array::from_fn(|i| {
+        let c = block * CHANNELS + i.min(channels - 1);
+        &image[(c * g.height + y) * g.width..][..g.width]
+    });
+    read_transposed(isa, &sources[..channels], inside, CHANNELS);
 }
 
 /// `rows[j][i] = values[i·stride + j]`: up to 8 columns of a row-major matrix (`rows.len()`
