@@ -15,10 +15,12 @@
 //! (`[positions][32]`, started from the bias), a block of input channels at a time, and
 //! transposed into the NCHW output when complete.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::conv::Geometry;
-use super::gemm::{COut, Isa};
+use super::gemm::{fresh_output, COut, Isa};
 
 /// Input channels per block: the 8 values of one position the kernel broadcasts in turn.
 const CHANNELS: usize = 8;
@@ -123,29 +125,32 @@ pub(super) fn forward(isa: Isa, g: &Geometry, input: &[f32], packed: &[f32], bia
     let (in_len, out_len) = (g.in_channels * g.height * g.width, g.out_channels * g.out_height() * g.out_width());
     assert!(input.len() == g.batch * in_len && bias.is_none_or(|b| b.len() == g.out_channels), "conv2d: operand sizes");
     assert_eq!(packed.len(), g.out_channels.div_ceil(OUT_CHANNELS) * g.in_channels.div_ceil(CHANNELS) * g.kernel_h * g.kernel_w * CHANNELS * OUT_CHANNELS);
-    let mut output = vec![0f32; g.batch * out_len];
     if out_len == 0 {
-        return output;
+        return vec![0f32; g.batch * out_len];
     }
-    // One blocked copy per thread, its padding zeroed once.
-    let per_item = images_per_item(g, rayon::current_num_threads());
-    if per_item > 1 {
-        output.par_chunks_mut(per_item * out_len).zip(input.par_chunks(per_item * in_len)).for_each_init(Vec::new, |blocked, (out, images)| forward_images(isa, g, images, packed, bias, out, blocked));
-    } else if g.batch >= rayon::current_num_threads() {
-        output.par_chunks_mut(out_len).zip(input.par_chunks(in_len.max(1))).for_each_init(Vec::new, |blocked, (out, image)| forward_image(isa, g, image, packed, bias, out, blocked, false));
-    } else {
-        let mut blocked = Vec::new();
-        for (out, image) in output.chunks_mut(out_len).zip(input.chunks(in_len.max(1))) {
-            forward_image(isa, g, image, packed, bias, out, &mut blocked, true);
+    let write = |output: &mut [MaybeUninit<f32>]| {
+        // One blocked copy per thread, its padding zeroed once.
+        let per_item = images_per_item(g, rayon::current_num_threads());
+        if per_item > 1 {
+            output.par_chunks_mut(per_item * out_len).zip(input.par_chunks(per_item * in_len)).for_each_init(Vec::new, |blocked, (out, images)| forward_images(isa, g, images, packed, bias, out, blocked));
+        } else if g.batch >= rayon::current_num_threads() {
+            output.par_chunks_mut(out_len).zip(input.par_chunks(in_len.max(1))).for_each_init(Vec::new, |blocked, (out, image)| forward_image(isa, g, image, packed, bias, out, blocked, false));
+        } else {
+            let mut blocked = Vec::new();
+            for (out, image) in output.chunks_mut(out_len).zip(input.chunks(in_len.max(1))) {
+                forward_image(isa, g, image, packed, bias, out, &mut blocked, true);
+            }
         }
-    }
-    output
+    };
+    // SAFETY: every image's output is written in full: each band's positions, in chunks, for
+    // every group of output channels (`forward_image`, `forward_images`).
+    unsafe { fresh_output(g.batch * out_len, write) }
 }
 
 /// One image's output `[C_out, H_out·W_out]`, a band of output rows at a time, through
 /// `blocked` (empty, or left by an image of the same geometry: its padding is still zero).
 #[allow(clippy::too_many_arguments)]
-fn forward_image(isa: Isa, g: &Geometry, image: &[f32], packed: &[f32], bias: Option<&[f32]>, out: &mut [f32], blocked: &mut Vec<f32>, parallel: bool) {
+fn forward_image(isa: Isa, g: &Geometry, image: &[f32], packed: &[f32], bias: Option<&[f32]>, out: &mut [MaybeUninit<f32>], blocked: &mut Vec<f32>, parallel: bool) {
     let (out_h, out_w) = (g.out_height(), g.out_width());
     let blocks = g.in_channels.div_ceil(CHANNELS);
     // A row's left padding, its values and its right padding.
@@ -155,7 +160,7 @@ fn forward_image(isa: Isa, g: &Geometry, image: &[f32], packed: &[f32], bias: Op
     // Zeroed once: the padding columns and the channels past `C_in` are never written.
     blocked.resize(blocks * input_rows * row_len, 0.0);
     let taps: Vec<usize> = (0..g.kernel_h).flat_map(|ky| (0..g.kernel_w).map(move |kx| ky * row_len + kx * CHANNELS)).collect();
-    let c = COut::new(out, out_h * out_w, g.out_channels, out_h * out_w);
+    let c = COut::fresh(out, out_h * out_w, g.out_channels, out_h * out_w);
     let groups = g.out_channels.div_ceil(OUT_CHANNELS);
     for first_row in (0..out_h).step_by(band_rows) {
         let rows = band_rows.min(out_h - first_row);
@@ -211,7 +216,7 @@ fn forward_image(isa: Isa, g: &Geometry, image: &[f32], packed: &[f32], bias: Op
                 for first_channel in channels.clone().step_by(CHANNELS) {
                     // SAFETY: items write disjoint (channel group, position range) parts of
                     // the output.
-                    let mut rows: Vec<&mut [f32]> = (first_channel..(first_channel + CHANNELS).min(channels.end)).map(|channel| unsafe { c.row(channel, at, len) }).collect();
+                    let mut rows: Vec<&mut [MaybeUninit<f32>]> = (first_channel..(first_channel + CHANNELS).min(channels.end)).map(|channel| unsafe { c.row_uninit(channel, at, len) }).collect();
                     write_transposed(isa, &sums[first_channel - channels.start..], OUT_CHANNELS, &mut rows);
                 }
             }
@@ -227,7 +232,7 @@ fn forward_image(isa: Isa, g: &Geometry, image: &[f32], packed: &[f32], bias: Op
 /// Several small images' outputs (`images.len() / in_len` of them, each `[C_out, H_out·W_out]`
 /// in `out`) on this thread: their blocked copies lie one after another in each block of
 /// `blocked`, so that a chunk's positions run on from one image into the next.
-fn forward_images(isa: Isa, g: &Geometry, images: &[f32], packed: &[f32], bias: Option<&[f32]>, out: &mut [f32], blocked: &mut Vec<f32>) {
+fn forward_images(isa: Isa, g: &Geometry, images: &[f32], packed: &[f32], bias: Option<&[f32]>, out: &mut [MaybeUninit<f32>], blocked: &mut Vec<f32>) {
     let (out_w, positions) = (g.out_width(), g.out_height() * g.out_width());
     let count = out.len() / (g.out_channels * positions);
     let blocks = g.in_channels.div_ceil(CHANNELS);
@@ -238,7 +243,7 @@ fn forward_images(isa: Isa, g: &Geometry, images: &[f32], packed: &[f32], bias: 
     let taps: Vec<usize> = (0..g.kernel_h).flat_map(|ky| (0..g.kernel_w).map(move |kx| ky * row_len + kx * CHANNELS)).collect();
     let block_weights = taps.len() * CHANNELS * OUT_CHANNELS;
     // The items' images are `C_out` rows of the output apiece.
-    let c = COut::new(out, positions, count * g.out_channels, positions);
+    let c = COut::fresh(out, positions, count * g.out_channels, positions);
     let (mut sums, mut starts) = (vec![0f32; CHUNK * OUT_CHANNELS], vec![0usize; CHUNK]);
     let total = count * positions;
     // Chunks of equal length, as in `forward_image`.
@@ -274,7 +279,7 @@ fn forward_images(isa: Isa, g: &Geometry, images: &[f32], packed: &[f32], bias: 
                 for first_channel in channels.clone().step_by(CHANNELS) {
                     let row = image * g.out_channels;
                     // SAFETY: this thread holds the whole of `out`, and the rows are distinct.
-                    let mut rows: Vec<&mut [f32]> = (first_channel..(first_channel + CHANNELS).min(channels.end)).map(|channel| unsafe { c.row(row + channel, at, run) }).collect();
+                    let mut rows: Vec<&mut [MaybeUninit<f32>]> = (first_channel..(first_channel + CHANNELS).min(channels.end)).map(|channel| unsafe { c.row_uninit(row + channel, at, run) }).collect();
                     write_transposed(isa, &sums[(p - first) * OUT_CHANNELS + first_channel - channels.start..], OUT_CHANNELS, &mut rows);
                 }
                 p += run;
@@ -519,12 +524,12 @@ fn fill_row(isa: Isa, g: &Geometry, image: &[f32], block: usize, padded_row: usi
 
 /// `rows[j][i] = values[i·stride + j]`: up to 8 columns of a row-major matrix (`rows.len()`
 /// of them, from `values`' start) into rows, 8 × 8 blocks through registers.
-fn write_transposed(isa: Isa, values: &[f32], stride: usize, rows: &mut [&mut [f32]]) {
+fn write_transposed(isa: Isa, values: &[f32], stride: usize, rows: &mut [&mut [MaybeUninit<f32>]]) {
     let len = rows.first().map_or(0, |row| row.len());
     assert!(rows.len() <= CHANNELS && rows.iter().all(|row| row.len() == len) && (len == 0 || values.len() >= (len - 1) * stride + rows.len()));
     let whole = if rows.len() == CHANNELS && isa == Isa::Avx2 { len / 8 * 8 } else { 0 };
     for i in (0..whole).step_by(8) {
-        let dst: [*mut f32; 8] = std::array::from_fn(|j| rows[j][i..].as_mut_ptr());
+        let dst: [*mut f32; 8] = std::array::from_fn(|j| rows[j][i..].as_mut_ptr().cast());
         // SAFETY: AVX2 is this CPU's (`isa`, see `kernel`); 8 rows of `values` from
         // `i·stride` hold 8 values each and every destination 8 from `i` (the assertion, and
         // `i + 8 <= len`); the rows are distinct slices.
@@ -535,7 +540,7 @@ fn write_transposed(isa: Isa, values: &[f32], stride: usize, rows: &mut [&mut [f
     }
     for (j, row) in rows.iter_mut().enumerate() {
         for (i, value) in row.iter_mut().enumerate().skip(whole) {
-            *value = values[i * stride + j];
+            value.write(values[i * stride + j]);
         }
     }
 }

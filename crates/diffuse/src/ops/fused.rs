@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::gemm_bf16::gemm_in;
+use super::gemm_bf16::{gemm_in, gemm_in_fresh};
 use super::{contiguous_f32, gemm, vector, Precision};
 
 /// Elements per task of the element-wise passes: enough to amortise a task, few enough that
@@ -420,9 +420,10 @@ impl Linear {
         let (Some(x), Some(w)) = (gemm::MatRef::row_major(x, rows, in_features), gemm::MatRef::row_major(w, out_features, in_features)) else {
             candle_core::bail!("linear: an operand's size does not match its shape");
         };
-        let mut output = vec![0f32; rows * out_features];
         let init = bias.map_or(gemm::Init::Overwrite, gemm::Init::ColumnBias);
-        gemm_in(self.precision, &mut output, out_features, x, &w.t(), init, true);
+        // SAFETY: a product that does not accumulate writes all of its `C`, here the whole
+        // `rows × out_features` output.
+        let output = unsafe { gemm::fresh_output(rows * out_features, |out| gemm_in_fresh(self.precision, out, out_features, x, &w.t(), init, true)) };
         Ok((CpuStorage::F32(output), Shape::from((rows, out_features))))
     }
 
@@ -435,16 +436,10 @@ impl Linear {
         let (grad_input, grad_weight, grad_bias) = with_slices(&[input, weight, &grad_output], "linear backward", |s| {
             let matrix = |data, rows, cols| gemm::MatRef::row_major(data, rows, cols).ok_or_else(|| candle_core::Error::Msg("linear backward: operand sizes".into()));
             let (x, w, g) = (matrix(s[0], rows, in_features)?, matrix(s[1], out_features, in_features)?, matrix(s[2], rows, out_features)?);
-            let grad_input = input.track_op().then(|| {
-                let mut grad = vec![0f32; rows * in_features];
-                gemm_in(self.precision, &mut grad, in_features, g, &w, gemm::Init::Overwrite, true);
-                grad
-            });
-            let grad_weight = weight.track_op().then(|| {
-                let mut grad = vec![0f32; out_features * in_features];
-                gemm_in(self.precision, &mut grad, in_features, g.t(), &x, gemm::Init::Overwrite, true);
-                grad
-            });
+            // SAFETY (both): a product that does not accumulate writes all of its `C`, here the
+            // whole gradient.
+            let grad_input = input.track_op().then(|| unsafe { gemm::fresh_output(rows * in_features, |grad| gemm_in_fresh(self.precision, grad, in_features, g, &w, gemm::Init::Overwrite, true)) });
+            let grad_weight = weight.track_op().then(|| unsafe { gemm::fresh_output(out_features * in_features, |grad| gemm_in_fresh(self.precision, grad, in_features, g.t(), &x, gemm::Init::Overwrite, true)) });
             let grad_bias = with_bias.then(|| column_sums(s[2], out_features));
             Ok((grad_input, grad_weight, grad_bias))
         })?;

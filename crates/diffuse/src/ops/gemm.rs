@@ -15,6 +15,7 @@
 //! [`PackedB`]); and a row-major `A` can be read where it lies ([`ASource::InPlace`], a
 //! convolution's kernel), which saves its packing traffic.
 
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
@@ -550,8 +551,42 @@ pub fn gemm(c: &mut [f32], ldc: usize, a: ASource, b: &impl PackB, init: Init, p
     gemm_with(isa, c, ldc, a, b, init, parallel)
 }
 
+/// [`gemm`] into a new output, `c` (`m × n` with row stride `ldc`), that the product writes in
+/// full, so that it need not be zeroed first (see [`fresh_output`]). `init` must not be
+/// [`Init::Accumulate`].
+pub fn gemm_fresh(c: &mut [MaybeUninit<f32>], ldc: usize, a: ASource, b: &impl PackB, init: Init, parallel: bool) {
+    assert!(!matches!(init, Init::Accumulate), "gemm: a fresh output has nothing to add to");
+    let isa = match a {
+        ASource::Packed(packed) => packed.isa,
+        ASource::View(_) | ASource::InPlace(_) => isa(),
+    };
+    let (m, n) = (a.dims().0, b.dims().1);
+    product(isa, COut::fresh(c, ldc, m, n), a, b, init, parallel)
+}
+
+/// A new output of `len` values that `write` fills in full, without a pass that zeroes it
+/// first (for a large output, as long as one pass of an element-wise operation).
+///
+/// # Safety
+/// `write` writes every element of the slice it is given (e.g. [`gemm_fresh`] with every row
+/// and column of its `C` in the slice).
+pub(crate) unsafe fn fresh_output(len: usize, write: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut values = Vec::with_capacity(len);
+    write(&mut values.spare_capacity_mut()[..len]);
+    // SAFETY: the first `len` elements are initialised (the caller's contract) and within the
+    // capacity.
+    unsafe { values.set_len(len) };
+    values
+}
+
 /// [`gemm`] on the micro-kernel of `isa` (a packed `A` must have been packed for it).
 pub(crate) fn gemm_with(isa: Isa, c: &mut [f32], ldc: usize, a: ASource, b: &impl PackB, init: Init, parallel: bool) {
+    let (m, n) = (a.dims().0, b.dims().1);
+    product(isa, COut::new(c, ldc, m, n), a, b, init, parallel)
+}
+
+/// [`gemm_with`] into `c`, `A`'s rows × `B`'s columns.
+fn product(isa: Isa, c: COut, a: ASource, b: &impl PackB, init: Init, parallel: bool) {
     match a {
         ASource::Packed(packed) => assert_eq!(packed.isa, isa, "gemm: A was packed for another ISA"),
         ASource::InPlace(view) => assert!(view.col_stride == 1 || view.cols <= 1, "gemm: A in place must be row-major"),
@@ -569,7 +604,7 @@ pub(crate) fn gemm_with(isa: Isa, c: &mut [f32], ldc: usize, a: ASource, b: &imp
         return;
     }
     if let Some(per_share) = depth_share(m, n, k, KC).filter(|_| !matches!(a, ASource::Packed(_))) {
-        split_depth(c, ldc, (m, n, k), per_share, init, parallel, |first, len, out| {
+        split_depth(c, (m, n, k), per_share, init, parallel, |first, len, out| {
             let a = match a {
                 ASource::View(view) => ASource::View(view.columns(first, len)),
                 ASource::InPlace(view) => ASource::InPlace(view.columns(first, len)),
@@ -580,7 +615,7 @@ pub(crate) fn gemm_with(isa: Isa, c: &mut [f32], ldc: usize, a: ASource, b: &imp
         return;
     }
     let (mr, nr) = isa.tile();
-    for_each_share(COut::new(c, ldc, m, n), mr, nr, parallel, |part, m0, first, len| {
+    for_each_share(c, mr, nr, parallel, |part, m0, first, len| {
         if (first, len) == (0, n) {
             gemm_block(isa, part, m0, a, b, init.offset(m0, 0));
         } else {
@@ -612,8 +647,8 @@ pub(crate) fn depth_share(m: usize, n: usize, k: usize, block: usize) -> Option<
 /// `partial(first, len, out)` writing the product of depth `first..first + len` into `out`
 /// (`m × n`, row-major); on all threads when `parallel`; added in share order and applied to
 /// `c` as `init` says.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn split_depth(c: &mut [f32], ldc: usize, (m, n, k): (usize, usize, usize), per_share: usize, init: Init, parallel: bool, partial: impl Fn(usize, usize, &mut [f32]) + Sync) {
+pub(crate) fn split_depth(c: COut, (m, n, k): (usize, usize, usize), per_share: usize, init: Init, parallel: bool, partial: impl Fn(usize, usize, &mut [f32]) + Sync) {
+    assert!(c.rows == m && c.cols == n, "gemm: C is {}×{}, the product {m}×{n}", c.rows, c.cols);
     let shares = k.div_ceil(per_share);
     let mut partials = vec![0f32; shares * m * n];
     let product = |(share, out): (usize, &mut [f32])| {
@@ -627,13 +662,19 @@ pub(crate) fn split_depth(c: &mut [f32], ldc: usize, (m, n, k): (usize, usize, u
     }
     let (first, rest) = partials.split_at(m * n);
     for i in 0..m {
-        let row = &mut c[i * ldc..i * ldc + n];
         let sum = |j: usize| rest.chunks_exact(m * n).fold(first[i * n + j], |s, p| s + p[i * n + j]);
+        if let Init::Accumulate = init {
+            // SAFETY: `c` is all this caller's; an accumulated `C` holds values.
+            let row = unsafe { c.row(i, 0, n) };
+            row.iter_mut().enumerate().for_each(|(j, c)| *c += sum(j));
+            continue;
+        }
+        // SAFETY: `c` is all this caller's.
+        let row = unsafe { c.row_uninit(i, 0, n) };
         match init {
-            Init::Overwrite => row.iter_mut().enumerate().for_each(|(j, c)| *c = sum(j)),
-            Init::Accumulate => row.iter_mut().enumerate().for_each(|(j, c)| *c += sum(j)),
-            Init::RowBias(bias) => row.iter_mut().enumerate().for_each(|(j, c)| *c = bias[i] + sum(j)),
-            Init::ColumnBias(bias) => row.iter_mut().enumerate().for_each(|(j, c)| *c = bias[j] + sum(j)),
+            Init::RowBias(bias) => row.iter_mut().enumerate().for_each(|(j, c)| _ = c.write(bias[i] + sum(j))),
+            Init::ColumnBias(bias) => row.iter_mut().enumerate().for_each(|(j, c)| _ = c.write(bias[j] + sum(j))),
+            Init::Overwrite | Init::Accumulate => row.iter_mut().enumerate().for_each(|(j, c)| _ = c.write(sum(j))),
         }
     }
 }
@@ -689,6 +730,14 @@ impl COut {
         Self { ptr: c.as_mut_ptr(), ldc, rows, cols }
     }
 
+    /// [`COut::new`] over memory that may not be written yet: each element is to be written
+    /// (through [`COut::row_uninit`], or a kernel's tile that does not add) before it is read
+    /// or taken by [`COut::row`].
+    pub(crate) fn fresh(c: &mut [MaybeUninit<f32>], ldc: usize, rows: usize, cols: usize) -> Self {
+        assert!(ldc >= cols && (rows == 0 || cols == 0 || c.len() >= (rows - 1) * ldc + cols), "gemm: C is too small");
+        Self { ptr: c.as_mut_ptr().cast(), ldc, rows, cols }
+    }
+
     fn columns(self, first: usize, len: usize) -> Self {
         assert!(first + len <= self.cols);
         // `wrapping_add` keeps this safe; the pointer is only dereferenced in `row`, or by a
@@ -711,13 +760,26 @@ impl COut {
     /// Elements `j..j + width` of row `i`.
     ///
     /// # Safety
-    /// No other live reference covers these elements (the split into disjoint ranges).
+    /// No other live reference covers these elements (the split into disjoint ranges), and
+    /// they hold values (not fresh memory never written: see [`COut::fresh`]).
     #[allow(clippy::mut_from_ref)]
     pub(crate) unsafe fn row(&self, i: usize, j: usize, width: usize) -> &mut [f32] {
         assert!(i < self.rows && j + width <= self.cols, "gemm: write outside C");
-        // SAFETY: in bounds of the matrix `new` checked (the assertion), and exclusive by the
-        // caller's contract.
+        // SAFETY: in bounds of the matrix `new` checked (the assertion), exclusive and holding
+        // values by the caller's contract.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * self.ldc + j), width) }
+    }
+
+    /// Elements `j..j + width` of row `i`, to be written (they may be fresh memory).
+    ///
+    /// # Safety
+    /// No other live reference covers these elements (the split into disjoint ranges).
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn row_uninit(&self, i: usize, j: usize, width: usize) -> &mut [MaybeUninit<f32>] {
+        assert!(i < self.rows && j + width <= self.cols, "gemm: write outside C");
+        // SAFETY: in bounds (the assertion), exclusive by the caller's contract; any memory is a
+        // valid `MaybeUninit<f32>`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * self.ldc + j).cast(), width) }
     }
 }
 
@@ -839,12 +901,12 @@ fn add_bias(c: &COut, i: usize, j: usize, height: usize, width: usize, init: Ini
 pub(crate) fn store_empty_product(c: &COut, init: Init) {
     for i in 0..c.rows {
         // SAFETY: `c` is this thread's part of C (see `COut`), written by no one else.
-        let row = unsafe { c.row(i, 0, c.cols) };
+        let row = unsafe { c.row_uninit(i, 0, c.cols) };
         match init {
-            Init::Overwrite => row.fill(0.0),
+            Init::Overwrite => row.fill(MaybeUninit::new(0.0)),
             Init::Accumulate => {}
-            Init::RowBias(bias) => row.fill(bias[i]),
-            Init::ColumnBias(bias) => row.copy_from_slice(&bias[..c.cols]),
+            Init::RowBias(bias) => row.fill(MaybeUninit::new(bias[i])),
+            Init::ColumnBias(bias) => row.iter_mut().zip(bias).for_each(|(c, &b)| _ = c.write(b)),
         }
     }
 }
@@ -854,15 +916,20 @@ pub(crate) fn store_empty_product(c: &COut, init: Init) {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn store_tile(c: &COut, i: usize, j: usize, height: usize, width: usize, tile: &[f32], nr: usize, init: Init, first_block: bool) {
     for (r, tile_row) in tile.chunks_exact(nr).take(height).enumerate() {
-        // SAFETY: `c` is this thread's part of C (see `COut`), written by no one else.
-        let c_row = unsafe { c.row(i + r, j, width) };
         let tile_row = &tile_row[..width];
+        if !first_block || matches!(init, Init::Accumulate) {
+            // SAFETY: `c` is this thread's part of C (see `COut`), written by no one else, and
+            // holds values here (an earlier depth block wrote them, or the caller's `C`).
+            let c_row = unsafe { c.row(i + r, j, width) };
+            c_row.iter_mut().zip(tile_row).for_each(|(c, t)| *c += t);
+            continue;
+        }
+        // SAFETY: as above; the first depth block writes without reading.
+        let c_row = unsafe { c.row_uninit(i + r, j, width) };
         match init {
-            _ if !first_block => c_row.iter_mut().zip(tile_row).for_each(|(c, t)| *c += t),
-            Init::Accumulate => c_row.iter_mut().zip(tile_row).for_each(|(c, t)| *c += t),
-            Init::Overwrite => c_row.copy_from_slice(tile_row),
-            Init::RowBias(bias) => c_row.iter_mut().zip(tile_row).for_each(|(c, t)| *c = bias[i + r] + t),
-            Init::ColumnBias(bias) => c_row.iter_mut().zip(tile_row).zip(&bias[j..j + width]).for_each(|((c, t), b)| *c = b + t),
+            Init::RowBias(bias) => c_row.iter_mut().zip(tile_row).for_each(|(c, t)| _ = c.write(bias[i + r] + t)),
+            Init::ColumnBias(bias) => c_row.iter_mut().zip(tile_row).zip(&bias[j..j + width]).for_each(|((c, t), b)| _ = c.write(b + t)),
+            Init::Overwrite | Init::Accumulate => c_row.iter_mut().zip(tile_row).for_each(|(c, &t)| _ = c.write(t)),
         }
     }
 }
@@ -967,12 +1034,14 @@ unsafe fn kernel_portable<const MR: usize, const NR: usize, const IN_PLACE: bool
         }
     }
     for (i, acc_row) in acc.iter().enumerate() {
-        // SAFETY: row `i` of `out`, NR values, exclusively the caller's (the contract).
-        let row = unsafe { std::slice::from_raw_parts_mut(out.ptr.add(i * out.ld), NR) };
         if out.add {
+            // SAFETY: row `i` of `out`, NR values, exclusively the caller's and readable when
+            // it adds (the contract).
+            let row = unsafe { std::slice::from_raw_parts_mut(out.ptr.add(i * out.ld), NR) };
             row.iter_mut().zip(acc_row).for_each(|(c, s)| *c += s);
         } else {
-            row.copy_from_slice(acc_row);
+            // SAFETY: as above, writable (maybe not yet written: no reference is made to it).
+            unsafe { std::ptr::copy_nonoverlapping(acc_row.as_ptr(), out.ptr.add(i * out.ld), NR) };
         }
     }
 }
@@ -1095,7 +1164,7 @@ pub(crate) mod tests {
     }
 
     /// `A · B` at one level, with A packed once and as a view, B as a view and packed once,
-    /// overwriting and accumulating, on one thread and on all.
+    /// overwriting and accumulating, on one thread and on all; into fresh memory too.
     /// With `transposed`, A is column-major and B row-major (each packing path's other branch).
     fn check(m: usize, k: usize, n: usize, isa: Isa, transposed: bool) {
         let a_data = values(m * k + 3, 1);
@@ -1153,6 +1222,20 @@ pub(crate) mod tests {
                         assert!((got - want).abs() <= 1e-4 * (1.0 + k as f64).sqrt(), "{isa:?} {m}x{k}x{n} ({i},{j}): {got} vs {want}");
                     }
                     assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|&v| v == 7.0), "{isa:?} {m}x{k}x{n}: row {i}'s padding was written");
+                }
+                // The same product into fresh memory (`gemm_fresh`): the same values, the
+                // padding past column n untouched.
+                if !matches!(init, Init::Accumulate) {
+                    let mut fresh: Vec<MaybeUninit<f32>> = (0..m.max(1) * ldc).map(|x| MaybeUninit::new(if x % ldc >= n { 7.0 } else { f32::NAN })).collect();
+                    let out = COut::fresh(&mut fresh, ldc, m, n);
+                    if packed {
+                        product(isa, out, source, &packed_b, init, parallel);
+                    } else {
+                        product(isa, out, source, &b, init, parallel);
+                    }
+                    // SAFETY: every element was made with a value.
+                    let fresh: Vec<f32> = fresh.into_iter().map(|v| unsafe { v.assume_init() }).collect();
+                    assert!(fresh.iter().zip(&c).all(|(f, c)| f.to_bits() == c.to_bits()), "{isa:?} {m}x{k}x{n} {init:?}: into fresh memory differs");
                 }
             }
         }

@@ -350,6 +350,22 @@ pub fn gemm_in(precision: Precision, c: &mut [f32], ldc: usize, a: gemm::MatRef,
     }
 }
 
+/// [`gemm_in`] into a new output that the product writes in full (see [`gemm::gemm_fresh`]):
+/// `init` is not [`Init::Accumulate`].
+pub fn gemm_in_fresh(precision: Precision, c: &mut [std::mem::MaybeUninit<f32>], ldc: usize, a: gemm::MatRef, b: &impl PackB, init: Init, parallel: bool) {
+    match precision {
+        Precision::F32 if a.rows_are_contiguous() => gemm::gemm_fresh(c, ldc, gemm::ASource::InPlace(a), b, init, parallel),
+        Precision::F32 => gemm::gemm_fresh(c, ldc, gemm::ASource::View(a), b, init, parallel),
+        Precision::Bf16 => {
+            // The bf16 driver writes through values: give it zeros.
+            c.fill(std::mem::MaybeUninit::new(0.0));
+            // SAFETY: every element was just written, and `MaybeUninit<f32>` has `f32`'s layout.
+            let c = unsafe { &mut *(c as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+            gemm_bf16(c, ldc, ABf16::F32(a), &RoundedB::new(b), init, parallel)
+        }
+    }
+}
+
 /// [`gemm_bf16`] on the micro-kernel of `isa`.
 pub(crate) fn gemm_bf16_with(isa: Isa, c: &mut [f32], ldc: usize, a: ABf16, b: &impl PackBPairs, init: Init, parallel: bool) {
     let (m, k) = a.dims();
@@ -365,7 +381,7 @@ pub(crate) fn gemm_bf16_with(isa: Isa, c: &mut [f32], ldc: usize, a: ABf16, b: &
     }
     // Little output, much depth: split along the depth, as `gemm::gemm` does.
     if let Some(per_share) = gemm::depth_share(m, n, k, KC) {
-        gemm::split_depth(c, ldc, (m, n, k), per_share, init, parallel, |first, len, out| {
+        gemm::split_depth(COut::new(c, ldc, m, n), (m, n, k), per_share, init, parallel, |first, len, out| {
             let a = match a {
                 ABf16::F32(view) => ABf16::F32(view.columns(first, len)),
                 ABf16::Weight(w) => ABf16::Weight(w.columns(first, len)),
