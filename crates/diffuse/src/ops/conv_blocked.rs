@@ -41,12 +41,12 @@ const BAND_BYTES: usize = if cfg!(test) { 4 << 10 } else { 16 << 20 };
 
 /// Whether the blocked path suits `g` on `isa`: it [`runs`] it, over runs of 64 positions or
 /// more (an image of 8×8, or several small images walked as one run: a training batch's 128
-/// channels at 4×4 run 1.15× faster than on the packed path, Zen 2), and either large images or a kernel that stays in cache: every chunk of [`CHUNK`]
-/// positions reads all of its group's weights, so that small images with a large kernel wait
-/// on memory (SD 1.5's 1,280 channels at 16×16, 59 MB of kernel: 1.3× slower than the packed
-/// path; 640 at 32×32, 15 MB: even; 320 at 64×64 and the VAE's 128–512 channels at 64×64 to
-/// 512×512: 1.03–1.2× faster on Zen 2; a training batch's 64–256 channels at 8×8 to 32×32:
-/// even to 1.1× faster).
+/// channels at 4×4 run 1.15× faster than on the packed path, Zen 2), and either large images
+/// or a kernel that stays in cache: every chunk of [`CHUNK`] positions reads all of its
+/// group's weights, so that small images with a large kernel wait on memory (SD 1.5's 1,280
+/// channels at 16×16, 59 MB of kernel: 1.3× slower than the packed path; 640 at 32×32, 15 MB:
+/// even; 320 at 64×64 and the VAE's 128–512 channels at 64×64 to 512×512: 1.03–1.2× faster on
+/// Zen 2; a training batch's 64–256 channels at 8×8 to 32×32: even to 1.1× faster).
 pub(super) fn suits(g: &Geometry, isa: Isa) -> bool {
     let kernel_bytes = g.out_channels * g.in_channels * g.kernel_h * g.kernel_w * 4;
     let positions = g.out_height() * g.out_width();
