@@ -66,14 +66,19 @@ fn images_per_item(g: &Geometry, threads: usize) -> usize {
     (CHUNK / positions).min(g.batch.div_ceil(threads.max(1))).max(1)
 }
 
-/// Whether the blocked path can run `g` on `isa`: AVX2 (the only kernel so far) on a CPU that
-/// has it, stride 1, a kernel wider than 1×1 (a 1×1 convolution is a plain GEMM) that fits the
-/// padded image, enough input channels to fill a block, and output channels that fill at least
-/// three quarters of their groups of 32 (a model's last convolution, to 1 channel, would
-/// compute 32).
+/// Whether the blocked path can run `g` on `isa`: [`runs_any_kernel`], with a kernel wider
+/// than 1×1 (a 1×1 convolution is a plain GEMM).
 pub(super) fn runs(g: &Geometry, isa: Isa) -> bool {
+    g.kernel_w > 1 && runs_any_kernel(g, isa)
+}
+
+/// Whether the blocked kernels can take `g` on `isa`: AVX2 (the only kernel so far) on a CPU
+/// that has it, stride 1, a kernel that fits the padded image, enough input channels to fill
+/// a block, and output channels that fill at least three quarters of their groups of 32 (a
+/// model's last convolution, to 1 channel, would compute 32).
+fn runs_any_kernel(g: &Geometry, isa: Isa) -> bool {
     let channels_fill_groups = g.out_channels * 4 >= g.out_channels.div_ceil(OUT_CHANNELS) * OUT_CHANNELS * 3;
-    isa == Isa::Avx2 && isa.is_supported() && g.stride == 1 && g.kernel_w > 1 && g.in_channels >= CHANNELS && channels_fill_groups && g.kernel_w <= g.width + 2 * g.padding && g.kernel_h <= g.height + 2 * g.padding
+    isa == Isa::Avx2 && isa.is_supported() && g.stride == 1 && g.in_channels >= CHANNELS && channels_fill_groups && g.kernel_w <= g.width + 2 * g.padding && g.kernel_h <= g.height + 2 * g.padding
 }
 
 /// The kernel `[C_out, C_in, kh, kw]` as the micro-kernel reads it: for each group of 32 output
@@ -320,14 +325,15 @@ const GRADIENT_CHUNK: usize = 192;
 /// (a training batch's: 128 channels at 32×32 are 0.6 MB).
 const GRADIENT_IMAGE_BYTES: usize = 16 << 20;
 
-/// Whether the blocked path suits `g`'s kernel gradient: it [`runs`] it, an image's blocked
-/// copy is at most [`GRADIENT_IMAGE_BYTES`], and its runs of positions (an image, or several
-/// small ones: [`images_per_item`]) are 64 or more. (On Zen 2, a training batch's 64–256
-/// channels at 8×8 to 32×32 run 1.1–1.6× faster than on the planes of
-/// `conv_direct::kernel_gradient` or the packed path; at 4×4, about as fast as the packed path.)
+/// Whether the blocked path suits `g`'s kernel gradient: [`runs_any_kernel`] (1×1 kernels
+/// too), an image's blocked copy is at most [`GRADIENT_IMAGE_BYTES`], and its runs of
+/// positions (an image, or several small ones: [`images_per_item`]) are 64 or more. (On Zen
+/// 2, a training batch's 64–256 channels at 8×8 to 32×32 run 1.1–1.6× faster than on the
+/// planes of `conv_direct::kernel_gradient` or the packed path; at 4×4, about as fast as the
+/// packed path; 1×1 kernels at 4×4 and 8×8, 1.04–1.9× faster than the packed path.)
 pub(super) fn suits_kernel_gradient(g: &Geometry, isa: Isa) -> bool {
     let blocked_bytes = g.in_channels.div_ceil(CHANNELS) * CHANNELS * (g.height + 2 * g.padding) * (g.width + 2 * g.padding) * 4;
-    runs(g, isa) && g.out_height() * g.out_width() * images_per_item(g, rayon::current_num_threads()) >= 64 && blocked_bytes <= GRADIENT_IMAGE_BYTES
+    runs_any_kernel(g, isa) && g.out_height() * g.out_width() * images_per_item(g, rayon::current_num_threads()) >= 64 && blocked_bytes <= GRADIENT_IMAGE_BYTES
 }
 
 /// `g`'s kernel gradient, `∂W[o][c][t] = Σ_images Σ_positions ∂out[o][position] ·
