@@ -241,31 +241,49 @@ pub fn linear_with_lora(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, 
     Ok(Some(output.reshape(out_dims)?))
 }
 
-/// A linear layer's bf16 weight (`[out, in]`) packed once, when the model loads, into the
-/// panels the bf16 GEMM reads (`Wᵀ`, pairs along the input features), so that no call repacks
-/// it: for the few rows of a text encoder or a time embedding, packing was most of the work.
+/// A frozen linear layer's weight (`[out, in]`) packed once, when the model loads, into the
+/// panels the GEMM reads (`Wᵀ`; for bf16, pairs along the input features), so that no call
+/// repacks it: for the few rows of a text encoder or a time embedding, packing was most of the
+/// work, and the threads that share a tall product each packed all of it.
 #[derive(Debug)]
 pub struct PackedLinearWeight {
-    packed: gemm_bf16::PackedBPairs,
+    packed: PackedPanels,
     out_features: usize,
     in_features: usize,
 }
 
+#[derive(Debug)]
+enum PackedPanels {
+    Bf16(gemm_bf16::PackedBPairs),
+    F32(gemm::PackedB),
+}
+
 impl PackedLinearWeight {
-    /// The packed form of a contiguous bf16 CPU weight; `None` for any other weight (other
-    /// types and devices keep the tensor).
+    /// The packed form of a contiguous bf16 or f32 CPU weight that no training updates (not a
+    /// `Var`); `None` for any other weight (variables, other types and devices keep the
+    /// tensor).
     pub fn new(weight: &Tensor) -> Result<Option<Self>> {
-        if !uses_kernels(weight.device()) || weight.dtype() != DType::BF16 || weight.rank() != 2 {
+        if !uses_kernels(weight.device()) || !matches!(weight.dtype(), DType::BF16 | DType::F32) || weight.rank() != 2 || weight.is_variable() {
             return Ok(None);
         }
         let (out_features, in_features) = weight.dims2()?;
         let weight = weight.contiguous()?;
         let (storage, layout) = weight.storage_and_layout();
-        let (candle_core::Storage::Cpu(CpuStorage::BF16(data)), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+        let Some((start, end)) = layout.contiguous_offsets() else {
             return Ok(None);
         };
-        let matrix = Bf16Matrix::new(&data[start..end], out_features, in_features).ok_or_else(|| crate::Error::invalid("linear: weight size"))?;
-        let packed = gemm_bf16::PackedBPairs::new(&TransposedWeight(matrix), gemm::isa());
+        let size_error = || crate::Error::invalid(format!("linear: a weight of {} values is not {out_features}×{in_features}", end - start));
+        let packed = match &*storage {
+            candle_core::Storage::Cpu(CpuStorage::BF16(data)) => {
+                let matrix = Bf16Matrix::new(&data[start..end], out_features, in_features).ok_or_else(size_error)?;
+                PackedPanels::Bf16(gemm_bf16::PackedBPairs::new(&TransposedWeight(matrix), gemm::isa()))
+            }
+            candle_core::Storage::Cpu(CpuStorage::F32(data)) => {
+                let matrix = gemm::MatRef::row_major(&data[start..end], out_features, in_features).ok_or_else(size_error)?;
+                PackedPanels::F32(gemm::PackedB::new(&matrix.t()))
+            }
+            _ => return Ok(None),
+        };
         Ok(Some(Self { packed, out_features, in_features }))
     }
 
@@ -273,9 +291,17 @@ impl PackedLinearWeight {
     pub fn dims(&self) -> (usize, usize) {
         (self.out_features, self.in_features)
     }
+
+    /// The type of the weight that was packed.
+    pub fn dtype(&self) -> DType {
+        match self.packed {
+            PackedPanels::Bf16(_) => DType::BF16,
+            PackedPanels::F32(_) => DType::F32,
+        }
+    }
 }
 
-/// [`linear`] with a packed bf16 weight (inference on the CPU; f32 input and output).
+/// [`linear`] with a weight packed at load (inference on the CPU; f32 input and output).
 pub fn linear_packed(input: &Tensor, weight: &std::sync::Arc<PackedLinearWeight>, bias: Option<&Tensor>) -> Result<Tensor> {
     let _timer = profile::timer("linear");
     let (out_features, in_features) = weight.dims();
@@ -287,7 +313,8 @@ pub fn linear_packed(input: &Tensor, weight: &std::sync::Arc<PackedLinearWeight>
     profile::count_flops("linear", 2.0 * (rows * in_features * out_features) as f64);
     let flat = input.to_dtype(DType::F32)?.reshape((rows, in_features))?;
     let bias = bias.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()?;
-    let output = flat.contiguous()?.apply_op1_no_bwd(&LinearPackedCpu { weight: weight.clone(), bias })?;
+    // With a backward pass for the input: a frozen layer between a LoRA adapter and the loss.
+    let output = flat.contiguous()?.apply_op1(LinearPackedCpu { weight: weight.clone(), bias })?;
     let mut out_dims = dims.to_vec();
     if let Some(last) = out_dims.last_mut() {
         *last = out_features;
@@ -302,7 +329,7 @@ struct LinearPackedCpu {
 
 impl candle_core::CustomOp1 for LinearPackedCpu {
     fn name(&self) -> &'static str {
-        "linear-gemm-bf16-packed"
+        "linear-gemm-packed"
     }
 
     fn cpu_fwd(&self, input: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -316,9 +343,35 @@ impl candle_core::CustomOp1 for LinearPackedCpu {
             candle_core::bail!("linear: the input's size does not match its shape");
         };
         let init = self.bias.as_deref().map_or(gemm::Init::Overwrite, gemm::Init::ColumnBias);
-        let mut output = vec![0f32; rows * out_features];
-        gemm_bf16::gemm_bf16(&mut output, out_features, ABf16::F32(x), &self.weight.packed, init, true);
+        let output = match &self.weight.packed {
+            PackedPanels::Bf16(packed) => {
+                let mut output = vec![0f32; rows * out_features];
+                gemm_bf16::gemm_bf16(&mut output, out_features, ABf16::F32(x), packed, init, true);
+                output
+            }
+            // SAFETY: a product that does not accumulate writes all of its `C`, here the whole
+            // `rows × out_features` output.
+            PackedPanels::F32(packed) => unsafe { gemm::fresh_output(rows * out_features, |out| gemm::gemm_fresh(out, out_features, gemm::ASource::InPlace(x), packed, init, true)) },
+        };
         Ok((CpuStorage::F32(output), Shape::from((rows, out_features))))
+    }
+
+    /// `∂input = G · W`, the weight unpacked for it (the weight is frozen: no gradient).
+    fn bwd(&self, input: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let PackedPanels::F32(packed) = &self.weight.packed else {
+            candle_core::bail!("linear: no backward pass through a bf16 weight packed for inference");
+        };
+        let (out_features, in_features) = self.weight.dims();
+        let weight_t = packed.unpacked();
+        let weight = gemm::MatRef::row_major(&weight_t, in_features, out_features).expect("sizes checked").t();
+        let rows = input.elem_count() / in_features.max(1);
+        let grad_output = grad_output.contiguous()?;
+        let grad_input = fused::with_slices(&[&grad_output], "linear backward", |s| {
+            let g = gemm::MatRef::row_major(s[0], rows, out_features).ok_or_else(|| candle_core::Error::Msg("linear backward: operand sizes".into()))?;
+            // SAFETY: a product that does not accumulate writes all of its `C`, the whole gradient.
+            Ok(unsafe { gemm::fresh_output(rows * in_features, |grad| gemm::gemm_fresh(grad, in_features, gemm::ASource::InPlace(g), &weight, gemm::Init::Overwrite, true)) })
+        })?;
+        Ok(Some(Tensor::from_vec(grad_input, input.shape(), input.device())?))
     }
 }
 
@@ -1037,7 +1090,19 @@ mod tests {
         assert!(max_difference(&linear(&x, &w16, Some(&b))?, &want) < 1e-3);
         let packed = std::sync::Arc::new(PackedLinearWeight::new(&w16)?.expect("a bf16 CPU weight packs"));
         assert!(max_difference(&linear_packed(&x, &packed, Some(&b))?, &want) < 1e-3);
-        assert!(PackedLinearWeight::new(&w)?.is_none(), "f32 weights stay tensors");
+        // f32 weights packed at load: the same sums as the product that packs per call.
+        let packed = std::sync::Arc::new(PackedLinearWeight::new(&w)?.expect("an f32 CPU weight packs"));
+        assert_eq!(packed.dtype(), DType::F32);
+        let got = linear_packed(&x, &packed, Some(&b))?;
+        assert_eq!(got.flatten_all()?.to_vec1::<f32>()?, linear(&x, &w, Some(&b))?.flatten_all()?.to_vec1::<f32>()?);
+        // A weight that training updates stays a tensor; a frozen one passes the input's
+        // gradient on (G·W for loss = Σ output·G).
+        assert!(PackedLinearWeight::new(candle_core::Var::from_tensor(&w)?.as_tensor())?.is_none());
+        let x_var = candle_core::Var::from_tensor(&x)?;
+        let probe = Tensor::randn(0f32, 1f32, (2, 37, 33), &device)?;
+        let grads = (linear_packed(x_var.as_tensor(), &packed, Some(&b))? * &probe)?.sum_all()?.backward()?;
+        let want = probe.reshape((74, 33))?.matmul(&w)?.reshape((2, 37, 65))?;
+        assert!(max_difference(grads.get(x_var.as_tensor()).expect("an input gradient"), &want) < 1e-4);
         Ok(())
     }
 

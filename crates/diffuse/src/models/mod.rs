@@ -94,12 +94,12 @@ pub struct Linear {
     lora: Option<LoraBranch>,
 }
 
-/// A linear layer's weight: the tensor, or, for a bf16 model on the CPU, only the panels the
-/// bf16 kernel reads, packed once when the model loads.
+/// A linear layer's weight: the tensor (training's variables, other devices), or for
+/// inference on the CPU only the panels the kernels read, packed once when the model loads.
 #[derive(Debug, Clone)]
 enum LinearWeight {
     Tensor(Tensor),
-    PackedBf16(std::sync::Arc<ops::PackedLinearWeight>),
+    Packed(std::sync::Arc<ops::PackedLinearWeight>),
 }
 
 /// A LoRA adapter beside a frozen layer, unmerged (peft's `lora.Linear` and `lora.Conv2d`):
@@ -149,7 +149,7 @@ impl Linear {
         let lora = LoraBranch::new(&vb, &[in_features], &[out_features])?;
         // A trained LoRA branch needs the plain weight; so does every device but the CPU.
         let weight = match ops::PackedLinearWeight::new(&weight)? {
-            Some(packed) if lora.is_none() => LinearWeight::PackedBf16(std::sync::Arc::new(packed)),
+            Some(packed) if lora.is_none() => LinearWeight::Packed(std::sync::Arc::new(packed)),
             _ => LinearWeight::Tensor(weight),
         };
         Ok(Self { weight, bias, lora })
@@ -159,7 +159,7 @@ impl Linear {
     pub fn weight_dtype(&self) -> DType {
         match &self.weight {
             LinearWeight::Tensor(weight) => weight.dtype(),
-            LinearWeight::PackedBf16(_) => DType::BF16,
+            LinearWeight::Packed(packed) => packed.dtype(),
         }
     }
 
@@ -177,7 +177,7 @@ impl Linear {
         }
         let output = match &self.weight {
             LinearWeight::Tensor(weight) => ops::linear(input, weight, self.bias.as_ref())?,
-            LinearWeight::PackedBf16(packed) => ops::linear_packed(input, packed, self.bias.as_ref())?,
+            LinearWeight::Packed(packed) => ops::linear_packed(input, packed, self.bias.as_ref())?,
         };
         match &self.lora {
             None => Ok(output),

@@ -400,6 +400,26 @@ pub struct PackedB {
 }
 
 impl PackedB {
+    /// `b` packed for the current [`Isa`] (a layer's weight read by every call).
+    pub fn new(b: &impl PackB) -> Self {
+        Self::with_isa(b, isa())
+    }
+
+    /// `B` again, row-major (`k × n`): for the rare product that needs it in another layout
+    /// (a frozen layer's input gradient in training).
+    pub fn unpacked(&self) -> Vec<f32> {
+        let (nr, n) = (self.nr, self.cols);
+        let padded = n.div_ceil(nr) * nr;
+        let mut b = vec![0f32; self.depth * n];
+        for (k, row) in b.chunks_exact_mut(n.max(1)).enumerate().take(self.depth) {
+            let (k0, kc) = (k / KC * KC, KC.min(self.depth - k / KC * KC));
+            for (j, value) in row.iter_mut().enumerate() {
+                *value = self.data[k0 * padded + j / nr * kc * nr + (k - k0) * nr + j % nr];
+            }
+        }
+        b
+    }
+
     /// Packed for the tile of `isa` (the tests force each level).
     pub(crate) fn with_isa(b: &impl PackB, isa: Isa) -> Self {
         let (_, nr) = isa.tile();
@@ -1272,6 +1292,18 @@ pub(crate) mod tests {
                 check(13, 1100, 40, isa, true);
             }
         });
+    }
+
+    /// A packed `B` unpacks to itself: depth blocks (the last one short) and a last column
+    /// panel short of `NR`, at every level.
+    #[test]
+    fn packed_b_unpacks_to_itself() {
+        let (k, n) = (2 * KC + 37, 37);
+        let data = values(k * n, 9);
+        let b = MatRef::row_major(&data, k, n).unwrap();
+        for isa in Isa::all_supported() {
+            assert_eq!(PackedB::with_isa(&b, isa).unpacked(), data, "{isa:?}");
+        }
     }
 
     #[test]
