@@ -311,10 +311,18 @@ pub fn linear_packed(input: &Tensor, weight: &std::sync::Arc<PackedLinearWeight>
     }
     let rows = input.elem_count() / in_features.max(1);
     profile::count_flops("linear", 2.0 * (rows * in_features * out_features) as f64);
+    if input.track_op() {
+        // Training through a frozen layer (a LoRA adapter before it): the plain weight again,
+        // on training's path and precision, with its backward pass for the input.
+        let PackedPanels::F32(packed) = &weight.packed else {
+            crate::bail!("linear: no backward pass through a bf16 weight packed for inference");
+        };
+        let weight_t = Tensor::from_vec(packed.unpacked(), (in_features, out_features), input.device())?;
+        return linear(input, &weight_t.t()?.contiguous()?, bias);
+    }
     let flat = input.to_dtype(DType::F32)?.reshape((rows, in_features))?;
     let bias = bias.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()?;
-    // With a backward pass for the input: a frozen layer between a LoRA adapter and the loss.
-    let output = flat.contiguous()?.apply_op1(LinearPackedCpu { weight: weight.clone(), bias })?;
+    let output = flat.contiguous()?.apply_op1_no_bwd(&LinearPackedCpu { weight: weight.clone(), bias })?;
     let mut out_dims = dims.to_vec();
     if let Some(last) = out_dims.last_mut() {
         *last = out_features;
@@ -354,24 +362,6 @@ impl candle_core::CustomOp1 for LinearPackedCpu {
             PackedPanels::F32(packed) => unsafe { gemm::fresh_output(rows * out_features, |out| gemm::gemm_fresh(out, out_features, gemm::ASource::InPlace(x), packed, init, true)) },
         };
         Ok((CpuStorage::F32(output), Shape::from((rows, out_features))))
-    }
-
-    /// `∂input = G · W`, the weight unpacked for it (the weight is frozen: no gradient).
-    fn bwd(&self, input: &Tensor, _output: &Tensor, grad_output: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let PackedPanels::F32(packed) = &self.weight.packed else {
-            candle_core::bail!("linear: no backward pass through a bf16 weight packed for inference");
-        };
-        let (out_features, in_features) = self.weight.dims();
-        let weight_t = packed.unpacked();
-        let weight = gemm::MatRef::row_major(&weight_t, in_features, out_features).expect("sizes checked").t();
-        let rows = input.elem_count() / in_features.max(1);
-        let grad_output = grad_output.contiguous()?;
-        let grad_input = fused::with_slices(&[&grad_output], "linear backward", |s| {
-            let g = gemm::MatRef::row_major(s[0], rows, out_features).ok_or_else(|| candle_core::Error::Msg("linear backward: operand sizes".into()))?;
-            // SAFETY: a product that does not accumulate writes all of its `C`, the whole gradient.
-            Ok(unsafe { gemm::fresh_output(rows * in_features, |grad| gemm::gemm_fresh(grad, in_features, gemm::ASource::InPlace(g), &weight, gemm::Init::Overwrite, true)) })
-        })?;
-        Ok(Some(Tensor::from_vec(grad_input, input.shape(), input.device())?))
     }
 }
 
