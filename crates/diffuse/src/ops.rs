@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 use crate::Result;
 use gemm_bf16::{ABf16, Bf16Matrix, TransposedWeight};
 
+mod amx;
 pub mod attention;
 pub mod checkpoint;
 pub mod conv;

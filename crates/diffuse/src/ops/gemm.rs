@@ -39,6 +39,9 @@ pub enum Isa {
     /// AVX-512 with the bf16 dot product `vdpbf16ps` (32 bf16 products per instruction into
     /// f32): the bf16 kernels' native level; f32 products run as on [`Isa::Avx512`].
     Avx512Bf16,
+    /// [`Isa::Avx512Bf16`] with bf16 matrix products on AMX tiles (`ops::amx`), where the
+    /// CPU has them and the OS grants them.
+    Amx,
 }
 
 impl Isa {
@@ -49,6 +52,7 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
             Isa::Avx512Bf16 => "avx512bf16",
+            Isa::Amx => "amx",
         }
     }
 
@@ -62,12 +66,14 @@ impl Isa {
             Isa::Avx512 => is_x86_feature_detected!("avx512f"),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Bf16 => is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => super::amx::usable(),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
     }
 
-    const ALL: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16];
+    const ALL: [Isa; 5] = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Amx];
 
     /// Every level this machine supports, lowest first (the tests run each).
     pub fn all_supported() -> Vec<Isa> {
@@ -77,7 +83,7 @@ impl Isa {
     /// The micro-kernel's tile: rows of `A` and columns of `B` it keeps in registers.
     pub fn tile(self) -> (usize, usize) {
         match self {
-            Isa::Avx512 | Isa::Avx512Bf16 => (12, 32),
+            Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => (12, 32),
             Isa::Avx2 => (6, 16),
             Isa::Portable => (4, 16),
         }
@@ -108,7 +114,7 @@ pub fn isa() -> Isa {
                 best
             }
             None => {
-                eprintln!("DIFFUSE_ISA={requested}: not one of portable, avx2, avx512, avx512bf16, tensor; using {}", best.name());
+                eprintln!("DIFFUSE_ISA={requested}: not one of portable, avx2, avx512, avx512bf16, amx, tensor; using {}", best.name());
                 best
             }
         }
@@ -1027,7 +1033,7 @@ unsafe fn run_kernel<const IN_PLACE: bool>(isa: Isa, walk: BWalk, a: &[f32], lda
         // `PackedA::new` only pick supported levels); the reads of `a` and `b` and the writes
         // to `out` are the caller's contract.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::kernel_avx512::<12, 2, IN_PLACE>(walk, a.as_ptr(), lda, b.as_ptr(), out) },
+        Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => unsafe { x86::kernel_avx512::<12, 2, IN_PLACE>(walk, a.as_ptr(), lda, b.as_ptr(), out) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { x86::kernel_avx2::<6, 2, IN_PLACE>(walk, a.as_ptr(), lda, b.as_ptr(), out) },

@@ -98,10 +98,29 @@ pub enum ABf16<'a> {
 }
 
 impl ABf16<'_> {
-    fn dims(&self) -> (usize, usize) {
+    pub(super) fn dims(&self) -> (usize, usize) {
         match self {
             ABf16::F32(a) => (a.rows(), a.cols()),
             ABf16::Weight(w) => (w.rows, w.cols),
+        }
+    }
+
+    /// Row `i`'s pair words at depth `k0..k0 + kc` into `out` (`ceil(kc / 2)` of them, the
+    /// last zero-padded when `kc` is odd), f32 values rounded with `isa`'s vector instructions.
+    pub(super) fn row_pairs_into(&self, isa: Isa, i: usize, k0: usize, kc: usize, out: &mut [u32]) {
+        match self {
+            ABf16::Weight(w) => out.iter_mut().zip(w.row_pairs(i, k0, kc)).for_each(|(word, pair)| *word = pair),
+            // Rounded as a contiguous run (vectorised).
+            ABf16::F32(a) => match a.row_run(i, k0, kc) {
+                Some(row) => vector::round_adjacent_pairs(isa, row, out),
+                None => {
+                    for (q, word) in out.iter_mut().enumerate() {
+                        let k = k0 + 2 * q;
+                        let odd = if 2 * q + 1 < kc { a.at(i, k + 1) } else { 0.0 };
+                        *word = pair(a.at(i, k), odd);
+                    }
+                }
+            },
         }
     }
 
@@ -127,29 +146,12 @@ impl ABf16<'_> {
                     continue;
                 }
             }
+            row_words.resize(pairs, 0);
             for i in 0..height {
-                match self {
-                    ABf16::Weight(w) => {
-                        for (q, word) in w.row_pairs(first + i, k0, kc).enumerate() {
-                            chunk[q * mr + i] = word;
-                        }
-                    }
-                    ABf16::F32(a) => {
-                        if let Some(row) = a.row_run(first + i, k0, kc) {
-                            // Rounded as a contiguous run (vectorised), then spread over the panel.
-                            row_words.resize(pairs, 0);
-                            vector::round_adjacent_pairs(isa, row, &mut row_words);
-                            for (q, &word) in row_words.iter().enumerate() {
-                                chunk[q * mr + i] = word;
-                            }
-                            continue;
-                        }
-                        for q in 0..pairs {
-                            let k = k0 + 2 * q;
-                            let odd = if 2 * q + 1 < kc { a.at(first + i, k + 1) } else { 0.0 };
-                            chunk[q * mr + i] = pair(a.at(first + i, k), odd);
-                        }
-                    }
+                // A row's words, then spread over the panel.
+                self.row_pairs_into(isa, first + i, k0, kc, &mut row_words);
+                for (q, &word) in row_words.iter().enumerate() {
+                    chunk[q * mr + i] = word;
                 }
             }
             for column in chunk.chunks_exact_mut(mr) {
@@ -410,6 +412,9 @@ pub(crate) fn gemm_bf16_rows(isa: Isa, c: &mut [f32], ldc: usize, m0: usize, row
 /// The product into `c`, whose first row is row `m0` of `A` and first column column `n_first`
 /// of `B` (`init`'s bias already offset to this block).
 fn gemm_bf16_block(isa: Isa, c: COut, m0: usize, n_first: usize, a: ABf16, b: &impl PackBPairs, init: Init) {
+    if isa == Isa::Amx {
+        return super::amx::block(super::amx::TileUnit::Hardware, Isa::Avx512Bf16, c, m0, n_first, a, b, init);
+    }
     let (mr, nr) = isa.tile();
     let (_, k) = a.dims();
     let (rows, n) = (c.rows, c.cols);
@@ -494,7 +499,7 @@ unsafe fn run_kernel<const IN_PLACE: bool>(isa: Isa, walk: BWalk, a: *const u32,
         // (`gemm::isa()`, `Isa::all_supported()` in tests); the reads of `a` are the caller's
         // contract, those of `b` and the writes of `tile` were asserted above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Bf16 => unsafe { x86::kernel_avx512bf16::<12, 2, IN_PLACE>(walk, a, lda, b.as_ptr(), tile.as_mut_ptr()) },
+        Isa::Avx512Bf16 | Isa::Amx => unsafe { x86::kernel_avx512bf16::<12, 2, IN_PLACE>(walk, a, lda, b.as_ptr(), tile.as_mut_ptr()) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { x86::kernel_avx512::<12, 2, IN_PLACE>(walk, a, lda, b.as_ptr(), tile.as_mut_ptr()) },
         #[cfg(target_arch = "x86_64")]

@@ -66,7 +66,7 @@ fn fma_chains(isa: Isa, iterations: usize) -> usize {
             }};
         }
         match isa {
-            Isa::Avx512 | Isa::Avx512Bf16 => return chains!("avx512f", __m512, 16, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps),
+            Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => return chains!("avx512f", __m512, 16, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps),
             Isa::Avx2 => return chains!("avx2,fma", __m256, 8, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps),
             Isa::Portable => {}
         }
@@ -144,13 +144,21 @@ pub fn rates(runs: usize) -> Vec<Rate> {
     let seconds = timed(runs, || gemm::gemm(&mut c, n, ASource::Packed(&packed), &b_view, Init::Overwrite, true));
     rates.push(Rate { name: "gemm 2048³".into(), gflops: 2.0 * (m * k * n) as f64 / seconds / 1e9, peak_gflops: peak });
 
-    if isa == Isa::Avx512Bf16 {
+    if isa >= Isa::Avx512Bf16 {
         rates.push(Rate { name: "peak bf16 dot (avx512bf16)".into(), gflops: peak_bf16, peak_gflops: peak_bf16 });
     }
+    // With AMX the bf16 products below run on the tiles: their peak is the tiles'.
+    let peak_gemm_bf16 = match super::amx::peak_gflops(1_000_000).filter(|_| isa == Isa::Amx) {
+        Some(peak_tiles) => {
+            rates.push(Rate { name: "peak bf16 tiles (amx)".into(), gflops: peak_tiles, peak_gflops: peak_tiles });
+            peak_tiles
+        }
+        None => peak_bf16,
+    };
     let a16: Vec<half::bf16> = a.iter().map(|&v| half::bf16::from_f32(v)).collect();
     let a16 = Bf16Matrix::new(&a16, m, k).expect("sized");
     let seconds = timed(runs, || gemm_bf16::gemm_bf16(&mut c, n, ABf16::Weight(a16), &RoundedB::new(&b_view), Init::Overwrite, true));
-    rates.push(Rate { name: "gemm bf16 2048³ (B rounded as packed)".into(), gflops: 2.0 * (m * k * n) as f64 / seconds / 1e9, peak_gflops: peak_bf16 });
+    rates.push(Rate { name: "gemm bf16 2048³ (B rounded as packed)".into(), gflops: 2.0 * (m * k * n) as f64 / seconds / 1e9, peak_gflops: peak_gemm_bf16 });
 
     // The UNet's (batch 2) and the VAE decoder's (batch 1) shapes at 512×512, and a UNet 1×1;
     // then the training benchmark's pixel UNet and text-to-image UNet (8×8 and 4×4 latents),

@@ -52,7 +52,7 @@ macro_rules! dispatch {
             match $isa {
                 // SAFETY: `isa` is a level this CPU supports (from `gemm::isa()` or, in tests,
                 // `Isa::all_supported()`); the function body is safe code.
-                Isa::Avx512 | Isa::Avx512Bf16 => unsafe { avx512($($arg),*) },
+                Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => unsafe { avx512($($arg),*) },
                 // SAFETY: as above.
                 Isa::Avx2 => unsafe { avx2($($arg),*) },
                 Isa::Portable => generic($($arg),*),
