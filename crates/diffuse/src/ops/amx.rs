@@ -255,6 +255,22 @@ mod x86 {
         static CONFIGURED: Cell<bool> = const { Cell::new(false) };
     }
 
+    /// Loads [`CONFIG`] on this thread unless it did already.
+    ///
+    /// # Safety
+    /// As [`tiles`]'s CPU and OS conditions.
+    unsafe fn configure() {
+        if !CONFIGURED.get() {
+            // The grant is the process's (Linux), asked for again on each thread all the same,
+            // as some AMX users found needed; it succeeds where it did once.
+            let _ = super::request_tile_state();
+            // SAFETY: `CONFIG` is a valid palette-1 configuration, 64 bytes, aligned; the
+            // caller's contract grants the instruction.
+            unsafe { asm!("ldtilecfg [{config}]", config = in(reg) &CONFIG as *const TileConfig, options(nostack, readonly)) };
+            CONFIGURED.set(true);
+        }
+    }
+
     /// `c[32 × 32] = a · b` on the tiles (see [`super::tiles`]).
     ///
     /// # Safety
@@ -262,12 +278,8 @@ mod x86 {
     /// has 32 rows of `pairs` words, `b` `pairs` rows of 32 words, `pairs` is a positive
     /// multiple of 16, and `c` has 32 × 32 writable values.
     pub unsafe fn tiles(a: *const u32, pairs: usize, b: *const u32, c: *mut f32) {
-        if !CONFIGURED.get() {
-            // SAFETY: `CONFIG` is a valid palette-1 configuration, 64 bytes, aligned; the
-            // caller's contract grants the instruction.
-            unsafe { asm!("ldtilecfg [{config}]", config = in(reg) &CONFIG as *const TileConfig, options(nostack, readonly)) };
-            CONFIGURED.set(true);
-        }
+        // SAFETY: the caller's contract.
+        unsafe { configure() };
         // SAFETY: per step, `tmm4`/`tmm5` load rows 0–15 and 16–31 of `a` (16 words each, rows
         // `pairs` words apart) at the step's 16 pair columns, `tmm6`/`tmm7` load the step's 16
         // pair rows of `b` (128 bytes apart), columns 0–15 and 16–31; the steps cover `pairs`
@@ -317,11 +329,8 @@ mod x86 {
     /// As [`tiles`]'s CPU and OS conditions.
     pub unsafe fn peak_rounds(iterations: usize) {
         let zeros = [0u32; 16 * 32];
-        if !CONFIGURED.get() {
-            // SAFETY: as in `tiles`.
-            unsafe { asm!("ldtilecfg [{config}]", config = in(reg) &CONFIG as *const TileConfig, options(nostack, readonly)) };
-            CONFIGURED.set(true);
-        }
+        // SAFETY: the caller's contract.
+        unsafe { configure() };
         // SAFETY: the loads read 16 rows of 64 bytes, 128 bytes apart, from `zeros` (2 KiB);
         // nothing is stored.
         unsafe {
