@@ -18,7 +18,8 @@
 use std::sync::OnceLock;
 
 use super::gemm::{self, COut, Init, Isa};
-use super::gemm_bf16::{ABf16, PackBPairs};
+// Depth blocks of `KC` values, as `gemm_bf16`'s: a `B` packed at load is stored in them.
+use super::gemm_bf16::{ABf16, PackBPairs, KC};
 
 /// Columns of a `B` panel: the pair panels of [`Isa::Avx512Bf16`] (`Isa::tile`).
 const NR: usize = 32;
@@ -26,8 +27,6 @@ const NR: usize = 32;
 const MR: usize = 32;
 /// Pair steps per tile (32 bf16 values of depth).
 const PAIRS_PER_TILE: usize = 16;
-/// Depth per block in values (256 pair steps): a `B` panel of 32 columns is 32 KiB.
-const KC: usize = 512;
 /// Rows of `A` per block: 256 rows × 256 pair steps = 256 KiB of packed `A`.
 const MC: usize = 256;
 /// Columns of `B` per block.

@@ -17,7 +17,7 @@ use super::gemm::{self, BWalk, COut, Init, Isa, PackB};
 use super::{vector, Precision};
 
 /// Panel depth in values (256 pairs): a `B` panel of 32 columns is 32 KiB, as in f32.
-const KC: usize = 512;
+pub(super) const KC: usize = 512;
 /// Rows of `A` per block (a multiple of every `MR`).
 const MC: usize = 240;
 /// Columns of `B` per block.

@@ -148,7 +148,8 @@ pub fn rates(runs: usize) -> Vec<Rate> {
         rates.push(Rate { name: "peak bf16 dot (avx512bf16)".into(), gflops: peak_bf16, peak_gflops: peak_bf16 });
     }
     // With AMX the bf16 products below run on the tiles: their peak is the tiles'.
-    let peak_gemm_bf16 = match super::amx::peak_gflops(1_000_000).filter(|_| isa == Isa::Amx) {
+    let peak_tiles = if isa == Isa::Amx { super::amx::peak_gflops(1_000_000) } else { None };
+    let peak_gemm_bf16 = match peak_tiles {
         Some(peak_tiles) => {
             rates.push(Rate { name: "peak bf16 tiles (amx)".into(), gflops: peak_tiles, peak_gflops: peak_tiles });
             peak_tiles
