@@ -36,9 +36,12 @@ pub struct EvaluateArgs {
     #[arg(long, required_unless_present = "train_classifier")]
     model: Option<PathBuf>,
     /// The classifier folder (config.json, model.safetensors). When it holds none, one is
-    /// trained into it first (about 50 minutes on 2 CPU cores).
-    #[arg(long, default_value = DEFAULT_CLASSIFIER_DIR)]
-    classifier: PathBuf,
+    /// trained into it first (about 50 minutes on 2 CPU cores). Default:
+    /// models/fashion-mnist-classifier if it is there (in the repository), else the same
+    /// classifier built into diffuse; --train-classifier trains into
+    /// models/fashion-mnist-classifier.
+    #[arg(long, value_name = "DIR")]
+    classifier: Option<PathBuf>,
     /// Train the classifier (again) into --classifier, replacing what is there; with --model,
     /// then evaluate with it.
     #[arg(long)]
@@ -137,17 +140,18 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         ),
         None => None,
     };
-    if args.train_classifier || (pipeline.is_some() && !has_classifier(&args.classifier)) {
+    let classifier_dir = classifier_dir(&args)?;
+    if args.train_classifier || (pipeline.is_some() && !has_classifier(&classifier_dir)) {
         if !args.train_classifier {
-            eprintln!("no classifier in {}: training one (use --classifier DIR to use another)", args.classifier.display());
+            eprintln!("no classifier in {}: training one (use --classifier DIR to use another)", classifier_dir.display());
         }
-        train(&args, &data, &device)?;
+        train(&args, &classifier_dir, &data, &device)?;
     }
     let Some(mut pipeline) = pipeline else {
         return Ok(());
     };
-    let classifier = Classifier::load(&args.classifier, &device)
-        .with_context(|| format!("--classifier {} (train one with --train-classifier)", args.classifier.display()))?;
+    let classifier = Classifier::load(&classifier_dir, &device)
+        .with_context(|| format!("--classifier {} (train one with --train-classifier)", classifier_dir.display()))?;
     let defaults = TextToImageOptions::default();
     let settings = GenerationSettings {
         per_class: args.per_class,
@@ -206,7 +210,18 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     Ok(())
 }
 
-fn train(args: &EvaluateArgs, data: &FashionMnist, device: &Device) -> Result<()> {
+/// `--classifier`, or the repository's classifier where it is, or the built-in one (written
+/// to the cache on first use).
+fn classifier_dir(args: &EvaluateArgs) -> Result<PathBuf> {
+    let repository = PathBuf::from(DEFAULT_CLASSIFIER_DIR);
+    Ok(match &args.classifier {
+        Some(dir) => dir.clone(),
+        None if args.train_classifier || has_classifier(&repository) => repository,
+        None => diffuse::default_model::materialize_classifier(&diffuse::default_model::cache_root()).context("the built-in classifier")?,
+    })
+}
+
+fn train(args: &EvaluateArgs, classifier_dir: &Path, data: &FashionMnist, device: &Device) -> Result<()> {
     let training = ClassifierTraining { epochs: args.epochs, seed: args.seed, ..ClassifierTraining::default() };
     let bar = progress_bar(0, args.quiet, "training the classifier");
     bar.set_style(
@@ -222,13 +237,13 @@ fn train(args: &EvaluateArgs, data: &FashionMnist, device: &Device) -> Result<()
         bar.set_message(format!("training the classifier: epoch {}, loss {average:.4}", progress.epoch));
     };
     let test_bar = progress_bar(0, args.quiet, "classifying the test set");
-    let accuracy = train_fashion_mnist_classifier(&args.classifier, data, &training, device, &mut on_step, &mut |done, total| {
+    let accuracy = train_fashion_mnist_classifier(classifier_dir, data, &training, device, &mut on_step, &mut |done, total| {
         bar.finish_and_clear();
         test_bar.set_length(total as u64);
         test_bar.set_position(done as u64);
     })?;
     test_bar.finish_and_clear();
-    outln!("classifier written to {}", args.classifier.display());
+    outln!("classifier written to {}", classifier_dir.display());
     outln!("test accuracy: {:.2}%", 100.0 * accuracy.overall());
     for (name, value) in CLASS_NAMES.iter().zip(accuracy.per_class()) {
         outln!("  {name:<12} {:>6.2}%", 100.0 * value);

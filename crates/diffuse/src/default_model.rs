@@ -57,6 +57,19 @@ pub fn cache_root() -> PathBuf {
 #[cfg(not(feature = "builtin-model"))]
 static FILES: &[(&str, &[u8])] = &[];
 
+/// The Fashion-MNIST classifier behind `diffuse evaluate` (`models/fashion-mnist-classifier/`,
+/// 1.4 MB), built in with the model, so that an evaluation finds it from any folder.
+pub const CLASSIFIER_NAME: &str = "fashion-mnist-classifier";
+
+#[cfg(feature = "builtin-model")]
+static CLASSIFIER_FILES: &[(&str, &[u8])] = &[
+    ("config.json", include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/fashion-mnist-classifier/config.json"))),
+    ("model.safetensors", include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/fashion-mnist-classifier/model.safetensors"))),
+];
+
+#[cfg(not(feature = "builtin-model"))]
+static CLASSIFIER_FILES: &[(&str, &[u8])] = &[];
+
 /// The pipeline folder under `root` (`builtin/HASH/fashion-mnist/`), written if it is not
 /// there complete.
 pub fn materialize(root: &Path) -> Result<PathBuf> {
@@ -65,15 +78,32 @@ pub fn materialize(root: &Path) -> Result<PathBuf> {
             "this build of diffuse has no built-in model (its `builtin-model` feature is off): give a model folder",
         ));
     }
+    write_files(root, NAME, FILES)
+}
+
+/// The classifier's folder under `root` (`builtin/HASH/fashion-mnist-classifier/`), written
+/// if it is not there complete.
+pub fn materialize_classifier(root: &Path) -> Result<PathBuf> {
+    if CLASSIFIER_FILES.is_empty() {
+        return Err(Error::invalid(
+            "this build of diffuse has no built-in classifier (its `builtin-model` feature is off): give a classifier folder",
+        ));
+    }
+    write_files(root, CLASSIFIER_NAME, CLASSIFIER_FILES)
+}
+
+/// `files` in `root/builtin/HASH/name/` (the hash of their paths and bytes), each written to
+/// a temporary name and renamed unless it is there with its size.
+fn write_files(root: &Path, name: &str, files: &[(&str, &[u8])]) -> Result<PathBuf> {
     let mut hasher = Sha256::new();
-    for (path, bytes) in FILES {
+    for (path, bytes) in files {
         hasher.update(path.as_bytes());
         hasher.update((bytes.len() as u64).to_le_bytes());
         hasher.update(bytes);
     }
     let hash: String = hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
-    let dir = root.join("builtin").join(hash).join(NAME);
-    for (path, bytes) in FILES {
+    let dir = root.join("builtin").join(hash).join(name);
+    for (path, bytes) in files {
         let target = dir.join(path);
         if std::fs::metadata(&target).is_ok_and(|m| m.len() == bytes.len() as u64) {
             continue;

@@ -238,3 +238,22 @@ fn evaluation_runs_end_to_end_on_the_tiny_pipeline() {
     assert!(report.frechet_generated_test > report.frechet_train_test, "{report:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The classifier built into diffuse is written out and loads, so that `diffuse evaluate`
+/// works outside the repository; it is the committed one, byte for byte.
+#[test]
+fn the_built_in_classifier_loads() {
+    let root = scratch_dir("builtin-classifier");
+    let dir = diffuse::default_model::materialize_classifier(&root).unwrap();
+    assert!(dir.starts_with(&root) && dir.ends_with(diffuse::default_model::CLASSIFIER_NAME), "{}", dir.display());
+    let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fashion-mnist-classifier");
+    for file in ["config.json", "model.safetensors"] {
+        assert_eq!(std::fs::read(dir.join(file)).unwrap(), std::fs::read(committed.join(file)).unwrap(), "{file}");
+    }
+    let classifier = Classifier::load(&dir, &Device::Cpu).unwrap();
+    let (features, logits) = classifier.forward(&candle_core::Tensor::zeros((2, 1, 32, 32), candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap();
+    assert_eq!(logits.dims(), &[2, 10]);
+    assert_eq!(features.dims()[0], 2);
+    // Written once: a second call finds the files in place.
+    assert_eq!(diffuse::default_model::materialize_classifier(&root).unwrap(), dir);
+}
