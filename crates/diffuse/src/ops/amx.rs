@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 
 use super::gemm::{self, COut, Init, Isa};
 // Depth blocks of `KC` values, as `gemm_bf16`'s: a `B` packed at load is stored in them.
-use super::gemm_bf16::{ABf16, PackBPairs, KC};
+use super::gemm_bf16::{widen, ABf16, PackBPairs, KC};
 
 /// Columns of a `B` panel: the pair panels of [`Isa::Avx512Bf16`] (`Isa::tile`).
 const NR: usize = 32;
@@ -137,7 +137,6 @@ fn tiles(unit: TileUnit, a: &[u32], pairs: usize, b: &[u32], c: &mut [f32; MR * 
 /// What [`x86::tiles`] computes, by `tdpbf16ps`'s definition (Intel's pseudocode): for each
 /// pair step in order, the even product and then the odd one added to the f32 sum.
 fn tiles_emulated(a: &[u32], pairs: usize, b: &[u32], c: &mut [f32; MR * NR]) {
-    let widen = |word: u32| (f32::from_bits(word << 16), f32::from_bits(word & 0xFFFF_0000));
     for (i, row) in c.chunks_exact_mut(NR).enumerate() {
         for (j, sum) in row.iter_mut().enumerate() {
             *sum = 0.0;

@@ -519,7 +519,7 @@ pub(crate) fn walk_kernel(isa: Isa, walk: BWalk, a: &[u32], b: &[u32], tile: &mu
 
 /// The two bf16 values of a pair word, widened to f32: (even, odd).
 #[inline(always)]
-fn widen(word: u32) -> (f32, f32) {
+pub(super) fn widen(word: u32) -> (f32, f32) {
     (f32::from_bits(word << 16), f32::from_bits(word & 0xFFFF_0000))
 }
 
