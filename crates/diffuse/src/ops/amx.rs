@@ -17,7 +17,7 @@
 
 use std::sync::OnceLock;
 
-use super::gemm::{self, COut, Init, Isa};
+use super::gemm::{self, BWalk, COut, Init, Isa};
 // Depth blocks of `KC` values, as `gemm_bf16`'s: a `B` packed at load is stored in them.
 use super::gemm_bf16::{widen, ABf16, PackBPairs, KC};
 
@@ -146,6 +146,55 @@ fn tiles_emulated(a: &[u32], pairs: usize, b: &[u32], c: &mut [f32; MR * NR]) {
                 *sum += a_odd * b_odd;
             }
         }
+    }
+}
+
+/// Rows and columns of [`walk_tiles`]'s block.
+pub(crate) const WALK_TILE: (usize, usize) = (MR, NR);
+
+/// Pair steps of a walk's `A` block per tile: [`walk_tiles`] needs its walks' steps to be a
+/// multiple of this.
+pub(crate) const WALK_STEPS: usize = PAIRS_PER_TILE;
+
+/// `tile[32 × 32] = A · B` for the direct convolution (`conv_direct`): `B` read in place from
+/// channel-pair planes as `walk` says (pair step `p` of tap `t` is the row of 32 words at
+/// `b[taps[t] + p·ldb]`), `A` packed by tap, then by 16 pair steps, then by row: word
+/// `(row i, tap t, step 16s + q)` at `a[((t · steps/16 + s) · 32 + i) · 16 + q]`, two tiles of
+/// 16 rows each. `walk.steps` must be a positive multiple of [`WALK_STEPS`].
+pub(crate) fn walk_tiles(unit: TileUnit, walk: BWalk, a: &[u32], b: &[u32], tile: &mut [f32]) {
+    let chunks = walk.steps / PAIRS_PER_TILE;
+    assert!(walk.steps > 0 && walk.steps.is_multiple_of(PAIRS_PER_TILE), "amx: a walk of whole tiles");
+    assert!(a.len() >= walk.depth() * MR && b.len() >= walk.extent(NR) && tile.len() >= MR * NR, "amx: walk operands");
+    match unit {
+        TileUnit::Emulated => {
+            tile[..MR * NR].fill(0.0);
+            for (t, &offset) in walk.taps.iter().enumerate() {
+                for s in 0..chunks {
+                    let a_chunk = &a[(t * chunks + s) * MR * PAIRS_PER_TILE..][..MR * PAIRS_PER_TILE];
+                    for (i, row) in tile[..MR * NR].chunks_exact_mut(NR).enumerate() {
+                        for q in 0..PAIRS_PER_TILE {
+                            let a_word = widen(a_chunk[i * PAIRS_PER_TILE + q]);
+                            let b_row = &b[offset + (s * PAIRS_PER_TILE + q) * walk.ldb..][..NR];
+                            for (sum, &b_word) in row.iter_mut().zip(b_row) {
+                                let b_word = widen(b_word);
+                                *sum += a_word.0 * b_word.0;
+                                *sum += a_word.1 * b_word.1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        TileUnit::Hardware => {
+            assert!(usable(), "amx: the tiles run only where they are usable");
+            // SAFETY: the CPU has the tiles and the OS granted them (`usable`); the assertions
+            // above keep every tile load inside `a` (depth · 32 words) and `b` (the walk's
+            // extent for 32 columns), and `tile` holds the 32 × 32 values stored.
+            unsafe { x86::walk(walk.taps, chunks, walk.ldb, a.as_ptr(), b.as_ptr(), tile.as_mut_ptr()) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        TileUnit::Hardware => unreachable!("amx: no tiles off x86-64"),
     }
 }
 
@@ -320,6 +369,64 @@ mod x86 {
         }
     }
 
+    /// [`super::walk_tiles`] on the tiles: `chunks` tile steps per tap, `B`'s pair rows `ldb`
+    /// words apart.
+    ///
+    /// # Safety
+    /// As [`tiles`]'s CPU and OS conditions; `a` holds `taps.len() · chunks · 32 · 16` words,
+    /// `b` every word the walk reads (32 from `taps[t] + p · ldb` for each tap `t` and pair
+    /// step `p < 16 · chunks`), and `c` has 32 × 32 writable values.
+    pub unsafe fn walk(taps: &[usize], chunks: usize, ldb: usize, a: *const u32, b: *const u32, c: *mut f32) {
+        // SAFETY: the caller's contract.
+        unsafe { configure() };
+        // SAFETY: tile registers hold the sums from here to the store below: compiled Rust
+        // code never uses them, and the OS keeps them (XSAVE state) across interruptions.
+        unsafe { asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem)) };
+        let mut a = a;
+        for &offset in taps {
+            // SAFETY: per step, `tmm4`/`tmm5` load rows 0–15 and 16–31 of the step's 32 × 16
+            // words of `a` (64 bytes apart), `tmm6`/`tmm7` the step's 16 pair rows of `b`
+            // (`ldb` words apart) at columns 0–15 and 16–31; the caller's contract covers
+            // every one of them.
+            unsafe {
+                asm!(
+                    "2:",
+                    "tileloadd tmm4, [{a} + {row64} * 1]",
+                    "tileloadd tmm5, [{a} + {row64} * 1 + 1024]",
+                    "tileloadd tmm6, [{b} + {ldb} * 1]",
+                    "tileloadd tmm7, [{b} + {ldb} * 1 + 64]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    "add {a}, 2048",
+                    "add {b}, {ldb16}",
+                    "dec {steps}",
+                    "jnz 2b",
+                    a = inout(reg) a,
+                    b = inout(reg) b.add(offset) => _,
+                    steps = inout(reg) chunks => _,
+                    ldb = in(reg) ldb * 4,
+                    ldb16 = in(reg) ldb * 64,
+                    row64 = in(reg) 64usize,
+                    options(nostack, readonly),
+                );
+            }
+        }
+        // SAFETY: the four stores write the 32 × 32 `c` (rows 128 bytes apart), as in `tiles`.
+        unsafe {
+            asm!(
+                "tilestored [{c} + {row128} * 1], tmm0",
+                "tilestored [{c} + {row128} * 1 + 64], tmm1",
+                "tilestored [{c} + {row128} * 1 + 2048], tmm2",
+                "tilestored [{c} + {row128} * 1 + 2112], tmm3",
+                c = in(reg) c,
+                row128 = in(reg) 128usize,
+                options(nostack),
+            );
+        }
+    }
+
     /// The peak of `tdpbf16ps` on this thread: `iterations` rounds of 4 tile products
     /// (16 × 16 sums over 32 products each) on tiles loaded once.
     ///
@@ -437,6 +544,47 @@ mod tests {
         }
     }
 
+    /// The direct convolution's walk: several taps at odd offsets, pair rows a plane apart,
+    /// against an f64 sum of the same words, on the emulated tiles and, where usable, the
+    /// hardware.
+    #[test]
+    fn walk_matches_f64_reference() {
+        let word = |i: usize| {
+            let even = bf16::from_f32(((i * 37 % 101) as f32 - 50.0) / 64.0).to_bits() as u32;
+            let odd = bf16::from_f32(((i * 53 % 97) as f32 - 48.0) / 32.0).to_bits() as u32;
+            even | odd << 16
+        };
+        for (taps, steps, ldb) in [(vec![0usize], 16usize, 40usize), (vec![0, 1, 2, 45, 46, 47, 90, 91, 92], 48, 131)] {
+            let walk = BWalk { taps: &taps, steps, ldb };
+            let a: Vec<u32> = (0..walk.depth() * MR).map(word).collect();
+            let b: Vec<u32> = (0..walk.extent(NR)).map(|i| word(i + 7919)).collect();
+            let chunks = steps / PAIRS_PER_TILE;
+            let reference = |i: usize, j: usize| -> f64 {
+                let mut sum = 0.0;
+                for (t, &offset) in taps.iter().enumerate() {
+                    for p in 0..steps {
+                        let (s, q) = (p / PAIRS_PER_TILE, p % PAIRS_PER_TILE);
+                        let (a0, a1) = widen(a[((t * chunks + s) * MR + i) * PAIRS_PER_TILE + q]);
+                        let (b0, b1) = widen(b[offset + p * ldb + j]);
+                        sum += a0 as f64 * b0 as f64 + a1 as f64 * b1 as f64;
+                    }
+                }
+                sum
+            };
+            let units: Vec<TileUnit> = if usable() { vec![TileUnit::Emulated, TileUnit::Hardware] } else { vec![TileUnit::Emulated] };
+            for unit in units {
+                let mut tile = vec![f32::NAN; MR * NR];
+                walk_tiles(unit, walk, &a, &b, &mut tile);
+                for i in 0..MR {
+                    for j in 0..NR {
+                        let (got, want) = (tile[i * NR + j] as f64, reference(i, j));
+                        assert!((got - want).abs() <= 1e-3 * (1.0 + want.abs()), "{unit:?} {steps} steps ({i},{j}): {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+
     /// Row and column offsets into `A` and `B` (a thread's part, a depth share).
     #[test]
     fn tile_driver_reads_its_part() {
@@ -457,3 +605,4 @@ mod tests {
         }
     }
 }
+

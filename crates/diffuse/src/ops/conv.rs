@@ -578,9 +578,9 @@ fn forward_on_path(g: &Geometry, path: Path, input: &[f32], weight: &[f32], bias
 pub fn forward_bf16(g: &Geometry, input: &[f32], weight: &[bf16], bias: Option<&[f32]>) -> Vec<f32> {
     let (out_hw, k) = (g.out_height() * g.out_width(), g.patch_len());
     let kernel = Bf16Matrix::new(weight, g.out_channels, k).expect("conv2d: operand sizes");
-    if conv_direct::suits(g, true) {
+    if conv_direct::suits_bf16(gemm::isa(), g) {
         let isa = gemm::isa();
-        let panels = conv_direct::pack_kernel_bf16(g, weight, isa.tile().0);
+        let panels = conv_direct::pack_kernel_bf16(isa, g, weight);
         return forward_with(g, input, bias, 1, |out, image, _, _, parallel| conv_direct::forward_image_bf16(isa, g, image, &panels, bias, out, parallel));
     }
     let offsets = g.has_small_images().then(|| PaddedImages::zeros(g, 0));
@@ -638,7 +638,7 @@ pub fn backward_input(g: &Geometry, grad_output: &[f32], weight: &[f32], precisi
     let direct = conv_direct::input_gradient_geometry(g).and_then(|t| {
         let chosen = match precision {
             Precision::F32 => path(&t),
-            Precision::Bf16 if conv_direct::suits(&t, true) => Path::Direct,
+            Precision::Bf16 if conv_direct::suits_bf16(gemm::isa(), &t) => Path::Direct,
             Precision::Bf16 => Path::Packed,
         };
         (chosen != Path::Packed).then_some((t, chosen))
@@ -1113,7 +1113,7 @@ mod tests {
         use super::super::gemm::Isa;
         let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect() };
         // batch, c_in, h, w, c_out, k, padding
-        let cases = [(2, 3, 7, 5, 4, 3, 1), (1, 5, 9, 33, 13, 3, 1), (1, 1, 1, 1, 2, 1, 0), (1, 4, 6, 3, 25, 3, 2), (1, 6, 5, 40, 7, 5, 2), (2, 2, 4, 4, 3, 1, 0), (1, 7, 3, 70, 12, 3, 0), (1, 0, 3, 3, 2, 3, 1), (1, 300, 3, 4, 13, 3, 1)];
+        let cases = [(2, 3, 7, 5, 4, 3, 1), (1, 5, 9, 33, 13, 3, 1), (1, 1, 1, 1, 2, 1, 0), (1, 4, 6, 3, 25, 3, 2), (1, 6, 5, 40, 7, 5, 2), (2, 2, 4, 4, 3, 1, 0), (1, 7, 3, 70, 12, 3, 0), (1, 0, 3, 3, 2, 3, 1), (1, 300, 3, 4, 13, 3, 1), (2, 32, 5, 33, 40, 3, 1), (1, 320, 4, 6, 33, 3, 1)];
         for isa in Isa::all_supported() {
             for (batch, in_channels, height, width, out_channels, k, padding) in cases {
                 let g = Geometry { batch, in_channels, height, width, out_channels, kernel_h: k, kernel_w: k, stride: 1, padding };
@@ -1122,7 +1122,7 @@ mod tests {
                 let bias = values(g.out_channels, 7);
                 let weight16: Vec<bf16> = weight.iter().map(|&x| bf16::from_f32(x)).collect();
                 let panels = conv_direct::pack_kernel(&g, &weight, isa.tile().0);
-                let panels16 = conv_direct::pack_kernel_bf16(&g, &weight16, isa.tile().0);
+                let panels16 = conv_direct::pack_kernel_bf16(isa, &g, &weight16);
                 let plane = g.out_height() * g.out_width();
                 for (bf16_path, want) in [(false, reference(&g, &input, &weight)), (true, reference(&g, &round(&input), &round(&weight)))] {
                     for parallel in [false, true] {

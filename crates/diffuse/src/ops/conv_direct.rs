@@ -18,8 +18,7 @@ use rayon::prelude::*;
 
 use super::conv::Geometry;
 use super::gemm::{self, ASource, BWalk, COut, Init, Isa, MatRef, PackedB};
-use super::gemm_bf16;
-use super::{vector, Precision};
+use super::{amx, gemm_bf16, vector, Precision};
 
 /// Bytes of input planes that one block of output columns reads, kept in L2 while every row
 /// panel of the kernel passes over them.
@@ -48,6 +47,15 @@ fn depth_blocks(steps: usize, mr: usize) -> impl Iterator<Item = (usize, usize)>
 pub(super) fn suits(g: &Geometry, bf16: bool) -> bool {
     let (_, nr) = gemm::isa().tile();
     suits_kernel_gradient(g, bf16) || (fits(g) && g.out_width() % nr == 0 && g.out_width() >= 2 * nr)
+}
+
+/// Whether the direct path suits `g`'s forward pass in bf16 on `isa`: [`suits`], or on AMX's
+/// tiles any convolution it [`fits`]: there it runs 1.2-2× faster than the packed path at
+/// every 3×3 shape of SD 1.5's UNet and VAE and of the training benchmark, 4×4 to 512×512
+/// (`diffuse bench --kernels`, Xeon with AMX), where packing the patches would cost more than
+/// the tiles' products.
+pub(super) fn suits_bf16(isa: Isa, g: &Geometry) -> bool {
+    (on_tiles(isa, g) && fits(g)) || suits(g, true)
 }
 
 /// Whether the direct path suits `g`'s kernel gradient: [`fits`], and either few output
@@ -164,12 +172,41 @@ pub(super) fn pack_kernel(g: &Geometry, weight: &[f32], mr: usize) -> Vec<f32> {
     pack_panels(g, g.in_channels, mr, |o, c, t| weight[(o * g.in_channels + c) * taps + t])
 }
 
-/// A bf16 kernel packed for [`forward_image_bf16`]: a word holds channels `2q` and `2q + 1`
-/// (zero past `C_in`).
-pub(super) fn pack_kernel_bf16(g: &Geometry, weight: &[bf16], mr: usize) -> Vec<u32> {
+/// A bf16 kernel packed for [`forward_image_bf16`] on `isa`: a word holds channels `2q` and
+/// `2q + 1` (zero past `C_in`), in the panels of `isa`'s tile or, [`on_tiles`], of AMX's.
+pub(super) fn pack_kernel_bf16(isa: Isa, g: &Geometry, weight: &[bf16]) -> Vec<u32> {
     let taps = g.kernel_h * g.kernel_w;
     let at = |o: usize, c: usize, t: usize| if c < g.in_channels { weight[(o * g.in_channels + c) * taps + t].to_bits() as u32 } else { 0 };
-    pack_panels(g, g.in_channels.div_ceil(2), mr, |o, q, t| at(o, 2 * q, t) | at(o, 2 * q + 1, t) << 16)
+    let word = |o: usize, q: usize, t: usize| at(o, 2 * q, t) | at(o, 2 * q + 1, t) << 16;
+    if !on_tiles(isa, g) {
+        return pack_panels(g, g.in_channels.div_ceil(2), isa.tile().0, word);
+    }
+    // AMX's panels (see `amx::walk_tiles`): by tap, then by 16 pair steps, then by row.
+    let (mr, steps) = (amx::WALK_TILE.0, amx::WALK_STEPS);
+    let pairs = g.in_channels / 2;
+    let padded_rows = g.out_channels.div_ceil(mr) * mr;
+    let mut panels = vec![0u32; padded_rows * taps * pairs];
+    for (first, len) in depth_blocks(pairs, mr) {
+        let block = &mut panels[padded_rows * taps * first..padded_rows * taps * (first + len)];
+        block.par_chunks_mut(taps * len * mr).enumerate().for_each(|(p, panel)| {
+            for (index, chunk) in panel.chunks_exact_mut(mr * steps).enumerate() {
+                let (t, s) = (index / (len / steps), index % (len / steps));
+                for (i, row) in chunk.chunks_exact_mut(steps).enumerate().take(g.out_channels.saturating_sub(p * mr)) {
+                    for (q, w) in row.iter_mut().enumerate() {
+                        *w = word(p * mr + i, first + s * steps + q, t);
+                    }
+                }
+            }
+        });
+    }
+    panels
+}
+
+/// Whether the bf16 forward pass of `g` runs on AMX's tiles ([`amx::walk_tiles`]): `isa` has
+/// them and the input's channel pairs fill whole tiles (every depth block is then whole
+/// tiles too), as every convolution of SD's UNets and VAEs but the first has.
+fn on_tiles(isa: Isa, g: &Geometry) -> bool {
+    isa == Isa::Amx && g.in_channels.is_multiple_of(2 * amx::WALK_STEPS) && g.in_channels > 0
 }
 
 /// The geometry whose forward pass is `g`'s input gradient when `g` has stride 1 and a
@@ -215,7 +252,7 @@ pub(super) fn forward_image(isa: Isa, g: &Geometry, image: &[f32], panels: &[f32
         planes.clear();
         planes.resize(g.in_channels * plan.plane, 0f32);
         fill_planes(g, &plan, image, &mut planes, parallel);
-        product(isa, g, &plan, g.in_channels, &planes, panels, bias, out, parallel, gemm::walk_kernel);
+        product(isa, isa.tile(), g, &plan, g.in_channels, &planes, panels, bias, out, parallel, gemm::walk_kernel);
     }
 }
 
@@ -325,7 +362,12 @@ pub(super) fn kernel_gradient(g: &Geometry, input: &[f32], grad_output: &[f32], 
 /// [`forward_image`] in bf16: the input rounded into channel-pair planes, a kernel packed by
 /// [`pack_kernel_bf16`], f32 sums.
 pub(super) fn forward_image_bf16(isa: Isa, g: &Geometry, image: &[f32], panels: &[u32], bias: Option<&[f32]>, out: &mut [f32], parallel: bool) {
-    let (_, nr) = isa.tile();
+    let (kernel_tile, kernel): ((usize, usize), Kernel<u32>) = if on_tiles(isa, g) {
+        (amx::WALK_TILE, |_, walk, a, b, tile| amx::walk_tiles(amx::TileUnit::Hardware, walk, a, b, tile))
+    } else {
+        (isa.tile(), gemm_bf16::walk_kernel)
+    };
+    let nr = kernel_tile.1;
     let pairs = g.in_channels.div_ceil(2);
     let mut planes = Vec::new();
     for plan in Plan::bands(g, nr, pairs, 4) {
@@ -336,16 +378,21 @@ pub(super) fn forward_image_bf16(isa: Isa, g: &Geometry, image: &[f32], panels: 
             let row_of = |c: usize| &image[(c * g.height + y) * g.width..][..g.width];
             vector::round_pairs(isa, row_of(2 * q), (2 * q + 1 < g.in_channels).then(|| row_of(2 * q + 1)), words);
         });
-        product(isa, g, &plan, pairs, &planes, panels, bias, out, parallel, gemm_bf16::walk_kernel);
+        product(isa, kernel_tile, g, &plan, pairs, &planes, panels, bias, out, parallel, kernel);
     }
 }
 
+/// A micro-kernel of the direct path: `tile = A · B` over a walk of the planes.
+type Kernel<W> = fn(Isa, BWalk, &[W], &[W], &mut [f32]);
+
 /// The product of the kernel's panels and the planes (`steps` planes, walked once per kernel
-/// position), its valid columns written to `out` with `bias`, shared over the threads by
-/// column ranges (or row ranges when there are too few columns).
+/// position) on `kernel`, whose tile is `kernel_tile` (rows, columns), its valid columns written to
+/// `out` with `bias`, shared over the threads by column ranges (or row ranges when there are
+/// too few columns).
 #[allow(clippy::too_many_arguments)]
 fn product<W: Copy + Sync>(
     isa: Isa,
+    kernel_tile: (usize, usize),
     g: &Geometry,
     plan: &Plan,
     steps: usize,
@@ -354,9 +401,9 @@ fn product<W: Copy + Sync>(
     bias: Option<&[f32]>,
     out: &mut [f32],
     parallel: bool,
-    kernel: fn(Isa, BWalk, &[W], &[W], &mut [f32]),
+    kernel: Kernel<W>,
 ) {
-    let (mr, nr) = isa.tile();
+    let (mr, nr) = kernel_tile;
     assert_eq!(plan.nr, nr, "conv2d: planes laid out for another tile");
     let (out_w, out_len) = (g.out_width(), g.out_height() * g.out_width());
     let depth = plan.taps.len() * steps;
@@ -380,7 +427,7 @@ fn product<W: Copy + Sync>(
     let block = (BLOCK_BYTES / run_bytes).clamp(1, 32);
     let taps = plan.taps.len();
     let share = |rows: std::ops::Range<usize>, columns: std::ops::Range<usize>| {
-        let mut tile = [0f32; 12 * 32];
+        let mut tile = [0f32; 32 * 32];
         for first_column in columns.clone().step_by(block) {
             for (first, len) in depth_blocks(steps, mr) {
                 let walk = BWalk { taps: &plan.taps, steps: len, ldb: plan.plane };

@@ -175,12 +175,12 @@ pub fn rates(runs: usize) -> Vec<Rate> {
         rates.push(Rate { name: format!("conv {name}"), gflops: flops / seconds / 1e9, peak_gflops: peak });
         let weight16: Vec<half::bf16> = weight.iter().map(|&v| half::bf16::from_f32(v)).collect();
         let seconds = timed(runs, || conv::forward_bf16(&g, &input, &weight16, None));
-        rates.push(Rate { name: format!("conv bf16 {name}"), gflops: flops / seconds / 1e9, peak_gflops: peak_bf16 });
+        rates.push(Rate { name: format!("conv bf16 {name}"), gflops: flops / seconds / 1e9, peak_gflops: peak_gemm_bf16 });
         if index < inference.len() {
             continue;
         }
         let grad_output = values(batch * channels * side * side);
-        for (precision, label, peak) in [(Precision::F32, "", peak), (Precision::Bf16, " bf16", peak_bf16)] {
+        for (precision, label, peak) in [(Precision::F32, "", peak), (Precision::Bf16, " bf16", peak_gemm_bf16)] {
             let seconds = timed(runs, || conv::backward_input(&g, &grad_output, &weight, precision));
             rates.push(Rate { name: format!("conv{label} ∂input {name}"), gflops: flops / seconds / 1e9, peak_gflops: peak });
             let seconds = timed(runs, || conv::backward_weight(&g, &input, &grad_output, precision));
@@ -194,6 +194,8 @@ pub fn rates(runs: usize) -> Vec<Rate> {
         let seconds = timed(runs, || attention::attention(dims, &q, &kv, &kv, 1.0 / (head_dim as f32).sqrt(), None));
         let flops = 4.0 * (16 * queries * keys * head_dim) as f64;
         rates.push(Rate { name: format!("attention 16 heads, {queries}×{keys}, d {head_dim}"), gflops: flops / seconds / 1e9, peak_gflops: peak });
+        let seconds = timed(runs, || attention::attention_bf16(dims, &q, &kv, &kv, 1.0 / (head_dim as f32).sqrt(), None));
+        rates.push(Rate { name: format!("attention bf16 16 heads, {queries}×{keys}, d {head_dim}"), gflops: flops / seconds / 1e9, peak_gflops: peak_gemm_bf16 });
     }
     rates
 }
