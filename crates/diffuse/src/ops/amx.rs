@@ -20,6 +20,7 @@ use std::sync::OnceLock;
 use super::gemm::{self, BWalk, COut, Init, Isa};
 // Depth blocks of `KC` values, as `gemm_bf16`'s: a `B` packed at load is stored in them.
 use super::gemm_bf16::{widen, ABf16, PackBPairs, KC};
+use half::bf16;
 
 /// Columns of a `B` panel: the pair panels of [`Isa::Avx512Bf16`] (`Isa::tile`).
 const NR: usize = 32;
@@ -109,25 +110,57 @@ fn self_check() -> bool {
     // SAFETY: `usable`, the only caller, checked the CPU and the OS's grant first; `a` is 32
     // rows of `pairs` words, `b` `pairs` rows of 32, `hardware` 32 × 32 values.
     unsafe {
-        x86::tiles(a.as_ptr(), pairs, b.as_ptr(), hardware.as_mut_ptr())
+        x86::tiles(a.as_ptr(), pairs, pairs, b.as_ptr(), hardware.as_mut_ptr())
     };
-    tiles(TileUnit::Emulated, &a, pairs, &b, &mut emulated);
+    tiles(TileUnit::Emulated, ARows::Words(&a, pairs), pairs, &b, &mut emulated);
     hardware.iter().zip(&emulated).all(|(h, e)| (h - e).abs() <= 1e-4 * (1.0 + e.abs()))
 }
 
-/// `c[32 × 32] = a · b`: `a` is 32 rows of `pairs` words (row-major), `b` `pairs` rows of 32
-/// words (a panel), `pairs` a positive multiple of 16.
-fn tiles(unit: TileUnit, a: &[u32], pairs: usize, b: &[u32], c: &mut [f32; MR * NR]) {
-    assert!(pairs > 0 && pairs.is_multiple_of(PAIRS_PER_TILE) && a.len() >= MR * pairs && b.len() >= pairs * NR, "amx: tile operands");
+/// 32 rows of `A` for [`tiles`], `lda` pair words apart: copied pair words, or a bf16 matrix's
+/// values read where they lie (two per word).
+#[derive(Clone, Copy)]
+enum ARows<'a> {
+    Words(&'a [u32], usize),
+    Values(&'a [bf16], usize),
+}
+
+impl ARows<'_> {
+    /// The row stride in words, if 32 rows of `pairs` words from the start lie inside.
+    fn stride_if_holds(&self, pairs: usize) -> Option<usize> {
+        let (len, lda) = match *self {
+            ARows::Words(words, lda) => (words.len(), lda),
+            ARows::Values(values, lda) => (values.len() / 2, lda),
+        };
+        (pairs <= lda && (MR - 1) * lda + pairs <= len).then_some(lda)
+    }
+
+    /// Word `p` of row `i`.
+    fn word(&self, i: usize, p: usize) -> u32 {
+        match *self {
+            ARows::Words(words, lda) => words[i * lda + p],
+            ARows::Values(values, lda) => values[2 * (i * lda + p)].to_bits() as u32 | (values[2 * (i * lda + p) + 1].to_bits() as u32) << 16,
+        }
+    }
+}
+
+/// `c[32 × 32] = a · b`: `a` is 32 rows of `pairs` words, `b` `pairs` rows of 32 words (a
+/// panel), `pairs` a positive multiple of 16.
+fn tiles(unit: TileUnit, a: ARows, pairs: usize, b: &[u32], c: &mut [f32; MR * NR]) {
+    let lda = a.stride_if_holds(pairs).filter(|_| pairs > 0 && pairs.is_multiple_of(PAIRS_PER_TILE) && b.len() >= pairs * NR).expect("amx: tile operands");
     match unit {
         TileUnit::Emulated => tiles_emulated(a, pairs, b, c),
         #[cfg(target_arch = "x86_64")]
         TileUnit::Hardware => {
             assert!(usable(), "amx: the tiles run only where they are usable");
+            let a_words = match a {
+                ARows::Words(words, _) => words.as_ptr(),
+                // Tile loads have no alignment requirement: words at any even value.
+                ARows::Values(values, _) => values.as_ptr().cast::<u32>(),
+            };
             // SAFETY: the CPU has AMX-TILE and AMX-BF16 and the OS granted the tile state
-            // (`usable`); the first assertion keeps every tile load inside `a` and `b`, and
-            // `c` is the 32 × 32 values the four stores write.
-            unsafe { x86::tiles(a.as_ptr(), pairs, b.as_ptr(), c.as_mut_ptr()) }
+            // (`usable`); the checks on `lda` keep every tile load inside `a` and `b`, and `c`
+            // is the 32 × 32 values the four stores write.
+            unsafe { x86::tiles(a_words, lda, pairs, b.as_ptr(), c.as_mut_ptr()) }
         }
         #[cfg(not(target_arch = "x86_64"))]
         TileUnit::Hardware => unreachable!("amx: no tiles off x86-64"),
@@ -136,12 +169,12 @@ fn tiles(unit: TileUnit, a: &[u32], pairs: usize, b: &[u32], c: &mut [f32; MR * 
 
 /// What [`x86::tiles`] computes, by `tdpbf16ps`'s definition (Intel's pseudocode): for each
 /// pair step in order, the even product and then the odd one added to the f32 sum.
-fn tiles_emulated(a: &[u32], pairs: usize, b: &[u32], c: &mut [f32; MR * NR]) {
+fn tiles_emulated(a: ARows, pairs: usize, b: &[u32], c: &mut [f32; MR * NR]) {
     for (i, row) in c.chunks_exact_mut(NR).enumerate() {
         for (j, sum) in row.iter_mut().enumerate() {
             *sum = 0.0;
             for p in 0..pairs {
-                let ((a_even, a_odd), (b_even, b_odd)) = (widen(a[i * pairs + p]), widen(b[p * NR + j]));
+                let ((a_even, a_odd), (b_even, b_odd)) = (widen(a.word(i, p)), widen(b[p * NR + j]));
                 *sum += a_even * b_even;
                 *sum += a_odd * b_odd;
             }
@@ -240,13 +273,26 @@ pub(crate) fn block(unit: TileUnit, rounding: Isa, c: COut, m0: usize, n_first: 
             };
             for i0 in (0..rows).step_by(MC) {
                 let mc = MC.min(rows - i0);
-                let a_block = &mut a_rows[..mc.next_multiple_of(MR) * padded];
-                pack_rows(rounding, &a, k0, kc, m0 + i0, mc, padded, a_block);
+                let block_rows = mc.next_multiple_of(MR);
+                // A bf16 `A` of whole tiles is read where it lies when its data holds the
+                // block's rows up to a multiple of 32 (rows past `mc` give sums never stored;
+                // attention pads its keys and values so); otherwise it is copied.
+                let in_place = match a {
+                    ABf16::Weight(w) if padded == pairs => w.pair_rows(m0 + i0, k0, block_rows, pairs),
+                    _ => None,
+                };
+                if in_place.is_none() {
+                    pack_rows(rounding, &a, k0, kc, m0 + i0, mc, padded, &mut a_rows[..block_rows * padded]);
+                }
                 for (jp, panel) in panels.chunks_exact(padded * NR).enumerate() {
                     let j = n0 + jp * NR;
                     let width = NR.min(n - j);
-                    for (ip, a_panel) in a_block.chunks_exact(MR * padded).enumerate() {
+                    for ip in 0..block_rows / MR {
                         let i = i0 + ip * MR;
+                        let a_panel = match in_place {
+                            Some((values, lda)) => ARows::Values(&values[2 * ip * MR * lda..], lda),
+                            None => ARows::Words(&a_rows[ip * MR * padded..(ip + 1) * MR * padded], padded),
+                        };
                         tiles(unit, a_panel, padded, panel, &mut tile);
                         gemm::store_tile(&c, i, j, MR.min(rows - i), width, &tile, NR, init, k0 == 0);
                     }
@@ -322,13 +368,13 @@ mod x86 {
     ///
     /// # Safety
     /// The CPU has AMX-TILE and AMX-BF16 and the OS granted the process the tile state; `a`
-    /// has 32 rows of `pairs` words, `b` `pairs` rows of 32 words, `pairs` is a positive
-    /// multiple of 16, and `c` has 32 × 32 writable values.
-    pub unsafe fn tiles(a: *const u32, pairs: usize, b: *const u32, c: *mut f32) {
+    /// has 32 rows of `pairs` words, `lda` words apart, `b` `pairs` rows of 32 words, `pairs`
+    /// is a positive multiple of 16, and `c` has 32 × 32 writable values.
+    pub unsafe fn tiles(a: *const u32, lda: usize, pairs: usize, b: *const u32, c: *mut f32) {
         // SAFETY: the caller's contract.
         unsafe { configure() };
         // SAFETY: per step, `tmm4`/`tmm5` load rows 0–15 and 16–31 of `a` (16 words each, rows
-        // `pairs` words apart) at the step's 16 pair columns, `tmm6`/`tmm7` load the step's 16
+        // `lda` words apart) at the step's 16 pair columns, `tmm6`/`tmm7` load the step's 16
         // pair rows of `b` (128 bytes apart), columns 0–15 and 16–31; the steps cover `pairs`
         // exactly, so every read lies in `a` and `b`. The four stores write the 32 × 32 `c`
         // (rows 128 bytes apart): `tmm0` at (0, 0), `tmm1` (0, 16), `tmm2` (16, 0), `tmm3`
@@ -358,10 +404,10 @@ mod x86 {
                 "tilestored [{c} + {row128} * 1 + 2048], tmm2",
                 "tilestored [{c} + {row128} * 1 + 2112], tmm3",
                 a0 = inout(reg) a => _,
-                a1 = inout(reg) a.add(16 * pairs) => _,
+                a1 = inout(reg) a.add(16 * lda) => _,
                 b = inout(reg) b => _,
                 steps = inout(reg) pairs / 16 => _,
-                lda = in(reg) pairs * 4,
+                lda = in(reg) lda * 4,
                 row128 = in(reg) 128usize,
                 c = in(reg) c,
                 options(nostack),

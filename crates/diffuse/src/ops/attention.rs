@@ -53,8 +53,11 @@ pub fn attention_bf16(dims: AttentionDims, q: &[f32], k: &[f32], v: &[f32], scal
     attention_bf16_with(gemm::isa(), dims, q, k, v, scale, mask)
 }
 
-/// Each head's keys (`keys × head_dim`) and, per key block, values transposed
-/// (`head_dim × block`), rounded to bf16 once and read in place by every query block.
+/// Each head's keys (`keys × depth`) and, per key block, values transposed
+/// (`head_dim × block`), rounded to bf16 once and read in place by every query block. On AMX
+/// the keys' depth is the head dimension padded with zeros to whole tiles (32 values), and
+/// both are padded with zero rows to a multiple of 32, so that the tiles read them where they
+/// lie (see `amx::block`); elsewhere `depth` is the head dimension.
 struct HeadBf16 {
     keys: Vec<bf16>,
     values_t: Vec<Vec<bf16>>,
@@ -63,6 +66,7 @@ struct HeadBf16 {
 pub(crate) fn attention_bf16_with(isa: Isa, dims: AttentionDims, q: &[f32], k: &[f32], v: &[f32], scale: f32, mask: Option<&[f32]>) -> Vec<f32> {
     let AttentionDims { keys, head_dim, .. } = dims;
     let kv_len = keys * head_dim;
+    let (depth, row_multiple) = if isa == Isa::Amx { (head_dim.next_multiple_of(32), 32) } else { (head_dim, 1) };
     let round = |x: f32| bf16::from_bits(gemm_bf16::to_bf16_bits(x));
     let prepare = |h: usize| {
         let head_values = &v[h * kv_len..(h + 1) * kv_len];
@@ -70,7 +74,7 @@ pub(crate) fn attention_bf16_with(isa: Isa, dims: AttentionDims, q: &[f32], k: &
             .step_by(KEY_BLOCK)
             .map(|key0| {
                 let width = KEY_BLOCK.min(keys - key0);
-                let mut block = vec![bf16::ZERO; head_dim * width];
+                let mut block = vec![bf16::ZERO; head_dim.next_multiple_of(row_multiple) * width];
                 for (j, row) in head_values[key0 * head_dim..(key0 + width) * head_dim].chunks_exact(head_dim).enumerate() {
                     for (feature, &value) in row.iter().enumerate() {
                         block[feature * width + j] = round(value);
@@ -79,21 +83,29 @@ pub(crate) fn attention_bf16_with(isa: Isa, dims: AttentionDims, q: &[f32], k: &
                 block
             })
             .collect();
-        HeadBf16 { keys: k[h * kv_len..(h + 1) * kv_len].iter().map(|&x| round(x)).collect(), values_t }
+        let mut head_keys = vec![bf16::ZERO; keys.next_multiple_of(row_multiple) * depth];
+        for (to, from) in head_keys.chunks_exact_mut(depth).zip(k[h * kv_len..(h + 1) * kv_len].chunks_exact(head_dim)) {
+            to.iter_mut().zip(from).for_each(|(t, &f)| *t = round(f));
+        }
+        HeadBf16 { keys: head_keys, values_t }
     };
     over_query_blocks(dims, q, k, v, mask, prepare, |head, first, q_block, out| {
         let rows = q_block.len() / head_dim;
-        let scaled_q: Vec<f32> = q_block.iter().map(|&x| x * scale).collect();
-        let q_t = MatRef::row_major(&scaled_q, rows, head_dim).expect("sizes checked").t();
+        // Q scaled once, in `depth` columns (zeros past the head dimension).
+        let mut scaled_q = vec![0f32; rows * depth];
+        for (to, from) in scaled_q.chunks_exact_mut(depth).zip(q_block.chunks_exact(head_dim)) {
+            to.iter_mut().zip(from).for_each(|(t, &f)| *t = f * scale);
+        }
+        let q_t = MatRef::row_major(&scaled_q, rows, depth).expect("sizes checked").t();
         let q_t = RoundedB { source: &q_t, isa };
-        let keys_bf16 = Bf16Matrix::new(&head.keys, keys, head_dim).expect("sizes checked");
+        let keys_bf16 = Bf16Matrix::strided(&head.keys, keys, depth, depth).expect("sizes checked");
         let products = Products {
             scores: &|scores_t: &mut [f32], key0, width| {
                 gemm_bf16::gemm_bf16_rows(isa, scores_t, rows, key0, width, ABf16::Weight(keys_bf16), &q_t, Init::Overwrite)
             },
             output: &|out_t: &mut [f32], block, probabilities_t: MatRef| {
                 let width = probabilities_t.rows();
-                let values_t = Bf16Matrix::new(&head.values_t[block], head_dim, width).expect("sizes checked");
+                let values_t = Bf16Matrix::strided(&head.values_t[block], head_dim, width, width).expect("sizes checked");
                 let probabilities_t = RoundedB { source: &probabilities_t, isa };
                 gemm_bf16::gemm_bf16_rows(isa, out_t, rows, 0, head_dim, ABf16::Weight(values_t), &probabilities_t, Init::Accumulate)
             },

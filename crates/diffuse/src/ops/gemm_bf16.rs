@@ -70,6 +70,16 @@ impl<'a> Bf16Matrix<'a> {
         (cols <= row_stride && end <= data.len()).then_some(Self { data, rows, cols, row_stride })
     }
 
+    /// From row `i`, column `k0`: the values of `rows` rows of `pairs` pair words, where they
+    /// lie inside the data (rows past `self.rows` included, for a caller that pads them) and
+    /// rows hold whole pairs (even stride and `k0`), with the row stride in words; `A` read in
+    /// place by AMX's tiles.
+    pub(super) fn pair_rows(&self, i: usize, k0: usize, rows: usize, pairs: usize) -> Option<(&'a [bf16], usize)> {
+        let start = i.checked_mul(self.row_stride)?.checked_add(k0)?;
+        let end = rows.checked_sub(1)?.checked_mul(self.row_stride)?.checked_add(start)?.checked_add(2 * pairs)?;
+        (self.row_stride.is_multiple_of(2) && k0.is_multiple_of(2) && k0 + 2 * pairs <= self.cols && end <= self.data.len()).then(|| (&self.data[start..end], self.row_stride / 2))
+    }
+
     /// Columns `first..first + len` (in range) as a matrix of their own.
     fn columns(self, first: usize, len: usize) -> Self {
         assert!(first + len <= self.cols, "Bf16Matrix: columns out of range");
