@@ -6,8 +6,15 @@
 //! else as [`Isa::Avx512Bf16`]. `B` comes in the pair panels of that level (32 columns, a word
 //! `(x[k], x[k + 1])` per column and pair step), which are AMX's `B` layout already: a tile is
 //! 16 pair rows of 16 words, read from a panel with a stride of 32 words. `A` is copied into
-//! row-major pair rows (AMX's `A` layout), 32 rows at a time. Each call keeps a 32 × 32 block of
-//! `C` in four tiles (`tmm0`–`tmm3`), two tiles of `A` and two of `B` (`tmm4`–`tmm7`).
+//! row-major pair rows (AMX's `A` layout), 32 rows at a time, or read where it lies when it is
+//! bf16 already and its depth is whole tiles. Each call keeps a 32 × 32 block of `C` in four
+//! tiles (`tmm0`–`tmm3`), two tiles of `A` and two of `B` (`tmm4`–`tmm7`). The direct
+//! convolution has its own walk here ([`walk_tiles`]): `B` read in place from its channel-pair
+//! planes, 16 planes a tile.
+//!
+//! On the one AMX machine measured (BENCHMARKS.md, session 20) a tile load costs about as much
+//! as a tile product and does not overlap it, so the products are bounded by their loads: the
+//! 2 × 2 block of `C` is the one that loads least per product with eight tiles.
 //!
 //! The instructions are used through `asm!` (Rust has no stable AMX intrinsics). Linux hands a
 //! process the 8 KiB tile state only when asked (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); if it
