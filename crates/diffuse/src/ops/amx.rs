@@ -101,15 +101,18 @@ fn request_tile_state() -> Result<(), String> {
     Err("only asked for on Linux".into())
 }
 
+/// A pair word of varied, exactly representable values for checking the tiles (`i` picks it).
+fn sample_word(i: usize) -> u32 {
+    let even = bf16::from_f32(((i * 37 % 101) as f32 - 50.0) / 64.0).to_bits() as u32;
+    let odd = bf16::from_f32(((i * 53 % 97) as f32 - 48.0) / 32.0).to_bits() as u32;
+    even | odd << 16
+}
+
 /// A first product on the tiles against [`tiles_emulated`]: a wrong operand order or layout
 /// would show here rather than in an image.
 fn self_check() -> bool {
     let pairs = 2 * PAIRS_PER_TILE;
-    let word = |i: usize| {
-        let even = half::bf16::from_f32(((i * 37 % 101) as f32 - 50.0) / 64.0).to_bits() as u32;
-        let odd = half::bf16::from_f32(((i * 53 % 97) as f32 - 48.0) / 32.0).to_bits() as u32;
-        even | odd << 16
-    };
+    let word = sample_word;
     let a: Vec<u32> = (0..MR * pairs).map(word).collect();
     let b: Vec<u32> = (0..pairs * NR).map(|i| word(i + 7919)).collect();
     let (mut hardware, mut emulated) = ([f32::NAN; MR * NR], [0f32; MR * NR]);
@@ -602,11 +605,7 @@ mod tests {
     /// hardware.
     #[test]
     fn walk_matches_f64_reference() {
-        let word = |i: usize| {
-            let even = bf16::from_f32(((i * 37 % 101) as f32 - 50.0) / 64.0).to_bits() as u32;
-            let odd = bf16::from_f32(((i * 53 % 97) as f32 - 48.0) / 32.0).to_bits() as u32;
-            even | odd << 16
-        };
+        let word = sample_word;
         for (taps, steps, ldb) in [(vec![0usize], 16usize, 40usize), (vec![0, 1, 2, 45, 46, 47, 90, 91, 92], 48, 131)] {
             let walk = BWalk { taps: &taps, steps, ldb };
             let a: Vec<u32> = (0..walk.depth() * MR).map(word).collect();
